@@ -1,0 +1,65 @@
+//! Broker settings (command-line flags).
+
+use std::path::PathBuf;
+
+use aegis_client::layout;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "aegis-broker", version, about = "aegis-ipc broker: owns the bus's shared memory and registry")]
+pub struct BrokerConfig {
+    /// Bus directory (control socket, lock). Default: $AEGIS_IPC_DIR, /run/aegis-ipc if
+    /// writable, $XDG_RUNTIME_DIR/aegis-ipc, else /tmp/aegis-ipc-$UID.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Service slots in the registry (power of two).
+    #[arg(long, default_value_t = 256)]
+    pub max_services: u32,
+    /// Instance slots in the registry.
+    #[arg(long, default_value_t = 1024)]
+    pub max_instances: u32,
+    /// Connected processes at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_clients: u32,
+    /// Default inline bytes per request slot (a service may choose its own).
+    #[arg(long, default_value_t = layout::DEFAULT_SLOT_SIZE)]
+    pub slot_size: u32,
+    /// Default slots per instance ring.
+    #[arg(long, default_value_t = layout::DEFAULT_SLOT_COUNT)]
+    pub slot_count: u32,
+    /// Largest message any service may carry, in bytes (default 16 MiB).
+    #[arg(long, default_value_t = layout::DEFAULT_MAX_MESSAGE)]
+    pub max_message: u64,
+    /// Mode of the control socket (octal); 600 = owner only, 660 = owner and group.
+    #[arg(long, default_value = "600")]
+    pub socket_mode: String,
+    /// Uids besides root allowed administrative actions.
+    #[arg(long = "admin-uid")]
+    pub admin_uids: Vec<u32>,
+    /// Log filter (tracing env-filter syntax); RUST_LOG overrides.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+impl BrokerConfig {
+    pub fn validate(&self) -> Result<u32, String> {
+        if !self.max_services.is_power_of_two() || self.max_services > 1 << 16 {
+            return Err(format!("--max-services {} must be a power of two up to 65536", self.max_services));
+        }
+        if self.max_instances == 0 || self.max_instances > 1 << 20 {
+            return Err(format!("--max-instances {} must be in 1..=1048576", self.max_instances));
+        }
+        if self.max_clients == 0 || self.max_clients > 1 << 20 {
+            return Err(format!("--max-clients {} must be in 1..=1048576", self.max_clients));
+        }
+        if self.max_message == 0 || self.max_message > layout::MAX_MAX_MESSAGE {
+            return Err(format!("--max-message {} must be in 1..={}", self.max_message, layout::MAX_MAX_MESSAGE));
+        }
+        layout::InstanceLayout { slot_size: self.slot_size, slot_count: self.slot_count, heap_size: 0 }
+            .validate()
+            .map_err(|e| format!("--slot-size/--slot-count: {e}"))?;
+        u32::from_str_radix(&self.socket_mode, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| format!("--socket-mode {:?} is not an octal mode like 600", self.socket_mode))
+    }
+}

@@ -1,0 +1,212 @@
+//! The control socket: startup (directory, lock, stale socket), the accept loop, one task
+//! per connection, periodic work, and shutdown on SIGTERM/SIGINT.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aegis_client::error::WireError;
+use aegis_client::proto::{self, Request, Response};
+use aegis_client::{dirs, layout};
+use nix::fcntl::{Flock, FlockArg};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::BrokerConfig;
+use crate::state::{ConnId, Peer, State};
+
+/// Runs a broker until SIGTERM or SIGINT. Errors are one-line reasons for the operator.
+pub fn run(cfg: BrokerConfig) -> Result<(), String> {
+    let mode = cfg.validate()?;
+    let dir = cfg.dir.clone().unwrap_or_else(dirs::broker_dir);
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot create bus directory {}: {e}", dir.display()))?;
+    }
+    let _lock = lock_dir(&dir)?;
+    let sock = dir.join(dirs::SOCKET);
+    // We hold the lock, so a socket file here is a leftover of a broker that died.
+    if sock.exists() {
+        tracing::info!(path = %sock.display(), "removing stale control socket of a previous broker");
+        fs::remove_file(&sock).map_err(|e| format!("cannot remove stale {}: {e}", sock.display()))?;
+    }
+    let state = State::new(cfg).map_err(|e| format!("cannot create the bus's shared memory: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let r = rt.block_on(serve(Arc::new(Mutex::new(state)), &sock, mode));
+    let _ = fs::remove_file(&sock);
+    let _ = fs::remove_file(dir.join(dirs::LOCK));
+    r
+}
+
+/// Takes the directory's lock file, refusing if another broker holds it.
+fn lock_dir(dir: &Path) -> Result<Flock<File>, String> {
+    let path = dir.join(dirs::LOCK);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut f) => {
+            let _ = f.set_len(0);
+            let _ = f.rewind();
+            let _ = writeln!(f, "{}", std::process::id());
+            Ok(f)
+        }
+        Err((mut f, _)) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            Err(format!(
+                "another aegis-broker (pid {}) is already serving {}; not starting a second one",
+                pid.trim(),
+                dir.display()
+            ))
+        }
+    }
+}
+
+async fn serve(state: Arc<Mutex<State>>, sock: &PathBuf, mode: u32) -> Result<(), String> {
+    let listener = UnixListener::bind(sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
+    fs::set_permissions(sock, fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot chmod {}: {e}", sock.display()))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let next_conn = AtomicU64::new(1);
+    tracing::info!(socket = %sock.display(), pid = std::process::id(), "aegis-broker ready");
+    // Readiness line for scripts and tests (they wait on it instead of polling the socket).
+    println!("aegis-broker ready {}", sock.display());
+    let _ = std::io::stdout().flush();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let id = next_conn.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(connection(state.clone(), stream, id));
+                }
+                Err(e) => tracing::warn!("accept: {e}"),
+            },
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = tick.tick() => state.lock().tick(),
+        }
+    }
+    Ok(())
+}
+
+async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            pid: c.pid().unwrap_or(0) as u32,
+            uid: c.uid(),
+            gid: c.gid(),
+        },
+        Err(e) => {
+            tracing::warn!("no peer credentials: {e}");
+            return;
+        }
+    };
+    let mut hello = false;
+    loop {
+        let req = match read_request(&mut stream).await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(pid = peer.pid, "bad control frame, closing connection: {e}");
+                let resp = Response::Error(WireError::BadRequest(format!("undecodable control frame: {e}")));
+                let _ = write_response(&mut stream, &resp, &[]).await;
+                break;
+            }
+        };
+        let (resp, fds) = {
+            let mut st = state.lock();
+            match req {
+                Request::Hello { protocol, layout: lv, mailboxes } => {
+                    if protocol != proto::PROTOCOL_VERSION || lv != layout::LAYOUT_VERSION {
+                        (
+                            Response::Error(WireError::Incompatible(format!(
+                                "client speaks protocol {protocol} / layout {lv}, broker speaks {} / {}",
+                                proto::PROTOCOL_VERSION,
+                                layout::LAYOUT_VERSION
+                            ))),
+                            Vec::new(),
+                        )
+                    } else if hello {
+                        (Response::Error(WireError::BadRequest("hello sent twice".into())), Vec::new())
+                    } else {
+                        hello = true;
+                        st.hello(id, mailboxes)
+                    }
+                }
+                _ if !hello => (
+                    Response::Error(WireError::BadRequest("the first request must be Hello".into())),
+                    Vec::new(),
+                ),
+                Request::Register { service, instance_id, metadata, config } => {
+                    st.register(id, peer, &service, &instance_id, metadata, &config)
+                }
+                Request::Unregister { instance, incarnation } => st.unregister(id, peer, instance, incarnation),
+                Request::OpenInstance { instance, incarnation } => st.open_instance(instance, incarnation),
+                Request::OpenClient { client, gen } => st.open_client(id, peer, client, gen),
+                Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
+                Request::DescribeService { name } => st.describe(&name),
+            }
+        };
+        if let Err(e) = write_response(&mut stream, &resp, &fds).await {
+            tracing::debug!(pid = peer.pid, "writing response: {e}");
+            break;
+        }
+    }
+    state.lock().disconnect(id);
+}
+
+/// Reads one request frame; `Ok(None)` at a clean end of stream.
+async fn read_request(stream: &mut UnixStream) -> std::io::Result<Option<Request>> {
+    let mut hdr = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = stream.read(&mut hdr[got..]).await?;
+        if n == 0 {
+            return if got == 0 { Ok(None) } else { Err(std::io::ErrorKind::UnexpectedEof.into()) };
+        }
+        got += n;
+    }
+    let len = proto::frame_len(hdr)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    proto::decode(&body).map(Some)
+}
+
+async fn write_response(
+    stream: &mut UnixStream,
+    resp: &Response,
+    fds: &[std::os::fd::OwnedFd],
+) -> std::io::Result<()> {
+    let frame = proto::frame(resp)?;
+    let mut sent = 0;
+    if !fds.is_empty() {
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        sent = stream
+            .async_io(Interest::WRITABLE, || {
+                proto::send_with_fds(stream.as_fd(), &frame, &borrowed)
+            })
+            .await?;
+    }
+    stream.write_all(&frame[sent..]).await
+}

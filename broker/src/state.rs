@@ -1,0 +1,535 @@
+//! The broker's state: the authoritative records of services, instances and clients, and
+//! the only code that writes the registry segment.
+//!
+//! Every method runs under one mutex held for microseconds (no I/O but memfd creation),
+//! so the registry is written by one thread at a time, as its seqlocks require.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+
+use aegis_client::error::WireError;
+use aegis_client::layout::{
+    self, ClientLayout, ClientSeg, InstanceLayout, InstanceSeg, Mapping, RegistryLayout, RegistryView,
+    SegmentKind, SharedLayout, Status, MAX_MEMBERS,
+};
+use aegis_client::proto::{InstanceInfo, Response, ServiceConfig, ServiceInfo};
+use aegis_client::ring::{self, RingRef};
+use aegis_client::{names, sys};
+
+use crate::config::BrokerConfig;
+
+pub type ConnId = u64;
+
+/// Who is on the other end of a control connection (from `SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+struct ServiceRec {
+    name: String,
+    slot_size: u32,
+    slot_count: u32,
+    max_message: u64,
+    members: Vec<u32>,
+}
+
+struct InstanceRec {
+    service: u32,
+    id: String,
+    peer: Peer,
+    incarnation: u64,
+    fd: OwnedFd,
+    seg: InstanceSeg,
+    /// Control connections holding this registration (same process registering twice).
+    owners: Vec<ConnId>,
+    metadata: Vec<(String, String)>,
+    registered_at_ms: u64,
+    mirrored_served: u64,
+}
+
+struct ClientRec {
+    gen: u32,
+    fd: OwnedFd,
+    conn: ConnId,
+}
+
+pub struct State {
+    pub cfg: BrokerConfig,
+    pub epoch: u64,
+    registry_fd: OwnedFd,
+    registry: RegistryView,
+    shared_fd: OwnedFd,
+    services: Vec<Option<ServiceRec>>,
+    by_name: HashMap<String, u32>,
+    instances: Vec<Option<InstanceRec>>,
+    clients: Vec<Option<ClientRec>>,
+    client_gens: Vec<u32>,
+    next_incarnation: u64,
+}
+
+/// A response plus the descriptors that travel with it.
+pub type Reply = (Response, Vec<OwnedFd>);
+
+fn err(e: WireError) -> Reply {
+    (Response::Error(e), Vec::new())
+}
+
+fn dup(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    fd.try_clone()
+}
+
+impl State {
+    pub fn new(cfg: BrokerConfig) -> std::io::Result<State> {
+        let epoch = random_u64();
+        let rl = RegistryLayout { max_services: cfg.max_services, max_instances: cfg.max_instances };
+        let registry_fd = sys::memfd("aegis-registry", rl.total_size() as u64)?;
+        let map = Mapping::map(&registry_fd, true)?;
+        map.write_header(SegmentKind::Registry, rl.total_size() as u64, epoch, rl.params());
+        drop(map);
+        // Map writable *before* sealing: this mapping stays the only writable one.
+        let registry = RegistryView::open(&registry_fd, true).map_err(std::io::Error::other)?;
+        sys::seal_read_only(&registry_fd)?;
+
+        let sl = SharedLayout { max_services: cfg.max_services };
+        let shared_fd = sys::memfd("aegis-shared", sl.total_size() as u64)?;
+        Mapping::map(&shared_fd, true)?.write_header(SegmentKind::Shared, sl.total_size() as u64, epoch, sl.params());
+
+        Ok(State {
+            services: (0..cfg.max_services).map(|_| None).collect(),
+            instances: (0..cfg.max_instances).map(|_| None).collect(),
+            clients: (0..cfg.max_clients).map(|_| None).collect(),
+            client_gens: vec![0; cfg.max_clients as usize],
+            by_name: HashMap::new(),
+            next_incarnation: 1,
+            cfg,
+            epoch,
+            registry_fd,
+            registry,
+            shared_fd,
+        })
+    }
+
+    /// A new control connection said hello: give it a client segment.
+    pub fn hello(&mut self, conn: ConnId, mailboxes: u32) -> Reply {
+        let Some(index) = self.clients.iter().position(Option::is_none) else {
+            return err(WireError::LimitExceeded(format!(
+                "all {} client slots are in use (broker --max-clients)",
+                self.cfg.max_clients
+            )));
+        };
+        let gen = self.client_gens[index].wrapping_add(1).max(1);
+        self.client_gens[index] = gen;
+        let cl = ClientLayout {
+            mailboxes: mailboxes.clamp(1, 1 << 16),
+            mailbox_inline: layout::MAILBOX_INLINE,
+            heap_size: 2 * self.cfg.max_message,
+        };
+        let made = (|| {
+            let fd = sys::memfd("aegis-client", cl.total_size() as u64)?;
+            Mapping::map(&fd, true)?.write_header(
+                SegmentKind::Client,
+                cl.total_size() as u64,
+                self.epoch,
+                cl.params(index as u32, gen),
+            );
+            // Validate what we made with the same code clients use.
+            ClientSeg::open(&fd, self.epoch, index as u32, gen).map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>(fd)
+        })();
+        let fd = match made {
+            Ok(fd) => fd,
+            Err(e) => return err(WireError::Internal(format!("creating client segment: {e}"))),
+        };
+        let fds = match (dup(&self.registry_fd), dup(&self.shared_fd), dup(&fd)) {
+            (Ok(a), Ok(b), Ok(c)) => vec![a, b, c],
+            _ => return err(WireError::Internal("out of descriptors".into())),
+        };
+        self.clients[index] = Some(ClientRec { gen, fd, conn });
+        (
+            Response::Welcome {
+                bus_epoch: self.epoch,
+                client: index as u32,
+                gen,
+                max_services: self.cfg.max_services,
+                broker_pid: std::process::id(),
+            },
+            fds,
+        )
+    }
+
+    pub fn register(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        service: &str,
+        id: &str,
+        metadata: Vec<(String, String)>,
+        config: &ServiceConfig,
+    ) -> Reply {
+        if let Err(e) = names::service(service).and_then(|()| names::instance_id(id)) {
+            return err(WireError::BadRequest(e.to_string().trim_start_matches("bad request: ").into()));
+        }
+        if metadata.len() > 64 || metadata.iter().any(|(k, v)| k.len() > 256 || v.len() > 4096) {
+            return err(WireError::BadRequest(
+                "metadata: at most 64 entries, keys up to 256 and values up to 4096 bytes".into(),
+            ));
+        }
+        let svc_idx = match self.service_for(service, config) {
+            Ok(i) => i,
+            Err(e) => return err(e),
+        };
+        // Same id already registered?
+        if let Some((i, rec)) = self.instances.iter_mut().enumerate().find_map(|(i, r)| {
+            r.as_mut().filter(|r| r.service == svc_idx && r.id == id).map(|r| (i, r))
+        }) {
+            if rec.peer.pid != peer.pid {
+                return err(WireError::Conflict {
+                    service: service.into(),
+                    instance_id: id.into(),
+                    holder_pid: rec.peer.pid,
+                });
+            }
+            // The same process again: idempotent, hand back the same registration.
+            if !rec.owners.contains(&conn) {
+                rec.owners.push(conn);
+            }
+            return self.registered(i as u32);
+        }
+        let svc = self.services[svc_idx as usize].as_ref().expect("service_for made it");
+        if svc.members.len() >= MAX_MEMBERS {
+            return err(WireError::LimitExceeded(format!(
+                "service '{service}' already has the maximum of {MAX_MEMBERS} instances"
+            )));
+        }
+        let Some(index) = self.instances.iter().position(Option::is_none) else {
+            return err(WireError::LimitExceeded(format!(
+                "all {} instance slots are in use (broker --max-instances)",
+                self.cfg.max_instances
+            )));
+        };
+        let il = InstanceLayout {
+            slot_size: svc.slot_size,
+            slot_count: svc.slot_count,
+            heap_size: 2 * svc.max_message,
+        };
+        let incarnation = self.next_incarnation;
+        self.next_incarnation += 1;
+        let made = (|| {
+            let fd = sys::memfd("aegis-instance", il.total_size() as u64)?;
+            Mapping::map(&fd, true)?.write_header(
+                SegmentKind::Instance,
+                il.total_size() as u64,
+                self.epoch,
+                il.params(index as u32, incarnation),
+            );
+            let seg = InstanceSeg::open(&fd, self.epoch, index as u32, incarnation)
+                .map_err(std::io::Error::other)?;
+            // SAFETY: layout validated by `open` just above; nobody else has the fd yet.
+            let r = unsafe {
+                RingRef::new(seg.ring_indices(), seg.slots_base(), il.slot_stride(), il.slot_count)
+            };
+            ring::init_slots(&r);
+            Ok::<_, std::io::Error>((fd, seg))
+        })();
+        let (fd, seg) = match made {
+            Ok(x) => x,
+            Err(e) => return err(WireError::Internal(format!("creating instance segment: {e}"))),
+        };
+        self.instances[index] = Some(InstanceRec {
+            service: svc_idx,
+            id: id.into(),
+            peer,
+            incarnation,
+            fd,
+            seg,
+            owners: vec![conn],
+            metadata,
+            registered_at_ms: sys::unix_millis(),
+            mirrored_served: 0,
+        });
+        self.write_instance(index as u32);
+        self.services[svc_idx as usize].as_mut().unwrap().members.push(index as u32);
+        self.write_service(svc_idx);
+        tracing::info!(service, instance = id, pid = peer.pid, index, incarnation, "registered");
+        self.registered(index as u32)
+    }
+
+    fn registered(&self, index: u32) -> Reply {
+        let rec = self.instances[index as usize].as_ref().unwrap();
+        let svc = self.services[rec.service as usize].as_ref().unwrap();
+        match dup(&rec.fd) {
+            Ok(fd) => (
+                Response::Registered {
+                    instance: index,
+                    incarnation: rec.incarnation,
+                    slot_size: svc.slot_size,
+                    slot_count: svc.slot_count,
+                    max_message: svc.max_message,
+                },
+                vec![fd],
+            ),
+            Err(e) => err(WireError::Internal(e.to_string())),
+        }
+    }
+
+    /// Finds or creates the service, reconciling its sizing with `config`.
+    fn service_for(&mut self, name: &str, config: &ServiceConfig) -> Result<u32, WireError> {
+        let want = ServiceConfig {
+            slot_size: config.slot_size,
+            slot_count: config.slot_count,
+            max_message: config.max_message,
+        };
+        let sized = |cur: Option<(u32, u32, u64)>| -> Result<(u32, u32, u64), WireError> {
+            let (ds, dc, dm) = cur.unwrap_or((self.cfg.slot_size, self.cfg.slot_count, self.cfg.max_message));
+            let s = want.slot_size.unwrap_or(ds);
+            let c = want.slot_count.unwrap_or(dc);
+            let m = want.max_message.unwrap_or(dm);
+            InstanceLayout { slot_size: s, slot_count: c, heap_size: 2 * m }
+                .validate()
+                .map_err(|e| WireError::BadRequest(format!("service '{name}': {e}")))?;
+            if m == 0 || m > self.cfg.max_message {
+                return Err(WireError::BadRequest(format!(
+                    "service '{name}': max message {m} is not in 1..={} (broker --max-message)",
+                    self.cfg.max_message
+                )));
+            }
+            Ok((s, c, m))
+        };
+        if let Some(&i) = self.by_name.get(name) {
+            let svc = self.services[i as usize].as_mut().unwrap();
+            let cur = (svc.slot_size, svc.slot_count, svc.max_message);
+            let new = sized(Some(cur))?;
+            if new != cur {
+                if !svc.members.is_empty() {
+                    return Err(WireError::BadRequest(format!(
+                        "service '{name}' runs with slot size {}, {} slots, max message {}; \
+                         an instance cannot register with {}, {}, {}",
+                        cur.0, cur.1, cur.2, new.0, new.1, new.2
+                    )));
+                }
+                (svc.slot_size, svc.slot_count, svc.max_message) = new;
+                self.write_service(i);
+            }
+            return Ok(i);
+        }
+        let (slot_size, slot_count, max_message) = sized(None)?;
+        let cap = self.cfg.max_services;
+        let mut i = (layout::name_hash(name) as u32) & (cap - 1);
+        for _ in 0..cap {
+            if self.services[i as usize].is_none() {
+                self.services[i as usize] =
+                    Some(ServiceRec { name: name.into(), slot_size, slot_count, max_message, members: Vec::new() });
+                self.by_name.insert(name.into(), i);
+                self.write_service(i);
+                return Ok(i);
+            }
+            i = (i + 1) & (cap - 1);
+        }
+        Err(WireError::LimitExceeded(format!(
+            "all {cap} service slots are in use (broker --max-services)"
+        )))
+    }
+
+    pub fn unregister(&mut self, conn: ConnId, peer: Peer, index: u32, incarnation: u64) -> Reply {
+        match self.instances.get(index as usize).and_then(Option::as_ref) {
+            Some(r) if r.incarnation == incarnation => {
+                if !r.owners.contains(&conn) && r.peer.pid != peer.pid && !self.is_admin(peer) {
+                    return err(WireError::NotOwner(format!(
+                        "instance '{}' belongs to pid {}, not to pid {}",
+                        r.id, r.peer.pid, peer.pid
+                    )));
+                }
+                self.remove_instance(index, "unregistered");
+                (Response::Done, Vec::new())
+            }
+            // Already gone: unregistering is idempotent.
+            _ => (Response::Done, Vec::new()),
+        }
+    }
+
+    fn is_admin(&self, peer: Peer) -> bool {
+        peer.uid == 0 || self.cfg.admin_uids.contains(&peer.uid)
+    }
+
+    pub fn open_instance(&self, index: u32, incarnation: u64) -> Reply {
+        match self.instances.get(index as usize).and_then(Option::as_ref) {
+            Some(r) if r.incarnation == incarnation => match dup(&r.fd) {
+                Ok(fd) => (Response::Opened, vec![fd]),
+                Err(e) => err(WireError::Internal(e.to_string())),
+            },
+            _ => err(WireError::NoAvailableInstance {
+                service: format!("(instance #{index} has left)"),
+            }),
+        }
+    }
+
+    /// An instance asks for a caller's segment, to write replies into its mailboxes. Only
+    /// a connection that serves an instance may have it.
+    pub fn open_client(&self, conn: ConnId, peer: Peer, client: u32, gen: u32) -> Reply {
+        let serves = self.instances.iter().flatten().any(|r| r.owners.contains(&conn) || r.peer.pid == peer.pid);
+        if !serves {
+            return err(WireError::NotOwner(
+                "only a process serving an instance may open a caller's mailboxes".into(),
+            ));
+        }
+        match self.clients.get(client as usize).and_then(Option::as_ref) {
+            Some(c) if c.gen == gen => match dup(&c.fd) {
+                Ok(fd) => (Response::Opened, vec![fd]),
+                Err(e) => err(WireError::Internal(e.to_string())),
+            },
+            _ => err(WireError::BadRequest(format!("client #{client}/{gen} is not connected"))),
+        }
+    }
+
+    pub fn services_info(&self) -> Vec<ServiceInfo> {
+        let mut v: Vec<_> = self.by_name.values().map(|&i| self.service_info(i)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn describe(&self, name: &str) -> Reply {
+        match self.by_name.get(name) {
+            Some(&i) => (Response::Service(self.service_info(i)), Vec::new()),
+            None => err(WireError::NoAvailableInstance { service: name.into() }),
+        }
+    }
+
+    fn service_info(&self, i: u32) -> ServiceInfo {
+        let s = self.services[i as usize].as_ref().unwrap();
+        ServiceInfo {
+            name: s.name.clone(),
+            slot_size: s.slot_size,
+            slot_count: s.slot_count,
+            max_message: s.max_message,
+            instances: s
+                .members
+                .iter()
+                .filter_map(|&m| {
+                    let r = self.instances[m as usize].as_ref()?;
+                    // SAFETY: validated layout; the ring words are only read here.
+                    let queued = unsafe {
+                        RingRef::new(
+                            r.seg.ring_indices(),
+                            r.seg.slots_base(),
+                            r.seg.layout.slot_stride(),
+                            r.seg.layout.slot_count,
+                        )
+                    }
+                    .len();
+                    Some(InstanceInfo {
+                        index: m,
+                        id: r.id.clone(),
+                        pid: r.peer.pid,
+                        uid: r.peer.uid,
+                        status: Status::Online,
+                        requests_served: r.seg.counters().requests_served.load(std::sync::atomic::Ordering::Relaxed),
+                        queued,
+                        registered_at_ms: r.registered_at_ms,
+                        metadata: r.metadata.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// A control connection closed: its registrations and its client segment go with it.
+    pub fn disconnect(&mut self, conn: ConnId) {
+        let mut gone = Vec::new();
+        for (i, r) in self.instances.iter_mut().enumerate() {
+            if let Some(r) = r {
+                r.owners.retain(|&c| c != conn);
+                if r.owners.is_empty() {
+                    gone.push(i as u32);
+                }
+            }
+        }
+        for i in gone {
+            self.remove_instance(i, "control connection closed");
+        }
+        for c in self.clients.iter_mut() {
+            if c.as_ref().is_some_and(|c| c.conn == conn) {
+                *c = None;
+            }
+        }
+    }
+
+    fn remove_instance(&mut self, index: u32, reason: &str) {
+        let Some(rec) = self.instances[index as usize].take() else { return };
+        let e = self.registry.instance(index).expect("index in range");
+        let s = e.seq.write_begin();
+        e.status.store(Status::Free as u32, std::sync::atomic::Ordering::Relaxed);
+        e.incarnation.store(0, std::sync::atomic::Ordering::Relaxed);
+        e.seq.write_end(s);
+        if let Some(svc) = self.services[rec.service as usize].as_mut() {
+            svc.members.retain(|&m| m != index);
+        }
+        self.write_service(rec.service);
+        tracing::info!(instance = %rec.id, pid = rec.peer.pid, index, reason, "instance left");
+    }
+
+    /// Periodic work: mirror per-instance counters into the registry.
+    pub fn tick(&mut self) {
+        for i in 0..self.instances.len() {
+            let Some(r) = self.instances[i].as_mut() else { continue };
+            let served = r.seg.counters().requests_served.load(std::sync::atomic::Ordering::Relaxed);
+            if served != r.mirrored_served {
+                r.mirrored_served = served;
+                let e = self.registry.instance(i as u32).unwrap();
+                let s = e.seq.write_begin();
+                e.requests_served.store(served, std::sync::atomic::Ordering::Relaxed);
+                e.seq.write_end(s);
+            }
+        }
+    }
+
+    fn write_instance(&self, index: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = self.instances[index as usize].as_ref().unwrap();
+        let e = self.registry.instance(index).unwrap();
+        let s = e.seq.write_begin();
+        e.status.store(Status::Online as u32, Relaxed);
+        e.service.store(r.service, Relaxed);
+        e.pid.store(r.peer.pid, Relaxed);
+        e.uid.store(r.peer.uid, Relaxed);
+        e.incarnation.store(r.incarnation, Relaxed);
+        e.registered_at_ms.store(r.registered_at_ms, Relaxed);
+        e.requests_served.store(0, Relaxed);
+        e.id.store(&r.id);
+        e.seq.write_end(s);
+    }
+
+    fn write_service(&self, i: u32) {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let rec = self.services[i as usize].as_ref().unwrap();
+        let e = self.registry.service(i).unwrap();
+        let s = e.seq.write_begin();
+        e.name.store(&rec.name);
+        e.slot_size.store(rec.slot_size, Relaxed);
+        e.slot_count.store(rec.slot_count, Relaxed);
+        e.max_message.store(rec.max_message, Relaxed);
+        for (slot, &m) in e.members.iter().zip(&rec.members) {
+            slot.store(m, Relaxed);
+        }
+        e.member_count.store(rec.members.len() as u32, Relaxed);
+        e.seq.write_end(s);
+        // SYNC POINT: Release pairs with the Acquire load of `in_use` in lookups.
+        e.in_use.store(1, Release);
+        e.generation.fetch_add(1, Release);
+        let _ = sys::futex_wake(&e.generation, u32::MAX);
+        self.registry.control().generation.fetch_add(1, Release);
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into our buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if n != 8 {
+        // Fall back to time and pid: an epoch only needs to differ between broker runs.
+        return sys::unix_millis() ^ (std::process::id() as u64) << 32;
+    }
+    u64::from_le_bytes(b)
+}

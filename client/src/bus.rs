@@ -1,0 +1,649 @@
+//! `Bus`: a process's connection to the bus — calling services by name.
+//!
+//! A call never passes through the broker: the caller picks an instance from the
+//! registry (lock-free), writes the request into that instance's ring, and waits on one
+//! of its own mailboxes for the reply. The broker is asked only once per instance (to
+//! hand over its segment) and once per new caller on the instance side.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32 as StdAtomicU32, AtomicU64 as StdAtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use parking_lot::{Mutex, RwLock};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::control::{expect_fds, ControlConn};
+use crate::error::{code, Attempt, Error, Result};
+use crate::heap::HeapAlloc;
+use crate::instance::{Instance, RegisterOptions};
+use crate::layout::{
+    self, ClientSeg, InstanceSeg, MsgHeader, RegistryView, ServiceEntry, SharedView, Status,
+    MAX_MEMBERS, PAYLOAD_HEAP, PAYLOAD_INLINE,
+};
+use crate::mailbox::{self, Cancel, Wait};
+use crate::proto::{self, Request, Response, ServiceInfo};
+use crate::ring::RingRef;
+use crate::sync::Ordering;
+use crate::{dirs, names};
+
+/// How a process joins the bus.
+#[derive(Debug, Clone)]
+pub struct BusOptions {
+    /// Bus directory; `None` resolves it like the broker does (`AEGIS_IPC_DIR`, …).
+    pub dir: Option<PathBuf>,
+    /// Reply mailboxes, i.e. calls this connection can have in flight at once.
+    pub mailboxes: u32,
+    /// How long a waiting caller spins before it sleeps on a futex (latency vs CPU).
+    pub spin: Duration,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        BusOptions {
+            dir: None,
+            mailboxes: layout::DEFAULT_MAILBOXES,
+            spin: Duration::from_micros(50),
+        }
+    }
+}
+
+/// Per-call options.
+#[derive(Debug, Clone)]
+pub struct CallOptions {
+    /// Deadline for the whole call, from the moment it starts.
+    pub timeout: Duration,
+    /// Overrides the bus's spin budget for this call (`Duration::ZERO`: sleep at once).
+    pub spin: Option<Duration>,
+    /// Hops so far (set by nested calls made while handling a request).
+    pub hops: u8,
+    /// Trace id carried to the instance; `None` makes a fresh one.
+    pub trace_id: Option<u64>,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions { timeout: Duration::from_secs(5), spin: None, hops: 0, trace_id: None }
+    }
+}
+
+impl CallOptions {
+    pub fn timeout(timeout: Duration) -> CallOptions {
+        CallOptions { timeout, ..Default::default() }
+    }
+}
+
+/// Which instance answered a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallInfo {
+    /// Registry index of the instance.
+    pub instance: u32,
+    pub incarnation: u64,
+}
+
+/// A reply and who sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub payload: Vec<u8>,
+    pub instance_id: String,
+}
+
+/// A connection to the bus. Cheap to clone; share it between threads.
+#[derive(Clone)]
+pub struct Bus {
+    pub(crate) inner: Arc<BusInner>,
+}
+
+pub(crate) struct BusInner {
+    pub dir: PathBuf,
+    control: Mutex<ControlConn>,
+    pub registry: RegistryView,
+    shared: SharedView,
+    pub client: ClientSeg,
+    pub epoch: u64,
+    pool: MailboxPool,
+    heap: HeapAlloc,
+    /// Caller side: mapped instance segments by registry index.
+    instances: RwLock<HashMap<u32, Arc<InstanceSeg>>>,
+    /// Serving side: mapped segments of the clients that called our instances.
+    clients: RwLock<HashMap<u32, Arc<ClientSeg>>>,
+    pub opts: BusOptions,
+    pub pid: u32,
+    trace_seq: StdAtomicU64,
+}
+
+impl Bus {
+    /// Connects to the bus found like the broker finds it (`AEGIS_IPC_DIR`, …).
+    pub fn connect() -> Result<Bus> {
+        Bus::connect_with(BusOptions::default())
+    }
+
+    /// Connects to the bus in `dir`.
+    pub fn connect_dir(dir: impl AsRef<Path>) -> Result<Bus> {
+        Bus::connect_with(BusOptions { dir: Some(dir.as_ref().to_owned()), ..Default::default() })
+    }
+
+    pub fn connect_with(opts: BusOptions) -> Result<Bus> {
+        let dir = opts.dir.clone().unwrap_or_else(dirs::client_dir);
+        let mut control = ControlConn::connect(&dir.join(dirs::SOCKET))?;
+        let mailboxes = opts.mailboxes.clamp(1, 1 << 16);
+        let (resp, fds) = control.request(&Request::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            layout: layout::LAYOUT_VERSION,
+            mailboxes,
+        })?;
+        let Response::Welcome { bus_epoch, client, gen, max_services, .. } = resp else {
+            return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
+        };
+        let fds = expect_fds(fds, 3, "Welcome")?;
+        let registry = RegistryView::open(&fds[0], false)?;
+        if registry.epoch != bus_epoch || registry.layout.max_services != max_services {
+            return Err(Error::Protocol("registry does not match the broker's Welcome".into()));
+        }
+        let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
+        let client = ClientSeg::open(&fds[2], bus_epoch, client, gen)?;
+        let heap = HeapAlloc::new(client.layout.heap_size);
+        let pool = MailboxPool::new(client.layout.mailboxes);
+        Ok(Bus {
+            inner: Arc::new(BusInner {
+                dir,
+                control: Mutex::new(control),
+                registry,
+                shared,
+                client,
+                epoch: bus_epoch,
+                pool,
+                heap,
+                instances: RwLock::new(HashMap::new()),
+                clients: RwLock::new(HashMap::new()),
+                opts,
+                pid: std::process::id(),
+                trace_seq: StdAtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The bus directory this connection uses.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Registers this process as instance `instance_id` of `service`.
+    pub fn register(&self, service: &str, instance_id: &str, metadata: &[(&str, &str)]) -> Result<Instance> {
+        let opts = RegisterOptions {
+            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        self.register_with(service, instance_id, opts)
+    }
+
+    pub fn register_with(&self, service: &str, instance_id: &str, opts: RegisterOptions) -> Result<Instance> {
+        names::service(service)?;
+        names::instance_id(instance_id)?;
+        let (resp, fds) = self.inner.control.lock().request(&Request::Register {
+            service: service.into(),
+            instance_id: instance_id.into(),
+            metadata: opts.metadata.clone(),
+            config: opts.config.clone(),
+        })?;
+        let Response::Registered { instance, incarnation, max_message, .. } = resp else {
+            return Err(Error::Protocol(format!("expected Registered, got {resp:?}")));
+        };
+        let fds = expect_fds(fds, 1, "Registered")?;
+        let seg = InstanceSeg::open(&fds[0], self.inner.epoch, instance, incarnation)?;
+        Ok(Instance::new(self.clone(), service, instance_id, seg, max_message, opts))
+    }
+
+    /// Calls `method` of `service` on one of its healthy instances (round-robin).
+    pub fn call(&self, service: &str, method: &str, payload: &[u8], opts: &CallOptions) -> Result<Reply> {
+        let mut out = Vec::new();
+        let info = self.call_into(service, method, payload, opts, &mut out)?;
+        Ok(Reply { payload: out, instance_id: self.instance_id(info) })
+    }
+
+    /// Like [`Bus::call`], but writes the reply into `out` (reusing its allocation) and
+    /// returns which instance answered: the allocation-free fast path.
+    pub fn call_into(
+        &self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        out: &mut Vec<u8>,
+    ) -> Result<CallInfo> {
+        let start = Instant::now();
+        names::service(service)?;
+        names::method(method)?;
+        let inner = &*self.inner;
+        let no_instance = || Error::NoAvailableInstance { service: service.to_owned() };
+        let (svc_idx, svc) = inner.find_service(service).ok_or_else(no_instance)?;
+        let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
+        if payload.len() as u64 > max {
+            return Err(Error::MessageTooLarge {
+                service: service.to_owned(),
+                size: payload.len() as u64,
+                max,
+            });
+        }
+        let (instance, incarnation) = inner.pick(svc_idx, svc).ok_or_else(no_instance)?;
+        let seg = inner.instance_seg(instance, incarnation)?;
+        let deadline = start + opts.timeout;
+        match inner.send_and_wait(&seg, method, payload, opts, deadline, out) {
+            Ok(()) => Ok(CallInfo { instance, incarnation }),
+            Err(Failed::Deadline(what)) => Err(Error::Timeout {
+                service: service.to_owned(),
+                elapsed: start.elapsed(),
+                attempts: vec![Attempt {
+                    instance: inner.instance_name(instance),
+                    error: what.to_owned(),
+                    duration: start.elapsed(),
+                }],
+            }),
+            Err(Failed::Error(Error::Remote { code, message, .. })) => Err(match code {
+                code::BAD_REQUEST => Error::BadRequest(message),
+                _ => Error::Remote { instance: inner.instance_name(instance), code, message },
+            }),
+            Err(Failed::Error(e)) => Err(e),
+        }
+    }
+
+    /// Typed call: `req` and the reply travel as bincode (serde).
+    pub fn call_typed<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        req: &Req,
+        opts: &CallOptions,
+    ) -> Result<Resp> {
+        let body = crate::codec::encode(req)
+            .map_err(|e| Error::BadRequest(format!("request could not be encoded: {e}")))?;
+        let mut out = Vec::new();
+        let info = self.call_into(service, method, &body, opts, &mut out)?;
+        crate::codec::decode(&out).map_err(|e| {
+            Error::BadRequest(format!(
+                "reply from instance '{}' could not be decoded: {e}",
+                self.instance_id(info)
+            ))
+        })
+    }
+
+    /// The instance id behind a [`CallInfo`] (its registry index if it has since left).
+    pub fn instance_id(&self, info: CallInfo) -> String {
+        self.inner.instance_name(info.instance)
+    }
+
+    /// All services, with their instances and counters (asks the broker).
+    pub fn services(&self) -> Result<Vec<ServiceInfo>> {
+        match self.inner.control.lock().request(&Request::ListServices)?.0 {
+            Response::Services(s) => Ok(s),
+            r => Err(Error::Protocol(format!("expected Services, got {r:?}"))),
+        }
+    }
+
+    /// One service, with its instances and counters (asks the broker).
+    pub fn service(&self, name: &str) -> Result<ServiceInfo> {
+        names::service(name)?;
+        match self
+            .inner
+            .control
+            .lock()
+            .request(&Request::DescribeService { name: name.into() })?
+            .0
+        {
+            Response::Service(s) => Ok(s),
+            r => Err(Error::Protocol(format!("expected Service, got {r:?}"))),
+        }
+    }
+
+    /// Instances of `service` that routing would use right now, read lock-free from the
+    /// registry: `(registry index, instance id, status)`.
+    pub fn routable_instances(&self, service: &str) -> Vec<(u32, String, Status)> {
+        let inner = &*self.inner;
+        let Some((_, svc)) = inner.find_service(service) else { return Vec::new() };
+        let members: Vec<u32> = svc.seq.read(|| {
+            let n = (svc.member_count.load(Ordering::Relaxed) as usize).min(MAX_MEMBERS);
+            svc.members[..n].iter().map(|m| m.load(Ordering::Relaxed)).collect()
+        });
+        members
+            .into_iter()
+            .filter_map(|m| {
+                let e = inner.registry.instance(m)?;
+                let (status, (name, len)) =
+                    e.seq.read(|| (e.status.load(Ordering::Relaxed), e.id.load()));
+                Some((m, String::from_utf8_lossy(&name[..len]).into_owned(), Status::from_u32(status)))
+            })
+            .collect()
+    }
+}
+
+/// Why a send-and-wait did not produce a reply.
+pub(crate) enum Failed {
+    Deadline(&'static str),
+    Error(Error),
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Failed {
+        Failed::Error(e)
+    }
+}
+
+impl BusInner {
+    /// Finds a service entry by name (open addressing; entries are never removed).
+    pub fn find_service(&self, name: &str) -> Option<(u32, &ServiceEntry)> {
+        let cap = self.registry.layout.max_services;
+        let mut i = (layout::name_hash(name) as u32) & (cap - 1);
+        for _ in 0..cap {
+            let e = self.registry.service(i)?;
+            // SYNC POINT: Acquire pairs with the broker's Release store of `in_use`.
+            if e.in_use.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            if e.seq.read(|| e.name.eq_str(name)) {
+                return Some((i, e));
+            }
+            i = (i + 1) & (cap - 1);
+        }
+        None
+    }
+
+    /// Round-robin over the service's members, skipping any that is not `Online`.
+    fn pick(&self, svc_idx: u32, svc: &ServiceEntry) -> Option<(u32, u64)> {
+        // Relaxed: the counter only spreads load; no data is published through it.
+        let c = self.shared.round_robin(svc_idx)?.next.fetch_add(1, Ordering::Relaxed);
+        let n = svc.seq.read(|| svc.member_count.load(Ordering::Relaxed)) as u64;
+        for k in 0..n.min(MAX_MEMBERS as u64) {
+            let m = svc.seq.read(|| {
+                let n = (svc.member_count.load(Ordering::Relaxed) as u64).min(MAX_MEMBERS as u64);
+                (n > 0).then(|| svc.members[(c.wrapping_add(k) % n) as usize].load(Ordering::Relaxed))
+            })?;
+            let Some(e) = self.registry.instance(m) else { continue };
+            let (status, service, inc) = e.seq.read(|| {
+                (
+                    e.status.load(Ordering::Relaxed),
+                    e.service.load(Ordering::Relaxed),
+                    e.incarnation.load(Ordering::Relaxed),
+                )
+            });
+            if status == Status::Online as u32 && service == svc_idx && inc != 0 {
+                return Some((m, inc));
+            }
+        }
+        None
+    }
+
+    pub fn instance_name(&self, index: u32) -> String {
+        self.registry
+            .instance(index)
+            .map(|e| {
+                let (b, l) = e.seq.read(|| e.id.load());
+                String::from_utf8_lossy(&b[..l]).into_owned()
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("#{index}"))
+    }
+
+    /// The mapped segment of instance `index`, asking the broker for it the first time.
+    fn instance_seg(&self, index: u32, incarnation: u64) -> Result<Arc<InstanceSeg>> {
+        if let Some(s) = self.instances.read().get(&index) {
+            if s.incarnation == incarnation {
+                return Ok(s.clone());
+            }
+        }
+        let (resp, fds) = self
+            .control
+            .lock()
+            .request(&Request::OpenInstance { instance: index, incarnation })?;
+        if !matches!(resp, Response::Opened) {
+            return Err(Error::Protocol(format!("expected Opened, got {resp:?}")));
+        }
+        let fds = expect_fds(fds, 1, "OpenInstance")?;
+        let seg = Arc::new(InstanceSeg::open(&fds[0], self.epoch, index, incarnation)?);
+        self.instances.write().insert(index, seg.clone());
+        Ok(seg)
+    }
+
+    /// The mapped segment of a client that sent us a request.
+    pub fn client_seg(&self, index: u32, gen: u32) -> Result<Arc<ClientSeg>> {
+        if let Some(s) = self.clients.read().get(&index) {
+            if s.gen == gen {
+                return Ok(s.clone());
+            }
+        }
+        let (resp, fds) = self.control.lock().request(&Request::OpenClient { client: index, gen })?;
+        if !matches!(resp, Response::Opened) {
+            return Err(Error::Protocol(format!("expected Opened, got {resp:?}")));
+        }
+        let fds = expect_fds(fds, 1, "OpenClient")?;
+        let seg = Arc::new(ClientSeg::open(&fds[0], self.epoch, index, gen)?);
+        self.clients.write().insert(index, seg.clone());
+        Ok(seg)
+    }
+
+    pub(crate) fn control(&self) -> parking_lot::MutexGuard<'_, ControlConn> {
+        self.control.lock()
+    }
+
+    fn next_trace_id(&self) -> u64 {
+        (self.pid as u64) << 40 | (self.trace_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & ((1 << 40) - 1))
+    }
+
+    /// Writes the request into the instance's ring and waits for the reply in `out`.
+    fn send_and_wait(
+        &self,
+        seg: &InstanceSeg,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        deadline: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Failed> {
+        let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
+            Error::LimitExceeded(format!(
+                "all {} reply mailboxes of this connection are in use (calls in flight)",
+                self.client.layout.mailboxes
+            ))
+        })?;
+        let (mb, _) = self.client.mailbox(mb_idx).expect("pool hands out valid indices");
+        // SAFETY: the layout was validated when the segment was opened.
+        let ring = unsafe {
+            RingRef::new(seg.ring_indices(), seg.slots_base(), seg.layout.slot_stride(), seg.layout.slot_count)
+        };
+        let inline = payload.len() + method.len() <= ring.data_len();
+        let heap_block = if inline {
+            None
+        } else {
+            let len = payload.len() as u64;
+            let Some(off) = self.heap.alloc(len) else {
+                self.pool.put(mb_idx);
+                return Err(Error::LimitExceeded(format!(
+                    "request heap of {} bytes has no room for {len} more",
+                    self.heap.size()
+                ))
+                .into());
+            };
+            let dst = self.client.heap_range(off, len).expect("allocator stays inside the heap");
+            // SAFETY: `dst` is `len` bytes inside our heap, allocated to this call only.
+            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, payload.len()) };
+            Some((off, len))
+        };
+        let finish = |this: &Self| {
+            if let Some((off, len)) = heap_block {
+                this.heap.free(off, len);
+            }
+            this.pool.put(mb_idx);
+        };
+        mailbox::arm(mb, gen);
+        let Some(mut claim) = claim_slot(&ring, self.pid, deadline) else {
+            mailbox::release(mb, gen);
+            finish(self);
+            return Err(Failed::Deadline("ring full"));
+        };
+        claim.set_header(MsgHeader {
+            client_index: self.client.index,
+            client_gen: self.client.gen,
+            mailbox: mb_idx,
+            mailbox_gen: gen,
+            trace_id: opts.trace_id.unwrap_or_else(|| self.next_trace_id()),
+            payload_len: payload.len() as u64,
+            heap_off: heap_block.map_or(0, |(o, _)| o),
+            method_len: method.len() as u16,
+            hops: opts.hops,
+            kind: if inline { PAYLOAD_INLINE } else { PAYLOAD_HEAP },
+            _pad: 0,
+        });
+        let data = claim.data();
+        data[..method.len()].copy_from_slice(method.as_bytes());
+        if inline {
+            data[method.len()..method.len() + payload.len()].copy_from_slice(payload);
+        }
+        if claim.publish().is_err() {
+            mailbox::release(mb, gen);
+            finish(self);
+            return Err(Error::Protocol("the instance's ring skipped our request".into()).into());
+        }
+        ring.notify();
+        let spin = opts.spin.unwrap_or(self.opts.spin);
+        let outcome = match mailbox::wait_ready(mb, gen, spin, deadline) {
+            Wait::Ready => Cancel::Ready,
+            Wait::TimedOut => mailbox::cancel(mb, gen),
+        };
+        match outcome {
+            Cancel::Ready => {
+                let r = self.read_reply(mb_idx, seg, out);
+                mailbox::release(mb, gen);
+                finish(self);
+                r.map_err(Failed::Error)
+            }
+            Cancel::Cancelled => {
+                mailbox::release(mb, gen);
+                finish(self);
+                Err(Failed::Deadline("not taken before the deadline"))
+            }
+            Cancel::InProgress => {
+                self.pool.quarantine(mb_idx, gen, heap_block);
+                Err(Failed::Deadline("taken but not answered before the deadline"))
+            }
+        }
+    }
+
+    /// Copies a ready reply out of mailbox `mb_idx`; every length and offset is checked.
+    fn read_reply(&self, mb_idx: u32, seg: &InstanceSeg, out: &mut Vec<u8>) -> Result<()> {
+        let (mb, inline_data) = self.client.mailbox(mb_idx).expect("valid mailbox");
+        let status = mb.status.load(Ordering::Relaxed);
+        let len = mb.reply_len.load(Ordering::Relaxed);
+        let bad = |what: String| Error::Protocol(format!("reply from instance #{}: {what}", seg.index));
+        let src = match mb.reply_kind.load(Ordering::Relaxed) as u8 {
+            PAYLOAD_INLINE if len <= self.client.layout.mailbox_inline as u64 => inline_data,
+            PAYLOAD_INLINE => return Err(bad(format!("inline length {len} over the mailbox size"))),
+            PAYLOAD_HEAP => {
+                if mb.incarnation.load(Ordering::Relaxed) != seg.incarnation {
+                    return Err(bad("heap reply from another incarnation".into()));
+                }
+                let off = mb.heap_off.load(Ordering::Relaxed);
+                seg.heap_range(off, len)
+                    .ok_or_else(|| bad(format!("heap range {off}+{len} outside the heap")))?
+            }
+            k => return Err(bad(format!("unknown reply kind {k}"))),
+        };
+        out.clear();
+        out.reserve(len as usize);
+        // SAFETY: `src` points to `len` readable bytes of a mapping we hold (bounds checked
+        // above); `out` has capacity `len` and is private memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), len as usize);
+            out.set_len(len as usize);
+        }
+        if status != code::OK as u32 {
+            let message = String::from_utf8_lossy(out).into_owned();
+            out.clear();
+            return Err(Error::Remote { instance: String::new(), code: status as u16, message });
+        }
+        Ok(())
+    }
+}
+
+/// Claims a ring slot, waiting (spin, yield, then short sleeps) while the ring is full.
+/// A full ring means the instance is behind; there is no futex for "space", so this is
+/// the one bounded poll in the call path.
+fn claim_slot<'a>(ring: &RingRef<'a>, pid: u32, deadline: Instant) -> Option<crate::ring::Claim<'a>> {
+    let mut tries = 0u32;
+    loop {
+        if let Ok(c) = ring.try_claim(pid) {
+            return Some(c);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tries += 1;
+        match tries {
+            0..=63 => std::hint::spin_loop(),
+            64..=127 => std::thread::yield_now(),
+            _ => std::thread::sleep(Duration::from_micros(50)),
+        }
+    }
+}
+
+/// Free list of this connection's mailboxes, their generations (kept privately, so a
+/// peer cannot steer them), and the mailboxes quarantined after a timeout.
+struct MailboxPool {
+    free: ArrayQueue<u32>,
+    gens: Box<[StdAtomicU32]>,
+    quarantine: Mutex<Vec<(u32, u32, Option<(u64, u64)>)>>,
+    quarantined: AtomicUsize,
+}
+
+impl MailboxPool {
+    fn new(n: u32) -> MailboxPool {
+        let free = ArrayQueue::new(n as usize);
+        for i in 0..n {
+            let _ = free.push(i);
+        }
+        MailboxPool {
+            free,
+            gens: (0..n).map(|_| StdAtomicU32::new(0)).collect(),
+            quarantine: Mutex::new(Vec::new()),
+            quarantined: AtomicUsize::new(0),
+        }
+    }
+
+    /// A free mailbox and its next generation.
+    fn acquire(&self, client: &ClientSeg, heap: &HeapAlloc) -> Option<(u32, u32)> {
+        if self.quarantined.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            self.reclaim(client, heap);
+        }
+        let i = self.free.pop()?;
+        let g = self.gens[i as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_add(1)
+            & mailbox::GEN_MASK;
+        Some((i, g))
+    }
+
+    fn put(&self, i: u32) {
+        let _ = self.free.push(i);
+    }
+
+    fn quarantine(&self, i: u32, gen: u32, heap: Option<(u64, u64)>) {
+        self.quarantine.lock().push((i, gen, heap));
+        self.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Returns quarantined mailboxes whose late reply has arrived to the free list.
+    fn reclaim(&self, client: &ClientSeg, heap: &HeapAlloc) {
+        let mut q = self.quarantine.lock();
+        q.retain(|&(i, gen, block)| {
+            let Some((mb, _)) = client.mailbox(i) else { return false };
+            if !mailbox::is_ready(mb, gen) {
+                return true;
+            }
+            mailbox::release(mb, gen);
+            if let Some((off, len)) = block {
+                heap.free(off, len);
+            }
+            let _ = self.free.push(i);
+            false
+        });
+        self.quarantined.store(q.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}

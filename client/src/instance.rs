@@ -1,0 +1,444 @@
+//! `Instance`: this process serving a service — taking requests off its ring and
+//! replying into the callers' mailboxes.
+//!
+//! Serving threads each own a [`Receiver`] (its reusable buffers); any number of them may
+//! drain the same ring. `serve` is the handler-style loop over a receiver; `recv`/`reply`
+//! is the pull style.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::bus::Bus;
+use crate::error::{code, Error, Result, ServiceError};
+use crate::heap::HeapAlloc;
+use crate::layout::{ClientSeg, InstanceSeg, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
+use crate::mailbox;
+use crate::proto::{Request as Ctl, Response, ServiceConfig};
+use crate::ring::{RingRef, Taken, KIND_ABORTED};
+use crate::sync::Ordering;
+
+/// How an instance registers and serves.
+#[derive(Debug, Clone)]
+pub struct RegisterOptions {
+    pub metadata: Vec<(String, String)>,
+    /// Ring/slot sizing; the first instance of a service sets it.
+    pub config: ServiceConfig,
+    /// How long an idle serving thread spins before sleeping on the ring's futex.
+    pub spin: Duration,
+}
+
+impl Default for RegisterOptions {
+    fn default() -> Self {
+        RegisterOptions {
+            metadata: Vec::new(),
+            config: ServiceConfig::default(),
+            spin: Duration::from_micros(50),
+        }
+    }
+}
+
+/// A registered instance. Dropping it (or [`Instance::unregister`]) takes it out of routing.
+pub struct Instance {
+    inner: Arc<InstanceInner>,
+}
+
+struct InstanceInner {
+    bus: Bus,
+    service: String,
+    id: String,
+    seg: InstanceSeg,
+    heap: HeapAlloc,
+    /// Replies sent through the heap, freed once their caller has read them.
+    pending: Mutex<Vec<PendingReply>>,
+    max_message: u64,
+    spin: Mutex<Duration>,
+    stopping: AtomicBool,
+    unregistered: AtomicBool,
+}
+
+struct PendingReply {
+    client: Arc<ClientSeg>,
+    mailbox: u32,
+    gen: u32,
+    off: u64,
+    len: u64,
+}
+
+/// Stops `serve`/`recv` loops from another thread (or a signal-handling thread).
+#[derive(Clone)]
+pub struct StopHandle {
+    inner: Weak<InstanceInner>,
+}
+
+impl StopHandle {
+    pub fn stop(&self) {
+        if let Some(i) = self.inner.upgrade() {
+            i.stopping.store(true, Ordering::Release);
+            i.ring().wake_all();
+        }
+    }
+}
+
+impl Instance {
+    pub(crate) fn new(
+        bus: Bus,
+        service: &str,
+        id: &str,
+        seg: InstanceSeg,
+        max_message: u64,
+        opts: RegisterOptions,
+    ) -> Instance {
+        let heap = HeapAlloc::new(seg.layout.heap_size);
+        Instance {
+            inner: Arc::new(InstanceInner {
+                bus,
+                service: service.to_owned(),
+                id: id.to_owned(),
+                seg,
+                heap,
+                pending: Mutex::new(Vec::new()),
+                max_message,
+                spin: Mutex::new(opts.spin),
+                stopping: AtomicBool::new(false),
+                unregistered: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+    /// Registry index (what [`crate::CallInfo::instance`] reports).
+    pub fn index(&self) -> u32 {
+        self.inner.seg.index
+    }
+    /// Requests this instance has answered.
+    pub fn requests_served(&self) -> u64 {
+        self.inner.seg.counters().requests_served.load(Ordering::Relaxed)
+    }
+    /// Requests waiting in the ring.
+    pub fn queued(&self) -> u64 {
+        self.inner.ring().len()
+    }
+    /// Changes how long idle serving threads spin before they sleep.
+    pub fn set_spin(&self, spin: Duration) {
+        *self.inner.spin.lock() = spin;
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle { inner: Arc::downgrade(&self.inner) }
+    }
+
+    /// A receiver for one serving thread.
+    pub fn receiver(&self) -> Receiver<'_> {
+        Receiver {
+            inst: &self.inner,
+            method: String::with_capacity(MAX_METHOD),
+            payload: Vec::with_capacity(self.inner.seg.layout.slot_size as usize),
+        }
+    }
+
+    /// Serves requests on this thread until [`StopHandle::stop`]. The handler writes its
+    /// reply into the buffer it is given (reused between requests) or returns an error.
+    pub fn serve<F>(&self, mut handler: F) -> Result<()>
+    where
+        F: FnMut(&Request<'_>, &mut Vec<u8>) -> std::result::Result<(), ServiceError>,
+    {
+        let mut rx = self.receiver();
+        let mut out = Vec::with_capacity(self.inner.seg.layout.slot_size as usize);
+        loop {
+            let Some(req) = rx.recv(None)? else { return Ok(()) };
+            out.clear();
+            match handler(&req, &mut out) {
+                Ok(()) => req.reply(&out)?,
+                Err(e) => req.reply_error(e.code, &e.message)?,
+            }
+        }
+    }
+
+    /// Takes the instance out of routing now (dropping it does the same, ignoring errors).
+    pub fn unregister(self) -> Result<()> {
+        self.inner.unregister()
+    }
+}
+
+impl InstanceInner {
+    fn ring(&self) -> RingRef<'_> {
+        let s = &self.seg;
+        // SAFETY: the segment's layout was validated on open and outlives the borrow.
+        unsafe { RingRef::new(s.ring_indices(), s.slots_base(), s.layout.slot_stride(), s.layout.slot_count) }
+    }
+
+    fn unregister(&self) -> Result<()> {
+        if self.unregistered.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = self.bus.inner.control().request(&Ctl::Unregister {
+            instance: self.seg.index,
+            incarnation: self.seg.incarnation,
+        });
+        match r {
+            Ok((Response::Done, _)) => Ok(()),
+            Ok((other, _)) => Err(Error::Protocol(format!("expected Done, got {other:?}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Validates a taken slot and, if it is a live request, claims its mailbox and copies
+    /// method and payload out. `None`: nothing to deliver (aborted, cancelled, or invalid
+    /// and already answered with an error).
+    fn accept(&self, t: &Taken<'_>, method: &mut String, payload: &mut Vec<u8>) -> Option<Delivery> {
+        let h = t.header();
+        if h.kind == KIND_ABORTED {
+            return None;
+        }
+        let client = match self.bus.inner.client_seg(h.client_index, h.client_gen) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(service = %self.service, instance = %self.id, trace_id = h.trace_id,
+                    client = h.client_index, "dropping request from unknown client: {e}");
+                return None;
+            }
+        };
+        let (mb, _) = client.mailbox(h.mailbox).or_else(|| {
+            tracing::warn!(service = %self.service, trace_id = h.trace_id, "dropping request naming mailbox {} out of range", h.mailbox);
+            None
+        })?;
+        if !mailbox::take(mb, h.mailbox_gen) {
+            // Cancelled by its caller (deadline passed) before we got to it: do not run it.
+            return None;
+        }
+        let d = Delivery { client, mailbox: h.mailbox, gen: h.mailbox_gen, trace_id: h.trace_id, hops: h.hops };
+        let mlen = h.method_len as usize;
+        let mut mbuf = [0u8; MAX_METHOD];
+        let name = (mlen > 0 && mlen <= MAX_METHOD)
+            .then(|| t.read_into(0, &mut mbuf[..mlen]))
+            .flatten()
+            .and_then(|()| std::str::from_utf8(&mbuf[..mlen]).ok());
+        let Some(name) = name else {
+            self.send_reply(d, code::BAD_REQUEST as u32, b"malformed method name");
+            return None;
+        };
+        method.clear();
+        method.push_str(name);
+        let len = h.payload_len;
+        let ok = match h.kind {
+            PAYLOAD_INLINE => usize::try_from(len).ok().and_then(|l| t.copy_data(mlen, l, payload)).is_some(),
+            PAYLOAD_HEAP if len <= self.max_message => match d.client.heap_range(h.heap_off, len) {
+                Some(src) => {
+                    payload.clear();
+                    payload.reserve(len as usize);
+                    // SAFETY: `src` is `len` bytes inside the caller's heap (bounds checked);
+                    // the caller keeps the block until our reply (mailbox is TAKEN).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src, payload.as_mut_ptr(), len as usize);
+                        payload.set_len(len as usize);
+                    }
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        if !ok {
+            let msg = format!("malformed request payload (kind {}, {} bytes)", h.kind, len);
+            self.send_reply(d, code::BAD_REQUEST as u32, msg.as_bytes());
+            return None;
+        }
+        Some(d)
+    }
+
+    /// Writes a reply (or error message, when `status != 0`) into the caller's mailbox and
+    /// wakes the caller.
+    fn send_reply(&self, d: Delivery, status: u32, data: &[u8]) {
+        let (mb, inline) = d.client.mailbox(d.mailbox).expect("validated in accept");
+        let cap = d.client.layout.mailbox_inline as usize;
+        let too_large;
+        let (mut status, mut data) = (status, data);
+        if data.len() as u64 > self.max_message {
+            too_large = format!(
+                "reply of {} bytes is over the {}-byte maximum of service '{}'",
+                data.len(),
+                self.max_message,
+                self.service
+            );
+            (status, data) = (code::MESSAGE_TOO_LARGE as u32, too_large.as_bytes());
+        }
+        if status != 0 {
+            data = &data[..data.len().min(cap)];
+        }
+        let (kind, off) = if data.len() <= cap {
+            // SAFETY: `inline` is `cap` bytes of the mailbox; we own it while it is TAKEN.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), inline, data.len()) };
+            (PAYLOAD_INLINE, 0)
+        } else {
+            self.sweep_pending();
+            let len = data.len() as u64;
+            match self.heap.alloc(len) {
+                Some(off) => {
+                    let dst = self.seg.heap_range(off, len).expect("allocator stays in the heap");
+                    // SAFETY: `dst` is `len` bytes of our heap, allocated to this reply.
+                    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+                    self.pending.lock().push(PendingReply {
+                        client: d.client.clone(),
+                        mailbox: d.mailbox,
+                        gen: d.gen,
+                        off,
+                        len,
+                    });
+                    (PAYLOAD_HEAP, off)
+                }
+                None => {
+                    let msg = b"instance reply heap is full; retry";
+                    // SAFETY: as above, the message is shorter than any mailbox.
+                    unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), inline, msg.len().min(cap)) };
+                    status = code::LIMIT_EXCEEDED as u32;
+                    data = &msg[..msg.len().min(cap)];
+                    (PAYLOAD_INLINE, 0)
+                }
+            }
+        };
+        mb.status.store(status, Ordering::Relaxed);
+        mb.instance.store(self.seg.index, Ordering::Relaxed);
+        mb.incarnation.store(self.seg.incarnation, Ordering::Relaxed);
+        mb.reply_kind.store(kind as u32, Ordering::Relaxed);
+        mb.reply_len.store(data.len() as u64, Ordering::Relaxed);
+        mb.heap_off.store(off, Ordering::Relaxed);
+        mailbox::complete(mb, d.gen);
+        self.seg.counters().requests_served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Frees heap blocks whose replies their callers have read (or abandoned for a newer call).
+    fn sweep_pending(&self) {
+        self.pending.lock().retain(|p| {
+            let unread = p
+                .client
+                .mailbox(p.mailbox)
+                .is_some_and(|(mb, _)| mailbox::still_unread(&mb.state, p.gen));
+            if !unread {
+                self.heap.free(p.off, p.len);
+            }
+            unread
+        });
+    }
+}
+
+impl Drop for InstanceInner {
+    fn drop(&mut self) {
+        if let Err(e) = self.unregister() {
+            tracing::debug!(service = %self.service, instance = %self.id, "unregister on drop: {e}");
+        }
+    }
+}
+
+struct Delivery {
+    client: Arc<ClientSeg>,
+    mailbox: u32,
+    gen: u32,
+    trace_id: u64,
+    hops: u8,
+}
+
+/// One serving thread's view of the ring, with buffers reused across requests.
+pub struct Receiver<'a> {
+    inst: &'a InstanceInner,
+    method: String,
+    payload: Vec<u8>,
+}
+
+impl<'a> Receiver<'a> {
+    /// The next request, or `None` when `timeout` passes or the instance is stopping.
+    pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Request<'_>>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let inst = self.inst;
+        let ring = inst.ring();
+        let stopping = || inst.stopping.load(Ordering::Acquire);
+        loop {
+            inst.seg.counters().progress.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = ring.try_pop() {
+                let d = inst.accept(&t, &mut self.method, &mut self.payload);
+                drop(t);
+                if let Some(d) = d {
+                    return Ok(Some(Request {
+                        inst,
+                        method: &self.method,
+                        payload: &self.payload,
+                        delivery: Some(d),
+                    }));
+                }
+                continue;
+            }
+            if stopping() {
+                return Ok(None);
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => return Ok(None),
+                },
+                None => None,
+            };
+            let spin = *inst.spin.lock();
+            ring.wait(spin, left, stopping);
+        }
+    }
+}
+
+/// A request being handled. Reply with [`Request::reply`] or [`Request::reply_error`];
+/// dropping it unanswered sends the caller an error rather than leaving it waiting.
+pub struct Request<'r> {
+    inst: &'r InstanceInner,
+    method: &'r str,
+    payload: &'r [u8],
+    delivery: Option<Delivery>,
+}
+
+impl Request<'_> {
+    pub fn method(&self) -> &str {
+        self.method
+    }
+    pub fn payload(&self) -> &[u8] {
+        self.payload
+    }
+    pub fn trace_id(&self) -> u64 {
+        self.delivery.as_ref().map_or(0, |d| d.trace_id)
+    }
+    /// Hops the request has made so far (nested calls pass `hops + 1` on).
+    pub fn hops(&self) -> u8 {
+        self.delivery.as_ref().map_or(0, |d| d.hops)
+    }
+    /// Decodes a typed (bincode) payload; a failure is the caller's `BadRequest`.
+    pub fn decode<T: DeserializeOwned>(&self) -> std::result::Result<T, ServiceError> {
+        crate::codec::decode(self.payload)
+            .map_err(|e| ServiceError::bad_request(format!("undecodable {} request: {e}", self.method)))
+    }
+    pub fn reply(mut self, data: &[u8]) -> Result<()> {
+        let d = self.delivery.take().expect("replied once");
+        self.inst.send_reply(d, 0, data);
+        Ok(())
+    }
+    pub fn reply_typed<T: Serialize>(self, v: &T) -> Result<()> {
+        let body = crate::codec::encode(v).map_err(|e| Error::BadRequest(format!("reply could not be encoded: {e}")))?;
+        self.reply(&body)
+    }
+    pub fn reply_error(mut self, code: u16, message: &str) -> Result<()> {
+        let d = self.delivery.take().expect("replied once");
+        self.inst.send_reply(d, code.max(1) as u32, message.as_bytes());
+        Ok(())
+    }
+}
+
+impl Drop for Request<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = self.delivery.take() {
+            self.inst.send_reply(d, code::INTERNAL as u32, b"the instance dropped the request without replying");
+        }
+    }
+}

@@ -1,0 +1,852 @@
+//! The shared-memory layout: every `#[repr(C)]` type that lives in a segment, the
+//! offsets between them, and the checks made when a segment is opened. No other module
+//! computes an offset into shared memory.
+//!
+//! A bus has four kinds of segment, all memfds created by the broker and handed to peers
+//! over the control socket (`SCM_RIGHTS`):
+//!
+//! | segment  | one per          | mapped                                   |
+//! |----------|------------------|------------------------------------------|
+//! | registry | bus              | read-only by everyone (sealed), written by the broker |
+//! | shared   | bus              | read-write by every member: round-robin counters |
+//! | instance | instance         | read-write by its callers: header, counters, request ring, reply heap |
+//! | client   | connected process| read-write by it and the instances it calls: reply mailboxes, request heap |
+//!
+//! Every segment starts with a [`SegmentHeader`] (magic, layout version, kind, size, bus
+//! epoch, four sizing parameters). Opening a segment re-derives the whole layout from the
+//! parameters, checks it against the file size, and from then on uses only that local copy:
+//! a peer scribbling on a header later cannot move an offset.
+
+use std::io;
+use std::mem::{align_of, size_of};
+use std::os::fd::OwnedFd;
+use std::ptr;
+
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+
+/// Bumped whenever any type or offset in this module changes meaning.
+pub const LAYOUT_VERSION: u32 = 1;
+pub const PAGE: usize = 4096;
+
+/// Longest service name, instance id or resource id, in bytes.
+pub const MAX_NAME: usize = 128;
+const NAME_WORDS: usize = MAX_NAME / 8;
+/// Longest method name, in bytes.
+pub const MAX_METHOD: usize = 64;
+/// Instances one service can have at once.
+pub const MAX_MEMBERS: usize = 256;
+
+/// Inline payload capacity of a request slot unless the service asks otherwise (the seed's
+/// 1 KiB payload plus method fits with room to spare).
+pub const DEFAULT_SLOT_SIZE: u32 = 4096;
+pub const DEFAULT_SLOT_COUNT: u32 = 256;
+pub const MIN_SLOT_SIZE: u32 = 256;
+pub const MAX_SLOT_SIZE: u32 = 1 << 20;
+pub const MAX_SLOT_COUNT: u32 = 1 << 16;
+/// Default largest message (request or reply), and the bus-wide ceiling.
+pub const DEFAULT_MAX_MESSAGE: u64 = 16 << 20;
+pub const MAX_MAX_MESSAGE: u64 = 1 << 30;
+/// Inline reply capacity of a mailbox; larger replies go through the instance's heap.
+pub const MAILBOX_INLINE: u32 = 4096;
+pub const DEFAULT_MAILBOXES: u32 = 128;
+
+/// Payload placement, in [`MsgHeader::kind`] and [`MailboxHeader::reply_kind`].
+pub const PAYLOAD_INLINE: u8 = 0;
+pub const PAYLOAD_HEAP: u8 = 1;
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentKind {
+    Registry = 1,
+    Shared = 2,
+    Instance = 3,
+    Client = 4,
+}
+
+impl SegmentKind {
+    fn magic(self) -> u64 {
+        u64::from_le_bytes(match self {
+            SegmentKind::Registry => *b"AEGISREG",
+            SegmentKind::Shared => *b"AEGISSHR",
+            SegmentKind::Instance => *b"AEGISINS",
+            SegmentKind::Client => *b"AEGISCLI",
+        })
+    }
+}
+
+/// Types that may be viewed in shared memory.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]`, valid for every bit pattern (zero included), contain no
+/// pointers, and are mutated only through atomics or by a single documented writer while
+/// no one else can observe them.
+pub unsafe trait ShmSafe: Sized {}
+
+/// First 64 bytes of every segment. Written by the broker before the segment's descriptor
+/// leaves it; `magic` is written last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SegmentHeader {
+    pub magic: u64,
+    pub layout_version: u32,
+    pub kind: u32,
+    pub total_size: u64,
+    /// Random per broker run: a segment of a previous broker is never taken for a current one.
+    pub bus_epoch: u64,
+    /// Kind-specific sizing, decoded by that kind's layout type.
+    pub params: [u64; 4],
+}
+
+/// Why a segment could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{kind:?} segment: bad magic {found:#018x} (not an aegis-ipc segment)")]
+    BadMagic { kind: SegmentKind, found: u64 },
+    #[error("{kind:?} segment has layout version {found}, this library speaks {LAYOUT_VERSION}: rebuild the client against the broker's aegis-ipc version")]
+    Version { kind: SegmentKind, found: u32 },
+    #[error("segment is a {found} segment, expected {kind:?}")]
+    Kind { kind: SegmentKind, found: u32 },
+    #[error("{kind:?} segment: {what}")]
+    Invalid { kind: SegmentKind, what: String },
+    #[error("mapping segment: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// One mapping of a memfd. Raw pointer plus length; the mapping lives as long as this.
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+    _keep: MapKeep,
+}
+
+enum MapKeep {
+    Rw(#[allow(dead_code)] memmap2::MmapRaw),
+    Ro(#[allow(dead_code)] memmap2::Mmap),
+}
+
+// SAFETY: the mapping is plain shared memory; all concurrent access to it goes through
+// atomics or the single-writer protocols documented on each type.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    pub fn map(fd: &OwnedFd, writable: bool) -> io::Result<Mapping> {
+        let file = std::fs::File::from(fd.try_clone()?);
+        if writable {
+            let m = memmap2::MmapRaw::map_raw(&file)?;
+            Ok(Mapping {
+                ptr: m.as_mut_ptr(),
+                len: m.len(),
+                _keep: MapKeep::Rw(m),
+            })
+        } else {
+            // SAFETY: the file may change under us (that is the point of shared memory);
+            // we never form `&[u8]` over it, only atomics and volatile copies (see below).
+            let m = unsafe { memmap2::Mmap::map(&file)? };
+            Ok(Mapping {
+                ptr: m.as_ptr() as *mut u8,
+                len: m.len(),
+                _keep: MapKeep::Ro(m),
+            })
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A `T` at `off`. Offsets come from a validated layout, so a failure is a bug in this
+    /// module, not bad input: it panics rather than reading outside the mapping.
+    pub fn at<T: ShmSafe>(&self, off: usize) -> &T {
+        assert!(
+            off.checked_add(size_of::<T>()).is_some_and(|end| end <= self.len)
+                && off % align_of::<T>() == 0,
+            "layout bug: {} at {off} outside a {}-byte mapping",
+            std::any::type_name::<T>(),
+            self.len
+        );
+        // SAFETY: in bounds and aligned (checked above); T: ShmSafe is valid for any bits
+        // and only mutated through atomics, so a shared reference is sound.
+        unsafe { &*(self.ptr.add(off) as *const T) }
+    }
+
+    /// Raw pointer to `len` bytes at `off`, or `None` if that range is outside the mapping.
+    /// Used for payload bytes, whose offsets and lengths may come from untrusted peers.
+    pub fn range(&self, off: u64, len: u64) -> Option<*mut u8> {
+        let end = off.checked_add(len)?;
+        if end > self.len as u64 {
+            return None;
+        }
+        // SAFETY: off + len <= mapping length (checked above).
+        Some(unsafe { self.ptr.add(off as usize) })
+    }
+
+    fn header(&self) -> Option<SegmentHeader> {
+        if self.len < size_of::<SegmentHeader>() {
+            return None;
+        }
+        // SAFETY: the mapping holds at least a header; a volatile copy tolerates a peer
+        // writing concurrently (we validate the copy, never the live bytes).
+        Some(unsafe { ptr::read_volatile(self.ptr as *const SegmentHeader) })
+    }
+
+    /// Writes the header of a freshly created segment, magic last (broker only).
+    pub fn write_header(&self, kind: SegmentKind, total_size: u64, bus_epoch: u64, params: [u64; 4]) {
+        assert!(self.len as u64 >= total_size && total_size >= size_of::<SegmentHeader>() as u64);
+        let h = self.ptr as *mut SegmentHeader;
+        // SAFETY: in bounds (asserted); the segment is not yet shared with anyone, so plain
+        // writes race with no one. The fence orders the body before the magic word.
+        unsafe {
+            ptr::addr_of_mut!((*h).layout_version).write(LAYOUT_VERSION);
+            ptr::addr_of_mut!((*h).kind).write(kind as u32);
+            ptr::addr_of_mut!((*h).total_size).write(total_size);
+            ptr::addr_of_mut!((*h).bus_epoch).write(bus_epoch);
+            ptr::addr_of_mut!((*h).params).write(params);
+            std::sync::atomic::fence(Ordering::Release);
+            ptr::addr_of_mut!((*h).magic).write_volatile(kind.magic());
+        }
+    }
+
+    /// Maps `fd` and validates it as a segment of `kind`. `epoch`, when given, must match.
+    pub fn open(
+        fd: &OwnedFd,
+        kind: SegmentKind,
+        writable: bool,
+        epoch: Option<u64>,
+    ) -> Result<(Mapping, SegmentHeader), LayoutError> {
+        let map = Mapping::map(fd, writable)?;
+        let invalid = |what: String| LayoutError::Invalid { kind, what };
+        let h = map
+            .header()
+            .ok_or_else(|| invalid(format!("{} bytes is too small for a header", map.len)))?;
+        if h.magic != kind.magic() {
+            // A segment of another kind has another magic: report the kind if we know it.
+            return Err(LayoutError::BadMagic { kind, found: h.magic });
+        }
+        if h.layout_version != LAYOUT_VERSION {
+            return Err(LayoutError::Version { kind, found: h.layout_version });
+        }
+        if h.kind != kind as u32 {
+            return Err(LayoutError::Kind { kind, found: h.kind });
+        }
+        if h.total_size != map.len as u64 {
+            return Err(invalid(format!(
+                "header says {} bytes, file has {}",
+                h.total_size, map.len
+            )));
+        }
+        if let Some(e) = epoch {
+            if h.bus_epoch != e {
+                return Err(invalid("belongs to another broker run".into()));
+            }
+        }
+        Ok((map, h))
+    }
+}
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+// ---------------------------------------------------------------------------------------
+// Names stored as words so a seqlock reader copies them with atomic loads, never racing
+// plain reads against the broker's writes.
+
+#[repr(C)]
+pub struct NameWords {
+    len: AtomicU32,
+    _pad: u32,
+    words: [AtomicU64; NAME_WORDS],
+}
+
+impl NameWords {
+    /// Writer side (inside a seqlock write section).
+    pub fn store(&self, s: &str) {
+        let b = s.as_bytes();
+        assert!(b.len() <= MAX_NAME);
+        let mut buf = [0u8; MAX_NAME];
+        buf[..b.len()].copy_from_slice(b);
+        for (w, chunk) in self.words.iter().zip(buf.chunks_exact(8)) {
+            w.store(u64::from_le_bytes(chunk.try_into().unwrap()), Ordering::Relaxed);
+        }
+        self.len.store(b.len() as u32, Ordering::Relaxed);
+    }
+
+    /// Reader side: a copy that is only meaningful if the surrounding seqlock read validates.
+    pub fn load(&self) -> ([u8; MAX_NAME], usize) {
+        let mut buf = [0u8; MAX_NAME];
+        for (w, chunk) in self.words.iter().zip(buf.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        let len = (self.len.load(Ordering::Relaxed) as usize).min(MAX_NAME);
+        (buf, len)
+    }
+
+    pub fn eq_str(&self, s: &str) -> bool {
+        let (buf, len) = self.load();
+        &buf[..len] == s.as_bytes()
+    }
+}
+
+/// A seqlock word: odd while the broker is writing the entry.
+///
+/// SYNC POINT: `write_begin`/`write_end` (Release) pair with `read_begin` (Acquire) and
+/// `read_validate` (Acquire fence, then Relaxed re-load).
+#[repr(C)]
+pub struct SeqLock(AtomicU32);
+
+impl SeqLock {
+    pub fn write_begin(&self) -> u32 {
+        let s = self.0.load(Ordering::Relaxed);
+        self.0.store(s.wrapping_add(1), Ordering::Relaxed);
+        // Orders the odd value before the data stores that follow.
+        crate::sync::fence(Ordering::Release);
+        s
+    }
+    pub fn write_end(&self, s: u32) {
+        self.0.store(s.wrapping_add(2), Ordering::Release);
+    }
+    /// Returns the sequence to validate against, or `None` while a write is in progress.
+    pub fn read_begin(&self) -> Option<u32> {
+        let s = self.0.load(Ordering::Acquire);
+        (s & 1 == 0).then_some(s)
+    }
+    pub fn read_validate(&self, s: u32) -> bool {
+        // Orders the data loads before the re-check of the sequence.
+        crate::sync::fence(Ordering::Acquire);
+        self.0.load(Ordering::Relaxed) == s
+    }
+    /// Runs `f` until it reads a consistent snapshot (the writer holds the lock for a few
+    /// hundred nanoseconds at most, so this spins only briefly).
+    pub fn read<R>(&self, mut f: impl FnMut() -> R) -> R {
+        loop {
+            if let Some(s) = self.read_begin() {
+                let r = f();
+                if self.read_validate(s) {
+                    return r;
+                }
+            }
+            crate::sync::spin_hint();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Registry segment.
+
+/// Instance status as kept in the registry (the seed's `ServiceStatus`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Status {
+    Free = 0,
+    Online = 1,
+    Unhealthy = 2,
+    Offline = 3,
+}
+
+impl Status {
+    pub fn from_u32(v: u32) -> Status {
+        match v {
+            1 => Status::Online,
+            2 => Status::Unhealthy,
+            3 => Status::Offline,
+            _ => Status::Free,
+        }
+    }
+}
+
+#[repr(C, align(64))]
+pub struct RegistryControl {
+    /// Bumped (Release) after every registry change; a futex word for "anything changed".
+    pub generation: AtomicU32,
+}
+
+#[repr(C, align(64))]
+pub struct ServiceEntry {
+    pub seq: SeqLock,
+    /// Non-zero once the slot holds a service; services are never removed while the broker
+    /// runs, so a probe chain never breaks.
+    pub in_use: AtomicU32,
+    /// Bumped after every membership or health change of this service; futex word for watch.
+    pub generation: AtomicU32,
+    pub slot_size: AtomicU32,
+    pub slot_count: AtomicU32,
+    pub member_count: AtomicU32,
+    pub max_message: AtomicU64,
+    pub name: NameWords,
+    /// Registry indices of the instances, in registration order.
+    pub members: [AtomicU32; MAX_MEMBERS],
+}
+
+#[repr(C, align(64))]
+pub struct InstanceEntry {
+    pub seq: SeqLock,
+    pub status: AtomicU32,
+    pub service: AtomicU32,
+    pub pid: AtomicU32,
+    /// Unique per registration on this broker run (never 0 for a live entry): a stale
+    /// mapping or reply is told apart from the current incarnation by this.
+    pub incarnation: AtomicU64,
+    pub registered_at_ms: AtomicU64,
+    /// Mirrored by the broker from the instance's own counter.
+    pub requests_served: AtomicU64,
+    pub uid: AtomicU32,
+    pub _pad: u32,
+    pub id: NameWords,
+}
+
+// SAFETY: repr(C), atomics only, any bit pattern valid; written only by the broker.
+unsafe impl ShmSafe for RegistryControl {}
+// SAFETY: as above.
+unsafe impl ShmSafe for ServiceEntry {}
+// SAFETY: as above.
+unsafe impl ShmSafe for InstanceEntry {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegistryLayout {
+    pub max_services: u32,
+    pub max_instances: u32,
+}
+
+impl RegistryLayout {
+    const CONTROL: usize = size_of::<SegmentHeader>();
+    fn services_off(&self) -> usize {
+        round_up(Self::CONTROL + size_of::<RegistryControl>(), 64)
+    }
+    fn instances_off(&self) -> usize {
+        self.services_off() + self.max_services as usize * size_of::<ServiceEntry>()
+    }
+    pub fn total_size(&self) -> usize {
+        round_up(
+            self.instances_off() + self.max_instances as usize * size_of::<InstanceEntry>(),
+            PAGE,
+        )
+    }
+    pub fn params(&self) -> [u64; 4] {
+        [self.max_services as u64, self.max_instances as u64, 0, 0]
+    }
+    pub fn from_params(p: [u64; 4]) -> Result<Self, String> {
+        let (s, i) = (p[0], p[1]);
+        if s == 0 || !s.is_power_of_two() || s > 1 << 16 {
+            return Err(format!("max_services {s} is not a power of two in 1..=65536"));
+        }
+        if i == 0 || i > 1 << 20 {
+            return Err(format!("max_instances {i} is not in 1..=1048576"));
+        }
+        Ok(RegistryLayout {
+            max_services: s as u32,
+            max_instances: i as u32,
+        })
+    }
+}
+
+/// The registry as seen through one mapping (read-only in clients, writable in the broker).
+pub struct RegistryView {
+    pub map: Mapping,
+    pub layout: RegistryLayout,
+    pub epoch: u64,
+}
+
+impl RegistryView {
+    pub fn open(fd: &OwnedFd, writable: bool) -> Result<RegistryView, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Registry, writable, None)?;
+        let layout = RegistryLayout::from_params(h.params)
+            .map_err(|what| LayoutError::Invalid { kind: SegmentKind::Registry, what })?;
+        if layout.total_size() != map.len() {
+            return Err(LayoutError::Invalid {
+                kind: SegmentKind::Registry,
+                what: "size does not match its capacities".into(),
+            });
+        }
+        Ok(RegistryView { map, layout, epoch: h.bus_epoch })
+    }
+    pub fn control(&self) -> &RegistryControl {
+        self.map.at(RegistryLayout::CONTROL)
+    }
+    /// The service entry at `i`, or `None` when `i` is out of range.
+    pub fn service(&self, i: u32) -> Option<&ServiceEntry> {
+        (i < self.layout.max_services).then(|| {
+            self.map
+                .at(self.layout.services_off() + i as usize * size_of::<ServiceEntry>())
+        })
+    }
+    pub fn instance(&self, i: u32) -> Option<&InstanceEntry> {
+        (i < self.layout.max_instances).then(|| {
+            self.map
+                .at(self.layout.instances_off() + i as usize * size_of::<InstanceEntry>())
+        })
+    }
+}
+
+/// FNV-1a: the probe start of a service name in the registry's open-addressed table.
+pub fn name_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared (writable by all members) segment.
+
+#[repr(C, align(64))]
+pub struct RoundRobin {
+    pub next: AtomicU64,
+}
+// SAFETY: repr(C), one atomic.
+unsafe impl ShmSafe for RoundRobin {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedLayout {
+    pub max_services: u32,
+}
+
+impl SharedLayout {
+    const COUNTERS: usize = 64;
+    pub fn total_size(&self) -> usize {
+        round_up(
+            Self::COUNTERS + self.max_services as usize * size_of::<RoundRobin>(),
+            PAGE,
+        )
+    }
+    pub fn params(&self) -> [u64; 4] {
+        [self.max_services as u64, 0, 0, 0]
+    }
+}
+
+pub struct SharedView {
+    map: Mapping,
+    layout: SharedLayout,
+}
+
+impl SharedView {
+    pub fn open(fd: &OwnedFd, epoch: u64, max_services: u32) -> Result<SharedView, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Shared, true, Some(epoch))?;
+        let layout = SharedLayout { max_services };
+        if h.params != layout.params() || layout.total_size() != map.len() {
+            return Err(LayoutError::Invalid {
+                kind: SegmentKind::Shared,
+                what: "capacities differ from the registry's".into(),
+            });
+        }
+        Ok(SharedView { map, layout })
+    }
+    /// Round-robin counter of service `i` (`i` < max_services, else `None`).
+    pub fn round_robin(&self, i: u32) -> Option<&RoundRobin> {
+        (i < self.layout.max_services).then(|| {
+            self.map
+                .at(SharedLayout::COUNTERS + i as usize * size_of::<RoundRobin>())
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Instance segment: counters, the request ring, the reply heap.
+
+/// Written by the instance, read by the broker (liveness, admin view).
+#[repr(C, align(64))]
+pub struct InstanceCounters {
+    pub requests_served: AtomicU64,
+    /// Advanced by the serving loop itself (progress, not a timer): hang detection.
+    pub progress: AtomicU64,
+}
+
+/// Ring positions. Producer and consumer words sit on separate 128-byte lines (adjacent
+/// line prefetch makes 64 too few on x86).
+#[repr(C, align(128))]
+pub struct RingIndices {
+    /// Next position a producer will claim (Vyukov's `enqueue_pos`).
+    pub enqueue_pos: AtomicU64,
+    _p0: [u8; 120],
+    /// Next position a consumer will take.
+    pub dequeue_pos: AtomicU64,
+    _p1: [u8; 120],
+    /// Futex word consumers sleep on; bumped by a producer that saw `sleepers > 0`.
+    pub wake: AtomicU32,
+    /// Consumers asleep or about to sleep on `wake`.
+    pub sleepers: AtomicU32,
+    _p2: [u8; 120],
+}
+
+/// Control words at the start of every ring slot.
+#[repr(C)]
+pub struct SlotCtl {
+    /// Vyukov sequence: `pos` = free for the producer of lap `pos`, `pos + 1` = published
+    /// for the consumer at `pos`, `pos + slot_count` = free for the next lap.
+    pub seq: AtomicU64,
+    /// Pid of the producer that claimed the slot, written right after the claim, so a
+    /// slot claimed by a producer that died before publishing can be recognised and skipped.
+    pub claimer_pid: AtomicU32,
+    pub _pad: u32,
+}
+
+/// Request metadata written by the producer between claim and publish (plain memory,
+/// owned by the producer until it publishes; copied and validated by the consumer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MsgHeader {
+    pub client_index: u32,
+    pub client_gen: u32,
+    pub mailbox: u32,
+    pub mailbox_gen: u32,
+    pub trace_id: u64,
+    pub payload_len: u64,
+    /// Offset in the caller's client segment when `kind == PAYLOAD_HEAP`.
+    pub heap_off: u64,
+    pub method_len: u16,
+    pub hops: u8,
+    pub kind: u8,
+    pub _pad: u32,
+}
+
+#[repr(C, align(64))]
+pub struct SlotHeader {
+    pub ctl: SlotCtl,
+    pub msg: MsgHeader,
+}
+
+// SAFETY: repr(C), atomics and plain integers only.
+unsafe impl ShmSafe for InstanceCounters {}
+// SAFETY: as above.
+unsafe impl ShmSafe for RingIndices {}
+// SAFETY: `msg` is plain data written only by the producer that owns the slot (between
+// claim and publish) and read by consumers only after an Acquire of `ctl.seq`.
+unsafe impl ShmSafe for SlotHeader {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceLayout {
+    /// Inline bytes per slot (method name + payload).
+    pub slot_size: u32,
+    pub slot_count: u32,
+    pub heap_size: u64,
+}
+
+impl InstanceLayout {
+    const COUNTERS: usize = 64;
+    const RING: usize = 128;
+    fn slots_off(&self) -> usize {
+        Self::RING + size_of::<RingIndices>()
+    }
+    pub fn slot_stride(&self) -> usize {
+        size_of::<SlotHeader>() + self.slot_size as usize
+    }
+    pub fn heap_off(&self) -> usize {
+        round_up(
+            self.slots_off() + self.slot_count as usize * self.slot_stride(),
+            PAGE,
+        )
+    }
+    pub fn total_size(&self) -> usize {
+        self.heap_off() + round_up(self.heap_size as usize, PAGE)
+    }
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&self.slot_size) || self.slot_size % 64 != 0 {
+            return Err(format!(
+                "slot size {} is not a multiple of 64 in {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE}",
+                self.slot_size
+            ));
+        }
+        if !self.slot_count.is_power_of_two() || !(2..=MAX_SLOT_COUNT).contains(&self.slot_count) {
+            return Err(format!(
+                "slot count {} is not a power of two in 2..={MAX_SLOT_COUNT}",
+                self.slot_count
+            ));
+        }
+        if self.heap_size > 2 * MAX_MAX_MESSAGE {
+            return Err(format!("heap size {} is over {}", self.heap_size, 2 * MAX_MAX_MESSAGE));
+        }
+        Ok(())
+    }
+    pub fn params(&self, index: u32, incarnation: u64) -> [u64; 4] {
+        [
+            self.slot_size as u64 | (self.slot_count as u64) << 32,
+            self.heap_size,
+            incarnation,
+            index as u64,
+        ]
+    }
+}
+
+/// One instance's segment as mapped by its owner or a caller.
+pub struct InstanceSeg {
+    pub map: Mapping,
+    pub layout: InstanceLayout,
+    pub index: u32,
+    pub incarnation: u64,
+}
+
+impl InstanceSeg {
+    /// Opens an instance segment and checks it is the one the registry names.
+    pub fn open(
+        fd: &OwnedFd,
+        epoch: u64,
+        index: u32,
+        incarnation: u64,
+    ) -> Result<InstanceSeg, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Instance, true, Some(epoch))?;
+        let p = h.params;
+        let layout = InstanceLayout {
+            slot_size: p[0] as u32,
+            slot_count: (p[0] >> 32) as u32,
+            heap_size: p[1],
+        };
+        let invalid = |what: String| LayoutError::Invalid { kind: SegmentKind::Instance, what };
+        layout.validate().map_err(invalid)?;
+        if p[2] != incarnation || p[3] != index as u64 {
+            return Err(invalid(format!(
+                "is instance {}/{} , expected {index}/{incarnation}",
+                p[3], p[2]
+            )));
+        }
+        if layout.total_size() != map.len() {
+            return Err(invalid("size does not match its parameters".into()));
+        }
+        Ok(InstanceSeg { map, layout, index, incarnation })
+    }
+    pub fn counters(&self) -> &InstanceCounters {
+        self.map.at(InstanceLayout::COUNTERS)
+    }
+    pub fn ring_indices(&self) -> &RingIndices {
+        self.map.at(InstanceLayout::RING)
+    }
+    /// Base pointer of slot 0; slot `i` is at `i * slot_stride()`.
+    pub fn slots_base(&self) -> *mut u8 {
+        let len = self.layout.slot_count as u64 * self.layout.slot_stride() as u64;
+        self.map
+            .range(self.layout.slots_off() as u64, len)
+            .expect("validated layout")
+    }
+    /// `len` bytes at `off` inside the heap, or `None` when out of the heap's bounds.
+    pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
+        if off.checked_add(len)? > self.layout.heap_size {
+            return None;
+        }
+        self.map.range(self.layout.heap_off() as u64 + off, len)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Client segment: reply mailboxes and the request heap.
+
+/// Mailbox state word: `generation << 8 | waiter << 4 | phase`.
+///
+/// SYNC POINT: the instance publishes a reply with a Release swap to `READY`; the caller
+/// reads the reply after an Acquire load that sees `READY`.
+#[repr(C, align(64))]
+pub struct MailboxHeader {
+    pub state: AtomicU32,
+    /// 0 on success, else an error code (see `error::Code`).
+    pub status: AtomicU32,
+    /// Registry index of the instance that took the request.
+    pub instance: AtomicU32,
+    pub reply_kind: AtomicU32,
+    pub reply_len: AtomicU64,
+    /// Offset in the instance's heap when `reply_kind == PAYLOAD_HEAP`.
+    pub heap_off: AtomicU64,
+    pub incarnation: AtomicU64,
+}
+// SAFETY: repr(C), atomics only.
+unsafe impl ShmSafe for MailboxHeader {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLayout {
+    pub mailboxes: u32,
+    pub mailbox_inline: u32,
+    pub heap_size: u64,
+}
+
+impl ClientLayout {
+    const MAILBOXES: usize = 128;
+    pub fn mailbox_stride(&self) -> usize {
+        size_of::<MailboxHeader>() + self.mailbox_inline as usize
+    }
+    pub fn heap_off(&self) -> usize {
+        round_up(
+            Self::MAILBOXES + self.mailboxes as usize * self.mailbox_stride(),
+            PAGE,
+        )
+    }
+    pub fn total_size(&self) -> usize {
+        self.heap_off() + round_up(self.heap_size as usize, PAGE)
+    }
+    pub fn params(&self, index: u32, gen: u32) -> [u64; 4] {
+        [
+            self.mailboxes as u64,
+            self.mailbox_inline as u64,
+            self.heap_size,
+            index as u64 | (gen as u64) << 32,
+        ]
+    }
+}
+
+pub struct ClientSeg {
+    pub map: Mapping,
+    pub layout: ClientLayout,
+    pub index: u32,
+    pub gen: u32,
+}
+
+impl ClientSeg {
+    pub fn open(fd: &OwnedFd, epoch: u64, index: u32, gen: u32) -> Result<ClientSeg, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Client, true, Some(epoch))?;
+        let p = h.params;
+        let invalid = |what: String| LayoutError::Invalid { kind: SegmentKind::Client, what };
+        if p[0] == 0 || p[0] > 1 << 16 || p[1] % 64 != 0 || p[1] > MAX_SLOT_SIZE as u64 {
+            return Err(invalid(format!("bad mailbox parameters {p:?}")));
+        }
+        if p[2] > 2 * MAX_MAX_MESSAGE {
+            return Err(invalid(format!("heap size {} too large", p[2])));
+        }
+        let layout = ClientLayout {
+            mailboxes: p[0] as u32,
+            mailbox_inline: p[1] as u32,
+            heap_size: p[2],
+        };
+        if p[3] != (index as u64 | (gen as u64) << 32) {
+            return Err(invalid(format!("is client {}, expected {index}/{gen}", p[3])));
+        }
+        if layout.total_size() != map.len() {
+            return Err(invalid("size does not match its parameters".into()));
+        }
+        Ok(ClientSeg { map, layout, index, gen })
+    }
+    /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
+    pub fn mailbox(&self, i: u32) -> Option<(&MailboxHeader, *mut u8)> {
+        if i >= self.layout.mailboxes {
+            return None;
+        }
+        let off = ClientLayout::MAILBOXES + i as usize * self.layout.mailbox_stride();
+        let data = self
+            .map
+            .range((off + size_of::<MailboxHeader>()) as u64, self.layout.mailbox_inline as u64)?;
+        Some((self.map.at(off), data))
+    }
+    pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
+        if off.checked_add(len)? > self.layout.heap_size {
+            return None;
+        }
+        self.map.range(self.layout.heap_off() as u64 + off, len)
+    }
+}
+
+#[cfg(not(loom))]
+const _: () = {
+    assert!(size_of::<SegmentHeader>() == 64);
+    assert!(size_of::<RegistryControl>() == 64);
+    assert!(size_of::<NameWords>() == 8 + MAX_NAME);
+    assert!(size_of::<ServiceEntry>() == 1216 && align_of::<ServiceEntry>() == 64);
+    assert!(size_of::<InstanceEntry>() == 192 && align_of::<InstanceEntry>() == 64);
+    assert!(size_of::<RoundRobin>() == 64);
+    assert!(size_of::<InstanceCounters>() == 64);
+    assert!(size_of::<RingIndices>() == 384 && align_of::<RingIndices>() == 128);
+    assert!(size_of::<SlotCtl>() == 16);
+    assert!(size_of::<MsgHeader>() == 48);
+    assert!(size_of::<SlotHeader>() == 64 && align_of::<SlotHeader>() == 64);
+    assert!(size_of::<MailboxHeader>() == 64);
+    assert!(InstanceLayout::RING % 128 == 0 && SharedLayout::COUNTERS % 64 == 0);
+    assert!(ClientLayout::MAILBOXES % 64 == 0 && MAILBOX_INLINE % 64 == 0);
+};

@@ -1,0 +1,39 @@
+//! # aegis-client
+//!
+//! Everything a process needs to join an aegis-ipc bus: call services by name over shared
+//! memory, or serve as an instance of one.
+//!
+//! ```no_run
+//! use aegis_client::{Bus, CallOptions};
+//! let bus = Bus::connect()?;                       // finds the broker via AEGIS_IPC_DIR, …
+//! let inst = bus.register("echo", "echo-1", &[])?; // serve: usually in another process
+//! std::thread::spawn(move || inst.serve(|req, out| { out.extend_from_slice(req.payload()); Ok(()) }));
+//! let reply = bus.call("echo", "ping", b"hello", &CallOptions::default())?;
+//! assert_eq!(reply.payload, b"hello");
+//! # Ok::<(), aegis_client::Error>(())
+//! ```
+//!
+//! Layers, bottom up: [`sys`] (futex, memfd), [`layout`] (the shared-memory types and
+//! offsets), [`ring`] and [`mailbox`] (the lock-free core), [`proto`] (control socket),
+//! then the API: [`Bus`] and [`Instance`].
+
+pub mod bus;
+pub mod codec;
+mod control;
+pub mod dirs;
+pub mod error;
+pub mod heap;
+pub mod instance;
+pub mod layout;
+pub mod mailbox;
+pub mod names;
+pub mod proto;
+pub mod ring;
+mod sync;
+pub mod sys;
+
+pub use bus::{Bus, BusOptions, CallInfo, CallOptions, Reply};
+pub use error::{Attempt, Error, Result, ServiceError};
+pub use instance::{Instance, Receiver, RegisterOptions, Request, StopHandle};
+pub use layout::Status;
+pub use proto::{InstanceInfo, ServiceConfig, ServiceInfo};

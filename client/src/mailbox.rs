@@ -1,0 +1,224 @@
+//! One-shot reply mailboxes: the state machine shared by a caller and an instance.
+//!
+//! State word ([`MailboxHeader::state`]): `generation << 8 | waiter << 4 | phase`.
+//!
+//! ```text
+//!  caller: arm            instance: take           instance: complete
+//!  FREE ──────▶ PENDING ───────────────▶ TAKEN ───────────────────▶ READY ──▶ (caller copies, FREE)
+//!                  │ caller: cancel (deadline passed before the instance took it)
+//!                  └──────▶ CANCELLED  (instance's take fails: the request is never run)
+//! ```
+//!
+//! A reply is written only by the instance that moved the mailbox to `TAKEN` for *this*
+//! generation, so a reply arriving after its call timed out lands in a mailbox whose
+//! generation has moved on and is dropped, never handed to a later call. A caller whose
+//! cancel finds `TAKEN` quarantines the mailbox until the instance finishes.
+//!
+//! SYNC POINT: the instance's Release swap to `READY` in [`complete`] pairs with the
+//! caller's Acquire load in [`wait_ready`]; the caller's Release store of `FREE` in
+//! [`release`] pairs with the instance's Acquire load in [`still_unread`] before it reuses
+//! a heap block that carried the reply.
+
+use std::time::{Duration, Instant};
+
+use crate::layout::MailboxHeader;
+use crate::sync::{spin_hint, AtomicU32, Ordering};
+use crate::sys;
+
+pub const FREE: u32 = 0;
+pub const PENDING: u32 = 1;
+pub const TAKEN: u32 = 2;
+pub const READY: u32 = 3;
+pub const CANCELLED: u32 = 4;
+const PHASE: u32 = 0xf;
+pub const WAITER: u32 = 1 << 4;
+/// Generations are 24 bits; they only need to differ between consecutive uses.
+pub const GEN_MASK: u32 = 0x00ff_ffff;
+
+pub fn pack(gen: u32, phase: u32) -> u32 {
+    (gen & GEN_MASK) << 8 | phase
+}
+pub fn phase(s: u32) -> u32 {
+    s & PHASE
+}
+pub fn gen_of(s: u32) -> u32 {
+    s >> 8
+}
+
+/// Caller: arms the mailbox for generation `gen` before publishing the request. Relaxed:
+/// the request's publication (Release on the ring slot) carries it to the instance.
+pub fn arm(mb: &MailboxHeader, gen: u32) {
+    mb.state.store(pack(gen, PENDING), Ordering::Relaxed);
+}
+
+/// Instance: claims the right to reply. Fails if the caller cancelled or the mailbox has
+/// moved to another generation (then the request must not be run).
+pub fn take(mb: &MailboxHeader, gen: u32) -> bool {
+    let mut s = mb.state.load(Ordering::Relaxed);
+    loop {
+        if s & !WAITER != pack(gen, PENDING) {
+            return false;
+        }
+        // Relaxed: exclusivity comes from the RMW order on this one word; the request data
+        // was already acquired through the ring slot.
+        match mb.state.compare_exchange_weak(
+            s,
+            pack(gen, TAKEN) | (s & WAITER),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return true,
+            Err(now) => s = now,
+        }
+    }
+}
+
+/// Instance: publishes the reply (written before this call) and wakes the caller if it
+/// sleeps. Returns false if the state was not ours (a misbehaving caller changed it).
+pub fn complete(mb: &MailboxHeader, gen: u32) -> bool {
+    let prev = mb.state.swap(pack(gen, READY), Ordering::Release);
+    if prev & WAITER != 0 {
+        let _ = sys::futex_wake(&mb.state, 1);
+    }
+    prev & !WAITER == pack(gen, TAKEN)
+}
+
+/// Outcome of a caller's wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    Ready,
+    TimedOut,
+}
+
+/// Caller: waits for `READY` of generation `gen`: spins for `spin`, then sleeps on the
+/// state word (setting the waiter bit so the instance knows to wake it).
+pub fn wait_ready(mb: &MailboxHeader, gen: u32, spin: Duration, deadline: Instant) -> Wait {
+    let ready = pack(gen, READY);
+    let start = Instant::now();
+    let mut i = 0u32;
+    loop {
+        let s = mb.state.load(Ordering::Acquire);
+        if s == ready {
+            return Wait::Ready;
+        }
+        i = i.wrapping_add(1);
+        if i % 64 != 0 {
+            spin_hint();
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Wait::TimedOut;
+        }
+        if now.duration_since(start) < spin {
+            spin_hint();
+            continue;
+        }
+        let p = phase(s);
+        if gen_of(s) != gen & GEN_MASK || (p != PENDING && p != TAKEN) {
+            // Someone else's value (misbehaving peer): keep polling until the deadline.
+            std::thread::yield_now();
+            continue;
+        }
+        let armed = s | WAITER;
+        if s & WAITER == 0
+            && mb
+                .state
+                .compare_exchange(s, armed, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            continue;
+        }
+        let _ = sys::futex_wait(&mb.state, armed, Some(deadline - now));
+    }
+}
+
+/// What a caller whose deadline passed may do with its mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// Cancelled before the instance took it: the request will never run; reuse at once.
+    Cancelled,
+    /// The reply arrived after all: read it.
+    Ready,
+    /// The instance is running it: quarantine the mailbox until it completes.
+    InProgress,
+}
+
+pub fn cancel(mb: &MailboxHeader, gen: u32) -> Cancel {
+    let mut s = mb.state.load(Ordering::Acquire);
+    loop {
+        if s == pack(gen, READY) {
+            return Cancel::Ready;
+        }
+        if s & !WAITER != pack(gen, PENDING) {
+            return Cancel::InProgress;
+        }
+        match mb.state.compare_exchange(s, pack(gen, CANCELLED), Ordering::Acquire, Ordering::Acquire) {
+            Ok(_) => return Cancel::Cancelled,
+            Err(now) => s = now,
+        }
+    }
+}
+
+/// Caller: whether a quarantined mailbox has finished (reply written, may be recycled).
+pub fn is_ready(mb: &MailboxHeader, gen: u32) -> bool {
+    mb.state.load(Ordering::Acquire) == pack(gen, READY)
+}
+
+/// Caller: done reading the reply of `gen`; the instance may reuse the reply's heap block.
+pub fn release(mb: &MailboxHeader, gen: u32) {
+    mb.state.store(pack(gen, FREE), Ordering::Release);
+}
+
+/// Instance: whether the caller still has to read the reply of `gen`.
+pub fn still_unread(state: &AtomicU32, gen: u32) -> bool {
+    state.load(Ordering::Acquire) == pack(gen, READY)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn mb() -> Box<MailboxHeader> {
+        // SAFETY: all-atomic struct; zero is FREE of generation 0.
+        unsafe { Box::new(std::mem::zeroed()) }
+    }
+
+    #[test]
+    fn late_reply_after_cancel_is_refused() {
+        let m = mb();
+        arm(&m, 1);
+        assert_eq!(cancel(&m, 1), Cancel::Cancelled);
+        assert!(!take(&m, 1), "a cancelled request must not run");
+        arm(&m, 2);
+        assert!(!take(&m, 1), "a stale generation must not take the next call's mailbox");
+        assert!(take(&m, 2));
+    }
+
+    #[test]
+    fn cancel_while_taken_reports_in_progress_then_ready() {
+        let m = mb();
+        arm(&m, 5);
+        assert!(take(&m, 5));
+        assert_eq!(cancel(&m, 5), Cancel::InProgress);
+        assert!(complete(&m, 5));
+        assert!(is_ready(&m, 5));
+        assert_eq!(cancel(&m, 5), Cancel::Ready);
+    }
+
+    #[test]
+    fn sleeping_caller_is_woken_by_reply() {
+        let m: &'static MailboxHeader = Box::leak(mb());
+        arm(m, 9);
+        let t = std::thread::spawn(move || {
+            wait_ready(m, 9, Duration::ZERO, Instant::now() + Duration::from_secs(10))
+        });
+        // Wait until the caller has announced that it sleeps, then reply.
+        while m.state.load(Ordering::Relaxed) & WAITER == 0 {
+            std::thread::yield_now();
+        }
+        assert!(take(m, 9));
+        assert!(complete(m, 9));
+        assert_eq!(t.join().unwrap(), Wait::Ready);
+    }
+}

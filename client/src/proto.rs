@@ -1,0 +1,184 @@
+//! The control protocol between clients and the broker: request/response messages, the
+//! codec (bincode 2, kept behind [`encode`]/[`decode`] so it can be swapped), and framing
+//! over a Unix stream socket with file descriptors passed as `SCM_RIGHTS`.
+//!
+//! Frame: `u32` little-endian length, then the encoded message. Descriptors travel with
+//! the first byte of a frame (one `sendmsg`), so a reader that reads the 4-byte length with
+//! `recvmsg` receives them.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::WireError;
+use crate::layout::Status;
+
+/// Bumped when a message changes shape; checked in `Hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAX_FRAME: usize = 1 << 20;
+pub const MAX_FDS: usize = 4;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    /// Inline bytes per request slot (multiple of 64). `None`: the service's current or the
+    /// broker's default.
+    pub slot_size: Option<u32>,
+    /// Slots per instance ring (power of two).
+    pub slot_count: Option<u32>,
+    /// Largest request or reply, in bytes.
+    pub max_message: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    Hello { protocol: u32, layout: u32, mailboxes: u32 },
+    Register {
+        service: String,
+        instance_id: String,
+        metadata: Vec<(String, String)>,
+        config: ServiceConfig,
+    },
+    Unregister { instance: u32, incarnation: u64 },
+    OpenInstance { instance: u32, incarnation: u64 },
+    OpenClient { client: u32, gen: u32 },
+    ListServices,
+    DescribeService { name: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    /// With three descriptors: registry, shared segment, this client's segment.
+    Welcome {
+        bus_epoch: u64,
+        client: u32,
+        gen: u32,
+        max_services: u32,
+        broker_pid: u32,
+    },
+    /// With one descriptor: the instance segment.
+    Registered {
+        instance: u32,
+        incarnation: u64,
+        slot_size: u32,
+        slot_count: u32,
+        max_message: u64,
+    },
+    /// With one descriptor: the segment asked for.
+    Opened,
+    Done,
+    Services(Vec<ServiceInfo>),
+    Service(ServiceInfo),
+    Error(WireError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub index: u32,
+    pub id: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub status: Status,
+    pub requests_served: u64,
+    /// Requests waiting in its ring when the broker looked.
+    pub queued: u64,
+    pub registered_at_ms: u64,
+    pub metadata: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub slot_size: u32,
+    pub slot_count: u32,
+    pub max_message: u64,
+    pub instances: Vec<InstanceInfo>,
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+pub fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(v, bincode_config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+}
+
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
+    let (v, used) = bincode::serde::decode_from_slice(b, bincode_config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    if used != b.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "trailing bytes in frame"));
+    }
+    Ok(v)
+}
+
+/// Encodes a frame (length prefix + message).
+pub fn frame<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    let body = encode(v)?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Checks a frame length read off the socket.
+pub fn frame_len(header: [u8; 4]) -> io::Result<usize> {
+    let n = u32::from_le_bytes(header) as usize;
+    if n > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {n} bytes is over the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    Ok(n)
+}
+
+/// One `sendmsg` of `buf` with `fds` attached; returns the bytes sent.
+pub fn send_with_fds(sock: BorrowedFd<'_>, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cm: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
+    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(buf)], cm, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)
+}
+
+/// One `recvmsg` into `buf`; received descriptors are appended to `fds`. Returns the bytes
+/// read (0 at end of stream).
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(io::Error::from)?;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(rs) = c {
+            for r in rs {
+                // SAFETY: the kernel just installed this descriptor in our table for us;
+                // nobody else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "too many descriptors in one frame"));
+    }
+    Ok(msg.bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversize_is_refused() {
+        let f = frame(&Request::DescribeService { name: "echo".into() }).unwrap();
+        let n = frame_len(f[..4].try_into().unwrap()).unwrap();
+        match decode::<Request>(&f[4..4 + n]).unwrap() {
+            Request::DescribeService { name } => assert_eq!(name, "echo"),
+            other => panic!("{other:?}"),
+        }
+        assert!(frame_len(((MAX_FRAME + 1) as u32).to_le_bytes()).is_err());
+        assert!(decode::<Request>(&[0xff, 0xff, 0xff]).is_err());
+    }
+}

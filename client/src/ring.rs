@@ -1,0 +1,431 @@
+//! The per-instance request ring: Dmitry Vyukov's bounded MPMC queue, laid out in shared
+//! memory, with two changes for processes that may die at any instruction.
+//!
+//! * Each slot records the pid of the producer that claimed it ([`SlotCtl::claimer_pid`]),
+//!   so a slot claimed by a producer that died before publishing can be recognised.
+//! * Publishing is a compare-and-swap `pos -> pos + 1` on the slot's sequence rather than a
+//!   plain store: if a consumer ever skips an abandoned slot (it moves the sequence on), a
+//!   producer that was merely slow learns that its message was dropped instead of
+//!   corrupting the next lap.
+//!
+//! Sleeping follows the usual futex protocol: a consumer that found the ring empty
+//! increments `sleepers`, re-checks, and waits on `wake`; a producer makes a syscall only
+//! when it sees `sleepers > 0` after publishing.
+//!
+//! SYNC POINT (slots): a producer's Release CAS of `seq` to `pos + 1` pairs with the
+//! consumer's Acquire load of `seq` in [`RingRef::try_pop`]; the consumer's Release store of
+//! `pos + count` pairs with the producer's Acquire load in [`RingRef::try_claim`].
+//! SYNC POINT (sleep): the SeqCst fence after publishing in [`RingRef::notify`] pairs with
+//! the SeqCst fence after `sleepers += 1` in [`RingRef::wait`] (Dekker: one of the two
+//! sides sees the other's write).
+
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use crate::layout::{MsgHeader, RingIndices, SlotHeader};
+use crate::sync::{fence, spin_hint, Ordering};
+use crate::sys;
+
+/// A ring seen through one process's mapping.
+#[derive(Clone, Copy)]
+pub struct RingRef<'a> {
+    idx: &'a RingIndices,
+    base: *mut u8,
+    stride: usize,
+    count: u32,
+    data_len: usize,
+    _life: PhantomData<&'a [u8]>,
+}
+
+/// The ring is full (the caller decides whether to wait).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+/// A consumer moved past this slot before it was published: the message was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Skipped;
+
+impl<'a> RingRef<'a> {
+    /// # Safety
+    /// `base` points to `count` slots of `stride` bytes, each starting with a [`SlotHeader`]
+    /// followed by `stride - size_of::<SlotHeader>()` data bytes, valid for `'a`; `count`
+    /// is a power of two.
+    pub unsafe fn new(idx: &'a RingIndices, base: *mut u8, stride: usize, count: u32) -> Self {
+        debug_assert!(count.is_power_of_two());
+        RingRef {
+            idx,
+            base,
+            stride,
+            count,
+            data_len: stride - std::mem::size_of::<SlotHeader>(),
+            _life: PhantomData,
+        }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.count
+    }
+
+    /// Inline data bytes per slot.
+    pub fn data_len(&self) -> usize {
+        self.data_len
+    }
+
+    fn slot(&self, pos: u64) -> &'a SlotHeader {
+        let i = (pos & (self.count as u64 - 1)) as usize;
+        // SAFETY: i < count, so the slot lies inside the region promised to `new`; slots are
+        // 64-byte aligned because the stride and the base are.
+        unsafe { &*(self.base.add(i * self.stride) as *const SlotHeader) }
+    }
+
+    fn data_ptr(&self, pos: u64) -> *mut u8 {
+        let i = (pos & (self.count as u64 - 1)) as usize;
+        // SAFETY: as in `slot`; the data area follows the header inside the same stride.
+        unsafe { self.base.add(i * self.stride + std::mem::size_of::<SlotHeader>()) }
+    }
+
+    /// Claims the next free slot for writing. The claim must be published (or dropped,
+    /// which publishes it as an aborted message) promptly: consumers wait for it in order.
+    pub fn try_claim(&self, pid: u32) -> Result<Claim<'a>, Full> {
+        let mut pos = self.idx.enqueue_pos.load(Ordering::Relaxed);
+        loop {
+            let seq = self.slot(pos).ctl.seq.load(Ordering::Acquire);
+            let diff = seq.wrapping_sub(pos) as i64;
+            if diff == 0 {
+                match self.idx.enqueue_pos.compare_exchange_weak(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        self.slot(pos).ctl.claimer_pid.store(pid, Ordering::Relaxed);
+                        return Ok(Claim { ring: *self, pos, done: false });
+                    }
+                    Err(p) => pos = p,
+                }
+            } else if diff < 0 {
+                return Err(Full);
+            } else {
+                pos = self.idx.enqueue_pos.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes the next published message, if any.
+    pub fn try_pop(&self) -> Option<Taken<'a>> {
+        let mut pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
+        loop {
+            let seq = self.slot(pos).ctl.seq.load(Ordering::Acquire);
+            let diff = seq.wrapping_sub(pos.wrapping_add(1)) as i64;
+            if diff == 0 {
+                match self.idx.dequeue_pos.compare_exchange_weak(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return Some(Taken { ring: *self, pos }),
+                    Err(p) => pos = p,
+                }
+            } else if diff < 0 {
+                return None;
+            } else {
+                pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether the slot at the consumer position is published (cheap emptiness probe).
+    pub fn has_message(&self) -> bool {
+        let pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
+        self.slot(pos).ctl.seq.load(Ordering::Acquire) == pos.wrapping_add(1)
+    }
+
+    /// Messages claimed but not yet taken (approximate while producers/consumers run).
+    pub fn len(&self) -> u64 {
+        let e = self.idx.enqueue_pos.load(Ordering::Relaxed);
+        let d = self.idx.dequeue_pos.load(Ordering::Relaxed);
+        e.wrapping_sub(d).min(self.count as u64)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Wakes one sleeping consumer if any said it sleeps. Call after publishing.
+    pub fn notify(&self) {
+        // Dekker with `wait`: our publish, then this fence, then the load of `sleepers`.
+        fence(Ordering::SeqCst);
+        if self.idx.sleepers.load(Ordering::Relaxed) > 0 {
+            self.idx.wake.fetch_add(1, Ordering::Relaxed);
+            let _ = sys::futex_wake(&self.idx.wake, 1);
+        }
+    }
+
+    /// Wakes every sleeping consumer (shutdown).
+    pub fn wake_all(&self) {
+        self.idx.wake.fetch_add(1, Ordering::Release);
+        let _ = sys::futex_wake(&self.idx.wake, u32::MAX);
+    }
+
+    /// Waits until a message may be available, `stop()` says so, or `timeout` passes:
+    /// spins for `spin`, then sleeps on the futex. Returns whether a message is visible.
+    pub fn wait(&self, spin: Duration, timeout: Option<Duration>, stop: impl Fn() -> bool) -> bool {
+        let start = Instant::now();
+        let mut i = 0u32;
+        while !spin.is_zero() {
+            if self.has_message() {
+                return true;
+            }
+            if stop() {
+                return false;
+            }
+            spin_hint();
+            i = i.wrapping_add(1);
+            if i % 64 == 0 && start.elapsed() >= spin {
+                break;
+            }
+        }
+        let deadline = timeout.map(|t| start + t);
+        loop {
+            let w = self.idx.wake.load(Ordering::Acquire);
+            self.idx.sleepers.fetch_add(1, Ordering::Relaxed);
+            // Dekker with `notify`: sleepers += 1, this fence, then the emptiness re-check.
+            fence(Ordering::SeqCst);
+            if self.has_message() || stop() {
+                self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
+                return self.has_message();
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => {
+                        self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
+                        return false;
+                    }
+                },
+                None => None,
+            };
+            let _ = sys::futex_wait(&self.idx.wake, w, left);
+            self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
+            if self.has_message() {
+                return true;
+            }
+            if stop() {
+                return false;
+            }
+        }
+    }
+}
+
+/// A claimed slot: the producer owns its header and data until it publishes.
+pub struct Claim<'a> {
+    ring: RingRef<'a>,
+    pos: u64,
+    done: bool,
+}
+
+/// Marks an aborted claim: consumers release the slot without delivering it.
+pub const KIND_ABORTED: u8 = 0xff;
+
+impl<'a> Claim<'a> {
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+    /// Writes the message header (the producer owns the slot, so no one reads it yet).
+    pub fn set_header(&mut self, h: MsgHeader) {
+        let slot = self.ring.slot(self.pos) as *const SlotHeader as *mut SlotHeader;
+        // SAFETY: between claim and publish this producer is the slot's only writer, and
+        // consumers read `msg` only after acquiring the published sequence.
+        unsafe { std::ptr::addr_of_mut!((*slot).msg).write(h) };
+    }
+    /// The slot's inline data area.
+    pub fn data(&mut self) -> &mut [u8] {
+        // SAFETY: the data area is `data_len` bytes inside the slot (see `RingRef::new`) and
+        // owned exclusively by this producer until publish; `&mut self` prevents aliasing.
+        unsafe { std::slice::from_raw_parts_mut(self.ring.data_ptr(self.pos), self.ring.data_len) }
+    }
+    /// Makes the message visible to consumers.
+    pub fn publish(mut self) -> Result<(), Skipped> {
+        self.done = true;
+        self.ring
+            .slot(self.pos)
+            .ctl
+            .seq
+            .compare_exchange(
+                self.pos,
+                self.pos.wrapping_add(1),
+                Ordering::Release,
+                Ordering::Relaxed,
+            )
+            .map(drop)
+            .map_err(|_| Skipped)
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Never leave a claimed slot unpublished: consumers would wait for it forever.
+            self.set_header(MsgHeader { kind: KIND_ABORTED, ..MsgHeader::default() });
+            self.done = true;
+            let _ = self.ring.slot(self.pos).ctl.seq.compare_exchange(
+                self.pos,
+                self.pos.wrapping_add(1),
+                Ordering::Release,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// A taken slot: the consumer owns it until dropped, which frees it for the next lap.
+pub struct Taken<'a> {
+    ring: RingRef<'a>,
+    pos: u64,
+}
+
+impl<'a> Taken<'a> {
+    /// A copy of the header. It came from another process: validate before use.
+    pub fn header(&self) -> MsgHeader {
+        let slot = self.ring.slot(self.pos);
+        // SAFETY: published slot, acquired in `try_pop`; a volatile copy because a hostile
+        // producer could still scribble on it, and we only ever use the validated copy.
+        unsafe { std::ptr::addr_of!(slot.msg).read_volatile() }
+    }
+    pub fn claimer_pid(&self) -> u32 {
+        self.ring.slot(self.pos).ctl.claimer_pid.load(Ordering::Relaxed)
+    }
+    /// Copies `dst.len()` bytes at `off` of the slot's data into `dst`; `None` if out of range.
+    pub fn read_into(&self, off: usize, dst: &mut [u8]) -> Option<()> {
+        if off.checked_add(dst.len())? > self.ring.data_len {
+            return None;
+        }
+        // SAFETY: range checked against the slot's data area; `dst` is private memory.
+        unsafe { std::ptr::copy_nonoverlapping(self.ring.data_ptr(self.pos).add(off), dst.as_mut_ptr(), dst.len()) };
+        Some(())
+    }
+
+    /// Copies `len` bytes at `off` of the slot's data into `out`; `None` if out of range.
+    pub fn copy_data(&self, off: usize, len: usize, out: &mut Vec<u8>) -> Option<()> {
+        if off.checked_add(len)? > self.ring.data_len {
+            return None;
+        }
+        out.clear();
+        out.reserve(len);
+        // SAFETY: range checked against the slot's data area above; `out` has capacity
+        // `len` and does not overlap shared memory. The copy tolerates concurrent writes by
+        // a misbehaving producer (bytes may be garbage, never out of bounds).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ring.data_ptr(self.pos).add(off), out.as_mut_ptr(), len);
+            out.set_len(len);
+        }
+        Some(())
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        let next = self.pos.wrapping_add(self.ring.count as u64);
+        self.ring.slot(self.pos).ctl.seq.store(next, Ordering::Release);
+    }
+}
+
+/// Initialises a ring's slots (broker, on a fresh zeroed segment): slot `i` gets sequence `i`.
+pub fn init_slots(ring: &RingRef<'_>) {
+    for i in 0..ring.count as u64 {
+        ring.slot(i).ctl.seq.store(i, Ordering::Relaxed);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::layout::MsgHeader;
+
+    #[repr(C, align(128))]
+    struct Storage {
+        idx: RingIndices,
+    }
+
+    fn make(count: u32, data: usize) -> (Box<Storage>, Vec<u64>, usize) {
+        // SAFETY: RingIndices is all atomics/bytes; zero is a valid initial state.
+        let idx: Box<Storage> = unsafe { Box::new(std::mem::zeroed()) };
+        let stride = std::mem::size_of::<SlotHeader>() + data;
+        let words = vec![0u64; stride * count as usize / 8 + 8];
+        (idx, words, stride)
+    }
+
+    fn ring<'a>(s: &'a Storage, words: &'a mut [u64], stride: usize, count: u32) -> RingRef<'a> {
+        // 64-byte align the base inside the word buffer.
+        let p = words.as_mut_ptr() as *mut u8;
+        let base = unsafe { p.add(p.align_offset(64)) };
+        // SAFETY: the buffer holds count*stride bytes after alignment (sized with slack).
+        let r = unsafe { RingRef::new(&s.idx, base, stride, count) };
+        init_slots(&r);
+        r
+    }
+
+    #[test]
+    fn full_ring_refuses_then_accepts_after_pop() {
+        let (s, mut w, stride) = make(4, 64);
+        let r = ring(&s, &mut w, stride, 4);
+        for i in 0..4u64 {
+            let mut c = r.try_claim(1).unwrap();
+            c.set_header(MsgHeader { trace_id: i, ..Default::default() });
+            c.publish().unwrap();
+        }
+        assert!(r.try_claim(1).is_err());
+        assert_eq!(r.try_pop().unwrap().header().trace_id, 0);
+        assert!(r.try_claim(1).is_ok());
+    }
+
+    #[test]
+    fn dropped_claim_is_published_as_aborted_not_wedged() {
+        let (s, mut w, stride) = make(4, 64);
+        let r = ring(&s, &mut w, stride, 4);
+        drop(r.try_claim(7).unwrap());
+        let t = r.try_pop().expect("aborted claim must not wedge the ring");
+        assert_eq!(t.header().kind, KIND_ABORTED);
+        assert_eq!(t.claimer_pid(), 7);
+    }
+
+    #[test]
+    fn threads_deliver_every_message_exactly_once() {
+        const PER: u64 = if cfg!(miri) { 50 } else { 20_000 };
+        let (s, mut w, stride) = make(64, 64);
+        let r = ring(&s, &mut w, stride, 64);
+        let seen = std::sync::Mutex::new(vec![0u8; (4 * PER) as usize]);
+        std::thread::scope(|sc| {
+            for p in 0..4u64 {
+                sc.spawn(move || {
+                    for i in 0..PER {
+                        loop {
+                            if let Ok(mut c) = r.try_claim(1) {
+                                c.set_header(MsgHeader { trace_id: p * PER + i, ..Default::default() });
+                                c.publish().unwrap();
+                                break;
+                            }
+                            std::thread::yield_now();
+                        }
+                    }
+                });
+            }
+            for _ in 0..2 {
+                sc.spawn(|| {
+                    let mut got = 0;
+                    while got < 2 * PER {
+                        if let Some(t) = r.try_pop() {
+                            seen.lock().unwrap()[t.header().trace_id as usize] += 1;
+                            got += 1;
+                        } else {
+                            std::thread::yield_now();
+                        }
+                    }
+                });
+            }
+        });
+        assert!(seen.lock().unwrap().iter().all(|&n| n == 1));
+    }
+}

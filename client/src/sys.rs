@@ -1,0 +1,144 @@
+//! Platform layer: every raw Linux call the client makes goes through here.
+//!
+//! Contract: functions return `io::Result`, never panic on a syscall failure, and take
+//! shared-memory words as `&AtomicU32` so the caller keeps the aliasing rules. Futex
+//! calls are *shared* (no `FUTEX_PRIVATE_FLAG`): the words live in `MAP_SHARED` memfd
+//! mappings and are waited on from several processes.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use crate::sync::AtomicU32;
+
+/// Turns a `-1` return into the thread's `errno`.
+macro_rules! syscall {
+    ($e:expr) => {{
+        let r = $e;
+        if r == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }};
+}
+
+/// Sleeps while `*word == expected`, at most `timeout`. Returns `Ok(())` on a wake-up, a
+/// value mismatch (`EAGAIN`), a signal (`EINTR`) or a timeout: the caller always
+/// re-checks its condition, so the reason does not matter.
+#[cfg(not(loom))]
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> io::Result<()> {
+    let ts = timeout.map(|d| libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call (borrowed);
+    // FUTEX_WAIT only reads it. `ts_ptr` is null or points to a live timespec.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    match syscall!(r) {
+        Ok(_) => Ok(()),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ETIMEDOUT) => Ok(()),
+            _ => Err(e),
+        },
+    }
+}
+
+/// Wakes up to `n` waiters on `word`; returns how many were woken.
+#[cfg(not(loom))]
+pub fn futex_wake(word: &AtomicU32, n: u32) -> io::Result<usize> {
+    // SAFETY: `word` is a valid, aligned u32 (borrowed); FUTEX_WAKE does not access it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            n.min(i32::MAX as u32),
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    syscall!(r).map(|n| n as usize)
+}
+
+#[cfg(loom)]
+pub fn futex_wait(_: &AtomicU32, _: u32, _: Option<Duration>) -> io::Result<()> {
+    loom::thread::yield_now();
+    Ok(())
+}
+
+#[cfg(loom)]
+pub fn futex_wake(_: &AtomicU32, _: u32) -> io::Result<usize> {
+    Ok(0)
+}
+
+/// Creates an anonymous, sealable shared-memory file of `size` bytes (zero-filled).
+pub fn memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+        .map_err(io::Error::from)?;
+    let file = File::from(fd);
+    file.set_len(size)?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Seals a memfd so nobody can resize it or map it writable from now on. Mappings made
+/// before the seal (the broker's own) stay writable: that is what makes the broker the
+/// single writer of the registry while every client maps the very same file.
+pub fn seal_read_only(fd: &OwnedFd) -> io::Result<()> {
+    // F_SEAL_FUTURE_WRITE (Linux 5.1) is not in every libc crate version.
+    const F_SEAL_FUTURE_WRITE: libc::c_int = 0x0010;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: plain fcntl on a descriptor we own; no memory is passed.
+    syscall!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+}
+
+/// Size of the file behind `fd`.
+pub fn file_size(fd: &OwnedFd) -> io::Result<u64> {
+    let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
+    Ok(st.st_size as u64)
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of `/proc/PID/stat`), so a
+/// recycled pid can be told apart from the process that used to have it.
+pub fn process_start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
+}
+
+/// Whether a process with this pid exists (it may be a zombie or belong to another user).
+pub fn process_exists(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 performs only the permission and existence check.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Milliseconds since the Unix epoch (for timestamps shown to people).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
