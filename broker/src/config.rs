@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use aegis_client::layout;
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "aegis-broker", version, about = "aegis-ipc broker: owns the bus's shared memory and registry")]
+#[command(
+    name = "aegis-broker",
+    version,
+    about = "aegis-ipc broker: owns the bus's shared memory and registry"
+)]
 pub struct BrokerConfig {
     /// Bus directory (control socket, lock). Default: $AEGIS_IPC_DIR, /run/aegis-ipc if
     /// writable, $XDG_RUNTIME_DIR/aegis-ipc, else /tmp/aegis-ipc-$UID.
@@ -43,23 +47,45 @@ pub struct BrokerConfig {
 impl BrokerConfig {
     pub fn validate(&self) -> Result<u32, String> {
         if !self.max_services.is_power_of_two() || self.max_services > 1 << 16 {
-            return Err(format!("--max-services {} must be a power of two up to 65536", self.max_services));
+            return Err(format!(
+                "--max-services {} must be a power of two up to 65536",
+                self.max_services
+            ));
         }
         if self.max_instances == 0 || self.max_instances > 1 << 20 {
-            return Err(format!("--max-instances {} must be in 1..=1048576", self.max_instances));
+            return Err(format!(
+                "--max-instances {} must be in 1..=1048576",
+                self.max_instances
+            ));
         }
         if self.max_clients == 0 || self.max_clients > 1 << 20 {
-            return Err(format!("--max-clients {} must be in 1..=1048576", self.max_clients));
+            return Err(format!(
+                "--max-clients {} must be in 1..=1048576",
+                self.max_clients
+            ));
         }
         if self.max_message == 0 || self.max_message > layout::MAX_MAX_MESSAGE {
-            return Err(format!("--max-message {} must be in 1..={}", self.max_message, layout::MAX_MAX_MESSAGE));
+            return Err(format!(
+                "--max-message {} must be in 1..={}",
+                self.max_message,
+                layout::MAX_MAX_MESSAGE
+            ));
         }
-        layout::InstanceLayout { slot_size: self.slot_size, slot_count: self.slot_count, heap_size: 0 }
-            .validate()
-            .map_err(|e| format!("--slot-size/--slot-count: {e}"))?;
+        layout::InstanceLayout {
+            slot_size: self.slot_size,
+            slot_count: self.slot_count,
+            heap_size: 0,
+        }
+        .validate()
+        .map_err(|e| format!("--slot-size/--slot-count: {e}"))?;
         u32::from_str_radix(&self.socket_mode, 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| format!("--socket-mode {:?} is not an octal mode like 600", self.socket_mode))
+            .ok_or_else(|| {
+                format!(
+                    "--socket-mode {:?} is not an octal mode like 600",
+                    self.socket_mode
+                )
+            })
     }
 }

@@ -38,9 +38,11 @@ pub fn run(cfg: BrokerConfig) -> Result<(), String> {
     // We hold the lock, so a socket file here is a leftover of a broker that died.
     if sock.exists() {
         tracing::info!(path = %sock.display(), "removing stale control socket of a previous broker");
-        fs::remove_file(&sock).map_err(|e| format!("cannot remove stale {}: {e}", sock.display()))?;
+        fs::remove_file(&sock)
+            .map_err(|e| format!("cannot remove stale {}: {e}", sock.display()))?;
     }
-    let state = State::new(cfg).map_err(|e| format!("cannot create the bus's shared memory: {e}"))?;
+    let state =
+        State::new(cfg).map_err(|e| format!("cannot create the bus's shared memory: {e}"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -81,7 +83,8 @@ fn lock_dir(dir: &Path) -> Result<Flock<File>, String> {
 }
 
 async fn serve(state: Arc<Mutex<State>>, sock: &PathBuf, mode: u32) -> Result<(), String> {
-    let listener = UnixListener::bind(sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
+    let listener =
+        UnixListener::bind(sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
     fs::set_permissions(sock, fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot chmod {}: {e}", sock.display()))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -129,7 +132,9 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(pid = peer.pid, "bad control frame, closing connection: {e}");
-                let resp = Response::Error(WireError::BadRequest(format!("undecodable control frame: {e}")));
+                let resp = Response::Error(WireError::BadRequest(format!(
+                    "undecodable control frame: {e}"
+                )));
                 let _ = write_response(&mut stream, &resp, &[]).await;
                 break;
             }
@@ -137,7 +142,11 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
         let (resp, fds) = {
             let mut st = state.lock();
             match req {
-                Request::Hello { protocol, layout: lv, mailboxes } => {
+                Request::Hello {
+                    protocol,
+                    layout: lv,
+                    mailboxes,
+                } => {
                     if protocol != proto::PROTOCOL_VERSION || lv != layout::LAYOUT_VERSION {
                         (
                             Response::Error(WireError::Incompatible(format!(
@@ -148,21 +157,35 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                             Vec::new(),
                         )
                     } else if hello {
-                        (Response::Error(WireError::BadRequest("hello sent twice".into())), Vec::new())
+                        (
+                            Response::Error(WireError::BadRequest("hello sent twice".into())),
+                            Vec::new(),
+                        )
                     } else {
                         hello = true;
                         st.hello(id, mailboxes)
                     }
                 }
                 _ if !hello => (
-                    Response::Error(WireError::BadRequest("the first request must be Hello".into())),
+                    Response::Error(WireError::BadRequest(
+                        "the first request must be Hello".into(),
+                    )),
                     Vec::new(),
                 ),
-                Request::Register { service, instance_id, metadata, config } => {
-                    st.register(id, peer, &service, &instance_id, metadata, &config)
-                }
-                Request::Unregister { instance, incarnation } => st.unregister(id, peer, instance, incarnation),
-                Request::OpenInstance { instance, incarnation } => st.open_instance(instance, incarnation),
+                Request::Register {
+                    service,
+                    instance_id,
+                    metadata,
+                    config,
+                } => st.register(id, peer, &service, &instance_id, metadata, &config),
+                Request::Unregister {
+                    instance,
+                    incarnation,
+                } => st.unregister(id, peer, instance, incarnation),
+                Request::OpenInstance {
+                    instance,
+                    incarnation,
+                } => st.open_instance(instance, incarnation),
                 Request::OpenClient { client, gen } => st.open_client(id, peer, client, gen),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),
@@ -183,7 +206,11 @@ async fn read_request(stream: &mut UnixStream) -> std::io::Result<Option<Request
     while got < 4 {
         let n = stream.read(&mut hdr[got..]).await?;
         if n == 0 {
-            return if got == 0 { Ok(None) } else { Err(std::io::ErrorKind::UnexpectedEof.into()) };
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
         }
         got += n;
     }

@@ -9,8 +9,8 @@ use std::os::fd::OwnedFd;
 
 use aegis_client::error::WireError;
 use aegis_client::layout::{
-    self, ClientLayout, ClientSeg, InstanceLayout, InstanceSeg, Mapping, RegistryLayout, RegistryView,
-    SegmentKind, SharedLayout, Status, MAX_MEMBERS,
+    self, ClientLayout, ClientSeg, InstanceLayout, InstanceSeg, Mapping, RegistryLayout,
+    RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
 };
 use aegis_client::proto::{InstanceInfo, Response, ServiceConfig, ServiceInfo};
 use aegis_client::ring::{self, RingRef};
@@ -84,18 +84,33 @@ fn dup(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
 impl State {
     pub fn new(cfg: BrokerConfig) -> std::io::Result<State> {
         let epoch = random_u64();
-        let rl = RegistryLayout { max_services: cfg.max_services, max_instances: cfg.max_instances };
+        let rl = RegistryLayout {
+            max_services: cfg.max_services,
+            max_instances: cfg.max_instances,
+        };
         let registry_fd = sys::memfd("aegis-registry", rl.total_size() as u64)?;
         let map = Mapping::map(&registry_fd, true)?;
-        map.write_header(SegmentKind::Registry, rl.total_size() as u64, epoch, rl.params());
+        map.write_header(
+            SegmentKind::Registry,
+            rl.total_size() as u64,
+            epoch,
+            rl.params(),
+        );
         drop(map);
         // Map writable *before* sealing: this mapping stays the only writable one.
         let registry = RegistryView::open(&registry_fd, true).map_err(std::io::Error::other)?;
         sys::seal_read_only(&registry_fd)?;
 
-        let sl = SharedLayout { max_services: cfg.max_services };
+        let sl = SharedLayout {
+            max_services: cfg.max_services,
+        };
         let shared_fd = sys::memfd("aegis-shared", sl.total_size() as u64)?;
-        Mapping::map(&shared_fd, true)?.write_header(SegmentKind::Shared, sl.total_size() as u64, epoch, sl.params());
+        Mapping::map(&shared_fd, true)?.write_header(
+            SegmentKind::Shared,
+            sl.total_size() as u64,
+            epoch,
+            sl.params(),
+        );
 
         Ok(State {
             services: (0..cfg.max_services).map(|_| None).collect(),
@@ -170,9 +185,15 @@ impl State {
         config: &ServiceConfig,
     ) -> Reply {
         if let Err(e) = names::service(service).and_then(|()| names::instance_id(id)) {
-            return err(WireError::BadRequest(e.to_string().trim_start_matches("bad request: ").into()));
+            return err(WireError::BadRequest(
+                e.to_string().trim_start_matches("bad request: ").into(),
+            ));
         }
-        if metadata.len() > 64 || metadata.iter().any(|(k, v)| k.len() > 256 || v.len() > 4096) {
+        if metadata.len() > 64
+            || metadata
+                .iter()
+                .any(|(k, v)| k.len() > 256 || v.len() > 4096)
+        {
             return err(WireError::BadRequest(
                 "metadata: at most 64 entries, keys up to 256 and values up to 4096 bytes".into(),
             ));
@@ -183,7 +204,9 @@ impl State {
         };
         // Same id already registered?
         if let Some((i, rec)) = self.instances.iter_mut().enumerate().find_map(|(i, r)| {
-            r.as_mut().filter(|r| r.service == svc_idx && r.id == id).map(|r| (i, r))
+            r.as_mut()
+                .filter(|r| r.service == svc_idx && r.id == id)
+                .map(|r| (i, r))
         }) {
             if rec.peer.pid != peer.pid {
                 return err(WireError::Conflict {
@@ -198,7 +221,9 @@ impl State {
             }
             return self.registered(i as u32);
         }
-        let svc = self.services[svc_idx as usize].as_ref().expect("service_for made it");
+        let svc = self.services[svc_idx as usize]
+            .as_ref()
+            .expect("service_for made it");
         if svc.members.len() >= MAX_MEMBERS {
             return err(WireError::LimitExceeded(format!(
                 "service '{service}' already has the maximum of {MAX_MEMBERS} instances"
@@ -229,14 +254,23 @@ impl State {
                 .map_err(std::io::Error::other)?;
             // SAFETY: layout validated by `open` just above; nobody else has the fd yet.
             let r = unsafe {
-                RingRef::new(seg.ring_indices(), seg.slots_base(), il.slot_stride(), il.slot_count)
+                RingRef::new(
+                    seg.ring_indices(),
+                    seg.slots_base(),
+                    il.slot_stride(),
+                    il.slot_count,
+                )
             };
             ring::init_slots(&r);
             Ok::<_, std::io::Error>((fd, seg))
         })();
         let (fd, seg) = match made {
             Ok(x) => x,
-            Err(e) => return err(WireError::Internal(format!("creating instance segment: {e}"))),
+            Err(e) => {
+                return err(WireError::Internal(format!(
+                    "creating instance segment: {e}"
+                )))
+            }
         };
         self.instances[index] = Some(InstanceRec {
             service: svc_idx,
@@ -251,9 +285,20 @@ impl State {
             mirrored_served: 0,
         });
         self.write_instance(index as u32);
-        self.services[svc_idx as usize].as_mut().unwrap().members.push(index as u32);
+        self.services[svc_idx as usize]
+            .as_mut()
+            .unwrap()
+            .members
+            .push(index as u32);
         self.write_service(svc_idx);
-        tracing::info!(service, instance = id, pid = peer.pid, index, incarnation, "registered");
+        tracing::info!(
+            service,
+            instance = id,
+            pid = peer.pid,
+            index,
+            incarnation,
+            "registered"
+        );
         self.registered(index as u32)
     }
 
@@ -283,13 +328,21 @@ impl State {
             max_message: config.max_message,
         };
         let sized = |cur: Option<(u32, u32, u64)>| -> Result<(u32, u32, u64), WireError> {
-            let (ds, dc, dm) = cur.unwrap_or((self.cfg.slot_size, self.cfg.slot_count, self.cfg.max_message));
+            let (ds, dc, dm) = cur.unwrap_or((
+                self.cfg.slot_size,
+                self.cfg.slot_count,
+                self.cfg.max_message,
+            ));
             let s = want.slot_size.unwrap_or(ds);
             let c = want.slot_count.unwrap_or(dc);
             let m = want.max_message.unwrap_or(dm);
-            InstanceLayout { slot_size: s, slot_count: c, heap_size: 2 * m }
-                .validate()
-                .map_err(|e| WireError::BadRequest(format!("service '{name}': {e}")))?;
+            InstanceLayout {
+                slot_size: s,
+                slot_count: c,
+                heap_size: 2 * m,
+            }
+            .validate()
+            .map_err(|e| WireError::BadRequest(format!("service '{name}': {e}")))?;
             if m == 0 || m > self.cfg.max_message {
                 return Err(WireError::BadRequest(format!(
                     "service '{name}': max message {m} is not in 1..={} (broker --max-message)",
@@ -320,8 +373,13 @@ impl State {
         let mut i = (layout::name_hash(name) as u32) & (cap - 1);
         for _ in 0..cap {
             if self.services[i as usize].is_none() {
-                self.services[i as usize] =
-                    Some(ServiceRec { name: name.into(), slot_size, slot_count, max_message, members: Vec::new() });
+                self.services[i as usize] = Some(ServiceRec {
+                    name: name.into(),
+                    slot_size,
+                    slot_count,
+                    max_message,
+                    members: Vec::new(),
+                });
                 self.by_name.insert(name.into(), i);
                 self.write_service(i);
                 return Ok(i);
@@ -369,7 +427,11 @@ impl State {
     /// An instance asks for a caller's segment, to write replies into its mailboxes. Only
     /// a connection that serves an instance may have it.
     pub fn open_client(&self, conn: ConnId, peer: Peer, client: u32, gen: u32) -> Reply {
-        let serves = self.instances.iter().flatten().any(|r| r.owners.contains(&conn) || r.peer.pid == peer.pid);
+        let serves = self
+            .instances
+            .iter()
+            .flatten()
+            .any(|r| r.owners.contains(&conn) || r.peer.pid == peer.pid);
         if !serves {
             return err(WireError::NotOwner(
                 "only a process serving an instance may open a caller's mailboxes".into(),
@@ -380,12 +442,18 @@ impl State {
                 Ok(fd) => (Response::Opened, vec![fd]),
                 Err(e) => err(WireError::Internal(e.to_string())),
             },
-            _ => err(WireError::BadRequest(format!("client #{client}/{gen} is not connected"))),
+            _ => err(WireError::BadRequest(format!(
+                "client #{client}/{gen} is not connected"
+            ))),
         }
     }
 
     pub fn services_info(&self) -> Vec<ServiceInfo> {
-        let mut v: Vec<_> = self.by_name.values().map(|&i| self.service_info(i)).collect();
+        let mut v: Vec<_> = self
+            .by_name
+            .values()
+            .map(|&i| self.service_info(i))
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -393,7 +461,9 @@ impl State {
     pub fn describe(&self, name: &str) -> Reply {
         match self.by_name.get(name) {
             Some(&i) => (Response::Service(self.service_info(i)), Vec::new()),
-            None => err(WireError::NoAvailableInstance { service: name.into() }),
+            None => err(WireError::NoAvailableInstance {
+                service: name.into(),
+            }),
         }
     }
 
@@ -425,7 +495,11 @@ impl State {
                         pid: r.peer.pid,
                         uid: r.peer.uid,
                         status: Status::Online,
-                        requests_served: r.seg.counters().requests_served.load(std::sync::atomic::Ordering::Relaxed),
+                        requests_served: r
+                            .seg
+                            .counters()
+                            .requests_served
+                            .load(std::sync::atomic::Ordering::Relaxed),
                         queued,
                         registered_at_ms: r.registered_at_ms,
                         metadata: r.metadata.clone(),
@@ -457,10 +531,13 @@ impl State {
     }
 
     fn remove_instance(&mut self, index: u32, reason: &str) {
-        let Some(rec) = self.instances[index as usize].take() else { return };
+        let Some(rec) = self.instances[index as usize].take() else {
+            return;
+        };
         let e = self.registry.instance(index).expect("index in range");
         let s = e.seq.write_begin();
-        e.status.store(Status::Free as u32, std::sync::atomic::Ordering::Relaxed);
+        e.status
+            .store(Status::Free as u32, std::sync::atomic::Ordering::Relaxed);
         e.incarnation.store(0, std::sync::atomic::Ordering::Relaxed);
         e.seq.write_end(s);
         if let Some(svc) = self.services[rec.service as usize].as_mut() {
@@ -473,13 +550,20 @@ impl State {
     /// Periodic work: mirror per-instance counters into the registry.
     pub fn tick(&mut self) {
         for i in 0..self.instances.len() {
-            let Some(r) = self.instances[i].as_mut() else { continue };
-            let served = r.seg.counters().requests_served.load(std::sync::atomic::Ordering::Relaxed);
+            let Some(r) = self.instances[i].as_mut() else {
+                continue;
+            };
+            let served = r
+                .seg
+                .counters()
+                .requests_served
+                .load(std::sync::atomic::Ordering::Relaxed);
             if served != r.mirrored_served {
                 r.mirrored_served = served;
                 let e = self.registry.instance(i as u32).unwrap();
                 let s = e.seq.write_begin();
-                e.requests_served.store(served, std::sync::atomic::Ordering::Relaxed);
+                e.requests_served
+                    .store(served, std::sync::atomic::Ordering::Relaxed);
                 e.seq.write_end(s);
             }
         }

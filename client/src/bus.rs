@@ -65,13 +65,21 @@ pub struct CallOptions {
 
 impl Default for CallOptions {
     fn default() -> Self {
-        CallOptions { timeout: Duration::from_secs(5), spin: None, hops: 0, trace_id: None }
+        CallOptions {
+            timeout: Duration::from_secs(5),
+            spin: None,
+            hops: 0,
+            trace_id: None,
+        }
     }
 }
 
 impl CallOptions {
     pub fn timeout(timeout: Duration) -> CallOptions {
-        CallOptions { timeout, ..Default::default() }
+        CallOptions {
+            timeout,
+            ..Default::default()
+        }
     }
 }
 
@@ -122,7 +130,10 @@ impl Bus {
 
     /// Connects to the bus in `dir`.
     pub fn connect_dir(dir: impl AsRef<Path>) -> Result<Bus> {
-        Bus::connect_with(BusOptions { dir: Some(dir.as_ref().to_owned()), ..Default::default() })
+        Bus::connect_with(BusOptions {
+            dir: Some(dir.as_ref().to_owned()),
+            ..Default::default()
+        })
     }
 
     pub fn connect_with(opts: BusOptions) -> Result<Bus> {
@@ -134,13 +145,22 @@ impl Bus {
             layout: layout::LAYOUT_VERSION,
             mailboxes,
         })?;
-        let Response::Welcome { bus_epoch, client, gen, max_services, .. } = resp else {
+        let Response::Welcome {
+            bus_epoch,
+            client,
+            gen,
+            max_services,
+            ..
+        } = resp
+        else {
             return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
         };
         let fds = expect_fds(fds, 3, "Welcome")?;
         let registry = RegistryView::open(&fds[0], false)?;
         if registry.epoch != bus_epoch || registry.layout.max_services != max_services {
-            return Err(Error::Protocol("registry does not match the broker's Welcome".into()));
+            return Err(Error::Protocol(
+                "registry does not match the broker's Welcome".into(),
+            ));
         }
         let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
         let client = ClientSeg::open(&fds[2], bus_epoch, client, gen)?;
@@ -171,15 +191,28 @@ impl Bus {
     }
 
     /// Registers this process as instance `instance_id` of `service`.
-    pub fn register(&self, service: &str, instance_id: &str, metadata: &[(&str, &str)]) -> Result<Instance> {
+    pub fn register(
+        &self,
+        service: &str,
+        instance_id: &str,
+        metadata: &[(&str, &str)],
+    ) -> Result<Instance> {
         let opts = RegisterOptions {
-            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         };
         self.register_with(service, instance_id, opts)
     }
 
-    pub fn register_with(&self, service: &str, instance_id: &str, opts: RegisterOptions) -> Result<Instance> {
+    pub fn register_with(
+        &self,
+        service: &str,
+        instance_id: &str,
+        opts: RegisterOptions,
+    ) -> Result<Instance> {
         names::service(service)?;
         names::instance_id(instance_id)?;
         let (resp, fds) = self.inner.control.lock().request(&Request::Register {
@@ -188,19 +221,43 @@ impl Bus {
             metadata: opts.metadata.clone(),
             config: opts.config.clone(),
         })?;
-        let Response::Registered { instance, incarnation, max_message, .. } = resp else {
-            return Err(Error::Protocol(format!("expected Registered, got {resp:?}")));
+        let Response::Registered {
+            instance,
+            incarnation,
+            max_message,
+            ..
+        } = resp
+        else {
+            return Err(Error::Protocol(format!(
+                "expected Registered, got {resp:?}"
+            )));
         };
         let fds = expect_fds(fds, 1, "Registered")?;
         let seg = InstanceSeg::open(&fds[0], self.inner.epoch, instance, incarnation)?;
-        Ok(Instance::new(self.clone(), service, instance_id, seg, max_message, opts))
+        Ok(Instance::new(
+            self.clone(),
+            service,
+            instance_id,
+            seg,
+            max_message,
+            opts,
+        ))
     }
 
     /// Calls `method` of `service` on one of its healthy instances (round-robin).
-    pub fn call(&self, service: &str, method: &str, payload: &[u8], opts: &CallOptions) -> Result<Reply> {
+    pub fn call(
+        &self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+    ) -> Result<Reply> {
         let mut out = Vec::new();
         let info = self.call_into(service, method, payload, opts, &mut out)?;
-        Ok(Reply { payload: out, instance_id: self.instance_id(info) })
+        Ok(Reply {
+            payload: out,
+            instance_id: self.instance_id(info),
+        })
     }
 
     /// Like [`Bus::call`], but writes the reply into `out` (reusing its allocation) and
@@ -217,7 +274,9 @@ impl Bus {
         names::service(service)?;
         names::method(method)?;
         let inner = &*self.inner;
-        let no_instance = || Error::NoAvailableInstance { service: service.to_owned() };
+        let no_instance = || Error::NoAvailableInstance {
+            service: service.to_owned(),
+        };
         let (svc_idx, svc) = inner.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
         if payload.len() as u64 > max {
@@ -231,7 +290,10 @@ impl Bus {
         let seg = inner.instance_seg(instance, incarnation)?;
         let deadline = start + opts.timeout;
         match inner.send_and_wait(&seg, method, payload, opts, deadline, out) {
-            Ok(()) => Ok(CallInfo { instance, incarnation }),
+            Ok(()) => Ok(CallInfo {
+                instance,
+                incarnation,
+            }),
             Err(Failed::Deadline(what)) => Err(Error::Timeout {
                 service: service.to_owned(),
                 elapsed: start.elapsed(),
@@ -243,7 +305,11 @@ impl Bus {
             }),
             Err(Failed::Error(Error::Remote { code, message, .. })) => Err(match code {
                 code::BAD_REQUEST => Error::BadRequest(message),
-                _ => Error::Remote { instance: inner.instance_name(instance), code, message },
+                _ => Error::Remote {
+                    instance: inner.instance_name(instance),
+                    code,
+                    message,
+                },
             }),
             Err(Failed::Error(e)) => Err(e),
         }
@@ -301,18 +367,28 @@ impl Bus {
     /// registry: `(registry index, instance id, status)`.
     pub fn routable_instances(&self, service: &str) -> Vec<(u32, String, Status)> {
         let inner = &*self.inner;
-        let Some((_, svc)) = inner.find_service(service) else { return Vec::new() };
+        let Some((_, svc)) = inner.find_service(service) else {
+            return Vec::new();
+        };
         let members: Vec<u32> = svc.seq.read(|| {
             let n = (svc.member_count.load(Ordering::Relaxed) as usize).min(MAX_MEMBERS);
-            svc.members[..n].iter().map(|m| m.load(Ordering::Relaxed)).collect()
+            svc.members[..n]
+                .iter()
+                .map(|m| m.load(Ordering::Relaxed))
+                .collect()
         });
         members
             .into_iter()
             .filter_map(|m| {
                 let e = inner.registry.instance(m)?;
-                let (status, (name, len)) =
-                    e.seq.read(|| (e.status.load(Ordering::Relaxed), e.id.load()));
-                Some((m, String::from_utf8_lossy(&name[..len]).into_owned(), Status::from_u32(status)))
+                let (status, (name, len)) = e
+                    .seq
+                    .read(|| (e.status.load(Ordering::Relaxed), e.id.load()));
+                Some((
+                    m,
+                    String::from_utf8_lossy(&name[..len]).into_owned(),
+                    Status::from_u32(status),
+                ))
             })
             .collect()
     }
@@ -352,14 +428,21 @@ impl BusInner {
     /// Round-robin over the service's members, skipping any that is not `Online`.
     fn pick(&self, svc_idx: u32, svc: &ServiceEntry) -> Option<(u32, u64)> {
         // Relaxed: the counter only spreads load; no data is published through it.
-        let c = self.shared.round_robin(svc_idx)?.next.fetch_add(1, Ordering::Relaxed);
+        let c = self
+            .shared
+            .round_robin(svc_idx)?
+            .next
+            .fetch_add(1, Ordering::Relaxed);
         let n = svc.seq.read(|| svc.member_count.load(Ordering::Relaxed)) as u64;
         for k in 0..n.min(MAX_MEMBERS as u64) {
             let m = svc.seq.read(|| {
                 let n = (svc.member_count.load(Ordering::Relaxed) as u64).min(MAX_MEMBERS as u64);
-                (n > 0).then(|| svc.members[(c.wrapping_add(k) % n) as usize].load(Ordering::Relaxed))
+                (n > 0)
+                    .then(|| svc.members[(c.wrapping_add(k) % n) as usize].load(Ordering::Relaxed))
             })?;
-            let Some(e) = self.registry.instance(m) else { continue };
+            let Some(e) = self.registry.instance(m) else {
+                continue;
+            };
             let (status, service, inc) = e.seq.read(|| {
                 (
                     e.status.load(Ordering::Relaxed),
@@ -392,10 +475,10 @@ impl BusInner {
                 return Ok(s.clone());
             }
         }
-        let (resp, fds) = self
-            .control
-            .lock()
-            .request(&Request::OpenInstance { instance: index, incarnation })?;
+        let (resp, fds) = self.control.lock().request(&Request::OpenInstance {
+            instance: index,
+            incarnation,
+        })?;
         if !matches!(resp, Response::Opened) {
             return Err(Error::Protocol(format!("expected Opened, got {resp:?}")));
         }
@@ -412,7 +495,10 @@ impl BusInner {
                 return Ok(s.clone());
             }
         }
-        let (resp, fds) = self.control.lock().request(&Request::OpenClient { client: index, gen })?;
+        let (resp, fds) = self
+            .control
+            .lock()
+            .request(&Request::OpenClient { client: index, gen })?;
         if !matches!(resp, Response::Opened) {
             return Err(Error::Protocol(format!("expected Opened, got {resp:?}")));
         }
@@ -427,7 +513,11 @@ impl BusInner {
     }
 
     fn next_trace_id(&self) -> u64 {
-        (self.pid as u64) << 40 | (self.trace_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & ((1 << 40) - 1))
+        (self.pid as u64) << 40
+            | (self
+                .trace_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                & ((1 << 40) - 1))
     }
 
     /// Writes the request into the instance's ring and waits for the reply in `out`.
@@ -446,10 +536,18 @@ impl BusInner {
                 self.client.layout.mailboxes
             ))
         })?;
-        let (mb, _) = self.client.mailbox(mb_idx).expect("pool hands out valid indices");
+        let (mb, _) = self
+            .client
+            .mailbox(mb_idx)
+            .expect("pool hands out valid indices");
         // SAFETY: the layout was validated when the segment was opened.
         let ring = unsafe {
-            RingRef::new(seg.ring_indices(), seg.slots_base(), seg.layout.slot_stride(), seg.layout.slot_count)
+            RingRef::new(
+                seg.ring_indices(),
+                seg.slots_base(),
+                seg.layout.slot_stride(),
+                seg.layout.slot_count,
+            )
         };
         let inline = payload.len() + method.len() <= ring.data_len();
         let heap_block = if inline {
@@ -464,7 +562,10 @@ impl BusInner {
                 ))
                 .into());
             };
-            let dst = self.client.heap_range(off, len).expect("allocator stays inside the heap");
+            let dst = self
+                .client
+                .heap_range(off, len)
+                .expect("allocator stays inside the heap");
             // SAFETY: `dst` is `len` bytes inside our heap, allocated to this call only.
             unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, payload.len()) };
             Some((off, len))
@@ -524,7 +625,9 @@ impl BusInner {
             }
             Cancel::InProgress => {
                 self.pool.quarantine(mb_idx, gen, heap_block);
-                Err(Failed::Deadline("taken but not answered before the deadline"))
+                Err(Failed::Deadline(
+                    "taken but not answered before the deadline",
+                ))
             }
         }
     }
@@ -534,10 +637,13 @@ impl BusInner {
         let (mb, inline_data) = self.client.mailbox(mb_idx).expect("valid mailbox");
         let status = mb.status.load(Ordering::Relaxed);
         let len = mb.reply_len.load(Ordering::Relaxed);
-        let bad = |what: String| Error::Protocol(format!("reply from instance #{}: {what}", seg.index));
+        let bad =
+            |what: String| Error::Protocol(format!("reply from instance #{}: {what}", seg.index));
         let src = match mb.reply_kind.load(Ordering::Relaxed) as u8 {
             PAYLOAD_INLINE if len <= self.client.layout.mailbox_inline as u64 => inline_data,
-            PAYLOAD_INLINE => return Err(bad(format!("inline length {len} over the mailbox size"))),
+            PAYLOAD_INLINE => {
+                return Err(bad(format!("inline length {len} over the mailbox size")))
+            }
             PAYLOAD_HEAP => {
                 if mb.incarnation.load(Ordering::Relaxed) != seg.incarnation {
                     return Err(bad("heap reply from another incarnation".into()));
@@ -559,7 +665,11 @@ impl BusInner {
         if status != code::OK as u32 {
             let message = String::from_utf8_lossy(out).into_owned();
             out.clear();
-            return Err(Error::Remote { instance: String::new(), code: status as u16, message });
+            return Err(Error::Remote {
+                instance: String::new(),
+                code: status as u16,
+                message,
+            });
         }
         Ok(())
     }
@@ -568,7 +678,11 @@ impl BusInner {
 /// Claims a ring slot, waiting (spin, yield, then short sleeps) while the ring is full.
 /// A full ring means the instance is behind; there is no futex for "space", so this is
 /// the one bounded poll in the call path.
-fn claim_slot<'a>(ring: &RingRef<'a>, pid: u32, deadline: Instant) -> Option<crate::ring::Claim<'a>> {
+fn claim_slot<'a>(
+    ring: &RingRef<'a>,
+    pid: u32,
+    deadline: Instant,
+) -> Option<crate::ring::Claim<'a>> {
     let mut tries = 0u32;
     loop {
         if let Ok(c) = ring.try_claim(pid) {
@@ -586,12 +700,16 @@ fn claim_slot<'a>(ring: &RingRef<'a>, pid: u32, deadline: Instant) -> Option<cra
     }
 }
 
+/// A mailbox whose call timed out while the instance was running it: (index, generation,
+/// request heap block to free once the late reply lands).
+type Quarantined = (u32, u32, Option<(u64, u64)>);
+
 /// Free list of this connection's mailboxes, their generations (kept privately, so a
 /// peer cannot steer them), and the mailboxes quarantined after a timeout.
 struct MailboxPool {
     free: ArrayQueue<u32>,
     gens: Box<[StdAtomicU32]>,
-    quarantine: Mutex<Vec<(u32, u32, Option<(u64, u64)>)>>,
+    quarantine: Mutex<Vec<Quarantined>>,
     quarantined: AtomicUsize,
 }
 
@@ -615,7 +733,9 @@ impl MailboxPool {
             self.reclaim(client, heap);
         }
         let i = self.free.pop()?;
-        let g = self.gens[i as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_add(1)
+        let g = self.gens[i as usize]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(1)
             & mailbox::GEN_MASK;
         Some((i, g))
     }
@@ -626,14 +746,17 @@ impl MailboxPool {
 
     fn quarantine(&self, i: u32, gen: u32, heap: Option<(u64, u64)>) {
         self.quarantine.lock().push((i, gen, heap));
-        self.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.quarantined
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Returns quarantined mailboxes whose late reply has arrived to the free list.
     fn reclaim(&self, client: &ClientSeg, heap: &HeapAlloc) {
         let mut q = self.quarantine.lock();
         q.retain(|&(i, gen, block)| {
-            let Some((mb, _)) = client.mailbox(i) else { return false };
+            let Some((mb, _)) = client.mailbox(i) else {
+                return false;
+            };
             if !mailbox::is_ready(mb, gen) {
                 return true;
             }
@@ -644,6 +767,7 @@ impl MailboxPool {
             let _ = self.free.push(i);
             false
         });
-        self.quarantined.store(q.len(), std::sync::atomic::Ordering::Relaxed);
+        self.quarantined
+            .store(q.len(), std::sync::atomic::Ordering::Relaxed);
     }
 }

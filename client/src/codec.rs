@@ -7,8 +7,8 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
 }
 
 pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
-    let (v, used) =
-        bincode::serde::decode_from_slice(b, bincode::config::standard()).map_err(|e| e.to_string())?;
+    let (v, used) = bincode::serde::decode_from_slice(b, bincode::config::standard())
+        .map_err(|e| e.to_string())?;
     if used != b.len() {
         return Err(format!("{} trailing bytes", b.len() - used));
     }

@@ -25,11 +25,17 @@ impl ControlConn {
         })?;
         stream.set_read_timeout(Some(BROKER_REPLY_TIMEOUT))?;
         stream.set_write_timeout(Some(BROKER_REPLY_TIMEOUT))?;
-        Ok(ControlConn { stream, path: path.to_owned() })
+        Ok(ControlConn {
+            stream,
+            path: path.to_owned(),
+        })
     }
 
     fn lost(&self, reason: impl std::fmt::Display) -> Error {
-        Error::BrokerUnavailable { path: self.path.clone(), reason: reason.to_string() }
+        Error::BrokerUnavailable {
+            path: self.path.clone(),
+            reason: reason.to_string(),
+        }
     }
 
     /// Sends one request and waits for its response and descriptors. A broker-side error
@@ -50,7 +56,9 @@ impl ControlConn {
         }
         let len = proto::frame_len(hdr).map_err(|e| Error::Protocol(e.to_string()))?;
         let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body).map_err(|e| self.lost(e))?;
+        self.stream
+            .read_exact(&mut body)
+            .map_err(|e| self.lost(e))?;
         match proto::decode::<Response>(&body).map_err(|e| Error::Protocol(e.to_string()))? {
             Response::Error(w) => Err(w.into()),
             r => Ok((r, fds)),

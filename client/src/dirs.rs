@@ -13,12 +13,18 @@ fn candidates() -> Vec<PathBuf> {
         c.push(Path::new(&x).join("aegis-ipc"));
     }
     // SAFETY: getuid has no failure mode and touches no memory.
-    c.push(PathBuf::from(format!("/tmp/aegis-ipc-{}", unsafe { libc::getuid() })));
+    c.push(PathBuf::from(format!("/tmp/aegis-ipc-{}", unsafe {
+        libc::getuid()
+    })));
     c
 }
 
 fn writable(dir: &Path) -> bool {
-    let probe = if dir.exists() { dir } else { dir.parent().unwrap_or(dir) };
+    let probe = if dir.exists() {
+        dir
+    } else {
+        dir.parent().unwrap_or(dir)
+    };
     nix::unistd::access(probe, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
@@ -29,7 +35,10 @@ pub fn broker_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let c = candidates();
-    c.iter().find(|d| writable(d)).cloned().unwrap_or_else(|| c[c.len() - 1].clone())
+    c.iter()
+        .find(|d| writable(d))
+        .cloned()
+        .unwrap_or_else(|| c[c.len() - 1].clone())
 }
 
 /// The directory a client connects to: `$AEGIS_IPC_DIR`, else the first candidate with a

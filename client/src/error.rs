@@ -31,7 +31,11 @@ pub enum Error {
     NoAvailableInstance { service: String },
     /// 504: the deadline passed.
     #[error("call to service '{service}' timed out after {elapsed:?} [{}]", attempts_text(.attempts))]
-    Timeout { service: String, elapsed: Duration, attempts: Vec<Attempt> },
+    Timeout {
+        service: String,
+        elapsed: Duration,
+        attempts: Vec<Attempt>,
+    },
     /// 400: an invalid name, id, method or undecodable payload.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -45,8 +49,14 @@ pub enum Error {
     #[error("not owner: {0}")]
     NotOwner(String),
     /// 409: an instance id held by another live process.
-    #[error("instance '{instance_id}' of service '{service}' is already registered by pid {holder_pid}")]
-    Conflict { service: String, instance_id: String, holder_pid: u32 },
+    #[error(
+        "instance '{instance_id}' of service '{service}' is already registered by pid {holder_pid}"
+    )]
+    Conflict {
+        service: String,
+        instance_id: String,
+        holder_pid: u32,
+    },
     /// 429: a capacity or per-instance limit.
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
@@ -55,13 +65,21 @@ pub enum Error {
     LoopDetected { hops: u8, limit: u8 },
     /// 413: payload over the service's maximum message size.
     #[error("message of {size} bytes is over the {max}-byte maximum of service '{service}'")]
-    MessageTooLarge { service: String, size: u64, max: u64 },
+    MessageTooLarge {
+        service: String,
+        size: u64,
+        max: u64,
+    },
     /// 502: the broker's control socket cannot be reached.
     #[error("broker unavailable at {}: {reason}", .path.display())]
     BrokerUnavailable { path: PathBuf, reason: String },
     /// The handler of the instance returned an error (application code, message).
     #[error("instance '{instance}' answered with error {code}: {message}")]
-    Remote { instance: String, code: u16, message: String },
+    Remote {
+        instance: String,
+        code: u16,
+        message: String,
+    },
     /// Client and broker disagree on the protocol or layout version.
     #[error("incompatible with the broker: {0}")]
     Incompatible(String),
@@ -140,11 +158,17 @@ impl Error {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum WireError {
     BadRequest(String),
-    Conflict { service: String, instance_id: String, holder_pid: u32 },
+    Conflict {
+        service: String,
+        instance_id: String,
+        holder_pid: u32,
+    },
     LimitExceeded(String),
     NotOwner(String),
     Incompatible(String),
-    NoAvailableInstance { service: String },
+    NoAvailableInstance {
+        service: String,
+    },
     Internal(String),
 }
 
@@ -152,9 +176,15 @@ impl From<WireError> for Error {
     fn from(w: WireError) -> Error {
         match w {
             WireError::BadRequest(m) => Error::BadRequest(m),
-            WireError::Conflict { service, instance_id, holder_pid } => {
-                Error::Conflict { service, instance_id, holder_pid }
-            }
+            WireError::Conflict {
+                service,
+                instance_id,
+                holder_pid,
+            } => Error::Conflict {
+                service,
+                instance_id,
+                holder_pid,
+            },
             WireError::LimitExceeded(m) => Error::LimitExceeded(m),
             WireError::NotOwner(m) => Error::NotOwner(m),
             WireError::Incompatible(m) => Error::Incompatible(m),
@@ -175,7 +205,10 @@ pub struct ServiceError {
 
 impl ServiceError {
     pub fn new(code: u16, message: impl Into<String>) -> ServiceError {
-        ServiceError { code, message: message.into() }
+        ServiceError {
+            code,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> ServiceError {
         ServiceError::new(code::BAD_REQUEST, message)

@@ -20,7 +20,10 @@ impl HeapAlloc {
         if size > 0 {
             free.insert(0, size);
         }
-        HeapAlloc { size, free: Mutex::new(free) }
+        HeapAlloc {
+            size,
+            free: Mutex::new(free),
+        }
     }
 
     pub fn size(&self) -> u64 {

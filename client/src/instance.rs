@@ -121,7 +121,11 @@ impl Instance {
     }
     /// Requests this instance has answered.
     pub fn requests_served(&self) -> u64 {
-        self.inner.seg.counters().requests_served.load(Ordering::Relaxed)
+        self.inner
+            .seg
+            .counters()
+            .requests_served
+            .load(Ordering::Relaxed)
     }
     /// Requests waiting in the ring.
     pub fn queued(&self) -> u64 {
@@ -133,7 +137,9 @@ impl Instance {
     }
 
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle { inner: Arc::downgrade(&self.inner) }
+        StopHandle {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     /// A receiver for one serving thread.
@@ -154,7 +160,9 @@ impl Instance {
         let mut rx = self.receiver();
         let mut out = Vec::with_capacity(self.inner.seg.layout.slot_size as usize);
         loop {
-            let Some(req) = rx.recv(None)? else { return Ok(()) };
+            let Some(req) = rx.recv(None)? else {
+                return Ok(());
+            };
             out.clear();
             match handler(&req, &mut out) {
                 Ok(()) => req.reply(&out)?,
@@ -173,7 +181,14 @@ impl InstanceInner {
     fn ring(&self) -> RingRef<'_> {
         let s = &self.seg;
         // SAFETY: the segment's layout was validated on open and outlives the borrow.
-        unsafe { RingRef::new(s.ring_indices(), s.slots_base(), s.layout.slot_stride(), s.layout.slot_count) }
+        unsafe {
+            RingRef::new(
+                s.ring_indices(),
+                s.slots_base(),
+                s.layout.slot_stride(),
+                s.layout.slot_count,
+            )
+        }
     }
 
     fn unregister(&self) -> Result<()> {
@@ -194,7 +209,12 @@ impl InstanceInner {
     /// Validates a taken slot and, if it is a live request, claims its mailbox and copies
     /// method and payload out. `None`: nothing to deliver (aborted, cancelled, or invalid
     /// and already answered with an error).
-    fn accept(&self, t: &Taken<'_>, method: &mut String, payload: &mut Vec<u8>) -> Option<Delivery> {
+    fn accept(
+        &self,
+        t: &Taken<'_>,
+        method: &mut String,
+        payload: &mut Vec<u8>,
+    ) -> Option<Delivery> {
         let h = t.header();
         if h.kind == KIND_ABORTED {
             return None;
@@ -215,7 +235,13 @@ impl InstanceInner {
             // Cancelled by its caller (deadline passed) before we got to it: do not run it.
             return None;
         }
-        let d = Delivery { client, mailbox: h.mailbox, gen: h.mailbox_gen, trace_id: h.trace_id, hops: h.hops };
+        let d = Delivery {
+            client,
+            mailbox: h.mailbox,
+            gen: h.mailbox_gen,
+            trace_id: h.trace_id,
+            hops: h.hops,
+        };
         let mlen = h.method_len as usize;
         let mut mbuf = [0u8; MAX_METHOD];
         let name = (mlen > 0 && mlen <= MAX_METHOD)
@@ -230,7 +256,10 @@ impl InstanceInner {
         method.push_str(name);
         let len = h.payload_len;
         let ok = match h.kind {
-            PAYLOAD_INLINE => usize::try_from(len).ok().and_then(|l| t.copy_data(mlen, l, payload)).is_some(),
+            PAYLOAD_INLINE => usize::try_from(len)
+                .ok()
+                .and_then(|l| t.copy_data(mlen, l, payload))
+                .is_some(),
             PAYLOAD_HEAP if len <= self.max_message => match d.client.heap_range(h.heap_off, len) {
                 Some(src) => {
                     payload.clear();
@@ -283,7 +312,10 @@ impl InstanceInner {
             let len = data.len() as u64;
             match self.heap.alloc(len) {
                 Some(off) => {
-                    let dst = self.seg.heap_range(off, len).expect("allocator stays in the heap");
+                    let dst = self
+                        .seg
+                        .heap_range(off, len)
+                        .expect("allocator stays in the heap");
                     // SAFETY: `dst` is `len` bytes of our heap, allocated to this reply.
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
                     self.pending.lock().push(PendingReply {
@@ -298,7 +330,9 @@ impl InstanceInner {
                 None => {
                     let msg = b"instance reply heap is full; retry";
                     // SAFETY: as above, the message is shorter than any mailbox.
-                    unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), inline, msg.len().min(cap)) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(msg.as_ptr(), inline, msg.len().min(cap))
+                    };
                     status = code::LIMIT_EXCEEDED as u32;
                     data = &msg[..msg.len().min(cap)];
                     (PAYLOAD_INLINE, 0)
@@ -307,12 +341,16 @@ impl InstanceInner {
         };
         mb.status.store(status, Ordering::Relaxed);
         mb.instance.store(self.seg.index, Ordering::Relaxed);
-        mb.incarnation.store(self.seg.incarnation, Ordering::Relaxed);
+        mb.incarnation
+            .store(self.seg.incarnation, Ordering::Relaxed);
         mb.reply_kind.store(kind as u32, Ordering::Relaxed);
         mb.reply_len.store(data.len() as u64, Ordering::Relaxed);
         mb.heap_off.store(off, Ordering::Relaxed);
         mailbox::complete(mb, d.gen);
-        self.seg.counters().requests_served.fetch_add(1, Ordering::Relaxed);
+        self.seg
+            .counters()
+            .requests_served
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Frees heap blocks whose replies their callers have read (or abandoned for a newer call).
@@ -416,8 +454,9 @@ impl Request<'_> {
     }
     /// Decodes a typed (bincode) payload; a failure is the caller's `BadRequest`.
     pub fn decode<T: DeserializeOwned>(&self) -> std::result::Result<T, ServiceError> {
-        crate::codec::decode(self.payload)
-            .map_err(|e| ServiceError::bad_request(format!("undecodable {} request: {e}", self.method)))
+        crate::codec::decode(self.payload).map_err(|e| {
+            ServiceError::bad_request(format!("undecodable {} request: {e}", self.method))
+        })
     }
     pub fn reply(mut self, data: &[u8]) -> Result<()> {
         let d = self.delivery.take().expect("replied once");
@@ -425,12 +464,14 @@ impl Request<'_> {
         Ok(())
     }
     pub fn reply_typed<T: Serialize>(self, v: &T) -> Result<()> {
-        let body = crate::codec::encode(v).map_err(|e| Error::BadRequest(format!("reply could not be encoded: {e}")))?;
+        let body = crate::codec::encode(v)
+            .map_err(|e| Error::BadRequest(format!("reply could not be encoded: {e}")))?;
         self.reply(&body)
     }
     pub fn reply_error(mut self, code: u16, message: &str) -> Result<()> {
         let d = self.delivery.take().expect("replied once");
-        self.inst.send_reply(d, code.max(1) as u32, message.as_bytes());
+        self.inst
+            .send_reply(d, code.max(1) as u32, message.as_bytes());
         Ok(())
     }
 }
@@ -438,7 +479,11 @@ impl Request<'_> {
 impl Drop for Request<'_> {
     fn drop(&mut self) {
         if let Some(d) = self.delivery.take() {
-            self.inst.send_reply(d, code::INTERNAL as u32, b"the instance dropped the request without replying");
+            self.inst.send_reply(
+                d,
+                code::INTERNAL as u32,
+                b"the instance dropped the request without replying",
+            );
         }
     }
 }

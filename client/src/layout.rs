@@ -164,7 +164,8 @@ impl Mapping {
     /// module, not bad input: it panics rather than reading outside the mapping.
     pub fn at<T: ShmSafe>(&self, off: usize) -> &T {
         assert!(
-            off.checked_add(size_of::<T>()).is_some_and(|end| end <= self.len)
+            off.checked_add(size_of::<T>())
+                .is_some_and(|end| end <= self.len)
                 && off % align_of::<T>() == 0,
             "layout bug: {} at {off} outside a {}-byte mapping",
             std::any::type_name::<T>(),
@@ -196,7 +197,13 @@ impl Mapping {
     }
 
     /// Writes the header of a freshly created segment, magic last (broker only).
-    pub fn write_header(&self, kind: SegmentKind, total_size: u64, bus_epoch: u64, params: [u64; 4]) {
+    pub fn write_header(
+        &self,
+        kind: SegmentKind,
+        total_size: u64,
+        bus_epoch: u64,
+        params: [u64; 4],
+    ) {
         assert!(self.len as u64 >= total_size && total_size >= size_of::<SegmentHeader>() as u64);
         let h = self.ptr as *mut SegmentHeader;
         // SAFETY: in bounds (asserted); the segment is not yet shared with anyone, so plain
@@ -226,13 +233,22 @@ impl Mapping {
             .ok_or_else(|| invalid(format!("{} bytes is too small for a header", map.len)))?;
         if h.magic != kind.magic() {
             // A segment of another kind has another magic: report the kind if we know it.
-            return Err(LayoutError::BadMagic { kind, found: h.magic });
+            return Err(LayoutError::BadMagic {
+                kind,
+                found: h.magic,
+            });
         }
         if h.layout_version != LAYOUT_VERSION {
-            return Err(LayoutError::Version { kind, found: h.layout_version });
+            return Err(LayoutError::Version {
+                kind,
+                found: h.layout_version,
+            });
         }
         if h.kind != kind as u32 {
-            return Err(LayoutError::Kind { kind, found: h.kind });
+            return Err(LayoutError::Kind {
+                kind,
+                found: h.kind,
+            });
         }
         if h.total_size != map.len as u64 {
             return Err(invalid(format!(
@@ -272,7 +288,10 @@ impl NameWords {
         let mut buf = [0u8; MAX_NAME];
         buf[..b.len()].copy_from_slice(b);
         for (w, chunk) in self.words.iter().zip(buf.chunks_exact(8)) {
-            w.store(u64::from_le_bytes(chunk.try_into().unwrap()), Ordering::Relaxed);
+            w.store(
+                u64::from_le_bytes(chunk.try_into().unwrap()),
+                Ordering::Relaxed,
+            );
         }
         self.len.store(b.len() as u32, Ordering::Relaxed);
     }
@@ -433,7 +452,9 @@ impl RegistryLayout {
     pub fn from_params(p: [u64; 4]) -> Result<Self, String> {
         let (s, i) = (p[0], p[1]);
         if s == 0 || !s.is_power_of_two() || s > 1 << 16 {
-            return Err(format!("max_services {s} is not a power of two in 1..=65536"));
+            return Err(format!(
+                "max_services {s} is not a power of two in 1..=65536"
+            ));
         }
         if i == 0 || i > 1 << 20 {
             return Err(format!("max_instances {i} is not in 1..=1048576"));
@@ -455,15 +476,22 @@ pub struct RegistryView {
 impl RegistryView {
     pub fn open(fd: &OwnedFd, writable: bool) -> Result<RegistryView, LayoutError> {
         let (map, h) = Mapping::open(fd, SegmentKind::Registry, writable, None)?;
-        let layout = RegistryLayout::from_params(h.params)
-            .map_err(|what| LayoutError::Invalid { kind: SegmentKind::Registry, what })?;
+        let layout =
+            RegistryLayout::from_params(h.params).map_err(|what| LayoutError::Invalid {
+                kind: SegmentKind::Registry,
+                what,
+            })?;
         if layout.total_size() != map.len() {
             return Err(LayoutError::Invalid {
                 kind: SegmentKind::Registry,
                 what: "size does not match its capacities".into(),
             });
         }
-        Ok(RegistryView { map, layout, epoch: h.bus_epoch })
+        Ok(RegistryView {
+            map,
+            layout,
+            epoch: h.bus_epoch,
+        })
     }
     pub fn control(&self) -> &RegistryControl {
         self.map.at(RegistryLayout::CONTROL)
@@ -573,6 +601,27 @@ pub struct RingIndices {
 }
 
 /// Control words at the start of every ring slot.
+impl RingIndices {
+    /// An empty ring's indices (the broker gets the same from a zeroed segment).
+    pub fn new() -> RingIndices {
+        RingIndices {
+            enqueue_pos: AtomicU64::new(0),
+            _p0: [0; 120],
+            dequeue_pos: AtomicU64::new(0),
+            _p1: [0; 120],
+            wake: AtomicU32::new(0),
+            sleepers: AtomicU32::new(0),
+            _p2: [0; 120],
+        }
+    }
+}
+
+impl Default for RingIndices {
+    fn default() -> Self {
+        RingIndices::new()
+    }
+}
+
 #[repr(C)]
 pub struct SlotCtl {
     /// Vyukov sequence: `pos` = free for the producer of lap `pos`, `pos + 1` = published
@@ -607,6 +656,25 @@ pub struct MsgHeader {
 pub struct SlotHeader {
     pub ctl: SlotCtl,
     pub msg: MsgHeader,
+}
+
+impl SlotHeader {
+    pub fn new() -> SlotHeader {
+        SlotHeader {
+            ctl: SlotCtl {
+                seq: AtomicU64::new(0),
+                claimer_pid: AtomicU32::new(0),
+                _pad: 0,
+            },
+            msg: MsgHeader::default(),
+        }
+    }
+}
+
+impl Default for SlotHeader {
+    fn default() -> Self {
+        SlotHeader::new()
+    }
 }
 
 // SAFETY: repr(C), atomics and plain integers only.
@@ -657,7 +725,11 @@ impl InstanceLayout {
             ));
         }
         if self.heap_size > 2 * MAX_MAX_MESSAGE {
-            return Err(format!("heap size {} is over {}", self.heap_size, 2 * MAX_MAX_MESSAGE));
+            return Err(format!(
+                "heap size {} is over {}",
+                self.heap_size,
+                2 * MAX_MAX_MESSAGE
+            ));
         }
         Ok(())
     }
@@ -694,7 +766,10 @@ impl InstanceSeg {
             slot_count: (p[0] >> 32) as u32,
             heap_size: p[1],
         };
-        let invalid = |what: String| LayoutError::Invalid { kind: SegmentKind::Instance, what };
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Instance,
+            what,
+        };
         layout.validate().map_err(invalid)?;
         if p[2] != incarnation || p[3] != index as u64 {
             return Err(invalid(format!(
@@ -705,7 +780,12 @@ impl InstanceSeg {
         if layout.total_size() != map.len() {
             return Err(invalid("size does not match its parameters".into()));
         }
-        Ok(InstanceSeg { map, layout, index, incarnation })
+        Ok(InstanceSeg {
+            map,
+            layout,
+            index,
+            incarnation,
+        })
     }
     pub fn counters(&self) -> &InstanceCounters {
         self.map.at(InstanceLayout::COUNTERS)
@@ -794,7 +874,10 @@ impl ClientSeg {
     pub fn open(fd: &OwnedFd, epoch: u64, index: u32, gen: u32) -> Result<ClientSeg, LayoutError> {
         let (map, h) = Mapping::open(fd, SegmentKind::Client, true, Some(epoch))?;
         let p = h.params;
-        let invalid = |what: String| LayoutError::Invalid { kind: SegmentKind::Client, what };
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Client,
+            what,
+        };
         if p[0] == 0 || p[0] > 1 << 16 || p[1] % 64 != 0 || p[1] > MAX_SLOT_SIZE as u64 {
             return Err(invalid(format!("bad mailbox parameters {p:?}")));
         }
@@ -807,12 +890,20 @@ impl ClientSeg {
             heap_size: p[2],
         };
         if p[3] != (index as u64 | (gen as u64) << 32) {
-            return Err(invalid(format!("is client {}, expected {index}/{gen}", p[3])));
+            return Err(invalid(format!(
+                "is client {}, expected {index}/{gen}",
+                p[3]
+            )));
         }
         if layout.total_size() != map.len() {
             return Err(invalid("size does not match its parameters".into()));
         }
-        Ok(ClientSeg { map, layout, index, gen })
+        Ok(ClientSeg {
+            map,
+            layout,
+            index,
+            gen,
+        })
     }
     /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
     pub fn mailbox(&self, i: u32) -> Option<(&MailboxHeader, *mut u8)> {
@@ -820,9 +911,10 @@ impl ClientSeg {
             return None;
         }
         let off = ClientLayout::MAILBOXES + i as usize * self.layout.mailbox_stride();
-        let data = self
-            .map
-            .range((off + size_of::<MailboxHeader>()) as u64, self.layout.mailbox_inline as u64)?;
+        let data = self.map.range(
+            (off + size_of::<MailboxHeader>()) as u64,
+            self.layout.mailbox_inline as u64,
+        )?;
         Some((self.map.at(off), data))
     }
     pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {

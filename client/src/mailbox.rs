@@ -153,7 +153,12 @@ pub fn cancel(mb: &MailboxHeader, gen: u32) -> Cancel {
         if s & !WAITER != pack(gen, PENDING) {
             return Cancel::InProgress;
         }
-        match mb.state.compare_exchange(s, pack(gen, CANCELLED), Ordering::Acquire, Ordering::Acquire) {
+        match mb.state.compare_exchange(
+            s,
+            pack(gen, CANCELLED),
+            Ordering::Acquire,
+            Ordering::Acquire,
+        ) {
             Ok(_) => return Cancel::Cancelled,
             Err(now) => s = now,
         }
@@ -191,7 +196,10 @@ mod tests {
         assert_eq!(cancel(&m, 1), Cancel::Cancelled);
         assert!(!take(&m, 1), "a cancelled request must not run");
         arm(&m, 2);
-        assert!(!take(&m, 1), "a stale generation must not take the next call's mailbox");
+        assert!(
+            !take(&m, 1),
+            "a stale generation must not take the next call's mailbox"
+        );
         assert!(take(&m, 2));
     }
 
@@ -211,7 +219,12 @@ mod tests {
         let m: &'static MailboxHeader = Box::leak(mb());
         arm(m, 9);
         let t = std::thread::spawn(move || {
-            wait_ready(m, 9, Duration::ZERO, Instant::now() + Duration::from_secs(10))
+            wait_ready(
+                m,
+                9,
+                Duration::ZERO,
+                Instant::now() + Duration::from_secs(10),
+            )
         });
         // Wait until the caller has announced that it sleeps, then reply.
         while m.state.load(Ordering::Relaxed) & WAITER == 0 {
@@ -220,5 +233,57 @@ mod tests {
         assert!(take(m, 9));
         assert!(complete(m, 9));
         assert_eq!(t.join().unwrap(), Wait::Ready);
+    }
+}
+
+/// Model check of the cancel/take race: exactly one side wins, and a reply is published
+/// only by a winning instance.
+#[cfg(loom)]
+mod loom_tests {
+    use super::*;
+    use crate::sync::{AtomicU32, AtomicU64};
+    use loom::sync::Arc;
+
+    fn mailbox() -> MailboxHeader {
+        MailboxHeader {
+            state: AtomicU32::new(0),
+            status: AtomicU32::new(0),
+            instance: AtomicU32::new(0),
+            reply_kind: AtomicU32::new(0),
+            reply_len: AtomicU64::new(0),
+            heap_off: AtomicU64::new(0),
+            incarnation: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn cancel_and_take_never_both_win() {
+        loom::model(|| {
+            let mb = Arc::new(mailbox());
+            arm(&mb, 3);
+            let inst = {
+                let mb = mb.clone();
+                loom::thread::spawn(move || {
+                    if take(&mb, 3) {
+                        mb.reply_len.store(42, Ordering::Relaxed);
+                        assert!(complete(&mb, 3));
+                        true
+                    } else {
+                        false
+                    }
+                })
+            };
+            let c = cancel(&mb, 3);
+            let took = inst.join().unwrap();
+            match c {
+                Cancel::Cancelled => assert!(!took),
+                Cancel::InProgress | Cancel::Ready => {
+                    assert!(took);
+                    let s = mb.state.load(Ordering::Acquire);
+                    assert_eq!(s, pack(3, READY));
+                    assert_eq!(mb.reply_len.load(Ordering::Relaxed), 42);
+                }
+            }
+        });
     }
 }

@@ -16,10 +16,17 @@ pub fn validate(what: &str, s: &str, max: usize) -> Result<()> {
             s.len()
         )));
     }
-    if let Some((i, c)) = s.char_indices().find(|(_, c)| c.is_control() || c.is_whitespace()) {
+    if let Some((i, c)) = s
+        .char_indices()
+        .find(|(_, c)| c.is_control() || c.is_whitespace())
+    {
         return Err(Error::BadRequest(format!(
             "{what} {s:?} contains {} at byte {i}",
-            if c.is_control() { "a control character" } else { "whitespace" }
+            if c.is_control() {
+                "a control character"
+            } else {
+                "whitespace"
+            }
         )));
     }
     Ok(())
@@ -48,6 +55,9 @@ mod tests {
             let e = service(bad).unwrap_err();
             assert!(matches!(e, Error::BadRequest(_)), "{bad:?}: {e}");
         }
-        assert!(method(&"m".repeat(65)).unwrap_err().to_string().contains("maximum is 64"));
+        assert!(method(&"m".repeat(65))
+            .unwrap_err()
+            .to_string()
+            .contains("maximum is 64"));
     }
 }

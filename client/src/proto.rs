@@ -33,18 +33,33 @@ pub struct ServiceConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    Hello { protocol: u32, layout: u32, mailboxes: u32 },
+    Hello {
+        protocol: u32,
+        layout: u32,
+        mailboxes: u32,
+    },
     Register {
         service: String,
         instance_id: String,
         metadata: Vec<(String, String)>,
         config: ServiceConfig,
     },
-    Unregister { instance: u32, incarnation: u64 },
-    OpenInstance { instance: u32, incarnation: u64 },
-    OpenClient { client: u32, gen: u32 },
+    Unregister {
+        instance: u32,
+        incarnation: u64,
+    },
+    OpenInstance {
+        instance: u32,
+        incarnation: u64,
+    },
+    OpenClient {
+        client: u32,
+        gen: u32,
+    },
     ListServices,
-    DescribeService { name: String },
+    DescribeService {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,7 +124,10 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
     let (v, used) = bincode::serde::decode_from_slice(b, bincode_config())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     if used != b.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "trailing bytes in frame"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "trailing bytes in frame",
+        ));
     }
     Ok(v)
 }
@@ -136,21 +154,40 @@ pub fn frame_len(header: [u8; 4]) -> io::Result<usize> {
 }
 
 /// One `sendmsg` of `buf` with `fds` attached; returns the bytes sent.
-pub fn send_with_fds(sock: BorrowedFd<'_>, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cm: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
-    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(buf)], cm, MsgFlags::MSG_NOSIGNAL, None)
-        .map_err(io::Error::from)
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(buf)],
+        cm,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)
 }
 
 /// One `recvmsg` into `buf`; received descriptors are appended to `fds`. Returns the bytes
 /// read (0 at end of stream).
-pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(io::Error::from)?;
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
     for c in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(rs) = c {
             for r in rs {
@@ -161,7 +198,10 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd
         }
     }
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "too many descriptors in one frame"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many descriptors in one frame",
+        ));
     }
     Ok(msg.bytes)
 }
@@ -172,7 +212,10 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_oversize_is_refused() {
-        let f = frame(&Request::DescribeService { name: "echo".into() }).unwrap();
+        let f = frame(&Request::DescribeService {
+            name: "echo".into(),
+        })
+        .unwrap();
         let n = frame_len(f[..4].try_into().unwrap()).unwrap();
         match decode::<Request>(&f[4..4 + n]).unwrap() {
             Request::DescribeService { name } => assert_eq!(name, "echo"),

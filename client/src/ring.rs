@@ -37,6 +37,13 @@ pub struct RingRef<'a> {
     _life: PhantomData<&'a [u8]>,
 }
 
+// SAFETY: a RingRef is a view of memory built for concurrent use by many threads and
+// processes: every shared word is an atomic, and slot payloads are owned by one side at a
+// time through the sequence protocol above.
+unsafe impl Send for RingRef<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for RingRef<'_> {}
+
 /// The ring is full (the caller decides whether to wait).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
@@ -81,7 +88,10 @@ impl<'a> RingRef<'a> {
     fn data_ptr(&self, pos: u64) -> *mut u8 {
         let i = (pos & (self.count as u64 - 1)) as usize;
         // SAFETY: as in `slot`; the data area follows the header inside the same stride.
-        unsafe { self.base.add(i * self.stride + std::mem::size_of::<SlotHeader>()) }
+        unsafe {
+            self.base
+                .add(i * self.stride + std::mem::size_of::<SlotHeader>())
+        }
     }
 
     /// Claims the next free slot for writing. The claim must be published (or dropped,
@@ -100,7 +110,11 @@ impl<'a> RingRef<'a> {
                 ) {
                     Ok(_) => {
                         self.slot(pos).ctl.claimer_pid.store(pid, Ordering::Relaxed);
-                        return Ok(Claim { ring: *self, pos, done: false });
+                        return Ok(Claim {
+                            ring: *self,
+                            pos,
+                            done: false,
+                        });
                     }
                     Err(p) => pos = p,
                 }
@@ -268,7 +282,10 @@ impl Drop for Claim<'_> {
     fn drop(&mut self) {
         if !self.done {
             // Never leave a claimed slot unpublished: consumers would wait for it forever.
-            self.set_header(MsgHeader { kind: KIND_ABORTED, ..MsgHeader::default() });
+            self.set_header(MsgHeader {
+                kind: KIND_ABORTED,
+                ..MsgHeader::default()
+            });
             self.done = true;
             let _ = self.ring.slot(self.pos).ctl.seq.compare_exchange(
                 self.pos,
@@ -295,7 +312,11 @@ impl<'a> Taken<'a> {
         unsafe { std::ptr::addr_of!(slot.msg).read_volatile() }
     }
     pub fn claimer_pid(&self) -> u32 {
-        self.ring.slot(self.pos).ctl.claimer_pid.load(Ordering::Relaxed)
+        self.ring
+            .slot(self.pos)
+            .ctl
+            .claimer_pid
+            .load(Ordering::Relaxed)
     }
     /// Copies `dst.len()` bytes at `off` of the slot's data into `dst`; `None` if out of range.
     pub fn read_into(&self, off: usize, dst: &mut [u8]) -> Option<()> {
@@ -303,7 +324,13 @@ impl<'a> Taken<'a> {
             return None;
         }
         // SAFETY: range checked against the slot's data area; `dst` is private memory.
-        unsafe { std::ptr::copy_nonoverlapping(self.ring.data_ptr(self.pos).add(off), dst.as_mut_ptr(), dst.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ring.data_ptr(self.pos).add(off),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
         Some(())
     }
 
@@ -318,7 +345,11 @@ impl<'a> Taken<'a> {
         // `len` and does not overlap shared memory. The copy tolerates concurrent writes by
         // a misbehaving producer (bytes may be garbage, never out of bounds).
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ring.data_ptr(self.pos).add(off), out.as_mut_ptr(), len);
+            std::ptr::copy_nonoverlapping(
+                self.ring.data_ptr(self.pos).add(off),
+                out.as_mut_ptr(),
+                len,
+            );
             out.set_len(len);
         }
         Some(())
@@ -328,7 +359,11 @@ impl<'a> Taken<'a> {
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
         let next = self.pos.wrapping_add(self.ring.count as u64);
-        self.ring.slot(self.pos).ctl.seq.store(next, Ordering::Release);
+        self.ring
+            .slot(self.pos)
+            .ctl
+            .seq
+            .store(next, Ordering::Release);
     }
 }
 
@@ -358,8 +393,8 @@ mod tests {
     }
 
     fn ring<'a>(s: &'a Storage, words: &'a mut [u64], stride: usize, count: u32) -> RingRef<'a> {
-        // 64-byte align the base inside the word buffer.
         let p = words.as_mut_ptr() as *mut u8;
+        // SAFETY: aligning to 64 moves at most 63 bytes into the 64 bytes of slack.
         let base = unsafe { p.add(p.align_offset(64)) };
         // SAFETY: the buffer holds count*stride bytes after alignment (sized with slack).
         let r = unsafe { RingRef::new(&s.idx, base, stride, count) };
@@ -373,7 +408,10 @@ mod tests {
         let r = ring(&s, &mut w, stride, 4);
         for i in 0..4u64 {
             let mut c = r.try_claim(1).unwrap();
-            c.set_header(MsgHeader { trace_id: i, ..Default::default() });
+            c.set_header(MsgHeader {
+                trace_id: i,
+                ..Default::default()
+            });
             c.publish().unwrap();
         }
         assert!(r.try_claim(1).is_err());
@@ -403,7 +441,10 @@ mod tests {
                     for i in 0..PER {
                         loop {
                             if let Ok(mut c) = r.try_claim(1) {
-                                c.set_header(MsgHeader { trace_id: p * PER + i, ..Default::default() });
+                                c.set_header(MsgHeader {
+                                    trace_id: p * PER + i,
+                                    ..Default::default()
+                                });
                                 c.publish().unwrap();
                                 break;
                             }
@@ -427,5 +468,86 @@ mod tests {
             }
         });
         assert!(seen.lock().unwrap().iter().all(|&n| n == 1));
+    }
+}
+
+/// Model check of the ring protocol under loom: `RUSTFLAGS="--cfg loom" cargo test -p
+/// aegis-client --release --lib loom`.
+#[cfg(loom)]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+
+    #[repr(C, align(64))]
+    struct Slot {
+        h: SlotHeader,
+        data: [u8; 64],
+    }
+
+    struct Shared {
+        idx: RingIndices,
+        slots: Vec<Slot>,
+    }
+
+    struct Ptr(*mut u8);
+    // SAFETY: points into `Shared`, kept alive by the Arc each thread holds.
+    unsafe impl Send for Ptr {}
+
+    fn ring<'a>(s: &'a Shared, p: &Ptr) -> RingRef<'a> {
+        // SAFETY: `p` points at `s.slots`, 2 slots of size_of::<Slot>() bytes.
+        unsafe { RingRef::new(&s.idx, p.0, std::mem::size_of::<Slot>(), 2) }
+    }
+
+    #[test]
+    fn two_producers_one_consumer_deliver_each_message_once() {
+        loom::model(|| {
+            let mut slots = Vec::new();
+            for _ in 0..2 {
+                slots.push(Slot {
+                    h: SlotHeader::new(),
+                    data: [0; 64],
+                });
+            }
+            let s = Arc::new(Shared {
+                idx: RingIndices::new(),
+                slots,
+            });
+            let base = s.slots.as_ptr() as *mut u8;
+            init_slots(&ring(&s, &Ptr(base)));
+            let producers: Vec<_> = (1..=2u64)
+                .map(|id| {
+                    let s = s.clone();
+                    let p = Ptr(base);
+                    loom::thread::spawn(move || {
+                        let r = ring(&s, &p);
+                        let mut c = loop {
+                            if let Ok(c) = r.try_claim(id as u32) {
+                                break c;
+                            }
+                            loom::thread::yield_now();
+                        };
+                        c.set_header(MsgHeader {
+                            trace_id: id,
+                            ..Default::default()
+                        });
+                        c.publish().unwrap();
+                    })
+                })
+                .collect();
+            let r = ring(&s, &Ptr(base));
+            let mut seen = Vec::new();
+            while seen.len() < 2 {
+                match r.try_pop() {
+                    Some(t) => seen.push(t.header().trace_id),
+                    None => loom::thread::yield_now(),
+                }
+            }
+            for p in producers {
+                p.join().unwrap();
+            }
+            seen.sort();
+            assert_eq!(seen, vec![1, 2]);
+            assert!(r.try_pop().is_none());
+        });
     }
 }

@@ -67,10 +67,15 @@ pub struct BenchReport {
     pub elapsed_s: f64,
     pub calls_per_s: f64,
     pub first_error: Option<String>,
+    /// Open loop: how late the generator itself sent calls (timer wake-up), included in
+    /// the latencies above.
+    pub send_lag_p50_us: f64,
+    pub send_lag_p99_us: f64,
 }
 
 struct ClientResult {
     hist: Histogram<u64>,
+    lag: Histogram<u64>,
     sent: u64,
     ok: u64,
     errors: u64,
@@ -92,10 +97,14 @@ pub fn run(args: &BenchArgs, dir: Option<std::path::PathBuf>) -> Result<BenchRep
     if args.verify && args.payload < 16 {
         return Err("--verify needs --payload of at least 16 bytes".into());
     }
-    let interval = args.rate.map(|r| Duration::from_secs_f64(args.clients as f64 / r));
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(args.clients as f64 / r));
     let opts = BusOptions {
         dir,
-        spin: args.spin_us.map_or(BusOptions::default().spin, Duration::from_micros),
+        spin: args
+            .spin_us
+            .map_or(BusOptions::default().spin, Duration::from_micros),
         ..Default::default()
     };
     // Connect every client before the clock starts.
@@ -115,18 +124,34 @@ pub fn run(args: &BenchArgs, dir: Option<std::path::PathBuf>) -> Result<BenchRep
                 let stop = stop.clone();
                 s.spawn(move || {
                     // Stagger open-loop clients evenly over one interval.
-                    let offset = interval.map_or(Duration::ZERO, |iv| iv.mul_f64(ci as f64 / args.clients as f64));
-                    client_loop(&bus, args, ci as u64, &call_opts, start + offset, end, interval, &stop)
+                    let offset = interval.map_or(Duration::ZERO, |iv| {
+                        iv.mul_f64(ci as f64 / args.clients as f64)
+                    });
+                    client_loop(
+                        &bus,
+                        args,
+                        ci as u64,
+                        &call_opts,
+                        start + offset,
+                        end,
+                        interval,
+                        &stop,
+                    )
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("bench client panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench client panicked"))
+            .collect()
     });
     let elapsed = start.elapsed().as_secs_f64();
     let mut hist = new_hist();
+    let mut lag = new_hist();
     let (mut sent, mut ok, mut errors, mut mismatched, mut first_error) = (0, 0, 0, 0, None);
     for r in results {
         hist.add(&r.hist).expect("same bounds");
+        lag.add(&r.lag).expect("same bounds");
         sent += r.sent;
         ok += r.ok;
         errors += r.errors;
@@ -153,6 +178,8 @@ pub fn run(args: &BenchArgs, dir: Option<std::path::PathBuf>) -> Result<BenchRep
         elapsed_s: elapsed,
         calls_per_s: ok as f64 / elapsed.max(1e-9),
         first_error,
+        send_lag_p50_us: lag.value_at_quantile(0.5) as f64 / 1000.0,
+        send_lag_p99_us: lag.value_at_quantile(0.99) as f64 / 1000.0,
     })
 }
 
@@ -167,12 +194,31 @@ fn client_loop(
     interval: Option<Duration>,
     stop: &AtomicBool,
 ) -> ClientResult {
-    let mut r = ClientResult { hist: new_hist(), sent: 0, ok: 0, errors: 0, mismatched: 0, first_error: None };
+    let mut r = ClientResult {
+        hist: new_hist(),
+        lag: new_hist(),
+        sent: 0,
+        ok: 0,
+        errors: 0,
+        mismatched: 0,
+        first_error: None,
+    };
     let mut payload = vec![0xa5u8; args.payload];
     let mut out = Vec::with_capacity(args.payload);
     let mut intended = first;
+    if interval.is_some() {
+        // Sleep precisely: the default 50 µs timer slack would be counted as call latency
+        // (latency runs from the intended send time).
+        // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+    }
     loop {
-        if args.count.map_or(Instant::now() >= end, |c| r.sent >= c) || stop.load(Ordering::Relaxed) {
+        let done = match (args.count, interval) {
+            (Some(c), _) => r.sent >= c,
+            (None, Some(_)) => intended >= end,
+            (None, None) => Instant::now() >= end,
+        };
+        if done || stop.load(Ordering::Relaxed) {
             break;
         }
         if interval.is_some() || r.sent == 0 {
@@ -185,7 +231,12 @@ fn client_loop(
             payload[..8].copy_from_slice(&client.to_le_bytes());
             payload[8..16].copy_from_slice(&r.sent.to_le_bytes());
         }
-        let sent_at = if interval.is_some() { intended } else { Instant::now() };
+        let sent_at = if interval.is_some() {
+            let _ = r.lag.record(intended.elapsed().as_nanos().max(1) as u64);
+            intended
+        } else {
+            Instant::now()
+        };
         r.sent += 1;
         match bus.call_into(&args.service, &args.method, &payload, opts, &mut out) {
             Ok(_) => {
@@ -208,13 +259,28 @@ fn client_loop(
 }
 
 pub fn print(r: &BenchReport) {
-    println!("mode        {} · {} clients · {} B payload", r.mode, r.clients, r.payload);
-    println!("calls       sent {} · ok {} · failed {} · mismatched {}", r.sent, r.ok, r.errors, r.mismatched);
-    println!("throughput  {:.0} calls/s over {:.2} s", r.calls_per_s, r.elapsed_s);
+    println!(
+        "mode        {} · {} clients · {} B payload",
+        r.mode, r.clients, r.payload
+    );
+    println!(
+        "calls       sent {} · ok {} · failed {} · mismatched {}",
+        r.sent, r.ok, r.errors, r.mismatched
+    );
+    println!(
+        "throughput  {:.0} calls/s over {:.2} s",
+        r.calls_per_s, r.elapsed_s
+    );
     println!(
         "latency µs  p50 {:.1} · p90 {:.1} · p99 {:.1} · p99.9 {:.1} · max {:.1}",
         r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.max_us
     );
+    if r.send_lag_p50_us > 0.0 {
+        println!(
+            "send lag µs p50 {:.1} · p99 {:.1} (generator wake-up, included above)",
+            r.send_lag_p50_us, r.send_lag_p99_us
+        );
+    }
     if let Some(e) = &r.first_error {
         println!("first error {e}");
     }

@@ -14,7 +14,11 @@ const SERVICE: &str = "demo.echo";
 pub fn run(calls: u64) -> Result<(), String> {
     println!("aegis-ipc demo: shared-memory calls between processes on this host\n");
     let mut bus = PrivateBus::start()?;
-    println!("1. started a private broker (pid {}) in {}", bus.broker_pid(), bus.dir().display());
+    println!(
+        "1. started a private broker (pid {}) in {}",
+        bus.broker_pid(),
+        bus.dir().display()
+    );
     for i in 1..=3 {
         let pid = bus.spawn_echo(SERVICE, &format!("echo-{i}"), &[])?;
         println!("2. started instance echo-{i} of '{SERVICE}' as process {pid}");
@@ -28,7 +32,9 @@ pub fn run(calls: u64) -> Result<(), String> {
     let mut failed = 0;
     // Warm up: the first call to each instance maps its segment (one broker round trip).
     for _ in 0..30 {
-        client.call_into(SERVICE, "echo", &payload, &opts, &mut out).map_err(|e| e.to_string())?;
+        client
+            .call_into(SERVICE, "echo", &payload, &opts, &mut out)
+            .map_err(|e| e.to_string())?;
     }
     let t0 = Instant::now();
     for _ in 0..calls {
@@ -42,10 +48,18 @@ pub fn run(calls: u64) -> Result<(), String> {
         }
     }
     let wall = t0.elapsed();
-    println!("3. made {calls} calls by name with a 1 KiB payload ({failed} failed) in {:.1} ms\n", wall.as_secs_f64() * 1e3);
+    println!(
+        "3. made {calls} calls by name with a 1 KiB payload ({failed} failed) in {:.1} ms\n",
+        wall.as_secs_f64() * 1e3
+    );
     println!("   {:<10} {:>7} {:>7}", "INSTANCE", "CALLS", "SHARE");
     for (id, n) in &spread {
-        println!("   {:<10} {:>7} {:>6.1}%", id, n, 100.0 * *n as f64 / calls.max(1) as f64);
+        println!(
+            "   {:<10} {:>7} {:>6.1}%",
+            id,
+            n,
+            100.0 * *n as f64 / calls.max(1) as f64
+        );
     }
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(
@@ -59,7 +73,10 @@ pub fn run(calls: u64) -> Result<(), String> {
     let info = client.service(SERVICE).map_err(|e| e.to_string())?;
     println!("\n4. the broker's view (aegisctl service {SERVICE}):");
     for i in &info.instances {
-        println!("   {:<10} pid {:>7} {:?} served {}", i.id, i.pid, i.status, i.requests_served);
+        println!(
+            "   {:<10} pid {:>7} {:?} served {}",
+            i.id, i.pid, i.status, i.requests_served
+        );
     }
     drop(client);
     drop(bus);

@@ -74,6 +74,9 @@ enum Cmd {
         /// Inline request bytes per ring slot (first instance of a service sets it).
         #[arg(long)]
         slot_size: Option<u32>,
+        /// Slots per instance ring (first instance of a service sets it).
+        #[arg(long)]
+        slot_count: Option<u32>,
         /// Largest message in bytes (first instance of a service sets it).
         #[arg(long)]
         max_message: Option<u64>,
@@ -97,13 +100,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let json_errors = matches!(
         cli.cmd,
-        Cmd::Services { json: true } | Cmd::Service { json: true, .. } | Cmd::Call { json: true, .. }
+        Cmd::Services { json: true }
+            | Cmd::Service { json: true, .. }
+            | Cmd::Call { json: true, .. }
     ) || matches!(&cli.cmd, Cmd::Bench(b) if b.json);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json_errors {
-                println!("{}", json!({ "error": e.kind, "code": e.code, "message": e.message }));
+                println!(
+                    "{}",
+                    json!({ "error": e.kind, "code": e.code, "message": e.message })
+                );
             }
             eprintln!("aegisctl: {}", e.message);
             ExitCode::from(1)
@@ -119,18 +127,29 @@ struct CliError {
 
 impl From<aegis_client::Error> for CliError {
     fn from(e: aegis_client::Error) -> Self {
-        CliError { kind: e.kind(), code: e.code(), message: e.to_string() }
+        CliError {
+            kind: e.kind(),
+            code: e.code(),
+            message: e.to_string(),
+        }
     }
 }
 
 impl From<String> for CliError {
     fn from(message: String) -> Self {
-        CliError { kind: "Usage", code: 400, message }
+        CliError {
+            kind: "Usage",
+            code: 400,
+            message,
+        }
     }
 }
 
 fn connect(dir: &Option<PathBuf>) -> Result<Bus, CliError> {
-    Ok(Bus::connect_with(BusOptions { dir: dir.clone(), ..Default::default() })?)
+    Ok(Bus::connect_with(BusOptions {
+        dir: dir.clone(),
+        ..Default::default()
+    })?)
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -140,7 +159,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&services).unwrap());
             } else {
-                println!("{:<32} {:>9} {:>9} {:>12} {:>14}", "SERVICE", "INSTANCES", "SLOT", "MAX_MESSAGE", "SERVED");
+                println!(
+                    "{:<32} {:>9} {:>9} {:>12} {:>14}",
+                    "SERVICE", "INSTANCES", "SLOT", "MAX_MESSAGE", "SERVED"
+                );
                 for s in &services {
                     let served: u64 = s.instances.iter().map(|i| i.requests_served).sum();
                     println!(
@@ -159,8 +181,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap());
             } else {
-                println!("service {} · slot {} B × {} · max message {} B", s.name, s.slot_size, s.slot_count, s.max_message);
-                println!("{:<24} {:>6} {:>8} {:>10} {:>12} {:>7}", "INSTANCE", "INDEX", "PID", "STATUS", "SERVED", "QUEUED");
+                println!(
+                    "service {} · slot {} B × {} · max message {} B",
+                    s.name, s.slot_size, s.slot_count, s.max_message
+                );
+                println!(
+                    "{:<24} {:>6} {:>8} {:>10} {:>12} {:>7}",
+                    "INSTANCE", "INDEX", "PID", "STATUS", "SERVED", "QUEUED"
+                );
                 for i in &s.instances {
                     println!(
                         "{:<24} {:>6} {:>8} {:>10} {:>12} {:>7}",
@@ -174,15 +202,29 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
         }
-        Cmd::Call { service, method, data, file, timeout_ms, json } => {
+        Cmd::Call {
+            service,
+            method,
+            data,
+            file,
+            timeout_ms,
+            json,
+        } => {
             let payload = match (data, file) {
                 (Some(d), _) => d.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+                (None, Some(f)) => {
+                    std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                }
                 (None, None) => Vec::new(),
             };
             let bus = connect(&cli.dir)?;
             let t = Instant::now();
-            let reply = bus.call(&service, &method, &payload, &CallOptions::timeout(Duration::from_millis(timeout_ms)))?;
+            let reply = bus.call(
+                &service,
+                &method,
+                &payload,
+                &CallOptions::timeout(Duration::from_millis(timeout_ms)),
+            )?;
             let latency_us = t.elapsed().as_secs_f64() * 1e6;
             if json {
                 let text = String::from_utf8_lossy(&reply.payload);
@@ -198,8 +240,25 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
         }
-        Cmd::Serve { service, instance, echo: _, threads, delay_ms, spin_us, slot_size, max_message } => {
-            serve(&cli.dir, &service, &instance, threads, delay_ms, spin_us, slot_size, max_message)?
+        Cmd::Serve {
+            service,
+            instance,
+            echo: _,
+            threads,
+            delay_ms,
+            spin_us,
+            slot_size,
+            slot_count,
+            max_message,
+        } => {
+            let config = ServiceConfig {
+                slot_size,
+                slot_count,
+                max_message,
+            };
+            serve(
+                &cli.dir, &service, &instance, threads, delay_ms, spin_us, config,
+            )?
         }
         Cmd::Bench(args) => {
             let report = if let Some(n) = args.spawn {
@@ -225,8 +284,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Demo { calls } => demo::run(calls)?,
         Cmd::Broker { args } => {
             use clap::Parser as _;
-            let cfg = aegis_broker::BrokerConfig::try_parse_from(std::iter::once("aegis-broker".to_string()).chain(args))
-                .map_err(|e| e.to_string())?;
+            let cfg = aegis_broker::BrokerConfig::try_parse_from(
+                std::iter::once("aegis-broker".to_string()).chain(args),
+            )
+            .map_err(|e| e.to_string())?;
             init_logging(&cfg.log);
             aegis_broker::run(cfg)?;
         }
@@ -237,10 +298,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
-#[allow(clippy::too_many_arguments)]
 fn serve(
     dir: &Option<PathBuf>,
     service: &str,
@@ -248,8 +311,7 @@ fn serve(
     threads: usize,
     delay_ms: u64,
     spin_us: Option<u64>,
-    slot_size: Option<u32>,
-    max_message: Option<u64>,
+    config: ServiceConfig,
 ) -> Result<(), CliError> {
     use nix::sys::signal::{SigSet, Signal};
     init_logging("warn");
@@ -257,16 +319,18 @@ fn serve(
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
-    set.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+    set.thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
     let bus = connect(dir)?;
     let mut opts = RegisterOptions {
-        config: ServiceConfig { slot_size, max_message, ..Default::default() },
+        config,
         ..Default::default()
     };
     if let Some(s) = spin_us {
         opts.spin = Duration::from_micros(s);
     }
-    opts.metadata.push(("cmd".into(), "aegisctl serve --echo".into()));
+    opts.metadata
+        .push(("cmd".into(), "aegisctl serve --echo".into()));
     let inst = bus.register_with(service, id, opts)?;
     let stop = inst.stop_handle();
     std::thread::spawn(move || {
@@ -290,7 +354,9 @@ fn serve(
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("serving thread panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("serving thread panicked"))
+            .collect()
     });
     for r in results {
         r?;

@@ -16,9 +16,15 @@ pub struct PrivateBus {
 }
 
 /// Spawns `cmd` and waits (bounded) for a stdout line starting with `ready_prefix`.
-pub fn spawn_ready(mut cmd: Command, ready_prefix: &str, what: &str) -> Result<(Child, String), String> {
+pub fn spawn_ready(
+    mut cmd: Command,
+    ready_prefix: &str,
+    what: &str,
+) -> Result<(Child, String), String> {
     cmd.stdout(Stdio::piped()).stdin(Stdio::null());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = mpsc::channel();
     let prefix = ready_prefix.to_owned();
@@ -36,7 +42,9 @@ pub fn spawn_ready(mut cmd: Command, ready_prefix: &str, what: &str) -> Result<(
         Err(_) => {
             let _ = child.kill();
             let status = child.wait().ok();
-            Err(format!("{what} did not become ready within {READY_TIMEOUT:?} (exit status {status:?})"))
+            Err(format!(
+                "{what} did not become ready within {READY_TIMEOUT:?} (exit status {status:?})"
+            ))
         }
     }
 }
@@ -64,7 +72,11 @@ impl PrivateBus {
         let mut cmd = broker_command();
         cmd.arg("--dir").arg(dir.path()).arg("--log").arg("warn");
         let (broker, _) = spawn_ready(cmd, "aegis-broker ready", "the broker")?;
-        Ok(PrivateBus { dir, broker, instances: Vec::new() })
+        Ok(PrivateBus {
+            dir,
+            broker,
+            instances: Vec::new(),
+        })
     }
 
     pub fn dir(&self) -> &Path {

@@ -1,0 +1,56 @@
+//! The broker binary's command line: bad flags are refused with a clear reason and a
+//! non-zero exit, before anything is created.
+
+use std::process::Command;
+
+fn broker() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_aegis-broker"))
+}
+
+#[test]
+fn invalid_capacity_flag_is_refused_with_the_flag_named() {
+    let dir = tempfile_dir();
+    let out = broker()
+        .args(["--dir", &dir, "--max-services", "100"])
+        .output()
+        .expect("run aegis-broker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--max-services 100 must be a power of two"),
+        "stderr: {err}"
+    );
+    assert!(!std::path::Path::new(&dir).join("control.sock").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn invalid_socket_mode_is_refused() {
+    let dir = tempfile_dir();
+    let out = broker()
+        .args(["--dir", &dir, "--socket-mode", "9z"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--socket-mode \"9z\" is not an octal mode")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn tempfile_dir() -> String {
+    let d = std::env::temp_dir().join(format!(
+        "aegis-broker-cli-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d.to_string_lossy().into_owned()
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}

@@ -1,0 +1,450 @@
+//! End-to-end tests of the core bus: the real `aegis-broker` binary in a private
+//! directory, real instance processes (`aegisctl serve`), real shared memory and futexes.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aegis_client::{
+    Bus, BusOptions, CallOptions, Error, RegisterOptions, ServiceConfig, ServiceError, Status,
+};
+use serde::{Deserialize, Serialize};
+use support::{wait_deadline, TestBus};
+
+fn opts() -> CallOptions {
+    CallOptions::timeout(Duration::from_secs(10))
+}
+
+#[test]
+fn three_instances_each_get_exactly_a_third_of_3000_calls() {
+    let bus = TestBus::start();
+    let _a = bus.serve("rr", "a", &[]);
+    let _b = bus.serve("rr", "b", &[]);
+    let _c = bus.serve("rr", "c", &[]);
+    let client = bus.connect();
+    let mut per: HashMap<String, u32> = HashMap::new();
+    let mut out = Vec::new();
+    for i in 0..3000u32 {
+        let payload = i.to_le_bytes();
+        let info = client
+            .call_into("rr", "echo", &payload, &opts(), &mut out)
+            .unwrap();
+        assert_eq!(out, payload);
+        *per.entry(client.instance_id(info)).or_default() += 1;
+    }
+    assert_eq!(per.len(), 3, "{per:?}");
+    assert!(per.values().all(|&n| n == 1000), "{per:?}");
+    // The broker's counters agree (read live from the instances' segments).
+    let info = client.service("rr").unwrap();
+    assert_eq!(info.instances.len(), 3);
+    for i in &info.instances {
+        assert_eq!(i.requests_served, 1000, "{}", i.id);
+        assert_eq!(i.status, Status::Online);
+    }
+}
+
+#[test]
+fn unknown_service_is_no_available_instance() {
+    let bus = TestBus::start();
+    let e = bus.connect().call("nope", "m", b"x", &opts()).unwrap_err();
+    assert!(
+        matches!(&e, Error::NoAvailableInstance { service } if service == "nope"),
+        "{e}"
+    );
+    assert_eq!(e.code(), 503);
+}
+
+#[test]
+fn duplicate_registration_is_conflict_naming_the_holder_and_same_process_is_idempotent() {
+    let bus = TestBus::start();
+    let held = bus.serve("dup", "one", &[]);
+    let client = bus.connect();
+    match client.register("dup", "one", &[]) {
+        Err(Error::Conflict {
+            service,
+            instance_id,
+            holder_pid,
+        }) => {
+            assert_eq!((service.as_str(), instance_id.as_str()), ("dup", "one"));
+            assert_eq!(holder_pid, held.pid());
+        }
+        Err(e) => panic!("expected Conflict, got {e}"),
+        Ok(_) => panic!("expected Conflict, got a registration"),
+    }
+    // The same process registering the same id again gets the same registration.
+    let first = client.register("dup", "two", &[("k", "v")]).unwrap();
+    let again = client.register("dup", "two", &[]).unwrap();
+    assert_eq!(first.index(), again.index());
+    assert_eq!(client.routable_instances("dup").len(), 2);
+}
+
+#[test]
+fn instance_that_exits_cleanly_leaves_routing() {
+    let bus = TestBus::start();
+    let stays = bus.serve("leave", "stays", &[]);
+    let goes = bus.serve("leave", "goes", &[]);
+    let client = bus.connect();
+    assert_eq!(client.routable_instances("leave").len(), 2);
+    goes.stop(); // SIGTERM; returns once the process has exited (after unregistering)
+    let left: Vec<_> = client
+        .routable_instances("leave")
+        .into_iter()
+        .map(|(_, id, _)| id)
+        .collect();
+    assert_eq!(left, vec!["stays".to_string()]);
+    for _ in 0..50 {
+        assert_eq!(
+            client
+                .call("leave", "m", b"x", &opts())
+                .unwrap()
+                .instance_id,
+            "stays"
+        );
+    }
+    drop(stays);
+}
+
+#[test]
+fn oversize_payload_is_message_too_large_and_the_bus_keeps_working() {
+    let bus = TestBus::start();
+    let _s = bus.serve("small", "s1", &["--max-message", "65536"]);
+    let client = bus.connect();
+    let e = client
+        .call("small", "m", &vec![0u8; 65537], &opts())
+        .unwrap_err();
+    match &e {
+        Error::MessageTooLarge { service, size, max } => {
+            assert_eq!((service.as_str(), *size, *max), ("small", 65537, 65536));
+        }
+        other => panic!("expected MessageTooLarge, got {other}"),
+    }
+    let ok = client
+        .call("small", "m", &vec![7u8; 65536], &opts())
+        .unwrap();
+    assert_eq!(ok.payload, vec![7u8; 65536]);
+}
+
+#[test]
+fn sixteen_mib_payload_round_trips_intact() {
+    let bus = TestBus::start();
+    let _s = bus.serve("big", "b1", &[]);
+    let client = bus.connect();
+    let payload: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let reply = client.call("big", "m", &payload, &opts()).unwrap();
+    assert_eq!(reply.payload.len(), payload.len());
+    assert!(
+        reply.payload == payload,
+        "16 MiB reply differs from the request"
+    );
+    // Twice, so heap blocks on both sides are shown to be freed and reused.
+    let reply = client.call("big", "m", &payload, &opts()).unwrap();
+    assert!(reply.payload == payload);
+}
+
+#[test]
+fn eight_threads_and_four_processes_get_their_own_replies() {
+    let bus = TestBus::start();
+    // Small ring so producers from all processes wrap it many times.
+    let _a = bus.serve("xtalk", "a", &["--threads", "2", "--slot-count", "8"]);
+    let _b = bus.serve("xtalk", "b", &["--threads", "2"]);
+    let procs: Vec<_> = (0..4)
+        .map(|_| {
+            bus.aegisctl(&[
+                "bench",
+                "--service",
+                "xtalk",
+                "--clients",
+                "8",
+                "--count",
+                "400",
+                "--verify",
+                "--payload",
+                "1024",
+                "--json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let client = bus.connect();
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let client = &client;
+            s.spawn(move || {
+                let mut out = Vec::new();
+                for i in 0..400u64 {
+                    let mut p = vec![0u8; 200 + (i as usize % 300)];
+                    p[..8].copy_from_slice(&t.to_le_bytes());
+                    p[8..16].copy_from_slice(&i.to_le_bytes());
+                    client
+                        .call_into("xtalk", "m", &p, &opts(), &mut out)
+                        .unwrap();
+                    assert_eq!(out, p, "thread {t} call {i} got someone else's reply");
+                }
+            });
+        }
+    });
+    for mut p in procs {
+        let st = wait_deadline(&mut p);
+        let mut s = String::new();
+        std::io::Read::read_to_string(p.stdout.as_mut().unwrap(), &mut s).unwrap();
+        assert!(st.success(), "bench process failed: {s}");
+        let v: serde_json::Value = serde_json::from_str(s.trim()).unwrap();
+        assert_eq!(v["ok"], 3200, "{s}");
+        assert_eq!(v["errors"], 0, "{s}");
+        assert_eq!(v["mismatched"], 0, "{s}");
+    }
+}
+
+#[test]
+fn a_request_cancelled_before_it_was_taken_never_runs_and_its_mailbox_serves_the_next_call() {
+    let bus = TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("pend", "p", &[]).unwrap();
+    // One mailbox: the next call necessarily reuses the cancelled call's mailbox.
+    let client = bus.connect_with(BusOptions {
+        mailboxes: 1,
+        ..Default::default()
+    });
+    // Nobody receives yet, so the request sits in the ring until its deadline passes.
+    let e = client
+        .call(
+            "pend",
+            "m",
+            b"late",
+            &CallOptions::timeout(Duration::from_millis(50)),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    std::thread::scope(|s| {
+        let next = s.spawn(|| client.call("pend", "m", b"next", &opts()));
+        let mut rx = inst.receiver();
+        let req = rx
+            .recv(Some(support::DEADLINE))
+            .unwrap()
+            .expect("a request within the deadline");
+        assert_eq!(
+            req.payload(),
+            b"next",
+            "the cancelled request was delivered"
+        );
+        req.reply(b"reply-to-next").unwrap();
+        assert_eq!(next.join().unwrap().unwrap().payload, b"reply-to-next");
+    });
+    assert_eq!(
+        inst.requests_served(),
+        1,
+        "the cancelled request must not have run"
+    );
+}
+
+#[test]
+fn a_reply_arriving_after_its_timeout_is_dropped_not_given_to_the_next_call() {
+    let bus = TestBus::start();
+    let _slow = bus.serve("late", "l", &["--delay-ms", "200"]);
+    let client = bus.connect_with(BusOptions {
+        mailboxes: 1,
+        ..Default::default()
+    });
+    // Taken by the instance at once, answered 200 ms later: after our 30 ms deadline.
+    let e = client
+        .call(
+            "late",
+            "m",
+            b"first",
+            &CallOptions::timeout(Duration::from_millis(30)),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    // The only mailbox is quarantined until the late reply lands; then it is recycled
+    // with a new generation. Whatever the next call gets must be its own reply.
+    let deadline = std::time::Instant::now() + support::DEADLINE;
+    let r = loop {
+        match client.call("late", "m", b"second", &opts()) {
+            Err(Error::LimitExceeded(_)) if std::time::Instant::now() < deadline => {
+                std::thread::yield_now()
+            }
+            other => break other.unwrap(),
+        }
+    };
+    assert_eq!(r.payload, b"second");
+}
+
+#[test]
+fn invalid_names_are_bad_request_and_the_bus_keeps_running() {
+    let bus = TestBus::start();
+    let _s = bus.serve("names", "n1", &[]);
+    let client = bus.connect();
+    let long = "x".repeat(200);
+    for bad in ["", "has space", "ctl\u{7}char", long.as_str()] {
+        let e = client.call(bad, "m", b"", &opts()).unwrap_err();
+        assert!(matches!(e, Error::BadRequest(_)), "service {bad:?}: {e}");
+        let e = client.call("names", bad, b"", &opts()).unwrap_err();
+        assert!(matches!(e, Error::BadRequest(_)), "method {bad:?}: {e}");
+        match client.register(bad, "i", &[]) {
+            Err(Error::BadRequest(m)) => assert!(m.contains("service name"), "{m}"),
+            Err(e) => panic!("register {bad:?}: {e}"),
+            Ok(_) => panic!("register {bad:?} succeeded"),
+        }
+    }
+    assert_eq!(
+        client.call("names", "m", b"ok", &opts()).unwrap().payload,
+        b"ok"
+    );
+}
+
+#[test]
+fn a_second_broker_on_the_same_directory_refuses_and_the_first_keeps_serving() {
+    let bus = TestBus::start();
+    let _s = bus.serve("solo", "s1", &[]);
+    let out = std::process::Command::new(support::broker_bin())
+        .arg("--dir")
+        .arg(bus.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already serving"), "stderr: {err}");
+    assert!(
+        err.contains(&bus.broker.id().to_string()),
+        "names the running broker's pid: {err}"
+    );
+    assert_eq!(
+        bus.connect()
+            .call("solo", "m", b"still", &opts())
+            .unwrap()
+            .payload,
+        b"still"
+    );
+}
+
+#[test]
+fn a_missing_broker_is_broker_unavailable_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    match Bus::connect_dir(dir.path()) {
+        Err(Error::BrokerUnavailable { path, .. }) => {
+            assert_eq!(path, dir.path().join("control.sock"));
+        }
+        Err(e) => panic!("expected BrokerUnavailable, got {e}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+}
+
+#[test]
+fn a_client_of_another_layout_version_is_refused_clearly() {
+    use aegis_client::proto::{self, Request, Response};
+    use std::io::{Read, Write};
+    let bus = TestBus::start();
+    let mut s = std::os::unix::net::UnixStream::connect(bus.path().join("control.sock")).unwrap();
+    s.write_all(
+        &proto::frame(&Request::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            layout: 999,
+            mailboxes: 4,
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let mut hdr = [0u8; 4];
+    s.read_exact(&mut hdr).unwrap();
+    let mut body = vec![0u8; proto::frame_len(hdr).unwrap()];
+    s.read_exact(&mut body).unwrap();
+    match proto::decode::<Response>(&body).unwrap() {
+        Response::Error(w) => {
+            let e: Error = w.into();
+            assert!(matches!(e, Error::Incompatible(_)), "{e}");
+            assert!(e.to_string().contains("layout 999"), "{e}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // Garbage on the control socket does not hurt the broker either.
+    let mut g = std::os::unix::net::UnixStream::connect(bus.path().join("control.sock")).unwrap();
+    g.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+    let _s = bus.serve("after", "a", &[]);
+    assert_eq!(
+        bus.connect()
+            .call("after", "m", b"ok", &opts())
+            .unwrap()
+            .payload,
+        b"ok"
+    );
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Sum {
+    terms: Vec<i64>,
+}
+
+#[test]
+fn typed_calls_and_pull_style_serving_work_in_process() {
+    let bus = TestBus::start();
+    let server = bus.connect();
+    let inst = server
+        .register_with(
+            "calc",
+            "c1",
+            RegisterOptions {
+                config: ServiceConfig {
+                    slot_size: Some(512),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let stop = inst.stop_handle();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut rx = inst.receiver();
+            while let Some(req) = rx.recv(None).unwrap() {
+                match req.method() {
+                    "sum" => match req.decode::<Sum>() {
+                        Ok(v) => req.reply_typed(&v.terms.iter().sum::<i64>()).unwrap(),
+                        Err(ServiceError { code, message }) => {
+                            req.reply_error(code, &message).unwrap()
+                        }
+                    },
+                    _ => req.reply_error(404, "no such method").unwrap(),
+                }
+            }
+        });
+        let client = bus.connect();
+        let total: i64 = client
+            .call_typed(
+                "calc",
+                "sum",
+                &Sum {
+                    terms: vec![1, 2, 39],
+                },
+                &opts(),
+            )
+            .unwrap();
+        assert_eq!(total, 42);
+        // Larger than the 512-byte slot: goes through the caller's heap.
+        let many = Sum {
+            terms: (1..=1000).collect(),
+        };
+        let total: i64 = client.call_typed("calc", "sum", &many, &opts()).unwrap();
+        assert_eq!(total, 500_500);
+        match client.call("calc", "sum", b"\xff\xff", &opts()) {
+            Err(Error::BadRequest(m)) => assert!(m.contains("undecodable sum request"), "{m}"),
+            other => panic!("expected BadRequest, got {other:?}"),
+        }
+        match client.call("calc", "div", b"", &opts()) {
+            Err(Error::Remote {
+                instance,
+                code: 404,
+                message,
+            }) => {
+                assert_eq!(instance, "c1");
+                assert_eq!(message, "no such method");
+            }
+            other => panic!("expected Remote 404, got {other:?}"),
+        }
+        stop.stop();
+    });
+}

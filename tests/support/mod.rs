@@ -1,0 +1,183 @@
+//! Helpers for the end-to-end tests: a private bus (the real `aegis-broker` binary in its
+//! own temporary directory) and real instance processes (`aegisctl serve`). Everything
+//! waits on conditions (readiness lines, process exit) with deadlines, never on sleeps.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use aegis_client::{Bus, BusOptions};
+
+/// How long anything may take to become ready before the test fails instead of hanging.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn aegisctl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_aegisctl"))
+}
+
+/// The broker binary built alongside `aegisctl` (`cargo test --workspace` builds it; a
+/// narrower `cargo test` gets it built here).
+pub fn broker_bin() -> PathBuf {
+    let bin = aegisctl_bin().with_file_name("aegis-broker");
+    if !bin.is_file() {
+        let profile_release = bin.parent().is_some_and(|p| p.ends_with("release"));
+        let mut c = Command::new(env!("CARGO"));
+        c.args(["build", "-p", "aegis-broker", "--bin", "aegis-broker"]);
+        if profile_release {
+            c.arg("--release");
+        }
+        let st = c.status().expect("run cargo build for aegis-broker");
+        assert!(st.success(), "building aegis-broker failed");
+    }
+    bin
+}
+
+/// Spawns `cmd` and waits for a stdout line starting with `prefix`; returns the line.
+pub fn spawn_ready(mut cmd: Command, prefix: &str) -> (Child, String) {
+    cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let prefix = prefix.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with(&prefix) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(l) => (child, l),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "process {cmd:?} not ready within {DEADLINE:?}: {:?}",
+                child.wait()
+            );
+        }
+    }
+}
+
+/// A broker on a private directory, stopped and removed on drop.
+pub struct TestBus {
+    pub dir: tempfile::TempDir,
+    pub broker: Child,
+}
+
+impl TestBus {
+    pub fn start() -> TestBus {
+        TestBus::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> TestBus {
+        let dir = tempfile::Builder::new()
+            .prefix("aegis-test-")
+            .tempdir()
+            .unwrap();
+        let broker = start_broker(dir.path(), args);
+        TestBus { dir, broker }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn connect(&self) -> Bus {
+        Bus::connect_dir(self.path()).expect("connect to test bus")
+    }
+
+    pub fn connect_with(&self, mut opts: BusOptions) -> Bus {
+        opts.dir = Some(self.path().to_owned());
+        Bus::connect_with(opts).expect("connect to test bus")
+    }
+
+    /// `aegisctl --dir DIR ARGS…`
+    pub fn aegisctl(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(aegisctl_bin());
+        c.arg("--dir").arg(self.path()).args(args);
+        c
+    }
+
+    /// Starts an echo instance process and waits until it is registered.
+    pub fn serve(&self, service: &str, id: &str, extra: &[&str]) -> Served {
+        let mut c = self.aegisctl(&["serve", service, "--instance", id, "--echo"]);
+        c.args(extra);
+        let (child, line) = spawn_ready(c, "ready ");
+        let index = line.rsplit(' ').next().unwrap().parse().unwrap();
+        Served {
+            child,
+            index,
+            id: id.to_owned(),
+        }
+    }
+}
+
+pub fn start_broker(dir: &Path, args: &[&str]) -> Child {
+    let mut c = Command::new(broker_bin());
+    c.arg("--dir").arg(dir).args(["--log", "warn"]).args(args);
+    spawn_ready(c, "aegis-broker ready").0
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        terminate(&mut self.broker);
+    }
+}
+
+/// An instance process.
+pub struct Served {
+    pub child: Child,
+    pub index: u32,
+    pub id: String,
+}
+
+impl Served {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// SIGTERM and wait for the exit (the instance unregisters on the way out).
+    pub fn stop(mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+pub fn terminate(c: &mut Child) {
+    if let Ok(Some(_)) = c.try_wait() {
+        return;
+    }
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+    wait_deadline(c);
+}
+
+/// Waits for a child's exit; a watchdog kills it if it takes past the deadline, so a bug
+/// fails the test instead of hanging it.
+pub fn wait_deadline(c: &mut Child) -> std::process::ExitStatus {
+    let pid = c.id();
+    let (done, watchdog) = mpsc::channel::<()>();
+    let dog = std::thread::spawn(move || {
+        if watchdog.recv_timeout(DEADLINE) == Err(mpsc::RecvTimeoutError::Timeout) {
+            // SAFETY: kill(2) on our unreaped child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return true;
+        }
+        false
+    });
+    let st = c.wait().expect("wait for child");
+    let _ = done.send(());
+    assert!(
+        !dog.join().unwrap(),
+        "process {pid} did not exit within {DEADLINE:?}"
+    );
+    st
+}
