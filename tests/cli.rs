@@ -127,3 +127,25 @@ fn a_broker_killed_without_cleanup_is_replaced_cleanly() {
     drop(bus);
     support::terminate(&mut b2);
 }
+
+#[test]
+fn demo_runs_with_only_aegisctl_built() {
+    // A copy of aegisctl with no aegis-broker beside it: the demo must run the broker from
+    // aegisctl itself (what `cargo run --bin aegisctl -- demo` gets on a fresh clone).
+    let lone = tempfile::tempdir().unwrap();
+    let exe = lone.path().join("aegisctl");
+    std::fs::copy(support::aegisctl_bin(), &exe).unwrap();
+    let (ok, out, err) = run({
+        let mut c = Command::new(&exe);
+        c.args(["demo", "--calls", "300"]);
+        c
+    });
+    assert!(ok, "demo failed: {err}\n{out}");
+    for id in ["echo-1", "echo-2", "echo-3"] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(id) && l.contains(" 100 ")),
+            "{id} did not get exactly 100 of 300 calls:\n{out}"
+        );
+    }
+}

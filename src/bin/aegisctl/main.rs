@@ -284,8 +284,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Demo { calls } => demo::run(calls)?,
         Cmd::Broker { args } => {
             use clap::Parser as _;
+            // `--dir` is also aegisctl's global flag, so clap hands it to us, not to `args`.
+            let dir = cli
+                .dir
+                .iter()
+                .flat_map(|d| ["--dir".to_string(), d.to_string_lossy().into_owned()]);
             let cfg = aegis_broker::BrokerConfig::try_parse_from(
-                std::iter::once("aegis-broker".to_string()).chain(args),
+                std::iter::once("aegis-broker".to_string())
+                    .chain(dir)
+                    .chain(args),
             )
             .map_err(|e| e.to_string())?;
             init_logging(&cfg.log);
