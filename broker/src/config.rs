@@ -24,6 +24,12 @@ pub struct BrokerConfig {
     /// Connected processes at once.
     #[arg(long, default_value_t = 1024)]
     pub max_clients: u32,
+    /// Slots of the shared-memory resource map (power of two; keep about twice the ids in use).
+    #[arg(long, default_value_t = 262_144)]
+    pub max_resources: u32,
+    /// Resources one instance may own.
+    #[arg(long, default_value_t = 1000)]
+    pub max_resources_per_instance: u32,
     /// Default inline bytes per request slot (a service may choose its own).
     #[arg(long, default_value_t = layout::DEFAULT_SLOT_SIZE)]
     pub slot_size: u32,
@@ -36,9 +42,13 @@ pub struct BrokerConfig {
     /// Mode of the control socket (octal); 600 = owner only, 660 = owner and group.
     #[arg(long, default_value = "600")]
     pub socket_mode: String,
-    /// Uids besides root allowed administrative actions.
-    #[arg(long = "admin-uid")]
+    /// Uids allowed administrative actions (force, release or transfer any resource).
+    /// Default: root only.
+    #[arg(long = "admin-uid", default_values_t = [0u32])]
     pub admin_uids: Vec<u32>,
+    /// Gids whose members are administrators too.
+    #[arg(long = "admin-gid")]
+    pub admin_gids: Vec<u32>,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -62,6 +72,12 @@ impl BrokerConfig {
             return Err(format!(
                 "--max-clients {} must be in 1..=1048576",
                 self.max_clients
+            ));
+        }
+        if !self.max_resources.is_power_of_two() || self.max_resources > 1 << 24 {
+            return Err(format!(
+                "--max-resources {} must be a power of two up to 16777216",
+                self.max_resources
             ));
         }
         if self.max_message == 0 || self.max_message > layout::MAX_MAX_MESSAGE {

@@ -6,6 +6,7 @@
 //! through the segments it handed out.
 
 pub mod config;
+mod resources;
 mod server;
 pub mod state;
 

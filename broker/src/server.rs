@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_client::error::WireError;
-use aegis_client::proto::{self, Request, Response};
+use aegis_client::proto::{
+    self, BatchReport, BulkMode, BulkOptions, BulkReport, Request, ResourceSpec, Response,
+};
 use aegis_client::{dirs, layout};
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::Mutex;
@@ -20,7 +22,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::BrokerConfig;
-use crate::state::{ConnId, Peer, State};
+use crate::resources::Transfer;
+use crate::state::{ConnId, Peer, Reply, State};
 
 /// Runs a broker until SIGTERM or SIGINT. Errors are one-line reasons for the operator.
 pub fn run(cfg: BrokerConfig) -> Result<(), String> {
@@ -189,6 +192,50 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                 Request::OpenClient { client, gen } => st.open_client(id, peer, client, gen),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),
+                Request::TransferResources {
+                    ids,
+                    from,
+                    to_service,
+                    to_instance,
+                    reason,
+                } => st.transfer(
+                    id,
+                    peer,
+                    Transfer {
+                        ids: &ids,
+                        from,
+                        to_service: &to_service,
+                        to_instance: &to_instance,
+                        reason: &reason,
+                    },
+                ),
+                Request::QueryResources(q) => {
+                    (Response::Resources(st.query_resources(&q)), Vec::new())
+                }
+                Request::ClaimResources {
+                    instance,
+                    incarnation,
+                    resources,
+                    options,
+                } => {
+                    drop(st);
+                    bulk(
+                        &state,
+                        id,
+                        peer,
+                        BulkOp::Claim((instance, incarnation), resources),
+                        options,
+                    )
+                    .await
+                }
+                Request::ReleaseResources {
+                    owner,
+                    ids,
+                    options,
+                } => {
+                    drop(st);
+                    bulk(&state, id, peer, BulkOp::Release(owner, ids), options).await
+                }
             }
         };
         if let Err(e) = write_response(&mut stream, &resp, &fds).await {
@@ -197,6 +244,79 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
         }
     }
     state.lock().disconnect(id);
+}
+
+enum BulkOp {
+    Claim((u32, u64), Vec<ResourceSpec>),
+    Release(Option<(u32, u64)>, Vec<String>),
+}
+
+/// Runs a bulk claim or release a batch at a time (the state lock is taken per batch, so
+/// other requests get in between), rolling an all-or-nothing request back on its first
+/// failure.
+async fn bulk(
+    state: &Arc<Mutex<State>>,
+    conn: ConnId,
+    peer: Peer,
+    op: BulkOp,
+    options: BulkOptions,
+) -> Reply {
+    let n = match &op {
+        BulkOp::Claim(_, v) => v.len(),
+        BulkOp::Release(_, v) => v.len(),
+    };
+    let size = match options.batch_size {
+        0 => n.max(1),
+        s => s as usize,
+    };
+    let mut undo = Vec::new();
+    let mut report = BulkReport::default();
+    let mut start = 0;
+    loop {
+        let end = (start + size).min(n);
+        let r = {
+            let mut st = state.lock();
+            match &op {
+                BulkOp::Claim(inst, specs) => st.claim_batch(
+                    conn,
+                    peer,
+                    *inst,
+                    &specs[start..end],
+                    options.force,
+                    &mut undo,
+                ),
+                BulkOp::Release(owner, ids) => {
+                    st.release_batch(conn, peer, *owner, &ids[start..end], &mut undo)
+                }
+            }
+        };
+        let (ok, failures) = match r {
+            Ok(r) => r,
+            Err(e) => {
+                state.lock().rollback(undo);
+                return (Response::Error(e), Vec::new());
+            }
+        };
+        report.batches.push(BatchReport {
+            succeeded: ok,
+            failed: failures.len() as u32,
+        });
+        report.succeeded += ok;
+        report.failed += failures.len() as u32;
+        report.failures.extend(failures);
+        if options.mode == BulkMode::AllOrNothing && report.failed > 0 {
+            state.lock().rollback(undo);
+            report.rolled_back = true;
+            report.succeeded = 0;
+            break;
+        }
+        start = end;
+        if start >= n {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    (Response::Bulk(report), Vec::new())
 }
 
 /// Reads one request frame; `Ok(None)` at a clean end of stream.

@@ -28,19 +28,19 @@ pub struct Peer {
     pub gid: u32,
 }
 
-struct ServiceRec {
-    name: String,
+pub(crate) struct ServiceRec {
+    pub(crate) name: String,
     slot_size: u32,
     slot_count: u32,
     max_message: u64,
     members: Vec<u32>,
 }
 
-struct InstanceRec {
-    service: u32,
-    id: String,
-    peer: Peer,
-    incarnation: u64,
+pub(crate) struct InstanceRec {
+    pub(crate) service: u32,
+    pub(crate) id: String,
+    pub(crate) peer: Peer,
+    pub(crate) incarnation: u64,
     fd: OwnedFd,
     seg: InstanceSeg,
     /// Control connections holding this registration (same process registering twice).
@@ -48,6 +48,8 @@ struct InstanceRec {
     metadata: Vec<(String, String)>,
     registered_at_ms: u64,
     mirrored_served: u64,
+    /// Resource ids this instance owns.
+    pub(crate) owned: std::collections::HashSet<String>,
 }
 
 struct ClientRec {
@@ -60,11 +62,12 @@ pub struct State {
     pub cfg: BrokerConfig,
     pub epoch: u64,
     registry_fd: OwnedFd,
-    registry: RegistryView,
+    pub(crate) registry: RegistryView,
     shared_fd: OwnedFd,
-    services: Vec<Option<ServiceRec>>,
-    by_name: HashMap<String, u32>,
-    instances: Vec<Option<InstanceRec>>,
+    pub(crate) services: Vec<Option<ServiceRec>>,
+    pub(crate) by_name: HashMap<String, u32>,
+    pub(crate) instances: Vec<Option<InstanceRec>>,
+    pub(crate) resources: crate::resources::Resources,
     clients: Vec<Option<ClientRec>>,
     client_gens: Vec<u32>,
     next_incarnation: u64,
@@ -87,6 +90,7 @@ impl State {
         let rl = RegistryLayout {
             max_services: cfg.max_services,
             max_instances: cfg.max_instances,
+            max_resources: cfg.max_resources,
         };
         let registry_fd = sys::memfd("aegis-registry", rl.total_size() as u64)?;
         let map = Mapping::map(&registry_fd, true)?;
@@ -118,6 +122,7 @@ impl State {
             clients: (0..cfg.max_clients).map(|_| None).collect(),
             client_gens: vec![0; cfg.max_clients as usize],
             by_name: HashMap::new(),
+            resources: Default::default(),
             next_incarnation: 1,
             cfg,
             epoch,
@@ -283,6 +288,7 @@ impl State {
             metadata,
             registered_at_ms: sys::unix_millis(),
             mirrored_served: 0,
+            owned: Default::default(),
         });
         self.write_instance(index as u32);
         self.services[svc_idx as usize]
@@ -408,8 +414,56 @@ impl State {
         }
     }
 
-    fn is_admin(&self, peer: Peer) -> bool {
-        peer.uid == 0 || self.cfg.admin_uids.contains(&peer.uid)
+    pub(crate) fn is_admin(&self, peer: Peer) -> bool {
+        self.cfg.admin_uids.contains(&peer.uid) || self.cfg.admin_gids.contains(&peer.gid)
+    }
+
+    /// Whether `conn`/`peer` may act for instance `index` of incarnation `inc`.
+    pub(crate) fn acts_for(
+        &self,
+        conn: ConnId,
+        peer: Peer,
+        index: u32,
+        inc: u64,
+    ) -> Result<&InstanceRec, WireError> {
+        match self.instances.get(index as usize).and_then(Option::as_ref) {
+            Some(r) if r.incarnation == inc => {
+                if r.owners.contains(&conn) || r.peer.pid == peer.pid {
+                    Ok(r)
+                } else {
+                    Err(WireError::NotOwner(format!(
+                        "instance '{}' belongs to pid {}, not to pid {}",
+                        r.id, r.peer.pid, peer.pid
+                    )))
+                }
+            }
+            _ => Err(WireError::BadRequest(format!(
+                "instance #{index} is not registered"
+            ))),
+        }
+    }
+
+    /// Index of instance `id` of `service`, if registered.
+    pub(crate) fn find_instance(&self, service: &str, id: &str) -> Option<u32> {
+        let s = *self.by_name.get(service)?;
+        self.instances
+            .iter()
+            .position(|r| r.as_ref().is_some_and(|r| r.service == s && r.id == id))
+            .map(|i| i as u32)
+    }
+
+    /// Status of instance `index` as routing sees it.
+    pub(crate) fn status(&self, index: u32) -> Status {
+        self.registry.instance(index).map_or(Status::Free, |e| {
+            Status::from_u32(e.status.load(std::sync::atomic::Ordering::Relaxed))
+        })
+    }
+
+    /// Tells watchers the registry changed (futex on the control generation word).
+    pub(crate) fn changed(&self) {
+        let g = &self.registry.control().generation;
+        g.fetch_add(1, std::sync::atomic::Ordering::Release);
+        let _ = sys::futex_wake(g, u32::MAX);
     }
 
     pub fn open_instance(&self, index: u32, incarnation: u64) -> Reply {
@@ -534,6 +588,8 @@ impl State {
         let Some(rec) = self.instances[index as usize].take() else {
             return;
         };
+        // Its resources go with it, before routing forgets the instance.
+        self.release_all(&rec.owned, reason);
         let e = self.registry.instance(index).expect("index in range");
         let s = e.seq.write_begin();
         e.status
@@ -547,8 +603,9 @@ impl State {
         tracing::info!(instance = %rec.id, pid = rec.peer.pid, index, reason, "instance left");
     }
 
-    /// Periodic work: mirror per-instance counters into the registry.
+    /// Periodic work: expire resources, mirror per-instance counters into the registry.
     pub fn tick(&mut self) {
+        self.expire_resources();
         for i in 0..self.instances.len() {
             let Some(r) = self.instances[i].as_mut() else {
                 continue;
@@ -603,7 +660,7 @@ impl State {
         e.in_use.store(1, Release);
         e.generation.fetch_add(1, Release);
         let _ = sys::futex_wake(&e.generation, u32::MAX);
-        self.registry.control().generation.fetch_add(1, Release);
+        self.changed();
     }
 }
 

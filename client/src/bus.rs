@@ -24,7 +24,9 @@ use crate::layout::{
     MAX_MEMBERS, PAYLOAD_HEAP, PAYLOAD_INLINE,
 };
 use crate::mailbox::{self, Cancel, Wait};
-use crate::proto::{self, Request, Response, ServiceInfo};
+use crate::proto::{
+    self, BulkOptions, BulkReport, Request, ResourcePage, ResourceQuery, Response, ServiceInfo,
+};
 use crate::ring::RingRef;
 use crate::sync::Ordering;
 use crate::{dirs, names};
@@ -89,6 +91,15 @@ pub struct CallInfo {
     /// Registry index of the instance.
     pub instance: u32,
     pub incarnation: u64,
+}
+
+/// The owner of a resource as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceOwner {
+    pub instance: CallInfo,
+    pub instance_id: String,
+    pub service: String,
+    pub status: Status,
 }
 
 /// A reply and who sent it.
@@ -279,40 +290,166 @@ impl Bus {
         };
         let (svc_idx, svc) = inner.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
-        if payload.len() as u64 > max {
-            return Err(Error::MessageTooLarge {
-                service: service.to_owned(),
-                size: payload.len() as u64,
-                max,
+        check_size(service, payload, max)?;
+        let (instance, incarnation) = inner.pick(svc_idx, svc).ok_or_else(no_instance)?;
+        let target = CallInfo {
+            instance,
+            incarnation,
+        };
+        inner.call_on(service, target, method, payload, opts, start, out)
+    }
+
+    /// Calls `method` on the one instance that owns `resource`. The owner is looked up
+    /// lock-free in the shared-memory resource map: no broker round trip.
+    pub fn call_resource(
+        &self,
+        resource: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+    ) -> Result<Reply> {
+        let mut out = Vec::new();
+        let info = self.call_resource_into(resource, method, payload, opts, &mut out)?;
+        Ok(Reply {
+            payload: out,
+            instance_id: self.instance_id(info),
+        })
+    }
+
+    /// [`Bus::call_resource`] writing into a reused buffer.
+    pub fn call_resource_into(
+        &self,
+        resource: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        out: &mut Vec<u8>,
+    ) -> Result<CallInfo> {
+        let start = Instant::now();
+        names::resource_id(resource)?;
+        names::method(method)?;
+        let inner = &*self.inner;
+        let not_found = || Error::ResourceNotFound {
+            resource: resource.to_owned(),
+        };
+        let target = self.lookup_resource(resource).ok_or_else(not_found)?;
+        let e = inner
+            .registry
+            .instance(target.instance)
+            .ok_or_else(not_found)?;
+        let (status, svc_idx, inc) = e.seq.read(|| {
+            (
+                e.status.load(Ordering::Relaxed),
+                e.service.load(Ordering::Relaxed),
+                e.incarnation.load(Ordering::Relaxed),
+            )
+        });
+        if inc != target.incarnation {
+            // The owner left between the two reads; its ids were released with it.
+            return Err(not_found());
+        }
+        if status != Status::Online as u32 {
+            return Err(Error::OwnerUnavailable {
+                resource: resource.to_owned(),
+                owner: inner.instance_name(target.instance),
+                status: Status::from_u32(status),
             });
         }
-        let (instance, incarnation) = inner.pick(svc_idx, svc).ok_or_else(no_instance)?;
-        let seg = inner.instance_seg(instance, incarnation)?;
-        let deadline = start + opts.timeout;
-        match inner.send_and_wait(&seg, method, payload, opts, deadline, out) {
-            Ok(()) => Ok(CallInfo {
-                instance,
-                incarnation,
-            }),
-            Err(Failed::Deadline(what)) => Err(Error::Timeout {
-                service: service.to_owned(),
-                elapsed: start.elapsed(),
-                attempts: vec![Attempt {
-                    instance: inner.instance_name(instance),
-                    error: what.to_owned(),
-                    duration: start.elapsed(),
-                }],
-            }),
-            Err(Failed::Error(Error::Remote { code, message, .. })) => Err(match code {
-                code::BAD_REQUEST => Error::BadRequest(message),
-                _ => Error::Remote {
-                    instance: inner.instance_name(instance),
-                    code,
-                    message,
-                },
-            }),
-            Err(Failed::Error(e)) => Err(e),
+        let svc = inner.registry.service(svc_idx).ok_or_else(not_found)?;
+        let (max, (name, len)) = svc
+            .seq
+            .read(|| (svc.max_message.load(Ordering::Relaxed), svc.name.load()));
+        let service = std::str::from_utf8(&name[..len]).unwrap_or("?");
+        check_size(service, payload, max)?;
+        inner.call_on(service, target, method, payload, opts, start, out)
+    }
+
+    /// The instance owning `resource`, read lock-free from the resource map (allocation-free).
+    pub fn lookup_resource(&self, resource: &str) -> Option<CallInfo> {
+        let inner = &*self.inner;
+        let cap = inner.registry.layout.max_resources;
+        let h = layout::name_hash(resource);
+        let mut i = (h as u32) & (cap - 1);
+        for _ in 0..cap {
+            let e = inner.registry.resource(i)?;
+            let found = e.seq.read(|| match e.state.load(Ordering::Relaxed) {
+                layout::RESOURCE_EMPTY => Some(None),
+                layout::RESOURCE_LIVE
+                    if e.hash.load(Ordering::Relaxed) == h && e.id.eq_str(resource) =>
+                {
+                    Some(Some(CallInfo {
+                        instance: e.owner.load(Ordering::Relaxed),
+                        incarnation: e.incarnation.load(Ordering::Relaxed),
+                    }))
+                }
+                _ => None,
+            });
+            if let Some(r) = found {
+                return r;
+            }
+            i = (i + 1) & (cap - 1);
         }
+        None
+    }
+
+    /// Who owns `resource` right now (lock-free read of the registry), with names.
+    pub fn resource_owner(&self, resource: &str) -> Option<ResourceOwner> {
+        let info = self.lookup_resource(resource)?;
+        let inner = &*self.inner;
+        let e = inner.registry.instance(info.instance)?;
+        let (status, svc, inc, (id, id_len)) = e.seq.read(|| {
+            (
+                e.status.load(Ordering::Relaxed),
+                e.service.load(Ordering::Relaxed),
+                e.incarnation.load(Ordering::Relaxed),
+                e.id.load(),
+            )
+        });
+        if inc != info.incarnation {
+            return None;
+        }
+        let s = inner.registry.service(svc)?;
+        let (name, len) = s.seq.read(|| s.name.load());
+        Some(ResourceOwner {
+            instance: info,
+            instance_id: String::from_utf8_lossy(&id[..id_len]).into_owned(),
+            service: String::from_utf8_lossy(&name[..len]).into_owned(),
+            status: Status::from_u32(status),
+        })
+    }
+
+    /// Resources matching `query`, with their owners and whether those are healthy.
+    pub fn resources(&self, query: &ResourceQuery) -> Result<ResourcePage> {
+        match self
+            .inner
+            .control()
+            .request(&Request::QueryResources(query.clone()))?
+            .0
+        {
+            Response::Resources(p) => Ok(p),
+            r => Err(Error::Protocol(format!("expected Resources, got {r:?}"))),
+        }
+    }
+
+    /// Administrator: releases ids whoever owns them.
+    pub fn release_resources(&self, ids: &[&str], options: BulkOptions) -> Result<BulkReport> {
+        self.inner.bulk(Request::ReleaseResources {
+            owner: None,
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            options,
+        })
+    }
+
+    /// Administrator: moves ids (all or none) to instance `to_instance` of `to_service`.
+    pub fn transfer_resources(
+        &self,
+        ids: &[&str],
+        to_service: &str,
+        to_instance: &str,
+        reason: &str,
+    ) -> Result<()> {
+        self.inner
+            .transfer(ids, None, to_service, to_instance, reason)
     }
 
     /// Typed call: `req` and the reply travel as bincode (serde).
@@ -363,6 +500,47 @@ impl Bus {
         }
     }
 
+    /// The registry's change counter (bumped by the broker after every change).
+    pub fn registry_generation(&self) -> u32 {
+        // SYNC POINT: Acquire pairs with the broker's Release bump in `State::changed`.
+        self.inner
+            .registry
+            .control()
+            .generation
+            .load(Ordering::Acquire)
+    }
+
+    /// Sleeps until the registry changes from generation `seen` or `timeout` passes;
+    /// returns the generation now. A futex wait: no polling, no broker round trip.
+    pub fn wait_registry_change(&self, seen: u32, timeout: Duration) -> u32 {
+        let g = &self.inner.registry.control().generation;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = g.load(Ordering::Acquire);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if now != seen || left.is_zero() {
+                return now;
+            }
+            let _ = crate::sys::futex_wait(g, seen, Some(left));
+        }
+    }
+
+    /// Waits (on registry changes, bounded by `timeout`) until `cond` holds; returns whether it did.
+    pub fn wait_until(&self, timeout: Duration, mut cond: impl FnMut(&Bus) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.registry_generation();
+            if cond(self) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.wait_registry_change(seen, left);
+        }
+    }
+
     /// Instances of `service` that routing would use right now, read lock-free from the
     /// registry: `(registry index, instance id, status)`.
     pub fn routable_instances(&self, service: &str) -> Vec<(u32, String, Status)> {
@@ -406,7 +584,86 @@ impl From<Error> for Failed {
     }
 }
 
+fn check_size(service: &str, payload: &[u8], max: u64) -> Result<()> {
+    if payload.len() as u64 > max {
+        return Err(Error::MessageTooLarge {
+            service: service.to_owned(),
+            size: payload.len() as u64,
+            max,
+        });
+    }
+    Ok(())
+}
+
 impl BusInner {
+    /// Sends to one chosen instance and turns the outcome into the caller's error model.
+    #[allow(clippy::too_many_arguments)]
+    fn call_on(
+        &self,
+        service: &str,
+        target: CallInfo,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        start: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<CallInfo> {
+        let seg = self.instance_seg(target.instance, target.incarnation)?;
+        let deadline = start + opts.timeout;
+        match self.send_and_wait(&seg, method, payload, opts, deadline, out) {
+            Ok(()) => Ok(target),
+            Err(Failed::Deadline(what)) => Err(Error::Timeout {
+                service: service.to_owned(),
+                elapsed: start.elapsed(),
+                attempts: vec![Attempt {
+                    instance: self.instance_name(target.instance),
+                    error: what.to_owned(),
+                    duration: start.elapsed(),
+                }],
+            }),
+            Err(Failed::Error(Error::Remote { code, message, .. })) => Err(match code {
+                code::BAD_REQUEST => Error::BadRequest(message),
+                _ => Error::Remote {
+                    instance: self.instance_name(target.instance),
+                    code,
+                    message,
+                },
+            }),
+            Err(Failed::Error(e)) => Err(e),
+        }
+    }
+
+    pub(crate) fn bulk(&self, req: Request) -> Result<BulkReport> {
+        match self.control().request(&req)?.0 {
+            Response::Bulk(r) => Ok(r),
+            r => Err(Error::Protocol(format!("expected Bulk, got {r:?}"))),
+        }
+    }
+
+    pub(crate) fn transfer(
+        &self,
+        ids: &[&str],
+        from: Option<(u32, u64)>,
+        to_service: &str,
+        to_instance: &str,
+        reason: &str,
+    ) -> Result<()> {
+        for id in ids {
+            names::resource_id(id)?;
+        }
+        let req = Request::TransferResources {
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            from,
+            to_service: to_service.into(),
+            to_instance: to_instance.into(),
+            reason: reason.into(),
+        };
+        match self.control().request(&req)?.0 {
+            Response::Done => Ok(()),
+            r => Err(Error::Protocol(format!("expected Done, got {r:?}"))),
+        }
+    }
+
     /// Finds a service entry by name (open addressing; entries are never removed).
     pub fn find_service(&self, name: &str) -> Option<(u32, &ServiceEntry)> {
         let cap = self.registry.layout.max_services;

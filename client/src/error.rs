@@ -45,6 +45,13 @@ pub enum Error {
     /// 409: the resource is already owned.
     #[error("resource '{resource}' is already owned by instance '{owner}'")]
     ResourceConflict { resource: String, owner: String },
+    /// 503: the resource's owner exists but is not healthy.
+    #[error("resource '{resource}' is owned by instance '{owner}', which is {status:?}")]
+    OwnerUnavailable {
+        resource: String,
+        owner: String,
+        status: crate::layout::Status,
+    },
     /// 403: release/transfer of something one does not own.
     #[error("not owner: {0}")]
     NotOwner(String),
@@ -115,7 +122,9 @@ impl Error {
     /// The seed's numeric code for this error.
     pub fn code(&self) -> u16 {
         match self {
-            Error::NoAvailableInstance { .. } => code::NO_AVAILABLE_INSTANCE,
+            Error::NoAvailableInstance { .. } | Error::OwnerUnavailable { .. } => {
+                code::NO_AVAILABLE_INSTANCE
+            }
             Error::Timeout { .. } => code::TIMEOUT,
             Error::BadRequest(_) => code::BAD_REQUEST,
             Error::ResourceNotFound { .. } => code::RESOURCE_NOT_FOUND,
@@ -138,6 +147,7 @@ impl Error {
             Error::Timeout { .. } => "Timeout",
             Error::BadRequest(_) => "BadRequest",
             Error::ResourceNotFound { .. } => "ResourceNotFound",
+            Error::OwnerUnavailable { .. } => "OwnerUnavailable",
             Error::ResourceConflict { .. } => "ResourceConflict",
             Error::NotOwner(_) => "NotOwner",
             Error::Conflict { .. } => "Conflict",
@@ -166,6 +176,13 @@ pub enum WireError {
     LimitExceeded(String),
     NotOwner(String),
     Incompatible(String),
+    ResourceNotFound {
+        resource: String,
+    },
+    ResourceConflict {
+        resource: String,
+        owner: String,
+    },
     NoAvailableInstance {
         service: String,
     },
@@ -189,6 +206,10 @@ impl From<WireError> for Error {
             WireError::NotOwner(m) => Error::NotOwner(m),
             WireError::Incompatible(m) => Error::Incompatible(m),
             WireError::NoAvailableInstance { service } => Error::NoAvailableInstance { service },
+            WireError::ResourceNotFound { resource } => Error::ResourceNotFound { resource },
+            WireError::ResourceConflict { resource, owner } => {
+                Error::ResourceConflict { resource, owner }
+            }
             WireError::Internal(m) => Error::Protocol(format!("broker: {m}")),
         }
     }
@@ -222,3 +243,21 @@ impl std::fmt::Display for ServiceError {
 }
 
 impl std::error::Error for ServiceError {}
+
+impl crate::proto::ResourceFailure {
+    /// The failure as the error a single-id operation would return.
+    pub fn to_error(&self) -> Error {
+        match self.code {
+            code::CONFLICT => Error::ResourceConflict {
+                resource: self.id.clone(),
+                owner: self.owner.clone().unwrap_or_default(),
+            },
+            code::RESOURCE_NOT_FOUND => Error::ResourceNotFound {
+                resource: self.id.clone(),
+            },
+            code::NOT_OWNER => Error::NotOwner(self.reason.clone()),
+            code::LIMIT_EXCEEDED => Error::LimitExceeded(self.reason.clone()),
+            _ => Error::BadRequest(self.reason.clone()),
+        }
+    }
+}

@@ -17,7 +17,9 @@ use crate::error::{code, Error, Result, ServiceError};
 use crate::heap::HeapAlloc;
 use crate::layout::{ClientSeg, InstanceSeg, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
 use crate::mailbox;
-use crate::proto::{Request as Ctl, Response, ServiceConfig};
+use crate::proto::{
+    BulkOptions, BulkReport, Request as Ctl, ResourceSpec, Response, ServiceConfig,
+};
 use crate::ring::{RingRef, Taken, KIND_ABORTED};
 use crate::sync::Ordering;
 
@@ -169,6 +171,62 @@ impl Instance {
                 Err(e) => req.reply_error(e.code, &e.message)?,
             }
         }
+    }
+
+    /// Claims resource ids for this instance, all or none: on any failure nothing is
+    /// claimed and the first failure is returned (`ResourceConflict` names the owner).
+    pub fn claim(&self, ids: &[&str]) -> Result<()> {
+        let specs = ids.iter().map(|id| ResourceSpec::new(*id)).collect();
+        first_failure(self.claim_with(specs, BulkOptions::default())?)
+    }
+
+    /// Claims resources with metadata, in batches, all-or-nothing or continue-on-error.
+    pub fn claim_with(
+        &self,
+        resources: Vec<ResourceSpec>,
+        options: BulkOptions,
+    ) -> Result<BulkReport> {
+        for r in &resources {
+            crate::names::resource_id(&r.id)?;
+        }
+        self.inner.bus.inner.bulk(Ctl::ClaimResources {
+            instance: self.inner.seg.index,
+            incarnation: self.inner.seg.incarnation,
+            resources,
+            options,
+        })
+    }
+
+    /// Releases ids this instance owns, all or none (`NotOwner` names the real owner).
+    pub fn release(&self, ids: &[&str]) -> Result<()> {
+        first_failure(self.release_with(ids, BulkOptions::default())?)
+    }
+
+    pub fn release_with(&self, ids: &[&str], options: BulkOptions) -> Result<BulkReport> {
+        for id in ids {
+            crate::names::resource_id(id)?;
+        }
+        self.inner.bus.inner.bulk(Ctl::ReleaseResources {
+            owner: Some((self.inner.seg.index, self.inner.seg.incarnation)),
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            options,
+        })
+    }
+
+    /// Moves ids this instance owns to instance `to_instance` of `to_service`, atomically:
+    /// every call for them goes to this instance before and to the target after.
+    pub fn transfer(
+        &self,
+        ids: &[&str],
+        to_service: &str,
+        to_instance: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let from = Some((self.inner.seg.index, self.inner.seg.incarnation));
+        self.inner
+            .bus
+            .inner
+            .transfer(ids, from, to_service, to_instance, reason)
     }
 
     /// Takes the instance out of routing now (dropping it does the same, ignoring errors).
@@ -373,6 +431,14 @@ impl Drop for InstanceInner {
         if let Err(e) = self.unregister() {
             tracing::debug!(service = %self.service, instance = %self.id, "unregister on drop: {e}");
         }
+    }
+}
+
+/// A single-shot (all-or-nothing) bulk result as `Ok(())` or its first failure.
+fn first_failure(r: BulkReport) -> Result<()> {
+    match r.failures.first() {
+        Some(f) => Err(f.to_error()),
+        None => Ok(()),
     }
 }
 

@@ -31,6 +31,9 @@ pub const PAGE: usize = 4096;
 /// Longest service name, instance id or resource id, in bytes.
 pub const MAX_NAME: usize = 128;
 const NAME_WORDS: usize = MAX_NAME / 8;
+/// Longest resource id, in bytes.
+pub const MAX_RESOURCE_ID: usize = 255;
+const RESOURCE_ID_WORDS: usize = 32;
 /// Longest method name, in bytes.
 pub const MAX_METHOD: usize = 64;
 /// Instances one service can have at once.
@@ -273,42 +276,65 @@ fn round_up(x: usize, to: usize) -> usize {
 // Names stored as words so a seqlock reader copies them with atomic loads, never racing
 // plain reads against the broker's writes.
 
+/// A string of up to `8 * N` bytes stored as words, so a seqlock reader copies it with
+/// atomic loads and never races plain reads against the broker's writes.
 #[repr(C)]
-pub struct NameWords {
+pub struct Words<const N: usize> {
     len: AtomicU32,
     _pad: u32,
-    words: [AtomicU64; NAME_WORDS],
+    words: [AtomicU64; N],
 }
 
-impl NameWords {
-    /// Writer side (inside a seqlock write section).
+/// Service names and instance ids.
+pub type NameWords = Words<NAME_WORDS>;
+/// Resource ids.
+pub type ResourceIdWords = Words<RESOURCE_ID_WORDS>;
+
+impl<const N: usize> Words<N> {
+    /// Writer side (inside a seqlock write section). Panics on a string longer than the
+    /// capacity: callers validate first.
     pub fn store(&self, s: &str) {
         let b = s.as_bytes();
-        assert!(b.len() <= MAX_NAME);
-        let mut buf = [0u8; MAX_NAME];
-        buf[..b.len()].copy_from_slice(b);
-        for (w, chunk) in self.words.iter().zip(buf.chunks_exact(8)) {
-            w.store(
-                u64::from_le_bytes(chunk.try_into().unwrap()),
-                Ordering::Relaxed,
-            );
+        assert!(b.len() <= 8 * N);
+        for (i, w) in self.words.iter().enumerate() {
+            let mut chunk = [0u8; 8];
+            let lo = (i * 8).min(b.len());
+            let hi = (i * 8 + 8).min(b.len());
+            chunk[..hi - lo].copy_from_slice(&b[lo..hi]);
+            w.store(u64::from_le_bytes(chunk), Ordering::Relaxed);
         }
         self.len.store(b.len() as u32, Ordering::Relaxed);
     }
 
-    /// Reader side: a copy that is only meaningful if the surrounding seqlock read validates.
+    /// Reader side: the bytes and their length; only meaningful if the surrounding seqlock
+    /// read validates. Always in bounds, whatever the shared length word says.
+    pub fn load_into(&self, buf: &mut [u8]) -> usize {
+        let len = (self.len.load(Ordering::Relaxed) as usize)
+            .min(8 * N)
+            .min(buf.len());
+        for (w, chunk) in self.words.iter().zip(buf[..len].chunks_mut(8)) {
+            let v = w.load(Ordering::Relaxed).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        len
+    }
+
     pub fn load(&self) -> ([u8; MAX_NAME], usize) {
         let mut buf = [0u8; MAX_NAME];
-        for (w, chunk) in self.words.iter().zip(buf.chunks_exact_mut(8)) {
-            chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
-        }
-        let len = (self.len.load(Ordering::Relaxed) as usize).min(MAX_NAME);
+        let len = self.load_into(&mut buf);
         (buf, len)
     }
 
+    /// Compares with `s` word by word, without copying.
     pub fn eq_str(&self, s: &str) -> bool {
-        let (buf, len) = self.load();
-        &buf[..len] == s.as_bytes()
+        let b = s.as_bytes();
+        if self.len.load(Ordering::Relaxed) as usize != b.len() || b.len() > 8 * N {
+            return false;
+        }
+        self.words.iter().zip(b.chunks(8)).all(|(w, c)| {
+            let v = w.load(Ordering::Relaxed).to_le_bytes();
+            &v[..c.len()] == c
+        })
     }
 }
 
@@ -419,8 +445,33 @@ pub struct InstanceEntry {
     pub id: NameWords,
 }
 
+/// Resource map slot state.
+pub const RESOURCE_EMPTY: u32 = 0;
+pub const RESOURCE_LIVE: u32 = 1;
+/// Was live; a probe continues past it (open addressing).
+pub const RESOURCE_TOMBSTONE: u32 = 2;
+
+/// One slot of the resource map: resource id -> owning instance. A transfer rewrites
+/// `owner`/`incarnation` in one seqlock write section, so a reader sees the old owner or
+/// the new one, never neither.
+#[repr(C, align(64))]
+pub struct ResourceEntry {
+    pub seq: SeqLock,
+    pub state: AtomicU32,
+    pub owner: AtomicU32,
+    pub _pad: u32,
+    pub hash: AtomicU64,
+    /// Incarnation of the owning instance (a stale owner is never mistaken for a new one).
+    pub incarnation: AtomicU64,
+    /// Bumped on every claim and transfer of this id.
+    pub version: AtomicU64,
+    pub id: ResourceIdWords,
+}
+
 // SAFETY: repr(C), atomics only, any bit pattern valid; written only by the broker.
 unsafe impl ShmSafe for RegistryControl {}
+// SAFETY: as above.
+unsafe impl ShmSafe for ResourceEntry {}
 // SAFETY: as above.
 unsafe impl ShmSafe for ServiceEntry {}
 // SAFETY: as above.
@@ -430,6 +481,8 @@ unsafe impl ShmSafe for InstanceEntry {}
 pub struct RegistryLayout {
     pub max_services: u32,
     pub max_instances: u32,
+    /// Slots of the resource map (a power of two; keep it about twice the ids in use).
+    pub max_resources: u32,
 }
 
 impl RegistryLayout {
@@ -440,14 +493,25 @@ impl RegistryLayout {
     fn instances_off(&self) -> usize {
         self.services_off() + self.max_services as usize * size_of::<ServiceEntry>()
     }
-    pub fn total_size(&self) -> usize {
+    fn resources_off(&self) -> usize {
         round_up(
             self.instances_off() + self.max_instances as usize * size_of::<InstanceEntry>(),
+            64,
+        )
+    }
+    pub fn total_size(&self) -> usize {
+        round_up(
+            self.resources_off() + self.max_resources as usize * size_of::<ResourceEntry>(),
             PAGE,
         )
     }
     pub fn params(&self) -> [u64; 4] {
-        [self.max_services as u64, self.max_instances as u64, 0, 0]
+        [
+            self.max_services as u64,
+            self.max_instances as u64,
+            self.max_resources as u64,
+            0,
+        ]
     }
     pub fn from_params(p: [u64; 4]) -> Result<Self, String> {
         let (s, i) = (p[0], p[1]);
@@ -459,9 +523,16 @@ impl RegistryLayout {
         if i == 0 || i > 1 << 20 {
             return Err(format!("max_instances {i} is not in 1..=1048576"));
         }
+        let r = p[2];
+        if r == 0 || !r.is_power_of_two() || r > 1 << 24 {
+            return Err(format!(
+                "max_resources {r} is not a power of two in 1..=16777216"
+            ));
+        }
         Ok(RegistryLayout {
             max_services: s as u32,
             max_instances: i as u32,
+            max_resources: r as u32,
         })
     }
 }
@@ -511,7 +582,16 @@ impl RegistryView {
     }
 }
 
-/// FNV-1a: the probe start of a service name in the registry's open-addressed table.
+impl RegistryView {
+    pub fn resource(&self, i: u32) -> Option<&ResourceEntry> {
+        (i < self.layout.max_resources).then(|| {
+            self.map
+                .at(self.layout.resources_off() + i as usize * size_of::<ResourceEntry>())
+        })
+    }
+}
+
+/// FNV-1a: the probe start of a name in the registry's open-addressed tables.
 pub fn name_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
@@ -933,6 +1013,8 @@ const _: () = {
     assert!(size_of::<ServiceEntry>() == 1216 && align_of::<ServiceEntry>() == 64);
     assert!(size_of::<InstanceEntry>() == 192 && align_of::<InstanceEntry>() == 64);
     assert!(size_of::<RoundRobin>() == 64);
+    assert!(size_of::<ResourceEntry>() == 320 && align_of::<ResourceEntry>() == 64);
+    assert!(RESOURCE_ID_WORDS * 8 > MAX_RESOURCE_ID);
     assert!(size_of::<InstanceCounters>() == 64);
     assert!(size_of::<RingIndices>() == 384 && align_of::<RingIndices>() == 128);
     assert!(size_of::<SlotCtl>() == 16);

@@ -32,8 +32,11 @@ pub mod ring;
 mod sync;
 pub mod sys;
 
-pub use bus::{Bus, BusOptions, CallInfo, CallOptions, Reply};
+pub use bus::{Bus, BusOptions, CallInfo, CallOptions, Reply, ResourceOwner};
 pub use error::{Attempt, Error, Result, ServiceError};
 pub use instance::{Instance, Receiver, RegisterOptions, Request, StopHandle};
 pub use layout::Status;
-pub use proto::{InstanceInfo, ServiceConfig, ServiceInfo};
+pub use proto::{
+    BulkMode, BulkOptions, BulkReport, InstanceInfo, ResourceInfo, ResourceMetadata, ResourcePage,
+    ResourceQuery, ResourceSpec, ServiceConfig, ServiceInfo,
+};

@@ -1,7 +1,7 @@
 //! Validation of everything a user names: services, instance ids, methods.
 
 use crate::error::{Error, Result};
-use crate::layout::{MAX_METHOD, MAX_NAME};
+use crate::layout::{MAX_METHOD, MAX_NAME, MAX_RESOURCE_ID};
 
 /// Checks a name: 1..=`max` bytes of UTF-8 with no control characters or whitespace.
 /// `what` names the thing in the error ("service name", "instance id", …).
@@ -38,6 +38,27 @@ pub fn service(s: &str) -> Result<()> {
 
 pub fn instance_id(s: &str) -> Result<()> {
     validate("instance id", s, MAX_NAME)
+}
+
+/// Resource ids: 1..=255 bytes of UTF-8 without control characters (spaces are allowed:
+/// ids often come from user data such as document titles).
+pub fn resource_id(s: &str) -> Result<()> {
+    if s.is_empty() {
+        return Err(Error::BadRequest("resource id is empty".into()));
+    }
+    if s.len() > MAX_RESOURCE_ID {
+        return Err(Error::BadRequest(format!(
+            "resource id '{}…' is {} bytes, the maximum is {MAX_RESOURCE_ID}",
+            s.chars().take(16).collect::<String>(),
+            s.len()
+        )));
+    }
+    if let Some(i) = s.find(|c: char| c.is_control()) {
+        return Err(Error::BadRequest(format!(
+            "resource id {s:?} contains a control character at byte {i}"
+        )));
+    }
+    Ok(())
 }
 
 pub fn method(s: &str) -> Result<()> {

@@ -60,6 +60,29 @@ pub enum Request {
     DescribeService {
         name: String,
     },
+    /// Claim ids for an instance this connection registered.
+    ClaimResources {
+        instance: u32,
+        incarnation: u64,
+        resources: Vec<ResourceSpec>,
+        options: BulkOptions,
+    },
+    /// Release ids held by `owner`; `None` is an administrator's release of any owner's ids.
+    ReleaseResources {
+        owner: Option<(u32, u64)>,
+        ids: Vec<String>,
+        options: BulkOptions,
+    },
+    /// Move ids (all or none) to instance `to_instance` of `to_service`. `from`: the
+    /// caller's own instance; `None` is an administrator's transfer.
+    TransferResources {
+        ids: Vec<String>,
+        from: Option<(u32, u64)>,
+        to_service: String,
+        to_instance: String,
+        reason: String,
+    },
+    QueryResources(ResourceQuery),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,7 +108,114 @@ pub enum Response {
     Done,
     Services(Vec<ServiceInfo>),
     Service(ServiceInfo),
+    Bulk(BulkReport),
+    Resources(ResourcePage),
     Error(WireError),
+}
+
+/// The seed's `ResourceMetadata`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceMetadata {
+    pub resource_type: String,
+    pub version: u64,
+    pub tags: Vec<String>,
+    pub attributes: Vec<(String, String)>,
+    pub created_by: String,
+    /// Released by the broker this long after the claim.
+    pub ttl_ms: Option<u64>,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceSpec {
+    pub id: String,
+    pub metadata: ResourceMetadata,
+}
+
+impl ResourceSpec {
+    pub fn new(id: impl Into<String>) -> ResourceSpec {
+        ResourceSpec {
+            id: id.into(),
+            metadata: ResourceMetadata::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BulkMode {
+    /// Any failure rolls back everything the request did: nothing is left half-done.
+    #[default]
+    AllOrNothing,
+    /// Each id succeeds or fails on its own; failures are listed.
+    ContinueOnError,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkOptions {
+    pub mode: BulkMode,
+    /// Ids per batch (0: one batch). The broker lets other requests in between batches.
+    pub batch_size: u32,
+    /// Take over ids owned by others (administrators only).
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReport {
+    pub succeeded: u32,
+    pub failed: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceFailure {
+    pub id: String,
+    /// The seed's code: 400, 403, 404, 409 or 429.
+    pub code: u16,
+    pub reason: String,
+    /// Current owner's instance id, where one exists.
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkReport {
+    pub succeeded: u32,
+    pub failed: u32,
+    pub batches: Vec<BatchReport>,
+    pub failures: Vec<ResourceFailure>,
+    /// All-or-nothing request that failed: everything it had done was undone.
+    pub rolled_back: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceQuery {
+    pub service: Option<String>,
+    pub instance: Option<String>,
+    pub ids: Vec<String>,
+    pub resource_type: Option<String>,
+    /// Every tag given must be present.
+    pub tags: Vec<String>,
+    /// 0 means the default of 100.
+    pub limit: u32,
+    pub offset: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceInfo {
+    pub id: String,
+    pub service: String,
+    pub instance_id: String,
+    pub owner_index: u32,
+    pub owner_status: Status,
+    pub owner_healthy: bool,
+    pub metadata: ResourceMetadata,
+    pub claimed_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourcePage {
+    pub items: Vec<ResourceInfo>,
+    pub total: u64,
+    pub has_more: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -36,30 +36,53 @@ pub fn broker_bin() -> PathBuf {
     bin
 }
 
-/// Spawns `cmd` and waits for a stdout line starting with `prefix`; returns the line.
-pub fn spawn_ready(mut cmd: Command, prefix: &str) -> (Child, String) {
+/// A process started but not yet known to be ready; its stdout lines arrive on `lines`.
+pub struct Starting {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    what: String,
+}
+
+/// Spawns `cmd` with stdout captured line by line.
+pub fn spawn_watched(mut cmd: Command) -> Starting {
     cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+    let what = format!("{cmd:?}");
     let mut child = cmd.spawn().expect("spawn");
     let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let prefix = prefix.to_owned();
+    let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.starts_with(&prefix) {
-                let _ = tx.send(line);
-            }
+            let _ = tx.send(line);
         }
     });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(l) => (child, l),
-        Err(_) => {
-            let _ = child.kill();
-            panic!(
-                "process {cmd:?} not ready within {DEADLINE:?}: {:?}",
-                child.wait()
-            );
+    Starting { child, lines, what }
+}
+
+impl Starting {
+    /// Waits for a line starting with `prefix`; returns it with every line before it.
+    pub fn wait_for(mut self, prefix: &str) -> (Child, String, Vec<String>) {
+        let mut before = Vec::new();
+        loop {
+            match self.lines.recv_timeout(DEADLINE) {
+                Ok(l) if l.starts_with(prefix) => return (self.child, l, before),
+                Ok(l) => before.push(l),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "{} not ready within {DEADLINE:?}: {:?}",
+                        self.what,
+                        self.child.wait()
+                    );
+                }
+            }
         }
     }
+}
+
+/// Spawns `cmd` and waits for a stdout line starting with `prefix`; returns the line.
+pub fn spawn_ready(cmd: Command, prefix: &str) -> (Child, String) {
+    let (child, line, _) = spawn_watched(cmd).wait_for(prefix);
+    (child, line)
 }
 
 /// A broker on a private directory, stopped and removed on drop.
@@ -104,14 +127,38 @@ impl TestBus {
 
     /// Starts an echo instance process and waits until it is registered.
     pub fn serve(&self, service: &str, id: &str, extra: &[&str]) -> Served {
+        self.start_serve(service, id, extra).ready()
+    }
+
+    /// Starts an echo instance process without waiting (to start several at once).
+    pub fn start_serve(&self, service: &str, id: &str, extra: &[&str]) -> StartingServe {
         let mut c = self.aegisctl(&["serve", service, "--instance", id, "--echo"]);
         c.args(extra);
-        let (child, line) = spawn_ready(c, "ready ");
+        StartingServe {
+            starting: spawn_watched(c),
+            id: id.to_owned(),
+        }
+    }
+}
+
+pub struct StartingServe {
+    starting: Starting,
+    id: String,
+}
+
+impl StartingServe {
+    /// Waits until registered (and done claiming, if it claims).
+    pub fn ready(self) -> Served {
+        let (child, line, before) = self.starting.wait_for("ready ");
         let index = line.rsplit(' ').next().unwrap().parse().unwrap();
+        let claimed = before
+            .iter()
+            .find_map(|l| l.strip_prefix("claimed ")?.split(' ').next()?.parse().ok());
         Served {
             child,
             index,
-            id: id.to_owned(),
+            id: self.id,
+            claimed,
         }
     }
 }
@@ -133,6 +180,8 @@ pub struct Served {
     pub child: Child,
     pub index: u32,
     pub id: String,
+    /// How many ids `--claim` got, if it claimed.
+    pub claimed: Option<u32>,
 }
 
 impl Served {
@@ -180,4 +229,17 @@ pub fn wait_deadline(c: &mut Child) -> std::process::ExitStatus {
         "process {pid} did not exit within {DEADLINE:?}"
     );
     st
+}
+
+/// Waits for a condition that has no wake-up of its own (a counter in another thread or
+/// process), yielding between checks; fails the test at the deadline instead of hanging.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        std::thread::yield_now();
+    }
 }

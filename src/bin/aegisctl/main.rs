@@ -5,13 +5,15 @@
 mod bench;
 mod demo;
 mod private_bus;
+mod resources;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use aegis_client::{Bus, BusOptions, CallOptions, RegisterOptions, ServiceConfig, ServiceError};
+use aegis_client::{Bus, BusOptions, CallOptions};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -50,36 +52,36 @@ enum Cmd {
         file: Option<PathBuf>,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Route by resource: call the instance that owns this id (it must be of SERVICE).
+        #[arg(long)]
+        resource: Option<String>,
         /// Print the reply with instance_id and latency_us as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Run an instance of SERVICE until SIGTERM/SIGINT.
-    Serve {
-        service: String,
+    Serve(serve::ServeArgs),
+    /// List resources and their owners.
+    Resources(resources::ListArgs),
+    /// Administrator: release resources whoever owns them.
+    Release {
+        /// Resource ids (comma-separated).
+        #[arg(value_delimiter = ',', required = true)]
+        ids: Vec<String>,
         #[arg(long)]
-        instance: String,
-        /// Reply with the request payload.
-        #[arg(long, required = true)]
-        echo: bool,
-        /// Serving threads.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Wait this long before each reply (simulates a slow instance).
-        #[arg(long, default_value_t = 0)]
-        delay_ms: u64,
-        /// Microseconds an idle serving thread spins before sleeping.
+        json: bool,
+    },
+    /// Administrator: move resources to another instance (all or none).
+    Transfer {
+        #[arg(value_delimiter = ',', required = true)]
+        ids: Vec<String>,
         #[arg(long)]
-        spin_us: Option<u64>,
-        /// Inline request bytes per ring slot (first instance of a service sets it).
+        to_service: String,
+        /// Target instance id.
         #[arg(long)]
-        slot_size: Option<u32>,
-        /// Slots per instance ring (first instance of a service sets it).
-        #[arg(long)]
-        slot_count: Option<u32>,
-        /// Largest message in bytes (first instance of a service sets it).
-        #[arg(long)]
-        max_message: Option<u64>,
+        to: String,
+        #[arg(long, default_value = "administrator transfer")]
+        reason: String,
     },
     /// Load generator: latency percentiles and error counts.
     Bench(bench::BenchArgs),
@@ -103,7 +105,9 @@ fn main() -> ExitCode {
         Cmd::Services { json: true }
             | Cmd::Service { json: true, .. }
             | Cmd::Call { json: true, .. }
-    ) || matches!(&cli.cmd, Cmd::Bench(b) if b.json);
+            | Cmd::Release { json: true, .. }
+    ) || matches!(&cli.cmd, Cmd::Bench(b) if b.json)
+        || matches!(&cli.cmd, Cmd::Resources(r) if r.json);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -208,6 +212,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             data,
             file,
             timeout_ms,
+            resource,
             json,
         } => {
             let payload = match (data, file) {
@@ -218,13 +223,24 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 (None, None) => Vec::new(),
             };
             let bus = connect(&cli.dir)?;
+            let opts = CallOptions::timeout(Duration::from_millis(timeout_ms));
             let t = Instant::now();
-            let reply = bus.call(
-                &service,
-                &method,
-                &payload,
-                &CallOptions::timeout(Duration::from_millis(timeout_ms)),
-            )?;
+            let reply = match &resource {
+                None => bus.call(&service, &method, &payload, &opts)?,
+                Some(r) => {
+                    // Routing is by resource alone; check it lands in the service asked for.
+                    if let Some(owner) = bus.resource_owner(r) {
+                        if owner.service != service {
+                            return Err(format!(
+                                "resource '{r}' is owned by instance '{}' of service '{}', not of '{service}'",
+                                owner.instance_id, owner.service
+                            )
+                            .into());
+                        }
+                    }
+                    bus.call_resource(r, &method, &payload, &opts)?
+                }
+            };
             let latency_us = t.elapsed().as_secs_f64() * 1e6;
             if json {
                 let text = String::from_utf8_lossy(&reply.payload);
@@ -240,25 +256,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
         }
-        Cmd::Serve {
-            service,
-            instance,
-            echo: _,
-            threads,
-            delay_ms,
-            spin_us,
-            slot_size,
-            slot_count,
-            max_message,
+        Cmd::Serve(args) => serve::run(&cli.dir, &args)?,
+        Cmd::Resources(args) => resources::list(&connect(&cli.dir)?, &args)?,
+        Cmd::Release { ids, json } => resources::release(&connect(&cli.dir)?, &ids, json)?,
+        Cmd::Transfer {
+            ids,
+            to_service,
+            to,
+            reason,
         } => {
-            let config = ServiceConfig {
-                slot_size,
-                slot_count,
-                max_message,
-            };
-            serve(
-                &cli.dir, &service, &instance, threads, delay_ms, spin_us, config,
-            )?
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            connect(&cli.dir)?.transfer_resources(&refs, &to_service, &to, &reason)?;
+            println!("transferred {} to {to}", ids.len());
         }
         Cmd::Bench(args) => {
             let report = if let Some(n) = args.spawn {
@@ -309,68 +318,4 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-fn serve(
-    dir: &Option<PathBuf>,
-    service: &str,
-    id: &str,
-    threads: usize,
-    delay_ms: u64,
-    spin_us: Option<u64>,
-    config: ServiceConfig,
-) -> Result<(), CliError> {
-    use nix::sys::signal::{SigSet, Signal};
-    init_logging("warn");
-    // Block the stop signals in every thread; one thread waits for them synchronously.
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set.thread_block()
-        .map_err(|e| format!("cannot block signals: {e}"))?;
-    let bus = connect(dir)?;
-    let mut opts = RegisterOptions {
-        config,
-        ..Default::default()
-    };
-    if let Some(s) = spin_us {
-        opts.spin = Duration::from_micros(s);
-    }
-    opts.metadata
-        .push(("cmd".into(), "aegisctl serve --echo".into()));
-    let inst = bus.register_with(service, id, opts)?;
-    let stop = inst.stop_handle();
-    std::thread::spawn(move || {
-        let _ = set.wait();
-        stop.stop();
-    });
-    println!("ready {service} {id} {}", inst.index());
-    let _ = std::io::stdout().flush();
-    let delay = Duration::from_millis(delay_ms);
-    let results: Vec<aegis_client::Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| {
-                    inst.serve(|req, out| {
-                        if !delay.is_zero() {
-                            std::thread::sleep(delay);
-                        }
-                        out.extend_from_slice(req.payload());
-                        Ok::<(), ServiceError>(())
-                    })
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("serving thread panicked"))
-            .collect()
-    });
-    for r in results {
-        r?;
-    }
-    match inst.unregister() {
-        // A broker that is already gone has dropped the registration with the connection.
-        Ok(()) | Err(aegis_client::Error::BrokerUnavailable { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }

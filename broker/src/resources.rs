@@ -1,0 +1,563 @@
+//! Resource ownership: the broker's records, and the only writer of the shared-memory
+//! resource map that callers read lock-free to route `call_resource`.
+//!
+//! The map is open addressing with tombstones (ids are hashed with the same function the
+//! readers use). Claims and releases are processed a batch at a time under the state
+//! mutex; an all-or-nothing request keeps an undo log and rolls everything back on the
+//! first failure. A transfer rewrites the owner of each id in one seqlock write section, so
+//! a concurrent lookup sees the old owner or the new one, never neither.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use aegis_client::error::{code, WireError};
+use aegis_client::layout::{self, Status, RESOURCE_EMPTY, RESOURCE_LIVE, RESOURCE_TOMBSTONE};
+use aegis_client::names;
+use aegis_client::proto::{
+    ResourceFailure, ResourceInfo, ResourceMetadata, ResourcePage, ResourceQuery, ResourceSpec,
+    Response,
+};
+use aegis_client::sys;
+
+use crate::state::{ConnId, Peer, Reply, State};
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 10_000;
+
+#[derive(Default)]
+pub(crate) struct Resources {
+    by_id: HashMap<String, ResourceRec>,
+    /// Map slots that are live or tombstones (an insert into an empty slot adds one).
+    used_slots: u32,
+    /// TTL deadlines: (deadline, id, version); stale entries are skipped when popped.
+    ttl: BinaryHeap<Reverse<(Instant, String, u64)>>,
+    next_version: u64,
+}
+
+#[derive(Clone)]
+pub(crate) struct ResourceRec {
+    slot: u32,
+    owner: u32,
+    incarnation: u64,
+    metadata: ResourceMetadata,
+    claimed_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    version: u64,
+}
+
+/// A transfer request: `from` is the caller's own instance, `None` an administrator's.
+pub(crate) struct Transfer<'a> {
+    pub ids: &'a [String],
+    pub from: Option<(u32, u64)>,
+    pub to_service: &'a str,
+    pub to_instance: &'a str,
+    pub reason: &'a str,
+}
+
+/// What an all-or-nothing request must undo if it fails.
+pub(crate) enum Undo {
+    Claimed(String),
+    TookOver { id: String, prev: ResourceRec },
+    Released { id: String, prev: ResourceRec },
+}
+
+fn failure(id: &str, code: u16, reason: String, owner: Option<String>) -> ResourceFailure {
+    ResourceFailure {
+        id: id.to_owned(),
+        code,
+        reason,
+        owner,
+    }
+}
+
+fn check_metadata(m: &ResourceMetadata) -> Result<(), String> {
+    let long = |s: &String| s.len() > 256;
+    if m.tags.len() > 32 || m.attributes.len() > 32 {
+        return Err("metadata: at most 32 tags and 32 attributes".into());
+    }
+    if long(&m.resource_type)
+        || long(&m.created_by)
+        || m.tags.iter().any(long)
+        || m.attributes.iter().any(|(k, v)| long(k) || v.len() > 4096)
+    {
+        return Err("metadata: strings up to 256 bytes (attribute values 4096)".into());
+    }
+    Ok(())
+}
+
+impl State {
+    fn instance_name(&self, index: u32) -> String {
+        self.instances
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .map_or_else(|| format!("#{index}"), |r| r.id.clone())
+    }
+
+    fn limit_reached(&self, index: u32) -> Option<String> {
+        let r = self.instances[index as usize].as_ref()?;
+        let limit = self.cfg.max_resources_per_instance as usize;
+        (r.owned.len() >= limit).then(|| {
+            format!(
+                "instance '{}' already owns the maximum of {limit} resources",
+                r.id
+            )
+        })
+    }
+
+    // --- the shared-memory map (single writer: the state mutex holder) ---
+
+    fn map_insert(&mut self, id: &str, owner: u32, incarnation: u64, version: u64) -> Option<u32> {
+        let cap = self.registry.layout.max_resources;
+        let h = layout::name_hash(id);
+        let mut i = (h as u32) & (cap - 1);
+        let mut tomb = None;
+        let mut slot = None;
+        for _ in 0..cap {
+            let e = self.registry.resource(i)?;
+            match e.state.load(Relaxed) {
+                RESOURCE_EMPTY => {
+                    slot = Some(tomb.unwrap_or(i));
+                    break;
+                }
+                RESOURCE_TOMBSTONE => {
+                    tomb.get_or_insert(i);
+                }
+                _ => {}
+            }
+            i = (i + 1) & (cap - 1);
+        }
+        let slot = slot.or(tomb)?;
+        let fresh = self.registry.resource(slot)?.state.load(Relaxed) == RESOURCE_EMPTY;
+        if fresh {
+            // Keep probe chains short: refuse past 7/8 of the slots.
+            if self.resources.used_slots + 1 > cap / 8 * 7 {
+                return None;
+            }
+            self.resources.used_slots += 1;
+        }
+        let e = self.registry.resource(slot)?;
+        let s = e.seq.write_begin();
+        e.hash.store(h, Relaxed);
+        e.id.store(id);
+        e.owner.store(owner, Relaxed);
+        e.incarnation.store(incarnation, Relaxed);
+        e.version.store(version, Relaxed);
+        e.state.store(RESOURCE_LIVE, Relaxed);
+        e.seq.write_end(s);
+        Some(slot)
+    }
+
+    fn map_set_owner(&self, slot: u32, owner: u32, incarnation: u64, version: u64) {
+        let e = self.registry.resource(slot).expect("slot in range");
+        let s = e.seq.write_begin();
+        e.owner.store(owner, Relaxed);
+        e.incarnation.store(incarnation, Relaxed);
+        e.version.store(version, Relaxed);
+        e.seq.write_end(s);
+    }
+
+    fn map_remove(&self, slot: u32) {
+        let e = self.registry.resource(slot).expect("slot in range");
+        let s = e.seq.write_begin();
+        e.state.store(RESOURCE_TOMBSTONE, Relaxed);
+        e.seq.write_end(s);
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.resources.next_version += 1;
+        self.resources.next_version
+    }
+
+    fn insert_rec(
+        &mut self,
+        id: &str,
+        owner: u32,
+        metadata: ResourceMetadata,
+    ) -> Result<(), String> {
+        let incarnation = self.instances[owner as usize].as_ref().unwrap().incarnation;
+        let version = self.next_version();
+        let slot = self
+            .map_insert(id, owner, incarnation, version)
+            .ok_or_else(|| {
+                format!(
+                    "the resource map is full ({} slots, broker --max-resources)",
+                    self.registry.layout.max_resources
+                )
+            })?;
+        let now = sys::unix_millis();
+        let expires_at_ms = metadata.ttl_ms.map(|t| now.saturating_add(t));
+        if let Some(t) = metadata.ttl_ms {
+            let at = Instant::now() + Duration::from_millis(t);
+            self.resources
+                .ttl
+                .push(Reverse((at, id.to_owned(), version)));
+        }
+        let rec = ResourceRec {
+            slot,
+            owner,
+            incarnation,
+            metadata,
+            claimed_at_ms: now,
+            expires_at_ms,
+            version,
+        };
+        self.resources.by_id.insert(id.to_owned(), rec);
+        self.instances[owner as usize]
+            .as_mut()
+            .unwrap()
+            .owned
+            .insert(id.to_owned());
+        Ok(())
+    }
+
+    fn remove_rec(&mut self, id: &str) -> Option<ResourceRec> {
+        let rec = self.resources.by_id.remove(id)?;
+        self.map_remove(rec.slot);
+        if let Some(inst) = self.instances[rec.owner as usize].as_mut() {
+            inst.owned.remove(id);
+        }
+        Some(rec)
+    }
+
+    fn set_owner(&mut self, id: &str, owner: u32) {
+        let version = self.next_version();
+        let incarnation = self.instances[owner as usize].as_ref().unwrap().incarnation;
+        let rec = self.resources.by_id.get_mut(id).unwrap();
+        let prev = std::mem::replace(&mut rec.owner, owner);
+        rec.incarnation = incarnation;
+        rec.version = version;
+        let slot = rec.slot;
+        if let Some(p) = self.instances[prev as usize].as_mut() {
+            p.owned.remove(id);
+        }
+        self.instances[owner as usize]
+            .as_mut()
+            .unwrap()
+            .owned
+            .insert(id.to_owned());
+        self.map_set_owner(slot, owner, incarnation, version);
+    }
+
+    // --- requests ---
+
+    /// One batch of a claim. `Err` refuses the whole request (not authorised).
+    pub(crate) fn claim_batch(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        (index, inc): (u32, u64),
+        specs: &[ResourceSpec],
+        force: bool,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(u32, Vec<ResourceFailure>), WireError> {
+        self.acts_for(conn, peer, index, inc)?;
+        if force && !self.is_admin(peer) {
+            return Err(WireError::NotOwner(format!(
+                "force takes over other instances' resources and is for administrators; uid {} is not one",
+                peer.uid
+            )));
+        }
+        let me = self.instance_name(index);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for spec in specs {
+            let id = spec.id.as_str();
+            if let Err(e) = names::resource_id(id) {
+                failed.push(failure(id, code::BAD_REQUEST, e.to_string(), None));
+                continue;
+            }
+            if let Err(e) = check_metadata(&spec.metadata) {
+                failed.push(failure(id, code::BAD_REQUEST, e, None));
+                continue;
+            }
+            match self.resources.by_id.get(id).map(|r| r.owner) {
+                Some(owner) if owner == index => ok += 1,
+                Some(owner) if !force => {
+                    let o = self.instance_name(owner);
+                    let why = format!("resource '{id}' is already owned by instance '{o}'");
+                    failed.push(failure(id, code::CONFLICT, why, Some(o)));
+                }
+                existing => {
+                    if let Some(why) = self.limit_reached(index) {
+                        failed.push(failure(id, code::LIMIT_EXCEEDED, why, None));
+                        continue;
+                    }
+                    if let Some(owner) = existing {
+                        let prev = self.resources.by_id[id].clone();
+                        self.set_owner(id, index);
+                        self.resources.by_id.get_mut(id).unwrap().metadata = spec.metadata.clone();
+                        tracing::info!(resource = id, from = %self.instance_name(owner), to = %me,
+                            uid = peer.uid, "resource taken over by force");
+                        undo.push(Undo::TookOver {
+                            id: id.to_owned(),
+                            prev,
+                        });
+                        ok += 1;
+                        continue;
+                    }
+                    match self.insert_rec(id, index, spec.metadata.clone()) {
+                        Ok(()) => {
+                            undo.push(Undo::Claimed(id.to_owned()));
+                            ok += 1;
+                        }
+                        Err(why) => failed.push(failure(id, code::LIMIT_EXCEEDED, why, None)),
+                    }
+                }
+            }
+        }
+        self.changed();
+        Ok((ok, failed))
+    }
+
+    /// One batch of a release; `owner: None` is an administrator's release.
+    pub(crate) fn release_batch(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        owner: Option<(u32, u64)>,
+        ids: &[String],
+        undo: &mut Vec<Undo>,
+    ) -> Result<(u32, Vec<ResourceFailure>), WireError> {
+        match owner {
+            Some((index, inc)) => {
+                self.acts_for(conn, peer, index, inc)?;
+            }
+            None if !self.is_admin(peer) => {
+                return Err(WireError::NotOwner(format!(
+                    "releasing other instances' resources is for administrators; uid {} is not one",
+                    peer.uid
+                )));
+            }
+            None => {}
+        }
+        let (mut ok, mut failed) = (0, Vec::new());
+        for id in ids {
+            match self.resources.by_id.get(id).map(|r| r.owner) {
+                None => failed.push(failure(
+                    id,
+                    code::RESOURCE_NOT_FOUND,
+                    format!("resource '{id}' is not owned by any instance"),
+                    None,
+                )),
+                Some(o) if owner.is_some_and(|(me, _)| me != o) => {
+                    let name = self.instance_name(o);
+                    let why = format!("resource '{id}' is owned by instance '{name}'");
+                    failed.push(failure(id, code::NOT_OWNER, why, Some(name)));
+                }
+                Some(_) => {
+                    let prev = self.remove_rec(id).expect("present");
+                    undo.push(Undo::Released {
+                        id: id.clone(),
+                        prev,
+                    });
+                    ok += 1;
+                }
+            }
+        }
+        self.changed();
+        Ok((ok, failed))
+    }
+
+    /// Undoes an all-or-nothing request, newest step first.
+    pub(crate) fn rollback(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            match u {
+                Undo::Claimed(id) => {
+                    self.remove_rec(&id);
+                }
+                Undo::TookOver { id, prev } => {
+                    if self.instances[prev.owner as usize]
+                        .as_ref()
+                        .is_some_and(|r| r.incarnation == prev.incarnation)
+                    {
+                        self.set_owner(&id, prev.owner);
+                        self.resources.by_id.get_mut(&id).unwrap().metadata = prev.metadata;
+                    } else {
+                        self.remove_rec(&id);
+                    }
+                }
+                Undo::Released { id, prev } => {
+                    if self.instances[prev.owner as usize]
+                        .as_ref()
+                        .is_some_and(|r| r.incarnation == prev.incarnation)
+                        && !self.resources.by_id.contains_key(&id)
+                    {
+                        let _ = self.insert_rec(&id, prev.owner, prev.metadata);
+                    }
+                }
+            }
+        }
+        self.changed();
+    }
+
+    /// Moves `t.ids` to instance `t.to_instance` of `t.to_service`, all or none.
+    pub(crate) fn transfer(&mut self, conn: ConnId, peer: Peer, t: Transfer<'_>) -> Reply {
+        let Transfer {
+            ids,
+            from,
+            to_service,
+            to_instance,
+            reason,
+        } = t;
+        let refuse = |e: WireError| (Response::Error(e), Vec::new());
+        match from {
+            Some((index, inc)) => {
+                if let Err(e) = self.acts_for(conn, peer, index, inc) {
+                    return refuse(e);
+                }
+            }
+            None if !self.is_admin(peer) => {
+                return refuse(WireError::NotOwner(format!(
+                "transferring other instances' resources is for administrators; uid {} is not one",
+                peer.uid
+            )))
+            }
+            None => {}
+        }
+        let Some(target) = self.find_instance(to_service, to_instance) else {
+            return refuse(WireError::BadRequest(format!(
+                "transfer target: no instance '{to_instance}' of service '{to_service}'"
+            )));
+        };
+        let st = self.status(target);
+        if st != Status::Online {
+            return refuse(WireError::BadRequest(format!(
+                "transfer target '{to_instance}' is {st:?}, not Online"
+            )));
+        }
+        let mut moving = Vec::new();
+        for id in ids {
+            match self.resources.by_id.get(id).map(|r| r.owner) {
+                None => {
+                    return refuse(WireError::ResourceNotFound {
+                        resource: id.clone(),
+                    })
+                }
+                Some(o) if from.is_some_and(|(me, _)| me != o) => {
+                    return refuse(WireError::NotOwner(format!(
+                        "resource '{id}' is owned by instance '{}'",
+                        self.instance_name(o)
+                    )))
+                }
+                Some(o) if o == target => {}
+                Some(o) => moving.push((id, o)),
+            }
+        }
+        let limit = self.cfg.max_resources_per_instance as usize;
+        let have = self.instances[target as usize]
+            .as_ref()
+            .map_or(0, |r| r.owned.len());
+        if have + moving.len() > limit {
+            return refuse(WireError::LimitExceeded(format!(
+                "instance '{to_instance}' owns {have} resources; {} more would pass the limit of {limit}",
+                moving.len()
+            )));
+        }
+        for (id, old) in moving {
+            let from_name = self.instance_name(old);
+            self.set_owner(id, target);
+            tracing::info!(resource = %id, from = %from_name, to = to_instance, reason, uid = peer.uid, "resource transferred");
+        }
+        self.changed();
+        (Response::Done, Vec::new())
+    }
+
+    pub(crate) fn query_resources(&self, q: &ResourceQuery) -> ResourcePage {
+        let limit = match q.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        } as usize;
+        let ids: HashSet<&str> = q.ids.iter().map(String::as_str).collect();
+        let mut hits: Vec<(&String, &ResourceRec)> = self
+            .resources
+            .by_id
+            .iter()
+            .filter(|(id, r)| {
+                let inst = self.instances[r.owner as usize].as_ref();
+                let svc = inst.and_then(|i| self.services[i.service as usize].as_ref());
+                (ids.is_empty() || ids.contains(id.as_str()))
+                    && q.service
+                        .as_ref()
+                        .is_none_or(|s| svc.is_some_and(|v| &v.name == s))
+                    && q.instance
+                        .as_ref()
+                        .is_none_or(|s| inst.is_some_and(|i| &i.id == s))
+                    && q.resource_type
+                        .as_ref()
+                        .is_none_or(|t| &r.metadata.resource_type == t)
+                    && q.tags.iter().all(|t| r.metadata.tags.contains(t))
+            })
+            .collect();
+        hits.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let total = hits.len() as u64;
+        let items: Vec<ResourceInfo> = hits
+            .into_iter()
+            .skip(q.offset as usize)
+            .take(limit)
+            .map(|(id, r)| {
+                let inst = self.instances[r.owner as usize].as_ref();
+                let status = self.status(r.owner);
+                ResourceInfo {
+                    id: id.clone(),
+                    service: inst
+                        .and_then(|i| self.services[i.service as usize].as_ref())
+                        .map_or_else(String::new, |s| s.name.clone()),
+                    instance_id: inst.map_or_else(String::new, |i| i.id.clone()),
+                    owner_index: r.owner,
+                    owner_status: status,
+                    owner_healthy: status == Status::Online,
+                    metadata: r.metadata.clone(),
+                    claimed_at_ms: r.claimed_at_ms,
+                    expires_at_ms: r.expires_at_ms,
+                }
+            })
+            .collect();
+        let has_more = q.offset as u64 + (items.len() as u64) < total;
+        ResourcePage {
+            items,
+            total,
+            has_more,
+        }
+    }
+
+    /// Releases everything an instance that is going away owned.
+    pub(crate) fn release_all(&mut self, owned: &HashSet<String>, reason: &str) {
+        for id in owned {
+            self.remove_rec(id);
+        }
+        if !owned.is_empty() {
+            tracing::info!(
+                count = owned.len(),
+                reason,
+                "released the resources of a departing instance"
+            );
+            self.changed();
+        }
+    }
+
+    /// Releases resources whose TTL has passed.
+    pub(crate) fn expire_resources(&mut self) {
+        let now = Instant::now();
+        let mut any = false;
+        while let Some(Reverse((at, _, _))) = self.resources.ttl.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((_, id, version)) = self.resources.ttl.pop().unwrap();
+            if self
+                .resources
+                .by_id
+                .get(&id)
+                .is_some_and(|r| r.version == version)
+            {
+                self.remove_rec(&id);
+                tracing::info!(resource = %id, "resource released: TTL expired");
+                any = true;
+            }
+        }
+        if any {
+            self.changed();
+        }
+    }
+}
