@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use aegis_client::error::{code, WireError};
-use aegis_client::layout::{self, Status, RESOURCE_EMPTY, RESOURCE_LIVE, RESOURCE_TOMBSTONE};
+use aegis_client::layout::{self, Status, RESOURCE_EMPTY, RESOURCE_LIVE};
 use aegis_client::names;
 use aegis_client::proto::{
     ResourceFailure, ResourceInfo, ResourceMetadata, ResourcePage, ResourceQuery, ResourceSpec,
@@ -29,8 +29,10 @@ const MAX_PAGE: u32 = 10_000;
 #[derive(Default)]
 pub(crate) struct Resources {
     by_id: HashMap<String, ResourceRec>,
-    /// Map slots that are live or tombstones (an insert into an empty slot adds one).
-    used_slots: u32,
+    /// Live entries in the shared map.
+    live: u32,
+    /// Which id each live map slot holds (to fix up records when a delete shifts entries).
+    slot_ids: HashMap<u32, String>,
     /// TTL deadlines: (deadline, id, version); stale entries are skipped when popped.
     ttl: BinaryHeap<Reverse<(Instant, String, u64)>>,
     next_version: u64,
@@ -107,62 +109,110 @@ impl State {
     }
 
     // --- the shared-memory map (single writer: the state mutex holder) ---
+    //
+    // Linear probing without tombstones: a delete shifts later members of the probe chain
+    // back into the hole (Knuth's algorithm R), so chains stay as short as the live ids
+    // make them however much churn there is. Every write is one section of the map-wide
+    // seqlock; readers retry a lookup that overlapped one.
 
-    fn map_insert(&mut self, id: &str, owner: u32, incarnation: u64, version: u64) -> Option<u32> {
-        let cap = self.registry.layout.max_resources;
-        let h = layout::name_hash(id);
-        let mut i = (h as u32) & (cap - 1);
-        let mut tomb = None;
-        let mut slot = None;
-        for _ in 0..cap {
-            let e = self.registry.resource(i)?;
-            match e.state.load(Relaxed) {
-                RESOURCE_EMPTY => {
-                    slot = Some(tomb.unwrap_or(i));
-                    break;
-                }
-                RESOURCE_TOMBSTONE => {
-                    tomb.get_or_insert(i);
-                }
-                _ => {}
-            }
-            i = (i + 1) & (cap - 1);
-        }
-        let slot = slot.or(tomb)?;
-        let fresh = self.registry.resource(slot)?.state.load(Relaxed) == RESOURCE_EMPTY;
-        if fresh {
-            // Keep probe chains short: refuse past 7/8 of the slots.
-            if self.resources.used_slots + 1 > cap / 8 * 7 {
-                return None;
-            }
-            self.resources.used_slots += 1;
-        }
-        let e = self.registry.resource(slot)?;
-        let s = e.seq.write_begin();
-        e.hash.store(h, Relaxed);
+    fn write_entry(
+        &self,
+        slot: u32,
+        id: &str,
+        hash: u64,
+        owner: u32,
+        incarnation: u64,
+        version: u64,
+    ) {
+        let e = self.registry.resource(slot).expect("slot in range");
+        e.hash.store(hash, Relaxed);
         e.id.store(id);
         e.owner.store(owner, Relaxed);
         e.incarnation.store(incarnation, Relaxed);
         e.version.store(version, Relaxed);
         e.state.store(RESOURCE_LIVE, Relaxed);
-        e.seq.write_end(s);
-        Some(slot)
+    }
+
+    fn map_insert(&mut self, id: &str, owner: u32, incarnation: u64, version: u64) -> Option<u32> {
+        let cap = self.registry.layout.max_resources;
+        // Keep probe chains short: refuse past 7/8 of the slots.
+        if self.resources.live + 1 > cap / 8 * 7 {
+            return None;
+        }
+        let h = layout::name_hash(id);
+        let mut i = (h as u32) & (cap - 1);
+        while self.registry.resource(i)?.state.load(Relaxed) != RESOURCE_EMPTY {
+            i = (i + 1) & (cap - 1);
+        }
+        let lock = &self.registry.control().resources;
+        let s = lock.write_begin();
+        self.write_entry(i, id, h, owner, incarnation, version);
+        lock.write_end(s);
+        self.resources.live += 1;
+        self.resources.slot_ids.insert(i, id.to_owned());
+        Some(i)
     }
 
     fn map_set_owner(&self, slot: u32, owner: u32, incarnation: u64, version: u64) {
         let e = self.registry.resource(slot).expect("slot in range");
-        let s = e.seq.write_begin();
+        let lock = &self.registry.control().resources;
+        let s = lock.write_begin();
         e.owner.store(owner, Relaxed);
         e.incarnation.store(incarnation, Relaxed);
         e.version.store(version, Relaxed);
-        e.seq.write_end(s);
+        lock.write_end(s);
     }
 
-    fn map_remove(&self, slot: u32) {
-        let e = self.registry.resource(slot).expect("slot in range");
-        let s = e.seq.write_begin();
-        e.state.store(RESOURCE_TOMBSTONE, Relaxed);
-        e.seq.write_end(s);
+    /// Empties `slot` and shifts the rest of its probe chain back over the hole.
+    fn map_remove(&mut self, slot: u32) {
+        let cap = self.registry.layout.max_resources;
+        let mask = cap - 1;
+        let lock = &self.registry.control().resources;
+        let s = lock.write_begin();
+        let mut hole = slot;
+        let mut j = slot;
+        loop {
+            j = (j + 1) & mask;
+            let e = self.registry.resource(j).expect("slot in range");
+            if e.state.load(Relaxed) != RESOURCE_LIVE {
+                break;
+            }
+            let home = (e.hash.load(Relaxed) as u32) & mask;
+            // The entry at j may move into the hole unless its home lies cyclically in (hole, j].
+            let stays = if hole <= j {
+                hole < home && home <= j
+            } else {
+                hole < home || home <= j
+            };
+            if stays {
+                continue;
+            }
+            let id = self
+                .resources
+                .slot_ids
+                .remove(&j)
+                .expect("live slot has an id");
+            let (h, o, inc, v) = (
+                e.hash.load(Relaxed),
+                e.owner.load(Relaxed),
+                e.incarnation.load(Relaxed),
+                e.version.load(Relaxed),
+            );
+            self.write_entry(hole, &id, h, o, inc, v);
+            if let Some(rec) = self.resources.by_id.get_mut(&id) {
+                rec.slot = hole;
+            }
+            self.resources.slot_ids.insert(hole, id);
+            hole = j;
+        }
+        self.registry
+            .resource(hole)
+            .expect("slot in range")
+            .state
+            .store(RESOURCE_EMPTY, Relaxed);
+        self.resources.slot_ids.remove(&hole);
+        lock.write_end(s);
+        self.resources.live -= 1;
     }
 
     fn next_version(&mut self) -> u64 {
@@ -213,8 +263,9 @@ impl State {
     }
 
     fn remove_rec(&mut self, id: &str) -> Option<ResourceRec> {
+        let slot = self.resources.by_id.get(id)?.slot;
+        self.map_remove(slot);
         let rec = self.resources.by_id.remove(id)?;
-        self.map_remove(rec.slot);
         if let Some(inst) = self.instances[rec.owner as usize].as_mut() {
             inst.owned.remove(id);
         }
@@ -558,6 +609,101 @@ impl State {
         }
         if any {
             self.changed();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aegis_client::proto::ServiceConfig;
+    use clap::Parser;
+
+    /// Random claims and releases on a 16-slot map (long collision chains, constant
+    /// shifting): after every step each live id is found at its owner by the readers'
+    /// probe, and each released id is not found.
+    #[test]
+    fn backward_shift_deletion_keeps_every_live_id_reachable() {
+        let cfg = crate::BrokerConfig::parse_from([
+            "aegis-broker",
+            "--max-resources",
+            "16",
+            "--max-instances",
+            "4",
+        ]);
+        let mut st = State::new(cfg).unwrap();
+        let peer = Peer {
+            pid: std::process::id(),
+            uid: 0,
+            gid: 0,
+        };
+        let small = ServiceConfig {
+            slot_size: Some(256),
+            slot_count: Some(2),
+            max_message: Some(1024),
+        };
+        let (owner, inc) = match st.register(1, peer, "svc", "i", Vec::new(), &small).0 {
+            Response::Registered {
+                instance,
+                incarnation,
+                ..
+            } => (instance, incarnation),
+            r => panic!("{r:?}"),
+        };
+        let mut live: HashSet<String> = HashSet::new();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for step in 0..5000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = format!("r{}", x % 24);
+            let mut undo = Vec::new();
+            if live.contains(&id) {
+                let (ok, _) = st
+                    .release_batch(
+                        1,
+                        peer,
+                        Some((owner, inc)),
+                        std::slice::from_ref(&id),
+                        &mut undo,
+                    )
+                    .unwrap();
+                assert_eq!(ok, 1);
+                live.remove(&id);
+            } else {
+                let (ok, f) = st
+                    .claim_batch(
+                        1,
+                        peer,
+                        (owner, inc),
+                        &[ResourceSpec::new(id.clone())],
+                        false,
+                        &mut undo,
+                    )
+                    .unwrap();
+                if ok == 1 {
+                    live.insert(id);
+                } else {
+                    assert_eq!(f[0].code, code::LIMIT_EXCEEDED, "step {step}: {f:?}");
+                }
+            }
+            for n in 0..24 {
+                let id = format!("r{n}");
+                let found = st.registry.find_resource(&id);
+                assert_eq!(found.is_some(), live.contains(&id), "step {step}: {id}");
+                if let Some((o, i)) = found {
+                    assert_eq!((o, i), (owner, inc));
+                    assert_eq!(
+                        st.resources.by_id[&id].slot,
+                        st.resources
+                            .slot_ids
+                            .iter()
+                            .find(|(_, v)| **v == id)
+                            .map(|(k, _)| *k)
+                            .unwrap()
+                    );
+                }
+            }
         }
     }
 }

@@ -366,30 +366,11 @@ impl Bus {
 
     /// The instance owning `resource`, read lock-free from the resource map (allocation-free).
     pub fn lookup_resource(&self, resource: &str) -> Option<CallInfo> {
-        let inner = &*self.inner;
-        let cap = inner.registry.layout.max_resources;
-        let h = layout::name_hash(resource);
-        let mut i = (h as u32) & (cap - 1);
-        for _ in 0..cap {
-            let e = inner.registry.resource(i)?;
-            let found = e.seq.read(|| match e.state.load(Ordering::Relaxed) {
-                layout::RESOURCE_EMPTY => Some(None),
-                layout::RESOURCE_LIVE
-                    if e.hash.load(Ordering::Relaxed) == h && e.id.eq_str(resource) =>
-                {
-                    Some(Some(CallInfo {
-                        instance: e.owner.load(Ordering::Relaxed),
-                        incarnation: e.incarnation.load(Ordering::Relaxed),
-                    }))
-                }
-                _ => None,
-            });
-            if let Some(r) = found {
-                return r;
-            }
-            i = (i + 1) & (cap - 1);
-        }
-        None
+        let (instance, incarnation) = self.inner.registry.find_resource(resource)?;
+        Some(CallInfo {
+            instance,
+            incarnation,
+        })
     }
 
     /// Who owns `resource` right now (lock-free read of the registry), with names.

@@ -409,6 +409,10 @@ impl Status {
 pub struct RegistryControl {
     /// Bumped (Release) after every registry change; a futex word for "anything changed".
     pub generation: AtomicU32,
+    /// Seqlock over the whole resource map. Deleting an id shifts later entries of its
+    /// probe chain back (no tombstones), so a reader must see every structural change as
+    /// one step: it retries a lookup that overlapped a write.
+    pub resources: SeqLock,
 }
 
 #[repr(C, align(64))]
@@ -448,18 +452,16 @@ pub struct InstanceEntry {
 /// Resource map slot state.
 pub const RESOURCE_EMPTY: u32 = 0;
 pub const RESOURCE_LIVE: u32 = 1;
-/// Was live; a probe continues past it (open addressing).
-pub const RESOURCE_TOMBSTONE: u32 = 2;
 
-/// One slot of the resource map: resource id -> owning instance. A transfer rewrites
-/// `owner`/`incarnation` in one seqlock write section, so a reader sees the old owner or
-/// the new one, never neither.
+/// One slot of the resource map (linear probing from `hash`): resource id -> owning
+/// instance. Written only inside the map seqlock ([`RegistryControl::resources`]); a
+/// transfer rewrites `owner`/`incarnation` in one write section, so a reader sees the old
+/// owner or the new one, never neither.
 #[repr(C, align(64))]
 pub struct ResourceEntry {
-    pub seq: SeqLock,
     pub state: AtomicU32,
     pub owner: AtomicU32,
-    pub _pad: u32,
+    pub _pad: [u32; 2],
     pub hash: AtomicU64,
     /// Incarnation of the owning instance (a stale owner is never mistaken for a new one).
     pub incarnation: AtomicU64,
@@ -583,6 +585,30 @@ impl RegistryView {
 }
 
 impl RegistryView {
+    /// Owner `(instance index, incarnation)` of resource `id`: one consistent probe of its
+    /// chain under the map seqlock. Lock-free; retried only if the broker wrote meanwhile.
+    pub fn find_resource(&self, id: &str) -> Option<(u32, u64)> {
+        let cap = self.layout.max_resources;
+        let h = name_hash(id);
+        self.control().resources.read(|| {
+            let mut i = (h as u32) & (cap - 1);
+            for _ in 0..cap {
+                let e = self.resource(i)?;
+                if e.state.load(Ordering::Relaxed) != RESOURCE_LIVE {
+                    return None;
+                }
+                if e.hash.load(Ordering::Relaxed) == h && e.id.eq_str(id) {
+                    return Some((
+                        e.owner.load(Ordering::Relaxed),
+                        e.incarnation.load(Ordering::Relaxed),
+                    ));
+                }
+                i = (i + 1) & (cap - 1);
+            }
+            None
+        })
+    }
+
     pub fn resource(&self, i: u32) -> Option<&ResourceEntry> {
         (i < self.layout.max_resources).then(|| {
             self.map

@@ -19,21 +19,32 @@ pub fn aegisctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_aegisctl"))
 }
 
-/// The broker binary built alongside `aegisctl` (`cargo test --workspace` builds it; a
-/// narrower `cargo test` gets it built here).
+/// The broker binary beside `aegisctl`, brought up to date once per test process: a
+/// narrow `cargo test`/`cargo bench` does not rebuild another crate's binary, and testing a
+/// stale broker would test the wrong code. (A no-op build when it is current.)
 pub fn broker_bin() -> PathBuf {
-    let bin = aegisctl_bin().with_file_name("aegis-broker");
-    if !bin.is_file() {
-        let profile_release = bin.parent().is_some_and(|p| p.ends_with("release"));
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "-p", "aegis-broker", "--bin", "aegis-broker"]);
-        if profile_release {
-            c.arg("--release");
-        }
-        let st = c.status().expect("run cargo build for aegis-broker");
-        assert!(st.success(), "building aegis-broker failed");
-    }
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let bin = aegisctl_bin().with_file_name("aegis-broker");
+            let release = bin.parent().is_some_and(|p| p.ends_with("release"));
+            let mut c = Command::new(env!("CARGO"));
+            c.args([
+                "build",
+                "--quiet",
+                "-p",
+                "aegis-broker",
+                "--bin",
+                "aegis-broker",
+            ]);
+            if release {
+                c.arg("--release");
+            }
+            let st = c.status().expect("run cargo build for aegis-broker");
+            assert!(st.success(), "building aegis-broker failed");
+            bin
+        })
+        .clone()
 }
 
 /// A process started but not yet known to be ready; its stdout lines arrive on `lines`.
