@@ -6,6 +6,7 @@
 //! through the segments it handed out.
 
 pub mod config;
+mod liveness;
 mod resources;
 mod server;
 pub mod state;

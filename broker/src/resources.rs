@@ -642,7 +642,20 @@ mod tests {
             slot_count: Some(2),
             max_message: Some(1024),
         };
-        let (owner, inc) = match st.register(1, peer, "svc", "i", Vec::new(), &small).0 {
+        let (owner, inc) = match st
+            .register(
+                1,
+                peer,
+                crate::state::Registration {
+                    service: "svc",
+                    id: "i",
+                    metadata: Vec::new(),
+                    config: &small,
+                    heartbeat: Default::default(),
+                },
+            )
+            .0
+        {
             Response::Registered {
                 instance,
                 incarnation,

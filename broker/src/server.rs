@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, FromRawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::BrokerConfig;
 use crate::resources::Transfer;
-use crate::state::{ConnId, Peer, Reply, State};
+use crate::state::{ConnId, Peer, Registration, Reply, State};
 
 /// Runs a broker until SIGTERM or SIGINT. Errors are one-line reasons for the operator.
 pub fn run(cfg: BrokerConfig) -> Result<(), String> {
@@ -180,7 +180,29 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                     instance_id,
                     metadata,
                     config,
-                } => st.register(id, peer, &service, &instance_id, metadata, &config),
+                    heartbeat,
+                } => {
+                    let reg = Registration {
+                        service: &service,
+                        id: &instance_id,
+                        metadata,
+                        config: &config,
+                        heartbeat,
+                    };
+                    let r = st.register(id, peer, reg);
+                    for pid in st.take_pending_watches() {
+                        watch_exit(state.clone(), pid);
+                    }
+                    r
+                }
+                Request::ReportUnhealthy {
+                    instance,
+                    incarnation,
+                    reason,
+                } => st.report_unhealthy(instance, incarnation, &reason),
+                Request::Health { service } => {
+                    (Response::Health(st.health(service.as_deref())), Vec::new())
+                }
                 Request::Unregister {
                     instance,
                     incarnation,
@@ -244,6 +266,39 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
         }
     }
     state.lock().disconnect(id);
+}
+
+/// Watches `pid` with a pidfd, readable when the process exits; falls back to polling in
+/// the tick where pidfds are not available.
+fn watch_exit(state: Arc<Mutex<State>>, pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        tracing::debug!(
+            pid,
+            "pidfd_open failed ({}); polling instead",
+            std::io::Error::last_os_error()
+        );
+        state.lock().poll_pid(pid);
+        return;
+    }
+    // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw as i32) };
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: it stays open and the same
+    // descriptor for the AsyncFd's whole life.
+    let afd =
+        match unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(pid, "cannot register pidfd ({e}); polling instead");
+                state.lock().poll_pid(pid);
+                return;
+            }
+        };
+    tokio::spawn(async move {
+        let _ = afd.readable().await;
+        state.lock().process_exited(pid, "pidfd");
+    });
 }
 
 enum BulkOp {

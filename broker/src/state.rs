@@ -12,13 +12,22 @@ use aegis_client::layout::{
     self, ClientLayout, ClientSeg, InstanceLayout, InstanceSeg, Mapping, RegistryLayout,
     RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
 };
-use aegis_client::proto::{InstanceInfo, Response, ServiceConfig, ServiceInfo};
+use aegis_client::proto::{Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo};
 use aegis_client::ring::{self, RingRef};
 use aegis_client::{names, sys};
 
 use crate::config::BrokerConfig;
 
 pub type ConnId = u64;
+
+/// A registration request.
+pub struct Registration<'a> {
+    pub service: &'a str,
+    pub id: &'a str,
+    pub metadata: Vec<(String, String)>,
+    pub config: &'a ServiceConfig,
+    pub heartbeat: Heartbeat,
+}
 
 /// Who is on the other end of a control connection (from `SO_PEERCRED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +51,7 @@ pub(crate) struct InstanceRec {
     pub(crate) peer: Peer,
     pub(crate) incarnation: u64,
     fd: OwnedFd,
-    seg: InstanceSeg,
+    pub(crate) seg: InstanceSeg,
     /// Control connections holding this registration (same process registering twice).
     owners: Vec<ConnId>,
     metadata: Vec<(String, String)>,
@@ -50,6 +59,8 @@ pub(crate) struct InstanceRec {
     mirrored_served: u64,
     /// Resource ids this instance owns.
     pub(crate) owned: std::collections::HashSet<String>,
+    /// Liveness: status, heartbeat tracking, transitions.
+    pub(crate) live: crate::liveness::Live,
 }
 
 struct ClientRec {
@@ -68,6 +79,7 @@ pub struct State {
     pub(crate) by_name: HashMap<String, u32>,
     pub(crate) instances: Vec<Option<InstanceRec>>,
     pub(crate) resources: crate::resources::Resources,
+    pub(crate) liveness: crate::liveness::Watch,
     clients: Vec<Option<ClientRec>>,
     client_gens: Vec<u32>,
     next_incarnation: u64,
@@ -123,6 +135,7 @@ impl State {
             client_gens: vec![0; cfg.max_clients as usize],
             by_name: HashMap::new(),
             resources: Default::default(),
+            liveness: Default::default(),
             next_incarnation: 1,
             cfg,
             epoch,
@@ -180,15 +193,20 @@ impl State {
         )
     }
 
-    pub fn register(
-        &mut self,
-        conn: ConnId,
-        peer: Peer,
-        service: &str,
-        id: &str,
-        metadata: Vec<(String, String)>,
-        config: &ServiceConfig,
-    ) -> Reply {
+    pub fn register(&mut self, conn: ConnId, peer: Peer, reg: Registration<'_>) -> Reply {
+        let Registration {
+            service,
+            id,
+            metadata,
+            config,
+            heartbeat,
+        } = reg;
+        if heartbeat.interval_ms == 0 || heartbeat.timeout_ms < heartbeat.interval_ms {
+            return err(WireError::BadRequest(format!(
+                "heartbeat interval {} ms must be positive and at most the timeout {} ms",
+                heartbeat.interval_ms, heartbeat.timeout_ms
+            )));
+        }
         if let Err(e) = names::service(service).and_then(|()| names::instance_id(id)) {
             return err(WireError::BadRequest(
                 e.to_string().trim_start_matches("bad request: ").into(),
@@ -289,7 +307,9 @@ impl State {
             registered_at_ms: sys::unix_millis(),
             mirrored_served: 0,
             owned: Default::default(),
+            live: crate::liveness::Live::new(peer.pid, heartbeat),
         });
+        self.watch_pid(peer.pid);
         self.write_instance(index as u32);
         self.services[svc_idx as usize]
             .as_mut()
@@ -533,22 +553,13 @@ impl State {
                 .iter()
                 .filter_map(|&m| {
                     let r = self.instances[m as usize].as_ref()?;
-                    // SAFETY: validated layout; the ring words are only read here.
-                    let queued = unsafe {
-                        RingRef::new(
-                            r.seg.ring_indices(),
-                            r.seg.slots_base(),
-                            r.seg.layout.slot_stride(),
-                            r.seg.layout.slot_count,
-                        )
-                    }
-                    .len();
+                    let queued = crate::liveness::queued(r);
                     Some(InstanceInfo {
                         index: m,
                         id: r.id.clone(),
                         pid: r.peer.pid,
                         uid: r.peer.uid,
-                        status: Status::Online,
+                        status: r.live.status,
                         requests_served: r
                             .seg
                             .counters()
@@ -584,12 +595,13 @@ impl State {
         }
     }
 
-    fn remove_instance(&mut self, index: u32, reason: &str) {
+    pub(crate) fn remove_instance(&mut self, index: u32, reason: &str) {
         let Some(rec) = self.instances[index as usize].take() else {
             return;
         };
         // Its resources go with it, before routing forgets the instance.
         self.release_all(&rec.owned, reason);
+        self.record_departure(&rec, reason);
         let e = self.registry.instance(index).expect("index in range");
         let s = e.seq.write_begin();
         e.status
@@ -606,6 +618,7 @@ impl State {
     /// Periodic work: expire resources, mirror per-instance counters into the registry.
     pub fn tick(&mut self) {
         self.expire_resources();
+        self.check_liveness();
         for i in 0..self.instances.len() {
             let Some(r) = self.instances[i].as_mut() else {
                 continue;
@@ -642,7 +655,7 @@ impl State {
         e.seq.write_end(s);
     }
 
-    fn write_service(&self, i: u32) {
+    pub(crate) fn write_service(&self, i: u32) {
         use std::sync::atomic::Ordering::{Relaxed, Release};
         let rec = self.services[i as usize].as_ref().unwrap();
         let e = self.registry.service(i).unwrap();

@@ -52,15 +52,39 @@ impl Default for BusOptions {
     }
 }
 
-/// Per-call options.
+/// How a call picks among a service's healthy instances.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Selection {
+    /// The next instance after the last one any process used (a shared counter).
+    #[default]
+    RoundRobin,
+    Random,
+    /// This instance id while it is `Online`; round-robin otherwise.
+    Preferred(String),
+}
+
+/// Per-call options. Defaults follow the seed: 5 s per attempt, 15 s in all, up to 3
+/// instances.
 #[derive(Debug, Clone)]
 pub struct CallOptions {
-    /// Deadline for the whole call, from the moment it starts.
+    /// Deadline for the whole call, all attempts included.
     pub timeout: Duration,
+    /// Deadline for one attempt on one instance.
+    pub attempt_timeout: Duration,
+    /// Instances to try at most (different ones).
+    pub max_attempts: u32,
+    /// Whether the request may run twice. A request an instance never took is always
+    /// retried elsewhere; one it took but did not answer (it died or hung) only if this is set.
+    pub idempotent: bool,
+    /// Instance ids not to use.
+    pub exclude: Vec<String>,
+    pub selection: Selection,
     /// Overrides the bus's spin budget for this call (`Duration::ZERO`: sleep at once).
     pub spin: Option<Duration>,
-    /// Hops so far (set by nested calls made while handling a request).
+    /// Hops so far (set by nested calls made while handling a request: [`CallOptions::nested`]).
     pub hops: u8,
+    /// More hops than this is `LoopDetected`.
+    pub max_hops: u8,
     /// Trace id carried to the instance; `None` makes a fresh one.
     pub trace_id: Option<u64>,
 }
@@ -68,18 +92,35 @@ pub struct CallOptions {
 impl Default for CallOptions {
     fn default() -> Self {
         CallOptions {
-            timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+            attempt_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            idempotent: false,
+            exclude: Vec::new(),
+            selection: Selection::RoundRobin,
             spin: None,
             hops: 0,
+            max_hops: 8,
             trace_id: None,
         }
     }
 }
 
 impl CallOptions {
+    /// One budget for the whole call and for each attempt.
     pub fn timeout(timeout: Duration) -> CallOptions {
         CallOptions {
             timeout,
+            attempt_timeout: timeout,
+            ..Default::default()
+        }
+    }
+
+    /// Options for a call made while handling `req`: one more hop, the same trace id.
+    pub fn nested(req: &crate::Request<'_>) -> CallOptions {
+        CallOptions {
+            hops: req.hops().saturating_add(1),
+            trace_id: Some(req.trace_id()),
             ..Default::default()
         }
     }
@@ -131,6 +172,9 @@ pub(crate) struct BusInner {
     pub opts: BusOptions,
     pub pid: u32,
     trace_seq: StdAtomicU64,
+    /// Consecutive timeouts per (instance, incarnation), and how many entries (fast check).
+    timeouts: Mutex<HashMap<(u32, u64), u32>>,
+    timeouts_pending: AtomicUsize,
 }
 
 impl Bus {
@@ -192,6 +236,8 @@ impl Bus {
                 opts,
                 pid: std::process::id(),
                 trace_seq: StdAtomicU64::new(0),
+                timeouts: Mutex::new(HashMap::new()),
+                timeouts_pending: AtomicUsize::new(0),
             }),
         })
     }
@@ -231,6 +277,7 @@ impl Bus {
             instance_id: instance_id.into(),
             metadata: opts.metadata.clone(),
             config: opts.config.clone(),
+            heartbeat: opts.heartbeat,
         })?;
         let Response::Registered {
             instance,
@@ -284,6 +331,7 @@ impl Bus {
         let start = Instant::now();
         names::service(service)?;
         names::method(method)?;
+        check_hops(opts)?;
         let inner = &*self.inner;
         let no_instance = || Error::NoAvailableInstance {
             service: service.to_owned(),
@@ -291,12 +339,60 @@ impl Bus {
         let (svc_idx, svc) = inner.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
         check_size(service, payload, max)?;
-        let (instance, incarnation) = inner.pick(svc_idx, svc).ok_or_else(no_instance)?;
-        let target = CallInfo {
-            instance,
-            incarnation,
-        };
-        inner.call_on(service, target, method, payload, opts, start, out)
+        let total = start + opts.timeout;
+        let mut attempts: Vec<Attempt> = Vec::new();
+        let mut tried: Vec<u32> = Vec::new();
+        loop {
+            let skip = |m: u32| {
+                tried.contains(&m)
+                    || (!opts.exclude.is_empty() && opts.exclude.contains(&inner.instance_name(m)))
+            };
+            let Some(target) = inner.pick(svc_idx, svc, &opts.selection, skip) else {
+                return Err(if attempts.is_empty() {
+                    no_instance()
+                } else {
+                    Error::Timeout {
+                        service: service.to_owned(),
+                        elapsed: start.elapsed(),
+                        attempts,
+                    }
+                });
+            };
+            let t = Instant::now();
+            let deadline = (t + opts.attempt_timeout).min(total);
+            let failed = match inner.attempt(target, method, payload, opts, deadline, out) {
+                Ok(()) => {
+                    inner.note_success(target);
+                    return Ok(target);
+                }
+                Err(Failed::Error(e)) => return Err(inner.remote_error(target, e)),
+                Err(f) => f,
+            };
+            let (why, in_doubt) = match failed {
+                Failed::NotDelivered(w) => (w, false),
+                Failed::InDoubt(w) => (w, true),
+                Failed::Error(_) => unreachable!("returned above"),
+            };
+            if why.contains("deadline") {
+                inner.note_timeout(target);
+            }
+            attempts.push(Attempt {
+                instance: inner.instance_name(target.instance),
+                error: why.to_owned(),
+                duration: t.elapsed(),
+            });
+            tried.push(target.instance);
+            if (in_doubt && !opts.idempotent)
+                || attempts.len() as u32 >= opts.max_attempts
+                || Instant::now() >= total
+            {
+                return Err(Error::Timeout {
+                    service: service.to_owned(),
+                    elapsed: start.elapsed(),
+                    attempts,
+                });
+            }
+        }
     }
 
     /// Calls `method` on the one instance that owns `resource`. The owner is looked up
@@ -361,7 +457,28 @@ impl Bus {
             .read(|| (svc.max_message.load(Ordering::Relaxed), svc.name.load()));
         let service = std::str::from_utf8(&name[..len]).unwrap_or("?");
         check_size(service, payload, max)?;
-        inner.call_on(service, target, method, payload, opts, start, out)
+        check_hops(opts)?;
+        let deadline = start + opts.timeout.min(opts.attempt_timeout);
+        match inner.attempt(target, method, payload, opts, deadline, out) {
+            Ok(()) => Ok(target),
+            Err(Failed::Error(e)) => Err(inner.remote_error(target, e)),
+            Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) if w.contains("left") => {
+                Err(Error::OwnerUnavailable {
+                    resource: resource.to_owned(),
+                    owner: inner.instance_name(target.instance),
+                    status: Status::Offline,
+                })
+            }
+            Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) => Err(Error::Timeout {
+                service: service.to_owned(),
+                elapsed: start.elapsed(),
+                attempts: vec![Attempt {
+                    instance: inner.instance_name(target.instance),
+                    error: w.to_owned(),
+                    duration: start.elapsed(),
+                }],
+            }),
+        }
     }
 
     /// The instance owning `resource`, read lock-free from the resource map (allocation-free).
@@ -481,6 +598,55 @@ impl Bus {
         }
     }
 
+    /// Generation of `service`'s membership and health (0 while the service is unknown).
+    pub fn service_generation(&self, service: &str) -> u32 {
+        self.inner
+            .find_service(service)
+            .map_or(0, |(_, e)| e.generation.load(Ordering::Acquire))
+    }
+
+    /// Sleeps until an instance of `service` joins, leaves or changes health (its
+    /// generation moves from `seen`), or `timeout` passes; returns the generation now. A
+    /// futex wait on the service's generation word: no polling, no TTL cache.
+    pub fn watch(&self, service: &str, seen: u32, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.inner.find_service(service) {
+                Some((_, e)) => {
+                    // SYNC POINT: Acquire pairs with the broker's Release bump in `write_service`.
+                    let now = e.generation.load(Ordering::Acquire);
+                    if now != seen || left.is_zero() {
+                        return now;
+                    }
+                    let _ = crate::sys::futex_wait(&e.generation, seen, Some(left));
+                }
+                None => {
+                    if left.is_zero() {
+                        return 0;
+                    }
+                    // Not registered yet: wait for any registry change, then look again.
+                    let g = self.registry_generation();
+                    if self.inner.find_service(service).is_none() {
+                        self.wait_registry_change(g, left);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Instances with their state and recent transitions (asks the broker); departed
+    /// instances are listed `Offline` after the live ones.
+    pub fn health(&self, service: Option<&str>) -> Result<Vec<crate::proto::InstanceHealth>> {
+        let req = Request::Health {
+            service: service.map(str::to_owned),
+        };
+        match self.inner.control().request(&req)?.0 {
+            Response::Health(h) => Ok(h),
+            r => Err(Error::Protocol(format!("expected Health, got {r:?}"))),
+        }
+    }
+
     /// The registry's change counter (bumped by the broker after every change).
     pub fn registry_generation(&self) -> u32 {
         // SYNC POINT: Acquire pairs with the broker's Release bump in `State::changed`.
@@ -555,7 +721,11 @@ impl Bus {
 
 /// Why a send-and-wait did not produce a reply.
 pub(crate) enum Failed {
-    Deadline(&'static str),
+    /// The request never ran (not taken, ring full, instance gone first): safe to resend.
+    NotDelivered(&'static str),
+    /// Taken but not answered: it may have run; resend only if idempotent.
+    InDoubt(&'static str),
+    /// A definite answer (the handler's error, or a local failure).
     Error(Error),
 }
 
@@ -563,6 +733,40 @@ impl From<Error> for Failed {
     fn from(e: Error) -> Failed {
         Failed::Error(e)
     }
+}
+
+/// Consecutive timeouts after which a caller reports an instance unhealthy.
+const UNHEALTHY_AFTER_TIMEOUTS: u32 = 3;
+
+fn check_hops(opts: &CallOptions) -> Result<()> {
+    if opts.hops > opts.max_hops {
+        return Err(Error::LoopDetected {
+            hops: opts.hops,
+            limit: opts.max_hops,
+        });
+    }
+    Ok(())
+}
+
+/// xorshift64* per thread, seeded from the clock and the thread: random selection only
+/// needs spread, not secrecy.
+fn random_u64() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+            let id = &t as *const u64 as u64;
+            (t ^ id.rotate_left(32)) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
 }
 
 fn check_size(service: &str, payload: &[u8], max: u64) -> Result<()> {
@@ -577,40 +781,87 @@ fn check_size(service: &str, payload: &[u8], max: u64) -> Result<()> {
 }
 
 impl BusInner {
-    /// Sends to one chosen instance and turns the outcome into the caller's error model.
-    #[allow(clippy::too_many_arguments)]
-    fn call_on(
+    /// One attempt on one instance.
+    fn attempt(
         &self,
-        service: &str,
         target: CallInfo,
         method: &str,
         payload: &[u8],
         opts: &CallOptions,
-        start: Instant,
+        deadline: Instant,
         out: &mut Vec<u8>,
-    ) -> Result<CallInfo> {
+    ) -> Result<(), Failed> {
         let seg = self.instance_seg(target.instance, target.incarnation)?;
-        let deadline = start + opts.timeout;
-        match self.send_and_wait(&seg, method, payload, opts, deadline, out) {
-            Ok(()) => Ok(target),
-            Err(Failed::Deadline(what)) => Err(Error::Timeout {
-                service: service.to_owned(),
-                elapsed: start.elapsed(),
-                attempts: vec![Attempt {
-                    instance: self.instance_name(target.instance),
-                    error: what.to_owned(),
-                    duration: start.elapsed(),
-                }],
-            }),
-            Err(Failed::Error(Error::Remote { code, message, .. })) => Err(match code {
-                code::BAD_REQUEST => Error::BadRequest(message),
-                _ => Error::Remote {
-                    instance: self.instance_name(target.instance),
-                    code,
-                    message,
-                },
-            }),
-            Err(Failed::Error(e)) => Err(e),
+        self.send_and_wait(&seg, method, payload, opts, deadline, out)
+    }
+
+    /// A handler's error as the caller sees it (400 is the caller's `BadRequest`).
+    fn remote_error(&self, target: CallInfo, e: Error) -> Error {
+        match e {
+            Error::Remote {
+                code: code::BAD_REQUEST,
+                message,
+                ..
+            } => Error::BadRequest(message),
+            Error::Remote { code, message, .. } => Error::Remote {
+                instance: self.instance_name(target.instance),
+                code,
+                message,
+            },
+            e => e,
+        }
+    }
+
+    /// Whether instance `index` is still the incarnation we sent to, and not `Offline`.
+    fn instance_alive(&self, index: u32, incarnation: u64) -> bool {
+        self.registry.instance(index).is_some_and(|e| {
+            let (st, inc) = e.seq.read(|| {
+                (
+                    e.status.load(Ordering::Relaxed),
+                    e.incarnation.load(Ordering::Relaxed),
+                )
+            });
+            inc == incarnation && (st == Status::Online as u32 || st == Status::Unhealthy as u32)
+        })
+    }
+
+    fn note_success(&self, target: CallInfo) {
+        if self
+            .timeouts_pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            let mut t = self.timeouts.lock();
+            t.remove(&(target.instance, target.incarnation));
+            self.timeouts_pending
+                .store(t.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Counts consecutive timeouts per instance; the third is reported to the broker, which
+    /// marks the instance `Unhealthy` (the seed's rule).
+    fn note_timeout(&self, target: CallInfo) {
+        let n = {
+            let mut t = self.timeouts.lock();
+            let n = t.entry((target.instance, target.incarnation)).or_insert(0);
+            *n += 1;
+            let n = *n;
+            if n >= UNHEALTHY_AFTER_TIMEOUTS {
+                t.remove(&(target.instance, target.incarnation));
+            }
+            self.timeouts_pending
+                .store(t.len(), std::sync::atomic::Ordering::Relaxed);
+            n
+        };
+        if n >= UNHEALTHY_AFTER_TIMEOUTS {
+            let req = Request::ReportUnhealthy {
+                instance: target.instance,
+                incarnation: target.incarnation,
+                reason: format!("{n} consecutive timeouts seen by pid {}", self.pid),
+            };
+            if let Err(e) = self.control().request(&req) {
+                tracing::debug!("reporting an unhealthy instance: {e}");
+            }
         }
     }
 
@@ -663,24 +914,16 @@ impl BusInner {
         None
     }
 
-    /// Round-robin over the service's members, skipping any that is not `Online`.
-    fn pick(&self, svc_idx: u32, svc: &ServiceEntry) -> Option<(u32, u64)> {
-        // Relaxed: the counter only spreads load; no data is published through it.
-        let c = self
-            .shared
-            .round_robin(svc_idx)?
-            .next
-            .fetch_add(1, Ordering::Relaxed);
-        let n = svc.seq.read(|| svc.member_count.load(Ordering::Relaxed)) as u64;
-        for k in 0..n.min(MAX_MEMBERS as u64) {
-            let m = svc.seq.read(|| {
-                let n = (svc.member_count.load(Ordering::Relaxed) as u64).min(MAX_MEMBERS as u64);
-                (n > 0)
-                    .then(|| svc.members[(c.wrapping_add(k) % n) as usize].load(Ordering::Relaxed))
-            })?;
-            let Some(e) = self.registry.instance(m) else {
-                continue;
-            };
+    /// Picks an `Online` member of the service that `skip` does not rule out.
+    fn pick(
+        &self,
+        svc_idx: u32,
+        svc: &ServiceEntry,
+        selection: &Selection,
+        skip: impl Fn(u32) -> bool,
+    ) -> Option<CallInfo> {
+        let online = |m: u32| -> Option<CallInfo> {
+            let e = self.registry.instance(m)?;
             let (status, service, inc) = e.seq.read(|| {
                 (
                     e.status.load(Ordering::Relaxed),
@@ -688,11 +931,40 @@ impl BusInner {
                     e.incarnation.load(Ordering::Relaxed),
                 )
             });
-            if status == Status::Online as u32 && service == svc_idx && inc != 0 {
-                return Some((m, inc));
+            (status == Status::Online as u32 && service == svc_idx && inc != 0 && !skip(m))
+                .then_some(CallInfo {
+                    instance: m,
+                    incarnation: inc,
+                })
+        };
+        let member = |k: u64| {
+            svc.seq.read(|| {
+                let n = (svc.member_count.load(Ordering::Relaxed) as u64).min(MAX_MEMBERS as u64);
+                (n > 0).then(|| svc.members[(k % n) as usize].load(Ordering::Relaxed))
+            })
+        };
+        let n = svc.seq.read(|| svc.member_count.load(Ordering::Relaxed)) as u64;
+        let n = n.min(MAX_MEMBERS as u64);
+        if let Selection::Preferred(id) = selection {
+            for k in 0..n {
+                if let Some(c) = member(k)
+                    .filter(|&m| self.instance_name(m) == *id)
+                    .and_then(online)
+                {
+                    return Some(c);
+                }
             }
         }
-        None
+        let c = match selection {
+            Selection::Random => random_u64(),
+            // Relaxed: the counter only spreads load; no data is published through it.
+            _ => self
+                .shared
+                .round_robin(svc_idx)?
+                .next
+                .fetch_add(1, Ordering::Relaxed),
+        };
+        (0..n).find_map(|k| member(c.wrapping_add(k)).and_then(online))
     }
 
     pub fn instance_name(&self, index: u32) -> String {
@@ -818,8 +1090,10 @@ impl BusInner {
         let Some(mut claim) = claim_slot(&ring, self.pid, deadline) else {
             mailbox::release(mb, gen);
             finish(self);
-            return Err(Failed::Deadline("ring full"));
+            return Err(Failed::NotDelivered("ring full until the attempt deadline"));
         };
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::park_after_claim();
         claim.set_header(MsgHeader {
             client_index: self.client.index,
             client_gen: self.client.gen,
@@ -845,9 +1119,11 @@ impl BusInner {
         }
         ring.notify();
         let spin = opts.spin.unwrap_or(self.opts.spin);
-        let outcome = match mailbox::wait_ready(mb, gen, spin, deadline) {
-            Wait::Ready => Cancel::Ready,
-            Wait::TimedOut => mailbox::cancel(mb, gen),
+        let alive = || self.instance_alive(seg.index, seg.incarnation);
+        let (outcome, gone) = match mailbox::wait_ready(mb, gen, spin, deadline, alive) {
+            Wait::Ready => (Cancel::Ready, false),
+            Wait::TimedOut => (mailbox::cancel(mb, gen), false),
+            Wait::TargetGone => (mailbox::cancel(mb, gen), true),
         };
         match outcome {
             Cancel::Ready => {
@@ -859,13 +1135,19 @@ impl BusInner {
             Cancel::Cancelled => {
                 mailbox::release(mb, gen);
                 finish(self);
-                Err(Failed::Deadline("not taken before the deadline"))
+                Err(Failed::NotDelivered(if gone {
+                    "instance left before taking the request"
+                } else {
+                    "not taken before the attempt deadline"
+                }))
             }
             Cancel::InProgress => {
                 self.pool.quarantine(mb_idx, gen, heap_block);
-                Err(Failed::Deadline(
-                    "taken but not answered before the deadline",
-                ))
+                Err(Failed::InDoubt(if gone {
+                    "instance left while handling the request"
+                } else {
+                    "taken but not answered before the attempt deadline"
+                }))
             }
         }
     }

@@ -18,9 +18,9 @@ use crate::heap::HeapAlloc;
 use crate::layout::{ClientSeg, InstanceSeg, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
 use crate::mailbox;
 use crate::proto::{
-    BulkOptions, BulkReport, Request as Ctl, ResourceSpec, Response, ServiceConfig,
+    BulkOptions, BulkReport, Heartbeat, Request as Ctl, ResourceSpec, Response, ServiceConfig,
 };
-use crate::ring::{RingRef, Taken, KIND_ABORTED};
+use crate::ring::{RingRef, Skip, Taken, KIND_ABORTED};
 use crate::sync::Ordering;
 
 /// How an instance registers and serves.
@@ -31,6 +31,7 @@ pub struct RegisterOptions {
     pub config: ServiceConfig,
     /// How long an idle serving thread spins before sleeping on the ring's futex.
     pub spin: Duration,
+    pub heartbeat: Heartbeat,
 }
 
 impl Default for RegisterOptions {
@@ -39,6 +40,7 @@ impl Default for RegisterOptions {
             metadata: Vec::new(),
             config: ServiceConfig::default(),
             spin: Duration::from_micros(50),
+            heartbeat: Heartbeat::default(),
         }
     }
 }
@@ -58,6 +60,7 @@ struct InstanceInner {
     pending: Mutex<Vec<PendingReply>>,
     max_message: u64,
     spin: Mutex<Duration>,
+    heartbeat: Heartbeat,
     stopping: AtomicBool,
     unregistered: AtomicBool,
 }
@@ -105,6 +108,7 @@ impl Instance {
                 pending: Mutex::new(Vec::new()),
                 max_message,
                 spin: Mutex::new(opts.spin),
+                heartbeat: opts.heartbeat,
                 stopping: AtomicBool::new(false),
                 unregistered: AtomicBool::new(false),
             }),
@@ -150,6 +154,7 @@ impl Instance {
             inst: &self.inner,
             method: String::with_capacity(MAX_METHOD),
             payload: Vec::with_capacity(self.inner.seg.layout.slot_size as usize),
+            stuck_since: None,
         }
     }
 
@@ -455,7 +460,18 @@ pub struct Receiver<'a> {
     inst: &'a InstanceInner,
     method: String,
     payload: Vec<u8>,
+    /// Ring position whose slot has been claimed but unpublished since when.
+    stuck_since: Option<(u64, Instant)>,
 }
+
+/// How long a slot claimed by a producer that never recorded its pid may block the ring
+/// (it died between claiming and recording; a live producer records it nanoseconds later).
+const UNRECORDED_CLAIMER_GRACE: Duration = Duration::from_secs(1);
+/// Aeron-style unblock timeout: a claimed slot left unpublished this long is skipped even
+/// if a process with the claimer's pid exists (the pid may have been recycled).
+const UNBLOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a consumer re-checks a ring whose head is claimed but unpublished.
+const STUCK_RECHECK: Duration = Duration::from_millis(10);
 
 impl<'a> Receiver<'a> {
     /// The next request, or `None` when `timeout` passes or the instance is stopping.
@@ -465,8 +481,13 @@ impl<'a> Receiver<'a> {
         let ring = inst.ring();
         let stopping = || inst.stopping.load(Ordering::Acquire);
         loop {
+            // The heartbeat: advanced by this loop itself, so a stuck loop stops it.
             inst.seg.counters().progress.fetch_add(1, Ordering::Relaxed);
-            if let Some(t) = ring.try_pop() {
+            let (taken, stuck) = match ring.try_pop() {
+                Some(t) => (Some(t), false),
+                None => self.unwedge(&ring),
+            };
+            if let Some(t) = taken {
                 let d = inst.accept(&t, &mut self.method, &mut self.payload);
                 drop(t);
                 if let Some(d) = d {
@@ -482,15 +503,55 @@ impl<'a> Receiver<'a> {
             if stopping() {
                 return Ok(None);
             }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(l) if !l.is_zero() => Some(l),
+            let mut wait = Duration::from_millis(inst.heartbeat.interval_ms.max(1));
+            if stuck {
+                wait = wait.min(STUCK_RECHECK);
+            }
+            if let Some(d) = deadline {
+                match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => wait = wait.min(l),
                     _ => return Ok(None),
-                },
-                None => None,
-            };
+                }
+            }
             let spin = *inst.spin.lock();
-            ring.wait(spin, left, stopping);
+            ring.wait(spin, Some(wait), stopping);
+        }
+    }
+
+    /// When the ring's head slot is claimed but unpublished, skips it if its producer is
+    /// dead. Returns a message that was published at the last moment, and whether the head
+    /// is (still) stuck.
+    fn unwedge<'r>(&mut self, ring: &RingRef<'r>) -> (Option<Taken<'r>>, bool) {
+        let Some((pos, pid)) = ring.stuck_head() else {
+            self.stuck_since = None;
+            return (None, false);
+        };
+        let since = match self.stuck_since {
+            Some((p, t)) if p == pos => t,
+            _ => {
+                let now = Instant::now();
+                self.stuck_since = Some((pos, now));
+                now
+            }
+        };
+        let waited = since.elapsed();
+        let dead = if pid == 0 {
+            waited >= UNRECORDED_CLAIMER_GRACE
+        } else {
+            !crate::sys::process_exists(pid)
+        };
+        if !dead && waited < UNBLOCK_TIMEOUT {
+            return (None, true);
+        }
+        match ring.skip_abandoned(pos) {
+            Skip::Skipped => {
+                tracing::warn!(service = %self.inst.service, instance = %self.inst.id, claimer_pid = pid,
+                    position = pos, "skipped a ring slot its producer claimed but never published");
+                self.stuck_since = None;
+                (None, false)
+            }
+            Skip::Published(t) => (Some(t), false),
+            Skip::Raced => (None, false),
         }
     }
 }

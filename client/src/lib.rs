@@ -31,12 +31,15 @@ pub mod proto;
 pub mod ring;
 mod sync;
 pub mod sys;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 
-pub use bus::{Bus, BusOptions, CallInfo, CallOptions, Reply, ResourceOwner};
+pub use bus::{Bus, BusOptions, CallInfo, CallOptions, Reply, ResourceOwner, Selection};
 pub use error::{Attempt, Error, Result, ServiceError};
 pub use instance::{Instance, Receiver, RegisterOptions, Request, StopHandle};
 pub use layout::Status;
 pub use proto::{
-    BulkMode, BulkOptions, BulkReport, InstanceInfo, ResourceInfo, ResourceMetadata, ResourcePage,
-    ResourceQuery, ResourceSpec, ServiceConfig, ServiceInfo,
+    BulkMode, BulkOptions, BulkReport, Heartbeat, InstanceHealth, InstanceInfo, ResourceInfo,
+    ResourceMetadata, ResourcePage, ResourceQuery, ResourceSpec, ServiceConfig, ServiceInfo,
+    Transition,
 };

@@ -76,11 +76,27 @@ pub fn take(mb: &MailboxHeader, gen: u32) -> bool {
 /// Instance: publishes the reply (written before this call) and wakes the caller if it
 /// sleeps. Returns false if the state was not ours (a misbehaving caller changed it).
 pub fn complete(mb: &MailboxHeader, gen: u32) -> bool {
-    let prev = mb.state.swap(pack(gen, READY), Ordering::Release);
-    if prev & WAITER != 0 {
+    // A CAS from our own TAKEN, never a blind store: if the caller long since recycled the
+    // mailbox (see `Bus` quarantine expiry), this late reply changes nothing.
+    let mut s = mb.state.load(Ordering::Relaxed);
+    loop {
+        if s & !WAITER != pack(gen, TAKEN) {
+            return false;
+        }
+        match mb.state.compare_exchange_weak(
+            s,
+            pack(gen, READY),
+            Ordering::Release,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => break,
+            Err(now) => s = now,
+        }
+    }
+    if s & WAITER != 0 {
         let _ = sys::futex_wake(&mb.state, 1);
     }
-    prev & !WAITER == pack(gen, TAKEN)
+    true
 }
 
 /// Outcome of a caller's wait.
@@ -88,11 +104,23 @@ pub fn complete(mb: &MailboxHeader, gen: u32) -> bool {
 pub enum Wait {
     Ready,
     TimedOut,
+    /// `alive()` said the instance is gone.
+    TargetGone,
 }
+
+/// How often a sleeping caller re-checks that its instance still exists, so a call to an
+/// instance that died returns within milliseconds rather than at its deadline.
+pub const LIVENESS_CHECK: Duration = Duration::from_millis(5);
 
 /// Caller: waits for `READY` of generation `gen`: spins for `spin`, then sleeps on the
 /// state word (setting the waiter bit so the instance knows to wake it).
-pub fn wait_ready(mb: &MailboxHeader, gen: u32, spin: Duration, deadline: Instant) -> Wait {
+pub fn wait_ready(
+    mb: &MailboxHeader,
+    gen: u32,
+    spin: Duration,
+    deadline: Instant,
+    alive: impl Fn() -> bool,
+) -> Wait {
     let ready = pack(gen, READY);
     let start = Instant::now();
     let mut i = 0u32;
@@ -129,7 +157,10 @@ pub fn wait_ready(mb: &MailboxHeader, gen: u32, spin: Duration, deadline: Instan
         {
             continue;
         }
-        let _ = sys::futex_wait(&mb.state, armed, Some(deadline - now));
+        if !alive() {
+            return Wait::TargetGone;
+        }
+        let _ = sys::futex_wait(&mb.state, armed, Some((deadline - now).min(LIVENESS_CHECK)));
     }
 }
 
@@ -224,6 +255,7 @@ mod tests {
                 9,
                 Duration::ZERO,
                 Instant::now() + Duration::from_secs(10),
+                || true,
             )
         });
         // Wait until the caller has announced that it sleeps, then reply.

@@ -43,6 +43,7 @@ pub enum Request {
         instance_id: String,
         metadata: Vec<(String, String)>,
         config: ServiceConfig,
+        heartbeat: Heartbeat,
     },
     Unregister {
         instance: u32,
@@ -83,6 +84,16 @@ pub enum Request {
         reason: String,
     },
     QueryResources(ResourceQuery),
+    /// A caller saw consecutive timeouts from this instance.
+    ReportUnhealthy {
+        instance: u32,
+        incarnation: u64,
+        reason: String,
+    },
+    /// Instances (of one service, or all) with state and recent transitions.
+    Health {
+        service: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +121,7 @@ pub enum Response {
     Service(ServiceInfo),
     Bulk(BulkReport),
     Resources(ResourcePage),
+    Health(Vec<InstanceHealth>),
     Error(WireError),
 }
 
@@ -354,4 +366,49 @@ mod tests {
         assert!(frame_len(((MAX_FRAME + 1) as u32).to_le_bytes()).is_err());
         assert!(decode::<Request>(&[0xff, 0xff, 0xff]).is_err());
     }
+}
+
+/// Hang detection settings of one instance. The serving loop advances its progress word
+/// at least every `interval_ms` (while idle too); no progress for `timeout_ms` makes the
+/// instance `Unhealthy` until it makes progress again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl Default for Heartbeat {
+    /// Tighter than the seed's 5 s / 30 s: on one host a heartbeat is a memory write the
+    /// broker reads every 100 ms, with no network jitter to allow for.
+    fn default() -> Self {
+        Heartbeat {
+            interval_ms: 1000,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+/// A state change of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub at_ms: u64,
+    pub from: Status,
+    pub to: Status,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceHealth {
+    pub service: String,
+    pub id: String,
+    pub index: u32,
+    pub pid: u32,
+    pub status: Status,
+    pub requests_served: u64,
+    pub queued: u64,
+    /// Milliseconds since the serving loop last made progress.
+    pub last_progress_ms: u64,
+    pub heartbeat: Heartbeat,
+    /// Oldest first, the most recent few.
+    pub transitions: Vec<Transition>,
 }

@@ -44,6 +44,15 @@ unsafe impl Send for RingRef<'_> {}
 // SAFETY: as above.
 unsafe impl Sync for RingRef<'_> {}
 
+/// Result of [`RingRef::skip_abandoned`].
+pub enum Skip<'a> {
+    Skipped,
+    /// The producer published after all: deliver it.
+    Published(Taken<'a>),
+    /// Another consumer moved first.
+    Raced,
+}
+
 /// The ring is full (the caller decides whether to wait).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
@@ -147,6 +156,54 @@ impl<'a> RingRef<'a> {
             } else {
                 pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
             }
+        }
+    }
+
+    /// The slot at the consumer position when a producer claimed it but has not published
+    /// it: `(position, claimer pid)`; the pid is 0 if the producer died before recording it.
+    pub fn stuck_head(&self) -> Option<(u64, u32)> {
+        let pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
+        if self
+            .idx
+            .enqueue_pos
+            .load(Ordering::Relaxed)
+            .wrapping_sub(pos) as i64
+            <= 0
+        {
+            return None;
+        }
+        let slot = self.slot(pos);
+        (slot.ctl.seq.load(Ordering::Acquire) == pos)
+            .then(|| (pos, slot.ctl.claimer_pid.load(Ordering::Relaxed)))
+    }
+
+    /// Moves the consumer past the unpublished slot at `pos`, whose producer is dead (see
+    /// [`RingRef::stuck_head`]); the slot goes to the next lap. If the producer publishes at
+    /// the last moment, the message is returned for delivery instead.
+    pub fn skip_abandoned(&self, pos: u64) -> Skip<'a> {
+        if self
+            .idx
+            .dequeue_pos
+            .compare_exchange(
+                pos,
+                pos.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return Skip::Raced;
+        }
+        // We own position `pos` now. A live producer's publish CAS (pos -> pos + 1) fails
+        // after this, so it learns its message was dropped rather than corrupting a lap.
+        match self.slot(pos).ctl.seq.compare_exchange(
+            pos,
+            pos.wrapping_add(self.count as u64),
+            Ordering::Release,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Skip::Skipped,
+            Err(_) => Skip::Published(Taken { ring: *self, pos }),
         }
     }
 
@@ -427,6 +484,36 @@ mod tests {
         let t = r.try_pop().expect("aborted claim must not wedge the ring");
         assert_eq!(t.header().kind, KIND_ABORTED);
         assert_eq!(t.claimer_pid(), 7);
+    }
+
+    #[test]
+    fn an_abandoned_claim_is_skipped_and_its_late_publish_refused() {
+        let (s, mut w, stride) = make(4, 64);
+        let r = ring(&s, &mut w, stride, 4);
+        let dead = r.try_claim(4242).unwrap();
+        let mut live = r.try_claim(1).unwrap();
+        live.set_header(MsgHeader {
+            trace_id: 7,
+            ..Default::default()
+        });
+        live.publish().unwrap();
+        assert!(
+            r.try_pop().is_none(),
+            "the unpublished head blocks the ring"
+        );
+        let (pos, pid) = r.stuck_head().unwrap();
+        assert_eq!(pid, 4242);
+        assert!(matches!(r.skip_abandoned(pos), Skip::Skipped));
+        assert_eq!(
+            r.try_pop().unwrap().header().trace_id,
+            7,
+            "the ring delivers again"
+        );
+        assert_eq!(
+            dead.publish(),
+            Err(Skipped),
+            "a late publish must fail, not corrupt"
+        );
     }
 
     #[test]

@@ -43,6 +43,16 @@ pub struct BenchArgs {
     /// Start a private broker with this many echo instances and bench against it.
     #[arg(long)]
     pub spawn: Option<usize>,
+    /// Mark calls idempotent: one an instance took but never answered (it died) may be
+    /// retried on another instance.
+    #[arg(long)]
+    pub idempotent: bool,
+    /// With --spawn: SIGKILL this many of the instances during the run.
+    #[arg(long, default_value_t = 0)]
+    pub kill: usize,
+    /// Seconds into the run at which --kill strikes.
+    #[arg(long, default_value_t = 2.0)]
+    pub kill_after: f64,
     /// With --spawn: microseconds the instances spin before sleeping.
     #[arg(long)]
     pub instance_spin_us: Option<u64>,
@@ -71,6 +81,22 @@ pub struct BenchReport {
     /// the latencies above.
     pub send_lag_p50_us: f64,
     pub send_lag_p99_us: f64,
+    /// Instances killed during the run and how long until each left routing.
+    pub killed: Vec<KillReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KillReport {
+    pub instance: String,
+    pub pid: u32,
+    /// From the SIGKILL to the instance's absence from the registry's routing view.
+    pub left_routing_ms: f64,
+}
+
+/// Instances to kill mid-run: (instance id, pid).
+pub struct Victims {
+    pub targets: Vec<(String, u32)>,
+    pub after: Duration,
 }
 
 struct ClientResult {
@@ -87,7 +113,11 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid bounds")
 }
 
-pub fn run(args: &BenchArgs, dir: Option<std::path::PathBuf>) -> Result<BenchReport, String> {
+pub fn run(
+    args: &BenchArgs,
+    dir: Option<std::path::PathBuf>,
+    victims: Option<Victims>,
+) -> Result<BenchReport, String> {
     if args.clients == 0 {
         return Err("--clients must be at least 1".into());
     }
@@ -111,11 +141,20 @@ pub fn run(args: &BenchArgs, dir: Option<std::path::PathBuf>) -> Result<BenchRep
     let buses = (0..args.clients)
         .map(|_| Bus::connect_with(opts.clone()).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
-    let call_opts = CallOptions::timeout(Duration::from_millis(args.timeout_ms));
+    let call_opts = CallOptions {
+        idempotent: args.idempotent,
+        ..CallOptions::timeout(Duration::from_millis(args.timeout_ms))
+    };
+    let watcher = Bus::connect_with(opts.clone()).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now() + Duration::from_millis(20);
     let end = start + Duration::from_secs_f64(args.duration);
+    let mut killed = Vec::new();
     let results: Vec<ClientResult> = std::thread::scope(|s| {
+        if let Some(v) = &victims {
+            let (watcher, killed) = (&watcher, &mut killed);
+            s.spawn(move || *killed = kill_and_time(watcher, &args.service, v, start));
+        }
         let handles: Vec<_> = buses
             .into_iter()
             .enumerate()
@@ -178,9 +217,54 @@ pub fn run(args: &BenchArgs, dir: Option<std::path::PathBuf>) -> Result<BenchRep
         elapsed_s: elapsed,
         calls_per_s: ok as f64 / elapsed.max(1e-9),
         first_error,
+        killed,
         send_lag_p50_us: lag.value_at_quantile(0.5) as f64 / 1000.0,
         send_lag_p99_us: lag.value_at_quantile(0.99) as f64 / 1000.0,
     })
+}
+
+/// At `start + after`, SIGKILLs the victims and measures how long until each has left the
+/// routing view (waiting on the service's generation futex, not polling).
+fn kill_and_time(watcher: &Bus, service: &str, v: &Victims, start: Instant) -> Vec<KillReport> {
+    let at = start + v.after;
+    if let Some(d) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d); // a scheduled fault, not a wait for a condition
+    }
+    let mut pending: Vec<(String, u32, Instant)> = Vec::new();
+    for (id, pid) in &v.targets {
+        // SAFETY: kill(2) on an instance process we spawned.
+        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        pending.push((id.clone(), *pid, Instant::now()));
+    }
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pending.is_empty() && Instant::now() < deadline {
+        let seen = watcher.service_generation(service);
+        let routable: Vec<String> = watcher
+            .routable_instances(service)
+            .into_iter()
+            .map(|(_, id, _)| id)
+            .collect();
+        pending.retain(|(id, pid, t)| {
+            if routable.contains(id) {
+                return true;
+            }
+            out.push(KillReport {
+                instance: id.clone(),
+                pid: *pid,
+                left_routing_ms: t.elapsed().as_secs_f64() * 1e3,
+            });
+            false
+        });
+        if !pending.is_empty() {
+            watcher.watch(
+                service,
+                seen,
+                deadline.saturating_duration_since(Instant::now()),
+            );
+        }
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -279,6 +363,12 @@ pub fn print(r: &BenchReport) {
         println!(
             "send lag µs p50 {:.1} · p99 {:.1} (generator wake-up, included above)",
             r.send_lag_p50_us, r.send_lag_p99_us
+        );
+    }
+    for k in &r.killed {
+        println!(
+            "killed      {} (pid {}) left routing {:.1} ms after SIGKILL",
+            k.instance, k.pid, k.left_routing_ms
         );
     }
     if let Some(e) = &r.first_error {

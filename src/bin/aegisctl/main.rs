@@ -61,6 +61,12 @@ enum Cmd {
     },
     /// Run an instance of SERVICE until SIGTERM/SIGINT.
     Serve(serve::ServeArgs),
+    /// Instances with their state and recent transitions (departed ones last).
+    Health {
+        service: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List resources and their owners.
     Resources(resources::ListArgs),
     /// Administrator: release resources whoever owns them.
@@ -106,6 +112,7 @@ fn main() -> ExitCode {
             | Cmd::Service { json: true, .. }
             | Cmd::Call { json: true, .. }
             | Cmd::Release { json: true, .. }
+            | Cmd::Health { json: true, .. }
     ) || matches!(&cli.cmd, Cmd::Bench(b) if b.json)
         || matches!(&cli.cmd, Cmd::Resources(r) if r.json);
     match run(cli) {
@@ -257,6 +264,34 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Cmd::Serve(args) => serve::run(&cli.dir, &args)?,
+        Cmd::Health { service, json } => {
+            let h = connect(&cli.dir)?.health(service.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h).unwrap());
+            } else {
+                println!(
+                    "{:<20} {:<20} {:>8} {:>10} {:>10} {:>13}",
+                    "SERVICE", "INSTANCE", "PID", "STATUS", "SERVED", "PROGRESS_AGO"
+                );
+                for i in &h {
+                    println!(
+                        "{:<20} {:<20} {:>8} {:>10} {:>10} {:>10} ms",
+                        i.service,
+                        i.id,
+                        i.pid,
+                        format!("{:?}", i.status),
+                        i.requests_served,
+                        i.last_progress_ms
+                    );
+                    for t in &i.transitions {
+                        println!(
+                            "    {} ms  {:?} -> {:?}  {}",
+                            t.at_ms, t.from, t.to, t.reason
+                        );
+                    }
+                }
+            }
+        }
         Cmd::Resources(args) => resources::list(&connect(&cli.dir)?, &args)?,
         Cmd::Release { ids, json } => resources::release(&connect(&cli.dir)?, &ids, json)?,
         Cmd::Transfer {
@@ -277,12 +312,27 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 if let Some(s) = &spin {
                     extra.extend(["--spin-us", s.as_str()]);
                 }
+                let mut targets = Vec::new();
                 for i in 0..n {
-                    bus.spawn_echo(&args.service, &format!("{}-{i}", args.service), &extra)?;
+                    let id = format!("{}-{i}", args.service);
+                    let pid = bus.spawn_echo(&args.service, &id, &extra)?;
+                    if i < args.kill {
+                        targets.push((id, pid));
+                    }
                 }
-                bench::run(&args, Some(bus.dir().to_owned()))?
+                let victims = (args.kill > 0).then(|| bench::Victims {
+                    targets,
+                    after: Duration::from_secs_f64(args.kill_after),
+                });
+                bench::run(&args, Some(bus.dir().to_owned()), victims)?
+            } else if args.kill > 0 {
+                return Err(
+                    "--kill needs --spawn (it kills instances the bench started)"
+                        .to_string()
+                        .into(),
+                );
             } else {
-                bench::run(&args, cli.dir.clone())?
+                bench::run(&args, cli.dir.clone(), None)?
             };
             if args.json {
                 println!("{}", serde_json::to_string(&report).unwrap());

@@ -49,18 +49,14 @@ pub fn spawn_ready(
     }
 }
 
-/// The broker binary: `aegis-broker` next to this executable, or this executable's own
-/// `broker` subcommand (the same code) when only `aegisctl` was built.
+/// The broker, run from this executable (`aegisctl broker`, the same code as
+/// `aegis-broker`): a private bus can then never meet a stale broker binary built from
+/// other sources.
 pub fn broker_command() -> Command {
     let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("aegisctl"));
-    let sibling = me.with_file_name("aegis-broker");
-    if sibling.is_file() {
-        Command::new(sibling)
-    } else {
-        let mut c = Command::new(me);
-        c.arg("broker");
-        c
-    }
+    let mut c = Command::new(me);
+    c.arg("broker");
+    c
 }
 
 impl PrivateBus {

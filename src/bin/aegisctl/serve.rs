@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aegis_client::{
-    BulkMode, BulkOptions, RegisterOptions, ResourceMetadata, ResourceSpec, ServiceConfig,
-    ServiceError,
+    BulkMode, BulkOptions, Heartbeat, RegisterOptions, ResourceMetadata, ResourceSpec,
+    ServiceConfig, ServiceError,
 };
 
 use crate::{connect, init_logging, CliError};
@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// Release the claimed ids this long after claiming them.
     #[arg(long)]
     pub claim_ttl_ms: Option<u64>,
+    /// How often the serving loop proves it is alive while idle.
+    #[arg(long, default_value_t = Heartbeat::default().interval_ms)]
+    pub heartbeat_interval_ms: u64,
+    /// No progress for this long makes the instance Unhealthy.
+    #[arg(long, default_value_t = Heartbeat::default().timeout_ms)]
+    pub heartbeat_timeout_ms: u64,
 }
 
 pub fn run(dir: &Option<PathBuf>, a: &ServeArgs) -> Result<(), CliError> {
@@ -74,6 +80,10 @@ pub fn run(dir: &Option<PathBuf>, a: &ServeArgs) -> Result<(), CliError> {
     if let Some(s) = a.spin_us {
         opts.spin = Duration::from_micros(s);
     }
+    opts.heartbeat = Heartbeat {
+        interval_ms: a.heartbeat_interval_ms,
+        timeout_ms: a.heartbeat_timeout_ms,
+    };
     opts.metadata
         .push(("cmd".into(), "aegisctl serve --echo".into()));
     let inst = bus.register_with(&a.service, &a.instance, opts)?;
