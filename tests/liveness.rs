@@ -1,0 +1,379 @@
+//! End-to-end fault tests: real broker, real instance processes, real signals. Each is
+//! bounded by deadlines; none sleeps to wait for something it can wait on.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aegis_client::{Bus, CallOptions, Error, Selection, Status};
+use support::{spawn_watched, wait_deadline, TestBus, DEADLINE};
+
+fn kill(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child process of this test.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+fn routable(bus: &Bus, service: &str) -> Vec<String> {
+    bus.routable_instances(service)
+        .into_iter()
+        .map(|(_, id, _)| id)
+        .collect()
+}
+
+/// Waits on the service's generation futex until `cond` holds.
+fn watch_until(bus: &Bus, service: &str, mut cond: impl FnMut(&Bus) -> bool) {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let seen = bus.service_generation(service);
+        if cond(bus) {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "condition on service {service} not met within {DEADLINE:?}"
+        );
+        bus.watch(service, seen, end.saturating_duration_since(Instant::now()));
+    }
+}
+
+#[test]
+fn killing_2_of_10_instances_under_load_fails_no_call_and_they_leave_routing_at_once() {
+    let bus = TestBus::start();
+    let mut procs: Vec<_> = (0..10)
+        .map(|i| bus.serve("ten", &format!("t{i}"), &[]))
+        .collect();
+    let client = bus.connect();
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let opts = CallOptions {
+        idempotent: true,
+        ..CallOptions::timeout(Duration::from_secs(10))
+    };
+    let detection = std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (client, stop, ok, failed, opts) = (&client, &stop, &ok, &failed, &opts);
+            s.spawn(move || {
+                let mut out = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = [t.to_le_bytes(), i.to_le_bytes()].concat();
+                    match client.call_into("ten", "echo", &p, opts, &mut out) {
+                        Ok(_) if out == p => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(_) => panic!("wrong reply"),
+                        Err(e) => {
+                            eprintln!("call failed: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    i += 1;
+                }
+            });
+        }
+        support::wait_for("steady load", || ok.load(Ordering::Relaxed) >= 2000);
+        let victims: Vec<_> = procs.drain(..2).collect();
+        let t0 = Instant::now();
+        for v in &victims {
+            kill(v.pid(), libc::SIGKILL);
+        }
+        watch_until(&client, "ten", |c| {
+            let r = routable(c, "ten");
+            !r.contains(&"t0".to_string()) && !r.contains(&"t1".to_string())
+        });
+        let detection = t0.elapsed();
+        // Keep the load on the 8 survivors for a while after the kill.
+        let after = ok.load(Ordering::Relaxed);
+        support::wait_for("load after the kill", || {
+            ok.load(Ordering::Relaxed) >= after + 2000
+        });
+        stop.store(true, Ordering::Relaxed);
+        drop(victims);
+        detection
+    });
+    println!(
+        "killed instances left routing {:.2} ms after SIGKILL",
+        detection.as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "calls failed while instances were killed"
+    );
+    assert_eq!(routable(&client, "ten").len(), 8);
+    // Exit detection, not a heartbeat timeout (5 s): a generous bound that still tells them apart.
+    assert!(
+        detection < Duration::from_secs(1),
+        "detection took {detection:?}"
+    );
+    let health = client.health(Some("ten")).unwrap();
+    let departed: Vec<_> = health
+        .iter()
+        .filter(|h| h.status == Status::Offline)
+        .collect();
+    assert_eq!(departed.len(), 2);
+    // Whichever exit signal the broker saw first: the pidfd or the closed control socket.
+    for h in &departed {
+        let why = &h.transitions.last().unwrap().reason;
+        assert!(
+            why.contains("exited") || why.contains("connection closed"),
+            "{why}"
+        );
+    }
+}
+
+#[test]
+fn a_stopped_instance_becomes_unhealthy_calls_go_elsewhere_and_it_returns_after_sigcont() {
+    let bus = TestBus::start();
+    let hb = [
+        "--heartbeat-interval-ms",
+        "50",
+        "--heartbeat-timeout-ms",
+        "400",
+    ];
+    let frozen = bus.serve("stop", "frozen", &hb);
+    let _other = bus.serve("stop", "other", &hb);
+    let client = bus.connect();
+    kill(frozen.pid(), libc::SIGSTOP);
+    let t0 = Instant::now();
+    watch_until(&client, "stop", |c| {
+        c.routable_instances("stop")
+            .iter()
+            .any(|(_, id, st)| id == "frozen" && *st == Status::Unhealthy)
+    });
+    println!(
+        "SIGSTOPped instance Unhealthy after {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    for _ in 0..50 {
+        let r = client
+            .call(
+                "stop",
+                "m",
+                b"x",
+                &CallOptions::timeout(Duration::from_secs(5)),
+            )
+            .unwrap();
+        assert_eq!(r.instance_id, "other");
+    }
+    kill(frozen.pid(), libc::SIGCONT);
+    watch_until(&client, "stop", |c| {
+        c.routable_instances("stop")
+            .iter()
+            .any(|(_, id, st)| id == "frozen" && *st == Status::Online)
+    });
+    let h = client.health(Some("stop")).unwrap();
+    let f = h.iter().find(|h| h.id == "frozen").unwrap();
+    let moves: Vec<_> = f.transitions.iter().map(|t| (t.from, t.to)).collect();
+    assert_eq!(
+        moves,
+        vec![
+            (Status::Online, Status::Unhealthy),
+            (Status::Unhealthy, Status::Online)
+        ]
+    );
+    assert!(
+        f.transitions[0].reason.contains("no progress"),
+        "{:?}",
+        f.transitions[0]
+    );
+    // The CLI shows the same.
+    let out = bus.aegisctl(&["health", "stop"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Online -> Unhealthy") && text.contains("Unhealthy -> Online"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_producer_killed_between_claim_and_publish_does_not_wedge_the_ring() {
+    let bus = TestBus::start();
+    let _inst = bus.serve("wedge", "w", &[]);
+    // A caller that parks for good right after claiming a slot of w's ring.
+    let mut c = bus.aegisctl(&["call", "wedge", "m", "--data", "never"]);
+    c.env("AEGIS_TEST_PARK_AFTER_CLAIM", "1");
+    let (mut parked, _, _) = spawn_watched(c).wait_for("parked");
+    let client = bus.connect();
+    // While it is alive, its claimed slot holds back later requests.
+    let opts = CallOptions::timeout(Duration::from_millis(200));
+    assert!(matches!(
+        client.call("wedge", "m", b"held", &opts),
+        Err(Error::Timeout { .. })
+    ));
+    kill(parked.id(), libc::SIGKILL);
+    wait_deadline(&mut parked);
+    // Now the instance skips the dead producer's slot and the ring delivers again.
+    for i in 0..100u32 {
+        let r = client
+            .call(
+                "wedge",
+                "m",
+                &i.to_le_bytes(),
+                &CallOptions::timeout(DEADLINE),
+            )
+            .unwrap();
+        assert_eq!(r.payload, i.to_le_bytes());
+    }
+}
+
+#[test]
+fn a_call_on_an_instance_that_dies_while_handling_it_returns_promptly() {
+    let bus = TestBus::start();
+    // Idle, the loop proves progress every 10 ms; stuck in the 60 s handler, it stops.
+    let slow = bus.serve(
+        "dies",
+        "d",
+        &[
+            "--delay-ms",
+            "60000",
+            "--heartbeat-interval-ms",
+            "10",
+            "--heartbeat-timeout-ms",
+            "60000",
+        ],
+    );
+    let client = bus.connect();
+    let t = std::thread::scope(|s| {
+        let call = s.spawn(|| {
+            let t = Instant::now();
+            (
+                client.call(
+                    "dies",
+                    "m",
+                    b"x",
+                    &CallOptions::timeout(Duration::from_secs(30)),
+                ),
+                t,
+            )
+        });
+        // Wait until the instance is inside the handler (taken, no progress), then kill it.
+        support::wait_for("the request to be taken", || {
+            let h = &client.health(Some("dies")).unwrap()[0];
+            h.queued == 0 && h.last_progress_ms >= 100
+        });
+        let killed_at = Instant::now();
+        kill(slow.pid(), libc::SIGKILL);
+        let (r, returned_at) = call.join().unwrap();
+        match r {
+            Err(Error::Timeout { attempts, .. }) => {
+                assert_eq!(
+                    attempts.len(),
+                    1,
+                    "not idempotent: no retry of a request that may have run"
+                );
+                assert!(attempts[0].error.contains("left"), "{attempts:?}");
+            }
+            other => panic!("expected Timeout listing the attempt, got {other:?}"),
+        }
+        returned_at.duration_since(killed_at)
+    });
+    println!(
+        "call returned {:.1} ms after its instance died",
+        t.as_secs_f64() * 1e3
+    );
+    assert!(
+        t < Duration::from_secs(10),
+        "waited {t:?}: for the deadline, not for the death"
+    );
+    drop(slow);
+}
+
+#[test]
+fn nested_calls_past_the_hop_limit_are_loop_detected() {
+    let bus = TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("loop", "l", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let caller = bus.connect();
+    std::thread::scope(|s| {
+        // Each hop is handled by a thread while the previous one waits for it.
+        for _ in 0..10 {
+            s.spawn(|| {
+                inst.serve(|req, out| {
+                    // Call ourselves again, one hop deeper, until the bus refuses.
+                    match server.call("loop", "again", b"", &CallOptions::nested(req)) {
+                        Ok(r) => out.extend_from_slice(&r.payload),
+                        Err(Error::LoopDetected { hops, limit }) => out.extend_from_slice(
+                            format!("refused at hop {hops} (limit {limit})").as_bytes(),
+                        ),
+                        Err(e) => out.extend_from_slice(format!("unexpected: {e}").as_bytes()),
+                    }
+                    Ok(())
+                })
+                .unwrap()
+            });
+        }
+        let r = caller
+            .call("loop", "start", b"", &CallOptions::default())
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&r.payload),
+            "refused at hop 9 (limit 8)"
+        );
+        stop.stop();
+    });
+}
+
+#[test]
+fn selection_strategies_and_exclusions() {
+    let bus = TestBus::start();
+    let a = bus.serve("sel", "a", &[]);
+    let _b = bus.serve("sel", "b", &[]);
+    let _c = bus.serve("sel", "c", &[]);
+    let client = bus.connect();
+    let call = |o: &CallOptions| client.call("sel", "m", b"x", o).unwrap().instance_id;
+    let prefer_a = CallOptions {
+        selection: Selection::Preferred("a".into()),
+        ..Default::default()
+    };
+    assert!((0..20).all(|_| call(&prefer_a) == "a"));
+    let not_b = CallOptions {
+        exclude: vec!["b".into()],
+        ..Default::default()
+    };
+    assert!((0..30).all(|_| call(&not_b) != "b"));
+    let random = CallOptions {
+        selection: Selection::Random,
+        ..Default::default()
+    };
+    let mut seen: Vec<String> = (0..200).map(|_| call(&random)).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, vec!["a", "b", "c"]);
+    // The preferred instance leaves: calls fall back to the others.
+    let gen = client.service_generation("sel");
+    a.stop();
+    client.watch("sel", gen, DEADLINE);
+    assert!((0..20).all(|_| call(&prefer_a) != "a"));
+    let only_b = CallOptions {
+        exclude: vec!["a".into(), "c".into()],
+        ..Default::default()
+    };
+    assert!((0..10).all(|_| call(&only_b) == "b"));
+    let none = CallOptions {
+        exclude: vec!["b".into(), "c".into()],
+        ..Default::default()
+    };
+    assert!(matches!(
+        client.call("sel", "m", b"x", &none),
+        Err(Error::NoAvailableInstance { .. })
+    ));
+}
+
+#[test]
+fn watch_wakes_on_membership_changes() {
+    let bus = TestBus::start();
+    let client = bus.connect();
+    let g0 = client.service_generation("w");
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| client.watch("w", g0, DEADLINE));
+        let inst = bus.serve("w", "w1", &[]);
+        let g1 = waiter.join().unwrap();
+        assert_ne!(g1, g0, "watch returned without a change");
+        assert_eq!(routable(&client, "w"), vec!["w1".to_string()]);
+        let waiter = s.spawn(|| client.watch("w", client.service_generation("w"), DEADLINE));
+        inst.stop();
+        waiter.join().unwrap();
+        assert!(routable(&client, "w").is_empty());
+    });
+}
