@@ -235,16 +235,13 @@ fn a_call_on_an_instance_that_dies_while_handling_it_returns_promptly() {
     let client = bus.connect();
     let t = std::thread::scope(|s| {
         let call = s.spawn(|| {
-            let t = Instant::now();
-            (
-                client.call(
-                    "dies",
-                    "m",
-                    b"x",
-                    &CallOptions::timeout(Duration::from_secs(30)),
-                ),
-                t,
-            )
+            let r = client.call(
+                "dies",
+                "m",
+                b"x",
+                &CallOptions::timeout(Duration::from_secs(30)),
+            );
+            (r, Instant::now())
         });
         // Wait until the instance is inside the handler (taken, no progress), then kill it.
         support::wait_for("the request to be taken", || {
