@@ -345,6 +345,7 @@ fn a_client_of_another_layout_version_is_refused_clearly() {
             protocol: proto::PROTOCOL_VERSION,
             layout: 999,
             mailboxes: 4,
+            resume: None,
         })
         .unwrap(),
     )

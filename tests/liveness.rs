@@ -374,3 +374,102 @@ fn watch_wakes_on_membership_changes() {
         assert!(routable(&client, "w").is_empty());
     });
 }
+
+#[test]
+fn a_killed_broker_stops_no_call_and_instances_register_again_after_a_restart() {
+    let mut bus = TestBus::start();
+    let procs: Vec<_> = (0..3)
+        .map(|i| bus.serve("br", &format!("b{i}"), &["--claim", &format!("res-{i}")]))
+        .collect();
+    let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
+    let client = bus.connect();
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let opts = CallOptions {
+        idempotent: true,
+        ..CallOptions::timeout(Duration::from_secs(10))
+    };
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (client, stop, ok, failed, opts) = (&client, &stop, &ok, &failed, &opts);
+            s.spawn(move || {
+                let mut out = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = [t.to_le_bytes(), i.to_le_bytes()].concat();
+                    match client.call_into("br", "echo", &p, opts, &mut out) {
+                        Ok(_) if out == p => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(_) => panic!("wrong reply"),
+                        Err(e) => {
+                            eprintln!("call failed: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    i += 1;
+                }
+            });
+        }
+        support::wait_for("calls before the kill", || {
+            ok.load(Ordering::Relaxed) >= 1000
+        });
+        kill(bus.broker.id(), libc::SIGKILL);
+        wait_deadline(&mut bus.broker);
+        // The data plane does not pass through the broker.
+        let at_kill = ok.load(Ordering::Relaxed);
+        support::wait_for("calls while the broker is down", || {
+            ok.load(Ordering::Relaxed) >= at_kill + 2000
+        });
+        assert_eq!(
+            failed.load(Ordering::Relaxed),
+            0,
+            "calls failed while the broker was down"
+        );
+
+        bus.broker = support::start_broker(bus.path(), &[]);
+        let restarted = Instant::now();
+        let fresh = bus.connect();
+        assert!(
+            fresh.wait_until(DEADLINE, |b| b.routable_instances("br").len() == 3),
+            "instances did not register again"
+        );
+        let took = restarted.elapsed();
+        println!(
+            "all 3 instances registered again {:.0} ms after the broker restarted",
+            took.as_secs_f64() * 1e3
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "re-registration took {took:?}"
+        );
+        // Their resources came back with them.
+        assert!(fresh.wait_until(DEADLINE, |b| (0..3)
+            .all(|i| b.lookup_resource(&format!("res-{i}")).is_some())));
+        for i in 0..3 {
+            let r = fresh
+                .call_resource(&format!("res-{i}"), "get", b"x", &opts)
+                .unwrap();
+            assert_eq!(r.instance_id, format!("b{i}"));
+        }
+        // Calls kept going through all of it; the load's own connection is back too.
+        let after = ok.load(Ordering::Relaxed);
+        support::wait_for("calls after the restart", || {
+            ok.load(Ordering::Relaxed) >= after + 1000
+        });
+        stop.store(true, Ordering::Relaxed);
+        assert!(client.wait_until(DEADLINE, |c| c.services().is_ok_and(|s| s.len() == 1)));
+    });
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    // The very same processes, not restarted ones.
+    let now: Vec<u32> = bus
+        .connect()
+        .service("br")
+        .unwrap()
+        .instances
+        .iter()
+        .map(|i| i.pid)
+        .collect();
+    for pid in pids {
+        assert!(now.contains(&pid), "instance process {pid} was replaced");
+    }
+    drop(procs);
+}

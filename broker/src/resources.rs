@@ -652,6 +652,7 @@ mod tests {
                     metadata: Vec::new(),
                     config: &small,
                     heartbeat: Default::default(),
+                    adopt: None,
                 },
             )
             .0

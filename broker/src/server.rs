@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::{AsFd, FromRawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,7 +130,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
     };
     let mut hello = false;
     loop {
-        let req = match read_request(&mut stream).await {
+        let (req, mut fds) = match read_request(&mut stream).await {
             Ok(Some(r)) => r,
             Ok(None) => break,
             Err(e) => {
@@ -149,6 +149,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                     protocol,
                     layout: lv,
                     mailboxes,
+                    resume,
                 } => {
                     if protocol != proto::PROTOCOL_VERSION || lv != layout::LAYOUT_VERSION {
                         (
@@ -166,7 +167,8 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                         )
                     } else {
                         hello = true;
-                        st.hello(id, mailboxes)
+                        let resume = resume.and_then(|r| fds.pop().map(|fd| (r, fd)));
+                        st.hello(id, mailboxes, resume)
                     }
                 }
                 _ if !hello => (
@@ -181,6 +183,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                     metadata,
                     config,
                     heartbeat,
+                    resume,
                 } => {
                     let reg = Registration {
                         service: &service,
@@ -188,6 +191,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                         metadata,
                         config: &config,
                         heartbeat,
+                        adopt: resume.and_then(|r| fds.pop().map(|fd| (r, fd))),
                     };
                     let r = st.register(id, peer, reg);
                     for pid in st.take_pending_watches() {
@@ -375,11 +379,18 @@ async fn bulk(
 }
 
 /// Reads one request frame; `Ok(None)` at a clean end of stream.
-async fn read_request(stream: &mut UnixStream) -> std::io::Result<Option<Request>> {
+/// Reads one request frame and the descriptors sent with it; `Ok(None)` at a clean end of
+/// stream.
+async fn read_request(stream: &mut UnixStream) -> std::io::Result<Option<(Request, Vec<OwnedFd>)>> {
     let mut hdr = [0u8; 4];
     let mut got = 0;
+    let mut fds = Vec::new();
     while got < 4 {
-        let n = stream.read(&mut hdr[got..]).await?;
+        let n = stream
+            .async_io(Interest::READABLE, || {
+                proto::recv_with_fds(stream.as_fd(), &mut hdr[got..], &mut fds)
+            })
+            .await?;
         if n == 0 {
             return if got == 0 {
                 Ok(None)
@@ -392,7 +403,7 @@ async fn read_request(stream: &mut UnixStream) -> std::io::Result<Option<Request
     let len = proto::frame_len(hdr)?;
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
-    proto::decode(&body).map(Some)
+    proto::decode(&body).map(|r| Some((r, fds)))
 }
 
 async fn write_response(

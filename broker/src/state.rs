@@ -27,6 +27,29 @@ pub struct Registration<'a> {
     pub metadata: Vec<(String, String)>,
     pub config: &'a ServiceConfig,
     pub heartbeat: Heartbeat,
+    /// After a broker restart: the instance's former (index, incarnation) and its segment,
+    /// to adopt rather than create (the ring callers already map stays the same).
+    pub adopt: Option<((u32, u64), OwnedFd)>,
+}
+
+/// Reads an instance segment handed over for adoption: its layout, as the sizing the
+/// service must have.
+fn adopted_layout(fd: &OwnedFd, claimed: (u32, u64)) -> Result<InstanceLayout, String> {
+    let (_, h) = Mapping::open(fd, SegmentKind::Instance, true, None).map_err(|e| e.to_string())?;
+    let p = h.params;
+    let il = InstanceLayout {
+        slot_size: p[0] as u32,
+        slot_count: (p[0] >> 32) as u32,
+        heap_size: p[1],
+    };
+    il.validate()?;
+    if (p[3] as u32, p[2]) != claimed {
+        return Err(format!(
+            "segment is instance {}/{}, not {}/{}",
+            p[3], p[2], claimed.0, claimed.1
+        ));
+    }
+    Ok(il)
 }
 
 /// Who is on the other end of a control connection (from `SO_PEERCRED`).
@@ -146,14 +169,29 @@ impl State {
     }
 
     /// A new control connection said hello: give it a client segment.
-    pub fn hello(&mut self, conn: ConnId, mailboxes: u32) -> Reply {
-        let Some(index) = self.clients.iter().position(Option::is_none) else {
+    /// A new control connection said hello: give it a client segment, or, for a process
+    /// resuming after a broker restart, adopt the one it hands over (`resume`).
+    pub fn hello(
+        &mut self,
+        conn: ConnId,
+        mailboxes: u32,
+        resume: Option<((u32, u32), OwnedFd)>,
+    ) -> Reply {
+        // A resuming client keeps its (index, gen) where that slot is free.
+        let wanted = resume.as_ref().map(|(c, _)| *c);
+        let free_old = wanted
+            .map(|(i, _)| i as usize)
+            .filter(|&i| i < self.clients.len() && self.clients[i].is_none());
+        let Some(index) = free_old.or_else(|| self.clients.iter().position(Option::is_none)) else {
             return err(WireError::LimitExceeded(format!(
                 "all {} client slots are in use (broker --max-clients)",
                 self.cfg.max_clients
             )));
         };
-        let gen = self.client_gens[index].wrapping_add(1).max(1);
+        let gen = match wanted {
+            Some((i, g)) if i as usize == index && g > self.client_gens[index] => g,
+            _ => self.client_gens[index].wrapping_add(1).max(1),
+        };
         self.client_gens[index] = gen;
         let cl = ClientLayout {
             mailboxes: mailboxes.clamp(1, 1 << 16),
@@ -161,6 +199,31 @@ impl State {
             heap_size: 2 * self.cfg.max_message,
         };
         let made = (|| {
+            if let Some(((i, g), fd)) = resume {
+                // Adopt: same mailboxes and heap; only the header is stamped for this run.
+                let (map, h) = Mapping::open(&fd, SegmentKind::Client, true, None)
+                    .map_err(std::io::Error::other)?;
+                let p = h.params;
+                if p[3] != (i as u64 | (g as u64) << 32) {
+                    return Err(std::io::Error::other(
+                        "client segment is not the one claimed",
+                    ));
+                }
+                let cl = ClientLayout {
+                    mailboxes: p[0] as u32,
+                    mailbox_inline: p[1] as u32,
+                    heap_size: p[2],
+                };
+                map.write_header(
+                    SegmentKind::Client,
+                    h.total_size,
+                    self.epoch,
+                    cl.params(index as u32, gen),
+                );
+                ClientSeg::open(&fd, self.epoch, index as u32, gen)
+                    .map_err(std::io::Error::other)?;
+                return Ok(fd);
+            }
             let fd = sys::memfd("aegis-client", cl.total_size() as u64)?;
             Mapping::map(&fd, true)?.write_header(
                 SegmentKind::Client,
@@ -200,7 +263,28 @@ impl State {
             metadata,
             config,
             heartbeat,
+            adopt,
         } = reg;
+        // An adopted segment dictates the service's sizing.
+        let adopted_config;
+        let config = match &adopt {
+            None => config,
+            Some((claimed, fd)) => match adopted_layout(fd, *claimed) {
+                Ok(il) => {
+                    adopted_config = ServiceConfig {
+                        slot_size: Some(il.slot_size),
+                        slot_count: Some(il.slot_count),
+                        max_message: Some(il.heap_size / 2),
+                    };
+                    &adopted_config
+                }
+                Err(e) => {
+                    return err(WireError::BadRequest(format!(
+                        "cannot adopt the instance segment: {e}"
+                    )))
+                }
+            },
+        };
         if heartbeat.interval_ms == 0 || heartbeat.timeout_ms < heartbeat.interval_ms {
             return err(WireError::BadRequest(format!(
                 "heartbeat interval {} ms must be positive and at most the timeout {} ms",
@@ -252,7 +336,14 @@ impl State {
                 "service '{service}' already has the maximum of {MAX_MEMBERS} instances"
             )));
         }
-        let Some(index) = self.instances.iter().position(Option::is_none) else {
+        // A re-registering instance keeps its index and incarnation where they are free, so
+        // callers' cached mappings stay keyed right.
+        let wanted = adopt.as_ref().map(|(c, _)| *c);
+        let free_old = wanted
+            .map(|(i, _)| i as usize)
+            .filter(|&i| i < self.instances.len() && self.instances[i].is_none());
+        let Some(index) = free_old.or_else(|| self.instances.iter().position(Option::is_none))
+        else {
             return err(WireError::LimitExceeded(format!(
                 "all {} instance slots are in use (broker --max-instances)",
                 self.cfg.max_instances
@@ -263,8 +354,53 @@ impl State {
             slot_count: svc.slot_count,
             heap_size: 2 * svc.max_message,
         };
-        let incarnation = self.next_incarnation;
-        self.next_incarnation += 1;
+        let incarnation = match wanted {
+            Some((_, inc))
+                if inc != 0
+                    && !self
+                        .instances
+                        .iter()
+                        .flatten()
+                        .any(|r| r.incarnation == inc) =>
+            {
+                inc
+            }
+            _ => self.next_incarnation,
+        };
+        self.next_incarnation = self.next_incarnation.max(incarnation + 1);
+        if let Some((_, fd)) = adopt {
+            // The live ring is kept as it is: only the header is stamped for this broker run.
+            let adopted = (|| {
+                Mapping::map(&fd, true)?.write_header(
+                    SegmentKind::Instance,
+                    il.total_size() as u64,
+                    self.epoch,
+                    il.params(index as u32, incarnation),
+                );
+                let seg = InstanceSeg::open(&fd, self.epoch, index as u32, incarnation)
+                    .map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>((fd, seg))
+            })();
+            return match adopted {
+                Ok((fd, seg)) => {
+                    let rec = self.new_record(
+                        conn,
+                        peer,
+                        svc_idx,
+                        id,
+                        incarnation,
+                        fd,
+                        seg,
+                        metadata,
+                        heartbeat,
+                    );
+                    self.install(index, rec, "adopted after a broker restart")
+                }
+                Err(e) => err(WireError::BadRequest(format!(
+                    "cannot adopt the instance segment: {e}"
+                ))),
+            };
+        }
         let made = (|| {
             let fd = sys::memfd("aegis-instance", il.total_size() as u64)?;
             Mapping::map(&fd, true)?.write_header(
@@ -295,8 +431,35 @@ impl State {
                 )))
             }
         };
-        self.instances[index] = Some(InstanceRec {
-            service: svc_idx,
+        let rec = self.new_record(
+            conn,
+            peer,
+            svc_idx,
+            id,
+            incarnation,
+            fd,
+            seg,
+            metadata,
+            heartbeat,
+        );
+        self.install(index, rec, "registered")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_record(
+        &self,
+        conn: ConnId,
+        peer: Peer,
+        service: u32,
+        id: &str,
+        incarnation: u64,
+        fd: OwnedFd,
+        seg: InstanceSeg,
+        metadata: Vec<(String, String)>,
+        heartbeat: Heartbeat,
+    ) -> InstanceRec {
+        InstanceRec {
+            service,
             id: id.into(),
             peer,
             incarnation,
@@ -308,8 +471,15 @@ impl State {
             mirrored_served: 0,
             owned: Default::default(),
             live: crate::liveness::Live::new(peer.pid, heartbeat),
-        });
-        self.watch_pid(peer.pid);
+        }
+    }
+
+    /// Puts a new instance into the records, the registry and its service's routing.
+    fn install(&mut self, index: usize, rec: InstanceRec, how: &str) -> Reply {
+        let (svc_idx, pid) = (rec.service, rec.peer.pid);
+        tracing::info!(instance = %rec.id, pid, index, incarnation = rec.incarnation, how, "instance joined");
+        self.instances[index] = Some(rec);
+        self.watch_pid(pid);
         self.write_instance(index as u32);
         self.services[svc_idx as usize]
             .as_mut()
@@ -317,14 +487,6 @@ impl State {
             .members
             .push(index as u32);
         self.write_service(svc_idx);
-        tracing::info!(
-            service,
-            instance = id,
-            pid = peer.pid,
-            index,
-            incarnation,
-            "registered"
-        );
         self.registered(index as u32)
     }
 

@@ -6,9 +6,11 @@
 //! hand over its segment) and once per new caller on the instance side.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicPtr;
 use std::sync::atomic::{AtomicU32 as StdAtomicU32, AtomicU64 as StdAtomicU64, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -156,13 +158,138 @@ pub struct Bus {
     pub(crate) inner: Arc<BusInner>,
 }
 
+/// What one broker run handed out: its registry and shared segment. Replaced when the
+/// broker restarts; the old one stays mapped until the `Bus` drops, because calls in
+/// flight may still be reading it.
+pub(crate) struct Session {
+    pub registry: RegistryView,
+    pub shared: SharedView,
+    pub epoch: u64,
+}
+
+impl Session {
+    /// Finds a service entry by name (open addressing; entries are never removed).
+    pub fn find_service(&self, name: &str) -> Option<(u32, &ServiceEntry)> {
+        let cap = self.registry.layout.max_services;
+        let mut i = (layout::name_hash(name) as u32) & (cap - 1);
+        for _ in 0..cap {
+            let e = self.registry.service(i)?;
+            // SYNC POINT: Acquire pairs with the broker's Release store of `in_use`.
+            if e.in_use.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            if e.seq.read(|| e.name.eq_str(name)) {
+                return Some((i, e));
+            }
+            i = (i + 1) & (cap - 1);
+        }
+        None
+    }
+
+    /// Picks an `Online` member of the service that `skip` does not rule out.
+    pub(crate) fn pick(
+        &self,
+        svc_idx: u32,
+        svc: &ServiceEntry,
+        selection: &Selection,
+        skip: impl Fn(u32) -> bool,
+    ) -> Option<CallInfo> {
+        let online = |m: u32| -> Option<CallInfo> {
+            let e = self.registry.instance(m)?;
+            let (status, service, inc) = e.seq.read(|| {
+                (
+                    e.status.load(Ordering::Relaxed),
+                    e.service.load(Ordering::Relaxed),
+                    e.incarnation.load(Ordering::Relaxed),
+                )
+            });
+            (status == Status::Online as u32 && service == svc_idx && inc != 0 && !skip(m))
+                .then_some(CallInfo {
+                    instance: m,
+                    incarnation: inc,
+                })
+        };
+        let member = |k: u64| {
+            svc.seq.read(|| {
+                let n = (svc.member_count.load(Ordering::Relaxed) as u64).min(MAX_MEMBERS as u64);
+                (n > 0).then(|| svc.members[(k % n) as usize].load(Ordering::Relaxed))
+            })
+        };
+        let n = svc.seq.read(|| svc.member_count.load(Ordering::Relaxed)) as u64;
+        let n = n.min(MAX_MEMBERS as u64);
+        if let Selection::Preferred(id) = selection {
+            for k in 0..n {
+                if let Some(c) = member(k)
+                    .filter(|&m| self.instance_name(m) == *id)
+                    .and_then(online)
+                {
+                    return Some(c);
+                }
+            }
+        }
+        let c = match selection {
+            Selection::Random => random_u64(),
+            // Relaxed: the counter only spreads load; no data is published through it.
+            _ => self
+                .shared
+                .round_robin(svc_idx)?
+                .next
+                .fetch_add(1, Ordering::Relaxed),
+        };
+        (0..n).find_map(|k| member(c.wrapping_add(k)).and_then(online))
+    }
+
+    pub fn instance_name(&self, index: u32) -> String {
+        self.registry
+            .instance(index)
+            .map(|e| {
+                let (b, l) = e.seq.read(|| e.id.load());
+                String::from_utf8_lossy(&b[..l]).into_owned()
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("#{index}"))
+    }
+
+    /// Whether the service has a member routing could use now.
+    fn routable(&self, service: &str) -> bool {
+        self.find_service(service)
+            .is_some_and(|(i, e)| self.pick_read_only(i, e))
+    }
+
+    fn pick_read_only(&self, svc_idx: u32, svc: &ServiceEntry) -> bool {
+        let n =
+            (svc.seq.read(|| svc.member_count.load(Ordering::Relaxed)) as usize).min(MAX_MEMBERS);
+        (0..n).any(|k| {
+            let m = svc.seq.read(|| svc.members[k].load(Ordering::Relaxed));
+            self.registry.instance(m).is_some_and(|e| {
+                e.seq.read(|| {
+                    e.status.load(Ordering::Relaxed) == Status::Online as u32
+                        && e.service.load(Ordering::Relaxed) == svc_idx
+                })
+            })
+        })
+    }
+}
+
 pub(crate) struct BusInner {
     pub dir: PathBuf,
     control: Mutex<ControlConn>,
-    pub registry: RegistryView,
-    shared: SharedView,
+    /// The current session (a leaked `Box`, see [`Session`]); swapped on reconnect.
+    session: AtomicPtr<Session>,
+    /// Sessions of earlier broker runs (calls in flight may still read them).
+    old_sessions: Mutex<Vec<RetiredSession>>,
+    /// The session before the last reconnect, and when that was (see `routing_session`).
+    previous: AtomicPtr<Session>,
+    reconnected_at: Mutex<Option<Instant>>,
+    /// Our mailboxes and request heap: the same memfd across broker restarts.
     pub client: ClientSeg,
-    pub epoch: u64,
+    pub client_fd: OwnedFd,
+    /// `index | gen << 32` as the current broker knows this client.
+    client_ident: StdAtomicU64,
+    /// Instances registered through this connection (re-registered after a broker restart).
+    pub(crate) registered: Mutex<Vec<Weak<crate::instance::InstanceInner>>>,
+    /// Written on drop to stop the supervisor thread.
+    stop_fd: OwnedFd,
     pool: MailboxPool,
     heap: HeapAlloc,
     /// Caller side: mapped instance segments by registry index.
@@ -199,6 +326,7 @@ impl Bus {
             protocol: proto::PROTOCOL_VERSION,
             layout: layout::LAYOUT_VERSION,
             mailboxes,
+            resume: None,
         })?;
         let Response::Welcome {
             bus_epoch,
@@ -218,17 +346,32 @@ impl Bus {
             ));
         }
         let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
-        let client = ClientSeg::open(&fds[2], bus_epoch, client, gen)?;
-        let heap = HeapAlloc::new(client.layout.heap_size);
-        let pool = MailboxPool::new(client.layout.mailboxes);
-        Ok(Bus {
+        let client_seg = ClientSeg::open(&fds[2], bus_epoch, client, gen)?;
+        let heap = HeapAlloc::new(client_seg.layout.heap_size);
+        let pool = MailboxPool::new(client_seg.layout.mailboxes);
+        let session = Box::new(Session {
+            registry,
+            shared,
+            epoch: bus_epoch,
+        });
+        let watch = control.watch_handle()?;
+        let stop_fd = crate::sys::eventfd()?;
+        let stop_watch = stop_fd.try_clone()?;
+        let mut fds = fds;
+        let client_fd = fds.pop().expect("three descriptors");
+        let bus = Bus {
             inner: Arc::new(BusInner {
                 dir,
                 control: Mutex::new(control),
-                registry,
-                shared,
-                client,
-                epoch: bus_epoch,
+                session: AtomicPtr::new(Box::into_raw(session)),
+                old_sessions: Mutex::new(Vec::new()),
+                previous: AtomicPtr::new(std::ptr::null_mut()),
+                reconnected_at: Mutex::new(None),
+                client: client_seg,
+                client_fd,
+                client_ident: StdAtomicU64::new(client as u64 | (gen as u64) << 32),
+                registered: Mutex::new(Vec::new()),
+                stop_fd,
                 pool,
                 heap,
                 instances: RwLock::new(HashMap::new()),
@@ -239,7 +382,9 @@ impl Bus {
                 timeouts: Mutex::new(HashMap::new()),
                 timeouts_pending: AtomicUsize::new(0),
             }),
-        })
+        };
+        crate::reconnect::spawn_supervisor(&bus.inner, watch, stop_watch)?;
+        Ok(bus)
     }
 
     /// The bus directory this connection uses.
@@ -278,6 +423,7 @@ impl Bus {
             metadata: opts.metadata.clone(),
             config: opts.config.clone(),
             heartbeat: opts.heartbeat,
+            resume: None,
         })?;
         let Response::Registered {
             instance,
@@ -290,13 +436,15 @@ impl Bus {
                 "expected Registered, got {resp:?}"
             )));
         };
-        let fds = expect_fds(fds, 1, "Registered")?;
-        let seg = InstanceSeg::open(&fds[0], self.inner.epoch, instance, incarnation)?;
+        let mut fds = expect_fds(fds, 1, "Registered")?;
+        let seg = InstanceSeg::open(&fds[0], self.inner.session().epoch, instance, incarnation)?;
+        let seg_fd = fds.pop().expect("one descriptor");
         Ok(Instance::new(
             self.clone(),
             service,
             instance_id,
             seg,
+            seg_fd,
             max_message,
             opts,
         ))
@@ -336,7 +484,8 @@ impl Bus {
         let no_instance = || Error::NoAvailableInstance {
             service: service.to_owned(),
         };
-        let (svc_idx, svc) = inner.find_service(service).ok_or_else(no_instance)?;
+        let sess = inner.routing_session(service);
+        let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
         check_size(service, payload, max)?;
         let total = start + opts.timeout;
@@ -345,9 +494,9 @@ impl Bus {
         loop {
             let skip = |m: u32| {
                 tried.contains(&m)
-                    || (!opts.exclude.is_empty() && opts.exclude.contains(&inner.instance_name(m)))
+                    || (!opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m)))
             };
-            let Some(target) = inner.pick(svc_idx, svc, &opts.selection, skip) else {
+            let Some(target) = sess.pick(svc_idx, svc, &opts.selection, skip) else {
                 return Err(if attempts.is_empty() {
                     no_instance()
                 } else {
@@ -360,7 +509,7 @@ impl Bus {
             };
             let t = Instant::now();
             let deadline = (t + opts.attempt_timeout).min(total);
-            let failed = match inner.attempt(target, method, payload, opts, deadline, out) {
+            let failed = match inner.attempt(sess, target, method, payload, opts, deadline, out) {
                 Ok(()) => {
                     inner.note_success(target);
                     return Ok(target);
@@ -430,7 +579,7 @@ impl Bus {
         };
         let target = self.lookup_resource(resource).ok_or_else(not_found)?;
         let e = inner
-            .registry
+            .registry()
             .instance(target.instance)
             .ok_or_else(not_found)?;
         let (status, svc_idx, inc) = e.seq.read(|| {
@@ -451,7 +600,7 @@ impl Bus {
                 status: Status::from_u32(status),
             });
         }
-        let svc = inner.registry.service(svc_idx).ok_or_else(not_found)?;
+        let svc = inner.registry().service(svc_idx).ok_or_else(not_found)?;
         let (max, (name, len)) = svc
             .seq
             .read(|| (svc.max_message.load(Ordering::Relaxed), svc.name.load()));
@@ -459,7 +608,15 @@ impl Bus {
         check_size(service, payload, max)?;
         check_hops(opts)?;
         let deadline = start + opts.timeout.min(opts.attempt_timeout);
-        match inner.attempt(target, method, payload, opts, deadline, out) {
+        match inner.attempt(
+            inner.session(),
+            target,
+            method,
+            payload,
+            opts,
+            deadline,
+            out,
+        ) {
             Ok(()) => Ok(target),
             Err(Failed::Error(e)) => Err(inner.remote_error(target, e)),
             Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) if w.contains("left") => {
@@ -483,7 +640,7 @@ impl Bus {
 
     /// The instance owning `resource`, read lock-free from the resource map (allocation-free).
     pub fn lookup_resource(&self, resource: &str) -> Option<CallInfo> {
-        let (instance, incarnation) = self.inner.registry.find_resource(resource)?;
+        let (instance, incarnation) = self.inner.registry().find_resource(resource)?;
         Some(CallInfo {
             instance,
             incarnation,
@@ -494,7 +651,7 @@ impl Bus {
     pub fn resource_owner(&self, resource: &str) -> Option<ResourceOwner> {
         let info = self.lookup_resource(resource)?;
         let inner = &*self.inner;
-        let e = inner.registry.instance(info.instance)?;
+        let e = inner.registry().instance(info.instance)?;
         let (status, svc, inc, (id, id_len)) = e.seq.read(|| {
             (
                 e.status.load(Ordering::Relaxed),
@@ -506,7 +663,7 @@ impl Bus {
         if inc != info.incarnation {
             return None;
         }
-        let s = inner.registry.service(svc)?;
+        let s = inner.registry().service(svc)?;
         let (name, len) = s.seq.read(|| s.name.load());
         Some(ResourceOwner {
             instance: info,
@@ -651,7 +808,7 @@ impl Bus {
     pub fn registry_generation(&self) -> u32 {
         // SYNC POINT: Acquire pairs with the broker's Release bump in `State::changed`.
         self.inner
-            .registry
+            .registry()
             .control()
             .generation
             .load(Ordering::Acquire)
@@ -660,7 +817,7 @@ impl Bus {
     /// Sleeps until the registry changes from generation `seen` or `timeout` passes;
     /// returns the generation now. A futex wait: no polling, no broker round trip.
     pub fn wait_registry_change(&self, seen: u32, timeout: Duration) -> u32 {
-        let g = &self.inner.registry.control().generation;
+        let g = &self.inner.registry().control().generation;
         let deadline = Instant::now() + timeout;
         loop {
             let now = g.load(Ordering::Acquire);
@@ -705,7 +862,7 @@ impl Bus {
         members
             .into_iter()
             .filter_map(|m| {
-                let e = inner.registry.instance(m)?;
+                let e = inner.registry().instance(m)?;
                 let (status, (name, len)) = e
                     .seq
                     .read(|| (e.status.load(Ordering::Relaxed), e.id.load()));
@@ -734,6 +891,9 @@ impl From<Error> for Failed {
         Failed::Error(e)
     }
 }
+
+/// How long after a reconnect a call may still be routed with the previous broker's view.
+pub const RESTART_BRIDGE: Duration = Duration::from_secs(5);
 
 /// Consecutive timeouts after which a caller reports an instance unhealthy.
 const UNHEALTHY_AFTER_TIMEOUTS: u32 = 3;
@@ -781,9 +941,77 @@ fn check_size(service: &str, payload: &[u8], max: u64) -> Result<()> {
 }
 
 impl BusInner {
+    pub(crate) fn session(&self) -> &Session {
+        // SAFETY: the pointer comes from `Box::into_raw` and its Box is freed only in
+        // `Drop for BusInner` (a replaced session moves to `old_sessions`, still alive), so
+        // it outlives every `&self`.
+        unsafe { &*self.session.load(std::sync::atomic::Ordering::Acquire) }
+    }
+
+    pub(crate) fn registry(&self) -> &RegistryView {
+        &self.session().registry
+    }
+
+    /// The session to route a call to `service` with. Right after a broker restart the
+    /// new registry fills up as instances register again; until it has a routable
+    /// instance of the service (for at most [`RESTART_BRIDGE`]), the previous broker's last
+    /// view is used: those instances were alive when it died, and each call still checks
+    /// its target against that view and its deadline.
+    fn routing_session(&self, service: &str) -> &Session {
+        let cur = self.session();
+        let prev = self.previous.load(std::sync::atomic::Ordering::Acquire);
+        if prev.is_null() {
+            return cur;
+        }
+        let since = self.reconnected_at.lock().map(|t| t.elapsed());
+        if since.is_none_or(|d| d >= RESTART_BRIDGE) {
+            // The bridge is over: back to the one-load fast path.
+            self.previous
+                .store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
+            return cur;
+        }
+        if cur.routable(service) {
+            return cur;
+        }
+        // SAFETY: `previous` points at a retired session, freed only in Drop.
+        let prev = unsafe { &*prev };
+        if prev.routable(service) {
+            prev
+        } else {
+            cur
+        }
+    }
+
+    /// Installs the session of a new broker run (after a restart).
+    pub(crate) fn replace_session(&self, s: Session, client: u32, gen: u32) {
+        let new = Box::into_raw(Box::new(s));
+        // SYNC POINT: Release pairs with the Acquire load in `session()`.
+        let old = self.session.swap(new, std::sync::atomic::Ordering::AcqRel);
+        // Readers may still hold references into `old`: it is retired, freed only on drop.
+        self.old_sessions.lock().push(RetiredSession(old));
+        self.previous
+            .store(old, std::sync::atomic::Ordering::Release);
+        *self.reconnected_at.lock() = Some(Instant::now());
+        self.client_ident.store(
+            client as u64 | (gen as u64) << 32,
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    pub(crate) fn client_ident(&self) -> (u32, u32) {
+        let v = self.client_ident.load(std::sync::atomic::Ordering::Acquire);
+        (v as u32, (v >> 32) as u32)
+    }
+
+    pub(crate) fn replace_control(&self, c: ControlConn) {
+        *self.control.lock() = c;
+    }
+
     /// One attempt on one instance.
+    #[allow(clippy::too_many_arguments)]
     fn attempt(
         &self,
+        sess: &Session,
         target: CallInfo,
         method: &str,
         payload: &[u8],
@@ -792,7 +1020,7 @@ impl BusInner {
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let seg = self.instance_seg(target.instance, target.incarnation)?;
-        self.send_and_wait(&seg, method, payload, opts, deadline, out)
+        self.send_and_wait(sess, &seg, method, payload, opts, deadline, out)
     }
 
     /// A handler's error as the caller sees it (400 is the caller's `BadRequest`).
@@ -813,8 +1041,8 @@ impl BusInner {
     }
 
     /// Whether instance `index` is still the incarnation we sent to, and not `Offline`.
-    fn instance_alive(&self, index: u32, incarnation: u64) -> bool {
-        self.registry.instance(index).is_some_and(|e| {
+    fn instance_alive(registry: &RegistryView, index: u32, incarnation: u64) -> bool {
+        registry.instance(index).is_some_and(|e| {
             let (st, inc) = e.seq.read(|| {
                 (
                     e.status.load(Ordering::Relaxed),
@@ -896,86 +1124,12 @@ impl BusInner {
         }
     }
 
-    /// Finds a service entry by name (open addressing; entries are never removed).
     pub fn find_service(&self, name: &str) -> Option<(u32, &ServiceEntry)> {
-        let cap = self.registry.layout.max_services;
-        let mut i = (layout::name_hash(name) as u32) & (cap - 1);
-        for _ in 0..cap {
-            let e = self.registry.service(i)?;
-            // SYNC POINT: Acquire pairs with the broker's Release store of `in_use`.
-            if e.in_use.load(Ordering::Acquire) == 0 {
-                return None;
-            }
-            if e.seq.read(|| e.name.eq_str(name)) {
-                return Some((i, e));
-            }
-            i = (i + 1) & (cap - 1);
-        }
-        None
-    }
-
-    /// Picks an `Online` member of the service that `skip` does not rule out.
-    fn pick(
-        &self,
-        svc_idx: u32,
-        svc: &ServiceEntry,
-        selection: &Selection,
-        skip: impl Fn(u32) -> bool,
-    ) -> Option<CallInfo> {
-        let online = |m: u32| -> Option<CallInfo> {
-            let e = self.registry.instance(m)?;
-            let (status, service, inc) = e.seq.read(|| {
-                (
-                    e.status.load(Ordering::Relaxed),
-                    e.service.load(Ordering::Relaxed),
-                    e.incarnation.load(Ordering::Relaxed),
-                )
-            });
-            (status == Status::Online as u32 && service == svc_idx && inc != 0 && !skip(m))
-                .then_some(CallInfo {
-                    instance: m,
-                    incarnation: inc,
-                })
-        };
-        let member = |k: u64| {
-            svc.seq.read(|| {
-                let n = (svc.member_count.load(Ordering::Relaxed) as u64).min(MAX_MEMBERS as u64);
-                (n > 0).then(|| svc.members[(k % n) as usize].load(Ordering::Relaxed))
-            })
-        };
-        let n = svc.seq.read(|| svc.member_count.load(Ordering::Relaxed)) as u64;
-        let n = n.min(MAX_MEMBERS as u64);
-        if let Selection::Preferred(id) = selection {
-            for k in 0..n {
-                if let Some(c) = member(k)
-                    .filter(|&m| self.instance_name(m) == *id)
-                    .and_then(online)
-                {
-                    return Some(c);
-                }
-            }
-        }
-        let c = match selection {
-            Selection::Random => random_u64(),
-            // Relaxed: the counter only spreads load; no data is published through it.
-            _ => self
-                .shared
-                .round_robin(svc_idx)?
-                .next
-                .fetch_add(1, Ordering::Relaxed),
-        };
-        (0..n).find_map(|k| member(c.wrapping_add(k)).and_then(online))
+        self.session().find_service(name)
     }
 
     pub fn instance_name(&self, index: u32) -> String {
-        self.registry
-            .instance(index)
-            .map(|e| {
-                let (b, l) = e.seq.read(|| e.id.load());
-                String::from_utf8_lossy(&b[..l]).into_owned()
-            })
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| format!("#{index}"))
+        self.session().instance_name(index)
     }
 
     /// The mapped segment of instance `index`, asking the broker for it the first time.
@@ -993,7 +1147,12 @@ impl BusInner {
             return Err(Error::Protocol(format!("expected Opened, got {resp:?}")));
         }
         let fds = expect_fds(fds, 1, "OpenInstance")?;
-        let seg = Arc::new(InstanceSeg::open(&fds[0], self.epoch, index, incarnation)?);
+        let seg = Arc::new(InstanceSeg::open(
+            &fds[0],
+            self.session().epoch,
+            index,
+            incarnation,
+        )?);
         self.instances.write().insert(index, seg.clone());
         Ok(seg)
     }
@@ -1013,7 +1172,7 @@ impl BusInner {
             return Err(Error::Protocol(format!("expected Opened, got {resp:?}")));
         }
         let fds = expect_fds(fds, 1, "OpenClient")?;
-        let seg = Arc::new(ClientSeg::open(&fds[0], self.epoch, index, gen)?);
+        let seg = Arc::new(ClientSeg::open(&fds[0], self.session().epoch, index, gen)?);
         self.clients.write().insert(index, seg.clone());
         Ok(seg)
     }
@@ -1031,8 +1190,10 @@ impl BusInner {
     }
 
     /// Writes the request into the instance's ring and waits for the reply in `out`.
+    #[allow(clippy::too_many_arguments)]
     fn send_and_wait(
         &self,
+        routed_with: &Session,
         seg: &InstanceSeg,
         method: &str,
         payload: &[u8],
@@ -1095,8 +1256,8 @@ impl BusInner {
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::park_after_claim();
         claim.set_header(MsgHeader {
-            client_index: self.client.index,
-            client_gen: self.client.gen,
+            client_index: self.client_ident().0,
+            client_gen: self.client_ident().1,
             mailbox: mb_idx,
             mailbox_gen: gen,
             trace_id: opts.trace_id.unwrap_or_else(|| self.next_trace_id()),
@@ -1119,7 +1280,9 @@ impl BusInner {
         }
         ring.notify();
         let spin = opts.spin.unwrap_or(self.opts.spin);
-        let alive = || self.instance_alive(seg.index, seg.incarnation);
+        // Judged against the registry this call was routed with: a broker restart swapping
+        // sessions mid-call is not the instance leaving.
+        let alive = || Self::instance_alive(&routed_with.registry, seg.index, seg.incarnation);
         let (outcome, gone) = match mailbox::wait_ready(mb, gen, spin, deadline, alive) {
             Wait::Ready => (Cancel::Ready, false),
             Wait::TimedOut => (mailbox::cancel(mb, gen), false),
@@ -1289,5 +1452,27 @@ impl MailboxPool {
         });
         self.quarantined
             .store(q.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A session pointer that is no longer current (from `Box::into_raw`), freed in Drop.
+struct RetiredSession(*mut Session);
+// SAFETY: a Session is Send + Sync (mappings and atomics); the pointer is only read
+// through shared references and freed once, in `Drop for BusInner`.
+unsafe impl Send for RetiredSession {}
+
+impl Drop for BusInner {
+    fn drop(&mut self) {
+        let _ = crate::sys::eventfd_signal(&self.stop_fd);
+        // SAFETY: the last reference to the Bus is going away, so no reader remains; each
+        // pointer came from `Box::into_raw` and is freed exactly once here.
+        unsafe {
+            drop(Box::from_raw(
+                self.session.load(std::sync::atomic::Ordering::Acquire),
+            ));
+            for r in self.old_sessions.get_mut().drain(..) {
+                drop(Box::from_raw(r.0));
+            }
+        }
     }
 }

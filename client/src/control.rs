@@ -38,11 +38,31 @@ impl ControlConn {
         }
     }
 
+    /// A second handle on the socket, for a thread that watches it for the broker's end.
+    pub fn watch_handle(&self) -> Result<UnixStream> {
+        Ok(self.stream.try_clone()?)
+    }
+
     /// Sends one request and waits for its response and descriptors. A broker-side error
     /// comes back as the matching [`Error`].
     pub fn request(&mut self, req: &Request) -> Result<(Response, Vec<OwnedFd>)> {
+        self.request_with_fds(req, &[])
+    }
+
+    /// Like [`ControlConn::request`], handing `fds` to the broker with the request.
+    pub fn request_with_fds(
+        &mut self,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(Response, Vec<OwnedFd>)> {
         let f = proto::frame(req)?;
-        self.stream.write_all(&f).map_err(|e| self.lost(e))?;
+        let mut sent = 0;
+        if !fds.is_empty() {
+            sent = proto::send_with_fds(self.stream.as_fd(), &f, fds).map_err(|e| self.lost(e))?;
+        }
+        self.stream
+            .write_all(&f[sent..])
+            .map_err(|e| self.lost(e))?;
         let mut hdr = [0u8; 4];
         let mut got = 0;
         let mut fds = Vec::new();

@@ -5,7 +5,8 @@
 //! drain the same ring. `serve` is the handler-style loop over a receiver; `recv`/`reply`
 //! is the pull style.
 
-use std::sync::atomic::AtomicBool;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -50,11 +51,19 @@ pub struct Instance {
     inner: Arc<InstanceInner>,
 }
 
-struct InstanceInner {
+pub(crate) struct InstanceInner {
     bus: Bus,
     service: String,
     id: String,
     seg: InstanceSeg,
+    /// The segment's memfd, handed to a restarted broker to adopt the same ring.
+    seg_fd: OwnedFd,
+    /// Registry index and incarnation as the current broker knows them (a restarted broker
+    /// may assign new ones).
+    index: AtomicU32,
+    incarnation: AtomicU64,
+    /// What registration carried, to register again after a broker restart.
+    reg: RegisterOptions,
     heap: HeapAlloc,
     /// Replies sent through the heap, freed once their caller has read them.
     pending: Mutex<Vec<PendingReply>>,
@@ -94,25 +103,30 @@ impl Instance {
         service: &str,
         id: &str,
         seg: InstanceSeg,
+        seg_fd: OwnedFd,
         max_message: u64,
         opts: RegisterOptions,
     ) -> Instance {
         let heap = HeapAlloc::new(seg.layout.heap_size);
-        Instance {
-            inner: Arc::new(InstanceInner {
-                bus,
-                service: service.to_owned(),
-                id: id.to_owned(),
-                seg,
-                heap,
-                pending: Mutex::new(Vec::new()),
-                max_message,
-                spin: Mutex::new(opts.spin),
-                heartbeat: opts.heartbeat,
-                stopping: AtomicBool::new(false),
-                unregistered: AtomicBool::new(false),
-            }),
-        }
+        let inner = Arc::new(InstanceInner {
+            bus: bus.clone(),
+            service: service.to_owned(),
+            id: id.to_owned(),
+            index: AtomicU32::new(seg.index),
+            incarnation: AtomicU64::new(seg.incarnation),
+            seg,
+            seg_fd,
+            reg: opts.clone(),
+            heap,
+            pending: Mutex::new(Vec::new()),
+            max_message,
+            spin: Mutex::new(opts.spin),
+            heartbeat: opts.heartbeat,
+            stopping: AtomicBool::new(false),
+            unregistered: AtomicBool::new(false),
+        });
+        bus.inner.registered.lock().push(Arc::downgrade(&inner));
+        Instance { inner }
     }
 
     pub fn service(&self) -> &str {
@@ -123,7 +137,7 @@ impl Instance {
     }
     /// Registry index (what [`crate::CallInfo::instance`] reports).
     pub fn index(&self) -> u32 {
-        self.inner.seg.index
+        self.inner.ident().0
     }
     /// Requests this instance has answered.
     pub fn requests_served(&self) -> u64 {
@@ -195,8 +209,8 @@ impl Instance {
             crate::names::resource_id(&r.id)?;
         }
         self.inner.bus.inner.bulk(Ctl::ClaimResources {
-            instance: self.inner.seg.index,
-            incarnation: self.inner.seg.incarnation,
+            instance: self.inner.ident().0,
+            incarnation: self.inner.ident().1,
             resources,
             options,
         })
@@ -212,7 +226,7 @@ impl Instance {
             crate::names::resource_id(id)?;
         }
         self.inner.bus.inner.bulk(Ctl::ReleaseResources {
-            owner: Some((self.inner.seg.index, self.inner.seg.incarnation)),
+            owner: Some(self.inner.ident()),
             ids: ids.iter().map(|s| s.to_string()).collect(),
             options,
         })
@@ -227,7 +241,7 @@ impl Instance {
         to_instance: &str,
         reason: &str,
     ) -> Result<()> {
-        let from = Some((self.inner.seg.index, self.inner.seg.incarnation));
+        let from = Some(self.inner.ident());
         self.inner
             .bus
             .inner
@@ -241,6 +255,63 @@ impl Instance {
 }
 
 impl InstanceInner {
+    pub(crate) fn ident(&self) -> (u32, u64) {
+        (
+            self.index.load(Ordering::Acquire),
+            self.incarnation.load(Ordering::Acquire),
+        )
+    }
+
+    /// Registers again with a restarted broker, handing it this instance's segment so it
+    /// adopts the same ring, then claims again the resources `owned` (as the last registry
+    /// of the old broker showed them).
+    pub(crate) fn resume(&self, owned: Vec<String>) -> Result<()> {
+        if self.unregistered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let req = Ctl::Register {
+            service: self.service.clone(),
+            instance_id: self.id.clone(),
+            metadata: self.reg.metadata.clone(),
+            config: self.reg.config.clone(),
+            heartbeat: self.reg.heartbeat,
+            resume: Some(self.ident()),
+        };
+        let (resp, _fds) = self
+            .bus
+            .inner
+            .control()
+            .request_with_fds(&req, &[self.seg_fd.as_fd()])?;
+        let Response::Registered {
+            instance,
+            incarnation,
+            ..
+        } = resp
+        else {
+            return Err(Error::Protocol(format!(
+                "expected Registered, got {resp:?}"
+            )));
+        };
+        self.index.store(instance, Ordering::Release);
+        self.incarnation.store(incarnation, Ordering::Release);
+        if !owned.is_empty() {
+            let r = self.bus.inner.bulk(Ctl::ClaimResources {
+                instance,
+                incarnation,
+                resources: owned.into_iter().map(ResourceSpec::new).collect(),
+                options: BulkOptions {
+                    mode: crate::proto::BulkMode::ContinueOnError,
+                    ..Default::default()
+                },
+            })?;
+            if r.failed > 0 {
+                tracing::warn!(instance = %self.id, failed = r.failed, "resources not reclaimed after a broker restart");
+            }
+        }
+        tracing::info!(service = %self.service, instance = %self.id, index = instance, "registered again after a broker restart");
+        Ok(())
+    }
+
     fn ring(&self) -> RingRef<'_> {
         let s = &self.seg;
         // SAFETY: the segment's layout was validated on open and outlives the borrow.
@@ -259,8 +330,8 @@ impl InstanceInner {
             return Ok(());
         }
         let r = self.bus.inner.control().request(&Ctl::Unregister {
-            instance: self.seg.index,
-            incarnation: self.seg.incarnation,
+            instance: self.ident().0,
+            incarnation: self.ident().1,
         });
         match r {
             Ok((Response::Done, _)) => Ok(()),
@@ -403,9 +474,9 @@ impl InstanceInner {
             }
         };
         mb.status.store(status, Ordering::Relaxed);
-        mb.instance.store(self.seg.index, Ordering::Relaxed);
-        mb.incarnation
-            .store(self.seg.incarnation, Ordering::Relaxed);
+        let (index, incarnation) = self.ident();
+        mb.instance.store(index, Ordering::Relaxed);
+        mb.incarnation.store(incarnation, Ordering::Relaxed);
         mb.reply_kind.store(kind as u32, Ordering::Relaxed);
         mb.reply_len.store(data.len() as u64, Ordering::Relaxed);
         mb.heap_off.store(off, Ordering::Relaxed);

@@ -609,6 +609,28 @@ impl RegistryView {
         })
     }
 
+    /// Every resource id owned by `(index, incarnation)`: a full scan, for an instance
+    /// re-registering after a broker restart (reads the old broker's last registry).
+    pub fn resources_owned_by(&self, index: u32, incarnation: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; MAX_RESOURCE_ID + 1];
+        for i in 0..self.layout.max_resources {
+            let Some(e) = self.resource(i) else { break };
+            let hit = self.control().resources.read(|| {
+                (e.state.load(Ordering::Relaxed) == RESOURCE_LIVE
+                    && e.owner.load(Ordering::Relaxed) == index
+                    && e.incarnation.load(Ordering::Relaxed) == incarnation)
+                    .then(|| e.id.load_into(&mut buf))
+            });
+            if let Some(len) = hit {
+                if let Ok(id) = std::str::from_utf8(&buf[..len]) {
+                    out.push(id.to_owned());
+                }
+            }
+        }
+        out
+    }
+
     pub fn resource(&self, i: u32) -> Option<&ResourceEntry> {
         (i < self.layout.max_resources).then(|| {
             self.map

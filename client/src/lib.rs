@@ -28,6 +28,7 @@ pub mod layout;
 pub mod mailbox;
 pub mod names;
 pub mod proto;
+mod reconnect;
 pub mod ring;
 mod sync;
 pub mod sys;

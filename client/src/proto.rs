@@ -33,10 +33,13 @@ pub struct ServiceConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
+    /// `resume`: after a broker restart, the (index, gen) this client had, sent with its
+    /// client segment's descriptor so the new broker adopts it (mailboxes stay valid).
     Hello {
         protocol: u32,
         layout: u32,
         mailboxes: u32,
+        resume: Option<(u32, u32)>,
     },
     Register {
         service: String,
@@ -44,6 +47,9 @@ pub enum Request {
         metadata: Vec<(String, String)>,
         config: ServiceConfig,
         heartbeat: Heartbeat,
+        /// After a broker restart: the (index, incarnation) the instance had, sent with its
+        /// segment's descriptor so the new broker adopts the very same ring.
+        resume: Option<(u32, u64)>,
     },
     Unregister {
         instance: u32,

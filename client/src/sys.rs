@@ -142,3 +142,17 @@ pub fn unix_millis() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// A non-blocking eventfd (used to stop a thread blocked in `poll`).
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd returns a new descriptor or -1.
+    let fd = syscall!(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+pub fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to a descriptor we own.
+    syscall!(unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) }).map(drop)
+}

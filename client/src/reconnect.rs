@@ -1,0 +1,156 @@
+//! Surviving a broker restart. The data plane never needed the broker, so calls keep
+//! flowing while it is down; this module restores the control plane when it returns.
+//!
+//! A supervisor thread per `Bus` waits (in `poll`) for the control socket to hang up. It
+//! then reconnects every [`RETRY`], says `Hello` with `resume` and hands over this process's
+//! client segment (so every mailbox, including those of calls in flight, stays valid),
+//! installs the new broker's registry, and registers every live instance again with its
+//! own segment, so the new broker adopts the very same rings; each instance then claims
+//! again the resources the old registry showed it owning.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::bus::{BusInner, Session};
+use crate::control::{expect_fds, ControlConn};
+use crate::dirs;
+use crate::error::{Error, Result};
+use crate::layout::{self, RegistryView, SharedView};
+use crate::proto::{self, Request, Response};
+
+/// How often a disconnected process tries to reach the broker again.
+pub const RETRY: Duration = Duration::from_millis(50);
+
+pub(crate) fn spawn_supervisor(
+    inner: &Arc<BusInner>,
+    sock: UnixStream,
+    stop: OwnedFd,
+) -> Result<()> {
+    let weak = Arc::downgrade(inner);
+    std::thread::Builder::new()
+        .name("aegis-supervisor".into())
+        .spawn(move || supervise(weak, sock, stop))?;
+    Ok(())
+}
+
+enum Woken {
+    HangUp,
+    Stop,
+    Timeout,
+}
+
+/// Blocks until the socket hangs up, `stop` is signalled, or `timeout` passes.
+fn wait(sock: Option<&UnixStream>, stop: &OwnedFd, timeout: Option<Duration>) -> Woken {
+    let mut fds = [
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: sock.map_or(-1, |s| s.as_raw_fd()),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: `fds` is a live array of two pollfds; a negative fd is ignored by poll.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            return Woken::Stop;
+        }
+        if fds[1].revents != 0 {
+            return Woken::HangUp;
+        }
+        return Woken::Timeout;
+    }
+}
+
+fn supervise(weak: Weak<BusInner>, mut sock: UnixStream, stop: OwnedFd) {
+    loop {
+        match wait(Some(&sock), &stop, None) {
+            Woken::Stop => return,
+            Woken::Timeout => continue,
+            Woken::HangUp => {}
+        }
+        tracing::warn!("lost the broker's control connection; calls keep flowing, reconnecting");
+        loop {
+            let Some(inner) = weak.upgrade() else { return };
+            match resume(&inner) {
+                Ok(s) => {
+                    sock = s;
+                    break;
+                }
+                Err(e) => tracing::debug!("broker not back yet: {e}"),
+            }
+            drop(inner);
+            if let Woken::Stop = wait(None, &stop, Some(RETRY)) {
+                return;
+            }
+        }
+    }
+}
+
+/// Reconnects to a (restarted) broker and restores this process's registrations.
+fn resume(inner: &BusInner) -> Result<UnixStream> {
+    let mut conn = ControlConn::connect(&inner.dir.join(dirs::SOCKET))?;
+    let hello = Request::Hello {
+        protocol: proto::PROTOCOL_VERSION,
+        layout: layout::LAYOUT_VERSION,
+        mailboxes: inner.client.layout.mailboxes,
+        resume: Some(inner.client_ident()),
+    };
+    let (resp, fds) = conn.request_with_fds(&hello, &[inner.client_fd.as_fd()])?;
+    let Response::Welcome {
+        bus_epoch,
+        client,
+        gen,
+        max_services,
+        ..
+    } = resp
+    else {
+        return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
+    };
+    let fds = expect_fds(fds, 3, "Welcome")?;
+    let registry = RegistryView::open(&fds[0], false)?;
+    let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
+    // What each live instance owned, read from the old broker's last registry.
+    let instances: Vec<_> = inner
+        .registered
+        .lock()
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let owned: Vec<Vec<String>> = instances
+        .iter()
+        .map(|i| {
+            let (index, inc) = i.ident();
+            inner.registry().resources_owned_by(index, inc)
+        })
+        .collect();
+    let watch = conn.watch_handle()?;
+    inner.replace_control(conn);
+    inner.replace_session(
+        Session {
+            registry,
+            shared,
+            epoch: bus_epoch,
+        },
+        client,
+        gen,
+    );
+    for (inst, owned) in instances.iter().zip(owned) {
+        if let Err(e) = inst.resume(owned) {
+            tracing::warn!("re-registering an instance after a broker restart: {e}");
+        }
+    }
+    inner.registered.lock().retain(|w| w.strong_count() > 0);
+    tracing::info!(client, "reconnected to the broker");
+    Ok(watch)
+}
