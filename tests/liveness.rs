@@ -473,3 +473,104 @@ fn a_killed_broker_stops_no_call_and_instances_register_again_after_a_restart() 
     }
     drop(procs);
 }
+
+#[test]
+fn three_consecutive_timeouts_mark_an_instance_unhealthy_until_it_makes_progress() {
+    let bus = TestBus::start();
+    // Answers after 300 ms; the loop is busy (no progress) meanwhile but comes back.
+    let slow = bus.serve(
+        "slowpoke",
+        "s",
+        &[
+            "--delay-ms",
+            "300",
+            "--threads",
+            "4",
+            "--heartbeat-interval-ms",
+            "50",
+            "--heartbeat-timeout-ms",
+            "1000",
+        ],
+    );
+    let client = bus.connect();
+    let quick = CallOptions::timeout(Duration::from_millis(30));
+    for i in 0..3 {
+        match client.call("slowpoke", "m", b"x", &quick) {
+            Err(Error::Timeout { .. }) => {}
+            other => panic!("call {i}: expected a timeout, got {other:?}"),
+        }
+    }
+    watch_until(&client, "slowpoke", |c| {
+        c.routable_instances("slowpoke")
+            .iter()
+            .any(|(_, _, st)| *st == Status::Unhealthy)
+    });
+    assert!(matches!(
+        client.call("slowpoke", "m", b"x", &quick),
+        Err(Error::NoAvailableInstance { .. })
+    ));
+    let h = client.health(Some("slowpoke")).unwrap();
+    assert!(
+        h[0].transitions[0]
+            .reason
+            .contains("3 consecutive timeouts"),
+        "{:?}",
+        h[0].transitions
+    );
+    // Held out for one heartbeat timeout, then back once its loop shows progress.
+    watch_until(&client, "slowpoke", |c| {
+        c.routable_instances("slowpoke")
+            .iter()
+            .any(|(_, _, st)| *st == Status::Online)
+    });
+    assert_eq!(
+        client
+            .call("slowpoke", "m", b"ok", &CallOptions::default())
+            .unwrap()
+            .payload,
+        b"ok"
+    );
+    drop(slow);
+}
+
+#[test]
+fn a_caller_killed_mid_load_harms_neither_the_instance_nor_other_callers() {
+    let bus = TestBus::start();
+    let _inst = bus.serve("crash", "c", &["--threads", "2"]);
+    let mut load = bus
+        .aegisctl(&[
+            "bench",
+            "--service",
+            "crash",
+            "--clients",
+            "8",
+            "--duration",
+            "30",
+            "--payload",
+            "20000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = bus.connect();
+    support::wait_for("the load to reach the instance", || {
+        client.service("crash").unwrap().instances[0].requests_served > 500
+    });
+    kill(load.id(), libc::SIGKILL);
+    wait_deadline(&mut load);
+    // Replies it never read (20 kB: through the instance's heap) are dropped harmlessly.
+    let p = vec![7u8; 20_000];
+    for _ in 0..200 {
+        assert_eq!(
+            client
+                .call("crash", "m", &p, &CallOptions::timeout(DEADLINE))
+                .unwrap()
+                .payload,
+            p
+        );
+    }
+    assert_eq!(
+        client.health(Some("crash")).unwrap()[0].status,
+        Status::Online
+    );
+}

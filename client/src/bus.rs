@@ -1384,8 +1384,11 @@ fn claim_slot<'a>(
 }
 
 /// A mailbox whose call timed out while the instance was running it: (index, generation,
-/// request heap block to free once the late reply lands).
-type Quarantined = (u32, u32, Option<(u64, u64)>);
+/// request heap block to free once the late reply lands, quarantined since).
+type Quarantined = (u32, u32, Option<(u64, u64)>, Instant);
+
+/// How long a mailbox may wait in quarantine for a late reply before it is recycled.
+const QUARANTINE_EXPIRY: Duration = Duration::from_secs(60);
 
 /// Free list of this connection's mailboxes, their generations (kept privately, so a
 /// peer cannot steer them), and the mailboxes quarantined after a timeout.
@@ -1428,7 +1431,7 @@ impl MailboxPool {
     }
 
     fn quarantine(&self, i: u32, gen: u32, heap: Option<(u64, u64)>) {
-        self.quarantine.lock().push((i, gen, heap));
+        self.quarantine.lock().push((i, gen, heap, Instant::now()));
         self.quarantined
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -1436,11 +1439,14 @@ impl MailboxPool {
     /// Returns quarantined mailboxes whose late reply has arrived to the free list.
     fn reclaim(&self, client: &ClientSeg, heap: &HeapAlloc) {
         let mut q = self.quarantine.lock();
-        q.retain(|&(i, gen, block)| {
+        q.retain(|&(i, gen, block, since)| {
             let Some((mb, _)) = client.mailbox(i) else {
                 return false;
             };
-            if !mailbox::is_ready(mb, gen) {
+            // Expired: the instance died while running the request (a live one answers
+            // or is declared dead long before). Its reply can no longer land: `complete`
+            // only moves this generation's TAKEN, and `release` ends that generation.
+            if !mailbox::is_ready(mb, gen) && since.elapsed() < QUARANTINE_EXPIRY {
                 return true;
             }
             mailbox::release(mb, gen);

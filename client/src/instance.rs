@@ -80,7 +80,12 @@ struct PendingReply {
     gen: u32,
     off: u64,
     len: u64,
+    sent: Instant,
 }
+
+/// A heap reply its caller has not read after this long is freed anyway: the caller is
+/// gone (crashed) or gave up long ago (a live caller copies a reply within milliseconds).
+const UNREAD_REPLY_EXPIRY: Duration = Duration::from_secs(60);
 
 /// Stops `serve`/`recv` loops from another thread (or a signal-handling thread).
 #[derive(Clone)]
@@ -458,6 +463,7 @@ impl InstanceInner {
                         gen: d.gen,
                         off,
                         len,
+                        sent: Instant::now(),
                     });
                     (PAYLOAD_HEAP, off)
                 }
@@ -490,10 +496,10 @@ impl InstanceInner {
     /// Frees heap blocks whose replies their callers have read (or abandoned for a newer call).
     fn sweep_pending(&self) {
         self.pending.lock().retain(|p| {
-            let unread = p
-                .client
-                .mailbox(p.mailbox)
-                .is_some_and(|(mb, _)| mailbox::still_unread(&mb.state, p.gen));
+            let unread = p.sent.elapsed() < UNREAD_REPLY_EXPIRY
+                && p.client
+                    .mailbox(p.mailbox)
+                    .is_some_and(|(mb, _)| mailbox::still_unread(&mb.state, p.gen));
             if !unread {
                 self.heap.free(p.off, p.len);
             }
