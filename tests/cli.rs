@@ -135,11 +135,26 @@ fn demo_runs_with_only_aegisctl_built() {
     let lone = tempfile::tempdir().unwrap();
     let exe = lone.path().join("aegisctl");
     std::fs::copy(support::aegisctl_bin(), &exe).unwrap();
-    let (ok, out, err) = run({
-        let mut c = Command::new(&exe);
-        c.args(["demo", "--calls", "300"]);
-        c
-    });
+    // Exec of a just-written file can fail with ETXTBSY while a child forked by another
+    // test thread still holds the copy's write descriptor: retry until that child execs.
+    let end = std::time::Instant::now() + support::DEADLINE;
+    let output = std::iter::repeat(())
+        .take_while(|()| std::time::Instant::now() < end)
+        .find_map(
+            |()| match Command::new(&exe).args(["demo", "--calls", "300"]).output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::yield_now();
+                    None
+                }
+                r => Some(r.unwrap()),
+            },
+        )
+        .expect("the copied aegisctl stayed busy");
+    let (ok, out, err) = (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
     assert!(ok, "demo failed: {err}\n{out}");
     for id in ["echo-1", "echo-2", "echo-3"] {
         assert!(

@@ -37,6 +37,63 @@ fn watch_until(bus: &Bus, service: &str, mut cond: impl FnMut(&Bus) -> bool) {
     }
 }
 
+/// Echo calls from `threads` threads until stopped, counting successes and failures; a
+/// reply that is not the caller's own payload fails the test.
+#[derive(Default)]
+struct Load {
+    stop: AtomicBool,
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Load {
+    fn start<'s>(
+        &'s self,
+        s: &'s std::thread::Scope<'s, '_>,
+        client: &'s Bus,
+        service: &'s str,
+        threads: u64,
+    ) {
+        let opts = CallOptions {
+            idempotent: true,
+            ..CallOptions::timeout(Duration::from_secs(10))
+        };
+        for t in 0..threads {
+            let opts = opts.clone();
+            s.spawn(move || {
+                let mut out = Vec::new();
+                let mut i = 0u64;
+                while !self.stop.load(Ordering::Relaxed) {
+                    let p = [t.to_le_bytes(), i.to_le_bytes()].concat();
+                    match client.call_into(service, "echo", &p, &opts, &mut out) {
+                        Ok(_) if out == p => self.ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(_) => panic!("thread {t} call {i} got another call's reply"),
+                        Err(e) => {
+                            eprintln!("call failed: {e}");
+                            self.failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    i += 1;
+                }
+            });
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more calls have succeeded.
+    fn wait_more(&self, what: &str, n: u64) {
+        let base = self.ok();
+        support::wait_for(what, || self.ok() >= base + n);
+    }
+}
+
 #[test]
 fn killing_2_of_10_instances_under_load_fails_no_call_and_they_leave_routing_at_once() {
     let bus = TestBus::start();
@@ -44,33 +101,10 @@ fn killing_2_of_10_instances_under_load_fails_no_call_and_they_leave_routing_at_
         .map(|i| bus.serve("ten", &format!("t{i}"), &[]))
         .collect();
     let client = bus.connect();
-    let stop = AtomicBool::new(false);
-    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
-    let opts = CallOptions {
-        idempotent: true,
-        ..CallOptions::timeout(Duration::from_secs(10))
-    };
+    let load = Load::default();
     let detection = std::thread::scope(|s| {
-        for t in 0..4u64 {
-            let (client, stop, ok, failed, opts) = (&client, &stop, &ok, &failed, &opts);
-            s.spawn(move || {
-                let mut out = Vec::new();
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let p = [t.to_le_bytes(), i.to_le_bytes()].concat();
-                    match client.call_into("ten", "echo", &p, opts, &mut out) {
-                        Ok(_) if out == p => ok.fetch_add(1, Ordering::Relaxed),
-                        Ok(_) => panic!("wrong reply"),
-                        Err(e) => {
-                            eprintln!("call failed: {e}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    i += 1;
-                }
-            });
-        }
-        support::wait_for("steady load", || ok.load(Ordering::Relaxed) >= 2000);
+        load.start(s, &client, "ten", 4);
+        load.wait_more("steady load", 2000);
         let victims: Vec<_> = procs.drain(..2).collect();
         let t0 = Instant::now();
         for v in &victims {
@@ -82,11 +116,8 @@ fn killing_2_of_10_instances_under_load_fails_no_call_and_they_leave_routing_at_
         });
         let detection = t0.elapsed();
         // Keep the load on the 8 survivors for a while after the kill.
-        let after = ok.load(Ordering::Relaxed);
-        support::wait_for("load after the kill", || {
-            ok.load(Ordering::Relaxed) >= after + 2000
-        });
-        stop.store(true, Ordering::Relaxed);
+        load.wait_more("load after the kill", 2000);
+        load.stop.store(true, Ordering::Relaxed);
         drop(victims);
         detection
     });
@@ -94,11 +125,7 @@ fn killing_2_of_10_instances_under_load_fails_no_call_and_they_leave_routing_at_
         "killed instances left routing {:.2} ms after SIGKILL",
         detection.as_secs_f64() * 1e3
     );
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "calls failed while instances were killed"
-    );
+    assert_eq!(load.failed(), 0, "calls failed while instances were killed");
     assert_eq!(routable(&client, "ten").len(), 8);
     // Exit detection, not a heartbeat timeout (5 s): a generous bound that still tells them apart.
     assert!(
@@ -383,47 +410,15 @@ fn a_killed_broker_stops_no_call_and_instances_register_again_after_a_restart() 
         .collect();
     let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
     let client = bus.connect();
-    let stop = AtomicBool::new(false);
-    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
-    let opts = CallOptions {
-        idempotent: true,
-        ..CallOptions::timeout(Duration::from_secs(10))
-    };
+    let load = Load::default();
     std::thread::scope(|s| {
-        for t in 0..2u64 {
-            let (client, stop, ok, failed, opts) = (&client, &stop, &ok, &failed, &opts);
-            s.spawn(move || {
-                let mut out = Vec::new();
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let p = [t.to_le_bytes(), i.to_le_bytes()].concat();
-                    match client.call_into("br", "echo", &p, opts, &mut out) {
-                        Ok(_) if out == p => ok.fetch_add(1, Ordering::Relaxed),
-                        Ok(_) => panic!("wrong reply"),
-                        Err(e) => {
-                            eprintln!("call failed: {e}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    i += 1;
-                }
-            });
-        }
-        support::wait_for("calls before the kill", || {
-            ok.load(Ordering::Relaxed) >= 1000
-        });
+        load.start(s, &client, "br", 2);
+        load.wait_more("calls before the kill", 1000);
         kill(bus.broker.id(), libc::SIGKILL);
         wait_deadline(&mut bus.broker);
         // The data plane does not pass through the broker.
-        let at_kill = ok.load(Ordering::Relaxed);
-        support::wait_for("calls while the broker is down", || {
-            ok.load(Ordering::Relaxed) >= at_kill + 2000
-        });
-        assert_eq!(
-            failed.load(Ordering::Relaxed),
-            0,
-            "calls failed while the broker was down"
-        );
+        load.wait_more("calls while the broker is down", 2000);
+        assert_eq!(load.failed(), 0, "calls failed while the broker was down");
 
         bus.broker = support::start_broker(bus.path(), &[]);
         let restarted = Instant::now();
@@ -446,19 +441,16 @@ fn a_killed_broker_stops_no_call_and_instances_register_again_after_a_restart() 
             .all(|i| b.lookup_resource(&format!("res-{i}")).is_some())));
         for i in 0..3 {
             let r = fresh
-                .call_resource(&format!("res-{i}"), "get", b"x", &opts)
+                .call_resource(&format!("res-{i}"), "get", b"x", &CallOptions::default())
                 .unwrap();
             assert_eq!(r.instance_id, format!("b{i}"));
         }
         // Calls kept going through all of it; the load's own connection is back too.
-        let after = ok.load(Ordering::Relaxed);
-        support::wait_for("calls after the restart", || {
-            ok.load(Ordering::Relaxed) >= after + 1000
-        });
-        stop.store(true, Ordering::Relaxed);
+        load.wait_more("calls after the restart", 1000);
+        load.stop.store(true, Ordering::Relaxed);
         assert!(client.wait_until(DEADLINE, |c| c.services().is_ok_and(|s| s.len() == 1)));
     });
-    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert_eq!(load.failed(), 0);
     // The very same processes, not restarted ones.
     let now: Vec<u32> = bus
         .connect()

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use aegis_client::error::WireError;
 use aegis_client::layout::Status;
 use aegis_client::proto::{Heartbeat, InstanceHealth, Response, Transition};
-use aegis_client::ring::RingRef;
 use aegis_client::sys;
 
 use crate::state::{InstanceRec, Reply, State};
@@ -265,17 +264,7 @@ impl State {
 
 /// Requests waiting in an instance's ring.
 pub(crate) fn queued(r: &InstanceRec) -> u64 {
-    let s = &r.seg;
-    // SAFETY: the segment's layout was validated when the broker created it.
-    unsafe {
-        RingRef::new(
-            s.ring_indices(),
-            s.slots_base(),
-            s.layout.slot_stride(),
-            s.layout.slot_count,
-        )
-    }
-    .len()
+    r.seg.ring().len()
 }
 
 #[cfg(test)]

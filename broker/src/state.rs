@@ -13,7 +13,7 @@ use aegis_client::layout::{
     RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
 };
 use aegis_client::proto::{Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo};
-use aegis_client::ring::{self, RingRef};
+use aegis_client::ring;
 use aegis_client::{names, sys};
 
 use crate::config::BrokerConfig;
@@ -368,41 +368,13 @@ impl State {
             _ => self.next_incarnation,
         };
         self.next_incarnation = self.next_incarnation.max(incarnation + 1);
-        if let Some((_, fd)) = adopt {
-            // The live ring is kept as it is: only the header is stamped for this broker run.
-            let adopted = (|| {
-                Mapping::map(&fd, true)?.write_header(
-                    SegmentKind::Instance,
-                    il.total_size() as u64,
-                    self.epoch,
-                    il.params(index as u32, incarnation),
-                );
-                let seg = InstanceSeg::open(&fd, self.epoch, index as u32, incarnation)
-                    .map_err(std::io::Error::other)?;
-                Ok::<_, std::io::Error>((fd, seg))
-            })();
-            return match adopted {
-                Ok((fd, seg)) => {
-                    let rec = self.new_record(
-                        conn,
-                        peer,
-                        svc_idx,
-                        id,
-                        incarnation,
-                        fd,
-                        seg,
-                        metadata,
-                        heartbeat,
-                    );
-                    self.install(index, rec, "adopted after a broker restart")
-                }
-                Err(e) => err(WireError::BadRequest(format!(
-                    "cannot adopt the instance segment: {e}"
-                ))),
-            };
-        }
+        let adopting = adopt.is_some();
         let made = (|| {
-            let fd = sys::memfd("aegis-instance", il.total_size() as u64)?;
+            let fd = match adopt {
+                // The live ring is kept as it is: only the header is stamped for this run.
+                Some((_, fd)) => fd,
+                None => sys::memfd("aegis-instance", il.total_size() as u64)?,
+            };
             Mapping::map(&fd, true)?.write_header(
                 SegmentKind::Instance,
                 il.total_size() as u64,
@@ -411,55 +383,27 @@ impl State {
             );
             let seg = InstanceSeg::open(&fd, self.epoch, index as u32, incarnation)
                 .map_err(std::io::Error::other)?;
-            // SAFETY: layout validated by `open` just above; nobody else has the fd yet.
-            let r = unsafe {
-                RingRef::new(
-                    seg.ring_indices(),
-                    seg.slots_base(),
-                    il.slot_stride(),
-                    il.slot_count,
-                )
-            };
-            ring::init_slots(&r);
+            if !adopting {
+                // Nobody else has the fd yet: initialise the ring's slot sequences.
+                ring::init_slots(&seg.ring());
+            }
             Ok::<_, std::io::Error>((fd, seg))
         })();
         let (fd, seg) = match made {
             Ok(x) => x,
+            Err(e) if adopting => {
+                return err(WireError::BadRequest(format!(
+                    "cannot adopt the instance segment: {e}"
+                )))
+            }
             Err(e) => {
                 return err(WireError::Internal(format!(
                     "creating instance segment: {e}"
                 )))
             }
         };
-        let rec = self.new_record(
-            conn,
-            peer,
-            svc_idx,
-            id,
-            incarnation,
-            fd,
-            seg,
-            metadata,
-            heartbeat,
-        );
-        self.install(index, rec, "registered")
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn new_record(
-        &self,
-        conn: ConnId,
-        peer: Peer,
-        service: u32,
-        id: &str,
-        incarnation: u64,
-        fd: OwnedFd,
-        seg: InstanceSeg,
-        metadata: Vec<(String, String)>,
-        heartbeat: Heartbeat,
-    ) -> InstanceRec {
-        InstanceRec {
-            service,
+        let rec = InstanceRec {
+            service: svc_idx,
             id: id.into(),
             peer,
             incarnation,
@@ -471,7 +415,16 @@ impl State {
             mirrored_served: 0,
             owned: Default::default(),
             live: crate::liveness::Live::new(peer.pid, heartbeat),
-        }
+        };
+        self.install(
+            index,
+            rec,
+            if adopting {
+                "adopted after a broker restart"
+            } else {
+                "registered"
+            },
+        )
     }
 
     /// Puts a new instance into the records, the registry and its service's routing.

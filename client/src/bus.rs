@@ -168,6 +168,42 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// Opens what a broker's `Welcome` hands over: the session, this client's (index, gen),
+    /// and the descriptors (registry, shared, client segment).
+    pub(crate) fn from_welcome(
+        resp: Response,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(Session, u32, u32, Vec<OwnedFd>)> {
+        let Response::Welcome {
+            bus_epoch,
+            client,
+            gen,
+            max_services,
+            ..
+        } = resp
+        else {
+            return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
+        };
+        let fds = expect_fds(fds, 3, "Welcome")?;
+        let registry = RegistryView::open(&fds[0], false)?;
+        if registry.epoch != bus_epoch || registry.layout.max_services != max_services {
+            return Err(Error::Protocol(
+                "registry does not match the broker's Welcome".into(),
+            ));
+        }
+        let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
+        Ok((
+            Session {
+                registry,
+                shared,
+                epoch: bus_epoch,
+            },
+            client,
+            gen,
+            fds,
+        ))
+    }
+
     /// Finds a service entry by name (open addressing; entries are never removed).
     pub fn find_service(&self, name: &str) -> Option<(u32, &ServiceEntry)> {
         let cap = self.registry.layout.max_services;
@@ -328,36 +364,14 @@ impl Bus {
             mailboxes,
             resume: None,
         })?;
-        let Response::Welcome {
-            bus_epoch,
-            client,
-            gen,
-            max_services,
-            ..
-        } = resp
-        else {
-            return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
-        };
-        let fds = expect_fds(fds, 3, "Welcome")?;
-        let registry = RegistryView::open(&fds[0], false)?;
-        if registry.epoch != bus_epoch || registry.layout.max_services != max_services {
-            return Err(Error::Protocol(
-                "registry does not match the broker's Welcome".into(),
-            ));
-        }
-        let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
-        let client_seg = ClientSeg::open(&fds[2], bus_epoch, client, gen)?;
+        let (session, client, gen, mut fds) = Session::from_welcome(resp, fds)?;
+        let client_seg = ClientSeg::open(&fds[2], session.epoch, client, gen)?;
         let heap = HeapAlloc::new(client_seg.layout.heap_size);
         let pool = MailboxPool::new(client_seg.layout.mailboxes);
-        let session = Box::new(Session {
-            registry,
-            shared,
-            epoch: bus_epoch,
-        });
+        let session = Box::new(session);
         let watch = control.watch_handle()?;
         let stop_fd = crate::sys::eventfd()?;
         let stop_watch = stop_fd.try_clone()?;
-        let mut fds = fds;
         let client_fd = fds.pop().expect("three descriptors");
         let bus = Bus {
             inner: Arc::new(BusInner {
@@ -1211,15 +1225,7 @@ impl BusInner {
             .client
             .mailbox(mb_idx)
             .expect("pool hands out valid indices");
-        // SAFETY: the layout was validated when the segment was opened.
-        let ring = unsafe {
-            RingRef::new(
-                seg.ring_indices(),
-                seg.slots_base(),
-                seg.layout.slot_stride(),
-                seg.layout.slot_count,
-            )
-        };
+        let ring = seg.ring();
         let inline = payload.len() + method.len() <= ring.data_len();
         let heap_block = if inline {
             None

@@ -318,16 +318,7 @@ impl InstanceInner {
     }
 
     fn ring(&self) -> RingRef<'_> {
-        let s = &self.seg;
-        // SAFETY: the segment's layout was validated on open and outlives the borrow.
-        unsafe {
-            RingRef::new(
-                s.ring_indices(),
-                s.slots_base(),
-                s.layout.slot_stride(),
-                s.layout.slot_count,
-            )
-        }
+        self.seg.ring()
     }
 
     fn unregister(&self) -> Result<()> {

@@ -14,11 +14,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::bus::{BusInner, Session};
-use crate::control::{expect_fds, ControlConn};
+use crate::control::ControlConn;
 use crate::dirs;
-use crate::error::{Error, Result};
-use crate::layout::{self, RegistryView, SharedView};
-use crate::proto::{self, Request, Response};
+use crate::error::Result;
+use crate::layout;
+use crate::proto::{self, Request};
 
 /// How often a disconnected process tries to reach the broker again.
 pub const RETRY: Duration = Duration::from_millis(50);
@@ -107,19 +107,7 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
         resume: Some(inner.client_ident()),
     };
     let (resp, fds) = conn.request_with_fds(&hello, &[inner.client_fd.as_fd()])?;
-    let Response::Welcome {
-        bus_epoch,
-        client,
-        gen,
-        max_services,
-        ..
-    } = resp
-    else {
-        return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
-    };
-    let fds = expect_fds(fds, 3, "Welcome")?;
-    let registry = RegistryView::open(&fds[0], false)?;
-    let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
+    let (session, client, gen, _fds) = Session::from_welcome(resp, fds)?;
     // What each live instance owned, read from the old broker's last registry.
     let instances: Vec<_> = inner
         .registered
@@ -136,15 +124,7 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
         .collect();
     let watch = conn.watch_handle()?;
     inner.replace_control(conn);
-    inner.replace_session(
-        Session {
-            registry,
-            shared,
-            epoch: bus_epoch,
-        },
-        client,
-        gen,
-    );
+    inner.replace_session(session, client, gen);
     for (inst, owned) in instances.iter().zip(owned) {
         if let Err(e) = inst.resume(owned) {
             tracing::warn!("re-registering an instance after a broker restart: {e}");

@@ -53,6 +53,22 @@ pub enum Skip<'a> {
     Raced,
 }
 
+impl crate::layout::InstanceSeg {
+    /// The request ring of this instance segment.
+    pub fn ring(&self) -> RingRef<'_> {
+        // SAFETY: the segment's layout was validated when it was opened (`InstanceSeg::open`)
+        // and the mapping lives as long as `self`.
+        unsafe {
+            RingRef::new(
+                self.ring_indices(),
+                self.slots_base(),
+                self.layout.slot_stride(),
+                self.layout.slot_count,
+            )
+        }
+    }
+}
+
 /// The ring is full (the caller decides whether to wait).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;

@@ -36,6 +36,10 @@ pub fn broker_bin() -> PathBuf {
                 "aegis-broker",
                 "--bin",
                 "aegis-broker",
+                // The features `cargo test` unified (the dev-dependency's hooks), so this is
+                // a no-op after `cargo test --workspace` rather than a rebuild.
+                "--features",
+                "aegis-client/test-hooks",
             ]);
             if release {
                 c.arg("--release");
