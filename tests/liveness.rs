@@ -566,3 +566,26 @@ fn a_caller_killed_mid_load_harms_neither_the_instance_nor_other_callers() {
         Status::Online
     );
 }
+
+#[test]
+fn exit_detection_by_polling_tells_a_recycled_pid_from_the_registered_process() {
+    use aegis_broker::liveness::same_process_alive;
+    let bus = TestBus::start_with(&["--exit-detection", "poll"]);
+    let mut inst = bus.serve("poll", "p", &[]);
+    let pid = inst.pid();
+    let start = aegis_client::sys::process_start_time(pid).unwrap();
+    assert!(same_process_alive(pid, Some(start)));
+    // The same pid with another start time is what a recycled pid looks like.
+    assert!(
+        !same_process_alive(pid, Some(start + 1)),
+        "a recycled pid was taken for the instance"
+    );
+    let client = bus.connect();
+    assert_eq!(routable(&client, "poll"), vec!["p".to_string()]);
+    kill(pid, libc::SIGKILL);
+    wait_deadline(&mut inst.child);
+    watch_until(&client, "poll", |c| routable(c, "poll").is_empty());
+    assert!(!same_process_alive(pid, Some(start)));
+    let h = client.health(Some("poll")).unwrap();
+    assert_eq!(h[0].status, Status::Offline);
+}

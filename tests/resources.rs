@@ -415,3 +415,52 @@ fn queries_page_with_total_and_has_more() {
     assert_eq!(v["total"], 25);
     assert_eq!(v["items"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn a_call_for_a_resource_whose_owner_is_unhealthy_names_the_owner() {
+    let bus = TestBus::start();
+    let owner = bus.serve(
+        "uh",
+        "keeper",
+        &[
+            "--claim",
+            "doc",
+            "--heartbeat-interval-ms",
+            "50",
+            "--heartbeat-timeout-ms",
+            "300",
+        ],
+    );
+    let client = bus.connect();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(owner.pid() as libc::pid_t, libc::SIGSTOP) };
+    assert!(client.wait_until(DEADLINE, |c| c
+        .resource_owner("doc")
+        .is_some_and(|o| o.status == aegis_client::Status::Unhealthy)));
+    match client.call_resource("doc", "get", b"", &opts()) {
+        Err(e @ Error::OwnerUnavailable { .. }) => {
+            assert!(e.to_string().contains("instance 'keeper'"), "{e}");
+            assert_eq!(e.code(), 503);
+        }
+        other => panic!("expected OwnerUnavailable, got {other:?}"),
+    }
+    let page = client
+        .resources(&ResourceQuery {
+            ids: vec!["doc".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(!page.items[0].owner_healthy);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(owner.pid() as libc::pid_t, libc::SIGCONT) };
+    assert!(client.wait_until(DEADLINE, |c| c
+        .resource_owner("doc")
+        .is_some_and(|o| o.status == aegis_client::Status::Online)));
+    assert_eq!(
+        client
+            .call_resource("doc", "get", b"back", &opts())
+            .unwrap()
+            .payload,
+        b"back"
+    );
+}

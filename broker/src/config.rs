@@ -49,9 +49,20 @@ pub struct BrokerConfig {
     /// Gids whose members are administrators too.
     #[arg(long = "admin-gid")]
     pub admin_gids: Vec<u32>,
+    /// How registered processes are watched for exit: `pidfd` (event-driven), or `poll`
+    /// (`kill(pid, 0)` and the `/proc` start time on every 100 ms tick: the fallback for
+    /// kernels without pidfd, always used where pidfd_open fails).
+    #[arg(long, value_enum, default_value_t = ExitDetection::Pidfd)]
+    pub exit_detection: ExitDetection,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExitDetection {
+    Pidfd,
+    Poll,
 }
 
 impl BrokerConfig {

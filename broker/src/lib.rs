@@ -6,10 +6,10 @@
 //! through the segments it handed out.
 
 pub mod config;
-mod liveness;
+pub mod liveness;
 mod resources;
 mod server;
 pub mod state;
 
-pub use config::BrokerConfig;
+pub use config::{BrokerConfig, ExitDetection};
 pub use server::run;

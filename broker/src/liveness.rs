@@ -63,8 +63,9 @@ pub(crate) struct Watch {
     departed: VecDeque<InstanceHealth>,
 }
 
-/// Whether `pid` is still the process that started at `start_time`.
-pub(crate) fn same_process_alive(pid: u32, start_time: Option<u64>) -> bool {
+/// Whether `pid` is still the process that started at `start_time` (clock ticks since
+/// boot, from `/proc/PID/stat`): a recycled pid has another start time.
+pub fn same_process_alive(pid: u32, start_time: Option<u64>) -> bool {
     if !sys::process_exists(pid) {
         return false;
     }

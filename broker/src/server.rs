@@ -193,11 +193,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                         heartbeat,
                         adopt: resume.and_then(|r| fds.pop().map(|fd| (r, fd))),
                     };
-                    let r = st.register(id, peer, reg);
-                    for pid in st.take_pending_watches() {
-                        watch_exit(state.clone(), pid);
-                    }
-                    r
+                    st.register(id, peer, reg)
                 }
                 Request::ReportUnhealthy {
                     instance,
@@ -264,6 +260,14 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                 }
             }
         };
+        // Watchers lock the state themselves: start them only once our guard is gone.
+        let (pending, mode) = {
+            let mut st = state.lock();
+            (st.take_pending_watches(), st.cfg.exit_detection)
+        };
+        for pid in pending {
+            watch_exit(state.clone(), pid, mode);
+        }
         if let Err(e) = write_response(&mut stream, &resp, &fds).await {
             tracing::debug!(pid = peer.pid, "writing response: {e}");
             break;
@@ -274,7 +278,12 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
 
 /// Watches `pid` with a pidfd, readable when the process exits; falls back to polling in
 /// the tick where pidfds are not available.
-fn watch_exit(state: Arc<Mutex<State>>, pid: u32) {
+/// Must not be called with the state locked (it locks it).
+fn watch_exit(state: Arc<Mutex<State>>, pid: u32, mode: crate::config::ExitDetection) {
+    if mode == crate::config::ExitDetection::Poll {
+        state.lock().poll_pid(pid);
+        return;
+    }
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if raw < 0 {
