@@ -338,6 +338,9 @@ impl<const N: usize> Words<N> {
     }
 }
 
+/// How long a seqlock word may stay odd and unchanged before readers stop waiting for it.
+pub const SEQLOCK_STUCK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A seqlock word: odd while the broker is writing the entry.
 ///
 /// SYNC POINT: `write_begin`/`write_end` (Release) pair with `read_begin` (Acquire) and
@@ -366,14 +369,33 @@ impl SeqLock {
         crate::sync::fence(Ordering::Acquire);
         self.0.load(Ordering::Relaxed) == s
     }
-    /// Runs `f` until it reads a consistent snapshot (the writer holds the lock for a few
-    /// hundred nanoseconds at most, so this spins only briefly).
+    /// Runs `f` until it reads a consistent snapshot (the writer holds the lock for well
+    /// under a microsecond, so this spins only briefly).
+    ///
+    /// A broker killed inside a write section leaves the word odd for good. Past
+    /// [`SEQLOCK_STUCK`] of an unchanged odd word the writer is dead or frozen, the data is
+    /// therefore static, and it is read as it is rather than spinning forever: every user
+    /// of a registry read validates what it routes to (incarnations, status) anyway.
     pub fn read<R>(&self, mut f: impl FnMut() -> R) -> R {
+        let mut spins = 0u32;
+        let mut stuck_since: Option<(u32, std::time::Instant)> = None;
         loop {
             if let Some(s) = self.read_begin() {
                 let r = f();
                 if self.read_validate(s) {
                     return r;
+                }
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 1024 == 0 {
+                let now = self.0.load(Ordering::Relaxed);
+                match stuck_since {
+                    Some((w, t)) if w == now => {
+                        if t.elapsed() >= SEQLOCK_STUCK {
+                            return f();
+                        }
+                    }
+                    _ => stuck_since = Some((now, std::time::Instant::now())),
                 }
             }
             crate::sync::spin_hint();
@@ -1050,6 +1072,20 @@ impl ClientSeg {
             return None;
         }
         self.map.range(self.layout.heap_off() as u64 + off, len)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seqlock_left_odd_by_a_dead_writer_does_not_hang_readers() {
+        let l = SeqLock(AtomicU32::new(0));
+        let _never_ended = l.write_begin();
+        let t = std::time::Instant::now();
+        assert_eq!(l.read(|| 7), 7);
+        assert!(t.elapsed() >= SEQLOCK_STUCK);
     }
 }
 
