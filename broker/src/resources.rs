@@ -59,10 +59,23 @@ pub(crate) struct Transfer<'a> {
 }
 
 /// What an all-or-nothing request must undo if it fails.
+///
+/// Batches run under separate lock sections, so others may change an id in between: each
+/// step is undone only if the id is still exactly as this request left it (`version`).
 pub(crate) enum Undo {
-    Claimed(String),
-    TookOver { id: String, prev: ResourceRec },
-    Released { id: String, prev: ResourceRec },
+    Claimed {
+        id: String,
+        version: u64,
+    },
+    TookOver {
+        id: String,
+        prev: ResourceRec,
+        version: u64,
+    },
+    Released {
+        id: String,
+        prev: ResourceRec,
+    },
 }
 
 fn failure(id: &str, code: u16, reason: String, owner: Option<String>) -> ResourceFailure {
@@ -340,16 +353,22 @@ impl State {
                         self.resources.by_id.get_mut(id).unwrap().metadata = spec.metadata.clone();
                         tracing::info!(resource = id, from = %self.instance_name(owner), to = %me,
                             uid = peer.uid, "resource taken over by force");
+                        let version = self.resources.by_id[id].version;
                         undo.push(Undo::TookOver {
                             id: id.to_owned(),
                             prev,
+                            version,
                         });
                         ok += 1;
                         continue;
                     }
                     match self.insert_rec(id, index, spec.metadata.clone()) {
                         Ok(()) => {
-                            undo.push(Undo::Claimed(id.to_owned()));
+                            let version = self.resources.by_id[id].version;
+                            undo.push(Undo::Claimed {
+                                id: id.to_owned(),
+                                version,
+                            });
                             ok += 1;
                         }
                         Err(why) => failed.push(failure(id, code::LIMIT_EXCEEDED, why, None)),
@@ -412,28 +431,43 @@ impl State {
 
     /// Undoes an all-or-nothing request, newest step first.
     pub(crate) fn rollback(&mut self, undo: Vec<Undo>) {
+        let alive = |st: &Self, r: &ResourceRec| {
+            st.instances[r.owner as usize]
+                .as_ref()
+                .is_some_and(|i| i.incarnation == r.incarnation)
+        };
         for u in undo.into_iter().rev() {
             match u {
-                Undo::Claimed(id) => {
-                    self.remove_rec(&id);
-                }
-                Undo::TookOver { id, prev } => {
-                    if self.instances[prev.owner as usize]
-                        .as_ref()
-                        .is_some_and(|r| r.incarnation == prev.incarnation)
+                Undo::Claimed { id, version } => {
+                    if self
+                        .resources
+                        .by_id
+                        .get(&id)
+                        .is_some_and(|r| r.version == version)
                     {
+                        self.remove_rec(&id);
+                    }
+                }
+                Undo::TookOver { id, prev, version } => {
+                    if self
+                        .resources
+                        .by_id
+                        .get(&id)
+                        .is_none_or(|r| r.version != version)
+                    {
+                        continue; // changed hands since: not ours to undo
+                    }
+                    if alive(self, &prev) {
                         self.set_owner(&id, prev.owner);
-                        self.resources.by_id.get_mut(&id).unwrap().metadata = prev.metadata;
+                        if let Some(r) = self.resources.by_id.get_mut(&id) {
+                            r.metadata = prev.metadata;
+                        }
                     } else {
                         self.remove_rec(&id);
                     }
                 }
                 Undo::Released { id, prev } => {
-                    if self.instances[prev.owner as usize]
-                        .as_ref()
-                        .is_some_and(|r| r.incarnation == prev.incarnation)
-                        && !self.resources.by_id.contains_key(&id)
-                    {
+                    if alive(self, &prev) && !self.resources.by_id.contains_key(&id) {
                         let _ = self.insert_rec(&id, prev.owner, prev.metadata);
                     }
                 }
@@ -719,5 +753,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_rollback_never_undoes_what_others_did_between_batches() {
+        let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-instances", "4"]);
+        let mut st = State::new(cfg).unwrap();
+        let small = ServiceConfig {
+            slot_size: Some(256),
+            slot_count: Some(2),
+            max_message: Some(1024),
+        };
+        let reg = |st: &mut State, conn: u64, id: &str| {
+            let peer = Peer {
+                pid: std::process::id(),
+                uid: 0,
+                gid: 0,
+            };
+            let r = crate::state::Registration {
+                service: "svc",
+                id,
+                metadata: Vec::new(),
+                config: &small,
+                heartbeat: Default::default(),
+                adopt: None,
+            };
+            match st.register(conn, peer, r).0 {
+                Response::Registered {
+                    instance,
+                    incarnation,
+                    ..
+                } => (instance, incarnation),
+                r => panic!("{r:?}"),
+            }
+        };
+        let a = reg(&mut st, 1, "a");
+        let c = reg(&mut st, 2, "c");
+        let peer = Peer {
+            pid: std::process::id(),
+            uid: 0,
+            gid: 0,
+        };
+        let mut undo_a = Vec::new();
+        st.claim_batch(1, peer, a, &[ResourceSpec::new("x")], false, &mut undo_a)
+            .unwrap();
+        // Between A's batches: an administrator releases x and C claims it.
+        st.release_batch(3, peer, None, &["x".to_string()], &mut Vec::new())
+            .unwrap();
+        st.claim_batch(
+            2,
+            peer,
+            c,
+            &[ResourceSpec::new("x")],
+            false,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        // A's request fails later and rolls back: C's claim must survive.
+        st.rollback(undo_a);
+        assert_eq!(st.registry.find_resource("x"), Some(c));
     }
 }
