@@ -11,7 +11,9 @@ mod support;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use aegis_client::{BulkOptions, Instance, RegisterOptions, ResourceSpec, ServiceConfig};
+use aegis_client::{
+    BulkOptions, Heartbeat, Instance, RegisterOptions, ResourceSpec, ServiceConfig,
+};
 use criterion::{criterion_group, Criterion};
 use hdrhistogram::Histogram;
 
@@ -32,12 +34,17 @@ fn bench(c: &mut Criterion) {
     let bus =
         support::TestBus::start_with(&["--max-instances", "1100", "--max-resources", "262144"]);
     let client = bus.connect();
-    // Tiny rings: these instances only own resources, they do not serve calls here.
+    // Tiny rings: these instances only own resources and never run a serving loop, so
+    // their heartbeat timeout is set past the benchmark (else they turn Unhealthy at 5 s).
     let opts = || RegisterOptions {
         config: ServiceConfig {
             slot_size: Some(256),
             slot_count: Some(2),
             max_message: Some(4096),
+        },
+        heartbeat: Heartbeat {
+            interval_ms: 3_600_000,
+            timeout_ms: 3_600_000,
         },
         ..Default::default()
     };
