@@ -228,6 +228,14 @@ impl State {
         self.resources.live -= 1;
     }
 
+    /// Whether `id` is still owned as of `version` (nobody changed it since).
+    fn at_version(&self, id: &str, version: u64) -> bool {
+        self.resources
+            .by_id
+            .get(id)
+            .is_some_and(|r| r.version == version)
+    }
+
     fn next_version(&mut self) -> u64 {
         self.resources.next_version += 1;
         self.resources.next_version
@@ -439,22 +447,12 @@ impl State {
         for u in undo.into_iter().rev() {
             match u {
                 Undo::Claimed { id, version } => {
-                    if self
-                        .resources
-                        .by_id
-                        .get(&id)
-                        .is_some_and(|r| r.version == version)
-                    {
+                    if self.at_version(&id, version) {
                         self.remove_rec(&id);
                     }
                 }
                 Undo::TookOver { id, prev, version } => {
-                    if self
-                        .resources
-                        .by_id
-                        .get(&id)
-                        .is_none_or(|r| r.version != version)
-                    {
+                    if !self.at_version(&id, version) {
                         continue; // changed hands since: not ours to undo
                     }
                     if alive(self, &prev) {
@@ -630,12 +628,7 @@ impl State {
                 break;
             }
             let Reverse((_, id, version)) = self.resources.ttl.pop().unwrap();
-            if self
-                .resources
-                .by_id
-                .get(&id)
-                .is_some_and(|r| r.version == version)
-            {
+            if self.at_version(&id, version) {
                 self.remove_rec(&id);
                 tracing::info!(resource = %id, "resource released: TTL expired");
                 any = true;

@@ -702,11 +702,7 @@ impl Bus {
 
     /// Administrator: releases ids whoever owns them.
     pub fn release_resources(&self, ids: &[&str], options: BulkOptions) -> Result<BulkReport> {
-        self.inner.bulk(Request::ReleaseResources {
-            owner: None,
-            ids: ids.iter().map(|s| s.to_string()).collect(),
-            options,
-        })
+        self.inner.release(None, ids, options)
     }
 
     /// Administrator: moves ids (all or none) to instance `to_instance` of `to_service`.
@@ -1105,6 +1101,23 @@ impl BusInner {
                 tracing::debug!("reporting an unhealthy instance: {e}");
             }
         }
+    }
+
+    /// Releases `ids` held by `owner` (`None`: any owner, for administrators).
+    pub(crate) fn release(
+        &self,
+        owner: Option<(u32, u64)>,
+        ids: &[&str],
+        options: BulkOptions,
+    ) -> Result<BulkReport> {
+        for id in ids {
+            names::resource_id(id)?;
+        }
+        self.bulk(Request::ReleaseResources {
+            owner,
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            options,
+        })
     }
 
     pub(crate) fn bulk(&self, req: Request) -> Result<BulkReport> {

@@ -227,14 +227,10 @@ impl Instance {
     }
 
     pub fn release_with(&self, ids: &[&str], options: BulkOptions) -> Result<BulkReport> {
-        for id in ids {
-            crate::names::resource_id(id)?;
-        }
-        self.inner.bus.inner.bulk(Ctl::ReleaseResources {
-            owner: Some(self.inner.ident()),
-            ids: ids.iter().map(|s| s.to_string()).collect(),
-            options,
-        })
+        self.inner
+            .bus
+            .inner
+            .release(Some(self.inner.ident()), ids, options)
     }
 
     /// Moves ids this instance owns to instance `to_instance` of `to_service`, atomically:
