@@ -395,9 +395,15 @@ fn watch_wakes_on_membership_changes() {
         let g1 = waiter.join().unwrap();
         assert_ne!(g1, g0, "watch returned without a change");
         assert_eq!(routable(&client, "w"), vec!["w1".to_string()]);
-        let waiter = s.spawn(|| client.watch("w", client.service_generation("w"), DEADLINE));
+        let g1 = client.service_generation("w");
+        let c = &client;
+        let waiter = s.spawn(move || c.watch("w", g1, DEADLINE));
         inst.stop();
-        waiter.join().unwrap();
+        assert_ne!(
+            waiter.join().unwrap(),
+            g1,
+            "watch returned without a change"
+        );
         assert!(routable(&client, "w").is_empty());
     });
 }
@@ -464,6 +470,61 @@ fn a_killed_broker_stops_no_call_and_instances_register_again_after_a_restart() 
         assert!(now.contains(&pid), "instance process {pid} was replaced");
     }
     drop(procs);
+}
+
+/// Right after a restart a fresh process can take the client slot a caller had, so the
+/// caller resumes under an identity only the new broker knows, and its calls reach an
+/// instance that has not reconnected yet (here held back 500 ms). The instance must wait
+/// for its own reconnect to resolve that caller, not drop the calls (each would time out).
+#[test]
+fn calls_from_a_caller_that_resumed_under_a_new_identity_reach_an_instance_still_reconnecting() {
+    let mut bus = TestBus::start();
+    let _late = bus
+        .start_serve_env(
+            "late",
+            "l",
+            &[],
+            &[("AEGIS_TEST_RECONNECT_DELAY_MS", "500")],
+        )
+        .ready();
+    let mut load = bus.aegisctl(&[
+        "bench",
+        "--service",
+        "late",
+        "--rate",
+        "200",
+        "--duration",
+        "3",
+        "--timeout-ms",
+        "3000",
+        "--verify",
+        "--json",
+    ]);
+    // The load's reconnect is held back too, so fresh clients get to its slot first.
+    load.env("AEGIS_TEST_RECONNECT_DELAY_MS", "200")
+        .stdout(std::process::Stdio::piped());
+    let mut load = load.spawn().unwrap();
+    let probe = bus.connect();
+    support::wait_for("the load to reach the instance", || {
+        probe.service("late").unwrap().instances[0].requests_served > 50
+    });
+    drop(probe);
+    kill(bus.broker.id(), libc::SIGKILL);
+    wait_deadline(&mut bus.broker);
+    bus.broker = support::start_broker(bus.path(), &[]);
+    // Every slot the old broker had given out (instance process, the load's two
+    // connections, the probe) now goes to a fresh client.
+    let fresh: Vec<_> = (0..4).map(|_| bus.connect()).collect();
+    let st = wait_deadline(&mut load);
+    let mut out = String::new();
+    std::io::Read::read_to_string(load.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(st.success(), "bench failed: {out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let health = fresh[0].health(Some("late"));
+    assert_eq!(v["errors"], 0, "{out}\n{health:?}");
+    assert_eq!(v["mismatched"], 0, "{out}");
+    assert_eq!(v["ok"], 600, "{out}");
+    drop(fresh);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! through the segments it handed out.
 
 pub mod config;
+pub mod identities;
 pub mod liveness;
 mod resources;
 mod server;

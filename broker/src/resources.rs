@@ -658,7 +658,7 @@ mod tests {
             "--max-instances",
             "4",
         ]);
-        let mut st = State::new(cfg).unwrap();
+        let mut st = State::new(cfg, crate::identities::Identities::starting_at(1, 1)).unwrap();
         let peer = Peer {
             pid: std::process::id(),
             uid: 0,
@@ -751,7 +751,7 @@ mod tests {
     #[test]
     fn a_rollback_never_undoes_what_others_did_between_batches() {
         let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-instances", "4"]);
-        let mut st = State::new(cfg).unwrap();
+        let mut st = State::new(cfg, crate::identities::Identities::starting_at(1, 1)).unwrap();
         let small = ServiceConfig {
             slot_size: Some(256),
             slot_count: Some(2),

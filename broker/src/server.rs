@@ -22,6 +22,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::BrokerConfig;
+use crate::identities::Identities;
 use crate::resources::Transfer;
 use crate::state::{ConnId, Peer, Registration, Reply, State};
 
@@ -44,8 +45,9 @@ pub fn run(cfg: BrokerConfig) -> Result<(), String> {
         fs::remove_file(&sock)
             .map_err(|e| format!("cannot remove stale {}: {e}", sock.display()))?;
     }
+    let ids = Identities::load(&dir)?;
     let state =
-        State::new(cfg).map_err(|e| format!("cannot create the bus's shared memory: {e}"))?;
+        State::new(cfg, ids).map_err(|e| format!("cannot create the bus's shared memory: {e}"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -17,6 +17,7 @@ use aegis_client::ring;
 use aegis_client::{names, sys};
 
 use crate::config::BrokerConfig;
+use crate::identities::Identities;
 
 pub type ConnId = u64;
 
@@ -90,6 +91,9 @@ struct ClientRec {
     gen: u32,
     fd: OwnedFd,
     conn: ConnId,
+    /// The `(index, gen)` this client had under the previous broker, when it could not
+    /// keep it: requests it sent back then still name it.
+    formerly: Option<(u32, u32)>,
 }
 
 pub struct State {
@@ -104,8 +108,7 @@ pub struct State {
     pub(crate) resources: crate::resources::Resources,
     pub(crate) liveness: crate::liveness::Watch,
     clients: Vec<Option<ClientRec>>,
-    client_gens: Vec<u32>,
-    next_incarnation: u64,
+    ids: Identities,
 }
 
 /// A response plus the descriptors that travel with it.
@@ -120,7 +123,7 @@ fn dup(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
 }
 
 impl State {
-    pub fn new(cfg: BrokerConfig) -> std::io::Result<State> {
+    pub fn new(cfg: BrokerConfig, ids: Identities) -> std::io::Result<State> {
         let epoch = random_u64();
         let rl = RegistryLayout {
             max_services: cfg.max_services,
@@ -155,11 +158,10 @@ impl State {
             services: (0..cfg.max_services).map(|_| None).collect(),
             instances: (0..cfg.max_instances).map(|_| None).collect(),
             clients: (0..cfg.max_clients).map(|_| None).collect(),
-            client_gens: vec![0; cfg.max_clients as usize],
+            ids,
             by_name: HashMap::new(),
             resources: Default::default(),
             liveness: Default::default(),
-            next_incarnation: 1,
             cfg,
             epoch,
             registry_fd,
@@ -168,7 +170,6 @@ impl State {
         })
     }
 
-    /// A new control connection said hello: give it a client segment.
     /// A new control connection said hello: give it a client segment, or, for a process
     /// resuming after a broker restart, adopt the one it hands over (`resume`).
     pub fn hello(
@@ -177,8 +178,12 @@ impl State {
         mailboxes: u32,
         resume: Option<((u32, u32), OwnedFd)>,
     ) -> Reply {
-        // A resuming client keeps its (index, gen) where that slot is free.
-        let wanted = resume.as_ref().map(|(c, _)| *c);
+        // A resuming client keeps its (index, gen) where that slot is free (and the gen is
+        // one of an earlier run, see `Identities`).
+        let wanted = resume
+            .as_ref()
+            .map(|(c, _)| *c)
+            .filter(|&(_, g)| self.ids.is_earlier_gen(g));
         let free_old = wanted
             .map(|(i, _)| i as usize)
             .filter(|&i| i < self.clients.len() && self.clients[i].is_none());
@@ -189,10 +194,13 @@ impl State {
             )));
         };
         let gen = match wanted {
-            Some((i, g)) if i as usize == index && g > self.client_gens[index] => g,
-            _ => self.client_gens[index].wrapping_add(1).max(1),
+            Some((i, g)) if i as usize == index => g,
+            _ => match self.ids.client_gen() {
+                Ok(g) => g,
+                Err(e) => return err(WireError::Internal(e)),
+            },
         };
-        self.client_gens[index] = gen;
+        let formerly = wanted.filter(|&w| w != (index as u32, gen));
         let cl = ClientLayout {
             mailboxes: mailboxes.clamp(1, 1 << 16),
             mailbox_inline: layout::MAILBOX_INLINE,
@@ -243,7 +251,12 @@ impl State {
             (Ok(a), Ok(b), Ok(c)) => vec![a, b, c],
             _ => return err(WireError::Internal("out of descriptors".into())),
         };
-        self.clients[index] = Some(ClientRec { gen, fd, conn });
+        self.clients[index] = Some(ClientRec {
+            gen,
+            fd,
+            conn,
+            formerly,
+        });
         (
             Response::Welcome {
                 bus_epoch: self.epoch,
@@ -356,7 +369,7 @@ impl State {
         };
         let incarnation = match wanted {
             Some((_, inc))
-                if inc != 0
+                if self.ids.is_earlier_incarnation(inc)
                     && !self
                         .instances
                         .iter()
@@ -365,9 +378,11 @@ impl State {
             {
                 inc
             }
-            _ => self.next_incarnation,
+            _ => match self.ids.incarnation() {
+                Ok(i) => i,
+                Err(e) => return err(WireError::Internal(e)),
+            },
         };
-        self.next_incarnation = self.next_incarnation.max(incarnation + 1);
         let adopting = adopt.is_some();
         let made = (|| {
             let fd = match adopt {
@@ -626,14 +641,27 @@ impl State {
                 "only a process serving an instance may open a caller's mailboxes".into(),
             ));
         }
-        match self.clients.get(client as usize).and_then(Option::as_ref) {
-            Some(c) if c.gen == gen => match dup(&c.fd) {
+        match self.client_by_ident(client, gen) {
+            Some(c) => match dup(&c.fd) {
                 Ok(fd) => (Response::Opened, vec![fd]),
                 Err(e) => err(WireError::Internal(e.to_string())),
             },
             _ => err(WireError::BadRequest(format!(
                 "client #{client}/{gen} is not connected"
             ))),
+        }
+    }
+
+    /// The connected client that goes by `(index, gen)`, now or (having resumed into
+    /// another slot) under the previous broker.
+    fn client_by_ident(&self, index: u32, gen: u32) -> Option<&ClientRec> {
+        match self.clients.get(index as usize).and_then(Option::as_ref) {
+            Some(c) if c.gen == gen => Some(c),
+            _ => self
+                .clients
+                .iter()
+                .flatten()
+                .find(|c| c.formerly == Some((index, gen))),
         }
     }
 
@@ -801,4 +829,47 @@ fn random_u64() -> u64 {
         return sys::unix_millis() ^ (std::process::id() as u64) << 32;
     }
     u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn welcome(r: Reply) -> (u32, u32, OwnedFd) {
+        match r {
+            (Response::Welcome { client, gen, .. }, mut fds) => (client, gen, fds.pop().unwrap()),
+            (other, _) => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// After a restart a fresh client can take the slot a resuming one had: the resuming
+    /// one moves, and the identity its in-flight requests carry still finds its segment,
+    /// never the fresh client's.
+    #[test]
+    fn a_client_that_resumes_into_another_slot_is_still_found_by_its_old_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = || crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", "4"]);
+        let mut first = State::new(cfg(), Identities::load(dir.path()).unwrap()).unwrap();
+        let (index, gen, seg) = welcome(first.hello(1, 8, None));
+        drop(first);
+
+        let mut second = State::new(cfg(), Identities::load(dir.path()).unwrap()).unwrap();
+        let (fresh_index, fresh_gen, _) = welcome(second.hello(1, 8, None));
+        assert_eq!(
+            fresh_index, index,
+            "the fresh client takes the lowest free slot"
+        );
+        assert_ne!(
+            fresh_gen, gen,
+            "a generation of the previous run was handed out again"
+        );
+        let (moved, moved_gen, _) = welcome(second.hello(2, 8, Some(((index, gen), seg))));
+        assert_ne!(moved, index);
+        assert_eq!(second.client_by_ident(moved, moved_gen).unwrap().conn, 2);
+        assert_eq!(second.client_by_ident(index, gen).unwrap().conn, 2);
+        assert_eq!(second.client_by_ident(index, fresh_gen).unwrap().conn, 1);
+        second.disconnect(2);
+        assert!(second.client_by_ident(index, gen).is_none());
+    }
 }

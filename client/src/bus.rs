@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::control::{expect_fds, ControlConn};
@@ -332,12 +332,29 @@ pub(crate) struct BusInner {
     instances: RwLock<HashMap<u32, Arc<InstanceSeg>>>,
     /// Serving side: mapped segments of the clients that called our instances.
     clients: RwLock<HashMap<u32, Arc<ClientSeg>>>,
+    /// Bumped (and `control_changed` notified) each time a reconnect after a broker restart
+    /// has completed (see `reconnected`).
+    control_gen: Mutex<u64>,
+    control_changed: Condvar,
+    /// The `control_gen` at which waiting for a reconnect last timed out (`u64::MAX`:
+    /// never): while it is still current, the broker stays away and nobody waits again.
+    gave_up_at: StdAtomicU64,
     pub opts: BusOptions,
     pub pid: u32,
     trace_seq: StdAtomicU64,
     /// Consecutive timeouts per (instance, incarnation), and how many entries (fast check).
     timeouts: Mutex<HashMap<(u32, u64), u32>>,
     timeouts_pending: AtomicUsize,
+}
+
+/// Wakes this process's threads waiting on `sess`'s registry words (`watch`,
+/// `wait_registry_change`), so they move on to the registry that replaced it.
+fn wake_registry_waiters(sess: &Session) {
+    let reg = &sess.registry;
+    let _ = crate::sys::futex_wake(&reg.control().generation, u32::MAX);
+    for e in (0..reg.layout.max_services).filter_map(|i| reg.service(i)) {
+        let _ = crate::sys::futex_wake(&e.generation, u32::MAX);
+    }
 }
 
 impl Bus {
@@ -390,6 +407,9 @@ impl Bus {
                 heap,
                 instances: RwLock::new(HashMap::new()),
                 clients: RwLock::new(HashMap::new()),
+                control_gen: Mutex::new(0),
+                control_changed: Condvar::new(),
+                gave_up_at: StdAtomicU64::new(u64::MAX),
                 opts,
                 pid: std::process::id(),
                 trace_seq: StdAtomicU64::new(0),
@@ -786,10 +806,12 @@ impl Bus {
                     if now != seen || left.is_zero() {
                         return now;
                     }
-                    let _ = crate::sys::futex_wait(&e.generation, seen, Some(left));
+                    let _ = crate::sys::futex_wait(&e.generation, seen, Some(left.min(WAIT_SLICE)));
                 }
                 None => {
-                    if left.is_zero() {
+                    // Unknown is generation 0: a service seen before and gone since is a
+                    // change too.
+                    if left.is_zero() || seen != 0 {
                         return 0;
                     }
                     // Not registered yet: wait for any registry change, then look again.
@@ -826,16 +848,21 @@ impl Bus {
 
     /// Sleeps until the registry changes from generation `seen` or `timeout` passes;
     /// returns the generation now. A futex wait: no polling, no broker round trip.
+    ///
+    /// A broker restart counts as a change: the restarted broker's registry replaces the one
+    /// waited on.
     pub fn wait_registry_change(&self, seen: u32, timeout: Duration) -> u32 {
-        let g = &self.inner.registry().control().generation;
+        let start: *const Session = self.inner.session();
         let deadline = Instant::now() + timeout;
         loop {
+            let sess = self.inner.session();
+            let g = &sess.registry.control().generation;
             let now = g.load(Ordering::Acquire);
             let left = deadline.saturating_duration_since(Instant::now());
-            if now != seen || left.is_zero() {
+            if now != seen || left.is_zero() || !std::ptr::eq(sess, start) {
                 return now;
             }
-            let _ = crate::sys::futex_wait(g, seen, Some(left));
+            let _ = crate::sys::futex_wait(g, seen, Some(left.min(WAIT_SLICE)));
         }
     }
 
@@ -901,6 +928,17 @@ impl From<Error> for Failed {
         Failed::Error(e)
     }
 }
+
+/// How long an instance waits for its own reconnect to resolve a caller only a restarted
+/// broker knows; reconnecting takes one 50 ms retry period plus re-registering, a few
+/// milliseconds.
+pub const RESOLVE_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest one futex wait on a registry word lasts. A reconnect wakes those waiting
+/// on the previous broker's registry, but a waiter between its check and its sleep misses
+/// that wake-up (the old registry is read-only to us, so its words cannot be changed); it
+/// then notices the new registry after at most this long.
+const WAIT_SLICE: Duration = Duration::from_secs(1);
 
 /// How long after a reconnect a call may still be routed with the previous broker's view.
 pub const RESTART_BRIDGE: Duration = Duration::from_secs(5);
@@ -975,9 +1013,14 @@ impl BusInner {
         }
         let since = self.reconnected_at.lock().map(|t| t.elapsed());
         if since.is_none_or(|d| d >= RESTART_BRIDGE) {
-            // The bridge is over: back to the one-load fast path.
-            self.previous
-                .store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
+            // The bridge is over: back to the one-load fast path (unless a newer reconnect
+            // has just set up a bridge of its own). Relaxed: nothing is published by null.
+            let _ = self.previous.compare_exchange(
+                prev,
+                std::ptr::null_mut(),
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             return cur;
         }
         if cur.routable(service) {
@@ -993,19 +1036,29 @@ impl BusInner {
     }
 
     /// Installs the session of a new broker run (after a restart).
+    ///
+    /// The bridge (`previous`, `reconnected_at`) is set up before the swap, so a call that
+    /// sees the new session also sees the previous one to route by.
     pub(crate) fn replace_session(&self, s: Session, client: u32, gen: u32) {
-        let new = Box::into_raw(Box::new(s));
-        // SYNC POINT: Release pairs with the Acquire load in `session()`.
-        let old = self.session.swap(new, std::sync::atomic::Ordering::AcqRel);
-        // Readers may still hold references into `old`: it is retired, freed only on drop.
-        self.old_sessions.lock().push(RetiredSession(old));
+        // Only this (the supervisor's) thread swaps sessions, so the current one is `old`.
+        let old = self.session.load(std::sync::atomic::Ordering::Relaxed);
+        *self.reconnected_at.lock() = Some(Instant::now());
+        // SYNC POINT: Release pairs with the Acquire load in `routing_session`; a reader
+        // that sees the new session (below) sees this store too.
         self.previous
             .store(old, std::sync::atomic::Ordering::Release);
-        *self.reconnected_at.lock() = Some(Instant::now());
         self.client_ident.store(
             client as u64 | (gen as u64) << 32,
             std::sync::atomic::Ordering::Release,
         );
+        let new = Box::into_raw(Box::new(s));
+        // SYNC POINT: Release pairs with the Acquire load in `session()`.
+        self.session
+            .store(new, std::sync::atomic::Ordering::Release);
+        // Readers may still hold references into `old`: it is retired, freed only on drop.
+        // SAFETY: `old` came from `Box::into_raw` and is freed only in `Drop for BusInner`.
+        wake_registry_waiters(unsafe { &*old });
+        self.old_sessions.lock().push(RetiredSession(old));
     }
 
     pub(crate) fn client_ident(&self) -> (u32, u32) {
@@ -1015,6 +1068,13 @@ impl BusInner {
 
     pub(crate) fn replace_control(&self, c: ControlConn) {
         *self.control.lock() = c;
+    }
+
+    /// The supervisor is done reconnecting: the new control connection is in place and our
+    /// instances are registered with the new broker again.
+    pub(crate) fn reconnected(&self) {
+        *self.control_gen.lock() += 1;
+        self.control_changed.notify_all();
     }
 
     /// One attempt on one instance.
@@ -1185,12 +1245,44 @@ impl BusInner {
     }
 
     /// The mapped segment of a client that sent us a request.
+    ///
+    /// A caller we have not seen before can only be resolved through the broker. Right
+    /// after a broker restart its callers may reach the new broker (and so carry an identity
+    /// only the new broker knows) before our own supervisor has reconnected: then this
+    /// waits, at most [`RESOLVE_WAIT`], for the reconnect instead of dropping the request
+    /// (whose caller could only time out). If the broker stays away that long, later
+    /// requests do not wait again until it is back.
     pub fn client_seg(&self, index: u32, gen: u32) -> Result<Arc<ClientSeg>> {
         if let Some(s) = self.clients.read().get(&index) {
             if s.gen == gen {
                 return Ok(s.clone());
             }
         }
+        let mut until = None;
+        loop {
+            let seen = *self.control_gen.lock();
+            match self.open_client(index, gen) {
+                Err(Error::BrokerUnavailable { .. })
+                    if self.gave_up_at.load(std::sync::atomic::Ordering::Relaxed) != seen =>
+                {
+                    let until = *until.get_or_insert_with(|| Instant::now() + RESOLVE_WAIT);
+                    let mut g = self.control_gen.lock();
+                    while *g == seen {
+                        if self.control_changed.wait_until(&mut g, until).timed_out() {
+                            // Relaxed: a hint that only saves waiting; `control_gen` (under
+                            // its mutex) is what decides.
+                            self.gave_up_at
+                                .store(seen, std::sync::atomic::Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_client(&self, index: u32, gen: u32) -> Result<Arc<ClientSeg>> {
         let (resp, fds) = self
             .control
             .lock()

@@ -631,23 +631,38 @@ impl RegistryView {
         })
     }
 
-    /// Every resource id owned by `(index, incarnation)`: a full scan, for an instance
-    /// re-registering after a broker restart (reads the old broker's last registry).
-    pub fn resources_owned_by(&self, index: u32, incarnation: u64) -> Vec<String> {
-        let mut out = Vec::new();
+    /// The resource ids each of `owners` (`(index, incarnation)`) owns, in one scan of the
+    /// whole map. Only for a registry whose broker is gone: an instance re-registering after
+    /// a broker restart reads the old broker's last registry. That registry no longer
+    /// changes, so entries are read without the map's seqlock, which a broker killed inside
+    /// a write would have left odd for good (a seqlock read would then wait out its stuck
+    /// bound on every one of the map's entries). The one entry such a broker was writing may
+    /// be torn; ids that are not valid resource ids are skipped, and anything else is only
+    /// claimed again, which the new broker checks like any claim.
+    pub fn resources_owned_by_in_dead_registry(&self, owners: &[(u32, u64)]) -> Vec<Vec<String>> {
+        let mut out = vec![Vec::new(); owners.len()];
+        if owners.is_empty() {
+            return out;
+        }
         let mut buf = vec![0u8; MAX_RESOURCE_ID + 1];
-        for i in 0..self.layout.max_resources {
-            let Some(e) = self.resource(i) else { break };
-            let hit = self.control().resources.read(|| {
-                (e.state.load(Ordering::Relaxed) == RESOURCE_LIVE
-                    && e.owner.load(Ordering::Relaxed) == index
-                    && e.incarnation.load(Ordering::Relaxed) == incarnation)
-                    .then(|| e.id.load_into(&mut buf))
-            });
-            if let Some(len) = hit {
-                if let Ok(id) = std::str::from_utf8(&buf[..len]) {
-                    out.push(id.to_owned());
-                }
+        for e in (0..self.layout.max_resources).map_while(|i| self.resource(i)) {
+            // Relaxed: nothing writes this registry any more (see above).
+            if e.state.load(Ordering::Relaxed) != RESOURCE_LIVE {
+                continue;
+            }
+            let owner = (
+                e.owner.load(Ordering::Relaxed),
+                e.incarnation.load(Ordering::Relaxed),
+            );
+            let Some(k) = owners.iter().position(|&o| o == owner) else {
+                continue;
+            };
+            let len = e.id.load_into(&mut buf);
+            if let Some(id) = std::str::from_utf8(&buf[..len])
+                .ok()
+                .filter(|id| crate::names::resource_id(id).is_ok())
+            {
+                out[k].push(id.to_owned());
             }
         }
         out

@@ -80,6 +80,12 @@ fn supervise(weak: Weak<BusInner>, mut sock: UnixStream, stop: OwnedFd) {
             Woken::HangUp => {}
         }
         tracing::warn!("lost the broker's control connection; calls keep flowing, reconnecting");
+        #[cfg(feature = "test-hooks")]
+        if let Some(d) = crate::test_hooks::reconnect_delay() {
+            if let Woken::Stop = wait(None, &stop, Some(d)) {
+                return;
+            }
+        }
         loop {
             let Some(inner) = weak.upgrade() else { return };
             match resume(&inner) {
@@ -115,13 +121,12 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
         .iter()
         .filter_map(Weak::upgrade)
         .collect();
-    let owned: Vec<Vec<String>> = instances
-        .iter()
-        .map(|i| {
-            let (index, inc) = i.ident();
-            inner.registry().resources_owned_by(index, inc)
-        })
-        .collect();
+    // The old broker is gone (the new one holds the directory's lock), so its registry is
+    // static: one scan for all our instances.
+    let idents: Vec<(u32, u64)> = instances.iter().map(|i| i.ident()).collect();
+    let owned = inner
+        .registry()
+        .resources_owned_by_in_dead_registry(&idents);
     let watch = conn.watch_handle()?;
     inner.replace_control(conn);
     inner.replace_session(session, client, gen);
@@ -131,6 +136,7 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
         }
     }
     inner.registered.lock().retain(|w| w.strong_count() > 0);
+    inner.reconnected();
     tracing::info!(client, "reconnected to the broker");
     Ok(watch)
 }

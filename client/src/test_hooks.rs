@@ -16,3 +16,11 @@ pub(crate) fn park_after_claim() {
         }
     }
 }
+
+/// With `AEGIS_TEST_RECONNECT_DELAY_MS=N`, a process that lost the broker waits N ms more
+/// before its first reconnect attempt, so a test can have callers reach a restarted broker
+/// before this process's instances do.
+pub(crate) fn reconnect_delay() -> Option<std::time::Duration> {
+    let ms = std::env::var("AEGIS_TEST_RECONNECT_DELAY_MS").ok()?;
+    Some(std::time::Duration::from_millis(ms.parse().ok()?))
+}

@@ -147,8 +147,19 @@ impl TestBus {
 
     /// Starts an echo instance process without waiting (to start several at once).
     pub fn start_serve(&self, service: &str, id: &str, extra: &[&str]) -> StartingServe {
+        self.start_serve_env(service, id, extra, &[])
+    }
+
+    /// As `start_serve`, with extra environment variables (test hooks).
+    pub fn start_serve_env(
+        &self,
+        service: &str,
+        id: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> StartingServe {
         let mut c = self.aegisctl(&["serve", service, "--instance", id, "--echo"]);
-        c.args(extra);
+        c.args(extra).envs(env.iter().copied());
         StartingServe {
             starting: spawn_watched(c),
             id: id.to_owned(),
