@@ -16,7 +16,8 @@
 //! an earlier run).
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The counters' file in the bus directory: `<next client generation> <next incarnation>`.
@@ -42,13 +43,7 @@ impl Identities {
     /// live processes still hold).
     pub fn load(dir: &Path) -> Result<Identities, String> {
         let path = dir.join(FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let mut file = open_bus_file(&path)?;
         let mut text = String::new();
         file.read_to_string(&mut text)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -118,18 +113,29 @@ impl Identities {
         })?;
         let incarnation = self.next_incarnation + BLOCK;
         if let Some((file, path)) = &mut self.file {
-            let write = |f: &mut File| -> std::io::Result<()> {
-                f.rewind()?;
-                f.set_len(0)?;
-                writeln!(f, "{gen} {incarnation}")?;
-                f.sync_data()
-            };
-            write(file).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            // Fixed width, one write at offset 0: the file is never seen empty or half
+            // replaced, even by a broker killed right here.
+            let line = format!("{gen:>10} {incarnation:>20}\n");
+            file.write_all_at(line.as_bytes(), 0)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         }
         self.reserved_gen = gen;
         self.reserved_incarnation = incarnation;
         Ok(())
     }
+}
+
+/// Opens (creating, never truncating) one of the broker's files in the bus directory for
+/// reading and writing; the error names the file.
+pub(crate) fn open_bus_file(path: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
 fn parse(text: &str) -> Option<(u32, u64)> {

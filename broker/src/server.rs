@@ -1,7 +1,7 @@
 //! The control socket: startup (directory, lock, stale socket), the accept loop, one task
 //! per connection, periodic work, and shutdown on SIGTERM/SIGINT.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -60,14 +60,7 @@ pub fn run(cfg: BrokerConfig) -> Result<(), String> {
 
 /// Takes the directory's lock file, refusing if another broker holds it.
 fn lock_dir(dir: &Path) -> Result<Flock<File>, String> {
-    let path = dir.join(dirs::LOCK);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let file = crate::identities::open_bus_file(&dir.join(dirs::LOCK))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut f) => {
             let _ = f.set_len(0);
