@@ -37,7 +37,7 @@ fn bench_bus(c: &mut Criterion, name: &str, spin: Duration) {
     let _inst = bus.serve("rtt", "rtt-1", &["--spin-us", &spin_us]);
     let client = bus.connect();
     let opts = CallOptions {
-        spin: Some(spin),
+        spin: Some(aegis_client::Spin::Fixed(spin)),
         ..CallOptions::timeout(Duration::from_secs(5))
     };
     let payload = vec![0x5au8; PAYLOAD];

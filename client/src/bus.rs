@@ -31,6 +31,7 @@ use crate::proto::{
 };
 use crate::ring::RingRef;
 use crate::sync::Ordering;
+use crate::wait::{Backoff, Seats, Spin, Waiter};
 use crate::{dirs, names};
 
 /// How a process joins the bus.
@@ -40,8 +41,9 @@ pub struct BusOptions {
     pub dir: Option<PathBuf>,
     /// Reply mailboxes, i.e. calls this connection can have in flight at once.
     pub mailboxes: u32,
-    /// How long a waiting caller spins before it sleeps on a futex (latency vs CPU).
-    pub spin: Duration,
+    /// How a waiting caller spends the time before it sleeps ([`Spin::Adaptive`] unless
+    /// this process's threads have cores of their own).
+    pub spin: Spin,
 }
 
 impl Default for BusOptions {
@@ -49,7 +51,7 @@ impl Default for BusOptions {
         BusOptions {
             dir: None,
             mailboxes: layout::DEFAULT_MAILBOXES,
-            spin: Duration::from_micros(50),
+            spin: Spin::Adaptive,
         }
     }
 }
@@ -81,8 +83,8 @@ pub struct CallOptions {
     /// Instance ids not to use.
     pub exclude: Vec<String>,
     pub selection: Selection,
-    /// Overrides the bus's spin budget for this call (`Duration::ZERO`: sleep at once).
-    pub spin: Option<Duration>,
+    /// Overrides the bus's spin policy for this call.
+    pub spin: Option<Spin>,
     /// Hops so far (set by nested calls made while handling a request: [`CallOptions::nested`]).
     pub hops: u8,
     /// More hops than this is `LoopDetected`.
@@ -1390,11 +1392,17 @@ impl BusInner {
             return Err(Error::Protocol("the instance's ring skipped our request".into()).into());
         }
         ring.notify();
-        let spin = opts.spin.unwrap_or(self.opts.spin);
+        let mut waiter = Waiter::new(
+            opts.spin.unwrap_or(self.opts.spin),
+            CALLER_BACKOFF.get(),
+            Seats::new(routed_with.shared.spin_seats()),
+        );
         // Judged against the registry this call was routed with: a broker restart swapping
         // sessions mid-call is not the instance leaving.
         let alive = || Self::instance_alive(&routed_with.registry, seg.index, seg.incarnation);
-        let (outcome, gone) = match mailbox::wait_ready(mb, gen, spin, deadline, alive) {
+        let waited = mailbox::wait_ready(mb, gen, &mut waiter, deadline, alive);
+        CALLER_BACKOFF.set(waiter.backoff);
+        let (outcome, gone) = match waited {
             Wait::Ready => (Cancel::Ready, false),
             Wait::TimedOut => (mailbox::cancel(mb, gen), false),
             Wait::TargetGone => (mailbox::cancel(mb, gen), true),
@@ -1467,6 +1475,11 @@ impl BusInner {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    /// A calling thread's learned spin budget ([`crate::wait::Backoff`]), kept across calls.
+    static CALLER_BACKOFF: std::cell::Cell<Backoff> = std::cell::Cell::new(Backoff::default());
 }
 
 /// Claims a ring slot, waiting (spin, yield, then short sleeps) while the ring is full.

@@ -23,6 +23,7 @@ use crate::proto::{
 };
 use crate::ring::{RingRef, Skip, Taken, KIND_ABORTED};
 use crate::sync::Ordering;
+use crate::wait::{Backoff, Seats, Spin, Waiter};
 
 /// How an instance registers and serves.
 #[derive(Debug, Clone)]
@@ -30,8 +31,8 @@ pub struct RegisterOptions {
     pub metadata: Vec<(String, String)>,
     /// Ring/slot sizing; the first instance of a service sets it.
     pub config: ServiceConfig,
-    /// How long an idle serving thread spins before sleeping on the ring's futex.
-    pub spin: Duration,
+    /// How an idle serving thread spends the time before it sleeps on the ring's futex.
+    pub spin: Spin,
     pub heartbeat: Heartbeat,
 }
 
@@ -40,7 +41,7 @@ impl Default for RegisterOptions {
         RegisterOptions {
             metadata: Vec::new(),
             config: ServiceConfig::default(),
-            spin: Duration::from_micros(50),
+            spin: Spin::Adaptive,
             heartbeat: Heartbeat::default(),
         }
     }
@@ -68,7 +69,7 @@ pub(crate) struct InstanceInner {
     /// Replies sent through the heap, freed once their caller has read them.
     pending: Mutex<Vec<PendingReply>>,
     max_message: u64,
-    spin: Mutex<Duration>,
+    spin: Mutex<Spin>,
     heartbeat: Heartbeat,
     stopping: AtomicBool,
     unregistered: AtomicBool,
@@ -156,8 +157,8 @@ impl Instance {
     pub fn queued(&self) -> u64 {
         self.inner.ring().len()
     }
-    /// Changes how long idle serving threads spin before they sleep.
-    pub fn set_spin(&self, spin: Duration) {
+    /// Changes how idle serving threads wait before they sleep.
+    pub fn set_spin(&self, spin: Spin) {
         *self.inner.spin.lock() = spin;
     }
 
@@ -174,6 +175,7 @@ impl Instance {
             method: String::with_capacity(MAX_METHOD),
             payload: Vec::with_capacity(self.inner.seg.layout.slot_size as usize),
             stuck_since: None,
+            waiter: Waiter::new(*self.inner.spin.lock(), Backoff::server(), Seats::none()),
         }
     }
 
@@ -526,6 +528,8 @@ pub struct Receiver<'a> {
     payload: Vec<u8>,
     /// Ring position whose slot has been claimed but unpublished since when.
     stuck_since: Option<(u64, Instant)>,
+    /// This thread's spin policy, learned budget and spin seat.
+    waiter: Waiter<'a>,
 }
 
 /// How long a slot claimed by a producer that never recorded its pid may block the ring
@@ -552,6 +556,7 @@ impl<'a> Receiver<'a> {
                 None => self.unwedge(&ring),
             };
             if let Some(t) = taken {
+                self.waiter.working();
                 let d = inst.accept(&t, &mut self.method, &mut self.payload);
                 drop(t);
                 if let Some(d) = d {
@@ -577,8 +582,11 @@ impl<'a> Receiver<'a> {
                     _ => return Ok(None),
                 }
             }
-            let spin = *inst.spin.lock();
-            ring.wait(spin, Some(wait), stopping);
+            self.waiter.policy = *inst.spin.lock();
+            // The current broker's seats (a restarted broker hands out a new shared segment).
+            self.waiter
+                .set_seats(Seats::new(inst.bus.inner.session().shared.spin_seats()));
+            ring.wait(&mut self.waiter, Some(wait), stopping);
         }
     }
 

@@ -25,7 +25,7 @@ use std::ptr;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 pub const PAGE: usize = 4096;
 
 /// Longest service name, instance id or resource id, in bytes.
@@ -693,13 +693,28 @@ pub struct RoundRobin {
 // SAFETY: repr(C), one atomic.
 unsafe impl ShmSafe for RoundRobin {}
 
+/// One spin seat (see [`crate::wait`]): the pid of the process whose thread spins in it, or
+/// 0 when free. Each on its own cache line, so a holder's stores never disturb another's.
+#[repr(C, align(64))]
+pub struct SpinSeat {
+    pub holder: AtomicU32,
+}
+// SAFETY: repr(C), one atomic.
+unsafe impl ShmSafe for SpinSeat {}
+
+/// Spin seats in the shared segment: at most this many threads of the whole bus spin at once
+/// (each process uses as many as it has cores, up to this).
+pub const SPIN_SEATS: usize = 64;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedLayout {
     pub max_services: u32,
 }
 
 impl SharedLayout {
-    const COUNTERS: usize = 64;
+    /// After the 64-byte segment header.
+    const SEATS: usize = 64;
+    const COUNTERS: usize = Self::SEATS + SPIN_SEATS * size_of::<SpinSeat>();
     pub fn total_size(&self) -> usize {
         round_up(
             Self::COUNTERS + self.max_services as usize * size_of::<RoundRobin>(),
@@ -727,6 +742,13 @@ impl SharedView {
             });
         }
         Ok(SharedView { map, layout })
+    }
+    /// The bus's spin seats.
+    pub fn spin_seats(&self) -> &[SpinSeat] {
+        let first: &SpinSeat = self.map.at(SharedLayout::SEATS);
+        // SAFETY: SPIN_SEATS consecutive seats start at SEATS, inside the mapping (the
+        // layout's total size covers them and `at` checked the first); SpinSeat is ShmSafe.
+        unsafe { std::slice::from_raw_parts(first, SPIN_SEATS) }
     }
     /// Round-robin counter of service `i` (`i` < max_services, else `None`).
     pub fn round_robin(&self, i: u32) -> Option<&RoundRobin> {
@@ -1112,6 +1134,7 @@ const _: () = {
     assert!(size_of::<ServiceEntry>() == 1216 && align_of::<ServiceEntry>() == 64);
     assert!(size_of::<InstanceEntry>() == 192 && align_of::<InstanceEntry>() == 64);
     assert!(size_of::<RoundRobin>() == 64);
+    assert!(size_of::<SpinSeat>() == 64);
     assert!(size_of::<ResourceEntry>() == 320 && align_of::<ResourceEntry>() == 64);
     assert!(RESOURCE_ID_WORDS * 8 > MAX_RESOURCE_ID);
     assert!(size_of::<InstanceCounters>() == 64);

@@ -15,7 +15,7 @@
 //!
 //! Layers, bottom up: [`sys`] (futex, memfd), [`layout`] (the shared-memory types and
 //! offsets), [`ring`] and [`mailbox`] (the lock-free core), [`proto`] (control socket),
-//! then the API: [`Bus`] and [`Instance`].
+//! [`wait`] (spin, yield or sleep), then the API: [`Bus`] and [`Instance`].
 
 pub mod bus;
 pub mod codec;
@@ -34,6 +34,7 @@ mod sync;
 pub mod sys;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
+pub mod wait;
 
 pub use bus::{Bus, BusOptions, CallInfo, CallOptions, Reply, ResourceOwner, Selection};
 pub use error::{Attempt, Error, Result, ServiceError};
@@ -44,3 +45,4 @@ pub use proto::{
     ResourceMetadata, ResourcePage, ResourceQuery, ResourceSpec, ServiceConfig, ServiceInfo,
     Transition,
 };
+pub use wait::Spin;

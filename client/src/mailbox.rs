@@ -22,8 +22,9 @@
 use std::time::{Duration, Instant};
 
 use crate::layout::MailboxHeader;
-use crate::sync::{spin_hint, AtomicU32, Ordering};
+use crate::sync::{AtomicU32, Ordering};
 use crate::sys;
+use crate::wait::{Poll, Waiter};
 
 pub const FREE: u32 = 0;
 pub const PENDING: u32 = 1;
@@ -95,6 +96,7 @@ pub fn complete(mb: &MailboxHeader, gen: u32) -> bool {
     }
     if s & WAITER != 0 {
         let _ = sys::futex_wake(&mb.state, 1);
+        crate::wait::woke_a_sleeper();
     }
     true
 }
@@ -112,35 +114,42 @@ pub enum Wait {
 /// instance that died returns within milliseconds rather than at its deadline.
 pub const LIVENESS_CHECK: Duration = Duration::from_millis(5);
 
-/// Caller: waits for `READY` of generation `gen`: spins for `spin`, then sleeps on the
-/// state word (setting the waiter bit so the instance knows to wake it).
+/// Caller: waits for `READY` of generation `gen`: spins and yields as `waiter` decides
+/// ([`crate::wait`]), then sleeps on the state word (setting the waiter bit so the instance
+/// knows to wake it), re-checking `alive()` every [`LIVENESS_CHECK`].
 pub fn wait_ready(
     mb: &MailboxHeader,
     gen: u32,
-    spin: Duration,
+    waiter: &mut Waiter<'_>,
     deadline: Instant,
     alive: impl Fn() -> bool,
 ) -> Wait {
     let ready = pack(gen, READY);
     let start = Instant::now();
-    let mut i = 0u32;
+    let poll = || {
+        let s = mb.state.load(Ordering::Acquire);
+        if s == ready {
+            Poll::Ready
+        } else if s & !WAITER == pack(gen, PENDING) {
+            Poll::NotStarted
+        } else {
+            Poll::Working
+        }
+    };
+    if waiter.spin(Some(deadline), poll) {
+        waiter.learn(start.elapsed(), true);
+        return Wait::Ready;
+    }
+    waiter.parking();
     loop {
         let s = mb.state.load(Ordering::Acquire);
         if s == ready {
+            waiter.learn(start.elapsed(), false);
             return Wait::Ready;
-        }
-        i = i.wrapping_add(1);
-        if i % 64 != 0 {
-            spin_hint();
-            continue;
         }
         let now = Instant::now();
         if now >= deadline {
             return Wait::TimedOut;
-        }
-        if now.duration_since(start) < spin {
-            spin_hint();
-            continue;
         }
         let p = phase(s);
         if gen_of(s) != gen & GEN_MASK || (p != PENDING && p != TAKEN) {
@@ -250,10 +259,15 @@ mod tests {
         let m: &'static MailboxHeader = Box::leak(mb());
         arm(m, 9);
         let t = std::thread::spawn(move || {
+            let mut w = Waiter::new(
+                crate::wait::Spin::Fixed(Duration::ZERO),
+                Default::default(),
+                crate::wait::Seats::none(),
+            );
             wait_ready(
                 m,
                 9,
-                Duration::ZERO,
+                &mut w,
                 Instant::now() + Duration::from_secs(10),
                 || true,
             )

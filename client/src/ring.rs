@@ -23,8 +23,9 @@ use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use crate::layout::{MsgHeader, RingIndices, SlotHeader};
-use crate::sync::{fence, spin_hint, Ordering};
+use crate::sync::{fence, Ordering};
 use crate::sys;
+use crate::wait::{Poll, Waiter};
 
 /// A ring seen through one process's mapping.
 #[derive(Clone, Copy)]
@@ -247,6 +248,7 @@ impl<'a> RingRef<'a> {
         if self.idx.sleepers.load(Ordering::Relaxed) > 0 {
             self.idx.wake.fetch_add(1, Ordering::Relaxed);
             let _ = sys::futex_wake(&self.idx.wake, 1);
+            crate::wait::woke_a_sleeper();
         }
     }
 
@@ -257,24 +259,28 @@ impl<'a> RingRef<'a> {
     }
 
     /// Waits until a message may be available, `stop()` says so, or `timeout` passes:
-    /// spins for `spin`, then sleeps on the futex. Returns whether a message is visible.
-    pub fn wait(&self, spin: Duration, timeout: Option<Duration>, stop: impl Fn() -> bool) -> bool {
+    /// spins and yields as `waiter` decides ([`crate::wait`]), then sleeps on the futex.
+    /// Returns whether a message is visible.
+    pub fn wait(
+        &self,
+        waiter: &mut Waiter<'_>,
+        timeout: Option<Duration>,
+        stop: impl Fn() -> bool,
+    ) -> bool {
         let start = Instant::now();
-        let mut i = 0u32;
-        while !spin.is_zero() {
-            if self.has_message() {
-                return true;
-            }
-            if stop() {
-                return false;
-            }
-            spin_hint();
-            i = i.wrapping_add(1);
-            if i % 64 == 0 && start.elapsed() >= spin {
-                break;
-            }
-        }
         let deadline = timeout.map(|t| start + t);
+        let poll = || {
+            if self.has_message() || stop() {
+                Poll::Ready
+            } else {
+                Poll::Working
+            }
+        };
+        if waiter.spin(deadline, poll) {
+            waiter.learn(start.elapsed(), true);
+            return self.has_message();
+        }
+        waiter.parking();
         loop {
             let w = self.idx.wake.load(Ordering::Acquire);
             self.idx.sleepers.fetch_add(1, Ordering::Relaxed);
@@ -282,6 +288,7 @@ impl<'a> RingRef<'a> {
             fence(Ordering::SeqCst);
             if self.has_message() || stop() {
                 self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
+                waiter.learn(start.elapsed(), false);
                 return self.has_message();
             }
             let left = match deadline {
@@ -289,6 +296,7 @@ impl<'a> RingRef<'a> {
                     Some(l) if !l.is_zero() => Some(l),
                     _ => {
                         self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
+                        waiter.learn(start.elapsed(), false);
                         return false;
                     }
                 },
@@ -297,6 +305,7 @@ impl<'a> RingRef<'a> {
             let _ = sys::futex_wait(&self.idx.wake, w, left);
             self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
             if self.has_message() {
+                waiter.learn(start.elapsed(), false);
                 return true;
             }
             if stop() {

@@ -304,42 +304,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             connect(&cli.dir)?.transfer_resources(&refs, &to_service, &to, &reason)?;
             println!("transferred {} to {to}", ids.len());
         }
-        Cmd::Bench(args) => {
-            let report = if let Some(n) = args.spawn {
-                let mut bus = private_bus::PrivateBus::start()?;
-                let mut extra = vec![];
-                let spin = args.instance_spin_us.map(|s| s.to_string());
-                if let Some(s) = &spin {
-                    extra.extend(["--spin-us", s.as_str()]);
-                }
-                let mut targets = Vec::new();
-                for i in 0..n {
-                    let id = format!("{}-{i}", args.service);
-                    let pid = bus.spawn_echo(&args.service, &id, &extra)?;
-                    if i < args.kill {
-                        targets.push((id, pid));
-                    }
-                }
-                let victims = (args.kill > 0).then(|| bench::Victims {
-                    targets,
-                    after: Duration::from_secs_f64(args.kill_after),
-                });
-                bench::run(&args, Some(bus.dir().to_owned()), victims)?
-            } else if args.kill > 0 {
-                return Err(
-                    "--kill needs --spawn (it kills instances the bench started)"
-                        .to_string()
-                        .into(),
-                );
-            } else {
-                bench::run(&args, cli.dir.clone(), None)?
-            };
-            if args.json {
-                println!("{}", serde_json::to_string(&report).unwrap());
-            } else {
-                bench::print(&report);
-            }
-        }
+        Cmd::Bench(args) => bench::command(&args, cli.dir.clone())?,
         Cmd::Demo { calls } => demo::run(calls)?,
         Cmd::Broker { args } => {
             use clap::Parser as _;

@@ -26,7 +26,8 @@ pub struct ServeArgs {
     /// Wait this long before each reply (simulates a slow instance).
     #[arg(long, default_value_t = 0)]
     pub delay_ms: u64,
-    /// Microseconds an idle serving thread spins before sleeping.
+    /// Microseconds an idle serving thread spins before sleeping (0 = sleep at once);
+    /// without it, the adaptive policy decides.
     #[arg(long)]
     pub spin_us: Option<u64>,
     /// Inline request bytes per ring slot (first instance of a service sets it).
@@ -78,7 +79,7 @@ pub fn run(dir: &Option<PathBuf>, a: &ServeArgs) -> Result<(), CliError> {
         ..Default::default()
     };
     if let Some(s) = a.spin_us {
-        opts.spin = Duration::from_micros(s);
+        opts.spin = aegis_client::Spin::Fixed(Duration::from_micros(s));
     }
     opts.heartbeat = Heartbeat {
         interval_ms: a.heartbeat_interval_ms,

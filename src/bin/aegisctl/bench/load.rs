@@ -3,64 +3,36 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use aegis_client::{Bus, BusOptions, CallOptions};
+use aegis_client::{Bus, BusOptions, CallOptions, Spin};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
-    /// Service to call.
-    #[arg(long, default_value = "echo")]
+/// One load run, every parameter resolved (from flags, a scenario, or the matrix).
+#[derive(Debug, Clone)]
+pub struct Load {
     pub service: String,
-    #[arg(long, default_value = "bench")]
     pub method: String,
     /// Client threads, each with its own bus connection.
-    #[arg(long, default_value_t = 1)]
     pub clients: usize,
-    /// Total calls per second over all clients (open loop); omit for closed loop.
-    #[arg(long)]
+    /// Total calls per second over all clients (open loop); `None`: closed loop.
     pub rate: Option<f64>,
-    /// Seconds to run.
-    #[arg(long, default_value_t = 5.0)]
-    pub duration: f64,
+    pub duration: Duration,
     /// Calls per client instead of a duration.
-    #[arg(long)]
     pub count: Option<u64>,
-    /// Request payload size in bytes.
-    #[arg(long, default_value_t = 1024)]
     pub payload: usize,
-    /// Per-call timeout in milliseconds.
-    #[arg(long, default_value_t = 5000)]
-    pub timeout_ms: u64,
-    /// Microseconds a waiting caller spins before sleeping (0 = sleep at once).
-    #[arg(long)]
-    pub spin_us: Option<u64>,
-    /// Check that every reply equals its request (against an echo service).
-    #[arg(long)]
+    pub timeout: Duration,
+    pub spin: Spin,
     pub verify: bool,
-    /// Start a private broker with this many echo instances and bench against it.
-    #[arg(long)]
-    pub spawn: Option<usize>,
-    /// Mark calls idempotent: one an instance took but never answered (it died) may be
-    /// retried on another instance.
-    #[arg(long)]
     pub idempotent: bool,
-    /// With --spawn: SIGKILL this many of the instances during the run.
-    #[arg(long, default_value_t = 0)]
-    pub kill: usize,
-    /// Seconds into the run at which --kill strikes.
-    #[arg(long, default_value_t = 2.0)]
-    pub kill_after: f64,
-    /// With --spawn: microseconds the instances spin before sleeping.
-    #[arg(long)]
-    pub instance_spin_us: Option<u64>,
-    #[arg(long)]
-    pub json: bool,
+    /// Open loop: the rate climbs linearly from zero to `rate` over this long.
+    pub ramp_up: Duration,
+    /// Start the clock at this wall-clock time (several worker processes start together).
+    pub start_at: Option<SystemTime>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize, Default)]
 pub struct BenchReport {
     pub p50_us: f64,
     pub p90_us: f64,
@@ -83,9 +55,46 @@ pub struct BenchReport {
     pub send_lag_p99_us: f64,
     /// Instances killed during the run and how long until each left routing.
     pub killed: Vec<KillReport>,
+    /// `--scenario`: its name, the seed's p99 target, and whether every check passed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pass: Option<bool>,
+    /// Each check of the scenario: what, the seed's target, what was measured.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub checks: Vec<Check>,
+    /// Worker processes (`--processes`).
+    pub processes: usize,
+    /// Resident memory of the bus's processes at the start and end (`--scenario soak`).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub rss: Vec<RssReport>,
+    /// A worker's raw latency histogram, `(nanoseconds, count)` pairs, for the parent of
+    /// `--processes` to merge. Not printed.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub hist_ns: Vec<(u64, u64)>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub lag_ns: Vec<(u64, u64)>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct Check {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    pub pass: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct RssReport {
+    pub process: String,
+    pub pid: u32,
+    pub start_kib: u64,
+    pub end_kib: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct KillReport {
     pub instance: String,
     pub pid: u32,
@@ -109,51 +118,44 @@ struct ClientResult {
     first_error: Option<String>,
 }
 
-fn new_hist() -> Histogram<u64> {
+/// A histogram with the bench's bounds (1 ns .. 120 s, 3 significant digits).
+pub fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid bounds")
 }
 
 pub fn run(
-    args: &BenchArgs,
+    load: &Load,
     dir: Option<std::path::PathBuf>,
     victims: Option<Victims>,
 ) -> Result<BenchReport, String> {
-    if args.clients == 0 {
-        return Err("--clients must be at least 1".into());
-    }
-    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err("--rate must be a positive number of calls per second".into());
-    }
-    if args.verify && args.payload < 16 {
-        return Err("--verify needs --payload of at least 16 bytes".into());
-    }
-    let interval = args
+    let interval = load
         .rate
-        .map(|r| Duration::from_secs_f64(args.clients as f64 / r));
+        .map(|r| Duration::from_secs_f64(load.clients as f64 / r));
     let opts = BusOptions {
         dir,
-        spin: args
-            .spin_us
-            .map_or(BusOptions::default().spin, Duration::from_micros),
+        spin: load.spin,
         ..Default::default()
     };
     // Connect every client before the clock starts.
-    let buses = (0..args.clients)
+    let buses = (0..load.clients)
         .map(|_| Bus::connect_with(opts.clone()).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let call_opts = CallOptions {
-        idempotent: args.idempotent,
-        ..CallOptions::timeout(Duration::from_millis(args.timeout_ms))
+        idempotent: load.idempotent,
+        ..CallOptions::timeout(load.timeout)
     };
     let watcher = Bus::connect_with(opts.clone()).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now() + Duration::from_millis(20);
-    let end = start + Duration::from_secs_f64(args.duration);
+    let start = match load.start_at {
+        Some(at) => Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default(),
+        None => Instant::now() + Duration::from_millis(20),
+    };
+    let end = start + load.duration;
     let mut killed = Vec::new();
     let results: Vec<ClientResult> = std::thread::scope(|s| {
         if let Some(v) = &victims {
             let (watcher, killed) = (&watcher, &mut killed);
-            s.spawn(move || *killed = kill_and_time(watcher, &args.service, v, start));
+            s.spawn(move || *killed = kill_and_time(watcher, &load.service, v, start));
         }
         let handles: Vec<_> = buses
             .into_iter()
@@ -164,11 +166,11 @@ pub fn run(
                 s.spawn(move || {
                     // Stagger open-loop clients evenly over one interval.
                     let offset = interval.map_or(Duration::ZERO, |iv| {
-                        iv.mul_f64(ci as f64 / args.clients as f64)
+                        iv.mul_f64(ci as f64 / load.clients as f64)
                     });
                     client_loop(
                         &bus,
-                        args,
+                        load,
                         ci as u64,
                         &call_opts,
                         start + offset,
@@ -197,35 +199,62 @@ pub fn run(
         mismatched += r.mismatched;
         first_error = first_error.or(r.first_error);
     }
-    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
-    Ok(BenchReport {
-        p50_us: q(0.50),
-        p90_us: q(0.90),
-        p99_us: q(0.99),
-        p999_us: q(0.999),
-        max_us: hist.max() as f64 / 1000.0,
+    let elapsed = elapsed.max(1e-9);
+    let mut report = BenchReport {
         sent,
         ok,
         errors,
         mismatched,
-        clients: args.clients,
-        payload: args.payload,
-        mode: match args.rate {
+        clients: load.clients,
+        payload: load.payload,
+        mode: match load.rate {
             Some(r) => format!("open loop, {r} calls/s"),
             None => "closed loop".into(),
         },
         elapsed_s: elapsed,
-        calls_per_s: ok as f64 / elapsed.max(1e-9),
+        calls_per_s: ok as f64 / elapsed,
         first_error,
         killed,
-        send_lag_p50_us: lag.value_at_quantile(0.5) as f64 / 1000.0,
-        send_lag_p99_us: lag.value_at_quantile(0.99) as f64 / 1000.0,
-    })
+        processes: 1,
+        ..Default::default()
+    };
+    report.set_latencies(&hist, &lag);
+    report.hist_ns = hist_pairs(&hist);
+    report.lag_ns = hist_pairs(&lag);
+    Ok(report)
+}
+
+impl BenchReport {
+    /// Fills the percentile fields from the histograms.
+    pub fn set_latencies(&mut self, hist: &Histogram<u64>, lag: &Histogram<u64>) {
+        let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+        self.p50_us = q(0.50);
+        self.p90_us = q(0.90);
+        self.p99_us = q(0.99);
+        self.p999_us = q(0.999);
+        self.max_us = hist.max() as f64 / 1000.0;
+        self.send_lag_p50_us = lag.value_at_quantile(0.5) as f64 / 1000.0;
+        self.send_lag_p99_us = lag.value_at_quantile(0.99) as f64 / 1000.0;
+    }
+}
+
+/// A histogram as `(value, count)` pairs (for a worker process to hand to its parent).
+pub fn hist_pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Adds `(value, count)` pairs into `h`.
+pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
+    for &(v, n) in pairs {
+        let _ = h.record_n(v.max(1), n);
+    }
 }
 
 /// At `start + after`, SIGKILLs the victims and measures how long until each has left the
 /// routing view (waiting on the service's generation futex, not polling).
-fn kill_and_time(watcher: &Bus, service: &str, v: &Victims, start: Instant) -> Vec<KillReport> {
+pub fn kill_and_time(watcher: &Bus, service: &str, v: &Victims, start: Instant) -> Vec<KillReport> {
     let at = start + v.after;
     if let Some(d) = at.checked_duration_since(Instant::now()) {
         std::thread::sleep(d); // a scheduled fault, not a wait for a condition
@@ -270,7 +299,7 @@ fn kill_and_time(watcher: &Bus, service: &str, v: &Victims, start: Instant) -> V
 #[allow(clippy::too_many_arguments)]
 fn client_loop(
     bus: &Bus,
-    args: &BenchArgs,
+    args: &Load,
     client: u64,
     opts: &CallOptions,
     first: Instant,
@@ -336,13 +365,23 @@ fn client_loop(
             }
         }
         if let Some(iv) = interval {
-            intended += iv;
+            // During the ramp-up the rate climbs linearly from (nearly) zero.
+            let ramp = args.ramp_up.as_secs_f64();
+            let frac = if ramp > 0.0 {
+                (intended.saturating_duration_since(first).as_secs_f64() / ramp).clamp(0.02, 1.0)
+            } else {
+                1.0
+            };
+            intended += iv.div_f64(frac);
         }
     }
     r
 }
 
 pub fn print(r: &BenchReport) {
+    if let Some(name) = &r.scenario {
+        println!("scenario    {name}");
+    }
     println!(
         "mode        {} · {} clients · {} B payload",
         r.mode, r.clients, r.payload
@@ -371,7 +410,33 @@ pub fn print(r: &BenchReport) {
             k.instance, k.pid, k.left_routing_ms
         );
     }
+    if r.processes > 1 {
+        println!("processes   {} (clients and rate are totals)", r.processes);
+    }
+    for m in &r.rss {
+        println!(
+            "rss         {} (pid {}) {} KiB -> {} KiB",
+            m.process, m.pid, m.start_kib, m.end_kib
+        );
+    }
     if let Some(e) = &r.first_error {
         println!("first error {e}");
+    }
+    if let Some(name) = &r.scenario {
+        for c in &r.checks {
+            println!(
+                "check       {:<5} {}: {} (seed target {})",
+                if c.pass { "ok" } else { "FAIL" },
+                c.what,
+                c.measured,
+                c.target
+            );
+        }
+        let pass = r.pass == Some(true);
+        println!(
+            "verdict     {} scenario {}",
+            name,
+            if pass { "PASSED" } else { "FAILED" }
+        );
     }
 }
