@@ -205,7 +205,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                 Request::OpenInstance {
                     instance,
                     incarnation,
-                } => st.open_instance(instance, incarnation),
+                } => st.open_instance(id, instance, incarnation),
                 Request::OpenClient { client, gen } => st.open_client(id, peer, client, gen),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),
@@ -392,7 +392,11 @@ async fn read_request(stream: &mut UnixStream) -> std::io::Result<Option<(Reques
     while got < 4 {
         let n = stream
             .async_io(Interest::READABLE, || {
-                proto::recv_with_fds(stream.as_fd(), &mut hdr[got..], &mut fds)
+                proto::recv_with_fds::<{ proto::MAX_FDS }>(
+                    stream.as_fd(),
+                    &mut hdr[got..],
+                    &mut fds,
+                )
             })
             .await?;
         if n == 0 {

@@ -12,7 +12,7 @@ use aegis_client::layout::{
     self, ClientLayout, ClientSeg, InstanceLayout, InstanceSeg, Mapping, RegistryLayout,
     RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
 };
-use aegis_client::proto::{Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo};
+use aegis_client::proto::{self, Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo};
 use aegis_client::ring;
 use aegis_client::{names, sys};
 
@@ -109,6 +109,9 @@ pub struct State {
     pub(crate) liveness: crate::liveness::Watch,
     clients: Vec<Option<ClientRec>>,
     ids: Identities,
+    /// Callers to hand a serving connection with its next `OpenClient` reply: the clients
+    /// that opened one of its instances since (see `Response::OpenedClients`).
+    introductions: HashMap<ConnId, std::collections::HashSet<(u32, u32)>>,
 }
 
 /// A response plus the descriptors that travel with it.
@@ -159,6 +162,7 @@ impl State {
             instances: (0..cfg.max_instances).map(|_| None).collect(),
             clients: (0..cfg.max_clients).map(|_| None).collect(),
             ids,
+            introductions: HashMap::new(),
             by_name: HashMap::new(),
             resources: Default::default(),
             liveness: Default::default(),
@@ -616,21 +620,57 @@ impl State {
         let _ = sys::futex_wake(g, u32::MAX);
     }
 
-    pub fn open_instance(&self, index: u32, incarnation: u64) -> Reply {
-        match self.instances.get(index as usize).and_then(Option::as_ref) {
-            Some(r) if r.incarnation == incarnation => match dup(&r.fd) {
-                Ok(fd) => (Response::Opened, vec![fd]),
-                Err(e) => err(WireError::Internal(e.to_string())),
-            },
-            _ => err(WireError::NoAvailableInstance {
+    /// A caller opens instance `index`: it gets that segment and those of the other
+    /// instances of the same service (one round trip per service, not per instance), and
+    /// each of their serving connections will be handed the caller's segment with its next
+    /// `OpenClient`.
+    pub fn open_instance(&mut self, conn: ConnId, index: u32, incarnation: u64) -> Reply {
+        let Some(first) = self
+            .instances
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .filter(|r| r.incarnation == incarnation)
+        else {
+            return err(WireError::NoAvailableInstance {
                 service: format!("(instance #{index} has left)"),
-            }),
+            });
+        };
+        let members = self.services[first.service as usize]
+            .as_ref()
+            .map(|s| s.members.clone())
+            .unwrap_or_default();
+        let batch = std::iter::once(index)
+            .chain(members.into_iter().filter(|&m| m != index))
+            .take(proto::OPEN_BATCH);
+        let caller = self.clients.iter().enumerate().find_map(|(i, c)| {
+            c.as_ref()
+                .filter(|c| c.conn == conn)
+                .map(|c| (i as u32, c.gen))
+        });
+        let (mut opened, mut fds) = (Vec::new(), Vec::new());
+        for i in batch {
+            let Some(r) = self.instances[i as usize].as_ref() else {
+                continue;
+            };
+            match dup(&r.fd) {
+                Ok(fd) => fds.push(fd),
+                Err(e) if i == index => return err(WireError::Internal(e.to_string())),
+                Err(_) => continue,
+            }
+            opened.push((i, r.incarnation));
+            if let Some(c) = caller {
+                for owner in &r.owners {
+                    self.introductions.entry(*owner).or_default().insert(c);
+                }
+            }
         }
+        (Response::OpenedInstances(opened), fds)
     }
 
     /// An instance asks for a caller's segment, to write replies into its mailboxes. Only
-    /// a connection that serves an instance may have it.
-    pub fn open_client(&self, conn: ConnId, peer: Peer, client: u32, gen: u32) -> Reply {
+    /// a connection that serves an instance may have it. The callers that have opened this
+    /// connection's instances since its last ask come along (up to a batch).
+    pub fn open_client(&mut self, conn: ConnId, peer: Peer, client: u32, gen: u32) -> Reply {
         let serves = self
             .instances
             .iter()
@@ -641,15 +681,35 @@ impl State {
                 "only a process serving an instance may open a caller's mailboxes".into(),
             ));
         }
-        match self.client_by_ident(client, gen) {
-            Some(c) => match dup(&c.fd) {
-                Ok(fd) => (Response::Opened, vec![fd]),
-                Err(e) => err(WireError::Internal(e.to_string())),
-            },
-            _ => err(WireError::BadRequest(format!(
+        let Some(c) = self.client_by_ident(client, gen) else {
+            return err(WireError::BadRequest(format!(
                 "client #{client}/{gen} is not connected"
-            ))),
+            )));
+        };
+        let fd = match dup(&c.fd) {
+            Ok(fd) => fd,
+            Err(e) => return err(WireError::Internal(e.to_string())),
+        };
+        let (mut opened, mut fds) = (vec![(client, gen)], vec![fd]);
+        let mut more = Vec::new();
+        if let Some(pending) = self.introductions.get_mut(&conn) {
+            pending.remove(&(client, gen));
+            more.extend(pending.iter().copied().take(proto::OPEN_BATCH - 1));
+            for id in &more {
+                pending.remove(id);
+            }
         }
+        for id in more {
+            // A caller that has left since is simply not introduced.
+            let Some(c) = self.client_by_ident(id.0, id.1) else {
+                continue;
+            };
+            if let Ok(fd) = dup(&c.fd) {
+                opened.push(id);
+                fds.push(fd);
+            }
+        }
+        (Response::OpenedClients(opened), fds)
     }
 
     /// The connected client that goes by `(index, gen)`, now or (having resumed into
@@ -719,6 +779,7 @@ impl State {
 
     /// A control connection closed: its registrations and its client segment go with it.
     pub fn disconnect(&mut self, conn: ConnId) {
+        self.introductions.remove(&conn);
         let mut gone = Vec::new();
         for (i, r) in self.instances.iter_mut().enumerate() {
             if let Some(r) = r {

@@ -1232,18 +1232,34 @@ impl BusInner {
             instance: index,
             incarnation,
         })?;
-        if !matches!(resp, Response::Opened) {
-            return Err(Error::Protocol(format!("expected Opened, got {resp:?}")));
+        let Response::OpenedInstances(ids) = resp else {
+            return Err(Error::Protocol(format!(
+                "expected OpenedInstances, got {resp:?}"
+            )));
+        };
+        let fds = expect_fds(fds, ids.len(), "OpenInstance")?;
+        let epoch = self.session().epoch;
+        let mut asked = None;
+        let mut map = self.instances.write();
+        for ((i, inc), fd) in ids.into_iter().zip(fds) {
+            let seg = match InstanceSeg::open(&fd, epoch, i, inc) {
+                Ok(s) => Arc::new(s),
+                // Only the one asked for must open; the others are a courtesy.
+                Err(e) if i == index => return Err(e.into()),
+                Err(_) => continue,
+            };
+            if i == index && inc == incarnation {
+                asked = Some(seg.clone());
+            } else if map.get(&i).is_some_and(|s| s.incarnation == inc) {
+                continue;
+            }
+            map.insert(i, seg);
         }
-        let fds = expect_fds(fds, 1, "OpenInstance")?;
-        let seg = Arc::new(InstanceSeg::open(
-            &fds[0],
-            self.session().epoch,
-            index,
-            incarnation,
-        )?);
-        self.instances.write().insert(index, seg.clone());
-        Ok(seg)
+        asked.ok_or_else(|| {
+            Error::Protocol(format!(
+                "OpenInstance: the broker did not send instance #{index}"
+            ))
+        })
     }
 
     /// The mapped segment of a client that sent us a request.
@@ -1284,18 +1300,38 @@ impl BusInner {
         }
     }
 
+    /// Asks the broker for caller `(index, gen)`'s segment; other callers that have
+    /// opened our instances since the last ask come with it and are mapped too.
     fn open_client(&self, index: u32, gen: u32) -> Result<Arc<ClientSeg>> {
         let (resp, fds) = self
             .control
             .lock()
             .request(&Request::OpenClient { client: index, gen })?;
-        if !matches!(resp, Response::Opened) {
-            return Err(Error::Protocol(format!("expected Opened, got {resp:?}")));
+        let Response::OpenedClients(ids) = resp else {
+            return Err(Error::Protocol(format!(
+                "expected OpenedClients, got {resp:?}"
+            )));
+        };
+        let fds = expect_fds(fds, ids.len(), "OpenClient")?;
+        let epoch = self.session().epoch;
+        let mut asked = None;
+        let mut map = self.clients.write();
+        for ((i, g), fd) in ids.into_iter().zip(fds) {
+            let seg = match ClientSeg::open(&fd, epoch, i, g) {
+                Ok(s) => Arc::new(s),
+                Err(e) if (i, g) == (index, gen) => return Err(e.into()),
+                Err(_) => continue,
+            };
+            if (i, g) == (index, gen) {
+                asked = Some(seg.clone());
+            }
+            map.insert(i, seg);
         }
-        let fds = expect_fds(fds, 1, "OpenClient")?;
-        let seg = Arc::new(ClientSeg::open(&fds[0], self.session().epoch, index, gen)?);
-        self.clients.write().insert(index, seg.clone());
-        Ok(seg)
+        asked.ok_or_else(|| {
+            Error::Protocol(format!(
+                "OpenClient: the broker did not send client #{index}/{gen}"
+            ))
+        })
     }
 
     pub(crate) fn control(&self) -> parking_lot::MutexGuard<'_, ControlConn> {

@@ -67,8 +67,12 @@ impl ControlConn {
         let mut got = 0;
         let mut fds = Vec::new();
         while got < 4 {
-            let n = proto::recv_with_fds(self.stream.as_fd(), &mut hdr[got..], &mut fds)
-                .map_err(|e| self.lost(e))?;
+            let n = proto::recv_with_fds::<{ proto::OPEN_BATCH }>(
+                self.stream.as_fd(),
+                &mut hdr[got..],
+                &mut fds,
+            )
+            .map_err(|e| self.lost(e))?;
             if n == 0 {
                 return Err(self.lost("the broker closed the control connection"));
             }

@@ -16,9 +16,13 @@ use crate::error::WireError;
 use crate::layout::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const MAX_FRAME: usize = 1 << 20;
+/// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
+/// Segments the broker hands out with one `OpenInstance`/`OpenClient` reply (and so the
+/// descriptors a client accepts with one response).
+pub const OPEN_BATCH: usize = 60;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
@@ -122,6 +126,15 @@ pub enum Response {
     },
     /// With one descriptor: the segment asked for.
     Opened,
+    /// Instance segments, one descriptor each, the one asked for first: the other
+    /// routable instances of its service come along, so a caller opens a service in one
+    /// round trip rather than one per instance.
+    OpenedInstances(Vec<(u32, u64)>),
+    /// Client segments `(index, gen)`, one descriptor each, the one asked for first: with it
+    /// come the callers that have opened this process's instances since its last
+    /// `OpenClient`, so an instance facing a thousand new callers asks a few times, not a
+    /// thousand (each ask stalls its serving thread).
+    OpenedClients(Vec<(u32, u32)>),
     Done,
     Services(Vec<ServiceInfo>),
     Service(ServiceInfo),
@@ -322,12 +335,15 @@ pub fn send_with_fds(
 
 /// One `recvmsg` into `buf`; received descriptors are appended to `fds`. Returns the bytes
 /// read (0 at end of stream).
-pub fn recv_with_fds(
+///
+/// At most `N` descriptors are accepted; a message with more is an error (and the kernel
+/// closes the excess).
+pub fn recv_with_fds<const N: usize>(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut space = nix::cmsg_space!([RawFd; N]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),

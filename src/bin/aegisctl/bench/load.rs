@@ -365,17 +365,23 @@ fn client_loop(
             }
         }
         if let Some(iv) = interval {
-            // During the ramp-up the rate climbs linearly from (nearly) zero.
-            let ramp = args.ramp_up.as_secs_f64();
-            let frac = if ramp > 0.0 {
-                (intended.saturating_duration_since(first).as_secs_f64() / ramp).clamp(0.02, 1.0)
-            } else {
-                1.0
-            };
-            intended += iv.div_f64(frac);
+            intended = first + schedule(r.sent as f64, iv, args.ramp_up);
         }
     }
     r
+}
+
+/// When a client's call number `n` (from 0) is due, relative to its first: every `iv` at
+/// full rate; during a ramp-up of `ramp` the rate climbs linearly from zero, so the calls
+/// due by time `t < ramp` are `t² / (2 · ramp · iv)`.
+fn schedule(n: f64, iv: Duration, ramp: Duration) -> Duration {
+    let (iv, ramp) = (iv.as_secs_f64(), ramp.as_secs_f64());
+    let in_ramp = ramp / (2.0 * iv);
+    Duration::from_secs_f64(if n < in_ramp {
+        (2.0 * ramp * iv * n).sqrt()
+    } else {
+        n * iv + ramp / 2.0
+    })
 }
 
 pub fn print(r: &BenchReport) {
