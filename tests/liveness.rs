@@ -650,3 +650,83 @@ fn exit_detection_by_polling_tells_a_recycled_pid_from_the_registered_process() 
     let h = client.health(Some("poll")).unwrap();
     assert_eq!(h[0].status, Status::Offline);
 }
+
+#[test]
+fn a_stopped_instance_s_untaken_request_is_withdrawn_answered_elsewhere_and_never_run() {
+    let bus = TestBus::start();
+    // A heartbeat timeout far beyond the test: only the stall bound can move calls away.
+    let hb = [
+        "--heartbeat-interval-ms",
+        "1000",
+        "--heartbeat-timeout-ms",
+        "120000",
+    ];
+    let a = bus.serve("stall", "a", &hb);
+    let _b = bus.serve("stall", "b", &hb);
+    let client = bus.connect();
+    // An attempt timeout the test would notice: without the withdrawal, a request left in
+    // the stopped instance's ring would wait 30 s before going elsewhere.
+    let opts = CallOptions {
+        stall_bound: Duration::from_millis(50),
+        attempt_timeout: Duration::from_secs(30),
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let served = |id: &str| {
+        let info = client.service("stall").unwrap();
+        let i = info.instances.iter().find(|i| i.id == id).unwrap().clone();
+        (i.requests_served, i.queued)
+    };
+    // Both instances answer (and this client's segments are mapped on both sides).
+    let mut by = std::collections::HashMap::new();
+    for _ in 0..4 {
+        let r = client.call("stall", "m", b"warm", &opts).unwrap();
+        *by.entry(r.instance_id).or_insert(0u64) += 1;
+    }
+    assert_eq!((by["a"], by["b"]), (2, 2), "round-robin over both");
+    kill(a.pid(), libc::SIGSTOP);
+    for i in 0..20u32 {
+        let payload = format!("call {i}");
+        let t = Instant::now();
+        let r = client
+            .call("stall", "m", payload.as_bytes(), &opts)
+            .unwrap();
+        assert_eq!(r.instance_id, "b");
+        assert_eq!(r.payload, payload.as_bytes());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "call {i} waited {:?}: it was not withdrawn from the stopped instance",
+            t.elapsed()
+        );
+    }
+    // Exactly one request reached the stopped instance's ring; every later call avoided it.
+    assert_eq!(served("a"), (2, 1));
+    kill(a.pid(), libc::SIGCONT);
+    support::wait_for("the resumed instance to drain its ring", || {
+        served("a").1 == 0
+    });
+    // The withdrawn request was taken off the ring but never run (nothing answered it),
+    // and each of the 20 ran once, on b.
+    assert_eq!(served("a"), (2, 0));
+    assert_eq!(served("b").0, 2 + 20);
+    // Moving again, the instance is routed to again.
+    let ids: Vec<String> = (0..4)
+        .map(|_| client.call("stall", "m", b"x", &opts).unwrap().instance_id)
+        .collect();
+    assert!(ids.iter().any(|i| i == "a"), "{ids:?}");
+}
+
+#[test]
+fn a_zero_stall_bound_is_refused_by_name() {
+    let bus = TestBus::start();
+    let _a = bus.serve("stall0", "a", &[]);
+    let client = bus.connect();
+    let opts = CallOptions {
+        stall_bound: Duration::ZERO,
+        ..Default::default()
+    };
+    match client.call("stall0", "m", b"x", &opts) {
+        Err(Error::BadRequest(m)) => assert!(m.contains("stall_bound"), "{m}"),
+        other => panic!("expected BadRequest, got {other:?}"),
+    }
+}

@@ -25,7 +25,7 @@ use crate::layout::{
     self, ClientSeg, InstanceSeg, MsgHeader, RegistryView, ServiceEntry, SharedView, Status,
     MAX_MEMBERS, PAYLOAD_HEAP, PAYLOAD_INLINE,
 };
-use crate::mailbox::{self, Cancel, Wait};
+use crate::mailbox::{self, Cancel, Target, Wait};
 use crate::proto::{
     self, BulkOptions, BulkReport, Request, ResourcePage, ResourceQuery, Response, ServiceInfo,
 };
@@ -67,6 +67,10 @@ pub enum Selection {
     Preferred(String),
 }
 
+/// Default [`CallOptions::stall_bound`]: four liveness checks of a sleeping caller, far
+/// below the heartbeat timeout that would otherwise take a stuck instance out of routing.
+pub const DEFAULT_STALL_BOUND: Duration = Duration::from_millis(20);
+
 /// Per-call options. Defaults follow the seed: 5 s per attempt, 15 s in all, up to 3
 /// instances.
 #[derive(Debug, Clone)]
@@ -91,6 +95,12 @@ pub struct CallOptions {
     pub max_hops: u8,
     /// Trace id carried to the instance; `None` makes a fresh one.
     pub trace_id: Option<u64>,
+    /// How long an instance may make no progress while our request waits in its ring,
+    /// untaken, before the request is withdrawn and sent to another instance (it never
+    /// ran, so this is safe without `idempotent`). Calls from this process then avoid the
+    /// instance until it moves again. Calls by resource id wait instead (only the owner
+    /// can answer them).
+    pub stall_bound: Duration,
 }
 
 impl Default for CallOptions {
@@ -106,6 +116,7 @@ impl Default for CallOptions {
             hops: 0,
             max_hops: 8,
             trace_id: None,
+            stall_bound: DEFAULT_STALL_BOUND,
         }
     }
 }
@@ -347,6 +358,10 @@ pub(crate) struct BusInner {
     /// Consecutive timeouts per (instance, incarnation), and how many entries (fast check).
     timeouts: Mutex<HashMap<(u32, u64), u32>>,
     timeouts_pending: AtomicUsize,
+    /// Instances seen stalled: index -> (incarnation, progress word when seen). Avoided by
+    /// routing until the word moves. With its size, for the fast path.
+    stalled: Mutex<HashMap<u32, (u64, u64)>>,
+    stalled_pending: AtomicUsize,
 }
 
 /// Wakes this process's threads waiting on `sess`'s registry words (`watch`,
@@ -417,6 +432,8 @@ impl Bus {
                 trace_seq: StdAtomicU64::new(0),
                 timeouts: Mutex::new(HashMap::new()),
                 timeouts_pending: AtomicUsize::new(0),
+                stalled: Mutex::new(HashMap::new()),
+                stalled_pending: AtomicUsize::new(0),
             }),
         };
         crate::reconnect::spawn_supervisor(&bus.inner, watch, stop_watch)?;
@@ -515,7 +532,7 @@ impl Bus {
         let start = Instant::now();
         names::service(service)?;
         names::method(method)?;
-        check_hops(opts)?;
+        check_options(opts)?;
         let inner = &*self.inner;
         let no_instance = || Error::NoAvailableInstance {
             service: service.to_owned(),
@@ -532,7 +549,13 @@ impl Bus {
                 tried.contains(&m)
                     || (!opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m)))
             };
-            let Some(target) = sess.pick(svc_idx, svc, &opts.selection, skip) else {
+            // Instances seen stalled are avoided while another one is routable.
+            let target = sess
+                .pick(svc_idx, svc, &opts.selection, |m| {
+                    skip(m) || inner.seen_stalled(m)
+                })
+                .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip));
+            let Some(target) = target else {
                 return Err(if attempts.is_empty() {
                     no_instance()
                 } else {
@@ -545,7 +568,8 @@ impl Bus {
             };
             let t = Instant::now();
             let deadline = (t + opts.attempt_timeout).min(total);
-            let failed = match inner.attempt(sess, target, method, payload, opts, deadline, out) {
+            let attempt = inner.attempt(sess, target, method, payload, opts, deadline, true, out);
+            let failed = match attempt {
                 Ok(()) => {
                     inner.note_success(target);
                     return Ok(target);
@@ -642,7 +666,7 @@ impl Bus {
             .read(|| (svc.max_message.load(Ordering::Relaxed), svc.name.load()));
         let service = std::str::from_utf8(&name[..len]).unwrap_or("?");
         check_size(service, payload, max)?;
-        check_hops(opts)?;
+        check_options(opts)?;
         let deadline = start + opts.timeout.min(opts.attempt_timeout);
         match inner.attempt(
             inner.session(),
@@ -651,6 +675,7 @@ impl Bus {
             payload,
             opts,
             deadline,
+            false,
             out,
         ) {
             Ok(()) => Ok(target),
@@ -948,6 +973,16 @@ pub const RESTART_BRIDGE: Duration = Duration::from_secs(5);
 /// Consecutive timeouts after which a caller reports an instance unhealthy.
 const UNHEALTHY_AFTER_TIMEOUTS: u32 = 3;
 
+/// Rejects options no call can honour.
+fn check_options(opts: &CallOptions) -> Result<()> {
+    if opts.stall_bound.is_zero() {
+        return Err(Error::BadRequest(
+            "stall_bound must be longer than zero (it is how long an instance may leave a request untaken before it is sent elsewhere)".into(),
+        ));
+    }
+    check_hops(opts)
+}
+
 fn check_hops(opts: &CallOptions) -> Result<()> {
     if opts.hops > opts.max_hops {
         return Err(Error::LoopDetected {
@@ -1079,7 +1114,8 @@ impl BusInner {
         self.control_changed.notify_all();
     }
 
-    /// One attempt on one instance.
+    /// One attempt on one instance. With `withdraw`, a request the instance leaves
+    /// untaken for the stall bound is withdrawn (`NotDelivered`).
     #[allow(clippy::too_many_arguments)]
     fn attempt(
         &self,
@@ -1089,10 +1125,43 @@ impl BusInner {
         payload: &[u8],
         opts: &CallOptions,
         deadline: Instant,
+        withdraw: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let seg = self.instance_seg(target.instance, target.incarnation)?;
-        self.send_and_wait(sess, &seg, method, payload, opts, deadline, out)
+        let stall = withdraw.then_some(opts.stall_bound);
+        self.send_and_wait(sess, &seg, method, payload, opts, deadline, stall, out)
+    }
+
+    /// Whether instance `index` was seen stalled and its progress word has not moved since.
+    fn seen_stalled(&self, index: u32) -> bool {
+        if self
+            .stalled_pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            return false;
+        }
+        let mut st = self.stalled.lock();
+        let Some(&(inc, progress)) = st.get(&index) else {
+            return false;
+        };
+        let still = self.instances.read().get(&index).is_some_and(|seg| {
+            seg.incarnation == inc && seg.counters().progress.load(Ordering::Relaxed) == progress
+        });
+        if !still {
+            st.remove(&index);
+            self.stalled_pending
+                .store(st.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        still
+    }
+
+    fn note_stalled(&self, seg: &InstanceSeg, progress: u64) {
+        let mut st = self.stalled.lock();
+        st.insert(seg.index, (seg.incarnation, progress));
+        self.stalled_pending
+            .store(st.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A handler's error as the caller sees it (400 is the caller's `BadRequest`).
@@ -1356,6 +1425,7 @@ impl BusInner {
         payload: &[u8],
         opts: &CallOptions,
         deadline: Instant,
+        stall: Option<Duration>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
@@ -1397,10 +1467,17 @@ impl BusInner {
             this.pool.put(mb_idx);
         };
         mailbox::arm(mb, gen);
-        let Some(mut claim) = claim_slot(&ring, self.pid, deadline) else {
+        let mut watch = stall.map(|bound| StallWatch::new(seg, bound));
+        let Some(mut claim) = claim_slot(&ring, self.pid, deadline, &mut watch) else {
             mailbox::release(mb, gen);
             finish(self);
-            return Err(Failed::NotDelivered("ring full until the attempt deadline"));
+            return Err(Failed::NotDelivered(match &watch {
+                Some(w) if w.stalled() => {
+                    self.note_stalled(seg, w.progress);
+                    "ring full and the instance made no progress for the stall bound"
+                }
+                _ => "ring full until the attempt deadline",
+            }));
         };
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::park_after_claim();
@@ -1436,13 +1513,31 @@ impl BusInner {
         // Judged against the registry this call was routed with: a broker restart swapping
         // sessions mid-call is not the instance leaving.
         let alive = || Self::instance_alive(&routed_with.registry, seg.index, seg.incarnation);
-        let waited = mailbox::wait_ready(mb, gen, &mut waiter, deadline, alive);
-        CALLER_BACKOFF.set(waiter.backoff);
-        let (outcome, gone) = match waited {
-            Wait::Ready => (Cancel::Ready, false),
-            Wait::TimedOut => (mailbox::cancel(mb, gen), false),
-            Wait::TargetGone => (mailbox::cancel(mb, gen), true),
+        let (outcome, why) = loop {
+            let check = || {
+                if !alive() {
+                    return Target::Gone;
+                }
+                let stalled =
+                    mailbox::is_pending(mb, gen) && watch.as_mut().is_some_and(|w| w.check());
+                if stalled {
+                    Target::Stalled
+                } else {
+                    Target::Alive
+                }
+            };
+            match mailbox::wait_ready(mb, gen, &mut waiter, deadline, check) {
+                Wait::Ready => break (Cancel::Ready, Why::Deadline),
+                Wait::TimedOut => break (mailbox::cancel(mb, gen), Why::Deadline),
+                Wait::TargetGone => break (mailbox::cancel(mb, gen), Why::Gone),
+                Wait::Stalled => match mailbox::cancel(mb, gen) {
+                    // Taken at the last moment: it may run now, so wait for it after all.
+                    Cancel::InProgress => watch = None,
+                    c => break (c, Why::Stalled),
+                },
+            }
         };
+        CALLER_BACKOFF.set(waiter.backoff);
         match outcome {
             Cancel::Ready => {
                 let r = self.read_reply(mb_idx, seg, out);
@@ -1453,15 +1548,20 @@ impl BusInner {
             Cancel::Cancelled => {
                 mailbox::release(mb, gen);
                 finish(self);
-                Err(Failed::NotDelivered(if gone {
-                    "instance left before taking the request"
-                } else {
-                    "not taken before the attempt deadline"
+                Err(Failed::NotDelivered(match why {
+                    Why::Gone => "instance left before taking the request",
+                    Why::Deadline => "not taken before the attempt deadline",
+                    Why::Stalled => {
+                        if let Some(w) = &watch {
+                            self.note_stalled(seg, w.progress);
+                        }
+                        "instance made no progress for the stall bound: request withdrawn untaken"
+                    }
                 }))
             }
             Cancel::InProgress => {
                 self.pool.quarantine(mb_idx, gen, heap_block);
-                Err(Failed::InDoubt(if gone {
+                Err(Failed::InDoubt(if why == Why::Gone {
                     "instance left while handling the request"
                 } else {
                     "taken but not answered before the attempt deadline"
@@ -1518,20 +1618,65 @@ thread_local! {
     static CALLER_BACKOFF: std::cell::Cell<Backoff> = std::cell::Cell::new(Backoff::default());
 }
 
+/// Why a caller stopped waiting for its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Deadline,
+    Gone,
+    Stalled,
+}
+
+/// Watches an instance's progress word while a request of ours waits for it: the instance
+/// is stalled when the word has not moved for `bound`.
+struct StallWatch<'a> {
+    word: &'a crate::sync::AtomicU64,
+    bound: Duration,
+    progress: u64,
+    since: Instant,
+}
+
+impl<'a> StallWatch<'a> {
+    fn new(seg: &'a InstanceSeg, bound: Duration) -> StallWatch<'a> {
+        let word = &seg.counters().progress;
+        StallWatch {
+            word,
+            bound,
+            // Relaxed: a hint for routing; no data is read through it.
+            progress: word.load(Ordering::Relaxed),
+            since: Instant::now(),
+        }
+    }
+
+    /// Looks at the word again; true once it has stood still for the bound.
+    fn check(&mut self) -> bool {
+        let p = self.word.load(Ordering::Relaxed);
+        if p != self.progress {
+            (self.progress, self.since) = (p, Instant::now());
+        }
+        self.stalled()
+    }
+
+    fn stalled(&self) -> bool {
+        self.since.elapsed() >= self.bound
+    }
+}
+
 /// Claims a ring slot, waiting (spin, yield, then short sleeps) while the ring is full.
 /// A full ring means the instance is behind; there is no futex for "space", so this is
-/// the one bounded poll in the call path.
+/// the one bounded poll in the call path. Gives up at `deadline`, or when `stall` sees the
+/// instance make no progress for its bound.
 fn claim_slot<'a>(
     ring: &RingRef<'a>,
     pid: u32,
     deadline: Instant,
+    stall: &mut Option<StallWatch<'_>>,
 ) -> Option<crate::ring::Claim<'a>> {
     let mut tries = 0u32;
     loop {
         if let Ok(c) = ring.try_claim(pid) {
             return Some(c);
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || stall.as_mut().is_some_and(|w| w.check()) {
             return None;
         }
         tries += 1;

@@ -106,8 +106,19 @@ pub fn complete(mb: &MailboxHeader, gen: u32) -> bool {
 pub enum Wait {
     Ready,
     TimedOut,
-    /// `alive()` said the instance is gone.
+    /// `check()` said the instance is gone.
     TargetGone,
+    /// `check()` said the instance has made no progress for the stall bound.
+    Stalled,
+}
+
+/// What a sleeping caller learns when it re-checks its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Alive,
+    Gone,
+    /// No progress for the stall bound while our request waits untaken.
+    Stalled,
 }
 
 /// How often a sleeping caller re-checks that its instance still exists, so a call to an
@@ -116,13 +127,13 @@ pub const LIVENESS_CHECK: Duration = Duration::from_millis(5);
 
 /// Caller: waits for `READY` of generation `gen`: spins and yields as `waiter` decides
 /// ([`crate::wait`]), then sleeps on the state word (setting the waiter bit so the instance
-/// knows to wake it), re-checking `alive()` every [`LIVENESS_CHECK`].
+/// knows to wake it), re-checking the instance with `check()` every [`LIVENESS_CHECK`].
 pub fn wait_ready(
     mb: &MailboxHeader,
     gen: u32,
     waiter: &mut Waiter<'_>,
     deadline: Instant,
-    alive: impl Fn() -> bool,
+    mut check: impl FnMut() -> Target,
 ) -> Wait {
     let ready = pack(gen, READY);
     let start = Instant::now();
@@ -166,8 +177,10 @@ pub fn wait_ready(
         {
             continue;
         }
-        if !alive() {
-            return Wait::TargetGone;
+        match check() {
+            Target::Alive => {}
+            Target::Gone => return Wait::TargetGone,
+            Target::Stalled => return Wait::Stalled,
         }
         let _ = sys::futex_wait(&mb.state, armed, Some((deadline - now).min(LIVENESS_CHECK)));
     }
@@ -203,6 +216,11 @@ pub fn cancel(mb: &MailboxHeader, gen: u32) -> Cancel {
             Err(now) => s = now,
         }
     }
+}
+
+/// Whether the request of `gen` is still waiting for an instance to take it.
+pub fn is_pending(mb: &MailboxHeader, gen: u32) -> bool {
+    mb.state.load(Ordering::Relaxed) & !WAITER == pack(gen, PENDING)
 }
 
 /// Caller: whether a quarantined mailbox has finished (reply written, may be recycled).

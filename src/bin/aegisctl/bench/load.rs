@@ -24,6 +24,8 @@ pub struct Load {
     pub payload: usize,
     pub timeout: Duration,
     pub spin: Spin,
+    /// `CallOptions::stall_bound`.
+    pub stall_bound: Duration,
     pub verify: bool,
     pub idempotent: bool,
     /// Open loop: the rate climbs linearly from zero to `rate` over this long.
@@ -67,6 +69,9 @@ pub struct BenchReport {
     pub checks: Vec<Check>,
     /// Worker processes (`--processes`).
     pub processes: usize,
+    /// Instances SIGSTOPped during the run (`--pause-every`): (pid, seconds into the run).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub paused: Vec<(u32, f64)>,
     /// Resident memory of the bus's processes at the start and end (`--scenario soak`).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub rss: Vec<RssReport>,
@@ -100,6 +105,54 @@ pub struct KillReport {
     pub pid: u32,
     /// From the SIGKILL to the instance's absence from the registry's routing view.
     pub left_routing_ms: f64,
+}
+
+/// `--pause-every`: a thread that SIGSTOPs one instance at a time, at random, and SIGCONTs
+/// it after a while.
+pub struct Pauses {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(u32, f64)>>,
+}
+
+impl Pauses {
+    pub fn start(pids: Vec<u32>, every: Duration, pause: Duration) -> Pauses {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut done = Vec::new();
+            let mut seed = t0.elapsed().as_nanos() as u64 | 1;
+            while !flag.load(Ordering::Relaxed) {
+                // A scheduled fault, not a wait for a condition: sleep in slices so the
+                // end of the run is noticed.
+                let at = Instant::now() + every.mul_f64(0.5 + (seed % 1000) as f64 / 1000.0);
+                while Instant::now() < at && !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let pid = pids[(seed % pids.len() as u64) as usize];
+                done.push((pid, t0.elapsed().as_secs_f64()));
+                // SAFETY: kill(2) on an instance process the bench spawned.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+                std::thread::sleep(pause);
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+            }
+            done
+        });
+        Pauses { stop, thread }
+    }
+
+    /// Ends the pauses (the paused instance, if any, is continued) and lists them.
+    pub fn stop(self) -> Vec<(u32, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 /// Instances to kill mid-run: (instance id, pid).
@@ -142,6 +195,7 @@ pub fn run(
         .collect::<Result<Vec<_>, _>>()?;
     let call_opts = CallOptions {
         idempotent: load.idempotent,
+        stall_bound: load.stall_bound,
         ..CallOptions::timeout(load.timeout)
     };
     let watcher = Bus::connect_with(opts.clone()).map_err(|e| e.to_string())?;
@@ -414,6 +468,12 @@ pub fn print(r: &BenchReport) {
         println!(
             "killed      {} (pid {}) left routing {:.1} ms after SIGKILL",
             k.instance, k.pid, k.left_routing_ms
+        );
+    }
+    if !r.paused.is_empty() {
+        println!(
+            "paused      {} times (SIGSTOP, one instance at a time)",
+            r.paused.len()
         );
     }
     if r.processes > 1 {

@@ -63,6 +63,16 @@ pub struct BenchArgs {
     /// Seconds into the run at which --kill strikes.
     #[arg(long, default_value_t = 2.0)]
     pub kill_after: f64,
+    /// With --spawn: every this many seconds, SIGSTOP one instance (picked at random) for
+    /// --pause-for seconds, then SIGCONT it: a stalled instance under load.
+    #[arg(long)]
+    pub pause_every: Option<f64>,
+    #[arg(long, default_value_t = 2.0)]
+    pub pause_for: f64,
+    /// Milliseconds an instance may leave a request untaken before the call withdraws it
+    /// and goes elsewhere (CallOptions::stall_bound).
+    #[arg(long)]
+    pub stall_ms: Option<u64>,
     /// With --spawn: microseconds the instances spin before sleeping (default: adaptive).
     #[arg(long)]
     pub instance_spin_us: Option<u64>,
@@ -125,6 +135,12 @@ impl BenchArgs {
         if self.processes == 0 {
             return Err("--processes must be at least 1".into());
         }
+        if self.stall_ms == Some(0) {
+            return Err(
+                "--stall-ms must be at least 1 (how long an instance may leave a request untaken)"
+                    .into(),
+            );
+        }
         Ok(Load {
             service: self.service.clone(),
             method: self.method.clone(),
@@ -135,6 +151,10 @@ impl BenchArgs {
             payload: self.payload,
             timeout: Duration::from_millis(self.timeout_ms),
             spin: Spin::from_micros(self.spin_us),
+            stall_bound: self.stall_ms.map_or(
+                aegis_client::bus::DEFAULT_STALL_BOUND,
+                Duration::from_millis,
+            ),
             verify: self.verify,
             idempotent: self.idempotent,
             ramp_up: Duration::from_secs_f64(ramp_up),
@@ -216,12 +236,29 @@ fn run_spawned(args: &BenchArgs, dir: Option<PathBuf>) -> Result<BenchReport, St
         return Err("--kill needs --spawn (it kills instances the bench started)".into());
     }
     let dir = private.as_ref().map(|b| b.dir().to_owned()).or(dir);
+    let pauses = match args.pause_every {
+        Some(every) if !(every > 0.0 && args.pause_for > 0.0 && every.is_finite()) => {
+            return Err("--pause-every and --pause-for take positive seconds".into());
+        }
+        Some(_) if instance_pids.len() < 2 => {
+            return Err("--pause-every needs --spawn with at least 2 instances".into());
+        }
+        Some(every) => Some(load::Pauses::start(
+            instance_pids.iter().map(|p| p.1).collect(),
+            Duration::from_secs_f64(every),
+            Duration::from_secs_f64(args.pause_for),
+        )),
+        None => None,
+    };
     let watched = scenario::Watched::start(args, dir.as_deref(), &private, &instance_pids)?;
     let mut report = if args.processes > 1 {
         run_workers(args, &load, dir.as_deref(), victims)?
     } else {
         load::run(&load, dir, victims)?
     };
+    if let Some(p) = pauses {
+        report.paused = p.stop();
+    }
     if let Some(s) = args.scenario {
         watched.finish(&mut report)?;
         s.judge(&load, &mut report);
@@ -269,6 +306,9 @@ fn run_workers(
         }
         if let Some(s) = args.spin_us {
             cmd.args(["--spin-us", &s.to_string()]);
+        }
+        if let Some(s) = args.stall_ms {
+            cmd.args(["--stall-ms", &s.to_string()]);
         }
         for (flag, on) in [("--verify", load.verify), ("--idempotent", load.idempotent)] {
             if on {
