@@ -287,7 +287,7 @@ mod tests {
                 9,
                 &mut w,
                 Instant::now() + Duration::from_secs(10),
-                || true,
+                || Target::Alive,
             )
         });
         // Wait until the caller has announced that it sleeps, then reply.
