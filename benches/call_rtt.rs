@@ -1,8 +1,19 @@
 //! `call_rtt`: round trip of a 1 KiB request and 1 KiB reply, one client, one instance in
-//! another process, in spin mode (both sides spin) and blocking mode (both sides sleep on
-//! futexes at once), against a Unix-domain-socket request/reply baseline between two
-//! processes measured in the same run. Criterion reports the mean; p50/p99 come from an
-//! hdrhistogram of every timed call and are printed at the end.
+//! another process, in spin mode (both sides spin), blocking mode (both sides sleep on
+//! futexes at once) and with default settings (the adaptive wait policy), against, in the
+//! same run:
+//!
+//! * a Unix-domain-socket request/reply between two processes (what users compare with);
+//! * the physical floors: two processes ping-ponging 1 KiB through shared memory, once
+//!   spinning on a sequence word and once sleeping on it with a futex every time. Nothing
+//!   can be faster than these on the machine at hand, so the ratios say how close the bus
+//!   comes (absolute times drift between machines; ratios hold).
+//!
+//! `call_rtt/seed_baseline` is the seed's baseline scenario's call path: default settings,
+//! three instances, a hundred connections taking turns, one call every 200 µs, so every
+//! call finds its instance asleep as at 1,000 calls/s; its p99 is printed against the
+//! seed's 5 ms target. Criterion reports the mean; p50/p99 come from an hdrhistogram of
+//! every timed call and are printed at the end.
 //!
 //! `cargo bench --bench call_rtt`
 
@@ -20,6 +31,11 @@ use hdrhistogram::Histogram;
 
 const PAYLOAD: usize = 1024;
 const UDS_SERVER_ENV: &str = "AEGIS_BENCH_UDS_SERVER";
+/// The floor's partner process: `spin` or `futex`, and the shared memfd's descriptor.
+const FLOOR_ENV: &str = "AEGIS_BENCH_FLOOR";
+const FLOOR_FD_ENV: &str = "AEGIS_BENCH_FLOOR_FD";
+/// The seed's p99 target.
+const SEED_P99_NS: u64 = 5_000_000;
 
 static RESULTS: Mutex<Vec<(String, Histogram<u64>)>> = Mutex::new(Vec::new());
 
@@ -31,13 +47,14 @@ fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 10_000_000_000, 3).unwrap()
 }
 
-fn bench_bus(c: &mut Criterion, name: &str, spin: Duration) {
+fn bench_bus(c: &mut Criterion, name: &str, spin: Option<Duration>) {
     let bus = support::TestBus::start();
-    let spin_us = spin.as_micros().to_string();
-    let _inst = bus.serve("rtt", "rtt-1", &["--spin-us", &spin_us]);
+    let spin_us = spin.map(|s| s.as_micros().to_string());
+    let args: Vec<&str> = spin_us.iter().flat_map(|s| ["--spin-us", s]).collect();
+    let _inst = bus.serve("rtt", "rtt-1", &args);
     let client = bus.connect();
     let opts = CallOptions {
-        spin: Some(aegis_client::Spin::Fixed(spin)),
+        spin: Some(spin.map_or(aegis_client::Spin::Adaptive, aegis_client::Spin::Fixed)),
         ..CallOptions::timeout(Duration::from_secs(5))
     };
     let payload = vec![0x5au8; PAYLOAD];
@@ -68,11 +85,192 @@ fn bench_bus(c: &mut Criterion, name: &str, spin: Duration) {
 
 fn spin_mode(c: &mut Criterion) {
     // A spin budget longer than any gap between calls: neither side ever sleeps.
-    bench_bus(c, "call_rtt/aegis_spin", Duration::from_secs(10));
+    bench_bus(c, "call_rtt/aegis_spin", Some(Duration::from_secs(10)));
 }
 
 fn blocking_mode(c: &mut Criterion) {
-    bench_bus(c, "call_rtt/aegis_blocking", Duration::ZERO);
+    bench_bus(c, "call_rtt/aegis_blocking", Some(Duration::ZERO));
+}
+
+fn default_mode(c: &mut Criterion) {
+    bench_bus(c, "call_rtt/aegis_default", None);
+}
+
+/// The seed's baseline call path (see the module docs).
+fn seed_baseline(c: &mut Criterion) {
+    let bus = support::TestBus::start();
+    let _inst: Vec<_> = (0..3)
+        .map(|i| bus.serve("base", &format!("base-{i}"), &[]))
+        .collect();
+    let clients: Vec<_> = (0..100).map(|_| bus.connect()).collect();
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let payload = vec![0x5au8; PAYLOAD];
+    let mut out = Vec::with_capacity(PAYLOAD);
+    for cl in &clients {
+        cl.call_into("base", "echo", &payload, &opts, &mut out)
+            .unwrap();
+    }
+    let mut h = hist();
+    let mut k = 0usize;
+    c.bench_function("call_rtt/seed_baseline", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // The pause between calls is the scenario's (not timed).
+                std::thread::sleep(Duration::from_micros(200));
+                k = (k + 1) % clients.len();
+                let t = Instant::now();
+                clients[k]
+                    .call_into("base", "echo", &payload, &opts, &mut out)
+                    .unwrap();
+                let d = t.elapsed();
+                let _ = h.record(d.as_nanos() as u64);
+                total += d;
+            }
+            total
+        })
+    });
+    assert_eq!(out, payload);
+    record("call_rtt/seed_baseline", h);
+}
+
+/// The floor's shared memory: two sequence words on their own lines, then the request and
+/// the reply.
+const FLOOR_PING: usize = 0;
+const FLOOR_PONG: usize = 64;
+const FLOOR_REQ: usize = 128;
+const FLOOR_REP: usize = FLOOR_REQ + PAYLOAD;
+const FLOOR_SIZE: usize = 4096;
+
+struct FloorMap(*mut u8);
+
+impl FloorMap {
+    fn map(fd: i32) -> FloorMap {
+        // SAFETY: maps FLOOR_SIZE bytes of a memfd at least that long, shared.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                FLOOR_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap of the floor's memfd");
+        FloorMap(p.cast())
+    }
+    fn word(&self, off: usize) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: `off` is 4-aligned inside the mapping, which lives as long as `self`.
+        unsafe { &*(self.0.add(off) as *const std::sync::atomic::AtomicU32) }
+    }
+    /// Copies `src` into the mapping at `off` (the side that owns that area right now).
+    fn put(&self, off: usize, src: &[u8]) {
+        // SAFETY: in bounds; the ping-pong protocol gives one side the area at a time.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(off), src.len()) };
+    }
+    fn get(&self, off: usize, dst: &mut [u8]) {
+        // SAFETY: as in `put`.
+        unsafe { std::ptr::copy_nonoverlapping(self.0.add(off), dst.as_mut_ptr(), dst.len()) };
+    }
+}
+
+/// Waits until `word == want`: spinning, or sleeping on the futex every time.
+fn floor_wait(word: &std::sync::atomic::AtomicU32, want: u32, futex: bool) {
+    use std::sync::atomic::Ordering;
+    loop {
+        // SYNC POINT: Acquire pairs with the other side's Release store in `floor_post`.
+        let v = word.load(Ordering::Acquire);
+        if v == want {
+            return;
+        }
+        if futex {
+            let _ = aegis_client::sys::futex_wait(word, v, None);
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+fn floor_post(word: &std::sync::atomic::AtomicU32, v: u32, futex: bool) {
+    word.store(v, std::sync::atomic::Ordering::Release);
+    if futex {
+        let _ = aegis_client::sys::futex_wake(word, 1);
+    }
+}
+
+/// The floor's partner: copies each request out and the reply back, like an echo instance.
+fn floor_partner(kind: &str, fd: i32) {
+    let futex = kind == "futex";
+    let m = FloorMap::map(fd);
+    let mut buf = vec![0u8; PAYLOAD];
+    let mut n = 1u32;
+    loop {
+        floor_wait(m.word(FLOOR_PING), n, futex);
+        m.get(FLOOR_REQ, &mut buf);
+        if buf[0] == 0xff {
+            return;
+        }
+        m.put(FLOOR_REP, &buf);
+        floor_post(m.word(FLOOR_PONG), n, futex);
+        n = n.wrapping_add(1);
+    }
+}
+
+fn floor(c: &mut Criterion, kind: &str) {
+    use std::os::fd::AsRawFd;
+    let futex = kind == "futex";
+    let fd = aegis_client::sys::memfd("aegis-bench-floor", FLOOR_SIZE as u64).unwrap();
+    // The partner inherits the descriptor across exec.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
+    let mut partner = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(FLOOR_ENV, kind)
+        .env(FLOOR_FD_ENV, fd.as_raw_fd().to_string())
+        .spawn()
+        .unwrap();
+    let m = FloorMap::map(fd.as_raw_fd());
+    let payload = vec![0x5au8; PAYLOAD];
+    let mut out = vec![0u8; PAYLOAD];
+    let mut n = 0u32;
+    let mut round_trip = || {
+        n = n.wrapping_add(1);
+        m.put(FLOOR_REQ, &payload);
+        floor_post(m.word(FLOOR_PING), n, futex);
+        floor_wait(m.word(FLOOR_PONG), n, futex);
+        m.get(FLOOR_REP, &mut out);
+    };
+    for _ in 0..1000 {
+        round_trip();
+    }
+    let name = format!("call_rtt/floor_{kind}");
+    let mut h = hist();
+    c.bench_function(&name, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let t = Instant::now();
+                round_trip();
+                let _ = h.record(t.elapsed().as_nanos() as u64);
+            }
+            start.elapsed()
+        })
+    });
+    assert_eq!(out, payload);
+    // Stop the partner: a request starting with 0xff.
+    n = n.wrapping_add(1);
+    m.put(FLOOR_REQ, &[0xff]);
+    floor_post(m.word(FLOOR_PING), n, futex);
+    let _ = partner.wait();
+    record(&name, h);
+}
+
+fn floor_spin(c: &mut Criterion) {
+    floor(c, "spin");
+}
+
+fn floor_futex(c: &mut Criterion) {
+    floor(c, "futex");
 }
 
 fn uds_baseline(c: &mut Criterion) {
@@ -136,20 +334,39 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(4))
 }
 
-criterion_group! { name = benches; config = config(); targets = uds_baseline, spin_mode, blocking_mode }
+fn paced_config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! { name = benches; config = config(); targets = uds_baseline, floor_spin, floor_futex, spin_mode, blocking_mode, default_mode }
+criterion_group! { name = paced; config = paced_config(); targets = seed_baseline }
 
 fn main() {
     if let Ok(path) = std::env::var(UDS_SERVER_ENV) {
         uds_server(&path);
         return;
     }
+    if let (Ok(kind), Ok(fd)) = (std::env::var(FLOOR_ENV), std::env::var(FLOOR_FD_ENV)) {
+        floor_partner(&kind, fd.parse().unwrap());
+        return;
+    }
     benches();
+    paced();
     Criterion::default().configure_from_args().final_summary();
     let results = RESULTS.lock().unwrap();
     let base = results
         .iter()
         .find(|(n, _)| n.ends_with("uds_baseline"))
         .map(|(_, h)| h.value_at_quantile(0.5));
+    let p50 = |suffix: &str| {
+        results
+            .iter()
+            .find(|(n, _)| n.ends_with(suffix))
+            .map(|(_, h)| h.value_at_quantile(0.5) as f64)
+    };
     println!("\ncall_rtt summary (1 KiB request + 1 KiB reply, round trip, µs):");
     println!(
         "{:<26} {:>9} {:>9} {:>9} {:>14}",
@@ -167,6 +384,21 @@ fn main() {
             p(0.99),
             p(0.999),
             ratio
+        );
+    }
+    let ratio = |a: &str, b: &str| p50(a).zip(p50(b)).map(|(a, b)| a / b);
+    if let Some(r) = ratio("aegis_spin", "floor_spin") {
+        println!("spin mode / spin floor (p50): {r:.2}x (target <= 2)");
+    }
+    if let Some(r) = ratio("aegis_blocking", "floor_futex") {
+        println!("blocking mode / futex floor (p50): {r:.2}x (target <= 1.2)");
+    }
+    if let Some((_, h)) = results.iter().find(|(n, _)| n.ends_with("seed_baseline")) {
+        let p99 = h.value_at_quantile(0.99);
+        println!(
+            "seed baseline call path: p99 {:.1} µs against the seed's 5 ms target: {}",
+            p99 as f64 / 1000.0,
+            if p99 < SEED_P99_NS { "met" } else { "MISSED" }
         );
     }
 }

@@ -685,6 +685,7 @@ fn a_stopped_instance_s_untaken_request_is_withdrawn_answered_elsewhere_and_neve
     }
     assert_eq!((by["a"], by["b"]), (2, 2), "round-robin over both");
     kill(a.pid(), libc::SIGSTOP);
+    support::wait_for("the instance to stop", || support::is_stopped(a.pid()));
     for i in 0..20u32 {
         let payload = format!("call {i}");
         let t = Instant::now();

@@ -306,16 +306,28 @@ impl Session {
     }
 
     fn pick_read_only(&self, svc_idx: u32, svc: &ServiceEntry) -> bool {
+        self.any_online(svc_idx, svc, |_| false)
+    }
+
+    /// Whether the service has an `Online` member that `skip` does not rule out (read only:
+    /// the round-robin counter does not move).
+    pub(crate) fn any_online(
+        &self,
+        svc_idx: u32,
+        svc: &ServiceEntry,
+        skip: impl Fn(u32) -> bool,
+    ) -> bool {
         let n =
             (svc.seq.read(|| svc.member_count.load(Ordering::Relaxed)) as usize).min(MAX_MEMBERS);
         (0..n).any(|k| {
             let m = svc.seq.read(|| svc.members[k].load(Ordering::Relaxed));
-            self.registry.instance(m).is_some_and(|e| {
-                e.seq.read(|| {
-                    e.status.load(Ordering::Relaxed) == Status::Online as u32
-                        && e.service.load(Ordering::Relaxed) == svc_idx
+            !skip(m)
+                && self.registry.instance(m).is_some_and(|e| {
+                    e.seq.read(|| {
+                        e.status.load(Ordering::Relaxed) == Status::Online as u32
+                            && e.service.load(Ordering::Relaxed) == svc_idx
+                    })
                 })
-            })
         })
     }
 }
@@ -568,7 +580,19 @@ impl Bus {
             };
             let t = Instant::now();
             let deadline = (t + opts.attempt_timeout).min(total);
-            let attempt = inner.attempt(sess, target, method, payload, opts, deadline, true, out);
+            // Withdrawing a stalled request is worth it only with somewhere else to send it
+            // (asked only once the instance has stalled: off the fast path).
+            let elsewhere = || sess.any_online(svc_idx, svc, |m| m == target.instance || skip(m));
+            let attempt = inner.attempt(
+                sess,
+                target,
+                method,
+                payload,
+                opts,
+                deadline,
+                Some(&elsewhere),
+                out,
+            );
             let failed = match attempt {
                 Ok(()) => {
                     inner.note_success(target);
@@ -675,7 +699,7 @@ impl Bus {
             payload,
             opts,
             deadline,
-            false,
+            None,
             out,
         ) {
             Ok(()) => Ok(target),
@@ -1114,8 +1138,9 @@ impl BusInner {
         self.control_changed.notify_all();
     }
 
-    /// One attempt on one instance. With `withdraw`, a request the instance leaves
-    /// untaken for the stall bound is withdrawn (`NotDelivered`).
+    /// One attempt on one instance. With `elsewhere`, a request the instance leaves untaken
+    /// for the stall bound is withdrawn (`NotDelivered`) if `elsewhere()` says another
+    /// instance could take it.
     #[allow(clippy::too_many_arguments)]
     fn attempt(
         &self,
@@ -1125,11 +1150,11 @@ impl BusInner {
         payload: &[u8],
         opts: &CallOptions,
         deadline: Instant,
-        withdraw: bool,
+        elsewhere: Option<&dyn Fn() -> bool>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let seg = self.instance_seg(target.instance, target.incarnation)?;
-        let stall = withdraw.then_some(opts.stall_bound);
+        let stall = elsewhere.map(|e| (opts.stall_bound, e));
         self.send_and_wait(sess, &seg, method, payload, opts, deadline, stall, out)
     }
 
@@ -1425,7 +1450,7 @@ impl BusInner {
         payload: &[u8],
         opts: &CallOptions,
         deadline: Instant,
-        stall: Option<Duration>,
+        stall: Option<(Duration, &dyn Fn() -> bool)>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
@@ -1467,7 +1492,7 @@ impl BusInner {
             this.pool.put(mb_idx);
         };
         mailbox::arm(mb, gen);
-        let mut watch = stall.map(|bound| StallWatch::new(seg, bound));
+        let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
         let Some(mut claim) = claim_slot(&ring, self.pid, deadline, &mut watch) else {
             mailbox::release(mb, gen);
             finish(self);
@@ -1633,10 +1658,13 @@ struct StallWatch<'a> {
     bound: Duration,
     progress: u64,
     since: Instant,
+    /// Whether another instance could take the request (else a stall is waited out).
+    elsewhere: &'a dyn Fn() -> bool,
+    stalled: bool,
 }
 
 impl<'a> StallWatch<'a> {
-    fn new(seg: &'a InstanceSeg, bound: Duration) -> StallWatch<'a> {
+    fn new(seg: &'a InstanceSeg, bound: Duration, elsewhere: &'a dyn Fn() -> bool) -> Self {
         let word = &seg.counters().progress;
         StallWatch {
             word,
@@ -1644,20 +1672,24 @@ impl<'a> StallWatch<'a> {
             // Relaxed: a hint for routing; no data is read through it.
             progress: word.load(Ordering::Relaxed),
             since: Instant::now(),
+            elsewhere,
+            stalled: false,
         }
     }
 
-    /// Looks at the word again; true once it has stood still for the bound.
+    /// Looks at the word again; true once it has stood still for the bound and another
+    /// instance could take the request.
     fn check(&mut self) -> bool {
         let p = self.word.load(Ordering::Relaxed);
         if p != self.progress {
             (self.progress, self.since) = (p, Instant::now());
         }
-        self.stalled()
+        self.stalled = self.since.elapsed() >= self.bound && (self.elsewhere)();
+        self.stalled
     }
 
     fn stalled(&self) -> bool {
-        self.since.elapsed() >= self.bound
+        self.stalled
     }
 }
 

@@ -230,8 +230,12 @@ pub fn terminate(c: &mut Child) {
     if let Ok(Some(_)) = c.try_wait() {
         return;
     }
-    // SAFETY: kill(2) on a child we spawned and have not reaped.
-    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+    // SAFETY: kill(2) on a child we spawned and have not reaped. SIGCONT after SIGTERM: a
+    // child a test left stopped (SIGSTOP) must still be able to exit.
+    unsafe {
+        libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
+    }
     wait_deadline(c);
 }
 
@@ -255,6 +259,18 @@ pub fn wait_deadline(c: &mut Child) -> std::process::ExitStatus {
         "process {pid} did not exit within {DEADLINE:?}"
     );
     st
+}
+
+/// Whether process `pid` is stopped (state `T` in `/proc/PID/stat`): `kill(SIGSTOP)`
+/// returns before the target has actually stopped.
+pub fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T"))
+        })
+        .unwrap_or(false)
 }
 
 /// Waits for a condition that has no wake-up of its own (a counter in another thread or
