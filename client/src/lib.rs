@@ -18,6 +18,7 @@
 //! [`wait`] (spin, yield or sleep), then the API: [`Bus`] and [`Instance`].
 
 pub mod bus;
+pub mod call;
 pub mod codec;
 mod control;
 pub mod dirs;
@@ -27,6 +28,7 @@ pub mod instance;
 pub mod layout;
 pub mod mailbox;
 pub mod names;
+mod pool;
 pub mod proto;
 mod reconnect;
 pub mod ring;
@@ -36,7 +38,8 @@ pub mod sys;
 mod test_hooks;
 pub mod wait;
 
-pub use bus::{Bus, BusOptions, CallInfo, CallOptions, Reply, ResourceOwner, Selection};
+pub use bus::{Bus, BusOptions, CallInfo, ResourceOwner, Selection};
+pub use call::{CallOptions, Reply};
 pub use error::{Attempt, Error, Result, ServiceError};
 pub use instance::{Instance, Receiver, RegisterOptions, Request, StopHandle};
 pub use layout::Status;

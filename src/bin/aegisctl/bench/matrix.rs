@@ -88,7 +88,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                         payload: args.payload,
                         timeout: Duration::from_millis(args.timeout_ms),
                         spin: mode.policies().0,
-                        stall_bound: aegis_client::bus::DEFAULT_STALL_BOUND,
+                        stall_bound: aegis_client::call::DEFAULT_STALL_BOUND,
                         verify: false,
                         idempotent: false,
                         ramp_up: Duration::ZERO,

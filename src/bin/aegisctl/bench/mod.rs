@@ -152,7 +152,7 @@ impl BenchArgs {
             timeout: Duration::from_millis(self.timeout_ms),
             spin: Spin::from_micros(self.spin_us),
             stall_bound: self.stall_ms.map_or(
-                aegis_client::bus::DEFAULT_STALL_BOUND,
+                aegis_client::call::DEFAULT_STALL_BOUND,
                 Duration::from_millis,
             ),
             verify: self.verify,

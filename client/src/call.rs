@@ -1,0 +1,793 @@
+//! The call path: a request into an instance's ring, the reply out of one of this
+//! connection's mailboxes, failover over instances, and what can go wrong on the way
+//! (timeouts, instances that leave or stall, requests in doubt).
+//!
+//! A call never passes through the broker: the caller picks an instance from the registry
+//! (lock-free, [`crate::bus`]), writes the request into that instance's ring
+//! ([`crate::ring`]), and waits ([`crate::wait`]) on one of its own mailboxes
+//! ([`crate::mailbox`]) for the reply.
+
+use std::time::{Duration, Instant};
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::bus::{Bus, BusInner, CallInfo, Selection, Session};
+use crate::error::{code, Attempt, Error, Result};
+use crate::layout::{InstanceSeg, MsgHeader, RegistryView, Status, PAYLOAD_HEAP, PAYLOAD_INLINE};
+use crate::mailbox::{self, Cancel, Target, Wait};
+use crate::names;
+use crate::proto::Request;
+use crate::ring::RingRef;
+use crate::sync::Ordering;
+use crate::wait::{Backoff, Seats, Spin, Waiter};
+
+/// Default [`CallOptions::stall_bound`]: four liveness checks of a sleeping caller, far
+/// below the heartbeat timeout that would otherwise take a stuck instance out of routing.
+pub const DEFAULT_STALL_BOUND: Duration = Duration::from_millis(20);
+
+/// Per-call options. Defaults follow the seed: 5 s per attempt, 15 s in all, up to 3
+/// instances.
+#[derive(Debug, Clone)]
+pub struct CallOptions {
+    /// Deadline for the whole call, all attempts included.
+    pub timeout: Duration,
+    /// Deadline for one attempt on one instance.
+    pub attempt_timeout: Duration,
+    /// Instances to try at most (different ones).
+    pub max_attempts: u32,
+    /// Whether the request may run twice. A request an instance never took is always
+    /// retried elsewhere; one it took but did not answer (it died or hung) only if this is set.
+    pub idempotent: bool,
+    /// Instance ids not to use.
+    pub exclude: Vec<String>,
+    pub selection: Selection,
+    /// Overrides the bus's spin policy for this call.
+    pub spin: Option<Spin>,
+    /// Hops so far (set by nested calls made while handling a request: [`CallOptions::nested`]).
+    pub hops: u8,
+    /// More hops than this is `LoopDetected`.
+    pub max_hops: u8,
+    /// Trace id carried to the instance; `None` makes a fresh one.
+    pub trace_id: Option<u64>,
+    /// How long an instance may make no progress while our request waits in its ring,
+    /// untaken, before the request is withdrawn and sent to another instance (it never
+    /// ran, so this is safe without `idempotent`). Calls from this process then avoid the
+    /// instance until it moves again. Calls by resource id wait instead (only the owner
+    /// can answer them).
+    pub stall_bound: Duration,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions {
+            timeout: Duration::from_secs(15),
+            attempt_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            idempotent: false,
+            exclude: Vec::new(),
+            selection: Selection::RoundRobin,
+            spin: None,
+            hops: 0,
+            max_hops: 8,
+            trace_id: None,
+            stall_bound: DEFAULT_STALL_BOUND,
+        }
+    }
+}
+
+impl CallOptions {
+    /// One budget for the whole call and for each attempt.
+    pub fn timeout(timeout: Duration) -> CallOptions {
+        CallOptions {
+            timeout,
+            attempt_timeout: timeout,
+            ..Default::default()
+        }
+    }
+
+    /// Options for a call made while handling `req`: one more hop, the same trace id.
+    pub fn nested(req: &crate::Request<'_>) -> CallOptions {
+        CallOptions {
+            hops: req.hops().saturating_add(1),
+            trace_id: Some(req.trace_id()),
+            ..Default::default()
+        }
+    }
+}
+
+/// A reply and who sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub payload: Vec<u8>,
+    pub instance_id: String,
+}
+
+/// Why a send-and-wait did not produce a reply.
+pub(crate) enum Failed {
+    /// The request never ran (not taken, ring full, instance gone first): safe to resend.
+    NotDelivered(&'static str),
+    /// Taken but not answered: it may have run; resend only if idempotent.
+    InDoubt(&'static str),
+    /// A definite answer (the handler's error, or a local failure).
+    Error(Error),
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Failed {
+        Failed::Error(e)
+    }
+}
+
+/// Consecutive timeouts after which a caller reports an instance unhealthy.
+const UNHEALTHY_AFTER_TIMEOUTS: u32 = 3;
+
+/// Rejects options no call can honour.
+fn check_options(opts: &CallOptions) -> Result<()> {
+    if opts.stall_bound.is_zero() {
+        return Err(Error::BadRequest(
+            "stall_bound must be longer than zero (it is how long an instance may leave a request untaken before it is sent elsewhere)".into(),
+        ));
+    }
+    check_hops(opts)
+}
+
+fn check_hops(opts: &CallOptions) -> Result<()> {
+    if opts.hops > opts.max_hops {
+        return Err(Error::LoopDetected {
+            hops: opts.hops,
+            limit: opts.max_hops,
+        });
+    }
+    Ok(())
+}
+
+fn check_size(service: &str, payload: &[u8], max: u64) -> Result<()> {
+    if payload.len() as u64 > max {
+        return Err(Error::MessageTooLarge {
+            service: service.to_owned(),
+            size: payload.len() as u64,
+            max,
+        });
+    }
+    Ok(())
+}
+
+impl Bus {
+    /// Calls `method` of `service` on one of its healthy instances (round-robin).
+    pub fn call(
+        &self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+    ) -> Result<Reply> {
+        let mut out = Vec::new();
+        let info = self.call_into(service, method, payload, opts, &mut out)?;
+        Ok(Reply {
+            payload: out,
+            instance_id: self.instance_id(info),
+        })
+    }
+
+    /// Like [`Bus::call`], but writes the reply into `out` (reusing its allocation) and
+    /// returns which instance answered: the allocation-free fast path.
+    pub fn call_into(
+        &self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        out: &mut Vec<u8>,
+    ) -> Result<CallInfo> {
+        let start = Instant::now();
+        names::service(service)?;
+        names::method(method)?;
+        check_options(opts)?;
+        let inner = &*self.inner;
+        let no_instance = || Error::NoAvailableInstance {
+            service: service.to_owned(),
+        };
+        let sess = inner.routing_session(service);
+        let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
+        let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
+        check_size(service, payload, max)?;
+        let total = start + opts.timeout;
+        let mut attempts: Vec<Attempt> = Vec::new();
+        let mut tried: Vec<u32> = Vec::new();
+        loop {
+            let skip = |m: u32| {
+                tried.contains(&m)
+                    || (!opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m)))
+            };
+            // Instances seen stalled are avoided while another one is routable.
+            let target = sess
+                .pick(svc_idx, svc, &opts.selection, |m| {
+                    skip(m) || inner.seen_stalled(m)
+                })
+                .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip));
+            let Some(target) = target else {
+                return Err(if attempts.is_empty() {
+                    no_instance()
+                } else {
+                    Error::Timeout {
+                        service: service.to_owned(),
+                        elapsed: start.elapsed(),
+                        attempts,
+                    }
+                });
+            };
+            let t = Instant::now();
+            let deadline = (t + opts.attempt_timeout).min(total);
+            // Withdrawing a stalled request is worth it only with somewhere else to send it
+            // (asked only once the instance has stalled: off the fast path).
+            let elsewhere = || sess.any_online(svc_idx, svc, |m| m == target.instance || skip(m));
+            let attempt = inner.attempt(
+                sess,
+                target,
+                method,
+                payload,
+                opts,
+                deadline,
+                Some(&elsewhere),
+                out,
+            );
+            let failed = match attempt {
+                Ok(()) => {
+                    inner.note_success(target);
+                    return Ok(target);
+                }
+                Err(Failed::Error(e)) => return Err(inner.remote_error(target, e)),
+                Err(f) => f,
+            };
+            let (why, in_doubt) = match failed {
+                Failed::NotDelivered(w) => (w, false),
+                Failed::InDoubt(w) => (w, true),
+                Failed::Error(_) => unreachable!("returned above"),
+            };
+            if why.contains("deadline") {
+                inner.note_timeout(target);
+            }
+            attempts.push(Attempt {
+                instance: inner.instance_name(target.instance),
+                error: why.to_owned(),
+                duration: t.elapsed(),
+            });
+            tried.push(target.instance);
+            if (in_doubt && !opts.idempotent)
+                || attempts.len() as u32 >= opts.max_attempts
+                || Instant::now() >= total
+            {
+                return Err(Error::Timeout {
+                    service: service.to_owned(),
+                    elapsed: start.elapsed(),
+                    attempts,
+                });
+            }
+        }
+    }
+
+    /// Calls `method` on the one instance that owns `resource`. The owner is looked up
+    /// lock-free in the shared-memory resource map: no broker round trip.
+    pub fn call_resource(
+        &self,
+        resource: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+    ) -> Result<Reply> {
+        let mut out = Vec::new();
+        let info = self.call_resource_into(resource, method, payload, opts, &mut out)?;
+        Ok(Reply {
+            payload: out,
+            instance_id: self.instance_id(info),
+        })
+    }
+
+    /// [`Bus::call_resource`] writing into a reused buffer.
+    pub fn call_resource_into(
+        &self,
+        resource: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        out: &mut Vec<u8>,
+    ) -> Result<CallInfo> {
+        let start = Instant::now();
+        names::resource_id(resource)?;
+        names::method(method)?;
+        let inner = &*self.inner;
+        let not_found = || Error::ResourceNotFound {
+            resource: resource.to_owned(),
+        };
+        let target = self.lookup_resource(resource).ok_or_else(not_found)?;
+        let e = inner
+            .registry()
+            .instance(target.instance)
+            .ok_or_else(not_found)?;
+        let (status, svc_idx, inc) = e.seq.read(|| {
+            (
+                e.status.load(Ordering::Relaxed),
+                e.service.load(Ordering::Relaxed),
+                e.incarnation.load(Ordering::Relaxed),
+            )
+        });
+        if inc != target.incarnation {
+            // The owner left between the two reads; its ids were released with it.
+            return Err(not_found());
+        }
+        if status != Status::Online as u32 {
+            return Err(Error::OwnerUnavailable {
+                resource: resource.to_owned(),
+                owner: inner.instance_name(target.instance),
+                status: Status::from_u32(status),
+            });
+        }
+        let svc = inner.registry().service(svc_idx).ok_or_else(not_found)?;
+        let (max, (name, len)) = svc
+            .seq
+            .read(|| (svc.max_message.load(Ordering::Relaxed), svc.name.load()));
+        let service = std::str::from_utf8(&name[..len]).unwrap_or("?");
+        check_size(service, payload, max)?;
+        check_options(opts)?;
+        let deadline = start + opts.timeout.min(opts.attempt_timeout);
+        match inner.attempt(
+            inner.session(),
+            target,
+            method,
+            payload,
+            opts,
+            deadline,
+            None,
+            out,
+        ) {
+            Ok(()) => Ok(target),
+            Err(Failed::Error(e)) => Err(inner.remote_error(target, e)),
+            Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) if w.contains("left") => {
+                Err(Error::OwnerUnavailable {
+                    resource: resource.to_owned(),
+                    owner: inner.instance_name(target.instance),
+                    status: Status::Offline,
+                })
+            }
+            Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) => Err(Error::Timeout {
+                service: service.to_owned(),
+                elapsed: start.elapsed(),
+                attempts: vec![Attempt {
+                    instance: inner.instance_name(target.instance),
+                    error: w.to_owned(),
+                    duration: start.elapsed(),
+                }],
+            }),
+        }
+    }
+
+    /// Typed call: `req` and the reply travel as bincode (serde).
+    pub fn call_typed<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        req: &Req,
+        opts: &CallOptions,
+    ) -> Result<Resp> {
+        let body = crate::codec::encode(req)
+            .map_err(|e| Error::BadRequest(format!("request could not be encoded: {e}")))?;
+        let mut out = Vec::new();
+        let info = self.call_into(service, method, &body, opts, &mut out)?;
+        crate::codec::decode(&out).map_err(|e| {
+            Error::BadRequest(format!(
+                "reply from instance '{}' could not be decoded: {e}",
+                self.instance_id(info)
+            ))
+        })
+    }
+}
+
+impl BusInner {
+    /// One attempt on one instance. With `elsewhere`, a request the instance leaves untaken
+    /// for the stall bound is withdrawn (`NotDelivered`) if `elsewhere()` says another
+    /// instance could take it.
+    #[allow(clippy::too_many_arguments)]
+    fn attempt(
+        &self,
+        sess: &Session,
+        target: CallInfo,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        deadline: Instant,
+        elsewhere: Option<&dyn Fn() -> bool>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Failed> {
+        let seg = self.instance_seg(target.instance, target.incarnation)?;
+        let stall = elsewhere.map(|e| (opts.stall_bound, e));
+        self.send_and_wait(sess, &seg, method, payload, opts, deadline, stall, out)
+    }
+
+    /// Whether instance `index` was seen stalled and its progress word has not moved since.
+    fn seen_stalled(&self, index: u32) -> bool {
+        if self
+            .stalled_pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            return false;
+        }
+        let mut st = self.stalled.lock();
+        let Some(&(inc, progress)) = st.get(&index) else {
+            return false;
+        };
+        let still = self.instances.read().get(&index).is_some_and(|seg| {
+            seg.incarnation == inc && seg.counters().progress.load(Ordering::Relaxed) == progress
+        });
+        if !still {
+            st.remove(&index);
+            self.stalled_pending
+                .store(st.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        still
+    }
+
+    fn note_stalled(&self, seg: &InstanceSeg, progress: u64) {
+        let mut st = self.stalled.lock();
+        st.insert(seg.index, (seg.incarnation, progress));
+        self.stalled_pending
+            .store(st.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A handler's error as the caller sees it (400 is the caller's `BadRequest`).
+    fn remote_error(&self, target: CallInfo, e: Error) -> Error {
+        match e {
+            Error::Remote {
+                code: code::BAD_REQUEST,
+                message,
+                ..
+            } => Error::BadRequest(message),
+            Error::Remote { code, message, .. } => Error::Remote {
+                instance: self.instance_name(target.instance),
+                code,
+                message,
+            },
+            e => e,
+        }
+    }
+
+    /// Whether instance `index` is still the incarnation we sent to, and not `Offline`.
+    fn instance_alive(registry: &RegistryView, index: u32, incarnation: u64) -> bool {
+        registry.instance(index).is_some_and(|e| {
+            let (st, inc) = e.seq.read(|| {
+                (
+                    e.status.load(Ordering::Relaxed),
+                    e.incarnation.load(Ordering::Relaxed),
+                )
+            });
+            inc == incarnation && (st == Status::Online as u32 || st == Status::Unhealthy as u32)
+        })
+    }
+
+    fn note_success(&self, target: CallInfo) {
+        if self
+            .timeouts_pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            let mut t = self.timeouts.lock();
+            t.remove(&(target.instance, target.incarnation));
+            self.timeouts_pending
+                .store(t.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Counts consecutive timeouts per instance; the third is reported to the broker, which
+    /// marks the instance `Unhealthy` (the seed's rule).
+    fn note_timeout(&self, target: CallInfo) {
+        let n = {
+            let mut t = self.timeouts.lock();
+            let n = t.entry((target.instance, target.incarnation)).or_insert(0);
+            *n += 1;
+            let n = *n;
+            if n >= UNHEALTHY_AFTER_TIMEOUTS {
+                t.remove(&(target.instance, target.incarnation));
+            }
+            self.timeouts_pending
+                .store(t.len(), std::sync::atomic::Ordering::Relaxed);
+            n
+        };
+        if n >= UNHEALTHY_AFTER_TIMEOUTS {
+            let req = Request::ReportUnhealthy {
+                instance: target.instance,
+                incarnation: target.incarnation,
+                reason: format!("{n} consecutive timeouts seen by pid {}", self.pid),
+            };
+            if let Err(e) = self.control().request(&req) {
+                tracing::debug!("reporting an unhealthy instance: {e}");
+            }
+        }
+    }
+
+    fn next_trace_id(&self) -> u64 {
+        (self.pid as u64) << 40
+            | (self
+                .trace_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                & ((1 << 40) - 1))
+    }
+
+    /// Writes the request into the instance's ring and waits for the reply in `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn send_and_wait(
+        &self,
+        routed_with: &Session,
+        seg: &InstanceSeg,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        deadline: Instant,
+        stall: Option<(Duration, &dyn Fn() -> bool)>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Failed> {
+        let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
+            Error::LimitExceeded(format!(
+                "all {} reply mailboxes of this connection are in use (calls in flight)",
+                self.client.layout.mailboxes
+            ))
+        })?;
+        let (mb, _) = self
+            .client
+            .mailbox(mb_idx)
+            .expect("pool hands out valid indices");
+        let ring = seg.ring();
+        let inline = payload.len() + method.len() <= ring.data_len();
+        let heap_block = if inline {
+            None
+        } else {
+            let len = payload.len() as u64;
+            let Some(off) = self.heap.alloc(len) else {
+                self.pool.put(mb_idx);
+                return Err(Error::LimitExceeded(format!(
+                    "request heap of {} bytes has no room for {len} more",
+                    self.heap.size()
+                ))
+                .into());
+            };
+            let dst = self
+                .client
+                .heap_range(off, len)
+                .expect("allocator stays inside the heap");
+            // SAFETY: `dst` is `len` bytes inside our heap, allocated to this call only.
+            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, payload.len()) };
+            Some((off, len))
+        };
+        let finish = |this: &Self| {
+            if let Some((off, len)) = heap_block {
+                this.heap.free(off, len);
+            }
+            this.pool.put(mb_idx);
+        };
+        mailbox::arm(mb, gen);
+        let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
+        let Some(mut claim) = claim_slot(&ring, self.pid, deadline, &mut watch) else {
+            mailbox::release(mb, gen);
+            finish(self);
+            return Err(Failed::NotDelivered(match &watch {
+                Some(w) if w.stalled() => {
+                    self.note_stalled(seg, w.progress);
+                    "ring full and the instance made no progress for the stall bound"
+                }
+                _ => "ring full until the attempt deadline",
+            }));
+        };
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::park_after_claim();
+        claim.set_header(MsgHeader {
+            client_index: self.client_ident().0,
+            client_gen: self.client_ident().1,
+            mailbox: mb_idx,
+            mailbox_gen: gen,
+            trace_id: opts.trace_id.unwrap_or_else(|| self.next_trace_id()),
+            payload_len: payload.len() as u64,
+            heap_off: heap_block.map_or(0, |(o, _)| o),
+            method_len: method.len() as u16,
+            hops: opts.hops,
+            kind: if inline { PAYLOAD_INLINE } else { PAYLOAD_HEAP },
+            _pad: 0,
+        });
+        let data = claim.data();
+        data[..method.len()].copy_from_slice(method.as_bytes());
+        if inline {
+            data[method.len()..method.len() + payload.len()].copy_from_slice(payload);
+        }
+        if claim.publish().is_err() {
+            mailbox::release(mb, gen);
+            finish(self);
+            return Err(Error::Protocol("the instance's ring skipped our request".into()).into());
+        }
+        ring.notify();
+        let mut waiter = Waiter::new(
+            opts.spin.unwrap_or(self.opts.spin),
+            CALLER_BACKOFF.get(),
+            Seats::new(routed_with.shared.spin_seats()),
+        );
+        // Judged against the registry this call was routed with: a broker restart swapping
+        // sessions mid-call is not the instance leaving.
+        let alive = || Self::instance_alive(&routed_with.registry, seg.index, seg.incarnation);
+        let (outcome, why) = loop {
+            let check = || {
+                if !alive() {
+                    return Target::Gone;
+                }
+                let stalled =
+                    mailbox::is_pending(mb, gen) && watch.as_mut().is_some_and(|w| w.check());
+                if stalled {
+                    Target::Stalled
+                } else {
+                    Target::Alive
+                }
+            };
+            match mailbox::wait_ready(mb, gen, &mut waiter, deadline, check) {
+                Wait::Ready => break (Cancel::Ready, Why::Deadline),
+                Wait::TimedOut => break (mailbox::cancel(mb, gen), Why::Deadline),
+                Wait::TargetGone => break (mailbox::cancel(mb, gen), Why::Gone),
+                Wait::Stalled => match mailbox::cancel(mb, gen) {
+                    // Taken at the last moment: it may run now, so wait for it after all.
+                    Cancel::InProgress => watch = None,
+                    c => break (c, Why::Stalled),
+                },
+            }
+        };
+        CALLER_BACKOFF.set(waiter.backoff);
+        match outcome {
+            Cancel::Ready => {
+                let r = self.read_reply(mb_idx, seg, out);
+                mailbox::release(mb, gen);
+                finish(self);
+                r.map_err(Failed::Error)
+            }
+            Cancel::Cancelled => {
+                mailbox::release(mb, gen);
+                finish(self);
+                Err(Failed::NotDelivered(match why {
+                    Why::Gone => "instance left before taking the request",
+                    Why::Deadline => "not taken before the attempt deadline",
+                    Why::Stalled => {
+                        if let Some(w) = &watch {
+                            self.note_stalled(seg, w.progress);
+                        }
+                        "instance made no progress for the stall bound: request withdrawn untaken"
+                    }
+                }))
+            }
+            Cancel::InProgress => {
+                self.pool.quarantine(mb_idx, gen, heap_block);
+                Err(Failed::InDoubt(if why == Why::Gone {
+                    "instance left while handling the request"
+                } else {
+                    "taken but not answered before the attempt deadline"
+                }))
+            }
+        }
+    }
+
+    /// Copies a ready reply out of mailbox `mb_idx`; every length and offset is checked.
+    fn read_reply(&self, mb_idx: u32, seg: &InstanceSeg, out: &mut Vec<u8>) -> Result<()> {
+        let (mb, inline_data) = self.client.mailbox(mb_idx).expect("valid mailbox");
+        let status = mb.status.load(Ordering::Relaxed);
+        let len = mb.reply_len.load(Ordering::Relaxed);
+        let bad =
+            |what: String| Error::Protocol(format!("reply from instance #{}: {what}", seg.index));
+        let src = match mb.reply_kind.load(Ordering::Relaxed) as u8 {
+            PAYLOAD_INLINE if len <= self.client.layout.mailbox_inline as u64 => inline_data,
+            PAYLOAD_INLINE => {
+                return Err(bad(format!("inline length {len} over the mailbox size")))
+            }
+            PAYLOAD_HEAP => {
+                if mb.incarnation.load(Ordering::Relaxed) != seg.incarnation {
+                    return Err(bad("heap reply from another incarnation".into()));
+                }
+                let off = mb.heap_off.load(Ordering::Relaxed);
+                seg.heap_range(off, len)
+                    .ok_or_else(|| bad(format!("heap range {off}+{len} outside the heap")))?
+            }
+            k => return Err(bad(format!("unknown reply kind {k}"))),
+        };
+        out.clear();
+        out.reserve(len as usize);
+        // SAFETY: `src` points to `len` readable bytes of a mapping we hold (bounds checked
+        // above); `out` has capacity `len` and is private memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), len as usize);
+            out.set_len(len as usize);
+        }
+        if status != code::OK as u32 {
+            let message = String::from_utf8_lossy(out).into_owned();
+            out.clear();
+            return Err(Error::Remote {
+                instance: String::new(),
+                code: status as u16,
+                message,
+            });
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// A calling thread's learned spin budget ([`crate::wait::Backoff`]), kept across calls.
+    static CALLER_BACKOFF: std::cell::Cell<Backoff> = std::cell::Cell::new(Backoff::default());
+}
+
+/// Why a caller stopped waiting for its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Deadline,
+    Gone,
+    Stalled,
+}
+
+/// Watches an instance's progress word while a request of ours waits for it: the instance
+/// is stalled when the word has not moved for `bound`.
+struct StallWatch<'a> {
+    word: &'a crate::sync::AtomicU64,
+    bound: Duration,
+    progress: u64,
+    since: Instant,
+    /// Whether another instance could take the request (else a stall is waited out).
+    elsewhere: &'a dyn Fn() -> bool,
+    stalled: bool,
+}
+
+impl<'a> StallWatch<'a> {
+    fn new(seg: &'a InstanceSeg, bound: Duration, elsewhere: &'a dyn Fn() -> bool) -> Self {
+        let word = &seg.counters().progress;
+        StallWatch {
+            word,
+            bound,
+            // Relaxed: a hint for routing; no data is read through it.
+            progress: word.load(Ordering::Relaxed),
+            since: Instant::now(),
+            elsewhere,
+            stalled: false,
+        }
+    }
+
+    /// Looks at the word again; true once it has stood still for the bound and another
+    /// instance could take the request.
+    fn check(&mut self) -> bool {
+        let p = self.word.load(Ordering::Relaxed);
+        if p != self.progress {
+            (self.progress, self.since) = (p, Instant::now());
+        }
+        self.stalled = self.since.elapsed() >= self.bound && (self.elsewhere)();
+        self.stalled
+    }
+
+    fn stalled(&self) -> bool {
+        self.stalled
+    }
+}
+
+/// Claims a ring slot, waiting (spin, yield, then short sleeps) while the ring is full.
+/// A full ring means the instance is behind; there is no futex for "space", so this is
+/// the one bounded poll in the call path. Gives up at `deadline`, or when `stall` sees the
+/// instance make no progress for its bound.
+fn claim_slot<'a>(
+    ring: &RingRef<'a>,
+    pid: u32,
+    deadline: Instant,
+    stall: &mut Option<StallWatch<'_>>,
+) -> Option<crate::ring::Claim<'a>> {
+    let mut tries = 0u32;
+    loop {
+        if let Ok(c) = ring.try_claim(pid) {
+            return Some(c);
+        }
+        if Instant::now() >= deadline || stall.as_mut().is_some_and(|w| w.check()) {
+            return None;
+        }
+        tries += 1;
+        match tries {
+            0..=63 => std::hint::spin_loop(),
+            64..=127 => std::thread::yield_now(),
+            _ => std::thread::sleep(Duration::from_micros(50)),
+        }
+    }
+}
