@@ -449,3 +449,51 @@ fn typed_calls_and_pull_style_serving_work_in_process() {
         stop.stop();
     });
 }
+
+#[test]
+fn submitted_calls_are_collected_in_any_order_and_dropped_ones_return_their_mailboxes() {
+    let bus = TestBus::start();
+    let _a = bus.serve("pipe", "a", &[]);
+    let _b = bus.serve("pipe", "b", &[]);
+    let client = bus.connect_with(BusOptions {
+        mailboxes: 32,
+        ..Default::default()
+    });
+    let payload = |i: u32| format!("submitted call {i}").into_bytes();
+    // 32 in flight from one thread, collected newest first.
+    let mut pending: Vec<_> = (0..32)
+        .map(|i| client.submit("pipe", "m", &payload(i), &opts()).unwrap())
+        .collect();
+    let mut by = HashMap::new();
+    let mut out = Vec::new();
+    for i in (0..32u32).rev() {
+        let info = pending.pop().unwrap().wait(&mut out).unwrap();
+        assert_eq!(out, payload(i), "call {i} got another call's reply");
+        *by.entry(client.instance_id(info)).or_insert(0) += 1;
+    }
+    assert_eq!((by["a"], by["b"]), (16, 16), "round-robin over both");
+    // Past the mailboxes: a clear LimitExceeded, not a hang.
+    let full: Vec<_> = (0..32)
+        .map(|i| client.submit("pipe", "m", &payload(i), &opts()).unwrap())
+        .collect();
+    match client.submit("pipe", "m", b"one too many", &opts()) {
+        Err(Error::LimitExceeded(m)) => assert!(m.contains("mailboxes"), "{m}"),
+        other => panic!("expected LimitExceeded, got {:?}", other.map(|_| ())),
+    }
+    // Dropped uncollected: every mailbox comes back (at once, or once its instance has
+    // answered), so 32 can be in flight again.
+    drop(full);
+    let mut again = Vec::new();
+    support::wait_for("all 32 mailboxes to come back", || {
+        match client.submit("pipe", "m", &payload(again.len() as u32), &opts()) {
+            Ok(p) => again.push(p),
+            Err(Error::LimitExceeded(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+        again.len() == 32
+    });
+    for (i, p) in again.into_iter().enumerate() {
+        p.wait(&mut out).unwrap();
+        assert_eq!(out, payload(i as u32));
+    }
+}

@@ -215,6 +215,17 @@ impl Session {
             .unwrap_or_else(|| format!("#{index}"))
     }
 
+    /// The name of the service instance `index` belongs to (for messages).
+    pub(crate) fn service_of(&self, index: u32) -> String {
+        let name = self.registry.instance(index).and_then(|e| {
+            let svc = e.seq.read(|| e.service.load(Ordering::Relaxed));
+            let s = self.registry.service(svc)?;
+            let (b, l) = s.seq.read(|| s.name.load());
+            Some(String::from_utf8_lossy(&b[..l]).into_owned())
+        });
+        name.unwrap_or_else(|| format!("(service of instance #{index})"))
+    }
+
     /// Whether the service has a member routing could use now.
     fn routable(&self, service: &str) -> bool {
         self.find_service(service)

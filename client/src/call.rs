@@ -361,6 +361,58 @@ impl Bus {
         }
     }
 
+    /// Sends a call and returns at once, without waiting for its reply, so that one thread
+    /// can have many calls in flight (one mailbox each: [`crate::BusOptions::mailboxes`];
+    /// past them, `LimitExceeded`). Collect each reply with [`Pending::wait`], in any order.
+    ///
+    /// A submitted call makes one attempt, on one instance: no failover (a request that
+    /// never ran, `Timeout` saying "not taken", can simply be submitted again), and no stall
+    /// withdrawal. Dropping a [`Pending`] cancels its call: a request not yet taken never
+    /// runs, and the mailbox comes back at once (or when the instance has answered).
+    pub fn submit(
+        &self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+    ) -> Result<Pending<'_>> {
+        let start = Instant::now();
+        names::service(service)?;
+        names::method(method)?;
+        check_options(opts)?;
+        let inner = &*self.inner;
+        let no_instance = || Error::NoAvailableInstance {
+            service: service.to_owned(),
+        };
+        let sess = inner.routing_session(service);
+        let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
+        let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
+        check_size(service, payload, max)?;
+        let skip =
+            |m: u32| !opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m));
+        let target = sess
+            .pick(svc_idx, svc, &opts.selection, |m| {
+                skip(m) || inner.seen_stalled(m)
+            })
+            .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip))
+            .ok_or_else(no_instance)?;
+        let seg = inner.instance_seg(target.instance, target.incarnation)?;
+        let deadline = start + opts.timeout.min(opts.attempt_timeout);
+        match inner.send(&seg, method, payload, opts, deadline, &mut None) {
+            Ok(sent) => Ok(Pending {
+                inner,
+                sess,
+                seg,
+                target,
+                sent: Some(sent),
+                spin: opts.spin,
+                deadline,
+                start,
+            }),
+            Err(f) => Err(inner.one_attempt_error(sess, target, f, start)),
+        }
+    }
+
     /// Typed call: `req` and the reply travel as bincode (serde).
     pub fn call_typed<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -432,6 +484,45 @@ impl BusInner {
         st.insert(seg.index, (seg.incarnation, progress));
         self.stalled_pending
             .store(st.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The error of a call that made one attempt (a submitted call, a call by resource).
+    fn one_attempt_error(
+        &self,
+        sess: &Session,
+        target: CallInfo,
+        f: Failed,
+        start: Instant,
+    ) -> Error {
+        match f {
+            Failed::Error(e) => self.remote_error(target, e),
+            Failed::NotDelivered(w) | Failed::InDoubt(w) => Error::Timeout {
+                service: sess.service_of(target.instance),
+                elapsed: start.elapsed(),
+                attempts: vec![Attempt {
+                    instance: self.instance_name(target.instance),
+                    error: w.to_owned(),
+                    duration: start.elapsed(),
+                }],
+            },
+        }
+    }
+
+    /// Gives up on a sent request nobody will wait for: one not yet taken is cancelled
+    /// (it never runs) and its mailbox freed; one being handled is quarantined until its
+    /// late reply lands.
+    fn abandon(&self, sent: Sent) {
+        let (mb, _) = self
+            .client
+            .mailbox(sent.mailbox)
+            .expect("pool hands out valid indices");
+        match mailbox::cancel(mb, sent.gen) {
+            Cancel::Cancelled | Cancel::Ready => {
+                mailbox::release(mb, sent.gen);
+                self.free_sent(&sent);
+            }
+            Cancel::InProgress => self.pool.quarantine(sent.mailbox, sent.gen, sent.heap),
+        }
     }
 
     /// A handler's error as the caller sees it (400 is the caller's `BadRequest`).
@@ -525,6 +616,30 @@ impl BusInner {
         stall: Option<(Duration, &dyn Fn() -> bool)>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
+        let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
+        let sent = self.send(seg, method, payload, opts, deadline, &mut watch)?;
+        self.wait_sent(routed_with, seg, sent, opts.spin, deadline, watch, out)
+    }
+
+    /// Frees what a sent request held: its request heap block and its mailbox.
+    fn free_sent(&self, s: &Sent) {
+        if let Some((off, len)) = s.heap {
+            self.heap.free(off, len);
+        }
+        self.pool.put(s.mailbox);
+    }
+
+    /// Writes the request into the instance's ring (waiting for a slot while the ring is
+    /// full, until `deadline` or until `watch` sees the instance stalled).
+    fn send(
+        &self,
+        seg: &InstanceSeg,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        deadline: Instant,
+        watch: &mut Option<StallWatch<'_>>,
+    ) -> Result<Sent, Failed> {
         let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
             Error::LimitExceeded(format!(
                 "all {} reply mailboxes of this connection are in use (calls in flight)",
@@ -557,18 +672,16 @@ impl BusInner {
             unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, payload.len()) };
             Some((off, len))
         };
-        let finish = |this: &Self| {
-            if let Some((off, len)) = heap_block {
-                this.heap.free(off, len);
-            }
-            this.pool.put(mb_idx);
+        let sent = Sent {
+            mailbox: mb_idx,
+            gen,
+            heap: heap_block,
         };
         mailbox::arm(mb, gen);
-        let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
-        let Some(mut claim) = claim_slot(&ring, self.pid, deadline, &mut watch) else {
+        let Some(mut claim) = claim_slot(&ring, self.pid, deadline, watch) else {
             mailbox::release(mb, gen);
-            finish(self);
-            return Err(Failed::NotDelivered(match &watch {
+            self.free_sent(&sent);
+            return Err(Failed::NotDelivered(match watch {
                 Some(w) if w.stalled() => {
                     self.note_stalled(seg, w.progress);
                     "ring full and the instance made no progress for the stall bound"
@@ -598,12 +711,34 @@ impl BusInner {
         }
         if claim.publish().is_err() {
             mailbox::release(mb, gen);
-            finish(self);
+            self.free_sent(&sent);
             return Err(Error::Protocol("the instance's ring skipped our request".into()).into());
         }
         ring.notify();
+        Ok(sent)
+    }
+
+    /// Waits for the reply to `sent` and copies it into `out`; on a deadline, a departure or
+    /// a stall (`watch`), settles the mailbox: a request never taken is withdrawn
+    /// (`NotDelivered`), one taken and unanswered is in doubt and its mailbox quarantined.
+    #[allow(clippy::too_many_arguments)]
+    fn wait_sent(
+        &self,
+        routed_with: &Session,
+        seg: &InstanceSeg,
+        sent: Sent,
+        spin: Option<Spin>,
+        deadline: Instant,
+        mut watch: Option<StallWatch<'_>>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Failed> {
+        let (mb_idx, gen) = (sent.mailbox, sent.gen);
+        let (mb, _) = self
+            .client
+            .mailbox(mb_idx)
+            .expect("pool hands out valid indices");
         let mut waiter = Waiter::new(
-            opts.spin.unwrap_or(self.opts.spin),
+            spin.unwrap_or(self.opts.spin),
             CALLER_BACKOFF.get(),
             Seats::new(routed_with.shared.spin_seats()),
         );
@@ -639,12 +774,12 @@ impl BusInner {
             Cancel::Ready => {
                 let r = self.read_reply(mb_idx, seg, out);
                 mailbox::release(mb, gen);
-                finish(self);
+                self.free_sent(&sent);
                 r.map_err(Failed::Error)
             }
             Cancel::Cancelled => {
                 mailbox::release(mb, gen);
-                finish(self);
+                self.free_sent(&sent);
                 Err(Failed::NotDelivered(match why {
                     Why::Gone => "instance left before taking the request",
                     Why::Deadline => "not taken before the attempt deadline",
@@ -657,7 +792,7 @@ impl BusInner {
                 }))
             }
             Cancel::InProgress => {
-                self.pool.quarantine(mb_idx, gen, heap_block);
+                self.pool.quarantine(mb_idx, gen, sent.heap);
                 Err(Failed::InDoubt(if why == Why::Gone {
                     "instance left while handling the request"
                 } else {
@@ -713,6 +848,74 @@ impl BusInner {
 thread_local! {
     /// A calling thread's learned spin budget ([`crate::wait::Backoff`]), kept across calls.
     static CALLER_BACKOFF: std::cell::Cell<Backoff> = std::cell::Cell::new(Backoff::default());
+}
+
+/// A call sent by [`Bus::submit`] whose reply has not been collected yet.
+#[must_use = "dropping a Pending cancels its call"]
+pub struct Pending<'b> {
+    inner: &'b BusInner,
+    sess: &'b Session,
+    seg: std::sync::Arc<InstanceSeg>,
+    target: CallInfo,
+    /// `None` once waited for.
+    sent: Option<Sent>,
+    spin: Option<Spin>,
+    deadline: Instant,
+    start: Instant,
+}
+
+impl Pending<'_> {
+    /// The instance the call went to.
+    pub fn instance(&self) -> CallInfo {
+        self.target
+    }
+
+    /// Whether the reply has arrived ([`Pending::wait`] then returns without waiting).
+    pub fn is_ready(&self) -> bool {
+        self.sent.as_ref().is_some_and(|s| {
+            self.inner
+                .client
+                .mailbox(s.mailbox)
+                .is_some_and(|(mb, _)| mailbox::is_ready(mb, s.gen))
+        })
+    }
+
+    /// Waits for the reply (until the call's attempt deadline) and writes it into `out`.
+    pub fn wait(mut self, out: &mut Vec<u8>) -> Result<CallInfo> {
+        let sent = self.sent.take().expect("a Pending is waited for once");
+        let inner = self.inner;
+        match inner.wait_sent(
+            self.sess,
+            &self.seg,
+            sent,
+            self.spin,
+            self.deadline,
+            None,
+            out,
+        ) {
+            Ok(()) => {
+                inner.note_success(self.target);
+                Ok(self.target)
+            }
+            Err(f) => Err(inner.one_attempt_error(self.sess, self.target, f, self.start)),
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.sent.take() {
+            self.inner.abandon(s);
+        }
+    }
+}
+
+/// A request in an instance's ring whose reply is awaited in this connection's mailbox
+/// `mailbox`, generation `gen`; `heap` is its request heap block, if it needed one.
+pub(crate) struct Sent {
+    mailbox: u32,
+    gen: u32,
+    heap: Option<(u64, u64)>,
 }
 
 /// Why a caller stopped waiting for its reply.

@@ -39,7 +39,7 @@ mod test_hooks;
 pub mod wait;
 
 pub use bus::{Bus, BusOptions, CallInfo, ResourceOwner, Selection};
-pub use call::{CallOptions, Reply};
+pub use call::{CallOptions, Pending, Reply};
 pub use error::{Attempt, Error, Result, ServiceError};
 pub use instance::{Instance, Receiver, RegisterOptions, Request, StopHandle};
 pub use layout::Status;

@@ -32,6 +32,8 @@ pub struct Load {
     pub ramp_up: Duration,
     /// Start the clock at this wall-clock time (several worker processes start together).
     pub start_at: Option<SystemTime>,
+    /// Calls each client keeps in flight (`Bus::submit`); 1: one call at a time.
+    pub inflight: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -187,6 +189,7 @@ pub fn run(
     let opts = BusOptions {
         dir,
         spin: load.spin,
+        mailboxes: BusOptions::default().mailboxes.max(load.inflight as u32),
         ..Default::default()
     };
     // Connect every client before the clock starts.
@@ -370,6 +373,10 @@ fn client_loop(
         mismatched: 0,
         first_error: None,
     };
+    if args.inflight > 1 {
+        pipelined(bus, args, client, opts, first, end, stop, &mut r);
+        return r;
+    }
     let mut payload = vec![0xa5u8; args.payload];
     let mut out = Vec::with_capacity(args.payload);
     let mut intended = first;
@@ -423,6 +430,73 @@ fn client_loop(
         }
     }
     r
+}
+
+/// Closed loop with `args.inflight` calls in flight: submit until that many are out, then
+/// collect the oldest and submit the next. Latency runs from submit to collect.
+#[allow(clippy::too_many_arguments)]
+fn pipelined(
+    bus: &Bus,
+    args: &Load,
+    client: u64,
+    opts: &CallOptions,
+    first: Instant,
+    end: Instant,
+    stop: &AtomicBool,
+    r: &mut ClientResult,
+) {
+    let mut payload = vec![0xa5u8; args.payload];
+    let mut out = Vec::with_capacity(args.payload);
+    let mut queue = std::collections::VecDeque::with_capacity(args.inflight);
+    if let Some(d) = first.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+    let mut collected = 0u64;
+    loop {
+        let done = match args.count {
+            Some(c) => r.sent >= c,
+            None => Instant::now() >= end,
+        } || stop.load(Ordering::Relaxed);
+        while !done && queue.len() < args.inflight {
+            if args.verify {
+                payload[..8].copy_from_slice(&client.to_le_bytes());
+                payload[8..16].copy_from_slice(&r.sent.to_le_bytes());
+            }
+            r.sent += 1;
+            match bus.submit(&args.service, &args.method, &payload, opts) {
+                Ok(p) => queue.push_back((p, Instant::now())),
+                Err(e) => {
+                    r.errors += 1;
+                    r.first_error.get_or_insert_with(|| e.to_string());
+                    break;
+                }
+            }
+        }
+        let Some((p, at)) = queue.pop_front() else {
+            if done {
+                break;
+            }
+            continue;
+        };
+        match p.wait(&mut out) {
+            Ok(_) => {
+                let _ = r.hist.record(at.elapsed().as_nanos().max(1) as u64);
+                r.ok += 1;
+                if args.verify {
+                    payload[..8].copy_from_slice(&client.to_le_bytes());
+                    payload[8..16].copy_from_slice(&collected.to_le_bytes());
+                    if out != payload {
+                        r.mismatched += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                r.errors += 1;
+                r.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+        collected += 1;
+    }
 }
 
 /// When a client's call number `n` (from 0) is due, relative to its first: every `iv` at

@@ -93,6 +93,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                         idempotent: false,
                         ramp_up: Duration::ZERO,
                         start_at: None,
+                        inflight: 1,
                     };
                     runs[k].push(load::run(&l, Some(bus.dir().to_owned()), None)?);
                 }

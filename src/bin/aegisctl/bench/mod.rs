@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// share of --rate.
     #[arg(long, default_value_t = 1)]
     pub processes: usize,
+    /// Calls each client keeps in flight (submitted, replies collected later); closed
+    /// loop only.
+    #[arg(long, default_value_t = 1)]
+    pub inflight: usize,
     /// One of the seed's performance scenarios, with its load, targets and a verdict.
     #[arg(long, value_enum)]
     pub scenario: Option<Scenario>,
@@ -135,6 +139,12 @@ impl BenchArgs {
         if self.processes == 0 {
             return Err("--processes must be at least 1".into());
         }
+        if self.inflight == 0 {
+            return Err("--inflight must be at least 1 (calls each client keeps in flight)".into());
+        }
+        if self.inflight > 1 && self.rate.is_some() {
+            return Err("--inflight runs a closed loop; it does not combine with --rate".into());
+        }
         if self.stall_ms == Some(0) {
             return Err(
                 "--stall-ms must be at least 1 (how long an instance may leave a request untaken)"
@@ -161,6 +171,7 @@ impl BenchArgs {
             start_at: self
                 .start_at_ms
                 .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+            inflight: self.inflight,
         })
     }
 }
@@ -294,6 +305,7 @@ fn run_workers(
             .args(["--duration", &load.duration.as_secs_f64().to_string()])
             .args(["--payload", &load.payload.to_string()])
             .args(["--timeout-ms", &args.timeout_ms.to_string()])
+            .args(["--inflight", &load.inflight.to_string()])
             .args(["--start-at-ms", &start_ms.to_string()]);
         if let Some(r) = load.rate {
             cmd.args(["--rate", &(r / args.processes as f64).to_string()]);
