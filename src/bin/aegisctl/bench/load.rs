@@ -190,7 +190,6 @@ pub fn run(
         dir,
         spin: load.spin,
         mailboxes: BusOptions::default().mailboxes.max(load.inflight as u32),
-        ..Default::default()
     };
     // Connect every client before the clock starts.
     let buses = (0..load.clients)
