@@ -401,8 +401,7 @@ fn client_loop(
             }
         }
         if args.verify {
-            payload[..8].copy_from_slice(&client.to_le_bytes());
-            payload[8..16].copy_from_slice(&r.sent.to_le_bytes());
+            stamp(&mut payload, client, r.sent);
         }
         let sent_at = if interval.is_some() {
             let _ = r.lag.record(intended.elapsed().as_nanos().max(1) as u64);
@@ -429,6 +428,12 @@ fn client_loop(
         }
     }
     r
+}
+
+/// `--verify`: a request names its client and sequence number in its first 16 bytes.
+fn stamp(payload: &mut [u8], client: u64, seq: u64) {
+    payload[..8].copy_from_slice(&client.to_le_bytes());
+    payload[8..16].copy_from_slice(&seq.to_le_bytes());
 }
 
 /// Closed loop with `args.inflight` calls in flight: submit until that many are out, then
@@ -458,8 +463,7 @@ fn pipelined(
         } || stop.load(Ordering::Relaxed);
         while !done && queue.len() < args.inflight {
             if args.verify {
-                payload[..8].copy_from_slice(&client.to_le_bytes());
-                payload[8..16].copy_from_slice(&r.sent.to_le_bytes());
+                stamp(&mut payload, client, r.sent);
             }
             r.sent += 1;
             match bus.submit(&args.service, &args.method, &payload, opts) {
@@ -482,8 +486,7 @@ fn pipelined(
                 let _ = r.hist.record(at.elapsed().as_nanos().max(1) as u64);
                 r.ok += 1;
                 if args.verify {
-                    payload[..8].copy_from_slice(&client.to_le_bytes());
-                    payload[8..16].copy_from_slice(&collected.to_le_bytes());
+                    stamp(&mut payload, client, collected);
                     if out != payload {
                         r.mismatched += 1;
                     }
