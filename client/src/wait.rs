@@ -5,21 +5,15 @@
 //! more willing spinners than cores, fixed spin budgets steal each other's time slices: the
 //! thread that would answer is runnable but waits behind spinners, and throughput falls far
 //! below plain sleeping. So the default policy, [`Spin::Adaptive`], is an idle strategy in
-//! the manner of Aeron's backoff strategy (spin, then yield, then park), with two
-//! additions:
+//! the manner of Aeron's backoff strategy (spin, then park), with these rules:
 //!
 //! * **Spin seats.** Spinning needs one of the bus's spin seats ([`Seats`]), a row of words
 //!   in the shared segment, as many as this process has cores. So the whole bus never has
 //!   more spinning threads than cores, and a thread that gets no seat sleeps at once.
 //!   (Aeron's yield phase in between measured worse here: 8 callers × 3 instances on the
-//!   2-core VM, 153 k calls/s with two yields, 209 k without.) A serving thread keeps its seat while it
-//!   works, so an instance handling a request is never crowded out by idle spinners.
-//! * **A learned budget** per waiter ([`Backoff`]): a wait that ended while spinning, or
-//!   soon enough after parking that spinning would have caught it, sets the budget to about
-//!   twice what it took (at most [`ADAPTIVE_MAX_SPIN`]); a spin that came to nothing halves
-//!   it, down to zero (park at once). A short wait while parked grows it again, so it
-//!   re-learns without probing.
-//!
+//!   2-core VM, 153 k calls/s with two yields, 209 k without.) A serving thread keeps its
+//!   seat while it works, so an instance handling a request is not crowded out by idle
+//!   spinners.
 //! * **A spare core.** Seats count only our own spinners; the kernel knows who else wants a
 //!   core. An adaptive waiter spins only while threads have not been queueing for cores:
 //!   the kernel's CPU pressure (`/proc/pressure/cpu`, `some`: time in which at least one
@@ -31,10 +25,19 @@
 //!   at once: pure blocking, which is then the fastest thing to do. A thread that has just
 //!   woken a sleeping peer also checks the instantaneous count plus that peer against the
 //!   cores: the peer needs a core now.
-//!
+//! * **A learned budget** per waiter ([`Backoff`]): a wait that ended while spinning sets
+//!   the budget to about twice what it took; a spin that came to nothing halves it, down to
+//!   zero (then a short probe every [`PROBE_EVERY`] waits). A caller's budget also grows
+//!   when a wait ended soon after it parked (spinning would have caught it), up to
+//!   [`ADAPTIVE_MAX_SPIN`]; a serving thread's only from spins, up to [`SERVER_MAX_SPIN`]
+//!   (it spins for whoever calls next, and an idle instance among several would take the
+//!   core the caller and the called instance need).
+//! * **Only for work in progress.** A caller stops spinning once its request has sat
+//!   untaken for [`UNTAKEN_GRACE`] (unless it has just woken that instance): the instance
+//!   is busy with a queue, and the caller's spinning would only slow it.
 //! * **Yielding while spinning.** An adaptive spinner calls `sched_yield` every
-//!   [`SPIN_YIELD_EVERY`], so a peer woken onto its core runs at once. (Measured on the 2-core
-//!   VM, 1 caller × 2 instances: 36 k calls/s without it, 63 k with it; blocking 34 k.)
+//!   [`SPIN_YIELD_EVERY`], so a peer woken onto its core runs at once. (Measured on the
+//!   2-core VM, 1 caller × 2 instances: 36 k calls/s without it, 63 k with it; blocking 34 k.)
 //!
 //! [`Spin::Fixed`] spins exactly the given time (no seat, no learning) for users who pin
 //! threads to cores; `Fixed(Duration::ZERO)` is pure blocking.
@@ -54,7 +57,8 @@ use crate::sync::{spin_hint, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Spin {
     /// Spin only with a free core (a spin seat) and for as long as spinning has recently
-    /// paid off; otherwise yield, then sleep. Never slower than blocking.
+    /// paid off; otherwise sleep at once. Meant never to be slower than blocking (see the
+    /// README's load matrix for where that holds).
     #[default]
     Adaptive,
     /// Spin exactly this long, then sleep (`Duration::ZERO`: sleep at once). For threads
