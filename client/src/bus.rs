@@ -301,6 +301,9 @@ pub(crate) struct BusInner {
     /// routing until the word moves. With its size, for the fast path.
     pub(crate) stalled: Mutex<HashMap<u32, (u64, u64)>>,
     pub(crate) stalled_pending: AtomicUsize,
+    /// Futures waiting for replies (feature `async`).
+    #[cfg(feature = "async")]
+    pub(crate) async_waiters: crate::future::AsyncWaiters,
 }
 
 /// Wakes this process's threads waiting on `sess`'s registry words (`watch`,
@@ -373,6 +376,8 @@ impl Bus {
                 timeouts_pending: AtomicUsize::new(0),
                 stalled: Mutex::new(HashMap::new()),
                 stalled_pending: AtomicUsize::new(0),
+                #[cfg(feature = "async")]
+                async_waiters: Default::default(),
             }),
         };
         crate::reconnect::spawn_supervisor(&bus.inner, watch, stop_watch)?;

@@ -770,6 +770,57 @@ impl BusInner {
             }
         };
         CALLER_BACKOFF.set(waiter.backoff);
+        if why == Why::Stalled {
+            if let Some(w) = &watch {
+                self.note_stalled(seg, w.progress);
+            }
+        }
+        self.settle(seg, sent, outcome, why, out)
+    }
+
+    /// Without blocking: the result of `sent` if it is settled now (the reply is there, or
+    /// `deadline` passed, or the instance left), else `None` (ask again later).
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
+    pub(crate) fn poll_sent(
+        &self,
+        routed_with: &Session,
+        seg: &InstanceSeg,
+        sent: &Sent,
+        deadline: Instant,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), Failed>> {
+        let (mb, _) = self
+            .client
+            .mailbox(sent.mailbox)
+            .expect("pool hands out valid indices");
+        let (outcome, why) = if mailbox::is_ready(mb, sent.gen) {
+            (Cancel::Ready, Why::Deadline)
+        } else if Instant::now() >= deadline {
+            (mailbox::cancel(mb, sent.gen), Why::Deadline)
+        } else if !Self::instance_alive(&routed_with.registry, seg.index, seg.incarnation) {
+            (mailbox::cancel(mb, sent.gen), Why::Gone)
+        } else {
+            return None;
+        };
+        let sent = *sent;
+        Some(self.settle(seg, sent, outcome, why, out))
+    }
+
+    /// Ends a sent request's life after its wait: reads the reply, or frees (never taken)
+    /// or quarantines (taken, unanswered) its mailbox, and says what happened.
+    fn settle(
+        &self,
+        seg: &InstanceSeg,
+        sent: Sent,
+        outcome: Cancel,
+        why: Why,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Failed> {
+        let (mb_idx, gen) = (sent.mailbox, sent.gen);
+        let (mb, _) = self
+            .client
+            .mailbox(mb_idx)
+            .expect("pool hands out valid indices");
         match outcome {
             Cancel::Ready => {
                 let r = self.read_reply(mb_idx, seg, out);
@@ -784,9 +835,6 @@ impl BusInner {
                     Why::Gone => "instance left before taking the request",
                     Why::Deadline => "not taken before the attempt deadline",
                     Why::Stalled => {
-                        if let Some(w) = &watch {
-                            self.note_stalled(seg, w.progress);
-                        }
                         "instance made no progress for the stall bound: request withdrawn untaken"
                     }
                 }))
@@ -870,6 +918,29 @@ impl Pending<'_> {
         self.target
     }
 
+    /// This call's mailbox and generation.
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
+    pub(crate) fn mailbox(&self) -> (u32, u32) {
+        self.sent.map_or((u32::MAX, 0), |s| (s.mailbox, s.gen))
+    }
+
+    /// Without blocking: the call's result if it is settled (replied, past its deadline, or
+    /// its instance gone), else `None`.
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
+    pub(crate) fn poll_now(&mut self, out: &mut Vec<u8>) -> Option<Result<CallInfo>> {
+        let sent = self.sent?;
+        let inner = self.inner;
+        let r = inner.poll_sent(self.sess, &self.seg, &sent, self.deadline, out)?;
+        self.sent = None;
+        Some(match r {
+            Ok(()) => {
+                inner.note_success(self.target);
+                Ok(self.target)
+            }
+            Err(f) => Err(inner.one_attempt_error(self.sess, self.target, f, self.start)),
+        })
+    }
+
     /// Whether the reply has arrived ([`Pending::wait`] then returns without waiting).
     pub fn is_ready(&self) -> bool {
         self.sent.as_ref().is_some_and(|s| {
@@ -912,9 +983,10 @@ impl Drop for Pending<'_> {
 
 /// A request in an instance's ring whose reply is awaited in this connection's mailbox
 /// `mailbox`, generation `gen`; `heap` is its request heap block, if it needed one.
+#[derive(Clone, Copy)]
 pub(crate) struct Sent {
-    mailbox: u32,
-    gen: u32,
+    pub(crate) mailbox: u32,
+    pub(crate) gen: u32,
     heap: Option<(u64, u64)>,
 }
 

@@ -475,7 +475,7 @@ impl InstanceInner {
         mb.reply_kind.store(kind as u32, Ordering::Relaxed);
         mb.reply_len.store(data.len() as u64, Ordering::Relaxed);
         mb.heap_off.store(off, Ordering::Relaxed);
-        mailbox::complete(mb, d.gen);
+        mailbox::complete(mb, d.gen, d.client.doorbell());
         self.seg
             .counters()
             .requests_served

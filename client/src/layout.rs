@@ -1019,6 +1019,16 @@ pub struct MailboxHeader {
 // SAFETY: repr(C), atomics only.
 unsafe impl ShmSafe for MailboxHeader {}
 
+/// The client segment's control words, in the 64 bytes after its header.
+#[repr(C, align(64))]
+pub struct ClientControl {
+    /// Bumped (and futex-woken) by an instance that completes a mailbox an async waiter
+    /// sleeps on (`mailbox::ASYNC`): the connection's doorbell thread waits on it.
+    pub doorbell: AtomicU32,
+}
+// SAFETY: repr(C), one atomic.
+unsafe impl ShmSafe for ClientControl {}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientLayout {
     pub mailboxes: u32,
@@ -1027,6 +1037,7 @@ pub struct ClientLayout {
 }
 
 impl ClientLayout {
+    const CONTROL: usize = 64;
     const MAILBOXES: usize = 128;
     pub fn mailbox_stride(&self) -> usize {
         size_of::<MailboxHeader>() + self.mailbox_inline as usize
@@ -1093,6 +1104,10 @@ impl ClientSeg {
         })
     }
     /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
+    /// The connection's doorbell (see [`ClientControl`]).
+    pub fn doorbell(&self) -> &AtomicU32 {
+        &self.map.at::<ClientControl>(ClientLayout::CONTROL).doorbell
+    }
     pub fn mailbox(&self, i: u32) -> Option<(&MailboxHeader, *mut u8)> {
         if i >= self.layout.mailboxes {
             return None;
@@ -1145,4 +1160,6 @@ const _: () = {
     assert!(size_of::<MailboxHeader>() == 64);
     assert!(InstanceLayout::RING % 128 == 0 && SharedLayout::COUNTERS % 64 == 0);
     assert!(ClientLayout::MAILBOXES % 64 == 0 && MAILBOX_INLINE % 64 == 0);
+    assert!(size_of::<ClientControl>() == 64);
+    assert!(ClientLayout::CONTROL + size_of::<ClientControl>() <= ClientLayout::MAILBOXES);
 };

@@ -23,6 +23,8 @@ pub mod codec;
 mod control;
 pub mod dirs;
 pub mod error;
+#[cfg(feature = "async")]
+mod future;
 pub mod heap;
 pub mod instance;
 pub mod layout;

@@ -1,6 +1,8 @@
 //! One-shot reply mailboxes: the state machine shared by a caller and an instance.
 //!
-//! State word ([`MailboxHeader::state`]): `generation << 8 | waiter << 4 | phase`.
+//! State word ([`MailboxHeader::state`]): `generation << 8 | async << 5 | waiter << 4 |
+//! phase`. `waiter`: the caller sleeps on this word's futex; `async`: an async waiter
+//! sleeps on the connection's doorbell ([`crate::layout::ClientControl`]).
 //!
 //! ```text
 //!  caller: arm            instance: take           instance: complete
@@ -33,6 +35,10 @@ pub const READY: u32 = 3;
 pub const CANCELLED: u32 = 4;
 const PHASE: u32 = 0xf;
 pub const WAITER: u32 = 1 << 4;
+/// An async waiter (a future) waits for this mailbox: `complete` rings the doorbell.
+pub const ASYNC: u32 = 1 << 5;
+/// The waiter flags, kept across `take`.
+const FLAGS: u32 = WAITER | ASYNC;
 /// Generations are 24 bits; they only need to differ between consecutive uses.
 pub const GEN_MASK: u32 = 0x00ff_ffff;
 
@@ -57,14 +63,14 @@ pub fn arm(mb: &MailboxHeader, gen: u32) {
 pub fn take(mb: &MailboxHeader, gen: u32) -> bool {
     let mut s = mb.state.load(Ordering::Relaxed);
     loop {
-        if s & !WAITER != pack(gen, PENDING) {
+        if s & !FLAGS != pack(gen, PENDING) {
             return false;
         }
         // Relaxed: exclusivity comes from the RMW order on this one word; the request data
         // was already acquired through the ring slot.
         match mb.state.compare_exchange_weak(
             s,
-            pack(gen, TAKEN) | (s & WAITER),
+            pack(gen, TAKEN) | (s & FLAGS),
             Ordering::Relaxed,
             Ordering::Relaxed,
         ) {
@@ -75,13 +81,14 @@ pub fn take(mb: &MailboxHeader, gen: u32) -> bool {
 }
 
 /// Instance: publishes the reply (written before this call) and wakes the caller if it
-/// sleeps. Returns false if the state was not ours (a misbehaving caller changed it).
-pub fn complete(mb: &MailboxHeader, gen: u32) -> bool {
+/// sleeps: on the state word, or through the connection's `doorbell` for an async waiter.
+/// Returns false if the state was not ours (a misbehaving caller changed it).
+pub fn complete(mb: &MailboxHeader, gen: u32, doorbell: &AtomicU32) -> bool {
     // A CAS from our own TAKEN, never a blind store: if the caller long since recycled the
     // mailbox (see `Bus` quarantine expiry), this late reply changes nothing.
     let mut s = mb.state.load(Ordering::Relaxed);
     loop {
-        if s & !WAITER != pack(gen, TAKEN) {
+        if s & !FLAGS != pack(gen, TAKEN) {
             return false;
         }
         match mb.state.compare_exchange_weak(
@@ -97,6 +104,12 @@ pub fn complete(mb: &MailboxHeader, gen: u32) -> bool {
     if s & WAITER != 0 {
         let _ = sys::futex_wake(&mb.state, 1);
         crate::wait::woke_a_sleeper();
+    }
+    if s & ASYNC != 0 {
+        // SYNC POINT: this Release increment pairs with the doorbell thread's Acquire load
+        // before its scan: a scan that follows a ring sees the READY above.
+        doorbell.fetch_add(1, Ordering::Release);
+        let _ = sys::futex_wake(doorbell, 1);
     }
     true
 }
@@ -141,7 +154,7 @@ pub fn wait_ready(
         let s = mb.state.load(Ordering::Acquire);
         if s == ready {
             Poll::Ready
-        } else if s & !WAITER == pack(gen, PENDING) {
+        } else if s & !FLAGS == pack(gen, PENDING) {
             Poll::NotStarted
         } else {
             Poll::Working
@@ -203,7 +216,7 @@ pub fn cancel(mb: &MailboxHeader, gen: u32) -> Cancel {
         if s == pack(gen, READY) {
             return Cancel::Ready;
         }
-        if s & !WAITER != pack(gen, PENDING) {
+        if s & !FLAGS != pack(gen, PENDING) {
             return Cancel::InProgress;
         }
         match mb.state.compare_exchange(
@@ -220,7 +233,37 @@ pub fn cancel(mb: &MailboxHeader, gen: u32) -> Cancel {
 
 /// Whether the request of `gen` is still waiting for an instance to take it.
 pub fn is_pending(mb: &MailboxHeader, gen: u32) -> bool {
-    mb.state.load(Ordering::Relaxed) & !WAITER == pack(gen, PENDING)
+    mb.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, PENDING)
+}
+
+/// Async caller: flags the mailbox so that `complete` rings the doorbell. Returns false if
+/// the mailbox is no longer waiting for `gen`'s reply (it is ready, or cancelled).
+pub fn flag_async(mb: &MailboxHeader, gen: u32) -> bool {
+    let mut s = mb.state.load(Ordering::Relaxed);
+    loop {
+        let p = phase(s);
+        if gen_of(s) != gen & GEN_MASK || (p != PENDING && p != TAKEN) {
+            return false;
+        }
+        if s & ASYNC != 0 {
+            return true;
+        }
+        // Relaxed: the flag publishes nothing; `complete` reads it in its own RMW.
+        match mb
+            .state
+            .compare_exchange_weak(s, s | ASYNC, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => return true,
+            Err(now) => s = now,
+        }
+    }
+}
+
+/// Whether the mailbox still waits for the reply of `gen` (pending or being handled).
+pub fn still_waiting(mb: &MailboxHeader, gen: u32) -> bool {
+    let s = mb.state.load(Ordering::Acquire);
+    let p = phase(s);
+    gen_of(s) == gen & GEN_MASK && (p == PENDING || p == TAKEN)
 }
 
 /// Caller: whether a quarantined mailbox has finished (reply written, may be recycled).
@@ -267,7 +310,7 @@ mod tests {
         arm(&m, 5);
         assert!(take(&m, 5));
         assert_eq!(cancel(&m, 5), Cancel::InProgress);
-        assert!(complete(&m, 5));
+        assert!(complete(&m, 5, &AtomicU32::new(0)));
         assert!(is_ready(&m, 5));
         assert_eq!(cancel(&m, 5), Cancel::Ready);
     }
@@ -295,7 +338,7 @@ mod tests {
             std::thread::yield_now();
         }
         assert!(take(m, 9));
-        assert!(complete(m, 9));
+        assert!(complete(m, 9, &AtomicU32::new(0)));
         assert_eq!(t.join().unwrap(), Wait::Ready);
     }
 }
@@ -330,7 +373,7 @@ mod loom_tests {
                 loom::thread::spawn(move || {
                     if take(&mb, 3) {
                         mb.reply_len.store(42, Ordering::Relaxed);
-                        assert!(complete(&mb, 3));
+                        assert!(complete(&mb, 3, &AtomicU32::new(0)));
                         true
                     } else {
                         false

@@ -1,0 +1,175 @@
+//! Async calls (feature `async`): a future per call, for tokio or any other executor.
+//!
+//! A future never spins and never blocks its executor's thread on a reply. When its reply
+//! is not there yet it registers its waker with the connection and flags its mailbox
+//! [`mailbox::ASYNC`]; the instance that completes such a mailbox rings the connection's
+//! *doorbell* (a futex word in the client segment, [`crate::layout::ClientControl`]) —
+//! a syscall only when an async waiter sleeps. One doorbell thread per connection sleeps
+//! on that word and wakes the futures whose mailboxes are done; every
+//! [`mailbox::LIVENESS_CHECK`] without a ring it wakes them all, so each re-checks its
+//! deadline and whether its instance is still there.
+//!
+//! Dropping a future cancels its call like dropping a [`Pending`]: a request not yet taken
+//! never runs, and the mailbox comes back (at once, or when the instance has answered).
+//!
+//! Chosen: a thread, not a file descriptor polled by the runtime. Cross-process eventfds
+//! would have to travel through the broker to every instance; a futex word in memory both
+//! sides already share needs nothing new, and the thread it takes sleeps.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+
+use parking_lot::Mutex;
+
+use crate::bus::{Bus, BusInner};
+use crate::call::{CallOptions, Pending, Reply};
+use crate::error::Result;
+use crate::mailbox;
+use crate::sync::Ordering;
+
+/// A connection's async waiters: mailbox index -> (generation, waker).
+#[derive(Default)]
+pub(crate) struct AsyncWaiters {
+    waiting: Mutex<HashMap<u32, (u32, Waker)>>,
+    thread_started: AtomicBool,
+}
+
+impl Bus {
+    /// Calls `method` of `service` and awaits the reply: [`Bus::submit`] as a future (one
+    /// attempt, no failover). Dropping the future cancels the call.
+    pub async fn call_async(
+        &self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+    ) -> Result<Reply> {
+        let pending = self.submit(service, method, payload, opts)?;
+        Reply::await_pending(self, pending).await
+    }
+}
+
+impl Reply {
+    fn await_pending<'b>(bus: &'b Bus, pending: Pending<'b>) -> AsyncReply<'b> {
+        AsyncReply {
+            bus,
+            pending: Some(pending),
+        }
+    }
+}
+
+/// The future of one submitted call.
+struct AsyncReply<'b> {
+    bus: &'b Bus,
+    pending: Option<Pending<'b>>,
+}
+
+impl Future for AsyncReply<'_> {
+    type Output = Result<Reply>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Reply>> {
+        let this = &mut *self;
+        let inner = &*this.bus.inner;
+        let p = this
+            .pending
+            .as_mut()
+            .expect("an async call polled after it completed");
+        let (mb_idx, gen) = p.mailbox();
+        let mut out = Vec::new();
+        if let Some(r) = p.poll_now(&mut out) {
+            inner.async_waiters.waiting.lock().remove(&mb_idx);
+            this.pending = None;
+            return Poll::Ready(r.map(|info| Reply {
+                payload: out,
+                instance_id: this.bus.instance_id(info),
+            }));
+        }
+        inner
+            .async_waiters
+            .waiting
+            .lock()
+            .insert(mb_idx, (gen, cx.waker().clone()));
+        start_doorbell_thread(&this.bus.inner);
+        let (mb, _) = inner
+            .client
+            .mailbox(mb_idx)
+            .expect("pool hands out valid indices");
+        if !mailbox::flag_async(mb, gen) {
+            // Done between the look above and the flag: look again at once.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for AsyncReply<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let (mb, _) = p.mailbox();
+            self.bus.inner.async_waiters.waiting.lock().remove(&mb);
+            drop(p); // cancels the call
+        }
+    }
+}
+
+fn start_doorbell_thread(inner: &Arc<BusInner>) {
+    if inner
+        .async_waiters
+        .thread_started
+        .swap(true, Ordering::Relaxed)
+    {
+        return;
+    }
+    let weak = Arc::downgrade(inner);
+    let spawned = std::thread::Builder::new()
+        .name("aegis-doorbell".into())
+        .spawn(move || doorbell_thread(weak));
+    if let Err(e) = spawned {
+        // Without the thread, futures are still woken every time they are polled again;
+        // say so, and let the next future try to start it.
+        tracing::warn!("cannot start the doorbell thread: {e}");
+        inner
+            .async_waiters
+            .thread_started
+            .store(false, Ordering::Relaxed);
+    }
+}
+
+/// Sleeps on the doorbell; wakes the futures whose mailboxes are done, or all of them when
+/// no ring came for a liveness period. Ends when the connection is gone.
+fn doorbell_thread(weak: Weak<BusInner>) {
+    let mut rang = true;
+    while let Some(inner) = weak.upgrade() {
+        let bell = inner.client.doorbell();
+        // SYNC POINT: Acquire pairs with the Release increment in `mailbox::complete`.
+        let seen = bell.load(Ordering::Acquire);
+        let wake: Vec<Waker> = {
+            let mut w = inner.async_waiters.waiting.lock();
+            let done: Vec<u32> = w
+                .iter()
+                .filter(|(&mb, &(gen, _))| {
+                    !rang
+                        || inner
+                            .client
+                            .mailbox(mb)
+                            .is_some_and(|(m, _)| !mailbox::still_waiting(m, gen))
+                })
+                .map(|(&mb, _)| mb)
+                .collect();
+            done.iter()
+                .filter_map(|mb| w.remove(mb).map(|(_, waker)| waker))
+                .collect()
+        };
+        for waker in wake {
+            waker.wake();
+        }
+        let before = std::time::Instant::now();
+        let _ = crate::sys::futex_wait(bell, seen, Some(mailbox::LIVENESS_CHECK));
+        rang = bell.load(Ordering::Relaxed) != seen || before.elapsed() < mailbox::LIVENESS_CHECK;
+        drop(inner);
+    }
+}

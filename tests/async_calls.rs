@@ -1,0 +1,78 @@
+//! Async calls (`Bus::call_async`, feature `async`) from a tokio current-thread runtime,
+//! against real instance processes: many at once, and futures dropped mid-call.
+
+mod support;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::task::{Context, Waker};
+use std::time::Duration;
+
+use aegis_client::{BusOptions, CallOptions};
+use support::TestBus;
+
+const N: u32 = 10_000;
+
+#[test]
+fn ten_thousand_concurrent_async_calls_then_ten_thousand_dropped_mid_call_leak_no_mailbox() {
+    let bus = TestBus::start();
+    let _a = bus.serve("async", "a", &[]);
+    let _b = bus.serve("async", "b", &[]);
+    let client = bus.connect_with(BusOptions {
+        mailboxes: N,
+        ..Default::default()
+    });
+    let opts = CallOptions::timeout(Duration::from_secs(60));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // N calls in flight at once from one thread; each reply checked against its request.
+    let round = |tag: &'static str| {
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let handles: Vec<_> = (0..N)
+                .map(|i| {
+                    let (c, o) = (client.clone(), opts.clone());
+                    tokio::task::spawn_local(async move {
+                        let p = format!("{tag} {i}");
+                        let r = c.call_async("async", "m", p.as_bytes(), &o).await.unwrap();
+                        assert_eq!(r.payload, p.as_bytes(), "a reply for another call");
+                        r.instance_id
+                    })
+                })
+                .collect();
+            let mut by: HashMap<String, u32> = HashMap::new();
+            for h in handles {
+                *by.entry(h.await.unwrap()).or_default() += 1;
+            }
+            by
+        })
+    };
+    let by = round("first");
+    assert_eq!(by.values().sum::<u32>(), N);
+    assert_eq!((by["a"], by["b"]), (N / 2, N / 2), "round-robin over both");
+
+    // N futures dropped mid-call: each polled once (request sent, waker registered), then
+    // dropped before its reply is collected.
+    {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut futs: Vec<_> = (0..N)
+            .map(|_| Box::pin(client.call_async("async", "m", b"dropped", &opts)))
+            .collect();
+        let mut sent = 0;
+        for f in futs.iter_mut() {
+            if f.as_mut().poll(&mut cx).is_pending() {
+                sent += 1;
+            }
+        }
+        assert!(
+            sent > N / 2,
+            "most calls were still in flight when dropped ({sent})"
+        );
+        drop(futs);
+    }
+    // Every mailbox came back: N calls can be in flight again on the same connection.
+    let by = round("after");
+    assert_eq!(by.values().sum::<u32>(), N);
+}
