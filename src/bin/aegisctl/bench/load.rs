@@ -74,7 +74,8 @@ pub struct BenchReport {
     /// Instances SIGSTOPped during the run (`--pause-every`): (pid, seconds into the run).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub paused: Vec<(u32, f64)>,
-    /// Resident memory of the bus's processes at the start and end (`--scenario soak`).
+    /// Private resident memory (`RssAnon`) of the bus's processes at the start and end
+    /// (`--scenario soak`).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub rss: Vec<RssReport>,
     /// A worker's raw latency histogram, `(nanoseconds, count)` pairs, for the parent of
@@ -557,7 +558,7 @@ pub fn print(r: &BenchReport) {
     }
     for m in &r.rss {
         println!(
-            "rss         {} (pid {}) {} KiB -> {} KiB",
+            "rss (anon)  {} (pid {}) {} KiB -> {} KiB",
             m.process, m.pid, m.start_kib, m.end_kib
         );
     }
