@@ -475,11 +475,13 @@ impl InstanceInner {
         mb.reply_kind.store(kind as u32, Ordering::Relaxed);
         mb.reply_len.store(data.len() as u64, Ordering::Relaxed);
         mb.heap_off.store(off, Ordering::Relaxed);
-        mailbox::complete(mb, d.gen, d.client.doorbell());
+        // Counted before the reply is published (complete's Release): whoever has seen the
+        // reply, and asks after it, sees the count include it.
         self.seg
             .counters()
             .requests_served
             .fetch_add(1, Ordering::Relaxed);
+        mailbox::complete(mb, d.gen, d.client.doorbell());
     }
 
     /// Frees heap blocks whose replies their callers have read (or abandoned for a newer call).
