@@ -76,3 +76,42 @@ fn ten_thousand_concurrent_async_calls_then_ten_thousand_dropped_mid_call_leak_n
     let by = round("after");
     assert_eq!(by.values().sum::<u32>(), N);
 }
+
+#[test]
+fn an_event_loop_learns_of_armed_calls_through_the_event_fd() {
+    use std::os::fd::AsRawFd;
+    let bus = TestBus::start();
+    let _a = bus.serve("efd", "a", &[]);
+    let client = bus.connect();
+    let fd = client.event_fd().unwrap().as_raw_fd();
+    let opts = CallOptions::timeout(Duration::from_secs(30));
+    let payload = |i: u32| format!("event fd call {i}").into_bytes();
+    let mut pending: Vec<_> = (0..100u32)
+        .map(|i| {
+            let p = client.submit("efd", "m", &payload(i), &opts).unwrap();
+            p.notify_event_fd().unwrap();
+            (i, p)
+        })
+        .collect();
+    let mut out = Vec::new();
+    while !pending.is_empty() {
+        // Wait for the fd only (bounded): a missing signal fails here.
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, support::DEADLINE.as_millis() as i32) };
+        assert_eq!(n, 1, "the event fd did not signal armed calls still open");
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live buffer from the connection's eventfd.
+        unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
+        let (ready, open): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, p)| p.is_ready());
+        pending = open;
+        for (i, p) in ready {
+            p.wait(&mut out).unwrap();
+            assert_eq!(out, payload(i));
+        }
+    }
+}

@@ -918,6 +918,12 @@ impl Pending<'_> {
         self.target
     }
 
+    /// The connection this call was made on.
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
+    pub(crate) fn bus_inner(&self) -> &BusInner {
+        self.inner
+    }
+
     /// This call's mailbox and generation.
     #[cfg_attr(not(feature = "async"), allow(dead_code))]
     pub(crate) fn mailbox(&self) -> (u32, u32) {

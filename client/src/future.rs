@@ -12,15 +12,22 @@
 //! Dropping a future cancels its call like dropping a [`Pending`]: a request not yet taken
 //! never runs, and the mailbox comes back (at once, or when the instance has answered).
 //!
-//! Chosen: a thread, not a file descriptor polled by the runtime. Cross-process eventfds
-//! would have to travel through the broker to every instance; a futex word in memory both
-//! sides already share needs nothing new, and the thread it takes sleeps.
+//! Event loops that are not Rust futures (C, Python's asyncio, libuv) use the connection's
+//! *event fd* instead ([`Bus::event_fd`]): arm a submitted call with
+//! [`Pending::notify_event_fd`], poll the fd, and when it is readable, read it and look at
+//! the armed calls ([`Pending::is_ready`]). The doorbell thread signals it.
+//!
+//! Chosen: the instance rings a futex word, and a thread of ours turns that into wakers or
+//! the event fd. An eventfd rung by the instance itself would have to travel through the
+//! broker to every instance; a futex word in memory both sides already share needs
+//! nothing new, and the thread it takes sleeps.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
@@ -31,11 +38,27 @@ use crate::error::Result;
 use crate::mailbox;
 use crate::sync::Ordering;
 
-/// A connection's async waiters: mailbox index -> (generation, waker).
+/// A connection's async waiters: mailbox index -> (generation, who to wake).
 #[derive(Default)]
 pub(crate) struct AsyncWaiters {
-    waiting: Mutex<HashMap<u32, (u32, Waker)>>,
+    waiting: Mutex<HashMap<u32, (u32, Wake)>>,
     thread_started: AtomicBool,
+    /// The event fd (created on first use).
+    event_fd: OnceLock<OwnedFd>,
+}
+
+/// Who learns that a mailbox is done.
+enum Wake {
+    Future(Waker),
+    EventFd,
+}
+
+impl AsyncWaiters {
+    fn signal_event_fd(&self) {
+        if let Some(fd) = self.event_fd.get() {
+            let _ = crate::sys::eventfd_signal(fd);
+        }
+    }
 }
 
 impl Bus {
@@ -92,7 +115,7 @@ impl Future for AsyncReply<'_> {
             .async_waiters
             .waiting
             .lock()
-            .insert(mb_idx, (gen, cx.waker().clone()));
+            .insert(mb_idx, (gen, Wake::Future(cx.waker().clone())));
         start_doorbell_thread(&this.bus.inner);
         let (mb, _) = inner
             .client
@@ -113,6 +136,49 @@ impl Drop for AsyncReply<'_> {
             self.bus.inner.async_waiters.waiting.lock().remove(&mb);
             drop(p); // cancels the call
         }
+    }
+}
+
+impl Bus {
+    /// The connection's event fd, for event loops that are not Rust futures (C, Python,
+    /// libuv): it becomes readable when a call armed with [`Pending::notify_event_fd`] is
+    /// done (replied, or past its deadline or its instance gone, checked every
+    /// [`mailbox::LIVENESS_CHECK`]). Read it (8 bytes) to reset it, then look at the armed
+    /// calls with [`Pending::is_ready`] and collect the ready ones. Non-blocking,
+    /// close-on-exec; owned by the connection.
+    pub fn event_fd(&self) -> Result<BorrowedFd<'_>> {
+        let w = &self.inner.async_waiters;
+        if w.event_fd.get().is_none() {
+            let fd = crate::sys::eventfd()?;
+            let _ = w.event_fd.set(fd);
+        }
+        start_doorbell_thread(&self.inner);
+        Ok(w.event_fd.get().expect("set above").as_fd())
+    }
+}
+
+impl Pending<'_> {
+    /// Arms this call for the connection's event fd ([`Bus::event_fd`]): the fd becomes
+    /// readable once the call is done (at once if it already is).
+    pub fn notify_event_fd(&self) -> Result<()> {
+        let inner = self.bus_inner();
+        let (mb_idx, gen) = self.mailbox();
+        inner.async_waiters.event_fd.get().ok_or_else(|| {
+            crate::Error::BadRequest("call Bus::event_fd before arming calls for it".into())
+        })?;
+        inner
+            .async_waiters
+            .waiting
+            .lock()
+            .insert(mb_idx, (gen, Wake::EventFd));
+        let (mb, _) = inner
+            .client
+            .mailbox(mb_idx)
+            .expect("pool hands out valid indices");
+        if !mailbox::flag_async(mb, gen) {
+            inner.async_waiters.signal_event_fd();
+        }
+        Ok(())
     }
 }
 
@@ -147,7 +213,7 @@ fn doorbell_thread(weak: Weak<BusInner>) {
         let bell = inner.client.doorbell();
         // SYNC POINT: Acquire pairs with the Release increment in `mailbox::complete`.
         let seen = bell.load(Ordering::Acquire);
-        let wake: Vec<Waker> = {
+        let wake: Vec<Wake> = {
             let mut w = inner.async_waiters.waiting.lock();
             let done: Vec<u32> = w
                 .iter()
@@ -164,8 +230,15 @@ fn doorbell_thread(weak: Weak<BusInner>) {
                 .filter_map(|mb| w.remove(mb).map(|(_, waker)| waker))
                 .collect()
         };
-        for waker in wake {
-            waker.wake();
+        let mut signal = false;
+        for w in wake {
+            match w {
+                Wake::Future(waker) => waker.wake(),
+                Wake::EventFd => signal = true,
+            }
+        }
+        if signal {
+            inner.async_waiters.signal_event_fd();
         }
         let before = std::time::Instant::now();
         let _ = crate::sys::futex_wait(bell, seen, Some(mailbox::LIVENESS_CHECK));
