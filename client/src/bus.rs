@@ -259,6 +259,29 @@ impl Session {
     }
 }
 
+/// Mapped segments by registry or client index. The indices are small integers handed
+/// out by the broker: SipHash (the default, built against hash flooding by whoever chooses
+/// the keys) cost more than the rest of a lookup on the call path; one multiply spreads
+/// them as well.
+pub(crate) type IndexMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<IndexHasher>>;
+
+#[derive(Default)]
+pub(crate) struct IndexHasher(u64);
+
+impl std::hash::Hasher for IndexHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (n as u64 | 1 << 32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 pub(crate) struct BusInner {
     pub dir: PathBuf,
     pub(crate) control: Mutex<ControlConn>,
@@ -281,9 +304,9 @@ pub(crate) struct BusInner {
     pub(crate) pool: MailboxPool,
     pub(crate) heap: HeapAlloc,
     /// Caller side: mapped instance segments by registry index.
-    pub(crate) instances: RwLock<HashMap<u32, Arc<InstanceSeg>>>,
+    pub(crate) instances: RwLock<IndexMap<Arc<InstanceSeg>>>,
     /// Serving side: mapped segments of the clients that called our instances.
-    pub(crate) clients: RwLock<HashMap<u32, Arc<ClientSeg>>>,
+    pub(crate) clients: RwLock<IndexMap<Arc<ClientSeg>>>,
     /// Bumped (and `control_changed` notified) each time a reconnect after a broker restart
     /// has completed (see `reconnected`).
     pub(crate) control_gen: Mutex<u64>,
@@ -364,8 +387,8 @@ impl Bus {
                 stop_fd,
                 pool,
                 heap,
-                instances: RwLock::new(HashMap::new()),
-                clients: RwLock::new(HashMap::new()),
+                instances: RwLock::new(IndexMap::default()),
+                clients: RwLock::new(IndexMap::default()),
                 control_gen: Mutex::new(0),
                 control_changed: Condvar::new(),
                 gave_up_at: StdAtomicU64::new(u64::MAX),

@@ -176,6 +176,7 @@ impl Instance {
             payload: Vec::with_capacity(self.inner.seg.layout.slot_size as usize),
             stuck_since: None,
             waiter: Waiter::new(*self.inner.spin.lock(), Backoff::server(), Seats::none()),
+            last: None,
         }
     }
 
@@ -337,18 +338,31 @@ impl InstanceInner {
     /// Validates a taken slot and, if it is a live request, claims its mailbox and copies
     /// method and payload out. `None`: nothing to deliver (aborted, cancelled, or invalid
     /// and already answered with an error).
+    /// `last` is the serving thread's most recent caller: a run of requests from one caller
+    /// skips the connection's client map.
     fn accept(
         &self,
         t: &Taken<'_>,
         method: &mut String,
         payload: &mut Vec<u8>,
+        last: &mut Option<Arc<ClientSeg>>,
     ) -> Option<Delivery> {
         let h = t.header();
         if h.kind == KIND_ABORTED {
             return None;
         }
-        let client = match self.bus.inner.client_seg(h.client_index, h.client_gen) {
-            Ok(c) => c,
+        let cached = last
+            .as_ref()
+            .filter(|c| (c.index, c.gen) == (h.client_index, h.client_gen))
+            .cloned();
+        let client = match cached.map_or_else(
+            || self.bus.inner.client_seg(h.client_index, h.client_gen),
+            Ok,
+        ) {
+            Ok(c) => {
+                *last = Some(c.clone());
+                c
+            }
             Err(e) => {
                 tracing::warn!(service = %self.service, instance = %self.id, trace_id = h.trace_id,
                     client = h.client_index, "dropping request from unknown client: {e}");
@@ -532,6 +546,8 @@ pub struct Receiver<'a> {
     stuck_since: Option<(u64, Instant)>,
     /// This thread's spin policy, learned budget and spin seat.
     waiter: Waiter<'a>,
+    /// The caller of the last request (see `InstanceInner::accept`).
+    last: Option<Arc<ClientSeg>>,
 }
 
 /// How long a slot claimed by a producer that never recorded its pid may block the ring
@@ -559,7 +575,7 @@ impl<'a> Receiver<'a> {
             };
             if let Some(t) = taken {
                 self.waiter.working();
-                let d = inst.accept(&t, &mut self.method, &mut self.payload);
+                let d = inst.accept(&t, &mut self.method, &mut self.payload, &mut self.last);
                 drop(t);
                 if let Some(d) = d {
                     return Ok(Some(Request {
