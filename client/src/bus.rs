@@ -329,6 +329,37 @@ pub(crate) struct BusInner {
     pub(crate) async_waiters: crate::future::AsyncWaiters,
 }
 
+/// Maps the segments of a batched open reply (`(index, identity)` with its descriptor) and
+/// files them in `map` by index; returns the one asked for, if it came. Only that one must
+/// open (its error is returned); the others are a courtesy, and one already mapped under
+/// the same identity is kept as it is.
+fn file_batch<K: Copy + PartialEq, S>(
+    map: &RwLock<IndexMap<Arc<S>>>,
+    batch: impl Iterator<Item = ((u32, K), OwnedFd)>,
+    asked: (u32, K),
+    same: impl Fn(&S, K) -> bool,
+    open: impl Fn(&OwnedFd, u32, K) -> std::result::Result<S, layout::LayoutError>,
+) -> Result<Option<Arc<S>>> {
+    let mut found = None;
+    let mut map = map.write();
+    for ((i, k), fd) in batch {
+        let is_asked = (i, k) == asked;
+        if !is_asked && map.get(&i).is_some_and(|s| same(s, k)) {
+            continue;
+        }
+        let seg = match open(&fd, i, k) {
+            Ok(s) => Arc::new(s),
+            Err(e) if is_asked => return Err(e.into()),
+            Err(_) => continue,
+        };
+        if is_asked {
+            found = Some(seg.clone());
+        }
+        map.insert(i, seg);
+    }
+    Ok(found)
+}
+
 /// Wakes this process's threads waiting on `sess`'s registry words (`watch`,
 /// `wait_registry_change`), so they move on to the registry that replaced it.
 fn wake_registry_waiters(sess: &Session) {
@@ -889,26 +920,18 @@ impl BusInner {
         };
         let fds = expect_fds(fds, ids.len(), "OpenInstance")?;
         let epoch = self.session().epoch;
-        let mut asked = None;
-        let mut map = self.instances.write();
-        for ((i, inc), fd) in ids.into_iter().zip(fds) {
-            let seg = match InstanceSeg::open(&fd, epoch, i, inc) {
-                Ok(s) => Arc::new(s),
-                // Only the one asked for must open; the others are a courtesy.
-                Err(e) if i == index => return Err(e.into()),
-                Err(_) => continue,
-            };
-            if i == index && inc == incarnation {
-                asked = Some(seg.clone());
-            } else if map.get(&i).is_some_and(|s| s.incarnation == inc) {
-                continue;
-            }
-            map.insert(i, seg);
-        }
-        asked.ok_or_else(|| {
-            Error::Protocol(format!(
+        file_batch(
+            &self.instances,
+            ids.into_iter().zip(fds),
+            (index, incarnation),
+            |seg, inc| seg.incarnation == inc,
+            |fd, i, inc| InstanceSeg::open(fd, epoch, i, inc),
+        )
+        .transpose()
+        .unwrap_or_else(|| {
+            Err(Error::Protocol(format!(
                 "OpenInstance: the broker did not send instance #{index}"
-            ))
+            )))
         })
     }
 
@@ -964,23 +987,18 @@ impl BusInner {
         };
         let fds = expect_fds(fds, ids.len(), "OpenClient")?;
         let epoch = self.session().epoch;
-        let mut asked = None;
-        let mut map = self.clients.write();
-        for ((i, g), fd) in ids.into_iter().zip(fds) {
-            let seg = match ClientSeg::open(&fd, epoch, i, g) {
-                Ok(s) => Arc::new(s),
-                Err(e) if (i, g) == (index, gen) => return Err(e.into()),
-                Err(_) => continue,
-            };
-            if (i, g) == (index, gen) {
-                asked = Some(seg.clone());
-            }
-            map.insert(i, seg);
-        }
-        asked.ok_or_else(|| {
-            Error::Protocol(format!(
+        file_batch(
+            &self.clients,
+            ids.into_iter().zip(fds),
+            (index, gen),
+            |seg, g| seg.gen == g,
+            |fd, i, g| ClientSeg::open(fd, epoch, i, g),
+        )
+        .transpose()
+        .unwrap_or_else(|| {
+            Err(Error::Protocol(format!(
                 "OpenClient: the broker did not send client #{index}/{gen}"
-            ))
+            )))
         })
     }
 
