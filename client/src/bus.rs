@@ -19,17 +19,16 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::control::{expect_fds, ControlConn};
 use crate::error::{Error, Result};
 use crate::heap::HeapAlloc;
-use crate::instance::{Instance, RegisterOptions};
 use crate::layout::{
     self, ClientSeg, InstanceSeg, RegistryView, ServiceEntry, SharedView, Status, MAX_MEMBERS,
 };
+use crate::names;
 use crate::pool::MailboxPool;
 use crate::proto::{
-    self, BulkOptions, BulkReport, Request, ResourcePage, ResourceQuery, Response, ServiceInfo,
+    BulkOptions, BulkReport, Request, ResourcePage, ResourceQuery, Response, ServiceInfo,
 };
 use crate::sync::Ordering;
 use crate::wait::Spin;
-use crate::{dirs, names};
 
 /// How a process joins the bus.
 #[derive(Debug, Clone)]
@@ -298,7 +297,7 @@ pub(crate) struct BusInner {
     /// `index | gen << 32` as the current broker knows this client.
     pub(crate) client_ident: StdAtomicU64,
     /// Instances registered through this connection (re-registered after a broker restart).
-    pub(crate) registered: Mutex<Vec<Weak<crate::instance::InstanceInner>>>,
+    pub(crate) registered: Mutex<Vec<Weak<dyn Registration>>>,
     /// Written on drop to stop the supervisor thread.
     pub(crate) stop_fd: OwnedFd,
     pub(crate) pool: MailboxPool,
@@ -326,7 +325,17 @@ pub(crate) struct BusInner {
     pub(crate) stalled_pending: AtomicUsize,
     /// Futures waiting for replies (feature `async`).
     #[cfg(feature = "async")]
-    pub(crate) async_waiters: crate::future::AsyncWaiters,
+    pub(crate) async_waiters: crate::doorbell::AsyncWaiters,
+}
+
+/// A registration this connection restores after a broker restart (an instance). Held
+/// weakly and through this trait, so the connection does not depend on the instance code.
+pub(crate) trait Registration: Send + Sync {
+    /// (registry index, incarnation) as the current broker knows it.
+    fn ident(&self) -> (u32, u64);
+    /// Registers again with a restarted broker, then claims `owned` again (the resources
+    /// the old broker's last registry showed it owning).
+    fn resume(&self, owned: Vec<String>) -> Result<()>;
 }
 
 /// Maps the segments of a batched open reply (`(index, identity)` with its descriptor) and
@@ -371,134 +380,9 @@ fn wake_registry_waiters(sess: &Session) {
 }
 
 impl Bus {
-    /// Connects to the bus found like the broker finds it (`AEGIS_IPC_DIR`, …).
-    pub fn connect() -> Result<Bus> {
-        Bus::connect_with(BusOptions::default())
-    }
-
-    /// Connects to the bus in `dir`.
-    pub fn connect_dir(dir: impl AsRef<Path>) -> Result<Bus> {
-        Bus::connect_with(BusOptions {
-            dir: Some(dir.as_ref().to_owned()),
-            ..Default::default()
-        })
-    }
-
-    pub fn connect_with(opts: BusOptions) -> Result<Bus> {
-        let dir = opts.dir.clone().unwrap_or_else(dirs::client_dir);
-        let mut control = ControlConn::connect(&dir.join(dirs::SOCKET))?;
-        let mailboxes = opts.mailboxes.clamp(1, 1 << 16);
-        let (resp, fds) = control.request(&Request::Hello {
-            protocol: proto::PROTOCOL_VERSION,
-            layout: layout::LAYOUT_VERSION,
-            mailboxes,
-            resume: None,
-        })?;
-        let (session, client, gen, mut fds) = Session::from_welcome(resp, fds)?;
-        let client_seg = ClientSeg::open(&fds[2], session.epoch, client, gen)?;
-        let heap = HeapAlloc::new(client_seg.layout.heap_size);
-        let pool = MailboxPool::new(client_seg.layout.mailboxes);
-        let session = Box::new(session);
-        let watch = control.watch_handle()?;
-        let stop_fd = crate::sys::eventfd()?;
-        let stop_watch = stop_fd.try_clone()?;
-        let client_fd = fds.pop().expect("three descriptors");
-        let bus = Bus {
-            inner: Arc::new(BusInner {
-                dir,
-                control: Mutex::new(control),
-                session: AtomicPtr::new(Box::into_raw(session)),
-                old_sessions: Mutex::new(Vec::new()),
-                previous: AtomicPtr::new(std::ptr::null_mut()),
-                reconnected_at: Mutex::new(None),
-                client: client_seg,
-                client_fd,
-                client_ident: StdAtomicU64::new(client as u64 | (gen as u64) << 32),
-                registered: Mutex::new(Vec::new()),
-                stop_fd,
-                pool,
-                heap,
-                instances: RwLock::new(IndexMap::default()),
-                clients: RwLock::new(IndexMap::default()),
-                control_gen: Mutex::new(0),
-                control_changed: Condvar::new(),
-                gave_up_at: StdAtomicU64::new(u64::MAX),
-                opts,
-                pid: std::process::id(),
-                trace_seq: StdAtomicU64::new(0),
-                timeouts: Mutex::new(HashMap::new()),
-                timeouts_pending: AtomicUsize::new(0),
-                stalled: Mutex::new(HashMap::new()),
-                stalled_pending: AtomicUsize::new(0),
-                #[cfg(feature = "async")]
-                async_waiters: Default::default(),
-            }),
-        };
-        crate::reconnect::spawn_supervisor(&bus.inner, watch, stop_watch)?;
-        Ok(bus)
-    }
-
     /// The bus directory this connection uses.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
-    }
-
-    /// Registers this process as instance `instance_id` of `service`.
-    pub fn register(
-        &self,
-        service: &str,
-        instance_id: &str,
-        metadata: &[(&str, &str)],
-    ) -> Result<Instance> {
-        let opts = RegisterOptions {
-            metadata: metadata
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        };
-        self.register_with(service, instance_id, opts)
-    }
-
-    pub fn register_with(
-        &self,
-        service: &str,
-        instance_id: &str,
-        opts: RegisterOptions,
-    ) -> Result<Instance> {
-        names::service(service)?;
-        names::instance_id(instance_id)?;
-        let (resp, fds) = self.inner.control.lock().request(&Request::Register {
-            service: service.into(),
-            instance_id: instance_id.into(),
-            metadata: opts.metadata.clone(),
-            config: opts.config.clone(),
-            heartbeat: opts.heartbeat,
-            resume: None,
-        })?;
-        let Response::Registered {
-            instance,
-            incarnation,
-            max_message,
-            ..
-        } = resp
-        else {
-            return Err(Error::Protocol(format!(
-                "expected Registered, got {resp:?}"
-            )));
-        };
-        let mut fds = expect_fds(fds, 1, "Registered")?;
-        let seg = InstanceSeg::open(&fds[0], self.inner.session().epoch, instance, incarnation)?;
-        let seg_fd = fds.pop().expect("one descriptor");
-        Ok(Instance::new(
-            self.clone(),
-            service,
-            instance_id,
-            seg,
-            seg_fd,
-            max_message,
-            opts,
-        ))
     }
 
     /// The instance owning `resource`, read lock-free from the resource map (allocation-free).

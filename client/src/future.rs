@@ -22,44 +22,18 @@
 //! broker to every instance; a futex word in memory both sides already share needs
 //! nothing new, and the thread it takes sleeps.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock, Weak};
-use std::task::{Context, Poll, Waker};
-
-use parking_lot::Mutex;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 
 use crate::bus::{Bus, BusInner};
 use crate::call::{CallOptions, Pending, Reply};
+use crate::doorbell::Wake;
 use crate::error::Result;
 use crate::mailbox;
 use crate::sync::Ordering;
-
-/// A connection's async waiters: mailbox index -> (generation, who to wake).
-#[derive(Default)]
-pub(crate) struct AsyncWaiters {
-    waiting: Mutex<HashMap<u32, (u32, Wake)>>,
-    thread_started: AtomicBool,
-    /// The event fd (created on first use).
-    event_fd: OnceLock<OwnedFd>,
-}
-
-/// Who learns that a mailbox is done.
-enum Wake {
-    Future(Waker),
-    EventFd,
-}
-
-impl AsyncWaiters {
-    fn signal_event_fd(&self) {
-        if let Some(fd) = self.event_fd.get() {
-            let _ = crate::sys::eventfd_signal(fd);
-        }
-    }
-}
 
 impl Bus {
     /// Calls `method` of `service` and awaits the reply: [`Bus::submit`] as a future (one

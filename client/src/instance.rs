@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Registration};
+use crate::control::expect_fds;
 use crate::error::{code, Error, Result, ServiceError};
 use crate::heap::HeapAlloc;
 use crate::layout::{ClientSeg, InstanceSeg, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
 use crate::mailbox;
+use crate::names;
 use crate::proto::{
     BulkOptions, BulkReport, Heartbeat, Request as Ctl, ResourceSpec, Response, ServiceConfig,
 };
@@ -131,7 +133,8 @@ impl Instance {
             stopping: AtomicBool::new(false),
             unregistered: AtomicBool::new(false),
         });
-        bus.inner.registered.lock().push(Arc::downgrade(&inner));
+        let reg: Weak<dyn Registration> = Arc::downgrade(&inner) as Weak<InstanceInner>;
+        bus.inner.registered.lock().push(reg);
         Instance { inner }
     }
 
@@ -255,6 +258,75 @@ impl Instance {
     /// Takes the instance out of routing now (dropping it does the same, ignoring errors).
     pub fn unregister(self) -> Result<()> {
         self.inner.unregister()
+    }
+}
+
+impl Bus {
+    /// Registers this process as instance `instance_id` of `service`.
+    pub fn register(
+        &self,
+        service: &str,
+        instance_id: &str,
+        metadata: &[(&str, &str)],
+    ) -> Result<Instance> {
+        let opts = RegisterOptions {
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        self.register_with(service, instance_id, opts)
+    }
+
+    pub fn register_with(
+        &self,
+        service: &str,
+        instance_id: &str,
+        opts: RegisterOptions,
+    ) -> Result<Instance> {
+        names::service(service)?;
+        names::instance_id(instance_id)?;
+        let (resp, fds) = self.inner.control.lock().request(&Ctl::Register {
+            service: service.into(),
+            instance_id: instance_id.into(),
+            metadata: opts.metadata.clone(),
+            config: opts.config.clone(),
+            heartbeat: opts.heartbeat,
+            resume: None,
+        })?;
+        let Response::Registered {
+            instance,
+            incarnation,
+            max_message,
+            ..
+        } = resp
+        else {
+            return Err(Error::Protocol(format!(
+                "expected Registered, got {resp:?}"
+            )));
+        };
+        let mut fds = expect_fds(fds, 1, "Registered")?;
+        let seg = InstanceSeg::open(&fds[0], self.inner.session().epoch, instance, incarnation)?;
+        let seg_fd = fds.pop().expect("one descriptor");
+        Ok(Instance::new(
+            self.clone(),
+            service,
+            instance_id,
+            seg,
+            seg_fd,
+            max_message,
+            opts,
+        ))
+    }
+}
+
+impl Registration for InstanceInner {
+    fn ident(&self) -> (u32, u64) {
+        InstanceInner::ident(self)
+    }
+    fn resume(&self, owned: Vec<String>) -> Result<()> {
+        InstanceInner::resume(self, owned)
     }
 }
 

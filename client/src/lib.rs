@@ -15,13 +15,19 @@
 //!
 //! Layers, bottom up: [`sys`] (futex, memfd), [`layout`] (the shared-memory types and
 //! offsets), [`ring`] and [`mailbox`] (the lock-free core), [`proto`] (control socket),
-//! [`wait`] (spin, yield or sleep), then the API: [`Bus`] and [`Instance`].
+//! [`wait`] (spin, yield or sleep), then the connection ([`bus`]: session, routing,
+//! queries) and what is built on it, each knowing `bus` and not the reverse: the call path
+//! ([`call`]), joining and rejoining (`connect`), serving ([`Instance`]), async calls
+//! (`future`, feature `async`).
 
 pub mod bus;
 pub mod call;
 pub mod codec;
+mod connect;
 mod control;
 pub mod dirs;
+#[cfg(feature = "async")]
+mod doorbell;
 pub mod error;
 #[cfg(feature = "async")]
 mod future;
@@ -32,7 +38,6 @@ pub mod mailbox;
 pub mod names;
 mod pool;
 pub mod proto;
-mod reconnect;
 pub mod ring;
 mod sync;
 pub mod sys;

@@ -1,5 +1,6 @@
-//! Surviving a broker restart. The data plane never needed the broker, so calls keep
-//! flowing while it is down; this module restores the control plane when it returns.
+//! Joining the bus ([`Bus::connect`]) and surviving a broker restart. The data plane never
+//! needed the broker, so calls keep flowing while it is down; this module restores the
+//! control plane when it returns.
 //!
 //! A supervisor thread per `Bus` waits (in `poll`) for the control socket to hang up. It
 //! then reconnects every [`RETRY`], says `Hello` with `resume` and hands over this process's
@@ -8,26 +9,99 @@
 //! own segment, so the new broker adopts the very same rings; each instance then claims
 //! again the resources the old registry showed it owning.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicPtr, AtomicU64 as StdAtomicU64, AtomicUsize};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::bus::{BusInner, Session};
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::bus::{Bus, BusInner, BusOptions, IndexMap, Session};
 use crate::control::ControlConn;
 use crate::dirs;
 use crate::error::Result;
+use crate::heap::HeapAlloc;
 use crate::layout;
+use crate::layout::ClientSeg;
+use crate::pool::MailboxPool;
 use crate::proto::{self, Request};
 
 /// How often a disconnected process tries to reach the broker again.
 pub const RETRY: Duration = Duration::from_millis(50);
 
-pub(crate) fn spawn_supervisor(
-    inner: &Arc<BusInner>,
-    sock: UnixStream,
-    stop: OwnedFd,
-) -> Result<()> {
+impl Bus {
+    /// Connects to the bus found like the broker finds it (`AEGIS_IPC_DIR`, …).
+    pub fn connect() -> Result<Bus> {
+        Bus::connect_with(BusOptions::default())
+    }
+
+    /// Connects to the bus in `dir`.
+    pub fn connect_dir(dir: impl AsRef<Path>) -> Result<Bus> {
+        Bus::connect_with(BusOptions {
+            dir: Some(dir.as_ref().to_owned()),
+            ..Default::default()
+        })
+    }
+
+    pub fn connect_with(opts: BusOptions) -> Result<Bus> {
+        let dir = opts.dir.clone().unwrap_or_else(dirs::client_dir);
+        let mut control = ControlConn::connect(&dir.join(dirs::SOCKET))?;
+        let mailboxes = opts.mailboxes.clamp(1, 1 << 16);
+        let (resp, fds) = control.request(&Request::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            layout: layout::LAYOUT_VERSION,
+            mailboxes,
+            resume: None,
+        })?;
+        let (session, client, gen, mut fds) = Session::from_welcome(resp, fds)?;
+        let client_seg = ClientSeg::open(&fds[2], session.epoch, client, gen)?;
+        let heap = HeapAlloc::new(client_seg.layout.heap_size);
+        let pool = MailboxPool::new(client_seg.layout.mailboxes);
+        let session = Box::new(session);
+        let watch = control.watch_handle()?;
+        let stop_fd = crate::sys::eventfd()?;
+        let stop_watch = stop_fd.try_clone()?;
+        let client_fd = fds.pop().expect("three descriptors");
+        let bus = Bus {
+            inner: Arc::new(BusInner {
+                dir,
+                control: Mutex::new(control),
+                session: AtomicPtr::new(Box::into_raw(session)),
+                old_sessions: Mutex::new(Vec::new()),
+                previous: AtomicPtr::new(std::ptr::null_mut()),
+                reconnected_at: Mutex::new(None),
+                client: client_seg,
+                client_fd,
+                client_ident: StdAtomicU64::new(client as u64 | (gen as u64) << 32),
+                registered: Mutex::new(Vec::new()),
+                stop_fd,
+                pool,
+                heap,
+                instances: RwLock::new(IndexMap::default()),
+                clients: RwLock::new(IndexMap::default()),
+                control_gen: Mutex::new(0),
+                control_changed: Condvar::new(),
+                gave_up_at: StdAtomicU64::new(u64::MAX),
+                opts,
+                pid: std::process::id(),
+                trace_seq: StdAtomicU64::new(0),
+                timeouts: Mutex::new(HashMap::new()),
+                timeouts_pending: AtomicUsize::new(0),
+                stalled: Mutex::new(HashMap::new()),
+                stalled_pending: AtomicUsize::new(0),
+                #[cfg(feature = "async")]
+                async_waiters: Default::default(),
+            }),
+        };
+        spawn_supervisor(&bus.inner, watch, stop_watch)?;
+        Ok(bus)
+    }
+}
+
+fn spawn_supervisor(inner: &Arc<BusInner>, sock: UnixStream, stop: OwnedFd) -> Result<()> {
     let weak = Arc::downgrade(inner);
     std::thread::Builder::new()
         .name("aegis-supervisor".into())
