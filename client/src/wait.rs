@@ -85,7 +85,7 @@ const MIN_SPIN: Duration = Duration::from_micros(1);
 /// An adaptive spinner calls `sched_yield` this often: a thread woken onto its core (the
 /// sample of runnable threads is older than that) runs at once instead of waiting for the
 /// spin to end. Where nothing else is runnable the call returns at once.
-const SPIN_YIELD_EVERY: Duration = Duration::from_micros(5);
+pub const SPIN_YIELD_EVERY: Duration = Duration::from_micros(5);
 /// How often (per process, at most) a waiter that found every seat taken checks for seats
 /// held by dead processes.
 pub const RECLAIM_EVERY: Duration = Duration::from_millis(100);
@@ -105,7 +105,7 @@ struct HostLoad {
 
 /// The share of an interval in which some thread waited for a core (PSI's `some`) above
 /// which the host counts as busy.
-const STALL_BUSY: f64 = 0.05;
+pub const STALL_BUSY: f64 = 0.05;
 
 fn host_load() -> HostLoad {
     use std::os::unix::fs::FileExt;
@@ -218,8 +218,8 @@ impl Default for Backoff {
 
 /// A zero budget spins this long on every [`PROBE_EVERY`]th wait, to notice when spinning
 /// would pay again.
-const PROBE_SPIN: Duration = Duration::from_micros(5);
-const PROBE_EVERY: u32 = 16;
+pub const PROBE_SPIN: Duration = Duration::from_micros(5);
+pub const PROBE_EVERY: u32 = 16;
 
 impl Backoff {
     /// A serving thread's budget. It grows only when a spin caught a request: an idle
