@@ -338,20 +338,21 @@ pub(crate) trait Registration: Send + Sync {
     fn resume(&self, owned: Vec<String>) -> Result<()>;
 }
 
-/// Maps the segments of a batched open reply (`(index, identity)` with its descriptor) and
-/// files them in `map` by index; returns the one asked for, if it came. Only that one must
-/// open (its error is returned); the others are a courtesy, and one already mapped under
-/// the same identity is kept as it is.
-fn file_batch<K: Copy + PartialEq, S>(
+/// Maps the segments of a batched open reply (`(index, identity)` pairs and one descriptor
+/// each, from the reply to `request`) and files them in `map` by index; returns the one
+/// asked for. Only that one must open (its error is returned); the others are a courtesy,
+/// and one already mapped under the same identity is kept as it is.
+fn file_batch<K: Copy + PartialEq + std::fmt::Debug, S>(
     map: &RwLock<IndexMap<Arc<S>>>,
-    batch: impl Iterator<Item = ((u32, K), OwnedFd)>,
+    (ids, fds, request): (Vec<(u32, K)>, Vec<OwnedFd>, &str),
     asked: (u32, K),
     same: impl Fn(&S, K) -> bool,
     open: impl Fn(&OwnedFd, u32, K) -> std::result::Result<S, layout::LayoutError>,
-) -> Result<Option<Arc<S>>> {
+) -> Result<Arc<S>> {
+    let fds = expect_fds(fds, ids.len(), request)?;
     let mut found = None;
     let mut map = map.write();
-    for ((i, k), fd) in batch {
+    for ((i, k), fd) in ids.into_iter().zip(fds) {
         let is_asked = (i, k) == asked;
         if !is_asked && map.get(&i).is_some_and(|s| same(s, k)) {
             continue;
@@ -366,7 +367,11 @@ fn file_batch<K: Copy + PartialEq, S>(
         }
         map.insert(i, seg);
     }
-    Ok(found)
+    found.ok_or_else(|| {
+        Error::Protocol(format!(
+            "{request}: the broker did not send the segment asked for, {asked:?}"
+        ))
+    })
 }
 
 /// Wakes this process's threads waiting on `sess`'s registry words (`watch`,
@@ -802,21 +807,14 @@ impl BusInner {
                 "expected OpenedInstances, got {resp:?}"
             )));
         };
-        let fds = expect_fds(fds, ids.len(), "OpenInstance")?;
         let epoch = self.session().epoch;
         file_batch(
             &self.instances,
-            ids.into_iter().zip(fds),
+            (ids, fds, "OpenInstance"),
             (index, incarnation),
             |seg, inc| seg.incarnation == inc,
             |fd, i, inc| InstanceSeg::open(fd, epoch, i, inc),
         )
-        .transpose()
-        .unwrap_or_else(|| {
-            Err(Error::Protocol(format!(
-                "OpenInstance: the broker did not send instance #{index}"
-            )))
-        })
     }
 
     /// The mapped segment of a client that sent us a request.
@@ -869,21 +867,14 @@ impl BusInner {
                 "expected OpenedClients, got {resp:?}"
             )));
         };
-        let fds = expect_fds(fds, ids.len(), "OpenClient")?;
         let epoch = self.session().epoch;
         file_batch(
             &self.clients,
-            ids.into_iter().zip(fds),
+            (ids, fds, "OpenClient"),
             (index, gen),
             |seg, g| seg.gen == g,
             |fd, i, g| ClientSeg::open(fd, epoch, i, g),
         )
-        .transpose()
-        .unwrap_or_else(|| {
-            Err(Error::Protocol(format!(
-                "OpenClient: the broker did not send client #{index}/{gen}"
-            )))
-        })
     }
 
     pub(crate) fn control(&self) -> parking_lot::MutexGuard<'_, ControlConn> {
