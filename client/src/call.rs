@@ -341,7 +341,6 @@ impl Bus {
             out,
         ) {
             Ok(()) => Ok(target),
-            Err(Failed::Error(e)) => Err(inner.remote_error(target, e)),
             Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) if w.contains("left") => {
                 Err(Error::OwnerUnavailable {
                     resource: resource.to_owned(),
@@ -349,15 +348,7 @@ impl Bus {
                     status: Status::Offline,
                 })
             }
-            Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) => Err(Error::Timeout {
-                service: service.to_owned(),
-                elapsed: start.elapsed(),
-                attempts: vec![Attempt {
-                    instance: inner.instance_name(target.instance),
-                    error: w.to_owned(),
-                    duration: start.elapsed(),
-                }],
-            }),
+            Err(f) => Err(inner.one_attempt_error(inner.session(), target, f, start)),
         }
     }
 

@@ -46,16 +46,11 @@ impl Bus {
         opts: &CallOptions,
     ) -> Result<Reply> {
         let pending = self.submit(service, method, payload, opts)?;
-        Reply::await_pending(self, pending).await
-    }
-}
-
-impl Reply {
-    fn await_pending<'b>(bus: &'b Bus, pending: Pending<'b>) -> AsyncReply<'b> {
         AsyncReply {
-            bus,
+            bus: self,
             pending: Some(pending),
         }
+        .await
     }
 }
 
@@ -85,17 +80,8 @@ impl Future for AsyncReply<'_> {
                 instance_id: this.bus.instance_id(info),
             }));
         }
-        inner
-            .async_waiters
-            .waiting
-            .lock()
-            .insert(mb_idx, (gen, Wake::Future(cx.waker().clone())));
         start_doorbell_thread(&this.bus.inner);
-        let (mb, _) = inner
-            .client
-            .mailbox(mb_idx)
-            .expect("pool hands out valid indices");
-        if !mailbox::flag_async(mb, gen) {
+        if !arm(inner, mb_idx, gen, Wake::Future(cx.waker().clone())) {
             // Done between the look above and the flag: look again at once.
             cx.waker().wake_by_ref();
         }
@@ -140,20 +126,27 @@ impl Pending<'_> {
         inner.async_waiters.event_fd.get().ok_or_else(|| {
             crate::Error::BadRequest("call Bus::event_fd before arming calls for it".into())
         })?;
-        inner
-            .async_waiters
-            .waiting
-            .lock()
-            .insert(mb_idx, (gen, Wake::EventFd));
-        let (mb, _) = inner
-            .client
-            .mailbox(mb_idx)
-            .expect("pool hands out valid indices");
-        if !mailbox::flag_async(mb, gen) {
+        if !arm(inner, mb_idx, gen, Wake::EventFd) {
             inner.async_waiters.signal_event_fd();
         }
         Ok(())
     }
+}
+
+/// Registers `wake` for mailbox `mb_idx` of generation `gen` and flags the mailbox so that
+/// its completion rings the doorbell. False if the mailbox no longer waits (already done):
+/// the caller must then wake itself.
+fn arm(inner: &BusInner, mb_idx: u32, gen: u32, wake: Wake) -> bool {
+    inner
+        .async_waiters
+        .waiting
+        .lock()
+        .insert(mb_idx, (gen, wake));
+    let (mb, _) = inner
+        .client
+        .mailbox(mb_idx)
+        .expect("pool hands out valid indices");
+    mailbox::flag_async(mb, gen)
 }
 
 fn start_doorbell_thread(inner: &Arc<BusInner>) {
