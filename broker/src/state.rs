@@ -142,7 +142,9 @@ impl State {
             rl.params(),
         );
         drop(map);
-        // Map writable *before* sealing: this mapping stays the only writable one.
+        // Map writable *before* sealing it read-only: this mapping stays the only writable
+        // one. Its size is sealed first, as every mapped segment's must be.
+        sys::add_seals(&registry_fd, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
         let registry = RegistryView::open(&registry_fd, true).map_err(std::io::Error::other)?;
         sys::seal_read_only(&registry_fd)?;
 
@@ -156,6 +158,7 @@ impl State {
             epoch,
             sl.params(),
         );
+        sys::seal_size(&shared_fd)?;
 
         Ok(State {
             services: (0..cfg.max_services).map(|_| None).collect(),
@@ -243,6 +246,7 @@ impl State {
                 self.epoch,
                 cl.params(index as u32, gen),
             );
+            sys::seal_size(&fd)?;
             // Validate what we made with the same code clients use.
             ClientSeg::open(&fd, self.epoch, index as u32, gen).map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>(fd)
@@ -392,7 +396,11 @@ impl State {
             let fd = match adopt {
                 // The live ring is kept as it is: only the header is stamped for this run.
                 Some((_, fd)) => fd,
-                None => sys::memfd("aegis-instance", il.total_size() as u64)?,
+                None => {
+                    let fd = sys::memfd("aegis-instance", il.total_size() as u64)?;
+                    sys::seal_size(&fd)?;
+                    fd
+                }
             };
             Mapping::map(&fd, true)?.write_header(
                 SegmentKind::Instance,

@@ -229,8 +229,11 @@ impl Mapping {
         writable: bool,
         epoch: Option<u64>,
     ) -> Result<(Mapping, SegmentHeader), LayoutError> {
-        let map = Mapping::map(fd, writable)?;
         let invalid = |what: String| LayoutError::Invalid { kind, what };
+        // Size-sealed first, mapped after: a segment that could still shrink would let
+        // whoever holds its fd SIGBUS us.
+        crate::sys::check_size_sealed(fd, None).map_err(invalid)?;
+        let map = Mapping::map(fd, writable)?;
         let h = map
             .header()
             .ok_or_else(|| invalid(format!("{} bytes is too small for a header", map.len)))?;

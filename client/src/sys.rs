@@ -103,9 +103,45 @@ pub fn memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
 pub fn seal_read_only(fd: &OwnedFd) -> io::Result<()> {
     // F_SEAL_FUTURE_WRITE (Linux 5.1) is not in every libc crate version.
     const F_SEAL_FUTURE_WRITE: libc::c_int = 0x0010;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL;
+    add_seals(fd, SIZE_SEALS | F_SEAL_FUTURE_WRITE)
+}
+
+/// The seals every segment handed to a peer carries: nobody can shrink it (a mapping
+/// past the new end would SIGBUS whoever touches it, the broker first), grow it, or
+/// take the seals off again.
+pub const SIZE_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Seals a memfd's size (see [`SIZE_SEALS`]) before it leaves the broker. Writable
+/// mappings stay possible: peers write rings and mailboxes.
+pub fn seal_size(fd: &OwnedFd) -> io::Result<()> {
+    add_seals(fd, SIZE_SEALS)
+}
+
+/// Adds `seals` (`F_SEAL_*` bits) to a memfd.
+pub fn add_seals(fd: &OwnedFd, seals: libc::c_int) -> io::Result<()> {
     // SAFETY: plain fcntl on a descriptor we own; no memory is passed.
     syscall!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+}
+
+/// Checks that a descriptor a peer handed over is a memfd whose size can no longer
+/// change and is `expected` bytes, *before* anything maps it: a file that could be
+/// truncated under a mapping would let its sender kill the mapper with SIGBUS.
+/// Anything that is not a memfd has no seals and is refused here too.
+pub fn check_size_sealed(fd: &OwnedFd, expected: Option<u64>) -> Result<u64, String> {
+    // SAFETY: plain fcntl on a descriptor we hold; no memory is passed.
+    let seals = syscall!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
+        .map_err(|e| format!("not a sealable memfd ({e})"))?;
+    let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    if seals & need != need {
+        return Err(format!(
+            "segment is not sealed against resizing (seals {seals:#x}, need {need:#x})"
+        ));
+    }
+    let size = file_size(fd).map_err(|e| format!("fstat: {e}"))?;
+    match expected {
+        Some(want) if want != size => Err(format!("segment is {size} bytes, expected {want}")),
+        _ => Ok(size),
+    }
 }
 
 /// Size of the file behind `fd`.
