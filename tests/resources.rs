@@ -85,7 +85,13 @@ fn calls_for_a_resource_always_reach_its_owner() {
 fn two_processes_racing_for_the_same_1000_ids_end_with_each_owned_exactly_once() {
     let bus = TestBus::start();
     let wanted = ids("race", 1000).join(",");
-    let args = ["--claim", wanted.as_str(), "--claim-batch", "25"];
+    let args = [
+        "--claim",
+        wanted.as_str(),
+        "--claim-batch",
+        "25",
+        "--claim-partial",
+    ];
     // Both start before either is waited for, so their batches interleave at the broker.
     let a = bus.start_serve("race", "a", &args);
     let b = bus.start_serve("race", "b", &args);
@@ -118,6 +124,32 @@ fn two_processes_racing_for_the_same_1000_ids_end_with_each_owned_exactly_once()
         let owner = owner_of(&client, &id).unwrap_or_else(|| panic!("{id} has no owner"));
         assert_eq!(owner, seen[&id], "map and broker disagree on {id}");
     }
+}
+
+#[test]
+fn serve_that_cannot_claim_what_it_was_asked_to_fails_naming_the_owner() {
+    let bus = TestBus::start();
+    let _d1 = bus.serve("docs", "d1", &["--claim", "doc-1"]);
+    let out = bus
+        .aegisctl(&["serve", "docs", "--instance", "d3", "--echo", "--claim", "doc-1,doc-9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served without doc-1: {stderr}");
+    assert!(
+        stderr.contains("doc-1") && stderr.contains("'d1'") && stderr.contains("1 of 2"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
+    // It left the bus (with what it did claim): doc-9 is free for the next claimant.
+    let client = bus.connect();
+    let svc = client.service("docs").unwrap();
+    assert_eq!(svc.instances.len(), 1, "{svc:?}");
+    assert_eq!(owner_of(&client, "doc-9"), None);
+    // With --claim-partial it serves anyway.
+    let d3 = bus.serve("docs", "d3", &["--claim", "doc-1,doc-9", "--claim-partial"]);
+    assert_eq!(d3.claimed, Some(1));
+    assert_eq!(owner_of(&client, "doc-9").as_deref(), Some("d3"));
 }
 
 #[test]

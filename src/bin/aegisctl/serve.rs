@@ -39,10 +39,14 @@ pub struct ServeArgs {
     /// Largest message in bytes (first instance of a service sets it).
     #[arg(long)]
     pub max_message: Option<u64>,
-    /// Resource ids to claim once registered (comma-separated); ids another instance owns
-    /// are reported on stderr and skipped.
+    /// Resource ids to claim once registered (comma-separated). If any cannot be claimed
+    /// (another instance owns it), the instance unregisters and exits non-zero naming the
+    /// owners, unless `--claim-partial` is given.
     #[arg(long, value_delimiter = ',')]
     pub claim: Vec<String>,
+    /// Serve even when some `--claim` ids could not be claimed (they are reported on stderr).
+    #[arg(long)]
+    pub claim_partial: bool,
     /// Ids per claim batch.
     #[arg(long, default_value_t = 100)]
     pub claim_batch: u32,
@@ -108,8 +112,26 @@ pub fn run(dir: &Option<PathBuf>, a: &ServeArgs) -> Result<(), CliError> {
             force: a.claim_force,
         };
         let report = inst.claim_with(specs, options)?;
-        for f in &report.failures {
-            eprintln!("aegisctl: not claimed: {} ({})", f.id, f.reason);
+        let failed: Vec<String> = report
+            .failures
+            .iter()
+            // The broker's reason names the owner.
+            .map(|f| format!("{} ({})", f.id, f.reason))
+            .collect();
+        if !failed.is_empty() && !a.claim_partial {
+            // Leave the bus before saying so: nobody routes to an instance missing the
+            // resources it was started for.
+            let _ = inst.unregister();
+            return Err(format!(
+                "could not claim {} of {} resource(s): {}; not serving (--claim-partial serves anyway)",
+                failed.len(),
+                a.claim.len(),
+                failed.join(", ")
+            )
+            .into());
+        }
+        for f in &failed {
+            eprintln!("aegisctl: not claimed: {f}");
         }
         println!("claimed {} of {}", report.succeeded, a.claim.len());
     }
