@@ -131,7 +131,15 @@ fn serve_that_cannot_claim_what_it_was_asked_to_fails_naming_the_owner() {
     let bus = TestBus::start();
     let _d1 = bus.serve("docs", "d1", &["--claim", "doc-1"]);
     let out = bus
-        .aegisctl(&["serve", "docs", "--instance", "d3", "--echo", "--claim", "doc-1,doc-9"])
+        .aegisctl(&[
+            "serve",
+            "docs",
+            "--instance",
+            "d3",
+            "--echo",
+            "--claim",
+            "doc-1,doc-9",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

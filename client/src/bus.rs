@@ -792,29 +792,58 @@ impl BusInner {
     }
 
     /// The mapped segment of instance `index`, asking the broker for it the first time.
-    pub(crate) fn instance_seg(&self, index: u32, incarnation: u64) -> Result<Arc<InstanceSeg>> {
+    /// While the broker is away (restarting), the ask waits for the reconnect until
+    /// `until` (the call's attempt deadline): segments already mapped need no broker, and a
+    /// new one is worth waiting for rather than failing the call.
+    pub(crate) fn instance_seg(
+        &self,
+        index: u32,
+        incarnation: u64,
+        until: Instant,
+    ) -> Result<Arc<InstanceSeg>> {
         if let Some(s) = self.instances.read().get(&index) {
             if s.incarnation == incarnation {
                 return Ok(s.clone());
             }
         }
-        let (resp, fds) = self.control.lock().request(&Request::OpenInstance {
-            instance: index,
-            incarnation,
-        })?;
-        let Response::OpenedInstances(ids) = resp else {
-            return Err(Error::Protocol(format!(
-                "expected OpenedInstances, got {resp:?}"
-            )));
-        };
-        let epoch = self.session().epoch;
-        file_batch(
-            &self.instances,
-            (ids, fds, "OpenInstance"),
-            (index, incarnation),
-            |seg, inc| seg.incarnation == inc,
-            |fd, i, inc| InstanceSeg::open(fd, epoch, i, inc),
-        )
+        self.ask_broker(until, || {
+            let (resp, fds) = self.control.lock().request(&Request::OpenInstance {
+                instance: index,
+                incarnation,
+            })?;
+            let Response::OpenedInstances(ids) = resp else {
+                return Err(Error::Protocol(format!(
+                    "expected OpenedInstances, got {resp:?}"
+                )));
+            };
+            let epoch = self.session().epoch;
+            file_batch(
+                &self.instances,
+                (ids, fds, "OpenInstance"),
+                (index, incarnation),
+                |seg, inc| seg.incarnation == inc,
+                |fd, i, inc| InstanceSeg::open(fd, epoch, i, inc),
+            )
+        })
+    }
+
+    /// Runs `ask` (one broker request); while it fails with `BrokerUnavailable`, waits for
+    /// the supervisor's next reconnect, at most until `until`, and asks again.
+    fn ask_broker<T>(&self, until: Instant, mut ask: impl FnMut() -> Result<T>) -> Result<T> {
+        loop {
+            let seen = *self.control_gen.lock();
+            match ask() {
+                Err(e @ Error::BrokerUnavailable { .. }) => {
+                    let mut g = self.control_gen.lock();
+                    while *g == seen {
+                        if self.control_changed.wait_until(&mut g, until).timed_out() {
+                            return Err(e);
+                        }
+                    }
+                }
+                r => return r,
+            }
+        }
     }
 
     /// The mapped segment of a client that sent us a request.
@@ -831,28 +860,22 @@ impl BusInner {
                 return Ok(s.clone());
             }
         }
-        let mut until = None;
-        loop {
-            let seen = *self.control_gen.lock();
-            match self.open_client(index, gen) {
-                Err(Error::BrokerUnavailable { .. })
-                    if self.gave_up_at.load(std::sync::atomic::Ordering::Relaxed) != seen =>
-                {
-                    let until = *until.get_or_insert_with(|| Instant::now() + RESOLVE_WAIT);
-                    let mut g = self.control_gen.lock();
-                    while *g == seen {
-                        if self.control_changed.wait_until(&mut g, until).timed_out() {
-                            // Relaxed: a hint that only saves waiting; `control_gen` (under
-                            // its mutex) is what decides.
-                            self.gave_up_at
-                                .store(seen, std::sync::atomic::Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                }
-                r => return r,
-            }
+        let seen = *self.control_gen.lock();
+        // Relaxed: a hint that only saves waiting; `control_gen` (under its mutex) decides.
+        let gave_up = self.gave_up_at.load(std::sync::atomic::Ordering::Relaxed) == seen;
+        let until = Instant::now()
+            + if gave_up {
+                Duration::ZERO
+            } else {
+                RESOLVE_WAIT
+            };
+        let r = self.ask_broker(until, || self.open_client(index, gen));
+        if matches!(r, Err(Error::BrokerUnavailable { .. })) {
+            let now = *self.control_gen.lock();
+            self.gave_up_at
+                .store(now, std::sync::atomic::Ordering::Relaxed);
         }
+        r
     }
 
     /// Asks the broker for caller `(index, gen)`'s segment; other callers that have

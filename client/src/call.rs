@@ -118,6 +118,9 @@ impl From<Error> for Failed {
     }
 }
 
+/// Why an attempt failed when its instance left between being picked and being sent to.
+const INSTANCE_LEFT_BEFORE_SEND: &str = "instance left before the request was sent";
+
 /// Consecutive timeouts after which a caller reports an instance unhealthy.
 const UNHEALTHY_AFTER_TIMEOUTS: u32 = 3;
 
@@ -206,7 +209,11 @@ impl Bus {
                 })
                 .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip));
             let Some(target) = target else {
-                return Err(if attempts.is_empty() {
+                // Instances that left before we could send are not failures of the call.
+                let all_left = attempts
+                    .iter()
+                    .all(|a| a.error == INSTANCE_LEFT_BEFORE_SEND);
+                return Err(if all_left {
                     no_instance()
                 } else {
                     Error::Timeout {
@@ -253,8 +260,12 @@ impl Bus {
                 duration: t.elapsed(),
             });
             tried.push(target.instance);
+            let sent = attempts
+                .iter()
+                .filter(|a| a.error != INSTANCE_LEFT_BEFORE_SEND)
+                .count();
             if (in_doubt && !opts.idempotent)
-                || attempts.len() as u32 >= opts.max_attempts
+                || sent as u32 >= opts.max_attempts
                 || Instant::now() >= total
             {
                 return Err(Error::Timeout {
@@ -387,8 +398,10 @@ impl Bus {
             })
             .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip))
             .ok_or_else(no_instance)?;
-        let seg = inner.instance_seg(target.instance, target.incarnation)?;
         let deadline = start + opts.timeout.min(opts.attempt_timeout);
+        let seg = inner
+            .open_target(target, deadline)
+            .map_err(|f| inner.one_attempt_error(sess, target, f, start))?;
         match inner.send(&seg, method, payload, opts, deadline, &mut None) {
             Ok(sent) => Ok(Pending {
                 inner,
@@ -441,9 +454,29 @@ impl BusInner {
         elsewhere: Option<&dyn Fn() -> bool>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
-        let seg = self.instance_seg(target.instance, target.incarnation)?;
+        let seg = self.open_target(target, deadline)?;
         let stall = elsewhere.map(|e| (opts.stall_bound, e));
         self.send_and_wait(sess, &seg, method, payload, opts, deadline, stall, out)
+    }
+
+    /// The target's segment, mapped (asking the broker, waiting for it within `deadline`
+    /// if it is restarting). An instance that left since it was picked, or a broker that
+    /// stayed away, is a request that was never sent: safe to send elsewhere.
+    fn open_target(
+        &self,
+        target: CallInfo,
+        deadline: Instant,
+    ) -> Result<std::sync::Arc<InstanceSeg>, Failed> {
+        match self.instance_seg(target.instance, target.incarnation, deadline) {
+            Ok(seg) => Ok(seg),
+            Err(Error::NoAvailableInstance { .. }) => {
+                Err(Failed::NotDelivered(INSTANCE_LEFT_BEFORE_SEND))
+            }
+            Err(Error::BrokerUnavailable { .. }) => Err(Failed::NotDelivered(
+                "broker away and the instance's segment not yet mapped: not sent",
+            )),
+            Err(e) => Err(Failed::Error(e)),
+        }
     }
 
     /// Whether instance `index` was seen stalled and its progress word has not moved since.
