@@ -346,6 +346,7 @@ fn a_client_of_another_layout_version_is_refused_clearly() {
             layout: 999,
             mailboxes: 4,
             resume: None,
+            secret: 1,
         })
         .unwrap(),
     )

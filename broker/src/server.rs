@@ -145,6 +145,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                     layout: lv,
                     mailboxes,
                     resume,
+                    secret,
                 } => {
                     if protocol != proto::PROTOCOL_VERSION || lv != layout::LAYOUT_VERSION {
                         (
@@ -163,7 +164,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                     } else {
                         hello = true;
                         let resume = resume.and_then(|r| fds.pop().map(|fd| (r, fd)));
-                        st.hello(id, mailboxes, resume)
+                        st.hello(id, mailboxes, resume, secret)
                     }
                 }
                 _ if !hello => (
@@ -194,7 +195,10 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                     instance,
                     incarnation,
                     reason,
-                } => st.report_unhealthy(instance, incarnation, &reason),
+                } => match st.may_report(id, instance, incarnation) {
+                    Ok(()) => st.report_unhealthy(instance, incarnation, &reason),
+                    Err(e) => (Response::Error(e), Vec::new()),
+                },
                 Request::Health { service } => {
                     (Response::Health(st.health(service.as_deref())), Vec::new())
                 }
@@ -206,7 +210,12 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                     instance,
                     incarnation,
                 } => st.open_instance(id, instance, incarnation),
-                Request::OpenClient { client, gen } => st.open_client(id, peer, client, gen),
+                Request::OpenClient {
+                    client,
+                    gen,
+                    secret,
+                } => st.open_client(id, peer, client, gen, secret),
+                Request::Grant { instances } => st.grant_request(id, instances),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),
                 Request::TransferResources {

@@ -21,6 +21,9 @@ use crate::identities::Identities;
 
 pub type ConnId = u64;
 
+/// A caller's unhealthy reports count at most once per this interval.
+pub const REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A registration request.
 pub struct Registration<'a> {
     pub service: &'a str,
@@ -91,6 +94,15 @@ struct ClientRec {
     gen: u32,
     fd: OwnedFd,
     conn: ConnId,
+    /// Chosen by the client (`Hello`), carried by its requests: an instance must show it
+    /// to be handed this segment.
+    secret: u64,
+    /// The instances `(index, incarnation)` this client opened (or, after a broker restart,
+    /// says it had opened): only their serving connections may be handed its segment, and
+    /// only it may report them unhealthy.
+    grants: std::collections::HashSet<(u32, u64)>,
+    /// When a report of this client last counted (reports are rate-limited).
+    last_report: Option<std::time::Instant>,
     /// The `(index, gen)` this client had under the previous broker, when it could not
     /// keep it: requests it sent back then still name it.
     formerly: Option<(u32, u32)>,
@@ -184,6 +196,7 @@ impl State {
         conn: ConnId,
         mailboxes: u32,
         resume: Option<((u32, u32), OwnedFd)>,
+        secret: u64,
     ) -> Reply {
         // A resuming client keeps its (index, gen) where that slot is free (and the gen is
         // one of an earlier run, see `Identities`).
@@ -264,6 +277,9 @@ impl State {
             fd,
             conn,
             formerly,
+            secret,
+            grants: Default::default(),
+            last_report: None,
         });
         (
             Response::Welcome {
@@ -650,11 +666,7 @@ impl State {
         let batch = std::iter::once(index)
             .chain(members.into_iter().filter(|&m| m != index))
             .take(proto::OPEN_BATCH);
-        let caller = self.clients.iter().enumerate().find_map(|(i, c)| {
-            c.as_ref()
-                .filter(|c| c.conn == conn)
-                .map(|c| (i as u32, c.gen))
-        });
+        let caller = self.client_of(conn);
         let (mut opened, mut fds) = (Vec::new(), Vec::new());
         for i in batch {
             let Some(r) = self.instances[i as usize].as_ref() else {
@@ -666,25 +678,123 @@ impl State {
                 Err(_) => continue,
             }
             opened.push((i, r.incarnation));
-            if let Some(c) = caller {
+            if let Some((slot, gen)) = caller {
                 for owner in &r.owners {
-                    self.introductions.entry(*owner).or_default().insert(c);
+                    self.introductions
+                        .entry(*owner)
+                        .or_default()
+                        .insert((slot, gen));
                 }
+            }
+        }
+        if let Some((slot, _)) = caller {
+            if let Err(e) = self.grant(slot, opened.iter().copied()) {
+                return err(e);
             }
         }
         (Response::OpenedInstances(opened), fds)
     }
 
+    /// The client slot and generation of the client on control connection `conn`.
+    fn client_of(&self, conn: ConnId) -> Option<(u32, u32)> {
+        self.clients.iter().enumerate().find_map(|(i, c)| {
+            c.as_ref()
+                .filter(|c| c.conn == conn)
+                .map(|c| (i as u32, c.gen))
+        })
+    }
+
+    /// Records that client `slot` opened `instances`. A client grants access to its own
+    /// segment only, so it may name instances that have not (re-)registered yet; the set is
+    /// capped, dropping grants for instances that no longer exist first.
+    fn grant(
+        &mut self,
+        slot: u32,
+        instances: impl IntoIterator<Item = (u32, u64)>,
+    ) -> Result<(), WireError> {
+        let cap = 2 * self.cfg.max_instances as usize;
+        let live: std::collections::HashSet<(u32, u64)> = self
+            .instances
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i as u32, r.incarnation)))
+            .collect();
+        let Some(c) = self.clients[slot as usize].as_mut() else {
+            return Ok(());
+        };
+        for g in instances {
+            if c.grants.len() >= cap {
+                c.grants.retain(|g| live.contains(g));
+                if c.grants.len() >= cap {
+                    return Err(WireError::LimitExceeded(format!(
+                        "a client may have opened at most {cap} instances (2 x broker --max-instances)"
+                    )));
+                }
+            }
+            c.grants.insert(g);
+        }
+        Ok(())
+    }
+
+    /// After a broker restart: a resuming client names the instances it had opened.
+    pub fn grant_request(&mut self, conn: ConnId, instances: Vec<(u32, u64)>) -> Reply {
+        let Some((slot, _)) = self.client_of(conn) else {
+            return err(WireError::BadRequest("Grant before Hello".into()));
+        };
+        match self.grant(slot, instances) {
+            Ok(()) => (Response::Done, Vec::new()),
+            Err(e) => err(e),
+        }
+    }
+
+    /// Whether the client on `conn` opened instance `(index, incarnation)`; if so, and its
+    /// last report counted long enough ago, its report counts now (see
+    /// [`REPORT_INTERVAL`]).
+    pub(crate) fn may_report(
+        &mut self,
+        conn: ConnId,
+        index: u32,
+        incarnation: u64,
+    ) -> Result<(), WireError> {
+        let Some((slot, _)) = self.client_of(conn) else {
+            return Err(WireError::BadRequest("ReportUnhealthy before Hello".into()));
+        };
+        let c = self.clients[slot as usize]
+            .as_mut()
+            .expect("client_of found it");
+        if !c.grants.contains(&(index, incarnation)) {
+            return Err(WireError::NotOwner(format!(
+                "only a caller of instance #{index} may report it unhealthy"
+            )));
+        }
+        let now = std::time::Instant::now();
+        if c.last_report
+            .is_some_and(|t| now.duration_since(t) < REPORT_INTERVAL)
+        {
+            return Err(WireError::LimitExceeded(format!(
+                "at most one unhealthy report per {} ms per caller",
+                REPORT_INTERVAL.as_millis()
+            )));
+        }
+        c.last_report = Some(now);
+        Ok(())
+    }
+
     /// An instance asks for a caller's segment, to write replies into its mailboxes. Only
     /// a connection that serves an instance may have it. The callers that have opened this
     /// connection's instances since its last ask come along (up to a batch).
-    pub fn open_client(&mut self, conn: ConnId, peer: Peer, client: u32, gen: u32) -> Reply {
-        let serves = self
-            .instances
-            .iter()
-            .flatten()
-            .any(|r| r.owners.contains(&conn) || r.peer.pid == peer.pid);
-        if !serves {
+    pub fn open_client(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        client: u32,
+        gen: u32,
+        secret: u64,
+    ) -> Reply {
+        // Pid 0: a peer in another pid namespace, whose pid says nothing.
+        let serves_here =
+            |r: &InstanceRec| r.owners.contains(&conn) || (peer.pid != 0 && r.peer.pid == peer.pid);
+        if !self.instances.iter().flatten().any(serves_here) {
             return err(WireError::NotOwner(
                 "only a process serving an instance may open a caller's mailboxes".into(),
             ));
@@ -694,6 +804,19 @@ impl State {
                 "client #{client}/{gen} is not connected"
             )));
         };
+        // Access follows need: the caller opened one of this connection's instances, and
+        // the asker shows the secret one of its requests carried.
+        let opened_ours = c.grants.iter().any(|&(i, inc)| {
+            self.instances
+                .get(i as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|r| r.incarnation == inc && serves_here(r))
+        });
+        if c.secret != secret || !opened_ours {
+            return err(WireError::NotOwner(format!(
+                "client #{client}/{gen} has not sent a request to an instance this connection serves"
+            )));
+        }
         let fd = match dup(&c.fd) {
             Ok(fd) => fd,
             Err(e) => return err(WireError::Internal(e.to_string())),
@@ -890,14 +1013,7 @@ impl State {
 }
 
 fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom writes at most 8 bytes into our buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
-    if n != 8 {
-        // Fall back to time and pid: an epoch only needs to differ between broker runs.
-        return sys::unix_millis() ^ (std::process::id() as u64) << 32;
-    }
-    u64::from_le_bytes(b)
+    sys::random_u64()
 }
 
 #[cfg(test)]
@@ -920,11 +1036,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = || crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", "4"]);
         let mut first = State::new(cfg(), Identities::load(dir.path()).unwrap()).unwrap();
-        let (index, gen, seg) = welcome(first.hello(1, 8, None));
+        let (index, gen, seg) = welcome(first.hello(1, 8, None, 7));
         drop(first);
 
         let mut second = State::new(cfg(), Identities::load(dir.path()).unwrap()).unwrap();
-        let (fresh_index, fresh_gen, _) = welcome(second.hello(1, 8, None));
+        let (fresh_index, fresh_gen, _) = welcome(second.hello(1, 8, None, 7));
         assert_eq!(
             fresh_index, index,
             "the fresh client takes the lowest free slot"
@@ -933,7 +1049,7 @@ mod tests {
             fresh_gen, gen,
             "a generation of the previous run was handed out again"
         );
-        let (moved, moved_gen, _) = welcome(second.hello(2, 8, Some(((index, gen), seg))));
+        let (moved, moved_gen, _) = welcome(second.hello(2, 8, Some(((index, gen), seg)), 7));
         assert_ne!(moved, index);
         assert_eq!(second.client_by_ident(moved, moved_gen).unwrap().conn, 2);
         assert_eq!(second.client_by_ident(index, gen).unwrap().conn, 2);

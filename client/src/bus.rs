@@ -296,6 +296,12 @@ pub(crate) struct BusInner {
     pub client_fd: OwnedFd,
     /// `index | gen << 32` as the current broker knows this client.
     pub(crate) client_ident: StdAtomicU64,
+    /// This connection's secret (see `Request::Hello`), carried by every request.
+    pub(crate) secret: u64,
+    /// Keys the per-call nonces (`MsgHeader::nonce`): SipHash of a counter under a random
+    /// key, so seeing some nonces tells nothing about the next.
+    pub(crate) nonce_key: std::hash::RandomState,
+    pub(crate) nonce_seq: StdAtomicU64,
     /// Instances registered through this connection (re-registered after a broker restart).
     pub(crate) registered: Mutex<Vec<Weak<dyn Registration>>>,
     /// Written on drop to stop the supervisor thread.
@@ -854,7 +860,7 @@ impl BusInner {
     /// waits, at most [`RESOLVE_WAIT`], for the reconnect instead of dropping the request
     /// (whose caller could only time out). If the broker stays away that long, later
     /// requests do not wait again until it is back.
-    pub fn client_seg(&self, index: u32, gen: u32) -> Result<Arc<ClientSeg>> {
+    pub fn client_seg(&self, index: u32, gen: u32, secret: u64) -> Result<Arc<ClientSeg>> {
         if let Some(s) = self.clients.read().get(&index) {
             if s.gen == gen {
                 return Ok(s.clone());
@@ -869,7 +875,7 @@ impl BusInner {
             } else {
                 RESOLVE_WAIT
             };
-        let r = self.ask_broker(until, || self.open_client(index, gen));
+        let r = self.ask_broker(until, || self.open_client(index, gen, secret));
         if matches!(r, Err(Error::BrokerUnavailable { .. })) {
             let now = *self.control_gen.lock();
             self.gave_up_at
@@ -880,11 +886,12 @@ impl BusInner {
 
     /// Asks the broker for caller `(index, gen)`'s segment; other callers that have
     /// opened our instances since the last ask come with it and are mapped too.
-    fn open_client(&self, index: u32, gen: u32) -> Result<Arc<ClientSeg>> {
-        let (resp, fds) = self
-            .control
-            .lock()
-            .request(&Request::OpenClient { client: index, gen })?;
+    fn open_client(&self, index: u32, gen: u32, secret: u64) -> Result<Arc<ClientSeg>> {
+        let (resp, fds) = self.control.lock().request(&Request::OpenClient {
+            client: index,
+            gen,
+            secret,
+        })?;
         let Response::OpenedClients(ids) = resp else {
             return Err(Error::Protocol(format!(
                 "expected OpenedClients, got {resp:?}"

@@ -619,6 +619,14 @@ impl BusInner {
         }
     }
 
+    fn next_nonce(&self) -> u64 {
+        use std::hash::BuildHasher;
+        let n = self
+            .nonce_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.nonce_key.hash_one(n)
+    }
+
     fn next_trace_id(&self) -> u64 {
         (self.pid as u64) << 40
             | (self
@@ -701,7 +709,8 @@ impl BusInner {
             gen,
             heap: heap_block,
         };
-        mailbox::arm(mb, gen);
+        let nonce = self.next_nonce();
+        mailbox::arm(mb, gen, nonce);
         let Some(mut claim) = claim_slot(&ring, self.pid, deadline, watch) else {
             mailbox::release(mb, gen);
             self.free_sent(&sent);
@@ -727,6 +736,8 @@ impl BusInner {
             hops: opts.hops,
             kind: if inline { PAYLOAD_INLINE } else { PAYLOAD_HEAP },
             _pad: 0,
+            nonce,
+            secret: self.secret,
         });
         let data = claim.data();
         data[..method.len()].copy_from_slice(method.as_bytes());

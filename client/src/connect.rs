@@ -50,11 +50,13 @@ impl Bus {
         let dir = opts.dir.clone().unwrap_or_else(dirs::client_dir);
         let mut control = ControlConn::connect(&dir.join(dirs::SOCKET))?;
         let mailboxes = opts.mailboxes.clamp(1, 1 << 16);
+        let secret = crate::sys::random_u64();
         let (resp, fds) = control.request(&Request::Hello {
             protocol: proto::PROTOCOL_VERSION,
             layout: layout::LAYOUT_VERSION,
             mailboxes,
             resume: None,
+            secret,
         })?;
         let (session, client, gen, mut fds) = Session::from_welcome(resp, fds)?;
         let client_seg = ClientSeg::open(&fds[2], session.epoch, client, gen)?;
@@ -88,6 +90,9 @@ impl Bus {
                 opts,
                 pid: std::process::id(),
                 trace_seq: StdAtomicU64::new(0),
+                secret,
+                nonce_key: std::hash::RandomState::new(),
+                nonce_seq: StdAtomicU64::new(0),
                 timeouts: Mutex::new(HashMap::new()),
                 timeouts_pending: AtomicUsize::new(0),
                 stalled: Mutex::new(HashMap::new()),
@@ -185,6 +190,7 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
         layout: layout::LAYOUT_VERSION,
         mailboxes: inner.client.layout.mailboxes,
         resume: Some(inner.client_ident()),
+        secret: inner.secret,
     };
     let (resp, fds) = conn.request_with_fds(&hello, &[inner.client_fd.as_fd()])?;
     let (session, client, gen, _fds) = Session::from_welcome(resp, fds)?;
@@ -201,6 +207,17 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
     let owned = inner
         .registry()
         .resources_owned_by_in_dead_registry(&idents);
+    // The new broker does not know which instances we had opened: tell it, so that their
+    // serving processes (re-registering with the same identities) may map our mailboxes.
+    let opened: Vec<(u32, u64)> = inner
+        .instances
+        .read()
+        .iter()
+        .map(|(&i, seg)| (i, seg.incarnation))
+        .collect();
+    if !opened.is_empty() {
+        conn.request(&Request::Grant { instances: opened })?;
+    }
     let watch = conn.watch_handle()?;
     inner.replace_control(conn);
     inner.replace_session(session, client, gen);

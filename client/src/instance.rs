@@ -428,7 +428,11 @@ impl InstanceInner {
             .filter(|c| (c.index, c.gen) == (h.client_index, h.client_gen))
             .cloned();
         let client = match cached.map_or_else(
-            || self.bus.inner.client_seg(h.client_index, h.client_gen),
+            || {
+                self.bus
+                    .inner
+                    .client_seg(h.client_index, h.client_gen, h.secret)
+            },
             Ok,
         ) {
             Ok(c) => {
@@ -445,14 +449,16 @@ impl InstanceInner {
             tracing::warn!(service = %self.service, trace_id = h.trace_id, "dropping request naming mailbox {} out of range", h.mailbox);
             None
         })?;
-        if !mailbox::take(mb, h.mailbox_gen) {
-            // Cancelled by its caller (deadline passed) before we got to it: do not run it.
+        if !mailbox::take(mb, h.mailbox_gen, h.nonce) {
+            // Cancelled by its caller (deadline passed) before we got to it, or a header
+            // that is not the armed call's (forged, stale): do not run it.
             return None;
         }
         let d = Delivery {
             client,
             mailbox: h.mailbox,
             gen: h.mailbox_gen,
+            nonce: h.nonce,
             trace_id: h.trace_id,
             hops: h.hops,
         };
@@ -502,6 +508,12 @@ impl InstanceInner {
     /// wakes the caller.
     fn send_reply(&self, d: Delivery, status: u32, data: &[u8]) {
         let (mb, inline) = d.client.mailbox(d.mailbox).expect("validated in accept");
+        if !mailbox::still_taken(mb, d.gen, d.nonce) {
+            // The caller gave up on this call and (its taker presumed dead) recycled the
+            // mailbox: write nothing into it.
+            tracing::debug!(service = %self.service, trace_id = d.trace_id, "reply dropped: mailbox no longer ours");
+            return;
+        }
         let cap = d.client.layout.mailbox_inline as usize;
         let too_large;
         let (mut status, mut data) = (status, data);
@@ -567,7 +579,7 @@ impl InstanceInner {
             .counters()
             .requests_served
             .fetch_add(1, Ordering::Relaxed);
-        mailbox::complete(mb, d.gen, d.client.doorbell());
+        mailbox::complete(mb, d.gen, d.nonce, d.client.doorbell());
     }
 
     /// Frees heap blocks whose replies their callers have read (or abandoned for a newer call).
@@ -605,6 +617,7 @@ struct Delivery {
     client: Arc<ClientSeg>,
     mailbox: u32,
     gen: u32,
+    nonce: u64,
     trace_id: u64,
     hops: u8,
 }

@@ -25,7 +25,7 @@ use std::ptr;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 pub const PAGE: usize = 4096;
 
 /// Longest service name, instance id or resource id, in bytes.
@@ -840,12 +840,21 @@ pub struct MsgHeader {
     pub hops: u8,
     pub kind: u8,
     pub _pad: u32,
+    /// Random per call, also stored in the caller's mailbox ([`MailboxHeader::nonce`]): an
+    /// instance takes and completes the mailbox only when the two match, so a forged or
+    /// stale header (generation wrap-around) cannot deliver a reply to another call.
+    pub nonce: u64,
+    /// The caller's per-connection secret (from the broker's `Welcome`): what an instance
+    /// shows the broker to be handed this caller's segment (`OpenClient`).
+    pub secret: u64,
 }
 
 #[repr(C, align(64))]
 pub struct SlotHeader {
     pub ctl: SlotCtl,
-    pub msg: MsgHeader,
+    /// Plain data written through a shared reference by the producer that owns the slot
+    /// (hence the cell): see [`crate::ring::Claim::set_header`].
+    pub msg: std::cell::UnsafeCell<MsgHeader>,
 }
 
 impl SlotHeader {
@@ -856,7 +865,7 @@ impl SlotHeader {
                 claimer_pid: AtomicU32::new(0),
                 _pad: 0,
             },
-            msg: MsgHeader::default(),
+            msg: std::cell::UnsafeCell::new(MsgHeader::default()),
         }
     }
 }
@@ -1018,6 +1027,9 @@ pub struct MailboxHeader {
     /// Offset in the instance's heap when `reply_kind == PAYLOAD_HEAP`.
     pub heap_off: AtomicU64,
     pub incarnation: AtomicU64,
+    /// The current call's nonce ([`MsgHeader::nonce`]), written by the caller before it
+    /// arms the mailbox.
+    pub nonce: AtomicU64,
 }
 // SAFETY: repr(C), atomics only.
 unsafe impl ShmSafe for MailboxHeader {}
@@ -1158,8 +1170,8 @@ const _: () = {
     assert!(size_of::<InstanceCounters>() == 64);
     assert!(size_of::<RingIndices>() == 384 && align_of::<RingIndices>() == 128);
     assert!(size_of::<SlotCtl>() == 16);
-    assert!(size_of::<MsgHeader>() == 48);
-    assert!(size_of::<SlotHeader>() == 64 && align_of::<SlotHeader>() == 64);
+    assert!(size_of::<MsgHeader>() == 64);
+    assert!(size_of::<SlotHeader>() == 128 && align_of::<SlotHeader>() == 64);
     assert!(size_of::<MailboxHeader>() == 64);
     assert!(InstanceLayout::RING % 128 == 0 && SharedLayout::COUNTERS % 64 == 0);
     assert!(ClientLayout::MAILBOXES % 64 == 0 && MAILBOX_INLINE % 64 == 0);

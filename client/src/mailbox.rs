@@ -52,15 +52,23 @@ pub fn gen_of(s: u32) -> u32 {
     s >> 8
 }
 
-/// Caller: arms the mailbox for generation `gen` before publishing the request. Relaxed:
-/// the request's publication (Release on the ring slot) carries it to the instance.
-pub fn arm(mb: &MailboxHeader, gen: u32) {
+/// Caller: arms the mailbox for generation `gen` and the call's `nonce` before publishing
+/// the request. Relaxed: the request's publication (Release on the ring slot) carries both
+/// to the instance.
+pub fn arm(mb: &MailboxHeader, gen: u32, nonce: u64) {
+    mb.nonce.store(nonce, Ordering::Relaxed);
     mb.state.store(pack(gen, PENDING), Ordering::Relaxed);
 }
 
-/// Instance: claims the right to reply. Fails if the caller cancelled or the mailbox has
-/// moved to another generation (then the request must not be run).
-pub fn take(mb: &MailboxHeader, gen: u32) -> bool {
+/// Instance: claims the right to reply. Fails if the caller cancelled, the mailbox has
+/// moved to another generation, or the request's `nonce` is not the armed call's (a forged
+/// or stale header): then the request must not be run.
+pub fn take(mb: &MailboxHeader, gen: u32, nonce: u64) -> bool {
+    // Relaxed: the nonce was written before the state this generation's PENDING came with;
+    // a caller re-arms only a FREE mailbox, which the CAS below then fails on.
+    if mb.nonce.load(Ordering::Relaxed) != nonce {
+        return false;
+    }
     let mut s = mb.state.load(Ordering::Relaxed);
     loop {
         if s & !FLAGS != pack(gen, PENDING) {
@@ -83,9 +91,12 @@ pub fn take(mb: &MailboxHeader, gen: u32) -> bool {
 /// Instance: publishes the reply (written before this call) and wakes the caller if it
 /// sleeps: on the state word, or through the connection's `doorbell` for an async waiter.
 /// Returns false if the state was not ours (a misbehaving caller changed it).
-pub fn complete(mb: &MailboxHeader, gen: u32, doorbell: &AtomicU32) -> bool {
-    // A CAS from our own TAKEN, never a blind store: if the caller long since recycled the
-    // mailbox (see `Bus` quarantine expiry), this late reply changes nothing.
+pub fn complete(mb: &MailboxHeader, gen: u32, nonce: u64, doorbell: &AtomicU32) -> bool {
+    // A CAS from our own TAKEN, never a blind store: if the caller recycled the mailbox
+    // (its taker presumed dead), this late reply changes nothing.
+    if mb.nonce.load(Ordering::Relaxed) != nonce {
+        return false;
+    }
     let mut s = mb.state.load(Ordering::Relaxed);
     loop {
         if s & !FLAGS != pack(gen, TAKEN) {
@@ -112,6 +123,14 @@ pub fn complete(mb: &MailboxHeader, gen: u32, doorbell: &AtomicU32) -> bool {
         let _ = sys::futex_wake(doorbell, 1);
     }
     true
+}
+
+/// Instance: whether the mailbox is still this call's and ours to answer (TAKEN by us for
+/// `gen` with `nonce`): checked before writing a reply body into it, so a reply that is
+/// late beyond the caller's patience never writes into a mailbox recycled for another call.
+pub fn still_taken(mb: &MailboxHeader, gen: u32, nonce: u64) -> bool {
+    mb.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, TAKEN)
+        && mb.nonce.load(Ordering::Relaxed) == nonce
 }
 
 /// Outcome of a caller's wait.
@@ -293,24 +312,26 @@ mod tests {
     #[test]
     fn late_reply_after_cancel_is_refused() {
         let m = mb();
-        arm(&m, 1);
+        arm(&m, 1, 11);
         assert_eq!(cancel(&m, 1), Cancel::Cancelled);
-        assert!(!take(&m, 1), "a cancelled request must not run");
-        arm(&m, 2);
+        assert!(!take(&m, 1, 11), "a cancelled request must not run");
+        arm(&m, 2, 22);
         assert!(
-            !take(&m, 1),
+            !take(&m, 1, 11),
             "a stale generation must not take the next call's mailbox"
         );
-        assert!(take(&m, 2));
+        assert!(!take(&m, 2, 11), "a forged nonce must not take the mailbox");
+        assert!(take(&m, 2, 22));
+        assert!(still_taken(&m, 2, 22) && !still_taken(&m, 2, 11));
     }
 
     #[test]
     fn cancel_while_taken_reports_in_progress_then_ready() {
         let m = mb();
-        arm(&m, 5);
-        assert!(take(&m, 5));
+        arm(&m, 5, 55);
+        assert!(take(&m, 5, 55));
         assert_eq!(cancel(&m, 5), Cancel::InProgress);
-        assert!(complete(&m, 5, &AtomicU32::new(0)));
+        assert!(complete(&m, 5, 55, &AtomicU32::new(0)));
         assert!(is_ready(&m, 5));
         assert_eq!(cancel(&m, 5), Cancel::Ready);
     }
@@ -318,7 +339,7 @@ mod tests {
     #[test]
     fn sleeping_caller_is_woken_by_reply() {
         let m: &'static MailboxHeader = Box::leak(mb());
-        arm(m, 9);
+        arm(m, 9, 99);
         let t = std::thread::spawn(move || {
             let mut w = Waiter::new(
                 crate::wait::Spin::Fixed(Duration::ZERO),
@@ -337,8 +358,8 @@ mod tests {
         while m.state.load(Ordering::Relaxed) & WAITER == 0 {
             std::thread::yield_now();
         }
-        assert!(take(m, 9));
-        assert!(complete(m, 9, &AtomicU32::new(0)));
+        assert!(take(m, 9, 99));
+        assert!(complete(m, 9, 99, &AtomicU32::new(0)));
         assert_eq!(t.join().unwrap(), Wait::Ready);
     }
 }
@@ -360,6 +381,7 @@ mod loom_tests {
             reply_len: AtomicU64::new(0),
             heap_off: AtomicU64::new(0),
             incarnation: AtomicU64::new(0),
+            nonce: AtomicU64::new(0),
         }
     }
 
@@ -367,13 +389,13 @@ mod loom_tests {
     fn cancel_and_take_never_both_win() {
         loom::model(|| {
             let mb = Arc::new(mailbox());
-            arm(&mb, 3);
+            arm(&mb, 3, 33);
             let inst = {
                 let mb = mb.clone();
                 loom::thread::spawn(move || {
-                    if take(&mb, 3) {
+                    if take(&mb, 3, 33) {
                         mb.reply_len.store(42, Ordering::Relaxed);
-                        assert!(complete(&mb, 3, &AtomicU32::new(0)));
+                        assert!(complete(&mb, 3, 33, &AtomicU32::new(0)));
                         true
                     } else {
                         false

@@ -16,7 +16,7 @@ use crate::error::WireError;
 use crate::layout::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
@@ -44,6 +44,10 @@ pub enum Request {
         layout: u32,
         mailboxes: u32,
         resume: Option<(u32, u32)>,
+        /// This connection's secret, chosen by the client (random, kept across broker
+        /// restarts): requests carry it, and an instance must show it to be handed this
+        /// client's segment (`OpenClient`).
+        secret: u64,
     },
     Register {
         service: String,
@@ -63,9 +67,18 @@ pub enum Request {
         instance: u32,
         incarnation: u64,
     },
+    /// An instance asks for the segment of a caller that sent it a request: `secret` is
+    /// the one that request carried.
     OpenClient {
         client: u32,
         gen: u32,
+        secret: u64,
+    },
+    /// After a broker restart: the instances (index, incarnation) this client had opened,
+    /// so their serving processes may again be handed its segment. A client grants access
+    /// to its own segment only.
+    Grant {
+        instances: Vec<(u32, u64)>,
     },
     ListServices,
     DescribeService {

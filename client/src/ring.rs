@@ -331,10 +331,11 @@ impl<'a> Claim<'a> {
     }
     /// Writes the message header (the producer owns the slot, so no one reads it yet).
     pub fn set_header(&mut self, h: MsgHeader) {
-        let slot = self.ring.slot(self.pos) as *const SlotHeader as *mut SlotHeader;
+        let msg = self.ring.slot(self.pos).msg.get();
         // SAFETY: between claim and publish this producer is the slot's only writer, and
-        // consumers read `msg` only after acquiring the published sequence.
-        unsafe { std::ptr::addr_of_mut!((*slot).msg).write(h) };
+        // consumers read `msg` only after acquiring the published sequence. Volatile: a
+        // hostile peer may read or scribble concurrently; we make no assumption about it.
+        unsafe { msg.write_volatile(h) };
     }
     /// The slot's inline data area.
     pub fn data(&mut self) -> &mut [u8] {
@@ -391,7 +392,7 @@ impl<'a> Taken<'a> {
         let slot = self.ring.slot(self.pos);
         // SAFETY: published slot, acquired in `try_pop`; a volatile copy because a hostile
         // producer could still scribble on it, and we only ever use the validated copy.
-        unsafe { std::ptr::addr_of!(slot.msg).read_volatile() }
+        unsafe { slot.msg.get().read_volatile() }
     }
     pub fn claimer_pid(&self) -> u32 {
         self.ring

@@ -144,6 +144,18 @@ pub fn check_size_sealed(fd: &OwnedFd, expected: Option<u64>) -> Result<u64, Str
     }
 }
 
+/// 64 random bits from the kernel (`getrandom`); falls back to time and pid if the call
+/// fails (then only uniqueness, not secrecy, is what the caller gets).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into our 8-byte buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if n != 8 {
+        return unix_millis() ^ (std::process::id() as u64) << 32;
+    }
+    u64::from_le_bytes(b)
+}
+
 /// Size of the file behind `fd`.
 pub fn file_size(fd: &OwnedFd) -> io::Result<u64> {
     let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
