@@ -731,3 +731,35 @@ fn a_zero_stall_bound_is_refused_by_name() {
         other => panic!("expected BadRequest, got {other:?}"),
     }
 }
+
+/// A call that timed out while its instance was running it keeps its mailbox quarantined
+/// (a late reply may still land) only as long as that instance's process lives: once it is
+/// killed, the mailbox comes back at once, not after the 60 s expiry.
+#[test]
+fn a_dead_taker_s_quarantined_mailbox_comes_back_at_once() {
+    let bus = TestBus::start();
+    let slow = bus.serve("q", "slow", &["--delay-ms", "60000"]);
+    let client = bus.connect_with(aegis_client::BusOptions {
+        mailboxes: 1,
+        ..Default::default()
+    });
+    let opts = CallOptions::timeout(Duration::from_millis(100));
+    let e = client.call("q", "echo", b"1", &opts).unwrap_err();
+    assert!(e.to_string().contains("taken but not answered"), "{e}");
+    // The one mailbox is quarantined: the next call has none while the taker lives.
+    let e = client.call("q", "echo", b"2", &opts).unwrap_err();
+    assert!(matches!(e, Error::LimitExceeded(_)), "{e}");
+    let pid = slow.pid();
+    kill(pid, libc::SIGKILL);
+    let _fast = bus.serve("q", "fast", &[]);
+    let t = Instant::now();
+    support::wait_for("the mailbox to come back", || {
+        client.call("q", "echo", b"3", &opts).is_ok()
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "quarantine outlived its dead taker by {:?}",
+        t.elapsed()
+    );
+    drop(slow);
+}

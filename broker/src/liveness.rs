@@ -71,6 +71,7 @@ pub fn same_process_alive(pid: u32, start_time: Option<u64>) -> bool {
     }
     match (start_time, sys::process_start_time(pid)) {
         (Some(then), Ok(now)) => then == now,
+        (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => false,
         // Cannot compare (no /proc access): existence is all we know.
         _ => true,
     }

@@ -545,7 +545,10 @@ impl BusInner {
                 mailbox::release(mb, sent.gen);
                 self.free_sent(&sent);
             }
-            Cancel::InProgress => self.pool.quarantine(sent.mailbox, sent.gen, sent.heap),
+            Cancel::InProgress => {
+                self.pool
+                    .quarantine(sent.mailbox, sent.gen, sent.heap, mailbox::taker_pid(mb))
+            }
         }
     }
 
@@ -875,7 +878,8 @@ impl BusInner {
                 }))
             }
             Cancel::InProgress => {
-                self.pool.quarantine(mb_idx, gen, sent.heap);
+                self.pool
+                    .quarantine(mb_idx, gen, sent.heap, mailbox::taker_pid(mb));
                 Err(Failed::InDoubt(if why == Why::Gone {
                     "instance left while handling the request"
                 } else {

@@ -1030,6 +1030,10 @@ pub struct MailboxHeader {
     /// The current call's nonce ([`MsgHeader::nonce`]), written by the caller before it
     /// arms the mailbox.
     pub nonce: AtomicU64,
+    /// Pid of the process that took the request (written before its take): a caller whose
+    /// call timed out keeps the mailbox quarantined while that process lives.
+    pub taker_pid: AtomicU32,
+    pub _pad: u32,
 }
 // SAFETY: repr(C), atomics only.
 unsafe impl ShmSafe for MailboxHeader {}

@@ -70,16 +70,20 @@ pub fn take(mb: &MailboxHeader, gen: u32, nonce: u64) -> bool {
         return false;
     }
     let mut s = mb.state.load(Ordering::Relaxed);
+    if s & !FLAGS == pack(gen, PENDING) {
+        mb.taker_pid.store(my_pid(), Ordering::Relaxed);
+    }
     loop {
         if s & !FLAGS != pack(gen, PENDING) {
             return false;
         }
-        // Relaxed: exclusivity comes from the RMW order on this one word; the request data
-        // was already acquired through the ring slot.
+        // Exclusivity comes from the RMW order on this one word; the request data was
+        // already acquired through the ring slot. SYNC POINT: Release publishes
+        // `taker_pid` to a caller whose `cancel` (Acquire) then finds TAKEN.
         match mb.state.compare_exchange_weak(
             s,
             pack(gen, TAKEN) | (s & FLAGS),
-            Ordering::Relaxed,
+            Ordering::Release,
             Ordering::Relaxed,
         ) {
             Ok(_) => return true,
@@ -123,6 +127,19 @@ pub fn complete(mb: &MailboxHeader, gen: u32, nonce: u64, doorbell: &AtomicU32) 
         let _ = sys::futex_wake(doorbell, 1);
     }
     true
+}
+
+/// This process's pid (cached: `getpid` is a system call).
+fn my_pid() -> u32 {
+    use std::sync::OnceLock;
+    static PID: OnceLock<u32> = OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}
+
+/// Caller: the pid of the process that took the request (0 if unknown), read after a
+/// `cancel` that found the request taken.
+pub fn taker_pid(mb: &MailboxHeader) -> u32 {
+    mb.taker_pid.load(Ordering::Relaxed)
 }
 
 /// Instance: whether the mailbox is still this call's and ours to answer (TAKEN by us for
@@ -382,6 +399,8 @@ mod loom_tests {
             heap_off: AtomicU64::new(0),
             incarnation: AtomicU64::new(0),
             nonce: AtomicU64::new(0),
+            taker_pid: AtomicU32::new(0),
+            _pad: 0,
         }
     }
 

@@ -10,21 +10,34 @@ use parking_lot::Mutex;
 
 use crate::heap::HeapAlloc;
 use crate::layout::ClientSeg;
-use crate::mailbox;
+use crate::{mailbox, sys};
 
-/// A mailbox whose call timed out while the instance was running it: (index, generation,
-/// request heap block to free once the late reply lands, quarantined since).
-type Quarantined = (u32, u32, Option<(u64, u64)>, Instant);
+/// A mailbox whose call timed out while the instance was running it.
+struct Quarantined {
+    index: u32,
+    gen: u32,
+    /// Request heap block to free once the late reply lands.
+    heap: Option<(u64, u64)>,
+    since: Instant,
+    /// The process that took the request, as `(pid, start time)`: while it lives its reply
+    /// may still land, so the mailbox stays quarantined; once it is gone, it comes back at
+    /// once. `None`: unknown (another pid namespace): [`QUARANTINE_EXPIRY`] applies.
+    taker: Option<(u32, u64)>,
+}
 
-/// How long a mailbox may wait in quarantine for a late reply before it is recycled.
+/// How long a mailbox whose taker is unknown waits in quarantine for a late reply before
+/// it is recycled (a taker known to be alive keeps it as long as it lives).
 const QUARANTINE_EXPIRY: Duration = Duration::from_secs(60);
+
+/// How often quarantined mailboxes' takers are checked for having exited.
+const TAKER_CHECK: Duration = Duration::from_millis(5);
 
 /// Free list of this connection's mailboxes, their generations (kept privately, so a
 /// peer cannot steer them), and the mailboxes quarantined after a timeout.
 pub(crate) struct MailboxPool {
     free: ArrayQueue<u32>,
     gens: Box<[StdAtomicU32]>,
-    quarantine: Mutex<Vec<Quarantined>>,
+    quarantine: Mutex<(Vec<Quarantined>, Option<Instant>)>,
     quarantined: AtomicUsize,
 }
 
@@ -37,7 +50,7 @@ impl MailboxPool {
         MailboxPool {
             free,
             gens: (0..n).map(|_| StdAtomicU32::new(0)).collect(),
-            quarantine: Mutex::new(Vec::new()),
+            quarantine: Mutex::new((Vec::new(), None)),
             quarantined: AtomicUsize::new(0),
         }
     }
@@ -59,30 +72,54 @@ impl MailboxPool {
         let _ = self.free.push(i);
     }
 
-    pub(crate) fn quarantine(&self, i: u32, gen: u32, heap: Option<(u64, u64)>) {
-        self.quarantine.lock().push((i, gen, heap, Instant::now()));
+    /// Quarantines mailbox `i` of `gen`, taken by process `taker_pid` (0: unknown).
+    pub(crate) fn quarantine(&self, i: u32, gen: u32, heap: Option<(u64, u64)>, taker_pid: u32) {
+        let taker = (taker_pid != 0).then(|| {
+            // A start time that cannot be read: the taker has already exited (u64::MAX
+            // never matches a live process).
+            let start = sys::process_start_time(taker_pid).unwrap_or(u64::MAX);
+            (taker_pid, start)
+        });
+        self.quarantine.lock().0.push(Quarantined {
+            index: i,
+            gen,
+            heap,
+            since: Instant::now(),
+            taker,
+        });
         self.quarantined
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Returns quarantined mailboxes whose late reply has arrived to the free list.
+    /// Returns quarantined mailboxes to the free list whose late reply has arrived, or
+    /// whose taker has exited (its reply can no longer land: `complete` only moves this
+    /// generation's TAKEN, and `release` ends that generation).
     pub(crate) fn reclaim(&self, client: &ClientSeg, heap: &HeapAlloc) {
-        let mut q = self.quarantine.lock();
-        q.retain(|&(i, gen, block, since)| {
-            let Some((mb, _)) = client.mailbox(i) else {
+        let mut guard = self.quarantine.lock();
+        let (q, checked) = &mut *guard;
+        let check_takers = checked.is_none_or(|t| t.elapsed() >= TAKER_CHECK);
+        if check_takers {
+            *checked = Some(Instant::now());
+        }
+        q.retain(|m| {
+            let Some((mb, _)) = client.mailbox(m.index) else {
                 return false;
             };
-            // Expired: the instance died while running the request (a live one answers
-            // or is declared dead long before). Its reply can no longer land: `complete`
-            // only moves this generation's TAKEN, and `release` ends that generation.
-            if !mailbox::is_ready(mb, gen) && since.elapsed() < QUARANTINE_EXPIRY {
+            let done = mailbox::is_ready(mb, m.gen)
+                || match m.taker {
+                    Some((pid, start)) => {
+                        check_takers && sys::process_start_time(pid).ok() != Some(start)
+                    }
+                    None => m.since.elapsed() >= QUARANTINE_EXPIRY,
+                };
+            if !done {
                 return true;
             }
-            mailbox::release(mb, gen);
-            if let Some((off, len)) = block {
+            mailbox::release(mb, m.gen);
+            if let Some((off, len)) = m.heap {
                 heap.free(off, len);
             }
-            let _ = self.free.push(i);
+            let _ = self.free.push(m.index);
             false
         });
         self.quarantined

@@ -163,7 +163,8 @@ pub fn file_size(fd: &OwnedFd) -> io::Result<u64> {
 }
 
 /// Start time of a process in clock ticks since boot (field 22 of `/proc/PID/stat`), so a
-/// recycled pid can be told apart from the process that used to have it.
+/// recycled pid can be told apart from the process that used to have it. A process that
+/// has exited but is not yet reaped (zombie) is `NotFound` like one that is gone.
 pub fn process_start_time(pid: u32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
@@ -171,6 +172,12 @@ pub fn process_start_time(pid: u32) -> io::Result<u64> {
         .rfind(')')
         .map(|i| &stat[i + 1..])
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))?;
+    if matches!(rest.split_whitespace().next(), Some("Z" | "X")) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "process has exited",
+        ));
+    }
     rest.split_whitespace()
         .nth(19)
         .and_then(|s| s.parse().ok())
