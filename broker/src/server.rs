@@ -156,6 +156,16 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                             ))),
                             Vec::new(),
                         )
+                    } else if peer.pid == 0 {
+                        // SO_PEERCRED gives pid 0 for a peer in a pid namespace we cannot see
+                        // into: the bus tells processes (their liveness, their ring claims)
+                        // apart by pid, so such peers would all look alike.
+                        (
+                            Response::Error(WireError::Incompatible(
+                                "peer is in another pid namespace (SO_PEERCRED pid 0): run it in the broker's pid namespace or a child of it".into(),
+                            )),
+                            Vec::new(),
+                        )
                     } else if hello {
                         (
                             Response::Error(WireError::BadRequest("hello sent twice".into())),

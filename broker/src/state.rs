@@ -13,7 +13,6 @@ use aegis_client::layout::{
     RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
 };
 use aegis_client::proto::{self, Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo};
-use aegis_client::ring;
 use aegis_client::{names, sys};
 
 use crate::config::BrokerConfig;
@@ -424,12 +423,9 @@ impl State {
                 self.epoch,
                 il.params(index as u32, incarnation),
             );
+            // A zero-filled ring is an initialised one (see `ring`): no slot page is touched.
             let seg = InstanceSeg::open(&fd, self.epoch, index as u32, incarnation)
                 .map_err(std::io::Error::other)?;
-            if !adopting {
-                // Nobody else has the fd yet: initialise the ring's slot sequences.
-                ring::init_slots(&seg.ring());
-            }
             Ok::<_, std::io::Error>((fd, seg))
         })();
         let (fd, seg) = match made {

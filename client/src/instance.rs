@@ -638,9 +638,6 @@ pub struct Receiver<'a> {
 /// How long a slot claimed by a producer that never recorded its pid may block the ring
 /// (it died between claiming and recording; a live producer records it nanoseconds later).
 const UNRECORDED_CLAIMER_GRACE: Duration = Duration::from_secs(1);
-/// Aeron-style unblock timeout: a claimed slot left unpublished this long is skipped even
-/// if a process with the claimer's pid exists (the pid may have been recycled).
-const UNBLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a consumer re-checks a ring whose head is claimed but unpublished.
 const STUCK_RECHECK: Duration = Duration::from_millis(10);
 
@@ -710,12 +707,16 @@ impl<'a> Receiver<'a> {
             }
         };
         let waited = since.elapsed();
+        // Only a proven-dead claimer's slot is skipped: a live producer that was skipped
+        // could still write into the slot's next lap, i.e. into another caller's request.
+        // A live but stopped producer holds the ring up; its callers' requests behind it
+        // wait or are withdrawn and sent elsewhere (stall bound, attempt deadline).
         let dead = if pid == 0 {
             waited >= UNRECORDED_CLAIMER_GRACE
         } else {
-            !crate::sys::process_exists(pid)
+            crate::sys::process_gone(pid)
         };
-        if !dead && waited < UNBLOCK_TIMEOUT {
+        if !dead {
             return (None, true);
         }
         match ring.skip_abandoned(pos) {

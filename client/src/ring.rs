@@ -70,6 +70,10 @@ impl crate::layout::InstanceSeg {
     }
 }
 
+/// Retries of one `try_claim`/`try_pop` before it gives up: contention among honest peers
+/// resolves in a handful; only words another process keeps rewriting get this far.
+const MAX_RETRIES: u32 = 1 << 16;
+
 /// The ring is full (the caller decides whether to wait).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
@@ -111,6 +115,45 @@ impl<'a> RingRef<'a> {
         unsafe { &*(self.base.add(i * self.stride) as *const SlotHeader) }
     }
 
+    /// Slot sequences are stored relative to the slot's index (`stored = seq - index`), so
+    /// a zero-filled ring is already initialised (slot `i` free for position `i`): the
+    /// broker never touches the slot pages, and they cost memory only once used.
+    fn index_of(&self, pos: u64) -> u64 {
+        pos & (self.count as u64 - 1)
+    }
+
+    fn seq_load(&self, pos: u64, order: Ordering) -> u64 {
+        self.slot(pos)
+            .ctl
+            .seq
+            .load(order)
+            .wrapping_add(self.index_of(pos))
+    }
+
+    fn seq_store(&self, pos: u64, seq: u64, order: Ordering) {
+        self.slot(pos)
+            .ctl
+            .seq
+            .store(seq.wrapping_sub(self.index_of(pos)), order)
+    }
+
+    fn seq_cas(
+        &self,
+        pos: u64,
+        from: u64,
+        to: u64,
+        ok: Ordering,
+        fail: Ordering,
+    ) -> Result<u64, u64> {
+        let i = self.index_of(pos);
+        self.slot(pos)
+            .ctl
+            .seq
+            .compare_exchange(from.wrapping_sub(i), to.wrapping_sub(i), ok, fail)
+            .map(|v| v.wrapping_add(i))
+            .map_err(|v| v.wrapping_add(i))
+    }
+
     fn data_ptr(&self, pos: u64) -> *mut u8 {
         let i = (pos & (self.count as u64 - 1)) as usize;
         // SAFETY: as in `slot`; the data area follows the header inside the same stride.
@@ -122,10 +165,14 @@ impl<'a> RingRef<'a> {
 
     /// Claims the next free slot for writing. The claim must be published (or dropped,
     /// which publishes it as an aborted message) promptly: consumers wait for it in order.
+    ///
+    /// Bounded: a ring whose words another process corrupted (a sequence ahead of the
+    /// position that should be free, or positions moved under us without end) reads as
+    /// full, so the caller's own deadline ends the attempt.
     pub fn try_claim(&self, pid: u32) -> Result<Claim<'a>, Full> {
         let mut pos = self.idx.enqueue_pos.load(Ordering::Relaxed);
-        loop {
-            let seq = self.slot(pos).ctl.seq.load(Ordering::Acquire);
+        for _ in 0..MAX_RETRIES {
+            let seq = self.seq_load(pos, Ordering::Acquire);
             let diff = seq.wrapping_sub(pos) as i64;
             if diff == 0 {
                 match self.idx.enqueue_pos.compare_exchange_weak(
@@ -147,16 +194,26 @@ impl<'a> RingRef<'a> {
             } else if diff < 0 {
                 return Err(Full);
             } else {
-                pos = self.idx.enqueue_pos.load(Ordering::Relaxed);
+                // Another producer claimed `pos`: its claim (Relaxed CAS) precedes its
+                // publish, which our Acquire of `seq` saw, so the reload has moved on...
+                let now = self.idx.enqueue_pos.load(Ordering::Relaxed);
+                if now == pos {
+                    // ...unless the sequence was written by no producer: corruption.
+                    return Err(Full);
+                }
+                pos = now;
             }
         }
+        Err(Full)
     }
 
     /// Takes the next published message, if any.
+    ///
+    /// Bounded like [`RingRef::try_claim`]: a corrupted ring reads as empty.
     pub fn try_pop(&self) -> Option<Taken<'a>> {
         let mut pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
-        loop {
-            let seq = self.slot(pos).ctl.seq.load(Ordering::Acquire);
+        for _ in 0..MAX_RETRIES {
+            let seq = self.seq_load(pos, Ordering::Acquire);
             let diff = seq.wrapping_sub(pos.wrapping_add(1)) as i64;
             if diff == 0 {
                 match self.idx.dequeue_pos.compare_exchange_weak(
@@ -171,9 +228,15 @@ impl<'a> RingRef<'a> {
             } else if diff < 0 {
                 return None;
             } else {
-                pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
+                // Another consumer took `pos` (or skipped it) and moved `dequeue_pos` first.
+                let now = self.idx.dequeue_pos.load(Ordering::Relaxed);
+                if now == pos {
+                    return None;
+                }
+                pos = now;
             }
         }
+        None
     }
 
     /// The slot at the consumer position when a producer claimed it but has not published
@@ -189,9 +252,8 @@ impl<'a> RingRef<'a> {
         {
             return None;
         }
-        let slot = self.slot(pos);
-        (slot.ctl.seq.load(Ordering::Acquire) == pos)
-            .then(|| (pos, slot.ctl.claimer_pid.load(Ordering::Relaxed)))
+        (self.seq_load(pos, Ordering::Acquire) == pos)
+            .then(|| (pos, self.slot(pos).ctl.claimer_pid.load(Ordering::Relaxed)))
     }
 
     /// Moves the consumer past the unpublished slot at `pos`, whose producer is dead (see
@@ -213,7 +275,11 @@ impl<'a> RingRef<'a> {
         }
         // We own position `pos` now. A live producer's publish CAS (pos -> pos + 1) fails
         // after this, so it learns its message was dropped rather than corrupting a lap.
-        match self.slot(pos).ctl.seq.compare_exchange(
+        // The next lap's producer must not find the dead claimer's pid (it would look
+        // abandoned before it records its own): cleared before the slot is handed on.
+        self.slot(pos).ctl.claimer_pid.store(0, Ordering::Relaxed);
+        match self.seq_cas(
+            pos,
             pos,
             pos.wrapping_add(self.count as u64),
             Ordering::Release,
@@ -227,7 +293,7 @@ impl<'a> RingRef<'a> {
     /// Whether the slot at the consumer position is published (cheap emptiness probe).
     pub fn has_message(&self) -> bool {
         let pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
-        self.slot(pos).ctl.seq.load(Ordering::Acquire) == pos.wrapping_add(1)
+        self.seq_load(pos, Ordering::Acquire) == pos.wrapping_add(1)
     }
 
     /// Messages claimed but not yet taken (approximate while producers/consumers run).
@@ -347,10 +413,8 @@ impl<'a> Claim<'a> {
     pub fn publish(mut self) -> Result<(), Skipped> {
         self.done = true;
         self.ring
-            .slot(self.pos)
-            .ctl
-            .seq
-            .compare_exchange(
+            .seq_cas(
+                self.pos,
                 self.pos,
                 self.pos.wrapping_add(1),
                 Ordering::Release,
@@ -370,7 +434,8 @@ impl Drop for Claim<'_> {
                 ..MsgHeader::default()
             });
             self.done = true;
-            let _ = self.ring.slot(self.pos).ctl.seq.compare_exchange(
+            let _ = self.ring.seq_cas(
+                self.pos,
                 self.pos,
                 self.pos.wrapping_add(1),
                 Ordering::Release,
@@ -442,18 +507,15 @@ impl<'a> Taken<'a> {
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
         let next = self.pos.wrapping_add(self.ring.count as u64);
+        // The next lap's claimer records its own pid right after its claim; until then
+        // the slot must not name this lap's producer, which may since have exited (and
+        // make the fresh claim look abandoned). Ordered before the Release below.
         self.ring
             .slot(self.pos)
             .ctl
-            .seq
-            .store(next, Ordering::Release);
-    }
-}
-
-/// Initialises a ring's slots (broker, on a fresh zeroed segment): slot `i` gets sequence `i`.
-pub fn init_slots(ring: &RingRef<'_>) {
-    for i in 0..ring.count as u64 {
-        ring.slot(i).ctl.seq.store(i, Ordering::Relaxed);
+            .claimer_pid
+            .store(0, Ordering::Relaxed);
+        self.ring.seq_store(self.pos, next, Ordering::Release);
     }
 }
 
@@ -479,10 +541,9 @@ mod tests {
         let p = words.as_mut_ptr() as *mut u8;
         // SAFETY: aligning to 64 moves at most 63 bytes into the 64 bytes of slack.
         let base = unsafe { p.add(p.align_offset(64)) };
+        // Zeroed memory is an initialised ring.
         // SAFETY: the buffer holds count*stride bytes after alignment (sized with slack).
-        let r = unsafe { RingRef::new(&s.idx, base, stride, count) };
-        init_slots(&r);
-        r
+        unsafe { RingRef::new(&s.idx, base, stride, count) }
     }
 
     #[test]
@@ -540,6 +601,34 @@ mod tests {
             Err(Skipped),
             "a late publish must fail, not corrupt"
         );
+    }
+
+    #[test]
+    fn corrupted_sequences_read_as_full_or_empty_never_as_a_hang() {
+        let (s, mut w, stride) = make(4, 64);
+        let r = ring(&s, &mut w, stride, 4);
+        // A peer writes a sequence ahead of the free position: no producer did that.
+        r.slot(0).ctl.seq.store(1 << 40, Ordering::Relaxed);
+        assert_eq!(r.try_claim(1).err(), Some(Full));
+        // And one that claims a message was published two laps ahead of the consumer.
+        r.slot(0).ctl.seq.store(9, Ordering::Relaxed);
+        assert!(r.try_pop().is_none());
+        // Positions far out of step with the slots end the same way.
+        r.slot(0).ctl.seq.store(0, Ordering::Relaxed);
+        s.idx.enqueue_pos.store(u64::MAX - 1, Ordering::Relaxed);
+        s.idx.dequeue_pos.store(u64::MAX / 2, Ordering::Relaxed);
+        let _ = r.try_claim(1);
+        assert!(r.try_pop().is_none());
+    }
+
+    #[test]
+    fn a_freed_slot_no_longer_names_its_last_claimer() {
+        let (s, mut w, stride) = make(2, 64);
+        let r = ring(&s, &mut w, stride, 2);
+        r.try_claim(4242).unwrap().publish().unwrap();
+        drop(r.try_pop().unwrap());
+        assert_eq!(r.slot(0).ctl.claimer_pid.load(Ordering::Relaxed), 0);
+        let _ = s;
     }
 
     #[test]
@@ -626,7 +715,6 @@ mod loom_tests {
                 slots,
             });
             let base = s.slots.as_ptr() as *mut u8;
-            init_slots(&ring(&s, &Ptr(base)));
             let producers: Vec<_> = (1..=2u64)
                 .map(|id| {
                     let s = s.clone();

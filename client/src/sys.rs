@@ -184,6 +184,16 @@ pub fn process_start_time(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
 }
 
+/// Whether process `pid` has certainly exited (gone, or a zombie). A process we cannot
+/// inspect counts as alive: only proof of death frees what it holds.
+pub fn process_gone(pid: u32) -> bool {
+    match process_start_time(pid) {
+        Ok(_) => false,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(_) => !process_exists(pid),
+    }
+}
+
 /// Whether a process with this pid exists (it may be a zombie or belong to another user).
 pub fn process_exists(pid: u32) -> bool {
     // SAFETY: kill with signal 0 performs only the permission and existence check.
