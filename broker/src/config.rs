@@ -54,6 +54,10 @@ pub struct BrokerConfig {
     /// kernels without pidfd, always used where pidfd_open fails).
     #[arg(long, value_enum, default_value_t = ExitDetection::Pidfd)]
     pub exit_detection: ExitDetection,
+    /// Use a bus directory that group or others may write (refused by default: whoever
+    /// can write it can replace the control socket).
+    #[arg(long)]
+    pub allow_shared_dir: bool,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log: String,

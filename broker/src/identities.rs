@@ -129,11 +129,15 @@ impl Identities {
 /// Opens (creating, never truncating) one of the broker's files in the bus directory for
 /// reading and writing; the error names the file.
 pub(crate) fn open_bus_file(path: &Path) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        // Never through a symlink someone planted in the directory.
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))
 }

@@ -37,10 +37,12 @@ pub fn run(cfg: BrokerConfig) -> Result<(), String> {
             .create(&dir)
             .map_err(|e| format!("cannot create bus directory {}: {e}", dir.display()))?;
     }
+    check_dir(&dir, cfg.allow_shared_dir)?;
     let _lock = lock_dir(&dir)?;
     let sock = dir.join(dirs::SOCKET);
-    // We hold the lock, so a socket file here is a leftover of a broker that died.
-    if sock.exists() {
+    // We hold the lock, so a socket file here is a leftover of a broker that died (not
+    // following a symlink: removing one removes the link, nothing it points to).
+    if fs::symlink_metadata(&sock).is_ok() {
         tracing::info!(path = %sock.display(), "removing stale control socket of a previous broker");
         fs::remove_file(&sock)
             .map_err(|e| format!("cannot remove stale {}: {e}", sock.display()))?;
@@ -56,6 +58,42 @@ pub fn run(cfg: BrokerConfig) -> Result<(), String> {
     let _ = fs::remove_file(&sock);
     let _ = fs::remove_file(dir.join(dirs::LOCK));
     r
+}
+
+/// Refuses a bus directory that is a symlink, not ours, or writable by others: whoever can
+/// write it can replace the control socket and so impersonate the broker to every client.
+fn check_dir(dir: &Path, allow_shared: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot stat bus directory {}: {e}", dir.display()))?;
+    if md.file_type().is_symlink() {
+        return Err(format!(
+            "bus directory {} is a symlink; give the real path",
+            dir.display()
+        ));
+    }
+    if !md.is_dir() {
+        return Err(format!(
+            "bus directory {} is not a directory",
+            dir.display()
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me {
+        return Err(format!(
+            "bus directory {} is owned by uid {}, not by the broker's uid {me}",
+            dir.display(),
+            md.uid()
+        ));
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 && !allow_shared {
+        return Err(format!(
+            "bus directory {} is writable by group or others (mode {mode:o}): anyone who can write it can replace the control socket; chmod go-w it, or allow it with --allow-shared-dir",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Takes the directory's lock file, refusing if another broker holds it.

@@ -40,6 +40,11 @@ pub struct BusOptions {
     /// How a waiting caller spends the time before it sleeps ([`Spin::Adaptive`] unless
     /// this process's threads have cores of their own).
     pub spin: Spin,
+    /// Uids besides our own and root whose broker we trust (the broker's uid is checked
+    /// with `SO_PEERCRED` on every connect); `AEGIS_IPC_BROKER_UID` (comma-separated) adds
+    /// to these. A broker running as anyone else is refused: it would be handed our
+    /// requests and could give us anyone's memory as a "segment".
+    pub broker_uids: Vec<u32>,
 }
 
 impl Default for BusOptions {
@@ -48,6 +53,7 @@ impl Default for BusOptions {
             dir: None,
             mailboxes: layout::DEFAULT_MAILBOXES,
             spin: Spin::Adaptive,
+            broker_uids: Vec::new(),
         }
     }
 }

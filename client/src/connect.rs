@@ -48,7 +48,7 @@ impl Bus {
 
     pub fn connect_with(opts: BusOptions) -> Result<Bus> {
         let dir = opts.dir.clone().unwrap_or_else(dirs::client_dir);
-        let mut control = ControlConn::connect(&dir.join(dirs::SOCKET))?;
+        let mut control = ControlConn::connect(&dir.join(dirs::SOCKET), &opts.broker_uids)?;
         let mailboxes = opts.mailboxes.clamp(1, 1 << 16);
         let secret = crate::sys::random_u64();
         let (resp, fds) = control.request(&Request::Hello {
@@ -184,7 +184,7 @@ fn supervise(weak: Weak<BusInner>, mut sock: UnixStream, stop: OwnedFd) {
 
 /// Reconnects to a (restarted) broker and restores this process's registrations.
 fn resume(inner: &BusInner) -> Result<UnixStream> {
-    let mut conn = ControlConn::connect(&inner.dir.join(dirs::SOCKET))?;
+    let mut conn = ControlConn::connect(&inner.dir.join(dirs::SOCKET), &inner.opts.broker_uids)?;
     let hello = Request::Hello {
         protocol: proto::PROTOCOL_VERSION,
         layout: layout::LAYOUT_VERSION,

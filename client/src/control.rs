@@ -9,6 +9,9 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::proto::{self, Request, Response};
 
+/// Environment variable naming further broker uids to trust (comma-separated).
+pub const BROKER_UID_ENV: &str = "AEGIS_IPC_BROKER_UID";
+
 /// How long a broker may take to answer one control request.
 const BROKER_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -18,11 +21,34 @@ pub(crate) struct ControlConn {
 }
 
 impl ControlConn {
-    pub fn connect(path: &Path) -> Result<ControlConn> {
+    /// Connects to the broker at `path`, refusing one that runs as a uid other than ours,
+    /// root's, or one of `trusted` (plus those in `AEGIS_IPC_BROKER_UID`).
+    pub fn connect(path: &Path, trusted: &[u32]) -> Result<ControlConn> {
         let stream = UnixStream::connect(path).map_err(|e| Error::BrokerUnavailable {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
+        let cred =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|e| Error::BrokerUnavailable {
+                    path: path.to_owned(),
+                    reason: format!("cannot read the broker's credentials (SO_PEERCRED): {e}"),
+                })?;
+        let me = nix::unistd::geteuid().as_raw();
+        let from_env: Vec<u32> = std::env::var(BROKER_UID_ENV)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|u| u.trim().parse().ok())
+            .collect();
+        let uid = cred.uid();
+        if uid != me && uid != 0 && !trusted.contains(&uid) && !from_env.contains(&uid) {
+            return Err(Error::BrokerUnavailable {
+                path: path.to_owned(),
+                reason: format!(
+                    "refusing the broker listening there: it runs as uid {uid}, not as ours ({me}) or root; trust it with BusOptions::broker_uids or {BROKER_UID_ENV}={uid}"
+                ),
+            });
+        }
         stream.set_read_timeout(Some(BROKER_REPLY_TIMEOUT))?;
         stream.set_write_timeout(Some(BROKER_REPLY_TIMEOUT))?;
         Ok(ControlConn {

@@ -191,6 +191,7 @@ pub fn run(
         dir,
         spin: load.spin,
         mailboxes: BusOptions::default().mailboxes.max(load.inflight as u32),
+        ..Default::default()
     };
     // Connect every client before the clock starts.
     let buses = (0..load.clients)
