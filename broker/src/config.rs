@@ -30,6 +30,27 @@ pub struct BrokerConfig {
     /// Resources one instance may own.
     #[arg(long, default_value_t = 1000)]
     pub max_resources_per_instance: u32,
+    /// Ring bytes (slots and their headers) one instance may have; a service asking for
+    /// more slots or larger ones is refused at registration.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_ring_bytes: u64,
+    /// Shared memory (instance and client segments, virtual size) all processes of one uid
+    /// may hold together.
+    #[arg(long, default_value_t = 8 << 30)]
+    pub max_shm_per_uid: u64,
+    /// Instances one uid may have registered. Default: --max-instances.
+    #[arg(long)]
+    pub max_instances_per_uid: Option<u32>,
+    /// Connected processes (client slots) one uid may have. Default: --max-clients.
+    #[arg(long)]
+    pub max_clients_per_uid: Option<u32>,
+    /// Resources the instances of one uid may own together. Default: --max-resources.
+    #[arg(long)]
+    pub max_resources_per_uid: Option<u32>,
+    /// Open control connections (before and after their Hello) at once; the broker also
+    /// raises its descriptor limit to the hard limit at start. Default: --max-clients + 64.
+    #[arg(long)]
+    pub max_connections: Option<u32>,
     /// Default inline bytes per request slot (a service may choose its own).
     #[arg(long, default_value_t = layout::DEFAULT_SLOT_SIZE)]
     pub slot_size: u32,
@@ -70,6 +91,20 @@ pub enum ExitDetection {
 }
 
 impl BrokerConfig {
+    pub fn max_instances_per_uid(&self) -> u32 {
+        self.max_instances_per_uid.unwrap_or(self.max_instances)
+    }
+    pub fn max_clients_per_uid(&self) -> u32 {
+        self.max_clients_per_uid.unwrap_or(self.max_clients)
+    }
+    pub fn max_resources_per_uid(&self) -> u32 {
+        self.max_resources_per_uid.unwrap_or(self.max_resources)
+    }
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections
+            .unwrap_or(self.max_clients.saturating_add(64))
+    }
+
     pub fn validate(&self) -> Result<u32, String> {
         if !self.max_services.is_power_of_two() || self.max_services > 1 << 16 {
             return Err(format!(

@@ -7,8 +7,7 @@
 //! first failure. A transfer rewrites the owner of each id in one seqlock write section, so
 //! a concurrent lookup sees the old owner or the new one, never neither.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -33,8 +32,9 @@ pub(crate) struct Resources {
     live: u32,
     /// Which id each live map slot holds (to fix up records when a delete shifts entries).
     slot_ids: HashMap<u32, String>,
-    /// TTL deadlines: (deadline, id, version); stale entries are skipped when popped.
-    ttl: BinaryHeap<Reverse<(Instant, String, u64)>>,
+    /// TTL deadlines: (deadline, id, version at claim). An entry leaves with its resource
+    /// (release, expiry, owner gone), so claim/release churn leaves nothing behind.
+    ttl: BTreeSet<(Instant, String, u64)>,
     next_version: u64,
 }
 
@@ -47,6 +47,8 @@ pub(crate) struct ResourceRec {
     claimed_at_ms: u64,
     expires_at_ms: Option<u64>,
     version: u64,
+    /// This resource's key in `Resources::ttl`, if it has a TTL.
+    ttl_key: Option<(Instant, u64)>,
 }
 
 /// A transfer request: `from` is the caller's own instance, `None` an administrator's.
@@ -259,12 +261,11 @@ impl State {
             })?;
         let now = sys::unix_millis();
         let expires_at_ms = metadata.ttl_ms.map(|t| now.saturating_add(t));
-        if let Some(t) = metadata.ttl_ms {
+        let ttl_key = metadata.ttl_ms.map(|t| {
             let at = Instant::now() + Duration::from_millis(t);
-            self.resources
-                .ttl
-                .push(Reverse((at, id.to_owned(), version)));
-        }
+            self.resources.ttl.insert((at, id.to_owned(), version));
+            (at, version)
+        });
         let rec = ResourceRec {
             slot,
             owner,
@@ -273,6 +274,7 @@ impl State {
             claimed_at_ms: now,
             expires_at_ms,
             version,
+            ttl_key,
         };
         self.resources.by_id.insert(id.to_owned(), rec);
         self.instances[owner as usize]
@@ -287,6 +289,9 @@ impl State {
         let slot = self.resources.by_id.get(id)?.slot;
         self.map_remove(slot);
         let rec = self.resources.by_id.remove(id)?;
+        if let Some((at, version)) = rec.ttl_key {
+            self.resources.ttl.remove(&(at, id.to_owned(), version));
+        }
         if let Some(inst) = self.instances[rec.owner as usize].as_mut() {
             inst.owned.remove(id);
         }
@@ -333,6 +338,17 @@ impl State {
         }
         let me = self.instance_name(index);
         let (mut ok, mut failed) = (0, Vec::new());
+        let uid = self.instances[index as usize]
+            .as_ref()
+            .map_or(peer.uid, |r| r.peer.uid);
+        let uid_cap = self.cfg.max_resources_per_uid() as usize;
+        let mut uid_owned: usize = self
+            .instances
+            .iter()
+            .flatten()
+            .filter(|r| r.peer.uid == uid)
+            .map(|r| r.owned.len())
+            .sum();
         for spec in specs {
             let id = spec.id.as_str();
             if let Err(e) = names::resource_id(id) {
@@ -355,6 +371,14 @@ impl State {
                         failed.push(failure(id, code::LIMIT_EXCEEDED, why, None));
                         continue;
                     }
+                    if uid_owned >= uid_cap {
+                        let why = format!(
+                            "the instances of uid {uid} own {uid_owned} resources (broker --max-resources-per-uid {uid_cap})"
+                        );
+                        failed.push(failure(id, code::LIMIT_EXCEEDED, why, None));
+                        continue;
+                    }
+                    uid_owned += 1;
                     if let Some(owner) = existing {
                         let prev = self.resources.by_id[id].clone();
                         self.set_owner(id, index);
@@ -621,15 +645,15 @@ impl State {
 
     /// Releases resources whose TTL has passed.
     pub(crate) fn expire_resources(&mut self) {
+        debug_assert!(self.resources.ttl.len() <= self.resources.by_id.len());
         let now = Instant::now();
         let mut any = false;
-        while let Some(Reverse((at, _, _))) = self.resources.ttl.peek() {
+        while let Some((at, _, _)) = self.resources.ttl.first() {
             if *at > now {
                 break;
             }
-            let Reverse((_, id, version)) = self.resources.ttl.pop().unwrap();
-            if self.at_version(&id, version) {
-                self.remove_rec(&id);
+            let (_, id, _) = self.resources.ttl.pop_first().expect("first() was Some");
+            if self.remove_rec(&id).is_some() {
                 tracing::info!(resource = %id, "resource released: TTL expired");
                 any = true;
             }
@@ -648,7 +672,7 @@ mod tests {
 
     /// Random claims and releases on a 16-slot map (long collision chains, constant
     /// shifting): after every step each live id is found at its owner by the readers'
-    /// probe, and each released id is not found.
+    /// probe, each released id is not found, and only live ids have TTL entries.
     #[test]
     fn backward_shift_deletion_keeps_every_live_id_reachable() {
         let cfg = crate::BrokerConfig::parse_from([
@@ -717,7 +741,13 @@ mod tests {
                         1,
                         peer,
                         (owner, inc),
-                        &[ResourceSpec::new(id.clone())],
+                        &[ResourceSpec {
+                            id: id.clone(),
+                            metadata: ResourceMetadata {
+                                ttl_ms: Some(3_600_000),
+                                ..Default::default()
+                            },
+                        }],
                         false,
                         &mut undo,
                     )
@@ -728,6 +758,8 @@ mod tests {
                     assert_eq!(f[0].code, code::LIMIT_EXCEEDED, "step {step}: {f:?}");
                 }
             }
+            // A released id takes its TTL entry with it: churn leaves nothing behind.
+            assert_eq!(st.resources.ttl.len(), live.len(), "step {step}");
             for n in 0..24 {
                 let id = format!("r{n}");
                 let found = st.registry.find_resource(&id);

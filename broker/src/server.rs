@@ -47,6 +47,7 @@ pub fn run(cfg: BrokerConfig) -> Result<(), String> {
         fs::remove_file(&sock)
             .map_err(|e| format!("cannot remove stale {}: {e}", sock.display()))?;
     }
+    raise_fd_limit();
     let ids = Identities::load(&dir)?;
     let state =
         State::new(cfg, ids).map_err(|e| format!("cannot create the bus's shared memory: {e}"))?;
@@ -58,6 +59,50 @@ pub fn run(cfg: BrokerConfig) -> Result<(), String> {
     let _ = fs::remove_file(&sock);
     let _ = fs::remove_file(dir.join(dirs::LOCK));
     r
+}
+
+/// Raises the soft descriptor limit to the hard one: every client and instance holds a
+/// connection and the broker one descriptor per segment.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the descriptor limit to {}", lim.rlim_max);
+            }
+        }
+    }
+}
+
+/// Open control connections, in all and per uid (see `--max-connections`).
+#[derive(Default)]
+struct Connections {
+    total: usize,
+    per_uid: std::collections::HashMap<u32, usize>,
+}
+
+/// Releases a connection's place in [`Connections`] when its task ends.
+struct ConnSlot {
+    conns: Arc<Mutex<Connections>>,
+    uid: u32,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.conns.lock();
+        c.total -= 1;
+        if let Some(n) = c.per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_uid.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// Refuses a bus directory that is a symlink, not ours, or writable by others: whoever can
@@ -96,6 +141,9 @@ fn check_dir(dir: &Path, allow_shared: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// How long the accept loop pauses after a failed accept (out of descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 /// Takes the directory's lock file, refusing if another broker holds it.
 fn lock_dir(dir: &Path) -> Result<Flock<File>, String> {
     let file = crate::identities::open_bus_file(&dir.join(dirs::LOCK))?;
@@ -128,6 +176,7 @@ async fn serve(state: Arc<Mutex<State>>, sock: &PathBuf, mode: u32) -> Result<()
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let next_conn = AtomicU64::new(1);
+    let conns = Arc::new(Mutex::new(Connections::default()));
     tracing::info!(socket = %sock.display(), pid = std::process::id(), "aegis-broker ready");
     // Readiness line for scripts and tests (they wait on it instead of polling the socket).
     println!("aegis-broker ready {}", sock.display());
@@ -137,9 +186,14 @@ async fn serve(state: Arc<Mutex<State>>, sock: &PathBuf, mode: u32) -> Result<()
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     let id = next_conn.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(connection(state.clone(), stream, id));
+                    tokio::spawn(connection(state.clone(), conns.clone(), stream, id));
                 }
-                Err(e) => tracing::warn!("accept: {e}"),
+                Err(e) => {
+                    // Out of descriptors (EMFILE/ENFILE) or memory: the pending connection
+                    // stays queued, so retrying at once would spin. Back off instead.
+                    tracing::warn!("accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
@@ -149,7 +203,12 @@ async fn serve(state: Arc<Mutex<State>>, sock: &PathBuf, mode: u32) -> Result<()
     Ok(())
 }
 
-async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId) {
+async fn connection(
+    state: Arc<Mutex<State>>,
+    conns: Arc<Mutex<Connections>>,
+    mut stream: UnixStream,
+    id: ConnId,
+) {
     let peer = match stream.peer_cred() {
         Ok(c) => Peer {
             pid: c.pid().unwrap_or(0) as u32,
@@ -160,6 +219,48 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
             tracing::warn!("no peer credentials: {e}");
             return;
         }
+    };
+    let (max, per_uid) = {
+        let st = state.lock();
+        (
+            st.cfg.max_connections() as usize,
+            st.cfg.max_clients_per_uid() as usize,
+        )
+    };
+    let refused = {
+        let mut c = conns.lock();
+        let mine = c.per_uid.get(&peer.uid).copied().unwrap_or(0);
+        if c.total >= max {
+            Some(format!(
+                "the broker has {max} control connections open (broker --max-connections {max})"
+            ))
+        } else if mine >= per_uid {
+            Some(format!(
+                "uid {} has {per_uid} control connections open (broker --max-clients-per-uid {per_uid})",
+                peer.uid
+            ))
+        } else {
+            c.total += 1;
+            *c.per_uid.entry(peer.uid).or_default() += 1;
+            None
+        }
+    };
+    if let Some(why) = refused {
+        tracing::warn!(
+            pid = peer.pid,
+            uid = peer.uid,
+            "refusing a connection: {why}"
+        );
+        // Answer its first request (the Hello, read with a short timeout so an idle
+        // connection cannot hold us) with the reason, then close.
+        let _ = tokio::time::timeout(Duration::from_secs(1), read_request(&mut stream)).await;
+        let resp = Response::Error(WireError::LimitExceeded(why));
+        let _ = write_response(&mut stream, &resp, &[]).await;
+        return;
+    }
+    let _slot = ConnSlot {
+        conns,
+        uid: peer.uid,
     };
     let mut hello = false;
     loop {
@@ -212,7 +313,7 @@ async fn connection(state: Arc<Mutex<State>>, mut stream: UnixStream, id: ConnId
                     } else {
                         hello = true;
                         let resume = resume.and_then(|r| fds.pop().map(|fd| (r, fd)));
-                        st.hello(id, mailboxes, resume, secret)
+                        st.hello(id, peer, mailboxes, resume, secret)
                     }
                 }
                 _ if !hello => (

@@ -93,6 +93,10 @@ struct ClientRec {
     gen: u32,
     fd: OwnedFd,
     conn: ConnId,
+    /// The connecting process's uid (quotas are per uid).
+    uid: u32,
+    /// Bytes of its segment.
+    size: u64,
     /// Chosen by the client (`Hello`), carried by its requests: an instance must show it
     /// to be handed this segment.
     secret: u64,
@@ -193,10 +197,25 @@ impl State {
     pub fn hello(
         &mut self,
         conn: ConnId,
+        peer: Peer,
         mailboxes: u32,
         resume: Option<((u32, u32), OwnedFd)>,
         secret: u64,
     ) -> Reply {
+        let cap = self.cfg.max_clients_per_uid();
+        if self
+            .clients
+            .iter()
+            .flatten()
+            .filter(|c| c.uid == peer.uid)
+            .count()
+            >= cap as usize
+        {
+            return err(WireError::LimitExceeded(format!(
+                "uid {} already has {cap} connected processes (broker --max-clients-per-uid {cap})",
+                peer.uid
+            )));
+        }
         // A resuming client keeps its (index, gen) where that slot is free (and the gen is
         // one of an earlier run, see `Identities`).
         let wanted = resume
@@ -267,6 +286,10 @@ impl State {
             Ok(fd) => fd,
             Err(e) => return err(WireError::Internal(format!("creating client segment: {e}"))),
         };
+        let size = sys::file_size(&fd).unwrap_or(0);
+        if let Err(e) = self.shm_fits(peer.uid, size) {
+            return err(e);
+        }
         let fds = match (dup(&self.registry_fd), dup(&self.shared_fd), dup(&fd)) {
             (Ok(a), Ok(b), Ok(c)) => vec![a, b, c],
             _ => return err(WireError::Internal("out of descriptors".into())),
@@ -279,6 +302,8 @@ impl State {
             secret,
             grants: Default::default(),
             last_report: None,
+            uid: peer.uid,
+            size,
         });
         (
             Response::Welcome {
@@ -390,6 +415,30 @@ impl State {
             slot_count: svc.slot_count,
             heap_size: 2 * svc.max_message,
         };
+        let ring_bytes = il.slot_count as u64 * il.slot_stride() as u64;
+        if ring_bytes > self.cfg.max_ring_bytes {
+            return err(WireError::LimitExceeded(format!(
+                "service '{service}': a ring of {} slots of {} bytes is {ring_bytes} bytes (broker --max-ring-bytes {})",
+                il.slot_count, il.slot_size, self.cfg.max_ring_bytes
+            )));
+        }
+        let per_uid = self.cfg.max_instances_per_uid();
+        if self
+            .instances
+            .iter()
+            .flatten()
+            .filter(|r| r.peer.uid == peer.uid)
+            .count()
+            >= per_uid as usize
+        {
+            return err(WireError::LimitExceeded(format!(
+                "uid {} already has {per_uid} instances registered (broker --max-instances-per-uid {per_uid})",
+                peer.uid
+            )));
+        }
+        if let Err(e) = self.shm_fits(peer.uid, il.total_size() as u64) {
+            return err(e);
+        }
         let incarnation = match wanted {
             Some((_, inc))
                 if self.ids.is_earlier_incarnation(inc)
@@ -689,6 +738,31 @@ impl State {
             }
         }
         (Response::OpenedInstances(opened), fds)
+    }
+
+    /// Whether `uid` may hold `more` bytes of shared memory besides what it holds.
+    fn shm_fits(&self, uid: u32, more: u64) -> Result<(), WireError> {
+        let held: u64 = self
+            .clients
+            .iter()
+            .flatten()
+            .filter(|c| c.uid == uid)
+            .map(|c| c.size)
+            .chain(
+                self.instances
+                    .iter()
+                    .flatten()
+                    .filter(|r| r.peer.uid == uid)
+                    .map(|r| r.seg.layout.total_size() as u64),
+            )
+            .sum();
+        let cap = self.cfg.max_shm_per_uid;
+        if held.saturating_add(more) > cap {
+            return Err(WireError::LimitExceeded(format!(
+                "uid {uid} holds {held} bytes of shared memory; {more} more would pass its cap (broker --max-shm-per-uid {cap})"
+            )));
+        }
+        Ok(())
     }
 
     /// The client slot and generation of the client on control connection `conn`.
@@ -1029,14 +1103,19 @@ mod tests {
     /// never the fresh client's.
     #[test]
     fn a_client_that_resumes_into_another_slot_is_still_found_by_its_old_identity() {
+        const ME: Peer = Peer {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
         let dir = tempfile::tempdir().unwrap();
         let cfg = || crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", "4"]);
         let mut first = State::new(cfg(), Identities::load(dir.path()).unwrap()).unwrap();
-        let (index, gen, seg) = welcome(first.hello(1, 8, None, 7));
+        let (index, gen, seg) = welcome(first.hello(1, ME, 8, None, 7));
         drop(first);
 
         let mut second = State::new(cfg(), Identities::load(dir.path()).unwrap()).unwrap();
-        let (fresh_index, fresh_gen, _) = welcome(second.hello(1, 8, None, 7));
+        let (fresh_index, fresh_gen, _) = welcome(second.hello(1, ME, 8, None, 7));
         assert_eq!(
             fresh_index, index,
             "the fresh client takes the lowest free slot"
@@ -1045,7 +1124,7 @@ mod tests {
             fresh_gen, gen,
             "a generation of the previous run was handed out again"
         );
-        let (moved, moved_gen, _) = welcome(second.hello(2, 8, Some(((index, gen), seg)), 7));
+        let (moved, moved_gen, _) = welcome(second.hello(2, ME, 8, Some(((index, gen), seg)), 7));
         assert_ne!(moved, index);
         assert_eq!(second.client_by_ident(moved, moved_gen).unwrap().conn, 2);
         assert_eq!(second.client_by_ident(index, gen).unwrap().conn, 2);
