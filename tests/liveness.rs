@@ -530,7 +530,9 @@ fn calls_from_a_caller_that_resumed_under_a_new_identity_reach_an_instance_still
 #[test]
 fn three_consecutive_timeouts_mark_an_instance_unhealthy_until_it_makes_progress() {
     let bus = TestBus::start();
-    // Answers after 300 ms; the loop is busy (no progress) meanwhile but comes back.
+    // Answers after 300 ms; the loop is busy (no progress) meanwhile but comes back. Two
+    // threads: the third call waits in the ring, which is what lets the broker confirm
+    // the caller's report.
     let slow = bus.serve(
         "slowpoke",
         "s",
@@ -538,7 +540,7 @@ fn three_consecutive_timeouts_mark_an_instance_unhealthy_until_it_makes_progress
             "--delay-ms",
             "300",
             "--threads",
-            "4",
+            "2",
             "--heartbeat-interval-ms",
             "50",
             "--heartbeat-timeout-ms",

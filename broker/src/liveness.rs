@@ -24,6 +24,9 @@ use aegis_client::sys;
 use crate::state::{InstanceRec, Reply, State};
 
 const TRANSITIONS_KEPT: usize = 16;
+/// How long a reported instance must show a waiting request and no progress for the
+/// report to count.
+const REPORT_EVIDENCE: Duration = Duration::from_millis(50);
 const DEPARTED_KEPT: usize = 64;
 
 /// Per-instance liveness state (part of the broker's instance record).
@@ -36,6 +39,9 @@ pub(crate) struct Live {
     last_progress_at: Instant,
     /// A reported-unhealthy instance stays out of routing at least until then.
     hold_until: Option<Instant>,
+    /// A caller's report waiting for the broker's own evidence: (consumer position and
+    /// progress when reported, reason). See `State::report_unhealthy`.
+    reported: Option<(u64, u64, String, Instant)>,
     pub transitions: VecDeque<Transition>,
 }
 
@@ -48,6 +54,7 @@ impl Live {
             last_progress: 0,
             last_progress_at: Instant::now(),
             hold_until: None,
+            reported: None,
             transitions: VecDeque::new(),
         }
     }
@@ -141,7 +148,11 @@ impl State {
         self.write_service(svc);
     }
 
-    /// A caller saw consecutive timeouts from this instance.
+    /// A caller saw consecutive timeouts from this instance. A report alone changes nothing
+    /// (any caller could send one): it counts if, at the next tick, the broker sees for
+    /// itself that a request still waits at the same ring position and the serving loop has
+    /// made no progress for at least `REPORT_EVIDENCE`. Then the instance is `Unhealthy` and held out for one
+    /// heartbeat timeout.
     pub fn report_unhealthy(&mut self, index: u32, incarnation: u64, reason: &str) -> Reply {
         let Some(rec) = self
             .instances
@@ -159,10 +170,37 @@ impl State {
                 Vec::new(),
             );
         }
+        let head = rec.seg.ring_indices().dequeue_pos.load(Relaxed);
+        let progress = rec.seg.counters().progress.load(Relaxed);
+        rec.live.reported = Some((head, progress, reason.to_owned(), Instant::now()));
+        (Response::Done, Vec::new())
+    }
+
+    /// Checks a pending report against the instance's own words (see `report_unhealthy`).
+    fn confirm_report(&mut self, index: u32) {
+        let Some(rec) = self.instances[index as usize].as_mut() else {
+            return;
+        };
+        let Some((head, progress, reason, at)) = rec.live.reported.take() else {
+            return;
+        };
+        if at.elapsed() < REPORT_EVIDENCE {
+            // Too soon to tell a stuck loop from one between two requests.
+            rec.live.reported = Some((head, progress, reason, at));
+            return;
+        }
+        let idx = rec.seg.ring_indices();
+        let (now_head, tail) = (idx.dequeue_pos.load(Relaxed), idx.enqueue_pos.load(Relaxed));
+        let stuck = now_head == head
+            && tail.wrapping_sub(head) as i64 > 0
+            && rec.seg.counters().progress.load(Relaxed) == progress;
+        if !stuck || rec.live.status != Status::Online {
+            tracing::debug!(instance = %rec.id, reason, "unhealthy report not confirmed: the instance is moving");
+            return;
+        }
         rec.live.hold_until =
             Some(Instant::now() + Duration::from_millis(rec.live.heartbeat.timeout_ms));
-        self.set_status(index, Status::Unhealthy, reason);
-        (Response::Done, Vec::new())
+        self.set_status(index, Status::Unhealthy, &reason);
     }
 
     /// The tick's liveness work: polled pids, and progress of every instance.
@@ -187,6 +225,7 @@ impl State {
         }
         let now = Instant::now();
         for i in 0..self.instances.len() as u32 {
+            self.confirm_report(i);
             let Some(rec) = self.instances[i as usize].as_mut() else {
                 continue;
             };
