@@ -1,0 +1,496 @@
+//! A hostile peer process attacks the bus while a well-behaved caller runs echo calls:
+//! it truncates and grows every segment it can get hold of, asks for other clients'
+//! segments, forges requests naming other callers' mailboxes, corrupts a ring it can
+//! write, floods unhealthy reports, registers a huge ring, and exhausts client slots and
+//! connections. Asserted: the broker lives, every well-behaved call gets its own correct
+//! reply, and the attacker gets clear errors.
+//!
+//! The attacker is this test binary run again (`hostile_peer`, which does nothing unless
+//! `AEGIS_HOSTILE_DIR` is set), so it is a real, separate process with the same uid.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aegis_client::layout::{InstanceSeg, Mapping, MsgHeader, SegmentKind, PAYLOAD_INLINE};
+use aegis_client::proto::{self, Request, Response, ServiceConfig};
+use aegis_client::{Bus, CallOptions, Error, RegisterOptions};
+use support::{TestBus, DEADLINE};
+
+const ENV_DIR: &str = "AEGIS_HOSTILE_DIR";
+const ENV_PIDS: &str = "AEGIS_HOSTILE_PIDS";
+
+/// The well-behaved caller and the attacker run side by side; every good call must come
+/// back with its own payload.
+#[test]
+fn a_hostile_peer_crashes_stalls_reads_and_misroutes_nothing() {
+    let bus = TestBus::start_with(&["--max-clients", "48", "--max-connections", "96"]);
+    let a = bus.serve("echo", "a", &[]);
+    let b = bus.serve("echo", "b", &[]);
+    let good = bus.connect();
+    let (stop, ok, failed) = (AtomicBool::new(false), AtomicU64::new(0), AtomicU64::new(0));
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            let opts = CallOptions {
+                attempt_timeout: Duration::from_millis(300),
+                ..CallOptions::timeout(Duration::from_secs(10))
+            };
+            let mut out = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let p = format!("good call {i}").into_bytes();
+                match good.call_into("echo", "echo", &p, &opts, &mut out) {
+                    Ok(_) => {
+                        assert_eq!(out, p, "call {i} got another call's reply");
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("good call {i} failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                i += 1;
+            }
+        });
+        support::wait_for("good calls before the attack", || {
+            ok.load(Ordering::Relaxed) > 100
+        });
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "hostile_peer",
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(ENV_DIR, bus.path())
+            .env(ENV_PIDS, format!("{},{}", a.pid(), b.pid()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        // The bus still serves after the attacker is gone.
+        let base = ok.load(Ordering::Relaxed);
+        support::wait_for("good calls after the attack", || {
+            ok.load(Ordering::Relaxed) > base + 100
+        });
+        stop.store(true, Ordering::Relaxed);
+        assert!(out.status.success(), "the attacker process failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    // (The test harness may print its own text before ours on a line.)
+    let lines: Vec<&str> = report
+        .lines()
+        .filter_map(|l| l.find("ATTACK ").map(|i| &l[i..]))
+        .collect();
+    for l in &lines {
+        println!("{l}");
+    }
+    let line = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("ATTACK {name}:")))
+            .unwrap_or_else(|| panic!("no report for attack {name}: {report}"))
+            .to_string()
+    };
+    assert!(
+        line("truncate").contains("0 succeeded"),
+        "{}",
+        line("truncate")
+    );
+    assert!(
+        line("open-clients").contains("0 handed out"),
+        "{}",
+        line("open-clients")
+    );
+    assert!(line("forge").contains("published"), "{}", line("forge"));
+    assert!(line("corrupt").contains("done"), "{}", line("corrupt"));
+    assert!(
+        line("reports").contains("rate-limited"),
+        "{}",
+        line("reports")
+    );
+    assert!(
+        line("huge-ring").contains("--max-ring-bytes"),
+        "{}",
+        line("huge-ring")
+    );
+    assert!(
+        line("exhaust").contains("--max-clients") || line("exhaust").contains("--max-connections"),
+        "{}",
+        line("exhaust")
+    );
+    // The broker lived through it all and answers.
+    let fresh = bus.connect();
+    assert_eq!(fresh.service("echo").unwrap().instances.len(), 2);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "well-behaved calls failed"
+    );
+    println!(
+        "{} well-behaved calls, all answered with their own payload",
+        ok.load(Ordering::Relaxed)
+    );
+    drop((a, b));
+}
+
+/// The attacker (runs only when started by the test above).
+#[test]
+fn hostile_peer() {
+    let Some(dir) = std::env::var_os(ENV_DIR) else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let pids: Vec<u32> = std::env::var(ENV_PIDS)
+        .unwrap()
+        .split(',')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    // A legitimate connection first: calling echo maps its instances' segments.
+    let me = Bus::connect_dir(dir).unwrap();
+    me.call("echo", "echo", b"hi", &CallOptions::default())
+        .unwrap();
+
+    attack_truncate(&pids);
+    let rings = echo_rings(&pids);
+    attack_open_clients(dir, &rings);
+    attack_forge(&rings);
+    attack_reports(dir, &rings);
+    attack_corrupt(&rings[0]);
+    attack_huge_ring(&me);
+    attack_exhaust(dir);
+    let _ = std::io::stdout().flush();
+}
+
+/// Every aegis memfd this process holds, and those of the instance processes (through
+/// /proc/PID/fd: we run as the same uid): shrink and grow each.
+fn attack_truncate(pids: &[u32]) {
+    let (mut tried, mut succeeded) = (0, 0);
+    let mut procs = vec!["self".to_string()];
+    procs.extend(pids.iter().map(|p| p.to_string()));
+    for p in procs {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let Ok(target) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            if !target.to_string_lossy().starts_with("/memfd:aegis-") {
+                continue;
+            }
+            let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(e.path())
+            else {
+                continue;
+            };
+            for len in [0, 1 << 30] {
+                tried += 1;
+                if f.set_len(len).is_ok() {
+                    succeeded += 1;
+                }
+            }
+        }
+    }
+    assert!(tried > 0, "no segment to attack");
+    println!("ATTACK truncate: {tried} resize attempts, {succeeded} succeeded");
+}
+
+/// A raw control connection (its own Hello): the attacker speaks the protocol directly.
+struct Raw(UnixStream);
+
+impl Raw {
+    fn connect(dir: &Path) -> std::io::Result<Raw> {
+        let mut r = Raw(UnixStream::connect(dir.join("control.sock"))?);
+        r.0.set_read_timeout(Some(DEADLINE))?;
+        let hello = Request::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            layout: aegis_client::layout::LAYOUT_VERSION,
+            mailboxes: 1,
+            resume: None,
+            secret: 42,
+        };
+        match r.ask(&hello)? {
+            Response::Welcome { .. } => Ok(r),
+            other => Err(std::io::Error::other(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends a request and reads its response (descriptors that come along are dropped).
+    fn ask(&mut self, req: &Request) -> std::io::Result<Response> {
+        self.0
+            .write_all(&proto::frame(req).map_err(std::io::Error::other)?)?;
+        let mut hdr = [0u8; 4];
+        self.0.read_exact(&mut hdr)?;
+        let mut body = vec![0u8; proto::frame_len(hdr).map_err(std::io::Error::other)?];
+        self.0.read_exact(&mut body)?;
+        proto::decode(&body).map_err(std::io::Error::other)
+    }
+}
+
+/// Serve something (so the broker takes us for an instance), then ask for the segments
+/// of the callers whose requests we can read in the echo rings (identities and secrets
+/// harvested from the slot headers), and of every identity we can guess.
+fn attack_open_clients(dir: &Path, rings: &[InstanceSeg]) {
+    let mut raw = Raw::connect(dir).unwrap();
+    match raw
+        .ask(&Request::Register {
+            service: "evil".into(),
+            instance_id: "e1".into(),
+            metadata: Vec::new(),
+            config: ServiceConfig::default(),
+            heartbeat: Default::default(),
+            resume: None,
+        })
+        .unwrap()
+    {
+        Response::Registered { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    let mut harvested = std::collections::HashSet::new();
+    for seg in rings {
+        for i in 0..seg.layout.slot_count as usize {
+            // SAFETY: slot `i` is inside the mapped ring; the header (after the 16-byte
+            // control words) is read as a volatile copy of whatever the slot holds.
+            let h: MsgHeader = unsafe {
+                (seg.slots_base().add(i * seg.layout.slot_stride() + 16) as *const MsgHeader)
+                    .read_volatile()
+            };
+            if h.secret != 0 {
+                harvested.insert((h.client_index, h.client_gen, h.secret));
+            }
+        }
+    }
+    assert!(!harvested.is_empty(), "no request header to harvest");
+    let (mut asked, mut handed, mut last) = (0, 0, String::new());
+    for &(client, gen, secret) in &harvested {
+        asked += 1;
+        match raw
+            .ask(&Request::OpenClient {
+                client,
+                gen,
+                secret,
+            })
+            .unwrap()
+        {
+            Response::OpenedClients(_) => handed += 1,
+            Response::Error(e) => last = Error::from(e).to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+    println!(
+        "ATTACK open-clients (harvested): {} identities with their secrets: {handed} handed out; last error: {last}",
+        harvested.len()
+    );
+    for client in 0..8 {
+        for gen in 1..40 {
+            asked += 1;
+            match raw
+                .ask(&Request::OpenClient {
+                    client,
+                    gen,
+                    secret: 0x5eed ^ (client as u64) << 32 ^ gen as u64,
+                })
+                .unwrap()
+            {
+                Response::OpenedClients(_) => handed += 1,
+                Response::Error(e) => last = Error::from(e).to_string(),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    println!("ATTACK open-clients: {asked} asked, {handed} handed out; last error: {last}");
+}
+
+/// The echo instances' rings: their segments opened through /proc/PID/fd of the instance
+/// processes (same uid), as any local process of that uid could.
+fn echo_rings(pids: &[u32]) -> Vec<InstanceSeg> {
+    let mut segs = Vec::new();
+    for pid in pids {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+        {
+            let Ok(t) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            if !t.to_string_lossy().starts_with("/memfd:aegis-instance") {
+                continue;
+            }
+            let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(e.path())
+            else {
+                continue;
+            };
+            let fd = OwnedFd::from(f);
+            let Ok((_, h)) = Mapping::open(&fd, SegmentKind::Instance, true, None) else {
+                continue;
+            };
+            if let Ok(seg) = InstanceSeg::open(&fd, h.bus_epoch, h.params[3] as u32, h.params[2]) {
+                segs.push(seg);
+            }
+        }
+    }
+    assert_eq!(segs.len(), pids.len(), "echo rings mapped");
+    segs
+}
+
+/// Requests whose headers name the well-behaved caller's mailboxes (identities read from
+/// the rings' slot headers) with the generations its next calls will use, for a second:
+/// without nonces an instance would answer one of them into a pending call's mailbox, and
+/// that call would get "FORGED" back.
+fn attack_forge(rings: &[InstanceSeg]) {
+    let mut published = 0;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        let mut seen = std::collections::HashSet::new();
+        for seg in rings {
+            for i in 0..seg.layout.slot_count as usize {
+                // SAFETY: slot `i` is inside the mapped ring; a volatile copy of its header.
+                let h: MsgHeader = unsafe {
+                    (seg.slots_base().add(i * seg.layout.slot_stride() + 16) as *const MsgHeader)
+                        .read_volatile()
+                };
+                if h.secret != 0 {
+                    seen.insert((h.client_index, h.client_gen, h.mailbox, h.mailbox_gen));
+                }
+            }
+        }
+        for seg in rings {
+            let ring = seg.ring();
+            for &(client, cgen, mailbox, mgen) in &seen {
+                for ahead in 0..4 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let Ok(mut c) = ring.try_claim(std::process::id()) else {
+                        continue;
+                    };
+                    let body = b"echoFORGED";
+                    c.set_header(MsgHeader {
+                        client_index: client,
+                        client_gen: cgen,
+                        mailbox,
+                        mailbox_gen: mgen.wrapping_add(ahead),
+                        payload_len: 6,
+                        method_len: 4,
+                        kind: PAYLOAD_INLINE,
+                        nonce: seed,
+                        secret: seed.rotate_left(17),
+                        ..Default::default()
+                    });
+                    c.data()[..body.len()].copy_from_slice(body);
+                    if c.publish().is_ok() {
+                        published += 1;
+                    }
+                    ring.notify();
+                }
+            }
+        }
+    }
+    println!("ATTACK forge: {published} forged requests published");
+}
+
+/// Report both echo instances unhealthy again and again.
+fn attack_reports(dir: &Path, rings: &[InstanceSeg]) {
+    let mut raw = Raw::connect(dir).unwrap();
+    let instances: Vec<(u32, u64)> = rings.iter().map(|s| (s.index, s.incarnation)).collect();
+    // Open them on this connection, as a caller would.
+    let (mut done, mut refused, mut last) = (0, 0, String::new());
+    for i in &instances {
+        let _ = raw.ask(&Request::OpenInstance {
+            instance: i.0,
+            incarnation: i.1,
+        });
+    }
+    for _ in 0..500 {
+        for i in &instances {
+            match raw
+                .ask(&Request::ReportUnhealthy {
+                    instance: i.0,
+                    incarnation: i.1,
+                    reason: "hostile".into(),
+                })
+                .unwrap()
+            {
+                Response::Done => done += 1,
+                Response::Error(e) => {
+                    refused += 1;
+                    last = Error::from(e).to_string();
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    println!("ATTACK reports: {done} accepted for checking, {refused} rate-limited or refused; last: {last}");
+}
+
+/// Garbage into one ring's positions and sequences.
+fn attack_corrupt(seg: &InstanceSeg) {
+    let idx = seg.ring_indices();
+    idx.enqueue_pos.store(0xdead_beef_0000, Ordering::Relaxed);
+    idx.dequeue_pos.store(0x0bad_f00d, Ordering::Relaxed);
+    idx.wake.fetch_add(1, Ordering::Relaxed);
+    // The slot words: every sequence far ahead.
+    let base = seg.slots_base();
+    for i in 0..seg.layout.slot_count as usize {
+        // SAFETY: slot `i` lies inside the mapped ring (i < slot_count); its first word is
+        // the atomic sequence, written here as a hostile peer would.
+        let seq = unsafe { &*(base.add(i * seg.layout.slot_stride()) as *const AtomicU64) };
+        seq.store(0x7777_0000 + i as u64, Ordering::Relaxed);
+    }
+    let _ = aegis_client::sys::futex_wake(&idx.wake, u32::MAX);
+    println!("ATTACK corrupt: done (instance #{})", seg.index);
+}
+
+fn attack_huge_ring(me: &Bus) {
+    let e = me
+        .register_with(
+            "huge",
+            "h1",
+            RegisterOptions {
+                config: ServiceConfig {
+                    slot_size: Some(1 << 16),
+                    slot_count: Some(1 << 16),
+                    max_message: None,
+                },
+                ..Default::default()
+            },
+        )
+        .map(drop)
+        .unwrap_err();
+    println!("ATTACK huge-ring: refused: {e}");
+}
+
+/// Connections until the broker refuses, holding them all.
+fn attack_exhaust(dir: &Path) {
+    let mut held = Vec::new();
+    let mut last = String::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        match Raw::connect(dir) {
+            Ok(r) => held.push(r),
+            Err(e) => {
+                last = e.to_string();
+                break;
+            }
+        }
+    }
+    println!(
+        "ATTACK exhaust: held {} connections; then: {last}",
+        held.len()
+    );
+    drop(held);
+}
