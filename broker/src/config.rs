@@ -1,16 +1,36 @@
-//! Broker settings (command-line flags).
+//! Broker settings: command-line flags, and the same settings (plus the access policy)
+//! in a TOML file given with `--config` (default [`DEFAULT_CONFIG`] when it exists).
+//! Every flag has a key of the same name with `_` for `-` (`--max-clients` is
+//! `max_clients`; the repeatable `--admin-uid`/`--admin-gid` are `admin_uids`/`admin_gids`);
+//! flags override the file. SIGHUP re-reads the file (see [`BrokerConfig::reloaded`]).
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use aegis_client::layout;
+use clap::{CommandFactory, FromArgMatches};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, clap::Parser)]
+use crate::policy::Rule;
+
+/// Read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/aegis-ipc/broker.toml";
+
+#[derive(Debug, Clone, clap::Parser, Serialize)]
 #[command(
     name = "aegis-broker",
     version,
     about = "aegis-ipc broker: owns the bus's shared memory and registry"
 )]
 pub struct BrokerConfig {
+    /// Configuration file (TOML). Default: /etc/aegis-ipc/broker.toml if it exists.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration (flags and file), print the effective one, and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
     /// Bus directory (control socket, lock). Default: $AEGIS_IPC_DIR, /run/aegis-ipc if
     /// writable, $XDG_RUNTIME_DIR/aegis-ipc, else /tmp/aegis-ipc-$UID.
     #[arg(long)]
@@ -82,9 +102,139 @@ pub struct BrokerConfig {
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log: String,
+    /// Per-service access rules (`[[policy]]` in the file only; see `policy`).
+    #[arg(skip)]
+    pub policy: Vec<Rule>,
+    /// The settings from the command line alone (before the file), and which of them were
+    /// given explicitly: what a reload starts from.
+    #[arg(skip)]
+    #[serde(skip)]
+    cli: Option<Box<(BrokerConfig, Vec<String>)>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// The file's keys: the flags' settings, all optional, and the policy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    dir: Option<PathBuf>,
+    max_services: Option<u32>,
+    max_instances: Option<u32>,
+    max_clients: Option<u32>,
+    max_resources: Option<u32>,
+    max_resources_per_instance: Option<u32>,
+    max_ring_bytes: Option<u64>,
+    max_shm_per_uid: Option<u64>,
+    max_instances_per_uid: Option<u32>,
+    max_clients_per_uid: Option<u32>,
+    max_resources_per_uid: Option<u32>,
+    max_connections: Option<u32>,
+    slot_size: Option<u32>,
+    slot_count: Option<u32>,
+    max_message: Option<u64>,
+    socket_mode: Option<String>,
+    admin_uids: Option<Vec<u32>>,
+    admin_gids: Option<Vec<u32>>,
+    exit_detection: Option<ExitDetection>,
+    allow_shared_dir: Option<bool>,
+    log: Option<String>,
+    #[serde(default)]
+    policy: Vec<Rule>,
+}
+
+/// Sets each field the file has, unless the command line gave it.
+macro_rules! take_from_file {
+    ($cfg:ident, $file:ident, $given:ident; plain: $($f:ident),*; optional: $($o:ident),*) => {
+        $(if let Some(v) = $file.$f {
+            if !$given.iter().any(|g| g == stringify!($f)) {
+                $cfg.$f = v;
+            }
+        })*
+        $(if let Some(v) = $file.$o {
+            if !$given.iter().any(|g| g == stringify!($o)) {
+                $cfg.$o = Some(v);
+            }
+        })*
+    };
+}
+
+impl BrokerConfig {
+    /// Flags, then the file (`--config`, or [`DEFAULT_CONFIG`] if it exists) under them.
+    /// A usage error exits like clap does (help, version, bad flag).
+    pub fn load(
+        args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+    ) -> Result<BrokerConfig, String> {
+        let m = BrokerConfig::command().get_matches_from(args);
+        let cli = BrokerConfig::from_arg_matches(&m).map_err(|e| e.to_string())?;
+        let given: Vec<String> = m
+            .ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.as_str().to_owned())
+            .collect();
+        let mut cfg = cli.clone();
+        cfg.cli = Some(Box::new((cli, given)));
+        cfg.read_file()?;
+        Ok(cfg)
+    }
+
+    /// The file this configuration reads, if any.
+    pub fn file(&self) -> Option<PathBuf> {
+        self.config.clone().or_else(|| {
+            let d = PathBuf::from(DEFAULT_CONFIG);
+            d.exists().then_some(d)
+        })
+    }
+
+    fn read_file(&mut self) -> Result<(), String> {
+        let Some(path) = self.file() else {
+            return Ok(());
+        };
+        let mut file = parse_file(&path)?;
+        let given = self.cli.as_ref().map(|c| c.1.clone()).unwrap_or_default();
+        let policy = std::mem::take(&mut file.policy);
+        take_from_file!(self, file, given;
+            plain: max_services, max_instances, max_clients, max_resources,
+                max_resources_per_instance, max_ring_bytes, max_shm_per_uid, slot_size,
+                slot_count, max_message, socket_mode, admin_uids, admin_gids, exit_detection,
+                allow_shared_dir, log;
+            optional: dir, max_instances_per_uid, max_clients_per_uid, max_resources_per_uid,
+                max_connections);
+        crate::policy::validate(&policy).map_err(|e| format!("{}: {e}", path.display()))?;
+        self.policy = policy;
+        self.validate()
+            .map_err(|e| format!("invalid configuration (with {}): {e}", path.display()))?;
+        Ok(())
+    }
+
+    /// The configuration as the file now says, under the same command line: what SIGHUP
+    /// applies. An error (the file does not parse or validate) leaves everything as it was.
+    pub fn reloaded(&self) -> Result<BrokerConfig, String> {
+        let (cli, given) = self
+            .cli
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| (self.clone(), Vec::new()));
+        let mut cfg = cli.clone();
+        cfg.cli = Some(Box::new((cli, given)));
+        cfg.read_file()?;
+        Ok(cfg)
+    }
+
+    /// The effective configuration as TOML (what `--check-config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print: {e}"))
+    }
+}
+
+fn parse_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read configuration {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("configuration {}: {e}", path.display()))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ExitDetection {
     Pidfd,
     Poll,

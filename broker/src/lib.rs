@@ -8,9 +8,10 @@
 pub mod config;
 pub mod identities;
 pub mod liveness;
+pub mod policy;
 mod resources;
 mod server;
 pub mod state;
 
 pub use config::{BrokerConfig, ExitDetection};
-pub use server::run;
+pub use server::{run, run_with, LogReload};

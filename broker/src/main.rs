@@ -1,14 +1,41 @@
-use clap::Parser;
-
 fn main() {
-    let cfg = aegis_broker::BrokerConfig::parse();
+    let cfg = match aegis_broker::BrokerConfig::load(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aegis-broker: {e}");
+            std::process::exit(2);
+        }
+    };
+    if cfg.check_config {
+        if let Err(e) = cfg.validate() {
+            eprintln!("aegis-broker: {e}");
+            std::process::exit(2);
+        }
+        match cfg.file() {
+            Some(f) => println!("# effective configuration (flags over {})", f.display()),
+            None => println!("# effective configuration (flags and defaults; no file)"),
+        }
+        print!("{}", cfg.to_toml());
+        return;
+    }
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
-    if let Err(e) = aegis_broker::run(cfg) {
+    // RUST_LOG, when set, wins over the file on reload too.
+    let log_reload: Option<aegis_broker::LogReload> =
+        std::env::var_os("RUST_LOG").is_none().then(|| {
+            Box::new(move |f: &str| {
+                let filter =
+                    tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            }) as aegis_broker::LogReload
+        });
+    if let Err(e) = aegis_broker::run_with(cfg, log_reload) {
         eprintln!("aegis-broker: {e}");
         std::process::exit(1);
     }

@@ -329,7 +329,13 @@ impl State {
         force: bool,
         undo: &mut Vec<Undo>,
     ) -> Result<(u32, Vec<ResourceFailure>), WireError> {
-        self.acts_for(conn, peer, index, inc)?;
+        let service = self.acts_for(conn, peer, index, inc).map(|r| r.service)?;
+        if let Some(name) = self.services[service as usize]
+            .as_ref()
+            .map(|s| s.name.clone())
+        {
+            self.permit(conn, peer, &name, crate::policy::Action::Serve)?;
+        }
         if force && !self.is_admin(peer) {
             return Err(WireError::NotOwner(format!(
                 "force takes over other instances' resources and is for administrators; uid {} is not one",

@@ -26,8 +26,17 @@ use crate::identities::Identities;
 use crate::resources::Transfer;
 use crate::state::{ConnId, Peer, Registration, Reply, State};
 
+/// Changes the log filter while the broker runs (SIGHUP); `None` where logging cannot be
+/// reconfigured.
+pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Runs a broker until SIGTERM or SIGINT. Errors are one-line reasons for the operator.
 pub fn run(cfg: BrokerConfig) -> Result<(), String> {
+    run_with(cfg, None)
+}
+
+/// [`run`], with a way to change the log filter on SIGHUP.
+pub fn run_with(cfg: BrokerConfig, log_reload: Option<LogReload>) -> Result<(), String> {
     let mode = cfg.validate()?;
     let dir = cfg.dir.clone().unwrap_or_else(dirs::broker_dir);
     if !dir.exists() {
@@ -55,10 +64,37 @@ pub fn run(cfg: BrokerConfig) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let r = rt.block_on(serve(Arc::new(Mutex::new(state)), &sock, mode));
+    let r = rt.block_on(serve(Arc::new(Mutex::new(state)), &sock, mode, log_reload));
     let _ = fs::remove_file(&sock);
     let _ = fs::remove_file(dir.join(dirs::LOCK));
     r
+}
+
+/// Every gid of the peer: `SO_PEERGROUPS` (supplementary groups at connect time, Linux
+/// 4.13), with the primary gid from `SO_PEERCRED` first.
+fn peer_groups(stream: &UnixStream, gid: u32) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    const SO_PEERGROUPS: libc::c_int = 59;
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `groups`, which has that many.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let n = if r == 0 {
+        len as usize / std::mem::size_of::<libc::gid_t>()
+    } else {
+        0
+    };
+    let mut all = vec![gid];
+    all.extend(groups[..n.min(groups.len())].iter().filter(|&&g| g != gid));
+    all
 }
 
 /// Raises the soft descriptor limit to the hard one: every client and instance holds a
@@ -166,13 +202,92 @@ fn lock_dir(dir: &Path) -> Result<Flock<File>, String> {
     }
 }
 
-async fn serve(state: Arc<Mutex<State>>, sock: &PathBuf, mode: u32) -> Result<(), String> {
+/// SIGHUP: re-reads the configuration file and applies what can change while the broker
+/// runs; says (in the log) what changed and what needs a restart.
+fn reload(state: &Mutex<State>, log_reload: Option<&LogReload>) {
+    let mut st = state.lock();
+    let new = match st.cfg.reloaded() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: configuration not reloaded, keeping the running one: {e}");
+            return;
+        }
+    };
+    let old = st.cfg.clone();
+    let mut needs_restart = Vec::new();
+    macro_rules! fixed {
+        ($($f:ident),*) => {$(
+            if new.$f != old.$f {
+                needs_restart.push(stringify!($f));
+            }
+        )*};
+    }
+    fixed!(
+        dir,
+        max_services,
+        max_instances,
+        max_clients,
+        max_resources,
+        slot_size,
+        slot_count,
+        max_message,
+        socket_mode,
+        exit_detection,
+        allow_shared_dir
+    );
+    let mut applied = Vec::new();
+    macro_rules! live {
+        ($($f:ident),*) => {$(
+            if new.$f != old.$f {
+                st.cfg.$f = new.$f.clone();
+                applied.push(stringify!($f));
+            }
+        )*};
+    }
+    live!(
+        policy,
+        admin_uids,
+        admin_gids,
+        max_resources_per_instance,
+        max_ring_bytes,
+        max_shm_per_uid,
+        max_instances_per_uid,
+        max_clients_per_uid,
+        max_resources_per_uid,
+        max_connections
+    );
+    if new.log != old.log {
+        match log_reload.map(|f| f(&new.log)) {
+            Some(Ok(())) => {
+                st.cfg.log = new.log.clone();
+                applied.push("log");
+            }
+            Some(Err(e)) => tracing::warn!("SIGHUP: log filter {:?} not applied: {e}", new.log),
+            None => needs_restart.push("log"),
+        }
+    }
+    tracing::info!(applied = ?applied, "SIGHUP: configuration reloaded");
+    if !needs_restart.is_empty() {
+        tracing::warn!(
+            not_applied = ?needs_restart,
+            "SIGHUP: these settings changed but only take effect when the broker restarts"
+        );
+    }
+}
+
+async fn serve(
+    state: Arc<Mutex<State>>,
+    sock: &PathBuf,
+    mode: u32,
+    log_reload: Option<LogReload>,
+) -> Result<(), String> {
     let listener =
         UnixListener::bind(sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
     fs::set_permissions(sock, fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot chmod {}: {e}", sock.display()))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let next_conn = AtomicU64::new(1);
@@ -197,6 +312,7 @@ async fn serve(state: Arc<Mutex<State>>, sock: &PathBuf, mode: u32) -> Result<()
             },
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => reload(&state, log_reload.as_ref()),
             _ = tick.tick() => state.lock().tick(),
         }
     }
@@ -262,6 +378,7 @@ async fn connection(
         conns,
         uid: peer.uid,
     };
+    state.lock().connected(id, peer_groups(&stream, peer.gid));
     let mut hello = false;
     loop {
         let (req, mut fds) = match read_request(&mut stream).await {
@@ -358,7 +475,7 @@ async fn connection(
                 Request::OpenInstance {
                     instance,
                     incarnation,
-                } => st.open_instance(id, instance, incarnation),
+                } => st.open_instance(id, peer, instance, incarnation),
                 Request::OpenClient {
                     client,
                     gen,

@@ -124,6 +124,9 @@ pub struct State {
     pub(crate) liveness: crate::liveness::Watch,
     clients: Vec<Option<ClientRec>>,
     ids: Identities,
+    /// Every gid (primary and supplementary) of each connection's peer, read when it
+    /// connected: the policy's group rules.
+    conn_groups: HashMap<ConnId, Vec<u32>>,
     /// Callers to hand a serving connection with its next `OpenClient` reply: the clients
     /// that opened one of its instances since (see `Response::OpenedClients`).
     introductions: HashMap<ConnId, std::collections::HashSet<(u32, u32)>>,
@@ -181,6 +184,7 @@ impl State {
             clients: (0..cfg.max_clients).map(|_| None).collect(),
             ids,
             introductions: HashMap::new(),
+            conn_groups: HashMap::new(),
             by_name: HashMap::new(),
             resources: Default::default(),
             liveness: Default::default(),
@@ -365,6 +369,9 @@ impl State {
             return err(WireError::BadRequest(
                 "metadata: at most 64 entries, keys up to 256 and values up to 4096 bytes".into(),
             ));
+        }
+        if let Err(e) = self.permit(conn, peer, service, crate::policy::Action::Serve) {
+            return err(e);
         }
         let svc_idx = match self.service_for(service, config) {
             Ok(i) => i,
@@ -693,7 +700,13 @@ impl State {
     /// instances of the same service (one round trip per service, not per instance), and
     /// each of their serving connections will be handed the caller's segment with its next
     /// `OpenClient`.
-    pub fn open_instance(&mut self, conn: ConnId, index: u32, incarnation: u64) -> Reply {
+    pub fn open_instance(
+        &mut self,
+        conn: ConnId,
+        peer: Peer,
+        index: u32,
+        incarnation: u64,
+    ) -> Reply {
         let Some(first) = self
             .instances
             .get(index as usize)
@@ -704,6 +717,11 @@ impl State {
                 service: format!("(instance #{index} has left)"),
             });
         };
+        if let Some(svc) = self.services[first.service as usize].as_ref() {
+            if let Err(e) = self.permit(conn, peer, &svc.name, crate::policy::Action::Call) {
+                return err(e);
+            }
+        }
         let members = self.services[first.service as usize]
             .as_ref()
             .map(|s| s.members.clone())
@@ -979,8 +997,34 @@ impl State {
     }
 
     /// A control connection closed: its registrations and its client segment go with it.
+    /// A new connection's peer groups (see `conn_groups`).
+    pub fn connected(&mut self, conn: ConnId, groups: Vec<u32>) {
+        self.conn_groups.insert(conn, groups);
+    }
+
+    /// Whether the policy lets the peer on `conn` `action` `service`.
+    pub(crate) fn permit(
+        &self,
+        conn: ConnId,
+        peer: Peer,
+        service: &str,
+        action: crate::policy::Action,
+    ) -> Result<(), WireError> {
+        let primary = [peer.gid];
+        let gids = self.conn_groups.get(&conn).map_or(&primary[..], |g| &g[..]);
+        let who = crate::policy::Who {
+            uid: peer.uid,
+            gids,
+            admin: self.is_admin(peer) || gids.iter().any(|g| self.cfg.admin_gids.contains(g)),
+        };
+        let broker_uid = nix::unistd::geteuid().as_raw();
+        crate::policy::check(&self.cfg.policy, broker_uid, service, action, &who)
+            .map_err(WireError::PermissionDenied)
+    }
+
     pub fn disconnect(&mut self, conn: ConnId) {
         self.introductions.remove(&conn);
+        self.conn_groups.remove(&conn);
         let mut gone = Vec::new();
         for (i, r) in self.instances.iter_mut().enumerate() {
             if let Some(r) = r {

@@ -54,3 +54,58 @@ fn rand_suffix() -> u64 {
         .unwrap()
         .as_nanos() as u64
 }
+
+#[test]
+fn config_file_flags_override_it_and_bad_keys_are_named_with_their_line() {
+    let dir = tempfile_dir();
+    let cfg = std::path::Path::new(&dir).join("broker.toml");
+    std::fs::write(
+        &cfg,
+        "max_clients = 100\nsocket_mode = \"660\"\n\n[[policy]]\nservices = [\"a.*\"]\ncall_uids = [7]\n",
+    )
+    .unwrap();
+    let out = broker()
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--check-config",
+            "--max-clients",
+            "9",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_clients = 9"), "flag must win: {text}");
+    assert!(text.contains("socket_mode = \"660\""), "{text}");
+    assert!(text.contains("call_uids = [7]"), "{text}");
+
+    std::fs::write(&cfg, "max_clients = 100\nmax_clientz = 3\n").unwrap();
+    let out = broker()
+        .args(["--config", cfg.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 2") && err.contains("max_clientz"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "max_services = 100\n").unwrap();
+    let out = broker()
+        .args(["--config", cfg.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max-services 100 must be a power of two"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

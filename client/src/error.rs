@@ -64,6 +64,10 @@ pub enum Error {
         instance_id: String,
         holder_pid: u32,
     },
+    /// 403: the broker's access policy does not let this uid serve or call the service
+    /// (the message names the rule).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// 429: a capacity or per-instance limit.
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
@@ -129,7 +133,7 @@ impl Error {
             Error::BadRequest(_) => code::BAD_REQUEST,
             Error::ResourceNotFound { .. } => code::RESOURCE_NOT_FOUND,
             Error::ResourceConflict { .. } | Error::Conflict { .. } => code::CONFLICT,
-            Error::NotOwner(_) => code::NOT_OWNER,
+            Error::NotOwner(_) | Error::PermissionDenied(_) => code::NOT_OWNER,
             Error::LimitExceeded(_) => code::LIMIT_EXCEEDED,
             Error::LoopDetected { .. } => code::LOOP_DETECTED,
             Error::MessageTooLarge { .. } => code::MESSAGE_TOO_LARGE,
@@ -155,6 +159,7 @@ impl Error {
             Error::LoopDetected { .. } => "LoopDetected",
             Error::MessageTooLarge { .. } => "MessageTooLarge",
             Error::BrokerUnavailable { .. } => "BrokerUnavailable",
+            Error::PermissionDenied(_) => "PermissionDenied",
             Error::Remote { .. } => "Remote",
             Error::Incompatible(_) => "Incompatible",
             Error::Layout(_) => "Layout",
@@ -175,6 +180,7 @@ pub enum WireError {
     },
     LimitExceeded(String),
     NotOwner(String),
+    PermissionDenied(String),
     Incompatible(String),
     ResourceNotFound {
         resource: String,
@@ -204,6 +210,7 @@ impl From<WireError> for Error {
             },
             WireError::LimitExceeded(m) => Error::LimitExceeded(m),
             WireError::NotOwner(m) => Error::NotOwner(m),
+            WireError::PermissionDenied(m) => Error::PermissionDenied(m),
             WireError::Incompatible(m) => Error::Incompatible(m),
             WireError::NoAvailableInstance { service } => Error::NoAvailableInstance { service },
             WireError::ResourceNotFound { resource } => Error::ResourceNotFound { resource },
