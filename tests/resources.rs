@@ -504,3 +504,53 @@ fn a_call_for_a_resource_whose_owner_is_unhealthy_names_the_owner() {
         b"back"
     );
 }
+
+/// A killed broker loses nothing: when the owner claims its ids again from the next
+/// broker, their metadata, claim time and expiry come back from the resource journal.
+#[test]
+fn after_a_broker_restart_resources_come_back_with_their_metadata_and_ttls() {
+    let mut bus = TestBus::start();
+    let _owner = bus.serve(
+        "meta",
+        "m1",
+        &["--claim", "r-1,r-2", "--claim-ttl-ms", "3600000"],
+    );
+    let list = |bus: &TestBus| -> serde_json::Value {
+        let out = bus
+            .aegisctl(&["resources", "--service", "meta", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // The owner's registry index may differ after the restart; what it owns may not.
+        for item in v["items"].as_array_mut().unwrap() {
+            item.as_object_mut().unwrap().remove("owner_index");
+        }
+        v
+    };
+    let before = list(&bus);
+    assert_eq!(before["total"], 2, "{before}");
+    assert!(
+        before["items"][0]["expires_at_ms"].as_u64().is_some(),
+        "{before}"
+    );
+    assert!(before["items"][0]["metadata"]["created_by"]
+        .as_str()
+        .unwrap()
+        .contains("m1"));
+
+    // SAFETY: kill(2) on our broker child.
+    unsafe { libc::kill(bus.broker.id() as libc::pid_t, libc::SIGKILL) };
+    support::wait_deadline(&mut bus.broker);
+    bus.broker = support::start_broker(bus.path(), &[]);
+    let fresh = bus.connect();
+    assert!(fresh.wait_until(DEADLINE, |b| ["r-1", "r-2"]
+        .iter()
+        .all(|id| b.lookup_resource(id).is_some())));
+    let after = list(&bus);
+    assert_eq!(before, after, "metadata or TTLs changed across the restart");
+}

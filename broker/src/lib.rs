@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod identities;
+pub mod journal;
 pub mod liveness;
 pub mod policy;
 mod resources;

@@ -260,9 +260,23 @@ impl State {
                 )
             })?;
         let now = sys::unix_millis();
-        let expires_at_ms = metadata.ttl_ms.map(|t| now.saturating_add(t));
-        let ttl_key = metadata.ttl_ms.map(|t| {
-            let at = Instant::now() + Duration::from_millis(t);
+        // After a broker restart an owner claims its ids again with no metadata: what the
+        // previous run journaled for this very owner comes back, expiry included.
+        let restored = (metadata == ResourceMetadata::default())
+            .then(|| {
+                let (svc, inst) = self.owner_names(owner);
+                self.journal.as_mut()?.take_recovered(id, &svc, &inst)
+            })
+            .flatten();
+        let (metadata, claimed_at_ms, expires_at_ms) = match restored {
+            Some(o) => (o.metadata, o.claimed_at_ms, o.expires_at_ms),
+            None => {
+                let exp = metadata.ttl_ms.map(|t| now.saturating_add(t));
+                (metadata, now, exp)
+            }
+        };
+        let ttl_key = expires_at_ms.map(|exp| {
+            let at = Instant::now() + Duration::from_millis(exp.saturating_sub(now));
             self.resources.ttl.insert((at, id.to_owned(), version));
             (at, version)
         });
@@ -271,7 +285,7 @@ impl State {
             owner,
             incarnation,
             metadata,
-            claimed_at_ms: now,
+            claimed_at_ms,
             expires_at_ms,
             version,
             ttl_key,
@@ -282,7 +296,67 @@ impl State {
             .unwrap()
             .owned
             .insert(id.to_owned());
+        self.journal_own(id);
         Ok(())
+    }
+
+    /// (service name, instance id) of instance `index`.
+    fn owner_names(&self, index: u32) -> (String, String) {
+        let inst = self.instances[index as usize].as_ref();
+        (
+            inst.and_then(|i| self.services[i.service as usize].as_ref())
+                .map_or_else(String::new, |s| s.name.clone()),
+            inst.map_or_else(String::new, |i| i.id.clone()),
+        )
+    }
+
+    /// Journals `id` as it now stands (see `journal`).
+    pub(crate) fn journal_own(&mut self, id: &str) {
+        if self.journal.is_none() {
+            return;
+        }
+        let Some(r) = self.resources.by_id.get(id) else {
+            return;
+        };
+        let (service, instance) = self.owner_names(r.owner);
+        let entry = crate::journal::Entry::Own {
+            id: id.to_owned(),
+            owned: crate::journal::Owned {
+                service,
+                instance,
+                metadata: r.metadata.clone(),
+                claimed_at_ms: r.claimed_at_ms,
+                expires_at_ms: r.expires_at_ms,
+            },
+        };
+        if let Some(j) = self.journal.as_mut() {
+            j.record(&entry);
+        }
+    }
+
+    pub(crate) fn journal_entries_len(&self) -> usize {
+        self.resources.by_id.len()
+    }
+
+    /// Every live resource as a journal entry (for compaction).
+    pub(crate) fn journal_entries(&self) -> Vec<crate::journal::Entry> {
+        self.resources
+            .by_id
+            .iter()
+            .map(|(id, r)| {
+                let (service, instance) = self.owner_names(r.owner);
+                crate::journal::Entry::Own {
+                    id: id.clone(),
+                    owned: crate::journal::Owned {
+                        service,
+                        instance,
+                        metadata: r.metadata.clone(),
+                        claimed_at_ms: r.claimed_at_ms,
+                        expires_at_ms: r.expires_at_ms,
+                    },
+                }
+            })
+            .collect()
     }
 
     fn remove_rec(&mut self, id: &str) -> Option<ResourceRec> {
@@ -294,6 +368,9 @@ impl State {
         }
         if let Some(inst) = self.instances[rec.owner as usize].as_mut() {
             inst.owned.remove(id);
+        }
+        if let Some(j) = self.journal.as_mut() {
+            j.record(&crate::journal::Entry::Drop { id: id.to_owned() });
         }
         Some(rec)
     }
@@ -315,6 +392,7 @@ impl State {
             .owned
             .insert(id.to_owned());
         self.map_set_owner(slot, owner, incarnation, version);
+        self.journal_own(id);
     }
 
     // --- requests ---
@@ -389,6 +467,7 @@ impl State {
                         let prev = self.resources.by_id[id].clone();
                         self.set_owner(id, index);
                         self.resources.by_id.get_mut(id).unwrap().metadata = spec.metadata.clone();
+                        self.journal_own(id);
                         tracing::info!(resource = id, from = %self.instance_name(owner), to = %me,
                             uid = peer.uid, "resource taken over by force");
                         let version = self.resources.by_id[id].version;
@@ -490,6 +569,7 @@ impl State {
                         if let Some(r) = self.resources.by_id.get_mut(&id) {
                             r.metadata = prev.metadata;
                         }
+                        self.journal_own(&id);
                     } else {
                         self.remove_rec(&id);
                     }

@@ -58,8 +58,9 @@ pub fn run_with(cfg: BrokerConfig, log_reload: Option<LogReload>) -> Result<(), 
     }
     raise_fd_limit();
     let ids = Identities::load(&dir)?;
-    let state =
+    let mut state =
         State::new(cfg, ids).map_err(|e| format!("cannot create the bus's shared memory: {e}"))?;
+    state.open_journal(&dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -533,6 +534,8 @@ async fn connection(
         // Watchers lock the state themselves: start them only once our guard is gone.
         let (pending, mode) = {
             let mut st = state.lock();
+            // What this request changed is journaled before it is answered.
+            st.flush_journal();
             (st.take_pending_watches(), st.cfg.exit_detection)
         };
         for pid in pending {

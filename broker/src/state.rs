@@ -124,6 +124,9 @@ pub struct State {
     pub(crate) liveness: crate::liveness::Watch,
     clients: Vec<Option<ClientRec>>,
     ids: Identities,
+    /// The resource journal (metadata and TTLs across broker restarts); `None` in unit
+    /// tests without a bus directory.
+    pub(crate) journal: Option<crate::journal::Journal>,
     /// Every gid (primary and supplementary) of each connection's peer, read when it
     /// connected: the policy's group rules.
     conn_groups: HashMap<ConnId, Vec<u32>>,
@@ -185,6 +188,7 @@ impl State {
             ids,
             introductions: HashMap::new(),
             conn_groups: HashMap::new(),
+            journal: None,
             by_name: HashMap::new(),
             resources: Default::default(),
             liveness: Default::default(),
@@ -1065,8 +1069,37 @@ impl State {
     }
 
     /// Periodic work: expire resources, mirror per-instance counters into the registry.
+    /// Journals resources in `dir` from now on, restoring what a previous run left.
+    pub fn open_journal(&mut self, dir: &std::path::Path) -> Result<(), String> {
+        self.journal = Some(crate::journal::Journal::open(dir)?);
+        Ok(())
+    }
+
+    /// Writes what the last request journaled (before its response goes out).
+    pub fn flush_journal(&mut self) {
+        if let Some(j) = self.journal.as_mut() {
+            j.flush();
+        }
+    }
+
     pub fn tick(&mut self) {
         self.expire_resources();
+        let live = self.journal_entries_len();
+        if self
+            .journal
+            .as_mut()
+            .is_some_and(|j| j.wants_compaction(live))
+        {
+            let entries = self.journal_entries();
+            if let Some(Err(e)) = self
+                .journal
+                .as_mut()
+                .map(|j| j.compact(entries.into_iter()))
+            {
+                tracing::error!("resource journal: compaction failed: {e}");
+            }
+        }
+        self.flush_journal();
         self.check_liveness();
         for i in 0..self.instances.len() {
             let Some(r) = self.instances[i].as_mut() else {
