@@ -17,7 +17,7 @@ use crate::bus::{Bus, Registration};
 use crate::control::expect_fds;
 use crate::error::{code, Error, Result, ServiceError};
 use crate::heap::HeapAlloc;
-use crate::layout::{ClientSeg, InstanceSeg, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
+use crate::layout::{ClientSeg, InstanceSeg, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
 use crate::mailbox;
 use crate::names;
 use crate::proto::{
@@ -462,11 +462,25 @@ impl InstanceInner {
             trace_id: h.trace_id,
             hops: h.hops,
         };
-        let mlen = h.method_len as usize;
+        let shape = match request_shape(&h, t.data_len(), self.max_message) {
+            Ok(s) => s,
+            Err(BadShape::Method) => {
+                self.send_reply(d, code::BAD_REQUEST as u32, b"malformed method name");
+                return None;
+            }
+            Err(BadShape::Payload) => {
+                let msg = format!(
+                    "malformed request payload (kind {}, {} bytes)",
+                    h.kind, h.payload_len
+                );
+                self.send_reply(d, code::BAD_REQUEST as u32, msg.as_bytes());
+                return None;
+            }
+        };
+        let mlen = shape.method_len;
         let mut mbuf = [0u8; MAX_METHOD];
-        let name = (mlen > 0 && mlen <= MAX_METHOD)
-            .then(|| t.read_into(0, &mut mbuf[..mlen]))
-            .flatten()
+        let name = t
+            .read_into(0, &mut mbuf[..mlen])
             .and_then(|()| std::str::from_utf8(&mbuf[..mlen]).ok());
         let Some(name) = name else {
             self.send_reply(d, code::BAD_REQUEST as u32, b"malformed method name");
@@ -474,13 +488,9 @@ impl InstanceInner {
         };
         method.clear();
         method.push_str(name);
-        let len = h.payload_len;
-        let ok = match h.kind {
-            PAYLOAD_INLINE => usize::try_from(len)
-                .ok()
-                .and_then(|l| t.copy_data(mlen, l, payload))
-                .is_some(),
-            PAYLOAD_HEAP if len <= self.max_message => match d.client.heap_range(h.heap_off, len) {
+        let ok = match shape.payload {
+            PayloadAt::Inline { off, len } => t.copy_data(off, len, payload).is_some(),
+            PayloadAt::Heap { off, len } => match d.client.heap_range(off, len) {
                 Some(src) => {
                     payload.clear();
                     payload.reserve(len as usize);
@@ -494,10 +504,12 @@ impl InstanceInner {
                 }
                 None => false,
             },
-            _ => false,
         };
         if !ok {
-            let msg = format!("malformed request payload (kind {}, {} bytes)", h.kind, len);
+            let msg = format!(
+                "malformed request payload (kind {}, {} bytes)",
+                h.kind, h.payload_len
+            );
             self.send_reply(d, code::BAD_REQUEST as u32, msg.as_bytes());
             return None;
         }
@@ -633,6 +645,64 @@ pub struct Receiver<'a> {
     waiter: Waiter<'a>,
     /// The caller of the last request (see `InstanceInner::accept`).
     last: Option<Arc<ClientSeg>>,
+}
+
+/// Where a request's method and payload are, as its (untrusted) header says, checked
+/// against the slot's data area and the service's maximum message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestShape {
+    /// The method name is the first `method_len` bytes of the slot's data.
+    pub method_len: usize,
+    pub payload: PayloadAt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadAt {
+    /// In the slot's data, after the method name.
+    Inline { off: usize, len: usize },
+    /// In the caller's request heap (the range is checked against the heap when read).
+    Heap { off: u64, len: u64 },
+}
+
+/// What is wrong with a request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadShape {
+    Method,
+    Payload,
+}
+
+/// Checks a request header taken from a ring slot with `slot_data` data bytes: the pure
+/// part of an instance's request parsing (fuzzed: `fuzz/fuzz_targets/request_header.rs`).
+pub fn request_shape(
+    h: &MsgHeader,
+    slot_data: usize,
+    max_message: u64,
+) -> std::result::Result<RequestShape, BadShape> {
+    let method_len = h.method_len as usize;
+    if method_len == 0 || method_len > MAX_METHOD || method_len > slot_data {
+        return Err(BadShape::Method);
+    }
+    let payload = match h.kind {
+        PAYLOAD_INLINE => {
+            let len = usize::try_from(h.payload_len).map_err(|_| BadShape::Payload)?;
+            if len > slot_data - method_len {
+                return Err(BadShape::Payload);
+            }
+            PayloadAt::Inline {
+                off: method_len,
+                len,
+            }
+        }
+        PAYLOAD_HEAP if h.payload_len <= max_message => PayloadAt::Heap {
+            off: h.heap_off,
+            len: h.payload_len,
+        },
+        _ => return Err(BadShape::Payload),
+    };
+    Ok(RequestShape {
+        method_len,
+        payload,
+    })
 }
 
 /// How long a slot claimed by a producer that never recorded its pid may block the ring

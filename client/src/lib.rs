@@ -31,6 +31,9 @@ mod doorbell;
 pub mod error;
 #[cfg(feature = "async")]
 mod future;
+#[doc(hidden)]
+#[cfg(not(loom))]
+pub mod fuzzing;
 pub mod heap;
 pub mod instance;
 pub mod layout;

@@ -459,6 +459,10 @@ impl<'a> Taken<'a> {
         // producer could still scribble on it, and we only ever use the validated copy.
         unsafe { slot.msg.get().read_volatile() }
     }
+    /// Bytes of inline data in this slot.
+    pub fn data_len(&self) -> usize {
+        self.ring.data_len
+    }
     pub fn claimer_pid(&self) -> u32 {
         self.ring
             .slot(self.pos)

@@ -1,0 +1,157 @@
+//! Entry points for the fuzz targets in `fuzz/` (cargo-fuzz, libfuzzer-sys) and for the
+//! stable test that replays their checked-in corpora (`tests/fuzz_corpus.rs`): each takes
+//! arbitrary bytes and must neither panic nor hang, whatever they are.
+//!
+//! * [`control_frame`]: the broker's control-frame decoder (length prefix, then a
+//!   bincode-encoded `Request`), and the client's for responses.
+//! * [`segment_open`]: a memfd holding the bytes (size-sealed, as every segment must be)
+//!   opened as each kind of segment, and on success read the way peers read them.
+//! * [`request_header`]: an instance's checks on a request header from a ring slot.
+
+use std::os::fd::OwnedFd;
+
+use crate::layout::{
+    ClientSeg, InstanceSeg, Mapping, MsgHeader, RegistryView, SegmentHeader, SegmentKind,
+    SharedView,
+};
+use crate::{instance, proto, sys};
+
+/// A control frame as the broker reads one off its socket.
+pub fn control_frame(data: &[u8]) {
+    let Some((hdr, body)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let Ok(len) = proto::frame_len(*hdr) else {
+        return;
+    };
+    let body = &body[..len.min(body.len())];
+    if let Ok(req) = proto::decode::<proto::Request>(body) {
+        // Whatever decodes must encode again (the broker echoes parts of it in errors).
+        let again = proto::encode(&req).expect("a decoded request encodes");
+        assert!(proto::decode::<proto::Request>(&again).is_ok());
+    }
+    let _ = proto::decode::<proto::Response>(body);
+}
+
+/// The bytes as a segment: the file is as long as the header claims (when that is
+/// reasonable), so the fuzzer can reach past the size check into each layout's own checks.
+pub fn segment_open(data: &[u8]) {
+    let claimed = (data.len() >= size_of::<SegmentHeader>())
+        .then(|| {
+            // SAFETY: at least a header's worth of bytes; read unaligned into a plain copy.
+            unsafe { std::ptr::read_unaligned(data.as_ptr() as *const SegmentHeader) }.total_size
+        })
+        .filter(|&s| s <= 1 << 22 && s as usize >= data.len())
+        .unwrap_or(data.len() as u64);
+    let Ok(fd) = sys::memfd("aegis-fuzz", claimed) else {
+        return;
+    };
+    if write_all(&fd, data).is_err() || sys::seal_size(&fd).is_err() {
+        return;
+    }
+    for kind in [
+        SegmentKind::Registry,
+        SegmentKind::Shared,
+        SegmentKind::Instance,
+        SegmentKind::Client,
+    ] {
+        let Ok((_, h)) = Mapping::open(&fd, kind, true, None) else {
+            continue;
+        };
+        match kind {
+            SegmentKind::Registry => read_registry(&fd),
+            SegmentKind::Shared => {
+                if let Ok(s) = SharedView::open(&fd, h.bus_epoch, h.params[0] as u32) {
+                    let _ = s.spin_seats().len();
+                    let _ = s.round_robin(0);
+                }
+            }
+            SegmentKind::Instance => {
+                if let Ok(seg) =
+                    InstanceSeg::open(&fd, h.bus_epoch, h.params[3] as u32, h.params[2])
+                {
+                    read_ring(&seg);
+                }
+            }
+            SegmentKind::Client => {
+                let p = h.params[3];
+                if let Ok(c) = ClientSeg::open(&fd, h.bus_epoch, p as u32, (p >> 32) as u32) {
+                    for i in [0, 1, c.layout.mailboxes.saturating_sub(1), u32::MAX] {
+                        if let Some((mb, _)) = c.mailbox(i) {
+                            let _ = crate::mailbox::still_waiting(mb, 1);
+                        }
+                    }
+                    let _ = c.heap_range(u64::MAX - 1, 2);
+                    let _ = c.heap_range(0, c.layout.heap_size);
+                }
+            }
+        }
+    }
+}
+
+fn read_registry(fd: &OwnedFd) {
+    let Ok(r) = RegistryView::open(fd, false) else {
+        return;
+    };
+    for i in 0..r.layout.max_services.min(64) {
+        if let Some(s) = r.service(i) {
+            let _ = s.seq.read(|| s.name.load());
+        }
+    }
+    for i in 0..r.layout.max_instances.min(64) {
+        if let Some(e) = r.instance(i) {
+            let _ = e.seq.read(|| e.id.load());
+        }
+    }
+    let _ = r.find_resource("doc-1");
+    let _ = r.resources_owned_by_in_dead_registry(&[(0, 0), (1, 1)]);
+}
+
+/// Takes what the ring holds the way a serving thread does, checking each header.
+fn read_ring(seg: &InstanceSeg) {
+    let ring = seg.ring();
+    for _ in 0..ring.capacity().min(64) {
+        let Some(t) = ring.try_pop() else {
+            break;
+        };
+        let h = t.header();
+        if let Ok(shape) = instance::request_shape(&h, t.data_len(), 1 << 24) {
+            let mut buf = vec![0u8; shape.method_len];
+            assert!(t.read_into(0, &mut buf).is_some());
+            if let instance::PayloadAt::Inline { off, len } = shape.payload {
+                let mut out = Vec::new();
+                assert!(t.copy_data(off, len, &mut out).is_some());
+            }
+        }
+    }
+    let _ = ring.stuck_head();
+    let _ = seg.heap_range(u64::MAX, 1);
+}
+
+/// A request header (the first 64 bytes, zero-padded) in a slot of `slot_data` bytes.
+pub fn request_header(data: &[u8]) {
+    let mut raw = [0u8; size_of::<MsgHeader>() + 10];
+    let n = data.len().min(raw.len());
+    raw[..n].copy_from_slice(&data[..n]);
+    // SAFETY: MsgHeader is plain integers, valid for any bits; read unaligned from a copy.
+    let h: MsgHeader = unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const MsgHeader) };
+    let tail = &raw[size_of::<MsgHeader>()..];
+    let slot_data = u16::from_le_bytes([tail[0], tail[1]]) as usize;
+    let max_message = u64::from_le_bytes(tail[2..10].try_into().expect("8 bytes"));
+    if let Ok(s) = instance::request_shape(&h, slot_data, max_message) {
+        assert!(s.method_len >= 1 && s.method_len <= slot_data);
+        match s.payload {
+            instance::PayloadAt::Inline { off, len } => {
+                assert_eq!(off, s.method_len);
+                assert!(off + len <= slot_data);
+            }
+            instance::PayloadAt::Heap { len, .. } => assert!(len <= max_message),
+        }
+    }
+}
+
+fn write_all(fd: &OwnedFd, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::from(fd.try_clone()?);
+    f.write_all(data)
+}

@@ -1,0 +1,173 @@
+//! Replays the fuzz targets' checked-in corpora (`fuzz/corpus/<target>/`) through the same
+//! entry points the fuzzers drive (`aegis_client::fuzzing`), so every `cargo test` runs
+//! what fuzzing found interesting without a fuzzer or a nightly toolchain.
+//! `cargo test --test fuzz_corpus -- --ignored write_seeds` (re)writes the seed inputs.
+
+use std::path::{Path, PathBuf};
+
+use aegis_client::fuzzing;
+use aegis_client::layout::{
+    ClientLayout, InstanceLayout, InstanceSeg, Mapping, MsgHeader, RegistryLayout, SegmentKind,
+    SharedLayout, PAYLOAD_INLINE,
+};
+use aegis_client::proto::{self, BulkOptions, Request, ResourceSpec, ServiceConfig};
+use aegis_client::sys;
+
+fn corpus(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target)
+}
+
+fn replay(target: &str, f: fn(&[u8])) {
+    let dir = corpus(target);
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = e.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let r = std::panic::catch_unwind(|| f(&data));
+        assert!(r.is_ok(), "{target} panicked on {}", path.display());
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus {}", dir.display());
+    println!("{target}: replayed {n} inputs");
+}
+
+#[test]
+fn control_frame_corpus() {
+    replay("control_frame", fuzzing::control_frame);
+}
+
+#[test]
+fn segment_open_corpus() {
+    replay("segment_open", fuzzing::segment_open);
+}
+
+#[test]
+fn request_header_corpus() {
+    replay("request_header", fuzzing::request_header);
+}
+
+/// The seeds the fuzzers started from: valid frames, valid segments of each kind (an
+/// instance ring holding a published request), valid and invalid request headers.
+#[test]
+#[ignore]
+fn write_seeds() {
+    let write = |target: &str, name: &str, bytes: &[u8]| {
+        let d = corpus(target);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("seed-{name}")), bytes).unwrap();
+    };
+    let requests = [
+        Request::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            layout: aegis_client::layout::LAYOUT_VERSION,
+            mailboxes: 64,
+            resume: Some((1, 2)),
+            secret: 7,
+        },
+        Request::Register {
+            service: "echo".into(),
+            instance_id: "a".into(),
+            metadata: vec![("k".into(), "v".into())],
+            config: ServiceConfig {
+                slot_size: Some(256),
+                slot_count: Some(8),
+                max_message: None,
+            },
+            heartbeat: Default::default(),
+            resume: None,
+        },
+        Request::OpenClient {
+            client: 3,
+            gen: 4,
+            secret: 5,
+        },
+        Request::ClaimResources {
+            instance: 1,
+            incarnation: 2,
+            resources: vec![ResourceSpec::new("doc-1")],
+            options: BulkOptions::default(),
+        },
+        Request::Grant {
+            instances: vec![(1, 2), (3, 4)],
+        },
+    ];
+    for (i, r) in requests.iter().enumerate() {
+        write("control_frame", &format!("req{i}"), &proto::frame(r).unwrap());
+    }
+    let image = |fd: &std::os::fd::OwnedFd| {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(fd.try_clone().unwrap()), &mut v)
+            .unwrap();
+        v
+    };
+    let make = |kind: SegmentKind, size: usize, params: [u64; 4]| {
+        let fd = sys::memfd("seed", size as u64).unwrap();
+        Mapping::map(&fd, true)
+            .unwrap()
+            .write_header(kind, size as u64, 9, params);
+        sys::seal_size(&fd).unwrap();
+        fd
+    };
+    let il = InstanceLayout {
+        slot_size: 256,
+        slot_count: 4,
+        heap_size: 4096,
+    };
+    let fd = make(SegmentKind::Instance, il.total_size(), il.params(1, 2));
+    let seg = InstanceSeg::open(&fd, 9, 1, 2).unwrap();
+    let ring = seg.ring();
+    let mut c = ring.try_claim(1).unwrap();
+    c.set_header(MsgHeader {
+        method_len: 4,
+        payload_len: 2,
+        kind: PAYLOAD_INLINE,
+        nonce: 1,
+        secret: 2,
+        ..Default::default()
+    });
+    c.data()[..6].copy_from_slice(b"echohi");
+    c.publish().unwrap();
+    write("segment_open", "instance", &image(&fd));
+    let cl = ClientLayout {
+        mailboxes: 4,
+        mailbox_inline: 64,
+        heap_size: 4096,
+    };
+    let fd = make(SegmentKind::Client, cl.total_size(), cl.params(3, 4));
+    write("segment_open", "client", &image(&fd));
+    let rl = RegistryLayout {
+        max_services: 2,
+        max_instances: 2,
+        max_resources: 2,
+    };
+    let fd = make(SegmentKind::Registry, rl.total_size(), rl.params());
+    write("segment_open", "registry", &image(&fd));
+    let sl = SharedLayout { max_services: 2 };
+    let fd = make(SegmentKind::Shared, sl.total_size(), sl.params());
+    write("segment_open", "shared", &image(&fd));
+
+    let header = |h: MsgHeader, slot: u16, max: u64| {
+        let mut v = vec![0u8; size_of::<MsgHeader>()];
+        // SAFETY: copying a plain-integer struct's bytes into a buffer of its size.
+        unsafe { std::ptr::write_unaligned(v.as_mut_ptr() as *mut MsgHeader, h) };
+        v.extend_from_slice(&slot.to_le_bytes());
+        v.extend_from_slice(&max.to_le_bytes());
+        v
+    };
+    let ok = MsgHeader {
+        method_len: 4,
+        payload_len: 10,
+        kind: PAYLOAD_INLINE,
+        ..Default::default()
+    };
+    write("request_header", "inline", &header(ok, 256, 1 << 20));
+    let heap = MsgHeader {
+        kind: aegis_client::layout::PAYLOAD_HEAP,
+        payload_len: 1 << 30,
+        heap_off: u64::MAX,
+        ..ok
+    };
+    write("request_header", "heap", &header(heap, 256, 1 << 20));
+}
