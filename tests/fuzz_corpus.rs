@@ -94,7 +94,11 @@ fn write_seeds() {
         },
     ];
     for (i, r) in requests.iter().enumerate() {
-        write("control_frame", &format!("req{i}"), &proto::frame(r).unwrap());
+        write(
+            "control_frame",
+            &format!("req{i}"),
+            &proto::frame(r).unwrap(),
+        );
     }
     let image = |fd: &std::os::fd::OwnedFd| {
         let mut v = Vec::new();

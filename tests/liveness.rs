@@ -634,7 +634,12 @@ fn a_caller_killed_mid_load_harms_neither_the_instance_nor_other_callers() {
 fn exit_detection_by_polling_tells_a_recycled_pid_from_the_registered_process() {
     use aegis_broker::liveness::same_process_alive;
     let bus = TestBus::start_with(&["--exit-detection", "poll"]);
-    let mut inst = bus.serve("poll", "p", &[]);
+    // A child of the instance process holds its control connection open: the broker
+    // cannot learn of the death from the socket, only from polling the pid.
+    let mut inst = bus
+        .start_serve_env("poll", "p", &[], &[("AEGIS_TEST_FORK_HOLDER", "1")])
+        .ready();
+    let holder = inst.holder.expect("the instance forked a holder");
     let pid = inst.pid();
     let start = aegis_client::sys::process_start_time(pid).unwrap();
     assert!(same_process_alive(pid, Some(start)));
@@ -650,7 +655,13 @@ fn exit_detection_by_polling_tells_a_recycled_pid_from_the_registered_process() 
     watch_until(&client, "poll", |c| routable(c, "poll").is_empty());
     assert!(!same_process_alive(pid, Some(start)));
     let h = client.health(Some("poll")).unwrap();
+    kill(holder, libc::SIGKILL);
     assert_eq!(h[0].status, Status::Offline);
+    let reason = &h[0].transitions.last().unwrap().reason;
+    assert!(
+        reason.contains("no longer running"),
+        "not noticed by polling: {reason}"
+    );
 }
 
 #[test]
@@ -764,4 +775,65 @@ fn a_dead_taker_s_quarantined_mailbox_comes_back_at_once() {
         t.elapsed()
     );
     drop(slow);
+}
+
+/// A request an instance took and did not answer within the attempt is in doubt: without
+/// `idempotent` the call fails saying so (it may have run; running it twice could be
+/// wrong), with it the call goes to another instance and succeeds.
+#[test]
+fn a_request_in_doubt_is_retried_only_when_idempotent() {
+    let bus = TestBus::start();
+    let _slow = bus.serve("doubt", "slow", &["--delay-ms", "2000", "--threads", "4"]);
+    let _fast = bus.serve("doubt", "fast", &[]);
+    let client = bus.connect();
+    let opts = |idempotent| CallOptions {
+        idempotent,
+        attempt_timeout: Duration::from_millis(200),
+        selection: Selection::Preferred("slow".into()),
+        ..CallOptions::timeout(Duration::from_secs(10))
+    };
+    let e = client.call("doubt", "m", b"x", &opts(false)).unwrap_err();
+    match &e {
+        Error::Timeout { attempts, .. } => {
+            assert_eq!(attempts.len(), 1, "{e}");
+            assert_eq!(attempts[0].instance, "slow");
+            assert!(attempts[0].error.contains("taken but not answered"), "{e}");
+        }
+        other => panic!("expected a timeout in doubt, got {other}"),
+    }
+    let r = client.call("doubt", "m", b"x", &opts(true)).unwrap();
+    assert_eq!(r.instance_id, "fast");
+    assert_eq!(r.payload, b"x");
+}
+
+/// At most `max_attempts` (3 by default) instances are tried, however many there are.
+#[test]
+fn a_call_tries_at_most_three_instances() {
+    let bus = TestBus::start();
+    let _slow: Vec<_> = (0..5)
+        .map(|i| {
+            bus.serve(
+                "cap",
+                &format!("s{i}"),
+                &["--delay-ms", "2000", "--threads", "2"],
+            )
+        })
+        .collect();
+    let client = bus.connect();
+    let opts = CallOptions {
+        idempotent: true,
+        attempt_timeout: Duration::from_millis(100),
+        ..CallOptions::timeout(Duration::from_secs(10))
+    };
+    let e = client.call("cap", "m", b"x", &opts).unwrap_err();
+    match &e {
+        Error::Timeout { attempts, .. } => {
+            assert_eq!(attempts.len(), 3, "{e}");
+            let mut ids: Vec<_> = attempts.iter().map(|a| a.instance.clone()).collect();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), 3, "an instance was tried twice: {e}");
+        }
+        other => panic!("expected a timeout after 3 attempts, got {other}"),
+    }
 }

@@ -307,19 +307,43 @@ fn a_killed_owners_resources_are_free_again() {
 #[test]
 fn a_resource_past_its_ttl_is_released() {
     let bus = TestBus::start();
-    let _a = bus.serve("ttl", "a", &["--claim", "t-1", "--claim-ttl-ms", "150"]);
     let client = bus.connect();
+    let inst = client.register("ttl", "a", &[]).unwrap();
+    let claimed_at = std::time::Instant::now();
+    let report = inst
+        .claim_with(
+            vec![ResourceSpec {
+                id: "t-1".into(),
+                metadata: ResourceMetadata {
+                    ttl_ms: Some(1000),
+                    ..Default::default()
+                },
+            }],
+            BulkOptions::default(),
+        )
+        .unwrap();
+    // The claim succeeded (and is seen) well before it can have expired.
+    assert_eq!(report.succeeded, 1, "{report:?}");
     let q = ResourceQuery {
         ids: vec!["t-1".into()],
         ..Default::default()
     };
     let page = client.resources(&q).unwrap();
-    if let Some(r) = page.items.first() {
-        assert!(r.expires_at_ms.is_some());
-    }
+    assert!(
+        claimed_at.elapsed() < Duration::from_millis(1000),
+        "too slow to tell"
+    );
+    assert_eq!(page.total, 1, "{page:?}");
+    let r = &page.items[0];
+    assert_eq!(r.expires_at_ms, Some(r.claimed_at_ms + 1000));
+    assert!(client.lookup_resource("t-1").is_some());
     assert!(
         client.wait_until(DEADLINE, |c| c.lookup_resource("t-1").is_none()),
         "TTL never released t-1"
+    );
+    assert!(
+        claimed_at.elapsed() >= Duration::from_millis(1000),
+        "released early"
     );
     assert_eq!(client.resources(&q).unwrap().total, 0);
 }

@@ -516,7 +516,11 @@ impl Bus {
                     if now != seen || left.is_zero() {
                         return now;
                     }
-                    let _ = crate::sys::futex_wait(&e.generation, seen, Some(left.min(WAIT_SLICE)));
+                    let _ = crate::sys::futex_wait(
+                        &e.generation,
+                        seen,
+                        Some(left.min(crate::wait::recheck(WAIT_SLICE))),
+                    );
                 }
                 None => {
                     // Unknown is generation 0: a service seen before and gone since is a
@@ -572,7 +576,8 @@ impl Bus {
             if now != seen || left.is_zero() || !std::ptr::eq(sess, start) {
                 return now;
             }
-            let _ = crate::sys::futex_wait(g, seen, Some(left.min(WAIT_SLICE)));
+            let _ =
+                crate::sys::futex_wait(g, seen, Some(left.min(crate::wait::recheck(WAIT_SLICE))));
         }
     }
 

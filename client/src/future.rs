@@ -208,8 +208,9 @@ fn doorbell_thread(weak: Weak<BusInner>) {
             inner.async_waiters.signal_event_fd();
         }
         let before = std::time::Instant::now();
-        let _ = crate::sys::futex_wait(bell, seen, Some(mailbox::LIVENESS_CHECK));
-        rang = bell.load(Ordering::Relaxed) != seen || before.elapsed() < mailbox::LIVENESS_CHECK;
+        let period = crate::wait::recheck(mailbox::LIVENESS_CHECK);
+        let _ = crate::sys::futex_wait(bell, seen, Some(period));
+        rang = bell.load(Ordering::Relaxed) != seen || before.elapsed() < period;
         drop(inner);
     }
 }

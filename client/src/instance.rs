@@ -309,6 +309,8 @@ impl Bus {
         let mut fds = expect_fds(fds, 1, "Registered")?;
         let seg = InstanceSeg::open(&fds[0], self.inner.session().epoch, instance, incarnation)?;
         let seg_fd = fds.pop().expect("one descriptor");
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::fork_control_holder();
         Ok(Instance::new(
             self.clone(),
             service,

@@ -231,7 +231,8 @@ pub fn wait_ready(
             Target::Gone => return Wait::TargetGone,
             Target::Stalled => return Wait::Stalled,
         }
-        let _ = sys::futex_wait(&mb.state, armed, Some((deadline - now).min(LIVENESS_CHECK)));
+        let recheck = crate::wait::recheck(LIVENESS_CHECK);
+        let _ = sys::futex_wait(&mb.state, armed, Some((deadline - now).min(recheck)));
     }
 }
 

@@ -588,3 +588,23 @@ mod tests {
         assert_eq!(polls, 1, "one look, then sleep");
     }
 }
+
+/// The period after which a sleeper re-checks its condition without having been woken
+/// (`default`). With the `test-hooks` feature, `AEGIS_TEST_RECHECK_MS` replaces every such
+/// period, so a test can make a lost wake-up cost that long (and fail) instead of the few
+/// milliseconds a re-check normally hides it behind.
+pub fn recheck(default: Duration) -> Duration {
+    #[cfg(feature = "test-hooks")]
+    {
+        static OVERRIDE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+        if let Some(d) = *OVERRIDE.get_or_init(|| {
+            std::env::var("AEGIS_TEST_RECHECK_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+        }) {
+            return d;
+        }
+    }
+    default
+}

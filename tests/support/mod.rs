@@ -180,11 +180,15 @@ impl StartingServe {
         let claimed = before
             .iter()
             .find_map(|l| l.strip_prefix("claimed ")?.split(' ').next()?.parse().ok());
+        let holder = before
+            .iter()
+            .find_map(|l| l.strip_prefix("holder ")?.trim().parse().ok());
         Served {
             child,
             index,
             id: self.id,
             claimed,
+            holder,
         }
     }
 }
@@ -208,6 +212,8 @@ pub struct Served {
     pub id: String,
     /// How many ids `--claim` got, if it claimed.
     pub claimed: Option<u32>,
+    /// The pid of the child holding its descriptors (`AEGIS_TEST_FORK_HOLDER`), if any.
+    pub holder: Option<u32>,
 }
 
 impl Served {
