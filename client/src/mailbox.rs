@@ -435,4 +435,44 @@ mod loom_tests {
             }
         });
     }
+
+    /// The waiter-bit handshake: a caller that goes to sleep on the state word is woken by
+    /// the reply, in every interleaving, with the futex model that never times out (see
+    /// `sys::futex_model`): a lost wake is a deadlock loom reports. The reply's bytes go
+    /// through a loom cell, so reading them is checked to happen after their writing.
+    #[test]
+    fn a_sleeping_caller_is_always_woken_and_sees_the_reply() {
+        use crate::wait::{Seats, Spin, Waiter};
+        use std::time::{Duration, Instant};
+        loom::model(|| {
+            let mb = Arc::new(mailbox());
+            let body = Arc::new(loom::cell::UnsafeCell::new(0u64));
+            arm(&mb, 3, 33);
+            let inst = {
+                let (mb, body) = (mb.clone(), body.clone());
+                loom::thread::spawn(move || {
+                    assert!(take(&mb, 3, 33));
+                    // SAFETY: the mailbox is TAKEN by this thread: it alone writes the body.
+                    body.with_mut(|p| unsafe { *p = 42 });
+                    assert!(complete(&mb, 3, 33, &AtomicU32::new(0)));
+                })
+            };
+            let mut w = Waiter::new(
+                Spin::Fixed(Duration::ZERO),
+                Default::default(),
+                Seats::none(),
+            );
+            let r = wait_ready(
+                &mb,
+                3,
+                &mut w,
+                Instant::now() + Duration::from_secs(3600),
+                || Target::Alive,
+            );
+            assert_eq!(r, Wait::Ready);
+            // SAFETY: READY was acquired: the instance's writes are done.
+            assert_eq!(body.with(|p| unsafe { *p }), 42);
+            inst.join().unwrap();
+        });
+    }
 }

@@ -76,15 +76,48 @@ pub fn futex_wake(word: &AtomicU32, n: u32) -> io::Result<usize> {
     syscall!(r).map(|n| n as usize)
 }
 
+/// The futex as loom sees it: one wait queue for every word (so any wake may be
+/// spurious, as the kernel allows), the value check and the sleep atomic with respect to
+/// wakes (as the kernel's hash-bucket lock makes them), and *no timeout*: a waiter nobody
+/// wakes sleeps forever, which loom reports as a deadlock. So a model in which a wake-up
+/// can be lost fails, where the real code's periodic re-check would have hidden it.
 #[cfg(loom)]
-pub fn futex_wait(_: &AtomicU32, _: u32, _: Option<Duration>) -> io::Result<()> {
-    loom::thread::yield_now();
+mod futex_model {
+    use loom::sync::{Condvar, Mutex};
+
+    loom::lazy_static! {
+        static ref QUEUE: (Mutex<u64>, Condvar) = (Mutex::new(0), Condvar::new());
+    }
+
+    pub(super) fn wait(word: &super::AtomicU32, expected: u32) {
+        let (m, cv) = &*QUEUE;
+        let mut wakes = m.lock().unwrap();
+        if word.load(std::sync::atomic::Ordering::SeqCst) != expected {
+            return;
+        }
+        let seen = *wakes;
+        while *wakes == seen {
+            wakes = cv.wait(wakes).unwrap();
+        }
+    }
+
+    pub(super) fn wake() {
+        let (m, cv) = &*QUEUE;
+        *m.lock().unwrap() += 1;
+        cv.notify_all();
+    }
+}
+
+#[cfg(loom)]
+pub fn futex_wait(word: &AtomicU32, expected: u32, _: Option<Duration>) -> io::Result<()> {
+    futex_model::wait(word, expected);
     Ok(())
 }
 
 #[cfg(loom)]
-pub fn futex_wake(_: &AtomicU32, _: u32) -> io::Result<usize> {
-    Ok(0)
+pub fn futex_wake(_: &AtomicU32, n: u32) -> io::Result<usize> {
+    futex_model::wake();
+    Ok(n as usize)
 }
 
 /// Creates an anonymous, sealable shared-memory file of `size` bytes (zero-filled).
