@@ -118,6 +118,9 @@ impl From<Error> for Failed {
     }
 }
 
+/// Bytes before a heap reply: the nonce of the call it answers (see `read_reply`).
+pub(crate) const HEAP_TAG: u64 = 8;
+
 /// Why an attempt failed when its instance left between being picked and being sent to.
 const INSTANCE_LEFT_BEFORE_SEND: &str = "instance left before the request was sent";
 
@@ -707,12 +710,13 @@ impl BusInner {
             unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, payload.len()) };
             Some((off, len))
         };
+        let nonce = self.next_nonce();
         let sent = Sent {
             mailbox: mb_idx,
             gen,
             heap: heap_block,
+            nonce,
         };
-        let nonce = self.next_nonce();
         mailbox::arm(mb, gen, nonce);
         let Some(mut claim) = claim_slot(&ring, self.pid, deadline, watch) else {
             mailbox::release(mb, gen);
@@ -861,7 +865,7 @@ impl BusInner {
             .expect("pool hands out valid indices");
         match outcome {
             Cancel::Ready => {
-                let r = self.read_reply(mb_idx, seg, out);
+                let r = self.read_reply(mb_idx, seg, sent.nonce, out);
                 mailbox::release(mb, gen);
                 self.free_sent(&sent);
                 r.map_err(Failed::Error)
@@ -890,14 +894,22 @@ impl BusInner {
     }
 
     /// Copies a ready reply out of mailbox `mb_idx`; every length and offset is checked.
-    fn read_reply(&self, mb_idx: u32, seg: &InstanceSeg, out: &mut Vec<u8>) -> Result<()> {
+    fn read_reply(
+        &self,
+        mb_idx: u32,
+        seg: &InstanceSeg,
+        nonce: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let (mb, inline_data) = self.client.mailbox(mb_idx).expect("valid mailbox");
         let status = mb.status.load(Ordering::Relaxed);
         let len = mb.reply_len.load(Ordering::Relaxed);
         let bad =
             |what: String| Error::Protocol(format!("reply from instance #{}: {what}", seg.index));
-        let src = match mb.reply_kind.load(Ordering::Relaxed) as u8 {
-            PAYLOAD_INLINE if len <= self.client.layout.mailbox_inline as u64 => inline_data,
+        let (src, tag) = match mb.reply_kind.load(Ordering::Relaxed) as u8 {
+            PAYLOAD_INLINE if len <= self.client.layout.mailbox_inline as u64 => {
+                (inline_data, None)
+            }
             PAYLOAD_INLINE => {
                 return Err(bad(format!("inline length {len} over the mailbox size")))
             }
@@ -906,8 +918,17 @@ impl BusInner {
                     return Err(bad("heap reply from another incarnation".into()));
                 }
                 let off = mb.heap_off.load(Ordering::Relaxed);
-                seg.heap_range(off, len)
-                    .ok_or_else(|| bad(format!("heap range {off}+{len} outside the heap")))?
+                let block = len
+                    .checked_add(HEAP_TAG)
+                    .filter(|_| off % HEAP_TAG == 0)
+                    .and_then(|l| seg.heap_range(off, l))
+                    .ok_or_else(|| bad(format!("heap range {off}+{len} outside the heap")))?;
+                // SAFETY: `block` is at least HEAP_TAG bytes inside the mapping, 8-aligned
+                // (the heap starts on a page and `off` is a multiple of 8); an AtomicU64 is
+                // valid for any bits.
+                let tag = unsafe { &*(block as *const crate::sync::AtomicU64) };
+                // SAFETY: `block + HEAP_TAG` is inside the same checked range.
+                (unsafe { block.add(HEAP_TAG as usize) }, Some(tag))
             }
             k => return Err(bad(format!("unknown reply kind {k}"))),
         };
@@ -918,6 +939,19 @@ impl BusInner {
         unsafe {
             std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), len as usize);
             out.set_len(len as usize);
+        }
+        if let Some(tag) = tag {
+            // SYNC POINT: this Acquire fence after the copy pairs with the Release fence an
+            // instance puts between a heap block's new tag and its new bytes: if the copy
+            // saw any byte of a later reply in a reused block, the tag below is that
+            // reply's, not our call's.
+            crate::sync::fence(Ordering::Acquire);
+            if tag.load(Ordering::Relaxed) != nonce {
+                out.clear();
+                return Err(bad(
+                    "heap reply overwritten before it was read (not this call's)".into(),
+                ));
+            }
         }
         if status != code::OK as u32 {
             let message = String::from_utf8_lossy(out).into_owned();
@@ -1033,6 +1067,8 @@ pub(crate) struct Sent {
     pub(crate) mailbox: u32,
     pub(crate) gen: u32,
     heap: Option<(u64, u64)>,
+    /// The call's nonce: its mailbox's, and the tag of a heap reply to it.
+    nonce: u64,
 }
 
 /// Why a caller stopped waiting for its reply.

@@ -549,15 +549,29 @@ impl InstanceInner {
             (PAYLOAD_INLINE, 0)
         } else {
             self.sweep_pending();
-            let len = data.len() as u64;
+            // The block starts with the call's nonce (its tag): a caller reading a reply
+            // in a block since reused for another call notices (`call::read_reply`).
+            let len = data.len() as u64 + crate::call::HEAP_TAG;
             match self.heap.alloc(len) {
                 Some(off) => {
-                    let dst = self
+                    let block = self
                         .seg
                         .heap_range(off, len)
                         .expect("allocator stays in the heap");
-                    // SAFETY: `dst` is `len` bytes of our heap, allocated to this reply.
-                    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+                    // SAFETY: `block` is `len` bytes of our heap, allocated to this reply,
+                    // 64-aligned (the allocator's unit, on a page-aligned heap).
+                    let tag = unsafe { &*(block as *const crate::sync::AtomicU64) };
+                    tag.store(d.nonce, Ordering::Relaxed);
+                    // SYNC POINT: pairs with the caller's Acquire fence after its copy.
+                    crate::sync::fence(Ordering::Release);
+                    // SAFETY: the bytes after the tag, inside the same allocated block.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            data.as_ptr(),
+                            block.add(crate::call::HEAP_TAG as usize),
+                            data.len(),
+                        )
+                    };
                     self.pending.lock().push(PendingReply {
                         client: d.client.clone(),
                         mailbox: d.mailbox,
