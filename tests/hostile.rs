@@ -176,23 +176,7 @@ fn attack_truncate(pids: &[u32]) {
     let mut procs = vec!["self".to_string()];
     procs.extend(pids.iter().map(|p| p.to_string()));
     for p in procs {
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let Ok(target) = std::fs::read_link(e.path()) else {
-                continue;
-            };
-            if !target.to_string_lossy().starts_with("/memfd:aegis-") {
-                continue;
-            }
-            let Ok(f) = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(e.path())
-            else {
-                continue;
-            };
+        for f in memfds_of(&p, "/memfd:aegis-") {
             for len in [0, 1 << 30] {
                 tried += 1;
                 if f.set_len(len).is_ok() {
@@ -203,6 +187,26 @@ fn attack_truncate(pids: &[u32]) {
     }
     assert!(tried > 0, "no segment to attack");
     println!("ATTACK truncate: {tried} resize attempts, {succeeded} succeeded");
+}
+
+/// The aegis memfds process `proc` (a pid or `self`) holds whose names start with
+/// `prefix`, opened read-write through /proc/PROC/fd (as any process of that uid can).
+fn memfds_of(proc: &str, prefix: &str) -> Vec<std::fs::File> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{proc}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with(prefix))
+        })
+        .filter_map(|e| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(e.path())
+                .ok()
+        })
+        .collect()
 }
 
 /// A raw control connection (its own Hello): the attacker speaks the protocol directly.
@@ -256,20 +260,9 @@ fn attack_open_clients(dir: &Path, rings: &[InstanceSeg]) {
         Response::Registered { .. } => {}
         other => panic!("{other:?}"),
     }
-    let mut harvested = std::collections::HashSet::new();
-    for seg in rings {
-        for i in 0..seg.layout.slot_count as usize {
-            // SAFETY: slot `i` is inside the mapped ring; the header (after the 16-byte
-            // control words) is read as a volatile copy of whatever the slot holds.
-            let h: MsgHeader = unsafe {
-                (seg.slots_base().add(i * seg.layout.slot_stride() + 16) as *const MsgHeader)
-                    .read_volatile()
-            };
-            if h.secret != 0 {
-                harvested.insert((h.client_index, h.client_gen, h.secret));
-            }
-        }
-    }
+    let harvested: std::collections::HashSet<_> = slot_headers(rings)
+        .map(|h| (h.client_index, h.client_gen, h.secret))
+        .collect();
     assert!(!harvested.is_empty(), "no request header to harvest");
     let (mut asked, mut handed, mut last) = (0, 0, String::new());
     for &(client, gen, secret) in &harvested {
@@ -316,23 +309,7 @@ fn attack_open_clients(dir: &Path, rings: &[InstanceSeg]) {
 fn echo_rings(pids: &[u32]) -> Vec<InstanceSeg> {
     let mut segs = Vec::new();
     for pid in pids {
-        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .flatten()
-        {
-            let Ok(t) = std::fs::read_link(e.path()) else {
-                continue;
-            };
-            if !t.to_string_lossy().starts_with("/memfd:aegis-instance") {
-                continue;
-            }
-            let Ok(f) = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(e.path())
-            else {
-                continue;
-            };
+        for f in memfds_of(&pid.to_string(), "/memfd:aegis-instance") {
             let fd = OwnedFd::from(f);
             let Ok((_, h)) = Mapping::open(&fd, SegmentKind::Instance, true, None) else {
                 continue;
@@ -346,6 +323,22 @@ fn echo_rings(pids: &[u32]) -> Vec<InstanceSeg> {
     segs
 }
 
+/// The request headers in the rings' slots that a caller wrote (they carry its secret),
+/// each read as a volatile copy of whatever the slot holds now.
+fn slot_headers(rings: &[InstanceSeg]) -> impl Iterator<Item = MsgHeader> + '_ {
+    rings.iter().flat_map(|seg| {
+        (0..seg.layout.slot_count as usize).filter_map(move |i| {
+            // SAFETY: slot `i` is inside the mapped ring; its header follows the 16 bytes
+            // of control words.
+            let h: MsgHeader = unsafe {
+                (seg.slots_base().add(i * seg.layout.slot_stride() + 16) as *const MsgHeader)
+                    .read_volatile()
+            };
+            (h.secret != 0).then_some(h)
+        })
+    })
+}
+
 /// Requests whose headers name the well-behaved caller's mailboxes (identities read from
 /// the rings' slot headers) with the generations its next calls will use, for a second:
 /// without nonces an instance would answer one of them into a pending call's mailbox, and
@@ -355,19 +348,9 @@ fn attack_forge(rings: &[InstanceSeg]) {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(1) {
-        let mut seen = std::collections::HashSet::new();
-        for seg in rings {
-            for i in 0..seg.layout.slot_count as usize {
-                // SAFETY: slot `i` is inside the mapped ring; a volatile copy of its header.
-                let h: MsgHeader = unsafe {
-                    (seg.slots_base().add(i * seg.layout.slot_stride() + 16) as *const MsgHeader)
-                        .read_volatile()
-                };
-                if h.secret != 0 {
-                    seen.insert((h.client_index, h.client_gen, h.mailbox, h.mailbox_gen));
-                }
-            }
-        }
+        let seen: std::collections::HashSet<_> = slot_headers(rings)
+            .map(|h| (h.client_index, h.client_gen, h.mailbox, h.mailbox_gen))
+            .collect();
         for seg in rings {
             let ring = seg.ring();
             for &(client, cgen, mailbox, mgen) in &seen {

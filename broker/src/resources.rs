@@ -315,11 +315,22 @@ impl State {
         if self.journal.is_none() {
             return;
         }
-        let Some(r) = self.resources.by_id.get(id) else {
+        let Some(entry) = self
+            .resources
+            .by_id
+            .get(id)
+            .map(|r| self.journal_entry(id, r))
+        else {
             return;
         };
+        if let Some(j) = self.journal.as_mut() {
+            j.record(&entry);
+        }
+    }
+
+    fn journal_entry(&self, id: &str, r: &ResourceRec) -> crate::journal::Entry {
         let (service, instance) = self.owner_names(r.owner);
-        let entry = crate::journal::Entry::Own {
+        crate::journal::Entry::Own {
             id: id.to_owned(),
             owned: crate::journal::Owned {
                 service,
@@ -328,9 +339,6 @@ impl State {
                 claimed_at_ms: r.claimed_at_ms,
                 expires_at_ms: r.expires_at_ms,
             },
-        };
-        if let Some(j) = self.journal.as_mut() {
-            j.record(&entry);
         }
     }
 
@@ -343,19 +351,7 @@ impl State {
         self.resources
             .by_id
             .iter()
-            .map(|(id, r)| {
-                let (service, instance) = self.owner_names(r.owner);
-                crate::journal::Entry::Own {
-                    id: id.clone(),
-                    owned: crate::journal::Owned {
-                        service,
-                        instance,
-                        metadata: r.metadata.clone(),
-                        claimed_at_ms: r.claimed_at_ms,
-                        expires_at_ms: r.expires_at_ms,
-                    },
-                }
-            })
+            .map(|(id, r)| self.journal_entry(id, r))
             .collect()
     }
 

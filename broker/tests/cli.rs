@@ -84,25 +84,22 @@ fn config_file_flags_override_it_and_bad_keys_are_named_with_their_line() {
     assert!(text.contains("socket_mode = \"660\""), "{text}");
     assert!(text.contains("call_uids = [7]"), "{text}");
 
-    std::fs::write(&cfg, "max_clients = 100\nmax_clientz = 3\n").unwrap();
-    let out = broker()
-        .args(["--config", cfg.to_str().unwrap(), "--check-config"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Each refused file: its error on stderr, and a non-zero exit.
+    let refused = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        let out = broker()
+            .args(["--config", cfg.to_str().unwrap(), "--check-config"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "accepted: {text}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused("max_clients = 100\nmax_clientz = 3\n");
     assert!(
         err.contains("line 2") && err.contains("max_clientz"),
         "{err}"
     );
-
-    std::fs::write(&cfg, "max_services = 100\n").unwrap();
-    let out = broker()
-        .args(["--config", cfg.to_str().unwrap(), "--check-config"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("max_services = 100\n");
     assert!(
         err.contains("max-services 100 must be a power of two"),
         "{err}"
