@@ -25,7 +25,11 @@ fn replay(target: &str, f: fn(&[u8])) {
     for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = e.unwrap().path();
         let data = std::fs::read(&path).unwrap();
+        let t = std::time::Instant::now();
         let r = std::panic::catch_unwind(|| f(&data));
+        if std::env::var_os("AEGIS_FUZZ_TIMING").is_some() {
+            println!("{:>8.1} ms {}", t.elapsed().as_secs_f64() * 1e3, path.display());
+        }
         assert!(r.is_ok(), "{target} panicked on {}", path.display());
         n += 1;
     }
