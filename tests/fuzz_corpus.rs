@@ -28,7 +28,11 @@ fn replay(target: &str, f: fn(&[u8])) {
         let t = std::time::Instant::now();
         let r = std::panic::catch_unwind(|| f(&data));
         if std::env::var_os("AEGIS_FUZZ_TIMING").is_some() {
-            println!("{:>8.1} ms {}", t.elapsed().as_secs_f64() * 1e3, path.display());
+            println!(
+                "{:>8.1} ms {}",
+                t.elapsed().as_secs_f64() * 1e3,
+                path.display()
+            );
         }
         assert!(r.is_ok(), "{target} panicked on {}", path.display());
         n += 1;
