@@ -385,6 +385,8 @@ async fn connection(
         let (req, mut fds) = match read_request(&mut stream).await {
             Ok(Some(r)) => r,
             Ok(None) => break,
+            // The peer died (SIGKILL) with data unread: a close like any other.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(e) => {
                 tracing::warn!(pid = peer.pid, "bad control frame, closing connection: {e}");
                 let resp = Response::Error(WireError::BadRequest(format!(

@@ -1,0 +1,1331 @@
+//! # aegis-ffi: the C ABI of aegis-ipc
+//!
+//! `libaegis_ipc.so.0` / `libaegis_ipc.a` and `include/aegis_ipc.h` (generated from this file
+//! by cbindgen; `tests/header.rs` fails when the committed header drifts). Processes in any
+//! language with a C FFI join the bus through it: connect, call by service or resource,
+//! register and serve, resources, listings, watch, submitted calls and the event fd.
+//!
+//! Conventions (the header repeats them):
+//!
+//! * Every function returns an [`aegis_status`]; `AEGIS_OK` is 0. After a failure,
+//!   [`aegis_last_error`] gives this thread's detail text (the resource's owner, every
+//!   failover attempt, …).
+//! * Handles are opaque pointers; every `*_free` accepts NULL. Using a handle after its free
+//!   is undefined; a NULL handle is `AEGIS_NULL_ARGUMENT`.
+//! * Strings are NUL-terminated UTF-8; anything else is `AEGIS_INVALID_ARGUMENT`.
+//! * A Rust panic never crosses the boundary: it becomes `AEGIS_PANIC`.
+//!
+//! Threads: an `aegis_bus` may be used from any number of threads at once; so may an
+//! `aegis_instance` (several threads may serve it). `aegis_call_options`, `aegis_receiver`
+//! and `aegis_pending` belong to one thread at a time.
+
+#![allow(non_camel_case_types)]
+// Every exported function checks its pointers before use; documenting each raw-pointer
+// parameter's contract is the header's job, not a `# Safety` section per function.
+#![allow(clippy::missing_safety_doc)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+use aegis_client::{
+    Bus, BusOptions, CallInfo, CallOptions, Error, Instance, Pending, Receiver, RegisterOptions,
+    Request, ResourceQuery, Selection, ServiceError, Spin,
+};
+
+/// What a function did. Values of 400 and up are the seed's codes (`code / 10` for the
+/// four-digit ones, which share a seed code with another error: see `aegis_status_code`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum aegis_status {
+    AEGIS_OK = 0,
+    /// The reply (or text) did not fit; `*needed` says how many bytes it takes. A call's
+    /// reply is kept: fetch it with `aegis_last_reply`.
+    AEGIS_BUFFER_TOO_SMALL = 1,
+    /// A required pointer or handle was NULL.
+    AEGIS_NULL_ARGUMENT = 2,
+    /// A string was not UTF-8, or a value out of range.
+    AEGIS_INVALID_ARGUMENT = 3,
+    /// A bug inside the library (a Rust panic, caught at the boundary).
+    AEGIS_PANIC = 4,
+    /// `aegis_receiver_next`: no request within the timeout.
+    AEGIS_NO_REQUEST = 5,
+    /// `aegis_receiver_next`: the instance was stopped.
+    AEGIS_STOPPED = 6,
+    /// `aegis_pending_ready`: not yet.
+    AEGIS_NOT_READY = 7,
+    /// The instance's handler answered with an error: its code is `aegis_last_remote_code`.
+    AEGIS_REMOTE = 8,
+    AEGIS_BAD_REQUEST = 400,
+    AEGIS_NOT_OWNER = 403,
+    AEGIS_PERMISSION_DENIED = 4031,
+    AEGIS_RESOURCE_NOT_FOUND = 404,
+    AEGIS_RESOURCE_CONFLICT = 409,
+    AEGIS_INSTANCE_CONFLICT = 4091,
+    AEGIS_MESSAGE_TOO_LARGE = 413,
+    AEGIS_INCOMPATIBLE = 426,
+    AEGIS_LIMIT_EXCEEDED = 429,
+    AEGIS_INTERNAL = 500,
+    AEGIS_BROKER_UNAVAILABLE = 502,
+    AEGIS_NO_AVAILABLE_INSTANCE = 503,
+    AEGIS_OWNER_UNAVAILABLE = 5031,
+    AEGIS_TIMEOUT = 504,
+    AEGIS_LOOP_DETECTED = 508,
+}
+
+use aegis_status::*;
+
+/// A connection to the bus (thread-safe).
+pub struct aegis_bus {
+    bus: Bus,
+}
+
+/// A registered instance (thread-safe; several threads may serve it).
+pub struct aegis_instance {
+    inst: Instance,
+}
+
+/// Options for calls (one thread at a time). Defaults: 15 s timeout, 5 s per attempt, 3
+/// attempts, not idempotent, round-robin, adaptive spin.
+pub struct aegis_call_options {
+    opts: CallOptions,
+}
+
+/// A library-owned buffer; free with `aegis_buffer_free`.
+#[repr(C)]
+pub struct aegis_buffer {
+    pub data: *mut u8,
+    pub len: usize,
+}
+
+/// Where a serving callback writes its answer (valid only during the callback).
+pub struct aegis_responder {
+    out: *mut Vec<u8>,
+    error: Option<ServiceError>,
+}
+
+/// A request handler: reads `method` (NUL-terminated) and `payload`, answers through
+/// `responder` (`aegis_respond` or `aegis_respond_error`; neither = an empty reply). It runs
+/// on the serving thread and must not unwind (C++ exceptions) or `longjmp` out.
+pub type aegis_handler = Option<
+    unsafe extern "C" fn(
+        ctx: *mut c_void,
+        method: *const c_char,
+        payload: *const u8,
+        payload_len: usize,
+        responder: *mut aegis_responder,
+    ),
+>;
+
+/// Pull-style serving for one thread (see `aegis_receiver_new`).
+pub struct aegis_receiver {
+    // Field order matters: the request borrows the receiver, so it is dropped first.
+    req: Option<Request<'static>>,
+    method: [u8; 65],
+    rx: Box<Receiver<'static>>,
+}
+
+/// A submitted call whose reply is collected later (one thread at a time).
+pub struct aegis_pending {
+    pending: Option<Pending<'static>>,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+    static LAST_REMOTE_CODE: std::cell::Cell<u16> = const { std::cell::Cell::new(0) };
+    /// The last call's reply (reused: no allocation once it has grown) and who answered.
+    static LAST_REPLY: RefCell<(Vec<u8>, Option<CallInfo>)> = const { RefCell::new((Vec::new(), None)) };
+}
+
+fn set_error(text: String) {
+    LAST_ERROR.with(|e| *e.borrow_mut() = text);
+}
+
+/// The status of an error, remembering its text for `aegis_last_error`.
+fn fail(e: Error) -> aegis_status {
+    let s = match &e {
+        Error::NoAvailableInstance { .. } => AEGIS_NO_AVAILABLE_INSTANCE,
+        Error::OwnerUnavailable { .. } => AEGIS_OWNER_UNAVAILABLE,
+        Error::Timeout { .. } => AEGIS_TIMEOUT,
+        Error::BadRequest(_) => AEGIS_BAD_REQUEST,
+        Error::ResourceNotFound { .. } => AEGIS_RESOURCE_NOT_FOUND,
+        Error::ResourceConflict { .. } => AEGIS_RESOURCE_CONFLICT,
+        Error::Conflict { .. } => AEGIS_INSTANCE_CONFLICT,
+        Error::NotOwner(_) => AEGIS_NOT_OWNER,
+        Error::PermissionDenied(_) => AEGIS_PERMISSION_DENIED,
+        Error::LimitExceeded(_) => AEGIS_LIMIT_EXCEEDED,
+        Error::LoopDetected { .. } => AEGIS_LOOP_DETECTED,
+        Error::MessageTooLarge { .. } => AEGIS_MESSAGE_TOO_LARGE,
+        Error::BrokerUnavailable { .. } => AEGIS_BROKER_UNAVAILABLE,
+        Error::Incompatible(_) => AEGIS_INCOMPATIBLE,
+        Error::Remote { code, .. } => {
+            LAST_REMOTE_CODE.with(|c| c.set(*code));
+            AEGIS_REMOTE
+        }
+        _ => AEGIS_INTERNAL,
+    };
+    set_error(e.to_string());
+    s
+}
+
+/// Runs `f` with panics caught: the boundary never unwinds.
+fn guard(f: impl FnOnce() -> aegis_status) -> aegis_status {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(s) => s,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            set_error(format!("internal error (panic): {what}"));
+            AEGIS_PANIC
+        }
+    }
+}
+
+/// A required pointer, or `AEGIS_NULL_ARGUMENT` naming it.
+macro_rules! need {
+    ($p:expr, $name:literal) => {
+        match $p {
+            Some(v) => v,
+            None => {
+                set_error(concat!("argument `", $name, "` is NULL").into());
+                return AEGIS_NULL_ARGUMENT;
+            }
+        }
+    };
+}
+
+/// A NUL-terminated UTF-8 argument.
+unsafe fn text<'a>(p: *const c_char, name: &str) -> Result<&'a str, aegis_status> {
+    if p.is_null() {
+        set_error(format!("argument `{name}` is NULL"));
+        return Err(AEGIS_NULL_ARGUMENT);
+    }
+    // SAFETY: the caller passes a NUL-terminated string (the header's contract).
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| {
+        set_error(format!("argument `{name}` is not UTF-8"));
+        AEGIS_INVALID_ARGUMENT
+    })
+}
+
+/// `len` bytes at `p` (NULL allowed when `len` is 0).
+unsafe fn bytes<'a>(p: *const u8, len: usize, name: &str) -> Result<&'a [u8], aegis_status> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        set_error(format!("argument `{name}` is NULL with length {len}"));
+        return Err(AEGIS_NULL_ARGUMENT);
+    }
+    // SAFETY: the caller passes `len` readable bytes (the header's contract).
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// Copies `src` into `(buf, cap)`, setting `*needed`; `AEGIS_BUFFER_TOO_SMALL` if it does
+/// not fit (nothing is written then).
+unsafe fn copy_out(src: &[u8], buf: *mut u8, cap: usize, needed: *mut usize) -> aegis_status {
+    if !needed.is_null() {
+        // SAFETY: non-NULL `needed` points to a writable size_t (the header's contract).
+        unsafe { *needed = src.len() };
+    }
+    if src.len() > cap || (buf.is_null() && !src.is_empty()) {
+        return AEGIS_BUFFER_TOO_SMALL;
+    }
+    if !src.is_empty() {
+        // SAFETY: `buf` has `cap >= src.len()` writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf, src.len()) };
+    }
+    AEGIS_OK
+}
+
+/// Moves a Vec into a library-owned `aegis_buffer`.
+fn to_buffer(v: Vec<u8>, out: &mut aegis_buffer) {
+    let b = v.into_boxed_slice();
+    out.len = b.len();
+    out.data = Box::into_raw(b) as *mut u8;
+}
+
+// --- errors -----------------------------------------------------------------------------
+
+/// A static, human-readable name of `status` (never NULL).
+#[no_mangle]
+pub extern "C" fn aegis_status_str(status: aegis_status) -> *const c_char {
+    let s: &'static CStr = match status {
+        AEGIS_OK => c"ok",
+        AEGIS_BUFFER_TOO_SMALL => c"buffer too small",
+        AEGIS_NULL_ARGUMENT => c"null argument",
+        AEGIS_INVALID_ARGUMENT => c"invalid argument",
+        AEGIS_PANIC => c"internal error (panic)",
+        AEGIS_NO_REQUEST => c"no request",
+        AEGIS_STOPPED => c"stopped",
+        AEGIS_NOT_READY => c"not ready",
+        AEGIS_REMOTE => c"remote error",
+        AEGIS_BAD_REQUEST => c"bad request",
+        AEGIS_NOT_OWNER => c"not owner",
+        AEGIS_PERMISSION_DENIED => c"permission denied",
+        AEGIS_RESOURCE_NOT_FOUND => c"resource not found",
+        AEGIS_RESOURCE_CONFLICT => c"resource conflict",
+        AEGIS_INSTANCE_CONFLICT => c"instance conflict",
+        AEGIS_MESSAGE_TOO_LARGE => c"message too large",
+        AEGIS_INCOMPATIBLE => c"incompatible",
+        AEGIS_LIMIT_EXCEEDED => c"limit exceeded",
+        AEGIS_INTERNAL => c"internal error",
+        AEGIS_BROKER_UNAVAILABLE => c"broker unavailable",
+        AEGIS_NO_AVAILABLE_INSTANCE => c"no available instance",
+        AEGIS_OWNER_UNAVAILABLE => c"owner unavailable",
+        AEGIS_TIMEOUT => c"timeout",
+        AEGIS_LOOP_DETECTED => c"loop detected",
+    };
+    s.as_ptr()
+}
+
+/// The seed's numeric code of `status` (503 for `AEGIS_OWNER_UNAVAILABLE`, 409 for
+/// `AEGIS_INSTANCE_CONFLICT`, …); 0 for statuses of this library alone.
+#[no_mangle]
+pub extern "C" fn aegis_status_code(status: aegis_status) -> u16 {
+    match status as u32 {
+        s @ 400..=999 => s as u16,
+        s @ 1000.. => (s / 10) as u16,
+        _ => 0,
+    }
+}
+
+/// Copies this thread's last error text (UTF-8, NUL-terminated) into `buf`; `*needed` gets
+/// its size including the NUL. `AEGIS_BUFFER_TOO_SMALL` if it does not fit.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_last_error(
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> aegis_status {
+    LAST_ERROR.with(|e| {
+        let mut text = e.borrow().clone().into_bytes();
+        text.push(0);
+        // SAFETY: forwarded caller contract.
+        unsafe { copy_out(&text, buf as *mut u8, len, needed) }
+    })
+}
+
+/// The code the handler answered with, after `AEGIS_REMOTE` on this thread.
+#[no_mangle]
+pub extern "C" fn aegis_last_remote_code() -> u16 {
+    LAST_REMOTE_CODE.with(|c| c.get())
+}
+
+// --- connecting ---------------------------------------------------------------------------
+
+/// Connects to the bus in `dir`, or where the broker would be found by default (`AEGIS_IPC_DIR`,
+/// `/run/aegis-ipc`, …) when `dir` is NULL. Free with `aegis_bus_free`.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_connect(
+    dir: *const c_char,
+    out: *mut *mut aegis_bus,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let out = need!(unsafe { out.as_mut() }, "out");
+        let dir = if dir.is_null() {
+            None
+        } else {
+            // SAFETY: forwarded caller contract.
+            match unsafe { text(dir, "dir") } {
+                Ok(d) => Some(std::path::PathBuf::from(d)),
+                Err(s) => return s,
+            }
+        };
+        match Bus::connect_with(BusOptions {
+            dir,
+            ..Default::default()
+        }) {
+            Ok(bus) => {
+                *out = Box::into_raw(Box::new(aegis_bus { bus }));
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Disconnects. Instances registered through this bus must be freed first.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_bus_free(bus: *mut aegis_bus) {
+    if !bus.is_null() {
+        // SAFETY: a pointer from `aegis_connect`, freed once (the header's contract).
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(bus) })));
+    }
+}
+
+// --- call options -------------------------------------------------------------------------
+
+/// New call options with the defaults.
+#[no_mangle]
+pub extern "C" fn aegis_call_options_new() -> *mut aegis_call_options {
+    Box::into_raw(Box::new(aegis_call_options {
+        opts: CallOptions::default(),
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_options_free(o: *mut aegis_call_options) {
+    if !o.is_null() {
+        // SAFETY: a pointer from `aegis_call_options_new`, freed once.
+        drop(unsafe { Box::from_raw(o) });
+    }
+}
+
+/// Whole-call timeout and per-attempt timeout in milliseconds (0 leaves one unchanged).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_options_set_timeouts(
+    o: *mut aegis_call_options,
+    timeout_ms: u64,
+    attempt_timeout_ms: u64,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let o = need!(unsafe { o.as_mut() }, "options");
+    if timeout_ms > 0 {
+        o.opts.timeout = Duration::from_millis(timeout_ms);
+    }
+    if attempt_timeout_ms > 0 {
+        o.opts.attempt_timeout = Duration::from_millis(attempt_timeout_ms);
+    }
+    AEGIS_OK
+}
+
+/// At most `attempts` instances are tried (1 or more).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_options_set_max_attempts(
+    o: *mut aegis_call_options,
+    attempts: u32,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let o = need!(unsafe { o.as_mut() }, "options");
+    if attempts == 0 {
+        set_error("max attempts must be at least 1".into());
+        return AEGIS_INVALID_ARGUMENT;
+    }
+    o.opts.max_attempts = attempts;
+    AEGIS_OK
+}
+
+/// Whether a request an instance took but did not answer may be sent to another one.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_options_set_idempotent(
+    o: *mut aegis_call_options,
+    idempotent: bool,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let o = need!(unsafe { o.as_mut() }, "options");
+    o.opts.idempotent = idempotent;
+    AEGIS_OK
+}
+
+/// Never route to instance `instance_id` (may be called several times).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_options_exclude(
+    o: *mut aegis_call_options,
+    instance_id: *const c_char,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let o = need!(unsafe { o.as_mut() }, "options");
+    // SAFETY: forwarded caller contract.
+    match unsafe { text(instance_id, "instance_id") } {
+        Ok(id) => {
+            o.opts.exclude.push(id.to_owned());
+            AEGIS_OK
+        }
+        Err(s) => s,
+    }
+}
+
+/// Selection among healthy instances: 0 round-robin, 1 random, 2 prefer `preferred` (an
+/// instance id; round-robin when it is not healthy).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_options_set_selection(
+    o: *mut aegis_call_options,
+    selection: c_int,
+    preferred: *const c_char,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let o = need!(unsafe { o.as_mut() }, "options");
+    o.opts.selection = match selection {
+        0 => Selection::RoundRobin,
+        1 => Selection::Random,
+        // SAFETY: forwarded caller contract.
+        2 => match unsafe { text(preferred, "preferred") } {
+            Ok(id) => Selection::Preferred(id.to_owned()),
+            Err(s) => return s,
+        },
+        n => {
+            set_error(format!("selection {n} is not 0, 1 or 2"));
+            return AEGIS_INVALID_ARGUMENT;
+        }
+    };
+    AEGIS_OK
+}
+
+/// How a waiting caller spends the time before it sleeps: `spin_us` < 0 adaptive (the
+/// default), else a fixed budget in microseconds (0 = sleep at once).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_options_set_spin(
+    o: *mut aegis_call_options,
+    spin_us: i64,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let o = need!(unsafe { o.as_mut() }, "options");
+    o.opts.spin = Some(if spin_us < 0 {
+        Spin::Adaptive
+    } else {
+        Spin::Fixed(Duration::from_micros(spin_us as u64))
+    });
+    AEGIS_OK
+}
+
+fn options(o: *const aegis_call_options, default: &CallOptions) -> &CallOptions {
+    // SAFETY: NULL or a live `aegis_call_options` (the header's contract).
+    match unsafe { o.as_ref() } {
+        Some(o) => {
+            // SAFETY: extends nothing: the options outlive the call that borrows them.
+            unsafe { &*(&o.opts as *const CallOptions) }
+        }
+        None => default,
+    }
+}
+
+// --- calls --------------------------------------------------------------------------------
+
+/// How a call is addressed.
+enum Target<'a> {
+    Service(&'a str),
+    Resource(&'a str),
+}
+
+/// Runs one call into this thread's reply buffer; `f` gets the reply.
+unsafe fn call_with(
+    bus: *const aegis_bus,
+    target: Target<'_>,
+    method: *const c_char,
+    payload: *const u8,
+    payload_len: usize,
+    opts: *const aegis_call_options,
+    f: impl FnOnce(&[u8]) -> aegis_status,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let (method, payload) = match unsafe {
+            (
+                text(method, "method"),
+                bytes(payload, payload_len, "payload"),
+            )
+        } {
+            (Ok(m), Ok(p)) => (m, p),
+            (Err(s), _) | (_, Err(s)) => return s,
+        };
+        let default = CallOptions::default();
+        let opts = options(opts, &default);
+        LAST_REPLY.with(|r| {
+            let (out, info) = &mut *r.borrow_mut();
+            let res = match target {
+                Target::Service(s) => bus.bus.call_into(s, method, payload, opts, out),
+                Target::Resource(id) => bus.bus.call_resource_into(id, method, payload, opts, out),
+            };
+            match res {
+                Ok(i) => {
+                    *info = Some(i);
+                    f(out)
+                }
+                Err(e) => {
+                    out.clear();
+                    *info = None;
+                    fail(e)
+                }
+            }
+        })
+    })
+}
+
+/// Calls `method` of `service` (round-robin over its healthy instances, with failover as
+/// `opts` allow; NULL `opts` = defaults) and copies the reply into `reply` (`reply_cap`
+/// bytes); `*reply_len` gets the reply's length. If it does not fit: `AEGIS_BUFFER_TOO_SMALL`
+/// and the reply is kept for `aegis_last_reply`. No allocation once this thread's buffers
+/// have grown to the reply size.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    method: *const c_char,
+    payload: *const u8,
+    payload_len: usize,
+    opts: *const aegis_call_options,
+    reply: *mut u8,
+    reply_cap: usize,
+    reply_len: *mut usize,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let service = match unsafe { text(service, "service") } {
+        Ok(s) => s,
+        Err(s) => return s,
+    };
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        call_with(
+            bus,
+            Target::Service(service),
+            method,
+            payload,
+            payload_len,
+            opts,
+            |r| copy_out(r, reply, reply_cap, reply_len),
+        )
+    }
+}
+
+/// `aegis_call` for the one instance that owns `resource`.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_resource(
+    bus: *const aegis_bus,
+    resource: *const c_char,
+    method: *const c_char,
+    payload: *const u8,
+    payload_len: usize,
+    opts: *const aegis_call_options,
+    reply: *mut u8,
+    reply_cap: usize,
+    reply_len: *mut usize,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let resource = match unsafe { text(resource, "resource") } {
+        Ok(s) => s,
+        Err(s) => return s,
+    };
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        call_with(
+            bus,
+            Target::Resource(resource),
+            method,
+            payload,
+            payload_len,
+            opts,
+            |r| copy_out(r, reply, reply_cap, reply_len),
+        )
+    }
+}
+
+/// `aegis_call` returning the reply in a library-owned buffer (`aegis_buffer_free`).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_alloc(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    method: *const c_char,
+    payload: *const u8,
+    payload_len: usize,
+    opts: *const aegis_call_options,
+    reply: *mut aegis_buffer,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let service = match unsafe { text(service, "service") } {
+        Ok(s) => s,
+        Err(s) => return s,
+    };
+    // SAFETY: forwarded caller contract.
+    let Some(reply) = (unsafe { reply.as_mut() }) else {
+        set_error("argument `reply` is NULL".into());
+        return AEGIS_NULL_ARGUMENT;
+    };
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        call_with(
+            bus,
+            Target::Service(service),
+            method,
+            payload,
+            payload_len,
+            opts,
+            |r| {
+                to_buffer(r.to_vec(), reply);
+                AEGIS_OK
+            },
+        )
+    }
+}
+
+/// The last reply this thread received (after `AEGIS_BUFFER_TOO_SMALL`, say).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_last_reply(
+    buf: *mut u8,
+    cap: usize,
+    needed: *mut usize,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    LAST_REPLY.with(|r| unsafe { copy_out(&r.borrow().0, buf, cap, needed) })
+}
+
+/// The id of the instance that answered this thread's last successful call (NUL-terminated).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_last_instance(
+    bus: *const aegis_bus,
+    buf: *mut c_char,
+    cap: usize,
+    needed: *mut usize,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        let Some(info) = LAST_REPLY.with(|r| r.borrow().1) else {
+            set_error("no successful call on this thread yet".into());
+            return AEGIS_INVALID_ARGUMENT;
+        };
+        let mut id = bus.bus.instance_id(info).into_bytes();
+        id.push(0);
+        // SAFETY: forwarded caller contract.
+        unsafe { copy_out(&id, buf as *mut u8, cap, needed) }
+    })
+}
+
+/// Frees a buffer the library returned (NULL data is fine); sets it to empty.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_buffer_free(b: *mut aegis_buffer) {
+    // SAFETY: NULL or a buffer this library filled.
+    let Some(b) = (unsafe { b.as_mut() }) else {
+        return;
+    };
+    if !b.data.is_null() {
+        // SAFETY: `data`/`len` came from `to_buffer` (a boxed slice), freed once.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(b.data, b.len)) });
+    }
+    b.data = std::ptr::null_mut();
+    b.len = 0;
+}
+
+// --- submitted calls and the event fd -------------------------------------------------------
+
+/// Sends a call now and returns at once; collect the reply with `aegis_pending_wait` (in any
+/// order), or free the handle to cancel it. The bus must outlive the handle.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_submit(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    method: *const c_char,
+    payload: *const u8,
+    payload_len: usize,
+    opts: *const aegis_call_options,
+    out: *mut *mut aegis_pending,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus: &'static aegis_bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let out = need!(unsafe { out.as_mut() }, "out");
+        // SAFETY: forwarded caller contract.
+        let (service, method, payload) = match unsafe {
+            (
+                text(service, "service"),
+                text(method, "method"),
+                bytes(payload, payload_len, "payload"),
+            )
+        } {
+            (Ok(s), Ok(m), Ok(p)) => (s, m, p),
+            (Err(s), ..) | (_, Err(s), _) | (.., Err(s)) => return s,
+        };
+        let default = CallOptions::default();
+        match bus
+            .bus
+            .submit(service, method, payload, options(opts, &default))
+        {
+            Ok(p) => {
+                *out = Box::into_raw(Box::new(aegis_pending { pending: Some(p) }));
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Waits for a submitted call's reply into a library-owned buffer. The handle is spent
+/// (free it afterwards).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_pending_wait(
+    p: *mut aegis_pending,
+    reply: *mut aegis_buffer,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let p = need!(unsafe { p.as_mut() }, "pending");
+        // SAFETY: forwarded caller contract.
+        let reply = need!(unsafe { reply.as_mut() }, "reply");
+        let Some(pending) = p.pending.take() else {
+            set_error("this call was already collected".into());
+            return AEGIS_INVALID_ARGUMENT;
+        };
+        let mut out = Vec::new();
+        match pending.wait(&mut out) {
+            Ok(_) => {
+                to_buffer(out, reply);
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// `AEGIS_OK` if the reply is there (collecting it will not wait), else `AEGIS_NOT_READY`.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_pending_ready(p: *const aegis_pending) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let p = need!(unsafe { p.as_ref() }, "pending");
+    match &p.pending {
+        Some(x) if x.is_ready() => AEGIS_OK,
+        Some(_) => AEGIS_NOT_READY,
+        None => AEGIS_INVALID_ARGUMENT,
+    }
+}
+
+/// Makes the bus's event fd readable when this call is done (see `aegis_event_fd`).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_pending_notify(p: *const aegis_pending) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let p = need!(unsafe { p.as_ref() }, "pending");
+        match p.pending.as_ref().map(|x| x.notify_event_fd()) {
+            Some(Ok(())) => AEGIS_OK,
+            Some(Err(e)) => fail(e),
+            None => AEGIS_INVALID_ARGUMENT,
+        }
+    })
+}
+
+/// Frees a pending call; one not collected is cancelled (not run if not yet taken).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_pending_free(p: *mut aegis_pending) {
+    if !p.is_null() {
+        // SAFETY: a pointer from `aegis_submit`, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(p) })));
+    }
+}
+
+/// The bus's event fd for poll/epoll/libuv: readable when a call armed with
+/// `aegis_pending_notify` is done. Read 8 bytes to reset it, then check the armed calls with
+/// `aegis_pending_ready`. Owned by the bus (do not close it).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_event_fd(bus: *const aegis_bus, fd: *mut c_int) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let fd = need!(unsafe { fd.as_mut() }, "fd");
+        match bus.bus.event_fd() {
+            Ok(f) => {
+                *fd = f.as_raw_fd();
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+// --- instances ------------------------------------------------------------------------------
+
+/// Registers instance `instance_id` of `service`. `metadata` is `2 * metadata_pairs`
+/// strings: key, value, key, value… (NULL when 0). Free (which unregisters) with
+/// `aegis_instance_free`, before the bus.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_register(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    instance_id: *const c_char,
+    metadata: *const *const c_char,
+    metadata_pairs: usize,
+    out: *mut *mut aegis_instance,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let out = need!(unsafe { out.as_mut() }, "out");
+        // SAFETY: forwarded caller contract.
+        let (service, id) =
+            match unsafe { (text(service, "service"), text(instance_id, "instance_id")) } {
+                (Ok(s), Ok(i)) => (s, i),
+                (Err(s), _) | (_, Err(s)) => return s,
+            };
+        let mut opts = RegisterOptions::default();
+        if metadata_pairs > 0 {
+            if metadata.is_null() {
+                set_error("argument `metadata` is NULL".into());
+                return AEGIS_NULL_ARGUMENT;
+            }
+            for k in 0..metadata_pairs {
+                // SAFETY: `metadata` has 2 * metadata_pairs string pointers.
+                let (key, value) = unsafe { (*metadata.add(2 * k), *metadata.add(2 * k + 1)) };
+                // SAFETY: each is a NUL-terminated string.
+                match unsafe { (text(key, "metadata key"), text(value, "metadata value")) } {
+                    (Ok(k), Ok(v)) => opts.metadata.push((k.to_owned(), v.to_owned())),
+                    (Err(s), _) | (_, Err(s)) => return s,
+                }
+            }
+        }
+        match bus.bus.register_with(service, id, opts) {
+            Ok(inst) => {
+                *out = Box::into_raw(Box::new(aegis_instance { inst }));
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Unregisters and frees. No thread may be serving it any more (stop it and let `aegis_serve`
+/// return first).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_instance_free(inst: *mut aegis_instance) {
+    if !inst.is_null() {
+        // SAFETY: a pointer from `aegis_register`, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(inst) })));
+    }
+}
+
+/// Answers the request being handled with `data`.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_respond(
+    r: *mut aegis_responder,
+    data: *const u8,
+    len: usize,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract: `r` is the callback's responder.
+    let r = need!(unsafe { r.as_mut() }, "responder");
+    // SAFETY: forwarded caller contract.
+    let data = match unsafe { bytes(data, len, "data") } {
+        Ok(d) => d,
+        Err(s) => return s,
+    };
+    // SAFETY: `out` points to the serving loop's buffer for the duration of the callback.
+    let out = unsafe { &mut *r.out };
+    out.clear();
+    out.extend_from_slice(data);
+    r.error = None;
+    AEGIS_OK
+}
+
+/// Answers the request being handled with an error: the caller gets `code` and `message`
+/// (400 is the caller's `AEGIS_BAD_REQUEST`, anything else `AEGIS_REMOTE`).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_respond_error(
+    r: *mut aegis_responder,
+    code: u16,
+    message: *const c_char,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let r = need!(unsafe { r.as_mut() }, "responder");
+    // SAFETY: forwarded caller contract.
+    let message = match unsafe { text(message, "message") } {
+        Ok(m) => m,
+        Err(s) => return s,
+    };
+    r.error = Some(ServiceError::new(code, message));
+    AEGIS_OK
+}
+
+/// Serves the instance on this thread, calling `handler(ctx, …)` for each request, until
+/// `aegis_stop` (from any thread). Several threads may serve one instance.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_serve(
+    inst: *const aegis_instance,
+    handler: aegis_handler,
+    ctx: *mut c_void,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let inst = need!(unsafe { inst.as_ref() }, "instance");
+        let handler = need!(handler, "handler");
+        let r = inst.inst.serve(|req, out| {
+            let mut name = [0u8; 65];
+            let m = req.method().as_bytes();
+            name[..m.len()].copy_from_slice(m);
+            let mut responder = aegis_responder {
+                out: out as *mut Vec<u8>,
+                error: None,
+            };
+            let p = req.payload();
+            // SAFETY: the handler's contract: it reads `method` (NUL-terminated, 64 bytes at
+            // most) and `payload`, and answers through `responder`, during this call only.
+            unsafe {
+                handler(
+                    ctx,
+                    name.as_ptr() as *const c_char,
+                    p.as_ptr(),
+                    p.len(),
+                    &mut responder,
+                )
+            };
+            match responder.error.take() {
+                Some(e) => {
+                    out.clear();
+                    Err(e)
+                }
+                None => Ok(()),
+            }
+        });
+        match r {
+            Ok(()) => AEGIS_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Stops every thread serving the instance (`aegis_serve` returns, `aegis_receiver_next`
+/// says `AEGIS_STOPPED`). Safe from any thread and from a signal handler (it takes no lock
+/// and allocates nothing: atomic stores and a futex wake).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_stop(inst: *const aegis_instance) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let inst = need!(unsafe { inst.as_ref() }, "instance");
+    inst.inst.stop_handle().stop();
+    AEGIS_OK
+}
+
+/// Pull-style serving on one thread: `aegis_receiver_next`, then `aegis_receiver_reply` or
+/// `aegis_receiver_reply_error`. The instance must outlive the receiver.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_receiver_new(
+    inst: *const aegis_instance,
+    out: *mut *mut aegis_receiver,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract; the instance outlives the receiver.
+        let inst: &'static aegis_instance = need!(unsafe { inst.as_ref() }, "instance");
+        // SAFETY: forwarded caller contract.
+        let out = need!(unsafe { out.as_mut() }, "out");
+        *out = Box::into_raw(Box::new(aegis_receiver {
+            req: None,
+            method: [0; 65],
+            rx: Box::new(inst.inst.receiver()),
+        }));
+        AEGIS_OK
+    })
+}
+
+/// Waits up to `timeout_ms` (negative: forever) for the next request. On `AEGIS_OK`,
+/// `*method` (NUL-terminated) and `*payload`/`*payload_len` are valid until the reply. A
+/// request not answered before the next `aegis_receiver_next` or the free gets an error reply.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_receiver_next(
+    rx: *mut aegis_receiver,
+    timeout_ms: i64,
+    method: *mut *const c_char,
+    payload: *mut *const u8,
+    payload_len: *mut usize,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let rx = need!(unsafe { rx.as_mut() }, "receiver");
+        // SAFETY: forwarded caller contract.
+        let (method, payload, payload_len) = match unsafe {
+            (method.as_mut(), payload.as_mut(), payload_len.as_mut())
+        } {
+            (Some(m), Some(p), Some(l)) => (m, p, l),
+            _ => {
+                set_error("arguments `method`, `payload` and `payload_len` are required".into());
+                return AEGIS_NULL_ARGUMENT;
+            }
+        };
+        rx.req = None;
+        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        // SAFETY: the request borrows the receiver, which is boxed (it does not move) and
+        // outlives it: `req` is dropped before `rx` (field order) and before every recv.
+        let receiver: &'static mut Receiver<'static> =
+            unsafe { &mut *(rx.rx.as_mut() as *mut Receiver<'static>) };
+        match receiver.recv(timeout) {
+            Ok(Some(req)) => {
+                let m = req.method().as_bytes();
+                rx.method = [0; 65];
+                rx.method[..m.len()].copy_from_slice(m);
+                *method = rx.method.as_ptr() as *const c_char;
+                *payload = req.payload().as_ptr();
+                *payload_len = req.payload().len();
+                rx.req = Some(req);
+                AEGIS_OK
+            }
+            Ok(None) if timeout.is_some() => AEGIS_NO_REQUEST,
+            Ok(None) => AEGIS_STOPPED,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Answers the current request of `aegis_receiver_next`.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_receiver_reply(
+    rx: *mut aegis_receiver,
+    data: *const u8,
+    len: usize,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let rx = need!(unsafe { rx.as_mut() }, "receiver");
+        // SAFETY: forwarded caller contract.
+        let data = match unsafe { bytes(data, len, "data") } {
+            Ok(d) => d,
+            Err(s) => return s,
+        };
+        let Some(req) = rx.req.take() else {
+            set_error("no request to answer".into());
+            return AEGIS_INVALID_ARGUMENT;
+        };
+        match req.reply(data) {
+            Ok(()) => AEGIS_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Answers the current request with an error (see `aegis_respond_error`).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_receiver_reply_error(
+    rx: *mut aegis_receiver,
+    code: u16,
+    message: *const c_char,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let rx = need!(unsafe { rx.as_mut() }, "receiver");
+        // SAFETY: forwarded caller contract.
+        let message = match unsafe { text(message, "message") } {
+            Ok(m) => m,
+            Err(s) => return s,
+        };
+        let Some(req) = rx.req.take() else {
+            set_error("no request to answer".into());
+            return AEGIS_INVALID_ARGUMENT;
+        };
+        match req.reply_error(code, message) {
+            Ok(()) => AEGIS_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aegis_receiver_free(rx: *mut aegis_receiver) {
+    if !rx.is_null() {
+        // SAFETY: a pointer from `aegis_receiver_new`, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(rx) })));
+    }
+}
+
+// --- resources ------------------------------------------------------------------------------
+
+/// `count` NUL-terminated ids.
+unsafe fn id_list<'a>(
+    ids: *const *const c_char,
+    count: usize,
+) -> Result<Vec<&'a str>, aegis_status> {
+    if count > 0 && ids.is_null() {
+        set_error("argument `ids` is NULL".into());
+        return Err(AEGIS_NULL_ARGUMENT);
+    }
+    // SAFETY: `ids` has `count` string pointers (the header's contract).
+    (0..count)
+        .map(|k| unsafe { text(*ids.add(k), "id") })
+        .collect()
+}
+
+/// Claims `count` resource ids for the instance, all or none (`AEGIS_RESOURCE_CONFLICT`
+/// names the owner in `aegis_last_error`).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_claim(
+    inst: *const aegis_instance,
+    ids: *const *const c_char,
+    count: usize,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let inst = need!(unsafe { inst.as_ref() }, "instance");
+        // SAFETY: forwarded caller contract.
+        match unsafe { id_list(ids, count) }.map(|ids| inst.inst.claim(&ids)) {
+            Ok(Ok(())) => AEGIS_OK,
+            Ok(Err(e)) => fail(e),
+            Err(s) => s,
+        }
+    })
+}
+
+/// Releases ids the instance owns, all or none.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_release(
+    inst: *const aegis_instance,
+    ids: *const *const c_char,
+    count: usize,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let inst = need!(unsafe { inst.as_ref() }, "instance");
+        // SAFETY: forwarded caller contract.
+        match unsafe { id_list(ids, count) }.map(|ids| inst.inst.release(&ids)) {
+            Ok(Ok(())) => AEGIS_OK,
+            Ok(Err(e)) => fail(e),
+            Err(s) => s,
+        }
+    })
+}
+
+/// Moves ids the instance owns to instance `to_instance` of `to_service`, all or none.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_transfer(
+    inst: *const aegis_instance,
+    ids: *const *const c_char,
+    count: usize,
+    to_service: *const c_char,
+    to_instance: *const c_char,
+    reason: *const c_char,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let inst = need!(unsafe { inst.as_ref() }, "instance");
+        // SAFETY: forwarded caller contract.
+        let args = unsafe {
+            (
+                id_list(ids, count),
+                text(to_service, "to_service"),
+                text(to_instance, "to_instance"),
+                text(reason, "reason"),
+            )
+        };
+        match args {
+            (Ok(ids), Ok(s), Ok(i), Ok(r)) => match inst.inst.transfer(&ids, s, i, r) {
+                Ok(()) => AEGIS_OK,
+                Err(e) => fail(e),
+            },
+            (Err(s), ..) | (_, Err(s), ..) | (.., Err(s), _) | (.., Err(s)) => s,
+        }
+    })
+}
+
+// --- listings and watch ----------------------------------------------------------------------
+
+fn json_out(v: &impl serde::Serialize, out: &mut aegis_buffer) -> aegis_status {
+    match serde_json::to_vec(v) {
+        Ok(b) => {
+            to_buffer(b, out);
+            AEGIS_OK
+        }
+        Err(e) => {
+            set_error(format!("cannot encode the listing: {e}"));
+            AEGIS_INTERNAL
+        }
+    }
+}
+
+/// Every service with its instances, as JSON (the shape of `aegisctl services --json`), in a
+/// library-owned buffer.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_services(
+    bus: *const aegis_bus,
+    json: *mut aegis_buffer,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (bus, out) = match unsafe { (bus.as_ref(), json.as_mut()) } {
+            (Some(b), Some(o)) => (b, o),
+            _ => return AEGIS_NULL_ARGUMENT,
+        };
+        match bus.bus.services() {
+            Ok(s) => json_out(&s, out),
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// One service with its instances (id, pid, status, counters), as JSON.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_service(
+    bus: *const aegis_bus,
+    name: *const c_char,
+    json: *mut aegis_buffer,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (bus, out) = match unsafe { (bus.as_ref(), json.as_mut()) } {
+            (Some(b), Some(o)) => (b, o),
+            _ => return AEGIS_NULL_ARGUMENT,
+        };
+        // SAFETY: forwarded caller contract.
+        let name = match unsafe { text(name, "name") } {
+            Ok(n) => n,
+            Err(s) => return s,
+        };
+        match bus.bus.service(name) {
+            Ok(s) => json_out(&s, out),
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Resources of `service` (NULL: all), at most `limit` (0: 100) from `offset`, as JSON.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_resources(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    limit: u32,
+    offset: u32,
+    json: *mut aegis_buffer,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (bus, out) = match unsafe { (bus.as_ref(), json.as_mut()) } {
+            (Some(b), Some(o)) => (b, o),
+            _ => return AEGIS_NULL_ARGUMENT,
+        };
+        let service = if service.is_null() {
+            None
+        } else {
+            // SAFETY: forwarded caller contract.
+            match unsafe { text(service, "service") } {
+                Ok(s) => Some(s.to_owned()),
+                Err(s) => return s,
+            }
+        };
+        let q = ResourceQuery {
+            service,
+            limit,
+            offset,
+            ..Default::default()
+        };
+        match bus.bus.resources(&q) {
+            Ok(p) => json_out(&p, out),
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Sleeps until an instance of `service` joins, leaves or changes health, or `timeout_ms`
+/// passes. `*generation`: in, the generation seen (0 at first); out, the one now.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_watch(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    generation: *mut u32,
+    timeout_ms: u64,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (bus, g) = match unsafe { (bus.as_ref(), generation.as_mut()) } {
+            (Some(b), Some(g)) => (b, g),
+            _ => return AEGIS_NULL_ARGUMENT,
+        };
+        // SAFETY: forwarded caller contract.
+        let service = match unsafe { text(service, "service") } {
+            Ok(s) => s,
+            Err(s) => return s,
+        };
+        *g = bus
+            .bus
+            .watch(service, *g, Duration::from_millis(timeout_ms));
+        AEGIS_OK
+    })
+}

@@ -1,0 +1,303 @@
+//! The C ABI end to end: the library installed under a temporary prefix with
+//! `scripts/install-c.sh`, the examples in `examples/c/` compiled with the system C compiler
+//! against it (dynamically, statically, and under AddressSanitizer), run against the real
+//! broker: a C instance with a Rust caller, a Rust instance with C callers.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use aegis_client::{CallOptions, Error};
+use support::{wait_deadline, TestBus, DEADLINE};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The library, header and pkg-config files installed once per test process.
+fn prefix() -> &'static Path {
+    static PREFIX: OnceLock<tempfile::TempDir> = OnceLock::new();
+    PREFIX
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("aegis-c-")
+                .tempdir()
+                .unwrap();
+            let release = support::aegisctl_bin()
+                .parent()
+                .is_some_and(|p| p.ends_with("release"));
+            let st = Command::new(root().join("scripts/install-c.sh"))
+                .arg(dir.path())
+                .env("AEGIS_PROFILE", if release { "release" } else { "debug" })
+                .env("AEGIS_CARGO_FLAGS", "--features aegis-client/test-hooks")
+                .status()
+                .unwrap();
+            assert!(st.success(), "scripts/install-c.sh failed");
+            dir
+        })
+        .path()
+}
+
+fn pkg_config(args: &[&str]) -> Vec<String> {
+    let out = Command::new("pkg-config")
+        .args(args)
+        .env("PKG_CONFIG_PATH", prefix().join("lib/pkgconfig"))
+        .output()
+        .expect("pkg-config");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Link {
+    Dynamic,
+    Static,
+    Asan,
+}
+
+/// Compiles C source `src` (C99, all warnings as errors) and links it as asked.
+fn compile(src: &Path, link: Link) -> PathBuf {
+    let name = format!(
+        "{}-{}",
+        src.file_stem().unwrap().to_string_lossy(),
+        match link {
+            Link::Dynamic => "dyn",
+            Link::Static => "static",
+            Link::Asan => "asan",
+        }
+    );
+    let exe = prefix().join(name);
+    let mut cc = Command::new("cc");
+    cc.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g"])
+        .arg(src)
+        .arg("-o")
+        .arg(&exe);
+    match link {
+        Link::Dynamic => cc.args(pkg_config(&["--cflags", "--libs", "aegis-ipc"])),
+        Link::Static => cc.args(pkg_config(&[
+            "--static",
+            "--cflags",
+            "--libs",
+            "aegis-ipc-static",
+        ])),
+        Link::Asan => cc
+            .args(["-fsanitize=address", "-fno-omit-frame-pointer"])
+            .args(pkg_config(&["--cflags", "--libs", "aegis-ipc"])),
+    };
+    let out = cc.output().expect("cc");
+    assert!(
+        out.status.success(),
+        "compiling {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+fn example(name: &str) -> PathBuf {
+    root().join("examples/c").join(name)
+}
+
+/// Starts the C echo instance and waits for its "ready" line.
+fn start_c_server(bus: &TestBus, exe: &Path, id: &str) -> Child {
+    let mut c = Command::new(exe);
+    c.args(["cecho", id])
+        .env("AEGIS_IPC_DIR", bus.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("ready"), "C server said {line:?}");
+    child
+}
+
+/// A C instance serves a Rust caller: replies, a handler error, and a clean exit on SIGTERM
+/// (which unregisters it).
+fn c_instance_with_rust_caller(link: Link) {
+    let bus = TestBus::start();
+    let exe = compile(&example("echo_server.c"), link);
+    let server = start_c_server(&bus, &exe, "c1");
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(10));
+    let mut out = Vec::new();
+    for i in 0..1000u32 {
+        let p = i.to_le_bytes().repeat(256);
+        let info = client
+            .call_into("cecho", "echo", &p, &opts, &mut out)
+            .unwrap();
+        assert_eq!(out, p);
+        assert_eq!(client.instance_id(info), "c1");
+    }
+    match client.call("cecho", "fail", b"", &opts) {
+        Err(Error::Remote { code, message, .. }) => {
+            assert_eq!(code, 418);
+            assert_eq!(message, "asked to fail");
+        }
+        other => panic!("expected the handler's error, got {other:?}"),
+    }
+    let info = client.service("cecho").unwrap();
+    assert_eq!(
+        info.instances[0].metadata,
+        vec![("lang".into(), "c".into())]
+    );
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGTERM) };
+    let out = server.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "C server: {stderr}");
+    assert!(!stderr.contains("Sanitizer"), "{stderr}");
+    assert!(client.wait_until(DEADLINE, |c| c.routable_instances("cecho").is_empty()));
+}
+
+/// C callers (the example: 1,000 1 KiB calls and a handler error) against a Rust instance.
+fn c_caller_with_rust_instance(link: Link) {
+    let bus = TestBus::start();
+    let exe = compile(&example("client.c"), link);
+    let _inst = bus.serve("echo", "rust-1", &[]);
+    // The example's "fail" method on an echo instance just echoes; its error path is shown
+    // against the C server above.
+    let out = Command::new(&exe)
+        .args(["echo", "1000"])
+        .env("AEGIS_IPC_DIR", bus.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "C client: {stderr}");
+    assert!(
+        stdout.contains("1000 calls ok, last answered by rust-1"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("Sanitizer"), "{stderr}");
+}
+
+#[test]
+fn a_c_instance_serves_a_rust_caller_dynamically_linked() {
+    c_instance_with_rust_caller(Link::Dynamic);
+}
+
+#[test]
+fn a_c_instance_serves_a_rust_caller_statically_linked() {
+    c_instance_with_rust_caller(Link::Static);
+}
+
+#[test]
+fn a_c_caller_calls_a_rust_instance_dynamically_and_statically_linked() {
+    c_caller_with_rust_instance(Link::Dynamic);
+    c_caller_with_rust_instance(Link::Static);
+}
+
+#[test]
+fn the_examples_run_clean_under_address_sanitizer() {
+    c_instance_with_rust_caller(Link::Asan);
+    c_caller_with_rust_instance(Link::Asan);
+}
+
+/// The header alone is enough to compile against, as strict C99 and as C++.
+#[test]
+fn the_header_compiles_as_strict_c99_and_as_cpp() {
+    let src = prefix().join("only_header.c");
+    std::fs::write(
+        &src,
+        "#include \"aegis_ipc.h\"\nint main(void) { return aegis_status_code(AEGIS_TIMEOUT) == 504 ? 0 : 1; }\n",
+    )
+    .unwrap();
+    let inc = root().join("include");
+    for (cc, lang) in [("cc", "-std=c99"), ("c++", "-std=c++11")] {
+        let out = Command::new(cc)
+            .args([
+                lang,
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-pedantic",
+                "-fsyntax-only",
+            ])
+            .arg("-I")
+            .arg(&inc)
+            .args(if cc == "c++" {
+                vec!["-x", "c++"]
+            } else {
+                vec![]
+            })
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cc}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A C caller SIGKILLed while its call is with the instance leaves the bus as a Rust one
+/// would: the instance answers into nothing, other callers carry on, its slot is freed.
+#[test]
+fn a_c_caller_killed_mid_call_leaves_the_bus_healthy() {
+    let bus = TestBus::start();
+    let _slow = bus.serve("slow", "s", &["--delay-ms", "1000", "--threads", "2"]);
+    let src = prefix().join("kill_me.c");
+    std::fs::write(
+        &src,
+        r#"#include <stdio.h>
+#include "aegis_ipc.h"
+int main(void) {
+    aegis_bus *bus = NULL;
+    uint8_t reply[64];
+    size_t len = 0;
+    if (aegis_connect(NULL, &bus) != AEGIS_OK) return 1;
+    printf("calling\n");
+    fflush(stdout);
+    return (int)aegis_call(bus, "slow", "m", (const uint8_t *)"x", 1, NULL, reply, sizeof reply, &len);
+}
+"#,
+    )
+    .unwrap();
+    let exe = compile(&src, Link::Dynamic);
+    let mut c = Command::new(exe)
+        .env("AEGIS_IPC_DIR", bus.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "calling");
+    let client = bus.connect();
+    // Its request is in the ring or being handled (1 s): kill the caller meanwhile.
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGKILL) };
+    wait_deadline(&mut c);
+    for i in 0..3u8 {
+        let r = client
+            .call(
+                "slow",
+                "m",
+                &[i],
+                &CallOptions::timeout(Duration::from_secs(10)),
+            )
+            .unwrap();
+        assert_eq!(r.payload, [i]);
+    }
+    // The broker freed the dead caller's slot: a new connection works.
+    drop(bus.connect());
+}
