@@ -467,6 +467,11 @@ impl Bus {
             .transfer(ids, None, to_service, to_instance, reason)
     }
 
+    /// How many calls this connection can have in flight at once (its reply mailboxes).
+    pub fn mailbox_count(&self) -> u32 {
+        self.inner.client.layout.mailboxes
+    }
+
     /// The instance id behind a [`CallInfo`] (its registry index if it has since left).
     pub fn instance_id(&self, info: CallInfo) -> String {
         self.inner.instance_name(info.instance)
