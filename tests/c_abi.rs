@@ -301,3 +301,93 @@ int main(void) {
     // The broker freed the dead caller's slot: a new connection works.
     drop(bus.connect());
 }
+
+/// Bad input through the C ABI: NULL handles and pointers, non-UTF-8 names, a buffer too
+/// small (the reply is kept and fetched after), listings and errors with their detail; the
+/// process and the bus carry on.
+#[test]
+fn bad_input_through_the_c_abi_gets_clear_statuses() {
+    let bus = TestBus::start();
+    let _inst = bus.serve("echo", "rust-1", &[]);
+    let src = prefix().join("bad_input.c");
+    std::fs::write(
+        &src,
+        r#"#include <stdio.h>
+#include <string.h>
+#include "aegis_ipc.h"
+#define CHECK(cond) do { if (!(cond)) { printf("FAILED line %d: %s\n", __LINE__, #cond); return 1; } } while (0)
+int main(void) {
+    aegis_bus *bus = NULL;
+    uint8_t small[4], big[64];
+    size_t len = 0, need = 0;
+    char text[512];
+    aegis_buffer buf = {0};
+    const char bad_utf8[] = {'e', (char)0xff, 0};
+    CHECK(aegis_connect(NULL, NULL) == AEGIS_NULL_ARGUMENT);
+    CHECK(aegis_connect(NULL, &bus) == AEGIS_OK);
+    CHECK(aegis_call(NULL, "echo", "m", NULL, 0, NULL, big, sizeof big, &len) == AEGIS_NULL_ARGUMENT);
+    CHECK(aegis_last_error(text, sizeof text, NULL) == AEGIS_OK && strstr(text, "bus") != NULL);
+    CHECK(aegis_call(bus, bad_utf8, "m", NULL, 0, NULL, big, sizeof big, &len) == AEGIS_INVALID_ARGUMENT);
+    CHECK(aegis_call(bus, "echo", "m", NULL, 5, NULL, big, sizeof big, &len) == AEGIS_NULL_ARGUMENT);
+    CHECK(aegis_call(bus, "bad name", "m", NULL, 0, NULL, big, sizeof big, &len) == AEGIS_BAD_REQUEST);
+    CHECK(aegis_status_code(AEGIS_BAD_REQUEST) == 400);
+    CHECK(aegis_call(bus, "nobody", "m", NULL, 0, NULL, big, sizeof big, &len) == AEGIS_NO_AVAILABLE_INSTANCE);
+    CHECK(aegis_last_error(text, 4, &need) == AEGIS_BUFFER_TOO_SMALL && need > 4);
+    CHECK(aegis_call_resource(bus, "doc-404", "m", NULL, 0, NULL, big, sizeof big, &len) == AEGIS_RESOURCE_NOT_FOUND);
+    /* The reply does not fit: the status says so, the length needed is given, the reply is kept. */
+    CHECK(aegis_call(bus, "echo", "m", (const uint8_t *)"0123456789", 10, NULL, small, sizeof small, &len) == AEGIS_BUFFER_TOO_SMALL);
+    CHECK(len == 10);
+    CHECK(aegis_last_reply(big, sizeof big, &len) == AEGIS_OK && len == 10 && memcmp(big, "0123456789", 10) == 0);
+    CHECK(aegis_last_instance(bus, text, sizeof text, NULL) == AEGIS_OK && strcmp(text, "rust-1") == 0);
+    CHECK(aegis_call_alloc(bus, "echo", "m", (const uint8_t *)"abc", 3, NULL, &buf) == AEGIS_OK && buf.len == 3);
+    aegis_buffer_free(&buf);
+    aegis_buffer_free(&buf); /* freed buffers are empty: a second free is harmless */
+    aegis_buffer_free(NULL);
+    CHECK(aegis_services(bus, &buf) == AEGIS_OK && strstr((const char *)buf.data, "\"echo\"") != NULL);
+    aegis_buffer_free(&buf);
+    aegis_call_options *o = aegis_call_options_new();
+    CHECK(aegis_call_options_set_max_attempts(o, 0) == AEGIS_INVALID_ARGUMENT);
+    CHECK(aegis_call_options_set_selection(o, 7, NULL) == AEGIS_INVALID_ARGUMENT);
+    CHECK(aegis_call_options_set_selection(o, 2, "rust-1") == AEGIS_OK);
+    CHECK(aegis_call(bus, "echo", "m", NULL, 0, o, big, sizeof big, &len) == AEGIS_OK && len == 0);
+    aegis_call_options_free(o);
+    aegis_call_options_free(NULL);
+    aegis_pending *p = NULL;
+    CHECK(aegis_submit(bus, "echo", "m", (const uint8_t *)"x", 1, NULL, &p) == AEGIS_OK);
+    CHECK(aegis_pending_wait(p, &buf) == AEGIS_OK && buf.len == 1);
+    aegis_buffer_free(&buf);
+    CHECK(aegis_pending_wait(p, &buf) == AEGIS_INVALID_ARGUMENT); /* collected once */
+    aegis_pending_free(p);
+    aegis_pending_free(NULL);
+    aegis_instance_free(NULL);
+    aegis_receiver_free(NULL);
+    aegis_bus_free(bus);
+    aegis_bus_free(NULL);
+    printf("all bad input refused\n");
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    for link in [Link::Dynamic, Link::Asan] {
+        let exe = compile(&src, link);
+        let out = Command::new(exe)
+            .env("AEGIS_IPC_DIR", bus.path())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stdout}{stderr}");
+        assert!(stdout.contains("all bad input refused"), "{stdout}");
+    }
+    // The bus is fine.
+    assert_eq!(
+        bus.connect()
+            .call("echo", "m", b"ok", &CallOptions::default())
+            .unwrap()
+            .payload,
+        b"ok"
+    );
+}
