@@ -47,6 +47,21 @@ fn to_py(e: Error) -> PyErr {
     })
 }
 
+thread_local! {
+    /// The request this thread's handler is running (hops, trace id): a call made from a
+    /// handler is a nested call, one hop further on the same trace, so a loop of services
+    /// calling each other ends in `LoopDetected` as it does from Rust.
+    static CURRENT: std::cell::Cell<Option<(u8, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `req` as this thread's current request.
+fn within<R>(req: &Request<'_>, f: impl FnOnce() -> R) -> R {
+    let before = CURRENT.with(|c| c.replace(Some((req.hops(), req.trace_id()))));
+    let r = f();
+    CURRENT.with(|c| c.set(before));
+    r
+}
+
 fn options(
     timeout: Option<f64>,
     attempt_timeout: Option<f64>,
@@ -62,6 +77,10 @@ fn options(
             })
     };
     let mut o = CallOptions::default();
+    if let Some((hops, trace)) = CURRENT.with(|c| c.get()) {
+        o.hops = hops.saturating_add(1);
+        o.trace_id = Some(trace);
+    }
     if let Some(t) = timeout {
         o.timeout = secs(t, "timeout")?;
         o.attempt_timeout = o.attempt_timeout.min(o.timeout);
@@ -359,35 +378,37 @@ impl Instance {
         let inst = self.get()?;
         py.allow_threads(|| {
             inst.serve(|req, out| {
-                Python::with_gil(|py| {
-                    let payload = PyBytes::new(py, req.payload());
-                    match handler.call1(py, (req.method(), payload)) {
-                        Ok(v) => match v.bind(py).downcast::<PyBytes>() {
-                            Ok(b) => {
-                                out.extend_from_slice(b.as_bytes());
-                                Ok(())
+                within(req, || {
+                    Python::with_gil(|py| {
+                        let payload = PyBytes::new(py, req.payload());
+                        match handler.call1(py, (req.method(), payload)) {
+                            Ok(v) => match v.bind(py).downcast::<PyBytes>() {
+                                Ok(b) => {
+                                    out.extend_from_slice(b.as_bytes());
+                                    Ok(())
+                                }
+                                Err(_) => Err(ServiceError::new(
+                                    500,
+                                    format!(
+                                        "handler returned {}, not bytes",
+                                        v.bind(py)
+                                            .get_type()
+                                            .name()
+                                            .map(|n| n.to_string())
+                                            .unwrap_or_default()
+                                    ),
+                                )),
+                            },
+                            Err(e) => {
+                                let code = e
+                                    .value(py)
+                                    .getattr("code")
+                                    .and_then(|c| c.extract::<u16>())
+                                    .unwrap_or(500);
+                                Err(ServiceError::new(code, e.value(py).to_string()))
                             }
-                            Err(_) => Err(ServiceError::new(
-                                500,
-                                format!(
-                                    "handler returned {}, not bytes",
-                                    v.bind(py)
-                                        .get_type()
-                                        .name()
-                                        .map(|n| n.to_string())
-                                        .unwrap_or_default()
-                                ),
-                            )),
-                        },
-                        Err(e) => {
-                            let code = e
-                                .value(py)
-                                .getattr("code")
-                                .and_then(|c| c.extract::<u16>())
-                                .unwrap_or(500);
-                            Err(ServiceError::new(code, e.value(py).to_string()))
                         }
-                    }
+                    })
                 })
             })
         })

@@ -177,3 +177,62 @@ def test_a_thousand_concurrent_asyncio_calls_from_one_loop(testbus):
 
     with pytest.raises(errors.NoAvailableInstance):
         asyncio.run(failing())
+
+
+def test_owner_unavailable_when_the_owner_is_stopped(testbus):
+    import signal
+
+    owner = testbus.serve(
+        "docs", "d-1", "--claim", "doc-1", "--heartbeat-interval-ms", "20", "--heartbeat-timeout-ms", "100"
+    )
+    bus = aegis_ipc.Bus.connect(testbus.dir)
+    assert bus.call_resource("doc-1", "get", b"x").instance_id == "d-1"
+    owner.send_signal(signal.SIGSTOP)
+    try:
+        seen = 0
+        while True:  # until the broker marks it Unhealthy (its watch wakes us)
+            seen = bus.watch("docs", seen, timeout=5.0)
+            if bus.service("docs")["instances"][0]["status"] != "Online":
+                break
+        with pytest.raises(errors.OwnerUnavailable) as e:
+            bus.call_resource("doc-1", "get", b"x")
+        assert e.value.code == 503 and "d-1" in str(e.value)
+    finally:
+        owner.send_signal(signal.SIGCONT)
+
+
+def test_permission_denied_names_the_policy_rule(testbus, tmp_path):
+    config = tmp_path / "broker.toml"
+    config.write_text('admin_uids = []\n\n[[policy]]\nservices = ["locked.*"]\n')
+    locked = type(testbus)(["--config", str(config)])
+    try:
+        bus = aegis_ipc.Bus.connect(locked.dir)
+        with pytest.raises(errors.PermissionDenied) as e:
+            bus.register("locked.db", "x")
+        assert e.value.code == 403 and "policy rule 1" in str(e.value)
+        bus.register("open.db", "x").unregister()  # no rule: the broker's own uid may
+    finally:
+        locked.close()
+
+
+def test_a_loop_of_nested_calls_ends_in_loop_detected(testbus):
+    """A handler's calls are nested calls (one hop further, same trace): a service that
+    calls itself is stopped at the hop limit (8) with LoopDetected."""
+    bus = aegis_ipc.Bus.connect(testbus.dir)
+    inst = bus.register("loop", "l-1")
+    seen = []
+
+    def handler(method: str, payload: bytes) -> bytes:
+        depth = int(payload)
+        try:
+            return bus.call("loop", "again", str(depth + 1).encode(), timeout=10).payload
+        except errors.LoopDetected as e:
+            seen.append((depth, e.code))
+            return b"stopped at %d" % depth
+
+    for _ in range(10):
+        serve_in_thread(inst, handler)
+    r = bus.call("loop", "start", b"0", timeout=20)
+    assert r.payload == b"stopped at 8"
+    assert seen == [(8, 508)]
+    inst.stop()
