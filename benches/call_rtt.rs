@@ -99,7 +99,72 @@ fn default_mode(c: &mut Criterion) {
     bench_bus(c, "call_rtt/aegis_default", None);
 }
 
-/// The seed's baseline call path (see the module docs).
+/// The same call through the C ABI (`aegis_call` into a caller buffer, default options) as
+/// a C program makes it, interleaved call by call with the Rust call on the same instance
+/// (so both see the same core placement): the cost of the FFI layer.
+fn c_abi_default(c: &mut Criterion) {
+    use aegis_ipc_ffi::{aegis_bus, aegis_bus_free, aegis_call, aegis_connect, aegis_status};
+    let bus = support::TestBus::start();
+    let _inst = bus.serve("rtt", "rtt-1", &[]);
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let dir = std::ffi::CString::new(bus.path().to_str().unwrap()).unwrap();
+    let mut handle: *mut aegis_bus = std::ptr::null_mut();
+    // SAFETY: a valid NUL-terminated path and an out pointer, per the header.
+    assert_eq!(
+        unsafe { aegis_connect(dir.as_ptr(), &mut handle) },
+        aegis_status::AEGIS_OK
+    );
+    let payload = vec![0x5au8; PAYLOAD];
+    let (mut reply, mut out) = (vec![0u8; PAYLOAD], Vec::with_capacity(PAYLOAD));
+    let mut len = 0usize;
+    let mut c_call = || {
+        // SAFETY: the handle is live; the buffers are as long as the lengths passed.
+        let s = unsafe {
+            aegis_call(
+                handle,
+                c"rtt".as_ptr(),
+                c"echo".as_ptr(),
+                payload.as_ptr(),
+                payload.len(),
+                std::ptr::null(),
+                reply.as_mut_ptr(),
+                reply.len(),
+                &mut len,
+            )
+        };
+        assert_eq!(s, aegis_status::AEGIS_OK);
+    };
+    let mut rust_call = || {
+        client
+            .call_into("rtt", "echo", &payload, &opts, &mut out)
+            .unwrap();
+    };
+    for _ in 0..1000 {
+        c_call();
+        rust_call();
+    }
+    let (mut hc, mut hr) = (hist(), hist());
+    c.bench_function("call_rtt/c_abi_and_rust_interleaved", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let t = Instant::now();
+                c_call();
+                let m = Instant::now();
+                rust_call();
+                let _ = hc.record((m - t).as_nanos() as u64);
+                let _ = hr.record(m.elapsed().as_nanos() as u64);
+            }
+            start.elapsed()
+        })
+    });
+    record("call_rtt/c_abi_interleaved", hc);
+    record("call_rtt/rust_interleaved", hr);
+    // SAFETY: the handle from aegis_connect, freed once.
+    unsafe { aegis_bus_free(handle) };
+}
+
 fn seed_baseline(c: &mut Criterion) {
     let bus = support::TestBus::start();
     let _inst: Vec<_> = (0..3)
@@ -344,7 +409,7 @@ fn paced_config() -> Criterion {
         .measurement_time(Duration::from_secs(2))
 }
 
-criterion_group! { name = benches; config = config(); targets = uds_baseline, floor_spin, floor_futex, spin_mode, blocking_mode, default_mode }
+criterion_group! { name = benches; config = config(); targets = uds_baseline, floor_spin, floor_futex, spin_mode, blocking_mode, default_mode, c_abi_default }
 criterion_group! { name = paced; config = paced_config(); targets = seed_baseline }
 
 fn main() {
@@ -392,6 +457,9 @@ fn main() {
     let ratio = |a: &str, b: &str| p50(a).zip(p50(b)).map(|(a, b)| a / b);
     if let Some(r) = ratio("aegis_spin", "floor_spin") {
         println!("spin mode / spin floor (p50): {r:.2}x (target <= 2)");
+    }
+    if let Some(r) = ratio("c_abi_interleaved", "rust_interleaved") {
+        println!("C ABI / Rust, default mode (p50): {r:.2}x (target <= 1.1)");
     }
     if let Some(r) = ratio("aegis_blocking", "floor_futex") {
         println!("blocking mode / futex floor (p50): {r:.2}x (target <= 1.2)");
