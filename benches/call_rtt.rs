@@ -111,10 +111,8 @@ fn c_abi_default(c: &mut Criterion) {
     let dir = std::ffi::CString::new(bus.path().to_str().unwrap()).unwrap();
     let mut handle: *mut aegis_bus = std::ptr::null_mut();
     // SAFETY: a valid NUL-terminated path and an out pointer, per the header.
-    assert_eq!(
-        unsafe { aegis_connect(dir.as_ptr(), &mut handle) },
-        aegis_status::AEGIS_OK
-    );
+    let connected = unsafe { aegis_connect(dir.as_ptr(), &mut handle) };
+    assert_eq!(connected, aegis_status::AEGIS_OK);
     let payload = vec![0x5au8; PAYLOAD];
     let (mut reply, mut out) = (vec![0u8; PAYLOAD], Vec::with_capacity(PAYLOAD));
     let mut len = 0usize;
