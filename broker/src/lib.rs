@@ -9,6 +9,7 @@ pub mod config;
 pub mod identities;
 pub mod journal;
 pub mod liveness;
+mod notify;
 pub mod policy;
 mod resources;
 mod server;

@@ -297,6 +297,8 @@ async fn serve(
     // Readiness line for scripts and tests (they wait on it instead of polling the socket).
     println!("aegis-broker ready {}", sock.display());
     let _ = std::io::stdout().flush();
+    let mut systemd = crate::notify::Systemd::new();
+    systemd.ready(&state.lock());
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -314,9 +316,15 @@ async fn serve(
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => reload(&state, log_reload.as_ref()),
-            _ = tick.tick() => state.lock().tick(),
+            _ = tick.tick() => {
+                let mut st = state.lock();
+                st.tick();
+                // From the loop that checks liveness: a broker wedged here is restarted.
+                systemd.tick(&st);
+            }
         }
     }
+    systemd.stopping();
     Ok(())
 }
 

@@ -1082,6 +1082,15 @@ impl State {
         }
     }
 
+    /// (services, instances, connected processes) right now.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.services.iter().flatten().count(),
+            self.instances.iter().flatten().count(),
+            self.clients.iter().flatten().count(),
+        )
+    }
+
     pub fn tick(&mut self) {
         self.expire_resources();
         let live = self.journal_entries_len();
