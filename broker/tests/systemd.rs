@@ -38,7 +38,7 @@ fn the_broker_notifies_ready_watchdog_status_and_stopping() {
     let bus = dir.path().join("bus");
     // systemd names the watched process in WATCHDOG_PID: the shell's pid, which `exec`
     // hands to the broker.
-    let mut child = Command::new("sh")
+    let child = Command::new("sh")
         .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
         .arg(env!("CARGO_BIN_EXE_aegis-broker"))
         .arg("--dir")
