@@ -102,6 +102,10 @@ pub struct BrokerConfig {
     /// can write it can replace the control socket).
     #[arg(long)]
     pub allow_shared_dir: bool,
+    /// Serve /metrics (Prometheus) and the read-only admin API (/api/v1/admin/...) on this
+    /// address (e.g. 127.0.0.1:9464). Off unless given.
+    #[arg(long)]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -139,6 +143,7 @@ struct FileConfig {
     admin_gids: Option<Vec<u32>>,
     exit_detection: Option<ExitDetection>,
     allow_shared_dir: Option<bool>,
+    http_listen: Option<std::net::SocketAddr>,
     log: Option<String>,
     #[serde(default)]
     policy: Vec<Rule>,
@@ -201,7 +206,7 @@ impl BrokerConfig {
                 max_resources_per_instance, max_ring_bytes, max_shm_per_uid, slot_size,
                 slot_count, max_message, socket_mode, admin_uids, admin_gids, exit_detection,
                 allow_shared_dir, log;
-            optional: dir, max_instances_per_uid, max_clients_per_uid, max_resources_per_uid,
+            optional: dir, http_listen, max_instances_per_uid, max_clients_per_uid, max_resources_per_uid,
                 max_connections);
         crate::policy::validate(&policy).map_err(|e| format!("{}: {e}", path.display()))?;
         self.policy = policy;

@@ -6,9 +6,11 @@
 //! through the segments it handed out.
 
 pub mod config;
+mod http;
 pub mod identities;
 pub mod journal;
 pub mod liveness;
+mod metrics;
 mod notify;
 pub mod policy;
 mod resources;

@@ -129,6 +129,7 @@ impl State {
             return;
         }
         rec.live.status = to;
+        self.metrics.transition(&rec.id, from, to, reason);
         rec.live.transitions.push_back(Transition {
             at_ms: sys::unix_millis(),
             from,

@@ -490,6 +490,12 @@ impl State {
             }
         }
         self.changed();
+        self.metrics.resource_registrations += ok as u64;
+        self.metrics.resource_conflicts +=
+            failed.iter().filter(|f| f.code == code::CONFLICT).count() as u64;
+        if specs.len() > 1 {
+            self.metrics.resource_bulk_operations += 1;
+        }
         Ok((ok, failed))
     }
 
@@ -539,6 +545,10 @@ impl State {
             }
         }
         self.changed();
+        self.metrics.resource_releases += ok as u64;
+        if ids.len() > 1 {
+            self.metrics.resource_bulk_operations += 1;
+        }
         Ok((ok, failed))
     }
 
@@ -643,6 +653,7 @@ impl State {
                 moving.len()
             )));
         }
+        self.metrics.resource_transfers += moving.len() as u64;
         for (id, old) in moving {
             let from_name = self.instance_name(old);
             self.set_owner(id, target);
@@ -652,7 +663,8 @@ impl State {
         (Response::Done, Vec::new())
     }
 
-    pub(crate) fn query_resources(&self, q: &ResourceQuery) -> ResourcePage {
+    pub(crate) fn query_resources(&mut self, q: &ResourceQuery) -> ResourcePage {
+        self.metrics.resource_lookups += 1;
         let limit = match q.limit {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
@@ -736,6 +748,7 @@ impl State {
             }
             let (_, id, _) = self.resources.ttl.pop_first().expect("first() was Some");
             if self.remove_rec(&id).is_some() {
+                self.metrics.resource_releases += 1;
                 tracing::info!(resource = %id, "resource released: TTL expired");
                 any = true;
             }

@@ -65,7 +65,18 @@ pub fn run_with(cfg: BrokerConfig, log_reload: Option<LogReload>) -> Result<(), 
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let r = rt.block_on(serve(Arc::new(Mutex::new(state)), &sock, mode, log_reload));
+    let http = state.cfg.http_listen;
+    let r = rt.block_on(async {
+        let state = Arc::new(Mutex::new(state));
+        if let Some(addr) = http {
+            let listener = crate::http::bind(addr).await?;
+            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(%bound, "serving /metrics and /api/v1/admin over HTTP");
+            println!("aegis-broker http {bound}");
+            tokio::spawn(crate::http::serve(listener, state.clone()));
+        }
+        serve(state, &sock, mode, log_reload).await
+    });
     let _ = fs::remove_file(&sock);
     let _ = fs::remove_file(dir.join(dirs::LOCK));
     r

@@ -124,6 +124,8 @@ pub struct State {
     pub(crate) liveness: crate::liveness::Watch,
     clients: Vec<Option<ClientRec>>,
     ids: Identities,
+    /// Counts behind the Prometheus metrics (see `metrics`).
+    pub(crate) metrics: crate::metrics::Counters,
     /// The resource journal (metadata and TTLs across broker restarts); `None` in unit
     /// tests without a bus directory.
     pub(crate) journal: Option<crate::journal::Journal>,
@@ -189,6 +191,7 @@ impl State {
             introductions: HashMap::new(),
             conn_groups: HashMap::new(),
             journal: None,
+            metrics: Default::default(),
             by_name: HashMap::new(),
             resources: Default::default(),
             liveness: Default::default(),
@@ -1049,6 +1052,13 @@ impl State {
     }
 
     pub(crate) fn remove_instance(&mut self, index: u32, reason: &str) {
+        // Every departure is a transition to Offline (history, metrics), however noticed.
+        if self.instances[index as usize]
+            .as_ref()
+            .is_some_and(|r| r.live.status != Status::Offline)
+        {
+            self.set_status(index, Status::Offline, reason);
+        }
         let Some(rec) = self.instances[index as usize].take() else {
             return;
         };

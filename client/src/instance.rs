@@ -603,10 +603,11 @@ impl InstanceInner {
         mb.heap_off.store(off, Ordering::Relaxed);
         // Counted before the reply is published (complete's Release): whoever has seen the
         // reply, and asks after it, sees the count include it.
-        self.seg
-            .counters()
-            .requests_served
-            .fetch_add(1, Ordering::Relaxed);
+        let counters = self.seg.counters();
+        counters.requests_served.fetch_add(1, Ordering::Relaxed);
+        if status != 0 {
+            counters.requests_failed.fetch_add(1, Ordering::Relaxed);
+        }
         mailbox::complete(mb, d.gen, d.nonce, d.client.doorbell());
     }
 

@@ -768,9 +768,13 @@ impl SharedView {
 /// Written by the instance, read by the broker (liveness, admin view).
 #[repr(C, align(64))]
 pub struct InstanceCounters {
+    /// Replies sent, errors included.
     pub requests_served: AtomicU64,
     /// Advanced by the serving loop itself (progress, not a timer): hang detection.
     pub progress: AtomicU64,
+    /// Of `requests_served`, the error replies (counted only on that path: the success
+    /// path pays nothing for it). Summed by the broker into its metrics when scraped.
+    pub requests_failed: AtomicU64,
 }
 
 /// Ring positions. Producer and consumer words sit on separate 128-byte lines (adjacent

@@ -1,0 +1,190 @@
+//! The broker's HTTP listener over real HTTP: `/metrics` parsed with a real
+//! exposition-format parser (N calls to 3 instances sum to N with the round-robin split; a
+//! killed instance shows in its state transitions), and the admin API's JSON equal to
+//! `aegisctl … --json`.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+
+use aegis_client::CallOptions;
+use support::{broker_bin, spawn_watched, wait_deadline, TestBus, DEADLINE};
+
+/// A broker with its HTTP listener on an ephemeral port, and that port's address.
+fn start() -> (TestBus, String) {
+    let dir = tempfile::Builder::new()
+        .prefix("aegis-test-")
+        .tempdir()
+        .unwrap();
+    let mut c = Command::new(broker_bin());
+    c.arg("--dir")
+        .arg(dir.path())
+        .args(["--log", "warn", "--http-listen", "127.0.0.1:0"]);
+    let (broker, _, before) = spawn_watched(c).wait_for("aegis-broker ready");
+    let addr = before
+        .iter()
+        .find_map(|l| l.strip_prefix("aegis-broker http "))
+        .expect("the broker said where it listens")
+        .trim()
+        .to_owned();
+    (TestBus { dir, broker }, addr)
+}
+
+/// GET `path`; the status and body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    let (status, body) = get(addr, "/metrics");
+    assert_eq!(status, 200);
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+fn value(v: &prometheus_parse::Value) -> f64 {
+    match v {
+        prometheus_parse::Value::Counter(x)
+        | prometheus_parse::Value::Gauge(x)
+        | prometheus_parse::Value::Untyped(x) => *x,
+        other => panic!("unexpected sample {other:?}"),
+    }
+}
+
+#[test]
+fn metrics_count_every_call_per_instance_and_show_a_killed_instance() {
+    let (bus, addr) = start();
+    let mut procs: Vec<_> = ["m-1", "m-2", "m-3"]
+        .iter()
+        .map(|id| bus.serve("metered", id, &[]))
+        .collect();
+    let client = bus.connect();
+    const N: usize = 300;
+    for i in 0..N {
+        client
+            .call("metered", "echo", &i.to_le_bytes(), &CallOptions::default())
+            .unwrap();
+    }
+    let s = scrape(&addr);
+    let ok: Vec<_> = s
+        .samples
+        .iter()
+        .filter(|x| {
+            x.metric == "ipc_router_requests_total" && x.labels.get("status") == Some("success")
+        })
+        .collect();
+    assert_eq!(ok.iter().map(|x| value(&x.value)).sum::<f64>(), N as f64);
+    for x in &ok {
+        assert_eq!(x.labels.get("service_name"), Some("metered"));
+        assert_eq!(value(&x.value), (N / 3) as f64, "round-robin split: {x:?}");
+    }
+    let active = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "ipc_router_active_instances")
+        .unwrap();
+    assert_eq!(value(&active.value), 3.0);
+
+    let mut killed = procs.remove(0);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(killed.pid() as libc::pid_t, libc::SIGKILL) };
+    wait_deadline(&mut killed.child);
+    assert!(client.wait_until(DEADLINE, |c| c.routable_instances("metered").len() == 2));
+    let s = scrape(&addr);
+    let gone = s
+        .samples
+        .iter()
+        .find(|x| {
+            x.metric == "ipc_instance_state_transitions"
+                && x.labels.get("instance_id") == Some("m-1")
+                && x.labels.get("to_state") == Some("Offline")
+        })
+        .expect("the killed instance's transition");
+    assert_eq!(value(&gone.value), 1.0);
+    assert!(s
+        .samples
+        .iter()
+        .any(|x| x.metric == "ipc_healthcheck_failures_total"
+            && x.labels.get("instance_id") == Some("m-1")));
+}
+
+#[test]
+fn the_admin_api_returns_what_aegisctl_json_prints() {
+    let (bus, addr) = start();
+    let _a = bus.serve("docs", "d-1", &["--claim", "doc-1,doc-2"]);
+    let _b = bus.serve("docs", "d-2", &[]);
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let out = bus.aegisctl(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let api = |path: &str| -> serde_json::Value {
+        let (status, body) = get(&addr, path);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    assert_eq!(api("/api/v1/admin/services"), cli(&["services", "--json"]));
+    assert_eq!(
+        api("/api/v1/admin/services/docs"),
+        cli(&["service", "docs", "--json"])
+    );
+    assert_eq!(
+        api("/api/v1/admin/resources?service=docs&limit=1&offset=1"),
+        cli(&[
+            "resources",
+            "--service",
+            "docs",
+            "--limit",
+            "1",
+            "--offset",
+            "1",
+            "--json"
+        ])
+    );
+    // Health carries "milliseconds since the last progress", which moves between the two
+    // reads: compare everything else.
+    let strip = |mut v: serde_json::Value| {
+        for i in v.as_array_mut().unwrap() {
+            i.as_object_mut().unwrap().remove("last_progress_ms");
+        }
+        v
+    };
+    assert_eq!(
+        strip(api("/api/v1/admin/health")),
+        strip(cli(&["health", "--json"]))
+    );
+    let (status, body) = get(&addr, "/api/v1/admin/services/nope");
+    assert_eq!(status, 404, "{body}");
+}
+
+#[test]
+fn a_listener_address_in_use_is_a_one_line_error_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(broker_bin())
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--log", "warn", "--http-listen", &addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr) && err.contains("http_listen"), "{err}");
+}
