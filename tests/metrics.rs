@@ -188,3 +188,39 @@ fn a_listener_address_in_use_is_a_one_line_error_naming_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&addr) && err.contains("http_listen"), "{err}");
 }
+
+/// Every metric the packaged alerts and dashboard use exists in a scrape.
+#[test]
+fn every_metric_in_the_alerts_and_the_dashboard_exists_in_a_scrape() {
+    let (bus, addr) = start();
+    let _a = bus.serve("docs", "d-1", &["--claim", "doc-1"]);
+    bus.connect()
+        .call("docs", "m", b"x", &CallOptions::default())
+        .unwrap();
+    let (_, body) = get(&addr, "/metrics");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        "packaging/prometheus/alerts.yml",
+        "packaging/grafana/aegis-ipc.json",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let names: std::collections::BTreeSet<&str> = text
+            .match_indices("ipc_")
+            .map(|(i, _)| {
+                let rest = &text[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        assert!(!names.is_empty(), "{file} uses no metric");
+        for name in names {
+            assert!(
+                body.lines()
+                    .any(|l| l.starts_with(&format!("# TYPE {name} "))),
+                "{file} uses {name}, which /metrics does not have"
+            );
+        }
+    }
+}
