@@ -106,6 +106,9 @@ pub struct BrokerConfig {
     /// address (e.g. 127.0.0.1:9464). Off unless given.
     #[arg(long)]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Log lines as text, or as one JSON object per line (for log collectors).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -144,6 +147,7 @@ struct FileConfig {
     exit_detection: Option<ExitDetection>,
     allow_shared_dir: Option<bool>,
     http_listen: Option<std::net::SocketAddr>,
+    log_format: Option<LogFormat>,
     log: Option<String>,
     #[serde(default)]
     policy: Vec<Rule>,
@@ -205,7 +209,7 @@ impl BrokerConfig {
             plain: max_services, max_instances, max_clients, max_resources,
                 max_resources_per_instance, max_ring_bytes, max_shm_per_uid, slot_size,
                 slot_count, max_message, socket_mode, admin_uids, admin_gids, exit_detection,
-                allow_shared_dir, log;
+                allow_shared_dir, log_format, log;
             optional: dir, http_listen, max_instances_per_uid, max_clients_per_uid, max_resources_per_uid,
                 max_connections);
         crate::policy::validate(&policy).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -239,6 +243,13 @@ fn parse_file(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read configuration {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("configuration {}: {e}", path.display()))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]

@@ -17,5 +17,5 @@ mod resources;
 mod server;
 pub mod state;
 
-pub use config::{BrokerConfig, ExitDetection};
+pub use config::{BrokerConfig, ExitDetection, LogFormat};
 pub use server::{run, run_with, LogReload};

@@ -22,10 +22,12 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .init();
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match cfg.log_format {
+        aegis_broker::LogFormat::Text => registry.with(layer).init(),
+        aegis_broker::LogFormat::Json => registry.with(layer.json()).init(),
+    }
     // RUST_LOG, when set, wins over the file on reload too.
     let log_reload: Option<aegis_broker::LogReload> =
         std::env::var_os("RUST_LOG").is_none().then(|| {

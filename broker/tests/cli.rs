@@ -106,3 +106,32 @@ fn config_file_flags_override_it_and_bad_keys_are_named_with_their_line() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn json_log_format_writes_one_json_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile_dir();
+    let mut child = broker()
+        .args(["--dir", &dir, "--log-format", "json", "--log", "info"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("aegis-broker ready"), "{line}");
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|v| v["fields"]["message"] == "aegis-broker ready" && v["level"] == "INFO"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
