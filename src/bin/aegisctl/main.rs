@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod monitor;
 mod private_bus;
 mod resources;
 mod serve;
@@ -69,6 +70,9 @@ enum Cmd {
     },
     /// List resources and their owners.
     Resources(resources::ListArgs),
+    /// Stream events as they happen: instances joining and leaving, health transitions,
+    /// claims, releases, transfers.
+    Monitor(monitor::MonitorArgs),
     /// Administrator: release resources whoever owns them.
     Release {
         /// Resource ids (comma-separated).
@@ -114,7 +118,8 @@ fn main() -> ExitCode {
             | Cmd::Release { json: true, .. }
             | Cmd::Health { json: true, .. }
     ) || matches!(&cli.cmd, Cmd::Bench(b) if b.json)
-        || matches!(&cli.cmd, Cmd::Resources(r) if r.json);
+        || matches!(&cli.cmd, Cmd::Resources(r) if r.json)
+        || matches!(&cli.cmd, Cmd::Monitor(m) if m.json);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -293,6 +298,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Cmd::Resources(args) => resources::list(&connect(&cli.dir)?, &args)?,
+        Cmd::Monitor(args) => monitor::run(&connect(&cli.dir)?, &args)?,
         Cmd::Release { ids, json } => resources::release(&connect(&cli.dir)?, &ids, json)?,
         Cmd::Transfer {
             ids,
