@@ -199,6 +199,16 @@ macro_rules! need {
     };
 }
 
+/// The value of a checked argument, or the function returns its status.
+macro_rules! arg {
+    ($checked:expr) => {
+        match $checked {
+            Ok(v) => v,
+            Err(status) => return status,
+        }
+    };
+}
+
 /// A NUL-terminated UTF-8 argument.
 unsafe fn text<'a>(p: *const c_char, name: &str) -> Result<&'a str, aegis_status> {
     if p.is_null() {
@@ -567,10 +577,7 @@ pub unsafe extern "C" fn aegis_call(
     reply_len: *mut usize,
 ) -> aegis_status {
     // SAFETY: forwarded caller contract.
-    let service = match unsafe { text(service, "service") } {
-        Ok(s) => s,
-        Err(s) => return s,
-    };
+    let service = arg!(unsafe { text(service, "service") });
     // SAFETY: forwarded caller contract.
     unsafe {
         call_with(
@@ -599,10 +606,7 @@ pub unsafe extern "C" fn aegis_call_resource(
     reply_len: *mut usize,
 ) -> aegis_status {
     // SAFETY: forwarded caller contract.
-    let resource = match unsafe { text(resource, "resource") } {
-        Ok(s) => s,
-        Err(s) => return s,
-    };
+    let resource = arg!(unsafe { text(resource, "resource") });
     // SAFETY: forwarded caller contract.
     unsafe {
         call_with(
@@ -629,10 +633,7 @@ pub unsafe extern "C" fn aegis_call_alloc(
     reply: *mut aegis_buffer,
 ) -> aegis_status {
     // SAFETY: forwarded caller contract.
-    let service = match unsafe { text(service, "service") } {
-        Ok(s) => s,
-        Err(s) => return s,
-    };
+    let service = arg!(unsafe { text(service, "service") });
     // SAFETY: forwarded caller contract.
     let Some(reply) = (unsafe { reply.as_mut() }) else {
         set_error("argument `reply` is NULL".into());
@@ -900,10 +901,7 @@ pub unsafe extern "C" fn aegis_respond(
     // SAFETY: forwarded caller contract: `r` is the callback's responder.
     let r = need!(unsafe { r.as_mut() }, "responder");
     // SAFETY: forwarded caller contract.
-    let data = match unsafe { bytes(data, len, "data") } {
-        Ok(d) => d,
-        Err(s) => return s,
-    };
+    let data = arg!(unsafe { bytes(data, len, "data") });
     // SAFETY: `out` points to the serving loop's buffer for the duration of the callback.
     let out = unsafe { &mut *r.out };
     out.clear();
@@ -923,10 +921,7 @@ pub unsafe extern "C" fn aegis_respond_error(
     // SAFETY: forwarded caller contract.
     let r = need!(unsafe { r.as_mut() }, "responder");
     // SAFETY: forwarded caller contract.
-    let message = match unsafe { text(message, "message") } {
-        Ok(m) => m,
-        Err(s) => return s,
-    };
+    let message = arg!(unsafe { text(message, "message") });
     r.error = Some(ServiceError::new(code, message));
     AEGIS_OK
 }
@@ -1069,10 +1064,7 @@ pub unsafe extern "C" fn aegis_receiver_reply(
         // SAFETY: forwarded caller contract.
         let rx = need!(unsafe { rx.as_mut() }, "receiver");
         // SAFETY: forwarded caller contract.
-        let data = match unsafe { bytes(data, len, "data") } {
-            Ok(d) => d,
-            Err(s) => return s,
-        };
+        let data = arg!(unsafe { bytes(data, len, "data") });
         let Some(req) = rx.req.take() else {
             set_error("no request to answer".into());
             return AEGIS_INVALID_ARGUMENT;
@@ -1095,10 +1087,7 @@ pub unsafe extern "C" fn aegis_receiver_reply_error(
         // SAFETY: forwarded caller contract.
         let rx = need!(unsafe { rx.as_mut() }, "receiver");
         // SAFETY: forwarded caller contract.
-        let message = match unsafe { text(message, "message") } {
-            Ok(m) => m,
-            Err(s) => return s,
-        };
+        let message = arg!(unsafe { text(message, "message") });
         let Some(req) = rx.req.take() else {
             set_error("no request to answer".into());
             return AEGIS_INVALID_ARGUMENT;
@@ -1255,10 +1244,7 @@ pub unsafe extern "C" fn aegis_service(
             _ => return AEGIS_NULL_ARGUMENT,
         };
         // SAFETY: forwarded caller contract.
-        let name = match unsafe { text(name, "name") } {
-            Ok(n) => n,
-            Err(s) => return s,
-        };
+        let name = arg!(unsafe { text(name, "name") });
         match bus.bus.service(name) {
             Ok(s) => json_out(&s, out),
             Err(e) => fail(e),
@@ -1319,10 +1305,7 @@ pub unsafe extern "C" fn aegis_watch(
             _ => return AEGIS_NULL_ARGUMENT,
         };
         // SAFETY: forwarded caller contract.
-        let service = match unsafe { text(service, "service") } {
-            Ok(s) => s,
-            Err(s) => return s,
-        };
+        let service = arg!(unsafe { text(service, "service") });
         *g = bus
             .bus
             .watch(service, *g, Duration::from_millis(timeout_ms));
