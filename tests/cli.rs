@@ -164,3 +164,36 @@ fn demo_runs_with_only_aegisctl_built() {
         );
     }
 }
+
+#[test]
+fn top_draws_each_instance_with_its_rates_queue_and_state() {
+    let bus = TestBus::start();
+    let _a = bus.serve("topped", "t-1", &[]);
+    let _b = bus.serve("topped", "t-2", &[]);
+    let client = bus.connect();
+    for _ in 0..10 {
+        client
+            .call("topped", "m", b"x", &aegis_client::CallOptions::default())
+            .unwrap();
+    }
+    let out = bus
+        .aegisctl(&["top", "topped", "--iterations", "2", "--interval", "0.2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("CALLS/S").count(), 2, "two tables: {text}");
+    for id in ["t-1", "t-2"] {
+        assert!(
+            text.lines().any(|l| l.contains(id) && l.contains("Online")),
+            "{id} missing: {text}"
+        );
+    }
+    let e = bus.aegisctl(&["top", "--interval", "0"]).output().unwrap();
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--interval 0"));
+}

@@ -994,6 +994,11 @@ impl State {
                             .counters()
                             .requests_served
                             .load(std::sync::atomic::Ordering::Relaxed),
+                        requests_failed: r
+                            .seg
+                            .counters()
+                            .requests_failed
+                            .load(std::sync::atomic::Ordering::Relaxed),
                         queued,
                         registered_at_ms: r.registered_at_ms,
                         metadata: r.metadata.clone(),

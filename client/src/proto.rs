@@ -270,6 +270,8 @@ pub struct InstanceInfo {
     pub uid: u32,
     pub status: Status,
     pub requests_served: u64,
+    /// Of those, answered with an error.
+    pub requests_failed: u64,
     /// Requests waiting in its ring when the broker looked.
     pub queued: u64,
     pub registered_at_ms: u64,

@@ -8,6 +8,7 @@ mod monitor;
 mod private_bus;
 mod resources;
 mod serve;
+mod top;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -73,6 +74,8 @@ enum Cmd {
     /// Stream events as they happen: instances joining and leaving, health transitions,
     /// claims, releases, transfers.
     Monitor(monitor::MonitorArgs),
+    /// A table of instances (calls/s, errors/s, queued, state), redrawn every second.
+    Top(top::TopArgs),
     /// Administrator: release resources whoever owns them.
     Release {
         /// Resource ids (comma-separated).
@@ -299,6 +302,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Resources(args) => resources::list(&connect(&cli.dir)?, &args)?,
         Cmd::Monitor(args) => monitor::run(&connect(&cli.dir)?, &args)?,
+        Cmd::Top(args) => top::run(&connect(&cli.dir)?, &args)?,
         Cmd::Release { ids, json } => resources::release(&connect(&cli.dir)?, &ids, json)?,
         Cmd::Transfer {
             ids,
