@@ -141,3 +141,58 @@ fn another_uid_is_refused_or_admitted_as_the_policy_says_and_sighup_applies_chan
     }
     terminate(&mut broker);
 }
+
+/// A bad file on SIGHUP (a key that does not exist) is refused with a line naming it, and
+/// the running configuration stays; a good one then applies.
+#[test]
+fn a_bad_sighup_keeps_the_running_configuration() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    let locked = "admin_uids = []\n\n[[policy]]\nservices = [\"locked.*\"]\n";
+    std::fs::write(&config, locked).unwrap();
+    let bus_dir = dir.path().join("bus");
+    let mut c = Command::new(support::broker_bin());
+    c.arg("--dir")
+        .arg(&bus_dir)
+        .args(["--log", "warn", "--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped());
+    let (mut broker, _) = support::spawn_ready(c, "aegis-broker ready");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = broker.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let bus = aegis_client::Bus::connect_dir(&bus_dir).unwrap();
+    let refused = |bus: &aegis_client::Bus| {
+        matches!(
+            bus.register("locked.db", "x", &[]),
+            Err(aegis_client::Error::PermissionDenied(_))
+        )
+    };
+    assert!(refused(&bus));
+    std::fs::write(&config, format!("{locked}max_clientz = 3\n")).unwrap();
+    // SAFETY: kill(2) on our broker child.
+    unsafe { libc::kill(broker.id() as libc::pid_t, libc::SIGHUP) };
+    let line = loop {
+        let l = rx
+            .recv_timeout(support::DEADLINE)
+            .expect("the broker said nothing");
+        if l.contains("not reloaded") {
+            break l;
+        }
+    };
+    assert!(
+        line.contains("max_clientz") && line.contains("line 5"),
+        "{line}"
+    );
+    assert!(refused(&bus), "the bad file changed the running policy");
+    // A good file applies.
+    std::fs::write(&config, "admin_uids = []\n").unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(broker.id() as libc::pid_t, libc::SIGHUP) };
+    support::wait_for("the good file to apply", || !refused(&bus));
+    terminate(&mut broker);
+}

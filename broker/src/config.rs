@@ -242,7 +242,20 @@ impl BrokerConfig {
 fn parse_file(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read configuration {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("configuration {}: {e}", path.display()))
+    // One line naming the line and what is wrong there (toml's own text spans several).
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        match line {
+            Some(n) => format!(
+                "configuration {}: line {n}: {}",
+                path.display(),
+                e.message()
+            ),
+            None => format!("configuration {}: {}", path.display(), e.message()),
+        }
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
