@@ -798,6 +798,8 @@ fn a_request_in_doubt_is_retried_only_when_idempotent() {
             assert_eq!(attempts.len(), 1, "{e}");
             assert_eq!(attempts[0].instance, "slow");
             assert!(attempts[0].error.contains("taken but not answered"), "{e}");
+            // The error names the call's trace id.
+            assert!(e.to_string().contains("(trace 0x"), "{e}");
         }
         other => panic!("expected a timeout in doubt, got {other}"),
     }

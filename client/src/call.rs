@@ -118,6 +118,35 @@ impl From<Error> for Failed {
     }
 }
 
+/// One successful call in this many per thread is logged (target `aegis_ipc::route`, level
+/// info): a thread-local count and compare is all the fast path pays. Failed calls are
+/// logged every time (warn), with their trace id.
+pub const ROUTE_LOG_SAMPLE: u32 = 1024;
+
+fn route_log_sampled() -> bool {
+    thread_local! {
+        static CALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    CALLS.with(|c| {
+        let n = c.get();
+        c.set(n.wrapping_add(1));
+        n % ROUTE_LOG_SAMPLE == 0
+    })
+}
+
+/// Logs a call's failure with its trace id, and returns the error: the bus's own failures
+/// (timeouts, no instance) at warn, a handler's answer (an application error) at debug.
+fn failed_call(e: Error, trace: u64) -> Error {
+    let trace_id = format_args!("{trace:#x}");
+    match &e {
+        Error::Remote { .. } | Error::BadRequest(_) => {
+            tracing::debug!(target: "aegis_ipc::route", %trace_id, "call answered with an error: {e}")
+        }
+        _ => tracing::warn!(target: "aegis_ipc::route", %trace_id, "call failed: {e}"),
+    }
+    e
+}
+
 /// Bytes before a heap reply: the nonce of the call it answers (see `read_reply`).
 pub(crate) const HEAP_TAG: u64 = 8;
 
@@ -198,6 +227,8 @@ impl Bus {
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
         check_size(service, payload, max)?;
         let total = start + opts.timeout;
+        // One trace id for the whole call: every attempt carries it, and so does its error.
+        let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
         let mut attempts: Vec<Attempt> = Vec::new();
         let mut tried: Vec<u32> = Vec::new();
         loop {
@@ -216,15 +247,19 @@ impl Bus {
                 let all_left = attempts
                     .iter()
                     .all(|a| a.error == INSTANCE_LEFT_BEFORE_SEND);
-                return Err(if all_left {
-                    no_instance()
-                } else {
-                    Error::Timeout {
-                        service: service.to_owned(),
-                        elapsed: start.elapsed(),
-                        attempts,
-                    }
-                });
+                return Err(failed_call(
+                    if all_left {
+                        no_instance()
+                    } else {
+                        Error::Timeout {
+                            service: service.to_owned(),
+                            elapsed: start.elapsed(),
+                            attempts,
+                            trace_id: trace,
+                        }
+                    },
+                    trace,
+                ));
             };
             let t = Instant::now();
             let deadline = (t + opts.attempt_timeout).min(total);
@@ -237,16 +272,24 @@ impl Bus {
                 method,
                 payload,
                 opts,
-                deadline,
+                (deadline, trace),
                 Some(&elsewhere),
                 out,
             );
             let failed = match attempt {
                 Ok(()) => {
                     inner.note_success(target);
+                    if route_log_sampled() {
+                        tracing::info!(target: "aegis_ipc::route", service, method,
+                            instance = %inner.instance_name(target.instance),
+                            trace_id = format_args!("{trace:#x}"), attempts = attempts.len() + 1,
+                            "call routed (1 call in {ROUTE_LOG_SAMPLE} per thread is logged)");
+                    }
                     return Ok(target);
                 }
-                Err(Failed::Error(e)) => return Err(inner.remote_error(target, e)),
+                Err(Failed::Error(e)) => {
+                    return Err(failed_call(inner.remote_error(target, e), trace))
+                }
                 Err(f) => f,
             };
             let (why, in_doubt) = match failed {
@@ -271,11 +314,15 @@ impl Bus {
                 || sent as u32 >= opts.max_attempts
                 || Instant::now() >= total
             {
-                return Err(Error::Timeout {
-                    service: service.to_owned(),
-                    elapsed: start.elapsed(),
-                    attempts,
-                });
+                return Err(failed_call(
+                    Error::Timeout {
+                        service: service.to_owned(),
+                        elapsed: start.elapsed(),
+                        attempts,
+                        trace_id: trace,
+                    },
+                    trace,
+                ));
             }
         }
     }
@@ -344,13 +391,14 @@ impl Bus {
         check_size(service, payload, max)?;
         check_options(opts)?;
         let deadline = start + opts.timeout.min(opts.attempt_timeout);
+        let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
         match inner.attempt(
             inner.session(),
             target,
             method,
             payload,
             opts,
-            deadline,
+            (deadline, trace),
             None,
             out,
         ) {
@@ -362,7 +410,7 @@ impl Bus {
                     status: Status::Offline,
                 })
             }
-            Err(f) => Err(inner.one_attempt_error(inner.session(), target, f, start)),
+            Err(f) => Err(inner.one_attempt_error(inner.session(), target, f, (start, trace))),
         }
     }
 
@@ -402,10 +450,11 @@ impl Bus {
             .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip))
             .ok_or_else(no_instance)?;
         let deadline = start + opts.timeout.min(opts.attempt_timeout);
+        let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
         let seg = inner
             .open_target(target, deadline)
-            .map_err(|f| inner.one_attempt_error(sess, target, f, start))?;
-        match inner.send(&seg, method, payload, opts, deadline, &mut None) {
+            .map_err(|f| inner.one_attempt_error(sess, target, f, (start, trace)))?;
+        match inner.send(&seg, method, payload, opts, (deadline, trace), &mut None) {
             Ok(sent) => Ok(Pending {
                 inner,
                 sess,
@@ -415,8 +464,9 @@ impl Bus {
                 spin: opts.spin,
                 deadline,
                 start,
+                trace,
             }),
-            Err(f) => Err(inner.one_attempt_error(sess, target, f, start)),
+            Err(f) => Err(inner.one_attempt_error(sess, target, f, (start, trace))),
         }
     }
 
@@ -453,13 +503,22 @@ impl BusInner {
         method: &str,
         payload: &[u8],
         opts: &CallOptions,
-        deadline: Instant,
+        (deadline, trace): (Instant, u64),
         elsewhere: Option<&dyn Fn() -> bool>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let seg = self.open_target(target, deadline)?;
         let stall = elsewhere.map(|e| (opts.stall_bound, e));
-        self.send_and_wait(sess, &seg, method, payload, opts, deadline, stall, out)
+        self.send_and_wait(
+            sess,
+            &seg,
+            method,
+            payload,
+            opts,
+            (deadline, trace),
+            stall,
+            out,
+        )
     }
 
     /// The target's segment, mapped (asking the broker, waiting for it within `deadline`
@@ -519,20 +578,24 @@ impl BusInner {
         sess: &Session,
         target: CallInfo,
         f: Failed,
-        start: Instant,
+        (start, trace): (Instant, u64),
     ) -> Error {
-        match f {
-            Failed::Error(e) => self.remote_error(target, e),
-            Failed::NotDelivered(w) | Failed::InDoubt(w) => Error::Timeout {
-                service: sess.service_of(target.instance),
-                elapsed: start.elapsed(),
-                attempts: vec![Attempt {
-                    instance: self.instance_name(target.instance),
-                    error: w.to_owned(),
-                    duration: start.elapsed(),
-                }],
+        failed_call(
+            match f {
+                Failed::Error(e) => self.remote_error(target, e),
+                Failed::NotDelivered(w) | Failed::InDoubt(w) => Error::Timeout {
+                    service: sess.service_of(target.instance),
+                    elapsed: start.elapsed(),
+                    attempts: vec![Attempt {
+                        instance: self.instance_name(target.instance),
+                        error: w.to_owned(),
+                        duration: start.elapsed(),
+                    }],
+                    trace_id: trace,
+                },
             },
-        }
+            trace,
+        )
     }
 
     /// Gives up on a sent request nobody will wait for: one not yet taken is cancelled
@@ -650,12 +713,12 @@ impl BusInner {
         method: &str,
         payload: &[u8],
         opts: &CallOptions,
-        deadline: Instant,
+        (deadline, trace): (Instant, u64),
         stall: Option<(Duration, &dyn Fn() -> bool)>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
-        let sent = self.send(seg, method, payload, opts, deadline, &mut watch)?;
+        let sent = self.send(seg, method, payload, opts, (deadline, trace), &mut watch)?;
         self.wait_sent(routed_with, seg, sent, opts.spin, deadline, watch, out)
     }
 
@@ -675,7 +738,7 @@ impl BusInner {
         method: &str,
         payload: &[u8],
         opts: &CallOptions,
-        deadline: Instant,
+        (deadline, trace): (Instant, u64),
         watch: &mut Option<StallWatch<'_>>,
     ) -> Result<Sent, Failed> {
         let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
@@ -736,7 +799,7 @@ impl BusInner {
             client_gen: self.client_ident().1,
             mailbox: mb_idx,
             mailbox_gen: gen,
-            trace_id: opts.trace_id.unwrap_or_else(|| self.next_trace_id()),
+            trace_id: trace,
             payload_len: payload.len() as u64,
             heap_off: heap_block.map_or(0, |(o, _)| o),
             method_len: method.len() as u16,
@@ -983,6 +1046,8 @@ pub struct Pending<'b> {
     spin: Option<Spin>,
     deadline: Instant,
     start: Instant,
+    /// The call's trace id (its error names it).
+    trace: u64,
 }
 
 impl Pending<'_> {
@@ -1016,7 +1081,9 @@ impl Pending<'_> {
                 inner.note_success(self.target);
                 Ok(self.target)
             }
-            Err(f) => Err(inner.one_attempt_error(self.sess, self.target, f, self.start)),
+            Err(f) => {
+                Err(inner.one_attempt_error(self.sess, self.target, f, (self.start, self.trace)))
+            }
         })
     }
 
@@ -1047,7 +1114,9 @@ impl Pending<'_> {
                 inner.note_success(self.target);
                 Ok(self.target)
             }
-            Err(f) => Err(inner.one_attempt_error(self.sess, self.target, f, self.start)),
+            Err(f) => {
+                Err(inner.one_attempt_error(self.sess, self.target, f, (self.start, self.trace)))
+            }
         }
     }
 }

@@ -29,12 +29,13 @@ pub enum Error {
     /// 503: the service has no healthy instance.
     #[error("no available instance of service '{service}'")]
     NoAvailableInstance { service: String },
-    /// 504: the deadline passed.
-    #[error("call to service '{service}' timed out after {elapsed:?} [{}]", attempts_text(.attempts))]
+    /// 504: the deadline passed. `trace_id` is the call's (every attempt carried it).
+    #[error("call to service '{service}' (trace {trace_id:#x}) timed out after {elapsed:?} [{}]", attempts_text(.attempts))]
     Timeout {
         service: String,
         elapsed: Duration,
         attempts: Vec<Attempt>,
+        trace_id: u64,
     },
     /// 400: an invalid name, id, method or undecodable payload.
     #[error("bad request: {0}")]
