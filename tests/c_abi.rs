@@ -106,6 +106,20 @@ fn compile(src: &Path, link: Link) -> PathBuf {
     exe
 }
 
+/// Runs a compiled C program against `bus` to its end: success, stdout, stderr.
+fn run_c(exe: &Path, bus: &TestBus, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(exe)
+        .args(args)
+        .env("AEGIS_IPC_DIR", bus.path())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn example(name: &str) -> PathBuf {
     root().join("examples/c").join(name)
 }
@@ -171,16 +185,8 @@ fn c_caller_with_rust_instance(link: Link) {
     let _inst = bus.serve("echo", "rust-1", &[]);
     // The example's "fail" method on an echo instance just echoes; its error path is shown
     // against the C server above.
-    let out = Command::new(&exe)
-        .args(["echo", "1000"])
-        .env("AEGIS_IPC_DIR", bus.path())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "C client: {stderr}");
+    let (ok, stdout, stderr) = run_c(&exe, &bus, &["echo", "1000"]);
+    assert!(ok, "C client: {stderr}");
     assert!(
         stdout.contains("1000 calls ok, last answered by rust-1"),
         "{stdout}"
@@ -370,16 +376,8 @@ int main(void) {
     )
     .unwrap();
     for link in [Link::Dynamic, Link::Asan] {
-        let exe = compile(&src, link);
-        let out = Command::new(exe)
-            .env("AEGIS_IPC_DIR", bus.path())
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        assert!(out.status.success(), "{stdout}{stderr}");
+        let (ok, stdout, stderr) = run_c(&compile(&src, link), &bus, &[]);
+        assert!(ok, "{stdout}{stderr}");
         assert!(stdout.contains("all bad input refused"), "{stdout}");
     }
     // The bus is fine.

@@ -507,16 +507,16 @@ fn options(o: *const aegis_call_options, default: &CallOptions) -> &CallOptions 
 
 // --- calls --------------------------------------------------------------------------------
 
-/// How a call is addressed.
-enum Target<'a> {
-    Service(&'a str),
-    Resource(&'a str),
+/// How a call is addressed: a service name or a resource id, as the caller passed it.
+enum Target {
+    Service(*const c_char),
+    Resource(*const c_char),
 }
 
 /// Runs one call into this thread's reply buffer; `f` gets the reply.
 unsafe fn call_with(
     bus: *const aegis_bus,
-    target: Target<'_>,
+    target: Target,
     method: *const c_char,
     payload: *const u8,
     payload_len: usize,
@@ -526,6 +526,12 @@ unsafe fn call_with(
     guard(|| {
         // SAFETY: forwarded caller contract.
         let bus = need!(unsafe { bus.as_ref() }, "bus");
+        let (to_resource, name) = match target {
+            Target::Service(p) => (false, p),
+            Target::Resource(p) => (true, p),
+        };
+        // SAFETY: forwarded caller contract.
+        let name = arg!(unsafe { text(name, if to_resource { "resource" } else { "service" }) });
         // SAFETY: forwarded caller contract.
         let (method, payload) = match unsafe {
             (
@@ -540,9 +546,10 @@ unsafe fn call_with(
         let opts = options(opts, &default);
         LAST_REPLY.with(|r| {
             let (out, info) = &mut *r.borrow_mut();
-            let res = match target {
-                Target::Service(s) => bus.bus.call_into(s, method, payload, opts, out),
-                Target::Resource(id) => bus.bus.call_resource_into(id, method, payload, opts, out),
+            let res = if to_resource {
+                bus.bus.call_resource_into(name, method, payload, opts, out)
+            } else {
+                bus.bus.call_into(name, method, payload, opts, out)
             };
             match res {
                 Ok(i) => {
@@ -577,8 +584,6 @@ pub unsafe extern "C" fn aegis_call(
     reply_len: *mut usize,
 ) -> aegis_status {
     // SAFETY: forwarded caller contract.
-    let service = arg!(unsafe { text(service, "service") });
-    // SAFETY: forwarded caller contract.
     unsafe {
         call_with(
             bus,
@@ -606,8 +611,6 @@ pub unsafe extern "C" fn aegis_call_resource(
     reply_len: *mut usize,
 ) -> aegis_status {
     // SAFETY: forwarded caller contract.
-    let resource = arg!(unsafe { text(resource, "resource") });
-    // SAFETY: forwarded caller contract.
     unsafe {
         call_with(
             bus,
@@ -632,8 +635,6 @@ pub unsafe extern "C" fn aegis_call_alloc(
     opts: *const aegis_call_options,
     reply: *mut aegis_buffer,
 ) -> aegis_status {
-    // SAFETY: forwarded caller contract.
-    let service = arg!(unsafe { text(service, "service") });
     // SAFETY: forwarded caller contract.
     let Some(reply) = (unsafe { reply.as_mut() }) else {
         set_error("argument `reply` is NULL".into());
