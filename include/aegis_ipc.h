@@ -70,6 +70,8 @@ typedef enum {
   AEGIS_BROKER_UNAVAILABLE = 502,
   AEGIS_NO_AVAILABLE_INSTANCE = 503,
   AEGIS_OWNER_UNAVAILABLE = 5031,
+  // This connection's circuit breaker for the service is open: failed without sending.
+  AEGIS_CIRCUIT_OPEN = 5032,
   AEGIS_TIMEOUT = 504,
   AEGIS_LOOP_DETECTED = 508,
 } aegis_status;

@@ -1,7 +1,8 @@
 //! The broker's HTTP listener over real HTTP: `/metrics` parsed with a real
-//! exposition-format parser (N calls to 3 instances sum to N with the round-robin split; a
-//! killed instance shows in its state transitions), and the admin API's JSON equal to
-//! `aegisctl … --json`.
+//! exposition-format parser (N calls to 3 instances sum to N with the round-robin split, in
+//! the counters, the duration histograms and the selections; a killed instance shows in
+//! its state transitions; a caller's circuit breaker opening and closing), and the admin
+//! API's JSON equal to `aegisctl … --json`.
 
 mod support;
 
@@ -63,6 +64,140 @@ fn value(v: &prometheus_parse::Value) -> f64 {
     }
 }
 
+/// The samples of `metric` labelled with an instance, sorted by instance id.
+fn per_instance<'a>(
+    s: &'a prometheus_parse::Scrape,
+    metric: &str,
+) -> impl Iterator<Item = (String, &'a prometheus_parse::Sample)> {
+    let mut v: Vec<_> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == metric)
+        .filter_map(|x| Some((x.labels.get("instance_id")?.to_owned(), x)))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.into_iter()
+}
+
+/// A histogram sample's count (its `+Inf` bucket).
+fn histogram_count(v: &prometheus_parse::Value) -> f64 {
+    match v {
+        prometheus_parse::Value::Histogram(b) => {
+            let last = b.last().expect("buckets");
+            assert!(last.less_than.is_infinite());
+            last.count
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+}
+
+/// The `state` series of `ipc_router_circuit_breaker_state` for `service`.
+fn breaker_gauge(addr: &str, service: &str, state: &str) -> f64 {
+    scrape(addr)
+        .samples
+        .iter()
+        .find(|x| {
+            x.metric == "ipc_router_circuit_breaker_state"
+                && x.labels.get("service_name") == Some(service)
+                && x.labels.get("state") == Some(state)
+        })
+        .map_or(-1.0, |x| value(&x.value))
+}
+
+#[test]
+fn a_callers_circuit_breaker_opens_on_failures_fails_fast_and_closes_on_recovery() {
+    let (bus, addr) = start();
+    let inst = bus.serve("brittle", "b-1", &[]);
+    let mut monitor = bus
+        .aegisctl(&["monitor", "brittle", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut events = std::io::BufReader::new(monitor.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut events, &mut line).unwrap();
+    assert!(line.contains("\"watching\""), "{line}");
+    let client = bus.connect_with(aegis_client::BusOptions {
+        circuit_breaker: aegis_client::CircuitBreaker {
+            failures: 5,
+            open_for: std::time::Duration::from_secs(600),
+        },
+        ..Default::default()
+    });
+    let quick = CallOptions {
+        timeout: std::time::Duration::from_millis(300),
+        attempt_timeout: std::time::Duration::from_millis(100),
+        ..Default::default()
+    };
+    client.call("brittle", "m", b"x", &quick).unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGSTOP) };
+    // Timeouts (then, once the broker confirms the reports, "every instance unhealthy")
+    // until the breaker opens; from then on calls fail at once without being sent.
+    let mut failures = Vec::new();
+    let opened = loop {
+        match client.call("brittle", "m", b"x", &quick) {
+            Err(aegis_client::Error::CircuitOpen { service, .. }) => break service,
+            Err(e) => failures.push(e.kind()),
+            Ok(_) => panic!("a stopped instance answered"),
+        }
+        assert!(failures.len() <= 5, "still not open after {failures:?}");
+    };
+    assert_eq!(opened, "brittle");
+    assert_eq!(failures.len(), 5, "{failures:?}");
+    let t = std::time::Instant::now();
+    let e = client.call("brittle", "m", b"x", &quick).unwrap_err();
+    assert_eq!(e.code(), 503, "{e}");
+    assert!(
+        t.elapsed() < quick.attempt_timeout,
+        "failed fast: {:?}",
+        t.elapsed()
+    );
+    support::wait_for("the open breaker in /metrics", || {
+        breaker_gauge(&addr, "brittle", "open") == 1.0
+    });
+    let svc = client.service("brittle").unwrap();
+    assert_eq!(svc.circuit_breaker.open, 1);
+    let (_, body) = get(&addr, "/api/v1/admin/services/brittle");
+    let api: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(api["circuit_breaker"]["open"], 1, "{api}");
+    // The monitor shows it (after the instance's health events).
+    let ev = loop {
+        line.clear();
+        std::io::BufRead::read_line(&mut events, &mut line).unwrap();
+        let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if ev["event"] == "breaker" {
+            break ev;
+        }
+    };
+    assert_eq!(ev["open"], 1, "{ev}");
+    let errors: f64 = scrape(&addr)
+        .samples
+        .iter()
+        .filter(|x| {
+            x.metric == "ipc_router_errors_total"
+                && x.labels.get("service_name") == Some("brittle")
+                && x.labels.get("error_type") == Some("CircuitOpen")
+        })
+        .map(|x| value(&x.value))
+        .sum();
+    assert!(errors >= 2.0, "the fast failures are counted: {errors}");
+
+    // The instance comes back (a health change): one probe goes through and closes it,
+    // long before the 600 s open period.
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGCONT) };
+    support::wait_for("the probe call to succeed", || {
+        client.call("brittle", "m", b"x", &quick).is_ok()
+    });
+    client.call("brittle", "m", b"x", &quick).unwrap();
+    support::wait_for("the closed breaker in /metrics", || {
+        breaker_gauge(&addr, "brittle", "open") == 0.0
+    });
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+}
+
 #[test]
 fn metrics_count_every_call_per_instance_and_show_a_killed_instance() {
     let (bus, addr) = start();
@@ -96,6 +231,27 @@ fn metrics_count_every_call_per_instance_and_show_a_killed_instance() {
         .find(|x| x.metric == "ipc_router_active_instances")
         .unwrap();
     assert_eq!(value(&active.value), 3.0);
+    let selections: Vec<f64> = per_instance(&s, "ipc_router_loadbalancer_selections")
+        .map(|(_, x)| value(&x.value))
+        .collect();
+    assert_eq!(selections, vec![(N / 3) as f64; 3]);
+    // Each instance observes a call's duration just after its reply is out: the last one
+    // may land a moment after our call returned.
+    let mut counts = Vec::new();
+    support::wait_for("every call's duration observed", || {
+        counts = per_instance(&scrape(&addr), "ipc_router_request_duration_seconds")
+            .map(|(_, x)| histogram_count(&x.value))
+            .collect();
+        counts == vec![(N / 3) as f64; 3]
+    });
+    let s = scrape(&addr);
+    let retried: f64 = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "ipc_router_retries_total")
+        .map(|x| value(&x.value))
+        .sum();
+    assert_eq!(retried, 0.0, "every call succeeded at its first attempt");
 
     let mut killed = procs.remove(0);
     // SAFETY: kill(2) on our child.

@@ -226,33 +226,50 @@ impl State {
         }
         let now = Instant::now();
         for i in 0..self.instances.len() as u32 {
-            self.confirm_report(i);
-            let Some(rec) = self.instances[i as usize].as_mut() else {
+            if self.instances[i as usize].is_none() {
                 continue;
-            };
-            let p = rec.seg.counters().progress.load(Relaxed);
-            let live = &mut rec.live;
-            if p != live.last_progress {
-                live.last_progress = p;
-                live.last_progress_at = now;
-                let held = live.hold_until.is_some_and(|h| now < h);
-                if live.status == Status::Unhealthy && !held {
-                    live.hold_until = None;
-                    self.set_status(i, Status::Online, "serving loop made progress again");
+            }
+            let t0 = Instant::now();
+            self.check_instance(i, now);
+            let ns = t0.elapsed().as_nanos() as u64;
+            if let Some(rec) = self.instances[i as usize].as_ref() {
+                let h = &mut self.metrics.healthcheck;
+                match h.get(&rec.id) {
+                    Some(h) => h.observe(ns),
+                    None => h.entry(rec.id.clone()).or_default().observe(ns),
                 }
-                continue;
             }
-            let stalled = now.duration_since(live.last_progress_at);
-            if live.status == Status::Online
-                && stalled >= Duration::from_millis(live.heartbeat.timeout_ms)
-            {
-                let queued = queued(rec);
-                let reason = format!(
-                    "serving loop made no progress for {} ms ({queued} requests waiting)",
-                    stalled.as_millis()
-                );
-                self.set_status(i, Status::Unhealthy, &reason);
+        }
+    }
+
+    /// One instance's check: a report to confirm, progress made or not, for how long.
+    fn check_instance(&mut self, i: u32, now: Instant) {
+        self.confirm_report(i);
+        let Some(rec) = self.instances[i as usize].as_mut() else {
+            return;
+        };
+        let p = rec.seg.counters().progress.load(Relaxed);
+        let live = &mut rec.live;
+        if p != live.last_progress {
+            live.last_progress = p;
+            live.last_progress_at = now;
+            let held = live.hold_until.is_some_and(|h| now < h);
+            if live.status == Status::Unhealthy && !held {
+                live.hold_until = None;
+                self.set_status(i, Status::Online, "serving loop made progress again");
             }
+            return;
+        }
+        let stalled = now.duration_since(live.last_progress_at);
+        if live.status == Status::Online
+            && stalled >= Duration::from_millis(live.heartbeat.timeout_ms)
+        {
+            let queued = queued(rec);
+            let reason = format!(
+                "serving loop made no progress for {} ms ({queued} requests waiting)",
+                stalled.as_millis()
+            );
+            self.set_status(i, Status::Unhealthy, &reason);
         }
     }
 

@@ -1,25 +1,54 @@
 //! Prometheus metrics with the seed's names and labels, rendered when `/metrics` is scraped.
 //!
-//! Nothing here is on the call path: per-instance request counts are the relaxed counters
-//! each instance keeps in its own segment (`InstanceCounters`), summed when scraped; the
-//! rest are counts the broker keeps as it changes its records. Label sets are bounded by
-//! services and instances (a resource id is never a label: resource metrics are totals, or
-//! per instance).
+//! Nothing here is on the call path. Figures of the data path are relaxed counters in
+//! shared memory, summed when scraped:
 //!
-//! Not emitted yet (they need per-call figures on the caller's side, which the call path
-//! does not keep today): `ipc_router_request_duration_seconds`,
-//! `ipc_router_loadbalancer_selections`, `ipc_router_errors_total`,
-//! `ipc_router_retries_total`, `ipc_router_circuit_breaker_state`,
-//! `ipc_healthcheck_duration_seconds`, `ipc_resource_operation_duration_seconds`,
-//! `ipc_resource_metadata_size_bytes`.
+//! * per instance, in the instance's own segment: requests answered and failed
+//!   (`InstanceCounters`), request durations from the caller's send to the reply (a
+//!   histogram the instance fills after each reply is out, from the clock reading the
+//!   caller's call already made), and load-balancer selections (its ring's enqueue
+//!   position: every request ever sent to it);
+//! * per caller and service, in the caller's own client segment (`CallerStats`): errors by
+//!   type, retries by attempt number, and its circuit breaker. A departed caller's counts
+//!   are kept in `Counters::retired` so no counter goes down.
+//!
+//! The broker's own figures (health checks, resource operations, metadata sizes,
+//! transitions) are counted as it changes its records. Label sets are bounded by services
+//! and instances: a resource id is never a label (resource metrics are totals, per
+//! operation, per service or per instance).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
-use aegis_client::layout::Status;
+use aegis_client::layout::{
+    CallerStats, ClientSeg, Histogram, Status, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN,
+    ERROR_TYPES, HISTOGRAM_BOUNDS_NS,
+};
+use aegis_client::proto::BreakerStates;
 
 use crate::state::State;
+
+/// A caller's failure counters for one service, summed.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct CallerTotals {
+    pub(crate) errors: [u64; ERROR_TYPES.len()],
+    pub(crate) retries: [u64; 4],
+}
+
+impl CallerTotals {
+    fn add(&mut self, s: &CallerStats) {
+        for (t, c) in self.errors.iter_mut().zip(&s.errors) {
+            *t += c.load(Relaxed);
+        }
+        for (t, c) in self.retries.iter_mut().zip(&s.retries) {
+            *t += c.load(Relaxed);
+        }
+    }
+}
+
+/// Upper bounds of the metadata-size histogram, bytes.
+const SIZE_BOUNDS: [u64; 7] = [64, 128, 256, 512, 1024, 4096, 16384];
 
 /// Counts the broker keeps as it changes its records.
 #[derive(Default)]
@@ -34,9 +63,42 @@ pub(crate) struct Counters {
     pub(crate) resource_transfers: u64,
     pub(crate) resource_bulk_operations: u64,
     pub(crate) resource_lookups: u64,
+    /// Per service index, the counts of callers that have disconnected.
+    pub(crate) retired: BTreeMap<u32, CallerTotals>,
+    /// Per instance id, how long the broker's liveness check of it took.
+    pub(crate) healthcheck: BTreeMap<String, Histogram>,
+    /// Per resource operation (claim, release, transfer, query), how long the broker took.
+    pub(crate) resource_ops: BTreeMap<&'static str, Histogram>,
+    /// Per service, the encoded sizes of claimed resources' metadata: (buckets, sum).
+    pub(crate) metadata_sizes: BTreeMap<String, ([u64; SIZE_BOUNDS.len() + 1], u64)>,
 }
 
 impl Counters {
+    /// Folds a departing caller's counts into the totals.
+    pub(crate) fn retire_caller(&mut self, seg: &ClientSeg, services: usize) {
+        for i in 0..services as u32 {
+            if let Some(s) = seg.caller_stats(i) {
+                let mut t = CallerTotals::default();
+                t.add(s);
+                if t.errors.iter().chain(&t.retries).any(|&n| n > 0) {
+                    let r = self.retired.entry(i).or_default();
+                    for (a, b) in r.errors.iter_mut().zip(t.errors) {
+                        *a += b;
+                    }
+                    for (a, b) in r.retries.iter_mut().zip(t.retries) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn observe_metadata(&mut self, service: &str, bytes: u64) {
+        let (b, sum) = self.metadata_sizes.entry(service.to_owned()).or_default();
+        b[SIZE_BOUNDS.partition_point(|&x| x < bytes)] += 1;
+        *sum += bytes;
+    }
+
     pub(crate) fn transition(&mut self, id: &str, from: Status, to: Status, reason: &str) {
         *self
             .transitions
@@ -72,9 +134,6 @@ fn esc(v: &str) -> String {
 /// The exposition-format text of every metric.
 pub(crate) fn render(st: &State) -> String {
     let mut out = String::new();
-    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
     head(
         &mut out,
         "ipc_router_requests_total",
@@ -176,5 +235,209 @@ pub(crate) fn render(st: &State) -> String {
     for (i, n) in owned {
         let _ = writeln!(out, "ipc_resources_per_instance{{instance_id=\"{i}\"}} {n}");
     }
+    render_data_path(st, &mut out);
+    render_broker_histograms(m, &mut out);
     out
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes one histogram's series (`labels` without braces, may be empty): cumulative
+/// buckets with `le` in `unit`s per bound, `_sum`, `_count`.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[f64],
+    buckets: &[u64],
+    sum: f64,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut acc = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        acc += n;
+        let le = bounds.get(i).map_or("+Inf".to_owned(), |b| format!("{b}"));
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {acc}");
+    }
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {sum}");
+    let _ = writeln!(out, "{name}_count{braces} {acc}");
+}
+
+/// A shared-memory duration histogram in seconds.
+fn seconds_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let bounds: Vec<f64> = HISTOGRAM_BOUNDS_NS
+        .iter()
+        .map(|&b| b as f64 / 1e9)
+        .collect();
+    let (buckets, sum_ns) = h.snapshot();
+    histogram(out, name, labels, &bounds, &buckets, sum_ns as f64 / 1e9);
+}
+
+/// Per service index, how many connected callers' breakers are in each state.
+pub(crate) fn breaker_counts(st: &State) -> Vec<BreakerStates> {
+    let mut v = vec![BreakerStates::default(); st.services.len()];
+    for c in st.clients.iter().flatten() {
+        for (i, b) in v.iter_mut().enumerate() {
+            if st.services[i].is_none() {
+                continue;
+            }
+            match c
+                .seg
+                .caller_stats(i as u32)
+                .map(|s| s.breaker.load(Relaxed))
+            {
+                Some(BREAKER_OPEN) => b.open += 1,
+                Some(BREAKER_HALF_OPEN) => b.half_open += 1,
+                Some(BREAKER_CLOSED) | None => b.closed += 1,
+                Some(_) => b.closed += 1, // a caller's garbage reads as closed
+            }
+        }
+    }
+    v
+}
+
+/// The figures kept in shared memory by instances and callers.
+fn render_data_path(st: &State, out: &mut String) {
+    head(out, "ipc_router_request_duration_seconds", "histogram",
+        "From the caller sending a request to the instance's reply being out, per instance (observed by the instance).");
+    for r in st.instances.iter().flatten() {
+        let Some(svc) = st.services[r.service as usize].as_ref() else {
+            continue;
+        };
+        let labels = format!(
+            "service_name=\"{}\",instance_id=\"{}\"",
+            esc(&svc.name),
+            esc(&r.id)
+        );
+        seconds_histogram(
+            out,
+            "ipc_router_request_duration_seconds",
+            &labels,
+            r.seg.durations(),
+        );
+    }
+    head(out, "ipc_router_loadbalancer_selections", "counter",
+        "Requests routed to each instance (every request sent to its ring, withdrawn ones included).");
+    for r in st.instances.iter().flatten() {
+        let Some(svc) = st.services[r.service as usize].as_ref() else {
+            continue;
+        };
+        let n = r.seg.ring_indices().enqueue_pos.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "ipc_router_loadbalancer_selections{{service_name=\"{}\",instance_id=\"{}\"}} {n}",
+            esc(&svc.name),
+            esc(&r.id)
+        );
+    }
+    let mut totals = st.metrics.retired.clone();
+    for c in st.clients.iter().flatten() {
+        for i in 0..st.services.len() as u32 {
+            if let (Some(_), Some(s)) = (&st.services[i as usize], c.seg.caller_stats(i)) {
+                totals.entry(i).or_default().add(s);
+            }
+        }
+    }
+    let named = |i: &u32| {
+        st.services
+            .get(*i as usize)
+            .and_then(Option::as_ref)
+            .map(|s| esc(&s.name))
+    };
+    head(
+        out,
+        "ipc_router_errors_total",
+        "counter",
+        "Failed calls, by the error the caller got.",
+    );
+    for (i, t) in &totals {
+        let Some(name) = named(i) else { continue };
+        for (kind, n) in ERROR_TYPES.iter().zip(t.errors) {
+            let _ = writeln!(
+                out,
+                "ipc_router_errors_total{{service_name=\"{name}\",error_type=\"{kind}\"}} {n}"
+            );
+        }
+    }
+    head(out, "ipc_router_retries_total", "counter",
+        "Calls that needed more than one attempt, by the attempt that ended them (5 means 5 or more).");
+    for (i, t) in &totals {
+        let Some(name) = named(i) else { continue };
+        for (a, n) in t.retries.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ipc_router_retries_total{{service_name=\"{name}\",attempt_number=\"{}\"}} {n}",
+                a + 2
+            );
+        }
+    }
+    head(out, "ipc_router_circuit_breaker_state", "gauge",
+        "Connected callers whose circuit breaker for the service is in each state (each caller has its own).");
+    for (i, b) in st.breakers.iter().enumerate() {
+        let Some(name) = named(&(i as u32)) else {
+            continue;
+        };
+        for (state, n) in [
+            ("closed", b.closed),
+            ("open", b.open),
+            ("half_open", b.half_open),
+        ] {
+            let _ = writeln!(
+                out,
+                "ipc_router_circuit_breaker_state{{service_name=\"{name}\",state=\"{state}\"}} {n}"
+            );
+        }
+    }
+}
+
+/// Durations and sizes the broker observes itself.
+fn render_broker_histograms(m: &Counters, out: &mut String) {
+    head(out, "ipc_healthcheck_duration_seconds", "histogram",
+        "How long the broker's liveness check of each instance took (process, progress and heartbeat; every 100 ms).");
+    for (id, h) in &m.healthcheck {
+        seconds_histogram(
+            out,
+            "ipc_healthcheck_duration_seconds",
+            &format!("instance_id=\"{}\"", esc(id)),
+            h,
+        );
+    }
+    head(
+        out,
+        "ipc_resource_operation_duration_seconds",
+        "histogram",
+        "How long the broker took for each resource request, by operation.",
+    );
+    for (op, h) in &m.resource_ops {
+        seconds_histogram(
+            out,
+            "ipc_resource_operation_duration_seconds",
+            &format!("operation=\"{op}\""),
+            h,
+        );
+    }
+    head(
+        out,
+        "ipc_resource_metadata_size_bytes",
+        "histogram",
+        "Encoded size of claimed resources' metadata, per service.",
+    );
+    let bounds: Vec<f64> = SIZE_BOUNDS.iter().map(|&b| b as f64).collect();
+    for (svc, (b, sum)) in &m.metadata_sizes {
+        histogram(
+            out,
+            "ipc_resource_metadata_size_bytes",
+            &format!("service_name=\"{}\"", esc(svc)),
+            &bounds,
+            b,
+            *sum as f64,
+        );
+    }
 }

@@ -477,6 +477,12 @@ impl State {
                     }
                     match self.insert_rec(id, index, spec.metadata.clone()) {
                         Ok(()) => {
+                            if let Some(svc) = self.services[service as usize].as_ref() {
+                                let size = aegis_client::proto::encode(&spec.metadata)
+                                    .map_or(0, |v| v.len());
+                                let name = svc.name.clone();
+                                self.metrics.observe_metadata(&name, size as u64);
+                            }
                             let version = self.resources.by_id[id].version;
                             undo.push(Undo::Claimed {
                                 id: id.to_owned(),

@@ -415,6 +415,14 @@ async fn connection(
                 break;
             }
         };
+        let resource_op = match &req {
+            Request::ClaimResources { .. } => Some("claim"),
+            Request::ReleaseResources { .. } => Some("release"),
+            Request::TransferResources { .. } => Some("transfer"),
+            Request::QueryResources(_) => Some("query"),
+            _ => None,
+        };
+        let started = std::time::Instant::now();
         let (resp, fds) = {
             let mut st = state.lock();
             match req {
@@ -557,6 +565,13 @@ async fn connection(
             let mut st = state.lock();
             // What this request changed is journaled before it is answered.
             st.flush_journal();
+            if let Some(op) = resource_op {
+                st.metrics
+                    .resource_ops
+                    .entry(op)
+                    .or_default()
+                    .observe(started.elapsed().as_nanos() as u64);
+            }
             (st.take_pending_watches(), st.cfg.exit_detection)
         };
         for pid in pending {

@@ -12,7 +12,9 @@ use aegis_client::layout::{
     self, ClientLayout, ClientSeg, InstanceLayout, InstanceSeg, Mapping, RegistryLayout,
     RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
 };
-use aegis_client::proto::{self, Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo};
+use aegis_client::proto::{
+    self, BreakerStates, Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo,
+};
 use aegis_client::{names, sys};
 
 use crate::config::BrokerConfig;
@@ -89,9 +91,12 @@ pub(crate) struct InstanceRec {
     pub(crate) live: crate::liveness::Live,
 }
 
-struct ClientRec {
+pub(crate) struct ClientRec {
     gen: u32,
     fd: OwnedFd,
+    /// Its segment, mapped: the broker reads the caller's breakers and failure counters
+    /// ([`layout::CallerStats`]) from it.
+    pub(crate) seg: ClientSeg,
     conn: ConnId,
     /// The connecting process's uid (quotas are per uid).
     uid: u32,
@@ -122,7 +127,10 @@ pub struct State {
     pub(crate) instances: Vec<Option<InstanceRec>>,
     pub(crate) resources: crate::resources::Resources,
     pub(crate) liveness: crate::liveness::Watch,
-    clients: Vec<Option<ClientRec>>,
+    pub(crate) clients: Vec<Option<ClientRec>>,
+    /// Per service index, how many callers' breakers are in each state (as of the last
+    /// tick).
+    pub(crate) breakers: Vec<BreakerStates>,
     ids: Identities,
     /// Counts behind the Prometheus metrics (see `metrics`).
     pub(crate) metrics: crate::metrics::Counters,
@@ -187,6 +195,7 @@ impl State {
             services: (0..cfg.max_services).map(|_| None).collect(),
             instances: (0..cfg.max_instances).map(|_| None).collect(),
             clients: (0..cfg.max_clients).map(|_| None).collect(),
+            breakers: Vec::new(),
             ids,
             introductions: HashMap::new(),
             conn_groups: HashMap::new(),
@@ -254,6 +263,7 @@ impl State {
             mailboxes: mailboxes.clamp(1, 1 << 16),
             mailbox_inline: layout::MAILBOX_INLINE,
             heap_size: 2 * self.cfg.max_message,
+            services: self.cfg.max_services,
         };
         let made = (|| {
             if let Some(((i, g), fd)) = resume {
@@ -266,20 +276,19 @@ impl State {
                         "client segment is not the one claimed",
                     ));
                 }
-                let cl = ClientLayout {
-                    mailboxes: p[0] as u32,
-                    mailbox_inline: p[1] as u32,
-                    heap_size: p[2],
-                };
+                let cl = ClientLayout::from_params(p).map_err(std::io::Error::other)?;
                 map.write_header(
                     SegmentKind::Client,
                     h.total_size,
                     self.epoch,
                     cl.params(index as u32, gen),
                 );
-                ClientSeg::open(&fd, self.epoch, index as u32, gen)
+                let seg = ClientSeg::open(&fd, self.epoch, index as u32, gen)
                     .map_err(std::io::Error::other)?;
-                return Ok(fd);
+                // Service indices are this run's: the last run's breakers and counts
+                // would be read against other services.
+                seg.reset_caller_stats();
+                return Ok((fd, seg));
             }
             let fd = sys::memfd("aegis-client", cl.total_size() as u64)?;
             Mapping::map(&fd, true)?.write_header(
@@ -290,11 +299,12 @@ impl State {
             );
             sys::seal_size(&fd)?;
             // Validate what we made with the same code clients use.
-            ClientSeg::open(&fd, self.epoch, index as u32, gen).map_err(std::io::Error::other)?;
-            Ok::<_, std::io::Error>(fd)
+            let seg = ClientSeg::open(&fd, self.epoch, index as u32, gen)
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>((fd, seg))
         })();
-        let fd = match made {
-            Ok(fd) => fd,
+        let (fd, seg) = match made {
+            Ok(made) => made,
             Err(e) => return err(WireError::Internal(format!("creating client segment: {e}"))),
         };
         let size = sys::file_size(&fd).unwrap_or(0);
@@ -308,6 +318,7 @@ impl State {
         self.clients[index] = Some(ClientRec {
             gen,
             fd,
+            seg,
             conn,
             formerly,
             secret,
@@ -977,6 +988,7 @@ impl State {
             slot_size: s.slot_size,
             slot_count: s.slot_count,
             max_message: s.max_message,
+            circuit_breaker: self.breakers.get(i as usize).copied().unwrap_or_default(),
             instances: s
                 .members
                 .iter()
@@ -1051,7 +1063,10 @@ impl State {
         }
         for c in self.clients.iter_mut() {
             if c.as_ref().is_some_and(|c| c.conn == conn) {
-                *c = None;
+                // Its counts stay in the totals (a counter must not go down).
+                if let Some(gone) = c.take() {
+                    self.metrics.retire_caller(&gone.seg, self.services.len());
+                }
             }
         }
     }
@@ -1069,6 +1084,7 @@ impl State {
         };
         // Its resources go with it, before routing forgets the instance.
         self.release_all(&rec.owned, reason);
+        self.metrics.healthcheck.remove(&rec.id);
         self.record_departure(&rec, reason);
         let e = self.registry.instance(index).expect("index in range");
         let s = e.seq.write_begin();
@@ -1106,6 +1122,27 @@ impl State {
         )
     }
 
+    /// Sums the callers' circuit breakers per service; a change is logged and wakes
+    /// registry watchers (`aegisctl monitor` shows it).
+    fn watch_breakers(&mut self) {
+        let now = crate::metrics::breaker_counts(self);
+        let mut moved = false;
+        for (i, svc) in self.services.iter().enumerate() {
+            let Some(svc) = svc else { continue };
+            let (old, new) = (self.breakers.get(i).copied().unwrap_or_default(), now[i]);
+            // Callers coming and going change only `closed`: not an event.
+            if (old.open, old.half_open) != (new.open, new.half_open) {
+                moved = true;
+                tracing::info!(service = %svc.name, open = new.open, half_open = new.half_open,
+                    closed = new.closed, "circuit breakers of the service's callers changed");
+            }
+        }
+        self.breakers = now;
+        if moved {
+            self.changed();
+        }
+    }
+
     pub fn tick(&mut self) {
         self.expire_resources();
         let live = self.journal_entries_len();
@@ -1125,6 +1162,7 @@ impl State {
         }
         self.flush_journal();
         self.check_liveness();
+        self.watch_breakers();
         for i in 0..self.instances.len() {
             let Some(r) = self.instances[i].as_mut() else {
                 continue;

@@ -45,6 +45,9 @@ pub struct BusOptions {
     /// to these. A broker running as anyone else is refused: it would be handed our
     /// requests and could give us anyone's memory as a "segment".
     pub broker_uids: Vec<u32>,
+    /// This connection's per-service circuit breaker (see [`crate::breaker`]): by default
+    /// 5 timed-out calls in a row open it for 30 s.
+    pub circuit_breaker: crate::CircuitBreaker,
 }
 
 impl Default for BusOptions {
@@ -54,6 +57,7 @@ impl Default for BusOptions {
             mailboxes: layout::DEFAULT_MAILBOXES,
             spin: Spin::Adaptive,
             broker_uids: Vec::new(),
+            circuit_breaker: Default::default(),
         }
     }
 }

@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::breaker;
 use crate::bus::{Bus, BusInner, CallInfo, Selection, Session};
 use crate::error::{code, Attempt, Error, Result};
-use crate::layout::{InstanceSeg, MsgHeader, RegistryView, Status, PAYLOAD_HEAP, PAYLOAD_INLINE};
+use crate::layout::{
+    InstanceSeg, MsgHeader, RegistryView, ServiceEntry, Status, PAYLOAD_HEAP, PAYLOAD_INLINE,
+};
 use crate::mailbox::{self, Cancel, Target, Wait};
 use crate::names;
 use crate::proto::Request;
@@ -219,11 +222,50 @@ impl Bus {
         names::method(method)?;
         check_options(opts)?;
         let inner = &*self.inner;
+        let sess = inner.routing_session(service);
+        let (svc_idx, svc) =
+            sess.find_service(service)
+                .ok_or_else(|| Error::NoAvailableInstance {
+                    service: service.to_owned(),
+                })?;
+        let stats = inner.client.caller_stats(svc_idx);
+        let cfg = &inner.opts.circuit_breaker;
+        if let Err(e) = breaker::admit(cfg, stats, svc, service) {
+            breaker::record(cfg, stats, svc, service, 0, Some(&e));
+            return Err(e);
+        }
+        let mut sent = 0;
+        let r = self.route(
+            (start, sess, svc_idx, svc),
+            service,
+            method,
+            payload,
+            opts,
+            out,
+            &mut sent,
+        );
+        breaker::record(cfg, stats, svc, service, sent, r.as_ref().err());
+        r
+    }
+
+    /// The routing loop of [`Bus::call_into`]: picks instances and makes attempts until
+    /// one answers, the attempts run out or the deadline passes. `sent` counts the
+    /// instances the request reached.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        (start, sess, svc_idx, svc): (Instant, &Session, u32, &ServiceEntry),
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        out: &mut Vec<u8>,
+        sent: &mut usize,
+    ) -> Result<CallInfo> {
+        let inner = &*self.inner;
         let no_instance = || Error::NoAvailableInstance {
             service: service.to_owned(),
         };
-        let sess = inner.routing_session(service);
-        let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
         check_size(service, payload, max)?;
         let total = start + opts.timeout;
@@ -272,12 +314,16 @@ impl Bus {
                 method,
                 payload,
                 opts,
-                (deadline, trace),
+                (deadline, trace, t),
                 Some(&elsewhere),
                 out,
             );
             let failed = match attempt {
                 Ok(()) => {
+                    *sent = 1 + attempts
+                        .iter()
+                        .filter(|a| a.error != INSTANCE_LEFT_BEFORE_SEND)
+                        .count();
                     inner.note_success(target);
                     if route_log_sampled() {
                         tracing::info!(target: "aegis_ipc::route", service, method,
@@ -288,7 +334,8 @@ impl Bus {
                     return Ok(target);
                 }
                 Err(Failed::Error(e)) => {
-                    return Err(failed_call(inner.remote_error(target, e), trace))
+                    *sent = 1 + attempts.len();
+                    return Err(failed_call(inner.remote_error(target, e), trace));
                 }
                 Err(f) => f,
             };
@@ -306,12 +353,12 @@ impl Bus {
                 duration: t.elapsed(),
             });
             tried.push(target.instance);
-            let sent = attempts
+            *sent = attempts
                 .iter()
                 .filter(|a| a.error != INSTANCE_LEFT_BEFORE_SEND)
                 .count();
             if (in_doubt && !opts.idempotent)
-                || sent as u32 >= opts.max_attempts
+                || *sent as u32 >= opts.max_attempts
                 || Instant::now() >= total
             {
                 return Err(failed_call(
@@ -390,15 +437,21 @@ impl Bus {
         let service = std::str::from_utf8(&name[..len]).unwrap_or("?");
         check_size(service, payload, max)?;
         check_options(opts)?;
+        let stats = inner.client.caller_stats(svc_idx);
+        let cfg = &inner.opts.circuit_breaker;
+        if let Err(e) = breaker::admit(cfg, stats, svc, service) {
+            breaker::record(cfg, stats, svc, service, 0, Some(&e));
+            return Err(e);
+        }
         let deadline = start + opts.timeout.min(opts.attempt_timeout);
         let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
-        match inner.attempt(
+        let r = match inner.attempt(
             inner.session(),
             target,
             method,
             payload,
             opts,
-            (deadline, trace),
+            (deadline, trace, start),
             None,
             out,
         ) {
@@ -411,7 +464,9 @@ impl Bus {
                 })
             }
             Err(f) => Err(inner.one_attempt_error(inner.session(), target, f, (start, trace))),
-        }
+        };
+        breaker::record(cfg, stats, svc, service, 1, r.as_ref().err());
+        r
     }
 
     /// Sends a call and returns at once, without waiting for its reply, so that one thread
@@ -441,6 +496,14 @@ impl Bus {
         let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
         check_size(service, payload, max)?;
+        // The breaker admits a submitted call; its outcome, collected later, is not
+        // counted (see `breaker`).
+        breaker::admit(
+            &inner.opts.circuit_breaker,
+            inner.client.caller_stats(svc_idx),
+            svc,
+            service,
+        )?;
         let skip =
             |m: u32| !opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m));
         let target = sess
@@ -454,7 +517,14 @@ impl Bus {
         let seg = inner
             .open_target(target, deadline)
             .map_err(|f| inner.one_attempt_error(sess, target, f, (start, trace)))?;
-        match inner.send(&seg, method, payload, opts, (deadline, trace), &mut None) {
+        match inner.send(
+            &seg,
+            method,
+            payload,
+            opts,
+            (deadline, trace, start),
+            &mut None,
+        ) {
             Ok(sent) => Ok(Pending {
                 inner,
                 sess,
@@ -503,22 +573,13 @@ impl BusInner {
         method: &str,
         payload: &[u8],
         opts: &CallOptions,
-        (deadline, trace): (Instant, u64),
+        stamp: (Instant, u64, Instant),
         elsewhere: Option<&dyn Fn() -> bool>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
-        let seg = self.open_target(target, deadline)?;
+        let seg = self.open_target(target, stamp.0)?;
         let stall = elsewhere.map(|e| (opts.stall_bound, e));
-        self.send_and_wait(
-            sess,
-            &seg,
-            method,
-            payload,
-            opts,
-            (deadline, trace),
-            stall,
-            out,
-        )
+        self.send_and_wait(sess, &seg, method, payload, opts, stamp, stall, out)
     }
 
     /// The target's segment, mapped (asking the broker, waiting for it within `deadline`
@@ -713,13 +774,13 @@ impl BusInner {
         method: &str,
         payload: &[u8],
         opts: &CallOptions,
-        (deadline, trace): (Instant, u64),
+        stamp: (Instant, u64, Instant),
         stall: Option<(Duration, &dyn Fn() -> bool)>,
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
-        let sent = self.send(seg, method, payload, opts, (deadline, trace), &mut watch)?;
-        self.wait_sent(routed_with, seg, sent, opts.spin, deadline, watch, out)
+        let sent = self.send(seg, method, payload, opts, stamp, &mut watch)?;
+        self.wait_sent(routed_with, seg, sent, opts.spin, stamp.0, watch, out)
     }
 
     /// Frees what a sent request held: its request heap block and its mailbox.
@@ -731,14 +792,16 @@ impl BusInner {
     }
 
     /// Writes the request into the instance's ring (waiting for a slot while the ring is
-    /// full, until `deadline` or until `watch` sees the instance stalled).
+    /// full, until `deadline` or until `watch` sees the instance stalled). `sent_at` is the
+    /// call's last clock reading, stamped into the request for the instance's duration
+    /// histogram (no clock read of its own here: the fast path has one per attempt).
     fn send(
         &self,
         seg: &InstanceSeg,
         method: &str,
         payload: &[u8],
         opts: &CallOptions,
-        (deadline, trace): (Instant, u64),
+        (deadline, trace, sent_at): (Instant, u64, Instant),
         watch: &mut Option<StallWatch<'_>>,
     ) -> Result<Sent, Failed> {
         let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
@@ -808,6 +871,7 @@ impl BusInner {
             _pad: 0,
             nonce,
             secret: self.secret,
+            sent_ns: breaker::mono_ns(sent_at),
         });
         let data = claim.data();
         data[..method.len()].copy_from_slice(method.as_bytes());

@@ -29,6 +29,10 @@ pub enum Error {
     /// 503: the service has no healthy instance.
     #[error("no available instance of service '{service}'")]
     NoAvailableInstance { service: String },
+    /// 503: this caller's circuit breaker for the service is open (its recent calls all
+    /// timed out): the call failed at once, without being sent. See [`crate::breaker`].
+    #[error("circuit breaker for service '{service}' is open (recent calls timed out); retry in {retry_in:?}")]
+    CircuitOpen { service: String, retry_in: Duration },
     /// 504: the deadline passed. `trace_id` is the call's (every attempt carried it).
     #[error("call to service '{service}' (trace {trace_id:#x}) timed out after {elapsed:?} [{}]", attempts_text(.attempts))]
     Timeout {
@@ -127,9 +131,9 @@ impl Error {
     /// The seed's numeric code for this error.
     pub fn code(&self) -> u16 {
         match self {
-            Error::NoAvailableInstance { .. } | Error::OwnerUnavailable { .. } => {
-                code::NO_AVAILABLE_INSTANCE
-            }
+            Error::NoAvailableInstance { .. }
+            | Error::OwnerUnavailable { .. }
+            | Error::CircuitOpen { .. } => code::NO_AVAILABLE_INSTANCE,
             Error::Timeout { .. } => code::TIMEOUT,
             Error::BadRequest(_) => code::BAD_REQUEST,
             Error::ResourceNotFound { .. } => code::RESOURCE_NOT_FOUND,
@@ -150,6 +154,7 @@ impl Error {
         match self {
             Error::NoAvailableInstance { .. } => "NoAvailableInstance",
             Error::Timeout { .. } => "Timeout",
+            Error::CircuitOpen { .. } => "CircuitOpen",
             Error::BadRequest(_) => "BadRequest",
             Error::ResourceNotFound { .. } => "ResourceNotFound",
             Error::OwnerUnavailable { .. } => "OwnerUnavailable",

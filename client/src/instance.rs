@@ -463,6 +463,7 @@ impl InstanceInner {
             nonce: h.nonce,
             trace_id: h.trace_id,
             hops: h.hops,
+            sent_ns: h.sent_ns,
         };
         let shape = match request_shape(&h, t.data_len(), self.max_message) {
             Ok(s) => s,
@@ -609,6 +610,13 @@ impl InstanceInner {
             counters.requests_failed.fetch_add(1, Ordering::Relaxed);
         }
         mailbox::complete(mb, d.gen, d.nonce, d.client.doorbell());
+        // Timed after the reply is out: the caller does not wait for our clock read. A
+        // stamp from the future (a lying caller) is not observed.
+        if d.sent_ns != 0 {
+            if let Some(ns) = crate::sys::monotonic_ns().checked_sub(d.sent_ns) {
+                self.seg.durations().observe(ns);
+            }
+        }
     }
 
     /// Frees heap blocks whose replies their callers have read (or abandoned for a newer call).
@@ -649,6 +657,8 @@ struct Delivery {
     nonce: u64,
     trace_id: u64,
     hops: u8,
+    /// When the caller sent it ([`crate::layout::MsgHeader::sent_ns`]).
+    sent_ns: u64,
 }
 
 /// One serving thread's view of the ring, with buffers reused across requests.

@@ -25,7 +25,7 @@ use std::ptr;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 pub const PAGE: usize = 4096;
 
 /// Longest service name, instance id or resource id, in bytes.
@@ -777,6 +777,62 @@ pub struct InstanceCounters {
     pub requests_failed: AtomicU64,
 }
 
+/// Upper bounds (nanoseconds) of a [`Histogram`]'s buckets; the last bucket counts the rest.
+pub const HISTOGRAM_BOUNDS_NS: [u64; 16] = [
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+];
+
+/// A latency histogram of relaxed counters (Prometheus buckets from
+/// [`HISTOGRAM_BOUNDS_NS`]): kept in shared memory by the one side that observes, read by
+/// the broker when scraped, and also used by the broker for its own durations. A reader
+/// may see a bucket and the sum from slightly different moments (relaxed, no pairing):
+/// tolerated by every Prometheus consumer.
+#[repr(C, align(64))]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is over every bound.
+    pub buckets: [AtomicU64; 17],
+    pub sum_ns: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, ns: u64) {
+        let b = HISTOGRAM_BOUNDS_NS.partition_point(|&bound| bound < ns);
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+    /// Bucket counts and the sum, as read now.
+    pub fn snapshot(&self) -> ([u64; 17], u64) {
+        (
+            std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            self.sum_ns.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Ring positions. Producer and consumer words sit on separate 128-byte lines (adjacent
 /// line prefetch makes 64 too few on x86).
 #[repr(C, align(128))]
@@ -851,6 +907,10 @@ pub struct MsgHeader {
     /// The caller's per-connection secret (from the broker's `Welcome`): what an instance
     /// shows the broker to be handed this caller's segment (`OpenClient`).
     pub secret: u64,
+    /// When the caller sent the request (`CLOCK_MONOTONIC` nanoseconds, from the clock
+    /// read its call already made), 0 if unknown: the instance observes the time from here
+    /// to its reply into [`InstanceSeg::durations`]. Only a metric trusts it.
+    pub sent_ns: u64,
 }
 
 #[repr(C, align(64))]
@@ -882,6 +942,8 @@ impl Default for SlotHeader {
 
 // SAFETY: repr(C), atomics and plain integers only.
 unsafe impl ShmSafe for InstanceCounters {}
+// SAFETY: repr(C), atomics only.
+unsafe impl ShmSafe for Histogram {}
 // SAFETY: as above.
 unsafe impl ShmSafe for RingIndices {}
 // SAFETY: `msg` is plain data written only by the producer that owns the slot (between
@@ -898,7 +960,8 @@ pub struct InstanceLayout {
 
 impl InstanceLayout {
     const COUNTERS: usize = 64;
-    const RING: usize = 128;
+    const DURATIONS: usize = 128;
+    const RING: usize = 384;
     fn slots_off(&self) -> usize {
         Self::RING + size_of::<RingIndices>()
     }
@@ -996,6 +1059,10 @@ impl InstanceSeg {
     pub fn ring_indices(&self) -> &RingIndices {
         self.map.at(InstanceLayout::RING)
     }
+    /// Request durations (send to reply), observed by the instance after each reply.
+    pub fn durations(&self) -> &Histogram {
+        self.map.at(InstanceLayout::DURATIONS)
+    }
     /// Base pointer of slot 0; slot `i` is at `i * slot_stride()`.
     pub fn slots_base(&self) -> *mut u8 {
         let len = self.layout.slot_count as u64 * self.layout.slot_stride() as u64;
@@ -1052,11 +1119,57 @@ pub struct ClientControl {
 // SAFETY: repr(C), one atomic.
 unsafe impl ShmSafe for ClientControl {}
 
+/// Circuit-breaker states ([`CallerStats::breaker`]).
+pub const BREAKER_CLOSED: u32 = 0;
+pub const BREAKER_OPEN: u32 = 1;
+pub const BREAKER_HALF_OPEN: u32 = 2;
+
+/// The `error_type` label of each [`CallerStats::errors`] counter.
+pub const ERROR_TYPES: [&str; 10] = [
+    "NoAvailableInstance",
+    "Timeout",
+    "BadRequest",
+    "Remote",
+    "MessageTooLarge",
+    "LimitExceeded",
+    "OwnerUnavailable",
+    "ResourceNotFound",
+    "CircuitOpen",
+    "Other",
+];
+
+/// One service as seen by one connected caller, in that caller's own client segment (one
+/// per registry service index): its circuit breaker and its failure counters, written by
+/// the caller's threads with relaxed atomics (failure paths only; a successful call reads
+/// `breaker` and `failures_in_row`), read by the broker when scraped or ticking. A caller
+/// that lies here misleads only the metrics about itself.
+#[repr(C, align(64))]
+pub struct CallerStats {
+    /// `BREAKER_*`.
+    pub breaker: AtomicU32,
+    /// Calls that failed in a row for the bus's reasons (every attempt timed out).
+    pub failures_in_row: AtomicU32,
+    /// When the breaker last opened (`CLOCK_MONOTONIC` nanoseconds).
+    pub opened_ns: AtomicU64,
+    /// The service's generation when it opened: a membership or health change lets a probe
+    /// through before the open period ends.
+    pub opened_gen: AtomicU32,
+    pub _pad: u32,
+    /// Failed calls by `ERROR_TYPES`.
+    pub errors: [AtomicU64; 10],
+    /// Calls that needed attempt 2, 3, 4 and 5 or more.
+    pub retries: [AtomicU64; 4],
+}
+// SAFETY: repr(C), atomics only.
+unsafe impl ShmSafe for CallerStats {}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientLayout {
     pub mailboxes: u32,
     pub mailbox_inline: u32,
     pub heap_size: u64,
+    /// [`CallerStats`] entries (the registry's service capacity when created).
+    pub services: u32,
 }
 
 impl ClientLayout {
@@ -1065,18 +1178,42 @@ impl ClientLayout {
     pub fn mailbox_stride(&self) -> usize {
         size_of::<MailboxHeader>() + self.mailbox_inline as usize
     }
+    fn stats_off(&self) -> usize {
+        Self::MAILBOXES + self.mailboxes as usize * self.mailbox_stride()
+    }
     pub fn heap_off(&self) -> usize {
         round_up(
-            Self::MAILBOXES + self.mailboxes as usize * self.mailbox_stride(),
+            self.stats_off() + self.services as usize * size_of::<CallerStats>(),
             PAGE,
         )
     }
     pub fn total_size(&self) -> usize {
         self.heap_off() + round_up(self.heap_size as usize, PAGE)
     }
+    /// The layout `params` describe (index and generation aside), checked for range.
+    pub fn from_params(p: [u64; 4]) -> Result<ClientLayout, String> {
+        let (mailboxes, services) = (p[0] & 0xffff_ffff, p[0] >> 32);
+        if mailboxes == 0
+            || mailboxes > 1 << 16
+            || services > 1 << 16
+            || p[1] % 64 != 0
+            || p[1] > MAX_SLOT_SIZE as u64
+        {
+            return Err(format!("bad mailbox parameters {p:?}"));
+        }
+        if p[2] > 2 * MAX_MAX_MESSAGE {
+            return Err(format!("heap size {} too large", p[2]));
+        }
+        Ok(ClientLayout {
+            mailboxes: mailboxes as u32,
+            mailbox_inline: p[1] as u32,
+            heap_size: p[2],
+            services: services as u32,
+        })
+    }
     pub fn params(&self, index: u32, gen: u32) -> [u64; 4] {
         [
-            self.mailboxes as u64,
+            self.mailboxes as u64 | (self.services as u64) << 32,
             self.mailbox_inline as u64,
             self.heap_size,
             index as u64 | (gen as u64) << 32,
@@ -1099,17 +1236,7 @@ impl ClientSeg {
             kind: SegmentKind::Client,
             what,
         };
-        if p[0] == 0 || p[0] > 1 << 16 || p[1] % 64 != 0 || p[1] > MAX_SLOT_SIZE as u64 {
-            return Err(invalid(format!("bad mailbox parameters {p:?}")));
-        }
-        if p[2] > 2 * MAX_MAX_MESSAGE {
-            return Err(invalid(format!("heap size {} too large", p[2])));
-        }
-        let layout = ClientLayout {
-            mailboxes: p[0] as u32,
-            mailbox_inline: p[1] as u32,
-            heap_size: p[2],
-        };
+        let layout = ClientLayout::from_params(p).map_err(invalid)?;
         if p[3] != (index as u64 | (gen as u64) << 32) {
             return Err(invalid(format!(
                 "is client {}, expected {index}/{gen}",
@@ -1148,6 +1275,26 @@ impl ClientSeg {
         }
         self.map.range(self.layout.heap_off() as u64 + off, len)
     }
+    /// Zeroes every [`CallerStats`] (the broker, adopting the segment after a restart:
+    /// service indices may mean other services now). A caller's concurrent failure count
+    /// may survive it: harmless.
+    pub fn reset_caller_stats(&self) {
+        for s in (0..self.layout.services).filter_map(|i| self.caller_stats(i)) {
+            s.breaker.store(BREAKER_CLOSED, Ordering::Relaxed);
+            s.failures_in_row.store(0, Ordering::Relaxed);
+            for c in s.errors.iter().chain(&s.retries) {
+                c.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+    /// This caller's breaker and counters for registry service `service`, or `None` past
+    /// the segment's capacity.
+    pub fn caller_stats(&self, service: u32) -> Option<&CallerStats> {
+        (service < self.layout.services).then(|| {
+            self.map
+                .at(self.layout.stats_off() + service as usize * size_of::<CallerStats>())
+        })
+    }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -1178,7 +1325,10 @@ const _: () = {
     assert!(size_of::<InstanceCounters>() == 64);
     assert!(size_of::<RingIndices>() == 384 && align_of::<RingIndices>() == 128);
     assert!(size_of::<SlotCtl>() == 16);
-    assert!(size_of::<MsgHeader>() == 64);
+    assert!(size_of::<MsgHeader>() == 72);
+    assert!(size_of::<Histogram>() == 192);
+    assert!(InstanceLayout::DURATIONS + size_of::<Histogram>() <= InstanceLayout::RING);
+    assert!(size_of::<CallerStats>() == 192);
     assert!(size_of::<SlotHeader>() == 128 && align_of::<SlotHeader>() == 64);
     assert!(size_of::<MailboxHeader>() == 64);
     assert!(InstanceLayout::RING % 128 == 0 && SharedLayout::COUNTERS % 64 == 0);

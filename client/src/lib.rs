@@ -20,6 +20,7 @@
 //! ([`call`]), joining and rejoining (`connect`), serving ([`Instance`]), async calls
 //! (`future`, feature `async`).
 
+pub mod breaker;
 pub mod bus;
 pub mod call;
 pub mod codec;
@@ -48,6 +49,7 @@ pub mod sys;
 mod test_hooks;
 pub mod wait;
 
+pub use breaker::CircuitBreaker;
 pub use bus::{Bus, BusOptions, CallInfo, ResourceOwner, Selection};
 pub use call::{CallOptions, Pending, Reply};
 pub use error::{Attempt, Error, Result, ServiceError};

@@ -284,7 +284,19 @@ pub struct ServiceInfo {
     pub slot_size: u32,
     pub slot_count: u32,
     pub max_message: u64,
+    /// The connected callers' circuit breakers for this service, by state (each caller
+    /// has its own: see [`crate::breaker`]).
+    #[serde(default)]
+    pub circuit_breaker: BreakerStates,
     pub instances: Vec<InstanceInfo>,
+}
+
+/// How many callers' circuit breakers for a service are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerStates {
+    pub closed: u32,
+    pub open: u32,
+    pub half_open: u32,
 }
 
 fn bincode_config() -> impl bincode::config::Config {

@@ -177,6 +177,17 @@ pub fn check_size_sealed(fd: &OwnedFd, expected: Option<u64>) -> Result<u64, Str
     }
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock `Instant` reads; the same in every process).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// 64 random bits from the kernel (`getrandom`); falls back to time and pid if the call
 /// fails (then only uniqueness, not secrecy, is what the caller gets).
 pub fn random_u64() -> u64 {

@@ -71,6 +71,8 @@ pub enum aegis_status {
     AEGIS_BROKER_UNAVAILABLE = 502,
     AEGIS_NO_AVAILABLE_INSTANCE = 503,
     AEGIS_OWNER_UNAVAILABLE = 5031,
+    /// This connection's circuit breaker for the service is open: failed without sending.
+    AEGIS_CIRCUIT_OPEN = 5032,
     AEGIS_TIMEOUT = 504,
     AEGIS_LOOP_DETECTED = 508,
 }
@@ -148,6 +150,7 @@ fn fail(e: Error) -> aegis_status {
     let s = match &e {
         Error::NoAvailableInstance { .. } => AEGIS_NO_AVAILABLE_INSTANCE,
         Error::OwnerUnavailable { .. } => AEGIS_OWNER_UNAVAILABLE,
+        Error::CircuitOpen { .. } => AEGIS_CIRCUIT_OPEN,
         Error::Timeout { .. } => AEGIS_TIMEOUT,
         Error::BadRequest(_) => AEGIS_BAD_REQUEST,
         Error::ResourceNotFound { .. } => AEGIS_RESOURCE_NOT_FOUND,
@@ -287,6 +290,7 @@ pub extern "C" fn aegis_status_str(status: aegis_status) -> *const c_char {
         AEGIS_BROKER_UNAVAILABLE => c"broker unavailable",
         AEGIS_NO_AVAILABLE_INSTANCE => c"no available instance",
         AEGIS_OWNER_UNAVAILABLE => c"owner unavailable",
+        AEGIS_CIRCUIT_OPEN => c"circuit breaker open",
         AEGIS_TIMEOUT => c"timeout",
         AEGIS_LOOP_DETECTED => c"loop detected",
     };

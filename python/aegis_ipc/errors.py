@@ -19,6 +19,12 @@ class OwnerUnavailable(AegisError):
     code = 503
 
 
+class CircuitOpen(AegisError):
+    """This connection's circuit breaker for the service is open (its recent calls timed out)."""
+
+    code = 503
+
+
 class Timeout(AegisError):
     code = 504
 

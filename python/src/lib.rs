@@ -20,6 +20,7 @@ fn to_py(e: Error) -> PyErr {
     let (class, code) = match &e {
         Error::NoAvailableInstance { .. } => ("NoAvailableInstance", 503),
         Error::OwnerUnavailable { .. } => ("OwnerUnavailable", 503),
+        Error::CircuitOpen { .. } => ("CircuitOpen", 503),
         Error::Timeout { .. } => ("Timeout", 504),
         Error::BadRequest(_) => ("BadRequest", 400),
         Error::ResourceNotFound { .. } => ("ResourceNotFound", 404),

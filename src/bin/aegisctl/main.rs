@@ -204,6 +204,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     "service {} · slot {} B × {} · max message {} B",
                     s.name, s.slot_size, s.slot_count, s.max_message
                 );
+                let b = s.circuit_breaker;
+                println!(
+                    "circuit breaker (per caller): {} closed, {} open, {} half-open",
+                    b.closed, b.open, b.half_open
+                );
                 println!(
                     "{:<24} {:>6} {:>8} {:>10} {:>12} {:>7}",
                     "INSTANCE", "INDEX", "PID", "STATUS", "SERVED", "QUEUED"

@@ -1,6 +1,7 @@
 //! `aegisctl monitor [SERVICE]`: a live stream of what happens on the bus — instances
 //! joining and leaving, health transitions with their reasons, resources claimed, released
-//! and transferred — as lines, or `--json` lines.
+//! and transferred, callers' circuit breakers opening and closing — as lines, or `--json`
+//! lines.
 //!
 //! Driven by the registry's generation word (a futex every change wakes): the monitor
 //! sleeps until something changes, then asks the broker for the instances' health and
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
-use aegis_client::proto::{InstanceHealth, ResourceQuery};
+use aegis_client::proto::{BreakerStates, InstanceHealth, ResourceQuery};
 use aegis_client::{Bus, Status};
 use serde_json::json;
 
@@ -63,9 +64,18 @@ pub fn run(bus: &Bus, a: &MonitorArgs) -> Result<(), CliError> {
             .map(|r| (r.id, (r.service, r.instance_id)))
             .collect())
     };
+    let breakers = |bus: &Bus| -> Result<BTreeMap<String, BreakerStates>, CliError> {
+        Ok(bus
+            .services()?
+            .into_iter()
+            .filter(|s| service.is_none_or(|w| w == s.name))
+            .map(|s| (s.name, s.circuit_breaker))
+            .collect())
+    };
     let mut seen = bus.registry_generation();
     let (mut before, _) = instances(bus.health(service)?);
     let mut owned = resources(bus)?;
+    let mut broken = breakers(bus)?;
     let printed = std::cell::Cell::new(0u64);
     let out = std::io::stdout();
     let emit = |event: &str,
@@ -169,5 +179,22 @@ pub fn run(bus: &Bus, a: &MonitorArgs) -> Result<(), CliError> {
             );
         }
         owned = now_owned;
+        let now_broken = breakers(bus)?;
+        for (svc, b) in &now_broken {
+            let old = broken.get(svc).copied().unwrap_or_default();
+            if (old.open, old.half_open) != (b.open, b.half_open) {
+                emit(
+                    "breaker",
+                    svc,
+                    "",
+                    json!({"open": b.open, "half_open": b.half_open, "closed": b.closed}),
+                    format!(
+                        "circuit breakers: {} open, {} half-open, {} closed (callers)",
+                        b.open, b.half_open, b.closed
+                    ),
+                );
+            }
+        }
+        broken = now_broken;
     }
 }

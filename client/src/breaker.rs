@@ -1,0 +1,146 @@
+//! The caller's side of the metrics, and the seed's per-service circuit breaker.
+//!
+//! Both live in the caller's own client segment ([`CallerStats`], one per registry service
+//! index), written with relaxed atomics by this process's threads and summed by the broker
+//! when `/metrics` is scraped: no syscall, lock or broker on the call path. A successful
+//! call pays two relaxed loads of a line only failures write (`breaker`,
+//! `failures_in_row`); everything else happens on failure paths.
+//!
+//! **The breaker is per caller (per [`crate::Bus`]), not per bus.** A shared word every
+//! caller could write would let one misbehaving process fail everyone's calls for 30 s;
+//! per caller, each process's breaker opens on what it saw itself, and the broker shows
+//! how many callers have it open ([`crate::proto::ServiceInfo::circuit_breaker`]).
+//!
+//! Rules (the seed's degradation rules): a call that fails because no instance answered in
+//! time (`Timeout`: every attempt it made failed), or because every instance the service
+//! has is unhealthy (`NoAvailableInstance` with members), counts; `failures` of them in a
+//! row open the breaker; while open, calls fail at once with [`Error::CircuitOpen`] (503) for
+//! `open_for`; then one call is let through (half-open): its success closes the breaker,
+//! its failure opens it again. A change in the service's membership or health (an
+//! instance joining, recovering) lets that probe through early, so a service coming back
+//! is never kept closed off. A service with no instances at all does not count (nothing
+//! failed), nor do handlers' own errors.
+
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::layout::{
+    CallerStats, ServiceEntry, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN, ERROR_TYPES,
+};
+use crate::sync::Ordering::{Acquire, Relaxed, Release};
+
+/// Circuit-breaker settings of a connection ([`crate::BusOptions::circuit_breaker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    /// Timed-out calls in a row that open it; 0 turns the breaker off.
+    pub failures: u32,
+    /// How long it stays open before one call may probe.
+    pub open_for: Duration,
+}
+
+impl Default for CircuitBreaker {
+    /// The seed's: 5 failures, 30 s.
+    fn default() -> Self {
+        CircuitBreaker {
+            failures: 5,
+            open_for: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` nanoseconds of `t` (Rust's `Instant` is that clock on Linux, so the
+/// value means the same in every process), without reading the clock again.
+pub(crate) fn mono_ns(t: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let &(base, base_ns) = BASE.get_or_init(|| (Instant::now(), crate::sys::monotonic_ns()));
+    match t.checked_duration_since(base) {
+        Some(d) => base_ns.saturating_add(d.as_nanos() as u64),
+        None => base_ns.saturating_sub(base.duration_since(t).as_nanos() as u64),
+    }
+}
+
+/// Whether a call may go ahead: `Ok` when closed (the fast path: one load), or when this
+/// call is the half-open probe; `Err(CircuitOpen)` otherwise.
+pub(crate) fn admit(
+    cfg: &CircuitBreaker,
+    stats: Option<&CallerStats>,
+    svc: &ServiceEntry,
+    service: &str,
+) -> Result<(), Error> {
+    let Some(s) = stats else { return Ok(()) };
+    // SYNC POINT: Acquire pairs with the Release store of `BREAKER_OPEN` in `record`, so
+    // `opened_ns` and `opened_gen` are those of the opening we see (a plain load on x86).
+    let state = s.breaker.load(Acquire);
+    if state == BREAKER_CLOSED || cfg.failures == 0 {
+        return Ok(());
+    }
+    let open_since =
+        Duration::from_nanos(crate::sys::monotonic_ns().saturating_sub(s.opened_ns.load(Relaxed)));
+    let moved = svc.generation.load(Relaxed) != s.opened_gen.load(Relaxed);
+    if state == BREAKER_OPEN
+        && (open_since >= cfg.open_for || moved)
+        && s.breaker
+            .compare_exchange(BREAKER_OPEN, BREAKER_HALF_OPEN, Relaxed, Relaxed)
+            .is_ok()
+    {
+        tracing::info!(target: "aegis_ipc::route", service, "circuit breaker half-open: one call probes");
+        return Ok(());
+    }
+    Err(Error::CircuitOpen {
+        service: service.to_owned(),
+        retry_in: cfg.open_for.saturating_sub(open_since),
+    })
+}
+
+/// Records a call's outcome: `err` is `None` on success. `attempts` is how many instances
+/// the call was sent to.
+pub(crate) fn record(
+    cfg: &CircuitBreaker,
+    stats: Option<&CallerStats>,
+    svc: &ServiceEntry,
+    service: &str,
+    attempts: usize,
+    err: Option<&Error>,
+) {
+    let Some(s) = stats else { return };
+    if attempts > 1 {
+        s.retries[(attempts - 2).min(3)].fetch_add(1, Relaxed);
+    }
+    let Some(e) = err else {
+        // Success: the fast path reads the two words and writes nothing.
+        if s.failures_in_row.load(Relaxed) != 0 {
+            s.failures_in_row.store(0, Relaxed);
+        }
+        if s.breaker.load(Relaxed) != BREAKER_CLOSED {
+            s.breaker.store(BREAKER_CLOSED, Relaxed);
+            tracing::info!(target: "aegis_ipc::route", service, "circuit breaker closed: the probe call succeeded");
+        }
+        return;
+    };
+    let kind = e.kind();
+    let t = ERROR_TYPES
+        .iter()
+        .position(|&k| k == kind)
+        .unwrap_or(ERROR_TYPES.len() - 1);
+    s.errors[t].fetch_add(1, Relaxed);
+    let counts = match e {
+        Error::Timeout { .. } => true,
+        // Instances exist but none is routable (all found unhealthy): they failed too.
+        Error::NoAvailableInstance { .. } => svc.member_count.load(Relaxed) > 0,
+        _ => false,
+    };
+    if cfg.failures == 0 || !counts {
+        return;
+    }
+    let n = s.failures_in_row.fetch_add(1, Relaxed) + 1;
+    let state = s.breaker.load(Relaxed);
+    if state == BREAKER_HALF_OPEN || (state == BREAKER_CLOSED && n >= cfg.failures) {
+        // The generation is read before the clock: a change after it lets a probe through.
+        s.opened_gen.store(svc.generation.load(Relaxed), Relaxed);
+        s.opened_ns.store(crate::sys::monotonic_ns(), Relaxed);
+        // SYNC POINT: Release pairs with the Acquire load in `admit`.
+        s.breaker.store(BREAKER_OPEN, Release);
+        tracing::warn!(target: "aegis_ipc::route", service, failures = n,
+            "circuit breaker open: calls fail at once for {:?}", cfg.open_for);
+    }
+}
