@@ -1192,6 +1192,12 @@ impl State {
         e.service.store(r.service, Relaxed);
         e.pid.store(r.peer.pid, Relaxed);
         e.uid.store(r.peer.uid, Relaxed);
+        let remote = r
+            .metadata
+            .iter()
+            .any(|(k, _)| k == layout::REMOTE_METADATA_KEY);
+        e.flags
+            .store(if remote { layout::INSTANCE_REMOTE } else { 0 }, Relaxed);
         e.incarnation.store(r.incarnation, Relaxed);
         e.registered_at_ms.store(r.registered_at_ms, Relaxed);
         e.requests_served.store(0, Relaxed);

