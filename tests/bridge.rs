@@ -10,11 +10,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use aegis_client::{Bus, CallOptions, Error};
-use support::{start_bridge, wait_for, BridgeProc, Nats, TestBus};
+use support::{start_bridge, wait_for, Guarded, Nats, TestBus};
 
 /// Fields drop in order: the bridge stops before its broker does.
 struct Host {
-    _bridge: BridgeProc,
+    _bridge: Guarded,
     client: Bus,
     bus: TestBus,
 }

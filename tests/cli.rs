@@ -166,7 +166,7 @@ fn demo_runs_with_only_aegisctl_built() {
 }
 
 #[test]
-fn top_draws_each_instance_with_its_rates_queue_and_state() {
+fn top_draws_each_instance_with_its_rates_percentiles_queue_and_state() {
     let bus = TestBus::start();
     let _a = bus.serve("topped", "t-1", &[]);
     let _b = bus.serve("topped", "t-2", &[]);
@@ -192,6 +192,12 @@ fn top_draws_each_instance_with_its_rates_queue_and_state() {
             text.lines().any(|l| l.contains(id) && l.contains("Online")),
             "{id} missing: {text}"
         );
+    }
+    // The first table covers each instance's 5 calls: its p50 and p99 are bucket bounds.
+    let first = text.split("CALLS/S").nth(1).unwrap();
+    for id in ["t-1", "t-2"] {
+        let line = first.lines().find(|l| l.contains(id)).unwrap();
+        assert_eq!(line.matches('≤').count(), 2, "p50 and p99 of {id}: {line}");
     }
     let e = bus.aegisctl(&["top", "--interval", "0"]).output().unwrap();
     assert!(!e.status.success());

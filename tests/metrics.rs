@@ -108,12 +108,14 @@ fn breaker_gauge(addr: &str, service: &str, state: &str) -> f64 {
 fn a_callers_circuit_breaker_opens_on_failures_fails_fast_and_closes_on_recovery() {
     let (bus, addr) = start();
     let inst = bus.serve("brittle", "b-1", &[]);
-    let mut monitor = bus
-        .aegisctl(&["monitor", "brittle", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut events = std::io::BufReader::new(monitor.stdout.take().unwrap());
+    let mut monitor = support::Guarded {
+        child: bus
+            .aegisctl(&["monitor", "brittle", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    };
+    let mut events = std::io::BufReader::new(monitor.child.stdout.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut events, &mut line).unwrap();
     assert!(line.contains("\"watching\""), "{line}");
@@ -132,6 +134,7 @@ fn a_callers_circuit_breaker_opens_on_failures_fails_fast_and_closes_on_recovery
     client.call("brittle", "m", b"x", &quick).unwrap();
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGSTOP) };
+    support::wait_for("the instance to stop", || support::is_stopped(inst.pid()));
     // Timeouts (then, once the broker confirms the reports, "every instance unhealthy")
     // until the breaker opens; from then on calls fail at once without being sent.
     let mut failures = Vec::new();
@@ -194,8 +197,6 @@ fn a_callers_circuit_breaker_opens_on_failures_fails_fast_and_closes_on_recovery
     support::wait_for("the closed breaker in /metrics", || {
         breaker_gauge(&addr, "brittle", "open") == 0.0
     });
-    let _ = monitor.kill();
-    let _ = monitor.wait();
 }
 
 #[test]

@@ -227,12 +227,8 @@ fn wanted_exports(sh: &Shared) -> Option<HashMap<String, (String, String)>> {
                 s.instances
                     .into_iter()
                     .filter(|i| !i.metadata.iter().any(|(k, _)| k == REMOTE_METADATA_KEY))
-                    .filter(|i| {
-                        matches!(
-                            i.status,
-                            aegis_client::Status::Online | aegis_client::Status::Unhealthy
-                        )
-                    })
+                    // An unhealthy instance leaves other hosts' routing as it leaves ours.
+                    .filter(|i| i.status == aegis_client::Status::Online)
                     .map(move |i| (sh.nats_id(&i.id), (name.clone(), i.id)))
             })
             .collect(),
@@ -324,14 +320,7 @@ fn sync_exports(sh: &Arc<Shared>) {
         );
     }
     if reannounce {
-        let all: Vec<(String, String)> = {
-            let st = sh.state.lock().unwrap();
-            st.exported
-                .iter()
-                .map(|(k, e)| (k.clone(), e.service.clone()))
-                .collect()
-        };
-        for (nats_id, service) in all {
+        for (nats_id, service) in sh.exported_list() {
             sh.publish(
                 model::REGISTER_SUBJECT.into(),
                 model::encode(&registration(sh, &nats_id, &service)),
@@ -380,14 +369,7 @@ fn sync_exports(sh: &Arc<Shared>) {
 }
 
 fn heartbeats(sh: &Shared) {
-    let all: Vec<(String, String)> = {
-        let st = sh.state.lock().unwrap();
-        st.exported
-            .iter()
-            .map(|(k, e)| (k.clone(), e.service.clone()))
-            .collect()
-    };
-    for (nats_id, service) in all {
+    for (nats_id, service) in sh.exported_list() {
         sh.publish(
             model::HEARTBEAT_SUBJECT.into(),
             model::encode(&model::Heartbeat {

@@ -1014,6 +1014,7 @@ impl State {
                         queued,
                         registered_at_ms: r.registered_at_ms,
                         metadata: r.metadata.clone(),
+                        durations: r.seg.durations().snapshot().0.to_vec(),
                     })
                 })
                 .collect(),

@@ -124,6 +124,9 @@ pub(crate) fn record(
         .position(|&k| k == kind)
         .unwrap_or(ERROR_TYPES.len() - 1);
     s.errors[t].fetch_add(1, Relaxed);
+    if matches!(e, Error::CircuitOpen { .. }) {
+        return; // the breaker's own answer: says nothing about the instances
+    }
     let counts = match e {
         Error::Timeout { .. } => true,
         // Instances exist but none is routable (all found unhealthy): they failed too.
@@ -154,5 +157,90 @@ pub(crate) fn record(
         s.breaker.store(BREAKER_OPEN, Release);
         tracing::warn!(target: "aegis_ipc::route", service, failures = n,
             "circuit breaker open: calls fail at once for {:?}", cfg.open_for);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::layout::ShmSafe;
+
+    fn zeroed<T: ShmSafe>() -> Box<T> {
+        // SAFETY: `ShmSafe` types are valid for every bit pattern, zero included.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+
+    fn timeout() -> Error {
+        Error::Timeout {
+            service: "s".into(),
+            elapsed: Duration::ZERO,
+            attempts: Vec::new(),
+            trace_id: 1,
+        }
+    }
+
+    #[test]
+    fn opens_after_failures_fails_fast_lets_one_probe_through_and_closes() {
+        let cfg = CircuitBreaker {
+            failures: 3,
+            open_for: Duration::from_secs(600),
+        };
+        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
+        svc.member_count.store(1, Relaxed);
+        let (s, svc) = (Some(&*s), &*svc);
+        for _ in 0..3 {
+            admit(&cfg, s, svc, "s").unwrap();
+            record(&cfg, s, svc, "s", 3, Some(&timeout()));
+        }
+        let state = || s.unwrap().breaker.load(Relaxed);
+        assert_eq!(state(), BREAKER_OPEN);
+        assert_eq!(
+            s.unwrap().retries[1].load(Relaxed),
+            3,
+            "attempt 3, three times"
+        );
+        let fast = admit(&cfg, s, svc, "s").unwrap_err();
+        assert!(matches!(fast, Error::CircuitOpen { .. }), "{fast}");
+        record(&cfg, s, svc, "s", 0, Some(&fast));
+        assert_eq!(state(), BREAKER_OPEN, "a fast failure changes nothing");
+        // The service's membership moves: exactly one probe goes through.
+        svc.generation.fetch_add(1, Relaxed);
+        admit(&cfg, s, svc, "s").unwrap();
+        assert_eq!(state(), BREAKER_HALF_OPEN);
+        let other = admit(&cfg, s, svc, "s").unwrap_err();
+        record(&cfg, s, svc, "s", 0, Some(&other));
+        assert_eq!(state(), BREAKER_HALF_OPEN, "the probe is still out");
+        // A failed probe opens it again; a successful one closes it.
+        record(&cfg, s, svc, "s", 1, Some(&timeout()));
+        assert_eq!(state(), BREAKER_OPEN);
+        svc.generation.fetch_add(1, Relaxed);
+        admit(&cfg, s, svc, "s").unwrap();
+        record(&cfg, s, svc, "s", 1, None);
+        assert_eq!(state(), BREAKER_CLOSED);
+        let kind = |k: &str| ERROR_TYPES.iter().position(|&t| t == k).unwrap();
+        let errors = &s.unwrap().errors;
+        assert_eq!(errors[kind("Timeout")].load(Relaxed), 4);
+        assert_eq!(errors[kind("CircuitOpen")].load(Relaxed), 2);
+    }
+
+    #[test]
+    fn a_handler_error_or_an_empty_service_is_not_the_instances_failing() {
+        let cfg = CircuitBreaker::default();
+        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
+        let (s, svc) = (Some(&*s), &*svc);
+        let none = Error::NoAvailableInstance {
+            service: "s".into(),
+        };
+        let remote = Error::Remote {
+            instance: "i".into(),
+            code: 500,
+            message: "m".into(),
+        };
+        for _ in 0..20 {
+            record(&cfg, s, svc, "s", 0, Some(&none));
+            record(&cfg, s, svc, "s", 1, Some(&remote));
+        }
+        assert_eq!(s.unwrap().breaker.load(Relaxed), BREAKER_CLOSED);
+        admit(&cfg, s, svc, "s").unwrap();
     }
 }

@@ -807,6 +807,21 @@ pub const HISTOGRAM_BOUNDS_NS: [u64; 16] = [
     1_000_000_000,
 ];
 
+/// The upper bound (ns) of the bucket holding quantile `q` of `buckets` (counts per bucket
+/// of [`HISTOGRAM_BOUNDS_NS`], the last over every bound: `u64::MAX`), `None` if empty.
+pub fn histogram_quantile(buckets: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0;
+    buckets.iter().enumerate().find_map(|(i, &n)| {
+        seen += n;
+        (seen >= rank).then(|| HISTOGRAM_BOUNDS_NS.get(i).copied().unwrap_or(u64::MAX))
+    })
+}
+
 /// A latency histogram of relaxed counters (Prometheus buckets from
 /// [`HISTOGRAM_BOUNDS_NS`]): kept in shared memory by the one side that observes, read by
 /// the broker when scraped, and also used by the broker for its own durations. A reader
@@ -1310,6 +1325,21 @@ impl ClientSeg {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_bucket_bounds() {
+        let h = Histogram::default();
+        for ns in [1_000, 7_000, 7_000, 40_000, 2_000_000_000] {
+            h.observe(ns);
+        }
+        let (b, sum) = h.snapshot();
+        assert_eq!(sum, 2_000_055_000);
+        assert_eq!(histogram_quantile(&b, 0.2), Some(5_000));
+        assert_eq!(histogram_quantile(&b, 0.5), Some(10_000));
+        assert_eq!(histogram_quantile(&b, 0.8), Some(50_000));
+        assert_eq!(histogram_quantile(&b, 0.99), Some(u64::MAX));
+        assert_eq!(histogram_quantile(&[0; 17], 0.5), None);
+    }
 
     #[test]
     fn a_seqlock_left_odd_by_a_dead_writer_does_not_hang_readers() {

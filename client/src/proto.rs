@@ -276,6 +276,11 @@ pub struct InstanceInfo {
     pub queued: u64,
     pub registered_at_ms: u64,
     pub metadata: Vec<(String, String)>,
+    /// Its request-duration histogram: counts per bucket of
+    /// [`crate::layout::HISTOGRAM_BOUNDS_NS`] (the last over every bound), since it
+    /// registered.
+    #[serde(default)]
+    pub durations: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -56,16 +56,21 @@ def nats_url():
     store.cleanup()
 
 
-@pytest.fixture
-def bridged(testbus: TestBus, nats_url: str):
-    testbus.serve("users", "users-1", "--max-message", "4096", "--claim", "user-42")
+def start_bridge(testbus: TestBus, nats_url: str, name: str, *args: str) -> subprocess.Popen:
+    """An aegis-bridge for the test bus (heartbeats every 200 ms), stopped with it."""
     bridge = subprocess.Popen(
-        [str(BIN / "aegis-bridge"), "--dir", testbus.dir, "--nats", nats_url, "--export", "user*",
-         "--name", "hostp", "--heartbeat-ms", "200", "--log", "warn"],
+        [str(BIN / "aegis-bridge"), "--dir", testbus.dir, "--nats", nats_url, "--name", name,
+         "--heartbeat-ms", "200", "--log", "warn", *args],
         stdout=subprocess.PIPE, text=True)
     _ready(bridge, "aegis-bridge ready")
     testbus.procs.append(bridge)
-    return nats_url, bridge
+    return bridge
+
+
+@pytest.fixture
+def bridged(testbus: TestBus, nats_url: str):
+    testbus.serve("users", "users-1", "--max-message", "4096", "--claim", "user-42")
+    return nats_url, start_bridge(testbus, nats_url, "hostp", "--export", "user*")
 
 
 def route(nc, **req):
@@ -133,12 +138,7 @@ def test_a_seed_client_calls_a_rust_instance_through_the_bridge(bridged):
 def test_an_aegisipc_instance_on_nats_is_routable_on_the_local_bus(testbus: TestBus, nats_url: str):
     """An instance registered on NATS the seed's way (register, heartbeats, inbox with the
     RouteRequest model) becomes a routable service of the local bus."""
-    bridge = subprocess.Popen(
-        [str(BIN / "aegis-bridge"), "--dir", testbus.dir, "--nats", nats_url, "--import", "pricing",
-         "--name", "hostq", "--heartbeat-ms", "200", "--log", "warn"],
-        stdout=subprocess.PIPE, text=True)
-    _ready(bridge, "aegis-bridge ready")
-    testbus.procs.append(bridge)
+    start_bridge(testbus, nats_url, "hostq", "--import", "pricing")
 
     async def main():
         nc = await nats.connect(nats_url)

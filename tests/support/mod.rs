@@ -19,35 +19,34 @@ pub fn aegisctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_aegisctl"))
 }
 
-/// The broker binary beside `aegisctl`, brought up to date once per test process: a
-/// narrow `cargo test`/`cargo bench` does not rebuild another crate's binary, and testing a
-/// stale broker would test the wrong code. (A no-op build when it is current.)
+/// Binary `bin` of package `package` beside `aegisctl`, brought up to date once per test
+/// process: a narrow `cargo test`/`cargo bench` does not rebuild another crate's binary,
+/// and testing a stale one would test the wrong code. (A no-op build when it is current.)
+fn built_bin(package: &str, bin: &str, features: &[&str]) -> PathBuf {
+    let path = aegisctl_bin().with_file_name(bin);
+    let release = path.parent().is_some_and(|p| p.ends_with("release"));
+    let mut c = Command::new(env!("CARGO"));
+    c.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    for f in features {
+        c.args(["--features", f]);
+    }
+    if release {
+        c.arg("--release");
+    }
+    let st = c
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo build for {bin}: {e}"));
+    assert!(st.success(), "building {bin} failed");
+    path
+}
+
+/// The broker binary beside `aegisctl` (see `built_bin`), with the features `cargo test`
+/// unified (the dev-dependency's hooks), so this is a no-op after `cargo test --workspace`
+/// rather than a rebuild.
 pub fn broker_bin() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let bin = aegisctl_bin().with_file_name("aegis-broker");
-            let release = bin.parent().is_some_and(|p| p.ends_with("release"));
-            let mut c = Command::new(env!("CARGO"));
-            c.args([
-                "build",
-                "--quiet",
-                "-p",
-                "aegis-broker",
-                "--bin",
-                "aegis-broker",
-                // The features `cargo test` unified (the dev-dependency's hooks), so this is
-                // a no-op after `cargo test --workspace` rather than a rebuild.
-                "--features",
-                "aegis-client/test-hooks",
-            ]);
-            if release {
-                c.arg("--release");
-            }
-            let st = c.status().expect("run cargo build for aegis-broker");
-            assert!(st.success(), "building aegis-broker failed");
-            bin
-        })
+        .get_or_init(|| built_bin("aegis-broker", "aegis-broker", &["aegis-client/test-hooks"]))
         .clone()
 }
 
@@ -292,29 +291,11 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// The `aegis-bridge` binary beside `aegisctl`, built like the broker (see `broker_bin`).
+/// The `aegis-bridge` binary beside `aegisctl` (see `built_bin` and `broker_bin`).
 pub fn bridge_bin() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let bin = aegisctl_bin().with_file_name("aegis-bridge");
-            let release = bin.parent().is_some_and(|p| p.ends_with("release"));
-            let mut c = Command::new(env!("CARGO"));
-            c.args([
-                "build",
-                "--quiet",
-                "-p",
-                "aegis-bridge",
-                "--bin",
-                "aegis-bridge",
-            ]);
-            if release {
-                c.arg("--release");
-            }
-            let st = c.status().expect("run cargo build for aegis-bridge");
-            assert!(st.success(), "building aegis-bridge failed");
-            bin
-        })
+        .get_or_init(|| built_bin("aegis-bridge", "aegis-bridge", &["aegis-client/test-hooks"]))
         .clone()
 }
 
@@ -426,12 +407,13 @@ impl Drop for Nats {
     }
 }
 
-/// An `aegis-bridge` process, terminated on drop.
-pub struct BridgeProc {
+/// A child process terminated on drop (an `aegis-bridge`, a monitor), so that a failing
+/// test leaves nothing running.
+pub struct Guarded {
     pub child: Child,
 }
 
-impl Drop for BridgeProc {
+impl Drop for Guarded {
     fn drop(&mut self) {
         terminate(&mut self.child);
     }
@@ -439,7 +421,7 @@ impl Drop for BridgeProc {
 
 /// An `aegis-bridge` process for `bus` (heartbeats every 200 ms), waited for until it
 /// says it is ready.
-pub fn start_bridge(bus: &TestBus, nats: &str, name: &str, extra: &[&str]) -> BridgeProc {
+pub fn start_bridge(bus: &TestBus, nats: &str, name: &str, extra: &[&str]) -> Guarded {
     let mut c = Command::new(bridge_bin());
     c.arg("--dir")
         .arg(bus.path())
@@ -454,7 +436,7 @@ pub fn start_bridge(bus: &TestBus, nats: &str, name: &str, extra: &[&str]) -> Br
             "warn",
         ])
         .args(extra);
-    BridgeProc {
+    Guarded {
         child: spawn_ready(c, "aegis-bridge ready").0,
     }
 }
