@@ -177,16 +177,22 @@ fn run(settings: Settings) -> Result<(), String> {
         Ok::<_, String>(())
     })?;
     tracing::info!("stopping: exported instances unregister, stand-ins leave");
-    let exported: Vec<(String, String)> = sh.exported_list();
-    for (nats_id, service) in exported {
-        let msg = model::encode(&model::ServiceRegistration {
-            service_name: service,
-            instance_id: nats_id,
-            timestamp: model::now_iso().into(),
-            metadata: Default::default(),
-        });
-        let _ = rt.block_on(sh.nats.publish(model::UNREGISTER_SUBJECT, msg.into()));
+    // Said only while connected, and never waited on for long: a bridge must stop even
+    // when NATS is gone.
+    if sh.online.load(Ordering::Acquire) {
+        for (nats_id, service) in sh.exported_list() {
+            let msg = model::encode(&model::ServiceRegistration {
+                service_name: service,
+                instance_id: nats_id,
+                timestamp: model::now_iso().into(),
+                metadata: Default::default(),
+            });
+            let _ = sh.wait(
+                "saying an instance leaves",
+                sh.nats.publish(model::UNREGISTER_SUBJECT, msg.into()),
+            );
+        }
+        let _ = sh.wait("flushing", sh.nats.flush());
     }
-    let _ = rt.block_on(sh.nats.flush());
     Ok(())
 }

@@ -34,13 +34,17 @@ def _nats_server() -> str:
 
 
 @pytest.fixture
-def nats_url():
+def nats_url(request):
+    """A nats-server with JetStream on a free port; `indirect` parametrization gives its
+    max_payload."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = tempfile.TemporaryDirectory(prefix="aegis-nats-")
-    proc = subprocess.Popen([_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store.name],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf = Path(store.name) / "nats.conf"
+    conf.write_text(f"max_payload: {getattr(request, 'param', 1048576)}\n")
+    proc = subprocess.Popen([_nats_server(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port), "-js",
+                             "-sd", store.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.monotonic() + DEADLINE
     while True:
         try:
@@ -80,19 +84,28 @@ def route(nc, **req):
     return go()
 
 
+async def first_answer(nc, **req):
+    """`route`, retried while the bridge that just started has not subscribed yet (or
+    answers before it has exported the service); the answer once it is a success or
+    the deadline passed."""
+    end = time.monotonic() + DEADLINE
+    while True:
+        try:
+            resp = await route(nc, **req)
+            if resp["success"] or time.monotonic() > end:
+                return resp
+        except nats.errors.NoRespondersError:
+            assert time.monotonic() < end, "the bridge never subscribed to ipc.route.request"
+        await asyncio.sleep(0.05)
+
+
 def test_a_seed_client_calls_a_rust_instance_through_the_bridge(bridged):
     url, bridge = bridged
 
     async def main():
         nc = await nats.connect(url)
-        # The bridge announces and subscribes as it starts: retry until it answers.
-        end = time.monotonic() + DEADLINE
-        while True:
-            resp = await route(nc, service_name="users", method="get", params={"id": 42, "name": "ada"},
-                               timeout=5.0, trace_id="trace-abc")
-            if resp["success"] or time.monotonic() > end:
-                break
-            await asyncio.sleep(0.05)
+        resp = await first_answer(nc, service_name="users", method="get", params={"id": 42, "name": "ada"},
+                                  timeout=5.0, trace_id="trace-abc")
         assert resp["success"] is True, resp
         assert resp["result"] == {"id": 42, "name": "ada"}  # the echo of the params
         assert resp["instance_id"] == "users-1@hostp"
@@ -188,3 +201,26 @@ def test_an_aegisipc_instance_on_nats_is_routable_on_the_local_bus(testbus: Test
         await nc.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("nats_url", [4096], indirect=True)
+def test_a_reply_over_nats_max_payload_is_a_413_and_the_bridge_keeps_going(testbus: TestBus, nats_url: str):
+    # Long instance and host names: the reply names them, the request does not.
+    testbus.serve("users", "users-" + "i" * 100)
+    bridge = start_bridge(testbus, nats_url, "h" * 60, "--export", "users")
+
+    async def main():
+        nc = await nats.connect(nats_url)
+        assert (await first_answer(nc, service_name="users", method="echo", params={"small": 0}, timeout=5.0,
+                                   trace_id="up"))["success"]
+        # A 4,000-byte request fits under the server's 4,096; its echo in a RouteResponse
+        # (plus the model's fields and the 170-byte instance id) does not.
+        resp = await route(nc, service_name="users", method="echo", params={"_raw": b"z" * 4000},
+                           timeout=5.0, trace_id="big")
+        assert (resp["error"]["code"], resp["error"]["type"], resp["trace_id"]) == (413, "MessageTooLarge", "big"), resp
+        resp = await route(nc, service_name="users", method="echo", params={"small": 1}, timeout=5.0, trace_id="s")
+        assert resp["success"] is True and resp["result"] == {"small": 1}, resp
+        await nc.close()
+
+    asyncio.run(main())
+    assert bridge.poll() is None
