@@ -271,6 +271,12 @@ impl Bus {
         let total = start + opts.timeout;
         // One trace id for the whole call: every attempt carries it, and so does its error.
         let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
+        let timed_out = |attempts| Error::Timeout {
+            service: service.to_owned(),
+            elapsed: start.elapsed(),
+            attempts,
+            trace_id: trace,
+        };
         let mut attempts: Vec<Attempt> = Vec::new();
         let mut tried: Vec<u32> = Vec::new();
         loop {
@@ -293,12 +299,7 @@ impl Bus {
                     if all_left {
                         no_instance()
                     } else {
-                        Error::Timeout {
-                            service: service.to_owned(),
-                            elapsed: start.elapsed(),
-                            attempts,
-                            trace_id: trace,
-                        }
+                        timed_out(attempts)
                     },
                     trace,
                 ));
@@ -366,15 +367,7 @@ impl Bus {
                 || *sent as u32 >= opts.max_attempts
                 || Instant::now() >= total
             {
-                return Err(failed_call(
-                    Error::Timeout {
-                        service: service.to_owned(),
-                        elapsed: start.elapsed(),
-                        attempts,
-                        trace_id: trace,
-                    },
-                    trace,
-                ));
+                return Err(failed_call(timed_out(attempts), trace));
             }
         }
     }
