@@ -214,3 +214,63 @@ fn bad_settings_are_one_line_errors() {
     let e = run(&["--config", cfg.to_str().unwrap()]);
     assert!(e.contains("line 3") && e.contains("exprot"), "{e}");
 }
+
+#[test]
+fn an_id_released_while_its_bridge_was_down_leaves_the_bucket_when_it_returns() {
+    let nats = Nats::start();
+    let (a, _alpha) = host(&nats, "hosta", "alpha", "doc-a");
+    let (b, _beta) = host(&nats, "hostb", "beta", "doc-b");
+    wait_for("doc-a routable on host b", || {
+        b.client
+            .call_resource("doc-a", "echo", b"r", &quick())
+            .is_ok_and(|r| r.instance_id == "alpha-1@hosta")
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bucket = rt.block_on(async {
+        let nc = async_nats::connect(nats.url()).await.unwrap();
+        async_nats::jetstream::new(nc)
+            .get_key_value("aegis_resources")
+            .await
+            .unwrap()
+    });
+    let key: String = std::iter::once("r".to_owned())
+        .chain(b"doc-a".iter().map(|b| format!("{b:02x}")))
+        .collect();
+    let entry = || rt.block_on(bucket.get(&key)).unwrap();
+    assert!(entry().is_some(), "host a's bridge wrote doc-a's owner");
+
+    // The bridge goes away, the id is released meanwhile, the bridge comes back.
+    let Host {
+        _bridge: mut bridge,
+        client: a_client,
+        bus: a_bus,
+    } = a;
+    let _ = bridge.child.kill();
+    let _ = bridge.child.wait();
+    let out = a_bus.aegisctl(&["release", "doc-a"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _back = start_bridge(
+        &a_bus,
+        &nats.url(),
+        "hosta",
+        &["--export", "*", "--import", "*"],
+    );
+    wait_for("the stale doc-a entry to leave the bucket", || {
+        entry().is_none()
+    });
+    // Host b no longer routes it to host a, and may claim it itself.
+    wait_for("doc-a free on host b", || {
+        matches!(
+            b.client.call_resource("doc-a", "echo", b"r", &quick()),
+            Err(Error::ResourceNotFound { .. })
+        )
+    });
+    drop(a_client);
+}

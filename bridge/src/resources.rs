@@ -10,7 +10,8 @@
 //!   allow few characters). A create that finds another host's live entry loses: the
 //!   winner's ownership is mirrored here, which takes the id from the local owner (logged).
 //!   An entry of a host silent for 5 heartbeat intervals is taken over. Ids that stop being
-//!   owned here are deleted (only if the entry is still ours).
+//!   owned here are deleted (only if the entry is still ours), also those released while
+//!   the bridge was down (its entries are read back from the bucket when it returns).
 //! * **Bucket → local.** Every other host's id is claimed on the local bus by the stand-in
 //!   of its owner, so a local claim of it fails with `ResourceConflict` naming the remote
 //!   owner — exactly as a local conflict — and `call_resource` reaches the stand-in, which
@@ -49,6 +50,9 @@ pub struct Mirror {
     published: Mutex<HashMap<String, (String, u64)>>,
     /// Other hosts' ids, from the bucket.
     remote: Mutex<HashMap<String, Owner>>,
+    /// This host's entries as the bucket has them (id -> revision), written by this run or
+    /// an earlier one: an id released while the bridge was down is deleted on its return.
+    ours: Mutex<HashMap<String, u64>>,
     /// Since when the bucket is usable (entries of hosts silent longer may be taken over).
     since: Mutex<Option<Instant>>,
     /// The bucket could not be opened (JetStream off?): said once per connection.
@@ -154,13 +158,20 @@ async fn watch(sh: Arc<Shared>, store: kv::Store) {
             kv::Operation::Delete | kv::Operation::Purge => None,
         };
         {
-            let mut remote = sh.resources.remote.lock().unwrap();
+            let m = &sh.resources;
+            let (mut remote, mut ours) = (m.remote.lock().unwrap(), m.ours.lock().unwrap());
             match owner {
                 Some(o) if o.host != sh.cfg.name => {
+                    ours.remove(&id);
                     remote.insert(id, o);
                 }
-                _ => {
+                Some(_) => {
                     remote.remove(&id);
+                    ours.insert(id, e.revision);
+                }
+                None => {
+                    remote.remove(&id);
+                    ours.remove(&id);
                 }
             }
         }
@@ -227,7 +238,9 @@ fn publish(sh: &Shared, store: &kv::Store, local: HashMap<String, (String, Strin
         .lock()
         .unwrap()
         .is_some_and(|t| t.elapsed() > silent_limit);
-    let gone: Vec<(String, u64)> = m
+    // Entries of ours (this run's writes, or the bucket's word for them) no longer owned
+    // here; the bucket's revision is the newer where both know one.
+    let mut gone: HashMap<String, u64> = m
         .published
         .lock()
         .unwrap()
@@ -235,6 +248,14 @@ fn publish(sh: &Shared, store: &kv::Store, local: HashMap<String, (String, Strin
         .filter(|(id, _)| !local.contains_key(*id))
         .map(|(id, (_, rev))| (id.clone(), *rev))
         .collect();
+    gone.extend(
+        m.ours
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(id, _)| !local.contains_key(*id))
+            .map(|(id, rev)| (id.clone(), *rev)),
+    );
     for (id, rev) in gone {
         let r = sh.wait(
             "deleting a resource entry",
@@ -244,6 +265,7 @@ fn publish(sh: &Shared, store: &kv::Store, local: HashMap<String, (String, Strin
             tracing::debug!(resource = %id, "not deleting its entry (no longer ours?): {e}");
         }
         m.published.lock().unwrap().remove(&id);
+        m.ours.lock().unwrap().remove(&id);
     }
     for (id, (service, owner)) in local {
         if m.published
