@@ -274,3 +274,77 @@ fn an_id_released_while_its_bridge_was_down_leaves_the_bucket_when_it_returns() 
     });
     drop(a_client);
 }
+
+/// The packaged unit passes `systemd-analyze verify` (beside the broker's unit it binds to)
+/// and scores under 2.0 offline, and the packaged configuration is valid. Skipped, saying
+/// so, where systemd-analyze is not installed.
+#[test]
+fn the_packaged_bridge_unit_and_configuration_check_out() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(support::bridge_bin())
+        .arg("--config")
+        .arg(root.join("packaging/bridge.toml"))
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("aegis_resources"));
+    if !std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (unit, bin) in [
+        ("aegis-bridge.service", support::bridge_bin()),
+        ("aegis-broker.service", support::broker_bin()),
+    ] {
+        let text = std::fs::read_to_string(root.join("packaging/systemd").join(unit))
+            .unwrap()
+            .replace(
+                &format!(
+                    "/usr/local/bin/{}",
+                    bin.file_name().unwrap().to_str().unwrap()
+                ),
+                bin.to_str().unwrap(),
+            );
+        std::fs::write(dir.path().join(unit), text).unwrap();
+    }
+    let unit = dir.path().join("aegis-bridge.service");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        // The broker's unit, which the bridge's binds to, is found beside it.
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "verify complained"
+    );
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("exposure level for aegis-bridge.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no score in: {text}"));
+    assert!(score < 2.0, "exposure {score}: {text}");
+}

@@ -63,6 +63,9 @@ pub struct Args {
     /// Log filter (default `info`).
     #[arg(long)]
     pub log: Option<String>,
+    /// Check the settings, print the effective ones and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// The file's keys: the flags' names with `_` for `-`.

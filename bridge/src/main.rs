@@ -16,13 +16,27 @@ use crate::bridge::Shared;
 use crate::config::{Args, Settings};
 
 fn main() -> std::process::ExitCode {
-    let settings = match Settings::resolve(Args::parse()) {
+    let args = Args::parse();
+    let check = args.check_config;
+    let settings = match Settings::resolve(args) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("aegis-bridge: {e}");
             return std::process::ExitCode::from(2);
         }
     };
+    if check {
+        // Secrets are not printed.
+        let shown = Settings {
+            password: settings.password.as_ref().map(|_| "(set)".into()),
+            token: settings.token.as_ref().map(|_| "(set)".into()),
+            nkey: settings.nkey.as_ref().map(|_| "(set)".into()),
+            ..settings
+        };
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{shown:#?}");
+        return std::process::ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&settings.log)
