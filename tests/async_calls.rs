@@ -115,3 +115,54 @@ fn an_event_loop_learns_of_armed_calls_through_the_event_fd() {
         }
     }
 }
+
+/// A full ring does not block the executor: with the only instance stopped and its
+/// 4-slot ring full, more async calls wait for room while the same current-thread runtime
+/// goes on running other tasks; once the instance continues, every call is answered.
+#[test]
+fn a_full_ring_does_not_block_the_runtime() {
+    let bus = TestBus::start();
+    let inst = bus.serve("tight", "t-1", &["--slot-count", "4"]);
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(20));
+    client.call("tight", "m", b"warm", &opts).unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGSTOP) };
+    support::wait_for("the instance to stop", || support::is_stopped(inst.pid()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let answered = local.block_on(&rt, async {
+        let calls: Vec<_> = (0..16u32)
+            .map(|i| {
+                let (c, o) = (client.clone(), opts.clone());
+                tokio::task::spawn_local(async move {
+                    let p = i.to_le_bytes();
+                    let r = c.call_async("tight", "m", &p, &o).await.unwrap();
+                    assert_eq!(r.payload, p);
+                })
+            })
+            .collect();
+        // Let every call try the ring (4 fit, 12 find it full), then see the runtime is
+        // free: a blocked thread would hold this timer up for the calls' 20 s deadline.
+        tokio::task::yield_now().await;
+        let t = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the runtime was blocked for {:?} by calls waiting for ring room",
+            t.elapsed()
+        );
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGCONT) };
+        let mut n = 0;
+        for c in calls {
+            c.await.unwrap();
+            n += 1;
+        }
+        n
+    });
+    assert_eq!(answered, 16);
+}

@@ -153,6 +153,23 @@ fn failed_call(e: Error, trace: u64) -> Error {
 /// Bytes before a heap reply: the nonce of the call it answers (see `read_reply`).
 pub(crate) const HEAP_TAG: u64 = 8;
 
+/// Why an attempt failed when the instance's ring stayed full.
+const RING_FULL: &str = "ring full until the attempt deadline";
+
+/// Why [`Bus::submit_from`] returned without a pending call.
+pub(crate) enum Submit {
+    Failed(Error),
+    /// The ring had no room (only when not waiting for it); the error to give at the
+    /// deadline.
+    RingFull(Error),
+}
+
+impl From<Error> for Submit {
+    fn from(e: Error) -> Submit {
+        Submit::Failed(e)
+    }
+}
+
 /// Why an attempt failed when its instance left between being picked and being sent to.
 const INSTANCE_LEFT_BEFORE_SEND: &str = "instance left before the request was sent";
 
@@ -482,7 +499,25 @@ impl Bus {
         payload: &[u8],
         opts: &CallOptions,
     ) -> Result<Pending<'_>> {
-        let start = Instant::now();
+        self.submit_from(Instant::now(), service, method, payload, opts, true)
+            .map_err(|e| match e {
+                Submit::Failed(e) | Submit::RingFull(e) => e,
+            })
+    }
+
+    /// [`Bus::submit`] for a call that started at `start`. With `wait_for_room` false, a
+    /// full ring is not waited on: `Submit::RingFull` (carrying the error to give if the
+    /// call's deadline passes that way) says to come back when there is room — an async
+    /// caller must not block its executor's thread.
+    pub(crate) fn submit_from(
+        &self,
+        start: Instant,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+        wait_for_room: bool,
+    ) -> Result<Pending<'_>, Submit> {
         names::service(service)?;
         names::method(method)?;
         check_options(opts)?;
@@ -515,14 +550,29 @@ impl Bus {
         let seg = inner
             .open_target(target, deadline)
             .map_err(|f| inner.one_attempt_error(sess, target, f, (start, trace)))?;
+        // Not waiting for room: the ring is tried once (its claim deadline has passed).
+        let claim_until = if wait_for_room { deadline } else { start };
         match inner.send(
             &seg,
             method,
             payload,
             opts,
-            (deadline, trace, start),
+            (claim_until, trace, start),
             &mut None,
         ) {
+            Err(Failed::NotDelivered(why)) if !wait_for_room && why == RING_FULL => {
+                // Not logged: the caller comes back, and logs the error if it gives up.
+                Err(Submit::RingFull(Error::Timeout {
+                    service: service.to_owned(),
+                    elapsed: start.elapsed(),
+                    attempts: vec![Attempt {
+                        instance: inner.instance_name(target.instance),
+                        error: why.to_owned(),
+                        duration: start.elapsed(),
+                    }],
+                    trace_id: trace,
+                }))
+            }
             Ok(sent) => Ok(Pending {
                 inner,
                 sess,
@@ -534,7 +584,9 @@ impl Bus {
                 start,
                 trace,
             }),
-            Err(f) => Err(inner.one_attempt_error(sess, target, f, (start, trace))),
+            Err(f) => Err(inner
+                .one_attempt_error(sess, target, f, (start, trace))
+                .into()),
         }
     }
 
@@ -850,7 +902,7 @@ impl BusInner {
                     self.note_stalled(seg, w.progress);
                     "ring full and the instance made no progress for the stall bound"
                 }
-                _ => "ring full until the attempt deadline",
+                _ => RING_FULL,
             }));
         };
         #[cfg(feature = "test-hooks")]

@@ -14,6 +14,9 @@ use parking_lot::Mutex;
 #[derive(Default)]
 pub(crate) struct AsyncWaiters {
     pub(crate) waiting: Mutex<HashMap<u32, (u32, Wake)>>,
+    /// Futures whose instance's ring was full: woken on the doorbell thread's next pass
+    /// (a reply rung, or at most [`crate::mailbox::LIVENESS_CHECK`] later) to try again.
+    pub(crate) room: Mutex<Vec<Waker>>,
     pub(crate) thread_started: AtomicBool,
     /// The event fd (created on first use).
     pub(crate) event_fd: OnceLock<OwnedFd>,

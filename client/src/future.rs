@@ -12,6 +12,10 @@
 //! Dropping a future cancels its call like dropping a [`Pending`]: a request not yet taken
 //! never runs, and the mailbox comes back (at once, or when the instance has answered).
 //!
+//! A full ring does not block the executor either: the future tries the ring once, and if
+//! it is full waits for the doorbell thread's next pass (a reply, or at most
+//! [`mailbox::LIVENESS_CHECK`]) to try again, until the call's deadline.
+//!
 //! Event loops that are not Rust futures (C, Python's asyncio, libuv) use the connection's
 //! *event fd* instead ([`Bus::event_fd`]): arm a submitted call with
 //! [`Pending::notify_event_fd`], poll the fd, and when it is readable, read it and look at
@@ -29,7 +33,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use crate::bus::{Bus, BusInner};
-use crate::call::{CallOptions, Pending, Reply};
+use crate::call::{CallOptions, Pending, Reply, Submit};
 use crate::doorbell::Wake;
 use crate::error::Result;
 use crate::mailbox;
@@ -45,12 +49,56 @@ impl Bus {
         payload: &[u8],
         opts: &CallOptions,
     ) -> Result<Reply> {
-        let pending = self.submit(service, method, payload, opts)?;
+        // A full ring is waited for here, not inside `submit`: the executor's thread stays
+        // free while the instance drains it.
+        let start = std::time::Instant::now();
+        let until = start + opts.timeout.min(opts.attempt_timeout);
+        let pending = loop {
+            match self.submit_from(start, service, method, payload, opts, false) {
+                Ok(p) => break p,
+                Err(Submit::Failed(e)) => return Err(e),
+                Err(Submit::RingFull(e)) if std::time::Instant::now() >= until => {
+                    tracing::warn!(target: "aegis_ipc::route", "call failed: {e}");
+                    return Err(e);
+                }
+                Err(Submit::RingFull(_)) => {
+                    Room {
+                        inner: &self.inner,
+                        asked: false,
+                    }
+                    .await
+                }
+            }
+        };
         AsyncReply {
             bus: self,
             pending: Some(pending),
         }
         .await
+    }
+}
+
+/// Waits for the doorbell thread's next pass (see `AsyncWaiters::room`).
+struct Room<'b> {
+    inner: &'b Arc<BusInner>,
+    asked: bool,
+}
+
+impl Future for Room<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.asked {
+            return Poll::Ready(());
+        }
+        self.asked = true;
+        start_doorbell_thread(self.inner);
+        self.inner
+            .async_waiters
+            .room
+            .lock()
+            .push(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -197,6 +245,10 @@ fn doorbell_thread(weak: Weak<BusInner>) {
                 .filter_map(|mb| w.remove(mb).map(|(_, waker)| waker))
                 .collect()
         };
+        let room = std::mem::take(&mut *inner.async_waiters.room.lock());
+        for w in room {
+            w.wake();
+        }
         let mut signal = false;
         for w in wake {
             match w {
