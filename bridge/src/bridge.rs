@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aegis_client::layout::REMOTE_METADATA_KEY;
-use aegis_client::{Bus, CallOptions, Error, Instance, RegisterOptions, Selection, ServiceError};
+use aegis_client::{Bus, CallOptions, Instance, RegisterOptions, Selection, ServiceError};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -579,6 +579,8 @@ fn answer(sh: &Shared, target: &Target, msg: async_nats::Message) {
         Target::Plain { .. } => msg.subject.rsplit('.').next().map(str::to_owned),
         _ => header(&msg, H_METHOD).map(str::to_owned),
     };
+    // A raw caller reads errors from headers; a model caller from the model.
+    let raw = raw_method.is_some();
     let (payload, headers) = match raw_method {
         Some(method) => raw_call(sh, target, &msg, &method),
         None => (model::encode(&model_call(sh, target, &msg.payload)), None),
@@ -589,8 +591,7 @@ fn answer(sh: &Shared, target: &Target, msg: async_nats::Message) {
             "reply of {} bytes is over NATS's max payload of {max}",
             payload.len()
         );
-        // A raw caller reads errors from headers; a model caller from the model.
-        if raw_answer(target, &msg) {
+        if raw {
             let h = error_headers(413, "MessageTooLarge", &text);
             (text.into_bytes(), Some(h))
         } else {
@@ -614,10 +615,6 @@ fn answer(sh: &Shared, target: &Target, msg: async_nats::Message) {
     if let Err(e) = sent {
         tracing::debug!("answering: {e}");
     }
-}
-
-fn raw_answer(target: &Target, msg: &async_nats::Message) -> bool {
-    matches!(target, Target::Plain { .. }) || header(msg, H_METHOD).is_some()
 }
 
 fn error_headers(code: u16, kind: &str, message: &str) -> HeaderMap {
@@ -678,14 +675,10 @@ fn raw_call(
             let text = e.to_string();
             (
                 text.clone().into_bytes(),
-                Some(error_headers(code_of(&e), e.kind(), &text)),
+                Some(error_headers(e.code(), e.kind(), &text)),
             )
         }
     }
-}
-
-fn code_of(e: &Error) -> u16 {
-    e.code()
 }
 
 fn error_response(code: u16, kind: &str, message: String, trace: &str) -> RouteResponse {
@@ -745,7 +738,7 @@ fn model_call(sh: &Shared, target: &Target, body: &[u8]) -> RouteResponse {
         },
         Err(e) => RouteResponse {
             duration_ms,
-            ..error_response(code_of(&e), e.kind(), e.to_string(), &req.trace_id)
+            ..error_response(e.code(), e.kind(), e.to_string(), &req.trace_id)
         },
     }
 }
