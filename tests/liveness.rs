@@ -731,6 +731,74 @@ fn a_stopped_instance_s_untaken_request_is_withdrawn_answered_elsewhere_and_neve
 }
 
 #[test]
+fn requests_withdrawn_from_stalled_instances_do_not_use_up_the_call_s_attempts() {
+    // Three of four instances stop at once (a host hiccup, or a bad deploy): one call meets
+    // all three in turn. Each withdrawal moves a request that never ran, so the call must
+    // reach the fourth instance, not fail after its three attempts.
+    let bus = TestBus::start();
+    let hb = [
+        "--heartbeat-interval-ms",
+        "1000",
+        "--heartbeat-timeout-ms",
+        "120000",
+    ];
+    let ids = ["a", "b", "c", "d"];
+    let instances: Vec<_> = ids.iter().map(|id| bus.serve("stall3", id, &hb)).collect();
+    let client = bus.connect();
+    let opts = CallOptions {
+        stall_bound: Duration::from_millis(50),
+        attempt_timeout: Duration::from_secs(30),
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    assert_eq!(opts.max_attempts, 3, "the default this test is about");
+    // Round-robin warm-up: the next call starts at "a", then "b", "c", "d".
+    for round in 0..2 {
+        for id in ids {
+            let r = client.call("stall3", "m", b"warm", &opts).unwrap();
+            assert_eq!(r.instance_id, id, "round {round}");
+        }
+    }
+    for i in &instances[..3] {
+        kill(i.pid(), libc::SIGSTOP);
+        support::wait_for("the instance to stop", || support::is_stopped(i.pid()));
+    }
+    for i in 0..8u32 {
+        let payload = format!("call {i}");
+        let r = client
+            .call("stall3", "m", payload.as_bytes(), &opts)
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert_eq!(
+            (r.instance_id.as_str(), &r.payload[..]),
+            ("d", payload.as_bytes())
+        );
+    }
+    let info = client.service("stall3").unwrap();
+    let served = |id: &str| {
+        let i = info.instances.iter().find(|i| i.id == id).unwrap();
+        (i.requests_served, i.queued)
+    };
+    // The first call left one request in each stopped ring; later calls avoided them.
+    for id in ["a", "b", "c"] {
+        assert_eq!(served(id), (2, 1), "{id}");
+    }
+    assert_eq!(served("d").0, 2 + 8);
+    for i in &instances[..3] {
+        kill(i.pid(), libc::SIGCONT);
+    }
+    support::wait_for("the resumed instances to drain their rings", || {
+        let info = client.service("stall3").unwrap();
+        info.instances.iter().all(|i| i.queued == 0)
+    });
+    // The withdrawn requests never ran.
+    let info = client.service("stall3").unwrap();
+    for i in &info.instances {
+        let want = if i.id == "d" { 10 } else { 2 };
+        assert_eq!(i.requests_served, want, "{}", i.id);
+    }
+}
+
+#[test]
 fn a_zero_stall_bound_is_refused_by_name() {
     let bus = TestBus::start();
     let _a = bus.serve("stall0", "a", &[]);

@@ -172,6 +172,25 @@ impl From<Error> for Submit {
 
 /// Why an attempt failed when its instance left between being picked and being sent to.
 const INSTANCE_LEFT_BEFORE_SEND: &str = "instance left before the request was sent";
+/// Why an attempt failed when its request was withdrawn from a stalled instance's ring.
+const WITHDRAWN_STALLED: &str =
+    "instance made no progress for the stall bound: request withdrawn untaken";
+/// Why an attempt failed when a stalled instance's ring had no room for the request.
+const FULL_AND_STALLED: &str = "ring full and the instance made no progress for the stall bound";
+
+/// Whether an attempt that failed this way used up one of the call's attempts. A request
+/// that never reached an instance (it left first, or the request was withdrawn untaken from
+/// a stalled one, or never got into its full ring) has not run anywhere: it moves on to
+/// another instance without counting. Each instance is tried once per call, so this is
+/// bounded by the instances of the service.
+fn counts_as_attempt(why: &str) -> bool {
+    ![
+        INSTANCE_LEFT_BEFORE_SEND,
+        WITHDRAWN_STALLED,
+        FULL_AND_STALLED,
+    ]
+    .contains(&why)
+}
 
 /// Consecutive timeouts after which a caller reports an instance unhealthy.
 const UNHEALTHY_AFTER_TIMEOUTS: u32 = 3;
@@ -267,7 +286,7 @@ impl Bus {
 
     /// The routing loop of [`Bus::call_into`]: picks instances and makes attempts until
     /// one answers, the attempts run out or the deadline passes. `sent` counts the
-    /// instances the request reached.
+    /// instances the request reached (see [`counts_as_attempt`]).
     #[allow(clippy::too_many_arguments)]
     fn route(
         &self,
@@ -345,7 +364,7 @@ impl Bus {
                 Ok(()) => {
                     *sent = 1 + attempts
                         .iter()
-                        .filter(|a| a.error != INSTANCE_LEFT_BEFORE_SEND)
+                        .filter(|a| counts_as_attempt(&a.error))
                         .count();
                     inner.note_success(target);
                     if route_log_sampled() {
@@ -378,7 +397,7 @@ impl Bus {
             tried.push(target.instance);
             *sent = attempts
                 .iter()
-                .filter(|a| a.error != INSTANCE_LEFT_BEFORE_SEND)
+                .filter(|a| counts_as_attempt(&a.error))
                 .count();
             if (in_doubt && !opts.idempotent)
                 || *sent as u32 >= opts.max_attempts
@@ -900,7 +919,7 @@ impl BusInner {
             return Err(Failed::NotDelivered(match watch {
                 Some(w) if w.stalled() => {
                     self.note_stalled(seg, w.progress);
-                    "ring full and the instance made no progress for the stall bound"
+                    FULL_AND_STALLED
                 }
                 _ => RING_FULL,
             }));
@@ -1053,9 +1072,7 @@ impl BusInner {
                 Err(Failed::NotDelivered(match why {
                     Why::Gone => "instance left before taking the request",
                     Why::Deadline => "not taken before the attempt deadline",
-                    Why::Stalled => {
-                        "instance made no progress for the stall bound: request withdrawn untaken"
-                    }
+                    Why::Stalled => WITHDRAWN_STALLED,
                 }))
             }
             Cancel::InProgress => {

@@ -4,40 +4,47 @@
 //! Spinning pays only while the thread we wait for runs on *another* core. On a host with
 //! more willing spinners than cores, fixed spin budgets steal each other's time slices: the
 //! thread that would answer is runnable but waits behind spinners, and throughput falls far
-//! below plain sleeping. So the default policy, [`Spin::Adaptive`], is an idle strategy in
-//! the manner of Aeron's backoff strategy (spin, then park), with these rules:
+//! below plain sleeping. Sleeping at once has its own cost, though: every answer then needs
+//! a futex wake-up, and on a VM a wake-up onto an idle (halted) vCPU costs tens of
+//! microseconds. So the default policy, [`Spin::Adaptive`], is an idle strategy in the
+//! manner of Aeron's backoff strategy — spin, then yield, then park — with these rules:
 //!
-//! * **Spin seats.** Spinning needs one of the bus's spin seats ([`Seats`]), a row of words
-//!   in the shared segment, as many as this process has cores. So the whole bus never has
-//!   more spinning threads than cores, and a thread that gets no seat sleeps at once.
-//!   (Aeron's yield phase in between measured worse here: 8 callers × 3 instances on the
-//!   2-core VM, 153 k calls/s with two yields, 209 k without.) A serving thread keeps its
-//!   seat while it works, so an instance handling a request is not crowded out by idle
-//!   spinners.
-//! * **A spare core.** Seats count only our own spinners; the kernel knows who else wants a
-//!   core. An adaptive waiter spins only while threads have not been queueing for cores:
-//!   the kernel's CPU pressure (`/proc/pressure/cpu`, `some`: time in which at least one
-//!   runnable thread waited) grew by less than [`STALL_BUSY`] of the last interval,
-//!   sampled at most every [`LOAD_SAMPLE`] per process. A time integral, not a snapshot:
-//!   under a ping-pong load threads park and wake every few microseconds, so a count of
-//!   runnable threads at one instant says little. (Without PSI, that count from
-//!   `/proc/loadavg` is the fallback.) When threads queue for cores, every waiter sleeps
-//!   at once: pure blocking, which is then the fastest thing to do. A thread that has just
+//! * **Spin only with a seat.** Spinning needs one of the bus's spin seats ([`Seats`]), a
+//!   row of words in the shared segment, as many as this process has cores. So the whole
+//!   bus never has more spinning threads than cores. A serving thread keeps its seat while
+//!   it works, so an instance handling a request is not crowded out by idle spinners.
+//! * **Spin only with a spare core.** Seats count only our own spinners; the kernel knows
+//!   who else wants a core. An adaptive waiter spins only while threads have not been
+//!   queueing for cores: the kernel's CPU pressure (`/proc/pressure/cpu`, `some`: time in
+//!   which at least one runnable thread waited) grew by less than [`STALL_BUSY`] of the
+//!   last interval, sampled at most every [`LOAD_SAMPLE`] per process. (Without PSI, the
+//!   runnable-thread count of `/proc/loadavg` is the fallback.) A thread that has just
 //!   woken a sleeping peer also checks the instantaneous count plus that peer against the
 //!   cores: the peer needs a core now.
-//! * **A learned budget** per waiter ([`Backoff`]): a wait that ended while spinning sets
-//!   the budget to about twice what it took; a spin that came to nothing halves it, down to
-//!   zero (then a short probe every [`PROBE_EVERY`] waits). A caller's budget also grows
-//!   when a wait ended soon after it parked (spinning would have caught it), up to
-//!   [`ADAPTIVE_MAX_SPIN`]; a serving thread's only from spins, up to [`SERVER_MAX_SPIN`]
-//!   (it spins for whoever calls next, and an idle instance among several would take the
-//!   core the caller and the called instance need).
-//! * **Only for work in progress.** A caller stops spinning once its request has sat
+//! * **Spin only for work in progress.** A caller stops spinning once its request has sat
 //!   untaken for [`UNTAKEN_GRACE`] (unless it has just woken that instance): the instance
-//!   is busy with a queue, and the caller's spinning would only slow it.
-//! * **Yielding while spinning.** An adaptive spinner calls `sched_yield` every
-//!   [`SPIN_YIELD_EVERY`], so a peer woken onto its core runs at once. (Measured on the
-//!   2-core VM, 1 caller × 2 instances: 36 k calls/s without it, 63 k with it; blocking 34 k.)
+//!   is busy with a queue, and the caller's spinning would only slow it. A spinner calls
+//!   `sched_yield` every [`SPIN_YIELD_EVERY`], so a peer woken onto its core runs at once.
+//! * **Then yield** ([`CALLER_YIELD`], [`SERVER_YIELD`]): whether or not it could spin,
+//!   the waiter polls and calls `sched_yield` between polls. A yielding thread never keeps
+//!   a core from a thread that wants one (the scheduler runs that thread instead), so this
+//!   phase needs no seat and no spare core; but its core stays awake, and an answer that
+//!   comes within the phase costs neither side a futex wake-up. This is what made the
+//!   default faster than blocking in every cell of the load matrix, most where threads
+//!   outnumber cores (2-core VM, `aegisctl bench --matrix --repeat 3`, default/blocking:
+//!   8 callers × 3 instances 0.96× before, 1.9× with it; 1 × 2 0.57× before, 2.7× with
+//!   it; 8 × 1 0.99× before, 6× with it). The cost is CPU time that would otherwise be
+//!   idle, at most one phase per wait, and that the scheduler sees a yielding core as busy
+//!   when it places a woken thread (the seed's stress scenario, 1,000 mostly idle caller
+//!   threads: p99 83 µs over 60 s, but 20 s runs moved from 0.3–0.7 ms to 1.0–1.5 ms).
+//! * **A learned budget** per waiter ([`Backoff`]) decides whether to spin and yield at
+//!   all: a wait that ended while spinning or yielding sets the budget to about twice
+//!   what it took; a wait that outlasted both phases halves it, down to zero, and at zero
+//!   the waiter sleeps at once (with a short probe every [`PROBE_EVERY`] waits). A
+//!   caller's budget also grows when a wait ended soon after it parked, up to
+//!   [`ADAPTIVE_MAX_SPIN`]; a serving thread's only from waits that ended before it
+//!   parked, up to [`SERVER_MAX_SPIN`]. So an instance whose requests come seldom, or a
+//!   caller of slow handlers, stops spending CPU on waits that never pay.
 //!
 //! [`Spin::Fixed`] spins exactly the given time (no seat, no learning) for users who pin
 //! threads to cores; `Fixed(Duration::ZERO)` is pure blocking.
@@ -56,8 +63,9 @@ use crate::sync::{spin_hint, Ordering};
 /// How a waiting thread spends the time before it sleeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Spin {
-    /// Spin only with a free core (a spin seat) and for as long as spinning has recently
-    /// paid off; otherwise sleep at once. Meant never to be slower than blocking (see the
+    /// Spin only with a free core (a spin seat), then yield the core between polls for a
+    /// while, then sleep — as long as that has recently paid off; otherwise sleep at once.
+    /// Meant never to be slower than blocking (see the
     /// README's load matrix for where that holds).
     #[default]
     Adaptive,
@@ -80,6 +88,12 @@ pub const ADAPTIVE_MAX_SPIN: Duration = Duration::from_micros(50);
 /// callers (the calling side spins up to [`ADAPTIVE_MAX_SPIN`]: it waits for one reply,
 /// not for whoever calls next).
 pub const SERVER_MAX_SPIN: Duration = Duration::from_micros(10);
+/// How long an adaptive caller polls and yields (after spinning, or instead of it) before
+/// it sleeps: see [`Waiter::spin`]. A wait longer than that costs at most this much CPU.
+pub const CALLER_YIELD: Duration = Duration::from_micros(50);
+/// How long an adaptive serving thread polls and yields for the next request before it
+/// sleeps. A caller that finds it awake saves a futex wake-up on both sides.
+pub const SERVER_YIELD: Duration = Duration::from_micros(20);
 /// Budgets below this are zero: a spin that short never beats the futex path's own cost.
 const MIN_SPIN: Duration = Duration::from_micros(1);
 /// An adaptive spinner calls `sched_yield` this often: a thread woken onto its core (the
@@ -222,7 +236,7 @@ pub const PROBE_SPIN: Duration = Duration::from_micros(5);
 pub const PROBE_EVERY: u32 = 16;
 
 impl Backoff {
-    /// A serving thread's budget. It grows only when a spin caught a request: an idle
+    /// A serving thread's budget. It grows only when a spin or yield caught a request: an idle
     /// instance whose requests arrive soon after it parks is one of several that a caller
     /// takes turns with, and its spinning would take the core that caller and the instance
     /// it is calling need. (Measured, 2-core VM, 1 caller × 3 instances: 42 k calls/s when
@@ -416,70 +430,73 @@ impl<'a> Waiter<'a> {
 
     /// The spin and yield phases: returns true as soon as `poll()` says [`Poll::Ready`], or
     /// false when the policy says to sleep now (or `deadline` passed). Adaptive: spins only
-    /// with a seat, and gives up after [`UNTAKEN_GRACE`] of [`Poll::NotStarted`].
+    /// with a seat (giving up after [`UNTAKEN_GRACE`] of [`Poll::NotStarted`]), then yields
+    /// for [`CALLER_YIELD`] or [`SERVER_YIELD`]. Fixed: spins exactly its budget.
     pub fn spin(&mut self, deadline: Option<Instant>, mut poll: impl FnMut() -> Poll) -> bool {
-        let mut ready = || poll() == Poll::Ready;
-        let mut woke = false;
-        let budget = match self.policy {
-            Spin::Fixed(d) => d,
+        match self.policy {
+            Spin::Fixed(d) => spin_for(d, None, deadline, &mut poll),
             Spin::Adaptive => {
-                let b = self.backoff.next_budget();
-                // A peer this thread just woke needs a core as well: count it.
-                woke = WOKE_A_SLEEPER.replace(false);
-                if b.is_zero() || !host_has_spare_cores(woke as usize) {
-                    // Threads queue for a core (or spinning has not paid): sleep now.
+                let budget = self.backoff.next_budget();
+                if budget.is_zero() {
+                    // Lately the waits outlasted both phases: sleep at once.
+                    WOKE_A_SLEEPER.set(false);
                     self.seat = None;
-                    return ready();
+                    return poll() == Poll::Ready;
                 }
-                if self.seat.is_none() {
-                    self.seat = self.seats.take();
-                }
-                if self.seat.is_none() {
-                    // Every core has a spinner already.
-                    return ready();
-                }
-                b
+                self.spin_phase(budget, deadline, &mut poll)
+                    || self.yield_phase(deadline, &mut poll)
             }
-        };
-        if budget.is_zero() {
-            return ready();
         }
-        let adaptive = self.policy == Spin::Adaptive;
+    }
+
+    /// The adaptive spin phase: only with a seat, a spare core and a learned budget.
+    fn spin_phase(
+        &mut self,
+        budget: Duration,
+        deadline: Option<Instant>,
+        poll: &mut impl FnMut() -> Poll,
+    ) -> bool {
+        // A peer this thread just woke needs a core as well: count it.
+        let woke = WOKE_A_SLEEPER.replace(false);
+        if !host_has_spare_cores(woke as usize) {
+            // Threads queue for a core: no spinning now.
+            return false;
+        }
+        if self.seat.is_none() {
+            self.seat = self.seats.take();
+        }
+        if self.seat.is_none() {
+            // Every core has a spinner already.
+            return false;
+        }
         // A peer we just woke takes a wake-up's time to start; one we did not wake and that
         // has not started is busy elsewhere (see UNTAKEN_GRACE).
         let grace = if woke { budget } else { UNTAKEN_GRACE };
+        spin_for(budget, Some(grace), deadline, poll)
+    }
+
+    /// The adaptive yield phase: poll, and between polls hand the core to any thread
+    /// waiting for it (`sched_yield`), so waiting this way never takes a core from a thread
+    /// that has work. It keeps this thread's core awake, and answers sooner than a futex
+    /// wake-up, whenever the reply (or the next request) comes within the phase.
+    fn yield_phase(&mut self, deadline: Option<Instant>, poll: &mut impl FnMut() -> Poll) -> bool {
+        // A yielding thread does not hold a core: free the seat for a spinner.
+        self.seat = None;
+        let phase = if self.backoff.server {
+            SERVER_YIELD
+        } else {
+            CALLER_YIELD
+        };
         let start = Instant::now();
-        let until = deadline.map_or(start + budget, |d| d.min(start + budget));
-        let mut next_yield = start + SPIN_YIELD_EVERY;
-        let mut not_started_since = None;
-        let mut i = 0u32;
+        let until = deadline.map_or(start + phase, |d| d.min(start + phase));
         loop {
-            let p = poll();
-            if p == Poll::Ready {
+            if poll() == Poll::Ready {
                 return true;
             }
-            spin_hint();
-            i = i.wrapping_add(1);
-            if i % 32 == 0 {
-                let now = Instant::now();
-                if now >= until {
-                    return false;
-                }
-                if adaptive {
-                    if p == Poll::NotStarted {
-                        let since = *not_started_since.get_or_insert(now);
-                        if now - since >= grace {
-                            return false;
-                        }
-                    } else {
-                        not_started_since = None;
-                    }
-                    if now >= next_yield {
-                        std::thread::yield_now();
-                        next_yield = now + SPIN_YIELD_EVERY;
-                    }
-                }
+            if Instant::now() >= until {
+                return false;
             }
+            std::thread::yield_now();
         }
     }
 
@@ -492,6 +509,53 @@ impl<'a> Waiter<'a> {
     pub fn learn(&mut self, waited: Duration, during_spin: bool) {
         if self.policy == Spin::Adaptive {
             self.backoff.learn(waited, during_spin);
+        }
+    }
+}
+
+/// Spins until `poll()` says [`Poll::Ready`] (true), or `budget` or `deadline` passes
+/// (false). With a `grace` (adaptive spinning), also gives up after that long of
+/// [`Poll::NotStarted`], and yields the core every [`SPIN_YIELD_EVERY`].
+fn spin_for(
+    budget: Duration,
+    grace: Option<Duration>,
+    deadline: Option<Instant>,
+    poll: &mut impl FnMut() -> Poll,
+) -> bool {
+    if budget.is_zero() {
+        return poll() == Poll::Ready;
+    }
+    let start = Instant::now();
+    let until = deadline.map_or(start + budget, |d| d.min(start + budget));
+    let mut next_yield = start + SPIN_YIELD_EVERY;
+    let mut not_started_since = None;
+    let mut i = 0u32;
+    loop {
+        let p = poll();
+        if p == Poll::Ready {
+            return true;
+        }
+        spin_hint();
+        i = i.wrapping_add(1);
+        if i % 32 == 0 {
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            if let Some(grace) = grace {
+                if p == Poll::NotStarted {
+                    let since = *not_started_since.get_or_insert(now);
+                    if now - since >= grace {
+                        return false;
+                    }
+                } else {
+                    not_started_since = None;
+                }
+                if now >= next_yield {
+                    std::thread::yield_now();
+                    next_yield = now + SPIN_YIELD_EVERY;
+                }
+            }
         }
     }
 }
@@ -578,8 +642,45 @@ mod tests {
     }
 
     #[test]
-    fn an_adaptive_waiter_without_a_seat_does_not_spin() {
+    fn an_adaptive_waiter_without_a_seat_yields_for_its_phase_then_gives_up() {
+        for (backoff, phase) in [
+            (Backoff::default(), CALLER_YIELD),
+            (Backoff::server(), SERVER_YIELD),
+        ] {
+            let mut w = Waiter::new(Spin::Adaptive, backoff, Seats::none());
+            let mut polls = 0;
+            let start = Instant::now();
+            assert!(!w.spin(None, || {
+                polls += 1;
+                Poll::Working
+            }));
+            assert!(start.elapsed() >= phase, "the yield phase lasts {phase:?}");
+            assert!(polls > 1, "it looks again after each yield");
+        }
+    }
+
+    #[test]
+    fn an_answer_during_the_yield_phase_ends_the_wait() {
         let mut w = Waiter::new(Spin::Adaptive, Backoff::default(), Seats::none());
+        let mut polls = 0;
+        assert!(w.spin(None, || {
+            polls += 1;
+            if polls == 3 {
+                Poll::Ready
+            } else {
+                Poll::NotStarted
+            }
+        }));
+        assert_eq!(polls, 3);
+    }
+
+    #[test]
+    fn blocking_mode_looks_once_and_sleeps() {
+        let mut w = Waiter::new(
+            Spin::Fixed(Duration::ZERO),
+            Backoff::default(),
+            Seats::none(),
+        );
         let mut polls = 0;
         assert!(!w.spin(None, || {
             polls += 1;
