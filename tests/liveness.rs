@@ -664,27 +664,35 @@ fn exit_detection_by_polling_tells_a_recycled_pid_from_the_registered_process() 
     );
 }
 
-#[test]
-fn a_stopped_instance_s_untaken_request_is_withdrawn_answered_elsewhere_and_never_run() {
-    let bus = TestBus::start();
-    // A heartbeat timeout far beyond the test: only the stall bound can move calls away.
-    let hb = [
-        "--heartbeat-interval-ms",
-        "1000",
-        "--heartbeat-timeout-ms",
-        "120000",
-    ];
-    let a = bus.serve("stall", "a", &hb);
-    let _b = bus.serve("stall", "b", &hb);
-    let client = bus.connect();
-    // An attempt timeout the test would notice: without the withdrawal, a request left in
-    // the stopped instance's ring would wait 30 s before going elsewhere.
-    let opts = CallOptions {
+/// Instance flags for the stall tests: a heartbeat timeout far beyond the test, so only the
+/// stall bound can move calls away.
+const FAR_HEARTBEAT_TIMEOUT: [&str; 4] = [
+    "--heartbeat-interval-ms",
+    "1000",
+    "--heartbeat-timeout-ms",
+    "120000",
+];
+
+/// A 50 ms stall bound, and an attempt timeout the test would notice: without the
+/// withdrawal, a request left in a stopped instance's ring would wait 30 s before going
+/// elsewhere.
+fn stall_test_options() -> CallOptions {
+    CallOptions {
         stall_bound: Duration::from_millis(50),
         attempt_timeout: Duration::from_secs(30),
         timeout: Duration::from_secs(60),
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn a_stopped_instance_s_untaken_request_is_withdrawn_answered_elsewhere_and_never_run() {
+    let bus = TestBus::start();
+    let hb = FAR_HEARTBEAT_TIMEOUT;
+    let a = bus.serve("stall", "a", &hb);
+    let _b = bus.serve("stall", "b", &hb);
+    let client = bus.connect();
+    let opts = stall_test_options();
     let served = |id: &str| {
         let info = client.service("stall").unwrap();
         let i = info.instances.iter().find(|i| i.id == id).unwrap().clone();
@@ -736,21 +744,11 @@ fn requests_withdrawn_from_stalled_instances_do_not_use_up_the_call_s_attempts()
     // all three in turn. Each withdrawal moves a request that never ran, so the call must
     // reach the fourth instance, not fail after its three attempts.
     let bus = TestBus::start();
-    let hb = [
-        "--heartbeat-interval-ms",
-        "1000",
-        "--heartbeat-timeout-ms",
-        "120000",
-    ];
+    let hb = FAR_HEARTBEAT_TIMEOUT;
     let ids = ["a", "b", "c", "d"];
     let instances: Vec<_> = ids.iter().map(|id| bus.serve("stall3", id, &hb)).collect();
     let client = bus.connect();
-    let opts = CallOptions {
-        stall_bound: Duration::from_millis(50),
-        attempt_timeout: Duration::from_secs(30),
-        timeout: Duration::from_secs(60),
-        ..Default::default()
-    };
+    let opts = stall_test_options();
     assert_eq!(opts.max_attempts, 3, "the default this test is about");
     // Round-robin warm-up: the next call starts at "a", then "b", "c", "d".
     for round in 0..2 {
