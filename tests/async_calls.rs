@@ -51,7 +51,13 @@ fn ten_thousand_concurrent_async_calls_then_ten_thousand_dropped_mid_call_leak_n
     };
     let by = round("first");
     assert_eq!(by.values().sum::<u32>(), N);
-    assert_eq!((by["a"], by["b"]), (N / 2, N / 2), "round-robin over both");
+    // Round-robin over both. Not exactly N/2 each: N calls overflow the two 256-slot rings,
+    // and a call that found its ring full picks again when it retries (wherever there is
+    // room then), so the split depends on which instance drains first.
+    assert!(
+        by["a"] >= N / 4 && by["b"] >= N / 4,
+        "round-robin over both: {by:?}"
+    );
 
     // N futures dropped mid-call: each polled once (request sent, waker registered), then
     // dropped before its reply is collected.
