@@ -524,6 +524,35 @@ impl Bus {
             })
     }
 
+    /// [`Bus::submit`] for an event loop: never waits for room in a full ring. `Ok(None)`
+    /// says the ring the call was routed to is full; submit it again later (on a timer, or
+    /// after a reply arrived) with the same `start`, the moment the call began. Once the
+    /// call's deadline (`start` + the shorter of its timeout and attempt timeout) has
+    /// passed with the ring still full, the answer is the `Timeout` a waiting
+    /// [`Bus::submit`] would have given. Each try picks an instance again, so the call goes
+    /// wherever there is room.
+    pub fn try_submit(
+        &self,
+        start: Instant,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &CallOptions,
+    ) -> Result<Option<Pending<'_>>> {
+        match self.submit_from(start, service, method, payload, opts, false) {
+            Ok(p) => Ok(Some(p)),
+            Err(Submit::Failed(e)) => Err(e),
+            Err(Submit::RingFull(e)) => {
+                if Instant::now() >= start + opts.timeout.min(opts.attempt_timeout) {
+                    tracing::warn!(target: "aegis_ipc::route", "call failed: {e}");
+                    Err(e)
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
     /// [`Bus::submit`] for a call that started at `start`. With `wait_for_room` false, a
     /// full ring is not waited on: `Submit::RingFull` (carrying the error to give if the
     /// call's deadline passes that way) says to come back when there is room — an async

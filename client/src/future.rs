@@ -33,7 +33,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use crate::bus::{Bus, BusInner};
-use crate::call::{CallOptions, Pending, Reply, Submit};
+use crate::call::{CallOptions, Pending, Reply};
 use crate::doorbell::Wake;
 use crate::error::Result;
 use crate::mailbox;
@@ -52,16 +52,10 @@ impl Bus {
         // A full ring is waited for here, not inside `submit`: the executor's thread stays
         // free while the instance drains it.
         let start = std::time::Instant::now();
-        let until = start + opts.timeout.min(opts.attempt_timeout);
         let pending = loop {
-            match self.submit_from(start, service, method, payload, opts, false) {
-                Ok(p) => break p,
-                Err(Submit::Failed(e)) => return Err(e),
-                Err(Submit::RingFull(e)) if std::time::Instant::now() >= until => {
-                    tracing::warn!(target: "aegis_ipc::route", "call failed: {e}");
-                    return Err(e);
-                }
-                Err(Submit::RingFull(_)) => {
+            match self.try_submit(start, service, method, payload, opts)? {
+                Some(p) => break p,
+                None => {
                     Room {
                         inner: &self.inner,
                         asked: false,

@@ -27,6 +27,9 @@ __all__ = ["Bus", "Instance", "Reply", "PendingCall", "AegisError", "ServiceErro
     n for n in dir(errors) if n[0].isupper()
 ]
 
+# How often an async call whose instance's ring is full tries again (seconds).
+FULL_RING_RETRY = 0.001
+
 
 class Bus(_NativeBus):
     """A connection to the bus. Thread-safe; the GIL is released while a call waits."""
@@ -66,7 +69,17 @@ class Bus(_NativeBus):
             loop.add_reader(fd, self._on_event_fd, fd, state[2])
         _, slots, waiting = state
         async with slots:
-            call = self.submit(service, method, payload, timeout=timeout, idempotent=idempotent, exclude=list(exclude))
+            # A full ring is waited for on the loop's timer, never inside the binding: the
+            # loop stays free while the instance drains it. Each try routes the call anew.
+            began = loop.time()
+            while True:
+                call = self._try_submit(
+                    service, method, payload, loop.time() - began,
+                    timeout=timeout, idempotent=idempotent, exclude=list(exclude),
+                )
+                if call is not None:
+                    break
+                await asyncio.sleep(FULL_RING_RETRY)
             fut: asyncio.Future[Reply] = loop.create_future()
             waiting.append((call, fut))
             self._settle(waiting)

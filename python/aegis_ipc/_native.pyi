@@ -53,6 +53,17 @@ class Bus:
         idempotent: bool = False,
         exclude: list[str] = ...,
     ) -> PendingCall: ...
+    def _try_submit(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        waited: float,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        exclude: list[str] = ...,
+    ) -> PendingCall | None: ...
     def event_fd(self) -> int: ...
     def register(self, service: str, instance_id: str, metadata: dict[str, str] | None = None) -> Instance: ...
     def watch(self, service: str, seen: int = 0, timeout: float = 1.0) -> int: ...

@@ -223,6 +223,44 @@ impl Bus {
         })
     }
 
+    /// `submit` that never waits for room in a full ring: `None` says to try again later
+    /// (the call began `waited` seconds ago; past its deadline the answer is `Timeout`).
+    #[pyo3(signature = (service, method, payload, waited, *, timeout=None, idempotent=false, exclude=Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
+    fn _try_submit(
+        slf: Bound<'_, Self>,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        waited: f64,
+        timeout: Option<f64>,
+        idempotent: bool,
+        exclude: Vec<String>,
+    ) -> PyResult<Option<PendingCall>> {
+        let opts = options(timeout, None, idempotent, exclude)?;
+        let now = std::time::Instant::now();
+        let start = std::time::Duration::try_from_secs_f64(waited)
+            .ok()
+            .and_then(|w| now.checked_sub(w))
+            .unwrap_or(now);
+        let this = slf.borrow();
+        let Some(p) = this
+            .bus
+            .try_submit(start, service, method, payload, &opts)
+            .map_err(to_py)?
+        else {
+            return Ok(None);
+        };
+        p.notify_event_fd().map_err(to_py)?;
+        // SAFETY: as in `submit`: `owner` keeps the bus alive for as long as the
+        // PendingCall lives, and the field order drops the call first.
+        let p: Pending<'static> = unsafe { std::mem::transmute(p) };
+        Ok(Some(PendingCall {
+            pending: Mutex::new(Some(p)),
+            owner: slf.clone().into_any().unbind(),
+        }))
+    }
+
     /// The event fd for event loops: readable when a submitted call is done; read 8 bytes
     /// to reset it.
     fn event_fd(&self) -> PyResult<i32> {

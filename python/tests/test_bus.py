@@ -179,6 +179,37 @@ def test_a_thousand_concurrent_asyncio_calls_from_one_loop(testbus):
         asyncio.run(failing())
 
 
+def test_a_full_ring_does_not_block_the_event_loop(testbus):
+    import signal
+    import time
+
+    inst = testbus.serve("tight", "t-1", "--slot-count", "4")
+    bus = aegis_ipc.Bus.connect(testbus.dir)
+    bus.call("tight", "m", b"warm")
+    inst.send_signal(signal.SIGSTOP)
+    end = time.monotonic() + 30
+    while open(f"/proc/{inst.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < end, "the instance did not stop"
+        time.sleep(0.001)
+
+    async def main():
+        calls = [asyncio.ensure_future(bus.call_async("tight", "m", bytes([i]), timeout=20)) for i in range(16)]
+        await asyncio.sleep(0)  # every call tries the ring: 4 fit, 12 find it full
+        t = time.monotonic()
+        await asyncio.sleep(0.02)
+        # A loop blocked inside a submit would hold this timer up for the calls' 20 s.
+        held = time.monotonic() - t
+        inst.send_signal(signal.SIGCONT)
+        return held, await asyncio.gather(*calls)
+
+    try:
+        held, replies = asyncio.run(main())
+    finally:
+        inst.send_signal(signal.SIGCONT)
+    assert held < 5, f"the event loop was blocked for {held:.1f} s"
+    assert [r.payload for r in replies] == [bytes([i]) for i in range(16)]
+
+
 def test_owner_unavailable_when_the_owner_is_stopped(testbus):
     import signal
 
