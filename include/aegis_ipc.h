@@ -53,7 +53,7 @@ typedef enum {
   AEGIS_NO_REQUEST = 5,
   // `aegis_receiver_next`: the instance was stopped.
   AEGIS_STOPPED = 6,
-  // `aegis_pending_ready`: not yet.
+  // `aegis_pending_ready`: not yet. `aegis_try_submit`: the ring is full; try again.
   AEGIS_NOT_READY = 7,
   // The instance's handler answered with an error: its code is `aegis_last_remote_code`.
   AEGIS_REMOTE = 8,
@@ -181,6 +181,13 @@ void aegis_buffer_free(aegis_buffer *b);
 // Sends a call now and returns at once; collect the reply with `aegis_pending_wait` (in any
 // order), or free the handle to cancel it. The bus must outlive the handle.
 aegis_status aegis_submit(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, aegis_pending **out);
+
+// `aegis_submit` for an event loop: never waits for room in a full ring. `AEGIS_NOT_READY`
+// (with `*out` NULL) says the instance's ring is full: try again later (a timer, or after
+// the event fd fired), passing in `waited_us` how long ago the first try was (0 on the
+// first). Each try routes the call anew; once the call's deadline has passed with the ring
+// still full, the answer is `AEGIS_TIMEOUT`.
+aegis_status aegis_try_submit(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, uint64_t waited_us, aegis_pending **out);
 
 // Waits for a submitted call's reply into a library-owned buffer. The handle is spent
 // (free it afterwards).

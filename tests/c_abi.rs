@@ -308,6 +308,67 @@ int main(void) {
     drop(bus.connect());
 }
 
+/// `aegis_try_submit` for event loops: a full ring answers `AEGIS_NOT_READY` at once (no
+/// handle), past the call's deadline `AEGIS_TIMEOUT`; the calls that fit are answered once
+/// the instance moves again. The program resumes the stopped instance itself.
+#[test]
+fn a_c_event_loop_is_told_a_ring_is_full_instead_of_waiting() {
+    let bus = TestBus::start();
+    let inst = bus.serve("tight", "t-1", &["--slot-count", "4"]);
+    let client = bus.connect();
+    client
+        .call("tight", "m", b"warm", &CallOptions::default())
+        .unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGSTOP) };
+    support::wait_for("the instance to stop", || support::is_stopped(inst.pid()));
+    let src = prefix().join("try_submit.c");
+    std::fs::write(
+        &src,
+        r#"#define _POSIX_C_SOURCE 200809L
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include "aegis_ipc.h"
+#define CHECK(x) do { if (!(x)) { printf("failed: %s (line %d)\n", #x, __LINE__); return 1; } } while (0)
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    aegis_bus *bus = NULL;
+    aegis_pending *p[4] = {0}, *more = (aegis_pending *)1;
+    aegis_buffer buf = {0};
+    if (argc != 2 || aegis_connect(NULL, &bus) != AEGIS_OK) return 1;
+    for (int i = 0; i < 4; i++) {
+        uint8_t b = (uint8_t)i;
+        CHECK(aegis_try_submit(bus, "tight", "m", &b, 1, NULL, 0, &p[i]) == AEGIS_OK && p[i] != NULL);
+    }
+    double t = now();
+    CHECK(aegis_try_submit(bus, "tight", "m", (const uint8_t *)"x", 1, NULL, 0, &more) == AEGIS_NOT_READY);
+    CHECK(more == NULL);
+    CHECK(now() - t < 1.0); /* told at once, not after the 5 s attempt deadline */
+    /* The same call, 6 s after its first try: past its deadline. */
+    CHECK(aegis_try_submit(bus, "tight", "m", (const uint8_t *)"x", 1, NULL, 6000000, &more) == AEGIS_TIMEOUT);
+    CHECK(kill((pid_t)atoi(argv[1]), SIGCONT) == 0);
+    for (int i = 0; i < 4; i++) {
+        CHECK(aegis_pending_wait(p[i], &buf) == AEGIS_OK && buf.len == 1 && buf.data[0] == i);
+        aegis_buffer_free(&buf);
+        aegis_pending_free(p[i]);
+    }
+    aegis_bus_free(bus);
+    printf("told, then answered\n");
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let pid = inst.pid().to_string();
+    let (ok, stdout, stderr) = run_c(&compile(&src, Link::Dynamic), &bus, &[&pid]);
+    // SAFETY: kill(2) on our child (whatever the program did).
+    unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGCONT) };
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("told, then answered"), "{stdout}");
+}
+
 /// Bad input through the C ABI: NULL handles and pointers, non-UTF-8 names, a buffer too
 /// small (the reply is kept and fetched after), listings and errors with their detail; the
 /// process and the bus carry on.

@@ -54,7 +54,7 @@ pub enum aegis_status {
     AEGIS_NO_REQUEST = 5,
     /// `aegis_receiver_next`: the instance was stopped.
     AEGIS_STOPPED = 6,
-    /// `aegis_pending_ready`: not yet.
+    /// `aegis_pending_ready`: not yet. `aegis_try_submit`: the ring is full; try again.
     AEGIS_NOT_READY = 7,
     /// The instance's handler answered with an error: its code is `aegis_last_remote_code`.
     AEGIS_REMOTE = 8,
@@ -747,6 +747,64 @@ pub unsafe extern "C" fn aegis_submit(
             Ok(p) => {
                 *out = Box::into_raw(Box::new(aegis_pending { pending: Some(p) }));
                 AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// `aegis_submit` for an event loop: never waits for room in a full ring. `AEGIS_NOT_READY`
+/// (with `*out` NULL) says the instance's ring is full: try again later (a timer, or after
+/// the event fd fired), passing in `waited_us` how long ago the first try was (0 on the
+/// first). Each try routes the call anew; once the call's deadline has passed with the ring
+/// still full, the answer is `AEGIS_TIMEOUT`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn aegis_try_submit(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    method: *const c_char,
+    payload: *const u8,
+    payload_len: usize,
+    opts: *const aegis_call_options,
+    waited_us: u64,
+    out: *mut *mut aegis_pending,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus: &'static aegis_bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let out = need!(unsafe { out.as_mut() }, "out");
+        *out = std::ptr::null_mut();
+        // SAFETY: forwarded caller contract.
+        let (service, method, payload) = match unsafe {
+            (
+                text(service, "service"),
+                text(method, "method"),
+                bytes(payload, payload_len, "payload"),
+            )
+        } {
+            (Ok(s), Ok(m), Ok(p)) => (s, m, p),
+            (Err(s), ..) | (_, Err(s), _) | (.., Err(s)) => return s,
+        };
+        let now = std::time::Instant::now();
+        let start = now
+            .checked_sub(std::time::Duration::from_micros(waited_us))
+            .unwrap_or(now);
+        let default = CallOptions::default();
+        match bus
+            .bus
+            .try_submit(start, service, method, payload, options(opts, &default))
+        {
+            Ok(Some(p)) => {
+                *out = Box::into_raw(Box::new(aegis_pending { pending: Some(p) }));
+                AEGIS_OK
+            }
+            Ok(None) => {
+                set_error(format!(
+                    "the ring of the instance {service} was routed to is full: try again"
+                ));
+                AEGIS_NOT_READY
             }
             Err(e) => fail(e),
         }
