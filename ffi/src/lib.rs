@@ -723,34 +723,16 @@ pub unsafe extern "C" fn aegis_submit(
     opts: *const aegis_call_options,
     out: *mut *mut aegis_pending,
 ) -> aegis_status {
-    guard(|| {
-        // SAFETY: forwarded caller contract.
-        let bus: &'static aegis_bus = need!(unsafe { bus.as_ref() }, "bus");
-        // SAFETY: forwarded caller contract.
-        let out = need!(unsafe { out.as_mut() }, "out");
-        // SAFETY: forwarded caller contract.
-        let (service, method, payload) = match unsafe {
-            (
-                text(service, "service"),
-                text(method, "method"),
-                bytes(payload, payload_len, "payload"),
-            )
-        } {
-            (Ok(s), Ok(m), Ok(p)) => (s, m, p),
-            (Err(s), ..) | (_, Err(s), _) | (.., Err(s)) => return s,
-        };
-        let default = CallOptions::default();
-        match bus
-            .bus
-            .submit(service, method, payload, options(opts, &default))
-        {
-            Ok(p) => {
-                *out = Box::into_raw(Box::new(aegis_pending { pending: Some(p) }));
-                AEGIS_OK
-            }
-            Err(e) => fail(e),
-        }
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        submit(
+            bus,
+            (service, method, payload, payload_len),
+            opts,
+            None,
+            out,
+        )
+    }
 }
 
 /// `aegis_submit` for an event loop: never waits for room in a full ring. `AEGIS_NOT_READY`
@@ -770,6 +752,29 @@ pub unsafe extern "C" fn aegis_try_submit(
     waited_us: u64,
     out: *mut *mut aegis_pending,
 ) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        submit(
+            bus,
+            (service, method, payload, payload_len),
+            opts,
+            Some(waited_us),
+            out,
+        )
+    }
+}
+
+/// `aegis_submit` (`waited_us` None: wait for room) and `aegis_try_submit` (Some).
+///
+/// # Safety
+/// The callers' contract: valid or NULL pointers, C strings, `payload_len` bytes.
+unsafe fn submit(
+    bus: *const aegis_bus,
+    (service, method, payload, payload_len): (*const c_char, *const c_char, *const u8, usize),
+    opts: *const aegis_call_options,
+    waited_us: Option<u64>,
+    out: *mut *mut aegis_pending,
+) -> aegis_status {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let bus: &'static aegis_bus = need!(unsafe { bus.as_ref() }, "bus");
@@ -787,22 +792,26 @@ pub unsafe extern "C" fn aegis_try_submit(
             (Ok(s), Ok(m), Ok(p)) => (s, m, p),
             (Err(s), ..) | (_, Err(s), _) | (.., Err(s)) => return s,
         };
-        let now = std::time::Instant::now();
-        let start = now
-            .checked_sub(std::time::Duration::from_micros(waited_us))
-            .unwrap_or(now);
         let default = CallOptions::default();
-        match bus
-            .bus
-            .try_submit(start, service, method, payload, options(opts, &default))
-        {
+        let opts = options(opts, &default);
+        let submitted = match waited_us {
+            None => bus.bus.submit(service, method, payload, opts).map(Some),
+            Some(us) => {
+                let now = std::time::Instant::now();
+                let start = now
+                    .checked_sub(std::time::Duration::from_micros(us))
+                    .unwrap_or(now);
+                bus.bus.try_submit(start, service, method, payload, opts)
+            }
+        };
+        match submitted {
             Ok(Some(p)) => {
                 *out = Box::into_raw(Box::new(aegis_pending { pending: Some(p) }));
                 AEGIS_OK
             }
             Ok(None) => {
                 set_error(format!(
-                    "the ring of the instance {service} was routed to is full: try again"
+                    "service '{service}': the ring of the instance picked is full; try again"
                 ));
                 AEGIS_NOT_READY
             }
