@@ -36,7 +36,7 @@
 //!   it; 8 × 1 0.99× before, 6× with it). The cost is CPU time that would otherwise be
 //!   idle, at most one phase per wait, and that the scheduler sees a yielding core as busy
 //!   when it places a woken thread (the seed's stress scenario, 1,000 mostly idle caller
-//!   threads: p99 83 µs over 60 s, but 20 s runs moved from 0.3–0.7 ms to 1.0–1.5 ms).
+//!   threads: p99 83–91 µs over 60 s, but 20 s runs moved from 0.3–0.7 ms to 1.0–2.1 ms).
 //! * **A learned budget** per waiter ([`Backoff`]) decides whether to spin and yield at
 //!   all: a wait that ended while spinning or yielding sets the budget to about twice
 //!   what it took; a wait that outlasted both phases halves it, down to zero, and at zero
