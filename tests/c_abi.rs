@@ -43,15 +43,10 @@ fn prefix() -> &'static Path {
 }
 
 fn pkg_config(args: &[&str]) -> Vec<String> {
-    let out = Command::new("pkg-config")
-        .args(args)
-        .env("PKG_CONFIG_PATH", prefix().join("lib/pkgconfig"))
-        .output()
-        .expect("pkg-config");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = support::succeed(
+        Command::new("pkg-config")
+            .args(args)
+            .env("PKG_CONFIG_PATH", prefix().join("lib/pkgconfig")),
     );
     String::from_utf8(out.stdout)
         .unwrap()

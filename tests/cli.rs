@@ -176,15 +176,14 @@ fn top_draws_each_instance_with_its_rates_percentiles_queue_and_state() {
             .call("topped", "m", b"x", &aegis_client::CallOptions::default())
             .unwrap();
     }
-    let out = bus
-        .aegisctl(&["top", "topped", "--iterations", "2", "--interval", "0.2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::succeed(&mut bus.aegisctl(&[
+        "top",
+        "topped",
+        "--iterations",
+        "2",
+        "--interval",
+        "0.2",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("CALLS/S").count(), 2, "two tables: {text}");
     for id in ["t-1", "t-2"] {

@@ -64,6 +64,17 @@ fn value(v: &prometheus_parse::Value) -> f64 {
     }
 }
 
+/// The samples of `metric` carrying every `(label, value)` of `labels`.
+fn samples<'a>(
+    s: &'a prometheus_parse::Scrape,
+    metric: &'a str,
+    labels: &'a [(&str, &str)],
+) -> impl Iterator<Item = &'a prometheus_parse::Sample> {
+    s.samples.iter().filter(move |x| {
+        x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))
+    })
+}
+
 /// The samples of `metric` labelled with an instance, sorted by instance id.
 fn per_instance<'a>(
     s: &'a prometheus_parse::Scrape,
@@ -93,15 +104,12 @@ fn histogram_count(v: &prometheus_parse::Value) -> f64 {
 
 /// The `state` series of `ipc_router_circuit_breaker_state` for `service`.
 fn breaker_gauge(addr: &str, service: &str, state: &str) -> f64 {
-    scrape(addr)
-        .samples
-        .iter()
-        .find(|x| {
-            x.metric == "ipc_router_circuit_breaker_state"
-                && x.labels.get("service_name") == Some(service)
-                && x.labels.get("state") == Some(state)
-        })
-        .map_or(-1.0, |x| value(&x.value))
+    let s = scrape(addr);
+    let labels = [("service_name", service), ("state", state)];
+    let found = samples(&s, "ipc_router_circuit_breaker_state", &labels)
+        .next()
+        .map_or(-1.0, |x| value(&x.value));
+    found
 }
 
 #[test]
@@ -174,14 +182,9 @@ fn a_callers_circuit_breaker_opens_on_failures_fails_fast_and_closes_on_recovery
         }
     };
     assert_eq!(ev["open"], 1, "{ev}");
-    let errors: f64 = scrape(&addr)
-        .samples
-        .iter()
-        .filter(|x| {
-            x.metric == "ipc_router_errors_total"
-                && x.labels.get("service_name") == Some("brittle")
-                && x.labels.get("error_type") == Some("CircuitOpen")
-        })
+    let s = scrape(&addr);
+    let labels = [("service_name", "brittle"), ("error_type", "CircuitOpen")];
+    let errors: f64 = samples(&s, "ipc_router_errors_total", &labels)
         .map(|x| value(&x.value))
         .sum();
     assert!(errors >= 2.0, "the fast failures are counted: {errors}");
@@ -214,22 +217,14 @@ fn metrics_count_every_call_per_instance_and_show_a_killed_instance() {
             .unwrap();
     }
     let s = scrape(&addr);
-    let ok: Vec<_> = s
-        .samples
-        .iter()
-        .filter(|x| {
-            x.metric == "ipc_router_requests_total" && x.labels.get("status") == Some("success")
-        })
-        .collect();
+    let ok: Vec<_> = samples(&s, "ipc_router_requests_total", &[("status", "success")]).collect();
     assert_eq!(ok.iter().map(|x| value(&x.value)).sum::<f64>(), N as f64);
     for x in &ok {
         assert_eq!(x.labels.get("service_name"), Some("metered"));
         assert_eq!(value(&x.value), (N / 3) as f64, "round-robin split: {x:?}");
     }
-    let active = s
-        .samples
-        .iter()
-        .find(|x| x.metric == "ipc_router_active_instances")
+    let active = samples(&s, "ipc_router_active_instances", &[])
+        .next()
         .unwrap();
     assert_eq!(value(&active.value), 3.0);
     let selections: Vec<f64> = per_instance(&s, "ipc_router_loadbalancer_selections")
@@ -246,10 +241,7 @@ fn metrics_count_every_call_per_instance_and_show_a_killed_instance() {
         counts == vec![(N / 3) as f64; 3]
     });
     let s = scrape(&addr);
-    let retried: f64 = s
-        .samples
-        .iter()
-        .filter(|x| x.metric == "ipc_router_retries_total")
+    let retried: f64 = samples(&s, "ipc_router_retries_total", &[])
         .map(|x| value(&x.value))
         .sum();
     assert_eq!(retried, 0.0, "every call succeeded at its first attempt");
@@ -260,21 +252,18 @@ fn metrics_count_every_call_per_instance_and_show_a_killed_instance() {
     wait_deadline(&mut killed.child);
     assert!(client.wait_until(DEADLINE, |c| c.routable_instances("metered").len() == 2));
     let s = scrape(&addr);
-    let gone = s
-        .samples
-        .iter()
-        .find(|x| {
-            x.metric == "ipc_instance_state_transitions"
-                && x.labels.get("instance_id") == Some("m-1")
-                && x.labels.get("to_state") == Some("Offline")
-        })
+    let labels = [("instance_id", "m-1"), ("to_state", "Offline")];
+    let gone = samples(&s, "ipc_instance_state_transitions", &labels)
+        .next()
         .expect("the killed instance's transition");
     assert_eq!(value(&gone.value), 1.0);
-    assert!(s
-        .samples
-        .iter()
-        .any(|x| x.metric == "ipc_healthcheck_failures_total"
-            && x.labels.get("instance_id") == Some("m-1")));
+    assert!(samples(
+        &s,
+        "ipc_healthcheck_failures_total",
+        &[("instance_id", "m-1")]
+    )
+    .next()
+    .is_some());
 }
 
 #[test]
@@ -283,12 +272,7 @@ fn the_admin_api_returns_what_aegisctl_json_prints() {
     let _a = bus.serve("docs", "d-1", &["--claim", "doc-1,doc-2"]);
     let _b = bus.serve("docs", "d-2", &[]);
     let cli = |args: &[&str]| -> serde_json::Value {
-        let out = bus.aegisctl(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = support::succeed(&mut bus.aegisctl(args));
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let api = |path: &str| -> serde_json::Value {

@@ -39,16 +39,11 @@ fn verify_and_score(unit: &str) -> f64 {
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     let path = dir.path().join(unit);
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = support::succeed(
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display())),
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
@@ -77,16 +72,11 @@ fn the_broker_unit_verifies_clean_and_scores_under_2() {
 
 #[test]
 fn the_bridge_unit_and_configuration_check_out() {
-    let out = Command::new(support::bridge_bin())
-        .arg("--config")
-        .arg(root().join("packaging/bridge.toml"))
-        .arg("--check-config")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = support::succeed(
+        Command::new(support::bridge_bin())
+            .arg("--config")
+            .arg(root().join("packaging/bridge.toml"))
+            .arg("--check-config"),
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("aegis_resources"));
     if systemd_analyze() {

@@ -540,15 +540,8 @@ fn after_a_broker_restart_resources_come_back_with_their_metadata_and_ttls() {
         &["--claim", "r-1,r-2", "--claim-ttl-ms", "3600000"],
     );
     let list = |bus: &TestBus| -> serde_json::Value {
-        let out = bus
-            .aegisctl(&["resources", "--service", "meta", "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out =
+            support::succeed(&mut bus.aegisctl(&["resources", "--service", "meta", "--json"]));
         let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         // The owner's registry index may differ after the restart; what it owns may not.
         for item in v["items"].as_array_mut().unwrap() {

@@ -12,6 +12,18 @@ use std::time::Duration;
 
 use aegis_client::{Bus, BusOptions};
 
+/// Runs `cmd` to its end and asserts it exited 0 (its stderr is the failure message).
+pub fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// How long anything may take to become ready before the test fails instead of hanging.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
