@@ -346,6 +346,8 @@ pub(crate) struct BusInner {
     pub(crate) gave_up_at: StdAtomicU64,
     pub opts: BusOptions,
     pub pid: u32,
+    /// [`crate::sys::fork_generation`] when connected (see [`BusInner::not_forked`]).
+    pub(crate) forks: u64,
     pub(crate) trace_seq: StdAtomicU64,
     /// Consecutive timeouts per (instance, incarnation), and how many entries (fast check).
     pub(crate) timeouts: Mutex<HashMap<(u32, u64), u32>>,
@@ -953,9 +955,25 @@ pub(crate) struct RetiredSession(*mut Session);
 // through shared references and freed once, in `Drop for BusInner`.
 unsafe impl Send for RetiredSession {}
 
+impl BusInner {
+    /// `Err(Forked)` in a child of `fork()`: the connection's mailboxes, rings and socket
+    /// are the parent's, and using them would race with the parent's own calls.
+    #[inline]
+    pub(crate) fn not_forked(&self) -> Result<()> {
+        if crate::sys::fork_generation() != self.forks {
+            return Err(Error::Forked("this connection"));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for BusInner {
     fn drop(&mut self) {
-        let _ = crate::sys::eventfd_signal(&self.stop_fd);
+        // A fork child's copy shares the parent's stop eventfd: signalling it would stop the
+        // parent's supervisor.
+        if self.not_forked().is_ok() {
+            let _ = crate::sys::eventfd_signal(&self.stop_fd);
+        }
         // SAFETY: the last reference to the Bus is going away, so no reader remains; each
         // pointer came from `Box::into_raw` and is freed exactly once here.
         unsafe {

@@ -58,6 +58,22 @@ pub struct CallOptions {
     /// instance until it moves again. Calls by resource id wait instead (only the owner
     /// can answer them).
     pub stall_bound: Duration,
+    /// Asked while the call sleeps for its reply (at least every
+    /// [`mailbox::LIVENESS_CHECK`]): `true` ends the call with [`Error::Interrupted`]
+    /// (a request not yet taken is withdrawn; one being handled is abandoned to its
+    /// instance). For runtimes that must see signals during a blocking call (Python's
+    /// Ctrl-C); `None` (the default) costs nothing.
+    pub interrupt: Option<Interrupt>,
+}
+
+/// A check a sleeping call makes ([`CallOptions::interrupt`]).
+#[derive(Clone)]
+pub struct Interrupt(pub std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Interrupt(..)")
+    }
 }
 
 impl Default for CallOptions {
@@ -74,6 +90,7 @@ impl Default for CallOptions {
             max_hops: 8,
             trace_id: None,
             stall_bound: DEFAULT_STALL_BOUND,
+            interrupt: None,
         }
     }
 }
@@ -258,6 +275,7 @@ impl Bus {
         names::method(method)?;
         check_options(opts)?;
         let inner = &*self.inner;
+        inner.not_forked()?;
         let sess = inner.routing_session(service);
         let (svc_idx, svc) =
             sess.find_service(service)
@@ -438,6 +456,7 @@ impl Bus {
         names::resource_id(resource)?;
         names::method(method)?;
         let inner = &*self.inner;
+        inner.not_forked()?;
         let not_found = || Error::ResourceNotFound {
             resource: resource.to_owned(),
         };
@@ -525,7 +544,8 @@ impl Bus {
     }
 
     /// [`Bus::submit`] for an event loop: never waits for room in a full ring. `Ok(None)`
-    /// says the ring the call was routed to is full; submit it again later (on a timer, or
+    /// says the ring the call was routed to is full, or every reply mailbox of this
+    /// connection holds a call in flight; submit it again later (on a timer, or
     /// after a reply arrived) with the same `start`, the moment the call began. Once the
     /// call's deadline (`start` + the shorter of its timeout and attempt timeout) has
     /// passed with the ring still full, the answer is the `Timeout` a waiting
@@ -570,6 +590,7 @@ impl Bus {
         names::method(method)?;
         check_options(opts)?;
         let inner = &*self.inner;
+        inner.not_forked()?;
         let no_instance = || Error::NoAvailableInstance {
             service: service.to_owned(),
         };
@@ -595,6 +616,13 @@ impl Bus {
             .ok_or_else(no_instance)?;
         let deadline = start + opts.timeout.min(opts.attempt_timeout);
         let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
+        if !wait_for_room && !inner.pool.may_have_free() {
+            // Every mailbox holds a call in flight: an event loop comes back when one is done.
+            return Err(Submit::RingFull(Error::LimitExceeded(format!(
+                "all {} reply mailboxes of this connection are in use (calls in flight) until the call's deadline",
+                inner.client.layout.mailboxes
+            ))));
+        }
         let seg = inner
             .open_target(target, deadline)
             .map_err(|f| inner.one_attempt_error(sess, target, f, (start, trace)))?;
@@ -622,12 +650,13 @@ impl Bus {
                 }))
             }
             Ok(sent) => Ok(Pending {
-                inner,
+                inner: &self.inner,
                 sess,
                 seg,
                 target,
                 sent: Some(sent),
                 spin: opts.spin,
+                interrupt: opts.interrupt.clone(),
                 deadline,
                 start,
                 trace,
@@ -878,7 +907,8 @@ impl BusInner {
     ) -> Result<(), Failed> {
         let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
         let sent = self.send(seg, method, payload, opts, stamp, &mut watch)?;
-        self.wait_sent(routed_with, seg, sent, opts.spin, stamp.0, watch, out)
+        let how = (opts.spin, opts.interrupt.as_ref());
+        self.wait_sent(routed_with, seg, sent, how, stamp.0, watch, out)
     }
 
     /// Frees what a sent request held: its request heap block and its mailbox.
@@ -994,7 +1024,7 @@ impl BusInner {
         routed_with: &Session,
         seg: &InstanceSeg,
         sent: Sent,
-        spin: Option<Spin>,
+        (spin, interrupt): (Option<Spin>, Option<&Interrupt>),
         deadline: Instant,
         mut watch: Option<StallWatch<'_>>,
         out: &mut Vec<u8>,
@@ -1017,6 +1047,9 @@ impl BusInner {
                 if !alive() {
                     return Target::Gone;
                 }
+                if interrupt.is_some_and(|i| (i.0)()) {
+                    return Target::Interrupted;
+                }
                 let stalled =
                     mailbox::is_pending(mb, gen) && watch.as_mut().is_some_and(|w| w.check());
                 if stalled {
@@ -1029,6 +1062,7 @@ impl BusInner {
                 Wait::Ready => break (Cancel::Ready, Why::Deadline),
                 Wait::TimedOut => break (mailbox::cancel(mb, gen), Why::Deadline),
                 Wait::TargetGone => break (mailbox::cancel(mb, gen), Why::Gone),
+                Wait::Interrupted => break (mailbox::cancel(mb, gen), Why::Interrupted),
                 Wait::Stalled => match mailbox::cancel(mb, gen) {
                     // Taken at the last moment: it may run now, so wait for it after all.
                     Cancel::InProgress => watch = None,
@@ -1047,7 +1081,6 @@ impl BusInner {
 
     /// Without blocking: the result of `sent` if it is settled now (the reply is there, or
     /// `deadline` passed, or the instance left), else `None` (ask again later).
-    #[cfg_attr(not(feature = "async"), allow(dead_code))]
     pub(crate) fn poll_sent(
         &self,
         routed_with: &Session,
@@ -1088,6 +1121,7 @@ impl BusInner {
             .client
             .mailbox(mb_idx)
             .expect("pool hands out valid indices");
+        let interrupted = || Failed::Error(Error::Interrupted);
         match outcome {
             Cancel::Ready => {
                 let r = self.read_reply(mb_idx, seg, sent.nonce, out);
@@ -1102,11 +1136,15 @@ impl BusInner {
                     Why::Gone => "instance left before taking the request",
                     Why::Deadline => "not taken before the attempt deadline",
                     Why::Stalled => WITHDRAWN_STALLED,
+                    Why::Interrupted => return Err(interrupted()),
                 }))
             }
             Cancel::InProgress => {
                 self.pool
                     .quarantine(mb_idx, gen, sent.heap, mailbox::taker_pid(mb));
+                if why == Why::Interrupted {
+                    return Err(interrupted());
+                }
                 Err(Failed::InDoubt(if why == Why::Gone {
                     "instance left while handling the request"
                 } else {
@@ -1197,13 +1235,14 @@ thread_local! {
 /// A call sent by [`Bus::submit`] whose reply has not been collected yet.
 #[must_use = "dropping a Pending cancels its call"]
 pub struct Pending<'b> {
-    inner: &'b BusInner,
+    inner: &'b std::sync::Arc<BusInner>,
     sess: &'b Session,
     seg: std::sync::Arc<InstanceSeg>,
     target: CallInfo,
     /// `None` once waited for.
     sent: Option<Sent>,
     spin: Option<Spin>,
+    interrupt: Option<Interrupt>,
     deadline: Instant,
     start: Instant,
     /// The call's trace id (its error names it).
@@ -1222,6 +1261,12 @@ impl Pending<'_> {
         self.inner
     }
 
+    /// The connection this call was made on, shared.
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
+    pub(crate) fn bus_arc(&self) -> &std::sync::Arc<BusInner> {
+        self.inner
+    }
+
     /// This call's mailbox and generation.
     #[cfg_attr(not(feature = "async"), allow(dead_code))]
     pub(crate) fn mailbox(&self) -> (u32, u32) {
@@ -1230,7 +1275,6 @@ impl Pending<'_> {
 
     /// Without blocking: the call's result if it is settled (replied, past its deadline, or
     /// its instance gone), else `None`.
-    #[cfg_attr(not(feature = "async"), allow(dead_code))]
     pub(crate) fn poll_now(&mut self, out: &mut Vec<u8>) -> Option<Result<CallInfo>> {
         let sent = self.sent?;
         let inner = self.inner;
@@ -1247,6 +1291,18 @@ impl Pending<'_> {
         })
     }
 
+    /// Without waiting: the call's result once it is settled — the reply arrived, or the
+    /// call's deadline passed, or its instance left — else `None` (ask again later, e.g.
+    /// when an event fd fires). After `Some`, the call is spent.
+    pub fn try_wait(&mut self, out: &mut Vec<u8>) -> Option<Result<CallInfo>> {
+        if self.sent.is_none() {
+            return Some(Err(Error::BadRequest(
+                "this call's result was already collected".into(),
+            )));
+        }
+        self.poll_now(out)
+    }
+
     /// Whether the reply has arrived ([`Pending::wait`] then returns without waiting).
     pub fn is_ready(&self) -> bool {
         self.sent.as_ref().is_some_and(|s| {
@@ -1259,13 +1315,17 @@ impl Pending<'_> {
 
     /// Waits for the reply (until the call's attempt deadline) and writes it into `out`.
     pub fn wait(mut self, out: &mut Vec<u8>) -> Result<CallInfo> {
-        let sent = self.sent.take().expect("a Pending is waited for once");
+        let Some(sent) = self.sent.take() else {
+            return Err(Error::BadRequest(
+                "this call's result was already collected".into(),
+            ));
+        };
         let inner = self.inner;
         match inner.wait_sent(
             self.sess,
             &self.seg,
             sent,
-            self.spin,
+            (self.spin, self.interrupt.as_ref()),
             self.deadline,
             None,
             out,
@@ -1306,6 +1366,8 @@ enum Why {
     Deadline,
     Gone,
     Stalled,
+    /// [`CallOptions::interrupt`] said to stop waiting.
+    Interrupted,
 }
 
 /// Watches an instance's progress word while a request of ours waits for it: the instance

@@ -89,6 +89,7 @@ impl Bus {
                 gave_up_at: StdAtomicU64::new(u64::MAX),
                 opts,
                 pid: std::process::id(),
+                forks: crate::sys::fork_generation(),
                 trace_seq: StdAtomicU64::new(0),
                 secret,
                 nonce_key: std::hash::RandomState::new(),

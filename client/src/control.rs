@@ -18,6 +18,9 @@ const BROKER_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct ControlConn {
     stream: UnixStream,
     path: PathBuf,
+    /// [`crate::sys::fork_generation`] when connected: a child of a fork must not speak on
+    /// its parent's socket (the broker would take it for the parent).
+    forks: u64,
 }
 
 impl ControlConn {
@@ -54,6 +57,7 @@ impl ControlConn {
         Ok(ControlConn {
             stream,
             path: path.to_owned(),
+            forks: crate::sys::fork_generation(),
         })
     }
 
@@ -81,6 +85,9 @@ impl ControlConn {
         req: &Request,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<(Response, Vec<OwnedFd>)> {
+        if crate::sys::fork_generation() != self.forks {
+            return Err(Error::Forked("this connection"));
+        }
         let f = proto::frame(req)?;
         let mut sent = 0;
         if !fds.is_empty() {

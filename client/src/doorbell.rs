@@ -1,11 +1,11 @@
 //! What a connection keeps for its async waiters (feature `async`): who waits for which
-//! mailbox, and the event fd. State only, shared by the connection ([`crate::bus`]) and the
+//! mailbox, and the event fds. State only, shared by the connection ([`crate::bus`]) and the
 //! futures and doorbell thread ([`crate::future`]).
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicBool;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::Waker;
 
 use parking_lot::Mutex;
@@ -18,20 +18,21 @@ pub(crate) struct AsyncWaiters {
     /// (a reply rung, or at most [`crate::mailbox::LIVENESS_CHECK`] later) to try again.
     pub(crate) room: Mutex<Vec<Waker>>,
     pub(crate) thread_started: AtomicBool,
-    /// The event fd (created on first use).
-    pub(crate) event_fd: OnceLock<OwnedFd>,
+    /// The connection's own event fd ([`crate::Bus::event_fd`], created on first use).
+    pub(crate) event_fd: OnceLock<Arc<OwnedFd>>,
 }
 
 /// Who learns that a mailbox is done.
 pub(crate) enum Wake {
+    /// A Rust future: woken once, it polls again and registers anew if still waiting.
     Future(Waker),
-    EventFd,
+    /// An event loop's eventfd: signalled when the call is done, and on every liveness
+    /// pass while it is not (so the loop can look at deadlines and departed instances);
+    /// the registration stays until the call is done or its `Pending` is settled.
+    EventFd(Arc<OwnedFd>),
 }
 
-impl AsyncWaiters {
-    pub(crate) fn signal_event_fd(&self) {
-        if let Some(fd) = self.event_fd.get() {
-            let _ = crate::sys::eventfd_signal(fd);
-        }
-    }
+pub(crate) fn signal(fd: &OwnedFd) {
+    // EAGAIN (the counter is at its maximum) still leaves the fd readable: nothing lost.
+    let _ = crate::sys::eventfd_signal(fd);
 }

@@ -106,6 +106,13 @@ pub enum Error {
     Protocol(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The call's [`crate::CallOptions::interrupt`] check stopped it (a signal arrived).
+    #[error("call interrupted while waiting for its reply")]
+    Interrupted,
+    /// An object inherited across `fork()` was used in the child: a connection, instance
+    /// or call belongs to the process that made it.
+    #[error("{0} was made by the parent process before fork(); connect again in this process")]
+    Forked(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -145,7 +152,10 @@ impl Error {
             Error::BrokerUnavailable { .. } => code::BROKER_UNAVAILABLE,
             Error::Remote { code, .. } => *code,
             Error::Incompatible(_) => code::INCOMPATIBLE,
-            Error::Layout(_) | Error::Protocol(_) | Error::Io(_) => code::INTERNAL,
+            Error::Layout(_) | Error::Protocol(_) | Error::Io(_) | Error::Interrupted => {
+                code::INTERNAL
+            }
+            Error::Forked(_) => code::BAD_REQUEST,
         }
     }
 
@@ -171,6 +181,8 @@ impl Error {
             Error::Layout(_) => "Layout",
             Error::Protocol(_) => "Protocol",
             Error::Io(_) => "Io",
+            Error::Interrupted => "Interrupted",
+            Error::Forked(_) => "Forked",
         }
     }
 }

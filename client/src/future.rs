@@ -16,10 +16,13 @@
 //! it is full waits for the doorbell thread's next pass (a reply, or at most
 //! [`mailbox::LIVENESS_CHECK`]) to try again, until the call's deadline.
 //!
-//! Event loops that are not Rust futures (C, Python's asyncio, libuv) use the connection's
-//! *event fd* instead ([`Bus::event_fd`]): arm a submitted call with
-//! [`Pending::notify_event_fd`], poll the fd, and when it is readable, read it and look at
-//! the armed calls ([`Pending::is_ready`]). The doorbell thread signals it.
+//! Event loops that are not Rust futures (C, Python's asyncio, libuv) use an *event fd*
+//! instead ([`Bus::event_fd`], or one per loop: [`Bus::new_event_fd`]): arm a submitted
+//! call with [`Pending::notify_event_fd`] or [`Pending::notify`], poll the fd, and when it
+//! is readable, read it and settle the armed calls with [`Pending::try_wait`] (which also
+//! ends a call past its deadline or whose instance left). The doorbell thread signals it
+//! when an armed call is done, and every liveness period while one is not: an armed call
+//! is never forgotten, however long its handler takes.
 //!
 //! Chosen: the instance rings a futex word, and a thread of ours turns that into wakers or
 //! the event fd. An eventfd rung by the instance itself would have to travel through the
@@ -27,10 +30,10 @@
 //! nothing new, and the thread it takes sleeps.
 
 use std::future::Future;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use crate::bus::{Bus, BusInner};
 use crate::call::{CallOptions, Pending, Reply};
@@ -141,37 +144,95 @@ impl Drop for AsyncReply<'_> {
     }
 }
 
-impl Bus {
-    /// The connection's event fd, for event loops that are not Rust futures (C, Python,
-    /// libuv): it becomes readable when a call armed with [`Pending::notify_event_fd`] is
-    /// done (replied, or past its deadline or its instance gone, checked every
-    /// [`mailbox::LIVENESS_CHECK`]). Read it (8 bytes) to reset it, then look at the armed
-    /// calls with [`Pending::is_ready`] and collect the ready ones. Non-blocking,
-    /// close-on-exec; owned by the connection.
-    pub fn event_fd(&self) -> Result<BorrowedFd<'_>> {
-        let w = &self.inner.async_waiters;
-        if w.event_fd.get().is_none() {
-            let fd = crate::sys::eventfd()?;
-            let _ = w.event_fd.set(fd);
-        }
-        start_doorbell_thread(&self.inner);
-        Ok(w.event_fd.get().expect("set above").as_fd())
+/// An event fd for one event loop (feature `async`): readable when a call armed with
+/// [`Pending::notify`] on it is done, and on every liveness pass
+/// ([`mailbox::LIVENESS_CHECK`]) while an armed call is still waiting, so that the loop
+/// looks at its deadline and at whether its instance is still there
+/// ([`Pending::try_wait`] settles both). Read it (8 bytes) to reset it. Each event loop
+/// that shares a connection takes its own ([`Bus::new_event_fd`]): one loop reading a
+/// shared fd would swallow the other's wake-ups. Non-blocking, close-on-exec; closed when
+/// the last clone is dropped and no call is armed on it any more.
+#[derive(Clone)]
+pub struct EventFd(Arc<OwnedFd>);
+
+impl EventFd {
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// Resets the fd (reads its counter); false if it was not readable.
+    pub fn clear(&self) -> bool {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer from a descriptor we own.
+        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        n == 8
     }
 }
 
+impl Bus {
+    /// The connection's own event fd, for event loops that are not Rust futures (C, Python,
+    /// libuv): see [`EventFd`]; [`Pending::notify_event_fd`] arms a call on it. Owned by
+    /// the connection. One event loop per connection may use it; another loop on the same
+    /// connection takes its own with [`Bus::new_event_fd`].
+    pub fn event_fd(&self) -> Result<BorrowedFd<'_>> {
+        let fd = self.default_event_fd()?;
+        Ok(self
+            .inner
+            .async_waiters
+            .event_fd
+            .get()
+            .map(|f| f.as_fd())
+            .unwrap_or_else(|| unreachable!("{} was just set", fd.as_raw_fd())))
+    }
+
+    /// A new event fd of this connection, for one more event loop.
+    pub fn new_event_fd(&self) -> Result<EventFd> {
+        let fd = crate::sys::eventfd()?;
+        start_doorbell_thread(&self.inner);
+        Ok(EventFd(Arc::new(fd)))
+    }
+
+    fn default_event_fd(&self) -> Result<Arc<OwnedFd>> {
+        default_event_fd(&self.inner)
+    }
+}
+
+fn default_event_fd(inner: &Arc<BusInner>) -> Result<Arc<OwnedFd>> {
+    let w = &inner.async_waiters;
+    if w.event_fd.get().is_none() {
+        let fd = crate::sys::eventfd()?;
+        let _ = w.event_fd.set(Arc::new(fd));
+    }
+    start_doorbell_thread(inner);
+    Ok(w.event_fd.get().expect("set above").clone())
+}
+
 impl Pending<'_> {
-    /// Arms this call for the connection's event fd ([`Bus::event_fd`]): the fd becomes
-    /// readable once the call is done (at once if it already is).
+    /// Arms this call for the connection's own event fd ([`Bus::event_fd`], created here if
+    /// it was not yet): the fd becomes readable once the call is done (at once if it
+    /// already is).
     pub fn notify_event_fd(&self) -> Result<()> {
-        let inner = self.bus_inner();
-        let (mb_idx, gen) = self.mailbox();
-        inner.async_waiters.event_fd.get().ok_or_else(|| {
-            crate::Error::BadRequest("call Bus::event_fd before arming calls for it".into())
-        })?;
-        if !arm(inner, mb_idx, gen, Wake::EventFd) {
-            inner.async_waiters.signal_event_fd();
-        }
+        let fd = default_event_fd(self.bus_arc())?;
+        self.arm_fd(fd);
         Ok(())
+    }
+
+    /// Arms this call for `fd` (an [`EventFd`] of the same connection).
+    pub fn notify(&self, fd: &EventFd) {
+        start_doorbell_thread(self.bus_arc());
+        self.arm_fd(fd.0.clone());
+    }
+
+    fn arm_fd(&self, fd: Arc<OwnedFd>) {
+        let (mb_idx, gen) = self.mailbox();
+        if mb_idx == u32::MAX {
+            // Already settled: say so at once.
+            crate::doorbell::signal(&fd);
+            return;
+        }
+        if !arm(self.bus_inner(), mb_idx, gen, Wake::EventFd(fd.clone())) {
+            crate::doorbell::signal(&fd);
+        }
     }
 }
 
@@ -214,45 +275,52 @@ fn start_doorbell_thread(inner: &Arc<BusInner>) {
     }
 }
 
-/// Sleeps on the doorbell; wakes the futures whose mailboxes are done, or all of them when
-/// no ring came for a liveness period. Ends when the connection is gone.
+/// Sleeps on the doorbell; wakes the futures and signals the event fds whose mailboxes are
+/// done. When no ring came for a liveness period, it wakes every future (each re-checks its
+/// deadline and instance, and registers again) and signals every event fd with an armed
+/// call (whose registrations stay: an event loop re-checks without re-arming). Ends when
+/// the connection is gone.
 fn doorbell_thread(weak: Weak<BusInner>) {
     let mut rang = true;
     while let Some(inner) = weak.upgrade() {
         let bell = inner.client.doorbell();
         // SYNC POINT: Acquire pairs with the Release increment in `mailbox::complete`.
         let seen = bell.load(Ordering::Acquire);
-        let wake: Vec<Wake> = {
-            let mut w = inner.async_waiters.waiting.lock();
-            let done: Vec<u32> = w
-                .iter()
-                .filter(|(&mb, &(gen, _))| {
-                    !rang
-                        || inner
-                            .client
-                            .mailbox(mb)
-                            .is_some_and(|(m, _)| !mailbox::still_waiting(m, gen))
-                })
-                .map(|(&mb, _)| mb)
-                .collect();
-            done.iter()
-                .filter_map(|mb| w.remove(mb).map(|(_, waker)| waker))
-                .collect()
-        };
+        let mut futures: Vec<Waker> = Vec::new();
+        let mut fds: Vec<Arc<OwnedFd>> = Vec::new();
+        inner
+            .async_waiters
+            .waiting
+            .lock()
+            .retain(|&mb, (gen, wake)| {
+                let done = inner
+                    .client
+                    .mailbox(mb)
+                    .is_none_or(|(m, _)| !mailbox::still_waiting(m, *gen));
+                match wake {
+                    Wake::Future(w) => {
+                        if done || !rang {
+                            futures.push(w.clone());
+                            return false;
+                        }
+                        true
+                    }
+                    Wake::EventFd(fd) => {
+                        if (done || !rang) && !fds.iter().any(|f| Arc::ptr_eq(f, fd)) {
+                            fds.push(fd.clone());
+                        }
+                        !done
+                    }
+                }
+            });
         let room = std::mem::take(&mut *inner.async_waiters.room.lock());
-        for w in room {
+        for w in room.into_iter().chain(futures) {
             w.wake();
         }
-        let mut signal = false;
-        for w in wake {
-            match w {
-                Wake::Future(waker) => waker.wake(),
-                Wake::EventFd => signal = true,
-            }
+        for fd in &fds {
+            crate::doorbell::signal(fd);
         }
-        if signal {
-            inner.async_waiters.signal_event_fd();
-        }
+        drop(fds);
         let before = std::time::Instant::now();
         let period = crate::wait::recheck(mailbox::LIVENESS_CHECK);
         let _ = crate::sys::futex_wait(bell, seen, Some(period));

@@ -197,7 +197,12 @@ impl Instance {
             };
             out.clear();
             match handler(&req, &mut out) {
-                Ok(()) => req.reply(&out)?,
+                // A reply over the maximum reached its caller as error 413; serving goes on.
+                Ok(()) => {
+                    if let Err(e) = req.reply(&out) {
+                        tracing::warn!(service = %self.inner.service, instance = %self.inner.id, "{e}");
+                    }
+                }
                 Err(e) => req.reply_error(e.code, &e.message)?,
             }
         }
@@ -743,6 +748,8 @@ impl<'a> Receiver<'a> {
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Request<'_>>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let inst = self.inst;
+        // A fork child must not take the parent's requests.
+        inst.bus.inner.not_forked()?;
         let ring = inst.ring();
         let stopping = || inst.stopping.load(Ordering::Acquire);
         loop {
@@ -858,9 +865,23 @@ impl Request<'_> {
             ServiceError::bad_request(format!("undecodable {} request: {e}", self.method))
         })
     }
+    /// The largest reply the service allows (its maximum message size).
+    pub fn max_reply(&self) -> u64 {
+        self.inst.max_message
+    }
+
+    /// Answers the request. A reply over [`Request::max_reply`] is not sent: the caller
+    /// gets error 413 naming the sizes, and this returns `MessageTooLarge`.
     pub fn reply(mut self, data: &[u8]) -> Result<()> {
         let d = self.delivery.take().expect("replied once");
         self.inst.send_reply(d, 0, data);
+        if data.len() as u64 > self.inst.max_message {
+            return Err(Error::MessageTooLarge {
+                service: self.inst.service.clone(),
+                size: data.len() as u64,
+                max: self.inst.max_message,
+            });
+        }
         Ok(())
     }
     pub fn reply_typed<T: Serialize>(self, v: &T) -> Result<()> {

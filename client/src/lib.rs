@@ -51,8 +51,10 @@ pub mod wait;
 
 pub use breaker::CircuitBreaker;
 pub use bus::{Bus, BusOptions, CallInfo, ResourceOwner, Selection};
-pub use call::{CallOptions, Pending, Reply};
+pub use call::{CallOptions, Interrupt, Pending, Reply};
 pub use error::{Attempt, Error, Result, ServiceError};
+#[cfg(feature = "async")]
+pub use future::EventFd;
 pub use instance::{Instance, Receiver, RegisterOptions, Request, StopHandle};
 pub use layout::Status;
 pub use proto::{

@@ -159,6 +159,8 @@ pub enum Wait {
     TargetGone,
     /// `check()` said the instance has made no progress for the stall bound.
     Stalled,
+    /// `check()` said the caller was interrupted.
+    Interrupted,
 }
 
 /// What a sleeping caller learns when it re-checks its instance.
@@ -168,6 +170,8 @@ pub enum Target {
     Gone,
     /// No progress for the stall bound while our request waits untaken.
     Stalled,
+    /// The caller's interrupt check fired ([`crate::CallOptions::interrupt`]).
+    Interrupted,
 }
 
 /// How often a sleeping caller re-checks that its instance still exists, so a call to an
@@ -230,6 +234,7 @@ pub fn wait_ready(
             Target::Alive => {}
             Target::Gone => return Wait::TargetGone,
             Target::Stalled => return Wait::Stalled,
+            Target::Interrupted => return Wait::Interrupted,
         }
         let recheck = crate::wait::recheck(LIVENESS_CHECK);
         let _ = sys::futex_wait(&mb.state, armed, Some((deadline - now).min(recheck)));

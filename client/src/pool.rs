@@ -68,6 +68,11 @@ impl MailboxPool {
         Some((i, g))
     }
 
+    /// Whether [`MailboxPool::acquire`] may find a mailbox (a quarantined one may come back).
+    pub(crate) fn may_have_free(&self) -> bool {
+        !self.free.is_empty() || self.quarantined.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
     pub(crate) fn put(&self, i: u32) {
         let _ = self.free.push(i);
     }

@@ -265,3 +265,31 @@ pub fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: writes 8 bytes from a live buffer to a descriptor we own.
     syscall!(unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) }).map(drop)
 }
+
+/// How many times this process is a `fork()` child of the process that loaded us: 0 in the
+/// original process, counted by a `pthread_atfork` child handler installed at the first
+/// call. Objects made before a fork compare it with the value they were made under, so an
+/// inherited connection or instance never acts on the parent's registrations (a relaxed
+/// load and a compare: cheap enough for the call path, unlike `getpid`).
+pub fn fork_generation() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static FORKS: AtomicU64 = AtomicU64::new(0);
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn child() {
+        // Relaxed: the child has one thread at this point; later loads are on it or on
+        // threads it spawns afterwards (spawning synchronises).
+        FORKS.fetch_add(1, Ordering::Relaxed);
+    }
+    HANDLER.call_once(|| {
+        // SAFETY: registers a handler that only increments an atomic (async-signal-safe, as
+        // a fork child handler must be); it is never unregistered, and the function lives
+        // for the whole program.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(child)) };
+        if rc != 0 {
+            tracing::warn!(
+                "pthread_atfork failed ({rc}): objects inherited across fork are not detected"
+            );
+        }
+    });
+    FORKS.load(Ordering::Relaxed)
+}

@@ -2,57 +2,178 @@
 //! re-exports these classes and adds the asyncio face and the exception classes.
 //!
 //! The GIL is released whenever a call waits (calls, receiving, watching); a serving
-//! thread takes it only to run the handler.
+//! thread takes it only to run the handler. On the main thread, a call that sleeps for its
+//! reply looks at Python's signals every few milliseconds ([`CallOptions::interrupt`]), and
+//! `serve` runs the serving loop on a helper thread while the main thread watches for them,
+//! so Ctrl-C ends both promptly.
 
-use std::sync::Mutex;
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use aegis_client::{
-    Bus as RBus, BusOptions, CallOptions, Error, Instance as RInstance, Pending, Receiver,
-    RegisterOptions, Request, ResourceQuery, ServiceError,
+    Bus as RBus, BusOptions, CallInfo, CallOptions, Error, EventFd as REventFd,
+    Instance as RInstance, Interrupt, Pending, Receiver, RegisterOptions, Request,
+    ResourceMetadata, ResourceQuery, ResourceSpec, ServiceError,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
-
-/// The Python exception for a bus error: a class of `aegis_ipc.errors` with `.code`.
-fn to_py(e: Error) -> PyErr {
-    let (class, code) = match &e {
-        Error::NoAvailableInstance { .. } => ("NoAvailableInstance", 503),
-        Error::OwnerUnavailable { .. } => ("OwnerUnavailable", 503),
-        Error::CircuitOpen { .. } => ("CircuitOpen", 503),
-        Error::Timeout { .. } => ("Timeout", 504),
-        Error::BadRequest(_) => ("BadRequest", 400),
-        Error::ResourceNotFound { .. } => ("ResourceNotFound", 404),
-        Error::ResourceConflict { .. } => ("ResourceConflict", 409),
-        Error::Conflict { .. } => ("InstanceConflict", 409),
-        Error::NotOwner(_) => ("NotOwner", 403),
-        Error::PermissionDenied(_) => ("PermissionDenied", 403),
-        Error::LimitExceeded(_) => ("LimitExceeded", 429),
-        Error::LoopDetected { .. } => ("LoopDetected", 508),
-        Error::MessageTooLarge { .. } => ("MessageTooLarge", 413),
-        Error::BrokerUnavailable { .. } => ("BrokerUnavailable", 502),
-        Error::Incompatible(_) => ("Incompatible", 426),
-        Error::Remote { code, .. } => ("RemoteError", *code),
-        _ => ("InternalError", 500),
-    };
-    let text = e.to_string();
-    Python::with_gil(|py| {
-        let made = (|| -> PyResult<PyErr> {
-            let cls = py.import("aegis_ipc.errors")?.getattr(class)?;
-            let exc = cls.call1((text.clone(),))?;
-            exc.setattr("code", code)?;
-            Ok(PyErr::from_value(exc))
-        })();
-        made.unwrap_or_else(|e| e)
-    })
-}
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 thread_local! {
     /// The request this thread's handler is running (hops, trace id): a call made from a
     /// handler is a nested call, one hop further on the same trace, so a loop of services
     /// calling each other ends in `LoopDetected` as it does from Rust.
     static CURRENT: std::cell::Cell<Option<(u8, u64)>> = const { std::cell::Cell::new(None) };
+    /// The exception a signal handler raised while this thread's call slept (Ctrl-C's
+    /// `KeyboardInterrupt`): raised when the call returns `Interrupted`.
+    static SIGNALLED: RefCell<Option<PyErr>> = const { RefCell::new(None) };
+    /// Whether this is the process's main thread (the only one Python runs signal
+    /// handlers on): its thread id is the process id.
+    static MAIN: bool = {
+        // SAFETY: gettid and getpid take no arguments and cannot fail.
+        unsafe { libc::gettid() == libc::getpid() }
+    };
+}
+
+/// The exception class of `aegis_ipc.errors` named `class`, built with `message` and the
+/// attributes every bus error carries: `code`, `service`, `instance`, `trace_id`,
+/// `attempts` (a list of `(instance, error, seconds)`), `None` where unknown.
+fn exception(py: Python<'_>, class: &str, message: String, attrs: Attrs) -> PyErr {
+    let made = (|| -> PyResult<PyErr> {
+        let cls = py.import("aegis_ipc.errors")?.getattr(class)?;
+        let exc = cls.call1((message.clone(),))?;
+        exc.setattr("code", attrs.code)?;
+        exc.setattr("service", attrs.service)?;
+        exc.setattr("instance", attrs.instance)?;
+        exc.setattr("trace_id", attrs.trace_id)?;
+        let attempts = PyList::empty(py);
+        for a in attrs.attempts {
+            attempts.append(PyTuple::new(
+                py,
+                [
+                    a.instance.into_pyobject(py)?.into_any(),
+                    a.error.into_pyobject(py)?.into_any(),
+                    a.duration.as_secs_f64().into_pyobject(py)?.into_any(),
+                ],
+            )?)?;
+        }
+        exc.setattr("attempts", attempts)?;
+        Ok(PyErr::from_value(exc))
+    })();
+    made.unwrap_or_else(|e| e)
+}
+
+#[derive(Default)]
+struct Attrs {
+    code: u16,
+    service: Option<String>,
+    instance: Option<String>,
+    trace_id: Option<u64>,
+    attempts: Vec<aegis_client::Attempt>,
+}
+
+/// The Python exception for a bus error: a class of `aegis_ipc.errors`.
+fn to_py(e: Error) -> PyErr {
+    if let Error::Interrupted = e {
+        // The signal handler's own exception (KeyboardInterrupt), kept when it fired.
+        if let Some(err) = SIGNALLED.with(|s| s.borrow_mut().take()) {
+            return err;
+        }
+    }
+    let mut a = Attrs {
+        code: e.code(),
+        ..Default::default()
+    };
+    let mut text = e.to_string();
+    let class = match e {
+        Error::NoAvailableInstance { service } => {
+            a.service = Some(service);
+            "NoAvailableInstance"
+        }
+        Error::OwnerUnavailable { owner, .. } => {
+            a.instance = Some(owner);
+            "OwnerUnavailable"
+        }
+        Error::CircuitOpen { service, .. } => {
+            a.service = Some(service);
+            "CircuitOpen"
+        }
+        Error::Timeout {
+            service,
+            attempts,
+            trace_id,
+            ..
+        } => {
+            a.service = Some(service);
+            a.instance = attempts.last().map(|x| x.instance.clone());
+            a.trace_id = Some(trace_id);
+            a.attempts = attempts;
+            "Timeout"
+        }
+        Error::BadRequest(_) | Error::Forked(_) => "BadRequest",
+        Error::ResourceNotFound { .. } => "ResourceNotFound",
+        Error::ResourceConflict { owner, .. } => {
+            a.instance = Some(owner);
+            "ResourceConflict"
+        }
+        Error::Conflict {
+            service,
+            instance_id,
+            ..
+        } => {
+            a.service = Some(service);
+            a.instance = Some(instance_id);
+            "InstanceConflict"
+        }
+        Error::NotOwner(_) => "NotOwner",
+        Error::PermissionDenied(_) => "PermissionDenied",
+        Error::LimitExceeded(_) => "LimitExceeded",
+        Error::LoopDetected { .. } => "LoopDetected",
+        Error::MessageTooLarge { service, .. } => {
+            a.service = Some(service);
+            "MessageTooLarge"
+        }
+        Error::BrokerUnavailable { .. } => "BrokerUnavailable",
+        Error::Incompatible(_) => "Incompatible",
+        Error::Remote {
+            instance,
+            code,
+            message,
+        } => {
+            a.instance = Some(instance);
+            match code {
+                // The instance's reply was over the maximum, or its own nested call found a
+                // loop: the error the caller would have had itself, with the instance's
+                // text (not one "answered with error 508:" prefix per hop).
+                413 => {
+                    text = message;
+                    "MessageTooLarge"
+                }
+                508 => {
+                    text = message;
+                    "LoopDetected"
+                }
+                _ => "RemoteError",
+            }
+        }
+        _ => "InternalError",
+    };
+    Python::with_gil(|py| exception(py, class, text, a))
+}
+
+fn bad_request(message: String) -> PyErr {
+    Python::with_gil(|py| {
+        exception(
+            py,
+            "BadRequest",
+            message,
+            Attrs {
+                code: 400,
+                ..Default::default()
+            },
+        )
+    })
 }
 
 /// Runs `f` with `req` as this thread's current request.
@@ -63,34 +184,61 @@ fn within<R>(req: &Request<'_>, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// The interrupt check of calls made on the main thread: runs Python's pending signal
+/// handlers; one that raised (Ctrl-C) stops the call, and its exception is kept for
+/// `to_py`. One shared closure: no allocation per call.
+fn interrupt() -> Interrupt {
+    static CHECK: OnceLock<Interrupt> = OnceLock::new();
+    CHECK
+        .get_or_init(|| {
+            Interrupt(Arc::new(|| {
+                Python::with_gil(|py| match py.check_signals() {
+                    Ok(()) => false,
+                    Err(e) => {
+                        SIGNALLED.with(|s| *s.borrow_mut() = Some(e));
+                        true
+                    }
+                })
+            }))
+        })
+        .clone()
+}
+
+/// Seconds as a positive duration, or `BadRequest` naming the parameter.
+fn seconds(s: f64, name: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            bad_request(format!(
+                "{name} must be a positive number of seconds, not {s}"
+            ))
+        })
+}
+
 fn options(
     timeout: Option<f64>,
     attempt_timeout: Option<f64>,
     idempotent: bool,
     exclude: Vec<String>,
 ) -> PyResult<CallOptions> {
-    let secs = |s: f64, name: &str| {
-        Duration::try_from_secs_f64(s)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                PyValueError::new_err(format!("{name} must be a positive number of seconds"))
-            })
-    };
     let mut o = CallOptions::default();
     if let Some((hops, trace)) = CURRENT.with(|c| c.get()) {
         o.hops = hops.saturating_add(1);
         o.trace_id = Some(trace);
     }
     if let Some(t) = timeout {
-        o.timeout = secs(t, "timeout")?;
+        o.timeout = seconds(t, "timeout")?;
         o.attempt_timeout = o.attempt_timeout.min(o.timeout);
     }
     if let Some(t) = attempt_timeout {
-        o.attempt_timeout = secs(t, "attempt_timeout")?;
+        o.attempt_timeout = seconds(t, "attempt_timeout")?;
     }
     o.idempotent = idempotent;
     o.exclude = exclude;
+    if MAIN.with(|m| *m) {
+        o.interrupt = Some(interrupt());
+    }
     Ok(o)
 }
 
@@ -114,10 +262,44 @@ impl Reply {
     }
 }
 
+fn reply(py: Python<'_>, bus: &RBus, out: &[u8], info: CallInfo) -> Reply {
+    Reply {
+        payload: PyBytes::new(py, out).unbind(),
+        instance_id: bus.instance_id(info),
+    }
+}
+
 /// A connection to the bus. Thread-safe.
 #[pyclass(subclass, module = "aegis_ipc")]
 pub struct Bus {
-    bus: RBus,
+    /// `None` once closed.
+    bus: RwLock<Option<RBus>>,
+}
+
+impl Bus {
+    /// The connection, or `BadRequest` once closed; a read lock held for the operation.
+    fn with<R>(&self, f: impl FnOnce(&RBus) -> PyResult<R>) -> PyResult<R> {
+        let g = self.bus.read().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref() {
+            Some(b) => f(b),
+            None => Err(bad_request("this Bus is closed".into())),
+        }
+    }
+
+    fn pending(bus: &RBus, p: Option<Pending<'_>>) -> Option<PendingCall> {
+        p.map(|p| {
+            let bus = Box::new(bus.clone());
+            // SAFETY: the pending call borrows the connection; `PendingCall` owns a boxed
+            // clone of it that does not move, and its field order drops the call first. The
+            // call borrowed `bus`'s `Arc`, whose `BusInner` is the same one the clone keeps
+            // alive.
+            let p: Pending<'static> = unsafe { std::mem::transmute(p) };
+            PendingCall {
+                pending: Mutex::new(Some(p)),
+                bus,
+            }
+        })
+    }
 }
 
 #[pymethods]
@@ -130,17 +312,35 @@ impl Bus {
             ..Default::default()
         };
         if let Some(m) = mailboxes {
+            if m == 0 {
+                return Err(bad_request("mailboxes must be at least 1".into()));
+            }
             opts.mailboxes = m;
         }
         py.allow_threads(|| RBus::connect_with(opts))
-            .map(|bus| Bus { bus })
+            .map(|bus| Bus {
+                bus: RwLock::new(Some(bus)),
+            })
             .map_err(to_py)
     }
 
     /// How many calls this connection can have in flight at once.
     #[getter]
-    fn mailboxes(&self) -> u32 {
-        self.bus.mailbox_count()
+    fn mailboxes(&self) -> PyResult<u32> {
+        self.with(|b| Ok(b.mailbox_count()))
+    }
+
+    /// Closes this handle (waits for its calls in progress). Instances registered through
+    /// it keep the connection until they are unregistered; submitted calls keep it until
+    /// they are collected or dropped.
+    fn close(&self, py: Python<'_>) {
+        let old = py.allow_threads(|| self.bus.write().unwrap_or_else(|p| p.into_inner()).take());
+        py.allow_threads(|| drop(old));
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.bus.read().unwrap_or_else(|p| p.into_inner()).is_none()
     }
 
     #[pyo3(signature = (service, method, payload, *, timeout=None, attempt_timeout=None, idempotent=false, exclude=Vec::new()))]
@@ -157,20 +357,17 @@ impl Bus {
         exclude: Vec<String>,
     ) -> PyResult<Reply> {
         let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
-        let mut out = Vec::new();
-        let info = py
-            .allow_threads(|| {
-                self.bus
-                    .call_into(service, method, payload, &opts, &mut out)
-            })
-            .map_err(to_py)?;
-        Ok(Reply {
-            payload: PyBytes::new(py, &out).unbind(),
-            instance_id: self.bus.instance_id(info),
+        self.with(|bus| {
+            let mut out = Vec::new();
+            let info = py
+                .allow_threads(|| bus.call_into(service, method, payload, &opts, &mut out))
+                .map_err(to_py)?;
+            Ok(reply(py, bus, &out, info))
         })
     }
 
-    #[pyo3(signature = (resource, method, payload, *, timeout=None, idempotent=false))]
+    #[pyo3(signature = (resource, method, payload, *, timeout=None, attempt_timeout=None, idempotent=false))]
+    #[allow(clippy::too_many_arguments)]
     fn call_resource(
         &self,
         py: Python<'_>,
@@ -178,94 +375,84 @@ impl Bus {
         method: &str,
         payload: &[u8],
         timeout: Option<f64>,
+        attempt_timeout: Option<f64>,
         idempotent: bool,
     ) -> PyResult<Reply> {
-        let opts = options(timeout, None, idempotent, Vec::new())?;
-        let mut out = Vec::new();
-        let info = py
-            .allow_threads(|| {
-                self.bus
-                    .call_resource_into(resource, method, payload, &opts, &mut out)
-            })
-            .map_err(to_py)?;
-        Ok(Reply {
-            payload: PyBytes::new(py, &out).unbind(),
-            instance_id: self.bus.instance_id(info),
+        let opts = options(timeout, attempt_timeout, idempotent, Vec::new())?;
+        self.with(|bus| {
+            let mut out = Vec::new();
+            let info = py
+                .allow_threads(|| {
+                    bus.call_resource_into(resource, method, payload, &opts, &mut out)
+                })
+                .map_err(to_py)?;
+            Ok(reply(py, bus, &out, info))
         })
     }
 
-    /// Sends a call and returns at once (the asyncio face is built on this).
-    #[pyo3(signature = (service, method, payload, *, timeout=None, idempotent=false, exclude=Vec::new()))]
+    /// Sends a call and returns at once; waits for room while the instance's ring is full.
+    #[pyo3(signature = (service, method, payload, *, timeout=None, attempt_timeout=None, idempotent=false, exclude=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
-        slf: Bound<'_, Self>,
+        &self,
+        py: Python<'_>,
         service: &str,
         method: &str,
         payload: &[u8],
         timeout: Option<f64>,
+        attempt_timeout: Option<f64>,
         idempotent: bool,
         exclude: Vec<String>,
     ) -> PyResult<PendingCall> {
-        let opts = options(timeout, None, idempotent, exclude)?;
-        let this = slf.borrow();
-        let p = this
-            .bus
-            .submit(service, method, payload, &opts)
-            .map_err(to_py)?;
-        p.notify_event_fd().map_err(to_py)?;
-        // SAFETY: the pending call borrows the bus, which `owner` keeps alive (a strong
-        // reference to the Python object holding it) for as long as the PendingCall lives;
-        // the field order drops the call first.
-        let p: Pending<'static> = unsafe { std::mem::transmute(p) };
-        Ok(PendingCall {
-            pending: Mutex::new(Some(p)),
-            owner: slf.clone().into_any().unbind(),
+        let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
+        self.with(|bus| {
+            let p = py
+                .allow_threads(|| bus.submit(service, method, payload, &opts))
+                .map_err(to_py)?;
+            Ok(Self::pending(bus, Some(p)).expect("a call"))
         })
     }
 
-    /// `submit` that never waits for room in a full ring: `None` says to try again later
-    /// (the call began `waited` seconds ago; past its deadline the answer is `Timeout`).
-    #[pyo3(signature = (service, method, payload, waited, *, timeout=None, idempotent=false, exclude=Vec::new()))]
+    /// `submit` that never waits: `None` says the ring is full or every mailbox is in use;
+    /// try again later (the call began `waited` seconds ago; past its deadline the answer
+    /// is the error).
+    #[pyo3(signature = (service, method, payload, waited, *, timeout=None, attempt_timeout=None, idempotent=false, exclude=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn _try_submit(
-        slf: Bound<'_, Self>,
+        &self,
         service: &str,
         method: &str,
         payload: &[u8],
         waited: f64,
         timeout: Option<f64>,
+        attempt_timeout: Option<f64>,
         idempotent: bool,
         exclude: Vec<String>,
     ) -> PyResult<Option<PendingCall>> {
-        let opts = options(timeout, None, idempotent, exclude)?;
+        let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
         let now = std::time::Instant::now();
-        let start = std::time::Duration::try_from_secs_f64(waited)
+        let start = Duration::try_from_secs_f64(waited)
             .ok()
             .and_then(|w| now.checked_sub(w))
             .unwrap_or(now);
-        let this = slf.borrow();
-        let Some(p) = this
-            .bus
-            .try_submit(start, service, method, payload, &opts)
-            .map_err(to_py)?
-        else {
-            return Ok(None);
-        };
-        p.notify_event_fd().map_err(to_py)?;
-        // SAFETY: as in `submit`: `owner` keeps the bus alive for as long as the
-        // PendingCall lives, and the field order drops the call first.
-        let p: Pending<'static> = unsafe { std::mem::transmute(p) };
-        Ok(Some(PendingCall {
-            pending: Mutex::new(Some(p)),
-            owner: slf.clone().into_any().unbind(),
-        }))
+        self.with(|bus| {
+            let p = bus
+                .try_submit(start, service, method, payload, &opts)
+                .map_err(to_py)?;
+            Ok(Self::pending(bus, p))
+        })
     }
 
-    /// The event fd for event loops: readable when a submitted call is done; read 8 bytes
-    /// to reset it.
+    /// The connection's event fd for one event loop: readable when a submitted call is
+    /// done; read 8 bytes to reset it. Another loop takes its own (`_new_event_fd`).
     fn event_fd(&self) -> PyResult<i32> {
         use std::os::fd::AsRawFd;
-        self.bus.event_fd().map(|f| f.as_raw_fd()).map_err(to_py)
+        self.with(|b| b.event_fd().map(|f| f.as_raw_fd()).map_err(to_py))
+    }
+
+    /// A new event fd of this connection, for one more event loop.
+    fn _new_event_fd(&self) -> PyResult<EventFd> {
+        self.with(|b| b.new_event_fd().map(|fd| EventFd { fd }).map_err(to_py))
     }
 
     #[pyo3(signature = (service, instance_id, metadata=None))]
@@ -282,24 +469,30 @@ impl Bus {
                 opts.metadata.push((k.extract()?, v.extract()?));
             }
         }
-        let inst = py
-            .allow_threads(|| self.bus.register_with(service, instance_id, opts))
-            .map_err(to_py)?;
-        Ok(Instance {
-            rx: Mutex::new(None),
-            inst: Some(inst),
+        self.with(|bus| {
+            let inst = py
+                .allow_threads(|| bus.register_with(service, instance_id, opts))
+                .map_err(to_py)?;
+            Ok(Instance {
+                inst: RwLock::new(Some(Arc::new(inst))),
+                rx: Mutex::new(None),
+            })
         })
     }
 
     /// Every service with its instances, as JSON (parsed by the package).
     fn _services_json(&self, py: Python<'_>) -> PyResult<String> {
-        let s = py.allow_threads(|| self.bus.services()).map_err(to_py)?;
-        serde_json::to_string(&s).map_err(|e| PyValueError::new_err(e.to_string()))
+        self.with(|bus| {
+            let s = py.allow_threads(|| bus.services()).map_err(to_py)?;
+            serde_json::to_string(&s).map_err(|e| PyValueError::new_err(e.to_string()))
+        })
     }
 
     fn _service_json(&self, py: Python<'_>, name: &str) -> PyResult<String> {
-        let s = py.allow_threads(|| self.bus.service(name)).map_err(to_py)?;
-        serde_json::to_string(&s).map_err(|e| PyValueError::new_err(e.to_string()))
+        self.with(|bus| {
+            let s = py.allow_threads(|| bus.service(name)).map_err(to_py)?;
+            serde_json::to_string(&s).map_err(|e| PyValueError::new_err(e.to_string()))
+        })
     }
 
     #[pyo3(signature = (service=None, limit=100, offset=0))]
@@ -316,86 +509,201 @@ impl Bus {
             offset,
             ..Default::default()
         };
-        let p = py.allow_threads(|| self.bus.resources(&q)).map_err(to_py)?;
-        serde_json::to_string(&p).map_err(|e| PyValueError::new_err(e.to_string()))
+        self.with(|bus| {
+            let p = py.allow_threads(|| bus.resources(&q)).map_err(to_py)?;
+            serde_json::to_string(&p).map_err(|e| PyValueError::new_err(e.to_string()))
+        })
     }
 
     /// Sleeps until an instance of `service` joins, leaves or changes health, or `timeout`
-    /// seconds pass; returns the service's generation (pass it back as `seen`).
+    /// seconds pass; returns the service's generation (pass it back as `seen`). An unknown
+    /// service is generation 0: the watch returns when it appears.
     #[pyo3(signature = (service, seen=0, timeout=1.0))]
-    fn watch(&self, py: Python<'_>, service: &str, seen: u32, timeout: f64) -> u32 {
-        let t = Duration::from_secs_f64(timeout.max(0.0));
-        py.allow_threads(|| self.bus.watch(service, seen, t))
+    fn watch(&self, py: Python<'_>, service: &str, seen: u32, timeout: f64) -> PyResult<u32> {
+        let t = if timeout == 0.0 {
+            Duration::ZERO
+        } else {
+            seconds(timeout, "timeout")?
+        };
+        self.with(|bus| Ok(py.allow_threads(|| bus.watch(service, seen, t))))
+    }
+}
+
+/// An event fd for one event loop (see `Bus._new_event_fd`).
+#[pyclass(frozen, module = "aegis_ipc")]
+pub struct EventFd {
+    fd: REventFd,
+}
+
+#[pymethods]
+impl EventFd {
+    fn fileno(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.fd.as_fd().as_raw_fd()
+    }
+
+    /// Resets the fd; whether it was readable.
+    fn clear(&self) -> bool {
+        self.fd.clear()
     }
 }
 
 /// A call sent with `Bus.submit`.
 #[pyclass(module = "aegis_ipc")]
 pub struct PendingCall {
+    // Dropped before the connection it borrows (field order).
     pending: Mutex<Option<Pending<'static>>>,
-    #[allow(dead_code)]
-    owner: PyObject,
+    bus: Box<RBus>,
+}
+
+impl PendingCall {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pending<'static>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[pymethods]
 impl PendingCall {
-    /// Whether collecting the reply would not wait.
+    /// Whether the reply is there (collecting it will not wait).
     fn ready(&self) -> bool {
-        self.pending
-            .lock()
-            .unwrap()
-            .as_ref()
-            .is_none_or(|p| p.is_ready())
+        self.lock().as_ref().is_none_or(|p| p.is_ready())
     }
 
     /// The reply (waits if not ready); raises the call's error.
     fn result(&self, py: Python<'_>) -> PyResult<Reply> {
         let p = self
-            .pending
             .lock()
-            .unwrap()
             .take()
-            .ok_or_else(|| PyValueError::new_err("this call's result was already taken"))?;
-        let info = p.instance();
+            .ok_or_else(|| bad_request("this call's result was already taken".into()))?;
         let mut out = Vec::new();
-        let owner = self.owner.bind(py).downcast::<Bus>()?.borrow();
-        py.allow_threads(|| p.wait(&mut out)).map_err(to_py)?;
-        Ok(Reply {
-            payload: PyBytes::new(py, &out).unbind(),
-            instance_id: owner.bus.instance_id(info),
-        })
+        let info = py.allow_threads(|| p.wait(&mut out)).map_err(to_py)?;
+        Ok(reply(py, &self.bus, &out, info))
+    }
+
+    /// Without waiting: the reply once the call is settled (replied, past its deadline,
+    /// or its instance gone; the error is raised then), else `None`.
+    fn poll(&self, py: Python<'_>) -> PyResult<Option<Reply>> {
+        let mut g = self.lock();
+        let Some(p) = g.as_mut() else {
+            return Err(bad_request("this call's result was already taken".into()));
+        };
+        let mut out = Vec::new();
+        match p.try_wait(&mut out) {
+            None => Ok(None),
+            Some(r) => {
+                *g = None;
+                drop(g);
+                let info = r.map_err(to_py)?;
+                Ok(Some(reply(py, &self.bus, &out, info)))
+            }
+        }
+    }
+
+    /// Cancels the call now (a request not yet taken never runs) and frees its mailbox
+    /// (at once, or when its instance answers a request it already took).
+    fn cancel(&self) {
+        let p = self.lock().take();
+        drop(p);
+    }
+
+    /// Makes `fd` readable when this call is done (and every liveness period until then).
+    fn _arm(&self, fd: &EventFd) {
+        if let Some(p) = self.lock().as_ref() {
+            p.notify(&fd.fd);
+        }
+    }
+
+    /// Arms the call on its connection's own event fd (`Bus.event_fd`).
+    fn notify(&self) -> PyResult<()> {
+        match self.lock().as_ref() {
+            Some(p) => p.notify_event_fd().map_err(to_py),
+            None => Ok(()),
+        }
     }
 }
 
 impl Drop for PendingCall {
     fn drop(&mut self) {
-        // Cancels an uncollected call before the bus reference goes.
+        // Cancels an uncollected call before the connection reference goes.
         self.pending.get_mut().map(|p| p.take()).ok();
     }
 }
 
 /// State of pull-style serving: the receiver and the request being answered.
 struct Pull {
-    // The request borrows the receiver: it is dropped first (field order).
+    // The request borrows the receiver, which borrows the instance: dropped in this order.
     req: Option<Request<'static>>,
     rx: Box<Receiver<'static>>,
+    _inst: Arc<RInstance>,
 }
 
 /// A registered instance.
 #[pyclass(module = "aegis_ipc")]
 pub struct Instance {
-    // Dropped before the instance it borrows.
+    /// `None` once unregistered. Serving threads hold clones of the `Arc`.
+    inst: RwLock<Option<Arc<RInstance>>>,
+    // Pull-style state (holds its own clone of the instance).
     rx: Mutex<Option<Pull>>,
-    inst: Option<RInstance>,
 }
 
 impl Instance {
-    fn get(&self) -> PyResult<&RInstance> {
+    fn get(&self) -> PyResult<Arc<RInstance>> {
         self.inst
-            .as_ref()
-            .ok_or_else(|| PyValueError::new_err("the instance was unregistered"))
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| bad_request("the instance was unregistered".into()))
+    }
+
+    fn take_request(&self) -> PyResult<Request<'static>> {
+        self.rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(|p| p.req.take())
+            .ok_or_else(|| bad_request("no received request to answer".into()))
     }
 }
+
+/// Runs a Python handler for `req`: its bytes into `out`, or the error to answer with.
+fn handle(
+    py: Python<'_>,
+    handler: &PyObject,
+    req: &Request<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), ServiceError> {
+    let payload = PyBytes::new(py, req.payload());
+    match handler.call1(py, (req.method(), payload)) {
+        Ok(v) => match v.bind(py).downcast::<PyBytes>() {
+            Ok(b) => {
+                out.extend_from_slice(b.as_bytes());
+                Ok(())
+            }
+            Err(_) => Err(ServiceError::new(
+                500,
+                format!(
+                    "handler returned {}, not bytes",
+                    v.bind(py)
+                        .get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ),
+            )),
+        },
+        Err(e) => {
+            let code = e
+                .value(py)
+                .getattr("code")
+                .and_then(|c| c.extract::<u16>())
+                .unwrap_or(500);
+            Err(ServiceError::new(code, e.value(py).to_string()))
+        }
+    }
+}
+
+/// How often `serve` on the main thread looks at Python's signals.
+const SIGNAL_CHECK: Duration = Duration::from_millis(20);
 
 #[pymethods]
 impl Instance {
@@ -412,46 +720,58 @@ impl Instance {
     /// Serves requests on this thread until `stop()`: `handler(method: str, payload: bytes)`
     /// returns the reply bytes. A handler that raises sends the caller a remote error with
     /// the exception's text (code 500; `aegis_ipc.ServiceError(code, message)` chooses the
-    /// code); a non-bytes return value is an error too.
+    /// code); a non-bytes return value is an error too. A signal handler that raises
+    /// (Ctrl-C's `KeyboardInterrupt`) stops serving within milliseconds and its exception
+    /// propagates.
     fn serve(&self, py: Python<'_>, handler: PyObject) -> PyResult<()> {
         let inst = self.get()?;
-        py.allow_threads(|| {
+        let run = |inst: &RInstance| {
             inst.serve(|req, out| {
                 within(req, || {
-                    Python::with_gil(|py| {
-                        let payload = PyBytes::new(py, req.payload());
-                        match handler.call1(py, (req.method(), payload)) {
-                            Ok(v) => match v.bind(py).downcast::<PyBytes>() {
-                                Ok(b) => {
-                                    out.extend_from_slice(b.as_bytes());
-                                    Ok(())
-                                }
-                                Err(_) => Err(ServiceError::new(
-                                    500,
-                                    format!(
-                                        "handler returned {}, not bytes",
-                                        v.bind(py)
-                                            .get_type()
-                                            .name()
-                                            .map(|n| n.to_string())
-                                            .unwrap_or_default()
-                                    ),
-                                )),
-                            },
-                            Err(e) => {
-                                let code = e
-                                    .value(py)
-                                    .getattr("code")
-                                    .and_then(|c| c.extract::<u16>())
-                                    .unwrap_or(500);
-                                Err(ServiceError::new(code, e.value(py).to_string()))
-                            }
-                        }
-                    })
+                    Python::with_gil(|py| handle(py, &handler, req, out))
                 })
             })
+        };
+        if !MAIN.with(|m| *m) {
+            return py.allow_threads(|| run(&inst)).map_err(to_py);
+        }
+        // On the main thread, the loop runs on a helper thread: this one waits for it and
+        // runs Python's signal handlers, which only ever run here.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // Only this thread receives; the Mutex makes the receiver shareable with
+        // `allow_threads` closures.
+        let done_rx = Mutex::new(done_rx);
+        let recv = |t: Option<Duration>| {
+            let rx = done_rx.lock().unwrap_or_else(|p| p.into_inner());
+            match t {
+                Some(t) => rx.recv_timeout(t),
+                None => rx
+                    .recv()
+                    .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+            }
+        };
+        std::thread::scope(|s| {
+            let inst2 = inst.clone();
+            let run = &run;
+            s.spawn(move || {
+                let r = run(&inst2);
+                let _ = done_tx.send(r);
+            });
+            loop {
+                match py.allow_threads(|| recv(Some(SIGNAL_CHECK))) {
+                    Ok(r) => return r.map_err(to_py),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(PyValueError::new_err("the serving thread ended"))
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                if let Err(e) = py.check_signals() {
+                    inst.stop_handle().stop();
+                    let _ = py.allow_threads(|| recv(None));
+                    return Err(e);
+                }
+            }
         })
-        .map_err(to_py)
     }
 
     /// Stops every thread serving this instance (`serve` returns, `receive` gives None).
@@ -470,18 +790,24 @@ impl Instance {
         timeout: Option<f64>,
     ) -> PyResult<Option<(String, Py<PyBytes>)>> {
         let inst = self.get()?;
-        let mut guard = self.rx.lock().unwrap();
+        let t = match timeout {
+            None => None,
+            Some(t) if t == 0.0 => Some(Duration::ZERO),
+            Some(t) => Some(seconds(t, "timeout")?),
+        };
+        let mut guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());
         let pull = guard.get_or_insert_with(|| {
-            // SAFETY: the receiver borrows the instance, which this object owns and drops
-            // after `rx` (field order); it does not move while the Python object lives.
-            let inst: &'static RInstance = unsafe { &*(inst as *const RInstance) };
+            // SAFETY: the receiver borrows the instance, whose `Arc` clone is stored beside
+            // it in `Pull` and dropped after it (field order); the `Arc`'s target does not
+            // move.
+            let r: &'static RInstance = unsafe { &*(Arc::as_ptr(&inst)) };
             Pull {
                 req: None,
-                rx: Box::new(inst.receiver()),
+                rx: Box::new(r.receiver()),
+                _inst: inst.clone(),
             }
         });
         pull.req = None;
-        let t = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         // SAFETY: the boxed receiver does not move; the request it hands out is stored
         // beside it and dropped before it (and before every next receive).
         let rx: &'static mut Receiver<'static> =
@@ -497,7 +823,8 @@ impl Instance {
         }))
     }
 
-    /// Answers the request `receive` returned.
+    /// Answers the request `receive` returned. A reply over the service's maximum raises
+    /// `MessageTooLarge` (the caller gets error 413).
     fn reply(&self, data: &[u8]) -> PyResult<()> {
         let req = self.take_request()?;
         req.reply(data).map_err(to_py)
@@ -509,11 +836,35 @@ impl Instance {
         req.reply_error(code, message).map_err(to_py)
     }
 
-    /// Claims resource ids (all or none).
-    fn claim(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<()> {
+    /// Claims resource ids (all or none), each with `metadata` if given: a dict of
+    /// `resource_type`, `version`, `tags`, `attributes`, `created_by`, `ttl` (seconds),
+    /// `priority`.
+    #[pyo3(signature = (ids, metadata=None))]
+    fn claim(
+        &self,
+        py: Python<'_>,
+        ids: Vec<String>,
+        metadata: Option<Bound<'_, PyDict>>,
+    ) -> PyResult<()> {
         let inst = self.get()?;
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        py.allow_threads(|| inst.claim(&ids)).map_err(to_py)
+        let meta = match metadata {
+            Some(m) => resource_metadata(&m)?,
+            None => ResourceMetadata::default(),
+        };
+        let specs = ids
+            .into_iter()
+            .map(|id| ResourceSpec {
+                id,
+                metadata: meta.clone(),
+            })
+            .collect();
+        let r = py
+            .allow_threads(|| inst.claim_with(specs, Default::default()))
+            .map_err(to_py)?;
+        match r.failures.into_iter().next() {
+            Some(f) => Err(to_py(f.to_error())),
+            None => Ok(()),
+        }
     }
 
     fn release(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<()> {
@@ -537,25 +888,59 @@ impl Instance {
             .map_err(to_py)
     }
 
-    /// Leaves the bus (also when the object is garbage-collected).
-    fn unregister(&mut self, py: Python<'_>) -> PyResult<()> {
-        *self.rx.lock().unwrap() = None;
-        match self.inst.take() {
-            Some(i) => py.allow_threads(|| i.unregister()).map_err(to_py),
-            None => Ok(()),
+    /// Leaves the bus (also when the object is garbage-collected). Serving threads are
+    /// stopped first and waited for (each finishes the request it is handling).
+    fn unregister(&self, py: Python<'_>) -> PyResult<()> {
+        let Some(mut inst) = self.inst.write().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(());
+        };
+        inst.stop_handle().stop();
+        // A thread in `receive` holds this lock until the stop wakes it (it then needs the
+        // GIL): wait for it without the GIL.
+        py.allow_threads(|| *self.rx.lock().unwrap_or_else(|p| p.into_inner()) = None);
+        loop {
+            match Arc::try_unwrap(inst) {
+                Ok(i) => return py.allow_threads(|| i.unregister()).map_err(to_py),
+                Err(still) => {
+                    inst = still;
+                    // A serving thread is finishing its request: give it the GIL it may
+                    // need, then look again.
+                    py.allow_threads(|| std::thread::sleep(Duration::from_millis(1)));
+                }
+            }
         }
     }
 }
 
-impl Instance {
-    fn take_request(&self) -> PyResult<Request<'static>> {
-        self.rx
-            .lock()
-            .unwrap()
-            .as_mut()
-            .and_then(|p| p.req.take())
-            .ok_or_else(|| PyValueError::new_err("no received request to answer"))
+/// Resource metadata from a Python dict; an unknown key is `BadRequest` naming it.
+fn resource_metadata(m: &Bound<'_, PyDict>) -> PyResult<ResourceMetadata> {
+    let mut r = ResourceMetadata::default();
+    for (k, v) in m.iter() {
+        let key: String = k.extract()?;
+        match key.as_str() {
+            "resource_type" => r.resource_type = v.extract()?,
+            "version" => r.version = v.extract()?,
+            "tags" => r.tags = v.extract()?,
+            "attributes" => {
+                let d = v.downcast::<PyDict>()?;
+                for (a, b) in d.iter() {
+                    r.attributes.push((a.extract()?, b.extract()?));
+                }
+            }
+            "created_by" => r.created_by = v.extract()?,
+            "ttl" => {
+                let s: f64 = v.extract()?;
+                r.ttl_ms = Some(seconds(s, "ttl")?.as_millis() as u64);
+            }
+            "priority" => r.priority = v.extract()?,
+            other => {
+                return Err(bad_request(format!(
+                    "unknown resource metadata key '{other}' (known: resource_type, version, tags, attributes, created_by, ttl, priority)"
+                )))
+            }
+        }
     }
+    Ok(r)
 }
 
 #[pymodule]
@@ -564,5 +949,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Instance>()?;
     m.add_class::<Reply>()?;
     m.add_class::<PendingCall>()?;
+    m.add_class::<EventFd>()?;
     Ok(())
 }
