@@ -6,12 +6,29 @@
  * and registers instances that serve (aegis_register, aegis_serve or aegis_receiver_next).
  *
  * Conventions:
- *  - Every function returns an aegis_status; AEGIS_OK is 0. After a failure,
- *    aegis_last_error() gives this thread's detail text (the owner of a resource, each
- *    failover attempt, ...), aegis_status_str() a fixed name, aegis_status_code() the
- *    seed's numeric code.
+ *  - Every function returns an aegis_status; AEGIS_OK is 0. After any other status,
+ *    aegis_last_error() gives this thread's text for that status (the owner of a resource,
+ *    each failover attempt, the size needed, ...; never an older one), aegis_status_str()
+ *    a fixed name, aegis_status_code() the seed's numeric code. Both take any int: C may
+ *    hold any value in an enum; one that is no aegis_status is "unknown status", code 0.
  *  - Handles are opaque; every *_free accepts NULL. Using a handle after its free is
  *    undefined behaviour; a NULL handle is AEGIS_NULL_ARGUMENT.
+ *  - Pointers: every handle, name, `out` and output pointer is required (NULL is
+ *    AEGIS_NULL_ARGUMENT, naming it), except where a function says "NULL: ...": `dir` of
+ *    aegis_connect, `opts` of the calls (defaults), `payload`/`data` when their length is 0,
+ *    `needed` of the copying functions, `service` of aegis_resources, `metadata` when
+ *    `metadata_pairs` is 0, and `buf` when `cap` is 0 (to ask for the size).
+ *  - Answering twice: in a handler, the last aegis_respond / aegis_respond_error wins;
+ *    after aegis_receiver_reply(_error) the request is spent, a second answer is
+ *    AEGIS_INVALID_ARGUMENT. A reply over the service's maximum is refused where it is
+ *    given (AEGIS_MESSAGE_TOO_LARGE; nothing sent, answer again), never a 413 at the caller.
+ *  - Nested calls: a call made on a thread while it handles a request (in aegis_serve's
+ *    handler, or between aegis_receiver_next and the reply) is one hop further on the
+ *    request's trace: services calling each other in a loop end in AEGIS_LOOP_DETECTED.
+ *  - One handle per instance: registering an instance id this process already holds a
+ *    live handle of (same bus directory and service) is AEGIS_INSTANCE_CONFLICT.
+ *  - After fork(), handles inherited from the parent refuse every operation
+ *    (AEGIS_BAD_REQUEST) and never touch the parent's registrations; connect again.
  *  - Strings are NUL-terminated UTF-8 (else AEGIS_INVALID_ARGUMENT).
  *  - Buffers: calls copy into caller buffers and report the needed size; *_alloc variants
  *    and listings return an aegis_buffer the caller frees with aegis_buffer_free().
@@ -24,6 +41,13 @@
  *  - aegis_call_options, aegis_receiver, aegis_pending: one thread at a time.
  *  - Serving callbacks (aegis_handler) run on the serving thread and must not unwind
  *    (C++ exceptions) nor longjmp out of the callback.
+ *
+ * Event loops (poll, epoll, libuv): submit with aegis_try_submit (AEGIS_NOT_READY: the
+ * ring is full or every mailbox is in use; retry on a timer, passing how long ago the
+ * first try was), arm each call with aegis_pending_notify, watch aegis_event_fd, and when
+ * it is readable read its 8 bytes and ask each armed call aegis_pending_poll: AEGIS_OK (or
+ * the call's error) settles it; AEGIS_NOT_READY leaves it armed. The fd also fires every
+ * few milliseconds while an armed call waits, so deadlines are seen without a timer.
  */
 
 
@@ -57,6 +81,8 @@ typedef enum {
   AEGIS_NOT_READY = 7,
   // The instance's handler answered with an error: its code is `aegis_last_remote_code`.
   AEGIS_REMOTE = 8,
+  // `aegis_last_reply`: this thread's last call failed (or none was made): no reply.
+  AEGIS_NO_REPLY = 9,
   AEGIS_BAD_REQUEST = 400,
   AEGIS_NOT_OWNER = 403,
   AEGIS_PERMISSION_DENIED = 4031,
@@ -110,12 +136,14 @@ typedef void (*aegis_handler)(void *ctx, const char *method, const uint8_t *payl
 extern "C" {
 #endif // __cplusplus
 
-// A static, human-readable name of `status` (never NULL).
-const char *aegis_status_str(aegis_status status);
+// A static, human-readable name of `status` (never NULL). Takes any int: a value that is
+// no `aegis_status` is "unknown status".
+const char *aegis_status_str(int status);
 
 // The seed's numeric code of `status` (503 for `AEGIS_OWNER_UNAVAILABLE`, 409 for
-// `AEGIS_INSTANCE_CONFLICT`, …); 0 for statuses of this library alone.
-uint16_t aegis_status_code(aegis_status status);
+// `AEGIS_INSTANCE_CONFLICT`, …); 0 for statuses of this library alone and for any int
+// that is no `aegis_status`.
+uint16_t aegis_status_code(int status);
 
 // Copies this thread's last error text (UTF-8, NUL-terminated) into `buf`; `*needed` gets
 // its size including the NUL. `AEGIS_BUFFER_TOO_SMALL` if it does not fit.
@@ -125,8 +153,15 @@ aegis_status aegis_last_error(char *buf, size_t len, size_t *needed);
 uint16_t aegis_last_remote_code(void);
 
 // Connects to the bus in `dir`, or where the broker would be found by default (`AEGIS_IPC_DIR`,
-// `/run/aegis-ipc`, …) when `dir` is NULL. Free with `aegis_bus_free`.
+// `/run/aegis-ipc`, …) when `dir` is NULL, with 128 reply mailboxes (calls in flight at
+// once: see `aegis_connect_with`). `out` is required. Free with `aegis_bus_free`.
 aegis_status aegis_connect(const char *dir, aegis_bus **out);
+
+// `aegis_connect` with `mailboxes` reply mailboxes (0: the default, 128; at most 65,536):
+// how many calls the connection can have in flight at once, blocking calls of all threads
+// and submitted calls together. A submit past them is `AEGIS_LIMIT_EXCEEDED`
+// (`aegis_try_submit`: `AEGIS_NOT_READY` until one is free).
+aegis_status aegis_connect_with(const char *dir, uint32_t mailboxes, aegis_bus **out);
 
 // Disconnects. Instances registered through this bus must be freed first.
 void aegis_bus_free(aegis_bus *bus);
@@ -170,9 +205,12 @@ aegis_status aegis_call_resource(const aegis_bus *bus, const char *resource, con
 aegis_status aegis_call_alloc(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, aegis_buffer *reply);
 
 // The last reply this thread received (after `AEGIS_BUFFER_TOO_SMALL`, say).
+// `AEGIS_NO_REPLY` when this thread's last call failed or none was made (an empty reply
+// is `AEGIS_OK` with 0 bytes).
 aegis_status aegis_last_reply(uint8_t *buf, size_t cap, size_t *needed);
 
-// The id of the instance that answered this thread's last successful call (NUL-terminated).
+// The id of the instance that answered this thread's last successful call (NUL-terminated),
+// also after later failed calls. `AEGIS_NO_REPLY` before any successful call.
 aegis_status aegis_last_instance(const aegis_bus *bus, char *buf, size_t cap, size_t *needed);
 
 // Frees a buffer the library returned (NULL data is fine); sets it to empty.
@@ -193,6 +231,12 @@ aegis_status aegis_try_submit(const aegis_bus *bus, const char *service, const c
 // (free it afterwards).
 aegis_status aegis_pending_wait(aegis_pending *p, aegis_buffer *reply);
 
+// Without waiting: settles a submitted call if it is done — the reply into `reply`
+// (`AEGIS_OK`), or the call's error (its deadline passed, its instance left, the handler's
+// error) — and then the handle is spent. `AEGIS_NOT_READY` while it is still under way.
+// The call for an event loop after its fd fired (see the header's "Event loops").
+aegis_status aegis_pending_poll(aegis_pending *p, aegis_buffer *reply);
+
 // `AEGIS_OK` if the reply is there (collecting it will not wait), else `AEGIS_NOT_READY`.
 aegis_status aegis_pending_ready(const aegis_pending *p);
 
@@ -209,7 +253,8 @@ aegis_status aegis_event_fd(const aegis_bus *bus, int *fd);
 
 // Registers instance `instance_id` of `service`. `metadata` is `2 * metadata_pairs`
 // strings: key, value, key, value… (NULL when 0). Free (which unregisters) with
-// `aegis_instance_free`, before the bus.
+// `aegis_instance_free`, before the bus. An id this process already holds a live handle
+// of is `AEGIS_INSTANCE_CONFLICT`; another process's is too (the message names its pid).
 aegis_status aegis_register(const aegis_bus *bus, const char *service, const char *instance_id, const char *const *metadata, size_t metadata_pairs, aegis_instance **out);
 
 // Unregisters and frees. No thread may be serving it any more (stop it and let `aegis_serve`
@@ -256,7 +301,8 @@ aegis_status aegis_claim(const aegis_instance *inst, const char *const *ids, siz
 // Releases ids the instance owns, all or none.
 aegis_status aegis_release(const aegis_instance *inst, const char *const *ids, size_t count);
 
-// Moves ids the instance owns to instance `to_instance` of `to_service`, all or none.
+// Moves ids the instance owns to instance `to_instance` of `to_service`, all or none. A
+// target that is not registered, or not Online, is `AEGIS_BAD_REQUEST` naming it.
 aegis_status aegis_transfer(const aegis_instance *inst, const char *const *ids, size_t count, const char *to_service, const char *to_instance, const char *reason);
 
 // Every service with its instances, as JSON (the shape of `aegisctl services --json`), in a
@@ -271,6 +317,8 @@ aegis_status aegis_resources(const aegis_bus *bus, const char *service, uint32_t
 
 // Sleeps until an instance of `service` joins, leaves or changes health, or `timeout_ms`
 // passes. `*generation`: in, the generation seen (0 at first); out, the one now.
+// `AEGIS_OK` when it moved, `AEGIS_TIMEOUT` when `timeout_ms` passed without a change. A
+// service nobody has registered yet is generation 0: the watch returns when it appears.
 aegis_status aegis_watch(const aegis_bus *bus, const char *service, uint32_t *generation, uint64_t timeout_ms);
 
 #ifdef __cplusplus

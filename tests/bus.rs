@@ -56,7 +56,7 @@ fn unknown_service_is_no_available_instance() {
 }
 
 #[test]
-fn duplicate_registration_is_conflict_naming_the_holder_and_same_process_is_idempotent() {
+fn duplicate_registration_is_conflict_naming_the_holder_also_in_the_same_process() {
     let bus = TestBus::start();
     let held = bus.serve("dup", "one", &[]);
     let client = bus.connect();
@@ -72,11 +72,20 @@ fn duplicate_registration_is_conflict_naming_the_holder_and_same_process_is_idem
         Err(e) => panic!("expected Conflict, got {e}"),
         Ok(_) => panic!("expected Conflict, got a registration"),
     }
-    // The same process registering the same id again gets the same registration.
+    // The same process registering an id it holds a live handle of is refused too (two
+    // handles of one registration would unregister each other); once the handle is gone,
+    // the id can be registered again.
     let first = client.register("dup", "two", &[("k", "v")]).unwrap();
-    let again = client.register("dup", "two", &[]).unwrap();
-    assert_eq!(first.index(), again.index());
+    match client.register("dup", "two", &[]) {
+        Err(Error::Conflict { holder_pid, .. }) => assert_eq!(holder_pid, std::process::id()),
+        Err(e) => panic!("expected Conflict, got {e}"),
+        Ok(_) => panic!("expected Conflict, got a second handle"),
+    }
     assert_eq!(client.routable_instances("dup").len(), 2);
+    drop(first);
+    let again = client.register("dup", "two", &[]).unwrap();
+    assert_eq!(client.routable_instances("dup").len(), 2);
+    drop(again);
 }
 
 #[test]

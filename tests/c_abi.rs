@@ -445,3 +445,21 @@ int main(void) {
         b"ok"
     );
 }
+
+/// Issue 17's C items in one program (`tests/c/faces.c`), under AddressSanitizer too: any
+/// int in `aegis_status_str`, `AEGIS_STOPPED` after `aegis_stop`, a reply over the maximum
+/// refused at the responder, last-call state, hop-counted nested calls from C handlers, the
+/// mailbox count as a connect option, a second handle refused, `aegis_watch`'s timeout.
+#[test]
+fn every_promise_of_the_c_header_holds() {
+    let bus = TestBus::start();
+    let _echo = bus.serve("echo", "rust-1", &[]);
+    let _big = bus.serve("big", "r-1", &["--max-message", "1024"]);
+    let src = root().join("tests/c/faces.c");
+    for link in [Link::Dynamic, Link::Asan] {
+        let (ok, stdout, stderr) = run_c(&compile(&src, link), &bus, &[]);
+        assert!(ok, "{stdout}{stderr}");
+        assert!(stdout.contains("all C faces hold"), "{stdout}");
+        assert!(!stderr.contains("Sanitizer"), "{stderr}");
+    }
+}

@@ -175,14 +175,9 @@ impl Bus {
     /// the connection. One event loop per connection may use it; another loop on the same
     /// connection takes its own with [`Bus::new_event_fd`].
     pub fn event_fd(&self) -> Result<BorrowedFd<'_>> {
-        let fd = self.default_event_fd()?;
-        Ok(self
-            .inner
-            .async_waiters
-            .event_fd
-            .get()
-            .map(|f| f.as_fd())
-            .unwrap_or_else(|| unreachable!("{} was just set", fd.as_raw_fd())))
+        default_event_fd(&self.inner)?;
+        let fd = self.inner.async_waiters.event_fd.get();
+        Ok(fd.expect("set by default_event_fd").as_fd())
     }
 
     /// A new event fd of this connection, for one more event loop.
@@ -190,10 +185,6 @@ impl Bus {
         let fd = crate::sys::eventfd()?;
         start_doorbell_thread(&self.inner);
         Ok(EventFd(Arc::new(fd)))
-    }
-
-    fn default_event_fd(&self) -> Result<Arc<OwnedFd>> {
-        default_event_fd(&self.inner)
     }
 }
 

@@ -86,6 +86,9 @@ struct PendingReply {
     sent: Instant,
 }
 
+/// Instances this process holds a live handle of: (bus directory, service, instance id).
+static LIVE: Mutex<Vec<(std::path::PathBuf, String, String)>> = Mutex::new(Vec::new());
+
 /// A heap reply its caller has not read after this long is freed anyway: the caller is
 /// gone (crashed) or gave up long ago (a live caller copies a reply within milliseconds).
 const UNREAD_REPLY_EXPIRY: Duration = Duration::from_secs(60);
@@ -163,6 +166,11 @@ impl Instance {
     /// Changes how idle serving threads wait before they sleep.
     pub fn set_spin(&self, spin: Spin) {
         *self.inner.spin.lock() = spin;
+    }
+
+    /// Whether [`StopHandle::stop`] was called: serving loops return, receivers say `None`.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopping.load(Ordering::Acquire)
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -292,6 +300,21 @@ impl Bus {
     ) -> Result<Instance> {
         names::service(service)?;
         names::instance_id(instance_id)?;
+        // The broker takes a second registration by the same process as the same one (a
+        // reconnect); two live handles would then unregister each other. Refused here.
+        let key = (
+            self.inner.dir.clone(),
+            service.to_owned(),
+            instance_id.to_owned(),
+        );
+        let mut live = LIVE.lock();
+        if live.contains(&key) {
+            return Err(Error::Conflict {
+                service: service.into(),
+                instance_id: instance_id.into(),
+                holder_pid: std::process::id(),
+            });
+        }
         let (resp, fds) = self.inner.control.lock().request(&Ctl::Register {
             service: service.into(),
             instance_id: instance_id.into(),
@@ -316,6 +339,7 @@ impl Bus {
         let seg_fd = fds.pop().expect("one descriptor");
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::fork_control_holder();
+        live.push(key);
         Ok(Instance::new(
             self.clone(),
             service,
@@ -403,6 +427,8 @@ impl InstanceInner {
         if self.unregistered.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        LIVE.lock()
+            .retain(|(d, s, i)| (d, s, i) != (&self.bus.inner.dir, &self.service, &self.id));
         let r = self.bus.inner.control().request(&Ctl::Unregister {
             instance: self.ident().0,
             incarnation: self.ident().1,

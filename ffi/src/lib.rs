@@ -58,6 +58,8 @@ pub enum aegis_status {
     AEGIS_NOT_READY = 7,
     /// The instance's handler answered with an error: its code is `aegis_last_remote_code`.
     AEGIS_REMOTE = 8,
+    /// `aegis_last_reply`: this thread's last call failed (or none was made): no reply.
+    AEGIS_NO_REPLY = 9,
     AEGIS_BAD_REQUEST = 400,
     AEGIS_NOT_OWNER = 403,
     AEGIS_PERMISSION_DENIED = 4031,
@@ -106,6 +108,8 @@ pub struct aegis_buffer {
 pub struct aegis_responder {
     out: *mut Vec<u8>,
     error: Option<ServiceError>,
+    /// The service's maximum message size: a larger reply is refused at `aegis_respond`.
+    max: u64,
 }
 
 /// A request handler: reads `method` (NUL-terminated) and `payload`, answers through
@@ -127,6 +131,7 @@ pub struct aegis_receiver {
     req: Option<Request<'static>>,
     method: [u8; 65],
     rx: Box<Receiver<'static>>,
+    inst: &'static aegis_instance,
 }
 
 /// A submitted call whose reply is collected later (one thread at a time).
@@ -134,14 +139,31 @@ pub struct aegis_pending {
     pending: Option<Pending<'static>>,
 }
 
+/// This thread's last call: its reply buffer (reused: no allocation once it has grown),
+/// whether that call succeeded, and who answered the last one that did.
+struct LastCall {
+    reply: Vec<u8>,
+    ok: bool,
+    answered_by: Option<CallInfo>,
+}
+
 thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+    /// Whether the entry point running on this thread has set `LAST_ERROR` yet.
+    static ERROR_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static LAST_REMOTE_CODE: std::cell::Cell<u16> = const { std::cell::Cell::new(0) };
-    /// The last call's reply (reused: no allocation once it has grown) and who answered.
-    static LAST_REPLY: RefCell<(Vec<u8>, Option<CallInfo>)> = const { RefCell::new((Vec::new(), None)) };
+    static LAST_CALL: RefCell<LastCall> = const {
+        RefCell::new(LastCall { reply: Vec::new(), ok: false, answered_by: None })
+    };
+    /// The request this thread is handling (hops, trace id), in `aegis_serve`'s callback or
+    /// between `aegis_receiver_next` and its reply: a call made meanwhile is a nested call,
+    /// one hop further on the same trace, so services calling each other in a loop end in
+    /// `AEGIS_LOOP_DETECTED`.
+    static CURRENT: std::cell::Cell<Option<(u8, u64)>> = const { std::cell::Cell::new(None) };
 }
 
 fn set_error(text: String) {
+    ERROR_SET.with(|s| s.set(true));
     LAST_ERROR.with(|e| *e.borrow_mut() = text);
 }
 
@@ -163,20 +185,45 @@ fn fail(e: Error) -> aegis_status {
         Error::MessageTooLarge { .. } => AEGIS_MESSAGE_TOO_LARGE,
         Error::BrokerUnavailable { .. } => AEGIS_BROKER_UNAVAILABLE,
         Error::Incompatible(_) => AEGIS_INCOMPATIBLE,
-        Error::Remote { code, .. } => {
+        Error::Remote { code, message, .. } => {
             LAST_REMOTE_CODE.with(|c| c.set(*code));
-            AEGIS_REMOTE
+            match *code {
+                // The instance's reply was over the maximum, or its own nested call found a
+                // loop: the status the caller would have had itself, with the instance's
+                // text (not one "answered with error 508:" prefix per hop).
+                413 | 508 => {
+                    set_error(message.clone());
+                    return if *code == 413 {
+                        AEGIS_MESSAGE_TOO_LARGE
+                    } else {
+                        AEGIS_LOOP_DETECTED
+                    };
+                }
+                _ => AEGIS_REMOTE,
+            }
         }
+        Error::Forked(_) => AEGIS_BAD_REQUEST,
         _ => AEGIS_INTERNAL,
     };
     set_error(e.to_string());
     s
 }
 
-/// Runs `f` with panics caught: the boundary never unwinds.
+/// Runs `f` with panics caught: the boundary never unwinds. A status other than OK always
+/// leaves its own text for `aegis_last_error` (a generic one where `f` gave none), never an
+/// older unrelated one.
 fn guard(f: impl FnOnce() -> aegis_status) -> aegis_status {
+    ERROR_SET.with(|s| s.set(false));
     match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(s) => s,
+        Ok(AEGIS_OK) => AEGIS_OK,
+        Ok(s) => {
+            if !ERROR_SET.with(|e| e.get()) {
+                // SAFETY: `aegis_status_str` returns a static NUL-terminated string.
+                let name = unsafe { CStr::from_ptr(aegis_status_str(s as c_int)) };
+                set_error(name.to_string_lossy().into_owned());
+            }
+            s
+        }
         Err(p) => {
             let what = p
                 .downcast_ref::<&str>()
@@ -241,6 +288,24 @@ unsafe fn bytes<'a>(p: *const u8, len: usize, name: &str) -> Result<&'a [u8], ae
 /// Copies `src` into `(buf, cap)`, setting `*needed`; `AEGIS_BUFFER_TOO_SMALL` if it does
 /// not fit (nothing is written then).
 unsafe fn copy_out(src: &[u8], buf: *mut u8, cap: usize, needed: *mut usize) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let s = unsafe { copy_out_quietly(src, buf, cap, needed) };
+    if s == AEGIS_BUFFER_TOO_SMALL {
+        set_error(format!(
+            "{} bytes do not fit the {cap}-byte buffer",
+            src.len()
+        ));
+    }
+    s
+}
+
+/// `copy_out` leaving `aegis_last_error`'s text alone (for `aegis_last_error` itself).
+unsafe fn copy_out_quietly(
+    src: &[u8],
+    buf: *mut u8,
+    cap: usize,
+    needed: *mut usize,
+) -> aegis_status {
     if !needed.is_null() {
         // SAFETY: non-NULL `needed` points to a writable size_t (the header's contract).
         unsafe { *needed = src.len() };
@@ -264,9 +329,46 @@ fn to_buffer(v: Vec<u8>, out: &mut aegis_buffer) {
 
 // --- errors -----------------------------------------------------------------------------
 
-/// A static, human-readable name of `status` (never NULL).
+/// The status a C integer names, if any (C may pass any int where an enum is declared).
+fn status_from(v: c_int) -> Option<aegis_status> {
+    const ALL: [aegis_status; 26] = [
+        AEGIS_OK,
+        AEGIS_BUFFER_TOO_SMALL,
+        AEGIS_NULL_ARGUMENT,
+        AEGIS_INVALID_ARGUMENT,
+        AEGIS_PANIC,
+        AEGIS_NO_REQUEST,
+        AEGIS_STOPPED,
+        AEGIS_NOT_READY,
+        AEGIS_REMOTE,
+        AEGIS_NO_REPLY,
+        AEGIS_BAD_REQUEST,
+        AEGIS_NOT_OWNER,
+        AEGIS_PERMISSION_DENIED,
+        AEGIS_RESOURCE_NOT_FOUND,
+        AEGIS_RESOURCE_CONFLICT,
+        AEGIS_INSTANCE_CONFLICT,
+        AEGIS_MESSAGE_TOO_LARGE,
+        AEGIS_INCOMPATIBLE,
+        AEGIS_LIMIT_EXCEEDED,
+        AEGIS_INTERNAL,
+        AEGIS_BROKER_UNAVAILABLE,
+        AEGIS_NO_AVAILABLE_INSTANCE,
+        AEGIS_OWNER_UNAVAILABLE,
+        AEGIS_CIRCUIT_OPEN,
+        AEGIS_TIMEOUT,
+        AEGIS_LOOP_DETECTED,
+    ];
+    ALL.into_iter().find(|s| *s as c_int == v)
+}
+
+/// A static, human-readable name of `status` (never NULL). Takes any int: a value that is
+/// no `aegis_status` is "unknown status".
 #[no_mangle]
-pub extern "C" fn aegis_status_str(status: aegis_status) -> *const c_char {
+pub extern "C" fn aegis_status_str(status: c_int) -> *const c_char {
+    let Some(status) = status_from(status) else {
+        return c"unknown status".as_ptr();
+    };
     let s: &'static CStr = match status {
         AEGIS_OK => c"ok",
         AEGIS_BUFFER_TOO_SMALL => c"buffer too small",
@@ -277,6 +379,7 @@ pub extern "C" fn aegis_status_str(status: aegis_status) -> *const c_char {
         AEGIS_STOPPED => c"stopped",
         AEGIS_NOT_READY => c"not ready",
         AEGIS_REMOTE => c"remote error",
+        AEGIS_NO_REPLY => c"no reply",
         AEGIS_BAD_REQUEST => c"bad request",
         AEGIS_NOT_OWNER => c"not owner",
         AEGIS_PERMISSION_DENIED => c"permission denied",
@@ -298,12 +401,13 @@ pub extern "C" fn aegis_status_str(status: aegis_status) -> *const c_char {
 }
 
 /// The seed's numeric code of `status` (503 for `AEGIS_OWNER_UNAVAILABLE`, 409 for
-/// `AEGIS_INSTANCE_CONFLICT`, …); 0 for statuses of this library alone.
+/// `AEGIS_INSTANCE_CONFLICT`, …); 0 for statuses of this library alone and for any int
+/// that is no `aegis_status`.
 #[no_mangle]
-pub extern "C" fn aegis_status_code(status: aegis_status) -> u16 {
-    match status as u32 {
-        s @ 400..=999 => s as u16,
-        s @ 1000.. => (s / 10) as u16,
+pub extern "C" fn aegis_status_code(status: c_int) -> u16 {
+    match status_from(status).map(|s| s as u32) {
+        Some(s @ 400..=999) => s as u16,
+        Some(s @ 1000..) => (s / 10) as u16,
         _ => 0,
     }
 }
@@ -319,8 +423,9 @@ pub unsafe extern "C" fn aegis_last_error(
     LAST_ERROR.with(|e| {
         let mut text = e.borrow().clone().into_bytes();
         text.push(0);
-        // SAFETY: forwarded caller contract.
-        unsafe { copy_out(&text, buf as *mut u8, len, needed) }
+        // SAFETY: forwarded caller contract. Quietly: a buffer too small for the text
+        // must not replace the text the caller is asking for.
+        unsafe { copy_out_quietly(&text, buf as *mut u8, len, needed) }
     })
 }
 
@@ -333,28 +438,51 @@ pub extern "C" fn aegis_last_remote_code() -> u16 {
 // --- connecting ---------------------------------------------------------------------------
 
 /// Connects to the bus in `dir`, or where the broker would be found by default (`AEGIS_IPC_DIR`,
-/// `/run/aegis-ipc`, …) when `dir` is NULL. Free with `aegis_bus_free`.
+/// `/run/aegis-ipc`, …) when `dir` is NULL, with 128 reply mailboxes (calls in flight at
+/// once: see `aegis_connect_with`). `out` is required. Free with `aegis_bus_free`.
 #[no_mangle]
 pub unsafe extern "C" fn aegis_connect(
     dir: *const c_char,
     out: *mut *mut aegis_bus,
 ) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    unsafe { aegis_connect_with(dir, 0, out) }
+}
+
+/// `aegis_connect` with `mailboxes` reply mailboxes (0: the default, 128; at most 65,536):
+/// how many calls the connection can have in flight at once, blocking calls of all threads
+/// and submitted calls together. A submit past them is `AEGIS_LIMIT_EXCEEDED`
+/// (`aegis_try_submit`: `AEGIS_NOT_READY` until one is free).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_connect_with(
+    dir: *const c_char,
+    mailboxes: u32,
+    out: *mut *mut aegis_bus,
+) -> aegis_status {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let out = need!(unsafe { out.as_mut() }, "out");
+        *out = std::ptr::null_mut();
         let dir = if dir.is_null() {
             None
         } else {
             // SAFETY: forwarded caller contract.
-            match unsafe { text(dir, "dir") } {
-                Ok(d) => Some(std::path::PathBuf::from(d)),
-                Err(s) => return s,
-            }
+            Some(std::path::PathBuf::from(arg!(unsafe { text(dir, "dir") })))
         };
-        match Bus::connect_with(BusOptions {
+        if mailboxes > 1 << 16 {
+            set_error(format!(
+                "mailboxes {mailboxes} is over the maximum of 65536"
+            ));
+            return AEGIS_INVALID_ARGUMENT;
+        }
+        let mut opts = BusOptions {
             dir,
             ..Default::default()
-        }) {
+        };
+        if mailboxes > 0 {
+            opts.mailboxes = mailboxes;
+        }
+        match Bus::connect_with(opts) {
             Ok(bus) => {
                 *out = Box::into_raw(Box::new(aegis_bus { bus }));
                 AEGIS_OK
@@ -498,14 +626,28 @@ pub unsafe extern "C" fn aegis_call_options_set_spin(
     AEGIS_OK
 }
 
-fn options(o: *const aegis_call_options, default: &CallOptions) -> &CallOptions {
-    // SAFETY: NULL or a live `aegis_call_options` (the header's contract).
-    match unsafe { o.as_ref() } {
-        Some(o) => {
-            // SAFETY: extends nothing: the options outlive the call that borrows them.
-            unsafe { &*(&o.opts as *const CallOptions) }
-        }
+/// The options of a call: the caller's (or the defaults), one hop further on the trace of
+/// the request this thread is handling, if any (`CURRENT`). Calls outside a handler borrow
+/// the options as they are: no copy, no allocation.
+fn options<'a>(
+    o: *const aegis_call_options,
+    default: &'a CallOptions,
+    nested: &'a mut Option<CallOptions>,
+) -> &'a CallOptions {
+    // SAFETY: NULL or a live `aegis_call_options` (the header's contract), which outlives
+    // the call that borrows it.
+    let given: &'a CallOptions = match unsafe { o.as_ref() } {
+        // SAFETY: as above: the options outlive the call, so `'a` extends nothing.
+        Some(o) => unsafe { &*(&o.opts as *const CallOptions) },
         None => default,
+    };
+    match CURRENT.with(|c| c.get()) {
+        None => given,
+        Some((hops, trace)) => nested.insert(CallOptions {
+            hops: hops.saturating_add(1),
+            trace_id: Some(trace),
+            ..given.clone()
+        }),
     }
 }
 
@@ -547,9 +689,11 @@ unsafe fn call_with(
             (Err(s), _) | (_, Err(s)) => return s,
         };
         let default = CallOptions::default();
-        let opts = options(opts, &default);
-        LAST_REPLY.with(|r| {
-            let (out, info) = &mut *r.borrow_mut();
+        let mut nested = None;
+        let opts = options(opts, &default, &mut nested);
+        LAST_CALL.with(|r| {
+            let last = &mut *r.borrow_mut();
+            let out = &mut last.reply;
             let res = if to_resource {
                 bus.bus.call_resource_into(name, method, payload, opts, out)
             } else {
@@ -557,12 +701,14 @@ unsafe fn call_with(
             };
             match res {
                 Ok(i) => {
-                    *info = Some(i);
+                    last.ok = true;
+                    last.answered_by = Some(i);
                     f(out)
                 }
                 Err(e) => {
+                    // The last *successful* call's instance stays for `aegis_last_instance`.
                     out.clear();
-                    *info = None;
+                    last.ok = false;
                     fail(e)
                 }
             }
@@ -662,17 +808,33 @@ pub unsafe extern "C" fn aegis_call_alloc(
 }
 
 /// The last reply this thread received (after `AEGIS_BUFFER_TOO_SMALL`, say).
+/// `AEGIS_NO_REPLY` when this thread's last call failed or none was made (an empty reply
+/// is `AEGIS_OK` with 0 bytes).
 #[no_mangle]
 pub unsafe extern "C" fn aegis_last_reply(
     buf: *mut u8,
     cap: usize,
     needed: *mut usize,
 ) -> aegis_status {
-    // SAFETY: forwarded caller contract.
-    LAST_REPLY.with(|r| unsafe { copy_out(&r.borrow().0, buf, cap, needed) })
+    guard(|| {
+        LAST_CALL.with(|r| {
+            let last = r.borrow();
+            if !last.ok {
+                if !needed.is_null() {
+                    // SAFETY: non-NULL `needed` points to a writable size_t.
+                    unsafe { *needed = 0 };
+                }
+                set_error("this thread's last call failed (or none was made): no reply".into());
+                return AEGIS_NO_REPLY;
+            }
+            // SAFETY: forwarded caller contract.
+            unsafe { copy_out(&last.reply, buf, cap, needed) }
+        })
+    })
 }
 
-/// The id of the instance that answered this thread's last successful call (NUL-terminated).
+/// The id of the instance that answered this thread's last successful call (NUL-terminated),
+/// also after later failed calls. `AEGIS_NO_REPLY` before any successful call.
 #[no_mangle]
 pub unsafe extern "C" fn aegis_last_instance(
     bus: *const aegis_bus,
@@ -683,9 +845,9 @@ pub unsafe extern "C" fn aegis_last_instance(
     guard(|| {
         // SAFETY: forwarded caller contract.
         let bus = need!(unsafe { bus.as_ref() }, "bus");
-        let Some(info) = LAST_REPLY.with(|r| r.borrow().1) else {
+        let Some(info) = LAST_CALL.with(|r| r.borrow().answered_by) else {
             set_error("no successful call on this thread yet".into());
-            return AEGIS_INVALID_ARGUMENT;
+            return AEGIS_NO_REPLY;
         };
         let mut id = bus.bus.instance_id(info).into_bytes();
         id.push(0);
@@ -793,7 +955,8 @@ unsafe fn submit(
             (Err(s), ..) | (_, Err(s), _) | (.., Err(s)) => return s,
         };
         let default = CallOptions::default();
-        let opts = options(opts, &default);
+        let mut nested = None;
+        let opts = options(opts, &default, &mut nested);
         let submitted = match waited_us {
             None => bus.bus.submit(service, method, payload, opts).map(Some),
             Some(us) => {
@@ -847,6 +1010,44 @@ pub unsafe extern "C" fn aegis_pending_wait(
     })
 }
 
+/// Without waiting: settles a submitted call if it is done — the reply into `reply`
+/// (`AEGIS_OK`), or the call's error (its deadline passed, its instance left, the handler's
+/// error) — and then the handle is spent. `AEGIS_NOT_READY` while it is still under way.
+/// The call for an event loop after its fd fired (see the header's "Event loops").
+#[no_mangle]
+pub unsafe extern "C" fn aegis_pending_poll(
+    p: *mut aegis_pending,
+    reply: *mut aegis_buffer,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let p = need!(unsafe { p.as_mut() }, "pending");
+        // SAFETY: forwarded caller contract.
+        let reply = need!(unsafe { reply.as_mut() }, "reply");
+        let Some(pending) = p.pending.as_mut() else {
+            set_error("this call was already collected".into());
+            return AEGIS_INVALID_ARGUMENT;
+        };
+        let mut out = Vec::new();
+        match pending.try_wait(&mut out) {
+            None => {
+                set_error("the call is still under way".into());
+                AEGIS_NOT_READY
+            }
+            Some(r) => {
+                p.pending = None;
+                match r {
+                    Ok(_) => {
+                        to_buffer(out, reply);
+                        AEGIS_OK
+                    }
+                    Err(e) => fail(e),
+                }
+            }
+        }
+    })
+}
+
 /// `AEGIS_OK` if the reply is there (collecting it will not wait), else `AEGIS_NOT_READY`.
 #[no_mangle]
 pub unsafe extern "C" fn aegis_pending_ready(p: *const aegis_pending) -> aegis_status {
@@ -854,8 +1055,14 @@ pub unsafe extern "C" fn aegis_pending_ready(p: *const aegis_pending) -> aegis_s
     let p = need!(unsafe { p.as_ref() }, "pending");
     match &p.pending {
         Some(x) if x.is_ready() => AEGIS_OK,
-        Some(_) => AEGIS_NOT_READY,
-        None => AEGIS_INVALID_ARGUMENT,
+        Some(_) => {
+            set_error("the reply is not there yet".into());
+            AEGIS_NOT_READY
+        }
+        None => {
+            set_error("this call was already collected".into());
+            AEGIS_INVALID_ARGUMENT
+        }
     }
 }
 
@@ -906,7 +1113,8 @@ pub unsafe extern "C" fn aegis_event_fd(bus: *const aegis_bus, fd: *mut c_int) -
 
 /// Registers instance `instance_id` of `service`. `metadata` is `2 * metadata_pairs`
 /// strings: key, value, key, value… (NULL when 0). Free (which unregisters) with
-/// `aegis_instance_free`, before the bus.
+/// `aegis_instance_free`, before the bus. An id this process already holds a live handle
+/// of is `AEGIS_INSTANCE_CONFLICT`; another process's is too (the message names its pid).
 #[no_mangle]
 pub unsafe extern "C" fn aegis_register(
     bus: *const aegis_bus,
@@ -974,6 +1182,14 @@ pub unsafe extern "C" fn aegis_respond(
     let r = need!(unsafe { r.as_mut() }, "responder");
     // SAFETY: forwarded caller contract.
     let data = arg!(unsafe { bytes(data, len, "data") });
+    if data.len() as u64 > r.max {
+        set_error(format!(
+            "reply of {} bytes is over the service's {}-byte maximum: not sent (answer again)",
+            data.len(),
+            r.max
+        ));
+        return AEGIS_MESSAGE_TOO_LARGE;
+    }
     // SAFETY: `out` points to the serving loop's buffer for the duration of the callback.
     let out = unsafe { &mut *r.out };
     out.clear();
@@ -1017,8 +1233,10 @@ pub unsafe extern "C" fn aegis_serve(
             let mut responder = aegis_responder {
                 out: out as *mut Vec<u8>,
                 error: None,
+                max: req.max_reply(),
             };
             let p = req.payload();
+            let before = CURRENT.with(|c| c.replace(Some((req.hops(), req.trace_id()))));
             // SAFETY: the handler's contract: it reads `method` (NUL-terminated, 64 bytes at
             // most) and `payload`, and answers through `responder`, during this call only.
             unsafe {
@@ -1030,6 +1248,7 @@ pub unsafe extern "C" fn aegis_serve(
                     &mut responder,
                 )
             };
+            CURRENT.with(|c| c.set(before));
             match responder.error.take() {
                 Some(e) => {
                     out.clear();
@@ -1072,6 +1291,7 @@ pub unsafe extern "C" fn aegis_receiver_new(
             req: None,
             method: [0; 65],
             rx: Box::new(inst.inst.receiver()),
+            inst,
         }));
         AEGIS_OK
     })
@@ -1102,6 +1322,11 @@ pub unsafe extern "C" fn aegis_receiver_next(
             }
         };
         rx.req = None;
+        CURRENT.with(|c| c.set(None));
+        if rx.inst.inst.is_stopped() {
+            set_error("the instance was stopped (aegis_stop)".into());
+            return AEGIS_STOPPED;
+        }
         let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
         // SAFETY: the request borrows the receiver, which is boxed (it does not move) and
         // outlives it: `req` is dropped before `rx` (field order) and before every recv.
@@ -1115,11 +1340,18 @@ pub unsafe extern "C" fn aegis_receiver_next(
                 *method = rx.method.as_ptr() as *const c_char;
                 *payload = req.payload().as_ptr();
                 *payload_len = req.payload().len();
+                CURRENT.with(|c| c.set(Some((req.hops(), req.trace_id()))));
                 rx.req = Some(req);
                 AEGIS_OK
             }
-            Ok(None) if timeout.is_some() => AEGIS_NO_REQUEST,
-            Ok(None) => AEGIS_STOPPED,
+            Ok(None) if rx.inst.inst.is_stopped() => {
+                set_error("the instance was stopped (aegis_stop)".into());
+                AEGIS_STOPPED
+            }
+            Ok(None) => {
+                set_error(format!("no request within {timeout_ms} ms"));
+                AEGIS_NO_REQUEST
+            }
             Err(e) => fail(e),
         }
     })
@@ -1137,10 +1369,23 @@ pub unsafe extern "C" fn aegis_receiver_reply(
         let rx = need!(unsafe { rx.as_mut() }, "receiver");
         // SAFETY: forwarded caller contract.
         let data = arg!(unsafe { bytes(data, len, "data") });
-        let Some(req) = rx.req.take() else {
-            set_error("no request to answer".into());
-            return AEGIS_INVALID_ARGUMENT;
+        let max = match &rx.req {
+            Some(req) => req.max_reply(),
+            None => {
+                set_error("no request to answer (answered already, or none received)".into());
+                return AEGIS_INVALID_ARGUMENT;
+            }
         };
+        if data.len() as u64 > max {
+            // Kept: the request can still be answered (an error, a smaller reply).
+            set_error(format!(
+                "reply of {} bytes is over the service's {max}-byte maximum: not sent (answer again)",
+                data.len()
+            ));
+            return AEGIS_MESSAGE_TOO_LARGE;
+        }
+        let req = rx.req.take().expect("checked above");
+        CURRENT.with(|c| c.set(None));
         match req.reply(data) {
             Ok(()) => AEGIS_OK,
             Err(e) => fail(e),
@@ -1161,9 +1406,10 @@ pub unsafe extern "C" fn aegis_receiver_reply_error(
         // SAFETY: forwarded caller contract.
         let message = arg!(unsafe { text(message, "message") });
         let Some(req) = rx.req.take() else {
-            set_error("no request to answer".into());
+            set_error("no request to answer (answered already, or none received)".into());
             return AEGIS_INVALID_ARGUMENT;
         };
+        CURRENT.with(|c| c.set(None));
         match req.reply_error(code, message) {
             Ok(()) => AEGIS_OK,
             Err(e) => fail(e),
@@ -1174,6 +1420,7 @@ pub unsafe extern "C" fn aegis_receiver_reply_error(
 #[no_mangle]
 pub unsafe extern "C" fn aegis_receiver_free(rx: *mut aegis_receiver) {
     if !rx.is_null() {
+        CURRENT.with(|c| c.set(None));
         // SAFETY: a pointer from `aegis_receiver_new`, freed once.
         let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(rx) })));
     }
@@ -1235,7 +1482,8 @@ pub unsafe extern "C" fn aegis_release(
     })
 }
 
-/// Moves ids the instance owns to instance `to_instance` of `to_service`, all or none.
+/// Moves ids the instance owns to instance `to_instance` of `to_service`, all or none. A
+/// target that is not registered, or not Online, is `AEGIS_BAD_REQUEST` naming it.
 #[no_mangle]
 pub unsafe extern "C" fn aegis_transfer(
     inst: *const aegis_instance,
@@ -1363,6 +1611,8 @@ pub unsafe extern "C" fn aegis_resources(
 
 /// Sleeps until an instance of `service` joins, leaves or changes health, or `timeout_ms`
 /// passes. `*generation`: in, the generation seen (0 at first); out, the one now.
+/// `AEGIS_OK` when it moved, `AEGIS_TIMEOUT` when `timeout_ms` passed without a change. A
+/// service nobody has registered yet is generation 0: the watch returns when it appears.
 #[no_mangle]
 pub unsafe extern "C" fn aegis_watch(
     bus: *const aegis_bus,
@@ -1378,9 +1628,16 @@ pub unsafe extern "C" fn aegis_watch(
         };
         // SAFETY: forwarded caller contract.
         let service = arg!(unsafe { text(service, "service") });
+        let seen = *g;
         *g = bus
             .bus
-            .watch(service, *g, Duration::from_millis(timeout_ms));
+            .watch(service, seen, Duration::from_millis(timeout_ms));
+        if *g == seen {
+            set_error(format!(
+                "service '{service}' did not change within {timeout_ms} ms"
+            ));
+            return AEGIS_TIMEOUT;
+        }
         AEGIS_OK
     })
 }

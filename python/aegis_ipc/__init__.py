@@ -89,8 +89,9 @@ class _LoopState:
         # The fd fires when an armed call is done and every few milliseconds while one is
         # not: each look settles what is done, past its deadline, or whose instance left.
         for key, (call, fut) in list(self.waiting.items()):
-            if fut.done():
+            if fut.done():  # cancelled: its task's `finally` cancels the call too
                 del self.waiting[key]
+                call.cancel()
                 continue
             try:
                 r = call.poll()
@@ -215,7 +216,8 @@ class Bus(_NativeBus):
             try:
                 return await fut
             finally:
-                if st.waiting.pop(key, None) is not None:
-                    # Cancelled (or the loop is going away): the request is withdrawn if no
-                    # instance took it, and its mailbox comes back now, not at GC.
-                    call.cancel()
+                # Settled: a no-op. Cancelled (or the loop is going away): the request is
+                # withdrawn if no instance took it, and its mailbox comes back now, not when
+                # the task and its frame are collected.
+                st.waiting.pop(key, None)
+                call.cancel()

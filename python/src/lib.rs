@@ -242,21 +242,27 @@ fn options(
     Ok(o)
 }
 
-/// A reply: its bytes and the instance that answered.
+/// A reply: its bytes and the instance that answered (its id looked up when asked for:
+/// a call that does not ask pays no string).
 #[pyclass(frozen, module = "aegis_ipc")]
 pub struct Reply {
     #[pyo3(get)]
     payload: Py<PyBytes>,
-    #[pyo3(get)]
-    instance_id: String,
+    info: CallInfo,
+    bus: RBus,
 }
 
 #[pymethods]
 impl Reply {
+    #[getter]
+    fn instance_id(&self) -> String {
+        self.bus.instance_id(self.info)
+    }
+
     fn __repr__(&self, py: Python<'_>) -> String {
         format!(
             "Reply(instance_id={:?}, payload={} bytes)",
-            self.instance_id,
+            self.instance_id(),
             self.payload.bind(py).as_bytes().len()
         )
     }
@@ -265,7 +271,8 @@ impl Reply {
 fn reply(py: Python<'_>, bus: &RBus, out: &[u8], info: CallInfo) -> Reply {
     Reply {
         payload: PyBytes::new(py, out).unbind(),
-        instance_id: bus.instance_id(info),
+        info,
+        bus: bus.clone(),
     }
 }
 
@@ -792,7 +799,7 @@ impl Instance {
         let inst = self.get()?;
         let t = match timeout {
             None => None,
-            Some(t) if t == 0.0 => Some(Duration::ZERO),
+            Some(0.0) => Some(Duration::ZERO),
             Some(t) => Some(seconds(t, "timeout")?),
         };
         let mut guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());

@@ -104,6 +104,8 @@ def test_cancelled_async_calls_free_their_mailboxes_at_once(testbus):
     testbus.serve("echo", "rust-1")
     bus = aegis_ipc.Bus.connect(testbus.dir, mailboxes=64)
 
+    kept: list[asyncio.Future[object]] = []  # the program keeps its tasks, as many do
+
     async def main() -> None:
         for _ in range(10_000 // 64 + 1):
             tasks = [asyncio.ensure_future(bus.call_async("echo", "m", b"x")) for _ in range(64)]
@@ -111,6 +113,7 @@ def test_cancelled_async_calls_free_their_mailboxes_at_once(testbus):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            kept.extend(tasks)
         # No further loop iteration, no GC: every mailbox is free for other calls now.
         calls = [bus.submit("echo", "m", b"after", timeout=5.0) for _ in range(64)]
         for c in calls:
