@@ -960,7 +960,7 @@ impl BusInner {
     /// are the parent's, and using them would race with the parent's own calls.
     #[inline]
     pub(crate) fn not_forked(&self) -> Result<()> {
-        if crate::sys::fork_generation() != self.forks {
+        if crate::sys::forks_seen() != self.forks {
             return Err(Error::Forked("this connection"));
         }
         Ok(())

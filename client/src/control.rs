@@ -85,7 +85,7 @@ impl ControlConn {
         req: &Request,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<(Response, Vec<OwnedFd>)> {
-        if crate::sys::fork_generation() != self.forks {
+        if crate::sys::forks_seen() != self.forks {
             return Err(Error::Forked("this connection"));
         }
         let f = proto::frame(req)?;

@@ -175,9 +175,7 @@ impl Bus {
     /// the connection. One event loop per connection may use it; another loop on the same
     /// connection takes its own with [`Bus::new_event_fd`].
     pub fn event_fd(&self) -> Result<BorrowedFd<'_>> {
-        default_event_fd(&self.inner)?;
-        let fd = self.inner.async_waiters.event_fd.get();
-        Ok(fd.expect("set by default_event_fd").as_fd())
+        Ok(default_event_fd(&self.inner)?.as_fd())
     }
 
     /// A new event fd of this connection, for one more event loop.
@@ -188,14 +186,15 @@ impl Bus {
     }
 }
 
-fn default_event_fd(inner: &Arc<BusInner>) -> Result<Arc<OwnedFd>> {
+/// The connection's own event fd, made on first use (and the doorbell thread with it).
+fn default_event_fd(inner: &Arc<BusInner>) -> Result<&Arc<OwnedFd>> {
     let w = &inner.async_waiters;
     if w.event_fd.get().is_none() {
         let fd = crate::sys::eventfd()?;
         let _ = w.event_fd.set(Arc::new(fd));
     }
     start_doorbell_thread(inner);
-    Ok(w.event_fd.get().expect("set above").clone())
+    Ok(w.event_fd.get().expect("set above"))
 }
 
 impl Pending<'_> {
@@ -203,7 +202,7 @@ impl Pending<'_> {
     /// it was not yet): the fd becomes readable once the call is done (at once if it
     /// already is).
     pub fn notify_event_fd(&self) -> Result<()> {
-        let fd = default_event_fd(self.bus_arc())?;
+        let fd = default_event_fd(self.bus_arc())?.clone();
         self.arm_fd(fd);
         Ok(())
     }

@@ -266,19 +266,19 @@ pub fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
     syscall!(unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) }).map(drop)
 }
 
+/// `fork()` children since the handler was installed (see [`fork_generation`]).
+static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// How many times this process is a `fork()` child of the process that loaded us: 0 in the
-/// original process, counted by a `pthread_atfork` child handler installed at the first
-/// call. Objects made before a fork compare it with the value they were made under, so an
-/// inherited connection or instance never acts on the parent's registrations (a relaxed
-/// load and a compare: cheap enough for the call path, unlike `getpid`).
+/// original process, counted by a `pthread_atfork` child handler installed here at the
+/// first call. Objects made before a fork compare it with the value they were made under,
+/// so an inherited connection or instance never acts on the parent's registrations.
 pub fn fork_generation() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static FORKS: AtomicU64 = AtomicU64::new(0);
     static HANDLER: std::sync::Once = std::sync::Once::new();
     extern "C" fn child() {
         // Relaxed: the child has one thread at this point; later loads are on it or on
         // threads it spawns afterwards (spawning synchronises).
-        FORKS.fetch_add(1, Ordering::Relaxed);
+        FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     HANDLER.call_once(|| {
         // SAFETY: registers a handler that only increments an atomic (async-signal-safe, as
@@ -291,5 +291,14 @@ pub fn fork_generation() -> u64 {
             );
         }
     });
-    FORKS.load(Ordering::Relaxed)
+    forks_seen()
+}
+
+/// [`fork_generation`] without installing the handler: for objects made after a call to
+/// it (every connection's, at connect), so the call path pays one relaxed load, not a
+/// `Once` check too.
+#[inline]
+pub fn forks_seen() -> u64 {
+    // Relaxed: see `child` in `fork_generation`.
+    FORKS.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -990,24 +990,8 @@ pub unsafe extern "C" fn aegis_pending_wait(
     p: *mut aegis_pending,
     reply: *mut aegis_buffer,
 ) -> aegis_status {
-    guard(|| {
-        // SAFETY: forwarded caller contract.
-        let p = need!(unsafe { p.as_mut() }, "pending");
-        // SAFETY: forwarded caller contract.
-        let reply = need!(unsafe { reply.as_mut() }, "reply");
-        let Some(pending) = p.pending.take() else {
-            set_error("this call was already collected".into());
-            return AEGIS_INVALID_ARGUMENT;
-        };
-        let mut out = Vec::new();
-        match pending.wait(&mut out) {
-            Ok(_) => {
-                to_buffer(out, reply);
-                AEGIS_OK
-            }
-            Err(e) => fail(e),
-        }
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe { collect(p, reply, true) }
 }
 
 /// Without waiting: settles a submitted call if it is done — the reply into `reply`
@@ -1019,31 +1003,41 @@ pub unsafe extern "C" fn aegis_pending_poll(
     p: *mut aegis_pending,
     reply: *mut aegis_buffer,
 ) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    unsafe { collect(p, reply, false) }
+}
+
+/// `aegis_pending_wait` (`block`) and `aegis_pending_poll`: the reply or the error of a
+/// settled call; without `block`, `AEGIS_NOT_READY` while it is under way.
+///
+/// # Safety
+/// The callers' contract: `p` and `reply` valid or NULL.
+unsafe fn collect(p: *mut aegis_pending, reply: *mut aegis_buffer, block: bool) -> aegis_status {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let p = need!(unsafe { p.as_mut() }, "pending");
         // SAFETY: forwarded caller contract.
         let reply = need!(unsafe { reply.as_mut() }, "reply");
-        let Some(pending) = p.pending.as_mut() else {
-            set_error("this call was already collected".into());
-            return AEGIS_INVALID_ARGUMENT;
-        };
         let mut out = Vec::new();
-        match pending.try_wait(&mut out) {
+        let settled = match p.pending.as_mut() {
             None => {
-                set_error("the call is still under way".into());
-                AEGIS_NOT_READY
+                set_error("this call was already collected".into());
+                return AEGIS_INVALID_ARGUMENT;
             }
-            Some(r) => {
-                p.pending = None;
-                match r {
-                    Ok(_) => {
-                        to_buffer(out, reply);
-                        AEGIS_OK
-                    }
-                    Err(e) => fail(e),
-                }
+            Some(_) if block => p.pending.take().map(|x| x.wait(&mut out)),
+            Some(x) => x.try_wait(&mut out),
+        };
+        let Some(r) = settled else {
+            set_error("the call is still under way".into());
+            return AEGIS_NOT_READY;
+        };
+        p.pending = None;
+        match r {
+            Ok(_) => {
+                to_buffer(out, reply);
+                AEGIS_OK
             }
+            Err(e) => fail(e),
         }
     })
 }
