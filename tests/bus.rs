@@ -507,3 +507,52 @@ fn submitted_calls_are_collected_in_any_order_and_dropped_ones_return_their_mail
         assert_eq!(out, payload(i as u32));
     }
 }
+
+/// A signal handler installed without `SA_RESTART` (Python installs its own that way)
+/// interrupting the control socket's `recvmsg`/`sendmsg` is not "the broker is gone": every
+/// control request goes through. (Before: `BrokerUnavailable: Interrupted system call`,
+/// and a Python Ctrl-C during a first call waited out the attempt deadline.)
+#[test]
+fn signals_during_control_requests_are_not_a_lost_broker() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    extern "C" fn on_signal(_: libc::c_int) {}
+    // SAFETY: installs, for SIGUSR1 (which no other test uses), a handler that does nothing;
+    // `sa` is fully initialised (zeroed, then the handler and an empty mask), no SA_RESTART.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+    let bus = TestBus::start();
+    let _inst = bus.serve("echo", "e-1", &[]);
+    let client = bus.connect();
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let stop = Arc::new(AtomicBool::new(false));
+    let pelter = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: `me` is the test thread, alive until it has joined this one.
+                unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        })
+    };
+    let mut failures = Vec::new();
+    for _ in 0..500 {
+        if let Err(e) = client.services() {
+            failures.push(e.to_string());
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    pelter.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of 500 failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+}

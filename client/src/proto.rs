@@ -355,14 +355,20 @@ pub fn send_with_fds(
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cm: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
-    sendmsg::<()>(
-        sock.as_raw_fd(),
-        &[IoSlice::new(buf)],
-        cm,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(io::Error::from)
+    loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(buf)],
+            cm,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            // A signal handler installed without SA_RESTART (Python's are) ran meanwhile:
+            // nothing was sent, send again (as std's `write_all` does).
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r.map_err(io::Error::from),
+        }
+    }
 }
 
 /// One `recvmsg` into `buf`; received descriptors are appended to `fds`. Returns the bytes
@@ -377,13 +383,19 @@ pub fn recv_with_fds<const N: usize>(
 ) -> io::Result<usize> {
     let mut space = nix::cmsg_space!([RawFd; N]);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            // Interrupted by a signal handler before anything arrived: wait again. Taken
+            // for "the broker is gone" it sent the caller into a reconnect.
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r.map_err(io::Error::from)?,
+        }
+    };
     for c in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(rs) = c {
             for r in rs {
