@@ -161,11 +161,14 @@ def test_two_event_loops_share_one_bus(testbus):
 
 def python_program(testbus, body: str) -> subprocess.Popen:
     src = textwrap.dedent(body)
+    # As from a terminal: SIGINT at its default disposition, whatever this test process
+    # inherited (a background job's SIGINT is ignored, and Python then keeps ignoring it).
     return subprocess.Popen(
         [sys.executable, "-c", src, testbus.dir],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
