@@ -159,6 +159,22 @@ impl Error {
         }
     }
 
+    /// A handler's answer that is one of the bus's own errors, as the kind a caller would
+    /// have had itself, with the instance's text: 413 (its reply was over the maximum) is
+    /// `MessageTooLarge`, 508 (its own nested call found a loop) `LoopDetected` — not one
+    /// "answered with error 508:" prefix per hop. `None` for every other error. The
+    /// bindings (C, Python) map these to their own statuses and classes.
+    pub fn remote_as_local(&self) -> Option<(&'static str, &str)> {
+        match self {
+            Error::Remote { code, message, .. } => match *code {
+                code::MESSAGE_TOO_LARGE => Some(("MessageTooLarge", message)),
+                code::LOOP_DETECTED => Some(("LoopDetected", message)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// The stable name of the error kind (`NoAvailableInstance`, `Timeout`, …) for JSON output.
     pub fn kind(&self) -> &'static str {
         match self {

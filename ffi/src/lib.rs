@@ -185,22 +185,17 @@ fn fail(e: Error) -> aegis_status {
         Error::MessageTooLarge { .. } => AEGIS_MESSAGE_TOO_LARGE,
         Error::BrokerUnavailable { .. } => AEGIS_BROKER_UNAVAILABLE,
         Error::Incompatible(_) => AEGIS_INCOMPATIBLE,
-        Error::Remote { code, message, .. } => {
+        Error::Remote { code, .. } => {
             LAST_REMOTE_CODE.with(|c| c.set(*code));
-            match *code {
-                // The instance's reply was over the maximum, or its own nested call found a
-                // loop: the status the caller would have had itself, with the instance's
-                // text (not one "answered with error 508:" prefix per hop).
-                413 | 508 => {
-                    set_error(message.clone());
-                    return if *code == 413 {
-                        AEGIS_MESSAGE_TOO_LARGE
-                    } else {
-                        AEGIS_LOOP_DETECTED
-                    };
-                }
-                _ => AEGIS_REMOTE,
+            if let Some((kind, message)) = e.remote_as_local() {
+                set_error(message.to_owned());
+                return if kind == "LoopDetected" {
+                    AEGIS_LOOP_DETECTED
+                } else {
+                    AEGIS_MESSAGE_TOO_LARGE
+                };
             }
+            AEGIS_REMOTE
         }
         Error::Forked(_) => AEGIS_BAD_REQUEST,
         _ => AEGIS_INTERNAL,

@@ -85,7 +85,10 @@ fn to_py(e: Error) -> PyErr {
         code: e.code(),
         ..Default::default()
     };
-    let mut text = e.to_string();
+    let (local, text) = match e.remote_as_local() {
+        Some((kind, message)) => (Some(kind), message.to_owned()),
+        None => (None, e.to_string()),
+    };
     let class = match e {
         Error::NoAvailableInstance { service } => {
             a.service = Some(service);
@@ -136,26 +139,9 @@ fn to_py(e: Error) -> PyErr {
         }
         Error::BrokerUnavailable { .. } => "BrokerUnavailable",
         Error::Incompatible(_) => "Incompatible",
-        Error::Remote {
-            instance,
-            code,
-            message,
-        } => {
+        Error::Remote { instance, .. } => {
             a.instance = Some(instance);
-            match code {
-                // The instance's reply was over the maximum, or its own nested call found a
-                // loop: the error the caller would have had itself, with the instance's
-                // text (not one "answered with error 508:" prefix per hop).
-                413 => {
-                    text = message;
-                    "MessageTooLarge"
-                }
-                508 => {
-                    text = message;
-                    "LoopDetected"
-                }
-                _ => "RemoteError",
-            }
+            local.unwrap_or("RemoteError")
         }
         _ => "InternalError",
     };
