@@ -52,8 +52,22 @@ fn monitor_streams_joins_claims_and_a_killed_instance_leaving() {
     let killed_at = Instant::now();
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(a.pid() as libc::pid_t, libc::SIGKILL) };
-    let left = next("left", &|e| e["event"] == "left" && e["instance"] == "a");
-    let took = killed_at.elapsed();
+    // The instance's leaving and its resource's release come from one broker pass; the
+    // monitor may print them in either order, so neither is skipped waiting for the other.
+    let (mut left, mut released) = (None, None);
+    let mut took = None;
+    while left.is_none() || released.is_none() {
+        let ev = next("left and released", &|e| {
+            (e["event"] == "left" && e["instance"] == "a") || e["event"] == "released"
+        });
+        if ev["event"] == "left" {
+            took = Some(killed_at.elapsed());
+            left = Some(ev);
+        } else {
+            released = Some(ev);
+        }
+    }
+    let (left, released, took) = (left.unwrap(), released.unwrap(), took.unwrap());
     println!(
         "SIGKILLed instance reported as left after {:.1} ms",
         took.as_secs_f64() * 1e3
@@ -64,7 +78,6 @@ fn monitor_streams_joins_claims_and_a_killed_instance_leaving() {
         reason.contains("exited") || reason.contains("connection closed"),
         "{left}"
     );
-    let released = next("released", &|e| e["event"] == "released");
     assert_eq!(released["resource"], "r-1");
     wait_deadline(&mut a.child);
 }
