@@ -127,8 +127,9 @@ fn write_seeds() {
         slot_count: 4,
         heap_size: 4096,
     };
-    let fd = make(SegmentKind::Instance, il.total_size(), il.params(1, 2));
-    let seg = InstanceSeg::open(&fd, 9, 1, 2).unwrap();
+    let fd = make(SegmentKind::Instance, il.ring_size(), il.params(1, 2));
+    let (_, own) = InstanceSeg::create_own(9, il.heap_size).unwrap();
+    let seg = InstanceSeg::open(&fd, own, 9, 1, 2).unwrap();
     let ring = seg.ring();
     let mut c = ring.try_claim(1).unwrap();
     c.set_header(MsgHeader {

@@ -10,18 +10,17 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aegis_client::layout::{InstanceSeg, Mapping, MsgHeader, SegmentKind, PAYLOAD_INLINE};
-use aegis_client::proto::{self, Request, Response, ServiceConfig};
+use aegis_client::proto::{Request, Response, ServiceConfig};
 use aegis_client::{Bus, CallOptions, Error, RegisterOptions};
-use support::{TestBus, DEADLINE};
+use support::{Raw, TestBus};
 
 const ENV_DIR: &str = "AEGIS_HOSTILE_DIR";
 const ENV_PIDS: &str = "AEGIS_HOSTILE_PIDS";
@@ -209,52 +208,29 @@ fn memfds_of(proc: &str, prefix: &str) -> Vec<std::fs::File> {
         .collect()
 }
 
-/// A raw control connection (its own Hello): the attacker speaks the protocol directly.
-struct Raw(UnixStream);
-
-impl Raw {
-    fn connect(dir: &Path) -> std::io::Result<Raw> {
-        let mut r = Raw(UnixStream::connect(dir.join("control.sock"))?);
-        r.0.set_read_timeout(Some(DEADLINE))?;
-        let hello = Request::Hello {
-            protocol: proto::PROTOCOL_VERSION,
-            layout: aegis_client::layout::LAYOUT_VERSION,
-            mailboxes: 1,
-            resume: None,
-            secret: 42,
-        };
-        match r.ask(&hello)? {
-            Response::Welcome { .. } => Ok(r),
-            other => Err(std::io::Error::other(format!("{other:?}"))),
-        }
-    }
-
-    /// Sends a request and reads its response (descriptors that come along are dropped).
-    fn ask(&mut self, req: &Request) -> std::io::Result<Response> {
-        self.0
-            .write_all(&proto::frame(req).map_err(std::io::Error::other)?)?;
-        let mut hdr = [0u8; 4];
-        self.0.read_exact(&mut hdr)?;
-        let mut body = vec![0u8; proto::frame_len(hdr).map_err(std::io::Error::other)?];
-        self.0.read_exact(&mut body)?;
-        proto::decode(&body).map_err(std::io::Error::other)
-    }
-}
-
 /// Serve something (so the broker takes us for an instance), then ask for the segments
 /// of the callers whose requests we can read in the echo rings (identities and secrets
 /// harvested from the slot headers), and of every identity we can guess.
 fn attack_open_clients(dir: &Path, rings: &[InstanceSeg]) {
+    use std::os::fd::AsFd;
     let mut raw = Raw::connect(dir).unwrap();
+    let config = ServiceConfig {
+        max_message: Some(4096),
+        ..Default::default()
+    };
+    let (own, _map) = InstanceSeg::create_own(0, 2 * 4096).unwrap();
     match raw
-        .ask(&Request::Register {
-            service: "evil".into(),
-            instance_id: "e1".into(),
-            metadata: Vec::new(),
-            config: ServiceConfig::default(),
-            heartbeat: Default::default(),
-            resume: None,
-        })
+        .ask_with_fds(
+            &Request::Register {
+                service: "evil".into(),
+                instance_id: "e1".into(),
+                metadata: Vec::new(),
+                config,
+                heartbeat: Default::default(),
+                resume: None,
+            },
+            &[own.as_fd()],
+        )
         .unwrap()
     {
         Response::Registered { .. } => {}
@@ -314,7 +290,12 @@ fn echo_rings(pids: &[u32]) -> Vec<InstanceSeg> {
             let Ok((_, h)) = Mapping::open(&fd, SegmentKind::Instance, true, None) else {
                 continue;
             };
-            if let Ok(seg) = InstanceSeg::open(&fd, h.bus_epoch, h.params[3] as u32, h.params[2]) {
+            // The ring alone matters here; a private stand-in for the instance's own
+            // segment (which is read-only to everyone but the instance) completes it.
+            let (_, own) = InstanceSeg::create_own(h.bus_epoch, h.params[1]).unwrap();
+            if let Ok(seg) =
+                InstanceSeg::open(&fd, own, h.bus_epoch, h.params[3] as u32, h.params[2])
+            {
                 segs.push(seg);
             }
         }

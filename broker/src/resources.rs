@@ -805,6 +805,11 @@ mod tests {
                     config: &small,
                     heartbeat: Default::default(),
                     adopt: None,
+                    own: Some(
+                        aegis_client::layout::InstanceSeg::create_own(0, 2048)
+                            .unwrap()
+                            .0,
+                    ),
                 },
             )
             .0
@@ -903,6 +908,11 @@ mod tests {
                 config: &small,
                 heartbeat: Default::default(),
                 adopt: None,
+                own: Some(
+                    aegis_client::layout::InstanceSeg::create_own(0, 2048)
+                        .unwrap()
+                        .0,
+                ),
             };
             match st.register(conn, peer, r).0 {
                 Response::Registered {

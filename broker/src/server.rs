@@ -477,12 +477,16 @@ async fn connection(
                     heartbeat,
                     resume,
                 } => {
+                    // The instance's own segment comes last; a resuming instance sends
+                    // its ring before it.
+                    let own = fds.pop();
                     let reg = Registration {
                         service: &service,
                         id: &instance_id,
                         metadata,
                         config: &config,
                         heartbeat,
+                        own,
                         adopt: resume.and_then(|r| fds.pop().map(|fd| (r, fd))),
                     };
                     st.register(id, peer, reg)

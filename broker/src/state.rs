@@ -35,6 +35,9 @@ pub struct Registration<'a> {
     /// After a broker restart: the instance's former (index, incarnation) and its segment,
     /// to adopt rather than create (the ring callers already map stays the same).
     pub adopt: Option<((u32, u64), OwnedFd)>,
+    /// The instance's own segment (counters, progress, reply heap), created, mapped and
+    /// sealed read-only by the instance before it registers.
+    pub own: Option<OwnedFd>,
 }
 
 /// Reads an instance segment handed over for adoption: its layout, as the sizing the
@@ -78,7 +81,10 @@ pub(crate) struct InstanceRec {
     pub(crate) id: String,
     pub(crate) peer: Peer,
     pub(crate) incarnation: u64,
+    /// The ring segment.
     fd: OwnedFd,
+    /// The instance's own segment, handed to callers beside the ring.
+    own_fd: OwnedFd,
     pub(crate) seg: InstanceSeg,
     /// Control connections holding this registration (same process registering twice).
     owners: Vec<ConnId>,
@@ -334,6 +340,7 @@ impl State {
                 gen,
                 max_services: self.cfg.max_services,
                 broker_pid: std::process::id(),
+                max_message: self.cfg.max_message,
             },
             fds,
         )
@@ -347,7 +354,23 @@ impl State {
             config,
             heartbeat,
             adopt,
+            own,
         } = reg;
+        // The instance's own memory: sealed so that only the mapping the instance made
+        // before sealing can write it (callers and the broker map it read-only).
+        let Some(own_fd) = own else {
+            return err(WireError::BadRequest(
+                "Register carries no instance segment of its own (counters, reply heap)".into(),
+            ));
+        };
+        let (own_map, own_heap) = match InstanceSeg::open_own(&own_fd) {
+            Ok(x) => x,
+            Err(e) => {
+                return err(WireError::BadRequest(format!(
+                    "the instance's own segment: {e}"
+                )))
+            }
+        };
         // An adopted segment dictates the service's sizing.
         let adopted_config;
         let config = match &adopt {
@@ -440,6 +463,12 @@ impl State {
             slot_count: svc.slot_count,
             heap_size: 2 * svc.max_message,
         };
+        if own_heap != il.heap_size {
+            return err(WireError::BadRequest(format!(
+                "service '{service}' has max message {}: the instance's reply heap must be {} bytes, not {own_heap}",
+                svc.max_message, il.heap_size
+            )));
+        }
         let ring_bytes = il.slot_count as u64 * il.slot_stride() as u64;
         if ring_bytes > self.cfg.max_ring_bytes {
             return err(WireError::LimitExceeded(format!(
@@ -486,19 +515,19 @@ impl State {
                 // The live ring is kept as it is: only the header is stamped for this run.
                 Some((_, fd)) => fd,
                 None => {
-                    let fd = sys::memfd("aegis-instance", il.total_size() as u64)?;
+                    let fd = sys::memfd("aegis-instance", il.ring_size() as u64)?;
                     sys::seal_size(&fd)?;
                     fd
                 }
             };
             Mapping::map(&fd, true)?.write_header(
                 SegmentKind::Instance,
-                il.total_size() as u64,
+                il.ring_size() as u64,
                 self.epoch,
                 il.params(index as u32, incarnation),
             );
             // A zero-filled ring is an initialised one (see `ring`): no slot page is touched.
-            let seg = InstanceSeg::open(&fd, self.epoch, index as u32, incarnation)
+            let seg = InstanceSeg::open(&fd, own_map, self.epoch, index as u32, incarnation)
                 .map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>((fd, seg))
         })();
@@ -521,6 +550,7 @@ impl State {
             peer,
             incarnation,
             fd,
+            own_fd,
             seg,
             owners: vec![conn],
             metadata,
@@ -753,8 +783,8 @@ impl State {
             let Some(r) = self.instances[i as usize].as_ref() else {
                 continue;
             };
-            match dup(&r.fd) {
-                Ok(fd) => fds.push(fd),
+            match dup(&r.fd).and_then(|ring| Ok([ring, dup(&r.own_fd)?])) {
+                Ok(pair) => fds.extend(pair),
                 Err(e) if i == index => return err(WireError::Internal(e.to_string())),
                 Err(_) => continue,
             }

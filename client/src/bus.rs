@@ -103,6 +103,8 @@ pub(crate) struct Session {
     pub registry: RegistryView,
     pub shared: SharedView,
     pub epoch: u64,
+    /// The broker's default maximum message.
+    pub max_message: u64,
 }
 
 impl Session {
@@ -117,6 +119,7 @@ impl Session {
             client,
             gen,
             max_services,
+            max_message,
             ..
         } = resp
         else {
@@ -135,6 +138,7 @@ impl Session {
                 registry,
                 shared,
                 epoch: bus_epoch,
+                max_message,
             },
             client,
             gen,
@@ -380,17 +384,18 @@ fn file_batch<K: Copy + PartialEq + std::fmt::Debug, S>(
     (ids, fds, request): (Vec<(u32, K)>, Vec<OwnedFd>, &str),
     asked: (u32, K),
     same: impl Fn(&S, K) -> bool,
-    open: impl Fn(&OwnedFd, u32, K) -> std::result::Result<S, layout::LayoutError>,
+    open: impl Fn(&[OwnedFd], u32, K) -> std::result::Result<S, layout::LayoutError>,
 ) -> Result<Arc<S>> {
-    let fds = expect_fds(fds, ids.len(), request)?;
+    let per = if request == "OpenInstance" { 2 } else { 1 };
+    let fds = expect_fds(fds, per * ids.len(), request)?;
     let mut found = None;
     let mut map = map.write();
-    for ((i, k), fd) in ids.into_iter().zip(fds) {
+    for ((i, k), fd) in ids.into_iter().zip(fds.chunks(per)) {
         let is_asked = (i, k) == asked;
         if !is_asked && map.get(&i).is_some_and(|s| same(s, k)) {
             continue;
         }
-        let seg = match open(&fd, i, k) {
+        let seg = match open(fd, i, k) {
             Ok(s) => Arc::new(s),
             Err(e) if is_asked => return Err(e.into()),
             Err(_) => continue,
@@ -865,7 +870,7 @@ impl BusInner {
                 (ids, fds, "OpenInstance"),
                 (index, incarnation),
                 |seg, inc| seg.incarnation == inc,
-                |fd, i, inc| InstanceSeg::open(fd, epoch, i, inc),
+                |fds, i, inc| InstanceSeg::open_pair(fds, epoch, i, inc),
             )
         })
     }
@@ -940,7 +945,7 @@ impl BusInner {
             (ids, fds, "OpenClient"),
             (index, gen),
             |seg, g| seg.gen == g,
-            |fd, i, g| ClientSeg::open(fd, epoch, i, g),
+            |fds, i, g| ClientSeg::open(&fds[0], epoch, i, g),
         )
     }
 

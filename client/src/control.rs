@@ -100,7 +100,7 @@ impl ControlConn {
         let mut got = 0;
         let mut fds = Vec::new();
         while got < 4 {
-            let n = proto::recv_with_fds::<{ proto::OPEN_BATCH }>(
+            let n = proto::recv_with_fds::<{ proto::MAX_RESPONSE_FDS }>(
                 self.stream.as_fd(),
                 &mut hdr[got..],
                 &mut fds,

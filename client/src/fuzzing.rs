@@ -67,12 +67,20 @@ pub fn segment_open(data: &[u8]) {
                 }
             }
             SegmentKind::Instance => {
-                if let Ok(seg) =
-                    InstanceSeg::open(&fd, h.bus_epoch, h.params[3] as u32, h.params[2])
-                {
-                    read_ring(&seg);
+                // With an own segment of the reply heap the ring states (when small enough
+                // to make here).
+                let own = (h.params[1] <= 1 << 22)
+                    .then(|| InstanceSeg::create_own(h.bus_epoch, h.params[1]).ok())
+                    .flatten();
+                if let Some((_, own)) = own {
+                    if let Ok(seg) =
+                        InstanceSeg::open(&fd, own, h.bus_epoch, h.params[3] as u32, h.params[2])
+                    {
+                        read_ring(&seg);
+                    }
                 }
             }
+            SegmentKind::InstanceOwn => unreachable!("opened below, sealed read-only"),
             SegmentKind::Client => {
                 let p = h.params[3];
                 if let Ok(c) = ClientSeg::open(&fd, h.bus_epoch, p as u32, (p >> 32) as u32) {
@@ -85,6 +93,15 @@ pub fn segment_open(data: &[u8]) {
                     let _ = c.heap_range(0, c.layout.heap_size);
                 }
             }
+        }
+    }
+    // The same bytes as an instance's own segment, which is opened only sealed read-only.
+    let Ok(ro) = sys::memfd("aegis-fuzz-own", claimed) else {
+        return;
+    };
+    if write_all(&ro, data).is_ok() && sys::seal_read_only(&ro).is_ok() {
+        if let Ok((own, heap)) = InstanceSeg::open_own(&ro) {
+            assert!(own.len() as u64 > heap);
         }
     }
 }

@@ -59,8 +59,8 @@ pub(crate) struct InstanceInner {
     service: String,
     id: String,
     seg: InstanceSeg,
-    /// The segment's memfd, handed to a restarted broker to adopt the same ring.
-    seg_fd: OwnedFd,
+    /// The ring and own segments' memfds, handed to a restarted broker to adopt them.
+    seg_fd: (OwnedFd, OwnedFd),
     /// Registry index and incarnation as the current broker knows them (a restarted broker
     /// may assign new ones).
     index: AtomicU32,
@@ -114,7 +114,7 @@ impl Instance {
         service: &str,
         id: &str,
         seg: InstanceSeg,
-        seg_fd: OwnedFd,
+        seg_fd: (OwnedFd, OwnedFd),
         max_message: u64,
         opts: RegisterOptions,
     ) -> Instance {
@@ -315,14 +315,31 @@ impl Bus {
                 holder_pid: std::process::id(),
             });
         }
-        let (resp, fds) = self.inner.control.lock().request(&Ctl::Register {
-            service: service.into(),
-            instance_id: instance_id.into(),
-            metadata: opts.metadata.clone(),
-            config: opts.config.clone(),
-            heartbeat: opts.heartbeat,
-            resume: None,
-        })?;
+        // Our own memory (counters, progress, reply heap): mapped writable here, sealed
+        // before it leaves, so callers and the broker can only read it. Its reply heap is
+        // sized for the service's maximum message, as far as we can tell it beforehand (the
+        // broker refuses a mismatch, naming the size).
+        let session = self.inner.session();
+        let max_message = opts
+            .config
+            .max_message
+            .or_else(|| {
+                let (_, e) = session.find_service(service)?;
+                Some(e.max_message.load(Ordering::Relaxed)).filter(|&m| m > 0)
+            })
+            .unwrap_or(session.max_message);
+        let (own_fd, own) = InstanceSeg::create_own(session.epoch, 2 * max_message)?;
+        let (resp, fds) = self.inner.control.lock().request_with_fds(
+            &Ctl::Register {
+                service: service.into(),
+                instance_id: instance_id.into(),
+                metadata: opts.metadata.clone(),
+                config: opts.config.clone(),
+                heartbeat: opts.heartbeat,
+                resume: None,
+            },
+            &[own_fd.as_fd()],
+        )?;
         let Response::Registered {
             instance,
             incarnation,
@@ -335,8 +352,8 @@ impl Bus {
             )));
         };
         let mut fds = expect_fds(fds, 1, "Registered")?;
-        let seg = InstanceSeg::open(&fds[0], self.inner.session().epoch, instance, incarnation)?;
-        let seg_fd = fds.pop().expect("one descriptor");
+        let seg = InstanceSeg::open(&fds[0], own, session.epoch, instance, incarnation)?;
+        let seg_fd = (fds.pop().expect("one descriptor"), own_fd);
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::fork_control_holder();
         live.push(key);
@@ -388,7 +405,7 @@ impl InstanceInner {
             .bus
             .inner
             .control()
-            .request_with_fds(&req, &[self.seg_fd.as_fd()])?;
+            .request_with_fds(&req, &[self.seg_fd.0.as_fd(), self.seg_fd.1.as_fd()])?;
         let Response::Registered {
             instance,
             incarnation,

@@ -9,7 +9,8 @@
 //! |----------|------------------|------------------------------------------|
 //! | registry | bus              | read-only by everyone (sealed), written by the broker |
 //! | shared   | bus              | read-write by every member: round-robin counters |
-//! | instance | instance         | read-write by its callers: header, counters, request ring, reply heap |
+//! | ring     | instance         | read-write by its callers: header, request ring |
+//! | own      | instance         | written by the instance only (sealed `F_SEAL_FUTURE_WRITE` before it leaves it), read-only to the broker and callers: counters, progress, durations, reply heap |
 //! | client   | connected process| read-write by it and the instances it calls: reply mailboxes, request heap |
 //!
 //! Every segment starts with a [`SegmentHeader`] (magic, layout version, kind, size, bus
@@ -25,7 +26,7 @@ use std::ptr;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 pub const PAGE: usize = 4096;
 
 /// Longest service name, instance id or resource id, in bytes.
@@ -64,6 +65,8 @@ pub enum SegmentKind {
     Shared = 2,
     Instance = 3,
     Client = 4,
+    /// An instance's own memory (see [`InstanceSeg::create_own`]).
+    InstanceOwn = 5,
 }
 
 impl SegmentKind {
@@ -73,6 +76,7 @@ impl SegmentKind {
             SegmentKind::Shared => *b"AEGISSHR",
             SegmentKind::Instance => *b"AEGISINS",
             SegmentKind::Client => *b"AEGISCLI",
+            SegmentKind::InstanceOwn => *b"AEGISOWN",
         })
     }
 }
@@ -773,7 +777,8 @@ impl SharedView {
 }
 
 // ---------------------------------------------------------------------------------------
-// Instance segment: counters, the request ring, the reply heap.
+// Instance segments: the ring (written by callers) and the instance's own memory
+// (counters, progress, durations, reply heap: written by the instance alone).
 
 /// Written by the instance, read by the broker (liveness, admin view).
 #[repr(C, align(64))]
@@ -984,23 +989,32 @@ pub struct InstanceLayout {
 }
 
 impl InstanceLayout {
+    /// In the own segment.
     const COUNTERS: usize = 64;
     const DURATIONS: usize = 128;
-    const RING: usize = 384;
+    const OWN_HEAP: usize = PAGE;
+    /// In the ring segment.
+    const RING: usize = 128;
     fn slots_off(&self) -> usize {
         Self::RING + size_of::<RingIndices>()
     }
     pub fn slot_stride(&self) -> usize {
         size_of::<SlotHeader>() + self.slot_size as usize
     }
-    pub fn heap_off(&self) -> usize {
+    /// Bytes of the ring segment (callers write it).
+    pub fn ring_size(&self) -> usize {
         round_up(
             self.slots_off() + self.slot_count as usize * self.slot_stride(),
             PAGE,
         )
     }
+    /// Bytes of the instance's own segment.
+    pub fn own_size(&self) -> usize {
+        Self::OWN_HEAP + round_up(self.heap_size as usize, PAGE)
+    }
+    /// Both segments: what the instance costs its uid's shared-memory quota.
     pub fn total_size(&self) -> usize {
-        self.heap_off() + round_up(self.heap_size as usize, PAGE)
+        self.ring_size() + self.own_size()
     }
     pub fn validate(&self) -> Result<(), String> {
         if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&self.slot_size) || self.slot_size % 64 != 0 {
@@ -1034,18 +1048,66 @@ impl InstanceLayout {
     }
 }
 
-/// One instance's segment as mapped by its owner or a caller.
+/// One instance's two segments as mapped by its owner, the broker or a caller: the ring
+/// (read-write for everyone who has it) and the instance's own memory (writable only in
+/// the instance's process, which mapped it before sealing it; read-only everywhere else).
 pub struct InstanceSeg {
     pub map: Mapping,
+    pub own: Mapping,
     pub layout: InstanceLayout,
     pub index: u32,
     pub incarnation: u64,
 }
 
 impl InstanceSeg {
-    /// Opens an instance segment and checks it is the one the registry names.
+    /// Creates an instance's own segment with a reply heap of `heap_size` bytes: mapped
+    /// writable here, then sealed so that no other mapping can ever write it
+    /// (`F_SEAL_FUTURE_WRITE`). Returns the descriptor (for the broker) and our mapping.
+    pub fn create_own(epoch: u64, heap_size: u64) -> io::Result<(OwnedFd, Mapping)> {
+        let size = InstanceLayout {
+            slot_size: MIN_SLOT_SIZE,
+            slot_count: 2,
+            heap_size,
+        }
+        .own_size() as u64;
+        let fd = crate::sys::memfd("aegis-own", size)?;
+        let map = Mapping::map(&fd, true)?;
+        map.write_header(SegmentKind::InstanceOwn, size, epoch, [heap_size, 0, 0, 0]);
+        crate::sys::seal_read_only(&fd)?;
+        Ok((fd, map))
+    }
+
+    /// Maps an instance's own segment read-only (a caller or the broker) after checking
+    /// that nobody can map it writable any more, and returns its reply heap size.
+    pub fn open_own(fd: &OwnedFd) -> Result<(Mapping, u64), LayoutError> {
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::InstanceOwn,
+            what,
+        };
+        crate::sys::check_write_sealed(fd).map_err(invalid)?;
+        let (map, h) = Mapping::open(fd, SegmentKind::InstanceOwn, false, None)?;
+        let heap = h.params[0];
+        if heap > 2 * MAX_MAX_MESSAGE {
+            return Err(invalid(format!("reply heap of {heap} bytes is too large")));
+        }
+        let want = InstanceLayout {
+            slot_size: MIN_SLOT_SIZE,
+            slot_count: 2,
+            heap_size: heap,
+        }
+        .own_size();
+        if want != map.len() {
+            return Err(invalid("size does not match its parameters".into()));
+        }
+        Ok((map, heap))
+    }
+
+    /// Opens an instance's ring segment and checks it is the one the registry names and
+    /// that `own` (from [`InstanceSeg::create_own`] or [`InstanceSeg::open_own`]) has the
+    /// reply heap the ring's header states.
     pub fn open(
         fd: &OwnedFd,
+        own: Mapping,
         epoch: u64,
         index: u32,
         incarnation: u64,
@@ -1068,25 +1130,50 @@ impl InstanceSeg {
                 p[3], p[2]
             )));
         }
-        if layout.total_size() != map.len() {
+        if layout.ring_size() != map.len() {
             return Err(invalid("size does not match its parameters".into()));
+        }
+        if layout.own_size() != own.len() {
+            return Err(invalid(format!(
+                "its own segment has {} bytes, the ring states a {}-byte reply heap",
+                own.len(),
+                layout.heap_size
+            )));
         }
         Ok(InstanceSeg {
             map,
+            own,
             layout,
             index,
             incarnation,
         })
     }
+    /// Opens both segments as a caller or the broker: the ring read-write, the instance's
+    /// own memory read-only.
+    pub fn open_pair(
+        fds: &[OwnedFd],
+        epoch: u64,
+        index: u32,
+        incarnation: u64,
+    ) -> Result<InstanceSeg, LayoutError> {
+        let [ring, own] = fds else {
+            return Err(LayoutError::Invalid {
+                kind: SegmentKind::Instance,
+                what: format!("{} descriptors, expected ring and own", fds.len()),
+            });
+        };
+        let (own, _) = Self::open_own(own)?;
+        Self::open(ring, own, epoch, index, incarnation)
+    }
     pub fn counters(&self) -> &InstanceCounters {
-        self.map.at(InstanceLayout::COUNTERS)
+        self.own.at(InstanceLayout::COUNTERS)
     }
     pub fn ring_indices(&self) -> &RingIndices {
         self.map.at(InstanceLayout::RING)
     }
     /// Request durations (send to reply), observed by the instance after each reply.
     pub fn durations(&self) -> &Histogram {
-        self.map.at(InstanceLayout::DURATIONS)
+        self.own.at(InstanceLayout::DURATIONS)
     }
     /// Base pointer of slot 0; slot `i` is at `i * slot_stride()`.
     pub fn slots_base(&self) -> *mut u8 {
@@ -1095,12 +1182,13 @@ impl InstanceSeg {
             .range(self.layout.slots_off() as u64, len)
             .expect("validated layout")
     }
-    /// `len` bytes at `off` inside the heap, or `None` when out of the heap's bounds.
+    /// `len` bytes at `off` inside the reply heap, or `None` when out of the heap's
+    /// bounds. Writable only through the instance's own mapping.
     pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
         if off.checked_add(len)? > self.layout.heap_size {
             return None;
         }
-        self.map.range(self.layout.heap_off() as u64 + off, len)
+        self.own.range(InstanceLayout::OWN_HEAP as u64 + off, len)
     }
 }
 
@@ -1367,7 +1455,7 @@ const _: () = {
     assert!(size_of::<SlotCtl>() == 16);
     assert!(size_of::<MsgHeader>() == 72);
     assert!(size_of::<Histogram>() == 192);
-    assert!(InstanceLayout::DURATIONS + size_of::<Histogram>() <= InstanceLayout::RING);
+    assert!(InstanceLayout::DURATIONS + size_of::<Histogram>() <= InstanceLayout::OWN_HEAP);
     assert!(size_of::<CallerStats>() == 192);
     assert!(size_of::<SlotHeader>() == 128 && align_of::<SlotHeader>() == 64);
     assert!(size_of::<MailboxHeader>() == 64);

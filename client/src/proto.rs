@@ -16,13 +16,16 @@ use crate::error::WireError;
 use crate::layout::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
 /// Segments the broker hands out with one `OpenInstance`/`OpenClient` reply (and so the
 /// descriptors a client accepts with one response).
 pub const OPEN_BATCH: usize = 60;
+/// Descriptors a client accepts with one response: an instance comes as two (its ring
+/// and its own segment).
+pub const MAX_RESPONSE_FDS: usize = 2 * OPEN_BATCH;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
@@ -128,6 +131,9 @@ pub enum Response {
         gen: u32,
         max_services: u32,
         broker_pid: u32,
+        /// The broker's default maximum message (`--max-message`): an instance sizes its
+        /// reply heap from it when its service has no sizing yet.
+        max_message: u64,
     },
     /// With one descriptor: the instance segment.
     Registered {

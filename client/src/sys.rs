@@ -134,9 +134,24 @@ pub fn memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
 /// before the seal (the broker's own) stay writable: that is what makes the broker the
 /// single writer of the registry while every client maps the very same file.
 pub fn seal_read_only(fd: &OwnedFd) -> io::Result<()> {
-    // F_SEAL_FUTURE_WRITE (Linux 5.1) is not in every libc crate version.
-    const F_SEAL_FUTURE_WRITE: libc::c_int = 0x0010;
     add_seals(fd, SIZE_SEALS | F_SEAL_FUTURE_WRITE)
+}
+
+/// `F_SEAL_FUTURE_WRITE` (Linux 5.1), not in every libc crate version.
+const F_SEAL_FUTURE_WRITE: libc::c_int = 0x0010;
+
+/// Checks that nobody can map `fd` writable or `write(2)` to it any more (a segment with
+/// a single writer that mapped it before sealing it, see [`seal_read_only`]).
+pub fn check_write_sealed(fd: &OwnedFd) -> Result<(), String> {
+    // SAFETY: plain fcntl on a descriptor we hold; no memory is passed.
+    let seals = syscall!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
+        .map_err(|e| format!("not a sealable memfd ({e})"))?;
+    if seals & (F_SEAL_FUTURE_WRITE | libc::F_SEAL_WRITE) == 0 {
+        return Err(format!(
+            "segment is still writable by whoever holds it (seals {seals:#x}, need F_SEAL_FUTURE_WRITE)"
+        ));
+    }
+    Ok(())
 }
 
 /// The seals every segment handed to a peer carries: nobody can shrink it (a mapping

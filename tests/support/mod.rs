@@ -10,6 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use aegis_client::proto::{self, Request, Response};
 use aegis_client::{Bus, BusOptions};
 
 /// Runs `cmd` to its end and asserts it exited 0 (its stderr is the failure message).
@@ -450,5 +454,74 @@ pub fn start_bridge(bus: &TestBus, nats: &str, name: &str, extra: &[&str]) -> Gu
         .args(extra);
     Guarded {
         child: spawn_ready(c, "aegis-bridge ready").0,
+    }
+}
+
+/// A raw control connection (its own Hello): the attacker speaks the protocol directly.
+pub struct Raw(pub UnixStream);
+
+impl Raw {
+    pub fn connect(dir: &Path) -> std::io::Result<Raw> {
+        let mut r = Raw(UnixStream::connect(dir.join("control.sock"))?);
+        r.0.set_read_timeout(Some(DEADLINE))?;
+        let hello = Request::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            layout: aegis_client::layout::LAYOUT_VERSION,
+            mailboxes: 1,
+            resume: None,
+            secret: 42,
+        };
+        match r.ask(&hello)? {
+            Response::Welcome { .. } => Ok(r),
+            other => Err(std::io::Error::other(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends a request and reads its response (descriptors that come along are dropped).
+    pub fn ask(&mut self, req: &Request) -> std::io::Result<Response> {
+        self.ask_with_fds(req, &[])
+    }
+
+    /// Sends a request with descriptors (at most one message's worth of frame).
+    pub fn ask_with_fds(
+        &mut self,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::io::Result<Response> {
+        use std::os::fd::AsFd;
+        let f = proto::frame(req).map_err(std::io::Error::other)?;
+        let sent = proto::send_with_fds(self.0.as_fd(), &f, fds)?;
+        self.0.write_all(&f[sent..])?;
+        Ok(self.response()?.0)
+    }
+
+    /// Sends a request and reads its response with the descriptors that come along.
+    pub fn ask_fds(
+        &mut self,
+        req: &Request,
+    ) -> std::io::Result<(Response, Vec<std::os::fd::OwnedFd>)> {
+        self.0
+            .write_all(&proto::frame(req).map_err(std::io::Error::other)?)?;
+        self.response()
+    }
+
+    fn response(&mut self) -> std::io::Result<(Response, Vec<std::os::fd::OwnedFd>)> {
+        use std::os::fd::AsFd;
+        let (mut hdr, mut got, mut fds) = ([0u8; 4], 0, Vec::new());
+        while got < 4 {
+            let n = proto::recv_with_fds::<{ proto::MAX_RESPONSE_FDS }>(
+                self.0.as_fd(),
+                &mut hdr[got..],
+                &mut fds,
+            )?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+        }
+        let mut body = vec![0u8; proto::frame_len(hdr).map_err(std::io::Error::other)?];
+        self.0.read_exact(&mut body)?;
+        let resp = proto::decode(&body).map_err(std::io::Error::other)?;
+        Ok((resp, fds))
     }
 }
