@@ -149,6 +149,18 @@ uint16_t aegis_status_code(int status);
 // its size including the NUL. `AEGIS_BUFFER_TOO_SMALL` if it does not fit.
 aegis_status aegis_last_error(char *buf, size_t len, size_t *needed);
 
+// Copies the W3C `traceparent` of the request this thread is handling (in an
+// `aegis_handler`, or between `aegis_receiver_next` and the reply) into `buf`, NUL-terminated
+// (56 bytes); `*needed` gets that size. `AEGIS_BAD_REQUEST` when no request is being
+// handled; `AEGIS_BUFFER_TOO_SMALL` if it does not fit. Calls made meanwhile continue it.
+aegis_status aegis_current_traceparent(char *buf, size_t len, size_t *needed);
+
+// Milliseconds until the caller of the request this thread is handling stops waiting
+// (negative once past) into `*remaining_ms` (required). `AEGIS_BAD_REQUEST` when no
+// request is being handled, `AEGIS_NO_REPLY` when its caller gave no deadline. Calls made
+// meanwhile end by that deadline.
+aegis_status aegis_current_deadline_ms(int64_t *remaining_ms);
+
 // The code the handler answered with, after `AEGIS_REMOTE` on this thread.
 uint16_t aegis_last_remote_code(void);
 
@@ -176,6 +188,11 @@ aegis_status aegis_call_options_set_timeouts(aegis_call_options *o, uint64_t tim
 
 // At most `attempts` instances are tried (1 or more).
 aegis_status aegis_call_options_set_max_attempts(aegis_call_options *o, uint32_t attempts);
+
+// Continues the W3C trace `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, e.g. from an
+// incoming HTTP request) in calls made with these options; NULL starts a new trace per
+// call again. A malformed value is `AEGIS_INVALID_ARGUMENT`, naming it.
+aegis_status aegis_call_options_set_traceparent(aegis_call_options *o, const char *traceparent);
 
 // Whether a request an instance took but did not answer may be sent to another one.
 aegis_status aegis_call_options_set_idempotent(aegis_call_options *o, bool idempotent);

@@ -269,3 +269,50 @@ fn an_id_released_while_its_bridge_was_down_leaves_the_bucket_when_it_returns() 
     });
     drop(a_client);
 }
+
+/// A call forwarded to another host carries what is left of the caller's deadline (not a
+/// fixed 5 s) and its W3C trace: the remote handler sees both.
+#[test]
+fn a_forwarded_call_carries_the_caller_s_deadline_and_trace_to_the_remote_handler() {
+    let nats = Nats::start();
+    let (a, _alpha) = host(&nats, "hosta", "alpha", "doc-a");
+    let (b, _beta) = host(&nats, "hostb", "beta", "doc-b");
+    // On host A, an instance of `clock` answering with its request's remaining deadline
+    // (ms) and traceparent.
+    let inst = a.client.register("clock", "clock-1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let server = std::thread::spawn(move || {
+        inst.serve(|req, out| {
+            let left = req.deadline().map_or(-1, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+                    .as_millis() as i64
+            });
+            out.extend_from_slice(format!("{left} {}", req.traceparent()).as_bytes());
+            Ok(())
+        })
+    });
+    wait_for("clock reachable from host b", || {
+        b.client.call("clock", "now", b"", &quick()).is_ok()
+    });
+    let trace = aegis_client::TraceContext::parse(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+    .unwrap();
+    let opts = CallOptions {
+        trace: Some(trace),
+        ..CallOptions::timeout(Duration::from_millis(1500))
+    };
+    let r = b.client.call("clock", "now", b"", &opts).unwrap();
+    let text = String::from_utf8(r.payload).unwrap();
+    let (left, traceparent) = text.split_once(' ').unwrap();
+    let left: i64 = left.parse().unwrap();
+    assert!(
+        (1..=1500).contains(&left),
+        "the remote handler saw {left} ms left of a 1.5 s call (a fixed 5 s would show ~5000)"
+    );
+    let seen = aegis_client::TraceContext::parse(traceparent).expect("a valid traceparent");
+    assert_eq!(seen.trace_id, trace.trace_id, "the trace crossed hosts");
+    assert_eq!(seen.flags, 1);
+    stop.stop();
+    server.join().unwrap().unwrap();
+}

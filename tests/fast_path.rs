@@ -14,13 +14,24 @@ struct Counting;
 
 thread_local! { static WATCHED: Cell<bool> = const { Cell::new(false) }; }
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+/// Where the first watched allocation happened (so a failure names the code to fix).
+static FIRST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Counts an allocation on a watched thread, and records the first one's backtrace (with
+/// the thread unwatched meanwhile: the capture allocates).
+fn count() {
+    if WATCHED.with(|w| w.get()) && ALLOCS.fetch_add(1, Ordering::Relaxed) == 0 {
+        WATCHED.with(|w| w.set(false));
+        let bt = std::backtrace::Backtrace::force_capture().to_string();
+        *FIRST.lock().unwrap() = Some(bt);
+        WATCHED.with(|w| w.set(true));
+    }
+}
 
 // SAFETY: forwards to the system allocator; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if WATCHED.with(|w| w.get()) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
+        count();
         // SAFETY: same contract as ours.
         unsafe { System.alloc(l) }
     }
@@ -29,9 +40,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if WATCHED.with(|w| w.get()) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
+        count();
         // SAFETY: same contract as ours.
         unsafe { System.realloc(p, l, n) }
     }
@@ -81,6 +90,7 @@ fn one_kib_calls_allocate_nothing_on_caller_or_instance() {
     assert_eq!(
         ALLOCS.load(Ordering::Relaxed),
         0,
-        "allocations on the 1 KiB fast path"
+        "allocations on the 1 KiB fast path; the first:\n{}",
+        FIRST.lock().unwrap().as_deref().unwrap_or("")
     );
 }

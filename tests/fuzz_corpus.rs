@@ -147,7 +147,6 @@ fn write_seeds() {
         mailboxes: 4,
         mailbox_inline: 64,
         heap_size: 4096,
-        services: 2,
     };
     let fd = make(SegmentKind::Client, cl.total_size(), cl.params(3, 4));
     write("segment_open", "client", &image(&fd));

@@ -32,23 +32,73 @@ socket_mode = "666"
 [[policy]]
 services = ["bank"]
 call_uids = [65534]
+
+[[policy]]
+services = ["pub"]
+serve_uids = [65534]
+
+[[policy]]
+services = ["vault"]
 "#;
 
-/// A bus whose socket uid 65534 may reach, with the policy above.
-fn policed_bus() -> Option<TestBus> {
+/// A bus whose socket uid 65534 may reach, with the policy above, and the address of its
+/// HTTP listener (for `/metrics`).
+fn policed_bus() -> Option<(TestBus, String)> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root to run the attacker under another uid");
         return None;
     }
-    let policy = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(policy.path(), POLICY).unwrap();
-    let bus = TestBus::start_with(&["--config", policy.path().to_str().unwrap()]);
-    std::fs::set_permissions(bus.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    Some(bus)
+    let dir = tempfile::Builder::new()
+        .prefix("aegis-test-")
+        .tempdir()
+        .unwrap();
+    let policy = dir.path().join("broker.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = Command::new(support::broker_bin());
+    c.arg("--dir")
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&policy)
+        .args(["--log", "warn", "--http-listen", "127.0.0.1:0"]);
+    let (broker, _, before) = support::spawn_watched(c).wait_for("aegis-broker ready");
+    let addr = before
+        .iter()
+        .find_map(|l| l.strip_prefix("aegis-broker http "))
+        .expect("the broker said where it listens")
+        .trim()
+        .to_owned();
+    Some((TestBus { dir, broker }, addr))
+}
+
+/// `/metrics`, as text.
+fn metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(support::DEADLINE)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of the sample line starting with `prefix` (0 when there is none).
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 /// Runs `attack` in a child of this binary under uid 65534 (no supplementary groups).
 fn run_attacker(dir: &Path, attack: &str, targets: &str) -> Output {
+    attacker_command(dir, attack, targets).output().unwrap()
+}
+
+fn attacker_command(dir: &Path, attack: &str, targets: &str) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
     c.args([
         "attacker",
@@ -76,20 +126,12 @@ fn run_attacker(dir: &Path, attack: &str, targets: &str) -> Output {
             Ok(())
         });
     }
-    c.output().unwrap()
+    c
 }
 
 /// The attacker's `RESULT key=value …` line as pairs.
 fn result_of(o: &Output) -> Vec<(String, String)> {
-    let out = String::from_utf8_lossy(&o.stdout);
-    let line = out
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("attacker printed no RESULT (exit {:?}): {out}", o.status));
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    result_of_text(&String::from_utf8_lossy(&o.stdout))
 }
 
 fn value(r: &[(String, String)], key: &str) -> String {
@@ -123,7 +165,9 @@ fn victim_calls(bus: &Bus, n: usize, tag: &str) {
 /// attacker got a writable mapping and pinned progress / wrote 999999999999 errors.
 #[test]
 fn a_caller_of_another_uid_cannot_write_an_instance_s_progress_or_counters() {
-    let Some(bus) = policed_bus() else { return };
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
     let _b1 = bus.serve("bank", "b1", &[]);
     let _b2 = bus.serve("bank", "b2", &[]);
     let victim = bus.connect();
@@ -194,6 +238,121 @@ fn instance_incarnation(bus: &Bus, index: u32) -> u64 {
     panic!("no call reached instance #{index}");
 }
 
+/// Row "the owner of a low-value service `pub` that the victim also calls writes the
+/// victim's circuit-breaker words": the attacker serves `pub` (the policy lets it), the
+/// victim calls `pub`, so the attacker's process maps what the bus hands an instance of the
+/// victim; it writes "open" into every breaker it finds there. The victim's breakers are
+/// in its own caller segment, which no instance is ever given: its `bank` calls all
+/// succeed and no breaker of `bank` is open. (Before: the breakers were in the client
+/// segment every instance the victim called maps, and `bank` calls failed with
+/// `CircuitOpen` for 30 s.)
+#[test]
+fn an_instance_owner_cannot_open_a_caller_s_circuit_breakers() {
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
+    let _b1 = bus.serve("bank", "b1", &[]);
+    let victim = bus.connect();
+    victim_calls(&victim, 3, "before");
+    let dir = bus.path().to_owned();
+    let mut attacker = run_attacker_spawn(&dir, "breakers", "");
+    // The attacker says when it serves `pub`; then the victim calls it, and the attacker
+    // (in its handler) writes what it can find.
+    let mut line = String::new();
+    let mut lines = std::io::BufReader::new(attacker.stdout.take().unwrap());
+    loop {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut lines, &mut line).unwrap() > 0,
+            "the attacker ended before serving"
+        );
+        if line.contains("SERVING") {
+            break;
+        }
+    }
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let reply = victim.call("pub", "echo", b"news?", &opts).unwrap();
+    assert_eq!(reply.payload, b"news?");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut lines, &mut rest).unwrap();
+    let status = attacker.wait().unwrap();
+    assert!(status.success(), "attacker failed: {rest}");
+    let r = result_of_text(&rest);
+    eprintln!("attacker: {r:?}");
+    // Every victim call to `bank` succeeds: no breaker of ours was opened.
+    victim_calls(&victim, 20, "after");
+    let info = victim.service("bank").unwrap();
+    assert_eq!(
+        info.circuit_breaker.open, 0,
+        "a breaker for bank is open: {:?} (attacker: {r:?})",
+        info.circuit_breaker
+    );
+}
+
+/// Row "a uid with no call right writes its own caller stats": the attacker (who may not
+/// call `vault`) writes 10^12 errors and an open breaker for every service into the
+/// statistics memory it was given, asks the broker to count them (a `Grant` of vault's
+/// instance), writes again so that a sum would wrap, and leaves. `vault`'s
+/// `ipc_router_errors_total` and open-breaker gauge stay 0, during and after.
+#[test]
+fn a_caller_s_statistics_count_only_for_services_it_may_call() {
+    let Some((bus, http)) = policed_bus() else {
+        return;
+    };
+    let _v = bus.serve("vault", "v1", &[]);
+    let victim = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let mut out = Vec::new();
+    let info = victim
+        .call_into("vault", "echo", b"x", &opts, &mut out)
+        .unwrap();
+    let out = run_attacker(
+        bus.path(),
+        "own-stats",
+        &format!("{}:{}", info.instance, info.incarnation),
+    );
+    assert!(
+        out.status.success(),
+        "attacker failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r = result_of(&out);
+    assert!(
+        value(&r, "written").parse::<u32>().unwrap() > 0,
+        "the attacker found its statistics to write: {r:?}"
+    );
+    let text = metrics(&http);
+    let errors: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("ipc_router_errors_total{service_name=\"vault\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(errors, 0.0, "vault errors forged by the attacker ({r:?})");
+    let open = sample(
+        &text,
+        "ipc_router_circuit_breaker_state{service_name=\"vault\",state=\"open\"} ",
+    );
+    assert_eq!(open, 0.0, "vault breaker forged open ({r:?})");
+    assert_eq!(victim.service("vault").unwrap().circuit_breaker.open, 0);
+}
+
+/// As [`run_attacker`], but spawned with its stdout piped for the test to read as it goes.
+fn run_attacker_spawn(dir: &Path, attack: &str, targets: &str) -> std::process::Child {
+    let mut c = attacker_command(dir, attack, targets);
+    c.spawn().unwrap()
+}
+
+fn result_of_text(out: &str) -> Vec<(String, String)> {
+    let line = out
+        .lines()
+        .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("attacker printed no RESULT: {out}"));
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 /// The attacker (run by the tests above under another uid; does nothing when run as part
 /// of the suite).
 #[test]
@@ -217,6 +376,8 @@ fn attacker() {
     );
     match attack.as_str() {
         "instance-own" => attack_instance_own(Path::new(&dir), &targets),
+        "breakers" => attack_breakers(Path::new(&dir)),
+        "own-stats" => attack_own_stats(Path::new(&dir), &targets),
         other => panic!("unknown attack {other}"),
     }
 }
@@ -363,4 +524,154 @@ fn segment_kind(fd: &OwnedFd) -> Option<u32> {
     let p = m.range(12, 4)?;
     // SAFETY: 4 bytes inside the mapping (checked by `range`).
     Some(unsafe { std::ptr::read_unaligned(p as *const u32) })
+}
+
+/// Writes "open, 10^12 failures" into every [`CallerStats`] of `seg` from offset `at`
+/// (`n` entries); returns how many it wrote.
+fn forge_stats(map: usize, at: usize, n: usize, gens: &[u32]) -> usize {
+    use aegis_client::layout::{CallerStats, BREAKER_OPEN};
+    for k in 0..n {
+        // SAFETY: the caller passes a writable mapping holding `n` CallerStats at `at`.
+        let s = unsafe { &*((map + at + k * size_of::<CallerStats>()) as *const CallerStats) };
+        s.breaker
+            .store(BREAKER_OPEN, std::sync::atomic::Ordering::Relaxed);
+        s.opened_ns.store(
+            aegis_client::sys::monotonic_ns(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        s.failures_in_row
+            .store(1000, std::sync::atomic::Ordering::Relaxed);
+        // The service's current generation: a breaker opened before the last membership
+        // change would let a probe through.
+        let gen = gens.get(k).copied().unwrap_or(0);
+        s.opened_gen
+            .store(gen, std::sync::atomic::Ordering::Relaxed);
+        for e in &s.errors {
+            e.store(u64::MAX / 2 + 1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    n
+}
+
+/// Where the statistics of a segment of `kind` with `params` are, if it holds any: in a
+/// caller segment now; in the client segment in the previous design (services in the top
+/// half of `params[0]`, after the mailboxes).
+fn stats_region(kind: u32, params: [u64; 4]) -> Option<(usize, usize)> {
+    if kind == SegmentKind::Caller as u32 {
+        return Some((64, params[0] as usize));
+    }
+    let services = (params[0] >> 32) as usize;
+    if kind == SegmentKind::Client as u32 && services > 0 {
+        let mailboxes = (params[0] & 0xffff_ffff) as usize;
+        return Some((128 + mailboxes * (64 + params[1] as usize), services));
+    }
+    None
+}
+
+/// Maps `fd` writable if it can; with its header's kind and params.
+fn map_writable(fd: &OwnedFd) -> Option<(usize, u32, [u64; 4])> {
+    let len = aegis_client::sys::file_size(fd).ok()? as usize;
+    // SAFETY: mmap of a descriptor we hold; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED || len < 64 {
+        return None;
+    }
+    // SAFETY: the header is the first 64 bytes of the mapping.
+    let h = unsafe { std::ptr::read_volatile(p as *const aegis_client::layout::SegmentHeader) };
+    Some((p as usize, h.kind, h.params))
+}
+
+/// Serves `pub`; in the handler of the first request, writes "open" into every breaker
+/// in every segment this process has mapped from the bus (found by name in /proc/self/fd
+/// and /proc/self/maps): the victim's client segment among them.
+fn attack_breakers(dir: &Path) {
+    let bus = Bus::connect_dir(dir).expect("the attacker may connect");
+    let inst = bus
+        .register("pub", "p1", &[])
+        .expect("the attacker may serve pub");
+    let stop = inst.stop_handle();
+    // The registry (read-only to everyone) tells each service's generation.
+    let raw = Raw::connect(dir).unwrap();
+    let reg = aegis_client::layout::RegistryView::open(&raw.1[0], false).unwrap();
+    let gens: Vec<u32> = (0..reg.layout.max_services)
+        .map(|i| {
+            reg.service(i).map_or(0, |e| {
+                e.generation.load(std::sync::atomic::Ordering::Relaxed)
+            })
+        })
+        .collect();
+    println!("\nSERVING");
+    let (mut written, mut segments) = (0, 0);
+    let mut once = false;
+    inst.serve(|req, reply| {
+        reply.extend_from_slice(req.payload());
+        if !once {
+            once = true;
+            for (m, kind, params) in writable_bus_mappings() {
+                segments += 1;
+                if let Some((at, n)) = stats_region(kind, params) {
+                    written += forge_stats(m, at, n, &gens);
+                }
+            }
+        }
+        stop.stop();
+        Ok(())
+    })
+    .ok();
+    println!("\nRESULT segments={segments} written={written}");
+}
+
+/// Connects (as a caller with no right to `vault`), writes its own statistics for every
+/// service, grants itself vault's instance `target`, writes again, and leaves.
+fn attack_own_stats(dir: &Path, targets: &[(u32, u64)]) {
+    let mut raw = Raw::connect(dir).unwrap();
+    let mut written = 0;
+    for _ in 0..2 {
+        for fd in &raw.1 {
+            if let Some((m, kind, params)) = map_writable(fd) {
+                if let Some((at, n)) = stats_region(kind, params) {
+                    written += forge_stats(m, at, n, &[]);
+                }
+            }
+        }
+        let r = raw.ask(&Request::Grant {
+            instances: targets.to_vec(),
+        });
+        eprintln!("grant: {r:?}");
+    }
+    println!("\nRESULT written={written}");
+}
+
+/// Every writable shared mapping of a bus segment (memfd named `aegis-*`) in this
+/// process, as (address, kind, params).
+fn writable_bus_mappings() -> Vec<(usize, u32, [u64; 4])> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter(|l| l.contains("/memfd:aegis-"))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            let perms = f.next()?;
+            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
+            if !perms.starts_with("rw") || offset != 0 {
+                return None;
+            }
+            let start = usize::from_str_radix(range.split_once('-')?.0, 16).ok()?;
+            // SAFETY: a live mapping of ours at offset 0 of a segment: its first 64 bytes
+            // are the segment header.
+            let h = unsafe {
+                std::ptr::read_volatile(start as *const aegis_client::layout::SegmentHeader)
+            };
+            Some((start, h.kind, h.params))
+        })
+        .collect()
 }

@@ -338,6 +338,103 @@ fn nested_calls_past_the_hop_limit_are_loop_detected() {
     });
 }
 
+/// A handler sees its caller's deadline and W3C trace; a call it makes with
+/// `CallOptions::nested` continues the trace (a new span) and ends by that deadline even
+/// when its own timeout is longer.
+#[test]
+fn nested_calls_inherit_the_caller_s_deadline_and_trace() {
+    let bus = TestBus::start();
+    let server = bus.connect();
+    let front = server.register("front", "f", &[]).unwrap();
+    let back = server.register("back", "b", &[]).unwrap();
+    let (stop_f, stop_b) = (front.stop_handle(), back.stop_handle());
+    let caller = bus.connect();
+    let trace = aegis_client::TraceContext::parse(
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            back.serve(|req, out| {
+                let d = req.deadline().expect("a deadline travels with the call");
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                out.extend_from_slice(
+                    format!("{} {}", left.as_millis(), req.traceparent()).as_bytes(),
+                );
+                Ok(())
+            })
+            .unwrap()
+        });
+        s.spawn(|| {
+            front
+                .serve(|req, out| {
+                    let mine = req.trace_context();
+                    if req.method() == "slow" {
+                        // Past our caller's deadline: the nested call fails at once.
+                        std::thread::sleep(req.deadline().unwrap() - std::time::Instant::now());
+                    }
+                    let opts = CallOptions {
+                        timeout: Duration::from_secs(60),
+                        ..CallOptions::nested(req)
+                    };
+                    match server.call("back", "m", b"", &opts) {
+                        Ok(r) => out.extend_from_slice(
+                            format!(
+                                "{} {}",
+                                mine.traceparent(),
+                                String::from_utf8_lossy(&r.payload)
+                            )
+                            .as_bytes(),
+                        ),
+                        Err(e) => out.extend_from_slice(format!("nested failed: {e}").as_bytes()),
+                    }
+                    Ok(())
+                })
+                .unwrap()
+        });
+        let opts = CallOptions {
+            trace: Some(trace),
+            ..CallOptions::timeout(Duration::from_millis(2000))
+        };
+        let r = caller.call("front", "m", b"", &opts).unwrap();
+        let text = String::from_utf8(r.payload).unwrap();
+        let parts: Vec<&str> = text.split(' ').collect();
+        assert_eq!(parts.len(), 3, "{text}");
+        let front_saw = aegis_client::TraceContext::parse(parts[0]).unwrap();
+        let left: u64 = parts[1].parse().unwrap();
+        let back_saw = aegis_client::TraceContext::parse(parts[2]).unwrap();
+        assert_eq!(
+            front_saw.trace_id, trace.trace_id,
+            "the handler continues our trace"
+        );
+        assert_eq!(
+            back_saw.trace_id, trace.trace_id,
+            "the nested call continues it too"
+        );
+        assert_ne!(
+            back_saw.span_id, front_saw.span_id,
+            "each call is its own span"
+        );
+        assert_eq!((front_saw.flags, back_saw.flags), (1, 1));
+        assert!(
+            (1..=2000).contains(&left),
+            "the nested call's handler saw {left} ms left: the outer 2 s deadline, not its own 60 s"
+        );
+        // A handler that is already past its caller's deadline: the nested call times out
+        // at once instead of waiting 60 s (the outer caller has given up by then).
+        let t = std::time::Instant::now();
+        let slow = CallOptions {
+            attempt_timeout: Duration::from_millis(300),
+            ..CallOptions::timeout(Duration::from_millis(300))
+        };
+        let _ = caller.call("front", "slow", b"", &slow);
+        stop_b.stop();
+        stop_f.stop();
+        // (The front handler's nested call must not hold the stop up for 60 s.)
+        assert!(t.elapsed() < Duration::from_secs(5));
+    });
+}
+
 #[test]
 fn selection_strategies_and_exclusions() {
     let bus = TestBus::start();

@@ -51,6 +51,8 @@ pub const H_METHOD: &str = "Aegis-Method";
 pub const H_TRACE: &str = "Aegis-Trace";
 pub const H_HOPS: &str = "Aegis-Hops";
 pub const H_TIMEOUT_MS: &str = "Aegis-Timeout-Ms";
+/// The W3C trace context of a forwarded call.
+pub const H_TRACEPARENT: &str = "traceparent";
 pub const H_ERROR_CODE: &str = "Aegis-Error-Code";
 pub const H_ERROR_TYPE: &str = "Aegis-Error-Type";
 
@@ -662,6 +664,7 @@ fn raw_call(
         .map_or(REMOTE_TIMEOUT, Duration::from_millis);
     let trace = header(msg, H_TRACE).and_then(|t| u64::from_str_radix(t, 16).ok());
     let mut opts = options(sh, target, timeout, trace);
+    opts.trace = header(msg, H_TRACEPARENT).and_then(aegis_client::TraceContext::parse);
     opts.hops = header(msg, H_HOPS)
         .and_then(|h| h.parse().ok())
         .unwrap_or(0);
@@ -764,14 +767,27 @@ fn forward(
 ) -> Result<(), ServiceError> {
     let subject = model::inbox(remote_id);
     let trace = format!("{:x}", req.trace_id());
+    // The remote instance gets what is left of our caller's deadline (5 s when the caller
+    // gave none); past it, nobody waits for the answer.
+    let timeout = match req.deadline() {
+        None => REMOTE_TIMEOUT,
+        Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+    };
+    if timeout.is_zero() {
+        return Err(ServiceError::new(
+            504,
+            format!("remote instance {remote_id}: the caller's deadline passed before forwarding"),
+        ));
+    }
     let request = if r.aegis {
         let mut h = HeaderMap::new();
         h.insert(H_METHOD, req.method());
         h.insert(H_TRACE, trace.as_str());
+        h.insert(H_TRACEPARENT, req.traceparent().as_str());
         h.insert(H_HOPS, (req.hops() + 1).to_string().as_str());
         h.insert(
             H_TIMEOUT_MS,
-            REMOTE_TIMEOUT.as_millis().to_string().as_str(),
+            timeout.as_millis().max(1).to_string().as_str(),
         );
         async_nats::Request::new()
             .headers(h)
@@ -781,7 +797,7 @@ fn forward(
             service_name: r.service.clone(),
             method: req.method().to_owned(),
             params: model::payload_to_params(req.payload()),
-            timeout: REMOTE_TIMEOUT.as_secs_f64(),
+            timeout: timeout.as_secs_f64(),
             trace_id: trace,
             resource_id: None,
             excluded_instances: Vec::new(),
@@ -800,7 +816,7 @@ fn forward(
     }
     let asked = sh.rt.block_on(async {
         tokio::select! {
-            r = sh.nats.send_request(subject, request.timeout(Some(REMOTE_TIMEOUT + Duration::from_secs(1)))) => Some(r),
+            r = sh.nats.send_request(subject, request.timeout(Some(timeout))) => Some(r),
             _ = dropped => None,
         }
     });

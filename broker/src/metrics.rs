@@ -22,12 +22,12 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
 use aegis_client::layout::{
-    CallerStats, ClientSeg, Histogram, Status, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN,
-    ERROR_TYPES, HISTOGRAM_BOUNDS_NS,
+    CallerStats, Histogram, Status, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN, ERROR_TYPES,
+    HISTOGRAM_BOUNDS_NS,
 };
 use aegis_client::proto::BreakerStates;
 
-use crate::state::State;
+use crate::state::{ClientRec, State};
 
 /// A caller's failure counters for one service, summed.
 #[derive(Default, Clone, Copy)]
@@ -37,14 +37,52 @@ pub(crate) struct CallerTotals {
 }
 
 impl CallerTotals {
+    /// Sums saturate: one caller's huge numbers can pin a total, never wrap it to zero.
     fn add(&mut self, s: &CallerStats) {
         for (t, c) in self.errors.iter_mut().zip(&s.errors) {
-            *t += c.load(Relaxed);
+            *t = t.saturating_add(c.load(Relaxed));
         }
         for (t, c) in self.retries.iter_mut().zip(&s.retries) {
-            *t += c.load(Relaxed);
+            *t = t.saturating_add(c.load(Relaxed));
         }
     }
+    fn merge(&mut self, o: &CallerTotals) {
+        for (a, b) in self.errors.iter_mut().zip(o.errors) {
+            *a = a.saturating_add(b);
+        }
+        for (a, b) in self.retries.iter_mut().zip(o.retries) {
+            *a = a.saturating_add(b);
+        }
+    }
+}
+
+/// A connected caller's statistics for the services the policy lets it call; nothing for
+/// the others, whatever it wrote there.
+pub(crate) fn counted_stats<'a>(
+    st: &'a State,
+    c: &'a ClientRec,
+) -> impl Iterator<Item = (u32, &'a CallerStats)> + 'a {
+    st.services.iter().enumerate().filter_map(move |(i, s)| {
+        let s = s.as_ref()?;
+        st.permit(c.conn, c.peer, &s.name, crate::policy::Action::Call)
+            .ok()?;
+        Some((i as u32, c.stats.caller_stats(i as u32)?))
+    })
+}
+
+/// [`counted_stats`] as totals, the services with nothing to count left out.
+pub(crate) fn counted_totals(st: &State, c: &ClientRec) -> Vec<(u32, CallerTotals)> {
+    counted_stats(st, c)
+        .filter_map(|(i, s)| {
+            let mut t = CallerTotals::default();
+            t.add(s);
+            t.errors
+                .iter()
+                .chain(&t.retries)
+                .any(|&n| n > 0)
+                .then_some((i, t))
+        })
+        .collect()
 }
 
 /// Upper bounds of the metadata-size histogram, bytes.
@@ -75,21 +113,9 @@ pub(crate) struct Counters {
 
 impl Counters {
     /// Folds a departing caller's counts into the totals.
-    pub(crate) fn retire_caller(&mut self, seg: &ClientSeg, services: usize) {
-        for i in 0..services as u32 {
-            if let Some(s) = seg.caller_stats(i) {
-                let mut t = CallerTotals::default();
-                t.add(s);
-                if t.errors.iter().chain(&t.retries).any(|&n| n > 0) {
-                    let r = self.retired.entry(i).or_default();
-                    for (a, b) in r.errors.iter_mut().zip(t.errors) {
-                        *a += b;
-                    }
-                    for (a, b) in r.retries.iter_mut().zip(t.retries) {
-                        *a += b;
-                    }
-                }
-            }
+    pub(crate) fn retire_caller(&mut self, counted: Vec<(u32, CallerTotals)>) {
+        for (i, t) in counted {
+            self.retired.entry(i).or_default().merge(&t);
         }
     }
 
@@ -288,11 +314,15 @@ pub(crate) fn breaker_counts(st: &State) -> Vec<BreakerStates> {
             if st.services[i].is_none() {
                 continue;
             }
-            match c
-                .seg
-                .caller_stats(i as u32)
-                .map(|s| s.breaker.load(Relaxed))
-            {
+            // A breaker counts only for a service the policy lets the caller call.
+            let stats = st.services[i]
+                .as_ref()
+                .filter(|s| {
+                    st.permit(c.conn, c.peer, &s.name, crate::policy::Action::Call)
+                        .is_ok()
+                })
+                .and_then(|_| c.stats.caller_stats(i as u32));
+            match stats.map(|s| s.breaker.load(Relaxed)) {
                 Some(BREAKER_OPEN) => b.open += 1,
                 Some(BREAKER_HALF_OPEN) => b.half_open += 1,
                 Some(BREAKER_CLOSED) | None => b.closed += 1,
@@ -339,10 +369,8 @@ fn render_data_path(st: &State, out: &mut String) {
     }
     let mut totals = st.metrics.retired.clone();
     for c in st.clients.iter().flatten() {
-        for i in 0..st.services.len() as u32 {
-            if let (Some(_), Some(s)) = (&st.services[i as usize], c.seg.caller_stats(i)) {
-                totals.entry(i).or_default().add(s);
-            }
+        for (i, s) in counted_stats(st, c) {
+            totals.entry(i).or_default().add(s);
         }
     }
     let named = |i: &u32| {

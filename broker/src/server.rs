@@ -515,7 +515,7 @@ async fn connection(
                     gen,
                     secret,
                 } => st.open_client(id, peer, client, gen, secret),
-                Request::Grant { instances } => st.grant_request(id, instances),
+                Request::Grant { instances } => st.grant_request(id, peer, instances),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),
                 Request::TransferResources {

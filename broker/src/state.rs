@@ -99,11 +99,10 @@ pub(crate) struct InstanceRec {
 
 pub(crate) struct ClientRec {
     gen: u32,
+    /// Its segment (mailboxes, request heap): validated when made, handed to the serving
+    /// processes of instances it opened, never read by the broker.
     fd: OwnedFd,
-    /// Its segment, mapped: the broker reads the caller's breakers and failure counters
-    /// ([`layout::CallerStats`]) from it.
-    pub(crate) seg: ClientSeg,
-    conn: ConnId,
+    pub(crate) conn: ConnId,
     /// The connecting process's uid (quotas are per uid).
     uid: u32,
     /// Bytes of its segment.
@@ -115,6 +114,10 @@ pub(crate) struct ClientRec {
     /// says it had opened): only their serving connections may be handed its segment, and
     /// only it may report them unhealthy.
     grants: std::collections::HashSet<(u32, u64)>,
+    /// Who connected (its statistics count only for services the policy lets it call).
+    pub(crate) peer: Peer,
+    /// Its breakers and failure counters (it writes them; no other process maps them).
+    pub(crate) stats: layout::CallerSeg,
     /// When a report of this client last counted (reports are rate-limited).
     last_report: Option<std::time::Instant>,
     /// The `(index, gen)` this client had under the previous broker, when it could not
@@ -269,7 +272,6 @@ impl State {
             mailboxes: mailboxes.clamp(1, 1 << 16),
             mailbox_inline: layout::MAILBOX_INLINE,
             heap_size: 2 * self.cfg.max_message,
-            services: self.cfg.max_services,
         };
         let made = (|| {
             if let Some(((i, g), fd)) = resume {
@@ -291,9 +293,6 @@ impl State {
                 );
                 let seg = ClientSeg::open(&fd, self.epoch, index as u32, gen)
                     .map_err(std::io::Error::other)?;
-                // Service indices are this run's: the last run's breakers and counts
-                // would be read against other services.
-                seg.reset_caller_stats();
                 return Ok((fd, seg));
             }
             let fd = sys::memfd("aegis-client", cl.total_size() as u64)?;
@@ -309,26 +308,46 @@ impl State {
                 .map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>((fd, seg))
         })();
-        let (fd, seg) = match made {
+        let (fd, _validated) = match made {
             Ok(made) => made,
             Err(e) => return err(WireError::Internal(format!("creating client segment: {e}"))),
         };
-        let size = sys::file_size(&fd).unwrap_or(0);
+        // The caller's statistics: a new segment each broker run (service indices are
+        // this run's), handed to that caller only.
+        let stats_size = layout::CallerSeg::size(self.cfg.max_services) as u64;
+        let size = sys::file_size(&fd).unwrap_or(0) + stats_size;
         if let Err(e) = self.shm_fits(peer.uid, size) {
             return err(e);
         }
+        let made = (|| {
+            let fd = sys::memfd("aegis-caller", stats_size)?;
+            Mapping::map(&fd, true)?.write_header(
+                SegmentKind::Caller,
+                stats_size,
+                self.epoch,
+                [self.cfg.max_services as u64, 0, 0, 0],
+            );
+            sys::seal_size(&fd)?;
+            let seg = layout::CallerSeg::open(&fd, self.epoch).map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>((fd, seg))
+        })();
+        let (stats_fd, stats) = match made {
+            Ok(x) => x,
+            Err(e) => return err(WireError::Internal(format!("creating caller segment: {e}"))),
+        };
         let fds = match (dup(&self.registry_fd), dup(&self.shared_fd), dup(&fd)) {
-            (Ok(a), Ok(b), Ok(c)) => vec![a, b, c],
+            (Ok(a), Ok(b), Ok(c)) => vec![a, b, c, stats_fd],
             _ => return err(WireError::Internal("out of descriptors".into())),
         };
         self.clients[index] = Some(ClientRec {
             gen,
             fd,
-            seg,
             conn,
             formerly,
             secret,
             grants: Default::default(),
+            peer,
+            stats,
             last_report: None,
             uid: peer.uid,
             size,
@@ -873,11 +892,29 @@ impl State {
     }
 
     /// After a broker restart: a resuming client names the instances it had opened.
-    pub fn grant_request(&mut self, conn: ConnId, instances: Vec<(u32, u64)>) -> Reply {
+    /// Only instances of services the policy lets this peer call count (a grant makes its
+    /// unhealthy reports and its caller statistics count).
+    pub fn grant_request(&mut self, conn: ConnId, peer: Peer, instances: Vec<(u32, u64)>) -> Reply {
         let Some((slot, _)) = self.client_of(conn) else {
             return err(WireError::BadRequest("Grant before Hello".into()));
         };
-        match self.grant(slot, instances) {
+        let permitted: Vec<(u32, u64)> = instances
+            .into_iter()
+            .filter(|&(i, _)| {
+                let name = self
+                    .instances
+                    .get(i as usize)
+                    .and_then(Option::as_ref)
+                    .and_then(|r| self.services[r.service as usize].as_ref())
+                    .map(|s| s.name.as_str());
+                // An instance not (yet) back after the restart: kept, checked when used.
+                name.is_none_or(|n| {
+                    self.permit(conn, peer, n, crate::policy::Action::Call)
+                        .is_ok()
+                })
+            })
+            .collect();
+        match self.grant(slot, permitted) {
             Ok(()) => (Response::Done, Vec::new()),
             Err(e) => err(e),
         }
@@ -1078,6 +1115,14 @@ impl State {
     }
 
     pub fn disconnect(&mut self, conn: ConnId) {
+        // A departing caller's counts are kept (judged while its groups are still known).
+        if let Some((slot, _)) = self.client_of(conn) {
+            let c = self.clients[slot as usize]
+                .as_ref()
+                .expect("client_of found it");
+            let counted = crate::metrics::counted_totals(self, c);
+            self.metrics.retire_caller(counted);
+        }
         self.introductions.remove(&conn);
         self.conn_groups.remove(&conn);
         let mut gone = Vec::new();
@@ -1094,10 +1139,8 @@ impl State {
         }
         for c in self.clients.iter_mut() {
             if c.as_ref().is_some_and(|c| c.conn == conn) {
-                // Its counts stay in the totals (a counter must not go down).
-                if let Some(gone) = c.take() {
-                    self.metrics.retire_caller(&gone.seg, self.services.len());
-                }
+                // Its counts stayed in the totals (retired above).
+                *c = None;
             }
         }
     }
@@ -1269,7 +1312,10 @@ mod tests {
 
     fn welcome(r: Reply) -> (u32, u32, OwnedFd) {
         match r {
-            (Response::Welcome { client, gen, .. }, mut fds) => (client, gen, fds.pop().unwrap()),
+            // The client segment is the third descriptor (the caller segment follows).
+            (Response::Welcome { client, gen, .. }, fds) => {
+                (client, gen, fds.into_iter().nth(2).unwrap())
+            }
             (other, _) => panic!("expected Welcome, got {other:?}"),
         }
     }

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::LayoutError;
-
 /// One attempt of a call (failures that span attempts list every one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
@@ -30,7 +28,7 @@ pub enum Error {
     #[error("no available instance of service '{service}'")]
     NoAvailableInstance { service: String },
     /// 503: this caller's circuit breaker for the service is open (its recent calls all
-    /// timed out): the call failed at once, without being sent. See [`crate::breaker`].
+    /// timed out): the call failed at once, without being sent. See [`crate::session::breaker`].
     #[error("circuit breaker for service '{service}' is open (recent calls timed out); retry in {retry_in:?}")]
     CircuitOpen { service: String, retry_in: Duration },
     /// 504: the deadline passed. `trace_id` is the call's (every attempt carried it).
@@ -55,7 +53,7 @@ pub enum Error {
     OwnerUnavailable {
         resource: String,
         owner: String,
-        status: crate::layout::Status,
+        status: crate::model::Status,
     },
     /// 403: release/transfer of something one does not own.
     #[error("not owner: {0}")]
@@ -99,8 +97,10 @@ pub enum Error {
     /// Client and broker disagree on the protocol or layout version.
     #[error("incompatible with the broker: {0}")]
     Incompatible(String),
-    #[error(transparent)]
-    Layout(#[from] LayoutError),
+    /// A segment that could not be opened (the layout's own error, as text: this module
+    /// sits below the layout and knows nothing of it).
+    #[error("{0}")]
+    Layout(String),
     /// The broker or a peer sent something that does not follow the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -284,21 +284,3 @@ impl std::fmt::Display for ServiceError {
 }
 
 impl std::error::Error for ServiceError {}
-
-impl crate::proto::ResourceFailure {
-    /// The failure as the error a single-id operation would return.
-    pub fn to_error(&self) -> Error {
-        match self.code {
-            code::CONFLICT => Error::ResourceConflict {
-                resource: self.id.clone(),
-                owner: self.owner.clone().unwrap_or_default(),
-            },
-            code::RESOURCE_NOT_FOUND => Error::ResourceNotFound {
-                resource: self.id.clone(),
-            },
-            code::NOT_OWNER => Error::NotOwner(self.reason.clone()),
-            code::LIMIT_EXCEEDED => Error::LimitExceeded(self.reason.clone()),
-            _ => Error::BadRequest(self.reason.clone()),
-        }
-    }
-}

@@ -10,11 +10,13 @@
 
 use std::os::fd::OwnedFd;
 
-use crate::layout::{
+use crate::serve::instance;
+use crate::session::proto;
+use crate::shm::layout::{
     ClientSeg, InstanceSeg, Mapping, MsgHeader, RegistryView, SegmentHeader, SegmentKind,
     SharedView,
 };
-use crate::{instance, proto, sys};
+use crate::shm::sys;
 
 /// A control frame as the broker reads one off its socket.
 pub fn control_frame(data: &[u8]) {
@@ -54,6 +56,7 @@ pub fn segment_open(data: &[u8]) {
         SegmentKind::Shared,
         SegmentKind::Instance,
         SegmentKind::Client,
+        SegmentKind::Caller,
     ] {
         let Ok((_, h)) = Mapping::open(&fd, kind, true, None) else {
             continue;
@@ -81,12 +84,21 @@ pub fn segment_open(data: &[u8]) {
                 }
             }
             SegmentKind::InstanceOwn => unreachable!("opened below, sealed read-only"),
+            SegmentKind::Caller => {
+                if let Ok(c) = crate::shm::layout::CallerSeg::open(&fd, h.bus_epoch) {
+                    for i in [0, c.services.saturating_sub(1), c.services, u32::MAX] {
+                        let _ = c
+                            .caller_stats(i)
+                            .map(|s| s.breaker.load(std::sync::atomic::Ordering::Relaxed));
+                    }
+                }
+            }
             SegmentKind::Client => {
                 let p = h.params[3];
                 if let Ok(c) = ClientSeg::open(&fd, h.bus_epoch, p as u32, (p >> 32) as u32) {
                     for i in [0, 1, c.layout.mailboxes.saturating_sub(1), u32::MAX] {
                         if let Some((mb, _)) = c.mailbox(i) {
-                            let _ = crate::mailbox::still_waiting(mb, 1);
+                            let _ = crate::channel::mailbox::still_waiting(mb, 1);
                         }
                     }
                     let _ = c.heap_range(u64::MAX - 1, 2);
@@ -113,7 +125,7 @@ fn read_registry(fd: &OwnedFd) {
     // Entries whose seqlock word is odd (a broker killed mid-write) are read only after
     // `SEQLOCK_STUCK` (100 ms; unit-tested in `layout`): skipped here, or the fuzzer
     // would spend its time waiting rather than trying inputs.
-    let settled = |s: &crate::layout::SeqLock| s.read_begin().is_some();
+    let settled = |s: &crate::shm::layout::SeqLock| s.read_begin().is_some();
     for i in 0..r.layout.max_services.min(4) {
         if let Some(s) = r.service(i).filter(|s| settled(&s.seq)) {
             let _ = s.seq.read(|| s.name.load());

@@ -13,53 +13,80 @@
 //! # Ok::<(), aegis_client::Error>(())
 //! ```
 //!
-//! Layers, bottom up: [`sys`] (futex, memfd), [`layout`] (the shared-memory types and
-//! offsets), [`ring`] and [`mailbox`] (the lock-free core), [`proto`] (control socket),
-//! [`wait`] (spin, yield or sleep), then the connection ([`bus`]: session, routing,
-//! queries) and what is built on it, each knowing `bus` and not the reverse: the call path
-//! ([`call`]), joining and rejoining (`connect`), serving ([`Instance`]), async calls
-//! (`future`, feature `async`).
+//! Layers, bottom up, one folder each: the error model ([`error`], [`names`], [`model`],
+//! [`trace`]: importing nothing above), [`shm`] (segment layouts per kind, futex, memfd),
+//! [`channel`] (ring, mailboxes, heap, waiting), [`session`] (the control protocol, the
+//! connection, routing, breakers), then [`call`] and [`serve`] on top, each knowing the
+//! session and not the reverse.
 
-pub mod breaker;
-pub mod bus;
-pub mod call;
+// The error model, at the bottom: it imports none of the layers above it.
 pub mod codec;
-mod connect;
-mod control;
-pub mod dirs;
-#[cfg(feature = "async")]
-mod doorbell;
 pub mod error;
-#[cfg(feature = "async")]
-mod future;
+pub mod model;
+pub mod names;
+pub mod trace;
+
+/// Shared memory: the segment layouts (one module per segment kind), the futex and memfd
+/// calls, and the atomics shim loom swaps in.
+pub mod shm {
+    pub mod layout;
+    pub(crate) mod sync;
+    pub mod sys;
+}
+
+/// What moves a call through shared memory: the request ring, the reply mailboxes, the
+/// heap allocator for large messages, and waiting (spin, yield or sleep).
+pub mod channel {
+    pub mod heap;
+    pub mod mailbox;
+    pub mod ring;
+    pub mod wait;
+}
+
+/// A connection to the bus: the control protocol and socket, joining and rejoining after a
+/// broker restart, routing (`bus`), a connection's mailboxes and its circuit breakers.
+pub mod session {
+    pub mod breaker;
+    pub mod bus;
+    pub(crate) mod connect;
+    pub(crate) mod control;
+    pub mod dirs;
+    pub(crate) mod pool;
+    pub mod proto;
+}
+
+/// Calling: the call path, failover, stalls, `submit` (in `call/mod.rs`), async calls.
+pub mod call;
+
+/// Serving: registering instances and their serving loops.
+pub mod serve {
+    pub mod instance;
+}
+
 #[doc(hidden)]
 #[cfg(not(loom))]
 pub mod fuzzing;
-pub mod heap;
-pub mod instance;
-pub mod layout;
-pub mod mailbox;
-pub mod names;
-mod pool;
-pub mod proto;
-pub mod ring;
-mod sync;
-pub mod sys;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
-pub mod wait;
+
+// The paths users and the other crates of the workspace name.
+pub use channel::{heap, mailbox, ring, wait};
+pub use serve::instance;
+pub use session::{breaker, bus, dirs, proto};
+pub use shm::{layout, sys};
 
 pub use breaker::CircuitBreaker;
 pub use bus::{Bus, BusOptions, CallInfo, ResourceOwner, Selection};
-pub use call::{CallOptions, Interrupt, Pending, Reply};
-pub use error::{Attempt, Error, Result, ServiceError};
 #[cfg(feature = "async")]
-pub use future::EventFd;
+pub use call::future::EventFd;
+pub use call::{CallContext, CallOptions, Interrupt, Pending, Reply};
+pub use error::{Attempt, Error, Result, ServiceError};
 pub use instance::{Instance, Receiver, RegisterOptions, Request, StopHandle};
-pub use layout::Status;
+pub use model::Status;
 pub use proto::{
     BulkMode, BulkOptions, BulkReport, Heartbeat, InstanceHealth, InstanceInfo, ResourceInfo,
     ResourceMetadata, ResourcePage, ResourceQuery, ResourceSpec, ServiceConfig, ServiceInfo,
     Transition,
 };
+pub use trace::TraceContext;
 pub use wait::Spin;

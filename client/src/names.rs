@@ -1,7 +1,7 @@
 //! Validation of everything a user names: services, instance ids, methods.
 
 use crate::error::{Error, Result};
-use crate::layout::{MAX_METHOD, MAX_NAME, MAX_RESOURCE_ID};
+use crate::model::{MAX_METHOD, MAX_NAME, MAX_RESOURCE_ID};
 
 /// Checks a name: 1..=`max` bytes of UTF-8 with no control characters or whitespace.
 /// `what` names the thing in the error ("service name", "instance id", …).

@@ -159,7 +159,7 @@ thread_local! {
     /// between `aegis_receiver_next` and its reply: a call made meanwhile is a nested call,
     /// one hop further on the same trace, so services calling each other in a loop end in
     /// `AEGIS_LOOP_DETECTED`.
-    static CURRENT: std::cell::Cell<Option<(u8, u64)>> = const { std::cell::Cell::new(None) };
+    static CURRENT: std::cell::Cell<Option<aegis_client::CallContext>> = const { std::cell::Cell::new(None) };
 }
 
 fn set_error(text: String) {
@@ -424,6 +424,50 @@ pub unsafe extern "C" fn aegis_last_error(
     })
 }
 
+/// Copies the W3C `traceparent` of the request this thread is handling (in an
+/// `aegis_handler`, or between `aegis_receiver_next` and the reply) into `buf`, NUL-terminated
+/// (56 bytes); `*needed` gets that size. `AEGIS_BAD_REQUEST` when no request is being
+/// handled; `AEGIS_BUFFER_TOO_SMALL` if it does not fit. Calls made meanwhile continue it.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_current_traceparent(
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> aegis_status {
+    let Some(ctx) = CURRENT.with(|c| c.get()) else {
+        set_error("no request is being handled on this thread".into());
+        return AEGIS_BAD_REQUEST;
+    };
+    let mut text = ctx.trace.traceparent().into_bytes();
+    text.push(0);
+    // SAFETY: forwarded caller contract.
+    unsafe { copy_out(&text, buf as *mut u8, len, needed) }
+}
+
+/// Milliseconds until the caller of the request this thread is handling stops waiting
+/// (negative once past) into `*remaining_ms` (required). `AEGIS_BAD_REQUEST` when no
+/// request is being handled, `AEGIS_NO_REPLY` when its caller gave no deadline. Calls made
+/// meanwhile end by that deadline.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_current_deadline_ms(remaining_ms: *mut i64) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let out = need!(unsafe { remaining_ms.as_mut() }, "remaining_ms");
+    let Some(ctx) = CURRENT.with(|c| c.get()) else {
+        set_error("no request is being handled on this thread".into());
+        return AEGIS_BAD_REQUEST;
+    };
+    let Some(d) = ctx.deadline else {
+        set_error("the caller gave no deadline".into());
+        return AEGIS_NO_REPLY;
+    };
+    let now = std::time::Instant::now();
+    *out = match d.checked_duration_since(now) {
+        Some(left) => left.as_millis().min(i64::MAX as u128) as i64,
+        None => -(now.duration_since(d).as_millis().min(i64::MAX as u128) as i64),
+    };
+    AEGIS_OK
+}
+
 /// The code the handler answered with, after `AEGIS_REMOTE` on this thread.
 #[no_mangle]
 pub extern "C" fn aegis_last_remote_code() -> u16 {
@@ -548,6 +592,38 @@ pub unsafe extern "C" fn aegis_call_options_set_max_attempts(
     AEGIS_OK
 }
 
+/// Continues the W3C trace `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, e.g. from an
+/// incoming HTTP request) in calls made with these options; NULL starts a new trace per
+/// call again. A malformed value is `AEGIS_INVALID_ARGUMENT`, naming it.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_options_set_traceparent(
+    o: *mut aegis_call_options,
+    traceparent: *const c_char,
+) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    let o = need!(unsafe { o.as_mut() }, "options");
+    if traceparent.is_null() {
+        o.opts.trace = None;
+        o.opts.trace_id = None;
+        return AEGIS_OK;
+    }
+    // SAFETY: non-NULL, a NUL-terminated string (the header's contract).
+    let s = unsafe { CStr::from_ptr(traceparent) }.to_string_lossy();
+    match aegis_client::TraceContext::parse(&s) {
+        Some(t) => {
+            o.opts.trace = Some(t);
+            o.opts.trace_id = Some(t.id64());
+            AEGIS_OK
+        }
+        None => {
+            set_error(format!(
+                "'{s}' is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
+            ));
+            AEGIS_INVALID_ARGUMENT
+        }
+    }
+}
+
 /// Whether a request an instance took but did not answer may be sent to another one.
 #[no_mangle]
 pub unsafe extern "C" fn aegis_call_options_set_idempotent(
@@ -638,11 +714,7 @@ fn options<'a>(
     };
     match CURRENT.with(|c| c.get()) {
         None => given,
-        Some((hops, trace)) => nested.insert(CallOptions {
-            hops: hops.saturating_add(1),
-            trace_id: Some(trace),
-            ..given.clone()
-        }),
+        Some(ctx) => nested.insert(given.clone().within(&ctx)),
     }
 }
 
@@ -1225,7 +1297,7 @@ pub unsafe extern "C" fn aegis_serve(
                 max: req.max_reply(),
             };
             let p = req.payload();
-            let before = CURRENT.with(|c| c.replace(Some((req.hops(), req.trace_id()))));
+            let before = CURRENT.with(|c| c.replace(Some(req.context())));
             // SAFETY: the handler's contract: it reads `method` (NUL-terminated, 64 bytes at
             // most) and `payload`, and answers through `responder`, during this call only.
             unsafe {
@@ -1329,7 +1401,7 @@ pub unsafe extern "C" fn aegis_receiver_next(
                 *method = rx.method.as_ptr() as *const c_char;
                 *payload = req.payload().as_ptr();
                 *payload_len = req.payload().len();
-                CURRENT.with(|c| c.set(Some((req.hops(), req.trace_id()))));
+                CURRENT.with(|c| c.set(Some(req.context())));
                 rx.req = Some(req);
                 AEGIS_OK
             }

@@ -18,7 +18,7 @@ import threading
 from typing import Any, Iterable
 
 from ._native import Bus as _NativeBus
-from ._native import EventFd, Instance, PendingCall, Reply
+from ._native import EventFd, Instance, PendingCall, Reply, current_deadline, current_traceparent
 from .errors import (
     AegisError,
     BadRequest,
@@ -65,6 +65,8 @@ __all__ = [
     "ResourceNotFound",
     "ServiceError",
     "Timeout",
+    "current_deadline",
+    "current_traceparent",
 ]
 
 # How often an async call whose instance's ring is full (or whose connection has every

@@ -91,3 +91,9 @@ class Bus:
     def _services_json(self) -> str: ...
     def _service_json(self, name: str) -> str: ...
     def _resources_json(self, service: str | None = None, limit: int = 100, offset: int = 0) -> str: ...
+
+def current_traceparent() -> str | None:
+    """The W3C traceparent of the request this thread's handler runs (None outside one)."""
+
+def current_deadline() -> float | None:
+    """Seconds until the current request's caller stops waiting (None outside a handler)."""

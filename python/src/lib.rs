@@ -24,7 +24,7 @@ thread_local! {
     /// The request this thread's handler is running (hops, trace id): a call made from a
     /// handler is a nested call, one hop further on the same trace, so a loop of services
     /// calling each other ends in `LoopDetected` as it does from Rust.
-    static CURRENT: std::cell::Cell<Option<(u8, u64)>> = const { std::cell::Cell::new(None) };
+    static CURRENT: std::cell::Cell<Option<aegis_client::CallContext>> = const { std::cell::Cell::new(None) };
     /// The exception a signal handler raised while this thread's call slept (Ctrl-C's
     /// `KeyboardInterrupt`): raised when the call returns `Interrupted`.
     static SIGNALLED: RefCell<Option<PyErr>> = const { RefCell::new(None) };
@@ -164,7 +164,7 @@ fn bad_request(message: String) -> PyErr {
 
 /// Runs `f` with `req` as this thread's current request.
 fn within<R>(req: &Request<'_>, f: impl FnOnce() -> R) -> R {
-    let before = CURRENT.with(|c| c.replace(Some((req.hops(), req.trace_id()))));
+    let before = CURRENT.with(|c| c.replace(Some(req.context())));
     let r = f();
     CURRENT.with(|c| c.set(before));
     r
@@ -209,9 +209,8 @@ fn options(
     exclude: Vec<String>,
 ) -> PyResult<CallOptions> {
     let mut o = CallOptions::default();
-    if let Some((hops, trace)) = CURRENT.with(|c| c.get()) {
-        o.hops = hops.saturating_add(1);
-        o.trace_id = Some(trace);
+    if let Some(ctx) = CURRENT.with(|c| c.get()) {
+        o = o.within(&ctx);
     }
     if let Some(t) = timeout {
         o.timeout = seconds(t, "timeout")?;
@@ -936,8 +935,30 @@ fn resource_metadata(m: &Bound<'_, PyDict>) -> PyResult<ResourceMetadata> {
     Ok(r)
 }
 
+/// The W3C `traceparent` of the request this thread's handler is running (`None` outside
+/// a handler): its trace continues in the calls the handler makes.
+#[pyfunction]
+fn current_traceparent() -> Option<String> {
+    CURRENT.with(|c| c.get()).map(|ctx| ctx.trace.traceparent())
+}
+
+/// Seconds until the caller of the request this thread's handler is running stops waiting
+/// (negative once past; `None` outside a handler or when the caller set no deadline).
+/// Calls the handler makes end by then.
+#[pyfunction]
+fn current_deadline() -> Option<f64> {
+    let d = CURRENT.with(|c| c.get())?.deadline?;
+    let now = std::time::Instant::now();
+    Some(match d.checked_duration_since(now) {
+        Some(left) => left.as_secs_f64(),
+        None => -now.duration_since(d).as_secs_f64(),
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(current_traceparent, m)?)?;
+    m.add_function(wrap_pyfunction!(current_deadline, m)?)?;
     m.add_class::<Bus>()?;
     m.add_class::<Instance>()?;
     m.add_class::<Reply>()?;

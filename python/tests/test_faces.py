@@ -370,3 +370,31 @@ def test_mypy_strict_passes_on_the_package_and_a_typed_user_script(tmp_path: Pat
     pkg = ROOT / "python" / "aegis_ipc"  # the package's source: its .py files and stubs
     out, err, status = mypy.run(["--strict", str(pkg), str(script)])
     assert status == 0, out + err
+
+
+def test_a_handler_sees_its_caller_s_deadline_and_trace_and_nested_calls_continue_them(testbus):
+    bus = aegis_ipc.Bus.connect(testbus.dir)
+    back = bus.register("py-back", "b-1")
+    front = bus.register("py-front", "f-1")
+
+    def back_handler(method: str, payload: bytes) -> bytes:
+        left = aegis_ipc.current_deadline()
+        return f"{left:.3f} {aegis_ipc.current_traceparent()}".encode()
+
+    def front_handler(method: str, payload: bytes) -> bytes:
+        mine = aegis_ipc.current_traceparent()
+        # A long timeout of its own: the caller's deadline still bounds it.
+        nested = bus.call("py-back", "m", b"", timeout=60.0)
+        return f"{mine} {nested.payload.decode()}".encode()
+
+    serve_in_thread(back, back_handler)
+    serve_in_thread(front, front_handler)
+    assert aegis_ipc.current_traceparent() is None and aegis_ipc.current_deadline() is None
+    r = bus.call("py-front", "m", b"", timeout=2.0)
+    front_tp, left, back_tp = r.payload.decode().split(" ")
+    assert 0 < float(left) <= 2.0, f"the nested call's handler saw {left} s left, not the outer 2 s"
+    assert front_tp.startswith("00-") and len(front_tp) == 55
+    assert back_tp.split("-")[1] == front_tp.split("-")[1], "one trace across the nested call"
+    assert back_tp.split("-")[2] != front_tp.split("-")[2], "each call is its own span"
+    back.unregister()
+    front.unregister()

@@ -43,6 +43,17 @@ static void loop_handler(void *ctx, const char *method, const uint8_t *p, size_t
     }
 }
 
+/* "ctrace": answers "<ms left> <traceparent>" of the request it handles. */
+static void trace_handler(void *ctx, const char *method, const uint8_t *p, size_t n, aegis_responder *r) {
+    char tp[64] = "", out[128];
+    int64_t left = -1;
+    (void)ctx; (void)method; (void)p; (void)n;
+    if (aegis_current_traceparent(tp, sizeof tp, NULL) != AEGIS_OK) strcpy(tp, "none");
+    if (aegis_current_deadline_ms(&left) != AEGIS_OK) left = -1;
+    snprintf(out, sizeof out, "%lld %s", (long long)left, tp);
+    aegis_respond(r, (const uint8_t *)out, strlen(out));
+}
+
 struct serving { const aegis_instance *inst; aegis_handler h; };
 static void *serve_thread(void *arg) {
     struct serving *s = arg;
@@ -160,6 +171,31 @@ int main(void) {
     aegis_stop(lp);
     for (int i = 0; i < 11; i++) pthread_join(threads[i], NULL);
     aegis_instance_free(lp);
+
+    /* Deadline and trace context travel with the call; outside a handler there is none. */
+    char tp[64];
+    CHECK(aegis_current_traceparent(tp, sizeof tp, NULL) == AEGIS_BAD_REQUEST);
+    aegis_instance *tr = NULL;
+    CHECK(aegis_register(bus, "ctrace", "t-1", NULL, 0, &tr) == AEGIS_OK);
+    struct serving st2 = {tr, trace_handler};
+    CHECK(pthread_create(&threads[0], NULL, serve_thread, &st2) == 0);
+    aegis_call_options *to = aegis_call_options_new();
+    CHECK(aegis_call_options_set_traceparent(to, "not-a-traceparent") == AEGIS_INVALID_ARGUMENT);
+    CHECK(aegis_call_options_set_traceparent(to, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01") == AEGIS_OK);
+    aegis_call_options_set_timeouts(to, 1500, 1500);
+    char tbuf[128] = "";
+    CHECK(aegis_call(bus, "ctrace", "m", NULL, 0, to, (uint8_t *)tbuf, sizeof tbuf - 1, &len) == AEGIS_OK);
+    tbuf[len] = 0;
+    long long left = -2;
+    char seen[64] = "";
+    CHECK(sscanf(tbuf, "%lld %63s", &left, seen) == 2);
+    printf("trace: %s\n", tbuf);
+    CHECK(left > 0 && left <= 1500);
+    CHECK(strncmp(seen, "00-4bf92f3577b34da6a3ce929d0e0e4736-", 36) == 0 && strlen(seen) == 55);
+    aegis_call_options_free(to);
+    aegis_stop(tr);
+    pthread_join(threads[0], NULL);
+    aegis_instance_free(tr);
 
     aegis_bus_free(bus);
     printf("all C faces hold\n");

@@ -458,11 +458,11 @@ pub fn start_bridge(bus: &TestBus, nats: &str, name: &str, extra: &[&str]) -> Gu
 }
 
 /// A raw control connection (its own Hello): the attacker speaks the protocol directly.
-pub struct Raw(pub UnixStream);
+pub struct Raw(pub UnixStream, pub Vec<std::os::fd::OwnedFd>);
 
 impl Raw {
     pub fn connect(dir: &Path) -> std::io::Result<Raw> {
-        let mut r = Raw(UnixStream::connect(dir.join("control.sock"))?);
+        let mut r = Raw(UnixStream::connect(dir.join("control.sock"))?, Vec::new());
         r.0.set_read_timeout(Some(DEADLINE))?;
         let hello = Request::Hello {
             protocol: proto::PROTOCOL_VERSION,
@@ -471,9 +471,13 @@ impl Raw {
             resume: None,
             secret: 42,
         };
-        match r.ask(&hello)? {
-            Response::Welcome { .. } => Ok(r),
-            other => Err(std::io::Error::other(format!("{other:?}"))),
+        match r.ask_fds(&hello)? {
+            (Response::Welcome { .. }, fds) => {
+                // Kept: the segments the broker handed this connection.
+                r.1 = fds;
+                Ok(r)
+            }
+            (other, _) => Err(std::io::Error::other(format!("{other:?}"))),
         }
     }
 

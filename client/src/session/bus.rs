@@ -16,19 +16,20 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::control::{expect_fds, ControlConn};
+use crate::channel::heap::HeapAlloc;
+use crate::channel::wait::Spin;
 use crate::error::{Error, Result};
-use crate::heap::HeapAlloc;
-use crate::layout::{
-    self, ClientSeg, InstanceSeg, RegistryView, ServiceEntry, SharedView, Status, MAX_MEMBERS,
-};
 use crate::names;
-use crate::pool::MailboxPool;
-use crate::proto::{
+use crate::session::control::{expect_fds, ControlConn};
+use crate::session::pool::MailboxPool;
+use crate::session::proto::{
     BulkOptions, BulkReport, Request, ResourcePage, ResourceQuery, Response, ServiceInfo,
 };
-use crate::sync::Ordering;
-use crate::wait::Spin;
+use crate::shm::layout::{
+    self, CallerSeg, ClientSeg, InstanceSeg, RegistryView, ServiceEntry, SharedView, Status,
+    MAX_MEMBERS,
+};
+use crate::shm::sync::Ordering;
 
 /// How a process joins the bus.
 #[derive(Debug, Clone)]
@@ -45,7 +46,7 @@ pub struct BusOptions {
     /// to these. A broker running as anyone else is refused: it would be handed our
     /// requests and could give us anyone's memory as a "segment".
     pub broker_uids: Vec<u32>,
-    /// This connection's per-service circuit breaker (see [`crate::breaker`]): by default
+    /// This connection's per-service circuit breaker (see [`crate::session::breaker`]): by default
     /// 5 timed-out calls in a row open it for 30 s.
     pub circuit_breaker: crate::CircuitBreaker,
 }
@@ -105,11 +106,15 @@ pub(crate) struct Session {
     pub epoch: u64,
     /// The broker's default maximum message.
     pub max_message: u64,
+    /// Our breakers and failure counters, by this run's service indices (only we and the
+    /// broker map it).
+    pub stats: CallerSeg,
 }
 
 impl Session {
     /// Opens what a broker's `Welcome` hands over: the session, this client's (index, gen),
-    /// and the descriptors (registry, shared, client segment).
+    /// and the descriptors (registry, shared, client segment; the caller segment, last,
+    /// is opened into the session).
     pub(crate) fn from_welcome(
         resp: Response,
         fds: Vec<OwnedFd>,
@@ -125,7 +130,8 @@ impl Session {
         else {
             return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
         };
-        let fds = expect_fds(fds, 3, "Welcome")?;
+        let mut fds = expect_fds(fds, 4, "Welcome")?;
+        let stats = CallerSeg::open(&fds.pop().expect("four descriptors"), bus_epoch)?;
         let registry = RegistryView::open(&fds[0], false)?;
         if registry.epoch != bus_epoch || registry.layout.max_services != max_services {
             return Err(Error::Protocol(
@@ -139,6 +145,7 @@ impl Session {
                 shared,
                 epoch: bus_epoch,
                 max_message,
+                stats,
             },
             client,
             gen,
@@ -350,9 +357,11 @@ pub(crate) struct BusInner {
     pub(crate) gave_up_at: StdAtomicU64,
     pub opts: BusOptions,
     pub pid: u32,
-    /// [`crate::sys::fork_generation`] when connected (see [`BusInner::not_forked`]).
+    /// [`crate::shm::sys::fork_generation`] when connected (see [`BusInner::not_forked`]).
     pub(crate) forks: u64,
     pub(crate) trace_seq: StdAtomicU64,
+    /// The high 64 bits of the W3C trace ids of calls this connection starts (random).
+    pub(crate) trace_hi: u64,
     /// Consecutive timeouts per (instance, incarnation), and how many entries (fast check).
     pub(crate) timeouts: Mutex<HashMap<(u32, u64), u32>>,
     pub(crate) timeouts_pending: AtomicUsize,
@@ -362,7 +371,7 @@ pub(crate) struct BusInner {
     pub(crate) stalled_pending: AtomicUsize,
     /// Futures waiting for replies (feature `async`).
     #[cfg(feature = "async")]
-    pub(crate) async_waiters: crate::doorbell::AsyncWaiters,
+    pub(crate) async_waiters: crate::call::doorbell::AsyncWaiters,
 }
 
 /// A registration this connection restores after a broker restart (an instance). Held
@@ -416,9 +425,9 @@ fn file_batch<K: Copy + PartialEq + std::fmt::Debug, S>(
 /// `wait_registry_change`), so they move on to the registry that replaced it.
 fn wake_registry_waiters(sess: &Session) {
     let reg = &sess.registry;
-    let _ = crate::sys::futex_wake(&reg.control().generation, u32::MAX);
+    let _ = crate::shm::sys::futex_wake(&reg.control().generation, u32::MAX);
     for e in (0..reg.layout.max_services).filter_map(|i| reg.service(i)) {
-        let _ = crate::sys::futex_wake(&e.generation, u32::MAX);
+        let _ = crate::shm::sys::futex_wake(&e.generation, u32::MAX);
     }
 }
 
@@ -547,10 +556,10 @@ impl Bus {
                     if now != seen || left.is_zero() {
                         return now;
                     }
-                    let _ = crate::sys::futex_wait(
+                    let _ = crate::shm::sys::futex_wait(
                         &e.generation,
                         seen,
-                        Some(left.min(crate::wait::recheck(WAIT_SLICE))),
+                        Some(left.min(crate::channel::wait::recheck(WAIT_SLICE))),
                     );
                 }
                 None => {
@@ -571,7 +580,10 @@ impl Bus {
 
     /// Instances with their state and recent transitions (asks the broker); departed
     /// instances are listed `Offline` after the live ones.
-    pub fn health(&self, service: Option<&str>) -> Result<Vec<crate::proto::InstanceHealth>> {
+    pub fn health(
+        &self,
+        service: Option<&str>,
+    ) -> Result<Vec<crate::session::proto::InstanceHealth>> {
         let req = Request::Health {
             service: service.map(str::to_owned),
         };
@@ -607,8 +619,11 @@ impl Bus {
             if now != seen || left.is_zero() || !std::ptr::eq(sess, start) {
                 return now;
             }
-            let _ =
-                crate::sys::futex_wait(g, seen, Some(left.min(crate::wait::recheck(WAIT_SLICE))));
+            let _ = crate::shm::sys::futex_wait(
+                g,
+                seen,
+                Some(left.min(crate::channel::wait::recheck(WAIT_SLICE))),
+            );
         }
     }
 
@@ -965,7 +980,7 @@ impl BusInner {
     /// are the parent's, and using them would race with the parent's own calls.
     #[inline]
     pub(crate) fn not_forked(&self) -> Result<()> {
-        if crate::sys::forks_seen() != self.forks {
+        if crate::shm::sys::forks_seen() != self.forks {
             return Err(Error::Forked("this connection"));
         }
         Ok(())
@@ -977,7 +992,7 @@ impl Drop for BusInner {
         // A fork child's copy shares the parent's stop eventfd: signalling it would stop the
         // parent's supervisor.
         if self.not_forked().is_ok() {
-            let _ = crate::sys::eventfd_signal(&self.stop_fd);
+            let _ = crate::shm::sys::eventfd_signal(&self.stop_fd);
         }
         // SAFETY: the last reference to the Bus is going away, so no reader remains; each
         // pointer came from `Box::into_raw` and is freed exactly once here.

@@ -3,26 +3,32 @@
 //! (timeouts, instances that leave or stall, requests in doubt).
 //!
 //! A call never passes through the broker: the caller picks an instance from the registry
-//! (lock-free, [`crate::bus`]), writes the request into that instance's ring
-//! ([`crate::ring`]), and waits ([`crate::wait`]) on one of its own mailboxes
-//! ([`crate::mailbox`]) for the reply.
+//! (lock-free, [`crate::session::bus`]), writes the request into that instance's ring
+//! ([`crate::channel::ring`]), and waits ([`crate::channel::wait`]) on one of its own mailboxes
+//! ([`crate::channel::mailbox`]) for the reply.
 
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "async")]
+pub(crate) mod doorbell;
+#[cfg(feature = "async")]
+pub(crate) mod future;
+
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::breaker;
-use crate::bus::{Bus, BusInner, CallInfo, Selection, Session};
+use crate::channel::mailbox::{self, Cancel, Target, Wait};
+use crate::channel::ring::RingRef;
+use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
 use crate::error::{code, Attempt, Error, Result};
-use crate::layout::{
+use crate::names;
+use crate::session::breaker;
+use crate::session::bus::{Bus, BusInner, CallInfo, Selection, Session};
+use crate::session::proto::Request;
+use crate::shm::layout::{
     InstanceSeg, MsgHeader, RegistryView, ServiceEntry, Status, PAYLOAD_HEAP, PAYLOAD_INLINE,
 };
-use crate::mailbox::{self, Cancel, Target, Wait};
-use crate::names;
-use crate::proto::Request;
-use crate::ring::RingRef;
-use crate::sync::Ordering;
-use crate::wait::{Backoff, Seats, Spin, Waiter};
+use crate::shm::sync::Ordering;
+use crate::trace::TraceContext;
 
 /// Default [`CallOptions::stall_bound`]: four liveness checks of a sleeping caller, far
 /// below the heartbeat timeout that would otherwise take a stuck instance out of routing.
@@ -50,8 +56,15 @@ pub struct CallOptions {
     pub hops: u8,
     /// More hops than this is `LoopDetected`.
     pub max_hops: u8,
-    /// Trace id carried to the instance; `None` makes a fresh one.
+    /// Trace id carried to the instance; `None` makes a fresh one. Superseded by `trace`
+    /// when that is set (this is its low 64 bits).
     pub trace_id: Option<u64>,
+    /// The W3C trace context to continue (a new span of that trace is made for the call);
+    /// `None` starts a trace (or continues `trace_id`).
+    pub trace: Option<TraceContext>,
+    /// A deadline for the whole call besides `timeout` (the earlier one holds): a call
+    /// made while handling a request inherits the request's ([`CallOptions::nested`]).
+    pub deadline: Option<Instant>,
     /// How long an instance may make no progress while our request waits in its ring,
     /// untaken, before the request is withdrawn and sent to another instance (it never
     /// ran, so this is safe without `idempotent`). Calls from this process then avoid the
@@ -89,6 +102,8 @@ impl Default for CallOptions {
             hops: 0,
             max_hops: 8,
             trace_id: None,
+            trace: None,
+            deadline: None,
             stall_bound: DEFAULT_STALL_BOUND,
             interrupt: None,
         }
@@ -105,14 +120,39 @@ impl CallOptions {
         }
     }
 
-    /// Options for a call made while handling `req`: one more hop, the same trace id.
+    /// Options for a call made while handling `req`: one more hop, the same trace, and
+    /// no later than the request's deadline.
     pub fn nested(req: &crate::Request<'_>) -> CallOptions {
-        CallOptions {
-            hops: req.hops().saturating_add(1),
-            trace_id: Some(req.trace_id()),
-            ..Default::default()
-        }
+        CallOptions::default().within(&req.context())
     }
+
+    /// These options for a call made while handling the request `ctx` describes.
+    pub fn within(mut self, ctx: &CallContext) -> CallOptions {
+        self.hops = ctx.hops.saturating_add(1);
+        self.trace = Some(ctx.trace);
+        self.trace_id = Some(ctx.trace.id64());
+        self.deadline = match (self.deadline, ctx.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self
+    }
+
+    /// When the whole call ends if it started at `start`.
+    fn call_deadline(&self, start: Instant) -> Instant {
+        let d = start + self.timeout;
+        self.deadline.map_or(d, |x| d.min(x))
+    }
+}
+
+/// What a call made while handling a request takes from it: hops, trace and deadline
+/// ([`crate::Request::context`]; the C and Python faces keep one per serving thread).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallContext {
+    pub hops: u8,
+    pub trace: TraceContext,
+    /// When the request's caller stops waiting for the reply.
+    pub deadline: Option<Instant>,
 }
 
 /// A reply and who sent it.
@@ -282,7 +322,7 @@ impl Bus {
                 .ok_or_else(|| Error::NoAvailableInstance {
                     service: service.to_owned(),
                 })?;
-        let stats = inner.client.caller_stats(svc_idx);
+        let stats = sess.stats.caller_stats(svc_idx);
         let cfg = &inner.opts.circuit_breaker;
         if let Err(e) = breaker::admit(cfg, stats, svc, service) {
             breaker::record(cfg, stats, svc, service, 0, Some(&e));
@@ -322,9 +362,9 @@ impl Bus {
         };
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
         check_size(service, payload, max)?;
-        let total = start + opts.timeout;
+        let total = opts.call_deadline(start);
         // One trace id for the whole call: every attempt carries it, and so does its error.
-        let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
+        let trace = inner.trace_of(opts);
         let timed_out = |attempts| Error::Timeout {
             service: service.to_owned(),
             elapsed: start.elapsed(),
@@ -490,14 +530,14 @@ impl Bus {
         let service = std::str::from_utf8(&name[..len]).unwrap_or("?");
         check_size(service, payload, max)?;
         check_options(opts)?;
-        let stats = inner.client.caller_stats(svc_idx);
+        let stats = inner.session().stats.caller_stats(svc_idx);
         let cfg = &inner.opts.circuit_breaker;
         if let Err(e) = breaker::admit(cfg, stats, svc, service) {
             breaker::record(cfg, stats, svc, service, 0, Some(&e));
             return Err(e);
         }
-        let deadline = start + opts.timeout.min(opts.attempt_timeout);
-        let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
+        let deadline = opts.call_deadline(start).min(start + opts.attempt_timeout);
+        let trace = inner.trace_of(opts);
         let r = match inner.attempt(
             inner.session(),
             target,
@@ -563,7 +603,7 @@ impl Bus {
             Ok(p) => Ok(Some(p)),
             Err(Submit::Failed(e)) => Err(e),
             Err(Submit::RingFull(e)) => {
-                if Instant::now() >= start + opts.timeout.min(opts.attempt_timeout) {
+                if Instant::now() >= opts.call_deadline(start).min(start + opts.attempt_timeout) {
                     tracing::warn!(target: "aegis_ipc::route", "call failed: {e}");
                     Err(e)
                 } else {
@@ -602,7 +642,7 @@ impl Bus {
         // counted (see `breaker`).
         breaker::admit(
             &inner.opts.circuit_breaker,
-            inner.client.caller_stats(svc_idx),
+            sess.stats.caller_stats(svc_idx),
             svc,
             service,
         )?;
@@ -614,8 +654,8 @@ impl Bus {
             })
             .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip))
             .ok_or_else(no_instance)?;
-        let deadline = start + opts.timeout.min(opts.attempt_timeout);
-        let trace = opts.trace_id.unwrap_or_else(|| inner.next_trace_id());
+        let deadline = opts.call_deadline(start).min(start + opts.attempt_timeout);
+        let trace = inner.trace_of(opts);
         if !wait_for_room && !inner.pool.may_have_free() {
             // Every mailbox holds a call in flight: an event loop comes back when one is done.
             return Err(Submit::RingFull(Error::LimitExceeded(format!(
@@ -634,6 +674,7 @@ impl Bus {
             payload,
             opts,
             (claim_until, trace, start),
+            deadline,
             &mut None,
         ) {
             Err(Failed::NotDelivered(why)) if !wait_for_room && why == RING_FULL => {
@@ -884,6 +925,23 @@ impl BusInner {
         self.nonce_key.hash_one(n)
     }
 
+    /// The trace id (low 64 bits) a call with `opts` carries.
+    fn trace_of(&self, opts: &CallOptions) -> u64 {
+        opts.trace
+            .map(|t| t.id64())
+            .or(opts.trace_id)
+            .unwrap_or_else(|| self.next_trace_id())
+    }
+
+    /// A fresh W3C span id (never 0).
+    fn next_span_id(&self) -> u64 {
+        use std::hash::BuildHasher;
+        let n = self
+            .nonce_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.nonce_key.hash_one((n, "span")) | 1
+    }
+
     fn next_trace_id(&self) -> u64 {
         (self.pid as u64) << 40
             | (self
@@ -906,7 +964,7 @@ impl BusInner {
         out: &mut Vec<u8>,
     ) -> Result<(), Failed> {
         let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
-        let sent = self.send(seg, method, payload, opts, stamp, &mut watch)?;
+        let sent = self.send(seg, method, payload, opts, stamp, stamp.0, &mut watch)?;
         let how = (opts.spin, opts.interrupt.as_ref());
         self.wait_sent(routed_with, seg, sent, how, stamp.0, watch, out)
     }
@@ -920,9 +978,11 @@ impl BusInner {
     }
 
     /// Writes the request into the instance's ring (waiting for a slot while the ring is
-    /// full, until `deadline` or until `watch` sees the instance stalled). `sent_at` is the
+    /// full, until `deadline` or until `watch` sees the instance stalled); `reply_by`, when
+    /// the caller stops waiting for the reply, travels in the header. `sent_at` is the
     /// call's last clock reading, stamped into the request for the instance's duration
     /// histogram (no clock read of its own here: the fast path has one per attempt).
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
         seg: &InstanceSeg,
@@ -930,6 +990,7 @@ impl BusInner {
         payload: &[u8],
         opts: &CallOptions,
         (deadline, trace, sent_at): (Instant, u64, Instant),
+        reply_by: Instant,
         watch: &mut Option<StallWatch<'_>>,
     ) -> Result<Sent, Failed> {
         let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
@@ -996,10 +1057,16 @@ impl BusInner {
             method_len: method.len() as u16,
             hops: opts.hops,
             kind: if inline { PAYLOAD_INLINE } else { PAYLOAD_HEAP },
-            _pad: 0,
+            trace_flags: opts.trace.map_or(0, |t| t.flags),
+            _pad: [0; 3],
             nonce,
             secret: self.secret,
             sent_ns: breaker::mono_ns(sent_at),
+            trace_hi: opts
+                .trace
+                .map_or(self.trace_hi, |t| (t.trace_id >> 64) as u64),
+            span_id: self.next_span_id(),
+            deadline_ns: breaker::mono_ns(reply_by),
         });
         let data = claim.data();
         data[..method.len()].copy_from_slice(method.as_bytes());
@@ -1187,7 +1254,7 @@ impl BusInner {
                 // SAFETY: `block` is at least HEAP_TAG bytes inside the mapping, 8-aligned
                 // (the heap starts on a page and `off` is a multiple of 8); an AtomicU64 is
                 // valid for any bits.
-                let tag = unsafe { &*(block as *const crate::sync::AtomicU64) };
+                let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
                 // SAFETY: `block + HEAP_TAG` is inside the same checked range.
                 (unsafe { block.add(HEAP_TAG as usize) }, Some(tag))
             }
@@ -1206,7 +1273,7 @@ impl BusInner {
             // instance puts between a heap block's new tag and its new bytes: if the copy
             // saw any byte of a later reply in a reused block, the tag below is that
             // reply's, not our call's.
-            crate::sync::fence(Ordering::Acquire);
+            crate::shm::sync::fence(Ordering::Acquire);
             if tag.load(Ordering::Relaxed) != nonce {
                 out.clear();
                 return Err(bad(
@@ -1228,7 +1295,7 @@ impl BusInner {
 }
 
 thread_local! {
-    /// A calling thread's learned spin budget ([`crate::wait::Backoff`]), kept across calls.
+    /// A calling thread's learned spin budget ([`crate::channel::wait::Backoff`]), kept across calls.
     static CALLER_BACKOFF: std::cell::Cell<Backoff> = std::cell::Cell::new(Backoff::default());
 }
 
@@ -1373,7 +1440,7 @@ enum Why {
 /// Watches an instance's progress word while a request of ours waits for it: the instance
 /// is stalled when the word has not moved for `bound`.
 struct StallWatch<'a> {
-    word: &'a crate::sync::AtomicU64,
+    word: &'a crate::shm::sync::AtomicU64,
     bound: Duration,
     progress: u64,
     since: Instant,
@@ -1421,7 +1488,7 @@ fn claim_slot<'a>(
     pid: u32,
     deadline: Instant,
     stall: &mut Option<StallWatch<'_>>,
-) -> Option<crate::ring::Claim<'a>> {
+) -> Option<crate::channel::ring::Claim<'a>> {
     let mut tries = 0u32;
     loop {
         if let Ok(c) = ring.try_claim(pid) {

@@ -12,8 +12,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::error::WireError;
-use crate::layout::Status;
+use crate::error::{code, Error, WireError};
+use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
 pub const PROTOCOL_VERSION: u32 = 5;
@@ -283,7 +283,7 @@ pub struct InstanceInfo {
     pub registered_at_ms: u64,
     pub metadata: Vec<(String, String)>,
     /// Its request-duration histogram: counts per bucket of
-    /// [`crate::layout::HISTOGRAM_BOUNDS_NS`] (the last over every bound), since it
+    /// [`crate::shm::layout::HISTOGRAM_BOUNDS_NS`] (the last over every bound), since it
     /// registered.
     #[serde(default)]
     pub durations: Vec<u64>,
@@ -296,7 +296,7 @@ pub struct ServiceInfo {
     pub slot_count: u32,
     pub max_message: u64,
     /// The connected callers' circuit breakers for this service, by state (each caller
-    /// has its own: see [`crate::breaker`]).
+    /// has its own: see [`crate::session::breaker`]).
     #[serde(default)]
     pub circuit_breaker: BreakerStates,
     pub instances: Vec<InstanceInfo>,
@@ -483,4 +483,22 @@ pub struct InstanceHealth {
     pub heartbeat: Heartbeat,
     /// Oldest first, the most recent few.
     pub transitions: Vec<Transition>,
+}
+
+impl ResourceFailure {
+    /// The failure as the error a single-id operation would return.
+    pub fn to_error(&self) -> Error {
+        match self.code {
+            code::CONFLICT => Error::ResourceConflict {
+                resource: self.id.clone(),
+                owner: self.owner.clone().unwrap_or_default(),
+            },
+            code::RESOURCE_NOT_FOUND => Error::ResourceNotFound {
+                resource: self.id.clone(),
+            },
+            code::NOT_OWNER => Error::NotOwner(self.reason.clone()),
+            code::LIMIT_EXCEEDED => Error::LimitExceeded(self.reason.clone()),
+            _ => Error::BadRequest(self.reason.clone()),
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //!
 //! State word ([`MailboxHeader::state`]): `generation << 8 | async << 5 | waiter << 4 |
 //! phase`. `waiter`: the caller sleeps on this word's futex; `async`: an async waiter
-//! sleeps on the connection's doorbell ([`crate::layout::ClientControl`]).
+//! sleeps on the connection's doorbell ([`crate::shm::layout::ClientControl`]).
 //!
 //! ```text
 //!  caller: arm            instance: take           instance: complete
@@ -23,10 +23,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::layout::MailboxHeader;
-use crate::sync::{AtomicU32, Ordering};
-use crate::sys;
-use crate::wait::{Poll, Waiter};
+use crate::channel::wait::{Poll, Waiter};
+use crate::shm::layout::MailboxHeader;
+use crate::shm::sync::{AtomicU32, Ordering};
+use crate::shm::sys;
 
 pub const FREE: u32 = 0;
 pub const PENDING: u32 = 1;
@@ -118,7 +118,7 @@ pub fn complete(mb: &MailboxHeader, gen: u32, nonce: u64, doorbell: &AtomicU32) 
     }
     if s & WAITER != 0 {
         let _ = sys::futex_wake(&mb.state, 1);
-        crate::wait::woke_a_sleeper();
+        crate::channel::wait::woke_a_sleeper();
     }
     if s & ASYNC != 0 {
         // SYNC POINT: this Release increment pairs with the doorbell thread's Acquire load
@@ -179,7 +179,7 @@ pub enum Target {
 pub const LIVENESS_CHECK: Duration = Duration::from_millis(5);
 
 /// Caller: waits for `READY` of generation `gen`: spins and yields as `waiter` decides
-/// ([`crate::wait`]), then sleeps on the state word (setting the waiter bit so the instance
+/// ([`crate::channel::wait`]), then sleeps on the state word (setting the waiter bit so the instance
 /// knows to wake it), re-checking the instance with `check()` every [`LIVENESS_CHECK`].
 pub fn wait_ready(
     mb: &MailboxHeader,
@@ -236,7 +236,7 @@ pub fn wait_ready(
             Target::Stalled => return Wait::Stalled,
             Target::Interrupted => return Wait::Interrupted,
         }
-        let recheck = crate::wait::recheck(LIVENESS_CHECK);
+        let recheck = crate::channel::wait::recheck(LIVENESS_CHECK);
         let _ = sys::futex_wait(&mb.state, armed, Some((deadline - now).min(recheck)));
     }
 }
@@ -365,9 +365,9 @@ mod tests {
         arm(m, 9, 99);
         let t = std::thread::spawn(move || {
             let mut w = Waiter::new(
-                crate::wait::Spin::Fixed(Duration::ZERO),
+                crate::channel::wait::Spin::Fixed(Duration::ZERO),
                 Default::default(),
-                crate::wait::Seats::none(),
+                crate::channel::wait::Seats::none(),
             );
             wait_ready(
                 m,
@@ -392,7 +392,7 @@ mod tests {
 #[cfg(loom)]
 mod loom_tests {
     use super::*;
-    use crate::sync::{AtomicU32, AtomicU64};
+    use crate::shm::sync::{AtomicU32, AtomicU64};
     use loom::sync::Arc;
 
     fn mailbox() -> MailboxHeader {
@@ -447,7 +447,7 @@ mod loom_tests {
     /// through a loom cell, so reading them is checked to happen after their writing.
     #[test]
     fn a_sleeping_caller_is_always_woken_and_sees_the_reply() {
-        use crate::wait::{Seats, Spin, Waiter};
+        use crate::channel::wait::{Seats, Spin, Waiter};
         use std::time::{Duration, Instant};
         loom::model(|| {
             let mb = Arc::new(mailbox());

@@ -3,7 +3,7 @@
 //! A future never spins and never blocks its executor's thread on a reply. When its reply
 //! is not there yet it registers its waker with the connection and flags its mailbox
 //! [`mailbox::ASYNC`]; the instance that completes such a mailbox rings the connection's
-//! *doorbell* (a futex word in the client segment, [`crate::layout::ClientControl`]) —
+//! *doorbell* (a futex word in the client segment, [`crate::shm::layout::ClientControl`]) —
 //! a syscall only when an async waiter sleeps. One doorbell thread per connection sleeps
 //! on that word and wakes the futures whose mailboxes are done; every
 //! [`mailbox::LIVENESS_CHECK`] without a ring it wakes them all, so each re-checks its
@@ -35,12 +35,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
-use crate::bus::{Bus, BusInner};
+use crate::call::doorbell::Wake;
 use crate::call::{CallOptions, Pending, Reply};
-use crate::doorbell::Wake;
+use crate::channel::mailbox;
 use crate::error::Result;
-use crate::mailbox;
-use crate::sync::Ordering;
+use crate::session::bus::{Bus, BusInner};
+use crate::shm::sync::Ordering;
 
 impl Bus {
     /// Calls `method` of `service` and awaits the reply: [`Bus::submit`] as a future (one
@@ -180,7 +180,7 @@ impl Bus {
 
     /// A new event fd of this connection, for one more event loop.
     pub fn new_event_fd(&self) -> Result<EventFd> {
-        let fd = crate::sys::eventfd()?;
+        let fd = crate::shm::sys::eventfd()?;
         start_doorbell_thread(&self.inner);
         Ok(EventFd(Arc::new(fd)))
     }
@@ -190,7 +190,7 @@ impl Bus {
 fn default_event_fd(inner: &Arc<BusInner>) -> Result<&Arc<OwnedFd>> {
     let w = &inner.async_waiters;
     if w.event_fd.get().is_none() {
-        let fd = crate::sys::eventfd()?;
+        let fd = crate::shm::sys::eventfd()?;
         let _ = w.event_fd.set(Arc::new(fd));
     }
     start_doorbell_thread(inner);
@@ -217,11 +217,11 @@ impl Pending<'_> {
         let (mb_idx, gen) = self.mailbox();
         if mb_idx == u32::MAX {
             // Already settled: say so at once.
-            crate::doorbell::signal(&fd);
+            crate::call::doorbell::signal(&fd);
             return;
         }
         if !arm(self.bus_inner(), mb_idx, gen, Wake::EventFd(fd.clone())) {
-            crate::doorbell::signal(&fd);
+            crate::call::doorbell::signal(&fd);
         }
     }
 }
@@ -308,12 +308,12 @@ fn doorbell_thread(weak: Weak<BusInner>) {
             w.wake();
         }
         for fd in &fds {
-            crate::doorbell::signal(fd);
+            crate::call::doorbell::signal(fd);
         }
         drop(fds);
         let before = std::time::Instant::now();
-        let period = crate::wait::recheck(mailbox::LIVENESS_CHECK);
-        let _ = crate::sys::futex_wait(bell, seen, Some(period));
+        let period = crate::channel::wait::recheck(mailbox::LIVENESS_CHECK);
+        let _ = crate::shm::sys::futex_wait(bell, seen, Some(period));
         rang = bell.load(Ordering::Relaxed) != seen || before.elapsed() < period;
         drop(inner);
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::proto::{self, Request, Response};
+use crate::session::proto::{self, Request, Response};
 
 /// Environment variable naming further broker uids to trust (comma-separated).
 pub const BROKER_UID_ENV: &str = "AEGIS_IPC_BROKER_UID";
@@ -18,7 +18,7 @@ const BROKER_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct ControlConn {
     stream: UnixStream,
     path: PathBuf,
-    /// [`crate::sys::fork_generation`] when connected: a child of a fork must not speak on
+    /// [`crate::shm::sys::fork_generation`] when connected: a child of a fork must not speak on
     /// its parent's socket (the broker would take it for the parent).
     forks: u64,
 }
@@ -57,7 +57,7 @@ impl ControlConn {
         Ok(ControlConn {
             stream,
             path: path.to_owned(),
-            forks: crate::sys::fork_generation(),
+            forks: crate::shm::sys::fork_generation(),
         })
     }
 
@@ -85,7 +85,7 @@ impl ControlConn {
         req: &Request,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<(Response, Vec<OwnedFd>)> {
-        if crate::sys::forks_seen() != self.forks {
+        if crate::shm::sys::forks_seen() != self.forks {
             return Err(Error::Forked("this connection"));
         }
         let f = proto::frame(req)?;

@@ -19,15 +19,15 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::bus::{Bus, BusInner, BusOptions, IndexMap, Session};
-use crate::control::ControlConn;
-use crate::dirs;
+use crate::channel::heap::HeapAlloc;
 use crate::error::Result;
-use crate::heap::HeapAlloc;
-use crate::layout;
-use crate::layout::ClientSeg;
-use crate::pool::MailboxPool;
-use crate::proto::{self, Request};
+use crate::session::bus::{Bus, BusInner, BusOptions, IndexMap, Session};
+use crate::session::control::ControlConn;
+use crate::session::dirs;
+use crate::session::pool::MailboxPool;
+use crate::session::proto::{self, Request};
+use crate::shm::layout;
+use crate::shm::layout::ClientSeg;
 
 /// How often a disconnected process tries to reach the broker again.
 pub const RETRY: Duration = Duration::from_millis(50);
@@ -50,7 +50,7 @@ impl Bus {
         let dir = opts.dir.clone().unwrap_or_else(dirs::client_dir);
         let mut control = ControlConn::connect(&dir.join(dirs::SOCKET), &opts.broker_uids)?;
         let mailboxes = opts.mailboxes.clamp(1, 1 << 16);
-        let secret = crate::sys::random_u64();
+        let secret = crate::shm::sys::random_u64();
         let (resp, fds) = control.request(&Request::Hello {
             protocol: proto::PROTOCOL_VERSION,
             layout: layout::LAYOUT_VERSION,
@@ -64,7 +64,7 @@ impl Bus {
         let pool = MailboxPool::new(client_seg.layout.mailboxes);
         let session = Box::new(session);
         let watch = control.watch_handle()?;
-        let stop_fd = crate::sys::eventfd()?;
+        let stop_fd = crate::shm::sys::eventfd()?;
         let stop_watch = stop_fd.try_clone()?;
         let client_fd = fds.pop().expect("three descriptors");
         let bus = Bus {
@@ -89,8 +89,9 @@ impl Bus {
                 gave_up_at: StdAtomicU64::new(u64::MAX),
                 opts,
                 pid: std::process::id(),
-                forks: crate::sys::fork_generation(),
+                forks: crate::shm::sys::fork_generation(),
                 trace_seq: StdAtomicU64::new(0),
+                trace_hi: crate::shm::sys::random_u64(),
                 secret,
                 nonce_key: std::hash::RandomState::new(),
                 nonce_seq: StdAtomicU64::new(0),

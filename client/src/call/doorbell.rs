@@ -1,6 +1,6 @@
 //! What a connection keeps for its async waiters (feature `async`): who waits for which
-//! mailbox, and the event fds. State only, shared by the connection ([`crate::bus`]) and the
-//! futures and doorbell thread ([`crate::future`]).
+//! mailbox, and the event fds. State only, shared by the connection ([`crate::session::bus`]) and the
+//! futures and doorbell thread ([`crate::call::future`]).
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 pub(crate) struct AsyncWaiters {
     pub(crate) waiting: Mutex<HashMap<u32, (u32, Wake)>>,
     /// Futures whose instance's ring was full: woken on the doorbell thread's next pass
-    /// (a reply rung, or at most [`crate::mailbox::LIVENESS_CHECK`] later) to try again.
+    /// (a reply rung, or at most [`crate::channel::mailbox::LIVENESS_CHECK`] later) to try again.
     pub(crate) room: Mutex<Vec<Waker>>,
     pub(crate) thread_started: AtomicBool,
     /// The connection's own event fd ([`crate::Bus::event_fd`], created on first use).
@@ -34,5 +34,5 @@ pub(crate) enum Wake {
 
 pub(crate) fn signal(fd: &OwnedFd) {
     // EAGAIN (the counter is at its maximum) still leaves the fd readable: nothing lost.
-    let _ = crate::sys::eventfd_signal(fd);
+    let _ = crate::shm::sys::eventfd_signal(fd);
 }

@@ -13,19 +13,23 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::bus::{Bus, Registration};
-use crate::control::expect_fds;
+use crate::channel::heap::HeapAlloc;
+use crate::channel::mailbox;
+use crate::channel::ring::{RingRef, Skip, Taken, KIND_ABORTED};
+use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
 use crate::error::{code, Error, Result, ServiceError};
-use crate::heap::HeapAlloc;
-use crate::layout::{ClientSeg, InstanceSeg, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
-use crate::mailbox;
 use crate::names;
-use crate::proto::{
+use crate::session::bus::{Bus, Registration};
+use crate::session::control::expect_fds;
+use crate::session::proto::{
     BulkOptions, BulkReport, Heartbeat, Request as Ctl, ResourceSpec, Response, ServiceConfig,
 };
-use crate::ring::{RingRef, Skip, Taken, KIND_ABORTED};
-use crate::sync::Ordering;
-use crate::wait::{Backoff, Seats, Spin, Waiter};
+use crate::shm::layout::{
+    ClientSeg, InstanceSeg, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE,
+};
+use crate::shm::sync::Ordering;
+use crate::trace::TraceContext;
+use crate::CallContext;
 
 /// How an instance registers and serves.
 #[derive(Debug, Clone)]
@@ -204,14 +208,20 @@ impl Instance {
                 return Ok(());
             };
             out.clear();
+            let traceparent = req.trace_context();
             match handler(&req, &mut out) {
                 // A reply over the maximum reached its caller as error 413; serving goes on.
                 Ok(()) => {
                     if let Err(e) = req.reply(&out) {
-                        tracing::warn!(service = %self.inner.service, instance = %self.inner.id, "{e}");
+                        tracing::warn!(service = %self.inner.service, instance = %self.inner.id,
+                            %traceparent, "{e}");
                     }
                 }
-                Err(e) => req.reply_error(e.code, &e.message)?,
+                Err(e) => {
+                    tracing::debug!(service = %self.inner.service, instance = %self.inner.id,
+                        %traceparent, code = e.code, "handler answered an error: {}", e.message);
+                    req.reply_error(e.code, &e.message)?
+                }
             }
         }
     }
@@ -424,7 +434,7 @@ impl InstanceInner {
                 incarnation,
                 resources: owned.into_iter().map(ResourceSpec::new).collect(),
                 options: BulkOptions {
-                    mode: crate::proto::BulkMode::ContinueOnError,
+                    mode: crate::session::proto::BulkMode::ContinueOnError,
                     ..Default::default()
                 },
             })?;
@@ -512,6 +522,10 @@ impl InstanceInner {
             trace_id: h.trace_id,
             hops: h.hops,
             sent_ns: h.sent_ns,
+            trace_hi: h.trace_hi,
+            span_id: h.span_id,
+            trace_flags: h.trace_flags,
+            deadline_ns: h.deadline_ns,
         };
         let shape = match request_shape(&h, t.data_len(), self.max_message) {
             Ok(s) => s,
@@ -609,10 +623,10 @@ impl InstanceInner {
                         .expect("allocator stays in the heap");
                     // SAFETY: `block` is `len` bytes of our heap, allocated to this reply,
                     // 64-aligned (the allocator's unit, on a page-aligned heap).
-                    let tag = unsafe { &*(block as *const crate::sync::AtomicU64) };
+                    let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
                     tag.store(d.nonce, Ordering::Relaxed);
                     // SYNC POINT: pairs with the caller's Acquire fence after its copy.
-                    crate::sync::fence(Ordering::Release);
+                    crate::shm::sync::fence(Ordering::Release);
                     // SAFETY: the bytes after the tag, inside the same allocated block.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
@@ -661,7 +675,7 @@ impl InstanceInner {
         // Timed after the reply is out: the caller does not wait for our clock read. A
         // stamp from the future (a lying caller) is not observed.
         if d.sent_ns != 0 {
-            if let Some(ns) = crate::sys::monotonic_ns().checked_sub(d.sent_ns) {
+            if let Some(ns) = crate::shm::sys::monotonic_ns().checked_sub(d.sent_ns) {
                 self.seg.durations().observe(ns);
             }
         }
@@ -705,8 +719,13 @@ struct Delivery {
     nonce: u64,
     trace_id: u64,
     hops: u8,
-    /// When the caller sent it ([`crate::layout::MsgHeader::sent_ns`]).
+    /// When the caller sent it ([`crate::shm::layout::MsgHeader::sent_ns`]).
     sent_ns: u64,
+    trace_hi: u64,
+    span_id: u64,
+    trace_flags: u8,
+    /// [`crate::shm::layout::MsgHeader::deadline_ns`].
+    deadline_ns: u64,
 }
 
 /// One serving thread's view of the ring, with buffers reused across requests.
@@ -861,7 +880,7 @@ impl<'a> Receiver<'a> {
         let dead = if pid == 0 {
             waited >= UNRECORDED_CLAIMER_GRACE
         } else {
-            crate::sys::process_gone(pid)
+            crate::shm::sys::process_gone(pid)
         };
         if !dead {
             return (None, true);
@@ -901,6 +920,44 @@ impl Request<'_> {
     /// Hops the request has made so far (nested calls pass `hops + 1` on).
     pub fn hops(&self) -> u8 {
         self.delivery.as_ref().map_or(0, |d| d.hops)
+    }
+    /// The caller's W3C trace context: its trace id, the span of its call, its flags.
+    pub fn trace_context(&self) -> TraceContext {
+        self.delivery
+            .as_ref()
+            .map_or_else(TraceContext::default, |d| TraceContext {
+                trace_id: (d.trace_hi as u128) << 64 | d.trace_id as u128,
+                span_id: d.span_id,
+                flags: d.trace_flags,
+            })
+    }
+    /// [`Request::trace_context`] as a `traceparent` header value.
+    pub fn traceparent(&self) -> String {
+        self.trace_context().traceparent()
+    }
+    /// When the caller stops waiting for the reply (its attempt's deadline), if it said:
+    /// work past it is wasted. Calls made with [`crate::CallOptions::nested`] end by it.
+    pub fn deadline(&self) -> Option<Instant> {
+        let ns = self.delivery.as_ref()?.deadline_ns;
+        if ns == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let now_ns = crate::shm::sys::monotonic_ns();
+        Some(match ns.checked_sub(now_ns) {
+            Some(ahead) => now + Duration::from_nanos(ahead),
+            None => now
+                .checked_sub(Duration::from_nanos(now_ns - ns))
+                .unwrap_or(now),
+        })
+    }
+    /// What a call made while handling this request inherits (hops, trace, deadline).
+    pub fn context(&self) -> CallContext {
+        CallContext {
+            hops: self.hops(),
+            trace: self.trace_context(),
+            deadline: self.deadline(),
+        }
     }
     /// Decodes a typed (bincode) payload; a failure is the caller's `BadRequest`.
     pub fn decode<T: DeserializeOwned>(&self) -> std::result::Result<T, ServiceError> {

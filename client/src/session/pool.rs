@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use parking_lot::Mutex;
 
-use crate::heap::HeapAlloc;
-use crate::layout::ClientSeg;
-use crate::{mailbox, sys};
+use crate::channel::heap::HeapAlloc;
+use crate::channel::mailbox;
+use crate::shm::layout::ClientSeg;
+use crate::shm::sys;
 
 /// A mailbox whose call timed out while the instance was running it.
 struct Quarantined {

@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::sync::AtomicU32;
+use crate::shm::sync::AtomicU32;
 
 /// Turns a `-1` return into the thread's `errno`.
 macro_rules! syscall {

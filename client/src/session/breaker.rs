@@ -9,7 +9,7 @@
 //! **The breaker is per caller (per [`crate::Bus`]), not per bus.** A shared word every
 //! caller could write would let one misbehaving process fail everyone's calls for 30 s;
 //! per caller, each process's breaker opens on what it saw itself, and the broker shows
-//! how many callers have it open ([`crate::proto::ServiceInfo::circuit_breaker`]).
+//! how many callers have it open ([`crate::session::proto::ServiceInfo::circuit_breaker`]).
 //!
 //! Rules (the seed's degradation rules): a call that fails because no instance answered in
 //! time (`Timeout`: every attempt it made failed), or because every instance the service
@@ -25,10 +25,10 @@
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
-use crate::layout::{
+use crate::shm::layout::{
     CallerStats, ServiceEntry, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN, ERROR_TYPES,
 };
-use crate::sync::Ordering::{Acquire, Relaxed, Release};
+use crate::shm::sync::Ordering::{Acquire, Relaxed, Release};
 
 /// Circuit-breaker settings of a connection ([`crate::BusOptions::circuit_breaker`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl Default for CircuitBreaker {
 /// value means the same in every process), without reading the clock again.
 pub(crate) fn mono_ns(t: Instant) -> u64 {
     static BASE: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
-    let &(base, base_ns) = BASE.get_or_init(|| (Instant::now(), crate::sys::monotonic_ns()));
+    let &(base, base_ns) = BASE.get_or_init(|| (Instant::now(), crate::shm::sys::monotonic_ns()));
     match t.checked_duration_since(base) {
         Some(d) => base_ns.saturating_add(d.as_nanos() as u64),
         None => base_ns.saturating_sub(base.duration_since(t).as_nanos() as u64),
@@ -75,8 +75,9 @@ pub(crate) fn admit(
     if state == BREAKER_CLOSED || cfg.failures == 0 {
         return Ok(());
     }
-    let open_since =
-        Duration::from_nanos(crate::sys::monotonic_ns().saturating_sub(s.opened_ns.load(Relaxed)));
+    let open_since = Duration::from_nanos(
+        crate::shm::sys::monotonic_ns().saturating_sub(s.opened_ns.load(Relaxed)),
+    );
     let moved = svc.generation.load(Relaxed) != s.opened_gen.load(Relaxed);
     if state == BREAKER_OPEN
         && (open_since >= cfg.open_for || moved)
@@ -152,7 +153,7 @@ pub(crate) fn record(
     if state == BREAKER_HALF_OPEN || (state == BREAKER_CLOSED && n >= cfg.failures) {
         // The generation is read before the clock: a change after it lets a probe through.
         s.opened_gen.store(svc.generation.load(Relaxed), Relaxed);
-        s.opened_ns.store(crate::sys::monotonic_ns(), Relaxed);
+        s.opened_ns.store(crate::shm::sys::monotonic_ns(), Relaxed);
         // SYNC POINT: Release pairs with the Acquire load in `admit`.
         s.breaker.store(BREAKER_OPEN, Release);
         tracing::warn!(target: "aegis_ipc::route", service, failures = n,
@@ -163,7 +164,7 @@ pub(crate) fn record(
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::layout::ShmSafe;
+    use crate::shm::layout::ShmSafe;
 
     fn zeroed<T: ShmSafe>() -> Box<T> {
         // SAFETY: `ShmSafe` types are valid for every bit pattern, zero included.

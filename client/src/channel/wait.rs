@@ -57,8 +57,8 @@ use std::sync::atomic::AtomicU64 as StdAtomicU64;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::layout::SpinSeat;
-use crate::sync::{spin_hint, Ordering};
+use crate::shm::layout::SpinSeat;
+use crate::shm::sync::{spin_hint, Ordering};
 
 /// How a waiting thread spends the time before it sleeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -369,7 +369,7 @@ impl<'a> Seats<'a> {
         }
         for s in self.seats {
             let pid = s.holder.load(Ordering::Relaxed);
-            if pid != 0 && pid != own_pid() && !crate::sys::process_exists(pid) {
+            if pid != 0 && pid != own_pid() && !crate::shm::sys::process_exists(pid) {
                 let _ = s
                     .holder
                     .compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
@@ -606,7 +606,7 @@ mod tests {
     fn seats_are_limited_and_freed_on_drop() {
         let all: Vec<SpinSeat> = (0..4)
             .map(|_| SpinSeat {
-                holder: crate::sync::AtomicU32::new(0),
+                holder: crate::shm::sync::AtomicU32::new(0),
             })
             .collect();
         let seats = Seats { seats: &all[..2] };
@@ -622,7 +622,7 @@ mod tests {
     fn a_seat_held_by_a_dead_process_is_reclaimed() {
         let all: Vec<SpinSeat> = (0..1)
             .map(|_| SpinSeat {
-                holder: crate::sync::AtomicU32::new(0),
+                holder: crate::shm::sync::AtomicU32::new(0),
             })
             .collect();
         // A pid that cannot exist (above pid_max's hard limit of 2^22).

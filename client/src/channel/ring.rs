@@ -22,10 +22,10 @@
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use crate::layout::{MsgHeader, RingIndices, SlotHeader};
-use crate::sync::{fence, Ordering};
-use crate::sys;
-use crate::wait::{Poll, Waiter};
+use crate::channel::wait::{Poll, Waiter};
+use crate::shm::layout::{MsgHeader, RingIndices, SlotHeader};
+use crate::shm::sync::{fence, Ordering};
+use crate::shm::sys;
 
 /// A ring seen through one process's mapping.
 #[derive(Clone, Copy)]
@@ -54,7 +54,7 @@ pub enum Skip<'a> {
     Raced,
 }
 
-impl crate::layout::InstanceSeg {
+impl crate::shm::layout::InstanceSeg {
     /// The request ring of this instance segment.
     pub fn ring(&self) -> RingRef<'_> {
         // SAFETY: the segment's layout was validated when it was opened (`InstanceSeg::open`)
@@ -314,7 +314,7 @@ impl<'a> RingRef<'a> {
         if self.idx.sleepers.load(Ordering::Relaxed) > 0 {
             self.idx.wake.fetch_add(1, Ordering::Relaxed);
             let _ = sys::futex_wake(&self.idx.wake, 1);
-            crate::wait::woke_a_sleeper();
+            crate::channel::wait::woke_a_sleeper();
         }
     }
 
@@ -325,7 +325,7 @@ impl<'a> RingRef<'a> {
     }
 
     /// Waits until a message may be available, `stop()` says so, or `timeout` passes:
-    /// spins and yields as `waiter` decides ([`crate::wait`]), then sleeps on the futex.
+    /// spins and yields as `waiter` decides ([`crate::channel::wait`]), then sleeps on the futex.
     /// Returns whether a message is visible.
     pub fn wait(
         &self,
@@ -526,7 +526,7 @@ impl Drop for Taken<'_> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::layout::MsgHeader;
+    use crate::shm::layout::MsgHeader;
 
     #[repr(C, align(128))]
     struct Storage {
@@ -877,7 +877,7 @@ mod loom_tests {
     /// the futex model that never times out.
     #[test]
     fn a_sleeping_consumer_is_always_woken_by_a_publish() {
-        use crate::wait::{Seats, Spin, Waiter};
+        use crate::channel::wait::{Seats, Spin, Waiter};
         loom::model(|| {
             let s = shared();
             let base = s.slots.as_ptr() as *mut u8;

@@ -1,0 +1,246 @@
+//! A connected process's segments: the client segment (reply mailboxes, request heap)
+//! and its caller segment (breakers and failure counters, mapped by it and the broker only).
+
+use std::mem::size_of;
+use std::os::fd::OwnedFd;
+
+use super::*;
+use crate::shm::sync::{AtomicU32, AtomicU64};
+
+// Client segment: reply mailboxes and the request heap.
+
+/// Mailbox state word: `generation << 8 | waiter << 4 | phase`.
+///
+/// SYNC POINT: the instance publishes a reply with a Release swap to `READY`; the caller
+/// reads the reply after an Acquire load that sees `READY`.
+#[repr(C, align(64))]
+pub struct MailboxHeader {
+    pub state: AtomicU32,
+    /// 0 on success, else an error code (see `error::Code`).
+    pub status: AtomicU32,
+    /// Registry index of the instance that took the request.
+    pub instance: AtomicU32,
+    pub reply_kind: AtomicU32,
+    pub reply_len: AtomicU64,
+    /// Offset in the instance's heap when `reply_kind == PAYLOAD_HEAP`.
+    pub heap_off: AtomicU64,
+    pub incarnation: AtomicU64,
+    /// The current call's nonce ([`MsgHeader::nonce`]), written by the caller before it
+    /// arms the mailbox.
+    pub nonce: AtomicU64,
+    /// Pid of the process that took the request (written before its take): a caller whose
+    /// call timed out keeps the mailbox quarantined while that process lives.
+    pub taker_pid: AtomicU32,
+    pub _pad: u32,
+}
+// SAFETY: repr(C), atomics only.
+unsafe impl ShmSafe for MailboxHeader {}
+
+/// The client segment's control words, in the 64 bytes after its header.
+#[repr(C, align(64))]
+pub struct ClientControl {
+    /// Bumped (and futex-woken) by an instance that completes a mailbox an async waiter
+    /// sleeps on (`mailbox::ASYNC`): the connection's doorbell thread waits on it.
+    pub doorbell: AtomicU32,
+}
+// SAFETY: repr(C), one atomic.
+unsafe impl ShmSafe for ClientControl {}
+
+/// Circuit-breaker states ([`CallerStats::breaker`]).
+pub const BREAKER_CLOSED: u32 = 0;
+pub const BREAKER_OPEN: u32 = 1;
+pub const BREAKER_HALF_OPEN: u32 = 2;
+
+/// The `error_type` label of each [`CallerStats::errors`] counter.
+pub const ERROR_TYPES: [&str; 10] = [
+    "NoAvailableInstance",
+    "Timeout",
+    "BadRequest",
+    "Remote",
+    "MessageTooLarge",
+    "LimitExceeded",
+    "OwnerUnavailable",
+    "ResourceNotFound",
+    "CircuitOpen",
+    "Other",
+];
+
+/// One service as seen by one connected caller, in that caller's [`CallerSeg`] (one per
+/// registry service index): its circuit breaker and its failure counters, written by the
+/// caller's threads with relaxed atomics (failure paths only; a successful call reads
+/// `breaker` and `failures_in_row`), read by the broker when scraped or ticking. No other
+/// process maps it. A caller that lies here misleads only the metrics about its own calls:
+/// the broker counts them only for services the caller opened (so the policy let it call
+/// them), with saturating sums.
+#[repr(C, align(64))]
+pub struct CallerStats {
+    /// `BREAKER_*`.
+    pub breaker: AtomicU32,
+    /// Calls that failed in a row for the bus's reasons (every attempt timed out).
+    pub failures_in_row: AtomicU32,
+    /// When the breaker last opened (`CLOCK_MONOTONIC` nanoseconds).
+    pub opened_ns: AtomicU64,
+    /// The service's generation when it opened: a membership or health change lets a probe
+    /// through before the open period ends.
+    pub opened_gen: AtomicU32,
+    pub _pad: u32,
+    /// Failed calls by `ERROR_TYPES`.
+    pub errors: [AtomicU64; 10],
+    /// Calls that needed attempt 2, 3, 4 and 5 or more.
+    pub retries: [AtomicU64; 4],
+}
+// SAFETY: repr(C), atomics only.
+unsafe impl ShmSafe for CallerStats {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLayout {
+    pub mailboxes: u32,
+    pub mailbox_inline: u32,
+    pub heap_size: u64,
+}
+
+impl ClientLayout {
+    const CONTROL: usize = 64;
+    const MAILBOXES: usize = 128;
+    pub fn mailbox_stride(&self) -> usize {
+        size_of::<MailboxHeader>() + self.mailbox_inline as usize
+    }
+    pub fn heap_off(&self) -> usize {
+        round_up(
+            Self::MAILBOXES + self.mailboxes as usize * self.mailbox_stride(),
+            PAGE,
+        )
+    }
+    pub fn total_size(&self) -> usize {
+        self.heap_off() + round_up(self.heap_size as usize, PAGE)
+    }
+    /// The layout `params` describe (index and generation aside), checked for range.
+    pub fn from_params(p: [u64; 4]) -> Result<ClientLayout, String> {
+        let mailboxes = p[0];
+        if mailboxes == 0 || mailboxes > 1 << 16 || p[1] % 64 != 0 || p[1] > MAX_SLOT_SIZE as u64 {
+            return Err(format!("bad mailbox parameters {p:?}"));
+        }
+        if p[2] > 2 * MAX_MAX_MESSAGE {
+            return Err(format!("heap size {} too large", p[2]));
+        }
+        Ok(ClientLayout {
+            mailboxes: mailboxes as u32,
+            mailbox_inline: p[1] as u32,
+            heap_size: p[2],
+        })
+    }
+    pub fn params(&self, index: u32, gen: u32) -> [u64; 4] {
+        [
+            self.mailboxes as u64,
+            self.mailbox_inline as u64,
+            self.heap_size,
+            index as u64 | (gen as u64) << 32,
+        ]
+    }
+}
+
+pub struct ClientSeg {
+    pub map: Mapping,
+    pub layout: ClientLayout,
+    pub index: u32,
+    pub gen: u32,
+}
+
+impl ClientSeg {
+    pub fn open(fd: &OwnedFd, epoch: u64, index: u32, gen: u32) -> Result<ClientSeg, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Client, true, Some(epoch))?;
+        let p = h.params;
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Client,
+            what,
+        };
+        let layout = ClientLayout::from_params(p).map_err(invalid)?;
+        if p[3] != (index as u64 | (gen as u64) << 32) {
+            return Err(invalid(format!(
+                "is client {}, expected {index}/{gen}",
+                p[3]
+            )));
+        }
+        if layout.total_size() != map.len() {
+            return Err(invalid("size does not match its parameters".into()));
+        }
+        Ok(ClientSeg {
+            map,
+            layout,
+            index,
+            gen,
+        })
+    }
+    /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
+    /// The connection's doorbell (see [`ClientControl`]).
+    pub fn doorbell(&self) -> &AtomicU32 {
+        &self.map.at::<ClientControl>(ClientLayout::CONTROL).doorbell
+    }
+    pub fn mailbox(&self, i: u32) -> Option<(&MailboxHeader, *mut u8)> {
+        if i >= self.layout.mailboxes {
+            return None;
+        }
+        let off = ClientLayout::MAILBOXES + i as usize * self.layout.mailbox_stride();
+        let data = self.map.range(
+            (off + size_of::<MailboxHeader>()) as u64,
+            self.layout.mailbox_inline as u64,
+        )?;
+        Some((self.map.at(off), data))
+    }
+    pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
+        if off.checked_add(len)? > self.layout.heap_size {
+            return None;
+        }
+        self.map.range(self.layout.heap_off() as u64 + off, len)
+    }
+}
+
+/// A connected caller's breakers and failure counters, one [`CallerStats`] per registry
+/// service index: created by the broker at `Hello` (one per broker run, so service indices
+/// always mean this run's services) and handed to that caller only.
+pub struct CallerSeg {
+    pub map: Mapping,
+    pub services: u32,
+}
+
+impl CallerSeg {
+    const STATS: usize = 64;
+    /// Bytes of a caller segment for `services` services.
+    pub fn size(services: u32) -> usize {
+        round_up(
+            Self::STATS + services as usize * size_of::<CallerStats>(),
+            PAGE,
+        )
+    }
+    pub fn open(fd: &OwnedFd, epoch: u64) -> Result<CallerSeg, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Caller, true, Some(epoch))?;
+        let services = h.params[0];
+        if services > 1 << 16 || Self::size(services as u32) != map.len() {
+            return Err(LayoutError::Invalid {
+                kind: SegmentKind::Caller,
+                what: format!("{} bytes for {services} services", map.len()),
+            });
+        }
+        Ok(CallerSeg {
+            map,
+            services: services as u32,
+        })
+    }
+    /// This caller's breaker and counters for registry service `service`, or `None` past
+    /// the segment's capacity.
+    pub fn caller_stats(&self, service: u32) -> Option<&CallerStats> {
+        (service < self.services).then(|| {
+            self.map
+                .at(Self::STATS + service as usize * size_of::<CallerStats>())
+        })
+    }
+}
+
+#[cfg(not(loom))]
+const _: () = {
+    assert!(size_of::<CallerStats>() == 192);
+    assert!(size_of::<MailboxHeader>() == 64);
+    assert!(ClientLayout::MAILBOXES % 64 == 0 && MAILBOX_INLINE % 64 == 0);
+    assert!(size_of::<ClientControl>() == 64);
+    assert!(ClientLayout::CONTROL + size_of::<ClientControl>() <= ClientLayout::MAILBOXES);
+};

@@ -1,0 +1,465 @@
+//! An instance's segments: the ring (written by callers) and its own memory (counters,
+//! progress, durations, reply heap), written by the instance alone.
+
+use std::mem::size_of;
+use std::os::fd::OwnedFd;
+
+use super::*;
+use crate::shm::sync::{AtomicU32, AtomicU64, Ordering};
+
+// Instance segments: the ring (written by callers) and the instance's own memory
+// (counters, progress, durations, reply heap: written by the instance alone).
+
+/// Written by the instance, read by the broker (liveness, admin view).
+#[repr(C, align(64))]
+pub struct InstanceCounters {
+    /// Replies sent, errors included.
+    pub requests_served: AtomicU64,
+    /// Advanced by the serving loop itself (progress, not a timer): hang detection.
+    pub progress: AtomicU64,
+    /// Of `requests_served`, the error replies (counted only on that path: the success
+    /// path pays nothing for it). Summed by the broker into its metrics when scraped.
+    pub requests_failed: AtomicU64,
+}
+
+/// Upper bounds (nanoseconds) of a [`Histogram`]'s buckets; the last bucket counts the rest.
+pub const HISTOGRAM_BOUNDS_NS: [u64; 16] = [
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+];
+
+/// The upper bound (ns) of the bucket holding quantile `q` of `buckets` (counts per bucket
+/// of [`HISTOGRAM_BOUNDS_NS`], the last over every bound: `u64::MAX`), `None` if empty.
+pub fn histogram_quantile(buckets: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0;
+    buckets.iter().enumerate().find_map(|(i, &n)| {
+        seen += n;
+        (seen >= rank).then(|| HISTOGRAM_BOUNDS_NS.get(i).copied().unwrap_or(u64::MAX))
+    })
+}
+
+/// A latency histogram of relaxed counters (Prometheus buckets from
+/// [`HISTOGRAM_BOUNDS_NS`]): kept in shared memory by the one side that observes, read by
+/// the broker when scraped, and also used by the broker for its own durations. A reader
+/// may see a bucket and the sum from slightly different moments (relaxed, no pairing):
+/// tolerated by every Prometheus consumer.
+#[repr(C, align(64))]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is over every bound.
+    pub buckets: [AtomicU64; 17],
+    pub sum_ns: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, ns: u64) {
+        let b = HISTOGRAM_BOUNDS_NS.partition_point(|&bound| bound < ns);
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+    /// Bucket counts and the sum, as read now.
+    pub fn snapshot(&self) -> ([u64; 17], u64) {
+        (
+            std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            self.sum_ns.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Ring positions. Producer and consumer words sit on separate 128-byte lines (adjacent
+/// line prefetch makes 64 too few on x86).
+#[repr(C, align(128))]
+pub struct RingIndices {
+    /// Next position a producer will claim (Vyukov's `enqueue_pos`).
+    pub enqueue_pos: AtomicU64,
+    _p0: [u8; 120],
+    /// Next position a consumer will take.
+    pub dequeue_pos: AtomicU64,
+    _p1: [u8; 120],
+    /// Futex word consumers sleep on; bumped by a producer that saw `sleepers > 0`.
+    pub wake: AtomicU32,
+    /// Consumers asleep or about to sleep on `wake`.
+    pub sleepers: AtomicU32,
+    _p2: [u8; 120],
+}
+
+/// Control words at the start of every ring slot.
+impl RingIndices {
+    /// An empty ring's indices (the broker gets the same from a zeroed segment).
+    pub fn new() -> RingIndices {
+        RingIndices {
+            enqueue_pos: AtomicU64::new(0),
+            _p0: [0; 120],
+            dequeue_pos: AtomicU64::new(0),
+            _p1: [0; 120],
+            wake: AtomicU32::new(0),
+            sleepers: AtomicU32::new(0),
+            _p2: [0; 120],
+        }
+    }
+}
+
+impl Default for RingIndices {
+    fn default() -> Self {
+        RingIndices::new()
+    }
+}
+
+#[repr(C)]
+pub struct SlotCtl {
+    /// Vyukov sequence: `pos` = free for the producer of lap `pos`, `pos + 1` = published
+    /// for the consumer at `pos`, `pos + slot_count` = free for the next lap.
+    pub seq: AtomicU64,
+    /// Pid of the producer that claimed the slot, written right after the claim, so a
+    /// slot claimed by a producer that died before publishing can be recognised and skipped.
+    pub claimer_pid: AtomicU32,
+    pub _pad: u32,
+}
+
+/// Request metadata written by the producer between claim and publish (plain memory,
+/// owned by the producer until it publishes; copied and validated by the consumer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MsgHeader {
+    pub client_index: u32,
+    pub client_gen: u32,
+    pub mailbox: u32,
+    pub mailbox_gen: u32,
+    pub trace_id: u64,
+    pub payload_len: u64,
+    /// Offset in the caller's client segment when `kind == PAYLOAD_HEAP`.
+    pub heap_off: u64,
+    pub method_len: u16,
+    pub hops: u8,
+    pub kind: u8,
+    /// W3C trace flags ([`crate::trace::TraceContext::flags`]).
+    pub trace_flags: u8,
+    pub _pad: [u8; 3],
+    /// Random per call, also stored in the caller's mailbox ([`MailboxHeader::nonce`]): an
+    /// instance takes and completes the mailbox only when the two match, so a forged or
+    /// stale header (generation wrap-around) cannot deliver a reply to another call.
+    pub nonce: u64,
+    /// The caller's per-connection secret (from the broker's `Welcome`): what an instance
+    /// shows the broker to be handed this caller's segment (`OpenClient`).
+    pub secret: u64,
+    /// When the caller sent the request (`CLOCK_MONOTONIC` nanoseconds, from the clock
+    /// read its call already made), 0 if unknown: the instance observes the time from here
+    /// to its reply into [`InstanceSeg::durations`]. Only a metric trusts it.
+    pub sent_ns: u64,
+    /// The high 64 bits of the W3C trace id (`trace_id` holds the low 64).
+    pub trace_hi: u64,
+    /// The W3C span id of this call (the handler's parent span).
+    pub span_id: u64,
+    /// When the caller stops waiting for the whole call (`CLOCK_MONOTONIC` nanoseconds,
+    /// the same clock in every process of the host), 0 if unknown: the handler sees it as
+    /// `Request::deadline`, and calls it makes inherit it.
+    pub deadline_ns: u64,
+}
+
+#[repr(C, align(64))]
+pub struct SlotHeader {
+    pub ctl: SlotCtl,
+    /// Plain data written through a shared reference by the producer that owns the slot
+    /// (hence the cell): see [`crate::channel::ring::Claim::set_header`].
+    pub msg: std::cell::UnsafeCell<MsgHeader>,
+}
+
+impl SlotHeader {
+    pub fn new() -> SlotHeader {
+        SlotHeader {
+            ctl: SlotCtl {
+                seq: AtomicU64::new(0),
+                claimer_pid: AtomicU32::new(0),
+                _pad: 0,
+            },
+            msg: std::cell::UnsafeCell::new(MsgHeader::default()),
+        }
+    }
+}
+
+impl Default for SlotHeader {
+    fn default() -> Self {
+        SlotHeader::new()
+    }
+}
+
+// SAFETY: repr(C), atomics and plain integers only.
+unsafe impl ShmSafe for InstanceCounters {}
+// SAFETY: repr(C), atomics only.
+unsafe impl ShmSafe for Histogram {}
+// SAFETY: as above.
+unsafe impl ShmSafe for RingIndices {}
+// SAFETY: `msg` is plain data written only by the producer that owns the slot (between
+// claim and publish) and read by consumers only after an Acquire of `ctl.seq`.
+unsafe impl ShmSafe for SlotHeader {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceLayout {
+    /// Inline bytes per slot (method name + payload).
+    pub slot_size: u32,
+    pub slot_count: u32,
+    pub heap_size: u64,
+}
+
+impl InstanceLayout {
+    /// In the own segment.
+    const COUNTERS: usize = 64;
+    const DURATIONS: usize = 128;
+    const OWN_HEAP: usize = PAGE;
+    /// In the ring segment.
+    const RING: usize = 128;
+    fn slots_off(&self) -> usize {
+        Self::RING + size_of::<RingIndices>()
+    }
+    pub fn slot_stride(&self) -> usize {
+        size_of::<SlotHeader>() + self.slot_size as usize
+    }
+    /// Bytes of the ring segment (callers write it).
+    pub fn ring_size(&self) -> usize {
+        round_up(
+            self.slots_off() + self.slot_count as usize * self.slot_stride(),
+            PAGE,
+        )
+    }
+    /// Bytes of the instance's own segment.
+    pub fn own_size(&self) -> usize {
+        Self::OWN_HEAP + round_up(self.heap_size as usize, PAGE)
+    }
+    /// Both segments: what the instance costs its uid's shared-memory quota.
+    pub fn total_size(&self) -> usize {
+        self.ring_size() + self.own_size()
+    }
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&self.slot_size) || self.slot_size % 64 != 0 {
+            return Err(format!(
+                "slot size {} is not a multiple of 64 in {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE}",
+                self.slot_size
+            ));
+        }
+        if !self.slot_count.is_power_of_two() || !(2..=MAX_SLOT_COUNT).contains(&self.slot_count) {
+            return Err(format!(
+                "slot count {} is not a power of two in 2..={MAX_SLOT_COUNT}",
+                self.slot_count
+            ));
+        }
+        if self.heap_size > 2 * MAX_MAX_MESSAGE {
+            return Err(format!(
+                "heap size {} is over {}",
+                self.heap_size,
+                2 * MAX_MAX_MESSAGE
+            ));
+        }
+        Ok(())
+    }
+    pub fn params(&self, index: u32, incarnation: u64) -> [u64; 4] {
+        [
+            self.slot_size as u64 | (self.slot_count as u64) << 32,
+            self.heap_size,
+            incarnation,
+            index as u64,
+        ]
+    }
+}
+
+/// One instance's two segments as mapped by its owner, the broker or a caller: the ring
+/// (read-write for everyone who has it) and the instance's own memory (writable only in
+/// the instance's process, which mapped it before sealing it; read-only everywhere else).
+pub struct InstanceSeg {
+    pub map: Mapping,
+    pub own: Mapping,
+    pub layout: InstanceLayout,
+    pub index: u32,
+    pub incarnation: u64,
+}
+
+impl InstanceSeg {
+    /// Creates an instance's own segment with a reply heap of `heap_size` bytes: mapped
+    /// writable here, then sealed so that no other mapping can ever write it
+    /// (`F_SEAL_FUTURE_WRITE`). Returns the descriptor (for the broker) and our mapping.
+    pub fn create_own(epoch: u64, heap_size: u64) -> io::Result<(OwnedFd, Mapping)> {
+        let size = InstanceLayout {
+            slot_size: MIN_SLOT_SIZE,
+            slot_count: 2,
+            heap_size,
+        }
+        .own_size() as u64;
+        let fd = crate::shm::sys::memfd("aegis-own", size)?;
+        let map = Mapping::map(&fd, true)?;
+        map.write_header(SegmentKind::InstanceOwn, size, epoch, [heap_size, 0, 0, 0]);
+        crate::shm::sys::seal_read_only(&fd)?;
+        Ok((fd, map))
+    }
+
+    /// Maps an instance's own segment read-only (a caller or the broker) after checking
+    /// that nobody can map it writable any more, and returns its reply heap size.
+    pub fn open_own(fd: &OwnedFd) -> Result<(Mapping, u64), LayoutError> {
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::InstanceOwn,
+            what,
+        };
+        crate::shm::sys::check_write_sealed(fd).map_err(invalid)?;
+        let (map, h) = Mapping::open(fd, SegmentKind::InstanceOwn, false, None)?;
+        let heap = h.params[0];
+        if heap > 2 * MAX_MAX_MESSAGE {
+            return Err(invalid(format!("reply heap of {heap} bytes is too large")));
+        }
+        let want = InstanceLayout {
+            slot_size: MIN_SLOT_SIZE,
+            slot_count: 2,
+            heap_size: heap,
+        }
+        .own_size();
+        if want != map.len() {
+            return Err(invalid("size does not match its parameters".into()));
+        }
+        Ok((map, heap))
+    }
+
+    /// Opens an instance's ring segment and checks it is the one the registry names and
+    /// that `own` (from [`InstanceSeg::create_own`] or [`InstanceSeg::open_own`]) has the
+    /// reply heap the ring's header states.
+    pub fn open(
+        fd: &OwnedFd,
+        own: Mapping,
+        epoch: u64,
+        index: u32,
+        incarnation: u64,
+    ) -> Result<InstanceSeg, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Instance, true, Some(epoch))?;
+        let p = h.params;
+        let layout = InstanceLayout {
+            slot_size: p[0] as u32,
+            slot_count: (p[0] >> 32) as u32,
+            heap_size: p[1],
+        };
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Instance,
+            what,
+        };
+        layout.validate().map_err(invalid)?;
+        if p[2] != incarnation || p[3] != index as u64 {
+            return Err(invalid(format!(
+                "is instance {}/{} , expected {index}/{incarnation}",
+                p[3], p[2]
+            )));
+        }
+        if layout.ring_size() != map.len() {
+            return Err(invalid("size does not match its parameters".into()));
+        }
+        if layout.own_size() != own.len() {
+            return Err(invalid(format!(
+                "its own segment has {} bytes, the ring states a {}-byte reply heap",
+                own.len(),
+                layout.heap_size
+            )));
+        }
+        Ok(InstanceSeg {
+            map,
+            own,
+            layout,
+            index,
+            incarnation,
+        })
+    }
+    /// Opens both segments as a caller or the broker: the ring read-write, the instance's
+    /// own memory read-only.
+    pub fn open_pair(
+        fds: &[OwnedFd],
+        epoch: u64,
+        index: u32,
+        incarnation: u64,
+    ) -> Result<InstanceSeg, LayoutError> {
+        let [ring, own] = fds else {
+            return Err(LayoutError::Invalid {
+                kind: SegmentKind::Instance,
+                what: format!("{} descriptors, expected ring and own", fds.len()),
+            });
+        };
+        let (own, _) = Self::open_own(own)?;
+        Self::open(ring, own, epoch, index, incarnation)
+    }
+    pub fn counters(&self) -> &InstanceCounters {
+        self.own.at(InstanceLayout::COUNTERS)
+    }
+    pub fn ring_indices(&self) -> &RingIndices {
+        self.map.at(InstanceLayout::RING)
+    }
+    /// Request durations (send to reply), observed by the instance after each reply.
+    pub fn durations(&self) -> &Histogram {
+        self.own.at(InstanceLayout::DURATIONS)
+    }
+    /// Base pointer of slot 0; slot `i` is at `i * slot_stride()`.
+    pub fn slots_base(&self) -> *mut u8 {
+        let len = self.layout.slot_count as u64 * self.layout.slot_stride() as u64;
+        self.map
+            .range(self.layout.slots_off() as u64, len)
+            .expect("validated layout")
+    }
+    /// `len` bytes at `off` inside the reply heap, or `None` when out of the heap's
+    /// bounds. Writable only through the instance's own mapping.
+    pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
+        if off.checked_add(len)? > self.layout.heap_size {
+            return None;
+        }
+        self.own.range(InstanceLayout::OWN_HEAP as u64 + off, len)
+    }
+}
+
+#[cfg(not(loom))]
+const _: () = {
+    assert!(size_of::<InstanceCounters>() == 64);
+    assert!(size_of::<RingIndices>() == 384 && std::mem::align_of::<RingIndices>() == 128);
+    assert!(size_of::<SlotCtl>() == 16);
+    assert!(size_of::<MsgHeader>() == 96);
+    assert!(size_of::<Histogram>() == 192);
+    assert!(InstanceLayout::DURATIONS + size_of::<Histogram>() <= InstanceLayout::OWN_HEAP);
+    assert!(size_of::<SlotHeader>() == 128 && std::mem::align_of::<SlotHeader>() == 64);
+    assert!(InstanceLayout::RING % 128 == 0);
+};
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_bucket_bounds() {
+        let h = Histogram::default();
+        for ns in [1_000, 7_000, 7_000, 40_000, 2_000_000_000] {
+            h.observe(ns);
+        }
+        let (b, sum) = h.snapshot();
+        assert_eq!(sum, 2_000_055_000);
+        assert_eq!(histogram_quantile(&b, 0.2), Some(5_000));
+        assert_eq!(histogram_quantile(&b, 0.5), Some(10_000));
+        assert_eq!(histogram_quantile(&b, 0.8), Some(50_000));
+        assert_eq!(histogram_quantile(&b, 0.99), Some(u64::MAX));
+        assert_eq!(histogram_quantile(&[0; 17], 0.5), None);
+    }
+}

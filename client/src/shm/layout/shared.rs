@@ -1,0 +1,89 @@
+//! The shared segment: round-robin counters and spin seats, writable by every member.
+
+use std::mem::size_of;
+use std::os::fd::OwnedFd;
+
+use super::*;
+use crate::shm::sync::{AtomicU32, AtomicU64};
+
+// Shared (writable by all members) segment.
+
+#[repr(C, align(64))]
+pub struct RoundRobin {
+    pub next: AtomicU64,
+}
+// SAFETY: repr(C), one atomic.
+unsafe impl ShmSafe for RoundRobin {}
+
+/// One spin seat (see [`crate::channel::wait`]): the pid of the process whose thread spins in it, or
+/// 0 when free. Each on its own cache line, so a holder's stores never disturb another's.
+#[repr(C, align(64))]
+pub struct SpinSeat {
+    pub holder: AtomicU32,
+}
+// SAFETY: repr(C), one atomic.
+unsafe impl ShmSafe for SpinSeat {}
+
+/// Spin seats in the shared segment: at most this many threads of the whole bus spin at once
+/// (each process uses as many as it has cores, up to this).
+pub const SPIN_SEATS: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedLayout {
+    pub max_services: u32,
+}
+
+impl SharedLayout {
+    /// After the 64-byte segment header.
+    const SEATS: usize = 64;
+    const COUNTERS: usize = Self::SEATS + SPIN_SEATS * size_of::<SpinSeat>();
+    pub fn total_size(&self) -> usize {
+        round_up(
+            Self::COUNTERS + self.max_services as usize * size_of::<RoundRobin>(),
+            PAGE,
+        )
+    }
+    pub fn params(&self) -> [u64; 4] {
+        [self.max_services as u64, 0, 0, 0]
+    }
+}
+
+pub struct SharedView {
+    map: Mapping,
+    layout: SharedLayout,
+}
+
+impl SharedView {
+    pub fn open(fd: &OwnedFd, epoch: u64, max_services: u32) -> Result<SharedView, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Shared, true, Some(epoch))?;
+        let layout = SharedLayout { max_services };
+        if h.params != layout.params() || layout.total_size() != map.len() {
+            return Err(LayoutError::Invalid {
+                kind: SegmentKind::Shared,
+                what: "capacities differ from the registry's".into(),
+            });
+        }
+        Ok(SharedView { map, layout })
+    }
+    /// The bus's spin seats.
+    pub fn spin_seats(&self) -> &[SpinSeat] {
+        let first: &SpinSeat = self.map.at(SharedLayout::SEATS);
+        // SAFETY: SPIN_SEATS consecutive seats start at SEATS, inside the mapping (the
+        // layout's total size covers them and `at` checked the first); SpinSeat is ShmSafe.
+        unsafe { std::slice::from_raw_parts(first, SPIN_SEATS) }
+    }
+    /// Round-robin counter of service `i` (`i` < max_services, else `None`).
+    pub fn round_robin(&self, i: u32) -> Option<&RoundRobin> {
+        (i < self.layout.max_services).then(|| {
+            self.map
+                .at(SharedLayout::COUNTERS + i as usize * size_of::<RoundRobin>())
+        })
+    }
+}
+
+#[cfg(not(loom))]
+const _: () = {
+    assert!(size_of::<RoundRobin>() == 64);
+    assert!(size_of::<SpinSeat>() == 64);
+    assert!(SharedLayout::COUNTERS % 64 == 0);
+};
