@@ -60,7 +60,13 @@ fn policed_bus() -> Option<(TestBus, String)> {
         .arg(dir.path())
         .arg("--config")
         .arg(&policy)
-        .args(["--log", "warn", "--http-listen", "127.0.0.1:0"]);
+        .args([
+            "--log",
+            "warn",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--http-metrics-open",
+        ]);
     let (broker, _, before) = support::spawn_watched(c).wait_for("aegis-broker ready");
     let addr = before
         .iter()

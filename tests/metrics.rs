@@ -8,21 +8,41 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::time::Duration;
 
 use aegis_client::CallOptions;
 use support::{broker_bin, spawn_watched, wait_deadline, TestBus, DEADLINE};
 
+/// The bearer token of the test brokers' `--http-token-file`.
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A token file for `--http-token-file` (mode 0600, ours).
+fn token_file() -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), format!("{TOKEN}\n")).unwrap();
+    f
+}
+
 /// A broker with its HTTP listener on an ephemeral port, and that port's address.
 fn start() -> (TestBus, String) {
+    start_with(&[])
+}
+
+fn start_with(extra: &[&str]) -> (TestBus, String) {
     let dir = tempfile::Builder::new()
         .prefix("aegis-test-")
         .tempdir()
         .unwrap();
+    let token = token_file();
     let mut c = Command::new(broker_bin());
     c.arg("--dir")
         .arg(dir.path())
-        .args(["--log", "warn", "--http-listen", "127.0.0.1:0"]);
+        .args(["--log", "warn", "--http-listen", "127.0.0.1:0"])
+        .arg("--http-token-file")
+        .arg(token.path())
+        .args(extra);
     let (broker, _, before) = spawn_watched(c).wait_for("aegis-broker ready");
     let addr = before
         .iter()
@@ -33,13 +53,19 @@ fn start() -> (TestBus, String) {
     (TestBus { dir, broker }, addr)
 }
 
-/// GET `path`; the status and body.
+/// GET `path` with the test token; the status and body.
 fn get(addr: &str, path: &str) -> (u16, String) {
+    get_as(addr, path, Some(TOKEN))
+}
+
+/// GET `path` with `token` (or none); the status and body.
+fn get_as(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();
@@ -322,7 +348,13 @@ fn a_listener_address_in_use_is_a_one_line_error_naming_it() {
     let out = Command::new(broker_bin())
         .arg("--dir")
         .arg(dir.path())
-        .args(["--log", "warn", "--http-listen", &addr])
+        .args([
+            "--log",
+            "warn",
+            "--http-metrics-open",
+            "--http-listen",
+            &addr,
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -364,4 +396,102 @@ fn every_metric_in_the_alerts_and_the_dashboard_exists_in_a_scrape() {
             );
         }
     }
+}
+
+/// The admin API answers only with the token; /metrics too unless `--http-metrics-open`;
+/// a token file others may read, or no token at all, is refused at start naming the key.
+#[test]
+fn the_admin_api_and_metrics_need_the_bearer_token() {
+    let (_bus, addr) = start();
+    for path in [
+        "/api/v1/admin/services",
+        "/api/v1/admin/resources",
+        "/metrics",
+    ] {
+        assert_eq!(get_as(&addr, path, None).0, 401, "{path} without a token");
+        assert_eq!(
+            get_as(&addr, path, Some("test-token-0123456789abcdeX")).0,
+            401,
+            "{path} with a wrong token"
+        );
+        assert_eq!(get(&addr, path).0, 200, "{path} with the token");
+    }
+    let (_open, addr) = start_with(&["--http-metrics-open"]);
+    assert_eq!(get_as(&addr, "/metrics", None).0, 200);
+    assert_eq!(get_as(&addr, "/api/v1/admin/services", None).0, 401);
+
+    let refused = |args: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(broker_bin())
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--log", "warn", "--http-listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with {args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&[]);
+    assert!(err.contains("http_token_file"), "{err}");
+    let loose = token_file();
+    std::fs::set_permissions(loose.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = refused(&["--http-token-file", loose.path().to_str().unwrap()]);
+    assert!(
+        err.contains("mode 644") && err.contains("http_token_file"),
+        "{err}"
+    );
+}
+
+/// Connections that send nothing, or headers that never end, are closed after the header
+/// timeout; past the connection cap new ones are closed at once; neither keeps a
+/// well-behaved client out for long, and the broker's memory does not follow them.
+#[test]
+fn idle_and_unfinished_http_connections_are_closed_and_keep_no_one_out() {
+    let (bus, addr) = start();
+    let mut idle: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    let mut slow: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            let _ = write!(s, "GET /metrics HTTP/1.1\r\nX-Slow: ");
+            s
+        })
+        .collect();
+    // A well-behaved client gets through once the idle ones are timed out (5 s).
+    let t = std::time::Instant::now();
+    support::wait_for(
+        "a scrape while 120 idle or unfinished connections are open",
+        || std::panic::catch_unwind(|| get(&addr, "/metrics").0 == 200).unwrap_or(false),
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Each of them was closed by the broker (read sees the end).
+    for s in idle.iter_mut().chain(slow.iter_mut()) {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut buf = [0u8; 512];
+        let n = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break 0,
+                Ok(_) => continue, // a 408 or 400 answer before the close
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break 0,
+                Err(e) => panic!("connection not closed: {e}"),
+            }
+        };
+        assert_eq!(n, 0);
+    }
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", bus.broker.id())).unwrap();
+    let kb: u64 = rss
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(
+        kb < 100_000,
+        "broker RSS {kb} kB after the idle connections"
+    );
 }

@@ -5,6 +5,7 @@
 //! flags override the file. SIGHUP re-reads the file (see [`BrokerConfig::reloaded`]).
 
 use std::ffi::OsString;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aegis_client::layout;
@@ -106,6 +107,15 @@ pub struct BrokerConfig {
     /// address (e.g. 127.0.0.1:9464). Off unless given.
     #[arg(long)]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// A file holding the bearer token every HTTP request must carry
+    /// (`Authorization: Bearer TOKEN`): owned by the broker's uid, readable by no one else
+    /// (mode 0600 or 0400). Required with `http_listen`, unless `http_metrics_open` is set
+    /// (then only /metrics is served, to anyone who can connect).
+    #[arg(long)]
+    pub http_token_file: Option<PathBuf>,
+    /// Serve /metrics without the token (the admin API still needs it).
+    #[arg(long)]
+    pub http_metrics_open: bool,
     /// Log lines as text, or as one JSON object per line (for log collectors).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -147,6 +157,8 @@ struct FileConfig {
     exit_detection: Option<ExitDetection>,
     allow_shared_dir: Option<bool>,
     http_listen: Option<std::net::SocketAddr>,
+    http_token_file: Option<PathBuf>,
+    http_metrics_open: Option<bool>,
     log_format: Option<LogFormat>,
     log: Option<String>,
     #[serde(default)]
@@ -209,8 +221,8 @@ impl BrokerConfig {
             plain: max_services, max_instances, max_clients, max_resources,
                 max_resources_per_instance, max_ring_bytes, max_shm_per_uid, slot_size,
                 slot_count, max_message, socket_mode, admin_uids, admin_gids, exit_detection,
-                allow_shared_dir, log_format, log;
-            optional: dir, http_listen, max_instances_per_uid, max_clients_per_uid, max_resources_per_uid,
+                allow_shared_dir, log_format, log, http_metrics_open;
+            optional: dir, http_listen, http_token_file, max_instances_per_uid, max_clients_per_uid, max_resources_per_uid,
                 max_connections);
         crate::policy::validate(&policy).map_err(|e| format!("{}: {e}", path.display()))?;
         self.policy = policy;
@@ -282,6 +294,44 @@ impl BrokerConfig {
     pub fn max_resources_per_uid(&self) -> u32 {
         self.max_resources_per_uid.unwrap_or(self.max_resources)
     }
+    /// The bearer token of `http_token_file`, read after checking that only the broker's
+    /// uid can read or change the file.
+    pub fn http_token(&self) -> Result<Option<String>, String> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(path) = &self.http_token_file else {
+            return Ok(None);
+        };
+        let what = |e: String| format!("http_token_file {}: {e}", path.display());
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| what(e.to_string()))?;
+        let m = f.metadata().map_err(|e| what(e.to_string()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if m.uid() != me {
+            return Err(what(format!(
+                "owned by uid {}, not the broker's uid {me}",
+                m.uid()
+            )));
+        }
+        if m.mode() & 0o077 != 0 {
+            return Err(what(format!(
+                "mode {:o} lets others read or change it (chmod 600)",
+                m.mode() & 0o777
+            )));
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut { f }, &mut text).map_err(|e| what(e.to_string()))?;
+        let token = text.trim().to_owned();
+        if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(what(
+                "the token must be one word of at least 16 characters".into(),
+            ));
+        }
+        Ok(Some(token))
+    }
+
     pub fn max_connections(&self) -> u32 {
         self.max_connections
             .unwrap_or(self.max_clients.saturating_add(64))
@@ -326,6 +376,14 @@ impl BrokerConfig {
         }
         .validate()
         .map_err(|e| format!("--slot-size/--slot-count: {e}"))?;
+        if self.http_listen.is_some() && self.http_token_file.is_none() && !self.http_metrics_open {
+            return Err(
+                "http_listen needs http_token_file (a file with the bearer token the \
+                 admin API and /metrics ask for, mode 0600 or 0400, owned by the broker's uid), \
+                 or http_metrics_open = true to serve /metrics alone without one"
+                    .into(),
+            );
+        }
         u32::from_str_radix(&self.socket_mode, 8)
             .ok()
             .filter(|m| *m <= 0o777)

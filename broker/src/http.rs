@@ -7,12 +7,18 @@
 //! * `GET /api/v1/admin/resources?service=&instance=&type=&tag=&limit=&offset=`
 //! * `GET /api/v1/admin/health[?service=]`
 //!
-//! hyper (HTTP/1.1) on the broker's own tokio runtime; each request locks the state for
-//! the microseconds it takes to read it.
+//! Every request carries `Authorization: Bearer TOKEN` (the token of `http_token_file`),
+//! except /metrics when `http_metrics_open` is set; anything else is 401 (compared in
+//! constant time). hyper (HTTP/1.1) runs on a thread and runtime of its own, so the control
+//! socket, the liveness tick and the systemd watchdog never wait behind it; it takes the
+//! state lock only to read, one request at a time. Limits: [`MAX_CONNECTIONS`] connections
+//! (more are closed at once), a request's headers within [`HEADER_TIMEOUT`] and at most
+//! [`MAX_HEADER_BYTES`], a connection at most [`CONNECTION_LIFETIME`], GET only, no body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aegis_client::proto::{ResourceQuery, Response as Wire};
 use http_body_util::Full;
@@ -23,36 +29,116 @@ use tokio::net::TcpListener;
 
 use crate::state::State;
 
-/// Binds the listener (an address in use is an error naming it, before the broker serves).
-pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen for HTTP on {addr} (http_listen): {e}"))
+/// Connections served at once; more are accepted and closed at once.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this (also the idle time between requests).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of request line and headers.
+pub(crate) const MAX_HEADER_BYTES: usize = 16 << 10;
+/// A connection is closed after this, however busy (clients reconnect).
+pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Who may read what.
+pub(crate) struct Access {
+    /// The bearer token; `None`: no request is authorised but /metrics (if open).
+    pub(crate) token: Option<String>,
+    pub(crate) metrics_open: bool,
 }
 
-/// Accepts HTTP connections until the runtime stops.
-pub(crate) async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
+impl Access {
+    /// Whether `req` may see `path`.
+    fn allows(&self, path: &str, req: &Request<Incoming>) -> bool {
+        if path == "/metrics" && self.metrics_open {
+            return true;
+        }
+        let Some(token) = &self.token else {
+            return false;
+        };
+        let given = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Constant time in the token's contents (the length is not secret).
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+/// Binds the listener (an address in use is an error naming it, before the broker serves)
+/// and starts the HTTP thread; returns the bound address.
+pub(crate) fn start(
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    access: Access,
+) -> Result<SocketAddr, String> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| format!("cannot listen for HTTP on {addr} (http_listen): {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+    std::thread::Builder::new()
+        .name("aegis-http".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, state, Arc::new(access)).await,
+                    Err(e) => tracing::error!("http listener: {e}"),
+                }
+            })
+        })
+        .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
+    Ok(bound)
+}
+
+/// Accepts HTTP connections until the process ends.
+async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, access: Arc<Access>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // One request reads the state at a time: a flood of HTTP requests queues here, not on
+    // the state lock the control socket and the liveness tick take.
+    let readers = Arc::new(tokio::sync::Semaphore::new(1));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("http accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let state = state.clone();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("http: {MAX_CONNECTIONS} connections open; closing a new one");
+            drop(stream);
+            continue;
+        };
+        let (state, access, readers) = (state.clone(), access.clone(), readers.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let io = hyper_util::rt::TokioIo::new(stream);
             let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                let (state, access, readers) = (state.clone(), access.clone(), readers.clone());
+                async move {
+                    let _turn = readers.acquire().await;
+                    Ok::<_, Infallible>(route(&state, &access, req))
+                }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!("http connection: {e}");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES.max(8192))
+                .serve_connection(io, svc);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => tracing::debug!("http connection: {e}"),
+                Err(_) => tracing::debug!("http connection closed after {CONNECTION_LIFETIME:?}"),
+                Ok(Ok(())) => {}
             }
         });
     }
@@ -116,11 +202,30 @@ fn params(req: &Request<Incoming>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn route(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(state: &Mutex<State>, access: &Access, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served");
     }
     let path = req.uri().path().trim_end_matches('/').to_owned();
+    if !access.allows(&path, &req) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "this needs Authorization: Bearer <the token of the broker's http_token_file>",
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    let has_body = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .is_some_and(|v| v != "0")
+        || req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
+    if has_body {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "a GET carries no body here");
+    }
     let q = params(&req);
     let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     match path.as_str() {

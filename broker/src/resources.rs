@@ -27,7 +27,8 @@ const MAX_PAGE: u32 = 10_000;
 
 #[derive(Default)]
 pub(crate) struct Resources {
-    by_id: HashMap<String, ResourceRec>,
+    /// Ordered by id: a page of the admin API is a walk from the start, never a sort.
+    by_id: std::collections::BTreeMap<String, ResourceRec>,
     /// Live entries in the shared map.
     live: u32,
     /// Which id each live map slot holds (to fix up records when a delete shifts entries).
@@ -676,30 +677,34 @@ impl State {
             n => n.min(MAX_PAGE),
         } as usize;
         let ids: HashSet<&str> = q.ids.iter().map(String::as_str).collect();
-        let mut hits: Vec<(&String, &ResourceRec)> = self
-            .resources
-            .by_id
-            .iter()
-            .filter(|(id, r)| {
-                let inst = self.instances[r.owner as usize].as_ref();
-                let svc = inst.and_then(|i| self.services[i.service as usize].as_ref());
-                (ids.is_empty() || ids.contains(id.as_str()))
-                    && q.service
-                        .as_ref()
-                        .is_none_or(|s| svc.is_some_and(|v| &v.name == s))
-                    && q.instance
-                        .as_ref()
-                        .is_none_or(|s| inst.is_some_and(|i| &i.id == s))
-                    && q.resource_type
-                        .as_ref()
-                        .is_none_or(|t| &r.metadata.resource_type == t)
-                    && q.tags.iter().all(|t| r.metadata.tags.contains(t))
-            })
-            .collect();
-        hits.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let total = hits.len() as u64;
+        let unfiltered = ids.is_empty()
+            && q.service.is_none()
+            && q.instance.is_none()
+            && q.resource_type.is_none()
+            && q.tags.is_empty();
+        // In id order already (a BTreeMap): a page is skip + take, and without filters the
+        // total is the map's length, so a page costs its offset plus its size, not the map.
+        let hits = self.resources.by_id.iter().filter(|(id, r)| {
+            let inst = self.instances[r.owner as usize].as_ref();
+            let svc = inst.and_then(|i| self.services[i.service as usize].as_ref());
+            (ids.is_empty() || ids.contains(id.as_str()))
+                && q.service
+                    .as_ref()
+                    .is_none_or(|s| svc.is_some_and(|v| &v.name == s))
+                && q.instance
+                    .as_ref()
+                    .is_none_or(|s| inst.is_some_and(|i| &i.id == s))
+                && q.resource_type
+                    .as_ref()
+                    .is_none_or(|t| &r.metadata.resource_type == t)
+                && q.tags.iter().all(|t| r.metadata.tags.contains(t))
+        });
+        let total = if unfiltered {
+            self.resources.by_id.len() as u64
+        } else {
+            hits.clone().count() as u64
+        };
         let items: Vec<ResourceInfo> = hits
-            .into_iter()
             .skip(q.offset as usize)
             .take(limit)
             .map(|(id, r)| {

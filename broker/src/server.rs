@@ -66,14 +66,16 @@ pub fn run_with(cfg: BrokerConfig, log_reload: Option<LogReload>) -> Result<(), 
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let http = state.cfg.http_listen;
+    let access = crate::http::Access {
+        token: state.cfg.http_token()?,
+        metrics_open: state.cfg.http_metrics_open,
+    };
     let r = rt.block_on(async {
         let state = Arc::new(Mutex::new(state));
         if let Some(addr) = http {
-            let listener = crate::http::bind(addr).await?;
-            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            let bound = crate::http::start(addr, state.clone(), access)?;
             tracing::info!(%bound, "serving /metrics and /api/v1/admin over HTTP");
             println!("aegis-broker http {bound}");
-            tokio::spawn(crate::http::serve(listener, state.clone()));
         }
         serve(state, &sock, mode, log_reload).await
     });
@@ -287,6 +289,10 @@ fn reload(state: &Mutex<State>, log_reload: Option<&LogReload>) {
     }
 }
 
+/// A liveness tick taking longer than this is logged (it delays exit detection by polling,
+/// resource expiry and the systemd watchdog).
+const SLOW_TICK: Duration = Duration::from_millis(50);
+
 async fn serve(
     state: Arc<Mutex<State>>,
     sock: &PathBuf,
@@ -328,10 +334,15 @@ async fn serve(
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => reload(&state, log_reload.as_ref()),
             _ = tick.tick() => {
+                let t = std::time::Instant::now();
                 let mut st = state.lock();
+                let locked = t.elapsed();
                 st.tick();
                 // From the loop that checks liveness: a broker wedged here is restarted.
                 systemd.tick(&st);
+                if t.elapsed() > SLOW_TICK {
+                    tracing::warn!(waited_for_lock = ?locked, took = ?t.elapsed(), "slow liveness tick");
+                }
             }
         }
     }
