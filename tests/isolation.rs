@@ -44,6 +44,10 @@ services = ["vault"]
 /// A bus whose socket uid 65534 may reach, with the policy above, and the address of its
 /// HTTP listener (for `/metrics`).
 fn policed_bus() -> Option<(TestBus, String)> {
+    policed_bus_with(&[])
+}
+
+fn policed_bus_with(extra: &[&str]) -> Option<(TestBus, String)> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root to run the attacker under another uid");
         return None;
@@ -66,7 +70,8 @@ fn policed_bus() -> Option<(TestBus, String)> {
             "--http-listen",
             "127.0.0.1:0",
             "--http-metrics-open",
-        ]);
+        ])
+        .args(extra);
     let (broker, _, before) = support::spawn_watched(c).wait_for("aegis-broker ready");
     let addr = before
         .iter()
@@ -342,6 +347,154 @@ fn a_caller_s_statistics_count_only_for_services_it_may_call() {
     assert_eq!(victim.service("vault").unwrap().circuit_breaker.open, 0);
 }
 
+/// Row "one uid with no call rights opens connections: it takes every client slot and
+/// every instance slot under the default caps": with 8 client and 8 instance slots, uid
+/// 65534 gets a quarter of each (2), and the victim (root) still connects and registers.
+#[test]
+fn one_uid_takes_at_most_a_quarter_of_the_slots_by_default() {
+    let Some((bus, _)) = policed_bus_with(&["--max-clients", "8", "--max-instances", "8"]) else {
+        return;
+    };
+    let out = run_attacker(bus.path(), "slots", "");
+    assert!(
+        out.status.success(),
+        "attacker failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r = result_of(&out);
+    assert_eq!(value(&r, "connections"), "2", "{r:?}");
+    assert_eq!(value(&r, "instances"), "2", "{r:?}");
+    assert!(
+        value(&r, "refusal").contains("max-clients-per-uid"),
+        "{r:?}"
+    );
+    // The victim: six more processes and instances of its own fit.
+    let victims: Vec<Bus> = (0..6).map(|_| bus.connect()).collect();
+    let insts: Vec<_> = victims
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.register("bank", &format!("b{i}"), &[]).unwrap())
+        .collect();
+    assert_eq!(insts.len(), 6);
+}
+
+/// Row "a group member with no rights asks the control socket for resources": a caller
+/// sees the resources of services it may call or serve, not the others'.
+#[test]
+fn a_caller_lists_only_the_resources_of_services_it_may_call() {
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
+    let _bank = bus.serve("bank", "b1", &["--claim", "bank-doc-1"]);
+    let _vault = bus.serve("vault", "v1", &["--claim", "vault-secret-1"]);
+    let out = run_attacker(bus.path(), "list-resources", "");
+    assert!(
+        out.status.success(),
+        "attacker failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r = result_of(&out);
+    let seen = value(&r, "ids");
+    assert!(seen.contains("bank-doc-1"), "{r:?}");
+    assert!(
+        !seen.contains("vault-secret-1"),
+        "another service's ids listed: {r:?}"
+    );
+    assert_eq!(value(&r, "total"), "1", "{r:?}");
+}
+
+/// Row "each unfinished 1 MiB control frame: +1 MiB broker RSS, held": 64 connections
+/// each announce a frame of 1 MiB and send 16 bytes of it; the broker's memory grows by
+/// what came (not 64 MiB), and each connection is closed once the frame is late.
+#[test]
+fn unfinished_control_frames_cost_what_was_sent_and_are_timed_out() {
+    use std::io::{Read, Write};
+    let bus = TestBus::start();
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", bus.broker.id()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let before = rss();
+    let mut conns: Vec<std::os::unix::net::UnixStream> = (0..64)
+        .map(|_| {
+            let mut s =
+                std::os::unix::net::UnixStream::connect(bus.path().join("control.sock")).unwrap();
+            s.write_all(&((1u32 << 20) - 1).to_le_bytes()).unwrap();
+            s.write_all(&[0u8; 16]).unwrap();
+            s
+        })
+        .collect();
+    // Wait until the broker has read every announced length (its answers come at the
+    // timeout); meanwhile its memory must not have grown by the announced sizes.
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "broker RSS grew by {grown} kB for 64 unfinished frames"
+    );
+    let t = Instant::now();
+    for s in &mut conns {
+        s.set_read_timeout(Some(support::DEADLINE)).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(
+            t.elapsed() < support::DEADLINE,
+            "an unfinished frame was held open"
+        );
+    }
+    eprintln!(
+        "64 unfinished frames: +{grown} kB, closed after {:?}",
+        t.elapsed()
+    );
+    // The bus still serves.
+    let _e = bus.serve("echo", "e1", &[]);
+    let b = bus.connect();
+    assert_eq!(
+        b.call(
+            "echo",
+            "m",
+            b"x",
+            &CallOptions::timeout(Duration::from_secs(5))
+        )
+        .unwrap()
+        .payload,
+        b"x"
+    );
+}
+
+/// `identities` (and the journal) written by another uid, in a directory shared with
+/// `--allow-shared-dir`, is not trusted: the broker refuses to start, naming the file.
+#[test]
+fn identities_owned_by_another_uid_are_not_trusted() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to make a file of another uid");
+        return;
+    }
+    for file in ["identities", "resources.journal"] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let planted = dir.path().join(file);
+        std::fs::write(&planted, "").unwrap();
+        std::os::unix::fs::chown(&planted, Some(ATTACKER), Some(ATTACKER)).unwrap();
+        let out = Command::new(support::broker_bin())
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--allow-shared-dir", "--log", "warn"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "the broker trusted a {file} of uid {ATTACKER}"
+        );
+        assert!(err.contains(file) && err.contains("not trusted"), "{err}");
+    }
+}
+
 /// As [`run_attacker`], but spawned with its stdout piped for the test to read as it goes.
 fn run_attacker_spawn(dir: &Path, attack: &str, targets: &str) -> std::process::Child {
     let mut c = attacker_command(dir, attack, targets);
@@ -383,6 +536,8 @@ fn attacker() {
     match attack.as_str() {
         "instance-own" => attack_instance_own(Path::new(&dir), &targets),
         "breakers" => attack_breakers(Path::new(&dir)),
+        "slots" => attack_slots(Path::new(&dir)),
+        "list-resources" => attack_list_resources(Path::new(&dir)),
         "own-stats" => attack_own_stats(Path::new(&dir), &targets),
         other => panic!("unknown attack {other}"),
     }
@@ -680,4 +835,64 @@ fn writable_bus_mappings() -> Vec<(usize, u32, [u64; 4])> {
             Some((start, h.kind, h.params))
         })
         .collect()
+}
+
+/// Opens control connections and registers `pub` instances until refused.
+fn attack_slots(dir: &Path) {
+    let mut conns = Vec::new();
+    let mut refusal = String::new();
+    for _ in 0..16 {
+        match Raw::connect(dir) {
+            Ok(r) => conns.push(r),
+            Err(e) => {
+                refusal = e.to_string();
+                break;
+            }
+        }
+    }
+    let mut instances = 0;
+    if let Some(raw) = conns.first_mut() {
+        for i in 0..16 {
+            let (own, _map) = aegis_client::layout::InstanceSeg::create_own(0, 2 * 4096).unwrap();
+            let r = raw
+                .ask_with_fds(
+                    &Request::Register {
+                        service: "pub".into(),
+                        instance_id: format!("p{i}"),
+                        metadata: Vec::new(),
+                        config: aegis_client::ServiceConfig {
+                            max_message: Some(4096),
+                            ..Default::default()
+                        },
+                        heartbeat: Default::default(),
+                        resume: None,
+                    },
+                    &[own.as_fd()],
+                )
+                .unwrap();
+            match r {
+                Response::Registered { .. } => instances += 1,
+                _ => break,
+            }
+        }
+    }
+    println!(
+        "\nRESULT connections={} instances={instances} refusal={}",
+        conns.len(),
+        refusal.replace(' ', "_")
+    );
+}
+
+/// Asks the control socket for every resource.
+fn attack_list_resources(dir: &Path) {
+    let mut raw = Raw::connect(dir).unwrap();
+    let page = match raw
+        .ask(&Request::QueryResources(Default::default()))
+        .unwrap()
+    {
+        Response::Resources(p) => p,
+        other => panic!("{other:?}"),
+    };
+    let ids: Vec<String> = page.items.iter().map(|r| r.id.clone()).collect();
+    println!("\nRESULT total={} ids={}", page.total, ids.join(","));
 }

@@ -62,13 +62,18 @@ pub struct BrokerConfig {
     /// uids.
     #[arg(long, default_value_t = 64 << 30)]
     pub max_shm_per_uid: u64,
-    /// Instances one uid may have registered. Default: --max-instances.
+    /// Instances one uid may have registered. Default: a quarter of --max-instances for
+    /// other uids; --max-instances for the broker's uid, root and --admin-uid.
     #[arg(long)]
     pub max_instances_per_uid: Option<u32>,
-    /// Connected processes (client slots) one uid may have. Default: --max-clients.
+    /// Connected processes (client slots, and control connections) one uid may have.
+    /// Default: a quarter of --max-clients for other uids; --max-clients for the broker's
+    /// uid, root and --admin-uid.
     #[arg(long)]
     pub max_clients_per_uid: Option<u32>,
-    /// Resources the instances of one uid may own together. Default: --max-resources.
+    /// Resources the instances of one uid may own together. Default: a quarter of
+    /// --max-resources for other uids; --max-resources for the broker's uid, root and
+    /// --admin-uid.
     #[arg(long)]
     pub max_resources_per_uid: Option<u32>,
     /// Open control connections (before and after their Hello) at once; the broker also
@@ -285,14 +290,28 @@ pub enum ExitDetection {
 }
 
 impl BrokerConfig {
-    pub fn max_instances_per_uid(&self) -> u32 {
-        self.max_instances_per_uid.unwrap_or(self.max_instances)
+    /// The broker's own uid, root and `--admin-uid`s: trusted with the whole of each cap
+    /// unless a per-uid cap is set explicitly.
+    fn trusted_uid(&self, uid: u32) -> bool {
+        uid == 0 || uid == nix::unistd::geteuid().as_raw() || self.admin_uids.contains(&uid)
     }
-    pub fn max_clients_per_uid(&self) -> u32 {
-        self.max_clients_per_uid.unwrap_or(self.max_clients)
+    /// `explicit`, else the whole `global` cap for a trusted uid and a quarter of it for any
+    /// other: no single untrusted uid can take every slot.
+    fn per_uid(&self, explicit: Option<u32>, global: u32, uid: u32) -> u32 {
+        explicit.unwrap_or(if self.trusted_uid(uid) {
+            global
+        } else {
+            (global / 4).max(1)
+        })
     }
-    pub fn max_resources_per_uid(&self) -> u32 {
-        self.max_resources_per_uid.unwrap_or(self.max_resources)
+    pub fn max_instances_per_uid(&self, uid: u32) -> u32 {
+        self.per_uid(self.max_instances_per_uid, self.max_instances, uid)
+    }
+    pub fn max_clients_per_uid(&self, uid: u32) -> u32 {
+        self.per_uid(self.max_clients_per_uid, self.max_clients, uid)
+    }
+    pub fn max_resources_per_uid(&self, uid: u32) -> u32 {
+        self.per_uid(self.max_resources_per_uid, self.max_resources, uid)
     }
     /// The bearer token of `http_token_file`, read after checking that only the broker's
     /// uid can read or change the file.

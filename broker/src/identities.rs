@@ -140,6 +140,35 @@ pub(crate) fn open_bus_file(path: &Path) -> Result<File, String> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))
+        .and_then(|f| trusted(f, path))
+}
+
+/// `f` if only the broker's uid could have written it (its owner, and not writable by
+/// group or others), else an error naming the file and why: a file someone else could
+/// write (in a directory shared with `--allow-shared-dir`) is not trusted with the bus's
+/// identities or its resource journal.
+pub(crate) fn trusted(f: File, path: &Path) -> Result<File, String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}, not the broker's uid {me}: not trusted (remove it if no \
+             process of this bus is left)",
+            path.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} has mode {:o}: others could have written it, so it is not trusted (chmod 600)",
+            path.display(),
+            m.mode() & 0o777
+        ));
+    }
+    Ok(f)
 }
 
 fn parse(text: &str) -> Option<(u32, u64)> {

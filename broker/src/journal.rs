@@ -60,7 +60,8 @@ impl Journal {
     pub fn open(dir: &Path) -> Result<Journal, String> {
         let path = dir.join(FILE);
         let recovered = match open_nofollow(&path, false) {
-            Ok(mut f) => {
+            Ok(f) => {
+                let mut f = crate::identities::trusted(f, &path)?;
                 let mut bytes = Vec::new();
                 f.read_to_end(&mut bytes)
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;

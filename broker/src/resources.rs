@@ -422,7 +422,7 @@ impl State {
         let uid = self.instances[index as usize]
             .as_ref()
             .map_or(peer.uid, |r| r.peer.uid);
-        let uid_cap = self.cfg.max_resources_per_uid() as usize;
+        let uid_cap = self.cfg.max_resources_per_uid(uid) as usize;
         let mut uid_owned: usize = self
             .instances
             .iter()
@@ -670,14 +670,37 @@ impl State {
         (Response::Done, Vec::new())
     }
 
-    pub(crate) fn query_resources(&mut self, q: &ResourceQuery) -> ResourcePage {
+    /// A page of resources. `viewer`, when a control connection asks: only resources of
+    /// services its peer may call or serve are listed (everything for administrators and
+    /// the broker's uid); `None` (the authenticated admin API) lists all.
+    pub(crate) fn query_resources(
+        &mut self,
+        q: &ResourceQuery,
+        viewer: Option<(crate::state::ConnId, crate::state::Peer)>,
+    ) -> ResourcePage {
         self.metrics.resource_lookups += 1;
+        let visible: Option<HashSet<u32>> = viewer
+            .map(|(conn, peer)| {
+                use crate::policy::Action;
+                self.services
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| {
+                        let s = s.as_ref()?;
+                        (self.permit(conn, peer, &s.name, Action::Call).is_ok()
+                            || self.permit(conn, peer, &s.name, Action::Serve).is_ok())
+                        .then_some(i as u32)
+                    })
+                    .collect::<HashSet<u32>>()
+            })
+            .filter(|v| v.len() < self.services.iter().flatten().count());
         let limit = match q.limit {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         } as usize;
         let ids: HashSet<&str> = q.ids.iter().map(String::as_str).collect();
-        let unfiltered = ids.is_empty()
+        let unfiltered = visible.is_none()
+            && ids.is_empty()
             && q.service.is_none()
             && q.instance.is_none()
             && q.resource_type.is_none()
@@ -688,6 +711,9 @@ impl State {
             let inst = self.instances[r.owner as usize].as_ref();
             let svc = inst.and_then(|i| self.services[i.service as usize].as_ref());
             (ids.is_empty() || ids.contains(id.as_str()))
+                && visible
+                    .as_ref()
+                    .is_none_or(|v| inst.is_some_and(|i| v.contains(&i.service)))
                 && q.service
                     .as_ref()
                     .is_none_or(|s| svc.is_some_and(|v| &v.name == s))

@@ -371,7 +371,7 @@ async fn connection(
         let st = state.lock();
         (
             st.cfg.max_connections() as usize,
-            st.cfg.max_clients_per_uid() as usize,
+            st.cfg.max_clients_per_uid(peer.uid) as usize,
         )
     };
     let refused = {
@@ -546,9 +546,10 @@ async fn connection(
                         reason: &reason,
                     },
                 ),
-                Request::QueryResources(q) => {
-                    (Response::Resources(st.query_resources(&q)), Vec::new())
-                }
+                Request::QueryResources(q) => (
+                    Response::Resources(st.query_resources(&q, Some((id, peer)))),
+                    Vec::new(),
+                ),
                 Request::ClaimResources {
                     instance,
                     incarnation,
@@ -738,10 +739,41 @@ async fn read_request(stream: &mut UnixStream) -> std::io::Result<Option<(Reques
         got += n;
     }
     let len = proto::frame_len(hdr)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
+    // A frame, once begun, must arrive within FRAME_TIMEOUT, and its buffer grows with what
+    // arrives (not with what the length word claims): an unfinished frame costs the broker
+    // what was sent, and only for that long.
+    let mut body = Vec::with_capacity(len.min(FRAME_CHUNK));
+    let read = async {
+        let mut chunk = vec![0u8; len.min(FRAME_CHUNK)];
+        while body.len() < len {
+            let want = (len - body.len()).min(chunk.len());
+            let n = stream.read(&mut chunk[..want]).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(FRAME_TIMEOUT, read).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "a {len}-byte request frame was not complete after {FRAME_TIMEOUT:?} ({} bytes came)",
+                    body.len()
+                ),
+            ))
+        }
+    }
     proto::decode(&body).map(|r| Some((r, fds)))
 }
+
+/// A request frame must arrive whole within this once its length word has.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// A frame is read this much at a time (its buffer holds what came).
+const FRAME_CHUNK: usize = 64 << 10;
 
 async fn write_response(
     stream: &mut UnixStream,

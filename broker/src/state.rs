@@ -231,7 +231,7 @@ impl State {
         resume: Option<((u32, u32), OwnedFd)>,
         secret: u64,
     ) -> Reply {
-        let cap = self.cfg.max_clients_per_uid();
+        let cap = self.cfg.max_clients_per_uid(peer.uid);
         if self
             .clients
             .iter()
@@ -495,7 +495,7 @@ impl State {
                 il.slot_count, il.slot_size, self.cfg.max_ring_bytes
             )));
         }
-        let per_uid = self.cfg.max_instances_per_uid();
+        let per_uid = self.cfg.max_instances_per_uid(peer.uid);
         if self
             .instances
             .iter()

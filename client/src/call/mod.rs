@@ -933,15 +933,6 @@ impl BusInner {
             .unwrap_or_else(|| self.next_trace_id())
     }
 
-    /// A fresh W3C span id (never 0).
-    fn next_span_id(&self) -> u64 {
-        use std::hash::BuildHasher;
-        let n = self
-            .nonce_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.nonce_key.hash_one((n, "span")) | 1
-    }
-
     fn next_trace_id(&self) -> u64 {
         (self.pid as u64) << 40
             | (self
@@ -1065,7 +1056,9 @@ impl BusInner {
             trace_hi: opts
                 .trace
                 .map_or(self.trace_hi, |t| (t.trace_id >> 64) as u64),
-            span_id: self.next_span_id(),
+            // The call's random nonce doubles as its span id: no second hash per call, and
+            // nothing the instance does not already see in this header.
+            span_id: nonce | 1,
             deadline_ns: breaker::mono_ns(reply_by),
         });
         let data = claim.data();
