@@ -42,8 +42,6 @@ use crate::model::{self, RouteRequest, RouteResponse};
 pub const QUEUE_GROUP: &str = "aegis-bridge";
 /// Serving threads per stand-in (calls it forwards at once).
 const PROXY_THREADS: usize = 4;
-/// Remote instances are forgotten after this many silent heartbeat intervals.
-const SILENT_INTERVALS: u32 = 5;
 /// How long a forwarded call may take on the other host.
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -61,6 +59,8 @@ pub const H_ERROR_TYPE: &str = "Aegis-Error-Type";
 pub struct Remote {
     pub service: String,
     pub host: String,
+    /// Its announced metadata, as text, for its stand-in.
+    pub metadata: Vec<(String, String)>,
     pub last_seen: Instant,
     /// Announced by an aegis bridge (raw calls) rather than an AegisIPC instance (models).
     pub aegis: bool,
@@ -378,7 +378,8 @@ fn heartbeats(sh: &Shared) {
                 service_name: service,
                 instance_id: nats_id,
                 timestamp: model::now_iso().into(),
-                status: "online".into(),
+                // The seed's ServiceStatus names.
+                status: "ONLINE".into(),
                 metadata: announce_metadata(sh),
             }),
         );
@@ -386,7 +387,7 @@ fn heartbeats(sh: &Shared) {
 }
 
 fn expire_remotes(sh: &Shared) {
-    let limit = sh.cfg.heartbeat * SILENT_INTERVALS;
+    let limit = sh.cfg.remote_timeout;
     let mut st = sh.state.lock().unwrap();
     st.directory.retain(|id, r| {
         let fresh = r.last_seen.elapsed() < limit;
@@ -439,7 +440,19 @@ fn sync_proxies(sh: &Arc<Shared>) {
             metadata: vec![
                 (REMOTE_METADATA_KEY.to_owned(), r.host.clone()),
                 ("nats.instance_id".to_owned(), id.clone()),
-            ],
+            ]
+            .into_iter()
+            // What the remote instance announced, as text (our keys win).
+            .chain(
+                r.metadata
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.as_str() != REMOTE_METADATA_KEY && k.as_str() != "nats.instance_id"
+                    })
+                    .cloned(),
+            )
+            .take(64)
+            .collect(),
             ..Default::default()
         };
         let inst = match sh.bus.register_with(&r.service, &id, opts) {
@@ -496,37 +509,95 @@ pub async fn directory_loop(sh: Arc<Shared>) {
         unreg.map(|m| (false, m)),
     );
     while let Some((alive, msg)) = all.next().await {
-        heard(&sh, alive, &msg.payload);
+        let verdict = heard(&sh, alive, &msg.payload);
+        // The seed's registration is request-reply: answer it (success, 409 or 400).
+        if let (Some(reply), true) = (
+            msg.reply.clone(),
+            msg.subject.as_str() == model::REGISTER_SUBJECT,
+        ) {
+            let body = model::encode(&verdict);
+            if let Err(e) = sh.nats.publish(reply, body.into()).await {
+                tracing::debug!("answering a registration: {e}");
+            }
+        }
     }
 }
 
-fn heard(sh: &Shared, alive: bool, payload: &[u8]) {
+/// What an announcement did, as the answer to a registration request.
+fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
     // Registrations and heartbeats share the fields that matter here.
     let (service, id, meta) = match model::decode::<model::ServiceRegistration>(payload) {
         Ok(r) => (r.service_name, r.instance_id, r.metadata),
         Err(e) => {
             tracing::debug!("ignoring an announcement: {e}");
-            return;
+            return model::RegistrationReply::refused(
+                400,
+                format!("invalid registration: {e}"),
+                "",
+                "",
+            );
         }
     };
+    if service.is_empty() || id.is_empty() {
+        return model::RegistrationReply::refused(
+            400,
+            "service_name and instance_id must not be empty".into(),
+            &service,
+            &id,
+        );
+    }
+    // An id this bridge announces for a local instance is ours: another announcement of it
+    // is a conflict, never a stand-in.
+    if sh.exported_list().iter().any(|(nats_id, _)| *nats_id == id) {
+        return model::RegistrationReply::refused(
+            409,
+            format!("instance {id} is registered on host {}", sh.cfg.name),
+            &service,
+            &id,
+        );
+    }
     let host = meta
         .get(model::META_HOST)
         .and_then(|v| v.as_str())
         .unwrap_or("nats")
         .to_owned();
     if host == sh.cfg.name || !sh.imports(&service) {
-        return;
+        return model::RegistrationReply::ok(&service, &id);
     }
     let aegis = meta.get(model::META_BRIDGE).and_then(|v| v.as_str()) == Some("aegis-bridge");
     let mut st = sh.state.lock().unwrap();
+    if let Some(existing) = st
+        .directory
+        .get(&id)
+        .filter(|e| alive && (e.host != host || e.service != service))
+    {
+        return model::RegistrationReply::refused(
+            409,
+            format!(
+                "instance {id} is registered for service {} on host {}",
+                existing.service, existing.host
+            ),
+            &service,
+            &id,
+        );
+    }
     let changed = if alive {
+        let metadata = meta
+            .iter()
+            .filter(|(k, v)| k.len() <= 256 && v.to_string().len() <= 4096)
+            .map(|(k, v)| {
+                let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                (k.clone(), text)
+            })
+            .collect();
         let r = Remote {
-            service,
+            service: service.clone(),
             host,
+            metadata,
             last_seen: Instant::now(),
             aegis,
         };
-        st.directory.insert(id, r).is_none()
+        st.directory.insert(id.clone(), r).is_none()
     } else {
         st.directory.remove(&id).is_some()
     };
@@ -534,6 +605,7 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) {
     if changed {
         sh.poke();
     }
+    model::RegistrationReply::ok(&service, &id)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -601,7 +673,7 @@ fn answer(sh: &Shared, target: &Target, msg: async_nats::Message) {
                 .map(|r| r.trace_id)
                 .unwrap_or_default();
             (
-                model::encode(&error_response(413, "MessageTooLarge", text, &trace)),
+                model::encode(&error_response(413, "MessageTooLargeError", text, &trace)),
                 None,
             )
         }
@@ -704,12 +776,12 @@ fn model_call(sh: &Shared, target: &Target, body: &[u8]) -> RouteResponse {
     let t0 = Instant::now();
     let req: RouteRequest = match model::decode(body) {
         Ok(r) => r,
-        Err(e) => return error_response(400, "BadRequest", e, ""),
+        Err(e) => return error_response(400, "SerializationError", e, ""),
     };
     if !(req.timeout.is_finite() && req.timeout > 0.0) {
         return error_response(
             400,
-            "BadRequest",
+            "SerializationError",
             format!(
                 "timeout {} is not a positive number of seconds",
                 req.timeout
@@ -723,7 +795,14 @@ fn model_call(sh: &Shared, target: &Target, body: &[u8]) -> RouteResponse {
         Duration::from_secs_f64(req.timeout.min(3600.0)),
         model::trace_to_u64(&req.trace_id),
     );
-    opts.exclude.extend(req.excluded_instances.iter().cloned());
+    // Excluded ids in the form this bridge announces (`id@host`) name local instances too.
+    let here = format!("@{}", sh.cfg.name);
+    for x in &req.excluded_instances {
+        opts.exclude.push(x.clone());
+        if let Some(local) = x.strip_suffix(&here) {
+            opts.exclude.push(local.to_owned());
+        }
+    }
     let payload = model::params_to_payload(&req.params);
     let r = match &req.resource_id {
         Some(rid) => sh.bus.call_resource(rid, &req.method, &payload, &opts),
@@ -741,8 +820,26 @@ fn model_call(sh: &Shared, target: &Target, body: &[u8]) -> RouteResponse {
         },
         Err(e) => RouteResponse {
             duration_ms,
-            ..error_response(e.code(), e.kind(), e.to_string(), &req.trace_id)
+            // The instance that answered with an error, or the last one tried.
+            instance_id: error_instance(&e).map(|i| local_to_nats(sh, &i)),
+            ..error_response(
+                e.code(),
+                model::seed_error_type(&e),
+                e.to_string(),
+                &req.trace_id,
+            )
         },
+    }
+}
+
+/// The instance an error names: the one that answered it, or the last one tried.
+fn error_instance(e: &aegis_client::Error) -> Option<String> {
+    match e {
+        aegis_client::Error::Remote { instance, .. } => Some(instance.clone()),
+        aegis_client::Error::Timeout { attempts, .. } => {
+            attempts.last().map(|a| a.instance.clone())
+        }
+        _ => None,
     }
 }
 

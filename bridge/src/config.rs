@@ -52,10 +52,14 @@ pub struct Args {
     pub tls_cert: Option<PathBuf>,
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
-    /// How often exported instances are announced (milliseconds; default 1000). Remote
-    /// instances not heard from for 5 intervals leave local routing.
+    /// How often exported instances are announced (milliseconds; default 1000).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// A remote instance not heard from for this long leaves local routing (milliseconds;
+    /// default 30000, the seed's absolute heartbeat timeout: an instance that heartbeats
+    /// every 10 s stays).
+    #[arg(long)]
+    pub remote_timeout_ms: Option<u64>,
     /// JetStream key-value bucket holding which host owns each resource id (default
     /// `aegis_resources`; `""` turns resource routing across hosts off).
     #[arg(long)]
@@ -89,6 +93,7 @@ struct File {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     heartbeat_ms: Option<u64>,
+    remote_timeout_ms: Option<u64>,
     kv_bucket: Option<String>,
     log: Option<String>,
 }
@@ -111,6 +116,7 @@ pub struct Settings {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub heartbeat: Duration,
+    pub remote_timeout: Duration,
     pub kv_bucket: Option<String>,
     pub log: String,
 }
@@ -156,6 +162,11 @@ impl Settings {
             tls_cert: a.tls_cert.or(f.tls_cert),
             tls_key: a.tls_key.or(f.tls_key),
             heartbeat: Duration::from_millis(a.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(1000)),
+            remote_timeout: Duration::from_millis(
+                a.remote_timeout_ms
+                    .or(f.remote_timeout_ms)
+                    .unwrap_or(30_000),
+            ),
             kv_bucket: match a.kv_bucket.or(f.kv_bucket) {
                 None => Some("aegis_resources".into()),
                 Some(b) if b.is_empty() => None,
@@ -184,6 +195,13 @@ impl Settings {
         }
         if self.heartbeat.is_zero() {
             return Err("heartbeat_ms must be more than 0".into());
+        }
+        if self.remote_timeout <= self.heartbeat {
+            return Err(format!(
+                "remote_timeout_ms {} must be more than heartbeat_ms {}",
+                self.remote_timeout.as_millis(),
+                self.heartbeat.as_millis()
+            ));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key go together".into());

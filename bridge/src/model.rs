@@ -250,3 +250,56 @@ mod tests {
         assert!(decode::<RouteRequest>(b"\xc1garbage").is_err());
     }
 }
+
+/// The seed's error type name for `e` (`NoAvailableInstanceError`, `InstanceTimeoutError`,
+/// …), carried in a `RouteResponse`'s `error.type`.
+pub fn seed_error_type(e: &aegis_client::Error) -> &'static str {
+    use aegis_client::Error as E;
+    match e {
+        E::NoAvailableInstance { .. } | E::CircuitOpen { .. } => "NoAvailableInstanceError",
+        E::Timeout { .. } => "InstanceTimeoutError",
+        E::BadRequest(_) => "SerializationError",
+        E::MessageTooLarge { .. } => "MessageTooLargeError",
+        E::LoopDetected { .. } => "RoutingLoopError",
+        E::ResourceConflict { .. } | E::Conflict { .. } => "ResourceConflictError",
+        E::ResourceNotFound { .. } => "ResourceNotFoundError",
+        E::OwnerUnavailable { .. } => "OwnerUnavailableError",
+        E::NotOwner(_) => "ResourceOwnershipError",
+        E::LimitExceeded(_) => "ResourceLimitExceededError",
+        E::PermissionDenied(_) => "PermissionDeniedError",
+        E::Remote { .. } => "RemoteError",
+        _ => "InternalError",
+    }
+}
+
+/// The answer to an `ipc.service.register` request (the seed's request-reply: 200, 409 for
+/// an instance id already registered elsewhere, 400 for an invalid registration).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistrationReply {
+    pub success: bool,
+    pub status_code: u16,
+    pub message: String,
+    pub service_name: String,
+    pub instance_id: String,
+}
+
+impl RegistrationReply {
+    pub fn ok(service: &str, id: &str) -> RegistrationReply {
+        RegistrationReply {
+            success: true,
+            status_code: 200,
+            message: "registered".into(),
+            service_name: service.into(),
+            instance_id: id.into(),
+        }
+    }
+    pub fn refused(code: u16, message: String, service: &str, id: &str) -> RegistrationReply {
+        RegistrationReply {
+            success: false,
+            status_code: code,
+            message,
+            service_name: service.into(),
+            instance_id: id.into(),
+        }
+    }
+}

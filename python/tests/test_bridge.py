@@ -119,12 +119,12 @@ def test_a_seed_client_calls_a_rust_instance_through_the_bridge(bridged):
 
         # Seed error codes.
         resp = await route(nc, service_name="nobody", method="get", params={}, timeout=1.0, trace_id="t3")
-        assert (resp["success"], resp["error"]["code"], resp["error"]["type"]) == (False, 503, "NoAvailableInstance"), resp
+        assert (resp["success"], resp["error"]["code"], resp["error"]["type"]) == (False, 503, "NoAvailableInstanceError"), resp
         assert resp["trace_id"] == "t3"
         resp = await route(nc, service_name="users", resource_id="user-0", method="get", params={}, timeout=1.0, trace_id="t4")
-        assert (resp["error"]["code"], resp["error"]["type"]) == (404, "ResourceNotFound"), resp
+        assert (resp["error"]["code"], resp["error"]["type"]) == (404, "ResourceNotFoundError"), resp
         resp = await route(nc, service_name="users", method="get", params={"blob": b"x" * 10_000}, timeout=1.0, trace_id="t5")
-        assert (resp["error"]["code"], resp["error"]["type"]) == (413, "MessageTooLarge"), resp
+        assert (resp["error"]["code"], resp["error"]["type"]) == (413, "MessageTooLargeError"), resp
         resp = await route(nc, service_name="users", method="get", params={}, timeout=-1.0, trace_id="t6")
         assert resp["error"]["code"] == 400, resp
 
@@ -132,7 +132,7 @@ def test_a_seed_client_calls_a_rust_instance_through_the_bridge(bridged):
         for bad in (b"\xc1\xc1\xc1", msgpack.packb([1, 2, 3]), msgpack.packb({"method": "x"})):
             msg = await nc.request("ipc.route.request", bad, timeout=5)
             resp = msgpack.unpackb(msg.data)
-            assert (resp["success"], resp["error"]["code"], resp["error"]["type"]) == (False, 400, "BadRequest"), resp
+            assert (resp["success"], resp["error"]["code"], resp["error"]["type"]) == (False, 400, "SerializationError"), resp
 
         # The plain subject: raw bytes both ways, errors in the NATS service headers.
         msg = await nc.request("aegis.call.users.echo", b"\x00raw bytes\xff", timeout=5)
@@ -217,10 +217,92 @@ def test_a_reply_over_nats_max_payload_is_a_413_and_the_bridge_keeps_going(testb
         # (plus the model's fields and the 170-byte instance id) does not.
         resp = await route(nc, service_name="users", method="echo", params={"_raw": b"z" * 4000},
                            timeout=5.0, trace_id="big")
-        assert (resp["error"]["code"], resp["error"]["type"], resp["trace_id"]) == (413, "MessageTooLarge", "big"), resp
+        assert (resp["error"]["code"], resp["error"]["type"], resp["trace_id"]) == (413, "MessageTooLargeError", "big"), resp
         resp = await route(nc, service_name="users", method="echo", params={"small": 1}, timeout=5.0, trace_id="s")
         assert resp["success"] is True and resp["result"] == {"small": 1}, resp
         await nc.close()
 
     asyncio.run(main())
     assert bridge.poll() is None
+
+
+def test_the_seed_s_registration_is_answered_and_slow_heartbeats_do_not_flap(testbus: TestBus, nats_url: str):
+    """`ipc.service.register` is request-reply (200; 409 for an id registered elsewhere or
+    announced by this bridge; 400 for an invalid one); an instance heartbeating every 1.5 s
+    (legal under the seed's 30 s timeout) stays routable; its metadata reaches the stand-in;
+    an `id@host` exclusion names a local instance; error replies carry the instance id."""
+    testbus.serve("users", "users-1", "--max-message", "4096")
+    start_bridge(testbus, nats_url, "hostr", "--import", "pricing", "--export", "users")
+
+    async def main():
+        nc = await nats.connect(nats_url)
+        reg = {"service_name": "pricing", "instance_id": "pricing-py-2", "timestamp": "2026-11-30T00:00:00Z",
+               "metadata": {"lang": "python", "host": "hostz"}}
+
+        async def inbox(msg):
+            req = msgpack.unpackb(msg.data)
+            resp = {"success": True, "result": {"ok": req["timeout"]}, "error": None,
+                    "instance_id": "pricing-py-2", "trace_id": req["trace_id"], "duration_ms": 0.1}
+            await msg.respond(msgpack.packb(resp))
+
+        await nc.subscribe("ipc.instance.pricing-py-2.inbox", cb=inbox)
+        end = time.monotonic() + DEADLINE
+        while True:
+            try:
+                msg = await nc.request("ipc.service.register", msgpack.packb(reg), timeout=1)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                assert time.monotonic() < end, "registration never answered"
+        ok = msgpack.unpackb(msg.data)
+        assert (ok["success"], ok["status_code"]) == (True, 200), ok
+        # The same id from another host: 409.
+        other = {**reg, "metadata": {"host": "hosty"}}
+        msg = await nc.request("ipc.service.register", msgpack.packb(other), timeout=5)
+        assert msgpack.unpackb(msg.data)["status_code"] == 409, msgpack.unpackb(msg.data)
+        # This bridge's own instance id: 409, never a stand-in.
+        squat = {"service_name": "users", "instance_id": "users-1@hostr", "metadata": {"host": "evil"}}
+        msg = await nc.request("ipc.service.register", msgpack.packb(squat), timeout=5)
+        assert msgpack.unpackb(msg.data)["status_code"] == 409
+        # Invalid: 400.
+        msg = await nc.request("ipc.service.register", msgpack.packb({"service_name": "x"}), timeout=5)
+        assert msgpack.unpackb(msg.data)["status_code"] == 400
+
+        async def beat():
+            while True:
+                await asyncio.sleep(1.5)
+                await nc.publish("ipc.service.heartbeat", msgpack.packb({**reg, "status": "ONLINE"}))
+
+        beating = asyncio.create_task(beat())
+        bus = aegis_ipc.Bus.connect(testbus.dir)
+
+        def reachable() -> bool:
+            try:
+                bus.call("pricing", "quote", msgpack.packb({}), timeout=2.0)
+                return True
+            except errors.NoAvailableInstance:
+                return False
+
+        end = time.monotonic() + DEADLINE
+        while not await asyncio.to_thread(reachable):
+            assert time.monotonic() < end, "never routable"
+            await asyncio.sleep(0.05)
+        # 4 s of samples: present in every one (it used to drop after 5 x 200 ms).
+        samples = []
+        t = time.monotonic()
+        while time.monotonic() - t < 4.0:
+            samples.append(await asyncio.to_thread(reachable))
+            await asyncio.sleep(0.1)
+        assert all(samples), f"absent in {samples.count(False)} of {len(samples)} samples"
+        meta = dict(bus.service("pricing")["instances"][0]["metadata"])
+        assert meta.get("lang") == "python", meta
+        # The forwarded call's timeout is what is left of the caller's (2 s), not 5 s.
+        r = await asyncio.to_thread(bus.call, "pricing", "quote", msgpack.packb({}), timeout=2.0)
+        assert 0 < msgpack.unpackb(r.payload)["ok"] <= 2.0
+        # `id@host` as this bridge announces it excludes the local instance.
+        resp = await route(nc, service_name="users", method="get", params={}, timeout=1.0, trace_id="x",
+                           excluded_instances=["users-1@hostr"])
+        assert (resp["error"]["code"], resp["error"]["type"]) == (503, "NoAvailableInstanceError"), resp
+        beating.cancel()
+        await nc.close()
+
+    asyncio.run(main())
