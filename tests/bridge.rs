@@ -316,3 +316,143 @@ fn a_forwarded_call_carries_the_caller_s_deadline_and_trace_to_the_remote_handle
     stop.stop();
     server.join().unwrap().unwrap();
 }
+
+/// With `trusted_hosts` (each bridge signs with its key and trusts the other's public
+/// key), a rogue NATS client announcing instances of an imported service (under a trusted
+/// host's name, an id of that host, or a host of its own) gets no stand-in and none of the
+/// calls, is told 403 when it asks, and an ownership entry it writes to the bucket is not
+/// believed. Without signing, the same announcement took half of the calls.
+#[test]
+fn with_trusted_hosts_a_rogue_nats_client_announces_nothing_and_owns_nothing() {
+    let nats = Nats::start();
+    let keys = tempfile::tempdir().unwrap();
+    let key = |name: &str| {
+        let path = keys.path().join(name);
+        let out = support::succeed(
+            std::process::Command::new(support::bridge_bin())
+                .arg("--new-signing-key")
+                .arg(&path),
+        );
+        (
+            path,
+            String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+        )
+    };
+    let ((ka, pa), (kb, pb)) = (key("hosta.seed"), key("hostb.seed"));
+    let trusted = |k: &std::path::Path| {
+        vec![
+            "--export".to_owned(),
+            "*".to_owned(),
+            "--import".to_owned(),
+            "*".to_owned(),
+            "--signing-key-file".to_owned(),
+            k.to_str().unwrap().to_owned(),
+            "--trust".to_owned(),
+            format!("hosta={pa}"),
+            "--trust".to_owned(),
+            format!("hostb={pb}"),
+        ]
+    };
+    let bus_a = TestBus::start();
+    let _alpha = bus_a.serve("alpha", "alpha-1", &["--claim", "doc-a"]);
+    let args_a = trusted(&ka);
+    let _bridge_a = start_bridge(
+        &bus_a,
+        &nats.url(),
+        "hosta",
+        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let bus_b = TestBus::start();
+    let args_b = trusted(&kb);
+    let _bridge_b = start_bridge(
+        &bus_b,
+        &nats.url(),
+        "hostb",
+        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let b = bus_b.connect();
+    wait_routable(&b, "alpha", "alpha-1@hosta");
+
+    // The rogue: announces three instances of alpha and answers their inboxes.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let nc = rt.block_on(async_nats::connect(nats.url())).unwrap();
+    let mut verdicts = Vec::new();
+    for (id, host) in [
+        ("alpha-9@hosta", "hosta"),
+        ("alpha-1@hosta", "rogue"),
+        ("evil-1@rogue", "rogue"),
+    ] {
+        let reg = serde_json::json!({
+            "service_name": "alpha",
+            "instance_id": id,
+            "timestamp": "2026-12-06T00:00:00Z",
+            "metadata": {"host": host, "bridge": "aegis-bridge", "aegis.sig": "00".repeat(64)},
+        });
+        let body = rmp_serde::to_vec_named(&reg).unwrap();
+        let reply = rt
+            .block_on(nc.request("ipc.service.register", body.into()))
+            .unwrap();
+        let v: serde_json::Value = rmp_serde::from_slice(&reply.payload).unwrap();
+        verdicts.push(v["status_code"].as_u64().unwrap());
+        let sub = rt
+            .block_on(nc.subscribe(format!("ipc.instance.{id}.inbox")))
+            .unwrap();
+        let nc2 = nc.clone();
+        rt.spawn(async move {
+            use futures_util::StreamExt;
+            let mut sub = sub;
+            while let Some(m) = sub.next().await {
+                if let Some(r) = m.reply {
+                    let _ = nc2.publish(r, "forged".into()).await;
+                }
+            }
+        });
+    }
+    // Every announcement refused: 403 (not signed by a trusted host) or 409 (our id).
+    assert!(
+        verdicts.iter().all(|&c| c == 403 || c == 409),
+        "{verdicts:?}"
+    );
+    // A forged ownership entry for a fresh id, naming host a.
+    let bucket = rt.block_on(async {
+        async_nats::jetstream::new(nc.clone())
+            .get_key_value("aegis_resources")
+            .await
+            .unwrap()
+    });
+    let forged = rmp_serde::to_vec_named(&serde_json::json!({
+        "resource_id": "doc-forged",
+        "host": "hosta",
+        "service": "alpha",
+        "instance_id": "alpha-9@hosta",
+        "sig": "11".repeat(64),
+    }))
+    .unwrap();
+    let key: String = std::iter::once("r".to_owned())
+        .chain(b"doc-forged".iter().map(|b| format!("{b:02x}")))
+        .collect();
+    rt.block_on(bucket.put(&key, forged.into())).unwrap();
+    // Host b routes alpha only to the real instance, with real answers, and the forged id
+    // nowhere.
+    let info = b.service("alpha").unwrap();
+    let ids: Vec<&str> = info.instances.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["alpha-1@hosta"], "stand-ins on host b");
+    for i in 0..12 {
+        let p = format!("call {i}");
+        let r = b.call("alpha", "echo", p.as_bytes(), &quick()).unwrap();
+        assert_eq!(
+            (r.payload, r.instance_id.as_str()),
+            (p.into_bytes(), "alpha-1@hosta")
+        );
+    }
+    let r = b.call_resource("doc-a", "echo", b"r", &quick()).unwrap();
+    assert_eq!(r.instance_id, "alpha-1@hosta");
+    assert!(
+        b.call_resource("doc-forged", "echo", b"r", &quick())
+            .is_err(),
+        "a forged entry made doc-forged routable"
+    );
+}

@@ -107,6 +107,7 @@ pub struct Shared {
     /// Wakes the sync loop (something changed).
     pub poke: Mutex<mpsc::Sender<()>>,
     pub resources: crate::resources::Mirror,
+    pub trust: crate::trust::Trust,
 }
 
 impl Shared {
@@ -242,17 +243,31 @@ fn registration(sh: &Shared, nats_id: &str, service: &str) -> model::ServiceRegi
         service_name: service.to_owned(),
         instance_id: nats_id.to_owned(),
         timestamp: model::now_iso().into(),
-        metadata: announce_metadata(sh),
+        metadata: announce_metadata(sh, ANNOUNCE, service, nats_id),
     }
 }
 
-fn announce_metadata(sh: &Shared) -> std::collections::BTreeMap<String, rmpv::Value> {
-    [
+/// What announcements (register, heartbeat) and unregistrations are signed as.
+const ANNOUNCE: &str = "announce";
+const UNREGISTER: &str = "unregister";
+
+/// Host, bridge and, with a signing key, the signature of (service, id, host).
+fn announce_metadata(
+    sh: &Shared,
+    kind: &str,
+    service: &str,
+    nats_id: &str,
+) -> std::collections::BTreeMap<String, rmpv::Value> {
+    let mut m: std::collections::BTreeMap<String, rmpv::Value> = [
         (model::META_HOST.to_owned(), sh.cfg.name.as_str().into()),
         (model::META_BRIDGE.to_owned(), "aegis-bridge".into()),
     ]
     .into_iter()
-    .collect()
+    .collect();
+    if let Some(sig) = sh.trust.sign(kind, &[service, nats_id, &sh.cfg.name]) {
+        m.insert(model::META_SIG.to_owned(), sig.into());
+    }
+    m
 }
 
 fn sync_exports(sh: &Arc<Shared>) {
@@ -283,7 +298,7 @@ fn sync_exports(sh: &Arc<Shared>) {
         sh.publish(
             model::UNREGISTER_SUBJECT.into(),
             model::encode(&model::ServiceRegistration {
-                metadata: Default::default(),
+                metadata: announce_metadata(sh, UNREGISTER, &e.service, &nats_id),
                 ..registration(sh, &nats_id, &e.service)
             }),
         );
@@ -372,6 +387,7 @@ fn sync_exports(sh: &Arc<Shared>) {
 
 fn heartbeats(sh: &Shared) {
     for (nats_id, service) in sh.exported_list() {
+        let metadata = announce_metadata(sh, ANNOUNCE, &service, &nats_id);
         sh.publish(
             model::HEARTBEAT_SUBJECT.into(),
             model::encode(&model::Heartbeat {
@@ -380,7 +396,7 @@ fn heartbeats(sh: &Shared) {
                 timestamp: model::now_iso().into(),
                 // The seed's ServiceStatus names.
                 status: "ONLINE".into(),
-                metadata: announce_metadata(sh),
+                metadata,
             }),
         );
     }
@@ -561,8 +577,49 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         .and_then(|v| v.as_str())
         .unwrap_or("nats")
         .to_owned();
-    if host == sh.cfg.name || !sh.imports(&service) {
+    if host == sh.cfg.name {
+        // Our own announcements come back to us; anyone else's naming this host is a lie.
+        return if alive
+            && id.ends_with(&format!("@{host}"))
+            && !sh.exported_list().iter().any(|(n, _)| *n == id)
+        {
+            model::RegistrationReply::refused(
+                409,
+                format!("host {host} has no instance {id}"),
+                &service,
+                &id,
+            )
+        } else {
+            model::RegistrationReply::ok(&service, &id)
+        };
+    }
+    if !sh.imports(&service) {
         return model::RegistrationReply::ok(&service, &id);
+    }
+    // With trusted hosts: a trusted host's announcement must carry its signature and name
+    // one of its own instances; others only if unsigned ones are accepted.
+    if sh.trust.checking() {
+        let sig = meta
+            .get(model::META_SIG)
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let kind = if alive { ANNOUNCE } else { UNREGISTER };
+        let trusted_host = sh.cfg.trusted_hosts.contains_key(&host);
+        let believed = if trusted_host {
+            id.ends_with(&format!("@{host}"))
+                && sh.trust.verify(&host, kind, &[&service, &id, &host], sig)
+        } else {
+            sh.trust.accept_unsigned && sig.is_empty()
+        };
+        if !believed {
+            tracing::debug!(instance = %id, host = %host, "ignoring an announcement not signed by a trusted host");
+            return model::RegistrationReply::refused(
+                403,
+                format!("announcement of {id} is not signed by a trusted host"),
+                &service,
+                &id,
+            );
+        }
     }
     let aegis = meta.get(model::META_BRIDGE).and_then(|v| v.as_str()) == Some("aegis-bridge");
     let mut st = sh.state.lock().unwrap();

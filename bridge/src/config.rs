@@ -55,6 +55,22 @@ pub struct Args {
     /// How often exported instances are announced (milliseconds; default 1000).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// This bridge's signing key (an nkey seed; mode 0600): announcements and resource
+    /// entries are signed with it. `--new-signing-key FILE` makes one.
+    #[arg(long)]
+    pub signing_key_file: Option<PathBuf>,
+    /// A host whose bridge is believed, as `HOST=PUBLIC_NKEY` (repeatable; file:
+    /// `[trusted_hosts]`). With any, announcements and resource entries are taken only from
+    /// these hosts, signed by their keys, for their own instance ids.
+    #[arg(long = "trust", value_parser = parse_trust)]
+    pub trust: Vec<(String, String)>,
+    /// With trusted hosts: still take unsigned announcements (AegisIPC instances of the
+    /// seed's SDK, which cannot sign). Off by default.
+    #[arg(long)]
+    pub accept_unsigned: bool,
+    /// Write a new signing key's seed to FILE (mode 0600), print its public key, and exit.
+    #[arg(long)]
+    pub new_signing_key: Option<PathBuf>,
     /// A remote instance not heard from for this long leaves local routing (milliseconds;
     /// default 30000, the seed's absolute heartbeat timeout: an instance that heartbeats
     /// every 10 s stays).
@@ -94,6 +110,10 @@ struct File {
     tls_key: Option<PathBuf>,
     heartbeat_ms: Option<u64>,
     remote_timeout_ms: Option<u64>,
+    signing_key_file: Option<PathBuf>,
+    #[serde(default)]
+    trusted_hosts: std::collections::BTreeMap<String, String>,
+    accept_unsigned: Option<bool>,
     kv_bucket: Option<String>,
     log: Option<String>,
 }
@@ -117,6 +137,9 @@ pub struct Settings {
     pub tls_key: Option<PathBuf>,
     pub heartbeat: Duration,
     pub remote_timeout: Duration,
+    pub signing_key_file: Option<PathBuf>,
+    pub trusted_hosts: std::collections::BTreeMap<String, String>,
+    pub accept_unsigned: bool,
     pub kv_bucket: Option<String>,
     pub log: String,
 }
@@ -167,6 +190,13 @@ impl Settings {
                     .or(f.remote_timeout_ms)
                     .unwrap_or(30_000),
             ),
+            signing_key_file: a.signing_key_file.or(f.signing_key_file),
+            trusted_hosts: if a.trust.is_empty() {
+                f.trusted_hosts
+            } else {
+                a.trust.into_iter().collect()
+            },
+            accept_unsigned: a.accept_unsigned || f.accept_unsigned.unwrap_or(false),
             kv_bucket: match a.kv_bucket.or(f.kv_bucket) {
                 None => Some("aegis_resources".into()),
                 Some(b) if b.is_empty() => None,
@@ -195,6 +225,13 @@ impl Settings {
         }
         if self.heartbeat.is_zero() {
             return Err("heartbeat_ms must be more than 0".into());
+        }
+        if !self.trusted_hosts.is_empty() && self.signing_key_file.is_none() {
+            return Err(
+                "trusted_hosts needs signing_key_file: the other hosts check this bridge's \
+                 signatures too (aegis-bridge --new-signing-key FILE makes one)"
+                    .into(),
+            );
         }
         if self.remote_timeout <= self.heartbeat {
             return Err(format!(
@@ -260,6 +297,14 @@ fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// `HOST=PUBLIC_NKEY`.
+fn parse_trust(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(h, k)| !h.is_empty() && !k.is_empty())
+        .map(|(h, k)| (h.to_owned(), k.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not HOST=PUBLIC_NKEY"))
 }
 
 #[cfg(test)]

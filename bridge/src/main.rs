@@ -6,6 +6,7 @@ mod bridge;
 mod config;
 mod model;
 mod resources;
+mod trust;
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
@@ -17,6 +18,18 @@ use crate::config::{Args, Settings};
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.new_signing_key {
+        return match trust::new_key(path) {
+            Ok(public) => {
+                println!("{public}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("aegis-bridge: {e}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let check = args.check_config;
     let settings = match Settings::resolve(args) {
         Ok(s) => s,
@@ -128,10 +141,23 @@ fn run(settings: Settings) -> Result<(), String> {
     let nats = rt
         .block_on(opts.connect(settings.nats.as_str()))
         .map_err(|e| format!("NATS {}: {e}", settings.nats))?;
+    let trust = if settings.trusted_hosts.is_empty() {
+        trust::Trust::open()
+    } else {
+        trust::Trust::load(
+            settings.signing_key_file.as_deref(),
+            &settings.trusted_hosts,
+            settings.accept_unsigned,
+        )?
+    };
+    if let Some(pk) = trust.public_key() {
+        tracing::info!(public_key = %pk, trusted = settings.trusted_hosts.len(), "signing announcements and resource entries");
+    }
     let (ptx, prx) = mpsc::channel();
     let sh = Arc::new(Shared {
         bus,
         nats,
+        trust,
         cfg: settings,
         rt: rt.handle().clone(),
         state: Mutex::new(Default::default()),

@@ -106,6 +106,8 @@ pub struct Heartbeat {
 /// Metadata keys a bridge puts on what it announces.
 pub const META_HOST: &str = "host";
 pub const META_BRIDGE: &str = "bridge";
+/// The announcing bridge's signature (see `trust`).
+pub const META_SIG: &str = "aegis.sig";
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(v).expect("our models always encode")

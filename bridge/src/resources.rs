@@ -40,6 +40,29 @@ pub struct Owner {
     pub service: String,
     /// The owner's NATS instance id.
     pub instance_id: String,
+    /// The writing host's signature of the fields above (with trusted hosts configured).
+    #[serde(default)]
+    pub sig: String,
+}
+
+impl Owner {
+    fn fields(&self) -> [&str; 4] {
+        [
+            &self.resource_id,
+            &self.host,
+            &self.service,
+            &self.instance_id,
+        ]
+    }
+    /// Whether this entry may be believed: always without trusted hosts; with them, only
+    /// when signed by the host it names, for an instance of that host.
+    fn believed(&self, sh: &Shared) -> bool {
+        !sh.trust.checking()
+            || (self.instance_id.ends_with(&format!("@{}", self.host))
+                && sh
+                    .trust
+                    .check(&sh.cfg.name, &self.host, "owner", &self.fields(), &self.sig))
+    }
 }
 
 #[derive(Default)]
@@ -154,7 +177,15 @@ async fn watch(sh: Arc<Shared>, store: kv::Store) {
         tracing::trace!(key = %e.key, op = ?e.operation, "resource bucket entry");
         let Some(id) = id_of(&e.key) else { continue };
         let owner = match e.operation {
-            kv::Operation::Put => crate::model::decode::<Owner>(&e.value).ok(),
+            kv::Operation::Put => crate::model::decode::<Owner>(&e.value)
+                .ok()
+                .filter(|o| {
+                    let ok = o.believed(&sh) && id == o.resource_id;
+                    if !ok {
+                        tracing::warn!(resource = %id, host = %o.host, "ignoring a resource entry not signed by its host");
+                    }
+                    ok
+                }),
             kv::Operation::Delete | kv::Operation::Purge => None,
         };
         {
@@ -276,12 +307,15 @@ fn publish(sh: &Shared, store: &kv::Store, local: HashMap<String, (String, Strin
         {
             continue;
         }
-        let value = crate::model::encode(&Owner {
+        let mut entry = Owner {
             resource_id: id.clone(),
             host: sh.cfg.name.clone(),
             service,
             instance_id: sh.nats_id(&owner),
-        });
+            sig: String::new(),
+        };
+        entry.sig = sh.trust.sign("owner", &entry.fields()).unwrap_or_default();
+        let value = crate::model::encode(&entry);
         let k = key(&id);
         let Some(created) = sh.wait(
             "writing a resource entry",
@@ -301,7 +335,8 @@ fn publish(sh: &Shared, store: &kv::Store, local: HashMap<String, (String, Strin
                     .as_ref()
                     .and_then(|e| crate::model::decode::<Owner>(&e.value).ok());
                 match (entry, theirs) {
-                    (Some(e), Some(o)) if o.host == sh.cfg.name => sh
+                    // Ours, or one nobody trusted signed (forged): written over.
+                    (Some(e), Some(o)) if o.host == sh.cfg.name || !o.believed(sh) => sh
                         .wait(
                             "updating a resource entry",
                             store.update(&k, value.into(), e.revision),
