@@ -456,3 +456,38 @@ fn with_trusted_hosts_a_rogue_nats_client_announces_nothing_and_owns_nothing() {
         "a forged entry made doc-forged routable"
     );
 }
+
+/// Without signing, a NATS client announcing 100 instances of an imported service gets
+/// stand-ins for at most 64 of them (so at most 256 forwarding threads), and a local
+/// instance of the service still registers.
+#[test]
+fn a_flood_of_announcements_gets_at_most_64_stand_ins_and_never_a_local_slot() {
+    let nats = Nats::start();
+    let (b, _beta) = host(&nats, "hostb", "beta", "doc-b");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let nc = rt.block_on(async_nats::connect(nats.url())).unwrap();
+    for i in 0..100 {
+        let reg = serde_json::json!({
+            "service_name": "flooded",
+            "instance_id": format!("f{i}@rogue"),
+            "metadata": {"host": "rogue"},
+        });
+        let body = rmp_serde::to_vec_named(&reg).unwrap();
+        rt.block_on(nc.publish("ipc.service.register", body.into()))
+            .unwrap();
+    }
+    rt.block_on(nc.flush()).unwrap();
+    let count = || b.client.service("flooded").map_or(0, |s| s.instances.len());
+    wait_for("64 stand-ins", || count() >= 64);
+    // Give the bridge a few more sync passes: the number stays at the cap.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(count(), 64);
+    }
+    let local = b.client.register("flooded", "local-1", &[]).unwrap();
+    assert_eq!(count(), 65);
+    drop(local);
+}

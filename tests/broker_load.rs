@@ -100,6 +100,7 @@ fn killed_instances_leave_and_the_watchdog_ticks_while_the_admin_api_is_flooded(
     let (fetched, ok) = (AtomicU64::new(0), AtomicU64::new(0));
     let mut gaps = Vec::new();
     let mut removal = Vec::new();
+    let mut listing = Vec::new();
     std::thread::scope(|s| {
         for _ in 0..8 {
             s.spawn(|| {
@@ -152,21 +153,42 @@ fn killed_instances_leave_and_the_watchdog_ticks_while_the_admin_api_is_flooded(
             }
             removal.push(t.elapsed());
             let _ = child.wait();
+            // What `aegisctl services` asks, timed.
+            for _ in 0..5 {
+                let t = Instant::now();
+                client.services().unwrap();
+                listing.push(t.elapsed());
+            }
         }
         stop.store(true, Ordering::Relaxed);
         let at = pings.join().unwrap();
         gaps = at.windows(2).map(|w| w[1] - w[0]).collect();
     });
     removal.sort();
+    listing.sort();
     let p99 = removal[removal.len() * 99 / 100];
+    let list_p99 = listing[listing.len() * 99 / 100];
+    let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{}/status", bus.broker.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
     let max_gap = gaps.iter().max().copied().unwrap_or_default();
     eprintln!(
-        "{} admin requests ({} ok); removal after SIGKILL: p50 {:?}, p99 {p99:?}; {} watchdog pings, longest gap {max_gap:?}",
+        "{} admin requests ({} ok); removal after SIGKILL: p50 {:?}, p99 {p99:?}; services listing p50 {:?}, p99 {list_p99:?}; {} watchdog pings, longest gap {max_gap:?}; broker RSS {rss_kb} kB",
         fetched.load(Ordering::Relaxed),
         ok.load(Ordering::Relaxed),
         removal[removal.len() / 2],
+        listing[listing.len() / 2],
         gaps.len() + 1
     );
+    assert!(
+        list_p99 < Duration::from_millis(50),
+        "services listing p99 {list_p99:?}"
+    );
+    // 100,000 resources' records and their registry: well under this.
+    assert!(rss_kb < 256 * 1024, "broker RSS {rss_kb} kB");
     assert!(
         gaps.len() >= 5,
         "the watchdog pinged {} times",

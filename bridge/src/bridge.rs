@@ -42,6 +42,12 @@ use crate::model::{self, RouteRequest, RouteResponse};
 pub const QUEUE_GROUP: &str = "aegis-bridge";
 /// Serving threads per stand-in (calls it forwards at once).
 const PROXY_THREADS: usize = 4;
+/// Stand-ins for one remote host at most (so at most this many times PROXY_THREADS
+/// forwarding threads): a host announcing more gets no more.
+const MAX_STANDINS_PER_HOST: usize = 64;
+/// Stand-ins of one service at most: the other half of its member slots stays for local
+/// instances, which are never refused because of stand-ins.
+const MAX_STANDINS_PER_SERVICE: usize = aegis_client::layout::MAX_MEMBERS / 2;
 /// How long a forwarded call may take on the other host.
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -451,7 +457,29 @@ fn sync_proxies(sh: &Arc<Shared>) {
             let _ = i.unregister();
         }
     }
+    let (mut per_host, mut per_service) = {
+        let st = sh.state.lock().unwrap();
+        let mut h: HashMap<String, usize> = HashMap::new();
+        let mut s: HashMap<String, usize> = HashMap::new();
+        for (id, p) in &st.proxies {
+            if let Some(r) = st.directory.get(id) {
+                *h.entry(r.host.clone()).or_default() += 1;
+            }
+            *s.entry(p.service.clone()).or_default() += 1;
+        }
+        (h, s)
+    };
     for (id, r) in new {
+        let (nh, ns) = (
+            per_host.entry(r.host.clone()).or_default(),
+            per_service.entry(r.service.clone()).or_default(),
+        );
+        if *nh >= MAX_STANDINS_PER_HOST || *ns >= MAX_STANDINS_PER_SERVICE {
+            tracing::debug!(instance = %id, host = %r.host, "no stand-in: the host or the service has its maximum");
+            continue;
+        }
+        *nh += 1;
+        *ns += 1;
         let opts = RegisterOptions {
             metadata: vec![
                 (REMOTE_METADATA_KEY.to_owned(), r.host.clone()),

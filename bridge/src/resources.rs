@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aegis_client::proto::{BulkOptions, ResourceQuery, ResourceSpec};
 use async_nats::jetstream::kv;
@@ -80,7 +80,14 @@ pub struct Mirror {
     since: Mutex<Option<Instant>>,
     /// The bucket could not be opened (JetStream off?): said once per connection.
     warned: std::sync::atomic::AtomicBool,
+    /// Mirrored claims the local broker refused (a bridge without administrator rights may
+    /// not force claims), and since when: not asked again for [`REFUSED_BACKOFF`], and
+    /// logged once.
+    refused: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a refused mirrored claim is left alone before it is tried again.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(60);
 
 pub fn key(id: &str) -> String {
     let mut k = String::with_capacity(1 + 2 * id.len());
@@ -394,11 +401,18 @@ fn apply_remote(sh: &Shared) {
         st.proxies
             .iter()
             .map(|(pid, p)| {
+                let refused = sh.resources.refused.lock().unwrap();
                 let want: Vec<String> = remote
                     .iter()
                     .filter(|(id, o)| o.instance_id == *pid && !p.claimed.contains(*id))
+                    .filter(|(id, _)| {
+                        refused
+                            .get(*id)
+                            .is_none_or(|t| t.elapsed() >= REFUSED_BACKOFF)
+                    })
                     .map(|(id, _)| id.clone())
                     .collect();
+                drop(refused);
                 let drop: Vec<String> = p
                     .claimed
                     .iter()
@@ -433,8 +447,20 @@ fn apply_remote(sh: &Shared) {
                                 .cloned(),
                         );
                     }
+                    std::mem::drop(st);
+                    let mut refused = sh.resources.refused.lock().unwrap();
                     for f in &report.failures {
-                        tracing::warn!(resource = %f.id, instance = %pid, "cannot mirror the remote claim: {}", f.reason);
+                        // Logged once per id (then at debug): a refusal repeats itself.
+                        if refused.insert(f.id.clone(), Instant::now()).is_none() {
+                            tracing::warn!(resource = %f.id, instance = %pid, "cannot mirror the remote claim (asked again every {REFUSED_BACKOFF:?}): {}", f.reason);
+                        } else {
+                            tracing::debug!(resource = %f.id, instance = %pid, "mirroring the remote claim refused again: {}", f.reason);
+                        }
+                    }
+                    for id in &want {
+                        if !failed.contains(id.as_str()) {
+                            refused.remove(id);
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(instance = %pid, "mirroring remote claims: {e}"),
