@@ -491,3 +491,44 @@ fn a_flood_of_announcements_gets_at_most_64_stand_ins_and_never_a_local_slot() {
     assert_eq!(count(), 65);
     drop(local);
 }
+
+/// A bridge that is no administrator of its bus (as the packaged units run it: a uid the
+/// policy lets serve and call, nothing more) still routes resources across hosts: mirrored
+/// claims are plain claims, forced only where a local instance holds the id.
+#[test]
+fn a_bridge_without_administrator_rights_routes_resources_across_hosts() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run the bridge under another uid");
+        return;
+    }
+    let nats = Nats::start();
+    let (a, _alpha) = host(&nats, "hosta", "alpha", "doc-a");
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        policy.path(),
+        "socket_mode = \"666\"\n[[policy]]\nservices = [\"*\"]\ncall_uids = [65534]\nserve_uids = [65534]\n",
+    )
+    .unwrap();
+    let bus_b = TestBus::start_with(&["--config", policy.path().to_str().unwrap()]);
+    std::fs::set_permissions(
+        bus_b.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let _bridge_b = support::start_bridge_as(
+        &bus_b,
+        &nats.url(),
+        "hostb",
+        &["--export", "*", "--import", "*"],
+        Some(65534),
+    );
+    let b = bus_b.connect();
+    wait_for(
+        "doc-a routable on host b through a non-admin bridge",
+        || {
+            b.call_resource("doc-a", "echo", b"r", &quick())
+                .is_ok_and(|r| r.instance_id == "alpha-1@hosta")
+        },
+    );
+    drop(a);
+}

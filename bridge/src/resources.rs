@@ -426,7 +426,29 @@ fn apply_remote(sh: &Shared) {
     };
     for (inst, want, drop, pid) in work {
         if !want.is_empty() {
+            // A plain claim first (what a bridge without administrator rights may do, and
+            // all an id nobody here holds needs); force only the ids a local instance
+            // holds (two hosts raced for them and the bucket says the other won).
+            let plain = BulkOptions {
+                mode: aegis_client::BulkMode::ContinueOnError,
+                ..Default::default()
+            };
             let specs = want
+                .iter()
+                .map(|id| ResourceSpec::new(id.as_str()))
+                .collect();
+            let (conflicting, mut failures): (Vec<String>, Vec<_>) =
+                match inst.claim_with(specs, plain) {
+                    Ok(r) => {
+                        let (c, other): (Vec<_>, Vec<_>) = r
+                            .failures
+                            .into_iter()
+                            .partition(|f| f.code == aegis_client::error::code::CONFLICT);
+                        (c.into_iter().map(|f| f.id).collect(), other)
+                    }
+                    Err(_) => (want.clone(), Vec::new()),
+                };
+            let specs = conflicting
                 .iter()
                 .map(|id| ResourceSpec::new(id.as_str()))
                 .collect();
@@ -435,10 +457,16 @@ fn apply_remote(sh: &Shared) {
                 mode: aegis_client::BulkMode::ContinueOnError,
                 ..Default::default()
             };
-            match inst.claim_with(specs, opts) {
+            let forced = if conflicting.is_empty() {
+                Ok(Default::default())
+            } else {
+                inst.claim_with(specs, opts)
+            };
+            match forced {
                 Ok(report) => {
+                    failures.extend(report.failures);
                     let failed: std::collections::HashSet<&str> =
-                        report.failures.iter().map(|f| f.id.as_str()).collect();
+                        failures.iter().map(|f| f.id.as_str()).collect();
                     let mut st = sh.state.lock().unwrap();
                     if let Some(p) = st.proxies.get_mut(&pid) {
                         p.claimed.extend(
@@ -449,7 +477,7 @@ fn apply_remote(sh: &Shared) {
                     }
                     std::mem::drop(st);
                     let mut refused = sh.resources.refused.lock().unwrap();
-                    for f in &report.failures {
+                    for f in &failures {
                         // Logged once per id (then at debug): a refusal repeats itself.
                         if refused.insert(f.id.clone(), Instant::now()).is_none() {
                             tracing::warn!(resource = %f.id, instance = %pid, "cannot mirror the remote claim (asked again every {REFUSED_BACKOFF:?}): {}", f.reason);

@@ -438,7 +438,33 @@ impl Drop for Guarded {
 /// An `aegis-bridge` process for `bus` (heartbeats every 200 ms), waited for until it
 /// says it is ready.
 pub fn start_bridge(bus: &TestBus, nats: &str, name: &str, extra: &[&str]) -> Guarded {
+    start_bridge_as(bus, nats, name, extra, None)
+}
+
+/// As `start_bridge`, under uid `uid` (no supplementary groups) when given (needs root).
+pub fn start_bridge_as(
+    bus: &TestBus,
+    nats: &str,
+    name: &str,
+    extra: &[&str],
+    uid: Option<u32>,
+) -> Guarded {
     let mut c = Command::new(bridge_bin());
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only async-signal-safe calls on plain values.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     c.arg("--dir")
         .arg(bus.path())
         .args([
