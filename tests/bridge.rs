@@ -497,8 +497,7 @@ fn a_flood_of_announcements_gets_at_most_64_stand_ins_and_never_a_local_slot() {
 /// claims are plain claims, forced only where a local instance holds the id.
 #[test]
 fn a_bridge_without_administrator_rights_routes_resources_across_hosts() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run the bridge under another uid");
+    if !support::root("needs root to run the bridge under another uid") {
         return;
     }
     let nats = Nats::start();

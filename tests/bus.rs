@@ -556,3 +556,43 @@ fn signals_during_control_requests_are_not_a_lost_broker() {
         failures.first()
     );
 }
+
+/// A second instance asking for other sizing than its service has is `BadRequest` naming
+/// both; a request a Rust handler drops unanswered reaches its caller as `Remote` 500, not
+/// as a timeout.
+#[test]
+fn a_mismatched_sizing_names_both_and_a_dropped_request_answers_500() {
+    let bus = TestBus::start();
+    let server = bus.connect();
+    let sized = |slot_size| RegisterOptions {
+        config: ServiceConfig {
+            slot_size: Some(slot_size),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let first = server.register_with("sz", "a", sized(1024)).unwrap();
+    match server.register_with("sz", "b", sized(2048)) {
+        Err(Error::BadRequest(m)) => {
+            assert!(m.contains("1024") && m.contains("2048"), "{m}")
+        }
+        other => panic!("expected BadRequest, got {:?}", other.map(|_| ())),
+    }
+    let client = bus.connect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut rx = first.receiver();
+            let req = rx.recv(Some(Duration::from_secs(10))).unwrap().unwrap();
+            drop(req);
+        });
+        let t = std::time::Instant::now();
+        match client.call("sz", "m", b"x", &opts()) {
+            Err(Error::Remote { code, .. }) => assert_eq!(code, 500),
+            other => panic!("expected Remote 500, got {other:?}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "answered only at the deadline"
+        );
+    });
+}

@@ -48,8 +48,7 @@ fn policed_bus() -> Option<(TestBus, String)> {
 }
 
 fn policed_bus_with(extra: &[&str]) -> Option<(TestBus, String)> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run the attacker under another uid");
+    if !support::root("needs root to run the attacker under another uid") {
         return None;
     }
     let dir = tempfile::Builder::new()
@@ -470,8 +469,7 @@ fn unfinished_control_frames_cost_what_was_sent_and_are_timed_out() {
 /// `--allow-shared-dir`, is not trusted: the broker refuses to start, naming the file.
 #[test]
 fn identities_owned_by_another_uid_are_not_trusted() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to make a file of another uid");
+    if !support::root("needs root to make a file of another uid") {
         return;
     }
     for file in ["identities", "resources.journal"] {
@@ -576,57 +574,11 @@ fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
                 continue;
             }
             own_segments += 1;
-            let len = aegis_client::sys::file_size(&fd).unwrap() as usize;
-            // 1. A new writable shared mapping.
-            // SAFETY: mmap of a descriptor we hold; the result is checked.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd.as_raw_fd(),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                refused += 1;
-                errors.push(format!("mmap:{}", std::io::Error::last_os_error()));
-            } else {
-                writable += 1;
-                maps.push(p as usize);
-            }
-            // 2. A read-only mapping made writable afterwards.
-            // SAFETY: as above.
-            let ro = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    fd.as_raw_fd(),
-                    0,
-                )
-            };
-            assert_ne!(ro, libc::MAP_FAILED, "a read-only mapping is allowed");
-            // SAFETY: mprotect of the mapping made just above.
-            if unsafe { libc::mprotect(ro, len, libc::PROT_READ | libc::PROT_WRITE) } != 0 {
-                refused += 1;
-                errors.push(format!("mprotect:{}", std::io::Error::last_os_error()));
-            } else {
-                writable += 1;
-                maps.push(ro as usize);
-            }
-            // 3. write(2) at the counters.
-            let forged = 999_999_999_999u64.to_le_bytes();
-            // SAFETY: pwrite from a local buffer.
-            let n = unsafe { libc::pwrite(fd.as_raw_fd(), forged.as_ptr().cast(), 8, 80) };
-            if n < 0 {
-                refused += 1;
-                errors.push(format!("pwrite:{}", std::io::Error::last_os_error()));
-            } else {
-                writable += 1;
-            }
+            let w = try_writes(&fd);
+            writable += w.writable;
+            refused += w.errors.len();
+            errors.extend(w.errors);
+            maps.extend(w.maps);
         }
     }
     // What an attacker does with a writable mapping: pin the progress word and forge the
@@ -895,4 +847,78 @@ fn attack_list_resources(dir: &Path) {
     };
     let ids: Vec<String> = page.items.iter().map(|r| r.id.clone()).collect();
     println!("\nRESULT total={} ids={}", page.total, ids.join(","));
+}
+
+/// What the three ways to write a segment did: `mmap(PROT_WRITE)`, `mprotect` of a
+/// read-only mapping, `pwrite` (at offset 80).
+struct Writes {
+    writable: usize,
+    errors: Vec<String>,
+    /// The writable mappings obtained (addresses).
+    maps: Vec<usize>,
+}
+
+fn try_writes(fd: &OwnedFd) -> Writes {
+    let len = aegis_client::sys::file_size(fd).unwrap() as usize;
+    let mut w = Writes {
+        writable: 0,
+        errors: Vec::new(),
+        maps: Vec::new(),
+    };
+    let map = |prot| {
+        // SAFETY: mmap of a descriptor we hold; the result is checked by the caller.
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        }
+    };
+    // 1. A new writable shared mapping.
+    let p = map(libc::PROT_READ | libc::PROT_WRITE);
+    if p == libc::MAP_FAILED {
+        w.errors
+            .push(format!("mmap:{}", std::io::Error::last_os_error()));
+    } else {
+        w.writable += 1;
+        w.maps.push(p as usize);
+    }
+    // 2. A read-only mapping made writable afterwards.
+    let ro = map(libc::PROT_READ);
+    assert_ne!(ro, libc::MAP_FAILED, "a read-only mapping is allowed");
+    // SAFETY: mprotect of the mapping made just above.
+    if unsafe { libc::mprotect(ro, len, libc::PROT_READ | libc::PROT_WRITE) } != 0 {
+        w.errors
+            .push(format!("mprotect:{}", std::io::Error::last_os_error()));
+    } else {
+        w.writable += 1;
+        w.maps.push(ro as usize);
+    }
+    // 3. write(2).
+    let forged = 999_999_999_999u64.to_le_bytes();
+    // SAFETY: pwrite from a local buffer.
+    if unsafe { libc::pwrite(fd.as_raw_fd(), forged.as_ptr().cast(), 8, 80) } < 0 {
+        w.errors
+            .push(format!("pwrite:{}", std::io::Error::last_os_error()));
+    } else {
+        w.writable += 1;
+    }
+    w
+}
+
+/// The registry a client is handed is sealed read-only: even a process of the broker's own
+/// uid can neither map it writable, make its mapping writable, nor write(2) to it.
+#[test]
+fn the_registry_cannot_be_written_by_anyone_but_the_broker() {
+    let bus = TestBus::start();
+    let raw = Raw::connect(bus.path()).unwrap();
+    let registry = &raw.1[0];
+    assert_eq!(segment_kind(registry), Some(SegmentKind::Registry as u32));
+    let w = try_writes(registry);
+    assert_eq!(w.writable, 0, "the registry was writable: {:?}", w.errors);
+    assert_eq!(w.errors.len(), 3, "{:?}", w.errors);
 }

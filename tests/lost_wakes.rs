@@ -3,7 +3,10 @@
 //! would hide a lost futex wake behind a short delay: no other test would fail. Here every
 //! such period is 60 s (`AEGIS_TEST_RECHECK_MS`, feature `test-hooks`, and the instance's
 //! heartbeat interval) and nobody spins, so each call and watch below depends on its wake
-//! arriving: one lost wake makes it miss its 10 s deadline and the test fail.
+//! arriving. A caller also looks at its mailbox when its attempt deadline passes, so a lost
+//! wake would still end in a reply, late: every call is therefore held to [`WOKEN_WITHIN`],
+//! far below both the 60 s re-check and the 10 s deadline (calls take microseconds), and a
+//! lost wake fails the test at once.
 
 mod support;
 
@@ -13,6 +16,28 @@ use aegis_client::{BusOptions, CallOptions, Spin};
 use support::TestBus;
 
 const LONG: &str = "60000";
+/// A call that took this long was woken by a deadline, not by its wake.
+const WOKEN_WITHIN: Duration = Duration::from_secs(2);
+
+/// Runs one call, failing the test if it errs, answers another payload or is late.
+fn timed_call(
+    client: &aegis_client::Bus,
+    p: &[u8],
+    opts: &CallOptions,
+    out: &mut Vec<u8>,
+    what: &str,
+) {
+    let t = Instant::now();
+    client
+        .call_into("lw", "m", p, opts, out)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(out, p, "{what}");
+    assert!(
+        t.elapsed() < WOKEN_WITHIN,
+        "{what} took {:?}: its wake was lost",
+        t.elapsed()
+    );
+}
 
 #[test]
 fn no_wake_up_is_lost_when_nothing_re_checks() {
@@ -46,11 +71,13 @@ fn no_wake_up_is_lost_when_nothing_re_checks() {
     // time, thousands of times.
     let mut out = Vec::new();
     for i in 0..3000u32 {
-        let p = i.to_le_bytes();
-        client
-            .call_into("lw", "m", &p, &opts, &mut out)
-            .unwrap_or_else(|e| panic!("call {i}: {e}"));
-        assert_eq!(out, p);
+        timed_call(
+            &client,
+            &i.to_le_bytes(),
+            &opts,
+            &mut out,
+            &format!("call {i}"),
+        );
     }
     // Concurrent callers: sleepers on the ring and wakers racing.
     std::thread::scope(|s| {
@@ -60,10 +87,7 @@ fn no_wake_up_is_lost_when_nothing_re_checks() {
                 let mut out = Vec::new();
                 for i in 0..500u32 {
                     let p = [t.to_le_bytes(), i.to_le_bytes()].concat();
-                    client
-                        .call_into("lw", "m", &p, opts, &mut out)
-                        .unwrap_or_else(|e| panic!("thread {t} call {i}: {e}"));
-                    assert_eq!(out, p);
+                    timed_call(client, &p, opts, &mut out, &format!("thread {t} call {i}"));
                 }
             });
         }
@@ -76,11 +100,17 @@ fn no_wake_up_is_lost_when_nothing_re_checks() {
     rt.block_on(async {
         for i in 0..500u32 {
             let p = i.to_le_bytes();
+            let t = Instant::now();
             let r = client
                 .call_async("lw", "m", &p, &opts)
                 .await
                 .unwrap_or_else(|e| panic!("async call {i}: {e}"));
             assert_eq!(r.payload, p);
+            assert!(
+                t.elapsed() < WOKEN_WITHIN,
+                "async call {i} took {:?}",
+                t.elapsed()
+            );
         }
     });
     // A watcher is woken by a membership change, not by its re-check.
@@ -94,6 +124,6 @@ fn no_wake_up_is_lost_when_nothing_re_checks() {
         let _b = bus.serve("lw", "b", &[]);
         let (g, took) = w.join().unwrap();
         assert_ne!(g, seen, "the watch timed out");
-        assert!(took < Duration::from_secs(10), "woken only after {took:?}");
+        assert!(took < WOKEN_WITHIN, "woken only after {took:?}");
     });
 }

@@ -495,3 +495,50 @@ fn idle_and_unfinished_http_connections_are_closed_and_keep_no_one_out() {
         "broker RSS {kb} kB after the idle connections"
     );
 }
+
+/// A handler's error answer counts in `ipc_router_requests_total{status="error"}` (the
+/// HighErrorRate alert is built on it), and its successes in `status="success"`.
+#[test]
+fn handler_error_answers_count_as_errors_in_requests_total() {
+    let (bus, addr) = start();
+    let server = bus.connect();
+    let inst = server.register("flaky", "f1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let client = bus.connect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            inst.serve(|req, out| {
+                if req.method() == "fail" {
+                    return Err(aegis_client::ServiceError::new(409, "no"));
+                }
+                out.extend_from_slice(req.payload());
+                Ok(())
+            })
+            .unwrap()
+        });
+        let opts = CallOptions::timeout(Duration::from_secs(5));
+        for _ in 0..7 {
+            assert!(client.call("flaky", "fail", b"x", &opts).is_err());
+        }
+        for _ in 0..5 {
+            client.call("flaky", "ok", b"x", &opts).unwrap();
+        }
+        stop.stop();
+    });
+    let scrape = scrape(&addr);
+    let count = |status: &str| -> f64 {
+        samples(
+            &scrape,
+            "ipc_router_requests_total",
+            &[
+                ("service_name", "flaky"),
+                ("instance_id", "f1"),
+                ("status", status),
+            ],
+        )
+        .map(|x| value(&x.value))
+        .sum()
+    };
+    assert_eq!(count("error"), 7.0);
+    assert_eq!(count("success"), 5.0);
+}

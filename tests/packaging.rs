@@ -17,10 +17,7 @@ fn systemd_analyze() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("skipped: systemd-analyze is not installed");
-    }
-    found
+    support::precondition(found, "systemd-analyze is not installed")
 }
 
 /// Verifies packaged unit `unit` and returns its offline exposure score. Every packaged

@@ -61,8 +61,7 @@ services = ["secret.*"]
 
 #[test]
 fn another_uid_is_refused_or_admitted_as_the_policy_says_and_sighup_applies_changes() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run a caller under another uid");
+    if !support::root("needs root to run a caller under another uid") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -14,10 +14,6 @@ use support::{broker_bin, spawn_ready, terminate, TestBus};
 /// A uid no one on the machine uses.
 const OTHER_UID: u32 = 54_321;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn broker_refuses(dir: &std::path::Path, extra: &[&str]) -> String {
     let out = Command::new(broker_bin())
         .arg("--dir")
@@ -85,8 +81,7 @@ fn a_symlinked_directory_or_lock_file_is_refused() {
 
 #[test]
 fn a_directory_owned_by_another_uid_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root to chown");
+    if !support::root("needs root to chown") {
         return;
     }
     let bus_dir = tempfile::tempdir().unwrap();
@@ -102,8 +97,7 @@ fn a_directory_owned_by_another_uid_is_refused() {
 
 #[test]
 fn a_client_refuses_a_broker_running_as_another_uid_unless_trusted() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run the broker as another uid");
+    if !support::root("needs root to run the broker as another uid") {
         return;
     }
     let bus_dir = tempfile::tempdir().unwrap();
@@ -137,9 +131,28 @@ fn a_client_refuses_a_broker_running_as_another_uid_unless_trusted() {
     terminate(&mut broker);
 }
 
-/// The usual case stays the usual case: same uid, nothing to configure.
+/// The usual case stays the usual case: same uid, nothing to configure — the connection
+/// is made, it calls, and the broker it trusted is the one of that directory (its pid).
 #[test]
 fn a_broker_of_our_own_uid_is_trusted_without_configuration() {
     let bus = TestBus::start();
-    bus.connect();
+    let _e = bus.serve("echo", "e1", &[]);
+    let client = aegis_client::Bus::connect_with(aegis_client::BusOptions {
+        dir: Some(bus.path().to_owned()),
+        broker_uids: Vec::new(),
+        ..Default::default()
+    })
+    .expect("a broker of our own uid is trusted with no broker_uids");
+    let r = client
+        .call(
+            "echo",
+            "m",
+            b"hi",
+            &aegis_client::CallOptions::timeout(std::time::Duration::from_secs(5)),
+        )
+        .unwrap();
+    assert_eq!(
+        (r.payload.as_slice(), r.instance_id.as_str()),
+        (&b"hi"[..], "e1")
+    );
 }

@@ -28,6 +28,25 @@ pub fn succeed(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// Whether a test's precondition holds (`ok`); if not, the test is skipped saying why —
+/// except under `CI=true`, where `.ci/run` provides every precondition and a missing one
+/// is a failure, never a silent "ok".
+pub fn precondition(ok: bool, why: &str) -> bool {
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true and a precondition is missing: {why}"
+        );
+        eprintln!("skipped: {why}");
+    }
+    ok
+}
+
+/// Whether this process runs as root (see [`precondition`]).
+pub fn root(why: &str) -> bool {
+    precondition(nix::unistd::geteuid().is_root(), why)
+}
+
 /// How long anything may take to become ready before the test fails instead of hanging.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
