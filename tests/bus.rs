@@ -176,9 +176,10 @@ fn eight_threads_and_four_processes_get_their_own_replies() {
             ])
             .stdout(std::process::Stdio::piped())
             .spawn()
+            .map(support::Reaped)
             .unwrap()
         })
-        .collect();
+        .collect::<Vec<_>>();
     let client = bus.connect();
     std::thread::scope(|s| {
         for t in 0..8u64 {
@@ -595,4 +596,30 @@ fn a_mismatched_sizing_names_both_and_a_dropped_request_answers_500() {
             "answered only at the deadline"
         );
     });
+}
+
+/// A test that fails leaves no process behind: the broker and instance processes of
+/// `tests/support` are terminated and reaped as the panic unwinds.
+#[test]
+fn a_failing_test_leaves_no_broker_or_instance_behind() {
+    let mut pids = (0, 0);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The helpers policy.rs and trust.rs use, which once returned a bare `Child`.
+        let dir = tempfile::tempdir().unwrap();
+        let broker = support::start_broker(dir.path(), &[]);
+        let mut c = std::process::Command::new(support::aegisctl_bin());
+        c.arg("--dir")
+            .arg(dir.path())
+            .args(["serve", "left", "--instance", "l1", "--echo"]);
+        let (served, _) = support::spawn_ready(c, "ready ");
+        pids = (broker.id(), served.id());
+        panic!("a failing assertion");
+    }));
+    assert!(r.is_err());
+    for pid in [pids.0, pids.1] {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} left behind (or not reaped)"
+        );
+    }
 }

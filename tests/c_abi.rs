@@ -7,7 +7,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -120,13 +120,13 @@ fn example(name: &str) -> PathBuf {
 }
 
 /// Starts the C echo instance and waits for its "ready" line.
-fn start_c_server(bus: &TestBus, exe: &Path, id: &str) -> Child {
+fn start_c_server(bus: &TestBus, exe: &Path, id: &str) -> support::Reaped {
     let mut c = Command::new(exe);
     c.args(["cecho", id])
         .env("AEGIS_IPC_DIR", bus.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    let mut child = support::Reaped(c.spawn().unwrap());
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap())
         .read_line(&mut line)
@@ -277,6 +277,7 @@ int main(void) {
         .env("AEGIS_IPC_DIR", bus.path())
         .stdout(Stdio::piped())
         .spawn()
+        .map(support::Reaped)
         .unwrap();
     let mut line = String::new();
     BufReader::new(c.stdout.as_mut().unwrap())

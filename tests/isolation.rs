@@ -494,9 +494,9 @@ fn identities_owned_by_another_uid_are_not_trusted() {
 }
 
 /// As [`run_attacker`], but spawned with its stdout piped for the test to read as it goes.
-fn run_attacker_spawn(dir: &Path, attack: &str, targets: &str) -> std::process::Child {
+fn run_attacker_spawn(dir: &Path, attack: &str, targets: &str) -> support::Reaped {
     let mut c = attacker_command(dir, attack, targets);
-    c.spawn().unwrap()
+    support::Reaped(c.spawn().unwrap())
 }
 
 fn result_of_text(out: &str) -> Vec<(String, String)> {

@@ -600,7 +600,7 @@ fn calls_from_a_caller_that_resumed_under_a_new_identity_reach_an_instance_still
     // The load's reconnect is held back too, so fresh clients get to its slot first.
     load.env("AEGIS_TEST_RECONNECT_DELAY_MS", "200")
         .stdout(std::process::Stdio::piped());
-    let mut load = load.spawn().unwrap();
+    let mut load = support::Reaped(load.spawn().unwrap());
     let probe = bus.connect();
     support::wait_for("the load to reach the instance", || {
         probe.service("late").unwrap().instances[0].requests_served > 50
@@ -703,6 +703,7 @@ fn a_caller_killed_mid_load_harms_neither_the_instance_nor_other_callers() {
         ])
         .stdout(std::process::Stdio::null())
         .spawn()
+        .map(support::Reaped)
         .unwrap();
     let client = bus.connect();
     support::wait_for("the load to reach the instance", || {

@@ -147,7 +147,8 @@ fn a_callers_circuit_breaker_opens_on_failures_fails_fast_and_closes_on_recovery
             .aegisctl(&["monitor", "brittle", "--json"])
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .unwrap(),
+            .unwrap()
+            .into(),
     };
     let mut events = std::io::BufReader::new(monitor.child.stdout.take().unwrap());
     let mut line = String::new();

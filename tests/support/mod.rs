@@ -87,7 +87,7 @@ pub fn broker_bin() -> PathBuf {
 
 /// A process started but not yet known to be ready; its stdout lines arrive on `lines`.
 pub struct Starting {
-    pub child: Child,
+    pub child: Reaped,
     pub lines: mpsc::Receiver<String>,
     what: String,
 }
@@ -104,12 +104,16 @@ pub fn spawn_watched(mut cmd: Command) -> Starting {
             let _ = tx.send(line);
         }
     });
-    Starting { child, lines, what }
+    Starting {
+        child: Reaped(child),
+        lines,
+        what,
+    }
 }
 
 impl Starting {
     /// Waits for a line starting with `prefix`; returns it with every line before it.
-    pub fn wait_for(mut self, prefix: &str) -> (Child, String, Vec<String>) {
+    pub fn wait_for(mut self, prefix: &str) -> (Reaped, String, Vec<String>) {
         let mut before = Vec::new();
         loop {
             match self.lines.recv_timeout(DEADLINE) {
@@ -129,7 +133,64 @@ impl Starting {
 }
 
 /// Spawns `cmd` and waits for a stdout line starting with `prefix`; returns the line.
-pub fn spawn_ready(cmd: Command, prefix: &str) -> (Child, String) {
+/// A child process that is terminated (SIGTERM, SIGKILL if it lingers) and reaped when
+/// dropped, a failing assertion's unwinding included: a test leaves no process behind.
+pub struct Reaped(pub Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        terminate(&mut self.0);
+    }
+}
+
+impl Reaped {
+    /// Waits for the process (within [`DEADLINE`]) and collects what it wrote to piped
+    /// stdout and stderr: `Child::wait_with_output` for a child that is reaped on drop.
+    pub fn wait_with_output(mut self) -> std::io::Result<std::process::Output> {
+        use std::io::Read;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let err = self.0.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = e.read_to_end(&mut v);
+                v
+            })
+        });
+        if let Some(mut o) = self.0.stdout.take() {
+            o.read_to_end(&mut stdout)?;
+        }
+        if let Some(t) = err {
+            stderr = t.join().unwrap_or_default();
+        }
+        let status = wait_deadline(&mut self.0);
+        Ok(std::process::Output {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+impl From<Child> for Reaped {
+    fn from(c: Child) -> Reaped {
+        Reaped(c)
+    }
+}
+
+pub fn spawn_ready(cmd: Command, prefix: &str) -> (Reaped, String) {
     let (child, line, _) = spawn_watched(cmd).wait_for(prefix);
     (child, line)
 }
@@ -137,7 +198,7 @@ pub fn spawn_ready(cmd: Command, prefix: &str) -> (Child, String) {
 /// A broker on a private directory, stopped and removed on drop.
 pub struct TestBus {
     pub dir: tempfile::TempDir,
-    pub broker: Child,
+    pub broker: Reaped,
 }
 
 impl TestBus {
@@ -227,7 +288,7 @@ impl StartingServe {
     }
 }
 
-pub fn start_broker(dir: &Path, args: &[&str]) -> Child {
+pub fn start_broker(dir: &Path, args: &[&str]) -> Reaped {
     let mut c = Command::new(broker_bin());
     c.arg("--dir").arg(dir).args(["--log", "warn"]).args(args);
     spawn_ready(c, "aegis-broker ready").0
@@ -241,7 +302,7 @@ impl Drop for TestBus {
 
 /// An instance process.
 pub struct Served {
-    pub child: Child,
+    pub child: Reaped,
     pub index: u32,
     pub id: String,
     /// How many ids `--claim` got, if it claimed.
@@ -378,7 +439,7 @@ pub fn nats_server_bin() -> PathBuf {
 /// A real `nats-server` (JetStream on) on a free local port, in its own directory (see
 /// `nats_server_bin`).
 pub struct Nats {
-    pub child: Child,
+    pub child: Reaped,
     pub port: u16,
     pub dir: tempfile::TempDir,
 }
@@ -392,7 +453,11 @@ impl Nats {
             .port();
         let dir = tempfile::tempdir().unwrap();
         let child = Nats::spawn(port, dir.path());
-        Nats { child, port, dir }
+        Nats {
+            child: Reaped(child),
+            port,
+            dir,
+        }
     }
 
     fn spawn(port: u16, dir: &Path) -> Child {
@@ -431,7 +496,7 @@ impl Nats {
 
     /// Starts again on the same port and store.
     pub fn restart(&mut self) {
-        self.child = Nats::spawn(self.port, self.dir.path());
+        self.child = Reaped(Nats::spawn(self.port, self.dir.path()));
     }
 }
 
@@ -445,7 +510,7 @@ impl Drop for Nats {
 /// A child process terminated on drop (an `aegis-bridge`, a monitor), so that a failing
 /// test leaves nothing running.
 pub struct Guarded {
-    pub child: Child,
+    pub child: Reaped,
 }
 
 impl Drop for Guarded {
