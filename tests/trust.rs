@@ -156,3 +156,30 @@ fn a_broker_of_our_own_uid_is_trusted_without_configuration() {
         (&b"hi"[..], "e1")
     );
 }
+
+/// A peer in another pid namespace (here a child one: `unshare --pid --fork`) is refused
+/// with an error saying so: it would write its own namespace's pids into ring claims and
+/// mailboxes, which everyone else would read as other processes.
+#[test]
+fn a_peer_in_another_pid_namespace_is_refused() {
+    if !support::root("needs root to make a pid namespace") {
+        return;
+    }
+    let bus = TestBus::start();
+    let outside = std::process::Command::new("unshare")
+        .args(["--pid", "--fork"])
+        .arg(support::aegisctl_bin())
+        .arg("--dir")
+        .arg(bus.path())
+        .arg("services")
+        .output()
+        .expect("unshare (util-linux)");
+    let err = String::from_utf8_lossy(&outside.stderr);
+    assert!(
+        !outside.status.success(),
+        "a peer in a child pid namespace was served"
+    );
+    assert!(err.contains("another pid namespace"), "{err}");
+    // The same command in ours is served.
+    support::succeed(&mut bus.aegisctl(&["services"]));
+}

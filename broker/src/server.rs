@@ -453,14 +453,17 @@ async fn connection(
                             ))),
                             Vec::new(),
                         )
-                    } else if peer.pid == 0 {
+                    } else if peer.pid == 0 || !same_pid_namespace(peer.pid) {
                         // SO_PEERCRED gives pid 0 for a peer in a pid namespace we cannot see
-                        // into: the bus tells processes (their liveness, their ring claims)
-                        // apart by pid, so such peers would all look alike.
+                        // into; one in a child namespace has a pid here but writes its own
+                        // namespace's pid (getpid) into ring claims and mailboxes, which
+                        // everyone else would read as another process. The bus tells
+                        // processes (their liveness, their claims) apart by pid: refused.
                         (
-                            Response::Error(WireError::Incompatible(
-                                "peer is in another pid namespace (SO_PEERCRED pid 0): run it in the broker's pid namespace or a child of it".into(),
-                            )),
+                            Response::Error(WireError::Incompatible(format!(
+                                "peer (pid {} here) is in another pid namespace: run it in the broker's pid namespace",
+                                peer.pid
+                            ))),
                             Vec::new(),
                         )
                     } else if hello {
@@ -791,4 +794,25 @@ async fn write_response(
             .await?;
     }
     stream.write_all(&frame[sent..]).await
+}
+
+/// Whether process `pid` (as this namespace sees it) is in our pid namespace: its
+/// `NSpid:` line in `/proc/PID/status` (world-readable) lists its pid in each namespace from
+/// ours down, so one entry means ours, more mean a descendant. True when it cannot be read
+/// (the process is gone; the connection ends anyway).
+fn same_pid_namespace(pid: u32) -> bool {
+    let levels = |path: &str| -> Option<usize> {
+        std::fs::read_to_string(path)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .map(|v| v.split_whitespace().count())
+    };
+    match (
+        levels(&format!("/proc/{pid}/status")),
+        levels("/proc/self/status"),
+    ) {
+        (Some(peer), Some(me)) => peer == me,
+        _ => true,
+    }
 }
