@@ -543,3 +543,154 @@ fn handler_error_answers_count_as_errors_in_requests_total() {
     assert_eq!(count("error"), 7.0);
     assert_eq!(count("success"), 5.0);
 }
+
+/// The resource, health and retry series carry the values of what happened, not just their
+/// names: registrations, releases, conflicts, bulk operations, lookups, per-instance
+/// counts, operation durations and metadata sizes; an unhealthy instance in
+/// `ipc_router_unhealthy_instances`, its checks in `ipc_healthcheck_duration_seconds`; a
+/// call that needed a second instance in `ipc_router_retries_total{attempt_number="2"}`.
+#[test]
+fn resource_health_and_retry_series_count_what_happened() {
+    let (bus, addr) = start();
+    let server = bus.connect();
+    let owner = server.register("docs", "d1", &[]).unwrap();
+    let rival = server.register("docs", "d2", &[]).unwrap();
+    let spec = |id: &str| aegis_client::ResourceSpec {
+        id: id.into(),
+        metadata: aegis_client::ResourceMetadata {
+            resource_type: "doc".into(),
+            tags: vec!["t".into()],
+            ..Default::default()
+        },
+    };
+    let report = owner
+        .claim_with(
+            vec![spec("m-1"), spec("m-2"), spec("m-3")],
+            Default::default(),
+        )
+        .unwrap();
+    assert_eq!(report.failed, 0);
+    owner.release(&["m-3"]).unwrap();
+    assert!(rival.claim(&["m-1"]).is_err(), "a conflict");
+    let page = server
+        .resources(&aegis_client::ResourceQuery::default())
+        .unwrap();
+    assert_eq!(page.total, 2);
+
+    // Two instances of `retry`: r1 takes each request and answers after 300 ms, r2 at
+    // once; idempotent calls with 100 ms attempts that meet r1 first are answered by r2, on
+    // their second attempt.
+    let (lazy, quick) = (
+        server.register("retry", "r1", &[]).unwrap(),
+        server.register("retry", "r2", &[]).unwrap(),
+    );
+    let (stop_lazy, stop_quick) = (lazy.stop_handle(), quick.stop_handle());
+    let client = bus.connect();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            lazy.serve(|req, out| {
+                std::thread::sleep(Duration::from_millis(300));
+                out.extend_from_slice(req.payload());
+                Ok(())
+            })
+            .unwrap()
+        });
+        sc.spawn(|| {
+            quick
+                .serve(|req, out| {
+                    out.extend_from_slice(req.payload());
+                    Ok(())
+                })
+                .unwrap()
+        });
+        let opts = CallOptions {
+            attempt_timeout: Duration::from_millis(100),
+            idempotent: true,
+            ..CallOptions::timeout(Duration::from_secs(5))
+        };
+        for _ in 0..4 {
+            client.call("retry", "m", b"x", &opts).unwrap();
+        }
+        stop_lazy.stop();
+        stop_quick.stop();
+    });
+    // `slow`: an instance stopped past its heartbeat timeout is Unhealthy.
+    let stuck = bus.serve(
+        "slow",
+        "s1",
+        &[
+            "--heartbeat-interval-ms",
+            "50",
+            "--heartbeat-timeout-ms",
+            "300",
+        ],
+    );
+    kill(stuck.pid(), libc::SIGSTOP);
+    support::wait_for("s1 unhealthy", || {
+        client
+            .health(Some("slow"))
+            .unwrap()
+            .iter()
+            .any(|h| h.id == "s1" && h.status == aegis_client::Status::Unhealthy)
+    });
+    let s = scrape(&addr);
+    let v = |metric: &str, labels: &[(&str, &str)]| -> f64 {
+        samples(&s, metric, labels).map(|x| value(&x.value)).sum()
+    };
+    assert_eq!(v("ipc_resource_registrations_total", &[]), 3.0);
+    assert_eq!(v("ipc_resource_releases_total", &[]), 1.0);
+    assert_eq!(v("ipc_resource_conflicts_total", &[]), 1.0);
+    assert!(v("ipc_resource_bulk_operations_total", &[]) >= 1.0);
+    assert!(v("ipc_resource_lookups_total", &[]) >= 1.0);
+    assert_eq!(
+        v("ipc_resources_per_instance", &[("instance_id", "d1")]),
+        2.0
+    );
+    let count_of = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        s.samples
+            .iter()
+            .filter(|x| {
+                x.metric == name && labels.iter().all(|(k, val)| x.labels.get(k) == Some(*val))
+            })
+            .map(|x| match &x.value {
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
+                other => value(other),
+            })
+            .sum()
+    };
+    assert!(
+        count_of(
+            "ipc_resource_operation_duration_seconds",
+            &[("operation", "claim")]
+        ) >= 1.0
+    );
+    assert!(
+        count_of(
+            "ipc_resource_metadata_size_bytes",
+            &[("service_name", "docs")]
+        ) >= 3.0
+    );
+    assert_eq!(
+        v(
+            "ipc_router_unhealthy_instances",
+            &[("service_name", "slow")]
+        ),
+        1.0
+    );
+    assert!(count_of("ipc_healthcheck_duration_seconds", &[("instance_id", "s1")]) >= 1.0);
+    assert!(
+        v(
+            "ipc_router_retries_total",
+            &[("service_name", "retry"), ("attempt_number", "2")]
+        ) >= 1.0,
+        "no call needed a second attempt"
+    );
+    kill(stuck.pid(), libc::SIGCONT);
+}
+
+fn kill(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a child process of this test.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
