@@ -531,3 +531,90 @@ fn a_bridge_without_administrator_rights_routes_resources_across_hosts() {
     );
     drop(a);
 }
+
+/// Two services on two hosts calling each other (nested, across the bridges) end in
+/// `LoopDetected`, not a timeout: the hop count crosses hosts. And a remote instance that
+/// announced itself once and then fell silent leaves host b's routing after
+/// `--remote-timeout-ms` (1 s here), not before and not never.
+#[test]
+fn a_call_bouncing_between_hosts_ends_in_loop_detected_and_a_silent_remote_leaves() {
+    let nats = Nats::start();
+    let bus_a = TestBus::start();
+    let bus_b = TestBus::start();
+    let args = [
+        "--export",
+        "*",
+        "--import",
+        "*",
+        "--remote-timeout-ms",
+        "1000",
+    ];
+    let _bridge_a = start_bridge(&bus_a, &nats.url(), "hosta", &args);
+    let _bridge_b = start_bridge(&bus_b, &nats.url(), "hostb", &args);
+    let (a, b) = (bus_a.connect(), bus_b.connect());
+    let ping = a.register("ping", "ping-1", &[]).unwrap();
+    let pong = b.register("pong", "pong-1", &[]).unwrap();
+    let (stop_ping, stop_pong) = (ping.stop_handle(), pong.stop_handle());
+    std::thread::scope(|s| {
+        for (inst, bus, next) in [(&ping, &a, "pong"), (&pong, &b, "ping")] {
+            for _ in 0..6 {
+                s.spawn(move || {
+                    inst.serve(|req, out| {
+                        match bus.call(next, "m", b"", &CallOptions::nested(req)) {
+                            Ok(r) => out.extend_from_slice(&r.payload),
+                            Err(e) => out.extend_from_slice(format!("{e}").as_bytes()),
+                        }
+                        Ok(())
+                    })
+                    .unwrap()
+                });
+            }
+        }
+        wait_for("pong reachable from host a", || {
+            a.service("pong").is_ok_and(|s| !s.instances.is_empty())
+        });
+        wait_for("ping reachable from host b", || {
+            b.service("ping").is_ok_and(|s| !s.instances.is_empty())
+        });
+        let r = a.call(
+            "ping",
+            "m",
+            b"",
+            &CallOptions::timeout(Duration::from_secs(10)),
+        );
+        let text = match r {
+            Ok(r) => String::from_utf8_lossy(&r.payload).into_owned(),
+            Err(e) => e.to_string(),
+        };
+        assert!(text.contains("loop"), "the bounce ended in: {text}");
+        stop_ping.stop();
+        stop_pong.stop();
+    });
+
+    // A ghost: announced once, never again.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let nc = rt.block_on(async_nats::connect(nats.url())).unwrap();
+    let reg = serde_json::json!({
+        "service_name": "ghost",
+        "instance_id": "ghost-1",
+        "metadata": {"host": "hostz"},
+    });
+    rt.block_on(nc.publish(
+        "ipc.service.register",
+        rmp_serde::to_vec_named(&reg).unwrap().into(),
+    ))
+    .unwrap();
+    rt.block_on(nc.flush()).unwrap();
+    let present = || b.service("ghost").is_ok_and(|s| !s.instances.is_empty());
+    wait_for("the ghost stands in on host b", present);
+    let seen = std::time::Instant::now();
+    wait_for("the silent ghost to leave", || !present());
+    let gone_after = seen.elapsed();
+    assert!(
+        gone_after > Duration::from_millis(500),
+        "left after {gone_after:?}: before its timeout"
+    );
+}

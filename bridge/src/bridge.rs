@@ -98,6 +98,9 @@ pub struct State {
     plain: HashMap<String, tokio::task::JoinHandle<()>>,
     /// Set on every (re)connect: announce every exported instance again.
     pub reannounce: bool,
+    /// Every service any host announced lately (imported or not), and when: the plain
+    /// subject's fallback stays silent for these.
+    pub announced: HashMap<String, Instant>,
 }
 
 pub struct Shared {
@@ -582,6 +585,13 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
             );
         }
     };
+    if alive && !service.is_empty() {
+        sh.state
+            .lock()
+            .unwrap()
+            .announced
+            .insert(service.clone(), Instant::now());
+    }
     if service.is_empty() || id.is_empty() {
         return model::RegistrationReply::refused(
             400,
@@ -713,6 +723,53 @@ async fn serve_subscription(sh: Arc<Shared>, mut sub: async_nats::Subscriber, ta
         tokio::task::spawn_blocking(move || answer(&sh, &target, msg));
     }
 }
+
+/// The plain subject of a service no host serves: every bridge listens on
+/// `aegis.call.*.*` in a queue group of its own, so one of them hears each plain request,
+/// and answers 503 when neither this bridge nor any announcement it heard knows the
+/// service (the bridge that exports it answers otherwise, as before). Without this such a
+/// request got NATS's "no responders".
+pub async fn plain_fallback_loop(sh: Arc<Shared>) {
+    use futures_util::StreamExt;
+    let mut sub = match sh
+        .nats
+        .queue_subscribe(model::plain_subject("*", "*"), PLAIN_FALLBACK_GROUP.into())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("subscribing to the plain subjects' fallback: {e}");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let mut parts = msg.subject.as_str().split('.');
+        let service = parts.nth(2).unwrap_or("").to_owned();
+        let known = {
+            let st = sh.state.lock().unwrap();
+            st.plain.contains_key(&service)
+                || st
+                    .announced
+                    .get(&service)
+                    .is_some_and(|t| t.elapsed() < sh.cfg.remote_timeout)
+        };
+        if known {
+            continue;
+        }
+        let text = format!("no instance of service '{service}' on any host");
+        let h = error_headers(503, "NoAvailableInstanceError", &text);
+        if let Err(e) = sh.nats.publish_with_headers(reply, h, text.into()).await {
+            tracing::debug!("answering an unknown plain subject: {e}");
+        }
+    }
+}
+
+/// The queue group of [`plain_fallback_loop`] (not the bridges' own: both groups hear a
+/// request, the exporter's answers it).
+const PLAIN_FALLBACK_GROUP: &str = "aegis-bridge-unknown";
 
 pub async fn route_loop(sh: Arc<Shared>) {
     match sh

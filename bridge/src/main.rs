@@ -196,6 +196,7 @@ fn run(settings: Settings) -> Result<(), String> {
         }
     });
     rt.spawn(bridge::route_loop(sh.clone()));
+    rt.spawn(bridge::plain_fallback_loop(sh.clone()));
     rt.spawn(bridge::directory_loop(sh.clone()));
     let w = sh.clone();
     std::thread::spawn(move || bridge::registry_watch(w));

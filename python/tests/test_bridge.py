@@ -139,6 +139,13 @@ def test_a_seed_client_calls_a_rust_instance_through_the_bridge(bridged):
         assert msg.data == b"\x00raw bytes\xff"
         msg = await nc.request("aegis.call.users.echo", b"y" * 10_000, timeout=5)
         assert msg.headers["Nats-Service-Error-Code"] == "413", msg.headers
+        # A service no host serves: a 503 in the headers, not NATS's "no responders".
+        msg = await nc.request("aegis.call.nobody.echo", b"z", timeout=5)
+        assert msg.headers["Nats-Service-Error-Code"] == "503", msg.headers
+        # And one that is served is still answered by its exporter, every time.
+        for _ in range(20):
+            msg = await nc.request("aegis.call.users.echo", b"w", timeout=5)
+            assert msg.data == b"w" and not msg.headers, msg.headers
 
         resp = await route(nc, service_name="users", method="get", params={"still": "here"}, timeout=5.0, trace_id="t7")
         assert resp["success"] is True, resp
