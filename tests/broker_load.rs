@@ -5,34 +5,19 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{broker_bin, spawn_watched, TestBus};
+use support::{broker_bin, TestBus};
 
 const TOKEN: &str = "load-token-0123456789abcdef";
 /// The watchdog interval systemd would ask for: the broker pings every half of it.
 const WATCHDOG_USEC: u64 = 400_000;
 
 fn get(addr: &str, path: &str) -> u16 {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return 0;
-    };
-    let _ = s.set_read_timeout(Some(support::DEADLINE));
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
-    );
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    support::http_get(addr, path, Some(TOKEN)).0
 }
 
 #[test]
@@ -67,13 +52,7 @@ fn killed_instances_leave_and_the_watchdog_ticks_while_the_admin_api_is_flooded(
         ])
         .env("NOTIFY_SOCKET", &notify_path)
         .env("WATCHDOG_USEC", WATCHDOG_USEC.to_string());
-    let (broker, _, before) = spawn_watched(c).wait_for("aegis-broker ready");
-    let addr = before
-        .iter()
-        .find_map(|l| l.strip_prefix("aegis-broker http "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (broker, addr) = support::start_http_broker(c);
     let bus = TestBus {
         dir: tempfile::TempDir::new().unwrap(),
         broker,

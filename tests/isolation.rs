@@ -71,29 +71,15 @@ fn policed_bus_with(extra: &[&str]) -> Option<(TestBus, String)> {
             "--http-metrics-open",
         ])
         .args(extra);
-    let (broker, _, before) = support::spawn_watched(c).wait_for("aegis-broker ready");
-    let addr = before
-        .iter()
-        .find_map(|l| l.strip_prefix("aegis-broker http "))
-        .expect("the broker said where it listens")
-        .trim()
-        .to_owned();
+    let (broker, addr) = support::start_http_broker(c);
     Some((TestBus { dir, broker }, addr))
 }
 
 /// `/metrics`, as text.
 fn metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(support::DEADLINE)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
+    let (status, body) = support::http_get(addr, "/metrics", None);
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// The value of the sample line starting with `prefix` (0 when there is none).

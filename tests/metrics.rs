@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use aegis_client::CallOptions;
-use support::{broker_bin, spawn_watched, wait_deadline, TestBus, DEADLINE};
+use support::{broker_bin, wait_deadline, TestBus, DEADLINE};
 
 /// The bearer token of the test brokers' `--http-token-file`.
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -43,13 +43,7 @@ fn start_with(extra: &[&str]) -> (TestBus, String) {
         .arg("--http-token-file")
         .arg(token.path())
         .args(extra);
-    let (broker, _, before) = spawn_watched(c).wait_for("aegis-broker ready");
-    let addr = before
-        .iter()
-        .find_map(|l| l.strip_prefix("aegis-broker http "))
-        .expect("the broker said where it listens")
-        .trim()
-        .to_owned();
+    let (broker, addr) = support::start_http_broker(c);
     (TestBus { dir, broker }, addr)
 }
 
@@ -60,19 +54,7 @@ fn get(addr: &str, path: &str) -> (u16, String) {
 
 /// GET `path` with `token` (or none); the status and body.
 fn get_as(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    support::http_get(addr, path, token)
 }
 
 fn scrape(addr: &str) -> prometheus_parse::Scrape {

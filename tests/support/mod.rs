@@ -639,3 +639,41 @@ impl Raw {
         Ok((resp, fds))
     }
 }
+
+/// Starts a broker command given `--http-listen` and waits until it is ready; its process
+/// and the address its HTTP listener bound.
+pub fn start_http_broker(cmd: Command) -> (Reaped, String) {
+    let (broker, _, before) = spawn_watched(cmd).wait_for("aegis-broker ready");
+    let addr = before
+        .iter()
+        .find_map(|l| l.strip_prefix("aegis-broker http "))
+        .expect("the broker said where it listens")
+        .trim()
+        .to_owned();
+    (broker, addr)
+}
+
+/// `GET path` on `addr` with `token` as bearer (or none); the status (0 when the
+/// connection failed) and the body.
+pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(DEADLINE));
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return (0, text);
+    };
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
