@@ -363,6 +363,35 @@ fn one_uid_takes_at_most_a_quarter_of_the_slots_by_default() {
     assert_eq!(insts.len(), 6);
 }
 
+/// `--max-resources-per-uid` and `--max-shm-per-uid` hold for another uid: its instances
+/// own at most 3 resources together, and a second connection that would pass its 40 MiB of
+/// shared memory is refused; each refusal names the cap and its value.
+#[test]
+fn another_uid_stays_within_its_resource_and_shared_memory_quotas() {
+    let Some((bus, _)) = policed_bus_with(&[
+        "--max-resources-per-uid",
+        "3",
+        "--max-shm-per-uid",
+        &(40u64 << 20).to_string(),
+    ]) else {
+        return;
+    };
+    let out = run_attacker(bus.path(), "quota", "");
+    assert!(
+        out.status.success(),
+        "attacker failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r = result_of(&out);
+    assert_eq!(value(&r, "claimed"), "3", "{r:?}");
+    let claim = value(&r, "claim_refusal");
+    assert!(claim.contains("max-resources-per-uid_3"), "{r:?}");
+    let conn = value(&r, "connect_refusal");
+    assert!(conn.contains("max-shm-per-uid"), "{r:?}");
+    // The quota is per uid: another uid's (root's) connection still fits.
+    let _mine = bus.connect();
+}
+
 /// Row "a group member with no rights asks the control socket for resources": a caller
 /// sees the resources of services it may call or serve, not the others'.
 #[test]
@@ -521,6 +550,7 @@ fn attacker() {
         "instance-own" => attack_instance_own(Path::new(&dir), &targets),
         "breakers" => attack_breakers(Path::new(&dir)),
         "slots" => attack_slots(Path::new(&dir)),
+        "quota" => attack_quota(Path::new(&dir)),
         "list-resources" => attack_list_resources(Path::new(&dir)),
         "own-stats" => attack_own_stats(Path::new(&dir), &targets),
         other => panic!("unknown attack {other}"),
@@ -907,4 +937,42 @@ fn the_registry_cannot_be_written_by_anyone_but_the_broker() {
     let w = try_writes(registry);
     assert_eq!(w.writable, 0, "the registry was writable: {:?}", w.errors);
     assert_eq!(w.errors.len(), 3, "{:?}", w.errors);
+}
+
+/// Claims resources and opens connections until refused.
+fn attack_quota(dir: &Path) {
+    let bus = Bus::connect_dir(dir).expect("a first connection fits the quota");
+    let inst = bus
+        .register_with(
+            "pub",
+            "q1",
+            aegis_client::RegisterOptions {
+                config: aegis_client::ServiceConfig {
+                    max_message: Some(4096),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .expect("the attacker may serve pub");
+    let mut claimed = 0;
+    let mut claim_refusal = String::new();
+    for i in 0..5 {
+        match inst.claim(&[&format!("q-{i}")]) {
+            Ok(()) => claimed += 1,
+            Err(e) => {
+                claim_refusal = e.to_string();
+                break;
+            }
+        }
+    }
+    let connect_refusal = match Bus::connect_dir(dir) {
+        Ok(_) => "none".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    println!(
+        "\nRESULT claimed={claimed} claim_refusal={} connect_refusal={}",
+        claim_refusal.replace(' ', "_"),
+        connect_refusal.replace(' ', "_")
+    );
 }

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use aegis_client::CallOptions;
+use aegis_client::{CallOptions, Error};
 use support::{broker_bin, wait_deadline, TestBus, DEADLINE};
 
 /// The bearer token of the test brokers' `--http-token-file`.
@@ -675,4 +675,64 @@ fn resource_health_and_retry_series_count_what_happened() {
 fn kill(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on a child process of this test.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+/// The breaker's defaults, unconfigured: 5 failed calls in a row open it, and with nothing
+/// changing in the service (its one instance stays stopped and unhealthy) it lets one probe
+/// through after the 30 s open period, which fails and opens it again.
+#[test]
+fn the_default_breaker_opens_after_5_failures_and_probes_after_30_s() {
+    let (bus, _) = start();
+    let stuck = bus.serve(
+        "cb",
+        "c1",
+        &[
+            "--heartbeat-interval-ms",
+            "50",
+            "--heartbeat-timeout-ms",
+            "200",
+        ],
+    );
+    kill(stuck.pid(), libc::SIGSTOP);
+    let client = bus.connect();
+    support::wait_for("c1 unhealthy", || {
+        client.health(Some("cb")).unwrap()[0].status == aegis_client::Status::Unhealthy
+    });
+    let opts = CallOptions::timeout(Duration::from_millis(100));
+    for i in 0..5 {
+        match client.call("cb", "m", b"x", &opts) {
+            Err(Error::NoAvailableInstance { .. } | Error::Timeout { .. }) => {}
+            other => panic!("call {i}: expected a failure of the bus, got {other:?}"),
+        }
+    }
+    let opened = std::time::Instant::now();
+    assert!(
+        matches!(
+            client.call("cb", "m", b"x", &opts),
+            Err(Error::CircuitOpen { .. })
+        ),
+        "open after the default 5 failures"
+    );
+    let probe_after = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        match client.call("cb", "m", b"x", &opts) {
+            Err(Error::CircuitOpen { .. }) => {
+                assert!(
+                    opened.elapsed() < Duration::from_secs(40),
+                    "never half-open"
+                );
+            }
+            _ => break opened.elapsed(),
+        }
+    };
+    assert!(
+        (Duration::from_secs(29)..Duration::from_secs(35)).contains(&probe_after),
+        "the probe went through after {probe_after:?}, not after the 30 s open period"
+    );
+    // The probe failed: open again.
+    assert!(matches!(
+        client.call("cb", "m", b"x", &opts),
+        Err(Error::CircuitOpen { .. })
+    ));
+    kill(stuck.pid(), libc::SIGCONT);
 }
