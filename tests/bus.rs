@@ -623,3 +623,55 @@ fn a_failing_test_leaves_no_broker_or_instance_behind() {
         );
     }
 }
+
+/// Route logs: one successful call in 1,024 per thread at info, every failed call at warn,
+/// each with its trace id.
+#[test]
+fn route_logs_sample_1_in_1024_successes_and_every_failure() {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let bus = TestBus::start();
+    let _e = bus.serve("logged", "l1", &[]);
+    let client = bus.connect();
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("aegis_ipc::route=info")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // A fresh thread: its per-thread count starts at 0 (calls 0, 1024 and 2048 are logged).
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tracing::subscriber::with_default(subscriber, || {
+                let mut out = Vec::new();
+                for _ in 0..3000 {
+                    client
+                        .call_into("logged", "m", b"x", &opts(), &mut out)
+                        .unwrap();
+                }
+                for _ in 0..3 {
+                    assert!(client.call("nobody", "m", b"x", &opts()).is_err());
+                }
+            })
+        });
+    });
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let routed: Vec<&str> = text.lines().filter(|l| l.contains("call routed")).collect();
+    assert_eq!(routed.len(), 3, "{text}");
+    assert!(routed
+        .iter()
+        .all(|l| l.contains("trace_id=0x") && l.contains("INFO")));
+    let failed = text.lines().filter(|l| l.contains("call failed")).count();
+    assert_eq!(failed, 3, "{text}");
+}

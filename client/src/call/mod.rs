@@ -317,11 +317,15 @@ impl Bus {
         let inner = &*self.inner;
         inner.not_forked()?;
         let sess = inner.routing_session(service);
-        let (svc_idx, svc) =
-            sess.find_service(service)
-                .ok_or_else(|| Error::NoAvailableInstance {
+        // A service nobody ever registered fails here, logged like any failed call.
+        let (svc_idx, svc) = sess.find_service(service).ok_or_else(|| {
+            failed_call(
+                Error::NoAvailableInstance {
                     service: service.to_owned(),
-                })?;
+                },
+                inner.trace_of(opts),
+            )
+        })?;
         let stats = sess.stats.caller_stats(svc_idx);
         let cfg = &inner.opts.circuit_breaker;
         if let Err(e) = breaker::admit(cfg, stats, svc, service) {
