@@ -460,3 +460,43 @@ fn attack_exhaust(dir: &Path) {
     );
     drop(held);
 }
+
+/// A ring slot claimed by a producer that never recorded its pid (pid 0) is skipped after
+/// about 1 s, so the request behind it is served; a slot whose producer is alive is never
+/// skipped (that producer could still write into the slot's next lap): the request behind
+/// it waits until the producer lets go.
+#[test]
+fn a_pidless_stuck_slot_is_skipped_after_1_s_and_a_live_producer_s_never() {
+    let bus = TestBus::start();
+    let inst = bus.serve("stuck", "s1", &[]);
+    let rings = echo_rings(&[inst.pid()]);
+    let ring = rings[0].ring();
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(10));
+    client.call("stuck", "m", b"warm", &opts).unwrap();
+
+    // No pid: skipped after ~1 s.
+    let pidless = ring.try_claim(0).unwrap();
+    let t = Instant::now();
+    let r = client
+        .call("stuck", "m", b"behind a pidless slot", &opts)
+        .unwrap();
+    let waited = t.elapsed();
+    assert_eq!(r.payload, b"behind a pidless slot");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "served after {waited:?}: the pidless slot was skipped too early or too late"
+    );
+    std::mem::forget(pidless); // its late publish must never land (it was skipped)
+
+    // Our own live pid: never skipped while we hold it.
+    let live = ring.try_claim(std::process::id()).unwrap();
+    let short = CallOptions::timeout(Duration::from_millis(2500));
+    match client.call("stuck", "m", b"behind a live producer", &short) {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("a live producer's slot was skipped: {other:?}"),
+    }
+    drop(live); // published as aborted: the ring moves on
+    let r = client.call("stuck", "m", b"after", &opts).unwrap();
+    assert_eq!(r.payload, b"after");
+}

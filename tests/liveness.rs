@@ -1006,3 +1006,57 @@ fn a_call_tries_at_most_three_instances() {
         other => panic!("expected a timeout after 3 attempts, got {other}"),
     }
 }
+
+/// After a broker restart, calls route on the previous broker's view while the new one has
+/// no instance of the service yet, for up to 5 s (RESTART_BRIDGE) after the caller
+/// reconnected; then they fail with `NoAvailableInstance` until the instance registers
+/// again. Its re-registration is held back 8 s here (test hook) so the bridge's end shows.
+#[test]
+fn after_a_broker_restart_calls_route_on_the_previous_view_for_up_to_5_s() {
+    let mut bus = TestBus::start();
+    let _inst = bus
+        .start_serve_env(
+            "bridged",
+            "b1",
+            &[],
+            &[("AEGIS_TEST_RECONNECT_DELAY_MS", "8000")],
+        )
+        .ready();
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_millis(500));
+    client.call("bridged", "m", b"x", &opts).unwrap();
+    kill(bus.broker.id(), libc::SIGKILL);
+    wait_deadline(&mut bus.broker);
+    bus.broker = support::start_broker(bus.path(), &[]);
+    // The caller is back once the new broker answers it.
+    support::wait_for("the caller reconnected", || client.services().is_ok());
+    let reconnected = Instant::now();
+    let mut last_ok = Duration::ZERO;
+    let first_refused = loop {
+        match client.call("bridged", "m", b"x", &opts) {
+            Ok(r) => {
+                assert_eq!(r.payload, b"x");
+                last_ok = reconnected.elapsed();
+            }
+            Err(Error::NoAvailableInstance { .. }) => break reconnected.elapsed(),
+            Err(e) => panic!(
+                "unexpected failure {:?} after the restart: {e}",
+                reconnected.elapsed()
+            ),
+        }
+        assert!(
+            reconnected.elapsed() < DEADLINE,
+            "the old view was used forever"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("calls on the old view until {last_ok:?}, refused from {first_refused:?}");
+    assert!(
+        last_ok >= Duration::from_secs(4) && first_refused <= Duration::from_secs(6),
+        "old view used until {last_ok:?}, refused from {first_refused:?}: not the 5 s bridge"
+    );
+    // And the instance, once registered again, is called through the new broker.
+    support::wait_for("the instance registered again", || {
+        client.call("bridged", "m", b"x", &opts).is_ok()
+    });
+}
