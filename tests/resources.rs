@@ -571,3 +571,58 @@ fn after_a_broker_restart_resources_come_back_with_their_metadata_and_ttls() {
     let after = list(&bus);
     assert_eq!(before, after, "metadata or TTLs changed across the restart");
 }
+
+/// Journal entries wait `--journal-recovery-ms` (60 s by default; 1 s here) for their owner:
+/// an owner back within it gets its claim time back, one back after it (its reconnect held
+/// back 2.5 s by the test hook) claims afresh — the entries were dropped.
+#[test]
+fn journal_entries_whose_owner_does_not_come_back_in_time_are_dropped() {
+    let mut bus = TestBus::start_with(&["--journal-recovery-ms", "1000"]);
+    let _prompt = bus.serve("meta", "p1", &["--claim", "p-1"]);
+    let _late = bus
+        .start_serve_env(
+            "meta",
+            "l1",
+            &["--claim", "l-1"],
+            &[("AEGIS_TEST_RECONNECT_DELAY_MS", "2500")],
+        )
+        .ready();
+    let client = bus.connect();
+    let claimed_at = |id: &str| -> u64 {
+        let page = client
+            .resources(&aegis_client::ResourceQuery {
+                ids: vec![id.to_owned()],
+                ..Default::default()
+            })
+            .unwrap();
+        page.items[0].claimed_at_ms
+    };
+    let (p_before, l_before) = (claimed_at("p-1"), claimed_at("l-1"));
+    // SAFETY: kill(2) on our broker child.
+    unsafe { libc::kill(bus.broker.id() as libc::pid_t, libc::SIGKILL) };
+    support::wait_deadline(&mut bus.broker);
+    bus.broker = support::start_broker(bus.path(), &["--journal-recovery-ms", "1000"]);
+    let client = bus.connect();
+    assert!(client.wait_until(DEADLINE, |b| ["p-1", "l-1"]
+        .iter()
+        .all(|id| b.lookup_resource(id).is_some())));
+    let claimed_at = |id: &str| -> u64 {
+        client
+            .resources(&aegis_client::ResourceQuery {
+                ids: vec![id.to_owned()],
+                ..Default::default()
+            })
+            .unwrap()
+            .items[0]
+            .claimed_at_ms
+    };
+    assert_eq!(
+        claimed_at("p-1"),
+        p_before,
+        "the prompt owner's claim came back"
+    );
+    assert!(
+        claimed_at("l-1") > l_before,
+        "the late owner's entry should have been dropped after 1 s"
+    );
+}

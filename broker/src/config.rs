@@ -108,6 +108,11 @@ pub struct BrokerConfig {
     /// can write it can replace the control socket).
     #[arg(long)]
     pub allow_shared_dir: bool,
+    /// After a restart, how long resources journaled by the previous run wait for their
+    /// owners to claim them again (and get their metadata and expiry back) before they are
+    /// forgotten, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub journal_recovery_ms: u64,
     /// Serve /metrics (Prometheus) and the read-only admin API (/api/v1/admin/...) on this
     /// address (e.g. 127.0.0.1:9464). Off unless given.
     #[arg(long)]
@@ -162,6 +167,7 @@ struct FileConfig {
     exit_detection: Option<ExitDetection>,
     allow_shared_dir: Option<bool>,
     http_listen: Option<std::net::SocketAddr>,
+    journal_recovery_ms: Option<u64>,
     http_token_file: Option<PathBuf>,
     http_metrics_open: Option<bool>,
     log_format: Option<LogFormat>,
@@ -226,7 +232,7 @@ impl BrokerConfig {
             plain: max_services, max_instances, max_clients, max_resources,
                 max_resources_per_instance, max_ring_bytes, max_shm_per_uid, slot_size,
                 slot_count, max_message, socket_mode, admin_uids, admin_gids, exit_detection,
-                allow_shared_dir, log_format, log, http_metrics_open;
+                allow_shared_dir, log_format, log, http_metrics_open, journal_recovery_ms;
             optional: dir, http_listen, http_token_file, max_instances_per_uid, max_clients_per_uid, max_resources_per_uid,
                 max_connections);
         crate::policy::validate(&policy).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 pub const FILE: &str = "resources.journal";
 
-/// How long after a start the recovered entries wait for their owners to claim again.
+/// How long after a start the recovered entries wait for their owners to claim again, by
+/// default (`--journal-recovery-ms`).
 pub const RECOVERY_WINDOW: Duration = Duration::from_secs(60);
 
 /// Frames larger than this are corruption, not records.
@@ -53,11 +54,18 @@ pub struct Journal {
     /// Entries of the previous run not yet claimed again, and until when they wait.
     recovered: HashMap<String, Owned>,
     recovered_until: Instant,
+    /// How long recovered entries wait (see [`RECOVERY_WINDOW`]).
+    window: Duration,
 }
 
 impl Journal {
     /// Opens the journal in `dir`, reading what a previous run left.
     pub fn open(dir: &Path) -> Result<Journal, String> {
+        Self::open_with(dir, RECOVERY_WINDOW)
+    }
+
+    /// As [`Journal::open`], with recovered entries waiting `window` for their owners.
+    pub fn open_with(dir: &Path, window: Duration) -> Result<Journal, String> {
         let path = dir.join(FILE);
         let recovered = match open_nofollow(&path, false) {
             Ok(f) => {
@@ -82,7 +90,8 @@ impl Journal {
             buf: Vec::new(),
             written: 0,
             recovered,
-            recovered_until: Instant::now() + RECOVERY_WINDOW,
+            recovered_until: Instant::now() + window,
+            window,
         };
         j.compact(std::iter::empty())?;
         Ok(j)
@@ -128,7 +137,8 @@ impl Journal {
         if !self.recovered.is_empty() && Instant::now() >= self.recovered_until {
             tracing::info!(
                 resources = self.recovered.len(),
-                "resource journal: owners did not claim these again within {RECOVERY_WINDOW:?}; forgetting them"
+                "resource journal: owners did not claim these again within {:?}; forgetting them",
+                self.window
             );
             self.recovered.clear();
             return true;

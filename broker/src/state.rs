@@ -1176,7 +1176,8 @@ impl State {
     /// Periodic work: expire resources, mirror per-instance counters into the registry.
     /// Journals resources in `dir` from now on, restoring what a previous run left.
     pub fn open_journal(&mut self, dir: &std::path::Path) -> Result<(), String> {
-        self.journal = Some(crate::journal::Journal::open(dir)?);
+        let window = std::time::Duration::from_millis(self.cfg.journal_recovery_ms);
+        self.journal = Some(crate::journal::Journal::open_with(dir, window)?);
         Ok(())
     }
 
