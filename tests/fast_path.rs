@@ -94,3 +94,158 @@ fn one_kib_calls_allocate_nothing_on_caller_or_instance() {
         FIRST.lock().unwrap().as_deref().unwrap_or("")
     );
 }
+
+/// While both sides spin (`Spin::Fixed`), a call makes no system call on the calling
+/// thread nor on the serving thread: each installs a seccomp filter that traps every
+/// system call (but `rt_sigreturn`, which the trap handler needs) into a counter, then
+/// 2,000 calls run. Done in a child process (`syscall_free_child`): a filtered thread can
+/// never make another system call, not even to end.
+#[test]
+fn the_call_path_makes_no_system_call_while_both_sides_spin() {
+    let bus = support::TestBus::start();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["syscall_free_child", "--exact", "--ignored", "--nocapture"])
+        .env("AEGIS_SYSCALL_CHILD_DIR", bus.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.split_once("SYSCALLS ").map(|(_, r)| r.to_owned()))
+        .unwrap_or_else(|| panic!("the child said nothing: {text}"));
+    assert_eq!(
+        line.trim(),
+        "caller=0 server=0",
+        "system calls on the spinning call path"
+    );
+}
+
+static TRAPPED_CALLER: AtomicU64 = AtomicU64::new(0);
+static TRAPPED_SERVER: AtomicU64 = AtomicU64::new(0);
+thread_local! { static SIDE: Cell<u8> = const { Cell::new(0) }; }
+
+extern "C" fn on_sigsys(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only atomics and a thread-local read: no system call in the handler.
+    match SIDE.with(|s| s.get()) {
+        1 => TRAPPED_CALLER.fetch_add(1, Ordering::Relaxed),
+        _ => TRAPPED_SERVER.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+/// From now on every system call of this thread but `rt_sigreturn` is skipped and counted.
+fn trap_every_syscall(side: u8) {
+    SIDE.with(|s| s.set(side));
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JEQ_K: u16 = 0x15;
+    const BPF_RET_K: u16 = 0x06;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_TRAP: u32 = 0x0003_0000;
+    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let prog = [
+        f(BPF_LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+        f(BPF_JEQ_K, 0, 1, libc::SYS_rt_sigreturn as u32),
+        f(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        f(BPF_RET_K, 0, 0, SECCOMP_RET_TRAP),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with a filter program that lives across the call; the kernel copies it.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &fprog as *const libc::sock_fprog
+            ),
+            0
+        );
+    }
+}
+
+#[test]
+#[ignore = "the child process of the_call_path_makes_no_system_call_while_both_sides_spin"]
+fn syscall_free_child() {
+    let Some(dir) = std::env::var_os("AEGIS_SYSCALL_CHILD_DIR") else {
+        return;
+    };
+    // SAFETY: installs a handler that touches only atomics and a thread-local.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        assert_eq!(libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()), 0);
+    }
+    let spin = aegis_client::Spin::Fixed(Duration::from_secs(30));
+    let opts = aegis_client::BusOptions {
+        dir: Some(std::path::PathBuf::from(&dir)),
+        spin,
+        ..Default::default()
+    };
+    let server = aegis_client::Bus::connect_with(opts.clone()).unwrap();
+    let inst = server
+        .register_with(
+            "nosys",
+            "n1",
+            aegis_client::RegisterOptions {
+                spin,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let client = aegis_client::Bus::connect_with(opts).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let measured = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (srv_measured, srv_done) = (measured.clone(), done.clone());
+    // The serving thread filters itself once the caller has warmed up, and never ends.
+    std::thread::spawn(move || {
+        let mut filtered = false;
+        let _ = inst.serve(|req, out| {
+            if !filtered && srv_measured.load(Ordering::Acquire) {
+                trap_every_syscall(2);
+                filtered = true;
+            }
+            out.extend_from_slice(req.payload());
+            Ok(())
+        });
+        let _ = srv_done;
+    });
+    let (c_measured, c_done) = (measured.clone(), done.clone());
+    std::thread::spawn(move || {
+        let call = CallOptions::timeout(Duration::from_secs(10));
+        let payload = [7u8; 1024];
+        let mut out = Vec::with_capacity(1024);
+        for _ in 0..2000 {
+            client
+                .call_into("nosys", "m", &payload, &call, &mut out)
+                .unwrap();
+        }
+        c_measured.store(true, Ordering::Release);
+        // One call lets the server filter itself (that call's own reply may trap once
+        // before the filter is in: the serving thread counts from the next request on).
+        client
+            .call_into("nosys", "m", &payload, &call, &mut out)
+            .unwrap();
+        trap_every_syscall(1);
+        for _ in 0..2000 {
+            // No unwrap: a failing call would print (a system call); the count says it.
+            let _ = client.call_into("nosys", "m", &payload, &call, &mut out);
+        }
+        c_done.store(true, Ordering::Release);
+        // A filtered thread can never end: spin until the process exits.
+        loop {
+            std::hint::spin_loop();
+        }
+    });
+    while !done.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "\nSYSCALLS caller={} server={}",
+        TRAPPED_CALLER.load(Ordering::Relaxed),
+        TRAPPED_SERVER.load(Ordering::Relaxed)
+    );
+    std::process::exit(0);
+}
