@@ -244,4 +244,110 @@ mod tests {
         assert_eq!(s.unwrap().breaker.load(Relaxed), BREAKER_CLOSED);
         admit(&cfg, s, svc, "s").unwrap();
     }
+
+    fn no_instance() -> Error {
+        Error::NoAvailableInstance {
+            service: "s".into(),
+        }
+    }
+
+    #[test]
+    fn mono_ns_is_the_monotonic_clock_in_nanoseconds() {
+        let now = Instant::now();
+        let (ns, clock) = (mono_ns(now), crate::shm::sys::monotonic_ns());
+        assert!(clock >= ns && clock - ns < 1_000_000_000, "{ns} vs {clock}");
+        assert_eq!(mono_ns(now + Duration::from_secs(2)) - ns, 2_000_000_000);
+        assert_eq!(ns - mono_ns(now - Duration::from_millis(3)), 3_000_000);
+    }
+
+    #[test]
+    fn retries_are_counted_by_attempt_number() {
+        let cfg = CircuitBreaker::default();
+        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
+        let (s, svc) = (Some(&*s), &*svc);
+        for attempts in [1, 2, 2, 3, 4, 5, 9] {
+            record(&cfg, s, svc, "s", attempts, None);
+        }
+        let r: Vec<u64> = s.unwrap().retries.iter().map(|c| c.load(Relaxed)).collect();
+        assert_eq!(r, [2, 1, 1, 2], "attempt 2, 3, 4, and 5 or more");
+    }
+
+    #[test]
+    fn a_success_or_a_handler_error_resets_the_failure_run() {
+        let cfg = CircuitBreaker {
+            failures: 3,
+            open_for: Duration::from_secs(600),
+        };
+        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
+        svc.member_count.store(1, Relaxed);
+        let (s, svc) = (Some(&*s), &*svc);
+        let remote = Error::Remote {
+            instance: "i".into(),
+            code: 500,
+            message: "m".into(),
+        };
+        for between in [None, Some(&remote)] {
+            record(&cfg, s, svc, "s", 1, Some(&timeout()));
+            record(&cfg, s, svc, "s", 1, Some(&timeout()));
+            record(&cfg, s, svc, "s", 1, between);
+            assert_eq!(s.unwrap().failures_in_row.load(Relaxed), 0, "{between:?}");
+        }
+        record(&cfg, s, svc, "s", 1, Some(&timeout()));
+        record(&cfg, s, svc, "s", 1, Some(&timeout()));
+        assert_eq!(
+            s.unwrap().breaker.load(Relaxed),
+            BREAKER_CLOSED,
+            "two in a row, not three"
+        );
+    }
+
+    #[test]
+    fn no_routable_instance_of_a_populated_service_counts_and_a_handler_error_closes_a_half_open_breaker(
+    ) {
+        let cfg = CircuitBreaker {
+            failures: 3,
+            open_for: Duration::from_secs(600),
+        };
+        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
+        svc.member_count.store(1, Relaxed);
+        let (s, svc) = (Some(&*s), &*svc);
+        for _ in 0..3 {
+            record(&cfg, s, svc, "s", 0, Some(&no_instance()));
+        }
+        let state = || s.unwrap().breaker.load(Relaxed);
+        assert_eq!(state(), BREAKER_OPEN, "every instance unhealthy counts");
+        svc.generation.fetch_add(1, Relaxed);
+        admit(&cfg, s, svc, "s").unwrap();
+        assert_eq!(state(), BREAKER_HALF_OPEN);
+        let remote = Error::Remote {
+            instance: "i".into(),
+            code: 409,
+            message: "no".into(),
+        };
+        record(&cfg, s, svc, "s", 1, Some(&remote));
+        assert_eq!(
+            state(),
+            BREAKER_CLOSED,
+            "the probe reached an instance: closed"
+        );
+        // An error of no listed kind is counted as "Other".
+        record(&cfg, s, svc, "s", 0, Some(&Error::Interrupted));
+        let other = ERROR_TYPES.len() - 1;
+        assert_eq!(s.unwrap().errors[other].load(Relaxed), 1);
+    }
+
+    #[test]
+    fn calls_to_a_service_with_no_instance_at_all_never_open_it() {
+        let cfg = CircuitBreaker {
+            failures: 3,
+            open_for: Duration::from_secs(600),
+        };
+        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
+        let (s, svc) = (Some(&*s), &*svc);
+        for _ in 0..10 {
+            record(&cfg, s, svc, "s", 0, Some(&no_instance()));
+        }
+        assert_eq!(s.unwrap().breaker.load(Relaxed), BREAKER_CLOSED);
+        assert_eq!(s.unwrap().failures_in_row.load(Relaxed), 0);
+    }
 }
