@@ -140,6 +140,46 @@ mod tests {
         assert!(!matches("a?c", "ac"));
         assert!(matches("a*b*c", "aXXbYYc"));
         assert!(!matches("a*b*c", "aXXbYY"));
+        // Backtracking past a false start, at the pattern's first character and later.
+        assert!(matches("*ab", "aab"));
+        assert!(matches("*ab", "xaaab"));
+        assert!(matches("x*ab", "xaab"));
+        assert!(matches("x*ab", "xabab"));
+        assert!(!matches("*ab", "aabx"));
+    }
+
+    #[test]
+    fn a_rule_needs_a_non_empty_pattern() {
+        let rule = |services: &[&str]| Rule {
+            services: services.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(validate(&[rule(&["a.*"]), rule(&["b", "c"])]).is_ok());
+        let e = validate(&[rule(&["a"]), rule(&[])]).unwrap_err();
+        assert!(e.contains("policy rule 2"), "{e}");
+        assert!(validate(&[rule(&["a", ""])]).is_err(), "an empty pattern");
+    }
+
+    #[test]
+    fn a_refusal_names_the_action_refused() {
+        let rules = vec![Rule {
+            services: vec!["s".into()],
+            ..Default::default()
+        }];
+        let who = Who {
+            uid: 5,
+            gids: &[],
+            admin: false,
+        };
+        for (action, verb) in [
+            (Action::Call, "may not call"),
+            (Action::Serve, "may not serve"),
+        ] {
+            let e = check(&rules, 0, "s", action, &who).unwrap_err();
+            assert!(e.contains(verb), "{e}");
+            let e = check(&[], 0, "s", action, &who).unwrap_err();
+            assert!(e.contains(verb), "{e}");
+        }
     }
 
     #[test]
