@@ -359,6 +359,50 @@ mod tests {
         assert_eq!(cancel(&m, 5), Cancel::Ready);
     }
 
+    /// The waiter flags ride along every transition and never change what the state
+    /// predicates answer (found by cargo-mutants: the masking went unchecked).
+    #[test]
+    fn the_waiter_flags_change_no_predicate_and_survive_take_and_are_rung_by_complete() {
+        for flags in [0, WAITER, ASYNC, WAITER | ASYNC] {
+            let m = mb();
+            arm(&m, 3, 33);
+            m.state.fetch_or(flags & WAITER, Ordering::Relaxed);
+            if flags & ASYNC != 0 {
+                assert!(flag_async(&m, 3));
+                assert!(flag_async(&m, 3), "flagging twice is fine");
+            }
+            assert!(!flag_async(&m, 4), "another generation");
+            assert!(is_pending(&m, 3) && !is_pending(&m, 4), "{flags:#x}");
+            assert!(still_waiting(&m, 3) && !still_waiting(&m, 4));
+            assert!(!is_ready(&m, 3));
+            assert!(take(&m, 3, 33), "flags {flags:#x} do not stop a take");
+            assert_eq!(
+                m.state.load(Ordering::Relaxed) & FLAGS,
+                flags,
+                "kept across take"
+            );
+            assert_eq!(taker_pid(&m), std::process::id());
+            assert!(!is_pending(&m, 3) && still_waiting(&m, 3));
+            let bell = AtomicU32::new(0);
+            assert!(complete(&m, 3, 33, &bell));
+            assert_eq!(bell.load(Ordering::Relaxed), u32::from(flags & ASYNC != 0));
+            assert!(!still_waiting(&m, 3));
+            assert!(!flag_async(&m, 3), "ready: nothing to flag");
+            assert!(!complete(&m, 3, 33, &bell), "completed once");
+            // The caller reads the reply, then frees it.
+            release(&m, 3);
+            assert!(!still_unread(&m.state, 3));
+        }
+        // A reply not yet read is unread; a freed one is not.
+        let m = mb();
+        arm(&m, 7, 77);
+        assert!(take(&m, 7, 77) && complete(&m, 7, 77, &AtomicU32::new(0)));
+        assert!(still_unread(&m.state, 7) && is_ready(&m, 7));
+        assert!(!still_unread(&m.state, 8));
+        assert_eq!(phase(pack(7, READY)), READY);
+        assert_eq!(gen_of(pack(7, READY)), 7);
+    }
+
     #[test]
     fn sleeping_caller_is_woken_by_reply() {
         let m: &'static MailboxHeader = Box::leak(mb());
