@@ -464,22 +464,30 @@ fn with_trusted_hosts_a_rogue_nats_client_announces_nothing_and_owns_nothing() {
 fn a_flood_of_announcements_gets_at_most_64_stand_ins_and_never_a_local_slot() {
     let nats = Nats::start();
     let (b, _beta) = host(&nats, "hostb", "beta", "doc-b");
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
     let nc = rt.block_on(async_nats::connect(nats.url())).unwrap();
-    for i in 0..100 {
-        let reg = serde_json::json!({
-            "service_name": "flooded",
-            "instance_id": format!("f{i}@rogue"),
-            "metadata": {"host": "rogue"},
-        });
-        let body = rmp_serde::to_vec_named(&reg).unwrap();
-        rt.block_on(nc.publish("ipc.service.register", body.into()))
-            .unwrap();
-    }
-    rt.block_on(nc.flush()).unwrap();
+    // Announced and kept alive (heartbeats every 500 ms) for as long as the test runs:
+    // on a loaded machine making 64 stand-ins can take longer than a silent remote lives.
+    let beats = nc.clone();
+    rt.spawn(async move {
+        loop {
+            for i in 0..100 {
+                let reg = serde_json::json!({
+                    "service_name": "flooded",
+                    "instance_id": format!("f{i}@rogue"),
+                    "metadata": {"host": "rogue"},
+                });
+                let body = rmp_serde::to_vec_named(&reg).unwrap();
+                let _ = beats.publish("ipc.service.register", body.into()).await;
+            }
+            let _ = beats.flush().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
     let count = || b.client.service("flooded").map_or(0, |s| s.instances.len());
     wait_for("64 stand-ins", || count() >= 64);
     // Give the bridge a few more sync passes: the number stays at the cap.
