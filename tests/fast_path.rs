@@ -59,6 +59,9 @@ fn one_kib_calls_allocate_nothing_on_caller_or_instance() {
     let opts = CallOptions::timeout(Duration::from_secs(10));
     let payload = vec![1u8; 1024];
     let mut out = Vec::with_capacity(1024);
+    let mut exited = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = exited.id();
+    exited.wait().unwrap();
     std::thread::scope(|s| {
         s.spawn(|| {
             let mut served = 0u64;
@@ -83,6 +86,10 @@ fn one_kib_calls_allocate_nothing_on_caller_or_instance() {
                 .call_into("fast", "echo", &payload, &opts, &mut out)
                 .unwrap();
         }
+        // What a serving thread checks when a slot stays claimed (is its producer gone?):
+        // rare, so 1,000 calls seldom show it, but on the same thread it must not allocate.
+        assert!(!aegis_client::sys::process_gone(std::process::id()));
+        assert!(aegis_client::sys::process_gone(dead_pid));
         WATCHED.with(|w| w.set(false));
         stop.stop();
     });

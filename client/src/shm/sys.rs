@@ -225,22 +225,50 @@ pub fn file_size(fd: &OwnedFd) -> io::Result<u64> {
 /// recycled pid can be told apart from the process that used to have it. A process that
 /// has exited but is not yet reaped (zombie) is `NotFound` like one that is gone.
 pub fn process_start_time(pid: u32) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    let rest = stat
-        .rfind(')')
-        .map(|i| &stat[i + 1..])
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))?;
-    if matches!(rest.split_whitespace().next(), Some("Z" | "X")) {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "process has exited",
-        ));
+    use std::io::{Read, Write};
+    use std::os::unix::ffi::OsStrExt;
+    // Allocation-free: a serving thread calls this on the call path (a wedged ring slot),
+    // where nothing may allocate. The path and the line live on the stack; the errors are
+    // kinds (no boxed message).
+    let mut path = [0u8; 32];
+    let len = {
+        let mut w = &mut path[..];
+        write!(w, "/proc/{pid}/stat")?;
+        32 - w.len()
+    };
+    let mut file = std::fs::File::open(std::ffi::OsStr::from_bytes(&path[..len]))?;
+    // A stat line is a few hundred bytes (the command name is at most 64).
+    let mut buf = [0u8; 1024];
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    rest.split_whitespace()
-        .nth(19)
+    parse_start_time(&buf[..n])
+}
+
+/// Field 22 (start time) of a `/proc/PID/stat` line; `NotFound` for a zombie or a dead
+/// process. The command name (field 2) may contain spaces and parentheses: the fields
+/// are counted after the last `)`.
+fn parse_start_time(stat: &[u8]) -> io::Result<u64> {
+    let malformed = || io::Error::from(io::ErrorKind::InvalidData);
+    let close = stat
+        .iter()
+        .rposition(|&b| b == b')')
+        .ok_or_else(malformed)?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).map_err(|_| malformed())?;
+    let mut fields = rest.split_ascii_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return Err(io::ErrorKind::NotFound.into());
+    }
+    fields
+        .nth(18)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
+        .ok_or_else(malformed)
 }
 
 /// Whether process `pid` has certainly exited (gone, or a zombie). A process we cannot
@@ -316,4 +344,29 @@ pub fn fork_generation() -> u64 {
 pub fn forks_seen() -> u64 {
     // Relaxed: see `child` in `fork_generation`.
     FORKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_field_22_counted_after_the_last_parenthesis() {
+        // A command name with spaces and parentheses; fields 3.. follow the last ')'.
+        let line = b"42 (a) b (c)) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 23 24\n";
+        assert_eq!(parse_start_time(line).unwrap(), 987654);
+        let zombie = b"42 (x) Z 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 23\n";
+        assert_eq!(
+            parse_start_time(zombie).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        for bad in [&b"42 no parenthesis"[..], b"42 (x) S 1 2", b"42 (x) S \xff"] {
+            assert_eq!(
+                parse_start_time(bad).unwrap_err().kind(),
+                io::ErrorKind::InvalidData
+            );
+        }
+        let me = process_start_time(std::process::id()).unwrap();
+        assert!(me > 0);
+    }
 }
