@@ -431,10 +431,8 @@ fn with_trusted_hosts_a_rogue_nats_client_announces_nothing_and_owns_nothing() {
         "sig": "11".repeat(64),
     }))
     .unwrap();
-    let key: String = std::iter::once("r".to_owned())
-        .chain(b"doc-forged".iter().map(|b| format!("{b:02x}")))
-        .collect();
-    rt.block_on(bucket.put(&key, forged.into())).unwrap();
+    rt.block_on(bucket.put(bucket_key("doc-forged"), forged.into()))
+        .unwrap();
     // Host b routes alpha only to the real instance, with real answers, and the forged id
     // nowhere.
     let info = b.service("alpha").unwrap();
@@ -448,6 +446,37 @@ fn with_trusted_hosts_a_rogue_nats_client_announces_nothing_and_owns_nothing() {
             (p.into_bytes(), "alpha-1@hosta")
         );
     }
+    // The seed's resource subjects write nothing for it (nothing on NATS signs for an
+    // AegisIPC instance): a forced claim of doc-a, a transfer of it, a release.
+    for (op, req) in [
+        (
+            "register",
+            serde_json::json!({"service_name": "alpha", "instance_id": "evil-1@rogue",
+                "resource_ids": ["doc-a", "doc-new"], "force": true, "trace_id": "x"}),
+        ),
+        (
+            "transfer",
+            serde_json::json!({"service_name": "alpha", "resource_ids": ["doc-a"],
+                "from_instance_id": "alpha-1@hosta", "to_instance_id": "evil-1@rogue",
+                "verify_ownership": false, "reason": "mine", "trace_id": "x"}),
+        ),
+        (
+            "release",
+            serde_json::json!({"service_name": "alpha", "instance_id": "alpha-1@hosta",
+                "resource_ids": ["doc-a"], "trace_id": "x"}),
+        ),
+    ] {
+        let body = rmp_serde::to_vec_named(&req).unwrap();
+        let reply = rt
+            .block_on(nc.request(format!("ipc.resource.{op}"), body.into()))
+            .unwrap();
+        let v: serde_json::Value = rmp_serde::from_slice(&reply.payload).unwrap();
+        assert_eq!(v["success"], false, "{op}: {v}");
+        assert!(
+            matches!(v["status_code"].as_u64(), Some(403 | 404)),
+            "{op}: {v}"
+        );
+    }
     let r = b.call_resource("doc-a", "echo", b"r", &quick()).unwrap();
     assert_eq!(r.instance_id, "alpha-1@hosta");
     assert!(
@@ -455,6 +484,15 @@ fn with_trusted_hosts_a_rogue_nats_client_announces_nothing_and_owns_nothing() {
             .is_err(),
         "a forged entry made doc-forged routable"
     );
+    let entry = rt.block_on(bucket.get(bucket_key("doc-new"))).unwrap();
+    assert!(entry.is_none(), "doc-new was written for the rogue");
+}
+
+/// The bucket key of a resource id (as the bridges write it).
+fn bucket_key(id: &str) -> String {
+    std::iter::once("r".to_owned())
+        .chain(id.bytes().map(|b| format!("{b:02x}")))
+        .collect()
 }
 
 /// Without signing, a NATS client announcing 100 instances of an imported service gets

@@ -101,7 +101,14 @@ pub struct State {
     /// Every service any host announced lately (imported or not), and when: the plain
     /// subject's fallback stays silent for these.
     pub announced: HashMap<String, Instant>,
+    /// Every instance any host announced lately (imported or not), by NATS id, at most
+    /// [`MAX_SEEN`]: whom the seed's `ipc.resource.*` requests may name (see `resource_api`).
+    pub seen: HashMap<String, Remote>,
 }
+
+/// Instances remembered in [`State::seen`] at most (a flood of announcements cannot grow
+/// the bridge without bound; beyond it, new names are not remembered until others leave).
+pub const MAX_SEEN: usize = 65_536;
 
 pub struct Shared {
     pub bus: Bus,
@@ -169,7 +176,7 @@ impl Shared {
         r.ok()
     }
 
-    fn publish(&self, subject: String, payload: Vec<u8>) {
+    pub fn publish(&self, subject: String, payload: Vec<u8>) {
         if let Err(e) = self.rt.block_on(self.nats.publish(subject, payload.into())) {
             tracing::debug!("publish: {e}");
         }
@@ -414,6 +421,7 @@ fn heartbeats(sh: &Shared) {
 fn expire_remotes(sh: &Shared) {
     let limit = sh.cfg.remote_timeout;
     let mut st = sh.state.lock().unwrap();
+    st.seen.retain(|_, r| r.last_seen.elapsed() < limit);
     st.directory.retain(|id, r| {
         let fresh = r.last_seen.elapsed() < limit;
         if !fresh {
@@ -632,6 +640,29 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         };
     }
     if !sh.imports(&service) {
+        if let Some(existing) = sh
+            .state
+            .lock()
+            .unwrap()
+            .seen
+            .get(&id)
+            .filter(|e| alive && (e.host != host || e.service != service))
+        {
+            return model::RegistrationReply::refused(
+                409,
+                format!(
+                    "instance {id} is registered for service {} on host {}",
+                    existing.service, existing.host
+                ),
+                &service,
+                &id,
+            );
+        }
+        if alive {
+            remember(sh, &id, &service, &host, &meta);
+        } else {
+            sh.state.lock().unwrap().seen.remove(&id);
+        }
         return model::RegistrationReply::ok(&service, &id);
     }
     // With trusted hosts: a trusted host's announcement must carry its signature and name
@@ -677,23 +708,17 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         );
     }
     let changed = if alive {
-        let metadata = meta
-            .iter()
-            .filter(|(k, v)| k.len() <= 256 && v.to_string().len() <= 4096)
-            .map(|(k, v)| {
-                let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
-                (k.clone(), text)
-            })
-            .collect();
         let r = Remote {
             service: service.clone(),
             host,
-            metadata,
+            metadata: metadata_text(&meta),
             last_seen: Instant::now(),
             aegis,
         };
+        remember_in(&mut st, &id, &r);
         st.directory.insert(id.clone(), r).is_none()
     } else {
+        st.seen.remove(&id);
         st.directory.remove(&id).is_some()
     };
     drop(st);
@@ -701,6 +726,43 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         sh.poke();
     }
     model::RegistrationReply::ok(&service, &id)
+}
+
+/// Announced metadata as text (bounded: long keys and values are left out).
+fn metadata_text(meta: &std::collections::BTreeMap<String, rmpv::Value>) -> Vec<(String, String)> {
+    meta.iter()
+        .filter(|(k, v)| k.len() <= 256 && v.to_string().len() <= 4096)
+        .map(|(k, v)| {
+            let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+            (k.clone(), text)
+        })
+        .collect()
+}
+
+/// Records an announcement of a service this bridge does not import in [`State::seen`].
+fn remember(
+    sh: &Shared,
+    id: &str,
+    service: &str,
+    host: &str,
+    meta: &std::collections::BTreeMap<String, rmpv::Value>,
+) {
+    let r = Remote {
+        service: service.to_owned(),
+        host: host.to_owned(),
+        metadata: Vec::new(),
+        last_seen: Instant::now(),
+        aegis: meta.get(model::META_BRIDGE).and_then(|v| v.as_str()) == Some("aegis-bridge"),
+    };
+    remember_in(&mut sh.state.lock().unwrap(), id, &r);
+}
+
+fn remember_in(st: &mut State, id: &str, r: &Remote) {
+    if st.seen.len() < MAX_SEEN || st.seen.contains_key(id) {
+        let mut r = r.clone();
+        r.metadata = Vec::new();
+        st.seen.insert(id.to_owned(), r);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 mod bridge;
 mod config;
 mod model;
+mod resource_api;
 mod resources;
 mod trust;
 
@@ -187,7 +188,11 @@ fn run(settings: Settings) -> Result<(), String> {
                     );
                     events.online.store(false, Ordering::Release);
                     events.lost.notify_waiters();
-                    events.state.lock().unwrap().directory.clear();
+                    {
+                        let mut st = events.state.lock().unwrap();
+                        st.directory.clear();
+                        st.seen.clear();
+                    }
                     events.resources.disconnected();
                 }
                 other => tracing::info!("NATS: {other}"),
@@ -198,6 +203,7 @@ fn run(settings: Settings) -> Result<(), String> {
     rt.spawn(bridge::route_loop(sh.clone()));
     rt.spawn(bridge::plain_fallback_loop(sh.clone()));
     rt.spawn(bridge::directory_loop(sh.clone()));
+    rt.spawn(resource_api::serve(sh.clone()));
     let w = sh.clone();
     std::thread::spawn(move || bridge::registry_watch(w));
     let s = sh.clone();

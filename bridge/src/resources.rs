@@ -1,9 +1,10 @@
 //! Resource ownership across hosts, through a JetStream key-value bucket.
 //!
-//! **Why a bucket, not the seed's `ipc.resource.*` request subjects:** those need one
-//! authority answering them (the AegisIPC router); bridges are peers. A bucket gives every
-//! host the same map with an atomic "create if absent", so the first claim of an id on any
-//! host wins, and a watch that tells every other host at once.
+//! **Why a bucket:** the seed's `ipc.resource.*` subjects have one authority answering
+//! them (the AegisIPC router); bridges are peers. A bucket gives every host the same map
+//! with an atomic "create if absent", so the first claim of an id on any host wins, and a
+//! watch that tells every other host at once. The seed's subjects are served on top of it
+//! (`resource_api`).
 //!
 //! * **Local → bucket.** Ids owned by exported local instances are written as
 //!   `{resource_id, host, service, instance_id}` (key `r` + the id in hex: bucket keys
@@ -43,10 +44,17 @@ pub struct Owner {
     /// The writing host's signature of the fields above (with trusted hosts configured).
     #[serde(default)]
     pub sig: String,
+    /// When it was claimed (ISO 8601, UTC); empty in entries of older bridges.
+    #[serde(default)]
+    pub registered_at: String,
+    /// The seed's `ResourceMetadata`, for ids an AegisIPC instance registered through
+    /// `ipc.resource.*` (not signed: shown only where no trusted hosts are configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<rmpv::Value>,
 }
 
 impl Owner {
-    fn fields(&self) -> [&str; 4] {
+    pub fn fields(&self) -> [&str; 4] {
         [
             &self.resource_id,
             &self.host,
@@ -56,7 +64,7 @@ impl Owner {
     }
     /// Whether this entry may be believed: always without trusted hosts; with them, only
     /// when signed by the host it names, for an instance of that host.
-    fn believed(&self, sh: &Shared) -> bool {
+    pub fn believed(&self, sh: &Shared) -> bool {
         !sh.trust.checking()
             || (self.instance_id.ends_with(&format!("@{}", self.host))
                 && sh
@@ -73,6 +81,8 @@ pub struct Mirror {
     published: Mutex<HashMap<String, (String, u64)>>,
     /// Other hosts' ids, from the bucket.
     remote: Mutex<HashMap<String, Owner>>,
+    /// Every believed entry of the bucket, in id order (what `ipc.resource.query` pages).
+    pub all: Mutex<std::collections::BTreeMap<String, Owner>>,
     /// This host's entries as the bucket has them (id -> revision), written by this run or
     /// an earlier one: an id released while the bridge was down is deleted on its return.
     ours: Mutex<HashMap<String, u64>>,
@@ -115,8 +125,14 @@ impl Mirror {
         }
         *self.store.lock().unwrap() = None;
         *self.since.lock().unwrap() = None;
+        self.all.lock().unwrap().clear();
         self.warned.store(false, Ordering::Relaxed);
     }
+}
+
+/// The bucket, opened if it is not yet (None without `kv_bucket` or JetStream).
+pub fn store(sh: &Arc<Shared>) -> Option<kv::Store> {
+    open(sh, sh.cfg.kv_bucket.as_deref()?)
 }
 
 /// Opens (or creates) the bucket and starts watching it.
@@ -197,6 +213,10 @@ async fn watch(sh: Arc<Shared>, store: kv::Store) {
         };
         {
             let m = &sh.resources;
+            match &owner {
+                Some(o) => m.all.lock().unwrap().insert(id.clone(), o.clone()),
+                None => m.all.lock().unwrap().remove(&id),
+            };
             let (mut remote, mut ours) = (m.remote.lock().unwrap(), m.ours.lock().unwrap());
             match owner {
                 Some(o) if o.host != sh.cfg.name => {
@@ -320,6 +340,8 @@ fn publish(sh: &Shared, store: &kv::Store, local: HashMap<String, (String, Strin
             service,
             instance_id: sh.nats_id(&owner),
             sig: String::new(),
+            registered_at: crate::model::now_iso(),
+            metadata: None,
         };
         entry.sig = sh.trust.sign("owner", &entry.fields()).unwrap_or_default();
         let value = crate::model::encode(&entry);

@@ -313,3 +313,177 @@ def test_the_seed_s_registration_is_answered_and_slow_heartbeats_do_not_flap(tes
         await nc.close()
 
     asyncio.run(main())
+
+
+def test_the_seed_s_resource_subjects_claim_release_transfer_and_query_through_the_bucket(
+        testbus: TestBus, nats_url: str):
+    """`ipc.resource.{register, bulk_register, release, bulk_release, transfer, query}` as
+    the seed's models define them, for AegisIPC instances on NATS: a registered id routes a
+    local bus caller to its owner; conflicts (409 naming the owner), releases of another's
+    ids (403), unknown instances (404), a bus instance's id (never taken over NATS), a
+    failed bulk request undone, paging and tags in queries."""
+    testbus.serve("inventory", "inv-bus", "--claim", "bus-owned-1")
+    start_bridge(testbus, nats_url, "hosts", "--import", "inventory", "--export", "inventory")
+
+    async def main():
+        nc = await nats.connect(nats_url)
+
+        async def ask(op: str, **req):
+            end = time.monotonic() + DEADLINE
+            while True:
+                try:
+                    msg = await nc.request(f"ipc.resource.{op}", msgpack.packb(req), timeout=5)
+                    return msgpack.unpackb(msg.data)
+                except nats.errors.NoRespondersError:
+                    assert time.monotonic() < end, "the bridge never subscribed to ipc.resource.*"
+                    await asyncio.sleep(0.05)
+
+        def instance(iid: str):
+            async def inbox(msg):
+                req = msgpack.unpackb(msg.data)
+                resp = {"success": True, "result": {"served_by": iid, "resource": req.get("resource_id")},
+                        "error": None, "instance_id": iid, "trace_id": req["trace_id"], "duration_ms": 0.1}
+                await msg.respond(msgpack.packb(resp))
+            return inbox
+
+        for iid in ("inv-a", "inv-b"):
+            await nc.subscribe(f"ipc.instance.{iid}.inbox", cb=instance(iid))
+        regs = [{"service_name": "inventory", "instance_id": iid, "metadata": {"host": "seedhost"}}
+                for iid in ("inv-a", "inv-b")]
+
+        async def beat():
+            while True:
+                for r in regs:
+                    await nc.publish("ipc.service.heartbeat", msgpack.packb({**r, "status": "ONLINE"}))
+                await asyncio.sleep(0.2)
+
+        for r in regs:
+            await nc.publish("ipc.service.register", msgpack.packb(r))
+        beating = asyncio.create_task(beat())
+
+        meta = {"resource_type": "sku", "version": 1, "tags": ["hot", "eu"], "attributes": {"w": 3},
+                "created_by": "test", "last_modified": "2026-12-06T00:00:00Z", "ttl_seconds": None, "priority": 2}
+        # An unknown instance: 404, nothing written.
+        resp = await ask("register", service_name="inventory", instance_id="inv-zz", resource_ids=["sku-1"],
+                         trace_id="t0")
+        assert (resp["success"], resp["status_code"], resp["error"]["type"]) == (False, 404, "InstanceNotFoundError"), resp
+        # Wait until the bridge has heard inv-a (the first heartbeat), then register.
+        end = time.monotonic() + DEADLINE
+        while True:
+            resp = await ask("register", service_name="inventory", instance_id="inv-a",
+                             resource_ids=["sku-1", "sku-2"], metadata={"sku-1": meta}, trace_id="t1")
+            if resp.get("status_code") != 404:
+                break
+            assert time.monotonic() < end, resp
+            await asyncio.sleep(0.05)
+        assert (resp["success"], resp["registered"], resp["conflicts"], resp["trace_id"]) == \
+            (True, ["sku-1", "sku-2"], {}, "t1"), resp
+
+        # A local bus caller reaches the owner by resource id (the stand-in holds the claim).
+        bus = aegis_ipc.Bus.connect(testbus.dir)
+
+        def by_resource(rid: str):
+            end = time.monotonic() + DEADLINE
+            while True:
+                try:
+                    return msgpack.unpackb(bus.call_resource(rid, "get", msgpack.packb({}), timeout=5.0).payload)
+                except (errors.ResourceNotFound, errors.NoAvailableInstance, errors.OwnerUnavailable):
+                    assert time.monotonic() < end, f"{rid} never routed"
+                    time.sleep(0.02)
+
+        assert (await asyncio.to_thread(by_resource, "sku-1"))["served_by"] == "inv-a"
+
+        # Another instance: a conflict naming the owner; with force it takes the id.
+        resp = await ask("register", service_name="inventory", instance_id="inv-b", resource_ids=["sku-2"], trace_id="t2")
+        assert (resp["success"], resp["status_code"], resp["conflicts"]) == (False, 409, {"sku-2": "inv-a"}), resp
+        # The bus instance's id is not taken over NATS, even with force.
+        end = time.monotonic() + DEADLINE
+        while True:
+            resp = await ask("register", service_name="inventory", instance_id="inv-b", resource_ids=["bus-owned-1"],
+                             force=True, trace_id="t3")
+            if not resp["success"]:
+                break
+            # Created before the bus instance's bridge published its id: undo and wait.
+            await ask("release", service_name="inventory", instance_id="inv-b", resource_ids=["bus-owned-1"])
+            assert time.monotonic() < end, "the bus instance's id never reached the bucket"
+            await asyncio.sleep(0.1)
+        assert resp["status_code"] == 409 and resp["conflicts"]["bus-owned-1"] == "inv-bus@hosts", resp
+        # A bus instance is not an AegisIPC instance on NATS: it claims on its own bus.
+        resp = await ask("register", service_name="inventory", instance_id="inv-bus@hosts", resource_ids=["x"])
+        assert resp["status_code"] in (403, 404), resp
+
+        # Release: only the owner; 404 for an id nobody owns.
+        resp = await ask("release", service_name="inventory", instance_id="inv-b", resource_ids=["sku-1", "nope"],
+                         trace_id="t4")
+        assert resp["success"] is False and resp["status_code"] == 403, resp
+        assert "owned by inv-a" in resp["failed"]["sku-1"] and "not registered" in resp["failed"]["nope"], resp
+
+        # Transfer sku-2 from inv-a to inv-b (verify_ownership: from must own it).
+        resp = await ask("transfer", service_name="inventory", resource_ids=["sku-2"], from_instance_id="inv-b",
+                         to_instance_id="inv-a", reason="wrong owner", trace_id="t5")
+        assert resp["success"] is False and "owned by inv-a" in resp["failed"]["sku-2"], resp
+        resp = await ask("transfer", service_name="inventory", resource_ids=["sku-2"], from_instance_id="inv-a",
+                         to_instance_id="inv-b", reason="rebalance", trace_id="t6")
+        assert (resp["success"], resp["transferred"], resp["trace_id"]) == (True, ["sku-2"], "t6"), resp
+        assert resp["transfer_id"]
+
+        def owner_becomes(rid: str, iid: str):
+            end = time.monotonic() + DEADLINE
+            while by_resource(rid)["served_by"] != iid:
+                assert time.monotonic() < end, f"{rid} never moved to {iid}"
+                time.sleep(0.02)
+
+        await asyncio.to_thread(owner_becomes, "sku-2", "inv-b")
+
+        # Bulk: without continue_on_error, the first failure undoes the whole request.
+        items = [{"resource_id": f"bulk-{i}", "metadata": meta} for i in range(5)] + [{"resource_id": "sku-1"}]
+        resp = await ask("bulk_register", service_name="inventory", instance_id="inv-b", resources=items, batch_size=2,
+                         continue_on_error=False, trace_id="t7")
+        assert (resp["success"], resp["total_requested"], resp["total_registered"]) == (False, 6, 0), resp
+        assert resp["failed"][0]["resource_id"] == "sku-1" and resp["failed"][0]["current_owner"] == "inv-a", resp
+        assert sorted(resp["rolled_back"]) == [f"bulk-{i}" for i in range(5)], resp
+        assert [b["batch_number"] for b in resp["batch_results"]] == [1, 2, 3], resp
+        q = await ask("query", resource_ids=[f"bulk-{i}" for i in range(5)], trace_id="q0")
+        assert q["total_count"] == 0, q
+        # With it: everything but the conflict.
+        resp = await ask("bulk_register", service_name="inventory", instance_id="inv-b", resources=items, batch_size=2,
+                         continue_on_error=True, trace_id="t8")
+        assert (resp["total_registered"], [f["resource_id"] for f in resp["failed"]]) == (5, ["sku-1"]), resp
+
+        # Query: by instance, paged, with metadata and tags; the bucket's word after the watch.
+        end = time.monotonic() + DEADLINE
+        while True:
+            q = await ask("query", service_name="inventory", instance_id="inv-b", limit=4, offset=0, trace_id="q1")
+            if q["total_count"] == 6:
+                break
+            assert time.monotonic() < end, q
+            await asyncio.sleep(0.05)
+        assert (len(q["resources"]), q["has_more"], q["trace_id"]) == (4, True, "q1"), q
+        q2 = await ask("query", service_name="inventory", instance_id="inv-b", limit=4, offset=4)
+        assert (len(q2["resources"]), q2["has_more"]) == (2, False), q2
+        ids = [r["resource_id"] for r in q["resources"] + q2["resources"]]
+        assert sorted(ids) == sorted([f"bulk-{i}" for i in range(5)] + ["sku-2"]), ids
+        assert all(r["owner_instance_id"] == "inv-b" and r["is_healthy"] for r in q["resources"]), q
+        q = await ask("query", tags=["hot", "eu"], resource_type="sku", instance_id="inv-a")
+        assert [(r["resource_id"], r["metadata"]["priority"]) for r in q["resources"]] == [("sku-1", 2)], q
+        assert (await ask("query", limit=5000))["status_code"] == 400
+
+        # Bulk release: only its own (the first failure stops it without continue_on_error).
+        resp = await ask("bulk_release", service_name="inventory", instance_id="inv-b",
+                         resource_ids=["bulk-0", "bulk-1", "sku-1", "bulk-2"], continue_on_error=False, trace_id="t9")
+        assert (resp["total_released"], resp["released"], resp["failed"][0]["error_code"]) == \
+            (2, ["bulk-0", "bulk-1"], "403"), resp
+        resp = await ask("release", service_name="inventory", instance_id="inv-a", resource_ids=["sku-1"])
+        assert (resp["success"], resp["released"]) == (True, ["sku-1"]), resp
+
+        # Malformed requests: 400, and the bridge keeps answering.
+        msg = await nc.request("ipc.resource.register", b"\xc1\xc1", timeout=5)
+        assert msgpack.unpackb(msg.data)["status_code"] == 400
+        resp = await ask("register", service_name="inventory", instance_id="inv-a", resource_ids=["bad id\x00"])
+        assert resp["status_code"] == 400, resp
+        resp = await ask("query", resource_ids=["sku-2"])
+        assert [r["owner_instance_id"] for r in resp["resources"]] == ["inv-b"], resp
+        beating.cancel()
+        await nc.close()
+
+    asyncio.run(main())
