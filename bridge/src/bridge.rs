@@ -859,9 +859,15 @@ fn answer(sh: &Shared, target: &Target, msg: async_nats::Message) {
     };
     // A raw caller reads errors from headers; a model caller from the model.
     let raw = raw_method.is_some();
+    // The instance that answered a model call: named also when its reply cannot be sent.
+    let mut answered_by = None;
     let (payload, headers) = match raw_method {
         Some(method) => raw_call(sh, target, &msg, &method),
-        None => (model::encode(&model_call(sh, target, &msg.payload)), None),
+        None => {
+            let resp = model_call(sh, target, &msg.payload);
+            answered_by.clone_from(&resp.instance_id);
+            (model::encode(&resp), None)
+        }
     };
     let max = sh.nats.server_info().max_payload;
     let (payload, headers) = if payload.len() > max {
@@ -876,10 +882,11 @@ fn answer(sh: &Shared, target: &Target, msg: async_nats::Message) {
             let trace = model::decode::<RouteRequest>(&msg.payload)
                 .map(|r| r.trace_id)
                 .unwrap_or_default();
-            (
-                model::encode(&error_response(413, "MessageTooLargeError", text, &trace)),
-                None,
-            )
+            let resp = RouteResponse {
+                instance_id: answered_by,
+                ..error_response(413, "MessageTooLargeError", text, &trace)
+            };
+            (model::encode(&resp), None)
         }
     } else {
         (payload, headers)

@@ -225,6 +225,8 @@ def test_a_reply_over_nats_max_payload_is_a_413_and_the_bridge_keeps_going(testb
         resp = await route(nc, service_name="users", method="echo", params={"_raw": b"z" * 4000},
                            timeout=5.0, trace_id="big")
         assert (resp["error"]["code"], resp["error"]["type"], resp["trace_id"]) == (413, "MessageTooLargeError", "big"), resp
+        # The error names the instance that answered (the seed's RouteResponse does).
+        assert resp["instance_id"] == "users-" + "i" * 100 + "@" + "h" * 60, resp
         resp = await route(nc, service_name="users", method="echo", params={"small": 1}, timeout=5.0, trace_id="s")
         assert resp["success"] is True and resp["result"] == {"small": 1}, resp
         await nc.close()
