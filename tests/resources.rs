@@ -468,9 +468,18 @@ fn queries_page_with_total_and_has_more() {
         ..Default::default()
     };
     let p0 = client.resources(&q(0)).unwrap();
+    let p1 = client.resources(&q(10)).unwrap();
     let p2 = client.resources(&q(20)).unwrap();
     assert_eq!((p0.items.len(), p0.total, p0.has_more), (10, 25, true));
     assert_eq!((p2.items.len(), p2.total, p2.has_more), (5, 25, false));
+    // The pages of a service (from its instances' own sets) are in id order, each id once.
+    let paged: Vec<String> = [p0, p1, p2]
+        .into_iter()
+        .flat_map(|p| p.items.into_iter().map(|r| r.id))
+        .collect();
+    let mut sorted = ids("p", 25);
+    sorted.sort();
+    assert_eq!(paged, sorted);
     let out = bus
         .aegisctl(&["resources", "--service", "page", "--limit", "3", "--json"])
         .output()

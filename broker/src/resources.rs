@@ -705,9 +705,7 @@ impl State {
             && q.instance.is_none()
             && q.resource_type.is_none()
             && q.tags.is_empty();
-        // In id order already (a BTreeMap): a page is skip + take, and without filters the
-        // total is the map's length, so a page costs its offset plus its size, not the map.
-        let hits = self.resources.by_id.iter().filter(|(id, r)| {
+        let keep = |(id, r): &(&String, &ResourceRec)| {
             let inst = self.instances[r.owner as usize].as_ref();
             let svc = inst.and_then(|i| self.services[i.service as usize].as_ref());
             (ids.is_empty() || ids.contains(id.as_str()))
@@ -724,14 +722,74 @@ impl State {
                     .as_ref()
                     .is_none_or(|t| &r.metadata.resource_type == t)
                 && q.tags.iter().all(|t| r.metadata.tags.contains(t))
-        });
-        let total = if unfiltered {
-            self.resources.by_id.len() as u64
-        } else {
-            hits.clone().count() as u64
         };
-        let items: Vec<ResourceInfo> = hits
-            .skip(q.offset as usize)
+        // Where the query names ids, an instance or a service, the candidates are those
+        // ids, or what the named owners hold (each instance keeps its set), sorted: the
+        // page costs what the query names, not the whole map.
+        let narrowed: Option<Vec<&str>> = if !ids.is_empty() {
+            Some(ids.iter().copied().collect())
+        } else if q.instance.is_some() || q.service.is_some() {
+            Some(
+                self.instances
+                    .iter()
+                    .flatten()
+                    .filter(|i| {
+                        q.instance.as_ref().is_none_or(|n| &i.id == n)
+                            && q.service.as_ref().is_none_or(|s| {
+                                self.services[i.service as usize]
+                                    .as_ref()
+                                    .is_some_and(|v| &v.name == s)
+                            })
+                    })
+                    .flat_map(|i| i.owned.iter().map(String::as_str))
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        let (total, items) = match narrowed {
+            Some(mut candidates) => {
+                candidates.sort_unstable();
+                candidates.dedup();
+                let hits: Vec<(&String, &ResourceRec)> = candidates
+                    .into_iter()
+                    .filter_map(|id| self.resources.by_id.get_key_value(id))
+                    .filter(|h| keep(h))
+                    .collect();
+                (
+                    hits.len() as u64,
+                    self.page(hits.into_iter(), q.offset, limit),
+                )
+            }
+            None => {
+                // In id order already (a BTreeMap): a page is skip + take, and without
+                // filters the total is the map's length, so a page costs its offset plus
+                // its size, not the map.
+                let hits = self.resources.by_id.iter().filter(|h| keep(h));
+                let total = if unfiltered {
+                    self.resources.by_id.len() as u64
+                } else {
+                    hits.clone().count() as u64
+                };
+                (total, self.page(hits, q.offset, limit))
+            }
+        };
+        let has_more = q.offset as u64 + (items.len() as u64) < total;
+        ResourcePage {
+            items,
+            total,
+            has_more,
+        }
+    }
+
+    /// `limit` resources of `hits` from `offset`, as the admin API shows them.
+    fn page<'a>(
+        &self,
+        hits: impl Iterator<Item = (&'a String, &'a ResourceRec)>,
+        offset: u32,
+        limit: usize,
+    ) -> Vec<ResourceInfo> {
+        hits.skip(offset as usize)
             .take(limit)
             .map(|(id, r)| {
                 let inst = self.instances[r.owner as usize].as_ref();
@@ -750,13 +808,7 @@ impl State {
                     expires_at_ms: r.expires_at_ms,
                 }
             })
-            .collect();
-        let has_more = q.offset as u64 + (items.len() as u64) < total;
-        ResourcePage {
-            items,
-            total,
-            has_more,
-        }
+            .collect()
     }
 
     /// Releases everything an instance that is going away owned.
