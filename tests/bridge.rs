@@ -664,3 +664,70 @@ fn a_call_bouncing_between_hosts_ends_in_loop_detected_and_a_silent_remote_leave
         "left after {gone_after:?}: before its timeout"
     );
 }
+
+/// Two hosts claim the same fresh id at the same moment (both local claims succeed: the
+/// bucket has not heard of it yet on either side); the bucket's first write wins, and
+/// both hosts end routing the id to that one owner, the loser's local claim taken back.
+#[test]
+fn two_hosts_racing_for_one_fresh_id_end_with_one_owner() {
+    let nats = Nats::start();
+    let (a, _alpha) = host(&nats, "hosta", "alpha", "doc-a");
+    let (b, _beta) = host(&nats, "hostb", "beta", "doc-b");
+    wait_routable(&b.client, "alpha", "alpha-1@hosta");
+    wait_routable(&a.client, "beta", "beta-1@hostb");
+    let ra = a.client.register("race", "racer-a", &[]).unwrap();
+    let rb = b.client.register("race", "racer-b", &[]).unwrap();
+    let echo = |i: aegis_client::Instance| {
+        std::thread::spawn(move || {
+            i.serve(|req, out| {
+                out.extend_from_slice(req.payload());
+                Ok(())
+            })
+        })
+    };
+    let (ra, rb) = (std::sync::Arc::new(ra), std::sync::Arc::new(rb));
+    // Race until both local claims of one id succeed (almost always the first id).
+    let mut raced = None;
+    for n in 0..10 {
+        let id = format!("fresh-{n}");
+        let gate = std::sync::Barrier::new(2);
+        let (ok_a, ok_b) = std::thread::scope(|s| {
+            let ta = s.spawn(|| {
+                gate.wait();
+                ra.claim(&[&id]).is_ok()
+            });
+            let tb = s.spawn(|| {
+                gate.wait();
+                rb.claim(&[&id]).is_ok()
+            });
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        if ok_a && ok_b {
+            raced = Some(id);
+            break;
+        }
+    }
+    let id = raced.expect("no claim race in 10 tries: both hosts never claimed one id at once");
+    let (ra, rb) = (
+        std::sync::Arc::into_inner(ra).unwrap(),
+        std::sync::Arc::into_inner(rb).unwrap(),
+    );
+    let (_sa, _sb) = (echo(ra), echo(rb));
+    // Each host's view of the owner, as one name: "racer-a" or "racer-b".
+    let owner = |c: &Bus| {
+        c.call_resource(&id, "echo", b"who", &quick())
+            .ok()
+            .map(|r| r.instance_id.split('@').next().unwrap().to_owned())
+    };
+    wait_for("both hosts agree on one owner", || {
+        let (oa, ob) = (owner(&a.client), owner(&b.client));
+        oa.is_some() && oa == ob
+    });
+    // And it stays that way (the loser does not take it back).
+    let settled = owner(&a.client).unwrap();
+    for _ in 0..20 {
+        assert_eq!(owner(&a.client).as_deref(), Some(settled.as_str()));
+        assert_eq!(owner(&b.client).as_deref(), Some(settled.as_str()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
