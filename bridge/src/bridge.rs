@@ -648,15 +648,7 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
             .get(&id)
             .filter(|e| alive && (e.host != host || e.service != service))
         {
-            return model::RegistrationReply::refused(
-                409,
-                format!(
-                    "instance {id} is registered for service {} on host {}",
-                    existing.service, existing.host
-                ),
-                &service,
-                &id,
-            );
+            return registered_elsewhere(existing, &service, &id);
         }
         if alive {
             remember(sh, &id, &service, &host, &meta);
@@ -697,15 +689,7 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         .get(&id)
         .filter(|e| alive && (e.host != host || e.service != service))
     {
-        return model::RegistrationReply::refused(
-            409,
-            format!(
-                "instance {id} is registered for service {} on host {}",
-                existing.service, existing.host
-            ),
-            &service,
-            &id,
-        );
+        return registered_elsewhere(existing, &service, &id);
     }
     let changed = if alive {
         let r = Remote {
@@ -726,6 +710,19 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         sh.poke();
     }
     model::RegistrationReply::ok(&service, &id)
+}
+
+/// The 409 for an announcement of an id known for another service or host.
+fn registered_elsewhere(existing: &Remote, service: &str, id: &str) -> model::RegistrationReply {
+    model::RegistrationReply::refused(
+        409,
+        format!(
+            "instance {id} is registered for service {} on host {}",
+            existing.service, existing.host
+        ),
+        service,
+        id,
+    )
 }
 
 /// Announced metadata as text (bounded: long keys and values are left out).

@@ -537,47 +537,26 @@ fn register(sh: &Arc<Shared>, r: RegisterRequest) -> Result<Vec<u8>, Refusal> {
     }))
 }
 
-fn bulk_register(sh: &Arc<Shared>, r: BulkRegisterRequest) -> Result<Vec<u8>, Refusal> {
-    check_ids(
-        r.resources
-            .iter()
-            .map(|i| &i.resource_id)
-            .collect::<Vec<_>>()
-            .into_iter(),
-    )?;
-    let host = seed_instance(sh, &r.service_name, &r.instance_id)?;
-    let store = writable_store(sh)?;
-    let batch = r.batch_size.clamp(1, MAX_IDS);
-    let (mut registered, mut failed, mut batches) = (Vec::new(), Vec::new(), Vec::new());
-    // What this request wrote, to undo on a failure without continue_on_error.
-    let mut written: Vec<(String, u64, Option<Owner>)> = Vec::new();
-    let mut stop = false;
-    for (n, chunk) in r.resources.chunks(batch).enumerate() {
+/// Runs `one` over `items` in batches of `batch_size`: the failures, each batch's counts,
+/// and whether it stopped at a failure (without `continue_on_error`).
+fn in_batches<T>(
+    items: &[T],
+    batch_size: usize,
+    continue_on_error: bool,
+    mut one: impl FnMut(&T) -> Result<(), Failure>,
+) -> (Vec<Failure>, Vec<BatchResult>, bool) {
+    let (mut failed, mut batches) = (Vec::new(), Vec::new());
+    for (n, chunk) in items.chunks(batch_size.clamp(1, MAX_IDS)).enumerate() {
         let t = Instant::now();
-        let (mut ok, mut bad) = (0, 0);
+        let (mut ok, mut bad, mut stop) = (0, 0, false);
         for item in chunk {
-            let mut e = entry(&r.service_name, &r.instance_id, &host, &item.resource_id);
-            e.metadata = item.metadata.clone();
-            match claim_one(sh, &store, &e, item.force) {
-                Claim::Written(rev, prev) => {
-                    ok += 1;
-                    written.push((item.resource_id.clone(), rev, prev));
-                    registered.push(item.resource_id.clone());
-                }
-                Claim::Already => {
-                    ok += 1;
-                    registered.push(item.resource_id.clone());
-                }
-                Claim::Refused(code, reason, current_owner) => {
+            match one(item) {
+                Ok(()) => ok += 1,
+                Err(f) => {
                     bad += 1;
-                    failed.push(Failure {
-                        resource_id: item.resource_id.clone(),
-                        reason,
-                        current_owner,
-                        error_code: code.to_owned(),
-                    });
-                    if !r.continue_on_error {
-                        stop = true;
+                    failed.push(f);
+                    stop = !continue_on_error;
+                    if stop {
                         break;
                     }
                 }
@@ -590,11 +569,46 @@ fn bulk_register(sh: &Arc<Shared>, r: BulkRegisterRequest) -> Result<Vec<u8>, Re
             duration_ms: t.elapsed().as_secs_f64() * 1e3,
         });
         if stop {
-            break;
+            return (failed, batches, true);
         }
     }
+    (failed, batches, false)
+}
+
+fn bulk_register(sh: &Arc<Shared>, r: BulkRegisterRequest) -> Result<Vec<u8>, Refusal> {
+    check_ids(
+        r.resources
+            .iter()
+            .map(|i| &i.resource_id)
+            .collect::<Vec<_>>()
+            .into_iter(),
+    )?;
+    let host = seed_instance(sh, &r.service_name, &r.instance_id)?;
+    let store = writable_store(sh)?;
+    let mut registered = Vec::new();
+    // What this request wrote, to undo on a failure without continue_on_error.
+    let mut written: Vec<(String, u64, Option<Owner>)> = Vec::new();
+    let (failed, batches, stopped) =
+        in_batches(&r.resources, r.batch_size, r.continue_on_error, |item| {
+            let mut e = entry(&r.service_name, &r.instance_id, &host, &item.resource_id);
+            e.metadata = item.metadata.clone();
+            match claim_one(sh, &store, &e, item.force) {
+                Claim::Written(rev, prev) => written.push((item.resource_id.clone(), rev, prev)),
+                Claim::Already => {}
+                Claim::Refused(code, reason, current_owner) => {
+                    return Err(Failure {
+                        resource_id: item.resource_id.clone(),
+                        reason,
+                        current_owner,
+                        error_code: code.to_owned(),
+                    })
+                }
+            }
+            registered.push(item.resource_id.clone());
+            Ok(())
+        });
     let mut rolled_back = Vec::new();
-    if stop {
+    if stopped {
         for (id, rev, prev) in written.into_iter().rev() {
             undo(sh, &store, &id, rev, prev);
             rolled_back.push(id);
@@ -673,43 +687,20 @@ fn bulk_release(sh: &Arc<Shared>, r: BulkReleaseRequest) -> Result<Vec<u8>, Refu
     check_ids(r.resource_ids.iter())?;
     seed_instance(sh, &r.service_name, &r.instance_id)?;
     let store = writable_store(sh)?;
-    let batch = r.batch_size.clamp(1, MAX_IDS);
-    let (mut released, mut failed, mut batches) = (Vec::new(), Vec::new(), Vec::new());
-    'all: for (n, chunk) in r.resource_ids.chunks(batch).enumerate() {
-        let t = Instant::now();
-        let (mut ok, mut bad) = (0, 0);
-        let mut stop = false;
-        for id in chunk {
-            match release_one(sh, &store, &r.instance_id, id) {
-                Ok(()) => {
-                    ok += 1;
-                    released.push(id.clone());
-                }
-                Err((code, reason, current_owner)) => {
-                    bad += 1;
-                    failed.push(Failure {
-                        resource_id: id.clone(),
-                        reason,
-                        current_owner,
-                        error_code: code.to_owned(),
-                    });
-                    stop = !r.continue_on_error;
-                    if stop {
-                        break;
-                    }
-                }
-            }
-        }
-        batches.push(BatchResult {
-            batch_number: n + 1,
-            success_count: ok,
-            failure_count: bad,
-            duration_ms: t.elapsed().as_secs_f64() * 1e3,
+    let mut released = Vec::new();
+    let (failed, batches, _) =
+        in_batches(&r.resource_ids, r.batch_size, r.continue_on_error, |id| {
+            release_one(sh, &store, &r.instance_id, id).map_err(
+                |(code, reason, current_owner)| Failure {
+                    resource_id: id.clone(),
+                    reason,
+                    current_owner,
+                    error_code: code.to_owned(),
+                },
+            )?;
+            released.push(id.clone());
+            Ok(())
         });
-        if stop {
-            break 'all;
-        }
-    }
     sh.poke();
     let first = failed.first().map(|f| f.error_code.clone());
     Ok(model::encode(&BulkReleaseResponse {
