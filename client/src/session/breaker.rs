@@ -171,6 +171,18 @@ mod tests {
         Box::new(unsafe { std::mem::zeroed() })
     }
 
+    /// A breaker that opens after 3 failures in a row (for 600 s: tests reopen it by a
+    /// health change), a caller's zeroed statistics, and a service of `members` members.
+    fn three_failures(members: u32) -> (CircuitBreaker, Box<CallerStats>, Box<ServiceEntry>) {
+        let cfg = CircuitBreaker {
+            failures: 3,
+            open_for: Duration::from_secs(600),
+        };
+        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
+        svc.member_count.store(members, Relaxed);
+        (cfg, s, svc)
+    }
+
     fn timeout() -> Error {
         Error::Timeout {
             service: "s".into(),
@@ -182,12 +194,7 @@ mod tests {
 
     #[test]
     fn opens_after_failures_fails_fast_lets_one_probe_through_and_closes() {
-        let cfg = CircuitBreaker {
-            failures: 3,
-            open_for: Duration::from_secs(600),
-        };
-        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
-        svc.member_count.store(1, Relaxed);
+        let (cfg, s, svc) = three_failures(1);
         let (s, svc) = (Some(&*s), &*svc);
         for _ in 0..3 {
             admit(&cfg, s, svc, "s").unwrap();
@@ -274,12 +281,7 @@ mod tests {
 
     #[test]
     fn a_success_or_a_handler_error_resets_the_failure_run() {
-        let cfg = CircuitBreaker {
-            failures: 3,
-            open_for: Duration::from_secs(600),
-        };
-        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
-        svc.member_count.store(1, Relaxed);
+        let (cfg, s, svc) = three_failures(1);
         let (s, svc) = (Some(&*s), &*svc);
         let remote = Error::Remote {
             instance: "i".into(),
@@ -304,12 +306,7 @@ mod tests {
     #[test]
     fn no_routable_instance_of_a_populated_service_counts_and_a_handler_error_closes_a_half_open_breaker(
     ) {
-        let cfg = CircuitBreaker {
-            failures: 3,
-            open_for: Duration::from_secs(600),
-        };
-        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
-        svc.member_count.store(1, Relaxed);
+        let (cfg, s, svc) = three_failures(1);
         let (s, svc) = (Some(&*s), &*svc);
         for _ in 0..3 {
             record(&cfg, s, svc, "s", 0, Some(&no_instance()));
@@ -338,11 +335,7 @@ mod tests {
 
     #[test]
     fn calls_to_a_service_with_no_instance_at_all_never_open_it() {
-        let cfg = CircuitBreaker {
-            failures: 3,
-            open_for: Duration::from_secs(600),
-        };
-        let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
+        let (cfg, s, svc) = three_failures(0);
         let (s, svc) = (Some(&*s), &*svc);
         for _ in 0..10 {
             record(&cfg, s, svc, "s", 0, Some(&no_instance()));
