@@ -332,6 +332,46 @@ fn a_caller_s_statistics_count_only_for_services_it_may_call() {
     assert_eq!(victim.service("vault").unwrap().circuit_breaker.open, 0);
 }
 
+/// Property 4 ("a caller's unhealthy report, and `Grant`, count only from a process the
+/// policy lets call that service"): the attacker, who may call `bank` but not `vault`,
+/// grants itself vault's instance, reports it unhealthy and asks for its segments. All
+/// refused; the instance stays `Online` and the victim's vault calls succeed. (Before the
+/// `Grant` was filtered by the policy, the grant stood and the report made the instance
+/// `Unhealthy`; the report is also checked against the policy itself now, for a grant
+/// kept across a broker restart while the instance was not back yet.)
+#[test]
+fn a_caller_without_call_rights_cannot_report_an_instance_unhealthy() {
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
+    let _v = bus.serve("vault", "v1", &[]);
+    let victim = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let mut out = Vec::new();
+    let info = victim
+        .call_into("vault", "echo", b"x", &opts, &mut out)
+        .unwrap();
+    let attacked = run_attacker(
+        bus.path(),
+        "report",
+        &format!("{}:{}", info.instance, info.incarnation),
+    );
+    assert!(
+        attacked.status.success(),
+        "attacker failed: {}",
+        String::from_utf8_lossy(&attacked.stdout)
+    );
+    let r = result_of(&attacked);
+    assert_eq!(value(&r, "report"), "refused", "{r:?}");
+    assert_eq!(value(&r, "open"), "refused", "{r:?}");
+    let svc = victim.service("vault").unwrap();
+    assert_eq!(svc.instances[0].status, Status::Online, "{r:?}");
+    victim
+        .call_into("vault", "echo", b"still", &opts, &mut out)
+        .unwrap();
+    assert_eq!(out, b"still");
+}
+
 /// Row "one uid with no call rights opens connections: it takes every client slot and
 /// every instance slot under the default caps": with 8 client and 8 instance slots, uid
 /// 65534 gets a quarter of each (2), and the victim (root) still connects and registers.
@@ -553,6 +593,7 @@ fn attacker() {
         "quota" => attack_quota(Path::new(&dir)),
         "list-resources" => attack_list_resources(Path::new(&dir)),
         "own-stats" => attack_own_stats(Path::new(&dir), &targets),
+        "report" => attack_report(Path::new(&dir), &targets),
         other => panic!("unknown attack {other}"),
     }
 }
@@ -778,6 +819,39 @@ fn attack_own_stats(dir: &Path, targets: &[(u32, u64)]) {
         eprintln!("grant: {r:?}");
     }
     println!("\nRESULT written={written}");
+}
+
+/// Grants itself each target, reports it unhealthy and asks for its segments.
+fn attack_report(dir: &Path, targets: &[(u32, u64)]) {
+    let mut raw = Raw::connect(dir).unwrap();
+    let verdict = |r: &Response| match r {
+        Response::Error(_) => "refused",
+        _ => "accepted",
+    };
+    let grant = raw.ask(&Request::Grant {
+        instances: targets.to_vec(),
+    });
+    eprintln!("grant: {grant:?}");
+    let (mut report, mut open) = ("refused", "refused");
+    for &(instance, incarnation) in targets {
+        let r = raw
+            .ask(&Request::ReportUnhealthy {
+                instance,
+                incarnation,
+                reason: "forged".into(),
+            })
+            .unwrap();
+        eprintln!("report: {r:?}");
+        if verdict(&r) == "accepted" {
+            report = "accepted";
+        }
+        let (r, _) = raw_open(&mut raw, instance, incarnation);
+        eprintln!("open: {r:?}");
+        if verdict(&r) == "accepted" {
+            open = "accepted";
+        }
+    }
+    println!("\nRESULT report={report} open={open}");
 }
 
 /// Every writable shared mapping of a bus segment (memfd named `aegis-*`) in this

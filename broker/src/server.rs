@@ -509,7 +509,7 @@ async fn connection(
                     instance,
                     incarnation,
                     reason,
-                } => match st.may_report(id, instance, incarnation) {
+                } => match st.may_report(id, peer, instance, incarnation) {
                     Ok(()) => st.report_unhealthy(instance, incarnation, &reason),
                     Err(e) => (Response::Error(e), Vec::new()),
                 },

@@ -920,18 +920,30 @@ impl State {
         }
     }
 
-    /// Whether the client on `conn` opened instance `(index, incarnation)`; if so, and its
-    /// last report counted long enough ago, its report counts now (see
-    /// [`REPORT_INTERVAL`]).
+    /// Whether the client on `conn` opened instance `(index, incarnation)` and its peer may
+    /// call its service; if so, and its last report counted long enough ago, its report
+    /// counts now (see [`REPORT_INTERVAL`]).
     pub(crate) fn may_report(
         &mut self,
         conn: ConnId,
+        peer: Peer,
         index: u32,
         incarnation: u64,
     ) -> Result<(), WireError> {
         let Some((slot, _)) = self.client_of(conn) else {
             return Err(WireError::BadRequest("ReportUnhealthy before Hello".into()));
         };
+        // The policy as it is now: a grant kept across a restart for an instance that was
+        // not back yet was never checked against it.
+        let service = self
+            .instances
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .and_then(|r| self.services[r.service as usize].as_ref())
+            .map(|s| s.name.clone());
+        if let Some(name) = service {
+            self.permit(conn, peer, &name, crate::policy::Action::Call)?;
+        }
         let c = self.clients[slot as usize]
             .as_mut()
             .expect("client_of found it");
