@@ -74,6 +74,7 @@ mod tests {
     #[test]
     fn frees_coalesce_back_into_one_range() {
         let h = HeapAlloc::new(1 << 20);
+        assert_eq!(h.size(), 1 << 20);
         let a = h.alloc(1000).unwrap();
         let b = h.alloc(5000).unwrap();
         let c = h.alloc(70).unwrap();
@@ -83,5 +84,29 @@ mod tests {
         h.free(c, 70);
         assert_eq!(h.free_bytes(), 1 << 20);
         assert_eq!(h.alloc(1 << 20), Some(0));
+    }
+
+    #[test]
+    fn blocks_are_64_byte_aligned_first_fit_and_never_overlap() {
+        let h = HeapAlloc::new(4096);
+        assert_eq!(h.alloc(0), Some(0), "an empty block still takes one unit");
+        assert_eq!(h.alloc(1), Some(64));
+        assert_eq!(h.alloc(64), Some(128));
+        assert_eq!(h.alloc(65), Some(192));
+        assert_eq!(h.free_bytes(), 4096 - 320);
+        // Freeing the second block leaves a 64-byte hole that a 64-byte block fills first.
+        h.free(64, 1);
+        assert_eq!(h.alloc(100), Some(320), "too big for the hole");
+        assert_eq!(h.alloc(64), Some(64), "first fit: the hole");
+        assert_eq!(h.alloc(4096), None);
+        assert_eq!(HeapAlloc::new(0).alloc(1), None);
+        // Neighbours on both sides coalesce.
+        h.free(128, 64);
+        h.free(0, 1);
+        h.free(64, 64);
+        h.free(192, 128);
+        h.free(320, 100);
+        assert_eq!(h.free_bytes(), 4096);
+        assert_eq!(h.alloc(4096), Some(0));
     }
 }

@@ -636,6 +636,116 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_s_data_comes_out_of_the_taken_slot_and_ranges_are_checked() {
+        let (s, mut w, stride) = make(4, 64);
+        let r = ring(&s, &mut w, stride, 4);
+        assert_eq!((r.capacity(), r.data_len()), (4, 64));
+        assert!(r.is_empty() && !r.has_message());
+        for lap in 0..6u64 {
+            let mut c = r.try_claim(99).unwrap();
+            assert_eq!(c.position(), lap);
+            let data = c.data();
+            assert_eq!(data.len(), 64);
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (i as u64 * 3 + lap) as u8;
+            }
+            c.publish().unwrap();
+            assert_eq!(r.len(), 1);
+            assert!(r.has_message() && !r.is_empty());
+            let t = r.try_pop().unwrap();
+            assert_eq!((t.data_len(), t.claimer_pid()), (64, 99));
+            let want: Vec<u8> = (0..64u64).map(|i| (i * 3 + lap) as u8).collect();
+            let mut dst = [0u8; 10];
+            t.read_into(54, &mut dst).unwrap();
+            assert_eq!(dst[..], want[54..]);
+            assert_eq!(t.read_into(55, &mut dst), None, "one byte past the slot");
+            assert_eq!(t.read_into(usize::MAX, &mut dst), None);
+            let mut out = vec![7u8; 3];
+            t.copy_data(0, 64, &mut out).unwrap();
+            assert_eq!(out, want);
+            t.copy_data(60, 4, &mut out).unwrap();
+            assert_eq!(out, want[60..]);
+            assert_eq!(t.copy_data(61, 4, &mut out), None);
+            assert_eq!(t.copy_data(usize::MAX, 2, &mut out), None);
+            drop(t);
+            assert!(r.is_empty());
+        }
+    }
+
+    #[test]
+    fn notify_rings_only_for_a_sleeper_and_wakes_it() {
+        use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
+        let (s, mut w, stride) = make(4, 64);
+        let r = ring(&s, &mut w, stride, 4);
+        // No one sleeps: nothing to ring.
+        r.notify();
+        assert_eq!(s.idx.wake.load(Ordering::Relaxed), 0);
+        std::thread::scope(|sc| {
+            let sleeper = sc.spawn(|| {
+                let mut waiter = Waiter::new(
+                    Spin::Fixed(Duration::ZERO),
+                    Backoff::server(),
+                    Seats::none(),
+                );
+                let t = Instant::now();
+                let got = r.wait(&mut waiter, Some(Duration::from_secs(30)), || false);
+                (got, t.elapsed())
+            });
+            let end = Instant::now() + Duration::from_secs(10);
+            while s.idx.sleepers.load(Ordering::Relaxed) == 0 {
+                assert!(Instant::now() < end, "the consumer never went to sleep");
+                std::thread::yield_now();
+            }
+            r.try_claim(1).unwrap().publish().unwrap();
+            r.notify();
+            let (got, waited) = sleeper.join().unwrap();
+            assert!(got, "woken with a message");
+            // A deadline only so that a lost wake fails instead of sleeping out its 30 s.
+            assert!(waited < Duration::from_secs(10), "woken late: {waited:?}");
+        });
+        assert_eq!(s.idx.wake.load(Ordering::Relaxed), 1);
+        assert_eq!(s.idx.sleepers.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn wake_all_ends_every_sleep_that_is_told_to_stop() {
+        use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
+        let (s, mut w, stride) = make(4, 64);
+        let r = ring(&s, &mut w, stride, 4);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let sleepers: Vec<_> = (0..2)
+                .map(|_| {
+                    sc.spawn(|| {
+                        let mut waiter = Waiter::new(
+                            Spin::Fixed(Duration::ZERO),
+                            Backoff::server(),
+                            Seats::none(),
+                        );
+                        let t = Instant::now();
+                        let got = r.wait(&mut waiter, Some(Duration::from_secs(30)), || {
+                            stop.load(Ordering::Relaxed)
+                        });
+                        (got, t.elapsed())
+                    })
+                })
+                .collect();
+            let end = Instant::now() + Duration::from_secs(10);
+            while s.idx.sleepers.load(Ordering::Relaxed) < 2 {
+                assert!(Instant::now() < end, "the consumers never went to sleep");
+                std::thread::yield_now();
+            }
+            stop.store(true, Ordering::Relaxed);
+            r.wake_all();
+            for t in sleepers {
+                let (got, waited) = t.join().unwrap();
+                assert!(!got, "no message");
+                assert!(waited < Duration::from_secs(10), "woken late: {waited:?}");
+            }
+        });
+    }
+
+    #[test]
     fn threads_deliver_every_message_exactly_once() {
         const PER: u64 = if cfg!(miri) { 50 } else { 20_000 };
         let (s, mut w, stride) = make(64, 64);
