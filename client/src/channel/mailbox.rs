@@ -333,6 +333,22 @@ mod tests {
     }
 
     #[test]
+    fn the_flags_are_two_single_bits_between_the_phase_and_the_generation() {
+        for f in [WAITER, ASYNC] {
+            assert_eq!(f.count_ones(), 1, "{f:#x}");
+            assert_eq!(f & PHASE, 0, "{f:#x} overlaps the phase");
+            assert!(f < 1 << 8, "{f:#x} overlaps the generation");
+        }
+        assert_ne!(WAITER, ASYNC);
+        assert_eq!(FLAGS, WAITER | ASYNC);
+        for p in [FREE, PENDING, TAKEN, READY, CANCELLED] {
+            assert_eq!(p & !PHASE, 0);
+            assert_eq!(phase(pack(GEN_MASK, p) | FLAGS), p);
+            assert_eq!(gen_of(pack(GEN_MASK, p)), GEN_MASK);
+        }
+    }
+
+    #[test]
     fn late_reply_after_cancel_is_refused() {
         let m = mb();
         arm(&m, 1, 11);
