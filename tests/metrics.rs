@@ -321,6 +321,76 @@ fn the_admin_api_returns_what_aegisctl_json_prints() {
     );
     let (status, body) = get(&addr, "/api/v1/admin/services/nope");
     assert_eq!(status, 404, "{body}");
+
+    // Past one step of the admin API's stepwise walk (4,096 entries): deep pages and
+    // filtered ones are the same as the control socket's single-pass answer.
+    // (1,000 per instance: the default per-instance cap.)
+    let _many: Vec<_> = (0..9)
+        .map(|k| {
+            let ids: Vec<String> = (k * 1000..(k + 1) * 1000)
+                .map(|i| format!("m-{i:05}"))
+                .collect();
+            bus.serve("many", &format!("m-{k}"), &["--claim", &ids.join(",")])
+        })
+        .collect();
+    let client = bus.connect();
+    support::wait_for("9,000 resources claimed", || {
+        client
+            .resources(&aegis_client::proto::ResourceQuery {
+                service: Some("many".into()),
+                limit: 1,
+                ..Default::default()
+            })
+            .is_ok_and(|p| p.total == 9000)
+    });
+    for (query, args) in [
+        (
+            "limit=3&offset=8000",
+            &["resources", "--limit", "3", "--offset", "8000", "--json"][..],
+        ),
+        (
+            "service=many&limit=2&offset=4095",
+            &[
+                "resources",
+                "--service",
+                "many",
+                "--limit",
+                "2",
+                "--offset",
+                "4095",
+                "--json",
+            ][..],
+        ),
+        (
+            "instance=m-8&limit=5&offset=998",
+            &[
+                "resources",
+                "--instance",
+                "m-8",
+                "--limit",
+                "5",
+                "--offset",
+                "998",
+                "--json",
+            ][..],
+        ),
+    ] {
+        let from_api = api(&format!("/api/v1/admin/resources?{query}"));
+        assert_eq!(from_api, cli(args), "{query}");
+        assert!(
+            from_api["total"].as_u64().unwrap() >= 1000,
+            "{query}: {from_api}"
+        );
+    }
+    let last = api("/api/v1/admin/resources?instance=m-8&limit=5&offset=998");
+    let ids: Vec<&str> = last["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m-08998", "m-08999"]);
+    assert_eq!(last["has_more"], false);
 }
 
 #[test]

@@ -251,7 +251,7 @@ fn route(state: &Mutex<State>, access: &Access, req: Request<Incoming>) -> Respo
                 offset: num("offset"),
                 ..Default::default()
             };
-            json(&state.lock().query_resources(&query, None))
+            json(&crate::resources::stepwise_resources(state, &query))
         }
         p => match p.strip_prefix("/api/v1/admin/services/") {
             Some(name) if !name.contains('/') => {

@@ -23,6 +23,8 @@ use aegis_client::sys;
 use crate::state::{ConnId, Peer, Reply, State};
 
 const DEFAULT_PAGE: u32 = 100;
+/// Entries one step of a stepwise listing reads under the state lock.
+const STEP: usize = 4096;
 const MAX_PAGE: u32 = 10_000;
 
 #[derive(Default)]
@@ -706,22 +708,7 @@ impl State {
             && q.resource_type.is_none()
             && q.tags.is_empty();
         let keep = |(id, r): &(&String, &ResourceRec)| {
-            let inst = self.instances[r.owner as usize].as_ref();
-            let svc = inst.and_then(|i| self.services[i.service as usize].as_ref());
-            (ids.is_empty() || ids.contains(id.as_str()))
-                && visible
-                    .as_ref()
-                    .is_none_or(|v| inst.is_some_and(|i| v.contains(&i.service)))
-                && q.service
-                    .as_ref()
-                    .is_none_or(|s| svc.is_some_and(|v| &v.name == s))
-                && q.instance
-                    .as_ref()
-                    .is_none_or(|s| inst.is_some_and(|i| &i.id == s))
-                && q.resource_type
-                    .as_ref()
-                    .is_none_or(|t| &r.metadata.resource_type == t)
-                && q.tags.iter().all(|t| r.metadata.tags.contains(t))
+            self.resource_matches(q, &ids, visible.as_ref(), id, r)
         };
         // Where the query names ids, an instance or a service, the candidates are those
         // ids, or what the named owners hold (each instance keeps its set), sorted: the
@@ -780,6 +767,59 @@ impl State {
             total,
             has_more,
         }
+    }
+
+    /// Whether resource `id` passes `q`'s filters: `ids` (if any), the services a viewer
+    /// may see (`visible`), service, instance, type and tags.
+    fn resource_matches(
+        &self,
+        q: &ResourceQuery,
+        ids: &HashSet<&str>,
+        visible: Option<&HashSet<u32>>,
+        id: &str,
+        r: &ResourceRec,
+    ) -> bool {
+        let inst = self.instances[r.owner as usize].as_ref();
+        let svc = inst.and_then(|i| self.services[i.service as usize].as_ref());
+        (ids.is_empty() || ids.contains(id))
+            && visible.is_none_or(|v| inst.is_some_and(|i| v.contains(&i.service)))
+            && q.service
+                .as_ref()
+                .is_none_or(|s| svc.is_some_and(|v| &v.name == s))
+            && q.instance
+                .as_ref()
+                .is_none_or(|s| inst.is_some_and(|i| &i.id == s))
+            && q.resource_type
+                .as_ref()
+                .is_none_or(|t| &r.metadata.resource_type == t)
+            && q.tags.iter().all(|t| r.metadata.tags.contains(t))
+    }
+
+    /// One step of [`stepwise_resources`]: at most [`STEP`] entries after `from`, counting
+    /// matches into `matched` and keeping the ids of those on the page. The key to resume
+    /// after, or `None` at the end of the map.
+    fn resource_step(
+        &self,
+        q: &ResourceQuery,
+        from: &std::ops::Bound<String>,
+        matched: &mut u64,
+        page: &mut Vec<String>,
+        limit: usize,
+    ) -> Option<String> {
+        let none = HashSet::new();
+        let range = (from.clone(), std::ops::Bound::Unbounded);
+        for (n, (id, r)) in self.resources.by_id.range(range).enumerate() {
+            if n == STEP {
+                return Some(id.clone());
+            }
+            if self.resource_matches(q, &none, None, id, r) {
+                if *matched >= u64::from(q.offset) && page.len() < limit {
+                    page.push(id.clone());
+                }
+                *matched += 1;
+            }
+        }
+        None
     }
 
     /// `limit` resources of `hits` from `offset`, as the admin API shows them.
@@ -1031,5 +1071,50 @@ mod tests {
         // A's request fails later and rolls back: C's claim must survive.
         st.rollback(undo_a);
         assert_eq!(st.registry.find_resource("x"), Some(c));
+    }
+}
+
+/// The admin API's resource listing (all services: an authenticated administrator), read
+/// in steps of at most [`STEP`] map entries with the state lock released between them:
+/// a listing filtered by type or tags over 100,000 resources, or paged deep, never holds
+/// the broker for the whole walk. Pages of a map changing meanwhile are a snapshot of
+/// each step, not of one instant (a resource claimed or released during the walk may be
+/// counted or not). An unfiltered first page stays a single short look.
+pub(crate) fn stepwise_resources(
+    state: &parking_lot::Mutex<State>,
+    q: &ResourceQuery,
+) -> ResourcePage {
+    let unfiltered = q.ids.is_empty()
+        && q.service.is_none()
+        && q.instance.is_none()
+        && q.resource_type.is_none()
+        && q.tags.is_empty();
+    if unfiltered && (q.offset as usize) < STEP {
+        return state.lock().query_resources(q, None);
+    }
+    let limit = match q.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    } as usize;
+    let (mut from, mut matched, mut page) = (std::ops::Bound::Unbounded, 0u64, Vec::new());
+    loop {
+        let st = state.lock();
+        match st.resource_step(q, &from, &mut matched, &mut page, limit) {
+            Some(next) => from = std::ops::Bound::Included(next),
+            None => break,
+        }
+    }
+    let mut st = state.lock();
+    st.metrics.resource_lookups += 1;
+    let hits: Vec<(&String, &ResourceRec)> = page
+        .iter()
+        .filter_map(|id| st.resources.by_id.get_key_value(id))
+        .collect();
+    let items = st.page(hits.into_iter(), 0, limit);
+    let has_more = u64::from(q.offset) + (items.len() as u64) < matched;
+    ResourcePage {
+        items,
+        total: matched,
+        has_more,
     }
 }
