@@ -888,6 +888,51 @@ impl State {
     }
 }
 
+/// The admin API's resource listing (all services: an authenticated administrator), read
+/// in steps of at most [`STEP`] map entries with the state lock released between them:
+/// a listing filtered by type or tags over 100,000 resources, or paged deep, never holds
+/// the broker for the whole walk. Pages of a map changing meanwhile are a snapshot of
+/// each step, not of one instant (a resource claimed or released during the walk may be
+/// counted or not). An unfiltered first page stays a single short look.
+pub(crate) fn stepwise_resources(
+    state: &parking_lot::Mutex<State>,
+    q: &ResourceQuery,
+) -> ResourcePage {
+    let unfiltered = q.ids.is_empty()
+        && q.service.is_none()
+        && q.instance.is_none()
+        && q.resource_type.is_none()
+        && q.tags.is_empty();
+    if unfiltered && (q.offset as usize) < STEP {
+        return state.lock().query_resources(q, None);
+    }
+    let limit = match q.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    } as usize;
+    let (mut from, mut matched, mut page) = (std::ops::Bound::Unbounded, 0u64, Vec::new());
+    loop {
+        let st = state.lock();
+        match st.resource_step(q, &from, &mut matched, &mut page, limit) {
+            Some(next) => from = std::ops::Bound::Included(next),
+            None => break,
+        }
+    }
+    let mut st = state.lock();
+    st.metrics.resource_lookups += 1;
+    let hits: Vec<(&String, &ResourceRec)> = page
+        .iter()
+        .filter_map(|id| st.resources.by_id.get_key_value(id))
+        .collect();
+    let items = st.page(hits.into_iter(), 0, limit);
+    let has_more = u64::from(q.offset) + (items.len() as u64) < matched;
+    ResourcePage {
+        items,
+        total: matched,
+        has_more,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1071,50 +1116,5 @@ mod tests {
         // A's request fails later and rolls back: C's claim must survive.
         st.rollback(undo_a);
         assert_eq!(st.registry.find_resource("x"), Some(c));
-    }
-}
-
-/// The admin API's resource listing (all services: an authenticated administrator), read
-/// in steps of at most [`STEP`] map entries with the state lock released between them:
-/// a listing filtered by type or tags over 100,000 resources, or paged deep, never holds
-/// the broker for the whole walk. Pages of a map changing meanwhile are a snapshot of
-/// each step, not of one instant (a resource claimed or released during the walk may be
-/// counted or not). An unfiltered first page stays a single short look.
-pub(crate) fn stepwise_resources(
-    state: &parking_lot::Mutex<State>,
-    q: &ResourceQuery,
-) -> ResourcePage {
-    let unfiltered = q.ids.is_empty()
-        && q.service.is_none()
-        && q.instance.is_none()
-        && q.resource_type.is_none()
-        && q.tags.is_empty();
-    if unfiltered && (q.offset as usize) < STEP {
-        return state.lock().query_resources(q, None);
-    }
-    let limit = match q.limit {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    } as usize;
-    let (mut from, mut matched, mut page) = (std::ops::Bound::Unbounded, 0u64, Vec::new());
-    loop {
-        let st = state.lock();
-        match st.resource_step(q, &from, &mut matched, &mut page, limit) {
-            Some(next) => from = std::ops::Bound::Included(next),
-            None => break,
-        }
-    }
-    let mut st = state.lock();
-    st.metrics.resource_lookups += 1;
-    let hits: Vec<(&String, &ResourceRec)> = page
-        .iter()
-        .filter_map(|id| st.resources.by_id.get_key_value(id))
-        .collect();
-    let items = st.page(hits.into_iter(), 0, limit);
-    let has_more = u64::from(q.offset) + (items.len() as u64) < matched;
-    ResourcePage {
-        items,
-        total: matched,
-        has_more,
     }
 }
