@@ -806,3 +806,61 @@ fn the_default_breaker_opens_after_5_failures_and_probes_after_30_s() {
     ));
     kill(stuck.pid(), libc::SIGCONT);
 }
+
+/// A caller's errors and retries stay counted after it disconnects, and two departed
+/// callers' counts add up: `ipc_router_errors_total` is a counter (the HighErrorRate alert
+/// takes its rate), so a caller leaving must not take its share with it.
+#[test]
+fn departed_callers_errors_and_retries_stay_counted() {
+    // Two client slots: the server's and one caller's, so a new connection succeeds only
+    // once the broker has processed the previous caller's departure.
+    let (bus, addr) = start_with(&["--max-clients", "2"]);
+    let server = bus.connect();
+    // Two instances that never take a request: each call fails with Timeout.
+    let _quiet = (
+        server.register("quiet", "q1", &[]).unwrap(),
+        server.register("quiet", "q2", &[]).unwrap(),
+    );
+    let opts = CallOptions {
+        attempt_timeout: Duration::from_millis(50),
+        idempotent: true,
+        ..CallOptions::timeout(Duration::from_millis(150))
+    };
+    let series = || {
+        let s = scrape(&addr);
+        let sum = |metric: &str| -> f64 {
+            samples(&s, metric, &[("service_name", "quiet")])
+                .map(|x| value(&x.value))
+                .sum()
+        };
+        (
+            sum("ipc_router_errors_total"),
+            sum("ipc_router_retries_total"),
+        )
+    };
+    let next_caller = || {
+        let mut got = None;
+        support::wait_for("a client slot (the last caller's departure)", || {
+            got = aegis_client::Bus::connect_dir(bus.path()).ok();
+            got.is_some()
+        });
+        got.unwrap()
+    };
+    let mut caller = next_caller();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        for _ in 0..2 {
+            assert!(caller.call("quiet", "m", b"x", &opts).is_err());
+        }
+        let live = series();
+        assert!(live.0 >= 2.0, "{live:?}");
+        drop(caller);
+        caller = next_caller();
+        assert_eq!(series(), live, "counts kept after the caller left");
+        seen.push(live);
+    }
+    assert!(
+        seen[1].0 >= 2.0 * seen[0].0 && seen[1].1 >= seen[0].1,
+        "two departed callers' counts add up: {seen:?}"
+    );
+}
