@@ -104,6 +104,10 @@ pub struct State {
     /// Every instance any host announced lately (imported or not), by NATS id, at most
     /// [`MAX_SEEN`]: whom the seed's `ipc.resource.*` requests may name (see `resource_api`).
     pub seen: HashMap<String, Remote>,
+    /// AegisIPC instances on NATS that unregistered or went silent since the last sync
+    /// round: their resource ids are released (the seed's "an instance going offline
+    /// releases all its resources").
+    pub departed: Vec<String>,
 }
 
 /// Instances remembered in [`State::seen`] at most (a flood of announcements cannot grow
@@ -206,6 +210,7 @@ pub fn sync_loop(sh: Arc<Shared>, pokes: mpsc::Receiver<()>) {
         sync_proxies(&sh);
         if online {
             crate::resources::sync(&sh);
+            crate::resource_api::release_departed(&sh);
         }
         if Instant::now() >= next_beat {
             if online {
@@ -421,7 +426,16 @@ fn heartbeats(sh: &Shared) {
 fn expire_remotes(sh: &Shared) {
     let limit = sh.cfg.remote_timeout;
     let mut st = sh.state.lock().unwrap();
-    st.seen.retain(|_, r| r.last_seen.elapsed() < limit);
+    let silent: Vec<String> = st
+        .seen
+        .iter()
+        .filter(|(_, r)| r.last_seen.elapsed() >= limit)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in silent {
+        tracing::info!(instance = %id, "instance silent past its heartbeat timeout: forgotten");
+        forget(&mut st, &id);
+    }
     st.directory.retain(|id, r| {
         let fresh = r.last_seen.elapsed() < limit;
         if !fresh {
@@ -653,7 +667,7 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         if alive {
             remember(sh, &id, &service, &host, &meta);
         } else {
-            sh.state.lock().unwrap().seen.remove(&id);
+            forget(&mut sh.state.lock().unwrap(), &id);
         }
         return model::RegistrationReply::ok(&service, &id);
     }
@@ -702,7 +716,7 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         remember_in(&mut st, &id, &r);
         st.directory.insert(id.clone(), r).is_none()
     } else {
-        st.seen.remove(&id);
+        forget(&mut st, &id);
         st.directory.remove(&id).is_some()
     };
     drop(st);
@@ -752,6 +766,15 @@ fn remember(
         aegis: meta.get(model::META_BRIDGE).and_then(|v| v.as_str()) == Some("aegis-bridge"),
     };
     remember_in(&mut sh.state.lock().unwrap(), id, &r);
+}
+
+/// An instance unregistered: an AegisIPC one's resource ids are to be released.
+fn forget(st: &mut State, id: &str) {
+    if let Some(r) = st.seen.remove(id) {
+        if !r.aegis {
+            st.departed.push(id.to_owned());
+        }
+    }
 }
 
 fn remember_in(st: &mut State, id: &str, r: &Remote) {

@@ -20,6 +20,8 @@
 //!   each id must be `from_instance_id`'s), the target live.
 //! * **query** pages the bucket as this bridge mirrors it (in id order, `limit` ≤ 1,000),
 //!   filtered by service, instance, ids, `resource_type` and `tags`.
+//! * An AegisIPC instance that unregisters or stops heartbeating (`--remote-timeout-ms`)
+//!   has its ids released by the bridges that notice ([`release_departed`]).
 //!
 //! With trusted hosts configured, a bucket entry is believed only when signed by the host
 //! it names; nothing on NATS can sign for an AegisIPC instance, so the writing requests
@@ -45,6 +47,8 @@ use crate::resources::{key, Owner};
 const MAX_IDS: usize = 10_000;
 /// Largest `limit` of a query.
 const MAX_PAGE: usize = 1_000;
+/// Resource requests handled at once (each on a blocking thread).
+const MAX_CONCURRENT: usize = 8;
 
 /// Listens on `ipc.resource.*` in the bridges' queue group; each request on a blocking
 /// thread (bucket operations wait for NATS).
@@ -61,15 +65,23 @@ pub async fn serve(sh: Arc<Shared>) {
             return;
         }
     };
+    // NATS is untrusted input: at most this many requests are handled at once; the next
+    // waits in the subscription for a permit (a flood slows itself down, never grows the
+    // bridge's threads).
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     while let Some(msg) = sub.next().await {
         let Some(reply) = msg.reply.clone() else {
             continue;
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
         };
         let sh = sh.clone();
         tokio::task::spawn_blocking(move || {
             let op = msg.subject.as_str().rsplit('.').next().unwrap_or("");
             let body = answer(&sh, op, &msg.payload);
             sh.publish(reply.to_string(), body);
+            drop(permit);
         });
     }
 }
@@ -781,6 +793,49 @@ fn transfer(sh: &Arc<Shared>, r: TransferRequest) -> Result<Vec<u8>, Refusal> {
         transfer_id,
         trace_id: r.trace_id,
     }))
+}
+
+/// Releases the ids of AegisIPC instances that unregistered or went silent (the seed
+/// releases an offline instance's resources). Every bridge that noticed tries; a delete
+/// names the revision it read, so the first wins and a re-registration in between is
+/// left alone.
+pub fn release_departed(sh: &Arc<Shared>) {
+    let departed = std::mem::take(&mut sh.state.lock().unwrap().departed);
+    if departed.is_empty() || sh.trust.checking() {
+        return;
+    }
+    let Some(store) = crate::resources::store(sh) else {
+        return;
+    };
+    let owned: Vec<String> = sh
+        .resources
+        .all
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|o| departed.contains(&o.instance_id) && !bus_owned(o))
+        .map(|o| o.resource_id.clone())
+        .collect();
+    let mut released = 0;
+    for id in &owned {
+        if let Ok(Some((cur, rev))) = read(sh, &store, id) {
+            if departed.contains(&cur.instance_id)
+                && matches!(
+                    sh.wait(
+                        "releasing a departed instance's resource",
+                        store.delete_expect_revision(key(id), Some(rev))
+                    ),
+                    Some(Ok(()))
+                )
+            {
+                released += 1;
+            }
+        }
+    }
+    if released > 0 {
+        tracing::info!(instances = ?departed, released, "released the resources of departed instances");
+        sh.poke();
+    }
 }
 
 fn query(sh: &Arc<Shared>, r: QueryRequest) -> Result<Vec<u8>, Refusal> {

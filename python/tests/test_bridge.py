@@ -325,7 +325,8 @@ def test_the_seed_s_resource_subjects_claim_release_transfer_and_query_through_t
     ids (403), unknown instances (404), a bus instance's id (never taken over NATS), a
     failed bulk request undone, paging and tags in queries."""
     testbus.serve("inventory", "inv-bus", "--claim", "bus-owned-1")
-    start_bridge(testbus, nats_url, "hosts", "--import", "inventory", "--export", "inventory")
+    start_bridge(testbus, nats_url, "hosts", "--import", "inventory", "--export", "inventory",
+                 "--remote-timeout-ms", "1500")
 
     async def main():
         nc = await nats.connect(nats_url)
@@ -485,6 +486,30 @@ def test_the_seed_s_resource_subjects_claim_release_transfer_and_query_through_t
         assert resp["status_code"] == 400, resp
         resp = await ask("query", resource_ids=["sku-2"])
         assert [r["owner_instance_id"] for r in resp["resources"]] == ["inv-b"], resp
+
+        # An instance going offline releases its resources (the seed's lifecycle): inv-c
+        # registers once and never heartbeats (gone after --remote-timeout-ms); inv-b
+        # unregisters.
+        await nc.publish("ipc.service.register", msgpack.packb(
+            {"service_name": "inventory", "instance_id": "inv-c", "metadata": {"host": "seedhost"}}))
+        end = time.monotonic() + DEADLINE
+        while (await ask("register", service_name="inventory", instance_id="inv-c",
+                         resource_ids=["sku-c"]))["status_code"] != 200:
+            assert time.monotonic() < end
+            await asyncio.sleep(0.05)
+        assert (await ask("register", service_name="inventory", instance_id="inv-a",
+                          resource_ids=["sku-a"]))["success"]
+        regs.pop()  # inv-b's heartbeats stop with its unregistration
+        await nc.publish("ipc.service.unregister", msgpack.packb({"service_name": "inventory", "instance_id": "inv-b"}))
+
+        async def owned_by(iid: str) -> int:
+            return (await ask("query", instance_id=iid))["total_count"]
+
+        end = time.monotonic() + DEADLINE
+        while await owned_by("inv-b") or await owned_by("inv-c"):
+            assert time.monotonic() < end, "a departed instance kept its resources"
+            await asyncio.sleep(0.05)
+        assert await owned_by("inv-a") >= 1, "a live instance keeps its own"
         beating.cancel()
         await nc.close()
 
