@@ -469,3 +469,70 @@ fn render_broker_histograms(m: &Counters, out: &mut String) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_sizes_land_in_their_buckets_up_to_inf() {
+        let mut c = Counters::default();
+        // On each bound (le is inclusive), just above it, and past the last one.
+        for bytes in [0, 64, 65, 16384, 16385, 1 << 20] {
+            c.observe_metadata("s", bytes);
+        }
+        let (b, sum) = c.metadata_sizes["s"];
+        // Bounds 64, 128, 256, 512, 1024, 4096, 16384, then +Inf.
+        assert_eq!(b, [2, 1, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(sum, 64 + 65 + 16384 + 16385 + (1 << 20));
+        let mut out = String::new();
+        histogram(&mut out, "m", "x=\"1\"", &[64.0, 128.0], &[2, 1, 3], 9.0);
+        assert_eq!(
+            out,
+            "m_bucket{x=\"1\",le=\"64\"} 2\nm_bucket{x=\"1\",le=\"128\"} 3\n\
+             m_bucket{x=\"1\",le=\"+Inf\"} 6\nm_sum{x=\"1\"} 9\nm_count{x=\"1\"} 6\n"
+        );
+    }
+
+    #[test]
+    fn departed_callers_are_summed_per_service_with_saturation() {
+        let mut c = Counters::default();
+        let mut t = CallerTotals::default();
+        t.errors[1] = 3;
+        t.retries[0] = u64::MAX - 1;
+        c.retire_caller(vec![(7, t), (2, t)]);
+        c.retire_caller(vec![(7, t)]);
+        assert_eq!(c.retired[&7].errors[1], 6);
+        assert_eq!(c.retired[&7].retries[0], u64::MAX, "saturates, never wraps");
+        assert_eq!(c.retired[&2].errors[1], 3);
+        assert_eq!(c.retired.len(), 2);
+    }
+
+    #[test]
+    fn transitions_to_unhealthy_or_offline_count_as_failures_by_reason() {
+        let mut c = Counters::default();
+        c.transition(
+            "i",
+            Status::Online,
+            Status::Unhealthy,
+            "no progress for 5 s",
+        );
+        c.transition("i", Status::Unhealthy, Status::Online, "progress again");
+        c.transition("i", Status::Online, Status::Offline, "process exited");
+        c.transition("i", Status::Online, Status::Offline, "connection closed");
+        c.transition("i", Status::Online, Status::Unhealthy, "a caller said so");
+        c.transition("i", Status::Online, Status::Offline, "unregistered");
+        let f = |why| c.healthcheck_failures.get(&("i".to_owned(), why)).copied();
+        assert_eq!(f("no_progress"), Some(1));
+        assert_eq!(f("process_exited"), Some(1));
+        assert_eq!(f("connection_closed"), Some(1));
+        assert_eq!(f("reported"), Some(1));
+        assert_eq!(
+            c.healthcheck_failures.len(),
+            4,
+            "an unregistration is no failure"
+        );
+        let key = ("i".to_owned(), "Online".to_owned(), "Offline".to_owned());
+        assert_eq!(c.transitions[&key], 3);
+    }
+}
