@@ -328,22 +328,17 @@ impl Bus {
         })?;
         let stats = sess.stats.caller_stats(svc_idx);
         let cfg = &inner.opts.circuit_breaker;
-        if let Err(e) = breaker::admit(cfg, stats, svc, service) {
-            breaker::record(cfg, stats, svc, service, 0, Some(&e));
-            return Err(e);
-        }
-        let mut sent = 0;
-        let r = self.route(
-            (start, sess, svc_idx, svc),
-            service,
-            method,
-            payload,
-            opts,
-            out,
-            &mut sent,
-        );
-        breaker::record(cfg, stats, svc, service, sent, r.as_ref().err());
-        r
+        breaker::guarded(cfg, stats, svc, service, |sent| {
+            self.route(
+                (start, sess, svc_idx, svc),
+                service,
+                method,
+                payload,
+                opts,
+                out,
+                sent,
+            )
+        })
     }
 
     /// The routing loop of [`Bus::call_into`]: picks instances and makes attempts until
@@ -536,34 +531,32 @@ impl Bus {
         check_options(opts)?;
         let stats = inner.session().stats.caller_stats(svc_idx);
         let cfg = &inner.opts.circuit_breaker;
-        if let Err(e) = breaker::admit(cfg, stats, svc, service) {
-            breaker::record(cfg, stats, svc, service, 0, Some(&e));
-            return Err(e);
-        }
-        let deadline = opts.call_deadline(start).min(start + opts.attempt_timeout);
-        let trace = inner.trace_of(opts);
-        let r = match inner.attempt(
-            inner.session(),
-            target,
-            method,
-            payload,
-            opts,
-            (deadline, trace, start),
-            None,
-            out,
-        ) {
-            Ok(()) => Ok(target),
-            Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) if w.contains("left") => {
-                Err(Error::OwnerUnavailable {
-                    resource: resource.to_owned(),
-                    owner: inner.instance_name(target.instance),
-                    status: Status::Offline,
-                })
+        breaker::guarded(cfg, stats, svc, service, |sent| {
+            // One attempt, on the owner.
+            *sent = 1;
+            let deadline = opts.call_deadline(start).min(start + opts.attempt_timeout);
+            let trace = inner.trace_of(opts);
+            match inner.attempt(
+                inner.session(),
+                target,
+                method,
+                payload,
+                opts,
+                (deadline, trace, start),
+                None,
+                out,
+            ) {
+                Ok(()) => Ok(target),
+                Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) if w.contains("left") => {
+                    Err(Error::OwnerUnavailable {
+                        resource: resource.to_owned(),
+                        owner: inner.instance_name(target.instance),
+                        status: Status::Offline,
+                    })
+                }
+                Err(f) => Err(inner.one_attempt_error(inner.session(), target, f, (start, trace))),
             }
-            Err(f) => Err(inner.one_attempt_error(inner.session(), target, f, (start, trace))),
-        };
-        breaker::record(cfg, stats, svc, service, 1, r.as_ref().err());
-        r
+        })
     }
 
     /// Sends a call and returns at once, without waiting for its reply, so that one thread

@@ -94,6 +94,26 @@ pub(crate) fn admit(
     })
 }
 
+/// Runs `call` under the breaker: refused at once while it is open (the refusal recorded
+/// too), else run and its outcome recorded with the number of instances it reached, which
+/// `call` sets in its argument.
+pub(crate) fn guarded<T>(
+    cfg: &CircuitBreaker,
+    stats: Option<&CallerStats>,
+    svc: &ServiceEntry,
+    service: &str,
+    call: impl FnOnce(&mut usize) -> crate::error::Result<T>,
+) -> crate::error::Result<T> {
+    if let Err(e) = admit(cfg, stats, svc, service) {
+        record(cfg, stats, svc, service, 0, Some(&e));
+        return Err(e);
+    }
+    let mut attempts = 0;
+    let r = call(&mut attempts);
+    record(cfg, stats, svc, service, attempts, r.as_ref().err());
+    r
+}
+
 /// Records a call's outcome: `err` is `None` on success. `attempts` is how many instances
 /// the call was sent to.
 pub(crate) fn record(
@@ -181,6 +201,36 @@ mod tests {
         let (s, svc) = (zeroed::<CallerStats>(), zeroed::<ServiceEntry>());
         svc.member_count.store(members, Relaxed);
         (cfg, s, svc)
+    }
+
+    #[test]
+    fn guarded_runs_a_closed_breaker_s_call_records_it_and_refuses_an_open_one() {
+        let (cfg, s, svc) = three_failures(1);
+        let (s, svc) = (Some(&*s), &*svc);
+        let mut runs = 0;
+        for _ in 0..3 {
+            let r: crate::error::Result<()> = guarded(&cfg, s, svc, "s", |sent| {
+                runs += 1;
+                *sent = 2;
+                Err(timeout())
+            });
+            assert!(matches!(r, Err(Error::Timeout { .. })));
+        }
+        assert_eq!(
+            s.unwrap().retries[0].load(Relaxed),
+            3,
+            "each reached 2 instances"
+        );
+        assert_eq!(s.unwrap().breaker.load(Relaxed), BREAKER_OPEN);
+        let r = guarded(&cfg, s, svc, "s", |_| -> crate::error::Result<()> {
+            runs += 1;
+            Ok(())
+        });
+        assert!(matches!(r, Err(Error::CircuitOpen { .. })), "{r:?}");
+        assert_eq!(runs, 3, "an open breaker runs nothing");
+        let kind = |k: &str| ERROR_TYPES.iter().position(|t| *t == k).unwrap();
+        assert_eq!(s.unwrap().errors[kind("CircuitOpen")].load(Relaxed), 1);
+        assert_eq!(s.unwrap().errors[kind("Timeout")].load(Relaxed), 3);
     }
 
     fn timeout() -> Error {
