@@ -411,9 +411,9 @@ fn check_ids<'a>(ids: impl ExactSizeIterator<Item = &'a String>) -> Result<(), R
 }
 
 /// Whether an entry belongs to a bus instance (written and signed by its host's bridge),
-/// which nothing on NATS may change.
+/// which nothing on NATS may change: every entry not written through these subjects.
 fn bus_owned(o: &Owner) -> bool {
-    o.instance_id.ends_with(&format!("@{}", o.host))
+    !o.seed
 }
 
 /// A bucket entry: its owner (if it decodes) and revision.
@@ -512,6 +512,7 @@ fn entry(service: &str, instance: &str, host: &str, id: &str) -> Owner {
         sig: String::new(),
         registered_at: model::now_iso(),
         metadata: None,
+        seed: true,
     }
 }
 
@@ -654,6 +655,16 @@ fn release_one(
         Ok(None) => return Err(("404", format!("resource '{id}' is not registered"), None)),
         Err(e) => return Err(("503", e, None)),
     };
+    if bus_owned(&cur) {
+        return Err((
+            "403",
+            format!(
+                "owned by the bus instance {} (not released over NATS)",
+                cur.instance_id
+            ),
+            Some(cur.instance_id),
+        ));
+    }
     if cur.instance_id != instance {
         return Err((
             "403",

@@ -51,6 +51,10 @@ pub struct Owner {
     /// `ipc.resource.*` (not signed: shown only where no trusted hosts are configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<rmpv::Value>,
+    /// Written through `ipc.resource.*` for an AegisIPC instance on NATS (not by the
+    /// bridge of the owner's host for a bus instance).
+    #[serde(default)]
+    pub seed: bool,
 }
 
 impl Owner {
@@ -342,6 +346,7 @@ fn publish(sh: &Shared, store: &kv::Store, local: HashMap<String, (String, Strin
             sig: String::new(),
             registered_at: crate::model::now_iso(),
             metadata: None,
+            seed: false,
         };
         entry.sig = sh.trust.sign("owner", &entry.fields()).unwrap_or_default();
         let value = crate::model::encode(&entry);
