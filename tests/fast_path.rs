@@ -256,3 +256,59 @@ fn syscall_free_child() {
     );
     std::process::exit(0);
 }
+
+/// A request larger than a ring slot is read in place: the handler's `payload()` points
+/// into the caller's shared request heap (a bus memfd mapping), not into a private copy.
+#[test]
+fn a_large_request_is_read_in_place_from_shared_memory() {
+    let bus = support::TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("big", "b1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let client = bus.connect();
+    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let seen = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            inst.serve(|req, reply| {
+                let p = req.payload();
+                let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+                let at = p.as_ptr() as usize;
+                let mapping = maps
+                    .lines()
+                    .find(|l| {
+                        let range = l.split_whitespace().next().unwrap();
+                        let (a, b) = range.split_once('-').unwrap();
+                        let (a, b) = (
+                            usize::from_str_radix(a, 16).unwrap(),
+                            usize::from_str_radix(b, 16).unwrap(),
+                        );
+                        a <= at && at + p.len() <= b
+                    })
+                    .unwrap_or("")
+                    .to_owned();
+                seen.lock().unwrap().push(mapping);
+                reply.extend_from_slice(&p[p.len() - 8..]);
+                Ok(())
+            })
+            .unwrap();
+        });
+        let r = client
+            .call(
+                "big",
+                "m",
+                &payload,
+                &CallOptions::timeout(Duration::from_secs(10)),
+            )
+            .unwrap();
+        assert_eq!(r.payload, payload[payload.len() - 8..]);
+        stop.stop();
+    });
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].contains("/memfd:aegis-"),
+        "the payload is not in a bus segment: {:?}",
+        seen[0]
+    );
+}

@@ -514,7 +514,7 @@ impl InstanceInner {
             // that is not the armed call's (forged, stale): do not run it.
             return None;
         }
-        let d = Delivery {
+        let mut d = Delivery {
             client,
             mailbox: h.mailbox,
             gen: h.mailbox_gen,
@@ -526,6 +526,7 @@ impl InstanceInner {
             span_id: h.span_id,
             trace_flags: h.trace_flags,
             deadline_ns: h.deadline_ns,
+            heap_payload: None,
         };
         let shape = match request_shape(&h, t.data_len(), self.max_message) {
             Ok(s) => s,
@@ -555,20 +556,14 @@ impl InstanceInner {
         method.push_str(name);
         let ok = match shape.payload {
             PayloadAt::Inline { off, len } => t.copy_data(off, len, payload).is_some(),
-            PayloadAt::Heap { off, len } => match d.client.heap_range(off, len) {
-                Some(src) => {
-                    payload.clear();
-                    payload.reserve(len as usize);
-                    // SAFETY: `src` is `len` bytes inside the caller's heap (bounds checked);
-                    // the caller keeps the block until our reply (mailbox is TAKEN).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(src, payload.as_mut_ptr(), len as usize);
-                        payload.set_len(len as usize);
-                    }
-                    true
+            // Read in place (`Request::payload`): no copy of a large request.
+            PayloadAt::Heap { off, len } => {
+                let inside = d.client.heap_range(off, len).is_some();
+                if inside {
+                    d.heap_payload = Some((off, len));
                 }
-                None => false,
-            },
+                inside
+            }
         };
         if !ok {
             let msg = format!(
@@ -726,6 +721,9 @@ struct Delivery {
     trace_flags: u8,
     /// [`crate::shm::layout::MsgHeader::deadline_ns`].
     deadline_ns: u64,
+    /// A payload in the caller's request heap (offset, length; checked against the heap):
+    /// read there, in place.
+    heap_payload: Option<(u64, u64)>,
 }
 
 /// One serving thread's view of the ring, with buffers reused across requests.
@@ -911,8 +909,25 @@ impl Request<'_> {
     pub fn method(&self) -> &str {
         self.method
     }
+    /// The request's bytes: for a request larger than a ring slot, in place in the
+    /// caller's shared request heap (no copy), else a copy out of the slot.
     pub fn payload(&self) -> &[u8] {
-        self.payload
+        let Some((d, (off, len))) = self
+            .delivery
+            .as_ref()
+            .and_then(|d| Some((d, d.heap_payload?)))
+        else {
+            return self.payload;
+        };
+        match d.client.heap_range(off, len) {
+            // SAFETY: `len` bytes inside the caller's heap (range checked), mapped for as
+            // long as `d.client` lives, i.e. as long as `self`; the caller keeps the block
+            // allocated to this call until our reply (its mailbox is TAKEN, and quarantined
+            // with the block if it gives up). A misbehaving caller may change the bytes
+            // meanwhile, as it could before it sent them; they stay in bounds.
+            Some(p) => unsafe { std::slice::from_raw_parts(p, len as usize) },
+            None => &[],
+        }
     }
     pub fn trace_id(&self) -> u64 {
         self.delivery.as_ref().map_or(0, |d| d.trace_id)
@@ -961,7 +976,7 @@ impl Request<'_> {
     }
     /// Decodes a typed (bincode) payload; a failure is the caller's `BadRequest`.
     pub fn decode<T: DeserializeOwned>(&self) -> std::result::Result<T, ServiceError> {
-        crate::codec::decode(self.payload).map_err(|e| {
+        crate::codec::decode(self.payload()).map_err(|e| {
             ServiceError::bad_request(format!("undecodable {} request: {e}", self.method))
         })
     }
