@@ -285,6 +285,29 @@ fn an_instance_owner_cannot_open_a_caller_s_circuit_breakers() {
     );
 }
 
+/// Serves `vault` (which the attacker may not call), lets the victim call it once, then
+/// runs `attack` against its instance: the instance, the victim and the attacker's result.
+fn attack_vault(bus: &TestBus, attack: &str) -> (support::Served, Bus, Vec<(String, String)>) {
+    let v = bus.serve("vault", "v1", &[]);
+    let victim = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let mut out = Vec::new();
+    let info = victim
+        .call_into("vault", "echo", b"x", &opts, &mut out)
+        .unwrap();
+    let attacked = run_attacker(
+        bus.path(),
+        attack,
+        &format!("{}:{}", info.instance, info.incarnation),
+    );
+    assert!(
+        attacked.status.success(),
+        "attacker failed: {}",
+        String::from_utf8_lossy(&attacked.stdout)
+    );
+    (v, victim, result_of(&attacked))
+}
+
 /// Row "a uid with no call right writes its own caller stats": the attacker (who may not
 /// call `vault`) writes 10^12 errors and an open breaker for every service into the
 /// statistics memory it was given, asks the broker to count them (a `Grant` of vault's
@@ -295,24 +318,7 @@ fn a_caller_s_statistics_count_only_for_services_it_may_call() {
     let Some((bus, http)) = policed_bus() else {
         return;
     };
-    let _v = bus.serve("vault", "v1", &[]);
-    let victim = bus.connect();
-    let opts = CallOptions::timeout(Duration::from_secs(5));
-    let mut out = Vec::new();
-    let info = victim
-        .call_into("vault", "echo", b"x", &opts, &mut out)
-        .unwrap();
-    let out = run_attacker(
-        bus.path(),
-        "own-stats",
-        &format!("{}:{}", info.instance, info.incarnation),
-    );
-    assert!(
-        out.status.success(),
-        "attacker failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let r = result_of(&out);
+    let (_v, victim, r) = attack_vault(&bus, "own-stats");
     assert!(
         value(&r, "written").parse::<u32>().unwrap() > 0,
         "the attacker found its statistics to write: {r:?}"
@@ -344,24 +350,9 @@ fn a_caller_without_call_rights_cannot_report_an_instance_unhealthy() {
     let Some((bus, _)) = policed_bus() else {
         return;
     };
-    let _v = bus.serve("vault", "v1", &[]);
-    let victim = bus.connect();
+    let (_v, victim, r) = attack_vault(&bus, "report");
     let opts = CallOptions::timeout(Duration::from_secs(5));
     let mut out = Vec::new();
-    let info = victim
-        .call_into("vault", "echo", b"x", &opts, &mut out)
-        .unwrap();
-    let attacked = run_attacker(
-        bus.path(),
-        "report",
-        &format!("{}:{}", info.instance, info.incarnation),
-    );
-    assert!(
-        attacked.status.success(),
-        "attacker failed: {}",
-        String::from_utf8_lossy(&attacked.stdout)
-    );
-    let r = result_of(&attacked);
     assert_eq!(value(&r, "report"), "refused", "{r:?}");
     assert_eq!(value(&r, "open"), "refused", "{r:?}");
     let svc = victim.service("vault").unwrap();
