@@ -149,6 +149,12 @@ fn a_callers_circuit_breaker_opens_on_failures_fails_fast_and_closes_on_recovery
         ..Default::default()
     };
     client.call("brittle", "m", b"x", &quick).unwrap();
+    // Every connected caller's breaker is counted, ours (closed) among them.
+    let mut closed_before = 0.0;
+    support::wait_for("our closed breaker in /metrics", || {
+        closed_before = breaker_gauge(&addr, "brittle", "closed");
+        closed_before >= 1.0
+    });
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGSTOP) };
     support::wait_for("the instance to stop", || support::is_stopped(inst.pid()));
@@ -176,6 +182,11 @@ fn a_callers_circuit_breaker_opens_on_failures_fails_fast_and_closes_on_recovery
     support::wait_for("the open breaker in /metrics", || {
         breaker_gauge(&addr, "brittle", "open") == 1.0
     });
+    assert_eq!(
+        breaker_gauge(&addr, "brittle", "closed"),
+        closed_before - 1.0,
+        "ours moved from closed to open"
+    );
     let svc = client.service("brittle").unwrap();
     assert_eq!(svc.circuit_breaker.open, 1);
     let (_, body) = get(&addr, "/api/v1/admin/services/brittle");

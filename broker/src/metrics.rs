@@ -495,6 +495,30 @@ mod tests {
     }
 
     #[test]
+    fn nanosecond_histograms_are_shown_in_seconds() {
+        let h = Histogram::default();
+        h.observe(3_000); // under the first bound, 5 µs
+        h.observe(1_500_000); // 1.5 ms: in the 2.5 ms bucket
+        let mut out = String::new();
+        seconds_histogram(&mut out, "d", "", &h);
+        let line = |prefix: &str| {
+            out.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {out}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(line("d_bucket{le=\"0.000005\"}"), "1");
+        assert_eq!(line("d_bucket{le=\"0.001\"}"), "1");
+        assert_eq!(line("d_bucket{le=\"0.0025\"}"), "2");
+        assert_eq!(line("d_bucket{le=\"+Inf\"}"), "2");
+        assert_eq!(line("d_sum"), "0.001503");
+        assert_eq!(line("d_count"), "2");
+    }
+
+    #[test]
     fn departed_callers_are_summed_per_service_with_saturation() {
         let mut c = Counters::default();
         let mut t = CallerTotals::default();
