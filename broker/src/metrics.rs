@@ -546,6 +546,8 @@ mod tests {
         c.transition("i", Status::Online, Status::Offline, "connection closed");
         c.transition("i", Status::Online, Status::Unhealthy, "a caller said so");
         c.transition("i", Status::Online, Status::Offline, "unregistered");
+        c.transition("j", Status::Online, Status::Offline, "unregistered");
+        c.transition("j", Status::Unhealthy, Status::Online, "progress again");
         let f = |why| c.healthcheck_failures.get(&("i".to_owned(), why)).copied();
         assert_eq!(f("no_progress"), Some(1));
         assert_eq!(f("process_exited"), Some(1));
@@ -556,6 +558,7 @@ mod tests {
             4,
             "an unregistration is no failure"
         );
+        assert!(c.healthcheck_failures.keys().all(|(id, _)| id == "i"));
         let key = ("i".to_owned(), "Online".to_owned(), "Offline".to_owned());
         assert_eq!(c.transitions[&key], 3);
     }
