@@ -445,6 +445,78 @@ mod tests {
         assert!(complete(m, 9, 99, &AtomicU32::new(0)));
         assert_eq!(t.join().unwrap(), Wait::Ready);
     }
+
+    /// The caller's sleep re-checks only every 30 s here: the reply's futex wake, not a
+    /// re-check, must end it (a lost wake-up fails this instead of costing 5 ms).
+    #[test]
+    fn a_reply_wakes_its_sleeping_caller_without_a_recheck() {
+        let m: &'static MailboxHeader = Box::leak(mb());
+        arm(m, 4, 44);
+        assert!(take(m, 4, 44));
+        let t = std::thread::spawn(move || {
+            crate::channel::wait::RECHECK_FOR_TESTS.set(Some(Duration::from_secs(30)));
+            let mut w = Waiter::new(
+                crate::channel::wait::Spin::Fixed(Duration::ZERO),
+                Default::default(),
+                crate::channel::wait::Seats::none(),
+            );
+            let start = Instant::now();
+            let r = wait_ready(m, 4, &mut w, start + Duration::from_secs(60), || {
+                Target::Alive
+            });
+            (r, start.elapsed())
+        });
+        let end = Instant::now() + Duration::from_secs(10);
+        while m.state.load(Ordering::Relaxed) & WAITER == 0 {
+            assert!(Instant::now() < end, "the caller never went to sleep");
+            std::thread::yield_now();
+        }
+        assert!(complete(m, 4, 44, &AtomicU32::new(0)));
+        let (r, waited) = t.join().unwrap();
+        assert_eq!(r, Wait::Ready);
+        assert!(
+            waited < Duration::from_secs(10),
+            "woken only by a re-check: {waited:?}"
+        );
+    }
+
+    /// A caller waiting for a request the instance is running sleeps: 300 ms of waiting
+    /// costs its thread a few milliseconds of CPU, not 300 (a loop that polls instead of
+    /// sleeping on the futex, or a futex wait on a value the word no longer has, fails it).
+    #[test]
+    fn a_caller_waiting_for_a_running_request_sleeps() {
+        let m = mb();
+        arm(&m, 6, 66);
+        assert!(take(&m, 6, 66));
+        let mut w = Waiter::new(
+            crate::channel::wait::Spin::Fixed(Duration::ZERO),
+            Default::default(),
+            crate::channel::wait::Seats::none(),
+        );
+        let cpu = || {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes one timespec we own.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        };
+        let before = cpu();
+        let r = wait_ready(
+            &m,
+            6,
+            &mut w,
+            Instant::now() + Duration::from_millis(300),
+            || Target::Alive,
+        );
+        let used = cpu() - before;
+        assert_eq!(r, Wait::TimedOut);
+        assert!(
+            used < Duration::from_millis(100),
+            "{used:?} of CPU while waiting 300 ms"
+        );
+    }
 }
 
 /// Model check of the cancel/take race: exactly one side wins, and a reply is published

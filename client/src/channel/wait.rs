@@ -690,11 +690,23 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// A unit test's [`recheck`] period for its own thread (a lost wake-up then costs that
+    /// long instead of a few milliseconds).
+    pub(crate) static RECHECK_FOR_TESTS: std::cell::Cell<Option<Duration>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// The period after which a sleeper re-checks its condition without having been woken
 /// (`default`). With the `test-hooks` feature, `AEGIS_TEST_RECHECK_MS` replaces every such
 /// period, so a test can make a lost wake-up cost that long (and fail) instead of the few
 /// milliseconds a re-check normally hides it behind.
 pub fn recheck(default: Duration) -> Duration {
+    #[cfg(test)]
+    if let Some(d) = RECHECK_FOR_TESTS.with(std::cell::Cell::get) {
+        return d;
+    }
     #[cfg(feature = "test-hooks")]
     {
         static OVERRIDE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
