@@ -673,6 +673,53 @@ mod tests {
     }
 
     #[test]
+    fn each_slot_s_data_is_its_own_and_inside_the_ring() {
+        const COUNT: u32 = 4;
+        let (s, mut w, stride) = make(COUNT, 64);
+        // Canary: every byte from the end of the slots to the end of the buffer.
+        let p = w.as_mut_ptr() as *mut u8;
+        let start = p.align_offset(64) + stride * COUNT as usize;
+        let total = w.len() * 8;
+        // SAFETY: `start..total` is inside the buffer (`make` leaves 64 bytes of slack,
+        // the alignment takes at most 63).
+        unsafe { std::ptr::write_bytes(p.add(start), 0xAA, total - start) };
+        let r = ring(&s, &mut w, stride, COUNT);
+        for lap in 0..3u64 {
+            // A full lap in flight at once: every slot holds its own message.
+            let claims: Vec<_> = (0..COUNT as u64)
+                .map(|k| {
+                    let mut c = r.try_claim(1).unwrap();
+                    let pos = c.position();
+                    assert_eq!(pos, lap * COUNT as u64 + k);
+                    c.data().fill(pos as u8 + 1);
+                    c.set_header(MsgHeader {
+                        trace_id: pos,
+                        ..Default::default()
+                    });
+                    c
+                })
+                .collect();
+            for c in claims {
+                c.publish().unwrap();
+            }
+            for _ in 0..COUNT {
+                let t = r.try_pop().unwrap();
+                let pos = t.header().trace_id;
+                let mut out = Vec::new();
+                t.copy_data(0, 64, &mut out).unwrap();
+                assert_eq!(out, vec![pos as u8 + 1; 64], "message {pos}'s data");
+            }
+        }
+        drop(r);
+        // SAFETY: as above; the ring is gone, nothing writes the buffer.
+        let tail = unsafe { std::slice::from_raw_parts(p.add(start), total - start) };
+        assert!(
+            tail.iter().all(|&b| b == 0xAA),
+            "a slot wrote past the ring"
+        );
+    }
+
+    #[test]
     fn notify_rings_only_for_a_sleeper_and_wakes_it() {
         use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
         let (s, mut w, stride) = make(4, 64);
