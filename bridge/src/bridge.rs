@@ -653,11 +653,11 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
             model::RegistrationReply::ok(&service, &id)
         };
     }
+    let aegis = meta.get(model::META_BRIDGE).and_then(|v| v.as_str()) == Some("aegis-bridge");
     if !sh.imports(&service) {
-        if let Some(existing) = sh
-            .state
-            .lock()
-            .unwrap()
+        // Only remembered (for `ipc.resource.*`), never stood in for.
+        let mut st = sh.state.lock().unwrap();
+        if let Some(existing) = st
             .seen
             .get(&id)
             .filter(|e| alive && (e.host != host || e.service != service))
@@ -665,9 +665,16 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
             return registered_elsewhere(existing, &service, &id);
         }
         if alive {
-            remember(sh, &id, &service, &host, &meta);
+            let r = Remote {
+                service: service.clone(),
+                host,
+                metadata: Vec::new(),
+                last_seen: Instant::now(),
+                aegis,
+            };
+            remember_in(&mut st, &id, &r);
         } else {
-            forget(&mut sh.state.lock().unwrap(), &id);
+            forget(&mut st, &id);
         }
         return model::RegistrationReply::ok(&service, &id);
     }
@@ -696,7 +703,6 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
             );
         }
     }
-    let aegis = meta.get(model::META_BRIDGE).and_then(|v| v.as_str()) == Some("aegis-bridge");
     let mut st = sh.state.lock().unwrap();
     if let Some(existing) = st
         .directory
@@ -750,24 +756,6 @@ fn metadata_text(meta: &std::collections::BTreeMap<String, rmpv::Value>) -> Vec<
         .collect()
 }
 
-/// Records an announcement of a service this bridge does not import in [`State::seen`].
-fn remember(
-    sh: &Shared,
-    id: &str,
-    service: &str,
-    host: &str,
-    meta: &std::collections::BTreeMap<String, rmpv::Value>,
-) {
-    let r = Remote {
-        service: service.to_owned(),
-        host: host.to_owned(),
-        metadata: Vec::new(),
-        last_seen: Instant::now(),
-        aegis: meta.get(model::META_BRIDGE).and_then(|v| v.as_str()) == Some("aegis-bridge"),
-    };
-    remember_in(&mut sh.state.lock().unwrap(), id, &r);
-}
-
 /// An instance unregistered: an AegisIPC one's resource ids are to be released.
 fn forget(st: &mut State, id: &str) {
     if let Some(r) = st.seen.remove(id) {
@@ -777,6 +765,8 @@ fn forget(st: &mut State, id: &str) {
     }
 }
 
+/// Records an announced instance in [`State::seen`] (without its metadata), within
+/// [`MAX_SEEN`].
 fn remember_in(st: &mut State, id: &str, r: &Remote) {
     if st.seen.len() < MAX_SEEN || st.seen.contains_key(id) {
         let mut r = r.clone();

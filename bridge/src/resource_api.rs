@@ -426,14 +426,81 @@ fn read(sh: &Shared, store: &kv::Store, id: &str) -> Result<Option<(Owner, u64)>
         .and_then(|e| Some((model::decode::<Owner>(&e.value).ok()?, e.revision))))
 }
 
+/// Why one id of a request was not done: the seed's code (409, 403, 404, 503), the
+/// reason, and the id's current owner where that is the reason.
+struct Denied {
+    code: u16,
+    reason: String,
+    owner: Option<String>,
+}
+
+fn denied(code: u16, reason: impl Into<String>, owner: Option<String>) -> Denied {
+    Denied {
+        code,
+        reason: reason.into(),
+        owner,
+    }
+}
+
+impl Denied {
+    /// As a bulk answer lists it.
+    fn failure(self, id: &str) -> Failure {
+        Failure {
+            resource_id: id.to_owned(),
+            reason: self.reason,
+            current_owner: self.owner,
+            error_code: self.code.to_string(),
+        }
+    }
+}
+
+/// The outcome of a revision-checked bucket write: a write that lost to another one is a
+/// 409, no answer from NATS a 503.
+fn written<T>(
+    r: Option<Result<T, impl std::fmt::Display>>,
+    owner: Option<String>,
+) -> Result<T, Denied> {
+    match r {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(denied(409, format!("changed meanwhile: {e}"), owner)),
+        None => Err(denied(503, "no answer from NATS", owner)),
+    }
+}
+
+/// The entry of `id` and its revision, to change over NATS: refused if nobody owns it or
+/// a bus instance does (`verb`: what would have been done to it).
+fn seed_entry(
+    sh: &Shared,
+    store: &kv::Store,
+    id: &str,
+    verb: &str,
+) -> Result<(Owner, u64), Denied> {
+    match read(sh, store, id) {
+        Ok(Some((cur, _))) if bus_owned(&cur) => Err(denied(
+            403,
+            format!(
+                "owned by the bus instance {} (not {verb} over NATS)",
+                cur.instance_id
+            ),
+            Some(cur.instance_id),
+        )),
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err(denied(
+            404,
+            format!("resource '{id}' is not registered"),
+            None,
+        )),
+        Err(e) => Err(denied(503, e, None)),
+    }
+}
+
 /// What a claim of one id did.
 enum Claim {
     /// Written by this request (revision; the previous entry, to undo a forced one).
     Written(u64, Option<Owner>),
     /// The instance owned it already.
     Already,
-    /// Refused: (code, reason, current owner).
-    Refused(&'static str, String, Option<String>),
+    Refused(Denied),
 }
 
 fn claim_one(sh: &Shared, store: &kv::Store, entry: &Owner, force: bool) -> Claim {
@@ -443,18 +510,18 @@ fn claim_one(sh: &Shared, store: &kv::Store, entry: &Owner, force: bool) -> Clai
         "claiming a resource",
         store.create(&k, value.clone().into()),
     ) {
-        None => return Claim::Refused("503", "no answer from NATS".into(), None),
+        None => return Claim::Refused(denied(503, "no answer from NATS", None)),
         Some(Ok(rev)) => return Claim::Written(rev, None),
         Some(Err(e)) if e.kind() != kv::CreateErrorKind::AlreadyExists => {
-            return Claim::Refused("503", e.to_string(), None)
+            return Claim::Refused(denied(503, e.to_string(), None))
         }
         Some(Err(_)) => {}
     }
     let (cur, rev) = match read(sh, store, &entry.resource_id) {
         Ok(Some(c)) => c,
         // Deleted meanwhile: the caller may ask again.
-        Ok(None) => return Claim::Refused("409", "released meanwhile: try again".into(), None),
-        Err(e) => return Claim::Refused("503", e, None),
+        Ok(None) => return Claim::Refused(denied(409, "released meanwhile: try again", None)),
+        Err(e) => return Claim::Refused(denied(503, e, None)),
     };
     if cur.instance_id == entry.instance_id {
         return Claim::Already;
@@ -469,15 +536,15 @@ fn claim_one(sh: &Shared, store: &kv::Store, entry: &Owner, force: bool) -> Clai
         } else {
             format!("owned by {}", cur.instance_id)
         };
-        return Claim::Refused("409", why, owner);
+        return Claim::Refused(denied(409, why, owner));
     }
-    match sh.wait(
+    let taken = sh.wait(
         "taking a resource over",
         store.update(&k, value.into(), rev),
-    ) {
-        Some(Ok(rev)) => Claim::Written(rev, Some(cur)),
-        Some(Err(e)) => Claim::Refused("409", format!("changed meanwhile: {e}"), owner),
-        None => Claim::Refused("503", "no answer from NATS".into(), owner),
+    );
+    match written(taken, owner) {
+        Ok(rev) => Claim::Written(rev, Some(cur)),
+        Err(d) => Claim::Refused(d),
     }
 }
 
@@ -517,8 +584,13 @@ fn entry(service: &str, instance: &str, host: &str, id: &str) -> Owner {
 }
 
 /// The status of a whole answer: 200, or the first failure's code.
-fn status(first_failure: Option<&str>) -> u16 {
-    first_failure.and_then(|c| c.parse().ok()).unwrap_or(200)
+fn status(first_failure: Option<u16>) -> u16 {
+    first_failure.unwrap_or(200)
+}
+
+/// [`status`] of a bulk answer.
+fn bulk_status(failed: &[Failure]) -> u16 {
+    status(failed.first().and_then(|f| f.error_code.parse().ok()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -534,9 +606,9 @@ fn register(sh: &Arc<Shared>, r: RegisterRequest) -> Result<Vec<u8>, Refusal> {
         e.metadata = r.metadata.get(id).cloned();
         match claim_one(sh, &store, &e, r.force) {
             Claim::Written(..) | Claim::Already => registered.push(id.clone()),
-            Claim::Refused(code, why, owner) => {
-                first.get_or_insert(code);
-                conflicts.insert(id.clone(), owner.unwrap_or(why));
+            Claim::Refused(d) => {
+                first.get_or_insert(d.code);
+                conflicts.insert(id.clone(), d.owner.unwrap_or(d.reason));
             }
         }
     }
@@ -608,14 +680,7 @@ fn bulk_register(sh: &Arc<Shared>, r: BulkRegisterRequest) -> Result<Vec<u8>, Re
             match claim_one(sh, &store, &e, item.force) {
                 Claim::Written(rev, prev) => written.push((item.resource_id.clone(), rev, prev)),
                 Claim::Already => {}
-                Claim::Refused(code, reason, current_owner) => {
-                    return Err(Failure {
-                        resource_id: item.resource_id.clone(),
-                        reason,
-                        current_owner,
-                        error_code: code.to_owned(),
-                    })
-                }
+                Claim::Refused(d) => return Err(d.failure(&item.resource_id)),
             }
             registered.push(item.resource_id.clone());
             Ok(())
@@ -629,10 +694,9 @@ fn bulk_register(sh: &Arc<Shared>, r: BulkRegisterRequest) -> Result<Vec<u8>, Re
         registered.clear();
     }
     sh.poke();
-    let first = failed.first().map(|f| f.error_code.clone());
     Ok(model::encode(&BulkRegisterResponse {
         success: failed.is_empty(),
-        status_code: status(first.as_deref()),
+        status_code: bulk_status(&failed),
         total_requested: r.resources.len(),
         total_registered: registered.len(),
         registered,
@@ -643,43 +707,23 @@ fn bulk_register(sh: &Arc<Shared>, r: BulkRegisterRequest) -> Result<Vec<u8>, Re
     }))
 }
 
-/// Releases one id the instance owns: Ok, or (code, reason, current owner).
-fn release_one(
-    sh: &Shared,
-    store: &kv::Store,
-    instance: &str,
-    id: &str,
-) -> Result<(), (&'static str, String, Option<String>)> {
-    let (cur, rev) = match read(sh, store, id) {
-        Ok(Some(c)) => c,
-        Ok(None) => return Err(("404", format!("resource '{id}' is not registered"), None)),
-        Err(e) => return Err(("503", e, None)),
-    };
-    if bus_owned(&cur) {
-        return Err((
-            "403",
-            format!(
-                "owned by the bus instance {} (not released over NATS)",
-                cur.instance_id
-            ),
-            Some(cur.instance_id),
-        ));
-    }
+/// Releases one id the instance owns.
+fn release_one(sh: &Shared, store: &kv::Store, instance: &str, id: &str) -> Result<(), Denied> {
+    let (cur, rev) = seed_entry(sh, store, id, "released")?;
     if cur.instance_id != instance {
-        return Err((
-            "403",
+        return Err(denied(
+            403,
             format!("owned by {}, not {instance}", cur.instance_id),
             Some(cur.instance_id),
         ));
     }
-    match sh.wait(
-        "releasing a resource",
-        store.delete_expect_revision(key(id), Some(rev)),
-    ) {
-        Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(("409", format!("changed meanwhile: {e}"), None)),
-        None => Err(("503", "no answer from NATS".into(), None)),
-    }
+    written(
+        sh.wait(
+            "releasing a resource",
+            store.delete_expect_revision(key(id), Some(rev)),
+        ),
+        None,
+    )
 }
 
 fn release(sh: &Arc<Shared>, r: ReleaseRequest) -> Result<Vec<u8>, Refusal> {
@@ -690,9 +734,9 @@ fn release(sh: &Arc<Shared>, r: ReleaseRequest) -> Result<Vec<u8>, Refusal> {
     for id in &r.resource_ids {
         match release_one(sh, &store, &r.instance_id, id) {
             Ok(()) => released.push(id.clone()),
-            Err((code, why, _)) => {
-                first.get_or_insert(code);
-                failed.insert(id.clone(), why);
+            Err(d) => {
+                first.get_or_insert(d.code);
+                failed.insert(id.clone(), d.reason);
             }
         }
     }
@@ -713,22 +757,14 @@ fn bulk_release(sh: &Arc<Shared>, r: BulkReleaseRequest) -> Result<Vec<u8>, Refu
     let mut released = Vec::new();
     let (failed, batches, _) =
         in_batches(&r.resource_ids, r.batch_size, r.continue_on_error, |id| {
-            release_one(sh, &store, &r.instance_id, id).map_err(
-                |(code, reason, current_owner)| Failure {
-                    resource_id: id.clone(),
-                    reason,
-                    current_owner,
-                    error_code: code.to_owned(),
-                },
-            )?;
+            release_one(sh, &store, &r.instance_id, id).map_err(|d| d.failure(id))?;
             released.push(id.clone());
             Ok(())
         });
     sh.poke();
-    let first = failed.first().map(|f| f.error_code.clone());
     Ok(model::encode(&BulkReleaseResponse {
         success: failed.is_empty(),
-        status_code: status(first.as_deref()),
+        status_code: bulk_status(&failed),
         total_requested: r.resource_ids.len(),
         total_released: released.len(),
         released,
@@ -752,43 +788,37 @@ fn transfer(sh: &Arc<Shared>, r: TransferRequest) -> Result<Vec<u8>, Refusal> {
     );
     let (mut transferred, mut failed, mut first) = (Vec::new(), BTreeMap::new(), None);
     for id in &r.resource_ids {
-        let outcome = match read(sh, &store, id) {
-            Ok(None) => Err(("404", format!("resource '{id}' is not registered"))),
-            Err(e) => Err(("503", e)),
-            Ok(Some((cur, _))) if bus_owned(&cur) => Err((
-                "403",
-                format!(
-                    "owned by the bus instance {} (not moved over NATS)",
-                    cur.instance_id
-                ),
-            )),
-            Ok(Some((cur, _))) if cur.service != r.service_name => {
-                Err(("403", format!("belongs to service '{}'", cur.service)))
+        let outcome = seed_entry(sh, &store, id, "moved").and_then(|(cur, rev)| {
+            if cur.service != r.service_name {
+                return Err(denied(
+                    403,
+                    format!("belongs to service '{}'", cur.service),
+                    None,
+                ));
             }
-            Ok(Some((cur, _))) if r.verify_ownership && cur.instance_id != r.from_instance_id => {
-                Err((
-                    "403",
+            if r.verify_ownership && cur.instance_id != r.from_instance_id {
+                return Err(denied(
+                    403,
                     format!("owned by {}, not {}", cur.instance_id, r.from_instance_id),
-                ))
+                    None,
+                ));
             }
-            Ok(Some((cur, rev))) => {
-                let mut e = entry(&r.service_name, &r.to_instance_id, &host, id);
-                e.metadata = cur.metadata;
-                match sh.wait(
+            let mut e = entry(&r.service_name, &r.to_instance_id, &host, id);
+            e.metadata = cur.metadata;
+            written(
+                sh.wait(
                     "transferring a resource",
                     store.update(key(id), model::encode(&e).into(), rev),
-                ) {
-                    Some(Ok(_)) => Ok(()),
-                    Some(Err(e)) => Err(("409", format!("changed meanwhile: {e}"))),
-                    None => Err(("503", "no answer from NATS".into())),
-                }
-            }
-        };
+                ),
+                None,
+            )
+            .map(drop)
+        });
         match outcome {
             Ok(()) => transferred.push(id.clone()),
-            Err((code, why)) => {
-                first.get_or_insert(code);
-                failed.insert(id.clone(), why);
+            Err(d) => {
+                first.get_or_insert(d.code);
+                failed.insert(id.clone(), d.reason);
             }
         }
     }

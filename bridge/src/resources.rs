@@ -58,7 +58,7 @@ pub struct Owner {
 }
 
 impl Owner {
-    pub fn fields(&self) -> [&str; 4] {
+    fn fields(&self) -> [&str; 4] {
         [
             &self.resource_id,
             &self.host,
@@ -68,7 +68,7 @@ impl Owner {
     }
     /// Whether this entry may be believed: always without trusted hosts; with them, only
     /// when signed by the host it names, for an instance of that host.
-    pub fn believed(&self, sh: &Shared) -> bool {
+    fn believed(&self, sh: &Shared) -> bool {
         !sh.trust.checking()
             || (self.instance_id.ends_with(&format!("@{}", self.host))
                 && sh
