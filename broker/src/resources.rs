@@ -696,17 +696,9 @@ impl State {
                     .collect::<HashSet<u32>>()
             })
             .filter(|v| v.len() < self.services.iter().flatten().count());
-        let limit = match q.limit {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        } as usize;
+        let limit = page_limit(q);
         let ids: HashSet<&str> = q.ids.iter().map(String::as_str).collect();
-        let unfiltered = visible.is_none()
-            && ids.is_empty()
-            && q.service.is_none()
-            && q.instance.is_none()
-            && q.resource_type.is_none()
-            && q.tags.is_empty();
+        let unfiltered = visible.is_none() && filters_nothing(q);
         let keep = |(id, r): &(&String, &ResourceRec)| {
             self.resource_matches(q, &ids, visible.as_ref(), id, r)
         };
@@ -806,6 +798,7 @@ impl State {
         page: &mut Vec<String>,
         limit: usize,
     ) -> Option<String> {
+        // `stepwise_resources` walks only queries naming no ids.
         let none = HashSet::new();
         let range = (from.clone(), std::ops::Bound::Unbounded);
         for (n, (id, r)) in self.resources.by_id.range(range).enumerate() {
@@ -888,6 +881,24 @@ impl State {
     }
 }
 
+/// The page size a query asks for, within bounds.
+fn page_limit(q: &ResourceQuery) -> usize {
+    let n = match q.limit {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    n as usize
+}
+
+/// Whether a query lists every resource (no ids, service, instance, type or tag).
+fn filters_nothing(q: &ResourceQuery) -> bool {
+    q.ids.is_empty()
+        && q.service.is_none()
+        && q.instance.is_none()
+        && q.resource_type.is_none()
+        && q.tags.is_empty()
+}
+
 /// The admin API's resource listing (all services: an authenticated administrator), read
 /// in steps of at most [`STEP`] map entries with the state lock released between them:
 /// a listing filtered by type or tags over 100,000 resources, or paged deep, never holds
@@ -898,18 +909,11 @@ pub(crate) fn stepwise_resources(
     state: &parking_lot::Mutex<State>,
     q: &ResourceQuery,
 ) -> ResourcePage {
-    let unfiltered = q.ids.is_empty()
-        && q.service.is_none()
-        && q.instance.is_none()
-        && q.resource_type.is_none()
-        && q.tags.is_empty();
-    if unfiltered && (q.offset as usize) < STEP {
+    // Named ids are looked up one by one, never walked.
+    if (filters_nothing(q) && (q.offset as usize) < STEP) || !q.ids.is_empty() {
         return state.lock().query_resources(q, None);
     }
-    let limit = match q.limit {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    } as usize;
+    let limit = page_limit(q);
     let (mut from, mut matched, mut page) = (std::ops::Bound::Unbounded, 0u64, Vec::new());
     loop {
         let st = state.lock();
