@@ -212,11 +212,14 @@ struct FloorMap(*mut u8);
 
 impl FloorMap {
     fn map(fd: i32) -> FloorMap {
-        // SAFETY: maps FLOOR_SIZE bytes of a memfd at least that long, shared.
+        FloorMap::map_len(fd, FLOOR_SIZE)
+    }
+    fn map_len(fd: i32, len: usize) -> FloorMap {
+        // SAFETY: maps `len` bytes of a memfd at least that long, shared.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                FLOOR_SIZE,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd,
@@ -262,6 +265,159 @@ fn floor_post(word: &std::sync::atomic::AtomicU32, v: u32, futex: bool) {
     word.store(v, std::sync::atomic::Ordering::Release);
     if futex {
         let _ = aegis_client::sys::futex_wake(word, 1);
+    }
+}
+
+/// The large-payload floor's layout: the two sequence words and a stop word, then the
+/// request and the reply, each `len` bytes, from the second page on.
+const BIG_STOP: usize = 128;
+const BIG_REQ: usize = 4096;
+
+/// The large-payload floor's partner: reads every byte of each request once and writes it
+/// once into the reply (a copy inside the shared mapping), as a handler answering with a
+/// loaned reply does.
+fn big_floor_partner(len: usize, fd: i32) {
+    let m = FloorMap::map_len(fd, BIG_REQ + 2 * len);
+    let mut n = 1u32;
+    loop {
+        floor_wait(m.word(FLOOR_PING), n, false);
+        if m.word(BIG_STOP).load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            return;
+        }
+        // SAFETY: both areas are `len` bytes inside the mapping and do not overlap; the
+        // ping-pong gives this side the request and the reply until it posts.
+        unsafe { std::ptr::copy_nonoverlapping(m.0.add(BIG_REQ), m.0.add(BIG_REQ + len), len) };
+        floor_post(m.word(FLOOR_PONG), n, false);
+        n = n.wrapping_add(1);
+    }
+}
+
+/// The write-once floor of a `len`-byte round trip: the caller writes every byte of the
+/// request into shared memory once, the partner reads it once and writes the reply once,
+/// the caller reads (checks) every byte of the reply once; both sides spin. A zero-copy
+/// call doing the same work (`loan_all_*`) cannot beat it.
+fn big_floor(c: &mut Criterion, len: usize) {
+    use std::os::fd::AsRawFd;
+    let size = BIG_REQ + 2 * len;
+    let fd = aegis_client::sys::memfd("aegis-bench-floor", size as u64).unwrap();
+    // SAFETY: fcntl on a descriptor we own (the partner inherits it across exec).
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
+    let mut partner = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(FLOOR_ENV, format!("big:{len}"))
+        .env(FLOOR_FD_ENV, fd.as_raw_fd().to_string())
+        .spawn()
+        .unwrap();
+    let m = FloorMap::map_len(fd.as_raw_fd(), size);
+    let pattern = big_pattern(len);
+    let mut n = 0u32;
+    let mut ok = true;
+    let mut round_trip = || {
+        n = n.wrapping_add(1);
+        m.put(BIG_REQ, &pattern);
+        floor_post(m.word(FLOOR_PING), n, false);
+        floor_wait(m.word(FLOOR_PONG), n, false);
+        // SAFETY: the reply area, `len` bytes inside the mapping, ours until the next post.
+        let reply = unsafe { std::slice::from_raw_parts(m.0.add(BIG_REQ + len), len) };
+        ok &= reply == &pattern[..];
+    };
+    for _ in 0..20 {
+        round_trip();
+    }
+    let name = format!("call_rtt/floor_write_once_{}", size_name(len));
+    let mut h = hist();
+    c.bench_function(&name, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let t = Instant::now();
+                round_trip();
+                let _ = h.record(t.elapsed().as_nanos() as u64);
+            }
+            start.elapsed()
+        })
+    });
+    assert!(ok, "the floor's replies did not match");
+    m.word(BIG_STOP)
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    floor_post(m.word(FLOOR_PING), n.wrapping_add(1), false);
+    let _ = partner.wait();
+    record(&name, h);
+}
+
+fn big_pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+fn size_name(len: usize) -> String {
+    format!("{}MiB", len >> 20)
+}
+
+/// Loaned calls of `len` bytes, both sides spinning, against an instance answering with a
+/// loaned reply (`aegisctl serve --loan`). With `all`, as the write-once floor: every byte
+/// of the request written, copied into the reply by the handler, and checked by the
+/// caller. Without, the transport's own cost: only the first and last page are written
+/// and checked on each side (`--touch-ends`).
+fn bench_loan(c: &mut Criterion, len: usize, all: bool) {
+    let bus = support::TestBus::start();
+    let mut args = vec!["--spin-us", "10000000", "--loan"];
+    if !all {
+        args.push("--touch-ends");
+    }
+    let _inst = bus.serve("zc", "zc-1", &args);
+    let client = bus.connect();
+    let opts = CallOptions {
+        spin: Some(aegis_client::Spin::Fixed(Duration::from_secs(10))),
+        ..CallOptions::timeout(Duration::from_secs(5))
+    };
+    let pattern = big_pattern(len);
+    let page = 4096.min(len);
+    let mut ok = true;
+    let mut call = |seq: u8| {
+        let mut loan = client.loan(len).unwrap();
+        if all {
+            loan.copy_from_slice(&pattern);
+        } else {
+            loan[..page].fill(seq);
+            loan[len - page..].fill(seq);
+        }
+        let r = client.call_loan("zc", "echo", loan, &opts).unwrap();
+        ok &= if all {
+            r[..] == pattern[..]
+        } else {
+            r[..page].iter().chain(&r[len - page..]).all(|&b| b == seq)
+        };
+    };
+    for i in 0..20 {
+        call(i);
+    }
+    let name = format!(
+        "call_rtt/loan_{}_{}",
+        if all { "all" } else { "ends" },
+        size_name(len)
+    );
+    let mut h = hist();
+    let mut seq = 0u8;
+    c.bench_function(&name, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                seq = seq.wrapping_add(1);
+                let t = Instant::now();
+                call(seq);
+                let _ = h.record(t.elapsed().as_nanos() as u64);
+            }
+            start.elapsed()
+        })
+    });
+    assert!(ok, "a loaned reply did not match");
+    record(&name, h);
+}
+
+fn loans(c: &mut Criterion) {
+    for len in [1 << 20, 16 << 20] {
+        big_floor(c, len);
+        bench_loan(c, len, true);
+        bench_loan(c, len, false);
     }
 }
 
@@ -409,6 +565,7 @@ fn paced_config() -> Criterion {
 
 criterion_group! { name = benches; config = config(); targets = uds_baseline, floor_spin, floor_futex, spin_mode, blocking_mode, default_mode, c_abi_default }
 criterion_group! { name = paced; config = paced_config(); targets = seed_baseline }
+criterion_group! { name = large; config = paced_config(); targets = loans }
 
 fn main() {
     if let Ok(path) = std::env::var(UDS_SERVER_ENV) {
@@ -416,11 +573,16 @@ fn main() {
         return;
     }
     if let (Ok(kind), Ok(fd)) = (std::env::var(FLOOR_ENV), std::env::var(FLOOR_FD_ENV)) {
+        if let Some(len) = kind.strip_prefix("big:") {
+            big_floor_partner(len.parse().unwrap(), fd.parse().unwrap());
+            return;
+        }
         floor_partner(&kind, fd.parse().unwrap());
         return;
     }
     benches();
     paced();
+    large();
     Criterion::default().configure_from_args().final_summary();
     let results = RESULTS.lock().unwrap();
     let base = results
@@ -433,7 +595,7 @@ fn main() {
             .find(|(n, _)| n.ends_with(suffix))
             .map(|(_, h)| h.value_at_quantile(0.5) as f64)
     };
-    println!("\ncall_rtt summary (1 KiB request + 1 KiB reply, round trip, µs):");
+    println!("\ncall_rtt summary (round trip, µs; 1 KiB request and reply unless named):");
     println!(
         "{:<26} {:>9} {:>9} {:>9} {:>14}",
         "mode", "p50", "p99", "p99.9", "p50 vs UDS"
@@ -461,6 +623,19 @@ fn main() {
     }
     if let Some(r) = ratio("aegis_blocking", "floor_futex") {
         println!("blocking mode / futex floor (p50): {r:.2}x (target <= 1.2)");
+    }
+    for size in ["1MiB", "16MiB"] {
+        if let Some(r) = ratio(
+            &format!("loan_all_{size}"),
+            &format!("floor_write_once_{size}"),
+        ) {
+            println!(
+                "{size} loaned call, every byte / write-once floor (p50): {r:.2}x (target <= 1.1)"
+            );
+        }
+    }
+    if let Some(r) = ratio("loan_ends_16MiB", "aegis_spin") {
+        println!("16 MiB loaned call, first and last page / 1 KiB spin call (p50): {r:.2}x (target <= 2)");
     }
     if let Some((_, h)) = results.iter().find(|(n, _)| n.ends_with("seed_baseline")) {
         let p99 = h.value_at_quantile(0.99);

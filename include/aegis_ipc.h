@@ -118,6 +118,15 @@ typedef struct aegis_pending aegis_pending;
 // Pull-style serving for one thread (see `aegis_receiver_new`).
 typedef struct aegis_receiver aegis_receiver;
 
+// A reply read in place, where the instance wrote it (`aegis_call_loan`,
+// `aegis_call_view`): its bytes stay valid until `aegis_reply_view_free`, which gives its
+// memory back. Hold it briefly (an instance reuses an unread reply's memory after 60 s).
+typedef struct aegis_reply_view aegis_reply_view;
+
+// A writable buffer in the bus's request heap (`aegis_loan`): written in place, sent
+// without a copy by `aegis_call_loan` (which takes it), or given back by `aegis_loan_free`.
+typedef struct aegis_request_loan aegis_request_loan;
+
 // Where a serving callback writes its answer (valid only during the callback).
 typedef struct aegis_responder aegis_responder;
 
@@ -221,6 +230,33 @@ aegis_status aegis_call_resource(const aegis_bus *bus, const char *resource, con
 // `aegis_call` returning the reply in a library-owned buffer (`aegis_buffer_free`).
 aegis_status aegis_call_alloc(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, aegis_buffer *reply);
 
+// A writable buffer of `len` bytes in this connection's request heap: write the request
+// at `*data`, then send it with `aegis_call_loan` (no copy on either side). Free it with
+// `aegis_loan_free` if it is not sent. `AEGIS_LIMIT_EXCEEDED` when the heap (twice the
+// bus's largest message) has no room.
+aegis_status aegis_loan(const aegis_bus *bus, size_t len, aegis_request_loan **out, uint8_t **data);
+
+// Gives an unsent loan's memory back. NULL is ignored.
+void aegis_loan_free(aegis_request_loan *loan);
+
+// Calls `method` of `service` with the request written in `loan` (taken: do not use or
+// free it afterwards, whatever the status) and returns the reply in place: `*view` (free
+// with `aegis_reply_view_free`), its bytes at `*data`, `*len` long. Neither side's bytes
+// are copied by the bus. On an error no view is returned.
+aegis_status aegis_call_loan(const aegis_bus *bus, const char *service, const char *method, aegis_request_loan *loan, const aegis_call_options *opts, aegis_reply_view **view, const uint8_t **data, size_t *len);
+
+// `aegis_call` with the reply read in place (`aegis_call_loan`'s view); the request is
+// copied as usual.
+aegis_status aegis_call_view(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, aegis_reply_view **view, const uint8_t **data, size_t *len);
+
+// A reply view's bytes again (as `aegis_call_loan` returned them); `AEGIS_NOT_READY` if
+// the view was held past the instance's 60 s unread-reply expiry and its memory was reused
+// for another reply (its bytes can no longer be trusted).
+aegis_status aegis_reply_view_bytes(const aegis_reply_view *view, const uint8_t **data, size_t *len);
+
+// Gives a reply view's memory back (its bytes are no longer valid). NULL is ignored.
+void aegis_reply_view_free(aegis_reply_view *view);
+
 // The last reply this thread received (after `AEGIS_BUFFER_TOO_SMALL`, say).
 // `AEGIS_NO_REPLY` when this thread's last call failed or none was made (an empty reply
 // is `AEGIS_OK` with 0 bytes).
@@ -308,6 +344,16 @@ aegis_status aegis_receiver_reply(aegis_receiver *rx, const uint8_t *data, size_
 
 // Answers the current request with an error (see `aegis_respond_error`).
 aegis_status aegis_receiver_reply_error(aegis_receiver *rx, uint16_t code, const char *message);
+
+// A buffer of `len` bytes in the instance's reply heap for the current request of
+// `aegis_receiver_next`: write the reply at `*data`, then send it with
+// `aegis_receiver_reply_loan`; the caller reads it where it was written. Asking again
+// replaces the previous buffer (given back). `AEGIS_MESSAGE_TOO_LARGE` over the service's
+// maximum, `AEGIS_LIMIT_EXCEEDED` while the heap is full of replies not yet read.
+aegis_status aegis_reply_loan(aegis_receiver *rx, size_t len, uint8_t **data);
+
+// Answers the current request with the buffer of `aegis_reply_loan`, as written.
+aegis_status aegis_receiver_reply_loan(aegis_receiver *rx);
 
 void aegis_receiver_free(aegis_receiver *rx);
 

@@ -79,9 +79,9 @@ pub use breaker::CircuitBreaker;
 pub use bus::{Bus, BusOptions, CallInfo, ResourceOwner, Selection};
 #[cfg(feature = "async")]
 pub use call::future::EventFd;
-pub use call::{CallContext, CallOptions, Interrupt, Pending, Reply};
+pub use call::{BorrowedReply, CallContext, CallOptions, Interrupt, Loan, Pending, Reply};
 pub use error::{Attempt, Error, Result, ServiceError};
-pub use instance::{Instance, Receiver, RegisterOptions, Request, StopHandle};
+pub use instance::{Instance, Receiver, RegisterOptions, ReplyLoan, Request, StopHandle};
 pub use model::Status;
 pub use proto::{
     BulkMode, BulkOptions, BulkReport, Heartbeat, InstanceHealth, InstanceInfo, ResourceInfo,

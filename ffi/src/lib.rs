@@ -31,8 +31,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use aegis_client::{
-    Bus, BusOptions, CallInfo, CallOptions, Error, Instance, Pending, Receiver, RegisterOptions,
-    Request, ResourceQuery, Selection, ServiceError, Spin,
+    BorrowedReply, Bus, BusOptions, CallInfo, CallOptions, Error, Instance, Loan, Pending,
+    Receiver, RegisterOptions, ReplyLoan, Request, ResourceQuery, Selection, ServiceError, Spin,
 };
 
 /// What a function did. Values of 400 and up are the seed's codes (`code / 10` for the
@@ -125,9 +125,24 @@ pub type aegis_handler = Option<
     ),
 >;
 
+/// A writable buffer in the bus's request heap (`aegis_loan`): written in place, sent
+/// without a copy by `aegis_call_loan` (which takes it), or given back by `aegis_loan_free`.
+pub struct aegis_request_loan {
+    loan: Loan,
+}
+
+/// A reply read in place, where the instance wrote it (`aegis_call_loan`,
+/// `aegis_call_view`): its bytes stay valid until `aegis_reply_view_free`, which gives its
+/// memory back. Hold it briefly (an instance reuses an unread reply's memory after 60 s).
+pub struct aegis_reply_view {
+    reply: BorrowedReply,
+}
+
 /// Pull-style serving for one thread (see `aegis_receiver_new`).
 pub struct aegis_receiver {
-    // Field order matters: the request borrows the receiver, so it is dropped first.
+    // Field order matters: the request borrows the receiver, so it is dropped first; a
+    // reply loan is the instance's (not the receiver's) and goes before both.
+    loan: Option<ReplyLoan<'static>>,
     req: Option<Request<'static>>,
     method: [u8; 65],
     rx: Box<Receiver<'static>>,
@@ -874,6 +889,212 @@ pub unsafe extern "C" fn aegis_call_alloc(
     }
 }
 
+// --- zero-copy calls ----------------------------------------------------------------------
+
+/// A writable buffer of `len` bytes in this connection's request heap: write the request
+/// at `*data`, then send it with `aegis_call_loan` (no copy on either side). Free it with
+/// `aegis_loan_free` if it is not sent. `AEGIS_LIMIT_EXCEEDED` when the heap (twice the
+/// bus's largest message) has no room.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_loan(
+    bus: *const aegis_bus,
+    len: usize,
+    out: *mut *mut aegis_request_loan,
+    data: *mut *mut u8,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let (out, data) = match unsafe { (out.as_mut(), data.as_mut()) } {
+            (Some(o), Some(d)) => (o, d),
+            _ => {
+                set_error("arguments `out` and `data` are required".into());
+                return AEGIS_NULL_ARGUMENT;
+            }
+        };
+        match bus.bus.loan(len) {
+            Ok(mut loan) => {
+                *data = loan.as_mut_slice().as_mut_ptr();
+                *out = Box::into_raw(Box::new(aegis_request_loan { loan }));
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Gives an unsent loan's memory back. NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_loan_free(loan: *mut aegis_request_loan) {
+    if !loan.is_null() {
+        // SAFETY: a pointer from `aegis_loan`, not sent, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(loan) })));
+    }
+}
+
+/// Calls `method` of `service` with the request written in `loan` (taken: do not use or
+/// free it afterwards, whatever the status) and returns the reply in place: `*view` (free
+/// with `aegis_reply_view_free`), its bytes at `*data`, `*len` long. Neither side's bytes
+/// are copied by the bus. On an error no view is returned.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_loan(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    method: *const c_char,
+    loan: *mut aegis_request_loan,
+    opts: *const aegis_call_options,
+    view: *mut *mut aegis_reply_view,
+    data: *mut *const u8,
+    len: *mut usize,
+) -> aegis_status {
+    guard(|| {
+        let loan = (!loan.is_null()).then(|| {
+            // SAFETY: a pointer from `aegis_loan`, taken here once (the contract).
+            unsafe { Box::from_raw(loan) }.loan
+        });
+        let loan = need!(loan, "loan");
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let out = arg!(unsafe { view_out(view, data, len) });
+        // SAFETY: forwarded caller contract.
+        let (service, method) = match unsafe { (text(service, "service"), text(method, "method")) }
+        {
+            (Ok(s), Ok(m)) => (s, m),
+            (Err(s), _) | (_, Err(s)) => return s,
+        };
+        let default = CallOptions::default();
+        let mut nested = None;
+        let opts = options(opts, &default, &mut nested);
+        give_view(bus.bus.call_loan(service, method, loan, opts), out)
+    })
+}
+
+/// `aegis_call` with the reply read in place (`aegis_call_loan`'s view); the request is
+/// copied as usual.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_view(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    method: *const c_char,
+    payload: *const u8,
+    payload_len: usize,
+    opts: *const aegis_call_options,
+    view: *mut *mut aegis_reply_view,
+    data: *mut *const u8,
+    len: *mut usize,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let out = arg!(unsafe { view_out(view, data, len) });
+        // SAFETY: forwarded caller contract.
+        let (service, method, payload) = match unsafe {
+            (
+                text(service, "service"),
+                text(method, "method"),
+                bytes(payload, payload_len, "payload"),
+            )
+        } {
+            (Ok(s), Ok(m), Ok(p)) => (s, m, p),
+            (Err(s), _, _) | (_, Err(s), _) | (_, _, Err(s)) => return s,
+        };
+        let default = CallOptions::default();
+        let mut nested = None;
+        let opts = options(opts, &default, &mut nested);
+        give_view(bus.bus.call_borrowed(service, method, payload, opts), out)
+    })
+}
+
+/// Where a view is returned: the handle, its bytes and their length.
+type ViewOut<'a> = (
+    &'a mut *mut aegis_reply_view,
+    &'a mut *const u8,
+    &'a mut usize,
+);
+
+/// The three out-pointers of a view, all required; NULLed/zeroed until a view is given.
+unsafe fn view_out<'a>(
+    view: *mut *mut aegis_reply_view,
+    data: *mut *const u8,
+    len: *mut usize,
+) -> Result<ViewOut<'a>, aegis_status> {
+    // SAFETY: forwarded caller contract: each is NULL or valid for writes.
+    match unsafe { (view.as_mut(), data.as_mut(), len.as_mut()) } {
+        (Some(v), Some(d), Some(l)) => {
+            (*v, *d, *l) = (std::ptr::null_mut(), std::ptr::null(), 0);
+            Ok((v, d, l))
+        }
+        _ => {
+            set_error("arguments `view`, `data` and `len` are required".into());
+            Err(AEGIS_NULL_ARGUMENT)
+        }
+    }
+}
+
+fn give_view(
+    r: aegis_client::Result<BorrowedReply>,
+    (view, data, len): ViewOut<'_>,
+) -> aegis_status {
+    match r {
+        Ok(reply) => {
+            LAST_CALL.with(|l| {
+                let mut l = l.borrow_mut();
+                l.answered_by = Some(reply.instance());
+                // The reply is in the view, not in this thread's buffer.
+                l.ok = false;
+                l.reply.clear();
+            });
+            *data = reply.bytes().as_ptr();
+            *len = reply.len();
+            *view = Box::into_raw(Box::new(aegis_reply_view { reply }));
+            AEGIS_OK
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// A reply view's bytes again (as `aegis_call_loan` returned them); `AEGIS_NOT_READY` if
+/// the view was held past the instance's 60 s unread-reply expiry and its memory was reused
+/// for another reply (its bytes can no longer be trusted).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_reply_view_bytes(
+    view: *const aegis_reply_view,
+    data: *mut *const u8,
+    len: *mut usize,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let view = need!(unsafe { view.as_ref() }, "view");
+        // SAFETY: forwarded caller contract.
+        let (data, len) = match unsafe { (data.as_mut(), len.as_mut()) } {
+            (Some(d), Some(l)) => (d, l),
+            _ => {
+                set_error("arguments `data` and `len` are required".into());
+                return AEGIS_NULL_ARGUMENT;
+            }
+        };
+        *data = view.reply.bytes().as_ptr();
+        *len = view.reply.len();
+        if !view.reply.is_intact() {
+            set_error("the reply's memory was reused: the view was held past the instance's unread-reply expiry".into());
+            return AEGIS_NOT_READY;
+        }
+        AEGIS_OK
+    })
+}
+
+/// Gives a reply view's memory back (its bytes are no longer valid). NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_reply_view_free(view: *mut aegis_reply_view) {
+    if !view.is_null() {
+        // SAFETY: a pointer from `aegis_call_loan`/`aegis_call_view`, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(view) })));
+    }
+}
+
 /// The last reply this thread received (after `AEGIS_BUFFER_TOO_SMALL`, say).
 /// `AEGIS_NO_REPLY` when this thread's last call failed or none was made (an empty reply
 /// is `AEGIS_OK` with 0 bytes).
@@ -1349,6 +1570,7 @@ pub unsafe extern "C" fn aegis_receiver_new(
         // SAFETY: forwarded caller contract.
         let out = need!(unsafe { out.as_mut() }, "out");
         *out = Box::into_raw(Box::new(aegis_receiver {
+            loan: None,
             req: None,
             method: [0; 65],
             rx: Box::new(inst.inst.receiver()),
@@ -1382,6 +1604,7 @@ pub unsafe extern "C" fn aegis_receiver_next(
                 return AEGIS_NULL_ARGUMENT;
             }
         };
+        rx.loan = None;
         rx.req = None;
         CURRENT.with(|c| c.set(None));
         if rx.inst.inst.is_stopped() {
@@ -1446,6 +1669,7 @@ pub unsafe extern "C" fn aegis_receiver_reply(
             return AEGIS_MESSAGE_TOO_LARGE;
         }
         let req = rx.req.take().expect("checked above");
+        rx.loan = None;
         CURRENT.with(|c| c.set(None));
         match req.reply(data) {
             Ok(()) => AEGIS_OK,
@@ -1470,8 +1694,67 @@ pub unsafe extern "C" fn aegis_receiver_reply_error(
             set_error("no request to answer (answered already, or none received)".into());
             return AEGIS_INVALID_ARGUMENT;
         };
+        rx.loan = None;
         CURRENT.with(|c| c.set(None));
         match req.reply_error(code, message) {
+            Ok(()) => AEGIS_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// A buffer of `len` bytes in the instance's reply heap for the current request of
+/// `aegis_receiver_next`: write the reply at `*data`, then send it with
+/// `aegis_receiver_reply_loan`; the caller reads it where it was written. Asking again
+/// replaces the previous buffer (given back). `AEGIS_MESSAGE_TOO_LARGE` over the service's
+/// maximum, `AEGIS_LIMIT_EXCEEDED` while the heap is full of replies not yet read.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_reply_loan(
+    rx: *mut aegis_receiver,
+    len: usize,
+    data: *mut *mut u8,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let rx = need!(unsafe { rx.as_mut() }, "receiver");
+        // SAFETY: forwarded caller contract.
+        let data = need!(unsafe { data.as_mut() }, "data");
+        rx.loan = None;
+        let Some(req) = &rx.req else {
+            set_error("no request to answer (answered already, or none received)".into());
+            return AEGIS_INVALID_ARGUMENT;
+        };
+        match req.loan_reply(len) {
+            Ok(mut l) => {
+                *data = l.as_mut_slice().as_mut_ptr();
+                // SAFETY: the loan borrows the instance, which outlives the receiver (the
+                // contract of `aegis_receiver_new`); it is dropped before the receiver.
+                rx.loan =
+                    Some(unsafe { std::mem::transmute::<ReplyLoan<'_>, ReplyLoan<'static>>(l) });
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Answers the current request with the buffer of `aegis_reply_loan`, as written.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_receiver_reply_loan(rx: *mut aegis_receiver) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let rx = need!(unsafe { rx.as_mut() }, "receiver");
+        if rx.req.is_none() || rx.loan.is_none() {
+            set_error(
+                "no reply loan to send (aegis_reply_loan first, after aegis_receiver_next)".into(),
+            );
+            return AEGIS_INVALID_ARGUMENT;
+        }
+        let (Some(req), Some(loan)) = (rx.req.take(), rx.loan.take()) else {
+            unreachable!("checked above");
+        };
+        CURRENT.with(|c| c.set(None));
+        match req.reply_loan(loan) {
             Ok(()) => AEGIS_OK,
             Err(e) => fail(e),
         }

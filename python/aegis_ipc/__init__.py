@@ -18,7 +18,17 @@ import threading
 from typing import Any, Iterable
 
 from ._native import Bus as _NativeBus
-from ._native import EventFd, Instance, PendingCall, Reply, current_deadline, current_traceparent
+from ._native import (
+    BorrowedReply,
+    EventFd,
+    Instance,
+    Loan,
+    PendingCall,
+    Reply,
+    ReplyLoan,
+    current_deadline,
+    current_traceparent,
+)
 from .errors import (
     AegisError,
     BadRequest,
@@ -46,6 +56,9 @@ __all__ = [
     "Instance",
     "Reply",
     "PendingCall",
+    "Loan",
+    "BorrowedReply",
+    "ReplyLoan",
     "AegisError",
     "BadRequest",
     "BrokerUnavailable",

@@ -12,11 +12,12 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use aegis_client::{
-    Bus as RBus, BusOptions, CallInfo, CallOptions, Error, EventFd as REventFd,
-    Instance as RInstance, Interrupt, Pending, Receiver, RegisterOptions, Request,
-    ResourceMetadata, ResourceQuery, ResourceSpec, ServiceError,
+    BorrowedReply as RBorrowedReply, Bus as RBus, BusOptions, CallInfo, CallOptions, Error,
+    EventFd as REventFd, Instance as RInstance, Interrupt, Loan as RLoan, Pending, Receiver,
+    RegisterOptions, ReplyLoan as RReplyLoan, Request, ResourceMetadata, ResourceQuery,
+    ResourceSpec, ServiceError,
 };
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -355,6 +356,82 @@ impl Bus {
                 .allow_threads(|| bus.call_into(service, method, payload, &opts, &mut out))
                 .map_err(to_py)?;
             Ok(reply(py, bus, &out, info))
+        })
+    }
+
+    /// A writable buffer of `size` bytes in this connection's request heap: fill it
+    /// through `memoryview(loan)` and send it with `call_loan`, without a copy.
+    fn loan(&self, size: usize) -> PyResult<Loan> {
+        self.with(|bus| {
+            Ok(Loan {
+                loan: Some(bus.loan(size).map_err(to_py)?),
+                exports: 0,
+            })
+        })
+    }
+
+    /// `call` with a request written in a `Loan` (spent by the call; its memoryviews must
+    /// be released first) and the reply read in place: a `BorrowedReply`, whose
+    /// `memoryview` shows the bytes where the instance wrote them. Nothing is copied.
+    #[pyo3(signature = (service, method, loan, *, timeout=None, attempt_timeout=None, idempotent=false, exclude=Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
+    fn call_loan(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        method: &str,
+        loan: &Bound<'_, Loan>,
+        timeout: Option<f64>,
+        attempt_timeout: Option<f64>,
+        idempotent: bool,
+        exclude: Vec<String>,
+    ) -> PyResult<BorrowedReply> {
+        let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
+        let l = {
+            let mut l = loan.borrow_mut();
+            if l.exports > 0 {
+                return Err(PyBufferError::new_err(
+                    "the loan has memoryviews still open: release them before sending it",
+                ));
+            }
+            l.loan
+                .take()
+                .ok_or_else(|| bad_request("the loan was already sent or released".into()))?
+        };
+        self.with(|bus| {
+            let r = py
+                .allow_threads(|| bus.call_loan(service, method, l, &opts))
+                .map_err(to_py)?;
+            Ok(BorrowedReply {
+                reply: Some(r),
+                exports: 0,
+            })
+        })
+    }
+
+    /// `call` with the reply read in place (a `BorrowedReply`); the request is copied.
+    #[pyo3(signature = (service, method, payload, *, timeout=None, attempt_timeout=None, idempotent=false, exclude=Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
+    fn call_view(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        timeout: Option<f64>,
+        attempt_timeout: Option<f64>,
+        idempotent: bool,
+        exclude: Vec<String>,
+    ) -> PyResult<BorrowedReply> {
+        let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
+        self.with(|bus| {
+            let r = py
+                .allow_threads(|| bus.call_borrowed(service, method, payload, &opts))
+                .map_err(to_py)?;
+            Ok(BorrowedReply {
+                reply: Some(r),
+                exports: 0,
+            })
         })
     }
 
@@ -828,6 +905,45 @@ impl Instance {
         req.reply_error(code, message).map_err(to_py)
     }
 
+    /// A writable buffer of `size` bytes in this instance's reply heap for the request
+    /// `receive` returned: fill it through `memoryview(loan)` and answer with
+    /// `reply_loan`; the caller reads it where it was written.
+    fn loan_reply(&self, size: usize) -> PyResult<ReplyLoan> {
+        let inst = self.get()?;
+        let guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        let req = guard
+            .as_ref()
+            .and_then(|p| p.req.as_ref())
+            .ok_or_else(|| bad_request("no received request to answer".into()))?;
+        let loan = req.loan_reply(size).map_err(to_py)?;
+        // SAFETY: the loan borrows the instance's inner state, which the `Arc` stored
+        // beside it in `ReplyLoan` keeps alive (field order drops the loan first).
+        let loan: RReplyLoan<'static> = unsafe { std::mem::transmute(loan) };
+        Ok(ReplyLoan {
+            loan: Some(loan),
+            exports: 0,
+            _inst: inst,
+        })
+    }
+
+    /// Answers the request `receive` returned with a `ReplyLoan` (spent; its memoryviews
+    /// must be released first).
+    fn reply_loan(&self, loan: &Bound<'_, ReplyLoan>) -> PyResult<()> {
+        let l = {
+            let mut l = loan.borrow_mut();
+            if l.exports > 0 {
+                return Err(PyBufferError::new_err(
+                    "the loan has memoryviews still open: release them before sending it",
+                ));
+            }
+            l.loan
+                .take()
+                .ok_or_else(|| bad_request("the loan was already sent or released".into()))?
+        };
+        let req = self.take_request()?;
+        req.reply_loan(l).map_err(to_py)
+    }
+
     /// Claims resource ids (all or none), each with `metadata` if given: a dict of
     /// `resource_type`, `version`, `tags`, `attributes`, `created_by`, `ttl` (seconds),
     /// `priority`.
@@ -955,6 +1071,207 @@ fn current_deadline() -> Option<f64> {
     })
 }
 
+/// Fills `view` for a buffer of `len` bytes at `ptr` owned by `obj`.
+///
+/// # Safety
+/// `view` is the `Py_buffer` Python passed to `__getbuffer__`; `ptr` stays valid for `len`
+/// bytes while the view is exported (the owner refuses to give it up meanwhile).
+unsafe fn fill_buffer(
+    obj: &Bound<'_, PyAny>,
+    view: *mut pyo3::ffi::Py_buffer,
+    flags: std::os::raw::c_int,
+    (ptr, len): (*const u8, usize),
+    readonly: bool,
+) -> PyResult<()> {
+    // SAFETY: the caller's contract; PyBuffer_FillInfo takes a reference to `obj` into
+    // the view and refuses PyBUF_WRITABLE on a read-only buffer (returning -1 with an
+    // exception set).
+    let r = unsafe {
+        pyo3::ffi::PyBuffer_FillInfo(
+            view,
+            obj.as_ptr(),
+            ptr as *mut std::os::raw::c_void,
+            len as pyo3::ffi::Py_ssize_t,
+            readonly as std::os::raw::c_int,
+            flags,
+        )
+    };
+    if r == -1 {
+        return Err(PyErr::fetch(obj.py()));
+    }
+    Ok(())
+}
+
+/// A writable buffer in a connection's request heap (`Bus.loan`). Write through
+/// `memoryview(loan)`; send with `Bus.call_loan`; `release()` gives it back unsent.
+#[pyclass(module = "aegis_ipc")]
+pub struct Loan {
+    loan: Option<RLoan>,
+    /// Memoryviews open on it: while any is, it is neither sent nor released.
+    exports: usize,
+}
+
+#[pymethods]
+impl Loan {
+    fn __len__(&self) -> usize {
+        self.loan.as_ref().map_or(0, |l| l.len())
+    }
+
+    /// Gives the memory back without sending it.
+    fn release(&mut self) -> PyResult<()> {
+        if self.exports > 0 {
+            return Err(PyBufferError::new_err(
+                "the loan has memoryviews still open: release them first",
+            ));
+        }
+        self.loan = None;
+        Ok(())
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let mut me = slf.borrow_mut();
+        let Some(l) = me.loan.as_mut() else {
+            return Err(PyBufferError::new_err(
+                "the loan was already sent or released",
+            ));
+        };
+        let at = (l.as_mut_slice().as_mut_ptr() as *const u8, l.len());
+        // SAFETY: the block stays allocated while `exports` > 0 (neither sent nor released).
+        unsafe { fill_buffer(slf.as_any(), view, flags, at, false)? };
+        me.exports += 1;
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&mut self, _view: *mut pyo3::ffi::Py_buffer) {
+        self.exports -= 1;
+    }
+}
+
+/// A reply read in place (`Bus.call_loan`, `Bus.call_view`): `memoryview(reply)` shows
+/// its bytes where the instance wrote them (read-only); `release()` (or leaving a `with`
+/// block) gives the memory back. Hold it briefly: an instance reuses an unread reply's
+/// memory after 60 s (`intact` turns false).
+#[pyclass(module = "aegis_ipc")]
+pub struct BorrowedReply {
+    reply: Option<RBorrowedReply>,
+    exports: usize,
+}
+
+impl BorrowedReply {
+    fn get(&self) -> PyResult<&RBorrowedReply> {
+        self.reply
+            .as_ref()
+            .ok_or_else(|| bad_request("the reply was released".into()))
+    }
+}
+
+#[pymethods]
+impl BorrowedReply {
+    fn __len__(&self) -> usize {
+        self.reply.as_ref().map_or(0, |r| r.len())
+    }
+
+    #[getter]
+    fn instance_id(&self) -> PyResult<String> {
+        Ok(self.get()?.instance_id())
+    }
+
+    /// Whether the bytes are still this call's (see the class).
+    #[getter]
+    fn intact(&self) -> PyResult<bool> {
+        Ok(self.get()?.is_intact())
+    }
+
+    /// A copy of the bytes.
+    fn tobytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.get()?.bytes()))
+    }
+
+    /// Gives the memory back (the memoryviews must be released first).
+    fn release(&mut self) -> PyResult<()> {
+        if self.exports > 0 {
+            return Err(PyBufferError::new_err(
+                "the reply has memoryviews still open: release them first",
+            ));
+        }
+        self.reply = None;
+        Ok(())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &mut self,
+        _t: Option<PyObject>,
+        _v: Option<PyObject>,
+        _tb: Option<PyObject>,
+    ) -> PyResult<bool> {
+        self.release()?;
+        Ok(false)
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let mut me = slf.borrow_mut();
+        let r = me.get()?;
+        let at = (r.bytes().as_ptr(), r.len());
+        // SAFETY: the reply's memory stays ours while `exports` > 0 (not released).
+        unsafe { fill_buffer(slf.as_any(), view, flags, at, true)? };
+        me.exports += 1;
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&mut self, _view: *mut pyo3::ffi::Py_buffer) {
+        self.exports -= 1;
+    }
+}
+
+/// A writable buffer in an instance's reply heap (`Instance.loan_reply`), sent with
+/// `Instance.reply_loan`.
+#[pyclass(module = "aegis_ipc")]
+pub struct ReplyLoan {
+    // Dropped before the instance it borrows.
+    loan: Option<RReplyLoan<'static>>,
+    exports: usize,
+    _inst: Arc<RInstance>,
+}
+
+#[pymethods]
+impl ReplyLoan {
+    fn __len__(&self) -> usize {
+        self.loan.as_ref().map_or(0, |l| l.len())
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let mut me = slf.borrow_mut();
+        let Some(l) = me.loan.as_mut() else {
+            return Err(PyBufferError::new_err("the loan was already sent"));
+        };
+        let at = (l.as_mut_slice().as_mut_ptr() as *const u8, l.len());
+        // SAFETY: the block stays allocated while `exports` > 0 (not sent).
+        unsafe { fill_buffer(slf.as_any(), view, flags, at, false)? };
+        me.exports += 1;
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&mut self, _view: *mut pyo3::ffi::Py_buffer) {
+        self.exports -= 1;
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(current_traceparent, m)?)?;
@@ -962,6 +1279,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Bus>()?;
     m.add_class::<Instance>()?;
     m.add_class::<Reply>()?;
+    m.add_class::<Loan>()?;
+    m.add_class::<BorrowedReply>()?;
+    m.add_class::<ReplyLoan>()?;
     m.add_class::<PendingCall>()?;
     m.add_class::<EventFd>()?;
     Ok(())

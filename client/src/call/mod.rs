@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 #[cfg(feature = "async")]
 pub(crate) mod doorbell;
+mod loan;
+
+pub(crate) use loan::{Body, Kept, Sink};
+pub use loan::{BorrowedReply, Loan};
 #[cfg(feature = "async")]
 pub(crate) mod future;
 
@@ -310,35 +314,13 @@ impl Bus {
         opts: &CallOptions,
         out: &mut Vec<u8>,
     ) -> Result<CallInfo> {
-        let start = Instant::now();
-        names::service(service)?;
-        names::method(method)?;
-        check_options(opts)?;
-        let inner = &*self.inner;
-        inner.not_forked()?;
-        let sess = inner.routing_session(service);
-        // A service nobody ever registered fails here, logged like any failed call.
-        let (svc_idx, svc) = sess.find_service(service).ok_or_else(|| {
-            failed_call(
-                Error::NoAvailableInstance {
-                    service: service.to_owned(),
-                },
-                inner.trace_of(opts),
-            )
-        })?;
-        let stats = sess.stats.caller_stats(svc_idx);
-        let cfg = &inner.opts.circuit_breaker;
-        breaker::guarded(cfg, stats, svc, service, |sent| {
-            self.route(
-                (start, sess, svc_idx, svc),
-                service,
-                method,
-                payload,
-                opts,
-                out,
-                sent,
-            )
-        })
+        self.call_with(
+            service,
+            method,
+            Body::Bytes(payload),
+            opts,
+            &mut Sink::copy(out),
+        )
     }
 
     /// The routing loop of [`Bus::call_into`]: picks instances and makes attempts until
@@ -350,9 +332,9 @@ impl Bus {
         (start, sess, svc_idx, svc): (Instant, &Session, u32, &ServiceEntry),
         service: &str,
         method: &str,
-        payload: &[u8],
+        payload: Body<'_>,
         opts: &CallOptions,
-        out: &mut Vec<u8>,
+        out: &mut Sink<'_>,
         sent: &mut usize,
     ) -> Result<CallInfo> {
         let inner = &*self.inner;
@@ -360,7 +342,7 @@ impl Bus {
             service: service.to_owned(),
         };
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
-        check_size(service, payload, max)?;
+        check_size(service, payload.bytes(), max)?;
         let total = opts.call_deadline(start);
         // One trace id for the whole call: every attempt carries it, and so does its error.
         let trace = inner.trace_of(opts);
@@ -456,7 +438,9 @@ impl Bus {
                 .iter()
                 .filter(|a| counts_as_attempt(&a.error))
                 .count();
-            if (in_doubt && !opts.idempotent)
+            // A loan's block held by a quarantined mailbox is not sent again: only one
+            // quarantine may own it.
+            if (in_doubt && (!opts.idempotent || out.block_held))
                 || *sent as u32 >= opts.max_attempts
                 || Instant::now() >= total
             {
@@ -540,11 +524,11 @@ impl Bus {
                 inner.session(),
                 target,
                 method,
-                payload,
+                Body::Bytes(payload),
                 opts,
                 (deadline, trace, start),
                 None,
-                out,
+                &mut Sink::copy(out),
             ) {
                 Ok(()) => Ok(target),
                 Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) if w.contains("left") => {
@@ -668,7 +652,7 @@ impl Bus {
         match inner.send(
             &seg,
             method,
-            payload,
+            Body::Bytes(payload),
             opts,
             (claim_until, trace, start),
             deadline,
@@ -736,15 +720,20 @@ impl BusInner {
         sess: &Session,
         target: CallInfo,
         method: &str,
-        payload: &[u8],
+        payload: Body<'_>,
         opts: &CallOptions,
         stamp: (Instant, u64, Instant),
         elsewhere: Option<&dyn Fn() -> bool>,
-        out: &mut Vec<u8>,
+        out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
         let seg = self.open_target(target, stamp.0)?;
         let stall = elsewhere.map(|e| (opts.stall_bound, e));
-        self.send_and_wait(sess, &seg, method, payload, opts, stamp, stall, out)
+        self.send_and_wait(sess, &seg, method, payload, opts, stamp, stall, out)?;
+        if let Some(k) = &mut out.kept {
+            // A reply read in place keeps its instance's reply heap mapped.
+            k.seg = Some(seg);
+        }
+        Ok(())
     }
 
     /// The target's segment, mapped (asking the broker, waiting for it within `deadline`
@@ -945,11 +934,11 @@ impl BusInner {
         routed_with: &Session,
         seg: &InstanceSeg,
         method: &str,
-        payload: &[u8],
+        payload: Body<'_>,
         opts: &CallOptions,
         stamp: (Instant, u64, Instant),
         stall: Option<(Duration, &dyn Fn() -> bool)>,
-        out: &mut Vec<u8>,
+        out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
         let mut watch = stall.map(|(bound, elsewhere)| StallWatch::new(seg, bound, elsewhere));
         let sent = self.send(seg, method, payload, opts, stamp, stamp.0, &mut watch)?;
@@ -957,12 +946,18 @@ impl BusInner {
         self.wait_sent(routed_with, seg, sent, how, stamp.0, watch, out)
     }
 
-    /// Frees what a sent request held: its request heap block and its mailbox.
+    /// Frees what a sent request held: its request heap block (unless a loan owns it) and
+    /// its mailbox.
     fn free_sent(&self, s: &Sent) {
-        if let Some((off, len)) = s.heap {
+        self.free_request(s);
+        self.pool.put(s.mailbox);
+    }
+
+    /// Frees a sent request's heap block, unless it is a loan's (the loan frees it).
+    fn free_request(&self, s: &Sent) {
+        if let (Some((off, len)), false) = (s.heap, s.loaned) {
             self.heap.free(off, len);
         }
-        self.pool.put(s.mailbox);
     }
 
     /// Writes the request into the instance's ring (waiting for a slot while the ring is
@@ -975,7 +970,7 @@ impl BusInner {
         &self,
         seg: &InstanceSeg,
         method: &str,
-        payload: &[u8],
+        body: Body<'_>,
         opts: &CallOptions,
         (deadline, trace, sent_at): (Instant, u64, Instant),
         reply_by: Instant,
@@ -992,8 +987,13 @@ impl BusInner {
             .mailbox(mb_idx)
             .expect("pool hands out valid indices");
         let ring = seg.ring();
-        let inline = payload.len() + method.len() <= ring.data_len();
-        let heap_block = if inline {
+        let payload = body.bytes();
+        let inline =
+            matches!(body, Body::Bytes(_)) && payload.len() + method.len() <= ring.data_len();
+        let heap_block = if let Body::Loaned { block, .. } = body {
+            // Written in place by the caller: sent as it is, never copied.
+            Some(block)
+        } else if inline {
             None
         } else {
             let len = payload.len() as u64;
@@ -1018,6 +1018,7 @@ impl BusInner {
             mailbox: mb_idx,
             gen,
             heap: heap_block,
+            loaned: matches!(body, Body::Loaned { .. }),
             nonce,
         };
         mailbox::arm(mb, gen, nonce);
@@ -1084,7 +1085,7 @@ impl BusInner {
         (spin, interrupt): (Option<Spin>, Option<&Interrupt>),
         deadline: Instant,
         mut watch: Option<StallWatch<'_>>,
-        out: &mut Vec<u8>,
+        out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
         let (mb_idx, gen) = (sent.mailbox, sent.gen);
         let (mb, _) = self
@@ -1144,7 +1145,7 @@ impl BusInner {
         seg: &InstanceSeg,
         sent: &Sent,
         deadline: Instant,
-        out: &mut Vec<u8>,
+        out: &mut Sink<'_>,
     ) -> Option<Result<(), Failed>> {
         let (mb, _) = self
             .client
@@ -1171,7 +1172,7 @@ impl BusInner {
         sent: Sent,
         outcome: Cancel,
         why: Why,
-        out: &mut Vec<u8>,
+        out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
         let (mb_idx, gen) = (sent.mailbox, sent.gen);
         let (mb, _) = self
@@ -1181,9 +1182,29 @@ impl BusInner {
         let interrupted = || Failed::Error(Error::Interrupted);
         match outcome {
             Cancel::Ready => {
-                let r = self.read_reply(mb_idx, seg, sent.nonce, out);
-                mailbox::release(mb, gen);
-                self.free_sent(&sent);
+                let (r, keep) = match &mut out.out {
+                    Some(buf) => (self.read_reply(mb_idx, seg, sent.nonce, buf), false),
+                    None => match self.reply_in_place(mb_idx, seg, sent.nonce) {
+                        Ok((ptr, len)) => {
+                            out.kept = Some(Kept {
+                                sent,
+                                ptr,
+                                len,
+                                seg: None,
+                            });
+                            (Ok(()), true)
+                        }
+                        Err(e) => (Err(e), false),
+                    },
+                };
+                if keep {
+                    // The instance has answered: it is done with the request. The mailbox
+                    // (and the reply heap block it names) stays ours until the guard drops.
+                    self.free_request(&sent);
+                } else {
+                    mailbox::release(mb, gen);
+                    self.free_sent(&sent);
+                }
                 r.map_err(Failed::Error)
             }
             Cancel::Cancelled => {
@@ -1197,6 +1218,9 @@ impl BusInner {
                 }))
             }
             Cancel::InProgress => {
+                // The quarantine frees the request block when the late reply lands; a
+                // loaned block is then the quarantine's, not the loan's.
+                out.block_held |= sent.loaned;
                 self.pool
                     .quarantine(mb_idx, gen, sent.heap, mailbox::taker_pid(mb));
                 if why == Why::Interrupted {
@@ -1211,14 +1235,10 @@ impl BusInner {
         }
     }
 
-    /// Copies a ready reply out of mailbox `mb_idx`; every length and offset is checked.
-    fn read_reply(
-        &self,
-        mb_idx: u32,
-        seg: &InstanceSeg,
-        nonce: u64,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
+    /// Where a ready reply in mailbox `mb_idx` lies (inline in the mailbox, or a block of
+    /// the instance's reply heap with its tag), its length and status; every length and
+    /// offset is checked.
+    fn locate_reply<'a>(&'a self, mb_idx: u32, seg: &'a InstanceSeg) -> Result<ReplyAt<'a>> {
         let (mb, inline_data) = self.client.mailbox(mb_idx).expect("valid mailbox");
         let status = mb.status.load(Ordering::Relaxed);
         let len = mb.reply_len.load(Ordering::Relaxed);
@@ -1226,7 +1246,7 @@ impl BusInner {
             |what: String| Error::Protocol(format!("reply from instance #{}: {what}", seg.index));
         let (src, tag) = match mb.reply_kind.load(Ordering::Relaxed) as u8 {
             PAYLOAD_INLINE if len <= self.client.layout.mailbox_inline as u64 => {
-                (inline_data, None)
+                (inline_data as *const u8, None)
             }
             PAYLOAD_INLINE => {
                 return Err(bad(format!("inline length {len} over the mailbox size")))
@@ -1243,44 +1263,109 @@ impl BusInner {
                     .ok_or_else(|| bad(format!("heap range {off}+{len} outside the heap")))?;
                 // SAFETY: `block` is at least HEAP_TAG bytes inside the mapping, 8-aligned
                 // (the heap starts on a page and `off` is a multiple of 8); an AtomicU64 is
-                // valid for any bits.
+                // valid for any bits; the mapping lives as long as `seg`.
                 let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
                 // SAFETY: `block + HEAP_TAG` is inside the same checked range.
-                (unsafe { block.add(HEAP_TAG as usize) }, Some(tag))
+                (
+                    unsafe { block.add(HEAP_TAG as usize) } as *const u8,
+                    Some(tag),
+                )
             }
             k => return Err(bad(format!("unknown reply kind {k}"))),
         };
+        Ok(ReplyAt {
+            src,
+            len: len as usize,
+            tag,
+            status,
+            index: seg.index,
+        })
+    }
+
+    /// Copies a ready reply out of mailbox `mb_idx` into `out`.
+    fn read_reply(
+        &self,
+        mb_idx: u32,
+        seg: &InstanceSeg,
+        nonce: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let at = self.locate_reply(mb_idx, seg)?;
         out.clear();
-        out.reserve(len as usize);
-        // SAFETY: `src` points to `len` readable bytes of a mapping we hold (bounds checked
-        // above); `out` has capacity `len` and is private memory.
+        out.reserve(at.len);
+        // SAFETY: `at.src` points to `at.len` readable bytes of a mapping we hold (bounds
+        // checked by `locate_reply`); `out` has capacity `len` and is private memory.
         unsafe {
-            std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), len as usize);
-            out.set_len(len as usize);
+            std::ptr::copy_nonoverlapping(at.src, out.as_mut_ptr(), at.len);
+            out.set_len(at.len);
         }
-        if let Some(tag) = tag {
-            // SYNC POINT: this Acquire fence after the copy pairs with the Release fence an
-            // instance puts between a heap block's new tag and its new bytes: if the copy
-            // saw any byte of a later reply in a reused block, the tag below is that
-            // reply's, not our call's.
-            crate::shm::sync::fence(Ordering::Acquire);
-            if tag.load(Ordering::Relaxed) != nonce {
-                out.clear();
-                return Err(bad(
-                    "heap reply overwritten before it was read (not this call's)".into(),
-                ));
-            }
+        if let Err(e) = at.check_tag(nonce) {
+            out.clear();
+            return Err(e);
         }
-        if status != code::OK as u32 {
+        if at.status != code::OK as u32 {
             let message = String::from_utf8_lossy(out).into_owned();
             out.clear();
-            return Err(Error::Remote {
-                instance: String::new(),
-                code: status as u16,
-                message,
-            });
+            return Err(at.remote(message));
         }
         Ok(())
+    }
+
+    /// A ready reply in mailbox `mb_idx`, where it lies (read in place by a
+    /// [`BorrowedReply`]); an error answer is copied into the error.
+    fn reply_in_place(
+        &self,
+        mb_idx: u32,
+        seg: &InstanceSeg,
+        nonce: u64,
+    ) -> Result<(*const u8, usize)> {
+        let at = self.locate_reply(mb_idx, seg)?;
+        at.check_tag(nonce)?;
+        if at.status != code::OK as u32 {
+            // SAFETY: as in `read_reply`: `at.len` readable, bounds-checked bytes.
+            let bytes = unsafe { std::slice::from_raw_parts(at.src, at.len) };
+            return Err(at.remote(String::from_utf8_lossy(bytes).into_owned()));
+        }
+        Ok((at.src, at.len))
+    }
+}
+
+/// A ready reply's place, found by [`BusInner::locate_reply`].
+struct ReplyAt<'a> {
+    src: *const u8,
+    len: usize,
+    /// A heap reply's tag: the nonce of the call it answers.
+    tag: Option<&'a crate::shm::sync::AtomicU64>,
+    status: u32,
+    index: u32,
+}
+
+impl ReplyAt<'_> {
+    /// Checks that a heap reply's block still answers our call (`nonce`), after its bytes
+    /// were read (copied out) or before they are (read in place).
+    fn check_tag(&self, nonce: u64) -> Result<()> {
+        let Some(tag) = self.tag else { return Ok(()) };
+        // SYNC POINT: this Acquire fence after the copy pairs with the Release fence an
+        // instance puts between a heap block's new tag and its new bytes: if the copy saw
+        // any byte of a later reply in a reused block, the tag below is that reply's, not
+        // our call's. (Read in place, nothing was read yet: the block is not reused while
+        // our mailbox is unreleased, for the instance's unread-reply expiry.)
+        crate::shm::sync::fence(Ordering::Acquire);
+        if tag.load(Ordering::Relaxed) != nonce {
+            return Err(Error::Protocol(format!(
+                "reply from instance #{}: heap reply overwritten before it was read (not this call's)",
+                self.index
+            )));
+        }
+        Ok(())
+    }
+
+    fn remote(&self, message: String) -> Error {
+        Error::Remote {
+            instance: String::new(),
+            code: self.status as u16,
+            message,
+        }
     }
 }
 
@@ -1335,7 +1420,13 @@ impl Pending<'_> {
     pub(crate) fn poll_now(&mut self, out: &mut Vec<u8>) -> Option<Result<CallInfo>> {
         let sent = self.sent?;
         let inner = self.inner;
-        let r = inner.poll_sent(self.sess, &self.seg, &sent, self.deadline, out)?;
+        let r = inner.poll_sent(
+            self.sess,
+            &self.seg,
+            &sent,
+            self.deadline,
+            &mut Sink::copy(out),
+        )?;
         self.sent = None;
         Some(match r {
             Ok(()) => {
@@ -1385,7 +1476,7 @@ impl Pending<'_> {
             (self.spin, self.interrupt.as_ref()),
             self.deadline,
             None,
-            out,
+            &mut Sink::copy(out),
         ) {
             Ok(()) => {
                 inner.note_success(self.target);
@@ -1413,6 +1504,8 @@ pub(crate) struct Sent {
     pub(crate) mailbox: u32,
     pub(crate) gen: u32,
     heap: Option<(u64, u64)>,
+    /// `heap` is a [`Loan`]'s block: freed by the loan (or a quarantine), not per attempt.
+    loaned: bool,
     /// The call's nonce: its mailbox's, and the tag of a heap reply to it.
     nonce: u64,
 }

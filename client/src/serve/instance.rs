@@ -25,7 +25,7 @@ use crate::session::proto::{
     BulkOptions, BulkReport, Heartbeat, Request as Ctl, ResourceSpec, Response, ServiceConfig,
 };
 use crate::shm::layout::{
-    ClientSeg, InstanceSeg, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE,
+    ClientSeg, InstanceSeg, MailboxHeader, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE,
 };
 use crate::shm::sync::Ordering;
 use crate::trace::TraceContext;
@@ -652,12 +652,37 @@ impl InstanceInner {
                 }
             }
         };
+        self.publish(&d, mb, status, kind, off, data.len() as u64);
+    }
+
+    /// Sends a reply written in place in our reply heap (a [`ReplyLoan`] made for `d`).
+    fn send_loaned_reply(&self, d: Delivery, loan: ReplyLoan<'_>) {
+        let (mb, _) = d.client.mailbox(d.mailbox).expect("validated in accept");
+        if !mailbox::still_taken(mb, d.gen, d.nonce) {
+            tracing::debug!(service = %self.service, trace_id = d.trace_id, "reply dropped: mailbox no longer ours");
+            return; // the loan frees its block
+        }
+        let loan = std::mem::ManuallyDrop::new(loan);
+        self.pending.lock().push(PendingReply {
+            client: d.client.clone(),
+            mailbox: d.mailbox,
+            gen: d.gen,
+            off: loan.off,
+            len: loan.block_len,
+            sent: Instant::now(),
+        });
+        self.publish(&d, mb, 0, PAYLOAD_HEAP, loan.off, loan.len as u64);
+    }
+
+    /// Fills in the reply's place in the caller's mailbox, counts it, wakes the caller
+    /// and times the call.
+    fn publish(&self, d: &Delivery, mb: &MailboxHeader, status: u32, kind: u8, off: u64, len: u64) {
         mb.status.store(status, Ordering::Relaxed);
         let (index, incarnation) = self.ident();
         mb.instance.store(index, Ordering::Relaxed);
         mb.incarnation.store(incarnation, Ordering::Relaxed);
         mb.reply_kind.store(kind as u32, Ordering::Relaxed);
-        mb.reply_len.store(data.len() as u64, Ordering::Relaxed);
+        mb.reply_len.store(len, Ordering::Relaxed);
         mb.heap_off.store(off, Ordering::Relaxed);
         // Counted before the reply is published (complete's Release): whoever has seen the
         // reply, and asks after it, sees the count include it.
@@ -905,7 +930,7 @@ pub struct Request<'r> {
     delivery: Option<Delivery>,
 }
 
-impl Request<'_> {
+impl<'r> Request<'r> {
     pub fn method(&self) -> &str {
         self.method
     }
@@ -999,6 +1024,67 @@ impl Request<'_> {
         }
         Ok(())
     }
+    /// A buffer of `len` bytes in this instance's reply heap, to write the reply in place
+    /// and send with [`Request::reply_loan`]: the caller reads it where it was written
+    /// ([`crate::Bus::call_loan`], [`crate::Bus::call_borrowed`]) or copies it out, and the
+    /// bus copies nothing. `MessageTooLarge` over [`Request::max_reply`]; `LimitExceeded`
+    /// while the heap is full of replies not yet read. Dropped unsent, the memory goes back.
+    pub fn loan_reply(&self, len: usize) -> Result<ReplyLoan<'r>> {
+        let inst = self.inst;
+        let d = self
+            .delivery
+            .as_ref()
+            .ok_or_else(|| Error::BadRequest("the request was already answered".into()))?;
+        if len as u64 > inst.max_message {
+            return Err(Error::MessageTooLarge {
+                service: inst.service.clone(),
+                size: len as u64,
+                max: inst.max_message,
+            });
+        }
+        inst.sweep_pending();
+        // The block starts with the call's nonce (its tag), as for a copied reply.
+        let block_len = len as u64 + crate::call::HEAP_TAG;
+        let off = inst.heap.alloc(block_len).ok_or_else(|| {
+            Error::LimitExceeded(format!(
+                "instance reply heap of {} bytes is full of replies not yet read; retry",
+                inst.heap.size()
+            ))
+        })?;
+        let block = inst
+            .seg
+            .heap_range(off, block_len)
+            .expect("allocator stays in the heap");
+        // SAFETY: `block` is `block_len` bytes of our heap, allocated to this loan, 64-aligned.
+        let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
+        tag.store(d.nonce, Ordering::Relaxed);
+        // SYNC POINT: the tag before the bytes the handler writes next, as in
+        // `send_reply`: pairs with a copying caller's Acquire fence after its copy.
+        crate::shm::sync::fence(Ordering::Release);
+        Ok(ReplyLoan {
+            inst,
+            off,
+            block_len,
+            len,
+            // SAFETY: the bytes after the tag, inside the same allocated block.
+            ptr: unsafe { block.add(crate::call::HEAP_TAG as usize) },
+            nonce: d.nonce,
+        })
+    }
+
+    /// Answers the request with a reply written in place ([`Request::loan_reply`]).
+    pub fn reply_loan(mut self, loan: ReplyLoan<'_>) -> Result<()> {
+        let d = self.delivery.take().expect("replied once");
+        if loan.nonce != d.nonce || !std::ptr::eq(loan.inst, self.inst) {
+            self.delivery = Some(d);
+            return Err(Error::BadRequest(
+                "the reply loan was made for another request".into(),
+            ));
+        }
+        self.inst.send_loaned_reply(d, loan);
+        Ok(())
+    }
+
     pub fn reply_typed<T: Serialize>(self, v: &T) -> Result<()> {
         let body = crate::codec::encode(v)
             .map_err(|e| Error::BadRequest(format!("reply could not be encoded: {e}")))?;
@@ -1009,6 +1095,71 @@ impl Request<'_> {
         self.inst
             .send_reply(d, code.max(1) as u32, message.as_bytes());
         Ok(())
+    }
+}
+
+/// A buffer in an instance's reply heap ([`Request::loan_reply`]): write the reply in
+/// place, then send it with [`Request::reply_loan`].
+pub struct ReplyLoan<'r> {
+    inst: &'r InstanceInner,
+    /// The block (tag, then bytes) in the reply heap.
+    off: u64,
+    block_len: u64,
+    len: usize,
+    ptr: *mut u8,
+    /// The call it answers.
+    nonce: u64,
+}
+
+// SAFETY: the loan is the only handle on its block, in the instance's mapping that
+// outlives `'r`.
+unsafe impl Send for ReplyLoan<'_> {}
+// SAFETY: `&ReplyLoan` only reads.
+unsafe impl Sync for ReplyLoan<'_> {}
+
+impl ReplyLoan<'_> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `len` bytes of our reply heap after the tag, allocated to this loan
+        // alone; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as in `as_mut_slice`, shared.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::fmt::Debug for ReplyLoan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyLoan")
+            .field("offset", &self.off)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl std::ops::Deref for ReplyLoan<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for ReplyLoan<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl Drop for ReplyLoan<'_> {
+    fn drop(&mut self) {
+        self.inst.heap.free(self.off, self.block_len);
     }
 }
 

@@ -62,6 +62,35 @@ pub struct ServeArgs {
     /// No progress for this long makes the instance Unhealthy.
     #[arg(long, default_value_t = Heartbeat::default().timeout_ms)]
     pub heartbeat_timeout_ms: u64,
+    /// Answer with a reply written in place in the instance's reply heap
+    /// (`Request::loan_reply`): the request is read where the caller wrote it, and nothing
+    /// is copied by the bus.
+    #[arg(long)]
+    pub loan: bool,
+    /// With `--loan`: copy only the first and last page of the request into the reply (the
+    /// rest of the reply is whatever its memory held). For measuring the transport alone:
+    /// `aegisctl bench --loan`.
+    #[arg(long, requires = "loan")]
+    pub touch_ends: bool,
+}
+
+/// Answers `req` with a loaned reply of its length: its bytes, or only its first and last
+/// page with `ends`.
+fn answer_loaned(req: aegis_client::Request<'_>, ends: bool) -> aegis_client::Result<()> {
+    let p = req.payload();
+    let n = p.len();
+    let mut loan = match req.loan_reply(n) {
+        Ok(l) => l,
+        Err(e) => return req.reply_error(e.code(), &e.to_string()),
+    };
+    if ends {
+        let page = n.min(4096);
+        loan[..page].copy_from_slice(&p[..page]);
+        loan[n - page..].copy_from_slice(&p[n - page..]);
+    } else {
+        loan.copy_from_slice(p);
+    }
+    req.reply_loan(loan)
 }
 
 pub fn run(dir: &Option<PathBuf>, a: &ServeArgs) -> Result<(), CliError> {
@@ -147,6 +176,16 @@ pub fn run(dir: &Option<PathBuf>, a: &ServeArgs) -> Result<(), CliError> {
         let hs: Vec<_> = (0..a.threads.max(1))
             .map(|_| {
                 s.spawn(|| {
+                    if a.loan {
+                        let mut rx = inst.receiver();
+                        while let Some(req) = rx.recv(None)? {
+                            if !delay.is_zero() {
+                                std::thread::sleep(delay);
+                            }
+                            answer_loaned(req, a.touch_ends)?;
+                        }
+                        return Ok(());
+                    }
                     inst.serve(|req, out| {
                         if !delay.is_zero() {
                             std::thread::sleep(delay);

@@ -34,6 +34,8 @@ pub struct Load {
     pub start_at: Option<SystemTime>,
     /// Calls each client keeps in flight (`Bus::submit`); 1: one call at a time.
     pub inflight: usize,
+    /// Zero-copy calls (`Bus::loan`, `Bus::call_loan`): see `BenchArgs::loan`.
+    pub loan: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -412,11 +414,17 @@ fn client_loop(
             Instant::now()
         };
         r.sent += 1;
-        match bus.call_into(&args.service, &args.method, &payload, opts, &mut out) {
-            Ok(_) => {
+        let answered = if args.loan {
+            loaned_call(bus, args, opts, &payload, (client, r.sent))
+        } else {
+            bus.call_into(&args.service, &args.method, &payload, opts, &mut out)
+                .map(|_| !args.verify || out == payload)
+        };
+        match answered {
+            Ok(matched) => {
                 let _ = r.hist.record(sent_at.elapsed().as_nanos().max(1) as u64);
                 r.ok += 1;
-                if args.verify && out != payload {
+                if !matched {
                     r.mismatched += 1;
                 }
             }
@@ -430,6 +438,50 @@ fn client_loop(
         }
     }
     r
+}
+
+/// `--loan`: one zero-copy call. With `--verify`, every byte of `payload` (stamped) is
+/// written into the loan and every byte of the reply checked; else only the first and
+/// last page are: the call's stamp is written into the first and last 16 bytes and
+/// checked there (an echo instance with `--touch-ends` copies those pages back). Returns
+/// whether the reply matched.
+fn loaned_call(
+    bus: &Bus,
+    args: &Load,
+    opts: &CallOptions,
+    payload: &[u8],
+    (client, seq): (u64, u64),
+) -> aegis_client::Result<bool> {
+    let n = payload.len();
+    let mut loan = bus.loan(n)?;
+    let mut s = [0u8; 16];
+    stamp(&mut s, client, seq);
+    // The stamp, repeated, in the first and last 16 bytes (all of a shorter payload).
+    let stamped = |b: &[u8]| {
+        let head = n.min(16);
+        let tail = n.saturating_sub(16).max(head);
+        b[..head]
+            .iter()
+            .chain(&b[tail..])
+            .enumerate()
+            .all(|(i, &x)| x == s[i % 16])
+    };
+    if args.verify {
+        loan.copy_from_slice(payload);
+    } else {
+        let head = n.min(16);
+        let tail = n.saturating_sub(16).max(head);
+        for (i, b) in (0..head).chain(tail..n).enumerate() {
+            loan[b] = s[i % 16];
+        }
+    }
+    let reply = bus.call_loan(&args.service, &args.method, loan, opts)?;
+    Ok(reply.len() == n
+        && if args.verify {
+            reply[..] == *payload
+        } else {
+            stamped(&reply)
+        })
 }
 
 /// `--verify`: a request names its client and sequence number in its first 16 bytes.

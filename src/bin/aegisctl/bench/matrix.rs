@@ -94,6 +94,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                         ramp_up: Duration::ZERO,
                         start_at: None,
                         inflight: 1,
+                        loan: false,
                     };
                     runs[k].push(load::run(&l, Some(bus.dir().to_owned()), None)?);
                 }

@@ -87,6 +87,12 @@ pub struct BenchArgs {
     /// loop only.
     #[arg(long, default_value_t = 1)]
     pub inflight: usize,
+    /// Zero-copy calls: each request is written in a loan (`Bus::loan`) and the reply read
+    /// in place; `--spawn` instances answer with loaned replies. Only the first and last
+    /// page of each payload are written and checked on either side (the transport's own
+    /// cost), or every byte with `--verify`.
+    #[arg(long)]
+    pub loan: bool,
     /// One of the seed's performance scenarios, with its load, targets and a verdict.
     #[arg(long, value_enum)]
     pub scenario: Option<Scenario>,
@@ -142,6 +148,12 @@ impl BenchArgs {
         if self.inflight == 0 {
             return Err("--inflight must be at least 1 (calls each client keeps in flight)".into());
         }
+        if self.loan && self.inflight > 1 {
+            return Err(
+                "--loan makes one call at a time per client; it does not combine with --inflight"
+                    .into(),
+            );
+        }
         if self.inflight > 1 && self.rate.is_some() {
             return Err("--inflight runs a closed loop; it does not combine with --rate".into());
         }
@@ -172,6 +184,7 @@ impl BenchArgs {
                 .start_at_ms
                 .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
             inflight: self.inflight,
+            loan: self.loan,
         })
     }
 }
@@ -227,7 +240,13 @@ fn run_spawned(args: &BenchArgs, dir: Option<PathBuf>) -> Result<BenchReport, St
             ));
         }
         let spin = args.instance_spin_us.map(|s| s.to_string());
-        let extra: Vec<&str> = spin.iter().flat_map(|s| ["--spin-us", s]).collect();
+        let mut extra: Vec<&str> = spin.iter().flat_map(|s| ["--spin-us", s]).collect();
+        if args.loan {
+            extra.push("--loan");
+            if !args.verify {
+                extra.push("--touch-ends");
+            }
+        }
         let mut bus = PrivateBus::start()?;
         let mut targets = Vec::new();
         for i in 0..n {
@@ -322,7 +341,11 @@ fn run_workers(
         if let Some(s) = args.stall_ms {
             cmd.args(["--stall-ms", &s.to_string()]);
         }
-        for (flag, on) in [("--verify", load.verify), ("--idempotent", load.idempotent)] {
+        for (flag, on) in [
+            ("--verify", load.verify),
+            ("--idempotent", load.idempotent),
+            ("--loan", load.loan),
+        ] {
             if on {
                 cmd.arg(flag);
             }

@@ -1,0 +1,386 @@
+//! Zero-copy calls. A [`Loan`] is a buffer in this connection's request heap: the caller
+//! writes its request there and the instance's handler reads it in place
+//! ([`crate::Request::payload`]). A [`BorrowedReply`] is a reply read where the instance
+//! wrote it (its reply heap, or the mailbox for a small one) until the guard drops. With
+//! [`crate::Request::loan_reply`] on the other side, no byte of a payload is copied by the
+//! transport in either direction.
+//!
+//! Lifetimes of the memory involved:
+//! * a loan's block belongs to the loan until [`Bus::call_loan`] takes it; the call frees
+//!   it once the instance has answered (it is then done reading), or hands it to the
+//!   quarantined mailbox of an attempt that was taken and not answered (freed when the late
+//!   reply lands or its taker exits, as for a copied request);
+//! * a borrowed reply keeps its mailbox, and so the instance's reply heap block, until it
+//!   drops. An instance reuses an unread reply's block after its unread-reply expiry
+//!   (60 s): a guard held longer may see another call's bytes ([`BorrowedReply::is_intact`]
+//!   says so).
+
+use std::sync::Arc;
+
+use super::{check_options, Sent};
+use crate::channel::mailbox;
+use crate::error::{Error, Result};
+use crate::names;
+use crate::session::breaker;
+use crate::session::bus::{Bus, BusInner, CallInfo};
+use crate::shm::layout::InstanceSeg;
+
+/// A call's request: bytes to copy (into the ring slot, or the request heap when larger),
+/// or a loan's block of the request heap, already written, sent in place.
+#[derive(Clone, Copy)]
+pub(crate) enum Body<'a> {
+    Bytes(&'a [u8]),
+    Loaned {
+        bytes: &'a [u8],
+        /// Offset and length in the request heap.
+        block: (u64, u64),
+    },
+}
+
+impl<'a> Body<'a> {
+    pub(crate) fn bytes(&self) -> &'a [u8] {
+        match *self {
+            Body::Bytes(b) | Body::Loaned { bytes: b, .. } => b,
+        }
+    }
+}
+
+/// Where a call's reply goes: copied into a buffer, or kept in place for a
+/// [`BorrowedReply`].
+pub(crate) struct Sink<'a> {
+    /// `None`: keep the reply in place (`kept`).
+    pub(crate) out: Option<&'a mut Vec<u8>>,
+    pub(crate) kept: Option<Kept>,
+    /// A quarantined mailbox took the loaned request block (the instance took the request
+    /// and did not answer in time): the quarantine frees it, the loan must not.
+    pub(crate) block_held: bool,
+}
+
+impl<'a> Sink<'a> {
+    pub(crate) fn copy(out: &'a mut Vec<u8>) -> Sink<'a> {
+        Sink {
+            out: Some(out),
+            kept: None,
+            block_held: false,
+        }
+    }
+
+    fn keep() -> Sink<'static> {
+        Sink {
+            out: None,
+            kept: None,
+            block_held: false,
+        }
+    }
+}
+
+/// A ready reply left in place: its mailbox (not yet released) and where its bytes are.
+pub(crate) struct Kept {
+    pub(crate) sent: Sent,
+    pub(crate) ptr: *const u8,
+    pub(crate) len: usize,
+    /// The answering instance's segment, mapped for as long as the reply is read.
+    pub(crate) seg: Option<Arc<InstanceSeg>>,
+}
+
+/// A writable buffer in this connection's request heap ([`Bus::loan`]): write the request
+/// in place, then send it with [`Bus::call_loan`]; no copy is made on either side. Dropped
+/// unsent, its memory goes back to the heap.
+pub struct Loan {
+    bus: Arc<BusInner>,
+    off: u64,
+    len: usize,
+    ptr: *mut u8,
+}
+
+// SAFETY: a loan is the only handle on its heap block (allocated to it alone), and the
+// mapping it points into lives as long as `bus`, which it holds.
+unsafe impl Send for Loan {}
+// SAFETY: `&Loan` only reads the block.
+unsafe impl Sync for Loan {}
+
+impl Loan {
+    /// The buffer's length (what the call sends).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buffer, for writing the request in place.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `len` bytes of our request heap, allocated to this loan alone and
+        // mapped while `self.bus` lives; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as in `as_mut_slice`, shared.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Gives up the block without freeing it (the call now owns it).
+    fn into_block(self) -> (Arc<BusInner>, (u64, u64), *const u8, usize) {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never dropped, so `bus` is moved out exactly once.
+        let bus = unsafe { std::ptr::read(&me.bus) };
+        (bus, (me.off, me.len as u64), me.ptr, me.len)
+    }
+}
+
+impl std::ops::Deref for Loan {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for Loan {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        self.bus.heap.free(self.off, self.len as u64);
+    }
+}
+
+impl std::fmt::Debug for Loan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loan")
+            .field("offset", &self.off)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// A reply read in place, where the instance wrote it. Derefs to its bytes; dropping it
+/// gives its memory back (the mailbox to this connection, the reply heap block to the
+/// instance). Hold it briefly: see [`BorrowedReply::is_intact`].
+pub struct BorrowedReply {
+    bus: Arc<BusInner>,
+    kept: Kept,
+    info: CallInfo,
+}
+
+// SAFETY: the bytes are in mappings held by `bus` (the mailbox) and `kept.seg` (the reply
+// heap), and only read; the mailbox stays ours until drop.
+unsafe impl Send for BorrowedReply {}
+// SAFETY: as above; `&BorrowedReply` only reads.
+unsafe impl Sync for BorrowedReply {}
+
+impl BorrowedReply {
+    /// The reply's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes checked against the mailbox or the instance's heap when the
+        // reply was found ready, in mappings this guard keeps; the instance does not reuse
+        // them until the guard releases the mailbox (or its unread-reply expiry passes: the
+        // bytes may then change, but stay in bounds).
+        unsafe { std::slice::from_raw_parts(self.kept.ptr, self.kept.len) }
+    }
+
+    /// Which instance answered.
+    pub fn instance(&self) -> CallInfo {
+        self.info
+    }
+
+    /// The answering instance's id.
+    pub fn instance_id(&self) -> String {
+        self.bus.instance_name(self.info.instance)
+    }
+
+    /// Whether the reply's bytes are still this call's: false only once the guard has been
+    /// held past the instance's unread-reply expiry (60 s) and the instance reused its
+    /// block for another reply. Check it after reading to trust what was read.
+    pub fn is_intact(&self) -> bool {
+        let Some(seg) = &self.kept.seg else {
+            return true;
+        };
+        let (mb, _) = self
+            .bus
+            .client
+            .mailbox(self.kept.sent.mailbox)
+            .expect("kept mailbox is valid");
+        // Inline replies live in our own mailbox, which nobody reuses while we hold it.
+        if mb.reply_kind.load(crate::shm::sync::Ordering::Relaxed)
+            != crate::shm::layout::PAYLOAD_HEAP as u32
+        {
+            return true;
+        }
+        self.bus
+            .locate_reply(self.kept.sent.mailbox, seg)
+            .and_then(|at| at.check_tag(self.kept.sent.nonce))
+            .is_ok()
+    }
+}
+
+impl std::ops::Deref for BorrowedReply {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+impl AsRef<[u8]> for BorrowedReply {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+impl std::fmt::Debug for BorrowedReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BorrowedReply")
+            .field("len", &self.kept.len)
+            .field("instance", &self.info)
+            .finish()
+    }
+}
+
+impl Drop for BorrowedReply {
+    fn drop(&mut self) {
+        release(&self.bus, &self.kept.sent);
+    }
+}
+
+/// Gives a kept reply's mailbox back (and with it, to the instance, its reply heap block).
+fn release(bus: &BusInner, s: &Sent) {
+    if let Some((mb, _)) = bus.client.mailbox(s.mailbox) {
+        mailbox::release(mb, s.gen);
+    }
+    bus.pool.put(s.mailbox);
+}
+
+impl Bus {
+    /// A writable buffer of `len` bytes in this connection's request heap, for a request
+    /// written in place and sent with [`Bus::call_loan`] without a copy. The heap holds
+    /// twice the bus's largest message; `LimitExceeded` when it has no room left (loans
+    /// and large requests in flight hold it).
+    pub fn loan(&self, len: usize) -> Result<Loan> {
+        let inner = &self.inner;
+        inner.not_forked()?;
+        let no_room = || {
+            Error::LimitExceeded(format!(
+                "request heap of {} bytes has no room for a loan of {len} more",
+                inner.heap.size()
+            ))
+        };
+        let off = inner.heap.alloc(len as u64).ok_or_else(no_room)?;
+        let ptr = inner
+            .client
+            .heap_range(off, len as u64)
+            .expect("allocator stays inside the heap");
+        Ok(Loan {
+            bus: Arc::clone(inner),
+            off,
+            len,
+            ptr,
+        })
+    }
+
+    /// Calls `method` of `service` (round-robin, failover, as [`Bus::call`]) with a request
+    /// written in a [`Loan`], and returns the reply read in place. Neither the request nor
+    /// the reply is copied by the bus. The loan is spent either way.
+    ///
+    /// One difference from a copied call: an attempt that an instance took and did not
+    /// answer in time ends the call even when it is idempotent (the request's memory stays
+    /// with that attempt until its late reply lands, so it is not sent again).
+    pub fn call_loan(
+        &self,
+        service: &str,
+        method: &str,
+        loan: Loan,
+        opts: &crate::CallOptions,
+    ) -> Result<BorrowedReply> {
+        if !Arc::ptr_eq(&loan.bus, &self.inner) {
+            return Err(Error::BadRequest(
+                "the loan was made by another bus connection".into(),
+            ));
+        }
+        let (bus, block, ptr, len) = loan.into_block();
+        // SAFETY: the block is ours (the loan gave it up) and mapped while `bus` lives.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+        let body = super::Body::Loaned { bytes, block };
+        let mut sink = Sink::keep();
+        let r = self.call_with(service, method, body, opts, &mut sink);
+        if !sink.block_held {
+            bus.heap.free(block.0, block.1);
+        }
+        self.borrowed(r, sink)
+    }
+
+    /// Like [`Bus::call`], but the reply is read in place ([`BorrowedReply`]) instead of
+    /// copied out; the request is copied as usual.
+    pub fn call_borrowed(
+        &self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        opts: &crate::CallOptions,
+    ) -> Result<BorrowedReply> {
+        let mut sink = Sink::keep();
+        let r = self.call_with(service, method, Body::Bytes(payload), opts, &mut sink);
+        self.borrowed(r, sink)
+    }
+
+    fn borrowed(&self, r: Result<CallInfo>, sink: Sink<'_>) -> Result<BorrowedReply> {
+        match (r, sink.kept) {
+            (Ok(info), Some(kept)) => Ok(BorrowedReply {
+                bus: Arc::clone(&self.inner),
+                kept,
+                info,
+            }),
+            (Ok(_), None) => Err(Error::Protocol("a reply read in place was not kept".into())),
+            (Err(e), kept) => {
+                if let Some(k) = kept {
+                    release(&self.inner, &k.sent);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The call path shared by [`Bus::call_into`] and the zero-copy calls: validates,
+    /// routes under the service's circuit breaker, and leaves the reply in `sink`.
+    pub(crate) fn call_with(
+        &self,
+        service: &str,
+        method: &str,
+        body: Body<'_>,
+        opts: &crate::CallOptions,
+        sink: &mut Sink<'_>,
+    ) -> Result<CallInfo> {
+        let start = std::time::Instant::now();
+        names::service(service)?;
+        names::method(method)?;
+        check_options(opts)?;
+        let inner = &*self.inner;
+        inner.not_forked()?;
+        let sess = inner.routing_session(service);
+        // A service nobody ever registered fails here, logged like any failed call.
+        let (svc_idx, svc) = sess.find_service(service).ok_or_else(|| {
+            super::failed_call(
+                Error::NoAvailableInstance {
+                    service: service.to_owned(),
+                },
+                inner.trace_of(opts),
+            )
+        })?;
+        let stats = sess.stats.caller_stats(svc_idx);
+        let cfg = &inner.opts.circuit_breaker;
+        breaker::guarded(cfg, stats, svc, service, |sent| {
+            self.route(
+                (start, sess, svc_idx, svc),
+                service,
+                method,
+                body,
+                opts,
+                sink,
+                sent,
+            )
+        })
+    }
+}

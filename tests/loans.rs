@@ -1,0 +1,245 @@
+//! Zero-copy loans with a real broker: a request written in place in the caller's request
+//! heap ([`Bus::loan`]) is read in place by the handler, a reply written in place in the
+//! instance's reply heap ([`Request::loan_reply`]) is read in place by the caller
+//! ([`BorrowedReply`]), and every block goes back where it came from.
+
+mod support;
+
+use std::time::Duration;
+
+use aegis_client::{Bus, BusOptions, CallOptions, Error, Instance};
+
+fn opts() -> CallOptions {
+    CallOptions::timeout(Duration::from_secs(10))
+}
+
+/// The name of the mapping of this process that holds all of `bytes` ("" if none does).
+fn mapping_of(bytes: &[u8]) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let at = bytes.as_ptr() as usize;
+    maps.lines()
+        .find(|l| {
+            let range = l.split_whitespace().next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap(),
+                usize::from_str_radix(b, 16).unwrap(),
+            );
+            a <= at && at + bytes.len() <= b
+        })
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Byte `i` of a call's pattern.
+fn pattern(seed: u8, i: usize) -> u8 {
+    (i % 251) as u8 ^ seed
+}
+
+/// Serves `n` requests (or until stopped) answering each with a loaned reply: the request's
+/// bytes reversed, written in place. Records where the request and the reply lay.
+fn serve_loaned(inst: &Instance, seen: &std::sync::Mutex<Vec<(String, String)>>) {
+    let mut rx = inst.receiver();
+    while let Some(req) = rx.recv(Some(Duration::from_secs(30))).unwrap() {
+        if req.method() == "fail" {
+            req.reply_error(418, "asked to fail").unwrap();
+            continue;
+        }
+        let n = req.payload().len();
+        let mut loan = req.loan_reply(n).unwrap();
+        for (o, i) in loan.iter_mut().zip(req.payload().iter().rev()) {
+            *o = *i;
+        }
+        seen.lock()
+            .unwrap()
+            .push((mapping_of(req.payload()), mapping_of(&loan)));
+        req.reply_loan(loan).unwrap();
+    }
+}
+
+#[test]
+fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
+    let bus = support::TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("zc", "z1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let client = bus.connect();
+    let seen = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| serve_loaned(&inst, &seen));
+        // Sizes around the inline limits and far above them, up to the 16 MiB maximum.
+        for (k, len) in [0usize, 1, 100, 4096, 256 << 10, 16 << 20]
+            .into_iter()
+            .enumerate()
+        {
+            let mut loan = client.loan(len).unwrap();
+            assert_eq!(loan.len(), len);
+            assert!(
+                mapping_of(&loan).contains("memfd:aegis-client") || len == 0,
+                "a loan is not in the caller's request heap: {}",
+                mapping_of(&loan)
+            );
+            for (i, b) in loan.iter_mut().enumerate() {
+                *b = pattern(k as u8, i);
+            }
+            let reply = client.call_loan("zc", "rev", loan, &opts()).unwrap();
+            assert_eq!(reply.len(), len, "reply length for a {len}-byte request");
+            assert!(
+                reply
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == pattern(k as u8, len - 1 - i)),
+                "reply bytes of the {len}-byte call are not the request reversed"
+            );
+            assert_eq!(reply.instance_id(), "z1");
+            if len > 0 {
+                assert!(
+                    mapping_of(&reply).contains("memfd:aegis-own"),
+                    "the reply is not read in the instance's reply heap: {}",
+                    mapping_of(&reply)
+                );
+            }
+            assert!(reply.is_intact());
+        }
+        stop.stop();
+    });
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), 6);
+    for (req_at, reply_at) in &seen[1..] {
+        assert!(
+            req_at.contains("memfd:aegis-client"),
+            "the handler did not read the loan in place: {req_at}"
+        );
+        assert!(
+            reply_at.contains("memfd:aegis-own"),
+            "the reply loan is not in the reply heap: {reply_at}"
+        );
+    }
+}
+
+#[test]
+fn loans_and_borrowed_replies_give_their_memory_back() {
+    let bus = support::TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("zc", "z1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    // Two mailboxes: a borrowed reply or an error that kept one would run them out.
+    let client = bus.connect_with(BusOptions {
+        mailboxes: 2,
+        ..BusOptions::default()
+    });
+    let other = bus.connect();
+    let seen = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| serve_loaned(&inst, &seen));
+        // The request heap holds 32 MiB (twice the 16 MiB maximum): a leaked 12 MiB block
+        // per call would fail the third loan.
+        for i in 0..8u8 {
+            let mut loan = client.loan(12 << 20).unwrap();
+            loan[0] = i;
+            let r = client.call_loan("zc", "rev", loan, &opts()).unwrap();
+            assert_eq!(r[r.len() - 1], i);
+        }
+        // A loan dropped unsent frees its block too.
+        for _ in 0..8 {
+            drop(client.loan(12 << 20).unwrap());
+        }
+        // Error answers release their mailbox.
+        for _ in 0..8 {
+            let loan = client.loan(64).unwrap();
+            match client.call_loan("zc", "fail", loan, &opts()) {
+                Err(Error::Remote { code, message, .. }) => {
+                    assert_eq!((code, message.as_str()), (418, "asked to fail"))
+                }
+                r => panic!("expected the handler's 418, got {r:?}"),
+            }
+        }
+        // A held reply keeps its bytes while other calls reuse the reply heap; two held
+        // replies hold both mailboxes, and dropping one lets the next call through.
+        let held = client
+            .call_borrowed("zc", "rev", &[7u8; 8192], &opts())
+            .unwrap();
+        for _ in 0..20 {
+            let r = other
+                .call_borrowed("zc", "rev", &[9u8; 8192], &opts())
+                .unwrap();
+            assert!(r.iter().all(|&b| b == 9));
+        }
+        assert!(held.iter().all(|&b| b == 7) && held.is_intact());
+        let second = client
+            .call_borrowed("zc", "rev", &[1u8; 100], &opts())
+            .unwrap();
+        match client.call_borrowed("zc", "rev", &[2u8; 100], &opts()) {
+            Err(Error::LimitExceeded(m)) => assert!(m.contains("mailboxes"), "{m}"),
+            r => panic!("a third call with both mailboxes held: {r:?}"),
+        }
+        drop(held);
+        let third = client
+            .call_borrowed("zc", "rev", &[3u8; 100], &opts())
+            .unwrap();
+        assert_eq!((&second[..4], &third[..4]), (&[1u8; 4][..], &[3u8; 4][..]));
+        stop.stop();
+    });
+}
+
+#[test]
+fn loans_refuse_what_they_cannot_carry() {
+    let bus = support::TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("zc", "z1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let client = bus.connect();
+    let other: Bus = bus.connect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Two receivers of one instance: the first request is held while the second
+            // is taken.
+            let (mut rx1, mut rx2) = (inst.receiver(), inst.receiver());
+            let wait = Some(Duration::from_secs(30));
+            let req = rx1.recv(wait).unwrap().expect("the too-large call");
+            let e = req.loan_reply((16 << 20) + 1).unwrap_err();
+            assert!(matches!(e, Error::MessageTooLarge { .. }), "{e:?}");
+            req.reply(b"refused").unwrap();
+            let held = rx1.recv(wait).unwrap().expect("the first held call");
+            let req = rx2.recv(wait).unwrap().expect("the second held call");
+            let loan = req.loan_reply(3).unwrap();
+            let e = held.reply_loan(loan).unwrap_err();
+            assert!(
+                matches!(e, Error::BadRequest(ref m) if m.contains("another request")),
+                "{e:?}"
+            );
+            req.reply(b"second").unwrap();
+        });
+        assert_eq!(
+            client
+                .call("zc", "too-large", b"x", &opts())
+                .unwrap()
+                .payload,
+            b"refused"
+        );
+        // A loan belongs to the connection that made it.
+        let loan = other.loan(16).unwrap();
+        match client.call_loan("zc", "m", loan, &opts()) {
+            Err(Error::BadRequest(m)) => assert!(m.contains("another bus"), "{m}"),
+            r => panic!("a foreign loan was sent: {r:?}"),
+        }
+        // More than the request heap holds.
+        match client.loan(64 << 20) {
+            Err(Error::LimitExceeded(m)) => assert!(m.contains("request heap"), "{m}"),
+            r => panic!("a 64 MiB loan: {r:?}"),
+        }
+        // Two calls in flight: the first is held by the handler while it tries to answer
+        // it with the second's loan (refused); the first then gets the internal error of a
+        // dropped request, the second its reply.
+        let p1 = client.submit("zc", "hold", b"1", &opts()).unwrap();
+        let p2 = client.submit("zc", "hold", b"2", &opts()).unwrap();
+        let (mut o1, mut o2) = (Vec::new(), Vec::new());
+        p2.wait(&mut o2).unwrap();
+        assert_eq!(o2, b"second");
+        match p1.wait(&mut o1) {
+            Err(Error::Remote { code, .. }) => assert_eq!(code, 500),
+            r => panic!("the held first request: {r:?}"),
+        }
+        stop.stop();
+    });
+}
