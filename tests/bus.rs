@@ -654,6 +654,10 @@ fn route_logs_sample_1_in_1024_successes_and_every_failure() {
     std::thread::scope(|s| {
         s.spawn(|| {
             tracing::subscriber::with_default(subscriber, || {
+                // Another test's thread may have registered the callsites with no
+                // subscriber at the moment this one was installed (a race in tracing's
+                // interest cache, which once left every routed line disabled here).
+                tracing::callsite::rebuild_interest_cache();
                 let mut out = Vec::new();
                 for _ in 0..3000 {
                     client

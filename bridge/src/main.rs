@@ -241,5 +241,10 @@ fn run(settings: Settings) -> Result<(), String> {
         }
         let _ = sh.wait("flushing", sh.nats.flush());
     }
+    // Dropping the runtime would wait for every blocking task still running: a call
+    // forwarded to another host, or a bus call made for a NATS request, each waits up to its
+    // own timeout (seconds). A stopping bridge abandons them (their callers see the
+    // bridge leave) instead of outliving the stop request by that much.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
     Ok(())
 }

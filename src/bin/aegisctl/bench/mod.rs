@@ -76,7 +76,8 @@ pub struct BenchArgs {
     /// With --spawn: microseconds the instances spin before sleeping (default: adaptive).
     #[arg(long)]
     pub instance_spin_us: Option<u64>,
-    /// Open loop: seconds over which the rate climbs from zero to --rate.
+    /// Open loop: seconds over which the clients join, one after another (the offered rate
+    /// climbs linearly from zero to --rate).
     #[arg(long)]
     pub ramp_up: Option<f64>,
     /// Run the clients in this many processes, each with --clients threads and an equal
