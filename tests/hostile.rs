@@ -253,7 +253,7 @@ fn attack_open_clients(dir: &Path, rings: &[InstanceSeg]) {
             })
             .unwrap()
         {
-            Response::OpenedClients(_) => handed += 1,
+            Response::OpenedClients(..) => handed += 1,
             Response::Error(e) => last = Error::from(e).to_string(),
             other => panic!("{other:?}"),
         }
@@ -273,7 +273,7 @@ fn attack_open_clients(dir: &Path, rings: &[InstanceSeg]) {
                 })
                 .unwrap()
             {
-                Response::OpenedClients(_) => handed += 1,
+                Response::OpenedClients(..) => handed += 1,
                 Response::Error(e) => last = Error::from(e).to_string(),
                 other => panic!("{other:?}"),
             }

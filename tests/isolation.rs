@@ -539,6 +539,60 @@ fn identities_owned_by_another_uid_are_not_trusted() {
     }
 }
 
+/// Row "a caller fills an instance's reply heap with replies it never reads": `bank` has
+/// one instance with a 4 MiB maximum message, so an 8 MiB reply heap. The attacker
+/// (allowed to call `bank`) submits 1 MiB calls and never collects their replies, while
+/// it lives and after it is killed. A uid's unread replies may hold at most half of an
+/// instance's reply heap (one maximum-size message): the attacker's further calls are
+/// refused (429 naming its uid and the bytes its unread replies hold), and every 1 MiB call of the victim succeeds with
+/// its own payload. (Before, the attacker's eight unread replies filled the heap and the
+/// victim's calls got 429 "reply heap is full" for 60 s.)
+#[test]
+fn a_caller_that_never_reads_its_replies_holds_at_most_half_of_a_reply_heap() {
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
+    let _b = bus.serve("bank", "b1", &["--max-message", "4194304"]);
+    let victim = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let big = |tag: u8| vec![tag; 1 << 20];
+    let mut out = Vec::new();
+    let victim_big_calls = |round: u8, out: &mut Vec<u8>| {
+        for i in 0..6u8 {
+            let p = big(round * 16 + i);
+            victim
+                .call_into("bank", "echo", &p, &opts, out)
+                .unwrap_or_else(|e| panic!("victim 1 MiB call {round}/{i} failed: {e}"));
+            assert!(*out == p, "victim call {round}/{i} got another payload");
+        }
+    };
+    victim_big_calls(0, &mut out);
+    let mut attacker = run_attacker_spawn(bus.path(), "hoard", "");
+    let mut lines = std::io::BufReader::new(attacker.stdout.take().unwrap());
+    let mut line = String::new();
+    let r = loop {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut lines, &mut line).unwrap() > 0,
+            "the attacker ended before hoarding"
+        );
+        if line.contains("RESULT ") {
+            break result_of_text(&line);
+        }
+    };
+    eprintln!("attacker: {r:?}");
+    victim_big_calls(1, &mut out);
+    // Killed, its unread replies are still not the victim's problem.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(attacker.id() as libc::pid_t, libc::SIGKILL) };
+    let _ = attacker.wait();
+    victim_big_calls(2, &mut out);
+    assert!(
+        value(&r, "refusal").contains("not_yet_read_by_uid_65534"),
+        "the attacker's further calls were not refused for its unread replies: {r:?}"
+    );
+}
+
 /// As [`run_attacker`], but spawned with its stdout piped for the test to read as it goes.
 fn run_attacker_spawn(dir: &Path, attack: &str, targets: &str) -> support::Reaped {
     let mut c = attacker_command(dir, attack, targets);
@@ -585,6 +639,7 @@ fn attacker() {
         "list-resources" => attack_list_resources(Path::new(&dir)),
         "own-stats" => attack_own_stats(Path::new(&dir), &targets),
         "report" => attack_report(Path::new(&dir), &targets),
+        "hoard" => attack_hoard(Path::new(&dir)),
         other => panic!("unknown attack {other}"),
     }
 }
@@ -1040,4 +1095,34 @@ fn attack_quota(dir: &Path) {
         claim_refusal.replace(' ', "_"),
         connect_refusal.replace(' ', "_")
     );
+}
+
+/// Submits twelve 1 MiB calls to `bank`, one after another, each once its reply is in, and
+/// never reads the replies: each lands in the instance's reply heap and stays there while
+/// unread. Collects only the last one (an error reply, once refused, is small) and prints
+/// why it failed, then holds the rest until killed.
+fn attack_hoard(dir: &Path) {
+    let bus = Bus::connect_dir(dir).expect("the attacker may connect");
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let payload = vec![0xeeu8; 1 << 20];
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let p = bus.submit("bank", "echo", &payload, &opts).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !p.is_ready() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        held.push(p);
+    }
+    let last = held.pop().unwrap();
+    let mut out = Vec::new();
+    let refusal = match last.wait(&mut out) {
+        Ok(_) => "none".to_owned(),
+        Err(e) => e.to_string().replace(' ', "_"),
+    };
+    println!("\nRESULT held={} refusal={refusal}", held.len());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs(600));
+    drop(held);
 }

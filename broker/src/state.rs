@@ -1006,7 +1006,7 @@ impl State {
             Ok(fd) => fd,
             Err(e) => return err(WireError::Internal(e.to_string())),
         };
-        let (mut opened, mut fds) = (vec![(client, gen)], vec![fd]);
+        let (mut opened, mut fds, mut uids) = (vec![(client, gen)], vec![fd], vec![c.uid]);
         let mut more = Vec::new();
         if let Some(pending) = self.introductions.get_mut(&conn) {
             pending.remove(&(client, gen));
@@ -1023,9 +1023,10 @@ impl State {
             if let Ok(fd) = dup(&c.fd) {
                 opened.push(id);
                 fds.push(fd);
+                uids.push(c.uid);
             }
         }
-        (Response::OpenedClients(opened), fds)
+        (Response::OpenedClients(opened, uids), fds)
     }
 
     /// The connected client that goes by `(index, gen)`, now or (having resumed into

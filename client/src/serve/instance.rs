@@ -588,6 +588,7 @@ impl InstanceInner {
         }
         let cap = d.client.layout.mailbox_inline as usize;
         let too_large;
+        let refused;
         let (mut status, mut data) = (status, data);
         if data.len() as u64 > self.max_message {
             too_large = format!(
@@ -606,12 +607,11 @@ impl InstanceInner {
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), inline, data.len()) };
             (PAYLOAD_INLINE, 0)
         } else {
-            self.sweep_pending();
             // The block starts with the call's nonce (its tag): a caller reading a reply
             // in a block since reused for another call notices (`call::read_reply`).
             let len = data.len() as u64 + crate::call::HEAP_TAG;
-            match self.heap.alloc(len) {
-                Some(off) => {
+            match self.alloc_reply(d.client.uid, len) {
+                Ok(off) => {
                     let block = self
                         .seg
                         .heap_range(off, len)
@@ -640,9 +640,10 @@ impl InstanceInner {
                     });
                     (PAYLOAD_HEAP, off)
                 }
-                None => {
-                    let msg = b"instance reply heap is full; retry";
-                    // SAFETY: as above, the message is shorter than any mailbox.
+                Err(why) => {
+                    refused = why;
+                    let msg = refused.as_bytes();
+                    // SAFETY: as above; at most `cap` bytes of the message.
                     unsafe {
                         std::ptr::copy_nonoverlapping(msg.as_ptr(), inline, msg.len().min(cap))
                     };
@@ -699,6 +700,36 @@ impl InstanceInner {
                 self.seg.durations().observe(ns);
             }
         }
+    }
+
+    /// A block of `len` bytes of the reply heap for a reply to a caller of `uid`, or why
+    /// there is none. The replies a uid has not read yet may hold one maximum-size reply's
+    /// worth (half the heap): a caller that never reads its replies takes its own uid's
+    /// share, never the heap the other uids' replies need.
+    fn alloc_reply(&self, uid: u32, len: u64) -> std::result::Result<u64, String> {
+        self.sweep_pending();
+        let round = |n: u64| n.div_ceil(64) * 64;
+        let share = round(self.max_message + crate::call::HEAP_TAG);
+        let held: u64 = self
+            .pending
+            .lock()
+            .iter()
+            .filter(|p| p.client.uid == uid)
+            .map(|p| round(p.len))
+            .sum();
+        if held + round(len) > share {
+            let who = if uid == ClientSeg::UID_UNKNOWN {
+                "callers of unknown uid".to_owned()
+            } else {
+                format!("uid {uid}")
+            };
+            return Err(format!(
+                "replies not yet read by {who} hold {held} bytes of this instance's reply heap, and one uid may hold {share}; read them, or retry later"
+            ));
+        }
+        self.heap
+            .alloc(len)
+            .ok_or_else(|| "instance reply heap is full; retry".to_owned())
     }
 
     /// Frees heap blocks whose replies their callers have read (or abandoned for a newer call).
@@ -1042,15 +1073,11 @@ impl<'r> Request<'r> {
                 max: inst.max_message,
             });
         }
-        inst.sweep_pending();
         // The block starts with the call's nonce (its tag), as for a copied reply.
         let block_len = len as u64 + crate::call::HEAP_TAG;
-        let off = inst.heap.alloc(block_len).ok_or_else(|| {
-            Error::LimitExceeded(format!(
-                "instance reply heap of {} bytes is full of replies not yet read; retry",
-                inst.heap.size()
-            ))
-        })?;
+        let off = inst
+            .alloc_reply(d.client.uid, block_len)
+            .map_err(Error::LimitExceeded)?;
         let block = inst
             .seg
             .heap_range(off, block_len)

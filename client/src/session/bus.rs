@@ -949,18 +949,26 @@ impl BusInner {
             gen,
             secret,
         })?;
-        let Response::OpenedClients(ids) = resp else {
+        let Response::OpenedClients(ids, uids) = resp else {
             return Err(Error::Protocol(format!(
                 "expected OpenedClients, got {resp:?}"
             )));
         };
+        // Each caller's uid, by (index, gen): its replies' share of our reply heaps.
+        let uid_of: Vec<((u32, u32), u32)> = ids.iter().copied().zip(uids).collect();
         let epoch = self.session().epoch;
         file_batch(
             &self.clients,
             (ids, fds, "OpenClient"),
             (index, gen),
             |seg, g| seg.gen == g,
-            |fds, i, g| ClientSeg::open(&fds[0], epoch, i, g),
+            |fds, i, g| {
+                let uid = uid_of
+                    .iter()
+                    .find(|(id, _)| *id == (i, g))
+                    .map_or(ClientSeg::UID_UNKNOWN, |&(_, u)| u);
+                ClientSeg::open(&fds[0], epoch, i, g).map(|s| s.with_uid(uid))
+            },
         )
     }
 

@@ -16,7 +16,7 @@ use crate::error::{code, Error, WireError};
 use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
@@ -152,8 +152,9 @@ pub enum Response {
     /// Client segments `(index, gen)`, one descriptor each, the one asked for first: with it
     /// come the callers that have opened this process's instances since its last
     /// `OpenClient`, so an instance facing a thousand new callers asks a few times, not a
-    /// thousand (each ask stalls its serving thread).
-    OpenedClients(Vec<(u32, u32)>),
+    /// thousand (each ask stalls its serving thread). Then each one's uid, in the same
+    /// order: an instance's reply heap is shared out per uid.
+    OpenedClients(Vec<(u32, u32)>, Vec<u32>),
     Done,
     Services(Vec<ServiceInfo>),
     Service(ServiceInfo),

@@ -144,6 +144,9 @@ pub struct ClientSeg {
     pub layout: ClientLayout,
     pub index: u32,
     pub gen: u32,
+    /// The uid of the connection's peer as the broker saw it (set by an instance that was
+    /// handed this caller's segment; [`ClientSeg::UID_UNKNOWN`] otherwise).
+    pub uid: u32,
 }
 
 impl ClientSeg {
@@ -169,7 +172,17 @@ impl ClientSeg {
             layout,
             index,
             gen,
+            uid: Self::UID_UNKNOWN,
         })
+    }
+
+    /// [`ClientSeg::uid`] when the broker did not say.
+    pub const UID_UNKNOWN: u32 = u32::MAX;
+
+    /// This segment, its peer's uid known.
+    pub fn with_uid(mut self, uid: u32) -> ClientSeg {
+        self.uid = uid;
+        self
     }
     /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
     /// The connection's doorbell (see [`ClientControl`]).
