@@ -214,24 +214,24 @@ pub fn run(
     };
     let watcher = Bus::connect_with(opts.clone()).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
-    let start = match load.start_at {
-        Some(at) => Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default(),
-        None => Instant::now() + Duration::from_millis(20),
-    };
-    let end = start + load.duration;
+    // The clock starts once every client thread exists: spawning a thousand threads takes
+    // tens of milliseconds, and calls made meanwhile would measure the generator's own
+    // thread creation (each maps a stack, stalling the running threads' page faults).
+    let ready = std::sync::Barrier::new(load.clients + 1);
+    let clock = std::sync::OnceLock::<(Instant, Instant)>::new();
     let mut killed = Vec::new();
+    let mut start = Instant::now();
     let results: Vec<ClientResult> = std::thread::scope(|s| {
-        if let Some(v) = &victims {
-            let (watcher, killed) = (&watcher, &mut killed);
-            s.spawn(move || *killed = kill_and_time(watcher, &load.service, v, start));
-        }
         let handles: Vec<_> = buses
             .into_iter()
             .enumerate()
             .map(|(ci, bus)| {
                 let call_opts = call_opts.clone();
                 let stop = stop.clone();
+                let (ready, clock) = (&ready, &clock);
                 s.spawn(move || {
+                    ready.wait();
+                    let (start, end) = *clock.get().expect("set before the barrier opens");
                     let offset = interval.map_or(Duration::ZERO, |iv| {
                         start_offset(ci, load.clients, iv, load.ramp_up)
                     });
@@ -248,6 +248,16 @@ pub fn run(
                 })
             })
             .collect();
+        start = match load.start_at {
+            Some(at) => Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default(),
+            None => Instant::now() + Duration::from_millis(20),
+        };
+        let _ = clock.set((start, start + load.duration));
+        if let Some(v) = &victims {
+            let (watcher, killed) = (&watcher, &mut killed);
+            s.spawn(move || *killed = kill_and_time(watcher, &load.service, v, start));
+        }
+        ready.wait();
         handles
             .into_iter()
             .map(|h| h.join().expect("bench client panicked"))
