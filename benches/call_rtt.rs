@@ -67,19 +67,10 @@ fn bench_bus(c: &mut Criterion, name: &str, spin: Option<Duration>) {
             .call_into("rtt", "echo", &payload, &opts, &mut out)
             .unwrap();
     }
-    let mut h = hist();
-    c.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                let t = Instant::now();
-                client
-                    .call_into("rtt", "echo", &payload, &opts, &mut out)
-                    .unwrap();
-                let _ = h.record(t.elapsed().as_nanos() as u64);
-            }
-            start.elapsed()
-        })
+    let h = timed(c, name, &mut || {
+        client
+            .call_into("rtt", "echo", &payload, &opts, &mut out)
+            .unwrap();
     });
     assert_eq!(out, payload);
     record(name, h);
@@ -324,8 +315,19 @@ fn big_floor(c: &mut Criterion, len: usize) {
         round_trip();
     }
     let name = format!("call_rtt/floor_write_once_{}", size_name(len));
+    let h = timed(c, &name, &mut round_trip);
+    assert!(ok, "the floor's replies did not match");
+    m.word(BIG_STOP)
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    floor_post(m.word(FLOOR_PING), n.wrapping_add(1), false);
+    let _ = partner.wait();
+    record(&name, h);
+}
+
+/// Times `round_trip` under criterion as benchmark `name`, every call into a histogram.
+fn timed(c: &mut Criterion, name: &str, round_trip: &mut dyn FnMut()) -> Histogram<u64> {
     let mut h = hist();
-    c.bench_function(&name, |b| {
+    c.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let start = Instant::now();
             for _ in 0..iters {
@@ -336,12 +338,7 @@ fn big_floor(c: &mut Criterion, len: usize) {
             start.elapsed()
         })
     });
-    assert!(ok, "the floor's replies did not match");
-    m.word(BIG_STOP)
-        .store(1, std::sync::atomic::Ordering::Relaxed);
-    floor_post(m.word(FLOOR_PING), n.wrapping_add(1), false);
-    let _ = partner.wait();
-    record(&name, h);
+    h
 }
 
 fn big_pattern(len: usize) -> Vec<u8> {
@@ -395,19 +392,10 @@ fn bench_loan(c: &mut Criterion, len: usize, all: bool) {
         if all { "all" } else { "ends" },
         size_name(len)
     );
-    let mut h = hist();
     let mut seq = 0u8;
-    c.bench_function(&name, |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                seq = seq.wrapping_add(1);
-                let t = Instant::now();
-                call(seq);
-                let _ = h.record(t.elapsed().as_nanos() as u64);
-            }
-            start.elapsed()
-        })
+    let h = timed(c, &name, &mut || {
+        seq = seq.wrapping_add(1);
+        call(seq)
     });
     assert!(ok, "a loaned reply did not match");
     record(&name, h);
@@ -466,18 +454,7 @@ fn floor(c: &mut Criterion, kind: &str) {
         round_trip();
     }
     let name = format!("call_rtt/floor_{kind}");
-    let mut h = hist();
-    c.bench_function(&name, |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                let t = Instant::now();
-                round_trip();
-                let _ = h.record(t.elapsed().as_nanos() as u64);
-            }
-            start.elapsed()
-        })
-    });
+    let h = timed(c, &name, &mut round_trip);
     assert_eq!(out, payload);
     // Stop the partner: a request starting with 0xff.
     n = n.wrapping_add(1);

@@ -272,22 +272,7 @@ fn a_large_request_is_read_in_place_from_shared_memory() {
         s.spawn(|| {
             inst.serve(|req, reply| {
                 let p = req.payload();
-                let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-                let at = p.as_ptr() as usize;
-                let mapping = maps
-                    .lines()
-                    .find(|l| {
-                        let range = l.split_whitespace().next().unwrap();
-                        let (a, b) = range.split_once('-').unwrap();
-                        let (a, b) = (
-                            usize::from_str_radix(a, 16).unwrap(),
-                            usize::from_str_radix(b, 16).unwrap(),
-                        );
-                        a <= at && at + p.len() <= b
-                    })
-                    .unwrap_or("")
-                    .to_owned();
-                seen.lock().unwrap().push(mapping);
+                seen.lock().unwrap().push(support::mapping_of(p));
                 reply.extend_from_slice(&p[p.len() - 8..]);
                 Ok(())
             })

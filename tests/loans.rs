@@ -8,27 +8,10 @@ mod support;
 use std::time::Duration;
 
 use aegis_client::{Bus, BusOptions, CallOptions, Error, Instance};
+use support::mapping_of;
 
 fn opts() -> CallOptions {
     CallOptions::timeout(Duration::from_secs(10))
-}
-
-/// The name of the mapping of this process that holds all of `bytes` ("" if none does).
-fn mapping_of(bytes: &[u8]) -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let at = bytes.as_ptr() as usize;
-    maps.lines()
-        .find(|l| {
-            let range = l.split_whitespace().next().unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            let (a, b) = (
-                usize::from_str_radix(a, 16).unwrap(),
-                usize::from_str_radix(b, 16).unwrap(),
-            );
-            a <= at && at + bytes.len() <= b
-        })
-        .unwrap_or("")
-        .to_owned()
 }
 
 /// Byte `i` of a call's pattern.

@@ -389,14 +389,8 @@ impl Bus {
         let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
         let l = {
             let mut l = loan.borrow_mut();
-            if l.exports > 0 {
-                return Err(PyBufferError::new_err(
-                    "the loan has memoryviews still open: release them before sending it",
-                ));
-            }
-            l.loan
-                .take()
-                .ok_or_else(|| bad_request("the loan was already sent or released".into()))?
+            let exports = l.exports;
+            take_unexported(&mut l.loan, exports)?
         };
         self.with(|bus| {
             let r = py
@@ -931,14 +925,8 @@ impl Instance {
     fn reply_loan(&self, loan: &Bound<'_, ReplyLoan>) -> PyResult<()> {
         let l = {
             let mut l = loan.borrow_mut();
-            if l.exports > 0 {
-                return Err(PyBufferError::new_err(
-                    "the loan has memoryviews still open: release them before sending it",
-                ));
-            }
-            l.loan
-                .take()
-                .ok_or_else(|| bad_request("the loan was already sent or released".into()))?
+            let exports = l.exports;
+            take_unexported(&mut l.loan, exports)?
         };
         let req = self.take_request()?;
         req.reply_loan(l).map_err(to_py)
@@ -1069,6 +1057,18 @@ fn current_deadline() -> Option<f64> {
         Some(left) => left.as_secs_f64(),
         None => -now.duration_since(d).as_secs_f64(),
     })
+}
+
+/// A loan's memory, to send: refused while memoryviews of it are open (they would outlive
+/// the memory), or once spent.
+fn take_unexported<T>(slot: &mut Option<T>, exports: usize) -> PyResult<T> {
+    if exports > 0 {
+        return Err(PyBufferError::new_err(
+            "the loan has memoryviews still open: release them before sending it",
+        ));
+    }
+    slot.take()
+        .ok_or_else(|| bad_request("the loan was already sent or released".into()))
 }
 
 /// Fills `view` for a buffer of `len` bytes at `ptr` owned by `obj`.

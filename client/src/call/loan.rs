@@ -93,34 +93,67 @@ pub struct Loan {
     ptr: *mut u8,
 }
 
-// SAFETY: a loan is the only handle on its heap block (allocated to it alone), and the
-// mapping it points into lives as long as `bus`, which it holds.
-unsafe impl Send for Loan {}
-// SAFETY: `&Loan` only reads the block.
-unsafe impl Sync for Loan {}
+/// The byte-buffer face of a loan ([`Loan`], [`crate::ReplyLoan`]): a type with `ptr`,
+/// `len` and `off` fields that is the only handle on `len` bytes at `ptr`, a block of a
+/// heap allocated to it alone, in a mapping it keeps alive (its `Drop` frees the block).
+macro_rules! loaned_buffer {
+    ($t:ty, $name:literal) => {
+        // SAFETY: the only handle on its block, in a mapping that outlives it.
+        unsafe impl Send for $t {}
+        // SAFETY: a shared reference only reads the block.
+        unsafe impl Sync for $t {}
+
+        impl $t {
+            /// The buffer's length (what is sent).
+            pub fn len(&self) -> usize {
+                self.len
+            }
+
+            pub fn is_empty(&self) -> bool {
+                self.len == 0
+            }
+
+            /// The buffer, for writing in place.
+            pub fn as_mut_slice(&mut self) -> &mut [u8] {
+                // SAFETY: `len` bytes allocated to this loan alone, mapped while it lives;
+                // `&mut self` makes this the only reference.
+                unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+            }
+
+            pub fn as_slice(&self) -> &[u8] {
+                // SAFETY: as in `as_mut_slice`, shared.
+                unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+            }
+        }
+
+        impl std::ops::Deref for $t {
+            type Target = [u8];
+            fn deref(&self) -> &[u8] {
+                self.as_slice()
+            }
+        }
+
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut [u8] {
+                self.as_mut_slice()
+            }
+        }
+
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct($name)
+                    .field("offset", &self.off)
+                    .field("len", &self.len)
+                    .finish()
+            }
+        }
+    };
+}
+pub(crate) use loaned_buffer;
+
+loaned_buffer!(Loan, "Loan");
 
 impl Loan {
-    /// The buffer's length (what the call sends).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The buffer, for writing the request in place.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `len` bytes of our request heap, allocated to this loan alone and
-        // mapped while `self.bus` lives; `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: as in `as_mut_slice`, shared.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
     /// Gives up the block without freeing it (the call now owns it).
     fn into_block(self) -> (Arc<BusInner>, (u64, u64), *const u8, usize) {
         let me = std::mem::ManuallyDrop::new(self);
@@ -130,31 +163,9 @@ impl Loan {
     }
 }
 
-impl std::ops::Deref for Loan {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl std::ops::DerefMut for Loan {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        self.as_mut_slice()
-    }
-}
-
 impl Drop for Loan {
     fn drop(&mut self) {
         self.bus.heap.free(self.off, self.len as u64);
-    }
-}
-
-impl std::fmt::Debug for Loan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loan")
-            .field("offset", &self.off)
-            .field("len", &self.len)
-            .finish()
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 #[cfg(feature = "async")]
 pub(crate) mod doorbell;
-mod loan;
+pub(crate) mod loan;
 
 pub(crate) use loan::{Body, Kept, Sink};
 pub use loan::{BorrowedReply, Loan};

@@ -1138,51 +1138,7 @@ pub struct ReplyLoan<'r> {
     nonce: u64,
 }
 
-// SAFETY: the loan is the only handle on its block, in the instance's mapping that
-// outlives `'r`.
-unsafe impl Send for ReplyLoan<'_> {}
-// SAFETY: `&ReplyLoan` only reads.
-unsafe impl Sync for ReplyLoan<'_> {}
-
-impl ReplyLoan<'_> {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `len` bytes of our reply heap after the tag, allocated to this loan
-        // alone; `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: as in `as_mut_slice`, shared.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-impl std::fmt::Debug for ReplyLoan<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplyLoan")
-            .field("offset", &self.off)
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-impl std::ops::Deref for ReplyLoan<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl std::ops::DerefMut for ReplyLoan<'_> {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        self.as_mut_slice()
-    }
-}
+crate::call::loan::loaned_buffer!(ReplyLoan<'_>, "ReplyLoan");
 
 impl Drop for ReplyLoan<'_> {
     fn drop(&mut self) {
