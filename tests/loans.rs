@@ -75,6 +75,14 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
                 "reply bytes of the {len}-byte call are not the request reversed"
             );
             assert_eq!(reply.instance_id(), "z1");
+            // The other faces of the same bytes.
+            assert_eq!(AsRef::<[u8]>::as_ref(&reply), reply.bytes());
+            assert_eq!(reply.bytes().len(), len);
+            let shown = format!("{reply:?}");
+            assert!(
+                shown.contains("BorrowedReply") && shown.contains(&format!("len: {len}")),
+                "{shown}"
+            );
             if len > 0 {
                 assert!(
                     mapping_of(&reply).contains("memfd:aegis-own"),
