@@ -1099,7 +1099,9 @@ impl<'r> Request<'r> {
         })
     }
 
-    /// Answers the request with a reply written in place ([`Request::loan_reply`]).
+    /// Answers the request with a reply written in place ([`Request::loan_reply`]). A loan
+    /// made for another request is refused with `BadRequest`; the request, consumed, is
+    /// then answered like one dropped unanswered (the caller gets an internal error).
     pub fn reply_loan(mut self, loan: ReplyLoan<'_>) -> Result<()> {
         let d = self.delivery.take().expect("replied once");
         if loan.nonce != d.nonce || !std::ptr::eq(loan.inst, self.inst) {
