@@ -1727,10 +1727,9 @@ pub unsafe extern "C" fn aegis_reply_loan(
         match req.loan_reply(len) {
             Ok(mut l) => {
                 *data = l.as_mut_slice().as_mut_ptr();
-                // SAFETY: the loan borrows the instance, which outlives the receiver (the
-                // contract of `aegis_receiver_new`); it is dropped before the receiver.
-                rx.loan =
-                    Some(unsafe { std::mem::transmute::<ReplyLoan<'_>, ReplyLoan<'static>>(l) });
+                // Borrows the instance as the request does (`'static` by the contract of
+                // `aegis_receiver_new`), and is dropped before the receiver.
+                rx.loan = Some(l);
                 AEGIS_OK
             }
             Err(e) => fail(e),
@@ -1744,15 +1743,14 @@ pub unsafe extern "C" fn aegis_receiver_reply_loan(rx: *mut aegis_receiver) -> a
     guard(|| {
         // SAFETY: forwarded caller contract.
         let rx = need!(unsafe { rx.as_mut() }, "receiver");
-        if rx.req.is_none() || rx.loan.is_none() {
+        let Some(loan) = rx.loan.take() else {
             set_error(
                 "no reply loan to send (aegis_reply_loan first, after aegis_receiver_next)".into(),
             );
             return AEGIS_INVALID_ARGUMENT;
-        }
-        let (Some(req), Some(loan)) = (rx.req.take(), rx.loan.take()) else {
-            unreachable!("checked above");
         };
+        // A loan is only ever held beside its request (every answer drops both).
+        let req = rx.req.take().expect("a reply loan's request");
         CURRENT.with(|c| c.set(None));
         match req.reply_loan(loan) {
             Ok(()) => AEGIS_OK,

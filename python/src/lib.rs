@@ -909,10 +909,10 @@ impl Instance {
             .as_ref()
             .and_then(|p| p.req.as_ref())
             .ok_or_else(|| bad_request("no received request to answer".into()))?;
+        // Borrows the instance's inner state as the request does (`'static` by `Pull`'s
+        // own contract); the `Arc` stored beside it in `ReplyLoan` keeps that alive (field
+        // order drops the loan first).
         let loan = req.loan_reply(size).map_err(to_py)?;
-        // SAFETY: the loan borrows the instance's inner state, which the `Arc` stored
-        // beside it in `ReplyLoan` keeps alive (field order drops the loan first).
-        let loan: RReplyLoan<'static> = unsafe { std::mem::transmute(loan) };
         Ok(ReplyLoan {
             loan: Some(loan),
             exports: 0,

@@ -91,6 +91,8 @@ pub struct Loan {
     off: u64,
     len: usize,
     ptr: *mut u8,
+    /// Whether dropping it frees the block: not once a quarantined attempt took it.
+    owned: bool,
 }
 
 /// The byte-buffer face of a loan ([`Loan`], [`crate::ReplyLoan`]): a type with `ptr`,
@@ -153,19 +155,11 @@ pub(crate) use loaned_buffer;
 
 loaned_buffer!(Loan, "Loan");
 
-impl Loan {
-    /// Gives up the block without freeing it (the call now owns it).
-    fn into_block(self) -> (Arc<BusInner>, (u64, u64), *const u8, usize) {
-        let me = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `me` is never dropped, so `bus` is moved out exactly once.
-        let bus = unsafe { std::ptr::read(&me.bus) };
-        (bus, (me.off, me.len as u64), me.ptr, me.len)
-    }
-}
-
 impl Drop for Loan {
     fn drop(&mut self) {
-        self.bus.heap.free(self.off, self.len as u64);
+        if self.owned {
+            self.bus.heap.free(self.off, self.len as u64);
+        }
     }
 }
 
@@ -208,24 +202,14 @@ impl BorrowedReply {
     /// held past the instance's unread-reply expiry (60 s) and the instance reused its
     /// block for another reply. Check it after reading to trust what was read.
     pub fn is_intact(&self) -> bool {
-        let Some(seg) = &self.kept.seg else {
-            return true;
-        };
-        let (mb, _) = self
-            .bus
-            .client
-            .mailbox(self.kept.sent.mailbox)
-            .expect("kept mailbox is valid");
-        // Inline replies live in our own mailbox, which nobody reuses while we hold it.
-        if mb.reply_kind.load(crate::shm::sync::Ordering::Relaxed)
-            != crate::shm::layout::PAYLOAD_HEAP as u32
-        {
-            return true;
-        }
-        self.bus
-            .locate_reply(self.kept.sent.mailbox, seg)
-            .and_then(|at| at.check_tag(self.kept.sent.nonce))
-            .is_ok()
+        // An inline reply (in our own mailbox, which nobody reuses while we hold it) has no
+        // tag, and passes.
+        self.kept.seg.as_ref().is_none_or(|seg| {
+            self.bus
+                .locate_reply(self.kept.sent.mailbox, seg)
+                .and_then(|at| at.check_tag(self.kept.sent.nonce))
+                .is_ok()
+        })
     }
 }
 
@@ -289,6 +273,7 @@ impl Bus {
             off,
             len,
             ptr,
+            owned: true,
         })
     }
 
@@ -303,7 +288,7 @@ impl Bus {
         &self,
         service: &str,
         method: &str,
-        loan: Loan,
+        mut loan: Loan,
         opts: &crate::CallOptions,
     ) -> Result<BorrowedReply> {
         if !Arc::ptr_eq(&loan.bus, &self.inner) {
@@ -311,15 +296,16 @@ impl Bus {
                 "the loan was made by another bus connection".into(),
             ));
         }
-        let (bus, block, ptr, len) = loan.into_block();
-        // SAFETY: the block is ours (the loan gave it up) and mapped while `bus` lives.
-        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
-        let body = super::Body::Loaned { bytes, block };
+        let body = Body::Loaned {
+            bytes: loan.as_slice(),
+            block: (loan.off, loan.len as u64),
+        };
         let mut sink = Sink::keep();
         let r = self.call_with(service, method, body, opts, &mut sink);
-        if !sink.block_held {
-            bus.heap.free(block.0, block.1);
-        }
+        // Dropped at the end: the instance has answered (it is done reading), or the call
+        // gave up on an attempt that was never taken; a quarantine that holds the block
+        // frees it when the late reply lands.
+        loan.owned = !sink.block_held;
         self.borrowed(r, sink)
     }
 

@@ -988,30 +988,28 @@ impl BusInner {
             .expect("pool hands out valid indices");
         let ring = seg.ring();
         let payload = body.bytes();
-        let inline =
-            matches!(body, Body::Bytes(_)) && payload.len() + method.len() <= ring.data_len();
-        let heap_block = if let Body::Loaned { block, .. } = body {
+        let (inline, heap_block) = match body {
             // Written in place by the caller: sent as it is, never copied.
-            Some(block)
-        } else if inline {
-            None
-        } else {
-            let len = payload.len() as u64;
-            let Some(off) = self.heap.alloc(len) else {
-                self.pool.put(mb_idx);
-                return Err(Error::LimitExceeded(format!(
-                    "request heap of {} bytes has no room for {len} more",
-                    self.heap.size()
-                ))
-                .into());
-            };
-            let dst = self
-                .client
-                .heap_range(off, len)
-                .expect("allocator stays inside the heap");
-            // SAFETY: `dst` is `len` bytes inside our heap, allocated to this call only.
-            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, payload.len()) };
-            Some((off, len))
+            Body::Loaned { block, .. } => (false, Some(block)),
+            Body::Bytes(p) if p.len() + method.len() <= ring.data_len() => (true, None),
+            Body::Bytes(p) => {
+                let len = p.len() as u64;
+                let Some(off) = self.heap.alloc(len) else {
+                    self.pool.put(mb_idx);
+                    return Err(Error::LimitExceeded(format!(
+                        "request heap of {} bytes has no room for {len} more",
+                        self.heap.size()
+                    ))
+                    .into());
+                };
+                let dst = self
+                    .client
+                    .heap_range(off, len)
+                    .expect("allocator stays inside the heap");
+                // SAFETY: `dst` is `len` bytes inside our heap, allocated to this call only.
+                unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst, p.len()) };
+                (false, Some((off, len)))
+            }
         };
         let nonce = self.next_nonce();
         let sent = Sent {
@@ -1182,22 +1180,20 @@ impl BusInner {
         let interrupted = || Failed::Error(Error::Interrupted);
         match outcome {
             Cancel::Ready => {
-                let (r, keep) = match &mut out.out {
-                    Some(buf) => (self.read_reply(mb_idx, seg, sent.nonce, buf), false),
-                    None => match self.reply_in_place(mb_idx, seg, sent.nonce) {
-                        Ok((ptr, len)) => {
+                let r = match &mut out.out {
+                    Some(buf) => self.read_reply(mb_idx, seg, sent.nonce, buf),
+                    None => self
+                        .reply_in_place(mb_idx, seg, sent.nonce)
+                        .map(|(ptr, len)| {
                             out.kept = Some(Kept {
                                 sent,
                                 ptr,
                                 len,
                                 seg: None,
-                            });
-                            (Ok(()), true)
-                        }
-                        Err(e) => (Err(e), false),
-                    },
+                            })
+                        }),
                 };
-                if keep {
+                if out.kept.is_some() {
                     // The instance has answered: it is done with the request. The mailbox
                     // (and the reply heap block it names) stays ours until the guard drops.
                     self.free_request(&sent);

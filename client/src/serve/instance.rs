@@ -607,37 +607,11 @@ impl InstanceInner {
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), inline, data.len()) };
             (PAYLOAD_INLINE, 0)
         } else {
-            // The block starts with the call's nonce (its tag): a caller reading a reply
-            // in a block since reused for another call notices (`call::read_reply`).
-            let len = data.len() as u64 + crate::call::HEAP_TAG;
-            match self.alloc_reply(d.client.uid, len) {
-                Ok(off) => {
-                    let block = self
-                        .seg
-                        .heap_range(off, len)
-                        .expect("allocator stays in the heap");
-                    // SAFETY: `block` is `len` bytes of our heap, allocated to this reply,
-                    // 64-aligned (the allocator's unit, on a page-aligned heap).
-                    let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
-                    tag.store(d.nonce, Ordering::Relaxed);
-                    // SYNC POINT: pairs with the caller's Acquire fence after its copy.
-                    crate::shm::sync::fence(Ordering::Release);
-                    // SAFETY: the bytes after the tag, inside the same allocated block.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            data.as_ptr(),
-                            block.add(crate::call::HEAP_TAG as usize),
-                            data.len(),
-                        )
-                    };
-                    self.pending.lock().push(PendingReply {
-                        client: d.client.clone(),
-                        mailbox: d.mailbox,
-                        gen: d.gen,
-                        off,
-                        len,
-                        sent: Instant::now(),
-                    });
+            match self.reply_block(&d, data.len()) {
+                Ok((off, block_len, dst)) => {
+                    // SAFETY: `dst` is `data.len()` bytes of the block allocated to this reply.
+                    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+                    self.hold_until_read(&d, off, block_len);
                     (PAYLOAD_HEAP, off)
                 }
                 Err(why) => {
@@ -664,14 +638,7 @@ impl InstanceInner {
             return; // the loan frees its block
         }
         let loan = std::mem::ManuallyDrop::new(loan);
-        self.pending.lock().push(PendingReply {
-            client: d.client.clone(),
-            mailbox: d.mailbox,
-            gen: d.gen,
-            off: loan.off,
-            len: loan.block_len,
-            sent: Instant::now(),
-        });
+        self.hold_until_read(&d, loan.off, loan.block_len);
         self.publish(&d, mb, 0, PAYLOAD_HEAP, loan.off, loan.len as u64);
     }
 
@@ -707,16 +674,9 @@ impl InstanceInner {
     /// worth (half the heap): a caller that never reads its replies takes its own uid's
     /// share, never the heap the other uids' replies need.
     fn alloc_reply(&self, uid: u32, len: u64) -> std::result::Result<u64, String> {
-        self.sweep_pending();
         let round = |n: u64| n.div_ceil(64) * 64;
         let share = round(self.max_message + crate::call::HEAP_TAG);
-        let held: u64 = self
-            .pending
-            .lock()
-            .iter()
-            .filter(|p| p.client.uid == uid)
-            .map(|p| round(p.len))
-            .sum();
+        let held = self.sweep_pending(uid);
         if held + round(len) > share {
             let who = if uid == ClientSeg::UID_UNKNOWN {
                 "callers of unknown uid".to_owned()
@@ -732,8 +692,11 @@ impl InstanceInner {
             .ok_or_else(|| "instance reply heap is full; retry".to_owned())
     }
 
-    /// Frees heap blocks whose replies their callers have read (or abandoned for a newer call).
-    fn sweep_pending(&self) {
+    /// Frees heap blocks whose replies their callers have read (or abandoned for a newer
+    /// call), and returns the bytes (in the allocator's 64-byte units) that the replies
+    /// still unread by callers of `uid` hold.
+    fn sweep_pending(&self, uid: u32) -> u64 {
+        let mut held = 0;
         self.pending.lock().retain(|p| {
             let unread = p.sent.elapsed() < UNREAD_REPLY_EXPIRY
                 && p.client
@@ -741,8 +704,51 @@ impl InstanceInner {
                     .is_some_and(|(mb, _)| mailbox::still_unread(&mb.state, p.gen));
             if !unread {
                 self.heap.free(p.off, p.len);
+            } else if p.client.uid == uid {
+                held += p.len.div_ceil(64) * 64;
             }
             unread
+        });
+        held
+    }
+
+    /// A block of the reply heap for `len` bytes of a reply to `d`, its tag (the call's
+    /// nonce) written first: `(offset, block length, where the bytes go)`, or why there is
+    /// none. A caller copying a reply out of a block since reused for another call
+    /// notices by the tag (`call::read_reply`).
+    fn reply_block(
+        &self,
+        d: &Delivery,
+        len: usize,
+    ) -> std::result::Result<(u64, u64, *mut u8), String> {
+        let block_len = len as u64 + crate::call::HEAP_TAG;
+        let off = self.alloc_reply(d.client.uid, block_len)?;
+        let block = self
+            .seg
+            .heap_range(off, block_len)
+            .expect("allocator stays in the heap");
+        // SAFETY: `block` is `block_len` bytes of our heap, allocated to this reply,
+        // 64-aligned (the allocator's unit, on a page-aligned heap).
+        let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
+        tag.store(d.nonce, Ordering::Relaxed);
+        // SYNC POINT: the tag before the bytes: pairs with the caller's Acquire fence after
+        // its copy.
+        crate::shm::sync::fence(Ordering::Release);
+        // SAFETY: the bytes after the tag, inside the same allocated block.
+        Ok((off, block_len, unsafe {
+            block.add(crate::call::HEAP_TAG as usize)
+        }))
+    }
+
+    /// Keeps heap block `(off, len)` of a reply to `d` until its caller has read it.
+    fn hold_until_read(&self, d: &Delivery, off: u64, len: u64) {
+        self.pending.lock().push(PendingReply {
+            client: d.client.clone(),
+            mailbox: d.mailbox,
+            gen: d.gen,
+            off,
+            len,
+            sent: Instant::now(),
         });
     }
 }
@@ -1073,28 +1079,14 @@ impl<'r> Request<'r> {
                 max: inst.max_message,
             });
         }
-        // The block starts with the call's nonce (its tag), as for a copied reply.
-        let block_len = len as u64 + crate::call::HEAP_TAG;
-        let off = inst
-            .alloc_reply(d.client.uid, block_len)
-            .map_err(Error::LimitExceeded)?;
-        let block = inst
-            .seg
-            .heap_range(off, block_len)
-            .expect("allocator stays in the heap");
-        // SAFETY: `block` is `block_len` bytes of our heap, allocated to this loan, 64-aligned.
-        let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
-        tag.store(d.nonce, Ordering::Relaxed);
-        // SYNC POINT: the tag before the bytes the handler writes next, as in
-        // `send_reply`: pairs with a copying caller's Acquire fence after its copy.
-        crate::shm::sync::fence(Ordering::Release);
+        // Tagged before the handler writes, as a copied reply's block is.
+        let (off, block_len, ptr) = inst.reply_block(d, len).map_err(Error::LimitExceeded)?;
         Ok(ReplyLoan {
             inst,
             off,
             block_len,
             len,
-            // SAFETY: the bytes after the tag, inside the same allocated block.
-            ptr: unsafe { block.add(crate::call::HEAP_TAG as usize) },
+            ptr,
             nonce: d.nonce,
         })
     }

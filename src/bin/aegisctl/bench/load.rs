@@ -220,7 +220,6 @@ pub fn run(
     let ready = std::sync::Barrier::new(load.clients + 1);
     let clock = std::sync::OnceLock::<(Instant, Instant)>::new();
     let mut killed = Vec::new();
-    let mut start = Instant::now();
     let results: Vec<ClientResult> = std::thread::scope(|s| {
         let handles: Vec<_> = buses
             .into_iter()
@@ -248,7 +247,7 @@ pub fn run(
                 })
             })
             .collect();
-        start = match load.start_at {
+        let start = match load.start_at {
             Some(at) => Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default(),
             None => Instant::now() + Duration::from_millis(20),
         };
@@ -263,6 +262,7 @@ pub fn run(
             .map(|h| h.join().expect("bench client panicked"))
             .collect()
     });
+    let (start, _) = *clock.get().expect("set when the clients were spawned");
     let elapsed = start.elapsed().as_secs_f64();
     let mut hist = new_hist();
     let mut lag = new_hist();
@@ -474,21 +474,12 @@ fn loaned_call(
     let mut s = [0u8; 16];
     stamp(&mut s, client, seq);
     // The stamp, repeated, in the first and last 16 bytes (all of a shorter payload).
-    let stamped = |b: &[u8]| {
-        let head = n.min(16);
-        let tail = n.saturating_sub(16).max(head);
-        b[..head]
-            .iter()
-            .chain(&b[tail..])
-            .enumerate()
-            .all(|(i, &x)| x == s[i % 16])
-    };
+    let (head, tail) = (n.min(16), n.saturating_sub(16).max(n.min(16)));
+    let ends = || (0..head).chain(tail..n).enumerate();
     if args.verify {
         loan.copy_from_slice(payload);
     } else {
-        let head = n.min(16);
-        let tail = n.saturating_sub(16).max(head);
-        for (i, b) in (0..head).chain(tail..n).enumerate() {
+        for (i, b) in ends() {
             loan[b] = s[i % 16];
         }
     }
@@ -497,7 +488,7 @@ fn loaned_call(
         && if args.verify {
             reply[..] == *payload
         } else {
-            stamped(&reply)
+            ends().all(|(i, b)| reply[b] == s[i % 16])
         })
 }
 
