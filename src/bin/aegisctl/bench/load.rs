@@ -218,6 +218,11 @@ pub fn run(
     // tens of milliseconds, and calls made meanwhile would measure the generator's own
     // thread creation (each maps a stack, stalling the running threads' page faults).
     let ready = std::sync::Barrier::new(load.clients + 1);
+    // And a client that is done waits for the others before it disconnects and its thread
+    // exits: a thousand teardowns (unmapping, the broker's disconnect work) while the last
+    // clients still call would be measured as their latency (the last 100 ms of a stress
+    // run held half of its calls over 5 ms).
+    let finished = std::sync::Barrier::new(load.clients);
     let clock = std::sync::OnceLock::<(Instant, Instant)>::new();
     let mut killed = Vec::new();
     let results: Vec<ClientResult> = std::thread::scope(|s| {
@@ -227,14 +232,14 @@ pub fn run(
             .map(|(ci, bus)| {
                 let call_opts = call_opts.clone();
                 let stop = stop.clone();
-                let (ready, clock) = (&ready, &clock);
+                let (ready, clock, finished) = (&ready, &clock, &finished);
                 s.spawn(move || {
                     ready.wait();
                     let (start, end) = *clock.get().expect("set before the barrier opens");
                     let offset = interval.map_or(Duration::ZERO, |iv| {
                         start_offset(ci, load.clients, iv, load.ramp_up)
                     });
-                    client_loop(
+                    let r = client_loop(
                         &bus,
                         load,
                         ci as u64,
@@ -243,7 +248,9 @@ pub fn run(
                         end,
                         interval,
                         &stop,
-                    )
+                    );
+                    finished.wait();
+                    r
                 })
             })
             .collect();
