@@ -79,8 +79,9 @@ impl MailboxPool {
         if self.quarantined.load(std::sync::atomic::Ordering::Relaxed) > 0 {
             self.reclaim(client, heap);
         }
+        // Either queue may be emptied by another thread between the check and the pop.
         let i = if self.recent.is_full() {
-            self.recent.pop()
+            self.recent.pop().or_else(|| self.free.pop())
         } else {
             self.free.pop().or_else(|| self.recent.pop())
         }?;
