@@ -17,8 +17,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aegis_client::layout::{InstanceSeg, Mapping, MsgHeader, SegmentKind, PAYLOAD_INLINE};
+use aegis_client::layout::{
+    ChannelSeg, InstanceSeg, Mapping, MsgHeader, SegmentKind, PAYLOAD_INLINE,
+};
 use aegis_client::proto::{Request, Response, ServiceConfig};
+use aegis_client::ring::Doorbell;
 use aegis_client::{Bus, CallOptions, Error, RegisterOptions};
 use support::{Raw, TestBus};
 
@@ -159,12 +162,17 @@ fn hostile_peer() {
     me.call("echo", "echo", b"hi", &CallOptions::default())
         .unwrap();
 
+    // Our own channels, before we map anyone else's.
+    let own = echo_channels(&["self".to_string()]);
     attack_truncate(&pids);
     let rings = echo_rings(&pids);
-    attack_open_clients(dir, &rings);
-    attack_forge(&rings);
+    let chans = echo_channels(&pids.iter().map(u32::to_string).collect::<Vec<_>>());
+    attack_open_clients(dir, &chans);
+    attack_forge(&rings, &chans);
     attack_reports(dir, &rings);
-    attack_corrupt(&rings[0]);
+    // Our own channels (the well-behaved caller's we could wreck only because we run as
+    // its uid here: tests/isolation.rs has an attacker of another uid).
+    attack_corrupt(&rings[0], &own);
     attack_huge_ring(&me);
     attack_exhaust(dir);
     let _ = std::io::stdout().flush();
@@ -190,30 +198,45 @@ fn attack_truncate(pids: &[u32]) {
     println!("ATTACK truncate: {tried} resize attempts, {succeeded} succeeded");
 }
 
-/// The aegis memfds process `proc` (a pid or `self`) holds whose names start with
-/// `prefix`, opened read-write through /proc/PROC/fd (as any process of that uid can).
+/// The aegis memfds process `proc` (a pid or `self`) holds open or mapped whose names
+/// start with `prefix`, opened read-write through /proc/PROC/fd and /proc/PROC/map_files
+/// (as a process of that uid can; map_files also needs CAP_SYS_ADMIN: tests run as root).
+/// A memfd mapped several times comes once per mapping.
 fn memfds_of(proc: &str, prefix: &str) -> Vec<std::fs::File> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{proc}/fd")) else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with(prefix))
-        })
-        .filter_map(|e| {
-            std::fs::OpenOptions::new()
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for sub in ["fd", "map_files"] {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{proc}/{sub}")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let Ok(t) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            if !t.to_string_lossy().starts_with(prefix) {
+                continue;
+            }
+            let Ok(f) = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(e.path())
-                .ok()
-        })
-        .collect()
+            else {
+                continue;
+            };
+            // One per memfd (by inode).
+            use std::os::unix::fs::MetadataExt;
+            if f.metadata().is_ok_and(|m| seen.insert(m.ino())) {
+                out.push(f);
+            }
+        }
+    }
+    out
 }
 
 /// Serve something (so the broker takes us for an instance), then ask for the segments
-/// of the callers whose requests we can read in the echo rings (identities and secrets
-/// harvested from the slot headers), and of every identity we can guess.
-fn attack_open_clients(dir: &Path, rings: &[InstanceSeg]) {
+/// of the callers whose requests we can read in the echo instances' channels (identities
+/// and secrets harvested from the slot headers), and of every identity we can guess.
+fn attack_open_clients(dir: &Path, chans: &[ChannelSeg]) {
     use std::os::fd::AsFd;
     let mut raw = Raw::connect(dir).unwrap();
     let config = ServiceConfig {
@@ -238,7 +261,7 @@ fn attack_open_clients(dir: &Path, rings: &[InstanceSeg]) {
         Response::Registered { .. } => {}
         other => panic!("{other:?}"),
     }
-    let harvested: std::collections::HashSet<_> = slot_headers(rings)
+    let harvested: std::collections::HashSet<_> = slot_headers(chans)
         .map(|h| (h.client_index, h.client_gen, h.secret))
         .collect();
     assert!(!harvested.is_empty(), "no request header to harvest");
@@ -306,10 +329,29 @@ fn echo_rings(pids: &[u32]) -> Vec<InstanceSeg> {
     segs
 }
 
-/// The request headers in the rings' slots that a caller wrote (they carry its secret),
-/// each read as a volatile copy of whatever the slot holds now.
-fn slot_headers(rings: &[InstanceSeg]) -> impl Iterator<Item = MsgHeader> + '_ {
-    rings.iter().flat_map(|seg| {
+/// The channels processes `procs` (pids or `self`) map: for the echo instances every
+/// caller's, ours and the well-behaved caller's, opened through /proc/PID (same uid).
+fn echo_channels(procs: &[String]) -> Vec<ChannelSeg> {
+    let mut chans = Vec::new();
+    for p in procs {
+        for f in memfds_of(p, "/memfd:aegis-channel") {
+            let fd = OwnedFd::from(f);
+            let Ok((_, h)) = Mapping::open(&fd, SegmentKind::Channel, true, None) else {
+                continue;
+            };
+            if let Ok(c) = ChannelSeg::open(&fd, h.bus_epoch, None) {
+                chans.push(c);
+            }
+        }
+    }
+    assert!(chans.len() >= 2, "echo channels mapped: {}", chans.len());
+    chans
+}
+
+/// The request headers in the channels' slots that a caller wrote (they carry its
+/// secret), each read as a volatile copy of whatever the slot holds now.
+fn slot_headers(chans: &[ChannelSeg]) -> impl Iterator<Item = MsgHeader> + '_ {
+    chans.iter().flat_map(|seg| {
         (0..seg.layout.slot_count as usize).filter_map(move |i| {
             // SAFETY: slot `i` is inside the mapped ring; its header follows the 16 bytes
             // of control words.
@@ -323,19 +365,24 @@ fn slot_headers(rings: &[InstanceSeg]) -> impl Iterator<Item = MsgHeader> + '_ {
 }
 
 /// Requests whose headers name the well-behaved caller's mailboxes (identities read from
-/// the rings' slot headers) with the generations its next calls will use, for a second:
-/// without nonces an instance would answer one of them into a pending call's mailbox, and
-/// that call would get "FORGED" back.
-fn attack_forge(rings: &[InstanceSeg]) {
+/// the channels' slot headers) with the generations its next calls will use, published
+/// in every channel we could map (the well-behaved caller's included: we are its uid
+/// here), for a second: without nonces an instance would answer one of them into a
+/// pending call's mailbox, and that call would get "FORGED" back.
+fn attack_forge(rings: &[InstanceSeg], chans: &[ChannelSeg]) {
     let mut published = 0;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(1) {
-        let seen: std::collections::HashSet<_> = slot_headers(rings)
+        let seen: std::collections::HashSet<_> = slot_headers(chans)
             .map(|h| (h.client_index, h.client_gen, h.mailbox, h.mailbox_gen))
             .collect();
-        for seg in rings {
-            let ring = seg.ring();
+        for ch in chans {
+            let ring = ch.ring();
+            let bell = rings
+                .iter()
+                .find(|r| r.index == ch.instance)
+                .map(|r| Doorbell(r.ring_indices()));
             for &(client, cgen, mailbox, mgen) in &seen {
                 for ahead in 0..4 {
                     seed ^= seed << 13;
@@ -361,7 +408,9 @@ fn attack_forge(rings: &[InstanceSeg]) {
                     if c.publish().is_ok() {
                         published += 1;
                     }
-                    ring.notify();
+                    if let Some(b) = bell {
+                        b.ring(Doorbell::bit(ch.id));
+                    }
                 }
             }
         }
@@ -403,8 +452,24 @@ fn attack_reports(dir: &Path, rings: &[InstanceSeg]) {
     println!("ATTACK reports: {done} accepted for checking, {refused} rate-limited or refused; last: {last}");
 }
 
-/// Garbage into one ring's positions and sequences.
-fn attack_corrupt(seg: &InstanceSeg) {
+/// Garbage into an instance's doorbell and into every channel's positions and sequences.
+fn attack_corrupt(bell: &InstanceSeg, chans: &[ChannelSeg]) {
+    let b = bell.ring_indices();
+    b.hint.store(u64::MAX, Ordering::Relaxed);
+    b.sleepers.store(u32::MAX, Ordering::Relaxed);
+    b.wake.fetch_add(1, Ordering::Relaxed);
+    let _ = aegis_client::sys::futex_wake(&b.wake, u32::MAX);
+    for seg in chans {
+        corrupt_channel(seg);
+    }
+    println!(
+        "ATTACK corrupt: done (instance #{} and {} channels)",
+        bell.index,
+        chans.len()
+    );
+}
+
+fn corrupt_channel(seg: &ChannelSeg) {
     let idx = seg.ring_indices();
     idx.enqueue_pos.store(0xdead_beef_0000, Ordering::Relaxed);
     idx.dequeue_pos.store(0x0bad_f00d, Ordering::Relaxed);
@@ -417,8 +482,6 @@ fn attack_corrupt(seg: &InstanceSeg) {
         let seq = unsafe { &*(base.add(i * seg.layout.slot_stride()) as *const AtomicU64) };
         seq.store(0x7777_0000 + i as u64, Ordering::Relaxed);
     }
-    let _ = aegis_client::sys::futex_wake(&idx.wake, u32::MAX);
-    println!("ATTACK corrupt: done (instance #{})", seg.index);
 }
 
 fn attack_huge_ring(me: &Bus) {
@@ -461,42 +524,40 @@ fn attack_exhaust(dir: &Path) {
     drop(held);
 }
 
-/// A ring slot claimed by a producer that never recorded its pid (pid 0) is skipped after
-/// about 1 s, so the request behind it is served; a slot whose producer is alive is never
-/// skipped (that producer could still write into the slot's next lap): the request behind
-/// it waits until the producer lets go.
+/// A caller that claims slots of its channel and never publishes (with no pid recorded,
+/// or its own live pid) holds up only its own channel: other callers' requests are
+/// served at once. (Before channels, every caller shared the instance's ring: a pidless
+/// slot held everyone's requests for 1 s, a live producer's for as long as it lived.)
 #[test]
-fn a_pidless_stuck_slot_is_skipped_after_1_s_and_a_live_producer_s_never() {
+fn a_slot_claimed_and_never_published_holds_up_no_other_caller() {
     let bus = TestBus::start();
     let inst = bus.serve("stuck", "s1", &[]);
-    let rings = echo_rings(&[inst.pid()]);
-    let ring = rings[0].ring();
     let client = bus.connect();
     let opts = CallOptions::timeout(Duration::from_secs(10));
     client.call("stuck", "m", b"warm", &opts).unwrap();
-
-    // No pid: skipped after ~1 s.
-    let pidless = ring.try_claim(0).unwrap();
-    let t = Instant::now();
-    let r = client
-        .call("stuck", "m", b"behind a pidless slot", &opts)
+    let rings = echo_rings(&[inst.pid()]);
+    // A caller of its own (a raw connection) opens the instance and gets its channel.
+    let mut raw = Raw::connect(bus.path()).unwrap();
+    let (resp, fds) = raw
+        .ask_fds(&Request::OpenInstance {
+            instance: rings[0].index,
+            incarnation: rings[0].incarnation,
+        })
         .unwrap();
-    let waited = t.elapsed();
-    assert_eq!(r.payload, b"behind a pidless slot");
-    assert!(
-        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
-        "served after {waited:?}: the pidless slot was skipped too early or too late"
-    );
-    std::mem::forget(pidless); // its late publish must never land (it was skipped)
-
-    // Our own live pid: never skipped while we hold it.
+    assert!(matches!(resp, Response::OpenedInstances(_)), "{resp:?}");
+    let (_, h) = Mapping::open(&fds[2], SegmentKind::Channel, true, None).unwrap();
+    let chan = ChannelSeg::open(&fds[2], h.bus_epoch, None).unwrap();
+    let ring = chan.ring();
+    let pidless = ring.try_claim(0).unwrap();
     let live = ring.try_claim(std::process::id()).unwrap();
-    let short = CallOptions::timeout(Duration::from_millis(2500));
-    match client.call("stuck", "m", b"behind a live producer", &short) {
-        Err(Error::Timeout { .. }) => {}
-        other => panic!("a live producer's slot was skipped: {other:?}"),
+    Doorbell(rings[0].ring_indices()).ring(Doorbell::bit(chan.id));
+    // Well under the 1 s a pidless slot held the shared ring.
+    let short = CallOptions::timeout(Duration::from_millis(500));
+    for i in 0..50u32 {
+        let p = format!("past a stuck channel {i}");
+        let r = client.call("stuck", "m", p.as_bytes(), &short).unwrap();
+        assert_eq!(r.payload, p.as_bytes());
     }
-    drop(live); // published as aborted: the ring moves on
-    let r = client.call("stuck", "m", b"after", &opts).unwrap();
-    assert_eq!(r.payload, b"after");
+    drop(live);
+    std::mem::forget(pidless);
 }

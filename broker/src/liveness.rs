@@ -171,7 +171,7 @@ impl State {
                 Vec::new(),
             );
         }
-        let head = rec.seg.ring_indices().dequeue_pos.load(Relaxed);
+        let head = heads(rec);
         let progress = rec.seg.counters().progress.load(Relaxed);
         rec.live.reported = Some((head, progress, reason.to_owned(), Instant::now()));
         (Response::Done, Vec::new())
@@ -190,10 +190,8 @@ impl State {
             rec.live.reported = Some((head, progress, reason, at));
             return;
         }
-        let idx = rec.seg.ring_indices();
-        let (now_head, tail) = (idx.dequeue_pos.load(Relaxed), idx.enqueue_pos.load(Relaxed));
-        let stuck = now_head == head
-            && tail.wrapping_sub(head) as i64 > 0
+        let stuck = heads(rec) == head
+            && queued(rec) > 0
             && rec.seg.counters().progress.load(Relaxed) == progress;
         if !stuck || rec.live.status != Status::Online {
             tracing::debug!(instance = %rec.id, reason, "unhealthy report not confirmed: the instance is moving");
@@ -321,9 +319,29 @@ impl State {
     }
 }
 
-/// Requests waiting in an instance's ring.
+/// Requests waiting in an instance's channels.
 pub(crate) fn queued(r: &InstanceRec) -> u64 {
-    r.seg.ring().len()
+    r.channels
+        .values()
+        .map(|c| c.ring().len())
+        .fold(0, u64::saturating_add)
+}
+
+/// Requests ever sent to the instance: its channels' enqueue positions (saturating) and
+/// those of its closed channels.
+pub(crate) fn selections(r: &InstanceRec) -> u64 {
+    r.channels
+        .values()
+        .map(|c| c.ring_indices().enqueue_pos.load(Relaxed))
+        .fold(r.closed_selections, u64::saturating_add)
+}
+
+/// The sum of the instance's channels' head positions: unchanged while it takes nothing.
+fn heads(r: &InstanceRec) -> u64 {
+    r.channels
+        .values()
+        .map(|c| c.ring_indices().dequeue_pos.load(Relaxed))
+        .fold(0, u64::wrapping_add)
 }
 
 #[cfg(test)]

@@ -6,8 +6,10 @@
 //! * per instance, in the instance's own segment: requests answered and failed
 //!   (`InstanceCounters`), request durations from the caller's send to the reply (a
 //!   histogram the instance fills after each reply is out, from the clock reading the
-//!   caller's call already made), and load-balancer selections (its ring's enqueue
-//!   position: every request ever sent to it);
+//!   caller's call already made); and load-balancer selections (the enqueue positions of
+//!   its channels, every request ever sent to it, plus those of closed channels: each
+//!   caller writes its own channel's, so a caller can inflate this count for the instances
+//!   it calls, as calling them would);
 //! * per caller and service, in the caller's own client segment (`CallerStats`): errors by
 //!   type, retries by attempt number, and its circuit breaker. A departed caller's counts
 //!   are kept in `Counters::retired` so no counter goes down.
@@ -359,7 +361,7 @@ fn render_data_path(st: &State, out: &mut String) {
         let Some(svc) = st.services[r.service as usize].as_ref() else {
             continue;
         };
-        let n = r.seg.ring_indices().enqueue_pos.load(Relaxed);
+        let n = crate::liveness::selections(r);
         let _ = writeln!(
             out,
             "ipc_router_loadbalancer_selections{{service_name=\"{}\",instance_id=\"{}\"}} {n}",

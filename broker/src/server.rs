@@ -529,6 +529,7 @@ async fn connection(
                     gen,
                     secret,
                 } => st.open_client(id, peer, client, gen, secret),
+                Request::Channels => st.channels_request(id),
                 Request::Grant { instances } => st.grant_request(id, peer, instances),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),

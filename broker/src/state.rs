@@ -9,8 +9,8 @@ use std::os::fd::OwnedFd;
 
 use aegis_client::error::WireError;
 use aegis_client::layout::{
-    self, ClientLayout, ClientSeg, InstanceLayout, InstanceSeg, Mapping, RegistryLayout,
-    RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
+    self, ChannelSeg, ClientLayout, ClientSeg, InstanceLayout, InstanceSeg, Mapping,
+    RegistryLayout, RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
 };
 use aegis_client::proto::{
     self, BreakerStates, Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo,
@@ -95,6 +95,27 @@ pub(crate) struct InstanceRec {
     pub(crate) owned: std::collections::HashSet<String>,
     /// Liveness: status, heartbeat tracking, transitions.
     pub(crate) live: crate::liveness::Live,
+    /// Its callers' channels, by channel id, mapped here only to read (queued requests,
+    /// whether the head moves).
+    pub(crate) channels: HashMap<u64, ChannelSeg>,
+    /// Requests sent through its channels that have closed (`ipc_router_loadbalancer_selections`).
+    pub(crate) closed_selections: u64,
+}
+
+/// One caller's channel to one instance (see [`ChannelSeg`]).
+struct ChannelRec {
+    /// The caller's client slot and generation.
+    client: (u32, u32),
+    /// The instance's registry index and incarnation.
+    instance: (u32, u64),
+    fd: OwnedFd,
+}
+
+/// What a serving connection is told with its next `Channels` reply.
+#[derive(Default)]
+struct ChannelNews {
+    new: Vec<u64>,
+    gone: Vec<u64>,
 }
 
 pub(crate) struct ClientRec {
@@ -123,6 +144,8 @@ pub(crate) struct ClientRec {
     /// The `(index, gen)` this client had under the previous broker, when it could not
     /// keep it: requests it sent back then still name it.
     formerly: Option<(u32, u32)>,
+    /// Its channel id to each instance `(index, incarnation)` it opened.
+    channels: HashMap<(u32, u64), u64>,
 }
 
 pub struct State {
@@ -152,6 +175,11 @@ pub struct State {
     /// Callers to hand a serving connection with its next `OpenClient` reply: the clients
     /// that opened one of its instances since (see `Response::OpenedClients`).
     introductions: HashMap<ConnId, std::collections::HashSet<(u32, u32)>>,
+    /// Every caller-to-instance channel, by id (unique per broker run, from 1).
+    channels: HashMap<u64, ChannelRec>,
+    next_channel: u64,
+    /// Channels to tell each serving connection about (`Request::Channels`).
+    channel_news: HashMap<ConnId, ChannelNews>,
 }
 
 /// A response plus the descriptors that travel with it.
@@ -207,6 +235,9 @@ impl State {
             breakers: Vec::new(),
             ids,
             introductions: HashMap::new(),
+            channels: HashMap::new(),
+            next_channel: 1,
+            channel_news: HashMap::new(),
             conn_groups: HashMap::new(),
             journal: None,
             metrics: Default::default(),
@@ -351,6 +382,7 @@ impl State {
             last_report: None,
             uid: peer.uid,
             size,
+            channels: HashMap::new(),
         });
         (
             Response::Welcome {
@@ -576,6 +608,8 @@ impl State {
             registered_at_ms: sys::unix_millis(),
             mirrored_served: 0,
             owned: Default::default(),
+            channels: HashMap::new(),
+            closed_selections: 0,
             live: crate::liveness::Live::new(peer.pid, heartbeat),
         };
         self.install(
@@ -796,33 +830,166 @@ impl State {
         let batch = std::iter::once(index)
             .chain(members.into_iter().filter(|&m| m != index))
             .take(proto::OPEN_BATCH);
-        let caller = self.client_of(conn);
+        let Some(caller) = self.client_of(conn) else {
+            return err(WireError::BadRequest("OpenInstance before Hello".into()));
+        };
         let (mut opened, mut fds) = (Vec::new(), Vec::new());
         for i in batch {
             let Some(r) = self.instances[i as usize].as_ref() else {
                 continue;
             };
-            match dup(&r.fd).and_then(|ring| Ok([ring, dup(&r.own_fd)?])) {
-                Ok(pair) => fds.extend(pair),
-                Err(e) if i == index => return err(WireError::Internal(e.to_string())),
+            let inc = r.incarnation;
+            let got = dup(&r.fd)
+                .and_then(|ring| Ok([ring, dup(&r.own_fd)?]))
+                .map_err(|e| WireError::Internal(e.to_string()))
+                .and_then(|[ring, own]| Ok([ring, own, self.channel_for(caller, (i, inc))?]));
+            match got {
+                Ok(three) => fds.extend(three),
+                Err(e) if i == index => return err(e),
                 Err(_) => continue,
             }
-            opened.push((i, r.incarnation));
-            if let Some((slot, gen)) = caller {
-                for owner in &r.owners {
-                    self.introductions
-                        .entry(*owner)
-                        .or_default()
-                        .insert((slot, gen));
-                }
+            opened.push((i, inc));
+            let r = self.instances[i as usize].as_ref().expect("checked above");
+            for owner in &r.owners {
+                self.introductions.entry(*owner).or_default().insert(caller);
             }
         }
-        if let Some((slot, _)) = caller {
-            if let Err(e) = self.grant(slot, opened.iter().copied()) {
-                return err(e);
-            }
+        if let Err(e) = self.grant(caller.0, opened.iter().copied()) {
+            return err(e);
         }
         (Response::OpenedInstances(opened), fds)
+    }
+
+    /// The channel of client `caller` to instance `inst` (a duplicate of its descriptor),
+    /// created the first time: counted to the caller's uid, mapped here to watch it, and
+    /// announced to the instance's serving connections (`Request::Channels`, woken through
+    /// the registry's [`layout::InstanceEntry::channels`] word).
+    fn channel_for(&mut self, caller: (u32, u32), inst: (u32, u64)) -> Result<OwnedFd, WireError> {
+        let internal = |e: String| WireError::Internal(format!("channel: {e}"));
+        let c = self.clients[caller.0 as usize]
+            .as_ref()
+            .ok_or_else(|| internal("caller gone".into()))?;
+        if let Some(id) = c.channels.get(&inst) {
+            let rec = self
+                .channels
+                .get(id)
+                .ok_or_else(|| internal("record missing".into()))?;
+            return dup(&rec.fd).map_err(|e| internal(e.to_string()));
+        }
+        let r = self.instances[inst.0 as usize]
+            .as_ref()
+            .ok_or_else(|| internal("instance gone".into()))?;
+        let cl = ChannelSeg::layout_for(r.seg.layout);
+        let size = cl.ring_size() as u64;
+        self.shm_fits(c.uid, size)?;
+        let id = self.next_channel;
+        let fd = ChannelSeg::create(self.epoch, cl, inst.0, inst.1, id)
+            .map_err(|e| internal(e.to_string()))?;
+        let seg =
+            ChannelSeg::open(&fd, self.epoch, Some(inst)).map_err(|e| internal(e.to_string()))?;
+        let handed = dup(&fd).map_err(|e| internal(e.to_string()))?;
+        self.next_channel += 1;
+        let c = self.clients[caller.0 as usize]
+            .as_mut()
+            .expect("checked above");
+        c.channels.insert(inst, id);
+        c.size += size;
+        let r = self.instances[inst.0 as usize]
+            .as_mut()
+            .expect("checked above");
+        r.channels.insert(id, seg);
+        for owner in &r.owners {
+            self.channel_news.entry(*owner).or_default().new.push(id);
+        }
+        self.channels.insert(
+            id,
+            ChannelRec {
+                client: caller,
+                instance: inst,
+                fd,
+            },
+        );
+        self.channels_changed(inst.0);
+        Ok(handed)
+    }
+
+    /// Tells instance `index`'s serving process that its channels changed: bumps and
+    /// wakes the registry word its serving loop watches.
+    fn channels_changed(&self, index: u32) {
+        if let Some(e) = self.registry.instance(index) {
+            e.channels
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// A serving connection asks what changed in its instances' channels: new ones (with
+    /// their callers' segments, where the replies go) and closed ones, a batch at a time.
+    pub fn channels_request(&mut self, conn: ConnId) -> Reply {
+        let news = self.channel_news.entry(conn).or_default();
+        let gone = std::mem::take(&mut news.gone);
+        let take = news.new.len().min(proto::OPEN_BATCH / 2);
+        let ids: Vec<u64> = news.new.drain(..take).collect();
+        let more = !news.new.is_empty();
+        let (mut channels, mut fds) = (Vec::new(), Vec::new());
+        for id in ids {
+            let Some(rec) = self.channels.get(&id) else {
+                continue;
+            };
+            let Some(c) = self.clients[rec.client.0 as usize]
+                .as_ref()
+                .filter(|c| c.gen == rec.client.1)
+            else {
+                continue;
+            };
+            let (Ok(cfd), Ok(chfd)) = (dup(&c.fd), dup(&rec.fd)) else {
+                continue;
+            };
+            fds.push(cfd);
+            fds.push(chfd);
+            channels.push(proto::ChannelInfo {
+                id,
+                client: rec.client,
+                uid: c.uid,
+                instance: rec.instance,
+            });
+        }
+        (
+            Response::Channels {
+                channels,
+                gone,
+                more,
+            },
+            fds,
+        )
+    }
+
+    /// Closes channel `id`: its serving connections are told, its memory is freed once
+    /// both sides unmap it.
+    fn close_channel(&mut self, id: u64) {
+        let Some(rec) = self.channels.remove(&id) else {
+            return;
+        };
+        if let Some(c) = self.clients[rec.client.0 as usize].as_mut() {
+            if c.gen == rec.client.1 && c.channels.remove(&rec.instance).is_some() {
+                c.size = c.size.saturating_sub(sys::file_size(&rec.fd).unwrap_or(0));
+            }
+        }
+        if let Some(r) = self.instances[rec.instance.0 as usize]
+            .as_mut()
+            .filter(|r| r.incarnation == rec.instance.1)
+        {
+            if let Some(seg) = r.channels.remove(&id) {
+                let sent = seg
+                    .ring_indices()
+                    .enqueue_pos
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                r.closed_selections = r.closed_selections.saturating_add(sent);
+            }
+            for owner in &r.owners {
+                self.channel_news.entry(*owner).or_default().gone.push(id);
+            }
+            self.channels_changed(rec.instance.0);
+        }
     }
 
     /// Whether `uid` may hold `more` bytes of shared memory besides what it holds.
@@ -1137,7 +1304,17 @@ impl State {
             self.metrics.retire_caller(counted);
         }
         self.introductions.remove(&conn);
+        self.channel_news.remove(&conn);
         self.conn_groups.remove(&conn);
+        if let Some((slot, _)) = self.client_of(conn) {
+            let ids: Vec<u64> = self.clients[slot as usize]
+                .as_ref()
+                .map(|c| c.channels.values().copied().collect())
+                .unwrap_or_default();
+            for id in ids {
+                self.close_channel(id);
+            }
+        }
         let mut gone = Vec::new();
         for (i, r) in self.instances.iter_mut().enumerate() {
             if let Some(r) = r {
@@ -1165,6 +1342,13 @@ impl State {
             .is_some_and(|r| r.live.status != Status::Offline)
         {
             self.set_status(index, Status::Offline, reason);
+        }
+        let ids: Vec<u64> = self.instances[index as usize]
+            .as_ref()
+            .map(|r| r.channels.keys().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.close_channel(id);
         }
         let Some(rec) = self.instances[index as usize].take() else {
             return;

@@ -57,6 +57,7 @@ pub fn segment_open(data: &[u8]) {
         SegmentKind::Instance,
         SegmentKind::Client,
         SegmentKind::Caller,
+        SegmentKind::Channel,
     ] {
         let Ok((_, h)) = Mapping::open(&fd, kind, true, None) else {
             continue;
@@ -79,8 +80,14 @@ pub fn segment_open(data: &[u8]) {
                     if let Ok(seg) =
                         InstanceSeg::open(&fd, own, h.bus_epoch, h.params[3] as u32, h.params[2])
                     {
-                        read_ring(&seg);
+                        read_ring(seg.ring());
+                        let _ = seg.heap_range(u64::MAX, 1);
                     }
+                }
+            }
+            SegmentKind::Channel => {
+                if let Ok(ch) = crate::shm::layout::ChannelSeg::open(&fd, h.bus_epoch, None) {
+                    read_ring(ch.ring());
                 }
             }
             SegmentKind::InstanceOwn => unreachable!("opened below, sealed read-only"),
@@ -143,8 +150,7 @@ fn read_registry(fd: &OwnedFd) {
 }
 
 /// Takes what the ring holds the way a serving thread does, checking each header.
-fn read_ring(seg: &InstanceSeg) {
-    let ring = seg.ring();
+fn read_ring(ring: crate::channel::ring::RingRef<'_>) {
     for _ in 0..ring.capacity().min(64) {
         let Some(t) = ring.try_pop() else {
             break;
@@ -160,7 +166,6 @@ fn read_ring(seg: &InstanceSeg) {
         }
     }
     let _ = ring.stuck_head();
-    let _ = seg.heap_range(u64::MAX, 1);
 }
 
 /// A request header (the first 64 bytes, zero-padded) in a slot of `slot_data` bytes.

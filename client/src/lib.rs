@@ -61,6 +61,7 @@ pub mod call;
 /// Serving: registering instances and their serving loops.
 pub mod serve {
     pub mod instance;
+    pub(crate) mod sweep;
 }
 
 #[doc(hidden)]

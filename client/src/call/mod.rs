@@ -21,7 +21,7 @@ pub(crate) mod future;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::channel::mailbox::{self, Cancel, Target, Wait};
-use crate::channel::ring::RingRef;
+use crate::channel::ring::{Doorbell, RingRef};
 use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
 use crate::error::{code, Attempt, Error, Result};
 use crate::names;
@@ -238,6 +238,11 @@ const WITHDRAWN_STALLED: &str =
     "instance made no progress for the stall bound: request withdrawn untaken";
 /// Why an attempt failed when a stalled instance's ring had no room for the request.
 const FULL_AND_STALLED: &str = "ring full and the instance made no progress for the stall bound";
+/// Why an attempt failed when its request was withdrawn untaken from a channel the
+/// instance had not taken up when the broker that made it went away (the instance may
+/// never learn of it). The next attempt, on any instance, goes through a new channel.
+const CHANNEL_NOT_TAKEN_UP: &str =
+    "the broker restarted before the instance took up this caller's channel: request withdrawn untaken";
 
 /// Whether an attempt that failed this way used up one of the call's attempts. A request
 /// that never reached an instance (it left first, or the request was withdrawn untaken from
@@ -249,6 +254,7 @@ fn counts_as_attempt(why: &str) -> bool {
         INSTANCE_LEFT_BEFORE_SEND,
         WITHDRAWN_STALLED,
         FULL_AND_STALLED,
+        CHANNEL_NOT_TAKEN_UP,
     ]
     .contains(&why)
 }
@@ -433,7 +439,11 @@ impl Bus {
                 error: why.to_owned(),
                 duration: t.elapsed(),
             });
-            tried.push(target.instance);
+            // An orphaned channel is replaced before the next attempt, which may go to the
+            // same instance (bounded: once per broker restart).
+            if why != CHANNEL_NOT_TAKEN_UP {
+                tried.push(target.instance);
+            }
             *sent = attempts
                 .iter()
                 .filter(|a| counts_as_attempt(&a.error))
@@ -744,6 +754,30 @@ impl BusInner {
         target: CallInfo,
         deadline: Instant,
     ) -> Result<std::sync::Arc<InstanceSeg>, Failed> {
+        let seg = self.map_target(target, deadline)?;
+        if self.orphaned(&seg) {
+            // Announced by a broker that died before the instance fetched it: the instance
+            // may never learn of it. The current broker makes a new one.
+            self.forget_instance_seg(&seg);
+            return self.map_target(target, deadline);
+        }
+        Ok(seg)
+    }
+
+    /// Whether `seg`'s channel may be unknown to its instance for good: not taken up yet,
+    /// and the broker that made it (and holds the news for the instance) is no longer the
+    /// one we are connected to.
+    fn orphaned(&self, seg: &InstanceSeg) -> bool {
+        seg.channel
+            .as_ref()
+            .is_some_and(|c| !c.taken_up() && c.epoch != self.session().epoch)
+    }
+
+    fn map_target(
+        &self,
+        target: CallInfo,
+        deadline: Instant,
+    ) -> Result<std::sync::Arc<InstanceSeg>, Failed> {
         match self.instance_seg(target.instance, target.incarnation, deadline) {
             Ok(seg) => Ok(seg),
             Err(Error::NoAvailableInstance { .. }) => {
@@ -986,7 +1020,11 @@ impl BusInner {
             .client
             .mailbox(mb_idx)
             .expect("pool hands out valid indices");
-        let ring = seg.ring();
+        let channel = seg
+            .channel
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
+        let ring = channel.ring();
         let payload = body.bytes();
         let (inline, heap_block) = match body {
             // Written in place by the caller: sent as it is, never copied.
@@ -1067,7 +1105,7 @@ impl BusInner {
             self.free_sent(&sent);
             return Err(Error::Protocol("the instance's ring skipped our request".into()).into());
         }
-        ring.notify();
+        Doorbell(seg.ring_indices()).ring(Doorbell::bit(channel.id));
         Ok(sent)
     }
 
@@ -1098,9 +1136,14 @@ impl BusInner {
         // Judged against the registry this call was routed with: a broker restart swapping
         // sessions mid-call is not the instance leaving.
         let alive = || Self::instance_alive(&routed_with.registry, seg.index, seg.incarnation);
+        let orphaned = std::cell::Cell::new(false);
         let (outcome, why) = loop {
             let check = || {
                 if !alive() {
+                    return Target::Gone;
+                }
+                if self.orphaned(seg) {
+                    orphaned.set(true);
                     return Target::Gone;
                 }
                 if interrupt.is_some_and(|i| (i.0)()) {
@@ -1127,6 +1170,11 @@ impl BusInner {
             }
         };
         CALLER_BACKOFF.set(waiter.backoff);
+        let why = if orphaned.get() && why == Why::Gone {
+            Why::Orphaned
+        } else {
+            why
+        };
         if why == Why::Stalled {
             if let Some(w) = &watch {
                 self.note_stalled(seg, w.progress);
@@ -1155,6 +1203,8 @@ impl BusInner {
             (mailbox::cancel(mb, sent.gen), Why::Deadline)
         } else if !Self::instance_alive(&routed_with.registry, seg.index, seg.incarnation) {
             (mailbox::cancel(mb, sent.gen), Why::Gone)
+        } else if self.orphaned(seg) {
+            (mailbox::cancel(mb, sent.gen), Why::Orphaned)
         } else {
             return None;
         };
@@ -1208,6 +1258,7 @@ impl BusInner {
                 self.free_sent(&sent);
                 Err(Failed::NotDelivered(match why {
                     Why::Gone => "instance left before taking the request",
+                    Why::Orphaned => CHANNEL_NOT_TAKEN_UP,
                     Why::Deadline => "not taken before the attempt deadline",
                     Why::Stalled => WITHDRAWN_STALLED,
                     Why::Interrupted => return Err(interrupted()),
@@ -1514,6 +1565,8 @@ enum Why {
     Stalled,
     /// [`CallOptions::interrupt`] said to stop waiting.
     Interrupted,
+    /// The channel was orphaned (see `BusInner::orphaned`).
+    Orphaned,
 }
 
 /// Watches an instance's progress word while a request of ours waits for it: the instance

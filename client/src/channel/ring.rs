@@ -70,6 +70,22 @@ impl crate::shm::layout::InstanceSeg {
     }
 }
 
+impl crate::shm::layout::ChannelSeg {
+    /// The request ring of this channel.
+    pub fn ring(&self) -> RingRef<'_> {
+        // SAFETY: the channel's layout was validated when it was opened (`ChannelSeg::open`)
+        // and the mapping lives as long as `self`.
+        unsafe {
+            RingRef::new(
+                self.ring_indices(),
+                self.slots_base(),
+                self.layout.slot_stride(),
+                self.layout.slot_count,
+            )
+        }
+    }
+}
+
 /// Retries of one `try_claim`/`try_pop` before it gives up: contention among honest peers
 /// resolves in a handful; only words another process keeps rewriting get this far.
 const MAX_RETRIES: u32 = 1 << 16;
@@ -333,51 +349,157 @@ impl<'a> RingRef<'a> {
         timeout: Option<Duration>,
         stop: impl Fn() -> bool,
     ) -> bool {
-        let start = Instant::now();
-        let deadline = timeout.map(|t| start + t);
-        let poll = || {
-            if self.has_message() || stop() {
-                Poll::Ready
-            } else {
-                Poll::Working
-            }
+        park(self.idx, waiter, timeout, || self.has_message(), stop)
+    }
+}
+
+/// Waits on `idx`'s futex until `ready()`, `stop()`, or `timeout`: spins and yields as
+/// `waiter` decides, then sleeps. A waker makes `ready()` true, then (SeqCst fence) reads
+/// `sleepers` and wakes if non-zero ([`RingRef::notify`], [`Doorbell::ring`]).
+fn park(
+    idx: &RingIndices,
+    waiter: &mut Waiter<'_>,
+    timeout: Option<Duration>,
+    ready: impl Fn() -> bool,
+    stop: impl Fn() -> bool,
+) -> bool {
+    let start = Instant::now();
+    let deadline = timeout.map(|t| start + t);
+    let poll = || {
+        if ready() || stop() {
+            Poll::Ready
+        } else {
+            Poll::Working
+        }
+    };
+    if waiter.spin(deadline, poll) {
+        waiter.learn(start.elapsed(), true);
+        return ready();
+    }
+    waiter.parking();
+    loop {
+        let w = idx.wake.load(Ordering::Acquire);
+        idx.sleepers.fetch_add(1, Ordering::Relaxed);
+        // Dekker with the waker: sleepers += 1, this fence, then the re-check.
+        fence(Ordering::SeqCst);
+        if ready() || stop() {
+            idx.sleepers.fetch_sub(1, Ordering::Relaxed);
+            waiter.learn(start.elapsed(), false);
+            return ready();
+        }
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(l) if !l.is_zero() => Some(l),
+                _ => {
+                    idx.sleepers.fetch_sub(1, Ordering::Relaxed);
+                    waiter.learn(start.elapsed(), false);
+                    return false;
+                }
+            },
+            None => None,
         };
-        if waiter.spin(deadline, poll) {
-            waiter.learn(start.elapsed(), true);
-            return self.has_message();
+        let _ = sys::futex_wait(&idx.wake, w, left);
+        idx.sleepers.fetch_sub(1, Ordering::Relaxed);
+        if ready() {
+            waiter.learn(start.elapsed(), false);
+            return true;
         }
-        waiter.parking();
-        loop {
-            let w = self.idx.wake.load(Ordering::Acquire);
-            self.idx.sleepers.fetch_add(1, Ordering::Relaxed);
-            // Dekker with `notify`: sleepers += 1, this fence, then the emptiness re-check.
-            fence(Ordering::SeqCst);
-            if self.has_message() || stop() {
-                self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
-                waiter.learn(start.elapsed(), false);
-                return self.has_message();
-            }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(l) if !l.is_zero() => Some(l),
-                    _ => {
-                        self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
-                        waiter.learn(start.elapsed(), false);
-                        return false;
-                    }
-                },
-                None => None,
-            };
-            let _ = sys::futex_wait(&self.idx.wake, w, left);
-            self.idx.sleepers.fetch_sub(1, Ordering::Relaxed);
-            if self.has_message() {
-                waiter.learn(start.elapsed(), false);
-                return true;
-            }
-            if stop() {
-                return false;
-            }
+        if stop() {
+            return false;
         }
+    }
+}
+
+/// An instance's doorbell: the indices of its ring segment, which every caller of the
+/// instance maps writable. Callers publish requests in their own channels and then ring
+/// it: they set their channel's bit in `hint` and wake a sleeping serving thread. All of it
+/// is a hint. A hostile writer can cause spurious wake-ups (setting bits, bumping `wake`),
+/// extra wake system calls for callers (a large `sleepers`), or a delayed take (clearing
+/// bits): serving threads sleep at most [`FULL_SWEEP`] and look at every channel at least
+/// that often whatever the bits say, so no request is lost and none waits longer than that
+/// for a hostile hint.
+///
+/// SYNC POINT (hint): a caller's Release `fetch_or` of its bit pairs with the serving
+/// thread's Acquire `swap` in [`Doorbell::take`]; a caller that finds its bit already set
+/// relies on its SeqCst fence after publishing and the taker's SeqCst fence after the swap
+/// (whichever swap clears that bit, its sweep sees the request).
+/// SYNC POINT (sleep): the caller's SeqCst fence (or SeqCst `fetch_or`) before reading
+/// `sleepers` pairs with the fence after `sleepers += 1` in [`Doorbell::wait`].
+#[derive(Clone, Copy)]
+pub struct Doorbell<'a>(pub &'a RingIndices);
+
+/// Every channel is looked at at least this often, whatever the hint bits say.
+pub const FULL_SWEEP: Duration = Duration::from_millis(5);
+
+impl Doorbell<'_> {
+    /// The hint bit of channel `id`.
+    pub fn bit(id: u64) -> u64 {
+        1 << (id % 64)
+    }
+
+    /// Says that the channel with hint bit `bit` has a request (after publishing it) and
+    /// wakes a sleeping serving thread.
+    pub fn ring(&self, bit: u64) {
+        // Orders the publish before the load of the bit (see SYNC POINT (hint)).
+        fence(Ordering::SeqCst);
+        if self.0.hint.load(Ordering::Relaxed) & bit == 0 {
+            // SeqCst: also the sleep Dekker's store-then-load with `sleepers` below.
+            self.0.hint.fetch_or(bit, Ordering::SeqCst);
+        }
+        if self.0.sleepers.load(Ordering::SeqCst) > 0 {
+            self.0.wake.fetch_add(1, Ordering::Relaxed);
+            let _ = sys::futex_wake(&self.0.wake, 1);
+            crate::channel::wait::woke_a_sleeper();
+        }
+    }
+
+    /// Takes the hint bits set since the last take (0 when none, without a write).
+    pub fn take(&self) -> u64 {
+        if self.0.hint.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        let bits = self.0.hint.swap(0, Ordering::Acquire);
+        // Pairs with the fence in `ring` of a caller that found its bit set.
+        fence(Ordering::SeqCst);
+        bits
+    }
+
+    /// Hands bits a serving thread will not look at now back to the others.
+    pub fn put_back(&self, bits: u64) {
+        self.0.hint.fetch_or(bits, Ordering::SeqCst);
+        if self.0.sleepers.load(Ordering::SeqCst) > 0 {
+            self.0.wake.fetch_add(1, Ordering::Relaxed);
+            let _ = sys::futex_wake(&self.0.wake, 1);
+        }
+    }
+
+    /// Whether any hint bit is set.
+    pub fn rung(&self) -> bool {
+        self.0.hint.load(Ordering::Relaxed) != 0
+    }
+
+    /// Waits until the doorbell rings, `ready()` or `stop()`, or `timeout` (at most
+    /// [`FULL_SWEEP`]).
+    pub fn wait(
+        &self,
+        waiter: &mut Waiter<'_>,
+        timeout: Duration,
+        ready: impl Fn() -> bool,
+        stop: impl Fn() -> bool,
+    ) -> bool {
+        park(
+            self.0,
+            waiter,
+            Some(timeout.min(FULL_SWEEP)),
+            || self.rung() || ready(),
+            stop,
+        )
+    }
+
+    /// Wakes every sleeping serving thread (shutdown).
+    pub fn wake_all(&self) {
+        self.0.wake.fetch_add(1, Ordering::Release);
+        let _ = sys::futex_wake(&self.0.wake, u32::MAX);
     }
 }
 

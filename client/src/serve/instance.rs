@@ -1,9 +1,9 @@
-//! `Instance`: this process serving a service — taking requests off its ring and
-//! replying into the callers' mailboxes.
+//! `Instance`: this process serving a service — taking requests out of its callers'
+//! channels and replying into the callers' mailboxes.
 //!
-//! Serving threads each own a [`Receiver`] (its reusable buffers); any number of them may
-//! drain the same ring. `serve` is the handler-style loop over a receiver; `recv`/`reply`
-//! is the pull style.
+//! Serving threads each own a [`Receiver`] (its reusable buffers and its sweep over the
+//! channels, see [`crate::serve::sweep`]); any number of them may serve the same instance.
+//! `serve` is the handler-style loop over a receiver; `recv`/`reply` is the pull style.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
@@ -15,10 +15,11 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::channel::heap::HeapAlloc;
 use crate::channel::mailbox;
-use crate::channel::ring::{RingRef, Skip, Taken, KIND_ABORTED};
+use crate::channel::ring::{Doorbell, Taken, KIND_ABORTED};
 use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
 use crate::error::{code, Error, Result, ServiceError};
 use crate::names;
+use crate::serve::sweep::{Chan, Channels, Sweep};
 use crate::session::bus::{Bus, Registration};
 use crate::session::control::expect_fds;
 use crate::session::proto::{
@@ -79,6 +80,8 @@ pub(crate) struct InstanceInner {
     heartbeat: Heartbeat,
     stopping: AtomicBool,
     unregistered: AtomicBool,
+    /// Its callers' channels (from the broker, `Request::Channels`).
+    channels: Channels,
 }
 
 struct PendingReply {
@@ -107,7 +110,7 @@ impl StopHandle {
     pub fn stop(&self) {
         if let Some(i) = self.inner.upgrade() {
             i.stopping.store(true, Ordering::Release);
-            i.ring().wake_all();
+            i.doorbell().wake_all();
         }
     }
 }
@@ -139,6 +142,7 @@ impl Instance {
             heartbeat: opts.heartbeat,
             stopping: AtomicBool::new(false),
             unregistered: AtomicBool::new(false),
+            channels: Channels::default(),
         });
         let reg: Weak<dyn Registration> = Arc::downgrade(&inner) as Weak<InstanceInner>;
         bus.inner.registered.lock().push(reg);
@@ -163,9 +167,9 @@ impl Instance {
             .requests_served
             .load(Ordering::Relaxed)
     }
-    /// Requests waiting in the ring.
+    /// Requests waiting in its callers' channels.
     pub fn queued(&self) -> u64 {
-        self.inner.ring().len()
+        self.inner.channels.queued()
     }
     /// Changes how idle serving threads wait before they sleep.
     pub fn set_spin(&self, spin: Spin) {
@@ -189,9 +193,9 @@ impl Instance {
             inst: &self.inner,
             method: String::with_capacity(MAX_METHOD),
             payload: Vec::with_capacity(self.inner.seg.layout.slot_size as usize),
-            stuck_since: None,
             waiter: Waiter::new(*self.inner.spin.lock(), Backoff::server(), Seats::none()),
-            last: None,
+            sweep: Sweep::default(),
+            seen_word: None,
         }
     }
 
@@ -386,6 +390,9 @@ impl Registration for InstanceInner {
     fn resume(&self, owned: Vec<String>) -> Result<()> {
         InstanceInner::resume(self, owned)
     }
+    fn channels(&self) -> &Channels {
+        &self.channels
+    }
 }
 
 impl InstanceInner {
@@ -446,8 +453,8 @@ impl InstanceInner {
         Ok(())
     }
 
-    fn ring(&self) -> RingRef<'_> {
-        self.seg.ring()
+    fn doorbell(&self) -> Doorbell<'_> {
+        Doorbell(self.seg.ring_indices())
     }
 
     fn unregister(&self) -> Result<()> {
@@ -467,44 +474,22 @@ impl InstanceInner {
         }
     }
 
-    /// Validates a taken slot and, if it is a live request, claims its mailbox and copies
-    /// method and payload out. `None`: nothing to deliver (aborted, cancelled, or invalid
-    /// and already answered with an error).
-    /// `last` is the serving thread's most recent caller: a run of requests from one caller
-    /// skips the connection's client map.
+    /// Validates a slot taken from `chan` and, if it is a live request, claims its mailbox
+    /// (in the segment of the caller the channel belongs to, whatever the header says) and
+    /// copies method and payload out. `None`: nothing to deliver (aborted, cancelled, or
+    /// invalid and already answered with an error).
     fn accept(
         &self,
         t: &Taken<'_>,
+        chan: &Chan,
         method: &mut String,
         payload: &mut Vec<u8>,
-        last: &mut Option<Arc<ClientSeg>>,
     ) -> Option<Delivery> {
         let h = t.header();
         if h.kind == KIND_ABORTED {
             return None;
         }
-        let cached = last
-            .as_ref()
-            .filter(|c| (c.index, c.gen) == (h.client_index, h.client_gen))
-            .cloned();
-        let client = match cached.map_or_else(
-            || {
-                self.bus
-                    .inner
-                    .client_seg(h.client_index, h.client_gen, h.secret)
-            },
-            Ok,
-        ) {
-            Ok(c) => {
-                *last = Some(c.clone());
-                c
-            }
-            Err(e) => {
-                tracing::warn!(service = %self.service, instance = %self.id, trace_id = h.trace_id,
-                    client = h.client_index, "dropping request from unknown client: {e}");
-                return None;
-            }
-        };
+        let client = chan.client.clone();
         let (mb, _) = client.mailbox(h.mailbox).or_else(|| {
             tracing::warn!(service = %self.service, trace_id = h.trace_id, "dropping request naming mailbox {} out of range", h.mailbox);
             None
@@ -793,12 +778,12 @@ pub struct Receiver<'a> {
     inst: &'a InstanceInner,
     method: String,
     payload: Vec<u8>,
-    /// Ring position whose slot has been claimed but unpublished since when.
-    stuck_since: Option<(u64, Instant)>,
     /// This thread's spin policy, learned budget and spin seat.
     waiter: Waiter<'a>,
-    /// The caller of the last request (see `InstanceInner::accept`).
-    last: Option<Arc<ClientSeg>>,
+    /// This thread's view of the channels and where it stands in them.
+    sweep: Sweep,
+    /// The registry's channel word of this instance as last acted on (broker epoch, value).
+    seen_word: Option<(u64, u32)>,
 }
 
 /// Where a request's method and payload are, as its (untrusted) header says, checked
@@ -859,12 +844,6 @@ pub fn request_shape(
     })
 }
 
-/// How long a slot claimed by a producer that never recorded its pid may block the ring
-/// (it died between claiming and recording; a live producer records it nanoseconds later).
-const UNRECORDED_CLAIMER_GRACE: Duration = Duration::from_secs(1);
-/// How often a consumer re-checks a ring whose head is claimed but unpublished.
-const STUCK_RECHECK: Duration = Duration::from_millis(10);
-
 impl<'a> Receiver<'a> {
     /// The next request, or `None` when `timeout` passes or the instance is stopping.
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Request<'_>>> {
@@ -872,18 +851,20 @@ impl<'a> Receiver<'a> {
         let inst = self.inst;
         // A fork child must not take the parent's requests.
         inst.bus.inner.not_forked()?;
-        let ring = inst.ring();
+        let bell = inst.doorbell();
         let stopping = || inst.stopping.load(Ordering::Acquire);
         loop {
             // The heartbeat: advanced by this loop itself, so a stuck loop stops it.
             inst.seg.counters().progress.fetch_add(1, Ordering::Relaxed);
-            let (taken, stuck) = match ring.try_pop() {
-                Some(t) => (Some(t), false),
-                None => self.unwedge(&ring),
-            };
-            if let Some(t) = taken {
+            self.fetch_channels_if_announced();
+            self.sweep.refresh(&inst.channels);
+            if let Some(chan) = self.sweep.next(bell) {
+                let Some(t) = chan.seg.ring().try_pop() else {
+                    // Another serving thread took it first.
+                    continue;
+                };
                 self.waiter.working();
-                let d = inst.accept(&t, &mut self.method, &mut self.payload, &mut self.last);
+                let d = inst.accept(&t, &chan, &mut self.method, &mut self.payload);
                 drop(t);
                 if let Some(d) = d {
                     return Ok(Some(Request {
@@ -899,9 +880,6 @@ impl<'a> Receiver<'a> {
                 return Ok(None);
             }
             let mut wait = Duration::from_millis(inst.heartbeat.interval_ms.max(1));
-            if stuck {
-                wait = wait.min(STUCK_RECHECK);
-            }
             if let Some(d) = deadline {
                 match d.checked_duration_since(Instant::now()) {
                     Some(l) if !l.is_zero() => wait = wait.min(l),
@@ -910,50 +888,31 @@ impl<'a> Receiver<'a> {
             }
             self.waiter.policy = *inst.spin.lock();
             // The current broker's seats (a restarted broker hands out a new shared segment).
-            self.waiter
-                .set_seats(Seats::new(inst.bus.inner.session().shared.spin_seats()));
-            ring.wait(&mut self.waiter, Some(wait), stopping);
+            let sess = inst.bus.inner.session();
+            self.waiter.set_seats(Seats::new(sess.shared.spin_seats()));
+            let word = sess.registry.instance(inst.ident().0).map(|e| &e.channels);
+            let seen = self.seen_word.map(|(_, w)| w);
+            let announced = || word.is_some_and(|w| Some(w.load(Ordering::Relaxed)) != seen);
+            bell.wait(&mut self.waiter, wait, announced, stopping);
         }
     }
 
-    /// When the ring's head slot is claimed but unpublished, skips it if its producer is
-    /// dead. Returns a message that was published at the last moment, and whether the head
-    /// is (still) stuck.
-    fn unwedge<'r>(&mut self, ring: &RingRef<'r>) -> (Option<Taken<'r>>, bool) {
-        let Some((pos, pid)) = ring.stuck_head() else {
-            self.stuck_since = None;
-            return (None, false);
+    /// When the broker announced channel changes for this instance (the registry word),
+    /// fetches them. A failure is logged and retried at the next announcement.
+    fn fetch_channels_if_announced(&mut self) {
+        let inst = self.inst;
+        let sess = inst.bus.inner.session();
+        let Some(e) = sess.registry.instance(inst.ident().0) else {
+            return;
         };
-        let since = match self.stuck_since {
-            Some((p, t)) if p == pos => t,
-            _ => {
-                let now = Instant::now();
-                self.stuck_since = Some((pos, now));
-                now
-            }
-        };
-        let waited = since.elapsed();
-        // Only a proven-dead claimer's slot is skipped: a live producer that was skipped
-        // could still write into the slot's next lap, i.e. into another caller's request.
-        // A live but stopped producer holds the ring up; its callers' requests behind it
-        // wait or are withdrawn and sent elsewhere (stall bound, attempt deadline).
-        let dead = if pid == 0 {
-            waited >= UNRECORDED_CLAIMER_GRACE
-        } else {
-            crate::shm::sys::process_gone(pid)
-        };
-        if !dead {
-            return (None, true);
+        // Acquire: pairs with the broker's Release bump after it queued the news.
+        let now = (sess.epoch, e.channels.load(Ordering::Acquire));
+        if self.seen_word == Some(now) {
+            return;
         }
-        match ring.skip_abandoned(pos) {
-            Skip::Skipped => {
-                tracing::warn!(service = %self.inst.service, instance = %self.inst.id, claimer_pid = pid,
-                    position = pos, "skipped a ring slot its producer claimed but never published");
-                self.stuck_since = None;
-                (None, false)
-            }
-            Skip::Published(t) => (Some(t), false),
-            Skip::Raced => (None, false),
+        self.seen_word = Some(now);
+        if let Err(e) = inst.bus.inner.fetch_channels() {
+            tracing::warn!(service = %inst.service, instance = %inst.id, "fetching channels: {e}");
         }
     }
 }

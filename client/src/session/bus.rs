@@ -352,9 +352,6 @@ pub(crate) struct BusInner {
     /// has completed (see `reconnected`).
     pub(crate) control_gen: Mutex<u64>,
     pub(crate) control_changed: Condvar,
-    /// The `control_gen` at which waiting for a reconnect last timed out (`u64::MAX`:
-    /// never): while it is still current, the broker stays away and nobody waits again.
-    pub(crate) gave_up_at: StdAtomicU64,
     pub opts: BusOptions,
     pub pid: u32,
     /// [`crate::shm::sys::fork_generation`] when connected (see [`BusInner::not_forked`]).
@@ -382,6 +379,8 @@ pub(crate) trait Registration: Send + Sync {
     /// Registers again with a restarted broker, then claims `owned` again (the resources
     /// the old broker's last registry showed it owning).
     fn resume(&self, owned: Vec<String>) -> Result<()>;
+    /// Its callers' channels.
+    fn channels(&self) -> &crate::serve::sweep::Channels;
 }
 
 /// Maps the segments of a batched open reply (`(index, identity)` pairs and one descriptor
@@ -395,7 +394,7 @@ fn file_batch<K: Copy + PartialEq + std::fmt::Debug, S>(
     same: impl Fn(&S, K) -> bool,
     open: impl Fn(&[OwnedFd], u32, K) -> std::result::Result<S, layout::LayoutError>,
 ) -> Result<Arc<S>> {
-    let per = if request == "OpenInstance" { 2 } else { 1 };
+    let per = if request == "OpenInstance" { 3 } else { 1 };
     let fds = expect_fds(fds, per * ids.len(), request)?;
     let mut found = None;
     let mut map = map.write();
@@ -674,11 +673,6 @@ impl Bus {
     }
 }
 
-/// How long an instance waits for its own reconnect to resolve a caller only a restarted
-/// broker knows; reconnecting takes one 50 ms retry period plus re-registering, a few
-/// milliseconds.
-pub const RESOLVE_WAIT: Duration = Duration::from_secs(2);
-
 /// The longest one futex wait on a registry word lasts. A reconnect wakes those waiting
 /// on the previous broker's registry, but a waiter between its check and its sleep misses
 /// that wake-up (the old registry is read-only to us, so its words cannot be changed); it
@@ -885,9 +879,18 @@ impl BusInner {
                 (ids, fds, "OpenInstance"),
                 (index, incarnation),
                 |seg, inc| seg.incarnation == inc,
-                |fds, i, inc| InstanceSeg::open_pair(fds, epoch, i, inc),
+                |fds, i, inc| InstanceSeg::open_for_caller(fds, epoch, i, inc),
             )
         })
+    }
+
+    /// Drops our mapping of `seg` (if it is still the one on file): the next call asks the
+    /// broker for the instance again.
+    pub(crate) fn forget_instance_seg(&self, seg: &Arc<InstanceSeg>) {
+        let mut map = self.instances.write();
+        if map.get(&seg.index).is_some_and(|s| Arc::ptr_eq(s, seg)) {
+            map.remove(&seg.index);
+        }
     }
 
     /// Runs `ask` (one broker request); while it fails with `BrokerUnavailable`, waits for
@@ -909,67 +912,73 @@ impl BusInner {
         }
     }
 
-    /// The mapped segment of a client that sent us a request.
-    ///
-    /// A caller we have not seen before can only be resolved through the broker. Right
-    /// after a broker restart its callers may reach the new broker (and so carry an identity
-    /// only the new broker knows) before our own supervisor has reconnected: then this
-    /// waits, at most [`RESOLVE_WAIT`], for the reconnect instead of dropping the request
-    /// (whose caller could only time out). If the broker stays away that long, later
-    /// requests do not wait again until it is back.
-    pub fn client_seg(&self, index: u32, gen: u32, secret: u64) -> Result<Arc<ClientSeg>> {
-        if let Some(s) = self.clients.read().get(&index) {
-            if s.gen == gen {
-                return Ok(s.clone());
+    /// Asks the broker for the new and closed channels of this connection's instances and
+    /// files them with their instances (with the callers' segments, where replies go).
+    pub(crate) fn fetch_channels(&self) -> Result<()> {
+        use crate::serve::sweep::Chan;
+        use crate::shm::layout::ChannelSeg;
+        loop {
+            let (resp, fds) = self.control.lock().request(&Request::Channels)?;
+            let Response::Channels {
+                channels,
+                gone,
+                more,
+            } = resp
+            else {
+                return Err(Error::Protocol(format!("expected Channels, got {resp:?}")));
+            };
+            let fds = expect_fds(fds, 2 * channels.len(), "Channels")?;
+            let epoch = self.session().epoch;
+            let regs: Vec<Arc<dyn Registration>> = self
+                .registered
+                .lock()
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect();
+            let mut add: Vec<Vec<Arc<Chan>>> = regs.iter().map(|_| Vec::new()).collect();
+            for (info, pair) in channels.iter().zip(fds.chunks(2)) {
+                let Some(r) = regs.iter().position(|r| r.ident() == info.instance) else {
+                    continue;
+                };
+                let (ci, cg) = info.client;
+                let known = self
+                    .clients
+                    .read()
+                    .get(&ci)
+                    .filter(|c| c.gen == cg)
+                    .cloned();
+                let opened = known.map(Ok).unwrap_or_else(|| {
+                    let c = Arc::new(ClientSeg::open(&pair[0], epoch, ci, cg)?.with_uid(info.uid));
+                    self.clients.write().insert(ci, c.clone());
+                    Ok::<_, layout::LayoutError>(c)
+                });
+                let chan = opened.and_then(|client| {
+                    let seg = ChannelSeg::open(&pair[1], epoch, Some(info.instance))?;
+                    Ok(Chan {
+                        bit: crate::channel::ring::Doorbell::bit(seg.id),
+                        seg,
+                        client,
+                    })
+                });
+                match chan {
+                    Ok(c) => add[r].push(Arc::new(c)),
+                    Err(e) => {
+                        tracing::warn!(channel = info.id, "a channel could not be mapped: {e}")
+                    }
+                }
+            }
+            for (r, add) in regs.iter().zip(add) {
+                let up: Vec<Arc<Chan>> = add.clone();
+                r.channels().update(add, &gone, epoch);
+                // In the list now: callers may publish.
+                for c in up {
+                    c.seg.mark_taken_up();
+                }
+            }
+            if !more {
+                return Ok(());
             }
         }
-        let seen = *self.control_gen.lock();
-        // Relaxed: a hint that only saves waiting; `control_gen` (under its mutex) decides.
-        let gave_up = self.gave_up_at.load(std::sync::atomic::Ordering::Relaxed) == seen;
-        let until = Instant::now()
-            + if gave_up {
-                Duration::ZERO
-            } else {
-                RESOLVE_WAIT
-            };
-        let r = self.ask_broker(until, || self.open_client(index, gen, secret));
-        if matches!(r, Err(Error::BrokerUnavailable { .. })) {
-            let now = *self.control_gen.lock();
-            self.gave_up_at
-                .store(now, std::sync::atomic::Ordering::Relaxed);
-        }
-        r
-    }
-
-    /// Asks the broker for caller `(index, gen)`'s segment; other callers that have
-    /// opened our instances since the last ask come with it and are mapped too.
-    fn open_client(&self, index: u32, gen: u32, secret: u64) -> Result<Arc<ClientSeg>> {
-        let (resp, fds) = self.control.lock().request(&Request::OpenClient {
-            client: index,
-            gen,
-            secret,
-        })?;
-        let Response::OpenedClients(ids, uids) = resp else {
-            return Err(Error::Protocol(format!(
-                "expected OpenedClients, got {resp:?}"
-            )));
-        };
-        // Each caller's uid, by (index, gen): its replies' share of our reply heaps.
-        let uid_of: Vec<((u32, u32), u32)> = ids.iter().copied().zip(uids).collect();
-        let epoch = self.session().epoch;
-        file_batch(
-            &self.clients,
-            (ids, fds, "OpenClient"),
-            (index, gen),
-            |seg, g| seg.gen == g,
-            |fds, i, g| {
-                let uid = uid_of
-                    .iter()
-                    .find(|(id, _)| *id == (i, g))
-                    .map_or(ClientSeg::UID_UNKNOWN, |&(_, u)| u);
-                ClientSeg::open(&fds[0], epoch, i, g).map(|s| s.with_uid(uid))
-            },
-        )
     }
 
     pub(crate) fn control(&self) -> parking_lot::MutexGuard<'_, ControlConn> {

@@ -86,7 +86,6 @@ impl Bus {
                 clients: RwLock::new(IndexMap::default()),
                 control_gen: Mutex::new(0),
                 control_changed: Condvar::new(),
-                gave_up_at: StdAtomicU64::new(u64::MAX),
                 opts,
                 pid: std::process::id(),
                 forks: crate::shm::sys::fork_generation(),

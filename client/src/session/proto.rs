@@ -16,16 +16,16 @@ use crate::error::{code, Error, WireError};
 use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
 /// Segments the broker hands out with one `OpenInstance`/`OpenClient` reply (and so the
 /// descriptors a client accepts with one response).
 pub const OPEN_BATCH: usize = 60;
-/// Descriptors a client accepts with one response: an instance comes as two (its ring
-/// and its own segment).
-pub const MAX_RESPONSE_FDS: usize = 2 * OPEN_BATCH;
+/// Descriptors a client accepts with one response: an instance comes as three (its ring,
+/// its own segment and this caller's channel to it).
+pub const MAX_RESPONSE_FDS: usize = 3 * OPEN_BATCH;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
@@ -77,6 +77,9 @@ pub enum Request {
         gen: u32,
         secret: u64,
     },
+    /// A serving connection asks for its instances' new and closed channels (after the
+    /// registry's `InstanceEntry::channels` word of one of them moved).
+    Channels,
     /// After a broker restart: the instances (index, incarnation) this client had opened,
     /// so their serving processes may again be handed its segment. A client grants access
     /// to its own segment only.
@@ -155,6 +158,13 @@ pub enum Response {
     /// thousand (each ask stalls its serving thread). Then each one's uid, in the same
     /// order: an instance's reply heap is shared out per uid.
     OpenedClients(Vec<(u32, u32)>, Vec<u32>),
+    /// New channels to this connection's instances, two descriptors each (the caller's
+    /// client segment, then the channel), and the ids of closed ones; `more`: ask again.
+    Channels {
+        channels: Vec<ChannelInfo>,
+        gone: Vec<u64>,
+        more: bool,
+    },
     Done,
     Services(Vec<ServiceInfo>),
     Service(ServiceInfo),
@@ -162,6 +172,18 @@ pub enum Response {
     Resources(ResourcePage),
     Health(Vec<InstanceHealth>),
     Error(WireError),
+}
+
+/// One caller's channel to an instance, as a serving connection is told of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    pub id: u64,
+    /// The caller's client `(index, gen)`: whose mailboxes its requests' replies go to.
+    pub client: (u32, u32),
+    /// The caller's uid (an instance's reply heap is shared out per uid).
+    pub uid: u32,
+    /// The instance `(index, incarnation)` it leads to.
+    pub instance: (u32, u64),
 }
 
 /// The seed's `ResourceMetadata`.

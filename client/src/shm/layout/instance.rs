@@ -107,7 +107,10 @@ pub struct RingIndices {
     pub wake: AtomicU32,
     /// Consumers asleep or about to sleep on `wake`.
     pub sleepers: AtomicU32,
-    _p2: [u8; 120],
+    /// In an instance's ring segment, its doorbell's "may have work" bits, one per channel
+    /// id modulo 64 ([`crate::channel::ring::Doorbell`]); unused in a channel.
+    pub hint: AtomicU64,
+    _p2: [u8; 112],
 }
 
 /// Control words at the start of every ring slot.
@@ -121,7 +124,8 @@ impl RingIndices {
             _p1: [0; 120],
             wake: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
-            _p2: [0; 120],
+            hint: AtomicU64::new(0),
+            _p2: [0; 112],
         }
     }
 }
@@ -234,8 +238,8 @@ impl InstanceLayout {
     const DURATIONS: usize = 128;
     const OWN_HEAP: usize = PAGE;
     /// In the ring segment.
-    const RING: usize = 128;
-    fn slots_off(&self) -> usize {
+    pub(super) const RING: usize = 128;
+    pub(super) fn slots_off(&self) -> usize {
         Self::RING + size_of::<RingIndices>()
     }
     pub fn slot_stride(&self) -> usize {
@@ -297,6 +301,8 @@ pub struct InstanceSeg {
     pub layout: InstanceLayout,
     pub index: u32,
     pub incarnation: u64,
+    /// A caller's channel to this instance (`None` in the instance and the broker).
+    pub channel: Option<ChannelSeg>,
 }
 
 impl InstanceSeg {
@@ -386,24 +392,37 @@ impl InstanceSeg {
             layout,
             index,
             incarnation,
+            channel: None,
         })
     }
-    /// Opens both segments as a caller or the broker: the ring read-write, the instance's
-    /// own memory read-only.
-    pub fn open_pair(
+    /// Opens what a caller is handed for an instance: its ring segment (the doorbell)
+    /// read-write, its own memory read-only, and the caller's channel to it.
+    pub fn open_for_caller(
         fds: &[OwnedFd],
         epoch: u64,
         index: u32,
         incarnation: u64,
     ) -> Result<InstanceSeg, LayoutError> {
-        let [ring, own] = fds else {
+        let [ring, own, channel] = fds else {
             return Err(LayoutError::Invalid {
                 kind: SegmentKind::Instance,
-                what: format!("{} descriptors, expected ring and own", fds.len()),
+                what: format!("{} descriptors, expected ring, own and channel", fds.len()),
             });
         };
         let (own, _) = Self::open_own(own)?;
-        Self::open(ring, own, epoch, index, incarnation)
+        let channel = ChannelSeg::open(channel, epoch, Some((index, incarnation)))?;
+        let mut seg = Self::open(ring, own, epoch, index, incarnation)?;
+        if channel.layout.slot_size != seg.layout.slot_size {
+            return Err(LayoutError::Invalid {
+                kind: SegmentKind::Channel,
+                what: format!(
+                    "slots of {} bytes, the instance's of {}",
+                    channel.layout.slot_size, seg.layout.slot_size
+                ),
+            });
+        }
+        seg.channel = Some(channel);
+        Ok(seg)
     }
     pub fn counters(&self) -> &InstanceCounters {
         self.own.at(InstanceLayout::COUNTERS)

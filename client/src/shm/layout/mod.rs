@@ -28,18 +28,20 @@ use crate::shm::sync::{AtomicU32, AtomicU64, Ordering};
 
 pub use crate::model::{Status, MAX_METHOD, MAX_NAME, MAX_RESOURCE_ID};
 
+mod channel;
 mod client;
 mod instance;
 mod registry;
 mod shared;
 
+pub use channel::*;
 pub use client::*;
 pub use instance::*;
 pub use registry::*;
 pub use shared::*;
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 pub const PAGE: usize = 4096;
 
 const NAME_WORDS: usize = MAX_NAME / 8;
@@ -76,6 +78,8 @@ pub enum SegmentKind {
     InstanceOwn = 5,
     /// A caller's breakers and failure counters (see [`CallerSeg`]).
     Caller = 6,
+    /// One caller's requests to one instance (see [`ChannelSeg`]).
+    Channel = 7,
 }
 
 impl SegmentKind {
@@ -87,6 +91,7 @@ impl SegmentKind {
             SegmentKind::Client => *b"AEGISCLI",
             SegmentKind::InstanceOwn => *b"AEGISOWN",
             SegmentKind::Caller => *b"AEGISCAL",
+            SegmentKind::Channel => *b"AEGISCHN",
         })
     }
 }

@@ -51,6 +51,9 @@ pub struct InstanceEntry {
     /// `INSTANCE_*` bits.
     pub flags: AtomicU32,
     pub id: NameWords,
+    /// Bumped (Release) by the broker when a channel to this instance opens or closes: its
+    /// serving loop then asks for them (`Request::Channels`).
+    pub channels: AtomicU32,
 }
 
 /// [`InstanceEntry::flags`]: the instance stands in for one on another host (registered by

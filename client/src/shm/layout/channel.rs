@@ -1,0 +1,152 @@
+//! A channel: one caller connection's request ring to one instance.
+//!
+//! Created by the broker when a caller opens an instance, handed to that caller and to
+//! the instance's serving connection only: a co-caller has no mapping of it, so it can
+//! neither read, rewrite nor hold up the requests in it. Same layout as an instance ring
+//! segment (header, [`RingIndices`], slots), with [`CHANNEL_SLOTS`] slots at most.
+
+use std::os::fd::OwnedFd;
+
+use super::*;
+use crate::shm::sync::Ordering;
+
+/// Slots of one channel (fewer when the service's `slot_count` is smaller). A slot is
+/// free again as soon as the instance takes its request (the reply travels through a
+/// mailbox), so this bounds requests queued untaken per caller and instance, not calls in
+/// flight; and it bounds the memory a channel costs (16 slots of the default 4 KiB).
+pub const CHANNEL_SLOTS: u32 = 16;
+
+/// One channel as mapped by its caller, its instance or the broker.
+pub struct ChannelSeg {
+    pub map: Mapping,
+    pub layout: InstanceLayout,
+    /// Registry index and incarnation of the instance it leads to.
+    pub instance: u32,
+    pub incarnation: u64,
+    /// Unique per broker run.
+    pub id: u64,
+    pub epoch: u64,
+    /// The caller's note that the instance has taken the channel up (see
+    /// [`ChannelSeg::taken_up`]): once seen, never read from shared memory again.
+    seen_taken_up: std::sync::atomic::AtomicBool,
+}
+
+impl ChannelSeg {
+    /// The layout of a channel to an instance of `service` sizing (broker).
+    pub fn layout_for(service: InstanceLayout) -> InstanceLayout {
+        InstanceLayout {
+            slot_count: service.slot_count.min(CHANNEL_SLOTS),
+            ..service
+        }
+    }
+
+    /// Creates a channel segment (broker): zero-filled (an empty ring), header written,
+    /// size sealed.
+    pub fn create(
+        epoch: u64,
+        layout: InstanceLayout,
+        instance: u32,
+        incarnation: u64,
+        id: u64,
+    ) -> io::Result<OwnedFd> {
+        let size = layout.ring_size() as u64;
+        let fd = crate::shm::sys::memfd("aegis-channel", size)?;
+        Mapping::map(&fd, true)?.write_header(
+            SegmentKind::Channel,
+            size,
+            epoch,
+            Self::params(layout, instance, incarnation, id),
+        );
+        crate::shm::sys::seal_size(&fd)?;
+        Ok(fd)
+    }
+
+    fn params(layout: InstanceLayout, instance: u32, incarnation: u64, id: u64) -> [u64; 4] {
+        [
+            layout.slot_size as u64 | (layout.slot_count as u64) << 32,
+            instance as u64,
+            incarnation,
+            id,
+        ]
+    }
+
+    /// Maps a channel (read-write: the caller publishes, the instance takes) and checks it
+    /// leads to instance `(instance, incarnation)` when that is given.
+    pub fn open(
+        fd: &OwnedFd,
+        epoch: u64,
+        expect: Option<(u32, u64)>,
+    ) -> Result<ChannelSeg, LayoutError> {
+        let (map, h) = Mapping::open(fd, SegmentKind::Channel, true, Some(epoch))?;
+        let p = h.params;
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Channel,
+            what,
+        };
+        let layout = InstanceLayout {
+            slot_size: p[0] as u32,
+            slot_count: (p[0] >> 32) as u32,
+            heap_size: 0,
+        };
+        layout.validate().map_err(invalid)?;
+        if layout.slot_count > CHANNEL_SLOTS {
+            return Err(invalid(format!(
+                "{} slots, at most {CHANNEL_SLOTS}",
+                layout.slot_count
+            )));
+        }
+        let (instance, incarnation) = (p[1] as u32, p[2]);
+        if p[1] > u32::MAX as u64 || expect.is_some_and(|e| e != (instance, incarnation)) {
+            return Err(invalid(format!(
+                "leads to instance {}/{}, expected {expect:?}",
+                p[1], p[2]
+            )));
+        }
+        if layout.ring_size() != map.len() {
+            return Err(invalid("size does not match its parameters".into()));
+        }
+        Ok(ChannelSeg {
+            map,
+            layout,
+            instance,
+            incarnation,
+            id: p[3],
+            epoch,
+            seen_taken_up: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The instance says it has this channel and sweeps it (after it fetched it from the
+    /// broker): it sets the channel's `hint` word, unused otherwise in a channel.
+    pub fn mark_taken_up(&self) {
+        // Release: pairs with the Acquire in `taken_up` (nothing is read through it; a
+        // request published after it is swept because the channel is in the list).
+        self.ring_indices().hint.store(1, Ordering::Release);
+    }
+
+    /// Whether the instance has taken this channel up. A caller publishes nothing before:
+    /// a channel announced by a broker that died before its instance fetched it would
+    /// never be looked at.
+    pub fn taken_up(&self) -> bool {
+        use std::sync::atomic::Ordering as Local;
+        if self.seen_taken_up.load(Local::Relaxed) {
+            return true;
+        }
+        let up = self.ring_indices().hint.load(Ordering::Acquire) != 0;
+        if up {
+            self.seen_taken_up.store(true, Local::Relaxed);
+        }
+        up
+    }
+
+    pub fn ring_indices(&self) -> &RingIndices {
+        self.map.at(InstanceLayout::RING)
+    }
+    /// Base pointer of slot 0; slot `i` is at `i * slot_stride()`.
+    pub fn slots_base(&self) -> *mut u8 {
+        let len = self.layout.slot_count as u64 * self.layout.slot_stride() as u64;
+        self.map
+            .range(self.layout.slots_off() as u64, len)
+            .expect("validated layout")
+    }
+}
