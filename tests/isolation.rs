@@ -219,6 +219,110 @@ fn a_caller_of_another_uid_cannot_write_an_instance_s_progress_or_counters() {
     }
 }
 
+/// `bank`'s instances as `index:incarnation` targets for the attacker.
+fn bank_targets(victim: &Bus) -> String {
+    let info = victim.service("bank").unwrap();
+    let t: Vec<String> = info
+        .instances
+        .iter()
+        .map(|i| format!("{}:{}", i.index, instance_incarnation(victim, i.index)))
+        .collect();
+    assert_eq!(t.len(), 2);
+    t.join(",")
+}
+
+/// Row "a co-caller of `echo` rewrites the victim's queued request in the shared ring
+/// after it was published": the attacker (who may call `bank`) opens both instances as
+/// any caller does, maps everything it is handed writable where it can (the instance's
+/// ring segment, its own channel) and for 2 s rewrites every request it finds there that
+/// reads `to=alice amount=0010` into `to=mallo amount=9999`, while the victim calls
+/// `bank`. The victim's requests travel in the victim's own channels, which the attacker
+/// has no mapping of: it finds none, and every victim call comes back with its own
+/// payload. (Before channels, the victim's requests lay in the instances' shared ring,
+/// which every caller maps writable: the attacker rewrote them, and the victim's check
+/// "got another payload" failed.)
+#[test]
+fn a_co_caller_of_another_uid_cannot_rewrite_a_queued_request() {
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
+    let _b1 = bus.serve("bank", "b1", &[]);
+    let _b2 = bus.serve("bank", "b2", &[]);
+    let victim = bus.connect();
+    victim_calls(&victim, 10, "before");
+    let targets = bank_targets(&victim);
+    let dir = bus.path().to_owned();
+    let attacker = std::thread::spawn(move || run_attacker(&dir, "rewrite", &targets));
+    let mut rounds = 0;
+    while !attacker.is_finished() {
+        victim_calls(&victim, 20, &format!("during {rounds}"));
+        rounds += 1;
+    }
+    let out = attacker.join().unwrap();
+    assert!(
+        out.status.success(),
+        "attacker failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r = result_of(&out);
+    assert_eq!(value(&r, "opened"), "2", "{r:?}");
+    assert!(
+        rounds > 10,
+        "the victim hardly called during the attack: {rounds}"
+    );
+    assert_eq!(value(&r, "rewritten"), "0", "{r:?}");
+    victim_calls(&victim, 10, "after");
+}
+
+/// Row "a caller claims one slot in every instance's ring and never publishes": the
+/// attacker (who may call `bank`) claims a slot in each instance's ring segment and in
+/// each of its own channels, publishes none, and holds them while the victim calls.
+/// Its claims hold up only its own channels: every victim call succeeds at once. (Before
+/// channels, all callers shared each instance's ring: a claimed, unpublished slot of a
+/// live producer held every later request, and every call to the service timed out.)
+#[test]
+fn a_caller_of_another_uid_holding_slots_holds_up_no_one_else() {
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
+    let _b1 = bus.serve("bank", "b1", &[]);
+    let _b2 = bus.serve("bank", "b2", &[]);
+    let victim = bus.connect();
+    victim_calls(&victim, 10, "before");
+    let mut child = attacker_command(bus.path(), "hold", &bank_targets(&victim))
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    // The attacker says when it holds its slots (or fails and closes its output).
+    while !line.contains("RESULT") {
+        line.clear();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
+            panic!("the attacker ended without holding: {:?}", child.wait());
+        }
+    }
+    let r = result_of_text(&line);
+    assert_eq!(value(&r, "held"), "4", "2 rings and 2 channels: {r:?}");
+    // Each call well within the 5 s a held ring used to cost it.
+    let opts = CallOptions::timeout(Duration::from_secs(1));
+    let mut out = Vec::new();
+    for i in 0..50 {
+        let p = format!("to=alice amount=0010 held #{i}").into_bytes();
+        victim
+            .call_into("bank", "echo", &p, &opts, &mut out)
+            .unwrap_or_else(|e| panic!("victim call #{i} held up: {e}"));
+        assert_eq!(out, p);
+    }
+    // Still held: it lets go when its stdin closes.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the attacker let go early"
+    );
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+}
+
 /// The incarnation of registry instance `index`, as a call to it reports it.
 fn instance_incarnation(bus: &Bus, index: u32) -> u64 {
     let opts = CallOptions::timeout(Duration::from_secs(5));
@@ -640,8 +744,112 @@ fn attacker() {
         "own-stats" => attack_own_stats(Path::new(&dir), &targets),
         "report" => attack_report(Path::new(&dir), &targets),
         "hoard" => attack_hoard(Path::new(&dir)),
+        "rewrite" => attack_rewrite(Path::new(&dir), &targets),
+        "hold" => attack_hold(Path::new(&dir), &targets),
         other => panic!("unknown attack {other}"),
     }
+}
+
+/// What a permitted caller is handed for each target instance: its ring segment (the
+/// doorbell) mapped writable, and its own channel, as a raw connection gets them.
+fn open_as_caller(
+    raw: &mut Raw,
+    targets: &[(u32, u64)],
+) -> Vec<(
+    aegis_client::layout::InstanceSeg,
+    aegis_client::layout::ChannelSeg,
+)> {
+    use aegis_client::layout::{ChannelSeg, InstanceSeg, Mapping};
+    let mut out = Vec::new();
+    for &(instance, incarnation) in targets {
+        let (resp, fds) = raw
+            .ask_fds(&Request::OpenInstance {
+                instance,
+                incarnation,
+            })
+            .unwrap();
+        let Response::OpenedInstances(ids) = resp else {
+            panic!("{resp:?}");
+        };
+        let Some(k) = ids.iter().position(|&i| i == (instance, incarnation)) else {
+            continue;
+        };
+        let fds = &fds[3 * k..3 * k + 3];
+        let (_, h) = Mapping::open(&fds[0], SegmentKind::Instance, true, None).unwrap();
+        // The ring segment alone matters; a private stand-in for the instance's own
+        // segment (read-only to us) completes it.
+        let (_, own) = InstanceSeg::create_own(h.bus_epoch, h.params[1]).unwrap();
+        let ring = InstanceSeg::open(&fds[0], own, h.bus_epoch, instance, incarnation).unwrap();
+        let chan = ChannelSeg::open(&fds[2], h.bus_epoch, Some((instance, incarnation))).unwrap();
+        out.push((ring, chan));
+    }
+    out
+}
+
+/// Every slot of a ring (`base`, `count` slots of `stride`): rewrites the payload bytes
+/// `to=alice amount=0010` into `to=mallo amount=9999`; returns how many it rewrote.
+fn rewrite_slots(base: *mut u8, stride: usize, count: usize) -> usize {
+    const FROM: &[u8] = b"to=alice amount=0010";
+    const TO: &[u8] = b"to=mallo amount=9999";
+    let mut n = 0;
+    for i in 0..count {
+        // SAFETY: slot `i` lies inside the mapping (i < count); we read and write its
+        // bytes as a hostile peer would, with volatile accesses.
+        unsafe {
+            let slot = base.add(i * stride);
+            for off in (128..stride - FROM.len()).take(256) {
+                let p = slot.add(off);
+                if (0..FROM.len()).all(|k| p.add(k).read_volatile() == FROM[k]) {
+                    for (k, b) in TO.iter().enumerate() {
+                        p.add(k).write_volatile(*b);
+                    }
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+/// Rewrites for 2 s every request it can find in what it is handed (see the test).
+fn attack_rewrite(dir: &Path, targets: &[(u32, u64)]) {
+    let mut raw = Raw::connect(dir).unwrap();
+    let opened = open_as_caller(&mut raw, targets);
+    let mut rewritten = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        for (ring, chan) in &opened {
+            rewritten += rewrite_slots(
+                ring.slots_base(),
+                ring.layout.slot_stride(),
+                ring.layout.slot_count as usize,
+            );
+            rewritten += rewrite_slots(
+                chan.slots_base(),
+                chan.layout.slot_stride(),
+                chan.layout.slot_count as usize,
+            );
+        }
+    }
+    println!("\nRESULT opened={} rewritten={rewritten}", opened.len());
+}
+
+/// Claims a slot in every ring and channel it is handed, publishes none, says so, and
+/// holds them until its stdin closes.
+fn attack_hold(dir: &Path, targets: &[(u32, u64)]) {
+    use std::io::Write;
+    let mut raw = Raw::connect(dir).unwrap();
+    let opened = open_as_caller(&mut raw, targets);
+    let mut claims = Vec::new();
+    for (ring, chan) in &opened {
+        claims.extend(ring.ring().try_claim(std::process::id()).ok());
+        claims.extend(chan.ring().try_claim(std::process::id()).ok());
+    }
+    println!("\nRESULT held={}", claims.len());
+    std::io::stdout().flush().unwrap();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    // Never published: forgotten, not dropped (a dropped claim publishes as aborted).
+    std::mem::forget(claims);
 }
 
 /// Asks the broker for each target's segments (a permitted caller may), then tries every

@@ -420,11 +420,13 @@ fn park(
 /// for a hostile hint.
 ///
 /// SYNC POINT (hint): a caller's Release `fetch_or` of its bit pairs with the serving
-/// thread's Acquire `swap` in [`Doorbell::take`]; a caller that finds its bit already set
-/// relies on its SeqCst fence after publishing and the taker's SeqCst fence after the swap
-/// (whichever swap clears that bit, its sweep sees the request).
-/// SYNC POINT (sleep): the caller's SeqCst fence (or SeqCst `fetch_or`) before reading
-/// `sleepers` pairs with the fence after `sleepers += 1` in [`Doorbell::wait`].
+/// thread's Acquire `swap` in [`Doorbell::take`]: a taker that gets the bit sees the
+/// request published before it. The caller sets its bit with an RMW even when it is
+/// already set (a load would do, but could read a bit set by someone else that the
+/// serving thread has not seen yet: loom found the lost wake-up).
+/// SYNC POINT (sleep): the caller's `fetch_or`, SeqCst fence, then load of `sleepers`
+/// pair with `sleepers += 1`, the SeqCst fence and the re-check of `hint` in
+/// [`Doorbell::wait`] (Dekker: one side sees the other's write).
 #[derive(Clone, Copy)]
 pub struct Doorbell<'a>(pub &'a RingIndices);
 
@@ -440,13 +442,10 @@ impl Doorbell<'_> {
     /// Says that the channel with hint bit `bit` has a request (after publishing it) and
     /// wakes a sleeping serving thread.
     pub fn ring(&self, bit: u64) {
-        // Orders the publish before the load of the bit (see SYNC POINT (hint)).
+        // See SYNC POINT (hint) and (sleep).
+        self.0.hint.fetch_or(bit, Ordering::Release);
         fence(Ordering::SeqCst);
-        if self.0.hint.load(Ordering::Relaxed) & bit == 0 {
-            // SeqCst: also the sleep Dekker's store-then-load with `sleepers` below.
-            self.0.hint.fetch_or(bit, Ordering::SeqCst);
-        }
-        if self.0.sleepers.load(Ordering::SeqCst) > 0 {
+        if self.0.sleepers.load(Ordering::Relaxed) > 0 {
             self.0.wake.fetch_add(1, Ordering::Relaxed);
             let _ = sys::futex_wake(&self.0.wake, 1);
             crate::channel::wait::woke_a_sleeper();
@@ -458,16 +457,15 @@ impl Doorbell<'_> {
         if self.0.hint.load(Ordering::Relaxed) == 0 {
             return 0;
         }
-        let bits = self.0.hint.swap(0, Ordering::Acquire);
-        // Pairs with the fence in `ring` of a caller that found its bit set.
-        fence(Ordering::SeqCst);
-        bits
+        self.0.hint.swap(0, Ordering::Acquire)
     }
 
     /// Hands bits a serving thread will not look at now back to the others.
     pub fn put_back(&self, bits: u64) {
-        self.0.hint.fetch_or(bits, Ordering::SeqCst);
-        if self.0.sleepers.load(Ordering::SeqCst) > 0 {
+        // As in `ring`.
+        self.0.hint.fetch_or(bits, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.0.sleepers.load(Ordering::Relaxed) > 0 {
             self.0.wake.fetch_add(1, Ordering::Relaxed);
             let _ = sys::futex_wake(&self.0.wake, 1);
         }
@@ -487,10 +485,17 @@ impl Doorbell<'_> {
         ready: impl Fn() -> bool,
         stop: impl Fn() -> bool,
     ) -> bool {
+        // Under loom the futex never times out (a lost wake-up is a deadlock it reports),
+        // and a wall-clock bound would make the model depend on time.
+        let timeout = if cfg!(loom) {
+            timeout
+        } else {
+            timeout.min(FULL_SWEEP)
+        };
         park(
             self.0,
             waiter,
-            Some(timeout.min(FULL_SWEEP)),
+            Some(timeout),
             || self.rung() || ready(),
             stop,
         )
@@ -1177,6 +1182,109 @@ mod loom_tests {
             assert!(r.wait(&mut w, None, || false));
             assert!(r.try_pop().is_some());
             producer.join().unwrap();
+        });
+    }
+
+    /// A caller's channel and an instance's doorbell: the serving thread (a sweep reduced
+    /// to one channel: take the hint bits, look at the channel if its bit came, else sleep
+    /// on the doorbell) always takes the caller's request, while a hostile caller sets every
+    /// hint bit and bumps the futex word (spurious wake-ups). The futex model never times
+    /// out, so a lost wake-up is a deadlock loom reports. (Bounded to 3 preemptions: the
+    /// full model of three threads does not finish in minutes.)
+    #[test]
+    fn a_request_rung_on_the_doorbell_is_always_taken_despite_spurious_hints() {
+        use crate::channel::wait::{Seats, Spin, Waiter};
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let s = shared();
+            let bell = Arc::new(RingIndices::new());
+            let base = s.slots.as_ptr() as *mut u8;
+            let bit = Doorbell::bit(5);
+            let caller = {
+                let (s, bell, p) = (s.clone(), bell.clone(), Ptr(base));
+                loom::thread::spawn(move || {
+                    let r = ring(&s, &p);
+                    let mut c = r.try_claim(1).unwrap();
+                    c.set_header(MsgHeader {
+                        trace_id: 77,
+                        ..Default::default()
+                    });
+                    c.publish().unwrap();
+                    Doorbell(&bell).ring(bit);
+                })
+            };
+            let hostile = {
+                let bell = bell.clone();
+                loom::thread::spawn(move || {
+                    bell.hint.fetch_or(u64::MAX, Ordering::Relaxed);
+                    bell.wake.fetch_add(1, Ordering::Relaxed);
+                    let _ = sys::futex_wake(&bell.wake, u32::MAX);
+                })
+            };
+            let r = ring(&s, &Ptr(base));
+            let d = Doorbell(&bell);
+            let mut w = Waiter::new(
+                Spin::Fixed(Duration::ZERO),
+                Default::default(),
+                Seats::none(),
+            );
+            let got = loop {
+                if d.take() & bit != 0 {
+                    if let Some(t) = r.try_pop() {
+                        break t.header().trace_id;
+                    }
+                }
+                d.wait(&mut w, Duration::from_secs(3600), || false, || false);
+            };
+            assert_eq!(got, 77);
+            caller.join().unwrap();
+            hostile.join().unwrap();
+        });
+    }
+
+    /// A hostile caller that clears the hint bits (stealing the caller's) can delay the
+    /// take until the serving thread's periodic look at every channel, never lose it: the
+    /// request stays in the channel, and the next full sweep (modelled as every second
+    /// turn here) takes it exactly once.
+    #[test]
+    fn a_stolen_hint_delays_a_request_until_the_full_sweep_and_never_loses_it() {
+        loom::model(|| {
+            let s = shared();
+            let bell = Arc::new(RingIndices::new());
+            let base = s.slots.as_ptr() as *mut u8;
+            let bit = Doorbell::bit(9);
+            let caller = {
+                let (s, bell, p) = (s.clone(), bell.clone(), Ptr(base));
+                loom::thread::spawn(move || {
+                    let r = ring(&s, &p);
+                    r.try_claim(1).unwrap().publish().unwrap();
+                    Doorbell(&bell).ring(bit);
+                })
+            };
+            let thief = {
+                let bell = bell.clone();
+                loom::thread::spawn(move || {
+                    bell.hint.swap(0, Ordering::Relaxed);
+                })
+            };
+            let r = ring(&s, &Ptr(base));
+            let d = Doorbell(&bell);
+            let mut turn = 0u32;
+            let mut taken = 0;
+            while taken == 0 {
+                let full = turn % 2 == 1;
+                if d.take() & bit != 0 || full {
+                    if r.try_pop().is_some() {
+                        taken += 1;
+                    }
+                }
+                turn += 1;
+                loom::thread::yield_now();
+            }
+            caller.join().unwrap();
+            thief.join().unwrap();
+            assert!(r.try_pop().is_none(), "taken exactly once");
         });
     }
 }
