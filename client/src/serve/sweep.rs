@@ -1,14 +1,16 @@
 //! The instance side of the channels: the channels a serving process was handed for one
 //! instance, and how each serving thread sweeps them.
 //!
-//! A serving thread takes the doorbell's hint bits ([`Doorbell::take`]) into its own
-//! `pending` set, then looks at the channels whose bit is pending, from where its last
-//! take left off, and takes one request from the first that has one. Bits it did not get
-//! to go back to the doorbell for the other serving threads. So a flood on one channel
-//! delays another channel's request by at most one request per channel; and at least
-//! every [`FULL_SWEEP`] every channel is looked at whatever the bits say (a hostile
-//! caller clearing them delays a take by at most that).
+//! A serving thread takes the doorbell's hint bits ([`Doorbell::take`]), looks once at
+//! every channel whose bit came and queues those with a request waiting, then serves its
+//! queue one request per channel per turn (a channel with more goes to the back). Only
+//! when its queue is empty does it take the bits again. So a flood on one channel delays
+//! another channel's request by at most one request per channel. After a look that
+//! queued several channels it hands their bits back to the doorbell, so that an idle
+//! serving thread can help. At least every [`FULL_SWEEP`] it looks at every channel whatever the
+//! bits say (a hostile caller clearing them delays a take by at most that).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -66,10 +68,8 @@ impl Channels {
 pub(crate) struct Sweep {
     chans: Arc<Vec<Arc<Chan>>>,
     version: u64,
-    /// Bits several channels share (more than 64 channels): never dropped after a take.
-    shared: u64,
-    pending: u64,
-    cursor: usize,
+    /// Channels (indices into `chans`) seen with a request waiting, in turn.
+    ready: VecDeque<usize>,
     next_full: Instant,
 }
 
@@ -78,9 +78,7 @@ impl Default for Sweep {
         Sweep {
             chans: Arc::default(),
             version: u64::MAX,
-            shared: 0,
-            pending: 0,
-            cursor: 0,
+            ready: VecDeque::new(),
             next_full: Instant::now(),
         }
     }
@@ -95,52 +93,54 @@ impl Sweep {
         }
         self.version = v;
         self.chans = table.list.read().clone();
-        let mut seen = 0u64;
-        self.shared = 0;
-        for c in self.chans.iter() {
-            self.shared |= seen & c.bit;
-            seen |= c.bit;
-        }
-        // New channels may have been rung before we knew them.
-        self.pending = u64::MAX;
+        self.ready.clear();
+        // New channels may have been rung before we knew them: look at all of them now.
+        self.next_full = Instant::now();
     }
 
-    /// The next channel with a request waiting, looked at in turn; `None` when no channel
-    /// this thread should look at has one. Its request may still be taken by another
-    /// serving thread first.
+    /// The next channel with a request waiting, in turn; `None` when no channel this
+    /// thread should look at has one. Its request may still be taken by another serving
+    /// thread first.
     pub fn next(&mut self, bell: Doorbell<'_>) -> Option<Arc<Chan>> {
-        self.pending |= bell.take();
-        if self.pending != u64::MAX {
+        loop {
+            while let Some(i) = self.ready.pop_front() {
+                let c = &self.chans[i];
+                let ring = c.seg.ring();
+                if !ring.has_message() {
+                    continue;
+                }
+                if ring.len() > 1 {
+                    // More after this one: its next turn is after the others'.
+                    self.ready.push_back(i);
+                }
+                return Some(c.clone());
+            }
+            let mut bits = bell.take();
             let now = Instant::now();
             if now >= self.next_full {
-                self.pending = u64::MAX;
+                bits = u64::MAX;
                 self.next_full = now + FULL_SWEEP;
             }
-        }
-        let n = self.chans.len();
-        if self.pending == 0 || n == 0 {
-            self.pending = 0;
-            return None;
-        }
-        for k in 0..n {
-            let i = (self.cursor + k) % n;
-            let c = &self.chans[i];
-            if self.pending & c.bit == 0 || !c.seg.ring().has_message() {
-                continue;
+            if bits == 0 {
+                return None;
             }
-            self.cursor = i + 1;
-            let mut rest = self.pending;
-            // Its bit stays when the channel may hold more, or other channels share it.
-            if c.bit & self.shared == 0 && c.seg.ring().len() <= 1 {
-                rest &= !c.bit;
+            for (i, c) in self.chans.iter().enumerate() {
+                if bits & c.bit != 0 && c.seg.ring().has_message() {
+                    self.ready.push_back(i);
+                }
             }
-            self.pending = 0;
-            if rest != 0 {
-                bell.put_back(rest);
+            if self.ready.len() > 1 {
+                // An idle serving thread may help with all but the first.
+                let bits = self
+                    .ready
+                    .iter()
+                    .skip(1)
+                    .fold(0, |b, &j| b | self.chans[j].bit);
+                bell.put_back(bits);
             }
-            return Some(c.clone());
+            if self.ready.is_empty() {
+                return None;
+            }
         }
-        self.pending = 0;
-        None
     }
 }
