@@ -168,33 +168,14 @@ fn a_caller_of_another_uid_cannot_write_an_instance_s_progress_or_counters() {
     let _b2 = bus.serve("bank", "b2", &[]);
     let victim = bus.connect();
     victim_calls(&victim, 10, "before");
-    let info = victim.service("bank").unwrap();
-    let targets: Vec<String> = info
-        .instances
-        .iter()
-        .map(|i| {
-            let inc = instance_incarnation(&victim, i.index);
-            format!("{}:{inc}", i.index)
-        })
-        .collect();
-    assert_eq!(targets.len(), 2);
-    let dir = bus.path().to_owned();
-    let attacker =
-        std::thread::spawn(move || run_attacker(&dir, "instance-own", &targets.join(",")));
     // The victim keeps calling while the attacker works (it writes for 1 s if it can).
-    let until = Instant::now() + Duration::from_millis(1500);
-    let mut rounds = 0;
-    while Instant::now() < until && !attacker.is_finished() {
-        victim_calls(&victim, 5, &format!("during {rounds}"));
-        rounds += 1;
-    }
-    let out = attacker.join().unwrap();
-    assert!(
-        out.status.success(),
-        "attacker failed: {}",
-        String::from_utf8_lossy(&out.stdout)
+    let (r, _) = attack_while_calling(
+        &bus,
+        &victim,
+        ("instance-own", bank_targets(&victim)),
+        5,
+        Some(Duration::from_millis(1500)),
     );
-    let r = result_of(&out);
     assert_eq!(
         value(&r, "own_segments"),
         "2",
@@ -217,6 +198,34 @@ fn a_caller_of_another_uid_cannot_write_an_instance_s_progress_or_counters() {
         assert_eq!(i.requests_failed, 0, "forged error count: {i:?}");
         assert!(i.requests_served < 1_000_000, "forged served count: {i:?}");
     }
+}
+
+/// Runs `attack` (name, targets) under the attacker's uid while the victim calls `bank` in
+/// rounds of `per` checked calls, for at most `until` when given; asserts the attacker
+/// ended well and returns its `RESULT` and the victim's rounds.
+fn attack_while_calling(
+    bus: &TestBus,
+    victim: &Bus,
+    (attack, targets): (&str, String),
+    per: usize,
+    until: Option<Duration>,
+) -> (Vec<(String, String)>, usize) {
+    let dir = bus.path().to_owned();
+    let attack = attack.to_owned();
+    let attacker = std::thread::spawn(move || run_attacker(&dir, &attack, &targets));
+    let end = until.map(|u| Instant::now() + u);
+    let mut rounds = 0;
+    while end.is_none_or(|e| Instant::now() < e) && !attacker.is_finished() {
+        victim_calls(victim, per, &format!("during {rounds}"));
+        rounds += 1;
+    }
+    let out = attacker.join().unwrap();
+    assert!(
+        out.status.success(),
+        "attacker failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (result_of(&out), rounds)
 }
 
 /// `bank`'s instances as `index:incarnation` targets for the attacker.
@@ -251,20 +260,7 @@ fn a_co_caller_of_another_uid_cannot_rewrite_a_queued_request() {
     let victim = bus.connect();
     victim_calls(&victim, 10, "before");
     let targets = bank_targets(&victim);
-    let dir = bus.path().to_owned();
-    let attacker = std::thread::spawn(move || run_attacker(&dir, "rewrite", &targets));
-    let mut rounds = 0;
-    while !attacker.is_finished() {
-        victim_calls(&victim, 20, &format!("during {rounds}"));
-        rounds += 1;
-    }
-    let out = attacker.join().unwrap();
-    assert!(
-        out.status.success(),
-        "attacker failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let r = result_of(&out);
+    let (r, rounds) = attack_while_calling(&bus, &victim, ("rewrite", targets), 20, None);
     assert_eq!(value(&r, "opened"), "2", "{r:?}");
     assert!(
         rounds > 10,

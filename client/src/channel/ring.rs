@@ -54,35 +54,36 @@ pub enum Skip<'a> {
     Raced,
 }
 
+/// The ring laid out per `layout` at `idx` and `base`.
+///
+/// # Safety
+/// `idx` and `base` come from a mapping whose layout was validated against `layout` when
+/// it was opened, and that mapping outlives `'a`.
+unsafe fn ring_in<'a>(
+    idx: &'a RingIndices,
+    base: *mut u8,
+    layout: &crate::shm::layout::InstanceLayout,
+) -> RingRef<'a> {
+    // SAFETY: per this function's contract.
+    unsafe { RingRef::new(idx, base, layout.slot_stride(), layout.slot_count) }
+}
+
 impl crate::shm::layout::InstanceSeg {
-    /// The request ring of this instance segment.
+    /// The ring of this instance segment (since channels, only its indices are used: the
+    /// doorbell; its slots stay untouched).
     pub fn ring(&self) -> RingRef<'_> {
-        // SAFETY: the segment's layout was validated when it was opened (`InstanceSeg::open`)
-        // and the mapping lives as long as `self`.
-        unsafe {
-            RingRef::new(
-                self.ring_indices(),
-                self.slots_base(),
-                self.layout.slot_stride(),
-                self.layout.slot_count,
-            )
-        }
+        // SAFETY: validated when opened (`InstanceSeg::open`); the mapping lives as long
+        // as `self`.
+        unsafe { ring_in(self.ring_indices(), self.slots_base(), &self.layout) }
     }
 }
 
 impl crate::shm::layout::ChannelSeg {
     /// The request ring of this channel.
     pub fn ring(&self) -> RingRef<'_> {
-        // SAFETY: the channel's layout was validated when it was opened (`ChannelSeg::open`)
-        // and the mapping lives as long as `self`.
-        unsafe {
-            RingRef::new(
-                self.ring_indices(),
-                self.slots_base(),
-                self.layout.slot_stride(),
-                self.layout.slot_count,
-            )
-        }
+        // SAFETY: validated when opened (`ChannelSeg::open`); the mapping lives as long as
+        // `self`.
+        unsafe { ring_in(self.ring_indices(), self.slots_base(), &self.layout) }
     }
 }
 

@@ -2,14 +2,16 @@
 //! offsets between them, and the checks made when a segment is opened. No other module
 //! computes an offset into shared memory.
 //!
-//! A bus has four kinds of segment, all memfds created by the broker and handed to peers
+//! A bus has these kinds of segment, all memfds created by the broker (but an instance's
+//! own, which it creates and seals itself) and handed to peers
 //! over the control socket (`SCM_RIGHTS`):
 //!
 //! | segment  | one per          | mapped                                   |
 //! |----------|------------------|------------------------------------------|
 //! | registry | bus              | read-only by everyone (sealed), written by the broker |
 //! | shared   | bus              | read-write by every member: round-robin counters |
-//! | ring     | instance         | read-write by its callers: header, request ring |
+//! | ring     | instance         | read-write by its callers: the doorbell (hint bits, futex word; its slots are unused) |
+//! | channel  | caller × instance | read-write by that caller and that instance only: the caller's request ring to it |
 //! | own      | instance         | written by the instance only (sealed `F_SEAL_FUTURE_WRITE` before it leaves it), read-only to the broker and callers: counters, progress, durations, reply heap |
 //! | client   | connected process| read-write by it and the instances it calls: reply mailboxes, request heap |
 //! | caller   | connected process| read-write by it, read by the broker, by no one else: its breakers and failure counters per service |
