@@ -986,7 +986,16 @@ impl State {
                 r.closed_selections = r.closed_selections.saturating_add(sent);
             }
             for owner in &r.owners {
-                self.channel_news.entry(*owner).or_default().gone.push(id);
+                let news = self.channel_news.entry(*owner).or_default();
+                // Not fetched yet: nothing to tell. So an instance that never fetches
+                // holds news of its live channels only, not of every caller that came
+                // and went.
+                match news.new.iter().position(|&n| n == id) {
+                    Some(p) => {
+                        news.new.swap_remove(p);
+                    }
+                    None => news.gone.push(id),
+                }
             }
             self.channels_changed(rec.instance.0);
         }
@@ -1515,6 +1524,89 @@ mod tests {
                 (client, gen, fds.into_iter().nth(2).unwrap())
             }
             (other, _) => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// A serving connection is told of a caller's channel once, with the descriptors, and
+    /// of its closing; a caller that came and went before the instance asked leaves no
+    /// news at all (an instance that never asks holds news of live channels only).
+    #[test]
+    fn channel_news_tell_each_channel_once_and_forget_those_closed_unfetched() {
+        let peer = Peer {
+            pid: std::process::id(),
+            uid: 0,
+            gid: 0,
+        };
+        let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", "8"]);
+        let mut st = State::new(cfg, Identities::starting_at(1, 1)).unwrap();
+        let small = ServiceConfig {
+            slot_size: Some(256),
+            slot_count: Some(4),
+            max_message: Some(1024),
+        };
+        let reg = Registration {
+            service: "svc",
+            id: "i",
+            metadata: Vec::new(),
+            config: &small,
+            heartbeat: Default::default(),
+            adopt: None,
+            own: Some(InstanceSeg::create_own(0, 2048).unwrap().0),
+        };
+        const SERVER: ConnId = 1;
+        welcome(st.hello(SERVER, peer, 1, None, 1));
+        let (index, incarnation) = match st.register(SERVER, peer, reg).0 {
+            Response::Registered {
+                instance,
+                incarnation,
+                ..
+            } => (instance, incarnation),
+            r => panic!("{r:?}"),
+        };
+        let open = |st: &mut State, conn: ConnId| {
+            welcome(st.hello(conn, peer, 1, None, conn));
+            match st.open_instance(conn, peer, index, incarnation) {
+                (Response::OpenedInstances(ids), fds) => {
+                    assert_eq!((ids.len(), fds.len()), (1, 3));
+                }
+                (r, _) => panic!("{r:?}"),
+            }
+        };
+        // A caller that leaves before the instance asks: no news of it.
+        open(&mut st, 2);
+        st.disconnect(2);
+        // One that stays: told once, with its client segment and channel.
+        open(&mut st, 3);
+        match st.channels_request(SERVER) {
+            (
+                Response::Channels {
+                    channels,
+                    gone,
+                    more,
+                },
+                fds,
+            ) => {
+                assert_eq!(channels.len(), 1, "{channels:?}");
+                assert_eq!(channels[0].instance, (index, incarnation));
+                assert!(gone.is_empty() && !more, "{gone:?}");
+                assert_eq!(fds.len(), 2);
+            }
+            (r, _) => panic!("{r:?}"),
+        }
+        match st.channels_request(SERVER) {
+            (Response::Channels { channels, gone, .. }, _) => {
+                assert!(channels.is_empty() && gone.is_empty());
+            }
+            (r, _) => panic!("{r:?}"),
+        }
+        // When it leaves, its closing is told.
+        st.disconnect(3);
+        match st.channels_request(SERVER) {
+            (Response::Channels { channels, gone, .. }, _) => {
+                assert!(channels.is_empty());
+                assert_eq!(gone.len(), 1);
+            }
+            (r, _) => panic!("{r:?}"),
         }
     }
 
