@@ -161,13 +161,9 @@ fn victim_calls(bus: &Bus, n: usize, tag: &str) {
 /// attacker got a writable mapping and pinned progress / wrote 999999999999 errors.
 #[test]
 fn a_caller_of_another_uid_cannot_write_an_instance_s_progress_or_counters() {
-    let Some((bus, _)) = policed_bus() else {
+    let Some((bus, _banks, victim)) = bank_bus() else {
         return;
     };
-    let _b1 = bus.serve("bank", "b1", &[]);
-    let _b2 = bus.serve("bank", "b2", &[]);
-    let victim = bus.connect();
-    victim_calls(&victim, 10, "before");
     // The victim keeps calling while the attacker works (it writes for 1 s if it can).
     let (r, _) = attack_while_calling(
         &bus,
@@ -228,6 +224,16 @@ fn attack_while_calling(
     (result_of(&out), rounds)
 }
 
+/// A policed bus with two `bank` instances and a victim connection that has called it
+/// (`None` without root, see `policed_bus`).
+fn bank_bus() -> Option<(TestBus, [support::Served; 2], Bus)> {
+    let (bus, _) = policed_bus()?;
+    let banks = [bus.serve("bank", "b1", &[]), bus.serve("bank", "b2", &[])];
+    let victim = bus.connect();
+    victim_calls(&victim, 10, "before");
+    Some((bus, banks, victim))
+}
+
 /// `bank`'s instances as `index:incarnation` targets for the attacker.
 fn bank_targets(victim: &Bus) -> String {
     let info = victim.service("bank").unwrap();
@@ -252,13 +258,9 @@ fn bank_targets(victim: &Bus) -> String {
 /// "got another payload" failed.)
 #[test]
 fn a_co_caller_of_another_uid_cannot_rewrite_a_queued_request() {
-    let Some((bus, _)) = policed_bus() else {
+    let Some((bus, _banks, victim)) = bank_bus() else {
         return;
     };
-    let _b1 = bus.serve("bank", "b1", &[]);
-    let _b2 = bus.serve("bank", "b2", &[]);
-    let victim = bus.connect();
-    victim_calls(&victim, 10, "before");
     let targets = bank_targets(&victim);
     let (r, rounds) = attack_while_calling(&bus, &victim, ("rewrite", targets), 20, None);
     assert_eq!(value(&r, "opened"), "2", "{r:?}");
@@ -278,13 +280,9 @@ fn a_co_caller_of_another_uid_cannot_rewrite_a_queued_request() {
 /// live producer held every later request, and every call to the service timed out.)
 #[test]
 fn a_caller_of_another_uid_holding_slots_holds_up_no_one_else() {
-    let Some((bus, _)) = policed_bus() else {
+    let Some((bus, _banks, victim)) = bank_bus() else {
         return;
     };
-    let _b1 = bus.serve("bank", "b1", &[]);
-    let _b2 = bus.serve("bank", "b2", &[]);
-    let victim = bus.connect();
-    victim_calls(&victim, 10, "before");
     let mut child = attacker_command(bus.path(), "hold", &bank_targets(&victim))
         .stdin(Stdio::piped())
         .spawn()

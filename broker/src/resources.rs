@@ -940,7 +940,6 @@ pub(crate) fn stepwise_resources(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aegis_client::proto::ServiceConfig;
     use clap::Parser;
 
     /// Random claims and releases on a 16-slot map (long collision chains, constant
@@ -961,38 +960,7 @@ mod tests {
             uid: 0,
             gid: 0,
         };
-        let small = ServiceConfig {
-            slot_size: Some(256),
-            slot_count: Some(2),
-            max_message: Some(1024),
-        };
-        let (owner, inc) = match st
-            .register(
-                1,
-                peer,
-                crate::state::Registration {
-                    service: "svc",
-                    id: "i",
-                    metadata: Vec::new(),
-                    config: &small,
-                    heartbeat: Default::default(),
-                    adopt: None,
-                    own: Some(
-                        aegis_client::layout::InstanceSeg::create_own(0, 2048)
-                            .unwrap()
-                            .0,
-                    ),
-                },
-            )
-            .0
-        {
-            Response::Registered {
-                instance,
-                incarnation,
-                ..
-            } => (instance, incarnation),
-            r => panic!("{r:?}"),
-        };
+        let (owner, inc) = st.register_small(1, peer, "i");
         let mut live: HashSet<String> = HashSet::new();
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for step in 0..5000 {
@@ -1062,38 +1030,13 @@ mod tests {
     fn a_rollback_never_undoes_what_others_did_between_batches() {
         let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-instances", "4"]);
         let mut st = State::new(cfg, crate::identities::Identities::starting_at(1, 1)).unwrap();
-        let small = ServiceConfig {
-            slot_size: Some(256),
-            slot_count: Some(2),
-            max_message: Some(1024),
-        };
         let reg = |st: &mut State, conn: u64, id: &str| {
             let peer = Peer {
                 pid: std::process::id(),
                 uid: 0,
                 gid: 0,
             };
-            let r = crate::state::Registration {
-                service: "svc",
-                id,
-                metadata: Vec::new(),
-                config: &small,
-                heartbeat: Default::default(),
-                adopt: None,
-                own: Some(
-                    aegis_client::layout::InstanceSeg::create_own(0, 2048)
-                        .unwrap()
-                        .0,
-                ),
-            };
-            match st.register(conn, peer, r).0 {
-                Response::Registered {
-                    instance,
-                    incarnation,
-                    ..
-                } => (instance, incarnation),
-                r => panic!("{r:?}"),
-            }
+            st.register_small(conn, peer, id)
         };
         let a = reg(&mut st, 1, "a");
         let c = reg(&mut st, 2, "c");

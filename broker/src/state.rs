@@ -1513,6 +1513,36 @@ fn random_u64() -> u64 {
 }
 
 #[cfg(test)]
+impl State {
+    /// Registers instance `id` of service `svc` (256-byte slots, 2 of them, 1 KiB
+    /// messages) for connection `conn`, as unit tests need one: its (index, incarnation).
+    pub(crate) fn register_small(&mut self, conn: ConnId, peer: Peer, id: &str) -> (u32, u64) {
+        let small = ServiceConfig {
+            slot_size: Some(256),
+            slot_count: Some(2),
+            max_message: Some(1024),
+        };
+        let reg = Registration {
+            service: "svc",
+            id,
+            metadata: Vec::new(),
+            config: &small,
+            heartbeat: Default::default(),
+            adopt: None,
+            own: Some(InstanceSeg::create_own(0, 2048).unwrap().0),
+        };
+        match self.register(conn, peer, reg).0 {
+            Response::Registered {
+                instance,
+                incarnation,
+                ..
+            } => (instance, incarnation),
+            r => panic!("{r:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
@@ -1539,30 +1569,9 @@ mod tests {
         };
         let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", "8"]);
         let mut st = State::new(cfg, Identities::starting_at(1, 1)).unwrap();
-        let small = ServiceConfig {
-            slot_size: Some(256),
-            slot_count: Some(4),
-            max_message: Some(1024),
-        };
-        let reg = Registration {
-            service: "svc",
-            id: "i",
-            metadata: Vec::new(),
-            config: &small,
-            heartbeat: Default::default(),
-            adopt: None,
-            own: Some(InstanceSeg::create_own(0, 2048).unwrap().0),
-        };
         const SERVER: ConnId = 1;
         welcome(st.hello(SERVER, peer, 1, None, 1));
-        let (index, incarnation) = match st.register(SERVER, peer, reg).0 {
-            Response::Registered {
-                instance,
-                incarnation,
-                ..
-            } => (instance, incarnation),
-            r => panic!("{r:?}"),
-        };
+        let (index, incarnation) = st.register_small(SERVER, peer, "i");
         let open = |st: &mut State, conn: ConnId| {
             welcome(st.hello(conn, peer, 1, None, conn));
             match st.open_instance(conn, peer, index, incarnation) {
