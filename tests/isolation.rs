@@ -146,7 +146,11 @@ fn victim_calls(bus: &Bus, n: usize, tag: &str) {
         let p = format!("to=alice amount=0010 {tag} #{i}").into_bytes();
         bus.call_into("bank", "echo", &p, &opts, &mut out)
             .unwrap_or_else(|e| panic!("victim call {tag} #{i} failed: {e}"));
-        assert_eq!(out, p, "victim call {tag} #{i} got another payload");
+        assert!(
+            out == p,
+            "victim call {tag} #{i} got another payload: {:?}",
+            String::from_utf8_lossy(&out)
+        );
     }
 }
 
@@ -348,10 +352,33 @@ fn an_instance_owner_cannot_open_a_caller_s_circuit_breakers() {
     let _b1 = bus.serve("bank", "b1", &[]);
     let victim = bus.connect();
     victim_calls(&victim, 3, "before");
-    let dir = bus.path().to_owned();
-    let mut attacker = run_attacker_spawn(&dir, "breakers", "");
-    // The attacker says when it serves `pub`; then the victim calls it, and the attacker
-    // (in its handler) writes what it can find.
+    // The victim calls the attacker's `pub`; the attacker (in its handler) writes what it
+    // can find.
+    let (mut attacker, lines) = attacker_serving_pub(&bus, &victim, "breakers");
+    let r = attacker_result(&mut attacker, lines);
+    eprintln!("attacker: {r:?}");
+    // Every victim call to `bank` succeeds: no breaker of ours was opened.
+    victim_calls(&victim, 20, "after");
+    let info = victim.service("bank").unwrap();
+    assert_eq!(
+        info.circuit_breaker.open, 0,
+        "a breaker for bank is open: {:?} (attacker: {r:?})",
+        info.circuit_breaker
+    );
+}
+
+/// Runs `attack` under the attacker's uid, which serves `pub`; once it does, the victim
+/// calls `pub` (so that the attacker's instance is handed what an instance of a service
+/// the victim calls gets). Returns the attacker and the rest of its output.
+fn attacker_serving_pub(
+    bus: &TestBus,
+    victim: &Bus,
+    attack: &str,
+) -> (
+    support::Reaped,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    let mut attacker = run_attacker_spawn(bus.path(), attack, "");
     let mut line = String::new();
     let mut lines = std::io::BufReader::new(attacker.stdout.take().unwrap());
     loop {
@@ -367,20 +394,140 @@ fn an_instance_owner_cannot_open_a_caller_s_circuit_breakers() {
     let opts = CallOptions::timeout(Duration::from_secs(5));
     let reply = victim.call("pub", "echo", b"news?", &opts).unwrap();
     assert_eq!(reply.payload, b"news?");
+    (attacker, lines)
+}
+
+/// Waits for an attacker started by [`attacker_serving_pub`], asserts it ended well, and
+/// returns its `RESULT`.
+fn attacker_result(
+    attacker: &mut support::Reaped,
+    mut lines: std::io::BufReader<std::process::ChildStdout>,
+) -> Vec<(String, String)> {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut lines, &mut rest).unwrap();
     let status = attacker.wait().unwrap();
     assert!(status.success(), "attacker failed: {rest}");
-    let r = result_of_text(&rest);
-    eprintln!("attacker: {r:?}");
-    // Every victim call to `bank` succeeds: no breaker of ours was opened.
-    victim_calls(&victim, 20, "after");
-    let info = victim.service("bank").unwrap();
-    assert_eq!(
-        info.circuit_breaker.open, 0,
-        "a breaker for bank is open: {:?} (attacker: {r:?})",
-        info.circuit_breaker
+    result_of_text(&rest)
+}
+
+/// Row "the owner of a low-value service `pub` that the victim also calls answers the
+/// victim's calls to `bank`": the attacker serves `pub`, the victim calls it once, and
+/// for 3 s the attacker completes, with a forged reply, every mailbox-shaped word that
+/// waits for a reply (phase pending or taken, a nonce set) in every client or channel
+/// segment it has mapped writable, while the victim calls `bank` and checks each reply.
+/// The victim's mailboxes for `bank` lie in its channels to `bank`'s instances, which the
+/// attacker has no mapping of: every victim call comes back with its own payload.
+/// (Before, the mailboxes lay in the victim's client segment, which every instance the
+/// victim called maps writable.)
+#[test]
+fn an_instance_owner_cannot_answer_a_caller_s_calls_to_another_service() {
+    let Some((bus, _banks, victim)) = bank_bus() else {
+        return;
+    };
+    let (mut attacker, lines) = attacker_serving_pub(&bus, &victim, "forge");
+    let mut rounds = 0;
+    while attacker.try_wait().unwrap().is_none() {
+        victim_calls(&victim, 20, &format!("during {rounds}"));
+        rounds += 1;
+    }
+    let r = attacker_result(&mut attacker, lines);
+    eprintln!("attacker: {r:?}, victim rounds: {rounds}");
+    assert!(
+        value(&r, "segments").parse::<u32>().unwrap() > 0,
+        "the attacker mapped no segment of the victim's: {r:?}"
     );
+    assert!(rounds > 0, "the victim made no call during the attack");
+    victim_calls(&victim, 20, "after");
+}
+
+/// Serves `pub`; on the first request, starts [`forge_replies`] for 3 s and stops serving
+/// when it ends.
+fn attack_forge(dir: &Path) {
+    let bus = Bus::connect_dir(dir).expect("the attacker may connect");
+    let inst = bus
+        .register("pub", "p1", &[])
+        .expect("the attacker may serve pub");
+    let stop = inst.stop_handle();
+    println!("\nSERVING");
+    let mut forger = None;
+    inst.serve(|req, reply| {
+        reply.extend_from_slice(req.payload());
+        if forger.is_none() {
+            let stop = stop.clone();
+            forger = Some(std::thread::spawn(move || {
+                let r = forge_replies(Duration::from_secs(3));
+                stop.stop();
+                r
+            }));
+        }
+        Ok(())
+    })
+    .ok();
+    let (segments, waiting, forged) = forger.expect("pub was called").join().unwrap();
+    println!("\nRESULT segments={segments} waiting={waiting} forged={forged}");
+}
+
+/// For `how_long`, completes every mailbox that waits for a reply in every writable client
+/// or channel mapping of this process with the reply `balance=0 (forged)`, found by shape
+/// (any layout): a 64-byte-aligned state word in phase pending (1) or taken (2) with a
+/// nonce 40 bytes on. Returns the segments looked at, the waiting mailboxes seen and the
+/// replies forged.
+fn forge_replies(how_long: Duration) -> (usize, u64, u64) {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    const FORGED: &[u8] = b"balance=0 (forged)";
+    let end = Instant::now() + how_long;
+    let (mut segments, mut waiting, mut forged) = (0, 0, 0);
+    while Instant::now() < end {
+        let maps: Vec<_> = writable_bus_mappings()
+            .into_iter()
+            .filter(|m| {
+                m.kind == SegmentKind::Client as u32 || m.kind == SegmentKind::Channel as u32
+            })
+            .collect();
+        segments = segments.max(maps.len());
+        let round = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < round {
+            for m in &maps {
+                for off in (128..m.len.saturating_sub(64 + FORGED.len())).step_by(64) {
+                    let at = |o: usize| (m.start + off + o) as *mut u8;
+                    // SAFETY: `off + 64 + FORGED.len()` is inside the live mapping (bound
+                    // above); words at 64-byte-aligned offsets are aligned for atomics.
+                    let (state, nonce) = unsafe {
+                        (
+                            &*(at(0) as *const AtomicU32),
+                            &*(at(40) as *const AtomicU64),
+                        )
+                    };
+                    let s = state.load(Ordering::Acquire);
+                    if !matches!(s & 0xf, 1 | 2) || nonce.load(Ordering::Relaxed) == 0 {
+                        continue;
+                    }
+                    waiting += 1;
+                    // SAFETY: as above: reply bytes, length, kind and status of the
+                    // mailbox-shaped header at `off`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(FORGED.as_ptr(), at(64), FORGED.len());
+                        (*(at(16) as *const AtomicU64))
+                            .store(FORGED.len() as u64, Ordering::Relaxed);
+                        (*(at(12) as *const AtomicU32)).store(0, Ordering::Relaxed);
+                        (*(at(4) as *const AtomicU32)).store(0, Ordering::Relaxed);
+                    }
+                    let ready = (s & !0xff) | 3;
+                    if state
+                        .compare_exchange(s, ready, Ordering::Release, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        forged += 1;
+                        // SAFETY: FUTEX_WAKE on a word of a live mapping.
+                        unsafe {
+                            libc::syscall(libc::SYS_futex, at(0), libc::FUTEX_WAKE, i32::MAX);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (segments, waiting, forged)
 }
 
 /// Serves `vault` (which the attacker may not call), lets the victim call it once, then
@@ -740,6 +887,7 @@ fn attacker() {
         "hoard" => attack_hoard(Path::new(&dir)),
         "rewrite" => attack_rewrite(Path::new(&dir), &targets),
         "hold" => attack_hold(Path::new(&dir), &targets),
+        "forge" => attack_forge(Path::new(&dir)),
         other => panic!("unknown attack {other}"),
     }
 }
@@ -1034,10 +1182,10 @@ fn attack_breakers(dir: &Path) {
         reply.extend_from_slice(req.payload());
         if !once {
             once = true;
-            for (m, kind, params) in writable_bus_mappings() {
+            for m in writable_bus_mappings() {
                 segments += 1;
-                if let Some((at, n)) = stats_region(kind, params) {
-                    written += forge_stats(m, at, n, &gens);
+                if let Some((at, n)) = stats_region(m.kind, m.params) {
+                    written += forge_stats(m.start, at, n, &gens);
                 }
             }
         }
@@ -1102,9 +1250,17 @@ fn attack_report(dir: &Path, targets: &[(u32, u64)]) {
     println!("\nRESULT report={report} open={open}");
 }
 
+/// A writable shared mapping of a bus segment in this process.
+struct BusMapping {
+    start: usize,
+    len: usize,
+    kind: u32,
+    params: [u64; 4],
+}
+
 /// Every writable shared mapping of a bus segment (memfd named `aegis-*`) in this
-/// process, as (address, kind, params).
-fn writable_bus_mappings() -> Vec<(usize, u32, [u64; 4])> {
+/// process.
+fn writable_bus_mappings() -> Vec<BusMapping> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     maps.lines()
         .filter(|l| l.contains("/memfd:aegis-"))
@@ -1116,13 +1272,20 @@ fn writable_bus_mappings() -> Vec<(usize, u32, [u64; 4])> {
             if !perms.starts_with("rw") || offset != 0 {
                 return None;
             }
-            let start = usize::from_str_radix(range.split_once('-')?.0, 16).ok()?;
+            let (start, end) = range.split_once('-')?;
+            let start = usize::from_str_radix(start, 16).ok()?;
+            let end = usize::from_str_radix(end, 16).ok()?;
             // SAFETY: a live mapping of ours at offset 0 of a segment: its first 64 bytes
             // are the segment header.
             let h = unsafe {
                 std::ptr::read_volatile(start as *const aegis_client::layout::SegmentHeader)
             };
-            Some((start, h.kind, h.params))
+            Some(BusMapping {
+                start,
+                len: end - start,
+                kind: h.kind,
+                params: h.params,
+            })
         })
         .collect()
 }

@@ -146,6 +146,8 @@ pub(crate) struct ClientRec {
     formerly: Option<(u32, u32)>,
     /// Its channel id to each instance `(index, incarnation)` it opened.
     channels: HashMap<(u32, u64), u64>,
+    /// Its mailboxes, of which each of its channels has a copy.
+    mailboxes: ClientLayout,
 }
 
 pub struct State {
@@ -339,7 +341,7 @@ impl State {
                 .map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>((fd, seg))
         })();
-        let (fd, _validated) = match made {
+        let (fd, validated) = match made {
             Ok(made) => made,
             Err(e) => return err(WireError::Internal(format!("creating client segment: {e}"))),
         };
@@ -383,6 +385,7 @@ impl State {
             uid: peer.uid,
             size,
             channels: HashMap::new(),
+            mailboxes: validated.layout,
         });
         (
             Response::Welcome {
@@ -880,10 +883,10 @@ impl State {
             .as_ref()
             .ok_or_else(|| internal("instance gone".into()))?;
         let cl = ChannelSeg::layout_for(r.seg.layout);
-        let size = cl.ring_size() as u64;
+        let size = ChannelSeg::size(&cl, &c.mailboxes) as u64;
         self.shm_fits(c.uid, size)?;
         let id = self.next_channel;
-        let fd = ChannelSeg::create(self.epoch, cl, inst.0, inst.1, id)
+        let fd = ChannelSeg::create(self.epoch, cl, c.mailboxes, inst.0, inst.1, id)
             .map_err(|e| internal(e.to_string()))?;
         let seg =
             ChannelSeg::open(&fd, self.epoch, Some(inst)).map_err(|e| internal(e.to_string()))?;

@@ -88,6 +88,11 @@ pub fn segment_open(data: &[u8]) {
             SegmentKind::Channel => {
                 if let Ok(ch) = crate::shm::layout::ChannelSeg::open(&fd, h.bus_epoch, None) {
                     read_ring(ch.ring());
+                    for i in [0, 1, ch.mailboxes.mailboxes.saturating_sub(1), u32::MAX] {
+                        if let Some((mb, _)) = ch.mailbox(i) {
+                            let _ = crate::channel::mailbox::still_waiting(mb, 1);
+                        }
+                    }
                 }
             }
             SegmentKind::InstanceOwn => unreachable!("opened below, sealed read-only"),
@@ -103,11 +108,6 @@ pub fn segment_open(data: &[u8]) {
             SegmentKind::Client => {
                 let p = h.params[3];
                 if let Ok(c) = ClientSeg::open(&fd, h.bus_epoch, p as u32, (p >> 32) as u32) {
-                    for i in [0, 1, c.layout.mailboxes.saturating_sub(1), u32::MAX] {
-                        if let Some((mb, _)) = c.mailbox(i) {
-                            let _ = crate::channel::mailbox::still_waiting(mb, 1);
-                        }
-                    }
                     let _ = c.heap_range(u64::MAX - 1, 2);
                     let _ = c.heap_range(0, c.layout.heap_size);
                 }

@@ -10,16 +10,26 @@ use std::task::Waker;
 
 use parking_lot::Mutex;
 
-/// A connection's async waiters: mailbox index -> (generation, who to wake).
+use crate::shm::layout::ChannelSeg;
+
+/// A connection's async waiters: mailbox index -> who waits for it.
 #[derive(Default)]
 pub(crate) struct AsyncWaiters {
-    pub(crate) waiting: Mutex<HashMap<u32, (u32, Wake)>>,
+    pub(crate) waiting: Mutex<HashMap<u32, Waiting>>,
     /// Futures whose instance's ring was full: woken on the doorbell thread's next pass
     /// (a reply rung, or at most [`crate::channel::mailbox::LIVENESS_CHECK`] later) to try again.
     pub(crate) room: Mutex<Vec<Waker>>,
     pub(crate) thread_started: AtomicBool,
     /// The connection's own event fd ([`crate::Bus::event_fd`], created on first use).
     pub(crate) event_fd: OnceLock<Arc<OwnedFd>>,
+}
+
+/// A call an async waiter waits for: its mailbox's generation, the channel the mailbox
+/// lies in, and who to wake.
+pub(crate) struct Waiting {
+    pub(crate) gen: u32,
+    pub(crate) chan: Arc<ChannelSeg>,
+    pub(crate) wake: Wake,
 }
 
 /// Who learns that a mailbox is done.

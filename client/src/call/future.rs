@@ -35,11 +35,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
-use crate::call::doorbell::Wake;
+use crate::call::doorbell::{Waiting, Wake};
 use crate::call::{CallOptions, Pending, Reply};
 use crate::channel::mailbox;
 use crate::error::Result;
 use crate::session::bus::{Bus, BusInner};
+use crate::shm::layout::ChannelSeg;
 use crate::shm::sync::Ordering;
 
 impl Bus {
@@ -115,10 +116,12 @@ impl Future for AsyncReply<'_> {
             .pending
             .as_mut()
             .expect("an async call polled after it completed");
-        let (mb_idx, gen) = p.mailbox();
+        let mailbox = p.mailbox();
         let mut out = Vec::new();
         if let Some(r) = p.poll_now(&mut out) {
-            inner.async_waiters.waiting.lock().remove(&mb_idx);
+            if let Some((mb_idx, _, _)) = mailbox {
+                inner.async_waiters.waiting.lock().remove(&mb_idx);
+            }
             this.pending = None;
             return Poll::Ready(r.map(|info| Reply {
                 payload: out,
@@ -126,7 +129,10 @@ impl Future for AsyncReply<'_> {
             }));
         }
         start_doorbell_thread(&this.bus.inner);
-        if !arm(inner, mb_idx, gen, Wake::Future(cx.waker().clone())) {
+        let armed = mailbox.is_some_and(|(mb_idx, gen, chan)| {
+            arm(inner, mb_idx, gen, chan, Wake::Future(cx.waker().clone()))
+        });
+        if !armed {
             // Done between the look above and the flag: look again at once.
             cx.waker().wake_by_ref();
         }
@@ -137,8 +143,9 @@ impl Future for AsyncReply<'_> {
 impl Drop for AsyncReply<'_> {
     fn drop(&mut self) {
         if let Some(p) = self.pending.take() {
-            let (mb, _) = p.mailbox();
-            self.bus.inner.async_waiters.waiting.lock().remove(&mb);
+            if let Some((mb, _, _)) = p.mailbox() {
+                self.bus.inner.async_waiters.waiting.lock().remove(&mb);
+            }
             drop(p); // cancels the call
         }
     }
@@ -214,32 +221,36 @@ impl Pending<'_> {
     }
 
     fn arm_fd(&self, fd: Arc<OwnedFd>) {
-        let (mb_idx, gen) = self.mailbox();
-        if mb_idx == u32::MAX {
+        let Some((mb_idx, gen, chan)) = self.mailbox() else {
             // Already settled: say so at once.
             crate::call::doorbell::signal(&fd);
             return;
-        }
-        if !arm(self.bus_inner(), mb_idx, gen, Wake::EventFd(fd.clone())) {
+        };
+        if !arm(
+            self.bus_inner(),
+            mb_idx,
+            gen,
+            chan,
+            Wake::EventFd(fd.clone()),
+        ) {
             crate::call::doorbell::signal(&fd);
         }
     }
 }
 
-/// Registers `wake` for mailbox `mb_idx` of generation `gen` and flags the mailbox so that
-/// its completion rings the doorbell. False if the mailbox no longer waits (already done):
-/// the caller must then wake itself.
-fn arm(inner: &BusInner, mb_idx: u32, gen: u32, wake: Wake) -> bool {
-    inner
-        .async_waiters
-        .waiting
-        .lock()
-        .insert(mb_idx, (gen, wake));
-    let (mb, _) = inner
-        .client
-        .mailbox(mb_idx)
-        .expect("pool hands out valid indices");
-    mailbox::flag_async(mb, gen)
+/// Registers `wake` for mailbox `mb_idx` of generation `gen` (its place in `chan`) and
+/// flags the mailbox so that its completion rings the doorbell. False if the mailbox no
+/// longer waits (already done): the caller must then wake itself.
+fn arm(inner: &BusInner, mb_idx: u32, gen: u32, chan: Arc<ChannelSeg>, wake: Wake) -> bool {
+    // Registered before flagged: a completion that follows the flag finds the waiter.
+    let waiting = Waiting {
+        gen,
+        chan: chan.clone(),
+        wake,
+    };
+    inner.async_waiters.waiting.lock().insert(mb_idx, waiting);
+    chan.mailbox(mb_idx)
+        .is_some_and(|(mb, _)| mailbox::flag_async(mb, gen))
 }
 
 fn start_doorbell_thread(inner: &Arc<BusInner>) {
@@ -278,31 +289,27 @@ fn doorbell_thread(weak: Weak<BusInner>) {
         let seen = bell.load(Ordering::Acquire);
         let mut futures: Vec<Waker> = Vec::new();
         let mut fds: Vec<Arc<OwnedFd>> = Vec::new();
-        inner
-            .async_waiters
-            .waiting
-            .lock()
-            .retain(|&mb, (gen, wake)| {
-                let done = inner
-                    .client
-                    .mailbox(mb)
-                    .is_none_or(|(m, _)| !mailbox::still_waiting(m, *gen));
-                match wake {
-                    Wake::Future(w) => {
-                        if done || !rang {
-                            futures.push(w.clone());
-                            return false;
-                        }
-                        true
+        inner.async_waiters.waiting.lock().retain(|&mb, w| {
+            let done = w
+                .chan
+                .mailbox(mb)
+                .is_none_or(|(m, _)| !mailbox::still_waiting(m, w.gen));
+            match &w.wake {
+                Wake::Future(w) => {
+                    if done || !rang {
+                        futures.push(w.clone());
+                        return false;
                     }
-                    Wake::EventFd(fd) => {
-                        if (done || !rang) && !fds.iter().any(|f| Arc::ptr_eq(f, fd)) {
-                            fds.push(fd.clone());
-                        }
-                        !done
-                    }
+                    true
                 }
-            });
+                Wake::EventFd(fd) => {
+                    if (done || !rang) && !fds.iter().any(|f| Arc::ptr_eq(f, fd)) {
+                        fds.push(fd.clone());
+                    }
+                    !done
+                }
+            }
+        });
         let room = std::mem::take(&mut *inner.async_waiters.room.lock());
         for w in room.into_iter().chain(futures) {
             w.wake();

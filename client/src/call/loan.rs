@@ -206,7 +206,7 @@ impl BorrowedReply {
         // tag, and passes.
         self.kept.seg.as_ref().is_none_or(|seg| {
             self.bus
-                .locate_reply(self.kept.sent.mailbox, seg)
+                .locate_reply(&self.kept.sent, seg)
                 .and_then(|at| at.check_tag(self.kept.sent.nonce))
                 .is_ok()
         })
@@ -243,9 +243,7 @@ impl Drop for BorrowedReply {
 
 /// Gives a kept reply's mailbox back (and with it, to the instance, its reply heap block).
 fn release(bus: &BusInner, s: &Sent) {
-    if let Some((mb, _)) = bus.client.mailbox(s.mailbox) {
-        mailbox::release(mb, s.gen);
-    }
+    mailbox::release(s.mb().0, s.gen);
     bus.pool.put(s.mailbox);
 }
 

@@ -7,6 +7,7 @@
 //! ([`crate::channel::ring`]), and waits ([`crate::channel::wait`]) on one of its own mailboxes
 //! ([`crate::channel::mailbox`]) for the reply.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "async")]
@@ -29,7 +30,8 @@ use crate::session::breaker;
 use crate::session::bus::{Bus, BusInner, CallInfo, Selection, Session};
 use crate::session::proto::Request;
 use crate::shm::layout::{
-    InstanceSeg, MsgHeader, RegistryView, ServiceEntry, Status, PAYLOAD_HEAP, PAYLOAD_INLINE,
+    ChannelSeg, InstanceSeg, MailboxHeader, MsgHeader, RegistryView, ServiceEntry, Status,
+    PAYLOAD_HEAP, PAYLOAD_INLINE,
 };
 use crate::shm::sync::Ordering;
 use crate::trace::TraceContext;
@@ -851,18 +853,16 @@ impl BusInner {
     /// (it never runs) and its mailbox freed; one being handled is quarantined until its
     /// late reply lands.
     fn abandon(&self, sent: Sent) {
-        let (mb, _) = self
-            .client
-            .mailbox(sent.mailbox)
-            .expect("pool hands out valid indices");
+        let (mb, _) = sent.mb();
         match mailbox::cancel(mb, sent.gen) {
             Cancel::Cancelled | Cancel::Ready => {
                 mailbox::release(mb, sent.gen);
                 self.free_sent(&sent);
             }
             Cancel::InProgress => {
+                let pid = mailbox::taker_pid(mb);
                 self.pool
-                    .quarantine(sent.mailbox, sent.gen, sent.heap, mailbox::taker_pid(mb))
+                    .quarantine(&sent.chan, sent.mailbox, sent.gen, sent.heap, pid)
             }
         }
     }
@@ -1010,20 +1010,19 @@ impl BusInner {
         reply_by: Instant,
         watch: &mut Option<StallWatch<'_>>,
     ) -> Result<Sent, Failed> {
-        let (mb_idx, gen) = self.pool.acquire(&self.client, &self.heap).ok_or_else(|| {
+        let channel = seg
+            .channel
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
+        let (mb_idx, gen) = self.pool.acquire(&self.heap).ok_or_else(|| {
             Error::LimitExceeded(format!(
                 "all {} reply mailboxes of this connection are in use (calls in flight)",
                 self.client.layout.mailboxes
             ))
         })?;
-        let (mb, _) = self
-            .client
+        let (mb, _) = channel
             .mailbox(mb_idx)
-            .expect("pool hands out valid indices");
-        let channel = seg
-            .channel
-            .as_ref()
-            .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
+            .expect("the pool hands out indices below every channel's mailbox count");
         let ring = channel.ring();
         let payload = body.bytes();
         let (inline, heap_block) = match body {
@@ -1051,6 +1050,7 @@ impl BusInner {
         };
         let nonce = self.next_nonce();
         let sent = Sent {
+            chan: channel.clone(),
             mailbox: mb_idx,
             gen,
             heap: heap_block,
@@ -1123,11 +1123,8 @@ impl BusInner {
         mut watch: Option<StallWatch<'_>>,
         out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
-        let (mb_idx, gen) = (sent.mailbox, sent.gen);
-        let (mb, _) = self
-            .client
-            .mailbox(mb_idx)
-            .expect("pool hands out valid indices");
+        let gen = sent.gen;
+        let (mb, _) = sent.mb();
         let mut waiter = Waiter::new(
             spin.unwrap_or(self.opts.spin),
             CALLER_BACKOFF.get(),
@@ -1193,10 +1190,7 @@ impl BusInner {
         deadline: Instant,
         out: &mut Sink<'_>,
     ) -> Option<Result<(), Failed>> {
-        let (mb, _) = self
-            .client
-            .mailbox(sent.mailbox)
-            .expect("pool hands out valid indices");
+        let (mb, _) = sent.mb();
         let (outcome, why) = if mailbox::is_ready(mb, sent.gen) {
             (Cancel::Ready, Why::Deadline)
         } else if Instant::now() >= deadline {
@@ -1208,7 +1202,7 @@ impl BusInner {
         } else {
             return None;
         };
-        let sent = *sent;
+        let sent = sent.clone();
         Some(self.settle(seg, sent, outcome, why, out))
     }
 
@@ -1222,26 +1216,24 @@ impl BusInner {
         why: Why,
         out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
-        let (mb_idx, gen) = (sent.mailbox, sent.gen);
-        let (mb, _) = self
-            .client
-            .mailbox(mb_idx)
-            .expect("pool hands out valid indices");
+        let gen = sent.gen;
+        let chan = sent.chan.clone();
+        let (mb, _) = chan
+            .mailbox(sent.mailbox)
+            .expect("the pool hands out indices below every channel's mailbox count");
         let interrupted = || Failed::Error(Error::Interrupted);
         match outcome {
             Cancel::Ready => {
                 let r = match &mut out.out {
-                    Some(buf) => self.read_reply(mb_idx, seg, sent.nonce, buf),
-                    None => self
-                        .reply_in_place(mb_idx, seg, sent.nonce)
-                        .map(|(ptr, len)| {
-                            out.kept = Some(Kept {
-                                sent,
-                                ptr,
-                                len,
-                                seg: None,
-                            })
-                        }),
+                    Some(buf) => self.read_reply(&sent, seg, buf),
+                    None => self.reply_in_place(&sent, seg).map(|(ptr, len)| {
+                        out.kept = Some(Kept {
+                            sent: sent.clone(),
+                            ptr,
+                            len,
+                            seg: None,
+                        })
+                    }),
                 };
                 if out.kept.is_some() {
                     // The instance has answered: it is done with the request. The mailbox
@@ -1268,8 +1260,9 @@ impl BusInner {
                 // The quarantine frees the request block when the late reply lands; a
                 // loaned block is then the quarantine's, not the loan's.
                 out.block_held |= sent.loaned;
+                let pid = mailbox::taker_pid(mb);
                 self.pool
-                    .quarantine(mb_idx, gen, sent.heap, mailbox::taker_pid(mb));
+                    .quarantine(&sent.chan, sent.mailbox, gen, sent.heap, pid);
                 if why == Why::Interrupted {
                     return Err(interrupted());
                 }
@@ -1282,17 +1275,17 @@ impl BusInner {
         }
     }
 
-    /// Where a ready reply in mailbox `mb_idx` lies (inline in the mailbox, or a block of
-    /// the instance's reply heap with its tag), its length and status; every length and
+    /// Where a ready reply to `sent` lies (inline in its mailbox, or a block of the
+    /// instance's reply heap with its tag), its length and status; every length and
     /// offset is checked.
-    fn locate_reply<'a>(&'a self, mb_idx: u32, seg: &'a InstanceSeg) -> Result<ReplyAt<'a>> {
-        let (mb, inline_data) = self.client.mailbox(mb_idx).expect("valid mailbox");
+    fn locate_reply<'a>(&'a self, sent: &'a Sent, seg: &'a InstanceSeg) -> Result<ReplyAt<'a>> {
+        let (mb, inline_data) = sent.mb();
         let status = mb.status.load(Ordering::Relaxed);
         let len = mb.reply_len.load(Ordering::Relaxed);
         let bad =
             |what: String| Error::Protocol(format!("reply from instance #{}: {what}", seg.index));
         let (src, tag) = match mb.reply_kind.load(Ordering::Relaxed) as u8 {
-            PAYLOAD_INLINE if len <= self.client.layout.mailbox_inline as u64 => {
+            PAYLOAD_INLINE if len <= sent.chan.mailboxes.mailbox_inline as u64 => {
                 (inline_data as *const u8, None)
             }
             PAYLOAD_INLINE => {
@@ -1329,15 +1322,10 @@ impl BusInner {
         })
     }
 
-    /// Copies a ready reply out of mailbox `mb_idx` into `out`.
-    fn read_reply(
-        &self,
-        mb_idx: u32,
-        seg: &InstanceSeg,
-        nonce: u64,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
-        let at = self.locate_reply(mb_idx, seg)?;
+    /// Copies a ready reply to `sent` into `out`.
+    fn read_reply(&self, sent: &Sent, seg: &InstanceSeg, out: &mut Vec<u8>) -> Result<()> {
+        let nonce = sent.nonce;
+        let at = self.locate_reply(sent, seg)?;
         out.clear();
         out.reserve(at.len);
         // SAFETY: `at.src` points to `at.len` readable bytes of a mapping we hold (bounds
@@ -1358,16 +1346,11 @@ impl BusInner {
         Ok(())
     }
 
-    /// A ready reply in mailbox `mb_idx`, where it lies (read in place by a
-    /// [`BorrowedReply`]); an error answer is copied into the error.
-    fn reply_in_place(
-        &self,
-        mb_idx: u32,
-        seg: &InstanceSeg,
-        nonce: u64,
-    ) -> Result<(*const u8, usize)> {
-        let at = self.locate_reply(mb_idx, seg)?;
-        at.check_tag(nonce)?;
+    /// A ready reply to `sent`, where it lies (read in place by a [`BorrowedReply`]); an
+    /// error answer is copied into the error.
+    fn reply_in_place(&self, sent: &Sent, seg: &InstanceSeg) -> Result<(*const u8, usize)> {
+        let at = self.locate_reply(sent, seg)?;
+        at.check_tag(sent.nonce)?;
         if at.status != code::OK as u32 {
             // SAFETY: as in `read_reply`: `at.len` readable, bounds-checked bytes.
             let bytes = unsafe { std::slice::from_raw_parts(at.src, at.len) };
@@ -1456,16 +1439,19 @@ impl Pending<'_> {
         self.inner
     }
 
-    /// This call's mailbox and generation.
+    /// This call's mailbox, generation and the channel the mailbox lies in; `None` once
+    /// settled.
     #[cfg_attr(not(feature = "async"), allow(dead_code))]
-    pub(crate) fn mailbox(&self) -> (u32, u32) {
-        self.sent.map_or((u32::MAX, 0), |s| (s.mailbox, s.gen))
+    pub(crate) fn mailbox(&self) -> Option<(u32, u32, Arc<ChannelSeg>)> {
+        self.sent
+            .as_ref()
+            .map(|s| (s.mailbox, s.gen, s.chan.clone()))
     }
 
     /// Without blocking: the call's result if it is settled (replied, past its deadline, or
     /// its instance gone), else `None`.
     pub(crate) fn poll_now(&mut self, out: &mut Vec<u8>) -> Option<Result<CallInfo>> {
-        let sent = self.sent?;
+        let sent = self.sent.clone()?;
         let inner = self.inner;
         let r = inner.poll_sent(
             self.sess,
@@ -1500,12 +1486,9 @@ impl Pending<'_> {
 
     /// Whether the reply has arrived ([`Pending::wait`] then returns without waiting).
     pub fn is_ready(&self) -> bool {
-        self.sent.as_ref().is_some_and(|s| {
-            self.inner
-                .client
-                .mailbox(s.mailbox)
-                .is_some_and(|(mb, _)| mailbox::is_ready(mb, s.gen))
-        })
+        self.sent
+            .as_ref()
+            .is_some_and(|s| mailbox::is_ready(s.mb().0, s.gen))
     }
 
     /// Waits for the reply (until the call's attempt deadline) and writes it into `out`.
@@ -1545,9 +1528,11 @@ impl Drop for Pending<'_> {
 }
 
 /// A request in an instance's ring whose reply is awaited in this connection's mailbox
-/// `mailbox`, generation `gen`; `heap` is its request heap block, if it needed one.
-#[derive(Clone, Copy)]
+/// `mailbox`, generation `gen`, whose place is in `chan`, the channel it went through;
+/// `heap` is its request heap block, if it needed one.
+#[derive(Clone)]
 pub(crate) struct Sent {
+    pub(crate) chan: Arc<ChannelSeg>,
     pub(crate) mailbox: u32,
     pub(crate) gen: u32,
     heap: Option<(u64, u64)>,
@@ -1555,6 +1540,15 @@ pub(crate) struct Sent {
     loaned: bool,
     /// The call's nonce: its mailbox's, and the tag of a heap reply to it.
     nonce: u64,
+}
+
+impl Sent {
+    /// This call's mailbox header and inline reply area, in its channel.
+    pub(crate) fn mb(&self) -> (&MailboxHeader, *mut u8) {
+        self.chan
+            .mailbox(self.mailbox)
+            .expect("the pool hands out indices below every channel's mailbox count")
+    }
 }
 
 /// Why a caller stopped waiting for its reply.

@@ -85,7 +85,7 @@ pub(crate) struct InstanceInner {
 }
 
 struct PendingReply {
-    client: Arc<ClientSeg>,
+    chan: Arc<Chan>,
     mailbox: u32,
     gen: u32,
     off: u64,
@@ -481,7 +481,7 @@ impl InstanceInner {
     fn accept(
         &self,
         t: &Taken<'_>,
-        chan: &Chan,
+        chan: &Arc<Chan>,
         method: &mut String,
         payload: &mut Vec<u8>,
     ) -> Option<Delivery> {
@@ -489,8 +489,7 @@ impl InstanceInner {
         if h.kind == KIND_ABORTED {
             return None;
         }
-        let client = chan.client.clone();
-        let (mb, _) = client.mailbox(h.mailbox).or_else(|| {
+        let (mb, _) = chan.seg.mailbox(h.mailbox).or_else(|| {
             tracing::warn!(service = %self.service, trace_id = h.trace_id, "dropping request naming mailbox {} out of range", h.mailbox);
             None
         })?;
@@ -500,7 +499,7 @@ impl InstanceInner {
             return None;
         }
         let mut d = Delivery {
-            client,
+            chan: chan.clone(),
             mailbox: h.mailbox,
             gen: h.mailbox_gen,
             nonce: h.nonce,
@@ -543,7 +542,7 @@ impl InstanceInner {
             PayloadAt::Inline { off, len } => t.copy_data(off, len, payload).is_some(),
             // Read in place (`Request::payload`): no copy of a large request.
             PayloadAt::Heap { off, len } => {
-                let inside = d.client.heap_range(off, len).is_some();
+                let inside = d.chan.client.heap_range(off, len).is_some();
                 if inside {
                     d.heap_payload = Some((off, len));
                 }
@@ -564,14 +563,14 @@ impl InstanceInner {
     /// Writes a reply (or error message, when `status != 0`) into the caller's mailbox and
     /// wakes the caller.
     fn send_reply(&self, d: Delivery, status: u32, data: &[u8]) {
-        let (mb, inline) = d.client.mailbox(d.mailbox).expect("validated in accept");
+        let (mb, inline) = d.chan.seg.mailbox(d.mailbox).expect("validated in accept");
         if !mailbox::still_taken(mb, d.gen, d.nonce) {
             // The caller gave up on this call and (its taker presumed dead) recycled the
             // mailbox: write nothing into it.
             tracing::debug!(service = %self.service, trace_id = d.trace_id, "reply dropped: mailbox no longer ours");
             return;
         }
-        let cap = d.client.layout.mailbox_inline as usize;
+        let cap = d.chan.seg.mailboxes.mailbox_inline as usize;
         let too_large;
         let refused;
         let (mut status, mut data) = (status, data);
@@ -617,7 +616,7 @@ impl InstanceInner {
 
     /// Sends a reply written in place in our reply heap (a [`ReplyLoan`] made for `d`).
     fn send_loaned_reply(&self, d: Delivery, loan: ReplyLoan<'_>) {
-        let (mb, _) = d.client.mailbox(d.mailbox).expect("validated in accept");
+        let (mb, _) = d.chan.seg.mailbox(d.mailbox).expect("validated in accept");
         if !mailbox::still_taken(mb, d.gen, d.nonce) {
             tracing::debug!(service = %self.service, trace_id = d.trace_id, "reply dropped: mailbox no longer ours");
             return; // the loan frees its block
@@ -644,7 +643,7 @@ impl InstanceInner {
         if status != 0 {
             counters.requests_failed.fetch_add(1, Ordering::Relaxed);
         }
-        mailbox::complete(mb, d.gen, d.nonce, d.client.doorbell());
+        mailbox::complete(mb, d.gen, d.nonce, d.chan.client.doorbell());
         // Timed after the reply is out: the caller does not wait for our clock read. A
         // stamp from the future (a lying caller) is not observed.
         if d.sent_ns != 0 {
@@ -684,12 +683,13 @@ impl InstanceInner {
         let mut held = 0;
         self.pending.lock().retain(|p| {
             let unread = p.sent.elapsed() < UNREAD_REPLY_EXPIRY
-                && p.client
+                && p.chan
+                    .seg
                     .mailbox(p.mailbox)
                     .is_some_and(|(mb, _)| mailbox::still_unread(&mb.state, p.gen));
             if !unread {
                 self.heap.free(p.off, p.len);
-            } else if p.client.uid == uid {
+            } else if p.chan.client.uid == uid {
                 held += p.len.div_ceil(64) * 64;
             }
             unread
@@ -707,7 +707,7 @@ impl InstanceInner {
         len: usize,
     ) -> std::result::Result<(u64, u64, *mut u8), String> {
         let block_len = len as u64 + crate::call::HEAP_TAG;
-        let off = self.alloc_reply(d.client.uid, block_len)?;
+        let off = self.alloc_reply(d.chan.client.uid, block_len)?;
         let block = self
             .seg
             .heap_range(off, block_len)
@@ -728,7 +728,7 @@ impl InstanceInner {
     /// Keeps heap block `(off, len)` of a reply to `d` until its caller has read it.
     fn hold_until_read(&self, d: &Delivery, off: u64, len: u64) {
         self.pending.lock().push(PendingReply {
-            client: d.client.clone(),
+            chan: d.chan.clone(),
             mailbox: d.mailbox,
             gen: d.gen,
             off,
@@ -755,7 +755,9 @@ fn first_failure(r: BulkReport) -> Result<()> {
 }
 
 struct Delivery {
-    client: Arc<ClientSeg>,
+    /// The channel the request came through: its caller's mailboxes for this instance,
+    /// and the caller's segment (request heap, uid).
+    chan: Arc<Chan>,
     mailbox: u32,
     gen: u32,
     nonce: u64,
@@ -940,9 +942,9 @@ impl<'r> Request<'r> {
         else {
             return self.payload;
         };
-        match d.client.heap_range(off, len) {
+        match d.chan.client.heap_range(off, len) {
             // SAFETY: `len` bytes inside the caller's heap (range checked), mapped for as
-            // long as `d.client` lives, i.e. as long as `self`; the caller keeps the block
+            // long as `d.chan` lives, i.e. as long as `self`; the caller keeps the block
             // allocated to this call until our reply (its mailbox is TAKEN, and quarantined
             // with the block if it gives up). A misbehaving caller may change the bytes
             // meanwhile, as it could before it sent them; they stay in bounds.

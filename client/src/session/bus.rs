@@ -879,7 +879,9 @@ impl BusInner {
                 (ids, fds, "OpenInstance"),
                 (index, incarnation),
                 |seg, inc| seg.incarnation == inc,
-                |fds, i, inc| InstanceSeg::open_for_caller(fds, epoch, i, inc),
+                |fds, i, inc| {
+                    InstanceSeg::open_for_caller(fds, epoch, (i, inc), &self.client.layout)
+                },
             )
         })
     }

@@ -3,6 +3,7 @@
 //! timed out while its instance was running it.
 
 use std::sync::atomic::{AtomicU32 as StdAtomicU32, AtomicUsize};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -10,11 +11,13 @@ use parking_lot::Mutex;
 
 use crate::channel::heap::HeapAlloc;
 use crate::channel::mailbox;
-use crate::shm::layout::ClientSeg;
+use crate::shm::layout::ChannelSeg;
 use crate::shm::sys;
 
 /// A mailbox whose call timed out while the instance was running it.
 struct Quarantined {
+    /// The channel the call went through (where its mailbox lies).
+    chan: Arc<ChannelSeg>,
     index: u32,
     gen: u32,
     /// Request heap block to free once the late reply lands.
@@ -75,9 +78,9 @@ impl MailboxPool {
     }
 
     /// A free mailbox and its next generation.
-    pub(crate) fn acquire(&self, client: &ClientSeg, heap: &HeapAlloc) -> Option<(u32, u32)> {
+    pub(crate) fn acquire(&self, heap: &HeapAlloc) -> Option<(u32, u32)> {
         if self.quarantined.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-            self.reclaim(client, heap);
+            self.reclaim(heap);
         }
         // Either queue may be emptied by another thread between the check and the pop.
         let i = if self.recent.is_full() {
@@ -105,8 +108,16 @@ impl MailboxPool {
         }
     }
 
-    /// Quarantines mailbox `i` of `gen`, taken by process `taker_pid` (0: unknown).
-    pub(crate) fn quarantine(&self, i: u32, gen: u32, heap: Option<(u64, u64)>, taker_pid: u32) {
+    /// Quarantines mailbox `i` of `gen` (its place in `chan`), taken by process
+    /// `taker_pid` (0: unknown).
+    pub(crate) fn quarantine(
+        &self,
+        chan: &Arc<ChannelSeg>,
+        i: u32,
+        gen: u32,
+        heap: Option<(u64, u64)>,
+        taker_pid: u32,
+    ) {
         let taker = (taker_pid != 0).then(|| {
             // A start time that cannot be read: the taker has already exited (u64::MAX
             // never matches a live process).
@@ -114,6 +125,7 @@ impl MailboxPool {
             (taker_pid, start)
         });
         self.quarantine.lock().0.push(Quarantined {
+            chan: chan.clone(),
             index: i,
             gen,
             heap,
@@ -127,7 +139,7 @@ impl MailboxPool {
     /// Returns quarantined mailboxes to the free list whose late reply has arrived, or
     /// whose taker has exited (its reply can no longer land: `complete` only moves this
     /// generation's TAKEN, and `release` ends that generation).
-    pub(crate) fn reclaim(&self, client: &ClientSeg, heap: &HeapAlloc) {
+    pub(crate) fn reclaim(&self, heap: &HeapAlloc) {
         let mut guard = self.quarantine.lock();
         let (q, checked) = &mut *guard;
         let check_takers = checked.is_none_or(|t| t.elapsed() >= TAKER_CHECK);
@@ -135,7 +147,7 @@ impl MailboxPool {
             *checked = Some(Instant::now());
         }
         q.retain(|m| {
-            let Some((mb, _)) = client.mailbox(m.index) else {
+            let Some((mb, _)) = m.chan.mailbox(m.index) else {
                 return false;
             };
             let done = mailbox::is_ready(mb, m.gen)

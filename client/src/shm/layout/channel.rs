@@ -1,10 +1,23 @@
-//! A channel: one caller connection's request ring to one instance.
+//! A channel: one caller connection's request ring to one instance, and the mailboxes
+//! that instance answers that caller's calls in.
 //!
 //! Created by the broker when a caller opens an instance, handed to that caller and to
 //! the instance's serving connection only: a co-caller has no mapping of it, so it can
-//! neither read, rewrite nor hold up the requests in it. Same layout as an instance ring
-//! segment (header, [`RingIndices`], slots), with [`CHANNEL_SLOTS`] slots at most.
+//! neither read, rewrite nor hold up the requests in it; and another instance the caller
+//! opened has no mapping of it, so it cannot complete (forge) the replies to calls it was
+//! not sent. Layout: an instance ring segment's (header, [`RingIndices`], slots) with
+//! [`CHANNEL_SLOTS`] slots at most, then, from the next page, the caller connection's
+//! mailboxes ([`ClientLayout::mailboxes`] of them, each a [`MailboxHeader`] and its
+//! inline reply bytes).
+//!
+//! Every channel of a connection has all of its mailboxes: mailbox `i` of a connection is
+//! one index (one free list, one generation counter, in the caller's
+//! [`crate::session::pool::MailboxPool`]) whose place is in the channel of the instance
+//! the call went to. Only the places a caller uses are ever touched (a serial caller
+//! cycles through 16), so a channel costs its untouched mailboxes' address space, not
+//! their memory.
 
+use std::mem::size_of;
 use std::os::fd::OwnedFd;
 
 use super::*;
@@ -20,6 +33,8 @@ pub const CHANNEL_SLOTS: u32 = 16;
 pub struct ChannelSeg {
     pub map: Mapping,
     pub layout: InstanceLayout,
+    /// The caller connection's mailboxes (count and inline size; `heap_size` unused).
+    pub mailboxes: ClientLayout,
     /// Registry index and incarnation of the instance it leads to.
     pub instance: u32,
     pub incarnation: u64,
@@ -40,38 +55,58 @@ impl ChannelSeg {
         }
     }
 
-    /// Creates a channel segment (broker): zero-filled (an empty ring), header written,
-    /// size sealed.
+    /// Bytes of a channel with ring `layout` for a caller with `mailboxes`.
+    pub fn size(layout: &InstanceLayout, mailboxes: &ClientLayout) -> usize {
+        layout.ring_size()
+            + round_up(
+                mailboxes.mailboxes as usize * mailboxes.mailbox_stride(),
+                PAGE,
+            )
+    }
+
+    /// Creates a channel segment (broker): zero-filled (an empty ring, free mailboxes),
+    /// header written, size sealed.
     pub fn create(
         epoch: u64,
         layout: InstanceLayout,
+        mailboxes: ClientLayout,
         instance: u32,
         incarnation: u64,
         id: u64,
     ) -> io::Result<OwnedFd> {
-        let size = layout.ring_size() as u64;
+        let size = Self::size(&layout, &mailboxes) as u64;
         let fd = crate::shm::sys::memfd("aegis-channel", size)?;
         Mapping::map(&fd, true)?.write_header(
             SegmentKind::Channel,
             size,
             epoch,
-            Self::params(layout, instance, incarnation, id),
+            Self::params(layout, mailboxes, instance, incarnation, id),
         );
         crate::shm::sys::seal_size(&fd)?;
         Ok(fd)
     }
 
-    fn params(layout: InstanceLayout, instance: u32, incarnation: u64, id: u64) -> [u64; 4] {
+    /// `[slot_size | slot_count << 32 | mailboxes << 40, instance | mailbox_inline << 32,
+    /// incarnation, id]`.
+    fn params(
+        layout: InstanceLayout,
+        mailboxes: ClientLayout,
+        instance: u32,
+        incarnation: u64,
+        id: u64,
+    ) -> [u64; 4] {
         [
-            layout.slot_size as u64 | (layout.slot_count as u64) << 32,
-            instance as u64,
+            layout.slot_size as u64
+                | (layout.slot_count as u64) << 32
+                | (mailboxes.mailboxes as u64) << 40,
+            instance as u64 | (mailboxes.mailbox_inline as u64) << 32,
             incarnation,
             id,
         ]
     }
 
-    /// Maps a channel (read-write: the caller publishes, the instance takes) and checks it
-    /// leads to instance `(instance, incarnation)` when that is given.
+    /// Maps a channel (read-write: the caller publishes, the instance takes and answers)
+    /// and checks it leads to instance `(instance, incarnation)` when that is given.
     pub fn open(
         fd: &OwnedFd,
         epoch: u64,
@@ -85,7 +120,7 @@ impl ChannelSeg {
         };
         let layout = InstanceLayout {
             slot_size: p[0] as u32,
-            slot_count: (p[0] >> 32) as u32,
+            slot_count: (p[0] >> 32) as u8 as u32,
             heap_size: 0,
         };
         layout.validate().map_err(invalid)?;
@@ -95,25 +130,40 @@ impl ChannelSeg {
                 layout.slot_count
             )));
         }
+        let mailboxes =
+            ClientLayout::from_params([p[0] >> 40, p[1] >> 32, 0, 0]).map_err(invalid)?;
         let (instance, incarnation) = (p[1] as u32, p[2]);
-        if p[1] > u32::MAX as u64 || expect.is_some_and(|e| e != (instance, incarnation)) {
+        if expect.is_some_and(|e| e != (instance, incarnation)) {
             return Err(invalid(format!(
-                "leads to instance {}/{}, expected {expect:?}",
-                p[1], p[2]
+                "leads to instance {instance}/{incarnation}, expected {expect:?}"
             )));
         }
-        if layout.ring_size() != map.len() {
+        if Self::size(&layout, &mailboxes) != map.len() {
             return Err(invalid("size does not match its parameters".into()));
         }
         Ok(ChannelSeg {
             map,
             layout,
+            mailboxes,
             instance,
             incarnation,
             id: p[3],
             epoch,
             seen_taken_up: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
+    pub fn mailbox(&self, i: u32) -> Option<(&MailboxHeader, *mut u8)> {
+        if i >= self.mailboxes.mailboxes {
+            return None;
+        }
+        let off = self.layout.ring_size() + i as usize * self.mailboxes.mailbox_stride();
+        let data = self.map.range(
+            (off + size_of::<MailboxHeader>()) as u64,
+            self.mailboxes.mailbox_inline as u64,
+        )?;
+        Some((self.map.at(off), data))
     }
 
     /// The instance says it has this channel and sweeps it (after it fetched it from the

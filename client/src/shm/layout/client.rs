@@ -1,5 +1,5 @@
-//! A connected process's segments: the client segment (reply mailboxes, request heap)
-//! and its caller segment (breakers and failure counters, mapped by it and the broker only).
+//! A connected process's segments: the client segment (its async doorbell, request heap;
+//! its reply mailboxes lie in its channels, see [`super::ChannelSeg`]) and its caller segment (breakers and failure counters, mapped by it and the broker only).
 
 use std::mem::size_of;
 use std::os::fd::OwnedFd;
@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use super::*;
 use crate::shm::sync::{AtomicU32, AtomicU64};
 
-// Client segment: reply mailboxes and the request heap.
+// Reply mailboxes (in each channel) and the client segment (doorbell, request heap).
 
 /// Mailbox state word: `generation << 8 | waiter << 4 | phase`.
 ///
@@ -92,6 +92,8 @@ pub struct CallerStats {
 // SAFETY: repr(C), atomics only.
 unsafe impl ShmSafe for CallerStats {}
 
+/// A connection's mailboxes (how many, inline bytes each: the same in each of its
+/// channels) and its request heap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientLayout {
     pub mailboxes: u32,
@@ -101,15 +103,13 @@ pub struct ClientLayout {
 
 impl ClientLayout {
     const CONTROL: usize = 64;
+    /// The end of the control words (mailboxes were here before they moved to channels).
     const MAILBOXES: usize = 128;
     pub fn mailbox_stride(&self) -> usize {
         size_of::<MailboxHeader>() + self.mailbox_inline as usize
     }
     pub fn heap_off(&self) -> usize {
-        round_up(
-            Self::MAILBOXES + self.mailboxes as usize * self.mailbox_stride(),
-            PAGE,
-        )
+        round_up(Self::MAILBOXES, PAGE)
     }
     pub fn total_size(&self) -> usize {
         self.heap_off() + round_up(self.heap_size as usize, PAGE)
@@ -184,21 +184,9 @@ impl ClientSeg {
         self.uid = uid;
         self
     }
-    /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
     /// The connection's doorbell (see [`ClientControl`]).
     pub fn doorbell(&self) -> &AtomicU32 {
         &self.map.at::<ClientControl>(ClientLayout::CONTROL).doorbell
-    }
-    pub fn mailbox(&self, i: u32) -> Option<(&MailboxHeader, *mut u8)> {
-        if i >= self.layout.mailboxes {
-            return None;
-        }
-        let off = ClientLayout::MAILBOXES + i as usize * self.layout.mailbox_stride();
-        let data = self.map.range(
-            (off + size_of::<MailboxHeader>()) as u64,
-            self.layout.mailbox_inline as u64,
-        )?;
-        Some((self.map.at(off), data))
     }
     pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
         if off.checked_add(len)? > self.layout.heap_size {

@@ -302,7 +302,7 @@ pub struct InstanceSeg {
     pub index: u32,
     pub incarnation: u64,
     /// A caller's channel to this instance (`None` in the instance and the broker).
-    pub channel: Option<ChannelSeg>,
+    pub channel: Option<std::sync::Arc<ChannelSeg>>,
 }
 
 impl InstanceSeg {
@@ -395,13 +395,14 @@ impl InstanceSeg {
             channel: None,
         })
     }
-    /// Opens what a caller is handed for an instance: its ring segment (the doorbell)
-    /// read-write, its own memory read-only, and the caller's channel to it.
+    /// Opens what a caller with `mailboxes` is handed for an instance: its ring segment
+    /// (the doorbell) read-write, its own memory read-only, and the caller's channel to it
+    /// (which must hold all of the caller's mailboxes).
     pub fn open_for_caller(
         fds: &[OwnedFd],
         epoch: u64,
-        index: u32,
-        incarnation: u64,
+        (index, incarnation): (u32, u64),
+        mailboxes: &ClientLayout,
     ) -> Result<InstanceSeg, LayoutError> {
         let [ring, own, channel] = fds else {
             return Err(LayoutError::Invalid {
@@ -421,7 +422,17 @@ impl InstanceSeg {
                 ),
             });
         }
-        seg.channel = Some(channel);
+        let m = &channel.mailboxes;
+        if (m.mailboxes, m.mailbox_inline) != (mailboxes.mailboxes, mailboxes.mailbox_inline) {
+            return Err(LayoutError::Invalid {
+                kind: SegmentKind::Channel,
+                what: format!(
+                    "{} mailboxes of {} bytes, the connection has {} of {}",
+                    m.mailboxes, m.mailbox_inline, mailboxes.mailboxes, mailboxes.mailbox_inline
+                ),
+            });
+        }
+        seg.channel = Some(std::sync::Arc::new(channel));
         Ok(seg)
     }
     pub fn counters(&self) -> &InstanceCounters {
