@@ -140,16 +140,24 @@ fn value(r: &[(String, String)], key: &str) -> String {
 /// Calls `bank` until `n` calls succeeded, each with its own payload back; any failure
 /// fails the test.
 fn victim_calls(bus: &Bus, n: usize, tag: &str) {
+    victim_calls_of(bus, n, tag, 0)
+}
+
+/// As [`victim_calls`], each payload padded to at least `size` bytes.
+fn victim_calls_of(bus: &Bus, n: usize, tag: &str, size: usize) {
     let opts = CallOptions::timeout(Duration::from_secs(5));
     let mut out = Vec::new();
     for i in 0..n {
-        let p = format!("to=alice amount=0010 {tag} #{i}").into_bytes();
+        let mut p = format!("to=alice amount=0010 {tag} #{i}").into_bytes();
+        if p.len() < size {
+            p.resize(size, b'.');
+        }
         bus.call_into("bank", "echo", &p, &opts, &mut out)
             .unwrap_or_else(|e| panic!("victim call {tag} #{i} failed: {e}"));
         assert!(
             out == p,
             "victim call {tag} #{i} got another payload: {:?}",
-            String::from_utf8_lossy(&out)
+            String::from_utf8_lossy(&out[..out.len().min(64)])
         );
     }
 }
@@ -440,22 +448,58 @@ fn an_instance_owner_cannot_answer_a_caller_s_calls_to_another_service() {
     victim_calls(&victim, 20, "after");
 }
 
-/// Serves `pub`; on the first request, starts [`forge_replies`] for 3 s and stops serving
-/// when it ends.
-fn attack_forge(dir: &Path) {
+/// Row "alter" of property 2 (the victim's large requests to another service): the
+/// attacker serves `pub`, the victim calls it once, and for 3 s the attacker looks for the
+/// victim's request bytes (`to=alice amount=0010`) in every client or heap segment it has
+/// mapped, makes each mapping where it finds them writable if it can (`mprotect`), and
+/// rewrites them into `to=mallo amount=9999` as fast as it can, while the victim calls
+/// `bank` with 64 KiB requests (larger than a ring slot: they lie in its request heap,
+/// where `bank`'s instance reads them in place). The heap is sealed read-only once the
+/// victim has mapped it: the attacker sees the bytes but cannot write them, and every
+/// victim call comes back with its own payload. (Before, the heap was in the client
+/// segment, which every instance the victim called maps writable.)
+#[test]
+fn an_instance_owner_cannot_alter_a_caller_s_large_requests_to_another_service() {
+    let Some((bus, _banks, victim)) = bank_bus() else {
+        return;
+    };
+    let (mut attacker, lines) = attacker_serving_pub(&bus, &victim, "alter");
+    let mut rounds = 0;
+    while attacker.try_wait().unwrap().is_none() {
+        victim_calls_of(&victim, 20, &format!("during {rounds}"), 64 << 10);
+        rounds += 1;
+    }
+    let r = attacker_result(&mut attacker, lines);
+    eprintln!("attacker: {r:?}, victim rounds: {rounds}");
+    assert!(
+        value(&r, "found_in").parse::<u32>().unwrap() > 0,
+        "the attacker never saw the victim's requests (the test would prove nothing): {r:?}"
+    );
+    assert_eq!(
+        value(&r, "writable"),
+        "0",
+        "the attacker could write the victim's request memory: {r:?}"
+    );
+    assert!(rounds > 0, "the victim made no call during the attack");
+    victim_calls_of(&victim, 20, "after", 64 << 10);
+}
+
+/// Serves `pub`; on the first request, starts `attack` for 3 s in a thread, and stops
+/// serving (and prints its `RESULT`) when it ends.
+fn serve_pub_while(dir: &Path, attack: fn(Duration) -> String) {
     let bus = Bus::connect_dir(dir).expect("the attacker may connect");
     let inst = bus
         .register("pub", "p1", &[])
         .expect("the attacker may serve pub");
     let stop = inst.stop_handle();
     println!("\nSERVING");
-    let mut forger = None;
+    let mut running = None;
     inst.serve(|req, reply| {
         reply.extend_from_slice(req.payload());
-        if forger.is_none() {
+        if running.is_none() {
             let stop = stop.clone();
-            forger = Some(std::thread::spawn(move || {
-                let r = forge_replies(Duration::from_secs(3));
+            running = Some(std::thread::spawn(move || {
+                let r = attack(Duration::from_secs(3));
                 stop.stop();
                 r
             }));
@@ -463,8 +507,76 @@ fn attack_forge(dir: &Path) {
         Ok(())
     })
     .ok();
-    let (segments, waiting, forged) = forger.expect("pub was called").join().unwrap();
-    println!("\nRESULT segments={segments} waiting={waiting} forged={forged}");
+    let result = running.expect("pub was called").join().unwrap();
+    println!("\nRESULT {result}");
+}
+
+/// For `how_long`, rewrites the victim's request bytes wherever it finds them in a
+/// client or heap segment of this process (see
+/// `an_instance_owner_cannot_alter_a_caller_s_large_requests_to_another_service`).
+fn alter_requests(how_long: Duration) -> String {
+    const VICTIM: &[u8] = b"to=alice amount=0010";
+    const FORGED: &[u8] = b"to=mallo amount=9999";
+    const SCAN: usize = 2 << 20;
+    let end = Instant::now() + how_long;
+    // Each mapping the victim's bytes were found in, and whether we can write it.
+    let mut found_in: std::collections::HashMap<usize, bool> = Default::default();
+    let mut rewritten = 0u64;
+    let mut copy = vec![0u8; SCAN];
+    while Instant::now() < end {
+        for m in bus_mappings(&["memfd:aegis-client", "memfd:aegis-heap"]) {
+            let n = m.len.min(SCAN);
+            // SAFETY: `n` bytes of a live mapping of ours, copied out (the victim may be
+            // writing them: what we read is whatever was there).
+            unsafe { std::ptr::copy_nonoverlapping(m.start as *const u8, copy.as_mut_ptr(), n) };
+            let hits: Vec<usize> = copy[..n]
+                .windows(VICTIM.len())
+                .enumerate()
+                .filter(|(_, w)| *w == VICTIM)
+                .map(|(i, _)| i)
+                .collect();
+            if hits.is_empty() {
+                continue;
+            }
+            let can_write = *found_in.entry(m.start).or_insert_with(|| {
+                // SAFETY: mprotect of a whole mapping of ours, which nothing else in this
+                // process relies on being read-only.
+                m.writable
+                    || unsafe {
+                        libc::mprotect(
+                            m.start as *mut libc::c_void,
+                            m.len,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                        )
+                    } == 0
+            });
+            if !can_write {
+                continue;
+            }
+            // Keep rewriting where the victim's bytes were, for 50 ms: its next request
+            // lands in the same heap block.
+            let burst = Instant::now() + Duration::from_millis(50);
+            while Instant::now() < burst {
+                for &i in &hits {
+                    let at = (m.start + i) as *mut u8;
+                    // SAFETY: inside the mapping (found there above), which is writable
+                    // (it was, or mprotect made it so).
+                    unsafe {
+                        if std::ptr::read_volatile(at.add(3)) == b'a' {
+                            std::ptr::copy_nonoverlapping(FORGED.as_ptr(), at, FORGED.len());
+                            rewritten += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let writable = found_in.values().filter(|w| **w).count();
+    let refused = found_in.len() - writable;
+    format!(
+        "found_in={} writable={writable} refused={refused} rewritten={rewritten}",
+        found_in.len()
+    )
 }
 
 /// For `how_long`, completes every mailbox that waits for a reply in every writable client
@@ -472,7 +584,7 @@ fn attack_forge(dir: &Path) {
 /// (any layout): a 64-byte-aligned state word in phase pending (1) or taken (2) with a
 /// nonce 40 bytes on. Returns the segments looked at, the waiting mailboxes seen and the
 /// replies forged.
-fn forge_replies(how_long: Duration) -> (usize, u64, u64) {
+fn forge_replies(how_long: Duration) -> String {
     use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
     const FORGED: &[u8] = b"balance=0 (forged)";
     let end = Instant::now() + how_long;
@@ -527,7 +639,7 @@ fn forge_replies(how_long: Duration) -> (usize, u64, u64) {
             }
         }
     }
-    (segments, waiting, forged)
+    format!("segments={segments} waiting={waiting} forged={forged}")
 }
 
 /// Serves `vault` (which the attacker may not call), lets the victim call it once, then
@@ -887,7 +999,8 @@ fn attacker() {
         "hoard" => attack_hoard(Path::new(&dir)),
         "rewrite" => attack_rewrite(Path::new(&dir), &targets),
         "hold" => attack_hold(Path::new(&dir), &targets),
-        "forge" => attack_forge(Path::new(&dir)),
+        "forge" => serve_pub_while(Path::new(&dir), forge_replies),
+        "alter" => serve_pub_while(Path::new(&dir), alter_requests),
         other => panic!("unknown attack {other}"),
     }
 }
@@ -1250,10 +1363,11 @@ fn attack_report(dir: &Path, targets: &[(u32, u64)]) {
     println!("\nRESULT report={report} open={open}");
 }
 
-/// A writable shared mapping of a bus segment in this process.
+/// A shared mapping of a bus segment in this process.
 struct BusMapping {
     start: usize,
     len: usize,
+    writable: bool,
     kind: u32,
     params: [u64; 4],
 }
@@ -1261,15 +1375,23 @@ struct BusMapping {
 /// Every writable shared mapping of a bus segment (memfd named `aegis-*`) in this
 /// process.
 fn writable_bus_mappings() -> Vec<BusMapping> {
+    let mut v = bus_mappings(&["memfd:aegis-"]);
+    v.retain(|m| m.writable);
+    v
+}
+
+/// Every shared mapping, at offset 0, of a memfd whose name starts with one of `names`
+/// (e.g. `memfd:aegis-heap`) in this process.
+fn bus_mappings(names: &[&str]) -> Vec<BusMapping> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     maps.lines()
-        .filter(|l| l.contains("/memfd:aegis-"))
+        .filter(|l| names.iter().any(|n| l.contains(&format!("/{n}"))))
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let range = f.next()?;
             let perms = f.next()?;
             let offset = u64::from_str_radix(f.next()?, 16).ok()?;
-            if !perms.starts_with("rw") || offset != 0 {
+            if offset != 0 {
                 return None;
             }
             let (start, end) = range.split_once('-')?;
@@ -1283,6 +1405,7 @@ fn writable_bus_mappings() -> Vec<BusMapping> {
             Some(BusMapping {
                 start,
                 len: end - start,
+                writable: perms.starts_with("rw"),
                 kind: h.kind,
                 params: h.params,
             })

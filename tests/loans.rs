@@ -58,7 +58,7 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
             let mut loan = client.loan(len).unwrap();
             assert_eq!(loan.len(), len);
             assert!(
-                mapping_of(&loan).contains("memfd:aegis-client") || len == 0,
+                mapping_of(&loan).contains("memfd:aegis-heap") || len == 0,
                 "a loan is not in the caller's request heap: {}",
                 mapping_of(&loan)
             );
@@ -98,8 +98,16 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
     assert_eq!(seen.len(), 6);
     for (req_at, reply_at) in &seen[1..] {
         assert!(
-            req_at.contains("memfd:aegis-client"),
+            req_at.contains("memfd:aegis-heap"),
             "the handler did not read the loan in place: {req_at}"
+        );
+        // ...through a read-only mapping: the caller's heap is sealed against other writers.
+        assert!(
+            req_at
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|p| p.starts_with("r-")),
+            "the instance maps the caller's heap writable: {req_at}"
         );
         assert!(
             reply_at.contains("memfd:aegis-own"),

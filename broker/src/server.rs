@@ -473,7 +473,11 @@ async fn connection(
                         )
                     } else {
                         hello = true;
-                        let resume = resume.and_then(|r| fds.pop().map(|fd| (r, fd)));
+                        // A resuming client sends its client segment, then its heap.
+                        let resume = resume.and_then(|r| {
+                            let heap = fds.pop()?;
+                            Some((r, fds.pop()?, heap))
+                        });
                         st.hello(id, peer, mailboxes, resume, secret)
                     }
                 }

@@ -148,6 +148,8 @@ pub(crate) struct ClientRec {
     channels: HashMap<(u32, u64), u64>,
     /// Its mailboxes, of which each of its channels has a copy.
     mailboxes: ClientLayout,
+    /// Its request heap segment (sealed read-only by the client before it opens instances).
+    heap_fd: OwnedFd,
 }
 
 pub struct State {
@@ -261,7 +263,7 @@ impl State {
         conn: ConnId,
         peer: Peer,
         mailboxes: u32,
-        resume: Option<((u32, u32), OwnedFd)>,
+        resume: Option<((u32, u32), OwnedFd, OwnedFd)>,
         secret: u64,
     ) -> Reply {
         let cap = self.cfg.max_clients_per_uid(peer.uid);
@@ -282,7 +284,7 @@ impl State {
         // one of an earlier run, see `Identities`).
         let wanted = resume
             .as_ref()
-            .map(|(c, _)| *c)
+            .map(|(c, _, _)| *c)
             .filter(|&(_, g)| self.ids.is_earlier_gen(g));
         let free_old = wanted
             .map(|(i, _)| i as usize)
@@ -307,8 +309,8 @@ impl State {
             heap_size: 2 * self.cfg.max_message,
         };
         let made = (|| {
-            if let Some(((i, g), fd)) = resume {
-                // Adopt: same mailboxes and heap; only the header is stamped for this run.
+            if let Some(((i, g), fd, heap)) = resume {
+                // Adopt: same heap, and the client segment's header stamped for this run.
                 let (map, h) = Mapping::open(&fd, SegmentKind::Client, true, None)
                     .map_err(std::io::Error::other)?;
                 let p = h.params;
@@ -324,31 +326,29 @@ impl State {
                     self.epoch,
                     cl.params(index as u32, gen),
                 );
-                let seg = ClientSeg::open(&fd, self.epoch, index as u32, gen)
-                    .map_err(std::io::Error::other)?;
-                return Ok((fd, seg));
-            }
-            let fd = sys::memfd("aegis-client", cl.total_size() as u64)?;
-            Mapping::map(&fd, true)?.write_header(
-                SegmentKind::Client,
-                cl.total_size() as u64,
-                self.epoch,
-                cl.params(index as u32, gen),
-            );
-            sys::seal_size(&fd)?;
-            // Validate what we made with the same code clients use.
-            let seg = ClientSeg::open(&fd, self.epoch, index as u32, gen)
+                // The heap must have been sealed against writers by its process, as at its
+                // first connect: it goes to instances.
+                let seg = ClientSeg::open(
+                    (&fd, &heap),
+                    Some(self.epoch),
+                    Some((index as u32, gen)),
+                    false,
+                )
                 .map_err(std::io::Error::other)?;
-            Ok::<_, std::io::Error>((fd, seg))
+                return Ok((fd, heap, seg.layout));
+            }
+            let (fd, heap) = ClientSeg::create(self.epoch, cl, index as u32, gen)?;
+            Ok::<_, std::io::Error>((fd, heap, cl))
         })();
-        let (fd, validated) = match made {
+        let (fd, heap_fd, client_layout) = match made {
             Ok(made) => made,
             Err(e) => return err(WireError::Internal(format!("creating client segment: {e}"))),
         };
         // The caller's statistics: a new segment each broker run (service indices are
         // this run's), handed to that caller only.
         let stats_size = layout::CallerSeg::size(self.cfg.max_services) as u64;
-        let size = sys::file_size(&fd).unwrap_or(0) + stats_size;
+        let size =
+            sys::file_size(&fd).unwrap_or(0) + sys::file_size(&heap_fd).unwrap_or(0) + stats_size;
         if let Err(e) = self.shm_fits(peer.uid, size) {
             return err(e);
         }
@@ -368,8 +368,13 @@ impl State {
             Ok(x) => x,
             Err(e) => return err(WireError::Internal(format!("creating caller segment: {e}"))),
         };
-        let fds = match (dup(&self.registry_fd), dup(&self.shared_fd), dup(&fd)) {
-            (Ok(a), Ok(b), Ok(c)) => vec![a, b, c, stats_fd],
+        let fds = match (
+            dup(&self.registry_fd),
+            dup(&self.shared_fd),
+            dup(&fd),
+            dup(&heap_fd),
+        ) {
+            (Ok(a), Ok(b), Ok(c), Ok(d)) => vec![a, b, c, d, stats_fd],
             _ => return err(WireError::Internal("out of descriptors".into())),
         };
         self.clients[index] = Some(ClientRec {
@@ -385,7 +390,8 @@ impl State {
             uid: peer.uid,
             size,
             channels: HashMap::new(),
-            mailboxes: validated.layout,
+            mailboxes: client_layout,
+            heap_fd,
         });
         (
             Response::Welcome {
@@ -872,6 +878,13 @@ impl State {
         let c = self.clients[caller.0 as usize]
             .as_ref()
             .ok_or_else(|| internal("caller gone".into()))?;
+        // Its heap goes to the instance with the channel: only once no one but the caller
+        // can write it.
+        sys::check_write_sealed(&c.heap_fd).map_err(|e| {
+            WireError::BadRequest(format!(
+                "seal your request heap against other writers (F_SEAL_FUTURE_WRITE) before opening instances: {e}"
+            ))
+        })?;
         if let Some(id) = c.channels.get(&inst) {
             let rec = self
                 .channels
@@ -944,11 +957,10 @@ impl State {
             else {
                 continue;
             };
-            let (Ok(cfd), Ok(chfd)) = (dup(&c.fd), dup(&rec.fd)) else {
+            let (Ok(cfd), Ok(hfd), Ok(chfd)) = (dup(&c.fd), dup(&c.heap_fd), dup(&rec.fd)) else {
                 continue;
             };
-            fds.push(cfd);
-            fds.push(chfd);
+            fds.extend([cfd, hfd, chfd]);
             channels.push(proto::ChannelInfo {
                 id,
                 client: rec.client,
@@ -1550,11 +1562,20 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn welcome(r: Reply) -> (u32, u32, OwnedFd) {
+    /// The client's index, generation, and its client and heap segments: its heap mapped
+    /// and sealed as the client does.
+    fn welcome(r: Reply) -> (u32, u32, (OwnedFd, OwnedFd)) {
         match r {
-            // The client segment is the third descriptor (the caller segment follows).
+            // The client and heap segments are the third and fourth descriptors (the
+            // caller segment follows).
             (Response::Welcome { client, gen, .. }, fds) => {
-                (client, gen, fds.into_iter().nth(2).unwrap())
+                let mut fds = fds.into_iter().skip(2);
+                let (c, h) = (fds.next().unwrap(), fds.next().unwrap());
+                // (A resumed client's heap was sealed at its first connect.)
+                if sys::check_write_sealed(&h).is_err() {
+                    ClientSeg::open((&c, &h), None, None, true).unwrap();
+                }
+                (client, gen, (c, h))
             }
             (other, _) => panic!("expected Welcome, got {other:?}"),
         }
@@ -1587,7 +1608,7 @@ mod tests {
         // A caller that leaves before the instance asks: no news of it.
         open(&mut st, 2);
         st.disconnect(2);
-        // One that stays: told once, with its client segment and channel.
+        // One that stays: told once, with its client and heap segments and channel.
         open(&mut st, 3);
         match st.channels_request(SERVER) {
             (
@@ -1601,7 +1622,7 @@ mod tests {
                 assert_eq!(channels.len(), 1, "{channels:?}");
                 assert_eq!(channels[0].instance, (index, incarnation));
                 assert!(gone.is_empty() && !more, "{gone:?}");
-                assert_eq!(fds.len(), 2);
+                assert_eq!(fds.len(), 3);
             }
             (r, _) => panic!("{r:?}"),
         }
@@ -1648,7 +1669,8 @@ mod tests {
             fresh_gen, gen,
             "a generation of the previous run was handed out again"
         );
-        let (moved, moved_gen, _) = welcome(second.hello(2, ME, 8, Some(((index, gen), seg)), 7));
+        let (moved, moved_gen, _) =
+            welcome(second.hello(2, ME, 8, Some(((index, gen), seg.0, seg.1)), 7));
         assert_ne!(moved, index);
         assert_eq!(second.client_by_ident(moved, moved_gen).unwrap().conn, 2);
         assert_eq!(second.client_by_ident(index, gen).unwrap().conn, 2);

@@ -96,6 +96,7 @@ pub fn segment_open(data: &[u8]) {
                 }
             }
             SegmentKind::InstanceOwn => unreachable!("opened below, sealed read-only"),
+            SegmentKind::Heap => unreachable!("opened with a client segment"),
             SegmentKind::Caller => {
                 if let Ok(c) = crate::shm::layout::CallerSeg::open(&fd, h.bus_epoch) {
                     for i in [0, c.services.saturating_sub(1), c.services, u32::MAX] {
@@ -106,10 +107,17 @@ pub fn segment_open(data: &[u8]) {
                 }
             }
             SegmentKind::Client => {
-                let p = h.params[3];
-                if let Ok(c) = ClientSeg::open(&fd, h.bus_epoch, p as u32, (p >> 32) as u32) {
-                    let _ = c.heap_range(u64::MAX - 1, 2);
-                    let _ = c.heap_range(0, c.layout.heap_size);
+                // With a heap segment made for the layout it claims (when small enough).
+                let p = h.params;
+                let heap = crate::shm::layout::ClientLayout::from_params(p)
+                    .ok()
+                    .filter(|l| l.heap_size <= 1 << 22)
+                    .and_then(|l| ClientSeg::create(h.bus_epoch, l, p[3] as u32, 0).ok());
+                if let Some((_, heap)) = heap {
+                    if let Ok(c) = ClientSeg::open((&fd, &heap), Some(h.bus_epoch), None, true) {
+                        let _ = c.heap_range(u64::MAX - 1, 2);
+                        let _ = c.heap_range(0, c.layout.heap_size);
+                    }
                 }
             }
         }

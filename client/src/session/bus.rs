@@ -113,8 +113,8 @@ pub(crate) struct Session {
 
 impl Session {
     /// Opens what a broker's `Welcome` hands over: the session, this client's (index, gen),
-    /// and the descriptors (registry, shared, client segment; the caller segment, last,
-    /// is opened into the session).
+    /// and the descriptors (registry, shared, client segment, heap segment; the caller
+    /// segment, last, is opened into the session).
     pub(crate) fn from_welcome(
         resp: Response,
         fds: Vec<OwnedFd>,
@@ -130,8 +130,8 @@ impl Session {
         else {
             return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
         };
-        let mut fds = expect_fds(fds, 4, "Welcome")?;
-        let stats = CallerSeg::open(&fds.pop().expect("four descriptors"), bus_epoch)?;
+        let mut fds = expect_fds(fds, 5, "Welcome")?;
+        let stats = CallerSeg::open(&fds.pop().expect("five descriptors"), bus_epoch)?;
         let registry = RegistryView::open(&fds[0], false)?;
         if registry.epoch != bus_epoch || registry.layout.max_services != max_services {
             return Err(Error::Protocol(
@@ -327,9 +327,10 @@ pub(crate) struct BusInner {
     /// The session before the last reconnect, and when that was (see `routing_session`).
     pub(crate) previous: AtomicPtr<Session>,
     pub(crate) reconnected_at: Mutex<Option<Instant>>,
-    /// Our mailboxes and request heap: the same memfd across broker restarts.
+    /// Our async doorbell and request heap: the same memfds across broker restarts.
     pub client: ClientSeg,
     pub client_fd: OwnedFd,
+    pub heap_fd: OwnedFd,
     /// `index | gen << 32` as the current broker knows this client.
     pub(crate) client_ident: StdAtomicU64,
     /// This connection's secret (see `Request::Hello`), carried by every request.
@@ -929,7 +930,7 @@ impl BusInner {
             else {
                 return Err(Error::Protocol(format!("expected Channels, got {resp:?}")));
             };
-            let fds = expect_fds(fds, 2 * channels.len(), "Channels")?;
+            let fds = expect_fds(fds, 3 * channels.len(), "Channels")?;
             let epoch = self.session().epoch;
             let regs: Vec<Arc<dyn Registration>> = self
                 .registered
@@ -938,7 +939,7 @@ impl BusInner {
                 .filter_map(Weak::upgrade)
                 .collect();
             let mut add: Vec<Vec<Arc<Chan>>> = regs.iter().map(|_| Vec::new()).collect();
-            for (info, pair) in channels.iter().zip(fds.chunks(2)) {
+            for (info, fds) in channels.iter().zip(fds.chunks(3)) {
                 let Some(r) = regs.iter().position(|r| r.ident() == info.instance) else {
                     continue;
                 };
@@ -950,12 +951,15 @@ impl BusInner {
                     .filter(|c| c.gen == cg)
                     .cloned();
                 let opened = known.map(Ok).unwrap_or_else(|| {
-                    let c = Arc::new(ClientSeg::open(&pair[0], epoch, ci, cg)?.with_uid(info.uid));
+                    // Its heap read-only (and checked sealed so for everyone).
+                    let seg =
+                        ClientSeg::open((&fds[0], &fds[1]), Some(epoch), Some((ci, cg)), false)?;
+                    let c = Arc::new(seg.with_uid(info.uid));
                     self.clients.write().insert(ci, c.clone());
                     Ok::<_, layout::LayoutError>(c)
                 });
                 let chan = opened.and_then(|client| {
-                    let seg = ChannelSeg::open(&pair[1], epoch, Some(info.instance))?;
+                    let seg = ChannelSeg::open(&fds[2], epoch, Some(info.instance))?;
                     Ok(Chan {
                         bit: crate::channel::ring::Doorbell::bit(seg.id),
                         seg,

@@ -1,5 +1,6 @@
-//! A connected process's segments: the client segment (its async doorbell, request heap;
-//! its reply mailboxes lie in its channels, see [`super::ChannelSeg`]) and its caller segment (breakers and failure counters, mapped by it and the broker only).
+//! A connected process's segments: the client segment (its async doorbell), its request
+//! heap (a segment of its own, sealed read-only for everyone else once the process mapped
+//! it), its caller segment (breakers and failure counters, mapped by it and the broker only).
 
 use std::mem::size_of;
 use std::os::fd::OwnedFd;
@@ -7,7 +8,7 @@ use std::os::fd::OwnedFd;
 use super::*;
 use crate::shm::sync::{AtomicU32, AtomicU64};
 
-// Reply mailboxes (in each channel) and the client segment (doorbell, request heap).
+// Reply mailboxes (in each channel), the client segment (doorbell) and the request heap.
 
 /// Mailbox state word: `generation << 8 | waiter << 4 | phase`.
 ///
@@ -108,11 +109,22 @@ impl ClientLayout {
     pub fn mailbox_stride(&self) -> usize {
         size_of::<MailboxHeader>() + self.mailbox_inline as usize
     }
-    pub fn heap_off(&self) -> usize {
+    /// Bytes of the client segment (header, control words).
+    pub fn client_size(&self) -> usize {
         round_up(Self::MAILBOXES, PAGE)
     }
-    pub fn total_size(&self) -> usize {
+    /// Where the heap starts in the heap segment (after its header page).
+    pub fn heap_off(&self) -> usize {
+        PAGE
+    }
+    /// Bytes of the heap segment.
+    pub fn heap_seg_size(&self) -> usize {
         self.heap_off() + round_up(self.heap_size as usize, PAGE)
+    }
+    /// Both segments: what a connection costs its uid's shared-memory quota (with its
+    /// caller segment and channels).
+    pub fn total_size(&self) -> usize {
+        self.client_size() + self.heap_seg_size()
     }
     /// The layout `params` describe (index and generation aside), checked for range.
     pub fn from_params(p: [u64; 4]) -> Result<ClientLayout, String> {
@@ -140,7 +152,11 @@ impl ClientLayout {
 }
 
 pub struct ClientSeg {
+    /// The client segment: header and control words (its async doorbell).
     pub map: Mapping,
+    /// The request heap segment: writable in its process only (sealed
+    /// `F_SEAL_FUTURE_WRITE` once that process mapped it); read-only everywhere else.
+    pub heap: Mapping,
     pub layout: ClientLayout,
     pub index: u32,
     pub gen: u32,
@@ -150,25 +166,84 @@ pub struct ClientSeg {
 }
 
 impl ClientSeg {
-    pub fn open(fd: &OwnedFd, epoch: u64, index: u32, gen: u32) -> Result<ClientSeg, LayoutError> {
-        let (map, h) = Mapping::open(fd, SegmentKind::Client, true, Some(epoch))?;
+    /// Creates a connection's client and heap segments (broker): headers written, sizes
+    /// sealed. The heap is left for its process to seal against writing (it must map it
+    /// writable first): [`ClientSeg::open`] with `own` does.
+    pub fn create(
+        epoch: u64,
+        layout: ClientLayout,
+        index: u32,
+        gen: u32,
+    ) -> io::Result<(OwnedFd, OwnedFd)> {
+        let params = layout.params(index, gen);
+        let client = crate::shm::sys::memfd("aegis-client", layout.client_size() as u64)?;
+        Mapping::map(&client, true)?.write_header(
+            SegmentKind::Client,
+            layout.client_size() as u64,
+            epoch,
+            params,
+        );
+        crate::shm::sys::seal_size(&client)?;
+        let heap = crate::shm::sys::memfd("aegis-heap", layout.heap_seg_size() as u64)?;
+        Mapping::map(&heap, true)?.write_header(
+            SegmentKind::Heap,
+            layout.heap_seg_size() as u64,
+            epoch,
+            params,
+        );
+        crate::shm::sys::add_seals(&heap, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
+        Ok((client, heap))
+    }
+
+    /// Maps a connection's client segment (read-write) and heap segment: writable and then
+    /// sealed against any other writer when `own` (its own process, once, at connect),
+    /// read-only otherwise. Checks both against each other and `(index, gen)` when given;
+    /// `epoch` is checked on the client segment only when given (a heap sealed by its
+    /// process keeps the header of the broker run that made it).
+    pub fn open(
+        (client, heap): (&OwnedFd, &OwnedFd),
+        epoch: Option<u64>,
+        ident: Option<(u32, u32)>,
+        own: bool,
+    ) -> Result<ClientSeg, LayoutError> {
+        let (map, h) = Mapping::open(client, SegmentKind::Client, true, epoch)?;
+        let invalid = |kind, what: String| LayoutError::Invalid { kind, what };
         let p = h.params;
-        let invalid = |what: String| LayoutError::Invalid {
-            kind: SegmentKind::Client,
-            what,
-        };
-        let layout = ClientLayout::from_params(p).map_err(invalid)?;
-        if p[3] != (index as u64 | (gen as u64) << 32) {
-            return Err(invalid(format!(
-                "is client {}, expected {index}/{gen}",
-                p[3]
-            )));
+        let layout = ClientLayout::from_params(p).map_err(|e| invalid(SegmentKind::Client, e))?;
+        if let Some((index, gen)) = ident {
+            if p[3] != (index as u64 | (gen as u64) << 32) {
+                return Err(invalid(
+                    SegmentKind::Client,
+                    format!("is client {}, expected {index}/{gen}", p[3]),
+                ));
+            }
         }
-        if layout.total_size() != map.len() {
-            return Err(invalid("size does not match its parameters".into()));
+        if layout.client_size() != map.len() {
+            return Err(invalid(
+                SegmentKind::Client,
+                "size does not match its parameters".into(),
+            ));
         }
+        if !own {
+            crate::shm::sys::check_write_sealed(heap).map_err(|e| invalid(SegmentKind::Heap, e))?;
+        }
+        let (heap_map, hh) = Mapping::open(heap, SegmentKind::Heap, own, None)?;
+        if own {
+            // From here on only this mapping can write the heap: whoever else is handed it
+            // (the instances this process opens) can only read it.
+            crate::shm::sys::seal_read_only(heap)
+                .map_err(|e| invalid(SegmentKind::Heap, format!("sealing against writers: {e}")))?;
+        }
+        if hh.params[..3] != p[..3] || layout.heap_seg_size() != heap_map.len() {
+            return Err(invalid(
+                SegmentKind::Heap,
+                "does not match its client segment".into(),
+            ));
+        }
+        let (index, gen) = (p[3] as u32, (p[3] >> 32) as u32);
         Ok(ClientSeg {
             map,
+            heap: heap_map,
             layout,
             index,
             gen,
@@ -188,11 +263,12 @@ impl ClientSeg {
     pub fn doorbell(&self) -> &AtomicU32 {
         &self.map.at::<ClientControl>(ClientLayout::CONTROL).doorbell
     }
+    /// `len` bytes at `off` of the request heap (read-only outside its own process).
     pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
         if off.checked_add(len)? > self.layout.heap_size {
             return None;
         }
-        self.map.range(self.layout.heap_off() as u64 + off, len)
+        self.heap.range(self.layout.heap_off() as u64 + off, len)
     }
 }
 

@@ -11,9 +11,10 @@
 //! | registry | bus              | read-only by everyone (sealed), written by the broker |
 //! | shared   | bus              | read-write by every member: round-robin counters |
 //! | ring     | instance         | read-write by its callers: the doorbell (hint bits, futex word; its slots are unused) |
-//! | channel  | caller × instance | read-write by that caller and that instance only: the caller's request ring to it |
+//! | channel  | caller × instance | read-write by that caller and that instance only: the caller's request ring to it, and the mailboxes it answers in |
 //! | own      | instance         | written by the instance only (sealed `F_SEAL_FUTURE_WRITE` before it leaves it), read-only to the broker and callers: counters, progress, durations, reply heap |
-//! | client   | connected process| read-write by it and the instances it calls: reply mailboxes, request heap |
+//! | client   | connected process| read-write by it and the instances it calls: its async doorbell word |
+//! | heap     | connected process| written by it only (it seals it `F_SEAL_FUTURE_WRITE` once mapped), read-only to the instances it calls: its request heap |
 //! | caller   | connected process| read-write by it, read by the broker, by no one else: its breakers and failure counters per service |
 //!
 //! Every segment starts with a [`SegmentHeader`] (magic, layout version, kind, size, bus
@@ -82,6 +83,8 @@ pub enum SegmentKind {
     Caller = 6,
     /// One caller's requests to one instance (see [`ChannelSeg`]).
     Channel = 7,
+    /// A connected process's request heap (see [`ClientSeg`]): written by it only.
+    Heap = 8,
 }
 
 impl SegmentKind {
@@ -94,6 +97,7 @@ impl SegmentKind {
             SegmentKind::InstanceOwn => *b"AEGISOWN",
             SegmentKind::Caller => *b"AEGISCAL",
             SegmentKind::Channel => *b"AEGISCHN",
+            SegmentKind::Heap => *b"AEGISHEP",
         })
     }
 }
