@@ -1451,12 +1451,11 @@ impl Pending<'_> {
     /// Without blocking: the call's result if it is settled (replied, past its deadline, or
     /// its instance gone), else `None`.
     pub(crate) fn poll_now(&mut self, out: &mut Vec<u8>) -> Option<Result<CallInfo>> {
-        let sent = self.sent.clone()?;
         let inner = self.inner;
         let r = inner.poll_sent(
             self.sess,
             &self.seg,
-            &sent,
+            self.sent.as_ref()?,
             self.deadline,
             &mut Sink::copy(out),
         )?;
