@@ -902,8 +902,9 @@ fn identities_owned_by_another_uid_are_not_trusted() {
 /// it lives and after it is killed. A uid's unread replies may hold at most half of an
 /// instance's reply heap (one maximum-size message): the attacker's further calls are
 /// refused (429 naming its uid and the bytes its unread replies hold), and every 1 MiB call of the victim succeeds with
-/// its own payload. (Before, the attacker's eight unread replies filled the heap and the
-/// victim's calls got 429 "reply heap is full" for 60 s.)
+/// its own payload; once it is killed, its unread replies are freed. (Before, the
+/// attacker's eight unread replies filled the heap and the victim's calls got 429 "reply
+/// heap is full" for 60 s.)
 #[test]
 fn a_caller_that_never_reads_its_replies_holds_at_most_half_of_a_reply_heap() {
     let Some((bus, _)) = policed_bus() else {
@@ -948,6 +949,30 @@ fn a_caller_that_never_reads_its_replies_holds_at_most_half_of_a_reply_heap() {
         value(&r, "refusal").contains("not_yet_read_by_uid_65534"),
         "the attacker's further calls were not refused for its unread replies: {r:?}"
     );
+    // Its replies went with it: the instance freed them when the broker said its channel
+    // closed, so the next process of that uid gets the uid's share again at once (before,
+    // they were held for the 60 s unread-reply expiry and that uid's calls got 429).
+    let again = run_attacker(bus.path(), "large-call", "");
+    let r = result_of(&again);
+    assert_eq!(
+        value(&r, "call"),
+        "ok",
+        "the killed attacker's unread replies still hold its uid's share: {r:?}"
+    );
+}
+
+/// Makes one 1 MiB call of `bank` and says how it went.
+fn attack_large_call(dir: &Path) {
+    let bus = Bus::connect_dir(dir).expect("the attacker may connect");
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let payload = vec![0xeeu8; 1 << 20];
+    let mut out = Vec::new();
+    let call = match bus.call_into("bank", "echo", &payload, &opts, &mut out) {
+        Ok(_) if out == payload => "ok".to_owned(),
+        Ok(_) => "other_payload".to_owned(),
+        Err(e) => e.to_string().replace(' ', "_"),
+    };
+    println!("\nRESULT call={call}");
 }
 
 /// As [`run_attacker`], but spawned with its stdout piped for the test to read as it goes.
@@ -997,6 +1022,7 @@ fn attacker() {
         "own-stats" => attack_own_stats(Path::new(&dir), &targets),
         "report" => attack_report(Path::new(&dir), &targets),
         "hoard" => attack_hoard(Path::new(&dir)),
+        "large-call" => attack_large_call(Path::new(&dir)),
         "rewrite" => attack_rewrite(Path::new(&dir), &targets),
         "hold" => attack_hold(Path::new(&dir), &targets),
         "forge" => serve_pub_while(Path::new(&dir), forge_replies),

@@ -677,12 +677,14 @@ impl InstanceInner {
     }
 
     /// Frees heap blocks whose replies their callers have read (or abandoned for a newer
-    /// call), and returns the bytes (in the allocator's 64-byte units) that the replies
+    /// call, or left unread in a channel that closed), and returns the bytes (in the allocator's 64-byte units) that the replies
     /// still unread by callers of `uid` hold.
     fn sweep_pending(&self, uid: u32) -> u64 {
         let mut held = 0;
         self.pending.lock().retain(|p| {
+            // A closed channel's caller is gone: nobody reads its replies any more.
             let unread = p.sent.elapsed() < UNREAD_REPLY_EXPIRY
+                && !p.chan.is_closed()
                 && p.chan
                     .seg
                     .mailbox(p.mailbox)

@@ -11,7 +11,7 @@
 //! bits say (a hostile caller clearing them delays a take by at most that).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,6 +26,26 @@ pub(crate) struct Chan {
     pub seg: ChannelSeg,
     pub client: Arc<ClientSeg>,
     pub bit: u64,
+    /// The broker said the channel closed (its caller left, or the instance did): the
+    /// replies in it nobody will read (their reply heap blocks are freed at once).
+    pub closed: AtomicBool,
+}
+
+impl Chan {
+    pub fn new(seg: ChannelSeg, client: Arc<ClientSeg>) -> Chan {
+        Chan {
+            bit: Doorbell::bit(seg.id),
+            seg,
+            client,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the broker said this channel closed.
+    pub fn is_closed(&self) -> bool {
+        // Relaxed: a stale `false` only keeps a reply block until the next look.
+        self.closed.load(Ordering::Relaxed)
+    }
 }
 
 /// The channels of one instance, shared by its serving threads.
@@ -42,11 +62,14 @@ impl Channels {
             return;
         }
         let mut l = self.list.write();
-        let mut v: Vec<Arc<Chan>> = l
-            .iter()
-            .filter(|c| !(c.seg.epoch == epoch && gone.contains(&c.seg.id)))
-            .cloned()
-            .collect();
+        let mut v: Vec<Arc<Chan>> = Vec::with_capacity(l.len() + add.len());
+        for c in l.iter() {
+            if c.seg.epoch == epoch && gone.contains(&c.seg.id) {
+                c.closed.store(true, Ordering::Relaxed);
+            } else {
+                v.push(c.clone());
+            }
+        }
         v.extend(add);
         *l = Arc::new(v);
         // Release: pairs with the Acquire in `Sweep::refresh` (the list is behind a lock

@@ -960,11 +960,7 @@ impl BusInner {
                 });
                 let chan = opened.and_then(|client| {
                     let seg = ChannelSeg::open(&fds[2], epoch, Some(info.instance))?;
-                    Ok(Chan {
-                        bit: crate::channel::ring::Doorbell::bit(seg.id),
-                        seg,
-                        client,
-                    })
+                    Ok(Chan::new(seg, client))
                 });
                 match chan {
                     Ok(c) => add[r].push(Arc::new(c)),
