@@ -295,20 +295,7 @@ fn a_caller_of_another_uid_holding_slots_holds_up_no_one_else() {
     let Some((bus, _banks, victim)) = bank_bus() else {
         return;
     };
-    let mut child = attacker_command(bus.path(), "hold", &bank_targets(&victim))
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    // The attacker says when it holds its slots (or fails and closes its output).
-    while !line.contains("RESULT") {
-        line.clear();
-        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
-            panic!("the attacker ended without holding: {:?}", child.wait());
-        }
-    }
-    let r = result_of_text(&line);
+    let (mut child, r) = attacker_holding(bus.path(), "hold", &bank_targets(&victim));
     assert_eq!(value(&r, "held"), "4", "2 rings and 2 channels: {r:?}");
     // Each call well within the 5 s a held ring used to cost it.
     let opts = CallOptions::timeout(Duration::from_secs(1));
@@ -327,6 +314,90 @@ fn a_caller_of_another_uid_holding_slots_holds_up_no_one_else() {
     );
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
+}
+
+/// Runs `attack` under the attacker's uid until it prints its `RESULT` (it then holds
+/// what it did until its stdin closes): the attacker and its result.
+fn attacker_holding(
+    dir: &Path,
+    attack: &str,
+    targets: &str,
+) -> (std::process::Child, Vec<(String, String)>) {
+    let mut child = attacker_command(dir, attack, targets)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    // The attacker says when it holds what it did (or fails and closes its output).
+    while !line.contains("RESULT") {
+        line.clear();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
+            panic!("the attacker ended before its result: {:?}", child.wait());
+        }
+    }
+    // The rest of its output is read (and dropped), so that it never writes into a closed
+    // pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (child, result_of_text(&line))
+}
+
+/// A caller cannot inflate `ipc_router_loadbalancer_selections` of the instances it
+/// calls: the attacker (allowed to call `bank`) sets the enqueue position of its channel
+/// to each `bank` instance to 2^40 (its channel is writable to it), while connected and
+/// after it left. The two instances' selections grow by at most 16 each (a faked full
+/// channel adds at most its slot count). (Before, selections summed the channels' enqueue
+/// positions: 2^40.)
+#[test]
+fn a_caller_cannot_inflate_an_instance_s_selections() {
+    let Some((bus, addr)) = policed_bus() else {
+        return;
+    };
+    let _banks = [bus.serve("bank", "b1", &[]), bus.serve("bank", "b2", &[])];
+    let victim = bus.connect();
+    victim_calls(&victim, 10, "before");
+    let selections = || {
+        let text = metrics(&addr);
+        ["b1", "b2"]
+            .map(|b| {
+                sample(
+                    &text,
+                    &format!(
+                        "ipc_router_loadbalancer_selections{{service_name=\"bank\",instance_id=\"{b}\"}}"
+                    ),
+                )
+            })
+            .iter()
+            .sum::<f64>()
+    };
+    let targets = bank_targets(&victim);
+    let before = selections();
+    let (mut child, r) = attacker_holding(bus.path(), "selections", &targets);
+    assert_eq!(value(&r, "written"), "2", "{r:?}");
+    let during = selections();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    let after = selections();
+    assert!(
+        before >= 10.0 && (before..=before + 2.0 * 16.0).contains(&during) && (before..=during).contains(&after),
+        "selections of bank's instances: {before} before the attack, {during} while the attacker was connected, {after} after"
+    );
+}
+
+/// Sets the enqueue position of its channel to each target to 2^40, says so, and stays
+/// connected until its stdin closes.
+fn attack_selections(dir: &Path, targets: &[(u32, u64)]) {
+    use std::io::Write;
+    let mut raw = Raw::connect(dir).unwrap();
+    let opened = open_as_caller(&mut raw, targets);
+    for (_, chan) in &opened {
+        chan.ring_indices()
+            .enqueue_pos
+            .store(1 << 40, std::sync::atomic::Ordering::Relaxed);
+    }
+    println!("\nRESULT written={}", opened.len());
+    std::io::stdout().flush().unwrap();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
 }
 
 /// The incarnation of registry instance `index`, as a call to it reports it.
@@ -1025,6 +1096,7 @@ fn attacker() {
         "large-call" => attack_large_call(Path::new(&dir)),
         "rewrite" => attack_rewrite(Path::new(&dir), &targets),
         "hold" => attack_hold(Path::new(&dir), &targets),
+        "selections" => attack_selections(Path::new(&dir), &targets),
         "forge" => serve_pub_while(Path::new(&dir), forge_replies),
         "alter" => serve_pub_while(Path::new(&dir), alter_requests),
         other => panic!("unknown attack {other}"),

@@ -327,13 +327,20 @@ pub(crate) fn queued(r: &InstanceRec) -> u64 {
         .fold(0, u64::saturating_add)
 }
 
-/// Requests ever sent to the instance: its channels' enqueue positions (saturating) and
-/// those of its closed channels.
+/// Requests routed to the instance, counted so that no caller can inflate it: the
+/// requests it answered (its own counter, which only it writes) plus those waiting in its
+/// channels, each channel's count capped at its slot count (a channel's positions are
+/// written by its caller too), never less than what was reported before (a counter does
+/// not go down while a taken request is being handled). A caller faking a full channel
+/// adds at most its slot count, once.
 pub(crate) fn selections(r: &InstanceRec) -> u64 {
-    r.channels
+    let served = r.seg.counters().requests_served.load(Relaxed);
+    let now = r
+        .channels
         .values()
-        .map(|c| c.ring_indices().enqueue_pos.load(Relaxed))
-        .fold(r.closed_selections, u64::saturating_add)
+        .map(|c| c.ring().len().min(c.layout.slot_count as u64))
+        .fold(served, u64::saturating_add);
+    r.selections_reported.fetch_max(now, Relaxed).max(now)
 }
 
 /// The sum of the instance's channels' head positions: unchanged while it takes nothing.

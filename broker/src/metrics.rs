@@ -6,10 +6,9 @@
 //! * per instance, in the instance's own segment: requests answered and failed
 //!   (`InstanceCounters`), request durations from the caller's send to the reply (a
 //!   histogram the instance fills after each reply is out, from the clock reading the
-//!   caller's call already made); and load-balancer selections (the enqueue positions of
-//!   its channels, every request ever sent to it, plus those of closed channels: each
-//!   caller writes its own channel's, so a caller can inflate this count for the instances
-//!   it calls, as calling them would);
+//!   caller's call already made); and load-balancer selections (the requests it answered
+//!   plus those waiting in its channels, each channel's capped at its slot count, so that
+//!   a caller faking its channel's positions adds at most that, once);
 //! * per caller and service, in the caller's own client segment (`CallerStats`): errors by
 //!   type, retries by attempt number, and its circuit breaker. A departed caller's counts
 //!   are kept in `Counters::retired` so no counter goes down.
@@ -356,7 +355,7 @@ fn render_data_path(st: &State, out: &mut String) {
         );
     }
     head(out, "ipc_router_loadbalancer_selections", "counter",
-        "Requests routed to each instance (every request sent to its ring, withdrawn ones included).");
+        "Requests routed to each instance: those it answered and those waiting in its channels (withdrawn ones not counted).");
     for r in st.instances.iter().flatten() {
         let Some(svc) = st.services[r.service as usize].as_ref() else {
             continue;

@@ -98,8 +98,9 @@ pub(crate) struct InstanceRec {
     /// Its callers' channels, by channel id, mapped here only to read (queued requests,
     /// whether the head moves).
     pub(crate) channels: HashMap<u64, ChannelSeg>,
-    /// Requests sent through its channels that have closed (`ipc_router_loadbalancer_selections`).
-    pub(crate) closed_selections: u64,
+    /// The highest `ipc_router_loadbalancer_selections` reported (see
+    /// `liveness::selections`).
+    pub(crate) selections_reported: std::sync::atomic::AtomicU64,
 }
 
 /// One caller's channel to one instance (see [`ChannelSeg`]).
@@ -618,7 +619,7 @@ impl State {
             mirrored_served: 0,
             owned: Default::default(),
             channels: HashMap::new(),
-            closed_selections: 0,
+            selections_reported: Default::default(),
             live: crate::liveness::Live::new(peer.pid, heartbeat),
         };
         self.install(
@@ -993,13 +994,7 @@ impl State {
             .as_mut()
             .filter(|r| r.incarnation == rec.instance.1)
         {
-            if let Some(seg) = r.channels.remove(&id) {
-                let sent = seg
-                    .ring_indices()
-                    .enqueue_pos
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                r.closed_selections = r.closed_selections.saturating_add(sent);
-            }
+            r.channels.remove(&id);
             for owner in &r.owners {
                 let news = self.channel_news.entry(*owner).or_default();
                 // Not fetched yet: nothing to tell. So an instance that never fetches
