@@ -555,6 +555,44 @@ fn an_instance_owner_cannot_alter_a_caller_s_large_requests_to_another_service()
     victim_calls_of(&victim, 20, "after", 64 << 10);
 }
 
+/// An instance owner rewriting the header of a caller's client segment (every instance
+/// the caller opened maps that segment writable: its async doorbell word is there) holds
+/// up none of the caller's other calls: the attacker serves `pub`, the victim calls it,
+/// the attacker overwrites the header of every client segment it maps; then the victim
+/// calls a `vault` instance it never called before, whose serving process maps the
+/// victim's segments for the first time. (Before, an instance took the client segment's
+/// layout from that header and refused the scribbled segment: the victim's first call to
+/// `vault` was never taken.)
+#[test]
+fn an_instance_owner_scribbling_on_a_caller_s_client_segment_holds_up_none_of_its_calls() {
+    let Some((bus, _banks, victim)) = bank_bus() else {
+        return;
+    };
+    let (mut attacker, lines) = attacker_serving_pub(&bus, &victim, "scribble");
+    let r = attacker_result(&mut attacker, lines);
+    assert_ne!(value(&r, "scribbled"), "0", "{r:?}");
+    let _v = bus.serve("vault", "v1", &[]);
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let reply = victim
+        .call("vault", "echo", b"first contact", &opts)
+        .unwrap_or_else(|e| panic!("the victim's first call to vault failed: {e}"));
+    assert_eq!(reply.payload, b"first contact");
+    victim_calls(&victim, 10, "after");
+}
+
+/// Overwrites the header of every client segment this process maps writable.
+fn scribble_client_headers(_: Duration) -> String {
+    let mut scribbled = 0;
+    for m in writable_bus_mappings() {
+        if m.kind == SegmentKind::Client as u32 {
+            // SAFETY: the first 64 bytes of a live writable mapping of ours.
+            unsafe { std::ptr::write_bytes(m.start as *mut u8, 0xa5, 64) };
+            scribbled += 1;
+        }
+    }
+    format!("scribbled={scribbled}")
+}
+
 /// Serves `pub`; on the first request, starts `attack` for 3 s in a thread, and stops
 /// serving (and prints its `RESULT`) when it ends.
 fn serve_pub_while(dir: &Path, attack: fn(Duration) -> String) {
@@ -1099,6 +1137,7 @@ fn attacker() {
         "selections" => attack_selections(Path::new(&dir), &targets),
         "forge" => serve_pub_while(Path::new(&dir), forge_replies),
         "alter" => serve_pub_while(Path::new(&dir), alter_requests),
+        "scribble" => serve_pub_while(Path::new(&dir), scribble_client_headers),
         other => panic!("unknown attack {other}"),
     }
 }

@@ -310,32 +310,19 @@ impl State {
             heap_size: 2 * self.cfg.max_message,
         };
         let made = (|| {
-            if let Some(((i, g), fd, heap)) = resume {
-                // Adopt: same heap, and the client segment's header stamped for this run.
-                let (map, h) = Mapping::open(&fd, SegmentKind::Client, true, None)
+            if let Some((_, fd, heap)) = resume {
+                // Adopt: the heap (sealed by its process at its first connect, so that only
+                // it ever wrote it) says the layout; the client segment, which every instance
+                // it opened maps writable, gets a fresh header for this run rather than
+                // being trusted.
+                let seg = ClientSeg::open((&fd, &heap), None, Some((index as u32, gen)), false)
                     .map_err(std::io::Error::other)?;
-                let p = h.params;
-                if p[3] != (i as u64 | (g as u64) << 32) {
-                    return Err(std::io::Error::other(
-                        "client segment is not the one claimed",
-                    ));
-                }
-                let cl = ClientLayout::from_params(p).map_err(std::io::Error::other)?;
-                map.write_header(
+                Mapping::map(&fd, true)?.write_header(
                     SegmentKind::Client,
-                    h.total_size,
+                    seg.layout.client_size() as u64,
                     self.epoch,
-                    cl.params(index as u32, gen),
+                    seg.layout.params(index as u32, gen),
                 );
-                // The heap must have been sealed against writers by its process, as at its
-                // first connect: it goes to instances.
-                let seg = ClientSeg::open(
-                    (&fd, &heap),
-                    Some(self.epoch),
-                    Some((index as u32, gen)),
-                    false,
-                )
-                .map_err(std::io::Error::other)?;
                 return Ok((fd, heap, seg.layout));
             }
             let (fd, heap) = ClientSeg::create(self.epoch, cl, index as u32, gen)?;

@@ -197,33 +197,20 @@ impl ClientSeg {
 
     /// Maps a connection's client segment (read-write) and heap segment: writable and then
     /// sealed against any other writer when `own` (its own process, once, at connect),
-    /// read-only otherwise. Checks both against each other and `(index, gen)` when given;
-    /// `epoch` is checked on the client segment only when given (a heap sealed by its
-    /// process keeps the header of the broker run that made it).
+    /// read-only otherwise. Its own process reads the layout from the client segment's
+    /// header and checks `(index, gen)` and `epoch` when given; anyone else reads it from
+    /// the heap's header, which no one but that process could ever write, and takes the
+    /// client segment by its sealed size only: every instance the process opened maps
+    /// the client segment writable (its doorbell word), so its header is not to be
+    /// trusted (a hostile instance rewriting it must not keep the others from mapping
+    /// it).
     pub fn open(
         (client, heap): (&OwnedFd, &OwnedFd),
         epoch: Option<u64>,
         ident: Option<(u32, u32)>,
         own: bool,
     ) -> Result<ClientSeg, LayoutError> {
-        let (map, h) = Mapping::open(client, SegmentKind::Client, true, epoch)?;
         let invalid = |kind, what: String| LayoutError::Invalid { kind, what };
-        let p = h.params;
-        let layout = ClientLayout::from_params(p).map_err(|e| invalid(SegmentKind::Client, e))?;
-        if let Some((index, gen)) = ident {
-            if p[3] != (index as u64 | (gen as u64) << 32) {
-                return Err(invalid(
-                    SegmentKind::Client,
-                    format!("is client {}, expected {index}/{gen}", p[3]),
-                ));
-            }
-        }
-        if layout.client_size() != map.len() {
-            return Err(invalid(
-                SegmentKind::Client,
-                "size does not match its parameters".into(),
-            ));
-        }
         if !own {
             crate::shm::sys::check_write_sealed(heap).map_err(|e| invalid(SegmentKind::Heap, e))?;
         }
@@ -234,13 +221,43 @@ impl ClientSeg {
             crate::shm::sys::seal_read_only(heap)
                 .map_err(|e| invalid(SegmentKind::Heap, format!("sealing against writers: {e}")))?;
         }
-        if hh.params[..3] != p[..3] || layout.heap_seg_size() != heap_map.len() {
+        let layout =
+            ClientLayout::from_params(hh.params).map_err(|e| invalid(SegmentKind::Heap, e))?;
+        if layout.heap_seg_size() != heap_map.len() {
             return Err(invalid(
                 SegmentKind::Heap,
-                "does not match its client segment".into(),
+                "size does not match its parameters".into(),
             ));
         }
-        let (index, gen) = (p[3] as u32, (p[3] >> 32) as u32);
+        let map = if own {
+            let (map, h) = Mapping::open(client, SegmentKind::Client, true, epoch)?;
+            if h.params[..3] != hh.params[..3] {
+                return Err(invalid(
+                    SegmentKind::Client,
+                    "does not match its heap segment".into(),
+                ));
+            }
+            if let Some((index, gen)) = ident {
+                if h.params[3] != (index as u64 | (gen as u64) << 32) {
+                    return Err(invalid(
+                        SegmentKind::Client,
+                        format!("is client {}, expected {index}/{gen}", h.params[3]),
+                    ));
+                }
+            }
+            map
+        } else {
+            crate::shm::sys::check_size_sealed(client, Some(layout.client_size() as u64))
+                .map_err(|e| invalid(SegmentKind::Client, e))?;
+            Mapping::map(client, true)?
+        };
+        if layout.client_size() != map.len() {
+            return Err(invalid(
+                SegmentKind::Client,
+                "size does not match its parameters".into(),
+            ));
+        }
+        let (index, gen) = ident.unwrap_or((hh.params[3] as u32, (hh.params[3] >> 32) as u32));
         Ok(ClientSeg {
             map,
             heap: heap_map,
