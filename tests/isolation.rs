@@ -476,6 +476,17 @@ fn attacker_serving_pub(
     (attacker, lines)
 }
 
+/// Makes checked victim calls of `bank` (payloads of at least `size` bytes) in rounds of
+/// 20 while `attacker` runs; returns the rounds made.
+fn victim_calls_while_running(victim: &Bus, attacker: &mut support::Reaped, size: usize) -> usize {
+    let mut rounds = 0;
+    while attacker.try_wait().unwrap().is_none() {
+        victim_calls_of(victim, 20, &format!("during {rounds}"), size);
+        rounds += 1;
+    }
+    rounds
+}
+
 /// Waits for an attacker started by [`attacker_serving_pub`], asserts it ended well, and
 /// returns its `RESULT`.
 fn attacker_result(
@@ -504,11 +515,7 @@ fn an_instance_owner_cannot_answer_a_caller_s_calls_to_another_service() {
         return;
     };
     let (mut attacker, lines) = attacker_serving_pub(&bus, &victim, "forge");
-    let mut rounds = 0;
-    while attacker.try_wait().unwrap().is_none() {
-        victim_calls(&victim, 20, &format!("during {rounds}"));
-        rounds += 1;
-    }
+    let rounds = victim_calls_while_running(&victim, &mut attacker, 0);
     let r = attacker_result(&mut attacker, lines);
     eprintln!("attacker: {r:?}, victim rounds: {rounds}");
     assert!(
@@ -535,11 +542,7 @@ fn an_instance_owner_cannot_alter_a_caller_s_large_requests_to_another_service()
         return;
     };
     let (mut attacker, lines) = attacker_serving_pub(&bus, &victim, "alter");
-    let mut rounds = 0;
-    while attacker.try_wait().unwrap().is_none() {
-        victim_calls_of(&victim, 20, &format!("during {rounds}"), 64 << 10);
-        rounds += 1;
-    }
+    let rounds = victim_calls_while_running(&victim, &mut attacker, 64 << 10);
     let r = attacker_result(&mut attacker, lines);
     eprintln!("attacker: {r:?}, victim rounds: {rounds}");
     assert!(

@@ -175,23 +175,22 @@ impl ClientSeg {
         index: u32,
         gen: u32,
     ) -> io::Result<(OwnedFd, OwnedFd)> {
-        let params = layout.params(index, gen);
-        let client = crate::shm::sys::memfd("aegis-client", layout.client_size() as u64)?;
-        Mapping::map(&client, true)?.write_header(
-            SegmentKind::Client,
-            layout.client_size() as u64,
-            epoch,
-            params,
-        );
+        let make = |name: &str, kind, size: usize| -> io::Result<OwnedFd> {
+            let fd = crate::shm::sys::memfd(name, size as u64)?;
+            Mapping::map(&fd, true)?.write_header(
+                kind,
+                size as u64,
+                epoch,
+                layout.params(index, gen),
+            );
+            crate::shm::sys::add_seals(&fd, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
+            Ok(fd)
+        };
+        let client = make("aegis-client", SegmentKind::Client, layout.client_size())?;
+        // No one seals the client segment against writers (instances ring its doorbell);
+        // F_SEAL_SEAL keeps it so.
         crate::shm::sys::seal_size(&client)?;
-        let heap = crate::shm::sys::memfd("aegis-heap", layout.heap_seg_size() as u64)?;
-        Mapping::map(&heap, true)?.write_header(
-            SegmentKind::Heap,
-            layout.heap_seg_size() as u64,
-            epoch,
-            params,
-        );
-        crate::shm::sys::add_seals(&heap, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
+        let heap = make("aegis-heap", SegmentKind::Heap, layout.heap_seg_size())?;
         Ok((client, heap))
     }
 
