@@ -677,8 +677,8 @@ impl InstanceInner {
     }
 
     /// Frees heap blocks whose replies their callers have read (or abandoned for a newer
-    /// call, or left unread in a channel that closed), and returns the bytes (in the allocator's 64-byte units) that the replies
-    /// still unread by callers of `uid` hold.
+    /// call, or left unread in a channel that closed), and returns the bytes (in the
+    /// allocator's 64-byte units) that the replies still unread by callers of `uid` hold.
     fn sweep_pending(&self, uid: u32) -> u64 {
         let mut held = 0;
         self.pending.lock().retain(|p| {
