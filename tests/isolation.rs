@@ -448,7 +448,8 @@ fn an_instance_owner_cannot_open_a_caller_s_circuit_breakers() {
 
 /// Runs `attack` under the attacker's uid, which serves `pub`; once it does, the victim
 /// calls `pub` (so that the attacker's instance is handed what an instance of a service
-/// the victim calls gets). Returns the attacker and the rest of its output.
+/// the victim calls gets: the victim's client and heap segments and its channel to
+/// `pub`). Returns the attacker and the rest of its output.
 fn attacker_serving_pub(
     bus: &TestBus,
     victim: &Bus,
@@ -470,9 +471,10 @@ fn attacker_serving_pub(
             break;
         }
     }
+    // What `pub` answers is the attacker's business (its forger may answer this very call,
+    // which it owns): only that it answers.
     let opts = CallOptions::timeout(Duration::from_secs(5));
-    let reply = victim.call("pub", "echo", b"news?", &opts).unwrap();
-    assert_eq!(reply.payload, b"news?");
+    victim.call("pub", "echo", b"news?", &opts).unwrap();
     (attacker, lines)
 }
 

@@ -244,7 +244,7 @@ impl Drop for BorrowedReply {
 /// Gives a kept reply's mailbox back (and with it, to the instance, its reply heap block).
 fn release(bus: &BusInner, s: &Sent) {
     mailbox::release(s.mb().0, s.gen);
-    bus.pool.put(s.mailbox);
+    bus.pool.put(s.mailbox, s.chan.id);
 }
 
 impl Bus {

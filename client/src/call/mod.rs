@@ -984,7 +984,7 @@ impl BusInner {
     /// its mailbox.
     fn free_sent(&self, s: &Sent) {
         self.free_request(s);
-        self.pool.put(s.mailbox);
+        self.pool.put(s.mailbox, s.chan.id);
     }
 
     /// Frees a sent request's heap block, unless it is a loan's (the loan frees it).
@@ -1014,7 +1014,7 @@ impl BusInner {
             .channel
             .as_ref()
             .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
-        let (mb_idx, gen) = self.pool.acquire(&self.heap).ok_or_else(|| {
+        let (mb_idx, gen) = self.pool.acquire(&self.heap, channel.id).ok_or_else(|| {
             Error::LimitExceeded(format!(
                 "all {} reply mailboxes of this connection are in use (calls in flight)",
                 self.client.layout.mailboxes
@@ -1032,7 +1032,7 @@ impl BusInner {
             Body::Bytes(p) => {
                 let len = p.len() as u64;
                 let Some(off) = self.heap.alloc(len) else {
-                    self.pool.put(mb_idx);
+                    self.pool.put(mb_idx, channel.id);
                     return Err(Error::LimitExceeded(format!(
                         "request heap of {} bytes has no room for {len} more",
                         self.heap.size()

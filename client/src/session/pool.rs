@@ -2,6 +2,7 @@
 //! privately, so a peer cannot steer them), and the mailboxes quarantined after a call
 //! timed out while its instance was running it.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU32 as StdAtomicU32, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +33,10 @@ struct Quarantined {
 /// How many recently freed mailboxes a serial caller cycles through (see [`MailboxPool`]).
 const RECENT: usize = 16;
 
+/// Recently freed mailboxes are kept by the channel they were used in, in this many
+/// buckets (channel id modulo `BUCKETS`).
+const BUCKETS: usize = 8;
+
 /// How long a mailbox whose taker is unknown waits in quarantine for a late reply before
 /// it is recycled (a taker known to be alive keeps it as long as it lives).
 const QUARANTINE_EXPIRY: Duration = Duration::from_secs(60);
@@ -54,9 +59,19 @@ const TAKER_CHECK: Duration = Duration::from_millis(5);
 /// 128 (their first touches), and PSS 129, 185 and 630 MB.
 pub(crate) struct MailboxPool {
     free: ArrayQueue<u32>,
-    /// The mailboxes freed last, oldest first, up to [`RECENT`]: a connection making one
-    /// call at a time cycles through these few rather than all of them.
-    recent: ArrayQueue<u32>,
+    /// The mailboxes freed last, up to [`RECENT`] in all, by the channel they were used in
+    /// (a bucket per channel id modulo [`BUCKETS`]), oldest first in each: a connection
+    /// making one call at a time cycles through these few rather than all of them, and a
+    /// call to an instance takes one last used with that instance. A mailbox's place is in
+    /// the channel of each call it serves, so this bounds the places a serial caller
+    /// touches to about [`RECENT`] however many instances it calls (round-robin over 5
+    /// instances with one queue: 16 indices × 5 channels = 80 places).
+    recent: [ArrayQueue<u32>; BUCKETS],
+    /// How many mailboxes `recent` holds (more for a moment while a `put` races). It and
+    /// `evict` only steer which mailbox comes next (Relaxed): the queues carry the indices.
+    recent_held: AtomicUsize,
+    /// The bucket a `put` over the limit evicts from next.
+    evict: AtomicUsize,
     gens: Box<[StdAtomicU32]>,
     quarantine: Mutex<(Vec<Quarantined>, Option<Instant>)>,
     quarantined: AtomicUsize,
@@ -70,40 +85,62 @@ impl MailboxPool {
         }
         MailboxPool {
             free,
-            recent: ArrayQueue::new(RECENT),
+            recent: std::array::from_fn(|_| ArrayQueue::new(RECENT)),
+            recent_held: AtomicUsize::new(0),
+            evict: AtomicUsize::new(0),
             gens: (0..n).map(|_| StdAtomicU32::new(0)).collect(),
             quarantine: Mutex::new((Vec::new(), None)),
             quarantined: AtomicUsize::new(0),
         }
     }
 
-    /// A free mailbox and its next generation.
-    pub(crate) fn acquire(&self, heap: &HeapAlloc) -> Option<(u32, u32)> {
-        if self.quarantined.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+    /// A free mailbox for a call through channel `chan`, and its next generation.
+    pub(crate) fn acquire(&self, heap: &HeapAlloc, chan: u64) -> Option<(u32, u32)> {
+        if self.quarantined.load(Relaxed) > 0 {
             self.reclaim(heap);
         }
-        // Either queue may be emptied by another thread between the check and the pop.
-        let i = if self.recent.is_full() {
-            self.recent.pop().or_else(|| self.free.pop())
+        let mine = &self.recent[chan as usize % BUCKETS];
+        // Any queue may be emptied by another thread between the check and the pop; the
+        // last resort takes a recent mailbox of another channel.
+        let i = if self.recent_held.load(Relaxed) >= RECENT {
+            self.pop_recent(mine).or_else(|| self.free.pop())
         } else {
-            self.free.pop().or_else(|| self.recent.pop())
-        }?;
-        let g = self.gens[i as usize]
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .wrapping_add(1)
-            & mailbox::GEN_MASK;
+            self.free.pop().or_else(|| self.pop_recent(mine))
+        }
+        .or_else(|| self.recent.iter().find_map(|q| self.pop_recent(q)))?;
+        let g = self.gens[i as usize].fetch_add(1, Relaxed).wrapping_add(1) & mailbox::GEN_MASK;
         Some((i, g))
+    }
+
+    fn pop_recent(&self, q: &ArrayQueue<u32>) -> Option<u32> {
+        let i = q.pop()?;
+        self.recent_held.fetch_sub(1, Relaxed);
+        Some(i)
     }
 
     /// Whether [`MailboxPool::acquire`] may find a mailbox (a quarantined one may come back).
     pub(crate) fn may_have_free(&self) -> bool {
         !self.free.is_empty()
-            || !self.recent.is_empty()
-            || self.quarantined.load(std::sync::atomic::Ordering::Relaxed) > 0
+            || self.recent_held.load(Relaxed) > 0
+            || self.quarantined.load(Relaxed) > 0
     }
 
-    pub(crate) fn put(&self, i: u32) {
-        if let Err(i) = self.recent.push(i) {
+    /// Gives back mailbox `i`, last used for a call through channel `chan`.
+    pub(crate) fn put(&self, i: u32, chan: u64) {
+        if self.recent_held.load(Relaxed) >= RECENT {
+            // Room first: the oldest of the next bucket that has one goes to the free list.
+            for _ in 0..BUCKETS {
+                let k = self.evict.fetch_add(1, Relaxed) % BUCKETS;
+                if let Some(old) = self.pop_recent(&self.recent[k]) {
+                    let _ = self.free.push(old);
+                    break;
+                }
+            }
+        }
+        self.recent_held.fetch_add(1, Relaxed);
+        if let Err(i) = self.recent[chan as usize % BUCKETS].push(i) {
+            self.recent_held.fetch_sub(1, Relaxed);
+            // The free list has room for every mailbox: nothing is lost.
             let _ = self.free.push(i);
         }
     }
@@ -132,8 +169,7 @@ impl MailboxPool {
             since: Instant::now(),
             taker,
         });
-        self.quarantined
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.quarantined.fetch_add(1, Relaxed);
     }
 
     /// Returns quarantined mailboxes to the free list whose late reply has arrived, or
@@ -167,7 +203,56 @@ impl MailboxPool {
             let _ = self.free.push(m.index);
             false
         });
-        self.quarantined
-            .store(q.len(), std::sync::atomic::Ordering::Relaxed);
+        self.quarantined.store(q.len(), Relaxed);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A serial caller calling 5 instances in turn touches about [`RECENT`] mailbox places
+    /// (index, channel), not 16 per channel; one calling a single instance cycles through
+    /// [`RECENT`] mailboxes as before.
+    #[test]
+    fn a_serial_caller_touches_about_recent_places_however_many_instances_it_calls() {
+        let heap = HeapAlloc::new(0);
+        for channels in [1u64, 5] {
+            let pool = MailboxPool::new(128);
+            let mut places = std::collections::HashSet::new();
+            for call in 0..10_000u64 {
+                let chan = call % channels;
+                let (i, _) = pool.acquire(&heap, chan).unwrap();
+                places.insert((i, chan));
+                pool.put(i, chan);
+            }
+            assert!(
+                (RECENT..=RECENT + channels as usize).contains(&places.len()),
+                "{channels} channels: {} places",
+                places.len()
+            );
+        }
+    }
+
+    /// Every mailbox can still be had after any mix of channels: none is lost in a bucket.
+    #[test]
+    fn no_mailbox_is_lost_among_the_buckets() {
+        let heap = HeapAlloc::new(0);
+        let pool = MailboxPool::new(40);
+        let mut held = Vec::new();
+        for round in 0..200u64 {
+            // Take a varying number through varying channels, give them back elsewhere.
+            for k in 0..(round % 37) {
+                held.push(pool.acquire(&heap, round * 7 + k).unwrap().0);
+            }
+            for (k, i) in held.drain(..).enumerate() {
+                pool.put(i, round + k as u64);
+            }
+        }
+        let all: std::collections::HashSet<u32> = (0..40)
+            .map(|k| pool.acquire(&heap, k).expect("a mailbox was lost").0)
+            .collect();
+        assert_eq!(all.len(), 40);
+        assert_eq!(pool.acquire(&heap, 0), None);
     }
 }
