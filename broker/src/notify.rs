@@ -31,8 +31,24 @@ impl Systemd {
         }
     }
 
+    /// Sends `states` to `NOTIFY_SOCKET` without ever blocking: a notification that does
+    /// not fit the receiver's queue is dropped (and logged at debug). `sd_notify::notify`
+    /// sends on a blocking socket, and a receiver that reads late (its datagram queue
+    /// holds 10 by default) then stopped the whole event loop: Hello unanswered, SIGTERM
+    /// unheeded (seen in `tests/broker_load.rs` under CI load). A dropped `WATCHDOG=1` is
+    /// sent again on the next tick, a dropped `STATUS=` within 2 s.
     fn send(states: &[NotifyState<'_>]) {
-        if let Err(e) = sd_notify::notify(false, states) {
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+        let sent = (|| {
+            let sock = std::os::unix::net::UnixDatagram::unbound()?;
+            sock.set_nonblocking(true)?;
+            sock.connect(&path)?;
+            sock.send(msg.as_bytes())
+        })();
+        if let Err(e) = sent {
             tracing::debug!("sd_notify: {e}");
         }
     }

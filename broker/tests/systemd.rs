@@ -68,3 +68,70 @@ fn the_broker_notifies_ready_watchdog_status_and_stopping() {
     expect(&sock, "STOPPING=1");
     assert!(child.0.wait().unwrap().success());
 }
+
+/// A notify socket nobody reads never stops the broker: with its datagram queue full
+/// (10 datagrams by default; watchdog pings every 10 ms fill it), a client still gets its
+/// `Hello` answered and SIGTERM still ends the broker. (Before, `sd_notify`'s blocking
+/// send stopped the event loop: the client's Hello timed out after 10 s and the broker
+/// ignored SIGTERM.)
+#[test]
+fn a_notify_socket_nobody_reads_never_stops_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let _sock = UnixDatagram::bind(&notify).unwrap();
+    let bus = dir.path().join("bus");
+    let child = Command::new(env!("CARGO_BIN_EXE_aegis-broker"))
+        .arg("--dir")
+        .arg(&bus)
+        .args(["--log", "warn"])
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "20000")
+        .env("WATCHDOG_PID", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    let end = Instant::now() + Duration::from_secs(30);
+    while !bus.join("control.sock").exists() {
+        assert!(Instant::now() < end, "the broker never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Full once a send of our own would block: the broker's next notification blocks
+    // where sends block.
+    let probe = UnixDatagram::unbound().unwrap();
+    probe.set_nonblocking(true).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match probe.send_to(b"X=probe\n", &notify) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            _ if Instant::now() < end => std::thread::sleep(Duration::from_millis(5)),
+            other => panic!("the notify queue never filled: {other:?}"),
+        }
+    }
+    let start = Instant::now();
+    let client = aegis_client::Bus::connect_dir(&bus);
+    assert!(
+        client.is_ok(),
+        "Hello with a full notify queue: {:?} after {:?}",
+        client.err(),
+        start.elapsed()
+    );
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(10);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "SIGTERM did not end the broker within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
