@@ -26,6 +26,36 @@ fn expect(sock: &UnixDatagram, want: &str) -> String {
     panic!("no {want} from the broker within 30 s");
 }
 
+/// A broker that dies with the test even if an assertion fails first.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a broker on bus directory `bus`, notifying `notify`, with systemd's watchdog
+/// set to `watchdog_usec`.
+fn spawn_broker(bus: &std::path::Path, notify: &std::path::Path, watchdog_usec: &str) -> Reap {
+    // systemd names the watched process in WATCHDOG_PID: the shell's pid, which `exec`
+    // hands to the broker.
+    let child = Command::new("sh")
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_aegis-broker"))
+        .arg("--dir")
+        .arg(bus)
+        .args(["--log", "warn"])
+        .env("NOTIFY_SOCKET", notify)
+        .env("WATCHDOG_USEC", watchdog_usec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Reap(child)
+}
+
 #[test]
 fn the_broker_notifies_ready_watchdog_status_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,29 +64,7 @@ fn the_broker_notifies_ready_watchdog_status_and_stopping() {
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     let bus = dir.path().join("bus");
-    // systemd names the watched process in WATCHDOG_PID: the shell's pid, which `exec`
-    // hands to the broker.
-    let child = Command::new("sh")
-        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
-        .arg(env!("CARGO_BIN_EXE_aegis-broker"))
-        .arg("--dir")
-        .arg(&bus)
-        .args(["--log", "warn"])
-        .env("NOTIFY_SOCKET", &notify)
-        .env("WATCHDOG_USEC", "200000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The broker dies with the test even if an assertion fails first.
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let child = Reap(child);
+    let child = spawn_broker(&bus, &notify, "200000");
     let ready = expect(&sock, "READY=1");
     assert!(ready.contains("STATUS=serving 0 services"), "{ready}");
     expect(&sock, "WATCHDOG=1");
@@ -80,25 +88,7 @@ fn a_notify_socket_nobody_reads_never_stops_the_broker() {
     let notify = dir.path().join("notify.sock");
     let _sock = UnixDatagram::bind(&notify).unwrap();
     let bus = dir.path().join("bus");
-    let child = Command::new(env!("CARGO_BIN_EXE_aegis-broker"))
-        .arg("--dir")
-        .arg(&bus)
-        .args(["--log", "warn"])
-        .env("NOTIFY_SOCKET", &notify)
-        .env("WATCHDOG_USEC", "20000")
-        .env("WATCHDOG_PID", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Reap(child);
+    let mut child = spawn_broker(&bus, &notify, "20000");
     let end = Instant::now() + Duration::from_secs(30);
     while !bus.join("control.sock").exists() {
         assert!(Instant::now() < end, "the broker never listened");

@@ -1040,6 +1040,28 @@ mod loom_tests {
         });
     }
 
+    /// A caller thread that publishes one request (trace id `trace_id`) in the ring of `s`
+    /// and rings `bell` with `bit`.
+    fn rung_caller(
+        s: &Arc<Shared>,
+        bell: &Arc<RingIndices>,
+        bit: u64,
+        trace_id: u64,
+    ) -> loom::thread::JoinHandle<()> {
+        let (s, bell) = (s.clone(), bell.clone());
+        let p = Ptr(s.slots.as_ptr() as *mut u8);
+        loom::thread::spawn(move || {
+            let r = ring(&s, &p);
+            let mut c = r.try_claim(1).unwrap();
+            c.set_header(MsgHeader {
+                trace_id,
+                ..Default::default()
+            });
+            c.publish().unwrap();
+            Doorbell(&bell).ring(bit);
+        })
+    }
+
     fn shared() -> Arc<Shared> {
         let mut slots = Vec::new();
         for _ in 0..2 {
@@ -1198,23 +1220,10 @@ mod loom_tests {
         let mut model = loom::model::Builder::new();
         model.preemption_bound = Some(3);
         model.check(|| {
-            let s = shared();
-            let bell = Arc::new(RingIndices::new());
+            let (s, bell) = (shared(), Arc::new(RingIndices::new()));
             let base = s.slots.as_ptr() as *mut u8;
             let bit = Doorbell::bit(5);
-            let caller = {
-                let (s, bell, p) = (s.clone(), bell.clone(), Ptr(base));
-                loom::thread::spawn(move || {
-                    let r = ring(&s, &p);
-                    let mut c = r.try_claim(1).unwrap();
-                    c.set_header(MsgHeader {
-                        trace_id: 77,
-                        ..Default::default()
-                    });
-                    c.publish().unwrap();
-                    Doorbell(&bell).ring(bit);
-                })
-            };
+            let caller = rung_caller(&s, &bell, bit, 77);
             let hostile = {
                 let bell = bell.clone();
                 loom::thread::spawn(move || {
@@ -1251,18 +1260,10 @@ mod loom_tests {
     #[test]
     fn a_stolen_hint_delays_a_request_until_the_full_sweep_and_never_loses_it() {
         loom::model(|| {
-            let s = shared();
-            let bell = Arc::new(RingIndices::new());
+            let (s, bell) = (shared(), Arc::new(RingIndices::new()));
             let base = s.slots.as_ptr() as *mut u8;
             let bit = Doorbell::bit(9);
-            let caller = {
-                let (s, bell, p) = (s.clone(), bell.clone(), Ptr(base));
-                loom::thread::spawn(move || {
-                    let r = ring(&s, &p);
-                    r.try_claim(1).unwrap().publish().unwrap();
-                    Doorbell(&bell).ring(bit);
-                })
-            };
+            let caller = rung_caller(&s, &bell, bit, 0);
             let thief = {
                 let bell = bell.clone();
                 loom::thread::spawn(move || {
