@@ -1177,7 +1177,7 @@ impl BusInner {
                 self.note_stalled(seg, w.progress);
             }
         }
-        self.settle(seg, sent, outcome, why, out)
+        self.settle(seg, &sent, outcome, why, out)
     }
 
     /// Without blocking: the result of `sent` if it is settled now (the reply is there, or
@@ -1202,7 +1202,6 @@ impl BusInner {
         } else {
             return None;
         };
-        let sent = sent.clone();
         Some(self.settle(seg, sent, outcome, why, out))
     }
 
@@ -1211,22 +1210,19 @@ impl BusInner {
     fn settle(
         &self,
         seg: &InstanceSeg,
-        sent: Sent,
+        sent: &Sent,
         outcome: Cancel,
         why: Why,
         out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
         let gen = sent.gen;
-        let chan = sent.chan.clone();
-        let (mb, _) = chan
-            .mailbox(sent.mailbox)
-            .expect("the pool hands out indices below every channel's mailbox count");
+        let (mb, _) = sent.mb();
         let interrupted = || Failed::Error(Error::Interrupted);
         match outcome {
             Cancel::Ready => {
                 let r = match &mut out.out {
-                    Some(buf) => self.read_reply(&sent, seg, buf),
-                    None => self.reply_in_place(&sent, seg).map(|(ptr, len)| {
+                    Some(buf) => self.read_reply(sent, seg, buf),
+                    None => self.reply_in_place(sent, seg).map(|(ptr, len)| {
                         out.kept = Some(Kept {
                             sent: sent.clone(),
                             ptr,
@@ -1238,16 +1234,16 @@ impl BusInner {
                 if out.kept.is_some() {
                     // The instance has answered: it is done with the request. The mailbox
                     // (and the reply heap block it names) stays ours until the guard drops.
-                    self.free_request(&sent);
+                    self.free_request(sent);
                 } else {
                     mailbox::release(mb, gen);
-                    self.free_sent(&sent);
+                    self.free_sent(sent);
                 }
                 r.map_err(Failed::Error)
             }
             Cancel::Cancelled => {
                 mailbox::release(mb, gen);
-                self.free_sent(&sent);
+                self.free_sent(sent);
                 Err(Failed::NotDelivered(match why {
                     Why::Gone => "instance left before taking the request",
                     Why::Orphaned => CHANNEL_NOT_TAKEN_UP,
