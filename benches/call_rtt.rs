@@ -370,7 +370,7 @@ fn bench_loan(c: &mut Criterion, len: usize, all: bool) {
     let page = 4096.min(len);
     let mut ok = true;
     let mut call = |seq: u8| {
-        let mut loan = client.loan(len).unwrap();
+        let mut loan = client.loan("zc", len).unwrap();
         if all {
             loan.copy_from_slice(&pattern);
         } else {

@@ -123,8 +123,9 @@ typedef struct aegis_receiver aegis_receiver;
 // memory back. Hold it briefly (an instance reuses an unread reply's memory after 60 s).
 typedef struct aegis_reply_view aegis_reply_view;
 
-// A writable buffer in the bus's request heap (`aegis_loan`): written in place, sent
-// without a copy by `aegis_call_loan` (which takes it), or given back by `aegis_loan_free`.
+// A writable buffer for a request to one service (`aegis_loan`), in the request heap of
+// the bus's channel to one of its instances: written in place, sent without a copy by
+// `aegis_call_loan` (which takes it), or given back by `aegis_loan_free`.
 typedef struct aegis_request_loan aegis_request_loan;
 
 // Where a serving callback writes its answer (valid only during the callback).
@@ -230,11 +231,14 @@ aegis_status aegis_call_resource(const aegis_bus *bus, const char *resource, con
 // `aegis_call` returning the reply in a library-owned buffer (`aegis_buffer_free`).
 aegis_status aegis_call_alloc(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, aegis_buffer *reply);
 
-// A writable buffer of `len` bytes in this connection's request heap: write the request
-// at `*data`, then send it with `aegis_call_loan` (no copy on either side). Free it with
-// `aegis_loan_free` if it is not sent. `AEGIS_LIMIT_EXCEEDED` when the heap (twice the
-// bus's largest message) has no room.
-aegis_status aegis_loan(const aegis_bus *bus, size_t len, aegis_request_loan **out, uint8_t **data);
+// A writable buffer of `len` bytes for a request to `service`: write the request at
+// `*data`, then send it with `aegis_call_loan` to the same service (no copy on either
+// side). It lies in the request heap of the bus's channel to the instance the next call
+// would go to, which only that instance can read (a call that goes elsewhere copies it).
+// Free it with `aegis_loan_free` if it is not sent. `AEGIS_MESSAGE_TOO_LARGE` over the
+// service's largest message, `AEGIS_LIMIT_EXCEEDED` when the heap (twice that) has no
+// room, `AEGIS_NO_AVAILABLE_INSTANCE` when the service has no healthy instance.
+aegis_status aegis_loan(const aegis_bus *bus, const char *service, size_t len, aegis_request_loan **out, uint8_t **data);
 
 // Gives an unsent loan's memory back. NULL is ignored.
 void aegis_loan_free(aegis_request_loan *loan);

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use aegis_client::fuzzing;
 use aegis_client::layout::{
-    ClientLayout, InstanceLayout, InstanceSeg, Mapping, MsgHeader, RegistryLayout, SegmentKind,
-    SharedLayout, PAYLOAD_INLINE,
+    ClientLayout, InstanceLayout, InstanceSeg, Mapping, MsgHeader, RegistryLayout, RequestHeap,
+    SegmentKind, SharedLayout, PAYLOAD_INLINE,
 };
 use aegis_client::proto::{self, BulkOptions, Request, ResourceSpec, ServiceConfig};
 use aegis_client::sys;
@@ -146,10 +146,19 @@ fn write_seeds() {
     let cl = ClientLayout {
         mailboxes: 4,
         mailbox_inline: 64,
-        heap_size: 4096,
     };
-    let fd = make(SegmentKind::Client, cl.total_size(), cl.params(3, 4));
+    let fd = make(
+        SegmentKind::Client,
+        ClientLayout::client_size(),
+        cl.params(3, 4),
+    );
     write("segment_open", "client", &image(&fd));
+    let fd = make(
+        SegmentKind::Heap,
+        RequestHeap::seg_size(4096),
+        [4096, 7, 0, 0],
+    );
+    write("segment_open", "heap", &image(&fd));
     let rl = RegistryLayout {
         max_services: 2,
         max_instances: 2,

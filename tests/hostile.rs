@@ -561,32 +561,3 @@ fn a_slot_claimed_and_never_published_holds_up_no_other_caller() {
     drop(live);
     std::mem::forget(pidless);
 }
-
-/// A connection that has not sealed its request heap against other writers is refused
-/// when it opens an instance (the heap goes to that instance's serving process, which
-/// could then write the requests in it), with an error naming the missing seal; sealed,
-/// the same connection may.
-#[test]
-fn a_client_that_has_not_sealed_its_request_heap_cannot_open_instances() {
-    use std::os::fd::AsRawFd;
-    let bus = TestBus::start();
-    let inst = bus.serve("echo", "e1", &[]);
-    let rings = echo_rings(&[inst.pid()]);
-    let open = Request::OpenInstance {
-        instance: rings[0].index,
-        incarnation: rings[0].incarnation,
-    };
-    let mut raw = Raw::connect_unsealed(bus.path()).unwrap();
-    match raw.ask(&open).unwrap() {
-        Response::Error(e) => assert!(
-            format!("{e:?}").contains("F_SEAL_FUTURE_WRITE"),
-            "refused for another reason: {e:?}"
-        ),
-        other => panic!("an unsealed heap was handed on: {other:?}"),
-    }
-    // SAFETY: plain fcntl on the heap descriptor (the fourth of the Welcome) we hold.
-    let sealed = unsafe { libc::fcntl(raw.1[3].as_raw_fd(), libc::F_ADD_SEALS, 0x0010) };
-    assert_eq!(sealed, 0, "{}", std::io::Error::last_os_error());
-    let resp = raw.ask(&open).unwrap();
-    assert!(matches!(resp, Response::OpenedInstances(_)), "{resp:?}");
-}

@@ -528,16 +528,18 @@ fn an_instance_owner_cannot_answer_a_caller_s_calls_to_another_service() {
     victim_calls(&victim, 20, "after");
 }
 
-/// Row "alter" of property 2 (the victim's large requests to another service): the
-/// attacker serves `pub`, the victim calls it once, and for 3 s the attacker looks for the
-/// victim's request bytes (`to=alice amount=0010`) in every client or heap segment it has
-/// mapped, makes each mapping where it finds them writable if it can (`mprotect`), and
-/// rewrites them into `to=mallo amount=9999` as fast as it can, while the victim calls
-/// `bank` with 64 KiB requests (larger than a ring slot: they lie in its request heap,
-/// where `bank`'s instance reads them in place). The heap is sealed read-only once the
-/// victim has mapped it: the attacker sees the bytes but cannot write them, and every
-/// victim call comes back with its own payload. (Before, the heap was in the client
-/// segment, which every instance the victim called maps writable.)
+/// Rows "read" and "alter" of property 2 (the victim's large requests to another
+/// service): the attacker serves `pub`, the victim calls it once, and for 3 s the attacker
+/// looks for the victim's request bytes (`to=alice amount=0010`) in every client or heap
+/// segment it has mapped, makes each mapping where it finds them writable if it can
+/// (`mprotect`), and rewrites them into `to=mallo amount=9999` as fast as it can, while the
+/// victim calls `bank` with 64 KiB requests (larger than a ring slot: they lie in a request
+/// heap, where `bank`'s instance reads them in place). Each channel has its own request
+/// heap, handed to its instance only: the attacker maps the victim's heap of its channel
+/// to `pub`, never the one to `bank`, so it never even sees those bytes. (Before, one
+/// request heap per connection went to every instance the victim called: the attacker
+/// read them, `found_in=1`; and before that, the heap was in the client segment, which
+/// every such instance mapped writable, and it rewrote them.)
 #[test]
 fn an_instance_owner_cannot_alter_a_caller_s_large_requests_to_another_service() {
     let Some((bus, _banks, victim)) = bank_bus() else {
@@ -548,8 +550,13 @@ fn an_instance_owner_cannot_alter_a_caller_s_large_requests_to_another_service()
     let r = attacker_result(&mut attacker, lines);
     eprintln!("attacker: {r:?}, victim rounds: {rounds}");
     assert!(
-        value(&r, "found_in").parse::<u32>().unwrap() > 0,
-        "the attacker never saw the victim's requests (the test would prove nothing): {r:?}"
+        value(&r, "heaps").parse::<u32>().unwrap() > 0,
+        "the attacker mapped no request heap of the victim's (the test would prove nothing): {r:?}"
+    );
+    assert_eq!(
+        value(&r, "found_in"),
+        "0",
+        "the attacker read the victim's requests to another service: {r:?}"
     );
     assert_eq!(
         value(&r, "writable"),
@@ -635,10 +642,14 @@ fn alter_requests(how_long: Duration) -> String {
     let end = Instant::now() + how_long;
     // Each mapping the victim's bytes were found in, and whether we can write it.
     let mut found_in: std::collections::HashMap<usize, bool> = Default::default();
+    let mut heaps = std::collections::HashSet::new();
     let mut rewritten = 0u64;
     let mut copy = vec![0u8; SCAN];
     while Instant::now() < end {
         for m in bus_mappings(&["memfd:aegis-client", "memfd:aegis-heap"]) {
+            if m.kind == aegis_client::layout::SegmentKind::Heap as u32 {
+                heaps.insert(m.start);
+            }
             let n = m.len.min(SCAN);
             // SAFETY: `n` bytes of a live mapping of ours, copied out (the victim may be
             // writing them: what we read is whatever was there).
@@ -688,7 +699,8 @@ fn alter_requests(how_long: Duration) -> String {
     let writable = found_in.values().filter(|w| **w).count();
     let refused = found_in.len() - writable;
     format!(
-        "found_in={} writable={writable} refused={refused} rewritten={rewritten}",
+        "heaps={} found_in={} writable={writable} refused={refused} rewritten={rewritten}",
+        heaps.len(),
         found_in.len()
     )
 }
@@ -866,8 +878,9 @@ fn one_uid_takes_at_most_a_quarter_of_the_slots_by_default() {
 }
 
 /// `--max-resources-per-uid` and `--max-shm-per-uid` hold for another uid: its instances
-/// own at most 3 resources together, and a second connection that would pass its 40 MiB of
-/// shared memory is refused; each refusal names the cap and its value.
+/// own at most 3 resources together, and a second channel (each with its 32 MiB request
+/// heap) that would pass its 40 MiB of shared memory is refused; each refusal names the cap
+/// and its value.
 #[test]
 fn another_uid_stays_within_its_resource_and_shared_memory_quotas() {
     let Some((bus, _)) = policed_bus_with(&[
@@ -878,6 +891,7 @@ fn another_uid_stays_within_its_resource_and_shared_memory_quotas() {
     ]) else {
         return;
     };
+    let _bank = bus.serve("bank", "b1", &[]);
     let out = run_attacker(bus.path(), "quota", "");
     assert!(
         out.status.success(),
@@ -1171,7 +1185,7 @@ fn open_as_caller(
         let Some(k) = ids.iter().position(|&i| i == (instance, incarnation)) else {
             continue;
         };
-        let fds = &fds[3 * k..3 * k + 3];
+        let fds = &fds[4 * k..4 * k + 4];
         let (_, h) = Mapping::open(&fds[0], SegmentKind::Instance, true, None).unwrap();
         // The ring segment alone matters; a private stand-in for the instance's own
         // segment (read-only to us) completes it.
@@ -1716,10 +1730,23 @@ fn attack_quota(dir: &Path) {
             }
         }
     }
-    let connect_refusal = match Bus::connect_dir(dir) {
-        Ok(_) => "none".to_owned(),
-        Err(e) => e.to_string(),
-    };
+    // Connections cost a page or two; each one's channel to `bank` costs its request heap
+    // (32 MiB): the second one does not fit in 40 MiB.
+    let mut conns = Vec::new();
+    let mut connect_refusal = "none".to_owned();
+    for _ in 0..3 {
+        let opened = Bus::connect_dir(dir).and_then(|b| {
+            drop(b.loan("bank", 8)?);
+            Ok(b)
+        });
+        match opened {
+            Ok(b) => conns.push(b),
+            Err(e) => {
+                connect_refusal = e.to_string();
+                break;
+            }
+        }
+    }
     println!(
         "\nRESULT claimed={claimed} claim_refusal={} connect_refusal={}",
         claim_refusal.replace(' ', "_"),

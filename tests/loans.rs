@@ -55,7 +55,7 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
             .into_iter()
             .enumerate()
         {
-            let mut loan = client.loan(len).unwrap();
+            let mut loan = client.loan("zc", len).unwrap();
             assert_eq!(loan.len(), len);
             assert!(
                 mapping_of(&loan).contains("memfd:aegis-heap") || len == 0,
@@ -134,18 +134,18 @@ fn loans_and_borrowed_replies_give_their_memory_back() {
         // The request heap holds 32 MiB (twice the 16 MiB maximum): a leaked 12 MiB block
         // per call would fail the third loan.
         for i in 0..8u8 {
-            let mut loan = client.loan(12 << 20).unwrap();
+            let mut loan = client.loan("zc", 12 << 20).unwrap();
             loan[0] = i;
             let r = client.call_loan("zc", "rev", loan, &opts()).unwrap();
             assert_eq!(r[r.len() - 1], i);
         }
         // A loan dropped unsent frees its block too.
         for _ in 0..8 {
-            drop(client.loan(12 << 20).unwrap());
+            drop(client.loan("zc", 12 << 20).unwrap());
         }
         // Error answers release their mailbox.
         for _ in 0..8 {
-            let loan = client.loan(64).unwrap();
+            let loan = client.loan("zc", 64).unwrap();
             match client.call_loan("zc", "fail", loan, &opts()) {
                 Err(Error::Remote { code, message, .. }) => {
                     assert_eq!((code, message.as_str()), (418, "asked to fail"))
@@ -217,15 +217,38 @@ fn loans_refuse_what_they_cannot_carry() {
             b"refused"
         );
         // A loan belongs to the connection that made it.
-        let loan = other.loan(16).unwrap();
+        let loan = other.loan("zc", 16).unwrap();
         match client.call_loan("zc", "m", loan, &opts()) {
             Err(Error::BadRequest(m)) => assert!(m.contains("another bus"), "{m}"),
             r => panic!("a foreign loan was sent: {r:?}"),
         }
-        // More than the request heap holds.
-        match client.loan(64 << 20) {
-            Err(Error::LimitExceeded(m)) => assert!(m.contains("request heap"), "{m}"),
+        // A loan is for the service it was made for.
+        let loan = client.loan("zc", 16).unwrap();
+        match client.call_loan("other", "m", loan, &opts()) {
+            Err(Error::BadRequest(m)) => assert!(m.contains("made for service 'zc'"), "{m}"),
+            r => panic!("a loan was sent to another service: {r:?}"),
+        }
+        // More than the service's largest message; more than the channel's request heap
+        // (twice that) holds.
+        match client.loan("zc", 64 << 20) {
+            Err(Error::MessageTooLarge { size, max, .. }) => {
+                assert_eq!((size, max), (64 << 20, 16 << 20))
+            }
             r => panic!("a 64 MiB loan: {r:?}"),
+        }
+        let held = [
+            client.loan("zc", 12 << 20).unwrap(),
+            client.loan("zc", 12 << 20).unwrap(),
+        ];
+        match client.loan("zc", 12 << 20) {
+            Err(Error::LimitExceeded(m)) => assert!(m.contains("request heap"), "{m}"),
+            r => panic!("a third 12 MiB loan: {r:?}"),
+        }
+        drop(held);
+        // Nor is there a loan for a service without instances.
+        match client.loan("nobody", 8) {
+            Err(Error::NoAvailableInstance { service }) => assert_eq!(service, "nobody"),
+            r => panic!("a loan for a service nobody serves: {r:?}"),
         }
         // Two calls in flight: the first is held by the handler while it tries to answer
         // it with the second's loan (refused); the first then gets the internal error of a
@@ -240,5 +263,68 @@ fn loans_refuse_what_they_cannot_carry() {
             r => panic!("the held first request: {r:?}"),
         }
         stop.stop();
+    });
+}
+
+/// A loan lies in the heap of the channel to the instance the next call would go to, and
+/// the call goes there: two loans made in turn go to the service's two instances. When
+/// the loan's instance has left by the time of the call, the call goes to the other one,
+/// with the bytes copied into that channel's heap (correct, if not zero-copy).
+#[test]
+fn a_loan_goes_to_its_instance_or_is_copied_to_another() {
+    let bus = support::TestBus::start();
+    let server = bus.connect();
+    let (a, b) = (
+        server.register("zc", "z1", &[]).unwrap(),
+        server.register("zc", "z2", &[]).unwrap(),
+    );
+    let stop_b = b.stop_handle();
+    let client = bus.connect();
+    let seen = &std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        let stop_a = a.stop_handle();
+        // z1 leaves the service once stopped.
+        let serving_a = s.spawn(move || {
+            serve_loaned(&a, seen);
+            a.unregister().unwrap();
+        });
+        s.spawn(|| serve_loaned(&b, seen));
+        let fill = |seed: u8| {
+            let mut loan = client.loan("zc", 64 << 10).unwrap();
+            for (i, x) in loan.iter_mut().enumerate() {
+                *x = pattern(seed, i);
+            }
+            loan
+        };
+        let check = |r: &aegis_client::BorrowedReply, seed: u8| {
+            let n = r.len();
+            assert_eq!(n, 64 << 10);
+            assert!(
+                r.iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == pattern(seed, n - 1 - i)),
+                "reply to loan {seed} is not its request reversed"
+            );
+        };
+        // In turn: one loan per instance, each answered by the instance it was made for.
+        let (l1, l2) = (fill(1), fill(2));
+        let (r1, r2) = (
+            client.call_loan("zc", "rev", l1, &opts()).unwrap(),
+            client.call_loan("zc", "rev", l2, &opts()).unwrap(),
+        );
+        check(&r1, 1);
+        check(&r2, 2);
+        assert_ne!(r1.instance_id(), r2.instance_id());
+        drop((r1, r2));
+        // Two more; then z1 leaves: both calls are answered by z2.
+        let (l3, l4) = (fill(3), fill(4));
+        stop_a.stop();
+        serving_a.join().unwrap();
+        for (l, seed) in [(l3, 3), (l4, 4)] {
+            let r = client.call_loan("zc", "rev", l, &opts()).unwrap();
+            check(&r, seed);
+            assert_eq!(r.instance_id(), "z2");
+        }
+        stop_b.stop();
     });
 }

@@ -473,11 +473,8 @@ async fn connection(
                         )
                     } else {
                         hello = true;
-                        // A resuming client sends its client segment, then its heap.
-                        let resume = resume.and_then(|r| {
-                            let heap = fds.pop()?;
-                            Some((r, fds.pop()?, heap))
-                        });
+                        // A resuming client sends its client segment.
+                        let resume = resume.and_then(|r| Some((r, fds.pop()?)));
                         st.hello(id, peer, mailboxes, resume, secret)
                     }
                 }

@@ -110,6 +110,11 @@ struct ChannelRec {
     /// The instance's registry index and incarnation.
     instance: (u32, u64),
     fd: OwnedFd,
+    /// Its request heap: read-write for the caller, and a read-only descriptor of it for
+    /// the instance.
+    heap: (OwnedFd, OwnedFd),
+    /// Bytes of channel and heap (counted to the caller's uid).
+    size: u64,
 }
 
 /// What a serving connection is told with its next `Channels` reply.
@@ -149,8 +154,6 @@ pub(crate) struct ClientRec {
     channels: HashMap<(u32, u64), u64>,
     /// Its mailboxes, of which each of its channels has a copy.
     mailboxes: ClientLayout,
-    /// Its request heap segment (sealed read-only by the client before it opens instances).
-    heap_fd: OwnedFd,
 }
 
 pub struct State {
@@ -264,7 +267,7 @@ impl State {
         conn: ConnId,
         peer: Peer,
         mailboxes: u32,
-        resume: Option<((u32, u32), OwnedFd, OwnedFd)>,
+        resume: Option<((u32, u32), OwnedFd)>,
         secret: u64,
     ) -> Reply {
         let cap = self.cfg.max_clients_per_uid(peer.uid);
@@ -285,7 +288,7 @@ impl State {
         // one of an earlier run, see `Identities`).
         let wanted = resume
             .as_ref()
-            .map(|(c, _, _)| *c)
+            .map(|(c, _)| *c)
             .filter(|&(_, g)| self.ids.is_earlier_gen(g));
         let free_old = wanted
             .map(|(i, _)| i as usize)
@@ -307,36 +310,22 @@ impl State {
         let cl = ClientLayout {
             mailboxes: mailboxes.clamp(1, 1 << 16),
             mailbox_inline: layout::MAILBOX_INLINE,
-            heap_size: 2 * self.cfg.max_message,
         };
-        let made = (|| {
-            if let Some((_, fd, heap)) = resume {
-                // Adopt: the heap (sealed by its process at its first connect, so that only
-                // it ever wrote it) says the layout; the client segment, which every instance
-                // it opened maps writable, gets a fresh header for this run rather than
-                // being trusted.
-                let seg = ClientSeg::open((&fd, &heap), None, Some((index as u32, gen)), false)
-                    .map_err(std::io::Error::other)?;
-                Mapping::map(&fd, true)?.write_header(
-                    SegmentKind::Client,
-                    seg.layout.client_size() as u64,
-                    self.epoch,
-                    seg.layout.params(index as u32, gen),
-                );
-                return Ok((fd, heap, seg.layout));
-            }
-            let (fd, heap) = ClientSeg::create(self.epoch, cl, index as u32, gen)?;
-            Ok::<_, std::io::Error>((fd, heap, cl))
-        })();
-        let (fd, heap_fd, client_layout) = match made {
-            Ok(made) => made,
+        let made = match resume {
+            // Adopt: the client segment, which every instance it opened maps writable, gets
+            // a fresh header for this run rather than being trusted.
+            Some((_, fd)) => ClientSeg::stamp(&fd, self.epoch, cl, index as u32, gen).map(|()| fd),
+            None => ClientSeg::create(self.epoch, cl, index as u32, gen),
+        };
+        let fd = match made {
+            Ok(fd) => fd,
             Err(e) => return err(WireError::Internal(format!("creating client segment: {e}"))),
         };
+        let client_layout = cl;
         // The caller's statistics: a new segment each broker run (service indices are
         // this run's), handed to that caller only.
         let stats_size = layout::CallerSeg::size(self.cfg.max_services) as u64;
-        let size =
-            sys::file_size(&fd).unwrap_or(0) + sys::file_size(&heap_fd).unwrap_or(0) + stats_size;
+        let size = sys::file_size(&fd).unwrap_or(0) + stats_size;
         if let Err(e) = self.shm_fits(peer.uid, size) {
             return err(e);
         }
@@ -356,13 +345,8 @@ impl State {
             Ok(x) => x,
             Err(e) => return err(WireError::Internal(format!("creating caller segment: {e}"))),
         };
-        let fds = match (
-            dup(&self.registry_fd),
-            dup(&self.shared_fd),
-            dup(&fd),
-            dup(&heap_fd),
-        ) {
-            (Ok(a), Ok(b), Ok(c), Ok(d)) => vec![a, b, c, d, stats_fd],
+        let fds = match (dup(&self.registry_fd), dup(&self.shared_fd), dup(&fd)) {
+            (Ok(a), Ok(b), Ok(c)) => vec![a, b, c, stats_fd],
             _ => return err(WireError::Internal("out of descriptors".into())),
         };
         self.clients[index] = Some(ClientRec {
@@ -379,7 +363,6 @@ impl State {
             size,
             channels: HashMap::new(),
             mailboxes: client_layout,
-            heap_fd,
         });
         (
             Response::Welcome {
@@ -839,9 +822,12 @@ impl State {
             let got = dup(&r.fd)
                 .and_then(|ring| Ok([ring, dup(&r.own_fd)?]))
                 .map_err(|e| WireError::Internal(e.to_string()))
-                .and_then(|[ring, own]| Ok([ring, own, self.channel_for(caller, (i, inc))?]));
+                .and_then(|[ring, own]| {
+                    let [channel, heap] = self.channel_for(caller, (i, inc))?;
+                    Ok([ring, own, channel, heap])
+                });
             match got {
-                Ok(three) => fds.extend(three),
+                Ok(four) => fds.extend(four),
                 Err(e) if i == index => return err(e),
                 Err(_) => continue,
             }
@@ -857,41 +843,57 @@ impl State {
         (Response::OpenedInstances(opened), fds)
     }
 
-    /// The channel of client `caller` to instance `inst` (a duplicate of its descriptor),
-    /// created the first time: counted to the caller's uid, mapped here to watch it, and
-    /// announced to the instance's serving connections (`Request::Channels`, woken through
-    /// the registry's [`layout::InstanceEntry::channels`] word).
-    fn channel_for(&mut self, caller: (u32, u32), inst: (u32, u64)) -> Result<OwnedFd, WireError> {
+    /// The channel of client `caller` to instance `inst` and its request heap (duplicates
+    /// of their descriptors, for the caller), created the first time: counted to the
+    /// caller's uid, mapped here to watch it, and announced to the instance's serving
+    /// connections (`Request::Channels`, woken through the registry's
+    /// [`layout::InstanceEntry::channels`] word).
+    fn channel_for(
+        &mut self,
+        caller: (u32, u32),
+        inst: (u32, u64),
+    ) -> Result<[OwnedFd; 2], WireError> {
         let internal = |e: String| WireError::Internal(format!("channel: {e}"));
         let c = self.clients[caller.0 as usize]
             .as_ref()
             .ok_or_else(|| internal("caller gone".into()))?;
-        // Its heap goes to the instance with the channel: only once no one but the caller
-        // can write it.
-        sys::check_write_sealed(&c.heap_fd).map_err(|e| {
-            WireError::BadRequest(format!(
-                "seal your request heap against other writers (F_SEAL_FUTURE_WRITE) before opening instances: {e}"
-            ))
-        })?;
+        let handed = |rec: &ChannelRec| -> Result<[OwnedFd; 2], WireError> {
+            Ok([
+                dup(&rec.fd).map_err(|e| internal(e.to_string()))?,
+                dup(&rec.heap.0).map_err(|e| internal(e.to_string()))?,
+            ])
+        };
         if let Some(id) = c.channels.get(&inst) {
             let rec = self
                 .channels
                 .get(id)
                 .ok_or_else(|| internal("record missing".into()))?;
-            return dup(&rec.fd).map_err(|e| internal(e.to_string()));
+            return handed(rec);
         }
         let r = self.instances[inst.0 as usize]
             .as_ref()
             .ok_or_else(|| internal("instance gone".into()))?;
         let cl = ChannelSeg::layout_for(r.seg.layout);
-        let size = ChannelSeg::size(&cl, &c.mailboxes) as u64;
+        // Room for two of the bus's largest requests in flight.
+        let heap_size = 2 * self.cfg.max_message;
+        let size =
+            (ChannelSeg::size(&cl, &c.mailboxes) + layout::RequestHeap::seg_size(heap_size)) as u64;
         self.shm_fits(c.uid, size)?;
         let id = self.next_channel;
         let fd = ChannelSeg::create(self.epoch, cl, c.mailboxes, inst.0, inst.1, id)
             .map_err(|e| internal(e.to_string()))?;
+        let heap = layout::RequestHeap::create(self.epoch, heap_size, id)
+            .map_err(|e| internal(format!("request heap: {e}")))?;
         let seg =
             ChannelSeg::open(&fd, self.epoch, Some(inst)).map_err(|e| internal(e.to_string()))?;
-        let handed = dup(&fd).map_err(|e| internal(e.to_string()))?;
+        let rec = ChannelRec {
+            client: caller,
+            instance: inst,
+            fd,
+            heap,
+            size,
+        };
+        let handed = handed(&rec)?;
         self.next_channel += 1;
         let c = self.clients[caller.0 as usize]
             .as_mut()
@@ -905,14 +907,7 @@ impl State {
         for owner in &r.owners {
             self.channel_news.entry(*owner).or_default().new.push(id);
         }
-        self.channels.insert(
-            id,
-            ChannelRec {
-                client: caller,
-                instance: inst,
-                fd,
-            },
-        );
+        self.channels.insert(id, rec);
         self.channels_changed(inst.0);
         Ok(handed)
     }
@@ -945,7 +940,8 @@ impl State {
             else {
                 continue;
             };
-            let (Ok(cfd), Ok(hfd), Ok(chfd)) = (dup(&c.fd), dup(&c.heap_fd), dup(&rec.fd)) else {
+            // The heap read-only: the instance cannot map it writable.
+            let (Ok(cfd), Ok(hfd), Ok(chfd)) = (dup(&c.fd), dup(&rec.heap.1), dup(&rec.fd)) else {
                 continue;
             };
             fds.extend([cfd, hfd, chfd]);
@@ -974,7 +970,7 @@ impl State {
         };
         if let Some(c) = self.clients[rec.client.0 as usize].as_mut() {
             if c.gen == rec.client.1 && c.channels.remove(&rec.instance).is_some() {
-                c.size = c.size.saturating_sub(sys::file_size(&rec.fd).unwrap_or(0));
+                c.size = c.size.saturating_sub(rec.size);
             }
         }
         if let Some(r) = self.instances[rec.instance.0 as usize]
@@ -1544,20 +1540,12 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    /// The client's index, generation, and its client and heap segments: its heap mapped
-    /// and sealed as the client does.
-    fn welcome(r: Reply) -> (u32, u32, (OwnedFd, OwnedFd)) {
+    /// The client's index, generation, and its client segment.
+    fn welcome(r: Reply) -> (u32, u32, OwnedFd) {
         match r {
-            // The client and heap segments are the third and fourth descriptors (the
-            // caller segment follows).
+            // The client segment is the third descriptor (the caller segment follows).
             (Response::Welcome { client, gen, .. }, fds) => {
-                let mut fds = fds.into_iter().skip(2);
-                let (c, h) = (fds.next().unwrap(), fds.next().unwrap());
-                // (A resumed client's heap was sealed at its first connect.)
-                if sys::check_write_sealed(&h).is_err() {
-                    ClientSeg::open((&c, &h), None, None, true).unwrap();
-                }
-                (client, gen, (c, h))
+                (client, gen, fds.into_iter().nth(2).unwrap())
             }
             (other, _) => panic!("expected Welcome, got {other:?}"),
         }
@@ -1582,7 +1570,9 @@ mod tests {
             welcome(st.hello(conn, peer, 1, None, conn));
             match st.open_instance(conn, peer, index, incarnation) {
                 (Response::OpenedInstances(ids), fds) => {
-                    assert_eq!((ids.len(), fds.len()), (1, 3));
+                    assert_eq!((ids.len(), fds.len()), (1, 4));
+                    // The caller's heap is read-write for it (it maps and seals it).
+                    assert!(Mapping::map(&fds[3], true).is_ok());
                 }
                 (r, _) => panic!("{r:?}"),
             }
@@ -1605,6 +1595,18 @@ mod tests {
                 assert_eq!(channels[0].instance, (index, incarnation));
                 assert!(gone.is_empty() && !more, "{gone:?}");
                 assert_eq!(fds.len(), 3);
+                // The caller's request heap comes read-only: the instance cannot map it
+                // writable, not even before the caller seals it.
+                let heap = &fds[1];
+                use std::os::fd::AsRawFd;
+                // SAFETY: fcntl on a descriptor we hold; no memory passed.
+                let fl = unsafe { libc::fcntl(heap.as_raw_fd(), libc::F_GETFL) };
+                assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+                assert!(
+                    Mapping::map(heap, true).is_err(),
+                    "mapped the heap writable"
+                );
+                assert!(layout::RequestHeap::open(heap, st.epoch, channels[0].id, false).is_ok());
             }
             (r, _) => panic!("{r:?}"),
         }
@@ -1651,8 +1653,7 @@ mod tests {
             fresh_gen, gen,
             "a generation of the previous run was handed out again"
         );
-        let (moved, moved_gen, _) =
-            welcome(second.hello(2, ME, 8, Some(((index, gen), seg.0, seg.1)), 7));
+        let (moved, moved_gen, _) = welcome(second.hello(2, ME, 8, Some(((index, gen), seg)), 7));
         assert_ne!(moved, index);
         assert_eq!(second.client_by_ident(moved, moved_gen).unwrap().conn, 2);
         assert_eq!(second.client_by_ident(index, gen).unwrap().conn, 2);

@@ -96,7 +96,18 @@ pub fn segment_open(data: &[u8]) {
                 }
             }
             SegmentKind::InstanceOwn => unreachable!("opened below, sealed read-only"),
-            SegmentKind::Heap => unreachable!("opened with a client segment"),
+            SegmentKind::Heap => {
+                // Both ways a channel's ends open it (the writable one seals it first).
+                for own in [false, true] {
+                    if let Ok(heap) =
+                        crate::shm::layout::RequestHeap::open(&fd, h.bus_epoch, h.params[1], own)
+                    {
+                        let _ = heap.range(u64::MAX - 1, 2);
+                        let _ = heap.range(0, heap.size);
+                        let _ = heap.range(heap.size, 1);
+                    }
+                }
+            }
             SegmentKind::Caller => {
                 if let Ok(c) = crate::shm::layout::CallerSeg::open(&fd, h.bus_epoch) {
                     for i in [0, c.services.saturating_sub(1), c.services, u32::MAX] {
@@ -107,17 +118,11 @@ pub fn segment_open(data: &[u8]) {
                 }
             }
             SegmentKind::Client => {
-                // With a heap segment made for the layout it claims (when small enough).
-                let p = h.params;
-                let heap = crate::shm::layout::ClientLayout::from_params(p)
-                    .ok()
-                    .filter(|l| l.heap_size <= 1 << 22)
-                    .and_then(|l| ClientSeg::create(h.bus_epoch, l, p[3] as u32, 0).ok());
-                if let Some((_, heap)) = heap {
-                    if let Ok(c) = ClientSeg::open((&fd, &heap), Some(h.bus_epoch), None, true) {
-                        let _ = c.heap_range(u64::MAX - 1, 2);
-                        let _ = c.heap_range(0, c.layout.heap_size);
-                    }
+                if let Ok(c) = ClientSeg::open(&fd, Some(h.bus_epoch), None) {
+                    let _ = c.doorbell().load(std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Ok(c) = crate::shm::layout::PeerClient::open(&fd, 0, 0) {
+                    let _ = c.doorbell().load(std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }

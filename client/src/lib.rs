@@ -26,18 +26,19 @@ pub mod model;
 pub mod names;
 pub mod trace;
 
-/// Shared memory: the segment layouts (one module per segment kind), the futex and memfd
-/// calls, and the atomics shim loom swaps in.
+/// Shared memory: the segment layouts (one module per segment kind), the allocator for a
+/// segment's heap of large messages, the futex and memfd calls, and the atomics shim loom
+/// swaps in.
 pub mod shm {
+    pub mod heap;
     pub mod layout;
     pub(crate) mod sync;
     pub mod sys;
 }
 
-/// What moves a call through shared memory: the request ring, the reply mailboxes, the
-/// heap allocator for large messages, and waiting (spin, yield or sleep).
+/// What moves a call through shared memory: the request ring, the reply mailboxes, and
+/// waiting (spin, yield or sleep).
 pub mod channel {
-    pub mod heap;
     pub mod mailbox;
     pub mod ring;
     pub mod wait;
@@ -71,10 +72,10 @@ pub mod fuzzing;
 mod test_hooks;
 
 // The paths users and the other crates of the workspace name.
-pub use channel::{heap, mailbox, ring, wait};
+pub use channel::{mailbox, ring, wait};
 pub use serve::instance;
 pub use session::{breaker, bus, dirs, proto};
-pub use shm::{layout, sys};
+pub use shm::{heap, layout, sys};
 
 pub use breaker::CircuitBreaker;
 pub use bus::{Bus, BusOptions, CallInfo, ResourceOwner, Selection};

@@ -125,8 +125,9 @@ pub type aegis_handler = Option<
     ),
 >;
 
-/// A writable buffer in the bus's request heap (`aegis_loan`): written in place, sent
-/// without a copy by `aegis_call_loan` (which takes it), or given back by `aegis_loan_free`.
+/// A writable buffer for a request to one service (`aegis_loan`), in the request heap of
+/// the bus's channel to one of its instances: written in place, sent without a copy by
+/// `aegis_call_loan` (which takes it), or given back by `aegis_loan_free`.
 pub struct aegis_request_loan {
     loan: Loan,
 }
@@ -891,13 +892,17 @@ pub unsafe extern "C" fn aegis_call_alloc(
 
 // --- zero-copy calls ----------------------------------------------------------------------
 
-/// A writable buffer of `len` bytes in this connection's request heap: write the request
-/// at `*data`, then send it with `aegis_call_loan` (no copy on either side). Free it with
-/// `aegis_loan_free` if it is not sent. `AEGIS_LIMIT_EXCEEDED` when the heap (twice the
-/// bus's largest message) has no room.
+/// A writable buffer of `len` bytes for a request to `service`: write the request at
+/// `*data`, then send it with `aegis_call_loan` to the same service (no copy on either
+/// side). It lies in the request heap of the bus's channel to the instance the next call
+/// would go to, which only that instance can read (a call that goes elsewhere copies it).
+/// Free it with `aegis_loan_free` if it is not sent. `AEGIS_MESSAGE_TOO_LARGE` over the
+/// service's largest message, `AEGIS_LIMIT_EXCEEDED` when the heap (twice that) has no
+/// room, `AEGIS_NO_AVAILABLE_INSTANCE` when the service has no healthy instance.
 #[no_mangle]
 pub unsafe extern "C" fn aegis_loan(
     bus: *const aegis_bus,
+    service: *const c_char,
     len: usize,
     out: *mut *mut aegis_request_loan,
     data: *mut *mut u8,
@@ -913,7 +918,12 @@ pub unsafe extern "C" fn aegis_loan(
                 return AEGIS_NULL_ARGUMENT;
             }
         };
-        match bus.bus.loan(len) {
+        // SAFETY: forwarded caller contract.
+        let service = match unsafe { text(service, "service") } {
+            Ok(s) => s,
+            Err(s) => return s,
+        };
+        match bus.bus.loan(service, len) {
             Ok(mut loan) => {
                 *data = loan.as_mut_slice().as_mut_ptr();
                 *out = Box::into_raw(Box::new(aegis_request_loan { loan }));

@@ -359,12 +359,14 @@ impl Bus {
         })
     }
 
-    /// A writable buffer of `size` bytes in this connection's request heap: fill it
-    /// through `memoryview(loan)` and send it with `call_loan`, without a copy.
-    fn loan(&self, size: usize) -> PyResult<Loan> {
+    /// A writable buffer of `size` bytes for a request to `service`, in the request heap of
+    /// this connection's channel to one of its instances (only that instance can read it):
+    /// fill it through `memoryview(loan)` and send it with `call_loan` to that service,
+    /// without a copy.
+    fn loan(&self, service: &str, size: usize) -> PyResult<Loan> {
         self.with(|bus| {
             Ok(Loan {
-                loan: Some(bus.loan(size).map_err(to_py)?),
+                loan: Some(bus.loan(service, size).map_err(to_py)?),
                 exports: 0,
             })
         })

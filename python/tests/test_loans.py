@@ -47,7 +47,7 @@ def test_a_loaned_call_is_read_in_place_on_both_sides(testbus):
     t = _pull_server(inst, served)
     try:
         for size in (1, 100, 4096, 1 << 20, 12 << 20):
-            loan = bus.loan(size)
+            loan = bus.loan("zc", size)
             assert len(loan) == size
             data = bytes(i % 251 for i in range(min(size, 1000))) * (size // 1000 + 1)
             data = data[:size]
@@ -78,20 +78,25 @@ def test_a_loaned_call_is_read_in_place_on_both_sides(testbus):
         # The reply of a copied request, read in place; an error answer raises as usual.
         with bus.call_view("zc", "early", b"abc", timeout=DEADLINE) as r:
             assert r.tobytes() == b"cba"
-        loan = bus.loan(8)
+        loan = bus.loan("zc", 8)
         with pytest.raises(aegis_ipc.RemoteError) as e:
             bus.call_loan("zc", "fail", loan, timeout=DEADLINE)
         assert e.value.code == 418
-        # Memory comes back: 8 rounds of 12 MiB through a 32 MiB request heap, and loans
+        # Memory comes back: 8 rounds of 12 MiB through a channel's 32 MiB request heap, and loans
         # released unsent.
         for i in range(8):
-            loan = bus.loan(12 << 20)
+            loan = bus.loan("zc", 12 << 20)
             memoryview(loan)[0:1] = bytes([i])
             with bus.call_loan("zc", "rev", loan, timeout=DEADLINE) as r:
                 assert memoryview(r)[-1] == i
-            bus.loan(12 << 20).release()
+            bus.loan("zc", 12 << 20).release()
+        with pytest.raises(aegis_ipc.MessageTooLarge):
+            bus.loan("zc", 64 << 20)
+        held = [bus.loan("zc", 12 << 20), bus.loan("zc", 12 << 20)]
         with pytest.raises(aegis_ipc.LimitExceeded):
-            bus.loan(64 << 20)
+            bus.loan("zc", 12 << 20)
+        for h in held:
+            h.release()
     finally:
         inst.stop()
         t.join(DEADLINE)

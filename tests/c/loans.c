@@ -55,7 +55,7 @@ static int loaned_call(aegis_bus *bus, const char *method, size_t len, unsigned 
     uint8_t *w = NULL;
     const uint8_t *r = NULL, *again = NULL;
     size_t rlen = 0, alen = 0;
-    CHECK(aegis_loan(bus, len, &loan, &w) == AEGIS_OK && loan && (w || len == 0));
+    CHECK(aegis_loan(bus, "cloan", len, &loan, &w) == AEGIS_OK && loan && (w || len == 0));
     for (size_t i = 0; i < len; i++) w[i] = pattern(i, seed);
     CHECK(aegis_call_loan(bus, "cloan", method, loan, NULL, &view, &r, &rlen) == AEGIS_OK);
     CHECK(view != NULL && rlen == len);
@@ -78,30 +78,42 @@ int main(void) {
 
     for (unsigned k = 0; k < sizeof sizes / sizeof sizes[0]; k++)
         CHECK(loaned_call(bus, "rev", sizes[k], k) == 0);
-    /* Memory comes back: the request heap holds 32 MiB, so a leaked 12 MiB loan or view
+    /* Memory comes back: the channel's request heap holds 32 MiB, so a leaked 12 MiB loan or view
      * would fail the third round. */
     for (unsigned k = 0; k < 8; k++) CHECK(loaned_call(bus, "twice", 12 << 20, k) == 0);
     for (unsigned k = 0; k < 8; k++) {
         aegis_request_loan *loan = NULL;
         uint8_t *w = NULL;
-        CHECK(aegis_loan(bus, 12 << 20, &loan, &w) == AEGIS_OK);
+        CHECK(aegis_loan(bus, "cloan", 12 << 20, &loan, &w) == AEGIS_OK);
         aegis_loan_free(loan);
     }
-    /* Too large for the heap; NULL arguments; an error answer returns no view. */
+    /* Over the service's largest message; more than the channel's heap holds; NULL
+     * arguments; an error answer returns no view. */
     {
         aegis_request_loan *loan = NULL;
         aegis_reply_view *view = (aegis_reply_view *)1;
         uint8_t *w = NULL;
         const uint8_t *r = NULL;
         size_t rlen = 7;
-        CHECK(aegis_loan(bus, (size_t)64 << 20, &loan, &w) == AEGIS_LIMIT_EXCEEDED);
-        CHECK(aegis_loan(bus, 8, NULL, &w) == AEGIS_NULL_ARGUMENT);
+        CHECK(aegis_loan(bus, "cloan", (size_t)64 << 20, &loan, &w) == AEGIS_MESSAGE_TOO_LARGE);
+        {
+            aegis_request_loan *a = NULL, *b = NULL;
+            CHECK(aegis_loan(bus, "cloan", 12 << 20, &a, &w) == AEGIS_OK);
+            CHECK(aegis_loan(bus, "cloan", 12 << 20, &b, &w) == AEGIS_OK);
+            CHECK(aegis_loan(bus, "cloan", 12 << 20, &loan, &w) == AEGIS_LIMIT_EXCEEDED);
+            aegis_loan_free(a);
+            aegis_loan_free(b);
+        }
+        CHECK(aegis_loan(bus, "cloan", 8, NULL, &w) == AEGIS_NULL_ARGUMENT);
+        CHECK(aegis_loan(bus, NULL, 8, &loan, &w) == AEGIS_NULL_ARGUMENT);
+        CHECK(aegis_loan(bus, "nobody", 8, &loan, &w) == AEGIS_NO_AVAILABLE_INSTANCE);
         CHECK(aegis_call_loan(bus, "cloan", "rev", NULL, NULL, &view, &r, &rlen) == AEGIS_NULL_ARGUMENT);
-        CHECK(aegis_loan(bus, 8, &loan, &w) == AEGIS_OK);
+        CHECK(aegis_loan(bus, "cloan", 8, &loan, &w) == AEGIS_OK);
         CHECK(aegis_call_loan(bus, "cloan", "fail", loan, NULL, &view, &r, &rlen) == AEGIS_REMOTE);
         CHECK(aegis_last_remote_code() == 418 && view == NULL && r == NULL && rlen == 0);
-        CHECK(aegis_loan(bus, 8, &loan, &w) == AEGIS_OK);
-        CHECK(aegis_call_loan(bus, "nobody", "rev", loan, NULL, &view, &r, &rlen) == AEGIS_NO_AVAILABLE_INSTANCE);
+        /* A loan goes to the service it was made for. */
+        CHECK(aegis_loan(bus, "cloan", 8, &loan, &w) == AEGIS_OK);
+        CHECK(aegis_call_loan(bus, "nobody", "rev", loan, NULL, &view, &r, &rlen) == AEGIS_BAD_REQUEST);
         /* A copied request with the reply read in place; a handler answering a loan it
          * never asked for is refused and can still answer. */
         CHECK(aegis_call_view(bus, "cloan", "rev", (const uint8_t *)"abc", 3, NULL, &view, &r, &rlen) == AEGIS_OK);

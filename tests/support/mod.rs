@@ -571,22 +571,8 @@ pub fn start_bridge_as(
 pub struct Raw(pub UnixStream, pub Vec<std::os::fd::OwnedFd>);
 
 impl Raw {
-    /// Connects and seals its request heap against other writers, as every client does.
+    /// Connects: the broker's Welcome, its descriptors kept.
     pub fn connect(dir: &Path) -> std::io::Result<Raw> {
-        let r = Raw::connect_unsealed(dir)?;
-        // The heap is the fourth descriptor of a Welcome (registry, shared, client, heap,
-        // caller).
-        use std::os::fd::AsRawFd;
-        let seals = 0x0010 /* F_SEAL_FUTURE_WRITE */ | libc::F_SEAL_SEAL;
-        // SAFETY: plain fcntl on a descriptor we hold.
-        if unsafe { libc::fcntl(r.1[3].as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(r)
-    }
-
-    /// Connects without sealing its request heap (the broker then refuses to hand it on).
-    pub fn connect_unsealed(dir: &Path) -> std::io::Result<Raw> {
         let mut r = Raw(UnixStream::connect(dir.join("control.sock"))?, Vec::new());
         r.0.set_read_timeout(Some(DEADLINE))?;
         let hello = Request::Hello {

@@ -1,6 +1,7 @@
-//! Zero-copy calls. A [`Loan`] is a buffer in this connection's request heap: the caller
-//! writes its request there and the instance's handler reads it in place
-//! ([`crate::Request::payload`]). A [`BorrowedReply`] is a reply read where the instance
+//! Zero-copy calls. A [`Loan`] is a buffer in the request heap of this connection's
+//! channel to one instance of a service (picked when the loan is made, as a call would
+//! pick it): the caller writes its request there and that instance's handler reads it in
+//! place ([`crate::Request::payload`]); no other instance can read it. A [`BorrowedReply`] is a reply read where the instance
 //! wrote it (its reply heap, or the mailbox for a small one) until the guard drops. With
 //! [`crate::Request::loan_reply`] on the other side, no byte of a payload is copied by the
 //! transport in either direction.
@@ -17,23 +18,26 @@
 
 use std::sync::Arc;
 
-use super::{check_options, Sent};
+use super::{check_options, check_size, Sent};
 use crate::channel::mailbox;
 use crate::error::{Error, Result};
 use crate::names;
 use crate::session::breaker;
 use crate::session::bus::{Bus, BusInner, CallInfo};
-use crate::shm::layout::InstanceSeg;
+use crate::shm::layout::{ChannelSeg, InstanceSeg};
+use crate::shm::sync::Ordering;
 
-/// A call's request: bytes to copy (into the ring slot, or the request heap when larger),
-/// or a loan's block of the request heap, already written, sent in place.
+/// A call's request: bytes to copy (into the ring slot, or the channel's request heap
+/// when larger), or a loan's block of one channel's request heap, already written: sent in
+/// place through that channel, copied when the call goes elsewhere.
 #[derive(Clone, Copy)]
 pub(crate) enum Body<'a> {
     Bytes(&'a [u8]),
     Loaned {
         bytes: &'a [u8],
-        /// Offset and length in the request heap.
+        /// Offset and length in `chan`'s request heap.
         block: (u64, u64),
+        chan: &'a Arc<ChannelSeg>,
     },
 }
 
@@ -83,11 +87,14 @@ pub(crate) struct Kept {
     pub(crate) seg: Option<Arc<InstanceSeg>>,
 }
 
-/// A writable buffer in this connection's request heap ([`Bus::loan`]): write the request
-/// in place, then send it with [`Bus::call_loan`]; no copy is made on either side. Dropped
-/// unsent, its memory goes back to the heap.
+/// A writable buffer in the request heap of this connection's channel to one instance
+/// ([`Bus::loan`]): write the request in place, then send it with [`Bus::call_loan`]; no
+/// copy is made on either side. Dropped unsent, its memory goes back to the heap.
 pub struct Loan {
     bus: Arc<BusInner>,
+    /// The service it was made for, and the channel (to one of its instances) it lies in.
+    service: String,
+    chan: Arc<ChannelSeg>,
     off: u64,
     len: usize,
     ptr: *mut u8,
@@ -158,7 +165,7 @@ loaned_buffer!(Loan, "Loan");
 impl Drop for Loan {
     fn drop(&mut self) {
         if self.owned {
-            self.bus.heap.free(self.off, self.len as u64);
+            self.chan.heap_free(self.off, self.len as u64);
         }
     }
 }
@@ -248,26 +255,44 @@ fn release(bus: &BusInner, s: &Sent) {
 }
 
 impl Bus {
-    /// A writable buffer of `len` bytes in this connection's request heap, for a request
-    /// written in place and sent with [`Bus::call_loan`] without a copy. The heap holds
-    /// twice the bus's largest message; `LimitExceeded` when it has no room left (loans
-    /// and large requests in flight hold it).
-    pub fn loan(&self, len: usize) -> Result<Loan> {
+    /// A writable buffer of `len` bytes for a request to `service`, written in place and
+    /// sent with [`Bus::call_loan`] without a copy. It lies in the request heap of this
+    /// connection's channel to the instance the next call would go to (round-robin), which
+    /// the call then goes to first: only that instance can read it. Should the call go to
+    /// another instance (that one left, or failed), the bytes are copied there. Each
+    /// channel's heap holds twice the service's largest message; `LimitExceeded` when it
+    /// has no room left (loans and large requests in flight hold it).
+    pub fn loan(&self, service: &str, len: usize) -> Result<Loan> {
         let inner = &self.inner;
         inner.not_forked()?;
-        let no_room = || {
-            Error::LimitExceeded(format!(
-                "request heap of {} bytes has no room for a loan of {len} more",
-                inner.heap.size()
-            ))
+        names::service(service)?;
+        let no_instance = || Error::NoAvailableInstance {
+            service: service.to_owned(),
         };
-        let off = inner.heap.alloc(len as u64).ok_or_else(no_room)?;
-        let ptr = inner
-            .client
-            .heap_range(off, len as u64)
-            .expect("allocator stays inside the heap");
+        let sess = inner.routing_session(service);
+        let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
+        let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
+        check_size(service, len, max)?;
+        let rr = crate::Selection::RoundRobin;
+        let target = sess
+            .pick(svc_idx, svc, &rr, |m| inner.seen_stalled(m))
+            .or_else(|| sess.pick(svc_idx, svc, &rr, |_| false))
+            .ok_or_else(no_instance)?;
+        let seg = inner.loan_target(service, target)?;
+        let chan = seg
+            .channel
+            .clone()
+            .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
+        let (off, ptr) = chan.heap_alloc(len as u64).ok_or_else(|| {
+            Error::LimitExceeded(format!(
+                "request heap of {} bytes to {service}'s instance has no room for a loan of {len} more",
+                chan.heap_size()
+            ))
+        })?;
         Ok(Loan {
             bus: Arc::clone(inner),
+            service: service.to_owned(),
+            chan,
             off,
             len,
             ptr,
@@ -294,9 +319,16 @@ impl Bus {
                 "the loan was made by another bus connection".into(),
             ));
         }
+        if loan.service != service {
+            return Err(Error::BadRequest(format!(
+                "the loan was made for service '{}', not '{service}'",
+                loan.service
+            )));
+        }
         let body = Body::Loaned {
             bytes: loan.as_slice(),
             block: (loan.off, loan.len as u64),
+            chan: &loan.chan,
         };
         let mut sink = Sink::keep();
         let r = self.call_with(service, method, body, opts, &mut sink);

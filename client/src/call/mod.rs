@@ -284,11 +284,11 @@ fn check_hops(opts: &CallOptions) -> Result<()> {
     Ok(())
 }
 
-fn check_size(service: &str, payload: &[u8], max: u64) -> Result<()> {
-    if payload.len() as u64 > max {
+fn check_size(service: &str, len: usize, max: u64) -> Result<()> {
+    if len as u64 > max {
         return Err(Error::MessageTooLarge {
             service: service.to_owned(),
-            size: payload.len() as u64,
+            size: len as u64,
             max,
         });
     }
@@ -350,7 +350,7 @@ impl Bus {
             service: service.to_owned(),
         };
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
-        check_size(service, payload.bytes(), max)?;
+        check_size(service, payload.bytes().len(), max)?;
         let total = opts.call_deadline(start);
         // One trace id for the whole call: every attempt carries it, and so does its error.
         let trace = inner.trace_of(opts);
@@ -367,10 +367,18 @@ impl Bus {
                 tried.contains(&m)
                     || (!opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m)))
             };
+            // A loan goes first to the instance whose channel it lies in, if it is routable.
+            let loaned_to = match payload {
+                Body::Loaned { chan, .. } if attempts.is_empty() => Some(chan.instance),
+                _ => None,
+            };
             // Instances seen stalled are avoided while another one is routable.
-            let target = sess
-                .pick(svc_idx, svc, &opts.selection, |m| {
-                    skip(m) || inner.seen_stalled(m)
+            let target = loaned_to
+                .and_then(|to| sess.pick(svc_idx, svc, &opts.selection, |m| m != to || skip(m)))
+                .or_else(|| {
+                    sess.pick(svc_idx, svc, &opts.selection, |m| {
+                        skip(m) || inner.seen_stalled(m)
+                    })
                 })
                 .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip));
             let Some(target) = target else {
@@ -523,7 +531,7 @@ impl Bus {
             .seq
             .read(|| (svc.max_message.load(Ordering::Relaxed), svc.name.load()));
         let service = std::str::from_utf8(&name[..len]).unwrap_or("?");
-        check_size(service, payload, max)?;
+        check_size(service, payload.len(), max)?;
         check_options(opts)?;
         let stats = inner.session().stats.caller_stats(svc_idx);
         let cfg = &inner.opts.circuit_breaker;
@@ -630,7 +638,7 @@ impl Bus {
         let sess = inner.routing_session(service);
         let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
-        check_size(service, payload, max)?;
+        check_size(service, payload.len(), max)?;
         // The breaker admits a submitted call; its outcome, collected later, is not
         // counted (see `breaker`).
         breaker::admit(
@@ -764,6 +772,18 @@ impl BusInner {
             return self.map_target(target, deadline);
         }
         Ok(seg)
+    }
+
+    /// The segment of instance `target` of `service`, for a loan made in its channel
+    /// ([`Bus::loan`]): mapped as a call's first attempt would map it.
+    pub(crate) fn loan_target(&self, service: &str, target: CallInfo) -> Result<Arc<InstanceSeg>> {
+        let deadline = Instant::now() + CallOptions::default().attempt_timeout;
+        self.open_target(target, deadline).map_err(|f| match f {
+            Failed::Error(e) => e,
+            Failed::NotDelivered(_) | Failed::InDoubt(_) => Error::NoAvailableInstance {
+                service: service.to_owned(),
+            },
+        })
     }
 
     /// Whether `seg`'s channel may be unknown to its instance for good: not taken up yet,
@@ -990,7 +1010,7 @@ impl BusInner {
     /// Frees a sent request's heap block, unless it is a loan's (the loan frees it).
     fn free_request(&self, s: &Sent) {
         if let (Some((off, len)), false) = (s.heap, s.loaned) {
-            self.heap.free(off, len);
+            s.chan.heap_free(off, len);
         }
     }
 
@@ -1014,7 +1034,7 @@ impl BusInner {
             .channel
             .as_ref()
             .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
-        let (mb_idx, gen) = self.pool.acquire(&self.heap, channel.id).ok_or_else(|| {
+        let (mb_idx, gen) = self.pool.acquire(channel.id).ok_or_else(|| {
             Error::LimitExceeded(format!(
                 "all {} reply mailboxes of this connection are in use (calls in flight)",
                 self.client.layout.mailboxes
@@ -1025,27 +1045,27 @@ impl BusInner {
             .expect("the pool hands out indices below every channel's mailbox count");
         let ring = channel.ring();
         let payload = body.bytes();
-        let (inline, heap_block) = match body {
-            // Written in place by the caller: sent as it is, never copied.
-            Body::Loaned { block, .. } => (false, Some(block)),
-            Body::Bytes(p) if p.len() + method.len() <= ring.data_len() => (true, None),
-            Body::Bytes(p) => {
+        let (inline, heap_block, loaned) = match body {
+            // Written in place by the caller in this channel's heap: sent as it is.
+            Body::Loaned { chan, block, .. } if Arc::ptr_eq(chan, channel) => {
+                (false, Some(block), true)
+            }
+            Body::Bytes(p) if p.len() + method.len() <= ring.data_len() => (true, None, false),
+            // Too large for a slot, or a loan made in another instance's channel (its
+            // instance was not routable any more): copied into this channel's heap.
+            Body::Bytes(p) | Body::Loaned { bytes: p, .. } => {
                 let len = p.len() as u64;
-                let Some(off) = self.heap.alloc(len) else {
+                let Some((off, dst)) = channel.heap_alloc(len) else {
                     self.pool.put(mb_idx, channel.id);
                     return Err(Error::LimitExceeded(format!(
-                        "request heap of {} bytes has no room for {len} more",
-                        self.heap.size()
+                        "request heap of {} bytes to this instance has no room for {len} more",
+                        channel.heap_size()
                     ))
                     .into());
                 };
-                let dst = self
-                    .client
-                    .heap_range(off, len)
-                    .expect("allocator stays inside the heap");
                 // SAFETY: `dst` is `len` bytes inside our heap, allocated to this call only.
                 unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst, p.len()) };
-                (false, Some((off, len)))
+                (false, Some((off, len)), false)
             }
         };
         let nonce = self.next_nonce();
@@ -1054,7 +1074,7 @@ impl BusInner {
             mailbox: mb_idx,
             gen,
             heap: heap_block,
-            loaned: matches!(body, Body::Loaned { .. }),
+            loaned,
             nonce,
         };
         mailbox::arm(mb, gen, nonce);

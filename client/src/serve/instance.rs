@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::channel::heap::HeapAlloc;
 use crate::channel::mailbox;
 use crate::channel::ring::{Doorbell, Taken, KIND_ABORTED};
 use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
@@ -25,8 +24,9 @@ use crate::session::control::expect_fds;
 use crate::session::proto::{
     BulkOptions, BulkReport, Heartbeat, Request as Ctl, ResourceSpec, Response, ServiceConfig,
 };
+use crate::shm::heap::HeapAlloc;
 use crate::shm::layout::{
-    ClientSeg, InstanceSeg, MailboxHeader, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE,
+    InstanceSeg, MailboxHeader, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE,
 };
 use crate::shm::sync::Ordering;
 use crate::trace::TraceContext;
@@ -542,7 +542,7 @@ impl InstanceInner {
             PayloadAt::Inline { off, len } => t.copy_data(off, len, payload).is_some(),
             // Read in place (`Request::payload`): no copy of a large request.
             PayloadAt::Heap { off, len } => {
-                let inside = d.chan.client.heap_range(off, len).is_some();
+                let inside = d.chan.seg.heap_range(off, len).is_some();
                 if inside {
                     d.heap_payload = Some((off, len));
                 }
@@ -662,13 +662,8 @@ impl InstanceInner {
         let share = round(self.max_message + crate::call::HEAP_TAG);
         let held = self.sweep_pending(uid);
         if held + round(len) > share {
-            let who = if uid == ClientSeg::UID_UNKNOWN {
-                "callers of unknown uid".to_owned()
-            } else {
-                format!("uid {uid}")
-            };
             return Err(format!(
-                "replies not yet read by {who} hold {held} bytes of this instance's reply heap, and one uid may hold {share}; read them, or retry later"
+                "replies not yet read by uid {uid} hold {held} bytes of this instance's reply heap, and one uid may hold {share}; read them, or retry later"
             ));
         }
         self.heap
@@ -944,7 +939,7 @@ impl<'r> Request<'r> {
         else {
             return self.payload;
         };
-        match d.chan.client.heap_range(off, len) {
+        match d.chan.seg.heap_range(off, len) {
             // SAFETY: `len` bytes inside the caller's heap (range checked), mapped for as
             // long as `d.chan` lives, i.e. as long as `self`; the caller keeps the block
             // allocated to this call until our reply (its mailbox is TAKEN, and quarantined

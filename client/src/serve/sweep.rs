@@ -18,13 +18,13 @@ use std::time::Instant;
 use parking_lot::RwLock;
 
 use crate::channel::ring::{Doorbell, FULL_SWEEP};
-use crate::shm::layout::{ChannelSeg, ClientSeg};
+use crate::shm::layout::{ChannelSeg, PeerClient};
 
 /// One caller's channel to this instance, with the caller's segment its replies go to
 /// (which caller sent a request is the channel it came through, not what it says).
 pub(crate) struct Chan {
     pub seg: ChannelSeg,
-    pub client: Arc<ClientSeg>,
+    pub client: Arc<PeerClient>,
     pub bit: u64,
     /// The broker said the channel closed (its caller left, or the instance did): the
     /// replies in it nobody will read (their reply heap blocks are freed at once).
@@ -32,7 +32,7 @@ pub(crate) struct Chan {
 }
 
 impl Chan {
-    pub fn new(seg: ChannelSeg, client: Arc<ClientSeg>) -> Chan {
+    pub fn new(seg: ChannelSeg, client: Arc<PeerClient>) -> Chan {
         Chan {
             bit: Doorbell::bit(seg.id),
             seg,

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::channel::heap::HeapAlloc;
 use crate::channel::wait::Spin;
 use crate::error::{Error, Result};
 use crate::names;
@@ -26,8 +25,8 @@ use crate::session::proto::{
     BulkOptions, BulkReport, Request, ResourcePage, ResourceQuery, Response, ServiceInfo,
 };
 use crate::shm::layout::{
-    self, CallerSeg, ClientSeg, InstanceSeg, RegistryView, ServiceEntry, SharedView, Status,
-    MAX_MEMBERS,
+    self, CallerSeg, ClientSeg, InstanceSeg, PeerClient, RegistryView, ServiceEntry, SharedView,
+    Status, MAX_MEMBERS,
 };
 use crate::shm::sync::Ordering;
 
@@ -113,8 +112,8 @@ pub(crate) struct Session {
 
 impl Session {
     /// Opens what a broker's `Welcome` hands over: the session, this client's (index, gen),
-    /// and the descriptors (registry, shared, client segment, heap segment; the caller
-    /// segment, last, is opened into the session).
+    /// and the descriptors (registry, shared, client segment; the caller segment, last, is
+    /// opened into the session).
     pub(crate) fn from_welcome(
         resp: Response,
         fds: Vec<OwnedFd>,
@@ -130,8 +129,8 @@ impl Session {
         else {
             return Err(Error::Protocol(format!("expected Welcome, got {resp:?}")));
         };
-        let mut fds = expect_fds(fds, 5, "Welcome")?;
-        let stats = CallerSeg::open(&fds.pop().expect("five descriptors"), bus_epoch)?;
+        let mut fds = expect_fds(fds, 4, "Welcome")?;
+        let stats = CallerSeg::open(&fds.pop().expect("four descriptors"), bus_epoch)?;
         let registry = RegistryView::open(&fds[0], false)?;
         if registry.epoch != bus_epoch || registry.layout.max_services != max_services {
             return Err(Error::Protocol(
@@ -327,10 +326,9 @@ pub(crate) struct BusInner {
     /// The session before the last reconnect, and when that was (see `routing_session`).
     pub(crate) previous: AtomicPtr<Session>,
     pub(crate) reconnected_at: Mutex<Option<Instant>>,
-    /// Our async doorbell and request heap: the same memfds across broker restarts.
+    /// Our async doorbell: the same memfd across broker restarts.
     pub client: ClientSeg,
     pub client_fd: OwnedFd,
-    pub heap_fd: OwnedFd,
     /// `index | gen << 32` as the current broker knows this client.
     pub(crate) client_ident: StdAtomicU64,
     /// This connection's secret (see `Request::Hello`), carried by every request.
@@ -344,11 +342,10 @@ pub(crate) struct BusInner {
     /// Written on drop to stop the supervisor thread.
     pub(crate) stop_fd: OwnedFd,
     pub(crate) pool: MailboxPool,
-    pub(crate) heap: HeapAlloc,
     /// Caller side: mapped instance segments by registry index.
     pub(crate) instances: RwLock<IndexMap<Arc<InstanceSeg>>>,
-    /// Serving side: mapped segments of the clients that called our instances.
-    pub(crate) clients: RwLock<IndexMap<Arc<ClientSeg>>>,
+    /// Serving side: mapped segments (doorbells) of the clients that called our instances.
+    pub(crate) clients: RwLock<IndexMap<Arc<PeerClient>>>,
     /// Bumped (and `control_changed` notified) each time a reconnect after a broker restart
     /// has completed (see `reconnected`).
     pub(crate) control_gen: Mutex<u64>,
@@ -387,7 +384,8 @@ pub(crate) trait Registration: Send + Sync {
 /// Maps the segments of a batched open reply (`(index, identity)` pairs and one descriptor
 /// each, from the reply to `request`) and files them in `map` by index; returns the one
 /// asked for. Only that one must open (its error is returned); the others are a courtesy,
-/// and one already mapped under the same identity is kept as it is.
+/// and one already mapped under the same identity is kept as it is (also the one asked
+/// for).
 fn file_batch<K: Copy + PartialEq + std::fmt::Debug, S>(
     map: &RwLock<IndexMap<Arc<S>>>,
     (ids, fds, request): (Vec<(u32, K)>, Vec<OwnedFd>, &str),
@@ -395,13 +393,19 @@ fn file_batch<K: Copy + PartialEq + std::fmt::Debug, S>(
     same: impl Fn(&S, K) -> bool,
     open: impl Fn(&[OwnedFd], u32, K) -> std::result::Result<S, layout::LayoutError>,
 ) -> Result<Arc<S>> {
-    let per = if request == "OpenInstance" { 3 } else { 1 };
+    let per = if request == "OpenInstance" { 4 } else { 1 };
     let fds = expect_fds(fds, per * ids.len(), request)?;
     let mut found = None;
     let mut map = map.write();
     for ((i, k), fd) in ids.into_iter().zip(fds.chunks(per)) {
         let is_asked = (i, k) == asked;
-        if !is_asked && map.get(&i).is_some_and(|s| same(s, k)) {
+        // Filed meanwhile (another thread asked too, or it came with another's batch):
+        // kept, not mapped again (a channel's request heap can be mapped writable once
+        // only: its first mapping sealed it).
+        if let Some(s) = map.get(&i).filter(|s| same(s, k)) {
+            if is_asked {
+                found = Some(s.clone());
+            }
             continue;
         }
         let seg = match open(fd, i, k) {
@@ -944,22 +948,19 @@ impl BusInner {
                     continue;
                 };
                 let (ci, cg) = info.client;
-                let known = self
-                    .clients
-                    .read()
-                    .get(&ci)
-                    .filter(|c| c.gen == cg)
-                    .cloned();
+                let known = self.clients.read().get(&ci).cloned();
+                // A client's index is reused by its next generation: the uid may differ.
+                let known = known.filter(|c| c.gen == cg && c.uid == info.uid);
                 let opened = known.map(Ok).unwrap_or_else(|| {
-                    // Its heap read-only (and checked sealed so for everyone).
-                    let seg =
-                        ClientSeg::open((&fds[0], &fds[1]), Some(epoch), Some((ci, cg)), false)?;
-                    let c = Arc::new(seg.with_uid(info.uid));
+                    let c = Arc::new(PeerClient::open(&fds[0], info.uid, cg)?);
                     self.clients.write().insert(ci, c.clone());
                     Ok::<_, layout::LayoutError>(c)
                 });
                 let chan = opened.and_then(|client| {
-                    let seg = ChannelSeg::open(&fds[2], epoch, Some(info.instance))?;
+                    // Its request heap read-only: the broker handed us a read-only
+                    // descriptor of it.
+                    let seg = ChannelSeg::open(&fds[2], epoch, Some(info.instance))?
+                        .with_heap(&fds[1], false)?;
                     Ok(Chan::new(seg, client))
                 });
                 match chan {

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::channel::heap::HeapAlloc;
 use crate::error::Result;
 use crate::session::bus::{Bus, BusInner, BusOptions, IndexMap, Session};
 use crate::session::control::ControlConn;
@@ -59,21 +58,13 @@ impl Bus {
             secret,
         })?;
         let (session, client, gen, mut fds) = Session::from_welcome(resp, fds)?;
-        // Our heap: mapped writable here, then sealed so that no one else ever can.
-        let client_seg = ClientSeg::open(
-            (&fds[2], &fds[3]),
-            Some(session.epoch),
-            Some((client, gen)),
-            true,
-        )?;
-        let heap = HeapAlloc::new(client_seg.layout.heap_size);
+        let client_seg = ClientSeg::open(&fds[2], Some(session.epoch), Some((client, gen)))?;
         let pool = MailboxPool::new(client_seg.layout.mailboxes);
         let session = Box::new(session);
         let watch = control.watch_handle()?;
         let stop_fd = crate::shm::sys::eventfd()?;
         let stop_watch = stop_fd.try_clone()?;
-        let heap_fd = fds.pop().expect("four descriptors");
-        let client_fd = fds.pop().expect("four descriptors");
+        let client_fd = fds.pop().expect("three descriptors");
         let bus = Bus {
             inner: Arc::new(BusInner {
                 dir,
@@ -84,12 +75,10 @@ impl Bus {
                 reconnected_at: Mutex::new(None),
                 client: client_seg,
                 client_fd,
-                heap_fd,
                 client_ident: StdAtomicU64::new(client as u64 | (gen as u64) << 32),
                 registered: Mutex::new(Vec::new()),
                 stop_fd,
                 pool,
-                heap,
                 instances: RwLock::new(IndexMap::default()),
                 clients: RwLock::new(IndexMap::default()),
                 control_gen: Mutex::new(0),
@@ -201,8 +190,7 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
         resume: Some(inner.client_ident()),
         secret: inner.secret,
     };
-    let (resp, fds) =
-        conn.request_with_fds(&hello, &[inner.client_fd.as_fd(), inner.heap_fd.as_fd()])?;
+    let (resp, fds) = conn.request_with_fds(&hello, &[inner.client_fd.as_fd()])?;
     let (session, client, gen, _fds) = Session::from_welcome(resp, fds)?;
     // What each live instance owned, read from the old broker's last registry.
     let instances: Vec<_> = inner

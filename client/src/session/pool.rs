@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use parking_lot::Mutex;
 
-use crate::channel::heap::HeapAlloc;
 use crate::channel::mailbox;
 use crate::shm::layout::ChannelSeg;
 use crate::shm::sys;
@@ -95,9 +94,9 @@ impl MailboxPool {
     }
 
     /// A free mailbox for a call through channel `chan`, and its next generation.
-    pub(crate) fn acquire(&self, heap: &HeapAlloc, chan: u64) -> Option<(u32, u32)> {
+    pub(crate) fn acquire(&self, chan: u64) -> Option<(u32, u32)> {
         if self.quarantined.load(Relaxed) > 0 {
-            self.reclaim(heap);
+            self.reclaim();
         }
         let mine = &self.recent[chan as usize % BUCKETS];
         // Any queue may be emptied by another thread between the check and the pop; the
@@ -175,7 +174,7 @@ impl MailboxPool {
     /// Returns quarantined mailboxes to the free list whose late reply has arrived, or
     /// whose taker has exited (its reply can no longer land: `complete` only moves this
     /// generation's TAKEN, and `release` ends that generation).
-    pub(crate) fn reclaim(&self, heap: &HeapAlloc) {
+    pub(crate) fn reclaim(&self) {
         let mut guard = self.quarantine.lock();
         let (q, checked) = &mut *guard;
         let check_takers = checked.is_none_or(|t| t.elapsed() >= TAKER_CHECK);
@@ -198,7 +197,7 @@ impl MailboxPool {
             }
             mailbox::release(mb, m.gen);
             if let Some((off, len)) = m.heap {
-                heap.free(off, len);
+                m.chan.heap_free(off, len);
             }
             let _ = self.free.push(m.index);
             false
@@ -216,13 +215,12 @@ mod tests {
     /// [`RECENT`] mailboxes as before.
     #[test]
     fn a_serial_caller_touches_about_recent_places_however_many_instances_it_calls() {
-        let heap = HeapAlloc::new(0);
         for channels in [1u64, 5] {
             let pool = MailboxPool::new(128);
             let mut places = std::collections::HashSet::new();
             for call in 0..10_000u64 {
                 let chan = call % channels;
-                let (i, _) = pool.acquire(&heap, chan).unwrap();
+                let (i, _) = pool.acquire(chan).unwrap();
                 places.insert((i, chan));
                 pool.put(i, chan);
             }
@@ -237,22 +235,21 @@ mod tests {
     /// Every mailbox can still be had after any mix of channels: none is lost in a bucket.
     #[test]
     fn no_mailbox_is_lost_among_the_buckets() {
-        let heap = HeapAlloc::new(0);
         let pool = MailboxPool::new(40);
         let mut held = Vec::new();
         for round in 0..200u64 {
             // Take a varying number through varying channels, give them back elsewhere.
             for k in 0..(round % 37) {
-                held.push(pool.acquire(&heap, round * 7 + k).unwrap().0);
+                held.push(pool.acquire(round * 7 + k).unwrap().0);
             }
             for (k, i) in held.drain(..).enumerate() {
                 pool.put(i, round + k as u64);
             }
         }
         let all: std::collections::HashSet<u32> = (0..40)
-            .map(|k| pool.acquire(&heap, k).expect("a mailbox was lost").0)
+            .map(|k| pool.acquire(k).expect("a mailbox was lost").0)
             .collect();
         assert_eq!(all.len(), 40);
-        assert_eq!(pool.acquire(&heap, 0), None);
+        assert_eq!(pool.acquire(0), None);
     }
 }

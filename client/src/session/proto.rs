@@ -16,16 +16,17 @@ use crate::error::{code, Error, WireError};
 use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
 /// Segments the broker hands out with one `OpenInstance`/`OpenClient` reply (and so the
 /// descriptors a client accepts with one response).
 pub const OPEN_BATCH: usize = 60;
-/// Descriptors a client accepts with one response: an instance comes as three (its ring,
-/// its own segment and this caller's channel to it).
-pub const MAX_RESPONSE_FDS: usize = 3 * OPEN_BATCH;
+/// Descriptors a client accepts with one response: an instance comes as four (its ring,
+/// its own segment, this caller's channel to it and the channel's request heap); 240, under
+/// the kernel's 253 per message.
+pub const MAX_RESPONSE_FDS: usize = 4 * OPEN_BATCH;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {

@@ -8,7 +8,8 @@
 //! not sent. Layout: an instance ring segment's (header, [`RingIndices`], slots) with
 //! [`CHANNEL_SLOTS`] slots at most, then, from the next page, the caller connection's
 //! mailboxes ([`ClientLayout::mailboxes`] of them, each a [`MailboxHeader`] and its
-//! inline reply bytes).
+//! inline reply bytes). Its requests too large for a slot, and its loans, lie in its
+//! [`RequestHeap`], a segment of its own that only the caller writes.
 //!
 //! Every channel of a connection has all of its mailboxes: mailbox `i` of a connection is
 //! one index (one free list, one generation counter, in the caller's
@@ -21,6 +22,7 @@ use std::mem::size_of;
 use std::os::fd::OwnedFd;
 
 use super::*;
+use crate::shm::heap::HeapAlloc;
 use crate::shm::sync::Ordering;
 
 /// Slots of one channel (fewer when the service's `slot_count` is smaller). A slot is
@@ -33,7 +35,7 @@ pub const CHANNEL_SLOTS: u32 = 16;
 pub struct ChannelSeg {
     pub map: Mapping,
     pub layout: InstanceLayout,
-    /// The caller connection's mailboxes (count and inline size; `heap_size` unused).
+    /// The caller connection's mailboxes (count and inline size).
     pub mailboxes: ClientLayout,
     /// Registry index and incarnation of the instance it leads to.
     pub instance: u32,
@@ -44,6 +46,9 @@ pub struct ChannelSeg {
     /// The caller's note that the instance has taken the channel up (see
     /// [`ChannelSeg::taken_up`]): once seen, never read from shared memory again.
     seen_taken_up: std::sync::atomic::AtomicBool,
+    /// Its request heap, mapped by its caller (writable, with the allocator) and its
+    /// instance (read-only); the broker does not map it.
+    pub heap: Option<RequestHeap>,
 }
 
 impl ChannelSeg {
@@ -150,7 +155,43 @@ impl ChannelSeg {
             id: p[3],
             epoch,
             seen_taken_up: std::sync::atomic::AtomicBool::new(false),
+            heap: None,
         })
+    }
+
+    /// This channel with its request heap `fd` mapped: writable and sealed against any
+    /// other writer by its caller (`own`), read-only by its instance.
+    pub fn with_heap(mut self, fd: &OwnedFd, own: bool) -> Result<ChannelSeg, LayoutError> {
+        self.heap = Some(RequestHeap::open(fd, self.epoch, self.id, own)?);
+        Ok(self)
+    }
+
+    /// A block of `len` bytes of the request heap (its caller only): its offset and
+    /// where it is mapped, or `None` when the heap has no room.
+    pub fn heap_alloc(&self, len: u64) -> Option<(u64, *mut u8)> {
+        let heap = self.heap.as_ref()?;
+        let off = heap.alloc.as_ref()?.alloc(len)?;
+        let ptr = heap
+            .range(off, len)
+            .expect("the allocator stays inside the heap");
+        Some((off, ptr))
+    }
+
+    /// Gives request heap block `(off, len)` back (its caller only).
+    pub fn heap_free(&self, off: u64, len: u64) {
+        if let Some(a) = self.heap.as_ref().and_then(|h| h.alloc.as_ref()) {
+            a.free(off, len);
+        }
+    }
+
+    /// Bytes of request heap (0 without one).
+    pub fn heap_size(&self) -> u64 {
+        self.heap.as_ref().map_or(0, |h| h.size)
+    }
+
+    /// `len` bytes at `off` of the request heap, or `None` outside it (or without one).
+    pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
+        self.heap.as_ref()?.range(off, len)
     }
 
     /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
@@ -198,5 +239,87 @@ impl ChannelSeg {
         self.map
             .range(self.layout.slots_off() as u64, len)
             .expect("validated layout")
+    }
+}
+
+/// A channel's request heap: its caller's requests too large for a ring slot, and its
+/// loans ([`crate::Bus::loan`]). A segment of its own (`memfd:aegis-heap`), made by the
+/// broker with the channel and handed to no one but the channel's two ends: the caller
+/// gets a read-write descriptor, maps it and at once seals it `F_SEAL_FUTURE_WRITE`; the
+/// instance gets a read-only one (see [`crate::shm::sys::read_only_reopen`]), so it can
+/// map it read-only only, also before that seal. So what a caller sends one instance, no
+/// other instance can read, and no one but the caller can write.
+pub struct RequestHeap {
+    pub map: Mapping,
+    /// Bytes of heap (after the header page).
+    pub size: u64,
+    /// The caller's allocator of blocks (`None` in the instance).
+    pub alloc: Option<HeapAlloc>,
+}
+
+impl RequestHeap {
+    /// Bytes of the segment of a heap of `size` bytes (a header page first).
+    pub fn seg_size(size: u64) -> usize {
+        PAGE + round_up(size as usize, PAGE)
+    }
+
+    /// Creates channel `channel`'s request heap of `size` bytes (broker): header written,
+    /// size sealed, and a read-only descriptor for the instance (the other is for the
+    /// caller).
+    pub fn create(epoch: u64, size: u64, channel: u64) -> io::Result<(OwnedFd, OwnedFd)> {
+        let total = Self::seg_size(size) as u64;
+        let fd = crate::shm::sys::memfd("aegis-heap", total)?;
+        Mapping::map(&fd, true)?.write_header(
+            SegmentKind::Heap,
+            total,
+            epoch,
+            [size, channel, 0, 0],
+        );
+        crate::shm::sys::add_seals(&fd, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
+        let read_only = crate::shm::sys::read_only_reopen(&fd)?;
+        Ok((fd, read_only))
+    }
+
+    /// Maps channel `channel`'s request heap: writable and then sealed against any other
+    /// writer by its caller (`own`), read-only by its instance.
+    pub fn open(
+        fd: &OwnedFd,
+        epoch: u64,
+        channel: u64,
+        own: bool,
+    ) -> Result<RequestHeap, LayoutError> {
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Heap,
+            what,
+        };
+        let (map, h) = Mapping::open(fd, SegmentKind::Heap, own, Some(epoch))?;
+        if own {
+            // From here on only this mapping can write the heap.
+            crate::shm::sys::seal_read_only(fd)
+                .map_err(|e| invalid(format!("sealing against writers: {e}")))?;
+        }
+        let size = h.params[0];
+        if size > 2 * MAX_MAX_MESSAGE || Self::seg_size(size) != map.len() {
+            return Err(invalid(format!("{} bytes for a heap of {size}", map.len())));
+        }
+        if h.params[1] != channel {
+            return Err(invalid(format!(
+                "is channel {}'s, expected channel {channel}'s",
+                h.params[1]
+            )));
+        }
+        Ok(RequestHeap {
+            map,
+            size,
+            alloc: own.then(|| HeapAlloc::new(size)),
+        })
+    }
+
+    /// `len` bytes at `off` of the heap, or `None` outside it.
+    pub fn range(&self, off: u64, len: u64) -> Option<*mut u8> {
+        if off.checked_add(len)? > self.size {
+            return None;
+        }
+        self.map.range(PAGE as u64 + off, len)
     }
 }

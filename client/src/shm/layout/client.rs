@@ -1,6 +1,6 @@
-//! A connected process's segments: the client segment (its async doorbell), its request
-//! heap (a segment of its own, sealed read-only for everyone else once the process mapped
-//! it), its caller segment (breakers and failure counters, mapped by it and the broker only).
+//! A connected process's segments: the client segment (its async doorbell) and its caller
+//! segment (breakers and failure counters, mapped by it and the broker only). Its requests
+//! and their heaps are in its channels ([`super::channel`]).
 
 use std::mem::size_of;
 use std::os::fd::OwnedFd;
@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use super::*;
 use crate::shm::sync::{AtomicU32, AtomicU64};
 
-// Reply mailboxes (in each channel), the client segment (doorbell) and the request heap.
+// Reply mailboxes (in each channel) and the client segment (doorbell).
 
 /// Mailbox state word: `generation << 8 | waiter << 4 | phase`.
 ///
@@ -94,12 +94,11 @@ pub struct CallerStats {
 unsafe impl ShmSafe for CallerStats {}
 
 /// A connection's mailboxes (how many, inline bytes each: the same in each of its
-/// channels) and its request heap.
+/// channels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientLayout {
     pub mailboxes: u32,
     pub mailbox_inline: u32,
-    pub heap_size: u64,
 }
 
 impl ClientLayout {
@@ -109,22 +108,9 @@ impl ClientLayout {
     pub fn mailbox_stride(&self) -> usize {
         size_of::<MailboxHeader>() + self.mailbox_inline as usize
     }
-    /// Bytes of the client segment (header, control words).
-    pub fn client_size(&self) -> usize {
+    /// Bytes of the client segment (header, control words): one page.
+    pub const fn client_size() -> usize {
         round_up(Self::MAILBOXES, PAGE)
-    }
-    /// Where the heap starts in the heap segment (after its header page).
-    pub fn heap_off(&self) -> usize {
-        PAGE
-    }
-    /// Bytes of the heap segment.
-    pub fn heap_seg_size(&self) -> usize {
-        self.heap_off() + round_up(self.heap_size as usize, PAGE)
-    }
-    /// Both segments: what a connection costs its uid's shared-memory quota (with its
-    /// caller segment and channels).
-    pub fn total_size(&self) -> usize {
-        self.client_size() + self.heap_seg_size()
     }
     /// The layout `params` describe (index and generation aside), checked for range.
     pub fn from_params(p: [u64; 4]) -> Result<ClientLayout, String> {
@@ -132,159 +118,137 @@ impl ClientLayout {
         if mailboxes == 0 || mailboxes > 1 << 16 || p[1] % 64 != 0 || p[1] > MAX_SLOT_SIZE as u64 {
             return Err(format!("bad mailbox parameters {p:?}"));
         }
-        if p[2] > 2 * MAX_MAX_MESSAGE {
-            return Err(format!("heap size {} too large", p[2]));
-        }
         Ok(ClientLayout {
             mailboxes: mailboxes as u32,
             mailbox_inline: p[1] as u32,
-            heap_size: p[2],
         })
     }
     pub fn params(&self, index: u32, gen: u32) -> [u64; 4] {
         [
             self.mailboxes as u64,
             self.mailbox_inline as u64,
-            self.heap_size,
+            0,
             index as u64 | (gen as u64) << 32,
         ]
     }
 }
 
+/// A connection's client segment as its own process maps it: the header, which says its
+/// mailboxes, and the async doorbell.
 pub struct ClientSeg {
-    /// The client segment: header and control words (its async doorbell).
     pub map: Mapping,
-    /// The request heap segment: writable in its process only (sealed
-    /// `F_SEAL_FUTURE_WRITE` once that process mapped it); read-only everywhere else.
-    pub heap: Mapping,
     pub layout: ClientLayout,
     pub index: u32,
     pub gen: u32,
-    /// The uid of the connection's peer as the broker saw it (set by an instance that was
-    /// handed this caller's segment; [`ClientSeg::UID_UNKNOWN`] otherwise).
-    pub uid: u32,
 }
 
 impl ClientSeg {
-    /// Creates a connection's client and heap segments (broker): headers written, sizes
-    /// sealed. The heap is left for its process to seal against writing (it must map it
-    /// writable first): [`ClientSeg::open`] with `own` does.
-    pub fn create(
+    /// Creates a connection's client segment (broker): header written, size sealed. No
+    /// one seals it against writers (the instances it calls ring its doorbell);
+    /// `F_SEAL_SEAL` keeps it so.
+    pub fn create(epoch: u64, layout: ClientLayout, index: u32, gen: u32) -> io::Result<OwnedFd> {
+        let fd = crate::shm::sys::memfd("aegis-client", ClientLayout::client_size() as u64)?;
+        Self::stamp(&fd, epoch, layout, index, gen)?;
+        crate::shm::sys::seal_size(&fd)?;
+        Ok(fd)
+    }
+
+    /// Writes the header of client segment `fd`: when it is made, and again when a broker
+    /// adopts a resuming client's segment (every instance the client opened could write
+    /// the old header, so it is not trusted).
+    pub fn stamp(
+        fd: &OwnedFd,
         epoch: u64,
         layout: ClientLayout,
         index: u32,
         gen: u32,
-    ) -> io::Result<(OwnedFd, OwnedFd)> {
-        let make = |name: &str, kind, size: usize| -> io::Result<OwnedFd> {
-            let fd = crate::shm::sys::memfd(name, size as u64)?;
-            Mapping::map(&fd, true)?.write_header(
-                kind,
-                size as u64,
-                epoch,
-                layout.params(index, gen),
-            );
-            crate::shm::sys::add_seals(&fd, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
-            Ok(fd)
-        };
-        let client = make("aegis-client", SegmentKind::Client, layout.client_size())?;
-        // No one seals the client segment against writers (instances ring its doorbell);
-        // F_SEAL_SEAL keeps it so.
-        crate::shm::sys::seal_size(&client)?;
-        let heap = make("aegis-heap", SegmentKind::Heap, layout.heap_seg_size())?;
-        Ok((client, heap))
+    ) -> io::Result<()> {
+        let size = ClientLayout::client_size() as u64;
+        if crate::shm::sys::file_size(fd)? != size {
+            return Err(io::Error::other(format!(
+                "a client segment is {size} bytes"
+            )));
+        }
+        Mapping::map(fd, true)?.write_header(
+            SegmentKind::Client,
+            size,
+            epoch,
+            layout.params(index, gen),
+        );
+        Ok(())
     }
 
-    /// Maps a connection's client segment (read-write) and heap segment: writable and then
-    /// sealed against any other writer when `own` (its own process, once, at connect),
-    /// read-only otherwise. Its own process reads the layout from the client segment's
-    /// header and checks `(index, gen)` and `epoch` when given; anyone else reads it from
-    /// the heap's header, which no one but that process could ever write, and takes the
-    /// client segment by its sealed size only: every instance the process opened maps
-    /// the client segment writable (its doorbell word), so its header is not to be
-    /// trusted (a hostile instance rewriting it must not keep the others from mapping
-    /// it).
+    /// Maps this process's own client segment and checks that it is client
+    /// `(index, gen)` of bus `epoch`, when those are given.
     pub fn open(
-        (client, heap): (&OwnedFd, &OwnedFd),
+        client: &OwnedFd,
         epoch: Option<u64>,
         ident: Option<(u32, u32)>,
-        own: bool,
     ) -> Result<ClientSeg, LayoutError> {
-        let invalid = |kind, what: String| LayoutError::Invalid { kind, what };
-        if !own {
-            crate::shm::sys::check_write_sealed(heap).map_err(|e| invalid(SegmentKind::Heap, e))?;
-        }
-        let (heap_map, hh) = Mapping::open(heap, SegmentKind::Heap, own, None)?;
-        if own {
-            // From here on only this mapping can write the heap: whoever else is handed it
-            // (the instances this process opens) can only read it.
-            crate::shm::sys::seal_read_only(heap)
-                .map_err(|e| invalid(SegmentKind::Heap, format!("sealing against writers: {e}")))?;
-        }
-        let layout =
-            ClientLayout::from_params(hh.params).map_err(|e| invalid(SegmentKind::Heap, e))?;
-        if layout.heap_seg_size() != heap_map.len() {
-            return Err(invalid(
-                SegmentKind::Heap,
-                "size does not match its parameters".into(),
-            ));
-        }
-        let map = if own {
-            let (map, h) = Mapping::open(client, SegmentKind::Client, true, epoch)?;
-            if h.params[..3] != hh.params[..3] {
-                return Err(invalid(
-                    SegmentKind::Client,
-                    "does not match its heap segment".into(),
-                ));
-            }
-            if let Some((index, gen)) = ident {
-                if h.params[3] != (index as u64 | (gen as u64) << 32) {
-                    return Err(invalid(
-                        SegmentKind::Client,
-                        format!("is client {}, expected {index}/{gen}", h.params[3]),
-                    ));
-                }
-            }
-            map
-        } else {
-            crate::shm::sys::check_size_sealed(client, Some(layout.client_size() as u64))
-                .map_err(|e| invalid(SegmentKind::Client, e))?;
-            Mapping::map(client, true)?
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Client,
+            what,
         };
-        if layout.client_size() != map.len() {
-            return Err(invalid(
-                SegmentKind::Client,
-                "size does not match its parameters".into(),
-            ));
+        let (map, h) = Mapping::open(client, SegmentKind::Client, true, epoch)?;
+        let layout = ClientLayout::from_params(h.params).map_err(invalid)?;
+        if ClientLayout::client_size() != map.len() {
+            return Err(invalid("size does not match its parameters".into()));
         }
-        let (index, gen) = ident.unwrap_or((hh.params[3] as u32, (hh.params[3] >> 32) as u32));
+        let (index, gen) = (h.params[3] as u32, (h.params[3] >> 32) as u32);
+        if ident.is_some_and(|i| i != (index, gen)) {
+            return Err(invalid(format!(
+                "is client {index}/{gen}, expected {ident:?}"
+            )));
+        }
         Ok(ClientSeg {
             map,
-            heap: heap_map,
             layout,
             index,
             gen,
-            uid: Self::UID_UNKNOWN,
         })
     }
 
-    /// [`ClientSeg::uid`] when the broker did not say.
-    pub const UID_UNKNOWN: u32 = u32::MAX;
-
-    /// This segment, its peer's uid known.
-    pub fn with_uid(mut self, uid: u32) -> ClientSeg {
-        self.uid = uid;
-        self
-    }
     /// The connection's doorbell (see [`ClientControl`]).
     pub fn doorbell(&self) -> &AtomicU32 {
-        &self.map.at::<ClientControl>(ClientLayout::CONTROL).doorbell
+        doorbell(&self.map)
     }
-    /// `len` bytes at `off` of the request heap (read-only outside its own process).
-    pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
-        if off.checked_add(len)? > self.layout.heap_size {
-            return None;
-        }
-        self.heap.range(self.layout.heap_off() as u64 + off, len)
+}
+
+fn doorbell(map: &Mapping) -> &AtomicU32 {
+    &map.at::<ClientControl>(ClientLayout::CONTROL).doorbell
+}
+
+/// A caller's client segment as an instance it calls maps it: for its doorbell only.
+/// Every instance the caller opened maps it writable, so its header is never read: it is
+/// taken by its sealed size alone (a hostile instance rewriting the header must not keep
+/// the others from mapping it).
+pub struct PeerClient {
+    pub map: Mapping,
+    /// The uid of the caller as the broker saw it.
+    pub uid: u32,
+    /// The generation of the client index it has (see [`ClientSeg::gen`]).
+    pub gen: u32,
+}
+
+impl PeerClient {
+    pub fn open(client: &OwnedFd, uid: u32, gen: u32) -> Result<PeerClient, LayoutError> {
+        let size = ClientLayout::client_size() as u64;
+        crate::shm::sys::check_size_sealed(client, Some(size)).map_err(|what| {
+            LayoutError::Invalid {
+                kind: SegmentKind::Client,
+                what,
+            }
+        })?;
+        Ok(PeerClient {
+            map: Mapping::map(client, true)?,
+            uid,
+            gen,
+        })
+    }
+
+    /// The caller's doorbell (see [`ClientControl`]): a hint only.
+    pub fn doorbell(&self) -> &AtomicU32 {
+        doorbell(&self.map)
     }
 }
 

@@ -14,7 +14,7 @@
 //! | channel  | caller × instance | read-write by that caller and that instance only: the caller's request ring to it, and the mailboxes it answers in |
 //! | own      | instance         | written by the instance only (sealed `F_SEAL_FUTURE_WRITE` before it leaves it), read-only to the broker and callers: counters, progress, durations, reply heap |
 //! | client   | connected process| read-write by it and the instances it calls: its async doorbell word |
-//! | heap     | connected process| written by it only (it seals it `F_SEAL_FUTURE_WRITE` once mapped), read-only to the instances it calls: its request heap |
+//! | heap     | caller (per channel) | written by the channel's caller only (it seals it `F_SEAL_FUTURE_WRITE` once mapped; the instance gets a read-only descriptor), read-only to the channel's instance: that caller's large requests and loans to it |
 //! | caller   | connected process| read-write by it, read by the broker, by no one else: its breakers and failure counters per service |
 //!
 //! Every segment starts with a [`SegmentHeader`] (magic, layout version, kind, size, bus
@@ -44,7 +44,7 @@ pub use registry::*;
 pub use shared::*;
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 pub const PAGE: usize = 4096;
 
 const NAME_WORDS: usize = MAX_NAME / 8;
@@ -83,7 +83,7 @@ pub enum SegmentKind {
     Caller = 6,
     /// One caller's requests to one instance (see [`ChannelSeg`]).
     Channel = 7,
-    /// A connected process's request heap (see [`ClientSeg`]): written by it only.
+    /// A channel's request heap (see [`RequestHeap`]): written by its caller only.
     Heap = 8,
 }
 
@@ -302,7 +302,7 @@ impl Mapping {
     }
 }
 
-fn round_up(x: usize, to: usize) -> usize {
+const fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 

@@ -477,7 +477,7 @@ fn loaned_call(
     (client, seq): (u64, u64),
 ) -> aegis_client::Result<bool> {
     let n = payload.len();
-    let mut loan = bus.loan(n)?;
+    let mut loan = bus.loan(&args.service, n)?;
     let mut s = [0u8; 16];
     stamp(&mut s, client, seq);
     // The stamp, repeated, in the first and last 16 bytes (all of a shorter payload).
