@@ -561,3 +561,56 @@ fn a_slot_claimed_and_never_published_holds_up_no_other_caller() {
     drop(live);
     std::mem::forget(pidless);
 }
+
+/// A resuming `Hello` hands its client segment back for the broker to stamp a fresh header
+/// into. One that is not a sealed client segment (here: a memfd of the right size whose
+/// size is not sealed, which its sender could shrink under the broker's mapping, and one of
+/// the wrong size) is refused with `BadRequest` naming the seal or the size, and the
+/// broker goes on serving. (Before the heaps moved into the channels, the broker took the
+/// layout from the resumed heap and checked both.)
+#[test]
+fn a_resuming_client_handing_back_a_segment_that_is_not_its_own_is_refused() {
+    use std::os::fd::AsFd;
+    let bus = TestBus::start();
+    let hello = |resume| Request::Hello {
+        protocol: aegis_client::proto::PROTOCOL_VERSION,
+        layout: aegis_client::layout::LAYOUT_VERSION,
+        mailboxes: 1,
+        resume,
+        secret: 7,
+    };
+    let unsealed = aegis_client::sys::memfd("not-a-client", 4096).unwrap();
+    let small = aegis_client::sys::memfd("not-a-client", 64).unwrap();
+    aegis_client::sys::seal_size(&small).unwrap();
+    for (fd, why) in [(&unsealed, "seal"), (&small, "4096")] {
+        let mut raw = Raw(
+            std::os::unix::net::UnixStream::connect(bus.path().join("control.sock")).unwrap(),
+            Vec::new(),
+        );
+        raw.0
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        match raw
+            .ask_with_fds(&hello(Some((0, 1))), &[fd.as_fd()])
+            .unwrap()
+        {
+            Response::Error(e) => {
+                let e = format!("{e:?}");
+                assert!(e.contains("BadRequest") && e.contains(why), "{e}");
+            }
+            other => panic!("a resuming client's {why} segment was adopted: {other:?}"),
+        }
+    }
+    // The broker goes on: a client connects and a call goes through.
+    let _echo = bus.serve("echo", "e1", &[]);
+    let client = bus.connect();
+    let r = client
+        .call(
+            "echo",
+            "echo",
+            b"still",
+            &CallOptions::timeout(Duration::from_secs(10)),
+        )
+        .unwrap();
+    assert_eq!(r.payload, b"still");
+}

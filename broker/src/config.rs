@@ -57,9 +57,9 @@ pub struct BrokerConfig {
     pub max_ring_bytes: u64,
     /// Shared memory (instance, client and channel segments, by size) all processes of one
     /// uid may hold together. Each channel (a caller to one instance) has a request heap
-    /// of twice the service's largest message (32 MiB by default, costing memory only
-    /// where touched), so the default admits a thousand processes of one uid each calling
-    /// five instances; lower both on hosts shared with untrusted uids.
+    /// of twice --max-message (32 MiB by default, costing memory only where touched), so
+    /// the default admits a thousand processes of one uid each calling five instances;
+    /// lower both on hosts shared with untrusted uids.
     #[arg(long, default_value_t = 256 << 30)]
     pub max_shm_per_uid: u64,
     /// Instances one uid may have registered. Default: a quarter of --max-instances for

@@ -311,6 +311,7 @@ impl State {
             mailboxes: mailboxes.clamp(1, 1 << 16),
             mailbox_inline: layout::MAILBOX_INLINE,
         };
+        let resuming = resume.is_some();
         let made = match resume {
             // Adopt: the client segment, which every instance it opened maps writable, gets
             // a fresh header for this run rather than being trusted.
@@ -319,9 +320,13 @@ impl State {
         };
         let fd = match made {
             Ok(fd) => fd,
+            Err(e) if resuming => {
+                return err(WireError::BadRequest(format!(
+                    "the client segment handed back is not one: {e}"
+                )))
+            }
             Err(e) => return err(WireError::Internal(format!("creating client segment: {e}"))),
         };
-        let client_layout = cl;
         // The caller's statistics: a new segment each broker run (service indices are
         // this run's), handed to that caller only.
         let stats_size = layout::CallerSeg::size(self.cfg.max_services) as u64;
@@ -362,7 +367,7 @@ impl State {
             uid: peer.uid,
             size,
             channels: HashMap::new(),
-            mailboxes: client_layout,
+            mailboxes: cl,
         });
         (
             Response::Welcome {

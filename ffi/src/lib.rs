@@ -897,8 +897,8 @@ pub unsafe extern "C" fn aegis_call_alloc(
 /// side). It lies in the request heap of the bus's channel to the instance the next call
 /// would go to, which only that instance can read (a call that goes elsewhere copies it).
 /// Free it with `aegis_loan_free` if it is not sent. `AEGIS_MESSAGE_TOO_LARGE` over the
-/// service's largest message, `AEGIS_LIMIT_EXCEEDED` when the heap (twice that) has no
-/// room, `AEGIS_NO_AVAILABLE_INSTANCE` when the service has no healthy instance.
+/// service's largest message, `AEGIS_LIMIT_EXCEEDED` when the heap (twice the bus's
+/// largest message) has no room, `AEGIS_NO_AVAILABLE_INSTANCE` when the service has no healthy instance.
 #[no_mangle]
 pub unsafe extern "C" fn aegis_loan(
     bus: *const aegis_bus,

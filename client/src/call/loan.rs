@@ -1,8 +1,9 @@
 //! Zero-copy calls. A [`Loan`] is a buffer in the request heap of this connection's
 //! channel to one instance of a service (picked when the loan is made, as a call would
 //! pick it): the caller writes its request there and that instance's handler reads it in
-//! place ([`crate::Request::payload`]); no other instance can read it. A [`BorrowedReply`] is a reply read where the instance
-//! wrote it (its reply heap, or the mailbox for a small one) until the guard drops. With
+//! place ([`crate::Request::payload`]); no other instance can read it. A
+//! [`BorrowedReply`] is a reply read where the instance wrote it (its reply heap, or the
+//! mailbox for a small one) until the guard drops. With
 //! [`crate::Request::loan_reply`] on the other side, no byte of a payload is copied by the
 //! transport in either direction.
 //!
@@ -259,8 +260,9 @@ impl Bus {
     /// sent with [`Bus::call_loan`] without a copy. It lies in the request heap of this
     /// connection's channel to the instance the next call would go to (round-robin), which
     /// the call then goes to first: only that instance can read it. Should the call go to
-    /// another instance (that one left, or failed), the bytes are copied there. Each
-    /// channel's heap holds twice the service's largest message; `LimitExceeded` when it
+    /// another instance (that one left, or failed), the bytes are copied there.
+    /// `MessageTooLarge` over the service's largest message; each channel's heap holds
+    /// twice the bus's largest message (`--max-message`), and `LimitExceeded` says when it
     /// has no room left (loans and large requests in flight hold it).
     pub fn loan(&self, service: &str, len: usize) -> Result<Loan> {
         let inner = &self.inner;

@@ -367,14 +367,19 @@ impl Bus {
                 tried.contains(&m)
                     || (!opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m)))
             };
-            // A loan goes first to the instance whose channel it lies in, if it is routable.
+            // A loan goes first to the instance whose channel it lies in, if it is routable
+            // and not seen stalled.
             let loaned_to = match payload {
                 Body::Loaned { chan, .. } if attempts.is_empty() => Some(chan.instance),
                 _ => None,
             };
             // Instances seen stalled are avoided while another one is routable.
             let target = loaned_to
-                .and_then(|to| sess.pick(svc_idx, svc, &opts.selection, |m| m != to || skip(m)))
+                .and_then(|to| {
+                    sess.pick(svc_idx, svc, &opts.selection, |m| {
+                        m != to || skip(m) || inner.seen_stalled(m)
+                    })
+                })
                 .or_else(|| {
                     sess.pick(svc_idx, svc, &opts.selection, |m| {
                         skip(m) || inner.seen_stalled(m)

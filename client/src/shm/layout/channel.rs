@@ -323,3 +323,109 @@ impl RequestHeap {
         self.map.range(PAGE as u64 + off, len)
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// The caller maps its heap writable and seals it; the instance's descriptor is
+    /// read-only, so it maps it read-only only, before the seal as after; both see the
+    /// same bytes; ranges stay inside the heap.
+    #[test]
+    fn a_request_heap_is_written_by_its_caller_and_read_by_its_instance_only() {
+        let (rw, ro) = RequestHeap::create(5, 3 * PAGE as u64, 9).unwrap();
+        // The instance's descriptor, before the caller sealed anything.
+        assert!(
+            Mapping::map(&ro, true).is_err(),
+            "mapped writable read-only"
+        );
+        let mine = RequestHeap::open(&rw, 5, 9, true).unwrap();
+        assert_eq!(mine.size, 3 * PAGE as u64);
+        assert!(mine.alloc.is_some());
+        crate::shm::sys::check_write_sealed(&rw).expect("sealed by its caller");
+        assert!(
+            Mapping::map(&rw, true).is_err(),
+            "a second writable mapping"
+        );
+        let theirs = RequestHeap::open(&ro, 5, 9, false).unwrap();
+        assert!(theirs.alloc.is_none());
+        let p = mine.range(PAGE as u64, 4).unwrap();
+        // SAFETY: 4 bytes inside our writable mapping.
+        unsafe { std::ptr::copy_nonoverlapping(b"abcd".as_ptr(), p, 4) };
+        let q = theirs.range(PAGE as u64, 4).unwrap();
+        // SAFETY: 4 bytes inside the read-only mapping of the same file.
+        assert_eq!(unsafe { std::slice::from_raw_parts(q, 4) }, b"abcd");
+        // Bounds: the whole heap, not a byte past it, no overflow.
+        assert!(theirs.range(0, theirs.size).is_some());
+        assert!(theirs.range(1, theirs.size).is_none());
+        assert!(theirs.range(theirs.size, 1).is_none());
+        assert!(theirs.range(u64::MAX, 2).is_none());
+    }
+
+    /// A heap is checked against the channel it was handed with, the bus run and its size.
+    #[test]
+    fn a_request_heap_of_another_channel_or_run_is_refused() {
+        let (_, ro) = RequestHeap::create(5, PAGE as u64, 9).unwrap();
+        let e = RequestHeap::open(&ro, 5, 10, false)
+            .err()
+            .expect("another channel's");
+        assert!(e.to_string().contains("channel 9"), "{e}");
+        assert!(
+            RequestHeap::open(&ro, 6, 9, false).is_err(),
+            "another run's"
+        );
+        // A header claiming a larger heap than the segment holds.
+        let fd = crate::shm::sys::memfd("aegis-heap", 2 * PAGE as u64).unwrap();
+        Mapping::map(&fd, true).unwrap().write_header(
+            SegmentKind::Heap,
+            2 * PAGE as u64,
+            5,
+            [2 * PAGE as u64, 9, 0, 0],
+        );
+        crate::shm::sys::seal_size(&fd).unwrap();
+        let e = RequestHeap::open(&fd, 5, 9, false)
+            .err()
+            .expect("oversized");
+        assert!(e.to_string().contains("for a heap of"), "{e}");
+        // One over the largest heap a bus may have.
+        assert_eq!(
+            RequestHeap::seg_size(PAGE as u64 + 1),
+            3 * PAGE,
+            "rounded up to pages after the header page"
+        );
+    }
+
+    /// A channel's caller allocates and frees blocks in its heap; its instance cannot.
+    #[test]
+    fn only_the_caller_allocates_in_a_channel_s_heap() {
+        let il = InstanceLayout {
+            slot_size: 256,
+            slot_count: 4,
+            heap_size: 0,
+        };
+        let ml = ClientLayout {
+            mailboxes: 2,
+            mailbox_inline: 64,
+        };
+        let fd = ChannelSeg::create(5, il, ml, 1, 2, 9).unwrap();
+        let (rw, ro) = RequestHeap::create(5, 4096, 9).unwrap();
+        let caller = ChannelSeg::open(&fd, 5, Some((1, 2)))
+            .unwrap()
+            .with_heap(&rw, true)
+            .unwrap();
+        let instance = ChannelSeg::open(&fd, 5, None)
+            .unwrap()
+            .with_heap(&ro, false)
+            .unwrap();
+        assert_eq!((caller.heap_size(), instance.heap_size()), (4096, 4096));
+        let (a, _) = caller.heap_alloc(4000).unwrap();
+        assert!(caller.heap_alloc(200).is_none(), "over the heap");
+        assert!(instance.heap_alloc(1).is_none(), "the instance allocated");
+        caller.heap_free(a, 4000);
+        assert_eq!(caller.heap_alloc(4096).map(|b| b.0), Some(0));
+        assert!(instance.heap_range(0, 4096).is_some());
+        let bare = ChannelSeg::open(&fd, 5, None).unwrap();
+        assert_eq!(bare.heap_size(), 0);
+        assert!(bare.heap_range(0, 1).is_none() && bare.heap_alloc(1).is_none());
+    }
+}

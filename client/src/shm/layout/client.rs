@@ -148,8 +148,8 @@ impl ClientSeg {
     /// `F_SEAL_SEAL` keeps it so.
     pub fn create(epoch: u64, layout: ClientLayout, index: u32, gen: u32) -> io::Result<OwnedFd> {
         let fd = crate::shm::sys::memfd("aegis-client", ClientLayout::client_size() as u64)?;
-        Self::stamp(&fd, epoch, layout, index, gen)?;
         crate::shm::sys::seal_size(&fd)?;
+        Self::stamp(&fd, epoch, layout, index, gen)?;
         Ok(fd)
     }
 
@@ -164,11 +164,9 @@ impl ClientSeg {
         gen: u32,
     ) -> io::Result<()> {
         let size = ClientLayout::client_size() as u64;
-        if crate::shm::sys::file_size(fd)? != size {
-            return Err(io::Error::other(format!(
-                "a client segment is {size} bytes"
-            )));
-        }
+        // Size-sealed before it is mapped: a resuming client hands this segment back, and
+        // one that could still shrink would SIGBUS the broker writing it.
+        crate::shm::sys::check_size_sealed(fd, Some(size)).map_err(io::Error::other)?;
         Mapping::map(fd, true)?.write_header(
             SegmentKind::Client,
             size,
