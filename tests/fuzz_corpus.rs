@@ -97,6 +97,7 @@ fn write_seeds() {
             resources: vec![ResourceSpec::new("doc-1")],
             options: BulkOptions::default(),
         },
+        Request::ChannelHeap { channel: 3 },
         Request::Grant {
             instances: vec![(1, 2), (3, 4)],
         },

@@ -473,8 +473,12 @@ fn attacker_serving_pub(
     }
     // What `pub` answers is the attacker's business (its forger may answer this very call,
     // which it owns): only that it answers.
+    // 64 KiB: larger than a ring slot, so the victim's channel to `pub` has a request heap
+    // (the attacker maps it; the alter attack checks that it finds nothing else there).
     let opts = CallOptions::timeout(Duration::from_secs(5));
-    victim.call("pub", "echo", b"news?", &opts).unwrap();
+    victim
+        .call("pub", "echo", &b"news?".repeat(13 << 10), &opts)
+        .unwrap();
     (attacker, lines)
 }
 

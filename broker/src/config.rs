@@ -55,12 +55,13 @@ pub struct BrokerConfig {
     /// more slots or larger ones is refused at registration.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_ring_bytes: u64,
-    /// Shared memory (instance, client and channel segments, by size) all processes of one
-    /// uid may hold together. Each channel (a caller to one instance) has a request heap
-    /// of twice --max-message (32 MiB by default, costing memory only where touched), so
-    /// the default admits a thousand processes of one uid each calling five instances;
-    /// lower both on hosts shared with untrusted uids.
-    #[arg(long, default_value_t = 256 << 30)]
+    /// Shared memory (instance, client and channel segments and request heaps, by size) all
+    /// processes of one uid may hold together. A channel (a caller to one instance) costs
+    /// about 0.6 MiB; one that has carried a request larger than a ring slot, or a loan,
+    /// also has a request heap of twice --max-message (32 MiB by default, costing memory
+    /// only where touched). The default admits two thousand such channels of one uid; lower
+    /// both on hosts shared with untrusted uids.
+    #[arg(long, default_value_t = 64 << 30)]
     pub max_shm_per_uid: u64,
     /// Instances one uid may have registered. Default: a quarter of --max-instances for
     /// other uids; --max-instances for the broker's uid, root and --admin-uid.

@@ -531,6 +531,7 @@ async fn connection(
                     secret,
                 } => st.open_client(id, peer, client, gen, secret),
                 Request::Channels => st.channels_request(id),
+                Request::ChannelHeap { channel } => st.channel_heap(id, channel, fds.pop()),
                 Request::Grant { instances } => st.grant_request(id, peer, instances),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),

@@ -110,9 +110,9 @@ struct ChannelRec {
     /// The instance's registry index and incarnation.
     instance: (u32, u64),
     fd: OwnedFd,
-    /// Its request heap: read-write for the caller, and a read-only descriptor of it for
-    /// the instance.
-    heap: (OwnedFd, OwnedFd),
+    /// Its request heap, once the caller handed one over (`Request::ChannelHeap`): sealed
+    /// against every writer but the caller, passed on to the instance.
+    heap: Option<OwnedFd>,
     /// Bytes of channel and heap (counted to the caller's uid).
     size: u64,
 }
@@ -121,6 +121,8 @@ struct ChannelRec {
 #[derive(Default)]
 struct ChannelNews {
     new: Vec<u64>,
+    /// Channels told before whose caller has since handed over a request heap.
+    heaps: Vec<u64>,
     gone: Vec<u64>,
 }
 
@@ -827,12 +829,9 @@ impl State {
             let got = dup(&r.fd)
                 .and_then(|ring| Ok([ring, dup(&r.own_fd)?]))
                 .map_err(|e| WireError::Internal(e.to_string()))
-                .and_then(|[ring, own]| {
-                    let [channel, heap] = self.channel_for(caller, (i, inc))?;
-                    Ok([ring, own, channel, heap])
-                });
+                .and_then(|[ring, own]| Ok([ring, own, self.channel_for(caller, (i, inc))?]));
             match got {
-                Ok(four) => fds.extend(four),
+                Ok(three) => fds.extend(three),
                 Err(e) if i == index => return err(e),
                 Err(_) => continue,
             }
@@ -848,57 +847,34 @@ impl State {
         (Response::OpenedInstances(opened), fds)
     }
 
-    /// The channel of client `caller` to instance `inst` and its request heap (duplicates
-    /// of their descriptors, for the caller), created the first time: counted to the
-    /// caller's uid, mapped here to watch it, and announced to the instance's serving
-    /// connections (`Request::Channels`, woken through the registry's
-    /// [`layout::InstanceEntry::channels`] word).
-    fn channel_for(
-        &mut self,
-        caller: (u32, u32),
-        inst: (u32, u64),
-    ) -> Result<[OwnedFd; 2], WireError> {
+    /// The channel of client `caller` to instance `inst` (a duplicate of its descriptor),
+    /// created the first time: counted to the caller's uid, mapped here to watch it, and
+    /// announced to the instance's serving connections (`Request::Channels`, woken through
+    /// the registry's [`layout::InstanceEntry::channels`] word).
+    fn channel_for(&mut self, caller: (u32, u32), inst: (u32, u64)) -> Result<OwnedFd, WireError> {
         let internal = |e: String| WireError::Internal(format!("channel: {e}"));
         let c = self.clients[caller.0 as usize]
             .as_ref()
             .ok_or_else(|| internal("caller gone".into()))?;
-        let handed = |rec: &ChannelRec| -> Result<[OwnedFd; 2], WireError> {
-            Ok([
-                dup(&rec.fd).map_err(|e| internal(e.to_string()))?,
-                dup(&rec.heap.0).map_err(|e| internal(e.to_string()))?,
-            ])
-        };
         if let Some(id) = c.channels.get(&inst) {
             let rec = self
                 .channels
                 .get(id)
                 .ok_or_else(|| internal("record missing".into()))?;
-            return handed(rec);
+            return dup(&rec.fd).map_err(|e| internal(e.to_string()));
         }
         let r = self.instances[inst.0 as usize]
             .as_ref()
             .ok_or_else(|| internal("instance gone".into()))?;
         let cl = ChannelSeg::layout_for(r.seg.layout);
-        // Room for two of the bus's largest requests in flight.
-        let heap_size = 2 * self.cfg.max_message;
-        let size =
-            (ChannelSeg::size(&cl, &c.mailboxes) + layout::RequestHeap::seg_size(heap_size)) as u64;
+        let size = ChannelSeg::size(&cl, &c.mailboxes) as u64;
         self.shm_fits(c.uid, size)?;
         let id = self.next_channel;
         let fd = ChannelSeg::create(self.epoch, cl, c.mailboxes, inst.0, inst.1, id)
             .map_err(|e| internal(e.to_string()))?;
-        let heap = layout::RequestHeap::create(self.epoch, heap_size, id)
-            .map_err(|e| internal(format!("request heap: {e}")))?;
         let seg =
             ChannelSeg::open(&fd, self.epoch, Some(inst)).map_err(|e| internal(e.to_string()))?;
-        let rec = ChannelRec {
-            client: caller,
-            instance: inst,
-            fd,
-            heap,
-            size,
-        };
-        let handed = handed(&rec)?;
+        let handed = dup(&fd).map_err(|e| internal(e.to_string()))?;
         self.next_channel += 1;
         let c = self.clients[caller.0 as usize]
             .as_mut()
@@ -912,9 +888,74 @@ impl State {
         for owner in &r.owners {
             self.channel_news.entry(*owner).or_default().new.push(id);
         }
-        self.channels.insert(id, rec);
+        self.channels.insert(
+            id,
+            ChannelRec {
+                client: caller,
+                instance: inst,
+                fd,
+                heap: None,
+                size,
+            },
+        );
         self.channels_changed(inst.0);
         Ok(handed)
+    }
+
+    /// The caller on connection `conn` hands over the request heap of its channel
+    /// `channel`: taken only for a channel of its own without one, sealed against every
+    /// other writer (`F_SEAL_FUTURE_WRITE`) and against resizing, twice `--max-message` of
+    /// heap, within its uid's quota; then passed on to the instance's serving connections.
+    pub fn channel_heap(&mut self, conn: ConnId, channel: u64, fd: Option<OwnedFd>) -> Reply {
+        let bad = |m: String| err(WireError::BadRequest(m));
+        let Some(fd) = fd else {
+            return bad("ChannelHeap carries the heap's descriptor".into());
+        };
+        let Some(caller) = self.client_of(conn) else {
+            return bad("ChannelHeap before Hello".into());
+        };
+        let Some(rec) = self.channels.get(&channel).filter(|r| r.client == caller) else {
+            return bad(format!("channel {channel} is not one of yours"));
+        };
+        if rec.heap.is_some() {
+            return bad(format!("channel {channel} has its request heap already"));
+        }
+        if let Err(e) = sys::check_write_sealed(&fd) {
+            return bad(format!(
+                "seal the request heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
+            ));
+        }
+        let size = layout::RequestHeap::seg_size(2 * self.cfg.max_message) as u64;
+        if let Err(e) = sys::check_size_sealed(&fd, Some(size)) {
+            return bad(format!("request heap: {e}"));
+        }
+        let uid = self.clients[caller.0 as usize]
+            .as_ref()
+            .map_or(u32::MAX, |c| c.uid);
+        if let Err(e) = self.shm_fits(uid, size) {
+            return err(e);
+        }
+        let rec = self.channels.get_mut(&channel).expect("checked above");
+        rec.heap = Some(fd);
+        rec.size += size;
+        let inst = rec.instance;
+        if let Some(c) = self.clients[caller.0 as usize].as_mut() {
+            c.size += size;
+        }
+        if let Some(r) = self.instances[inst.0 as usize]
+            .as_ref()
+            .filter(|r| r.incarnation == inst.1)
+        {
+            for owner in &r.owners {
+                let news = self.channel_news.entry(*owner).or_default();
+                // A channel not told yet is told with its heap.
+                if !news.new.contains(&channel) {
+                    news.heaps.push(channel);
+                }
+            }
+        }
+        self.channels_changed(inst.0);
+        (Response::Done, Vec::new())
     }
 
     /// Tells instance `index`'s serving process that its channels changed: bumps and
@@ -931,6 +972,7 @@ impl State {
     pub fn channels_request(&mut self, conn: ConnId) -> Reply {
         let news = self.channel_news.entry(conn).or_default();
         let gone = std::mem::take(&mut news.gone);
+        let mut heap_ids = std::mem::take(&mut news.heaps);
         let take = news.new.len().min(proto::OPEN_BATCH / 2);
         let ids: Vec<u64> = news.new.drain(..take).collect();
         let more = !news.new.is_empty();
@@ -945,21 +987,38 @@ impl State {
             else {
                 continue;
             };
-            // The heap read-only: the instance cannot map it writable.
-            let (Ok(cfd), Ok(hfd), Ok(chfd)) = (dup(&c.fd), dup(&rec.heap.1), dup(&rec.fd)) else {
+            let (Ok(cfd), Ok(chfd)) = (dup(&c.fd), dup(&rec.fd)) else {
                 continue;
             };
-            fds.extend([cfd, hfd, chfd]);
+            fds.extend([cfd, chfd]);
             channels.push(proto::ChannelInfo {
                 id,
                 client: rec.client,
                 uid: c.uid,
                 instance: rec.instance,
             });
+            if rec.heap.is_some() {
+                heap_ids.push(id);
+            }
+        }
+        // The heaps last, after every channel of this reply.
+        let mut heaps = Vec::new();
+        for id in heap_ids {
+            let Some(Ok(fd)) = self
+                .channels
+                .get(&id)
+                .and_then(|r| r.heap.as_ref())
+                .map(dup)
+            else {
+                continue;
+            };
+            fds.push(fd);
+            heaps.push(id);
         }
         (
             Response::Channels {
                 channels,
+                heaps,
                 gone,
                 more,
             },
@@ -988,6 +1047,7 @@ impl State {
                 // Not fetched yet: nothing to tell. So an instance that never fetches
                 // holds news of its live channels only, not of every caller that came
                 // and went.
+                news.heaps.retain(|&h| h != id);
                 match news.new.iter().position(|&n| n == id) {
                     Some(p) => {
                         news.new.swap_remove(p);
@@ -1575,9 +1635,7 @@ mod tests {
             welcome(st.hello(conn, peer, 1, None, conn));
             match st.open_instance(conn, peer, index, incarnation) {
                 (Response::OpenedInstances(ids), fds) => {
-                    assert_eq!((ids.len(), fds.len()), (1, 4));
-                    // The caller's heap is read-write for it (it maps and seals it).
-                    assert!(Mapping::map(&fds[3], true).is_ok());
+                    assert_eq!((ids.len(), fds.len()), (1, 3));
                 }
                 (r, _) => panic!("{r:?}"),
             }
@@ -1585,12 +1643,13 @@ mod tests {
         // A caller that leaves before the instance asks: no news of it.
         open(&mut st, 2);
         st.disconnect(2);
-        // One that stays: told once, with its client and heap segments and channel.
+        // One that stays: told once, with its client segment and channel.
         open(&mut st, 3);
-        match st.channels_request(SERVER) {
+        let id = match st.channels_request(SERVER) {
             (
                 Response::Channels {
                     channels,
+                    heaps,
                     gone,
                     more,
                 },
@@ -1598,27 +1657,60 @@ mod tests {
             ) => {
                 assert_eq!(channels.len(), 1, "{channels:?}");
                 assert_eq!(channels[0].instance, (index, incarnation));
-                assert!(gone.is_empty() && !more, "{gone:?}");
-                assert_eq!(fds.len(), 3);
-                // The caller's request heap comes read-only: the instance cannot map it
-                // writable, not even before the caller seals it.
-                let heap = &fds[1];
-                use std::os::fd::AsRawFd;
-                // SAFETY: fcntl on a descriptor we hold; no memory passed.
-                let fl = unsafe { libc::fcntl(heap.as_raw_fd(), libc::F_GETFL) };
-                assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
-                assert!(
-                    Mapping::map(heap, true).is_err(),
-                    "mapped the heap writable"
-                );
-                assert!(layout::RequestHeap::open(heap, st.epoch, channels[0].id, false).is_ok());
+                assert!(gone.is_empty() && heaps.is_empty() && !more, "{gone:?}");
+                assert_eq!(fds.len(), 2);
+                channels[0].id
             }
             (r, _) => panic!("{r:?}"),
-        }
+        };
         match st.channels_request(SERVER) {
             (Response::Channels { channels, gone, .. }, _) => {
                 assert!(channels.is_empty() && gone.is_empty());
             }
+            (r, _) => panic!("{r:?}"),
+        }
+        // Its request heap, once handed over, is told once too: only sealed against other
+        // writers, of the right size, for a channel of the caller's own, and only once.
+        let heap_size = 2 * st.cfg.max_message;
+        let refused = |r: Reply, why: &str| match r {
+            (Response::Error(WireError::BadRequest(m)), _) => assert!(m.contains(why), "{m}"),
+            (r, _) => panic!("expected a refusal naming {why:?}, got {r:?}"),
+        };
+        let total = layout::RequestHeap::seg_size(heap_size) as u64;
+        let unsealed = sys::memfd("aegis-heap", total).unwrap();
+        sys::seal_size(&unsealed).unwrap();
+        refused(
+            st.channel_heap(3, id, Some(unsealed)),
+            "F_SEAL_FUTURE_WRITE",
+        );
+        let small = layout::RequestHeap::create(st.epoch, 4096, id).unwrap().0;
+        refused(st.channel_heap(3, id, Some(small)), "bytes");
+        let (fd, _mine) = layout::RequestHeap::create(st.epoch, heap_size, id).unwrap();
+        refused(
+            st.channel_heap(SERVER, id, Some(fd.try_clone().unwrap())),
+            "not one of yours",
+        );
+        refused(st.channel_heap(3, id, None), "descriptor");
+        assert!(matches!(
+            st.channel_heap(3, id, Some(fd.try_clone().unwrap())),
+            (Response::Done, _)
+        ));
+        refused(st.channel_heap(3, id, Some(fd)), "already");
+        match st.channels_request(SERVER) {
+            (
+                Response::Channels {
+                    channels, heaps, ..
+                },
+                fds,
+            ) => {
+                assert!(channels.is_empty());
+                assert_eq!((heaps, fds.len()), (vec![id], 1));
+                assert!(layout::RequestHeap::open(&fds[0], st.epoch, id).is_ok());
+            }
+            (r, _) => panic!("{r:?}"),
+        }
+        match st.channels_request(SERVER) {
+            (Response::Channels { heaps, .. }, _) => assert!(heaps.is_empty()),
             (r, _) => panic!("{r:?}"),
         }
         // When it leaves, its closing is told.

@@ -97,15 +97,14 @@ pub fn segment_open(data: &[u8]) {
             }
             SegmentKind::InstanceOwn => unreachable!("opened below, sealed read-only"),
             SegmentKind::Heap => {
-                // Both ways a channel's ends open it (the writable one seals it first).
-                for own in [false, true] {
-                    if let Ok(heap) =
-                        crate::shm::layout::RequestHeap::open(&fd, h.bus_epoch, h.params[1], own)
-                    {
-                        let _ = heap.range(u64::MAX - 1, 2);
-                        let _ = heap.range(0, heap.size);
-                        let _ = heap.range(heap.size, 1);
-                    }
+                // As an instance opens it (read-only, once sealed against writers).
+                let _ = sys::seal_read_only(&fd);
+                if let Ok(heap) =
+                    crate::shm::layout::RequestHeap::open(&fd, h.bus_epoch, h.params[1])
+                {
+                    let _ = heap.range(u64::MAX - 1, 2);
+                    let _ = heap.range(0, heap.size);
+                    let _ = heap.range(heap.size, 1);
                 }
             }
             SegmentKind::Caller => {

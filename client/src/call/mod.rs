@@ -28,7 +28,7 @@ use crate::error::{code, Attempt, Error, Result};
 use crate::names;
 use crate::session::breaker;
 use crate::session::bus::{Bus, BusInner, CallInfo, Selection, Session};
-use crate::session::proto::Request;
+use crate::session::proto::{Request, Response};
 use crate::shm::layout::{
     ChannelSeg, InstanceSeg, MailboxHeader, MsgHeader, RegistryView, ServiceEntry, Status,
     PAYLOAD_HEAP, PAYLOAD_INLINE,
@@ -282,6 +282,18 @@ fn check_hops(opts: &CallOptions) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Whether sending `body` to `seg` takes its channel's request heap: too large for a ring
+/// slot, or a loan made in another channel.
+fn needs_heap(body: &Body<'_>, method: &str, seg: &InstanceSeg) -> bool {
+    let Some(chan) = seg.channel.as_ref() else {
+        return false;
+    };
+    match *body {
+        Body::Loaned { chan: c, .. } => !Arc::ptr_eq(c, chan),
+        Body::Bytes(p) => p.len() + method.len() > chan.ring().data_len(),
+    }
 }
 
 fn check_size(service: &str, len: usize, max: u64) -> Result<()> {
@@ -751,7 +763,11 @@ impl BusInner {
         elsewhere: Option<&dyn Fn() -> bool>,
         out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
-        let seg = self.open_target(target, stamp.0)?;
+        let mut seg = self.open_target(target, stamp.0)?;
+        if needs_heap(&payload, method, &seg) && self.stale_without_heap(&seg) {
+            self.forget_instance_seg(&seg);
+            seg = self.map_target(target, stamp.0)?;
+        }
         let stall = elsewhere.map(|e| (opts.stall_bound, e));
         self.send_and_wait(sess, &seg, method, payload, opts, stamp, stall, out)?;
         if let Some(k) = &mut out.kept {
@@ -783,12 +799,66 @@ impl BusInner {
     /// ([`Bus::loan`]): mapped as a call's first attempt would map it.
     pub(crate) fn loan_target(&self, service: &str, target: CallInfo) -> Result<Arc<InstanceSeg>> {
         let deadline = Instant::now() + CallOptions::default().attempt_timeout;
-        self.open_target(target, deadline).map_err(|f| match f {
+        let failed = |f| match f {
             Failed::Error(e) => e,
             Failed::NotDelivered(_) | Failed::InDoubt(_) => Error::NoAvailableInstance {
                 service: service.to_owned(),
             },
-        })
+        };
+        let seg = self.open_target(target, deadline).map_err(failed)?;
+        if !self.stale_without_heap(&seg) {
+            return Ok(seg);
+        }
+        self.forget_instance_seg(&seg);
+        self.map_target(target, deadline).map_err(failed)
+    }
+
+    /// Whether `seg`'s channel has no request heap and was made by a previous broker,
+    /// which cannot be given one: a call that needs a heap replaces it (the current broker
+    /// makes a new channel).
+    fn stale_without_heap(&self, seg: &InstanceSeg) -> bool {
+        seg.channel
+            .as_ref()
+            .is_some_and(|c| c.heap.get().is_none() && c.epoch != self.session().epoch)
+    }
+
+    /// Makes sure `chan` has its request heap: the first time this connection needs one
+    /// there, it makes it (twice the bus's largest message), maps it, seals it against
+    /// every other writer and hands it to the broker for the instance. Small calls never
+    /// need one, and so never pay for it.
+    pub(crate) fn ensure_heap(&self, chan: &ChannelSeg) -> Result<()> {
+        if chan.heap.get().is_some() {
+            return Ok(());
+        }
+        let _one_maker = self.heap_maker.lock();
+        if chan.heap.get().is_some() {
+            return Ok(());
+        }
+        let sess = self.session();
+        if chan.epoch != sess.epoch {
+            // The broker that made it is gone: the current one cannot hand a heap on.
+            return Err(Error::Protocol(
+                "a channel made by a previous broker gets no request heap".into(),
+            ));
+        }
+        let (fd, heap) =
+            crate::shm::layout::RequestHeap::create(chan.epoch, 2 * sess.max_message, chan.id)
+                .map_err(|e| Error::Protocol(format!("making a request heap: {e}")))?;
+        use std::os::fd::AsFd;
+        match self
+            .control
+            .lock()
+            .request_with_fds(&Request::ChannelHeap { channel: chan.id }, &[fd.as_fd()])?
+        {
+            (Response::Done, _) => {}
+            (other, _) => {
+                return Err(Error::Protocol(format!(
+                    "ChannelHeap: expected Done, got {other:?}"
+                )))
+            }
+        }
+        let _ = chan.heap.set(heap);
+        Ok(())
     }
 
     /// Whether `seg`'s channel may be unknown to its instance for good: not taken up yet,
@@ -1060,6 +1130,10 @@ impl BusInner {
             // instance was not routable any more): copied into this channel's heap.
             Body::Bytes(p) | Body::Loaned { bytes: p, .. } => {
                 let len = p.len() as u64;
+                if let Err(e) = self.ensure_heap(channel) {
+                    self.pool.put(mb_idx, channel.id);
+                    return Err(e.into());
+                }
                 let Some((off, dst)) = channel.heap_alloc(len) else {
                     self.pool.put(mb_idx, channel.id);
                     return Err(Error::LimitExceeded(format!(

@@ -542,6 +542,13 @@ impl InstanceInner {
             PayloadAt::Inline { off, len } => t.copy_data(off, len, payload).is_some(),
             // Read in place (`Request::payload`): no copy of a large request.
             PayloadAt::Heap { off, len } => {
+                if d.chan.seg.heap.get().is_none() {
+                    // The channel's first large request: its heap may have been handed to
+                    // the broker after our last look (a round trip, once per channel).
+                    if let Err(e) = self.bus.inner.fetch_channels() {
+                        tracing::warn!(service = %self.service, "fetching a request heap: {e}");
+                    }
+                }
                 let inside = d.chan.seg.heap_range(off, len).is_some();
                 if inside {
                     d.heap_payload = Some((off, len));

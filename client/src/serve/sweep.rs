@@ -56,6 +56,14 @@ pub(crate) struct Channels {
 }
 
 impl Channels {
+    /// Channel `id` of broker run `epoch`, if it is in the list.
+    pub fn find(&self, id: u64, epoch: u64) -> Option<Arc<Chan>> {
+        let l = self.list.read();
+        l.iter()
+            .find(|c| c.seg.id == id && c.seg.epoch == epoch)
+            .cloned()
+    }
+
     /// Adds `add` and drops the channels of broker run `epoch` whose ids are in `gone`.
     pub fn update(&self, add: Vec<Arc<Chan>>, gone: &[u64], epoch: u64) {
         if add.is_empty() && gone.is_empty() {

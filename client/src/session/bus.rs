@@ -342,6 +342,9 @@ pub(crate) struct BusInner {
     /// Written on drop to stop the supervisor thread.
     pub(crate) stop_fd: OwnedFd,
     pub(crate) pool: MailboxPool,
+    /// Held while a channel's request heap is made (`ensure_heap`), so two threads never
+    /// make two for one channel.
+    pub(crate) heap_maker: Mutex<()>,
     /// Caller side: mapped instance segments by registry index.
     pub(crate) instances: RwLock<IndexMap<Arc<InstanceSeg>>>,
     /// Serving side: mapped segments (doorbells) of the clients that called our instances.
@@ -393,7 +396,7 @@ fn file_batch<K: Copy + PartialEq + std::fmt::Debug, S>(
     same: impl Fn(&S, K) -> bool,
     open: impl Fn(&[OwnedFd], u32, K) -> std::result::Result<S, layout::LayoutError>,
 ) -> Result<Arc<S>> {
-    let per = if request == "OpenInstance" { 4 } else { 1 };
+    let per = if request == "OpenInstance" { 3 } else { 1 };
     let fds = expect_fds(fds, per * ids.len(), request)?;
     let mut found = None;
     let mut map = map.write();
@@ -928,13 +931,15 @@ impl BusInner {
             let (resp, fds) = self.control.lock().request(&Request::Channels)?;
             let Response::Channels {
                 channels,
+                heaps,
                 gone,
                 more,
             } = resp
             else {
                 return Err(Error::Protocol(format!("expected Channels, got {resp:?}")));
             };
-            let fds = expect_fds(fds, 3 * channels.len(), "Channels")?;
+            let fds = expect_fds(fds, 2 * channels.len() + heaps.len(), "Channels")?;
+            let (fds, heap_fds) = fds.split_at(2 * channels.len());
             let epoch = self.session().epoch;
             let regs: Vec<Arc<dyn Registration>> = self
                 .registered
@@ -943,7 +948,7 @@ impl BusInner {
                 .filter_map(Weak::upgrade)
                 .collect();
             let mut add: Vec<Vec<Arc<Chan>>> = regs.iter().map(|_| Vec::new()).collect();
-            for (info, fds) in channels.iter().zip(fds.chunks(3)) {
+            for (info, fds) in channels.iter().zip(fds.chunks(2)) {
                 let Some(r) = regs.iter().position(|r| r.ident() == info.instance) else {
                     continue;
                 };
@@ -957,10 +962,7 @@ impl BusInner {
                     Ok::<_, layout::LayoutError>(c)
                 });
                 let chan = opened.and_then(|client| {
-                    // Its request heap read-only: the broker handed us a read-only
-                    // descriptor of it.
-                    let seg = ChannelSeg::open(&fds[2], epoch, Some(info.instance))?
-                        .with_heap(&fds[1], false)?;
+                    let seg = ChannelSeg::open(&fds[1], epoch, Some(info.instance))?;
                     Ok(Chan::new(seg, client))
                 });
                 match chan {
@@ -976,6 +978,19 @@ impl BusInner {
                 // In the list now: callers may publish.
                 for c in up {
                     c.seg.mark_taken_up();
+                }
+            }
+            // Request heaps, of these channels or of ones told before: mapped read-only
+            // (and checked sealed against every writer but the caller).
+            for (&id, fd) in heaps.iter().zip(heap_fds) {
+                let Some(chan) = regs.iter().find_map(|r| r.channels().find(id, epoch)) else {
+                    continue;
+                };
+                match layout::RequestHeap::open(fd, epoch, id) {
+                    Ok(h) => drop(chan.seg.heap.set(h)),
+                    Err(e) => {
+                        tracing::warn!(channel = id, "a request heap could not be mapped: {e}")
+                    }
                 }
             }
             if !more {

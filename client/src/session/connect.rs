@@ -79,6 +79,7 @@ impl Bus {
                 registered: Mutex::new(Vec::new()),
                 stop_fd,
                 pool,
+                heap_maker: Mutex::new(()),
                 instances: RwLock::new(IndexMap::default()),
                 clients: RwLock::new(IndexMap::default()),
                 control_gen: Mutex::new(0),

@@ -23,10 +23,10 @@ pub const MAX_FDS: usize = 4;
 /// Segments the broker hands out with one `OpenInstance`/`OpenClient` reply (and so the
 /// descriptors a client accepts with one response).
 pub const OPEN_BATCH: usize = 60;
-/// Descriptors a client accepts with one response: an instance comes as four (its ring,
-/// its own segment, this caller's channel to it and the channel's request heap); 240, under
-/// the kernel's 253 per message.
-pub const MAX_RESPONSE_FDS: usize = 4 * OPEN_BATCH;
+/// Descriptors a client accepts with one response: an instance comes as three (its ring,
+/// its own segment and this caller's channel to it), a `Channels` reply's channel as two
+/// and a heap as one (at most `OPEN_BATCH / 2` channels and `OPEN_BATCH` heaps).
+pub const MAX_RESPONSE_FDS: usize = 3 * OPEN_BATCH;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
@@ -81,6 +81,12 @@ pub enum Request {
     /// A serving connection asks for its instances' new and closed channels (after the
     /// registry's `InstanceEntry::channels` word of one of them moved).
     Channels,
+    /// A caller hands over the request heap of its channel `channel` (one descriptor: a
+    /// memfd it made, mapped and sealed `F_SEAL_FUTURE_WRITE`), the first time it needs
+    /// one there; the broker checks the seals and size and passes it to the instance.
+    ChannelHeap {
+        channel: u64,
+    },
     /// After a broker restart: the instances (index, incarnation) this client had opened,
     /// so their serving processes may again be handed its segment. A client grants access
     /// to its own segment only.
@@ -160,9 +166,12 @@ pub enum Response {
     /// order: an instance's reply heap is shared out per uid.
     OpenedClients(Vec<(u32, u32)>, Vec<u32>),
     /// New channels to this connection's instances, two descriptors each (the caller's
-    /// client segment, then the channel), and the ids of closed ones; `more`: ask again.
+    /// client segment, then the channel), then the request heaps of channels `heaps` (of
+    /// those or of channels told before), one descriptor each; and the ids of closed ones;
+    /// `more`: ask again.
     Channels {
         channels: Vec<ChannelInfo>,
+        heaps: Vec<u64>,
         gone: Vec<u64>,
         more: bool,
     },

@@ -165,23 +165,6 @@ pub fn seal_size(fd: &OwnedFd) -> io::Result<()> {
     add_seals(fd, SIZE_SEALS)
 }
 
-/// Makes memfd `fd` (created by this process) one whose other holders can only read it,
-/// and returns a descriptor for them: its mode becomes 0400, so nobody but root can open
-/// it read-write again (through `/proc/PID/fd`), and the returned descriptor is a read-only
-/// reopen of it, which `mmap(PROT_WRITE, MAP_SHARED)` and `mprotect` refuse (`EACCES`).
-/// Descriptors opened before (`fd` and its duplicates) keep their write access.
-pub fn read_only_reopen(fd: &OwnedFd) -> io::Result<OwnedFd> {
-    // SAFETY: plain fchmod on a descriptor we hold; no memory is passed.
-    syscall!(unsafe { libc::fchmod(fd.as_raw_fd(), 0o400) })?;
-    let path = format!("/proc/self/fd/{}\0", fd.as_raw_fd());
-    let flags = libc::O_RDONLY | libc::O_CLOEXEC;
-    // SAFETY: `path` is NUL-terminated and outlives the call; the result is a new
-    // descriptor we own.
-    let new = syscall!(unsafe { libc::open(path.as_ptr().cast(), flags) })?;
-    // SAFETY: `open` returned a fresh descriptor owned by nobody else.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(new) })
-}
-
 /// Adds `seals` (`F_SEAL_*` bits) to a memfd.
 pub fn add_seals(fd: &OwnedFd, seals: libc::c_int) -> io::Result<()> {
     // SAFETY: plain fcntl on a descriptor we own; no memory is passed.

@@ -46,9 +46,9 @@ pub struct ChannelSeg {
     /// The caller's note that the instance has taken the channel up (see
     /// [`ChannelSeg::taken_up`]): once seen, never read from shared memory again.
     seen_taken_up: std::sync::atomic::AtomicBool,
-    /// Its request heap, mapped by its caller (writable, with the allocator) and its
-    /// instance (read-only); the broker does not map it.
-    pub heap: Option<RequestHeap>,
+    /// Its request heap, once its caller needed one: mapped by the caller (writable, with
+    /// the allocator) and the instance (read-only); the broker does not map it.
+    pub heap: std::sync::OnceLock<RequestHeap>,
 }
 
 impl ChannelSeg {
@@ -155,21 +155,14 @@ impl ChannelSeg {
             id: p[3],
             epoch,
             seen_taken_up: std::sync::atomic::AtomicBool::new(false),
-            heap: None,
+            heap: std::sync::OnceLock::new(),
         })
-    }
-
-    /// This channel with its request heap `fd` mapped: writable and sealed against any
-    /// other writer by its caller (`own`), read-only by its instance.
-    pub fn with_heap(mut self, fd: &OwnedFd, own: bool) -> Result<ChannelSeg, LayoutError> {
-        self.heap = Some(RequestHeap::open(fd, self.epoch, self.id, own)?);
-        Ok(self)
     }
 
     /// A block of `len` bytes of the request heap (its caller only): its offset and
     /// where it is mapped, or `None` when the heap has no room.
     pub fn heap_alloc(&self, len: u64) -> Option<(u64, *mut u8)> {
-        let heap = self.heap.as_ref()?;
+        let heap = self.heap.get()?;
         let off = heap.alloc.as_ref()?.alloc(len)?;
         let ptr = heap
             .range(off, len)
@@ -179,19 +172,19 @@ impl ChannelSeg {
 
     /// Gives request heap block `(off, len)` back (its caller only).
     pub fn heap_free(&self, off: u64, len: u64) {
-        if let Some(a) = self.heap.as_ref().and_then(|h| h.alloc.as_ref()) {
+        if let Some(a) = self.heap.get().and_then(|h| h.alloc.as_ref()) {
             a.free(off, len);
         }
     }
 
     /// Bytes of request heap (0 without one).
     pub fn heap_size(&self) -> u64 {
-        self.heap.as_ref().map_or(0, |h| h.size)
+        self.heap.get().map_or(0, |h| h.size)
     }
 
     /// `len` bytes at `off` of the request heap, or `None` outside it (or without one).
     pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
-        self.heap.as_ref()?.range(off, len)
+        self.heap.get()?.range(off, len)
     }
 
     /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
@@ -244,11 +237,11 @@ impl ChannelSeg {
 
 /// A channel's request heap: its caller's requests too large for a ring slot, and its
 /// loans ([`crate::Bus::loan`]). A segment of its own (`memfd:aegis-heap`), made by the
-/// broker with the channel and handed to no one but the channel's two ends: the caller
-/// gets a read-write descriptor, maps it and at once seals it `F_SEAL_FUTURE_WRITE`; the
-/// instance gets a read-only one (see [`crate::shm::sys::read_only_reopen`]), so it can
-/// map it read-only only, also before that seal. So what a caller sends one instance, no
-/// other instance can read, and no one but the caller can write.
+/// caller the first time it needs one in that channel: it maps it writable and seals it
+/// `F_SEAL_FUTURE_WRITE` before handing it to the broker (`Request::ChannelHeap`), which
+/// checks the seal and passes it to the channel's instance and to no one else. So what a
+/// caller sends one instance no other instance can read, and no one but the caller can
+/// write.
 pub struct RequestHeap {
     pub map: Mapping,
     /// Bytes of heap (after the header page).
@@ -263,41 +256,32 @@ impl RequestHeap {
         PAGE + round_up(size as usize, PAGE)
     }
 
-    /// Creates channel `channel`'s request heap of `size` bytes (broker): header written,
-    /// size sealed, and a read-only descriptor for the instance (the other is for the
-    /// caller).
-    pub fn create(epoch: u64, size: u64, channel: u64) -> io::Result<(OwnedFd, OwnedFd)> {
+    /// Makes channel `channel`'s request heap of `size` bytes (its caller): header written,
+    /// mapped writable here, then sealed against resizing and against any other writer.
+    pub fn create(epoch: u64, size: u64, channel: u64) -> io::Result<(OwnedFd, RequestHeap)> {
         let total = Self::seg_size(size) as u64;
         let fd = crate::shm::sys::memfd("aegis-heap", total)?;
-        Mapping::map(&fd, true)?.write_header(
-            SegmentKind::Heap,
-            total,
-            epoch,
-            [size, channel, 0, 0],
-        );
-        crate::shm::sys::add_seals(&fd, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
-        let read_only = crate::shm::sys::read_only_reopen(&fd)?;
-        Ok((fd, read_only))
+        let map = Mapping::map(&fd, true)?;
+        map.write_header(SegmentKind::Heap, total, epoch, [size, channel, 0, 0]);
+        // From here on only this mapping can write the heap, and no one can resize it.
+        crate::shm::sys::seal_read_only(&fd)?;
+        let heap = RequestHeap {
+            map,
+            size,
+            alloc: Some(HeapAlloc::new(size)),
+        };
+        Ok((fd, heap))
     }
 
-    /// Maps channel `channel`'s request heap: writable and then sealed against any other
-    /// writer by its caller (`own`), read-only by its instance.
-    pub fn open(
-        fd: &OwnedFd,
-        epoch: u64,
-        channel: u64,
-        own: bool,
-    ) -> Result<RequestHeap, LayoutError> {
+    /// Maps channel `channel`'s request heap read-only (its instance), once checked
+    /// sealed against every writer but its caller.
+    pub fn open(fd: &OwnedFd, epoch: u64, channel: u64) -> Result<RequestHeap, LayoutError> {
         let invalid = |what: String| LayoutError::Invalid {
             kind: SegmentKind::Heap,
             what,
         };
-        let (map, h) = Mapping::open(fd, SegmentKind::Heap, own, Some(epoch))?;
-        if own {
-            // From here on only this mapping can write the heap.
-            crate::shm::sys::seal_read_only(fd)
-                .map_err(|e| invalid(format!("sealing against writers: {e}")))?;
-        }
+        crate::shm::sys::check_write_sealed(fd).map_err(invalid)?;
+        let (map, h) = Mapping::open(fd, SegmentKind::Heap, false, Some(epoch))?;
         let size = h.params[0];
         if size > 2 * MAX_MAX_MESSAGE || Self::seg_size(size) != map.len() {
             return Err(invalid(format!("{} bytes for a heap of {size}", map.len())));
@@ -311,7 +295,7 @@ impl RequestHeap {
         Ok(RequestHeap {
             map,
             size,
-            alloc: own.then(|| HeapAlloc::new(size)),
+            alloc: None,
         })
     }
 
@@ -328,26 +312,20 @@ impl RequestHeap {
 mod tests {
     use super::*;
 
-    /// The caller maps its heap writable and seals it; the instance's descriptor is
-    /// read-only, so it maps it read-only only, before the seal as after; both see the
-    /// same bytes; ranges stay inside the heap.
+    /// The caller makes its heap writable for itself alone: sealed before it leaves, so a
+    /// second writable mapping (the instance's, anyone's) is refused; the instance maps
+    /// it read-only and sees the caller's bytes; ranges stay inside the heap.
     #[test]
     fn a_request_heap_is_written_by_its_caller_and_read_by_its_instance_only() {
-        let (rw, ro) = RequestHeap::create(5, 3 * PAGE as u64, 9).unwrap();
-        // The instance's descriptor, before the caller sealed anything.
-        assert!(
-            Mapping::map(&ro, true).is_err(),
-            "mapped writable read-only"
-        );
-        let mine = RequestHeap::open(&rw, 5, 9, true).unwrap();
+        let (fd, mine) = RequestHeap::create(5, 3 * PAGE as u64, 9).unwrap();
         assert_eq!(mine.size, 3 * PAGE as u64);
         assert!(mine.alloc.is_some());
-        crate::shm::sys::check_write_sealed(&rw).expect("sealed by its caller");
+        crate::shm::sys::check_write_sealed(&fd).expect("sealed by its caller");
         assert!(
-            Mapping::map(&rw, true).is_err(),
+            Mapping::map(&fd, true).is_err(),
             "a second writable mapping"
         );
-        let theirs = RequestHeap::open(&ro, 5, 9, false).unwrap();
+        let theirs = RequestHeap::open(&fd, 5, 9).unwrap();
         assert!(theirs.alloc.is_none());
         let p = mine.range(PAGE as u64, 4).unwrap();
         // SAFETY: 4 bytes inside our writable mapping.
@@ -362,32 +340,40 @@ mod tests {
         assert!(theirs.range(u64::MAX, 2).is_none());
     }
 
-    /// A heap is checked against the channel it was handed with, the bus run and its size.
+    /// An instance takes a heap only sealed against other writers, of its channel and bus
+    /// run, and of a size that matches its header.
     #[test]
-    fn a_request_heap_of_another_channel_or_run_is_refused() {
-        let (_, ro) = RequestHeap::create(5, PAGE as u64, 9).unwrap();
-        let e = RequestHeap::open(&ro, 5, 10, false)
+    fn a_request_heap_unsealed_or_of_another_channel_or_run_is_refused() {
+        let (fd, _) = RequestHeap::create(5, PAGE as u64, 9).unwrap();
+        let e = RequestHeap::open(&fd, 5, 10)
             .err()
             .expect("another channel's");
         assert!(e.to_string().contains("channel 9"), "{e}");
-        assert!(
-            RequestHeap::open(&ro, 6, 9, false).is_err(),
-            "another run's"
+        assert!(RequestHeap::open(&fd, 6, 9).is_err(), "another run's");
+        // Not sealed against writers: its sender (or whoever else holds it) could still
+        // write what the instance reads.
+        let total = RequestHeap::seg_size(PAGE as u64) as u64;
+        let open = crate::shm::sys::memfd("aegis-heap", total).unwrap();
+        crate::shm::sys::seal_size(&open).unwrap();
+        Mapping::map(&open, true).unwrap().write_header(
+            SegmentKind::Heap,
+            total,
+            5,
+            [PAGE as u64, 9, 0, 0],
         );
+        let e = RequestHeap::open(&open, 5, 9).err().expect("unsealed");
+        assert!(e.to_string().contains("F_SEAL_FUTURE_WRITE"), "{e}");
         // A header claiming a larger heap than the segment holds.
-        let fd = crate::shm::sys::memfd("aegis-heap", 2 * PAGE as u64).unwrap();
-        Mapping::map(&fd, true).unwrap().write_header(
+        let big = crate::shm::sys::memfd("aegis-heap", 2 * PAGE as u64).unwrap();
+        Mapping::map(&big, true).unwrap().write_header(
             SegmentKind::Heap,
             2 * PAGE as u64,
             5,
             [2 * PAGE as u64, 9, 0, 0],
         );
-        crate::shm::sys::seal_size(&fd).unwrap();
-        let e = RequestHeap::open(&fd, 5, 9, false)
-            .err()
-            .expect("oversized");
+        crate::shm::sys::seal_read_only(&big).unwrap();
+        let e = RequestHeap::open(&big, 5, 9).err().expect("oversized");
         assert!(e.to_string().contains("for a heap of"), "{e}");
-        // One over the largest heap a bus may have.
         assert_eq!(
             RequestHeap::seg_size(PAGE as u64 + 1),
             3 * PAGE,
@@ -395,7 +381,8 @@ mod tests {
         );
     }
 
-    /// A channel's caller allocates and frees blocks in its heap; its instance cannot.
+    /// A channel's caller allocates and frees blocks in its heap; its instance cannot; a
+    /// channel without a heap has no room at all.
     #[test]
     fn only_the_caller_allocates_in_a_channel_s_heap() {
         let il = InstanceLayout {
@@ -408,15 +395,16 @@ mod tests {
             mailbox_inline: 64,
         };
         let fd = ChannelSeg::create(5, il, ml, 1, 2, 9).unwrap();
-        let (rw, ro) = RequestHeap::create(5, 4096, 9).unwrap();
-        let caller = ChannelSeg::open(&fd, 5, Some((1, 2)))
-            .unwrap()
-            .with_heap(&rw, true)
-            .unwrap();
-        let instance = ChannelSeg::open(&fd, 5, None)
-            .unwrap()
-            .with_heap(&ro, false)
-            .unwrap();
+        let caller = ChannelSeg::open(&fd, 5, Some((1, 2))).unwrap();
+        let instance = ChannelSeg::open(&fd, 5, None).unwrap();
+        assert_eq!(caller.heap_size(), 0);
+        assert!(caller.heap_range(0, 1).is_none() && caller.heap_alloc(1).is_none());
+        let (hfd, heap) = RequestHeap::create(5, 4096, 9).unwrap();
+        assert!(caller.heap.set(heap).is_ok());
+        assert!(instance
+            .heap
+            .set(RequestHeap::open(&hfd, 5, 9).unwrap())
+            .is_ok());
         assert_eq!((caller.heap_size(), instance.heap_size()), (4096, 4096));
         let (a, _) = caller.heap_alloc(4000).unwrap();
         assert!(caller.heap_alloc(200).is_none(), "over the heap");
@@ -424,8 +412,5 @@ mod tests {
         caller.heap_free(a, 4000);
         assert_eq!(caller.heap_alloc(4096).map(|b| b.0), Some(0));
         assert!(instance.heap_range(0, 4096).is_some());
-        let bare = ChannelSeg::open(&fd, 5, None).unwrap();
-        assert_eq!(bare.heap_size(), 0);
-        assert!(bare.heap_range(0, 1).is_none() && bare.heap_alloc(1).is_none());
     }
 }

@@ -404,20 +404,14 @@ impl InstanceSeg {
         (index, incarnation): (u32, u64),
         mailboxes: &ClientLayout,
     ) -> Result<InstanceSeg, LayoutError> {
-        let [ring, own, channel, heap] = fds else {
+        let [ring, own, channel] = fds else {
             return Err(LayoutError::Invalid {
                 kind: SegmentKind::Instance,
-                what: format!(
-                    "{} descriptors, expected ring, own, channel and request heap",
-                    fds.len()
-                ),
+                what: format!("{} descriptors, expected ring, own and channel", fds.len()),
             });
         };
         let (own, _) = Self::open_own(own)?;
-        // Our request heap to this instance: mapped writable here, then sealed so that no
-        // one else ever can.
-        let channel =
-            ChannelSeg::open(channel, epoch, Some((index, incarnation)))?.with_heap(heap, true)?;
+        let channel = ChannelSeg::open(channel, epoch, Some((index, incarnation)))?;
         let mut seg = Self::open(ring, own, epoch, index, incarnation)?;
         if channel.layout.slot_size != seg.layout.slot_size {
             return Err(LayoutError::Invalid {

@@ -14,7 +14,7 @@
 //! | channel  | caller × instance | read-write by that caller and that instance only: the caller's request ring to it, and the mailboxes it answers in |
 //! | own      | instance         | written by the instance only (sealed `F_SEAL_FUTURE_WRITE` before it leaves it), read-only to the broker and callers: counters, progress, durations, reply heap |
 //! | client   | connected process| read-write by it and the instances it calls: its async doorbell word |
-//! | heap     | caller (per channel) | written by the channel's caller only (it seals it `F_SEAL_FUTURE_WRITE` once mapped; the instance gets a read-only descriptor), read-only to the channel's instance: that caller's large requests and loans to it |
+//! | heap     | caller (per channel) | written by the channel's caller only (it makes it, maps it and seals it `F_SEAL_FUTURE_WRITE` before handing it over), read-only to the channel's instance: that caller's large requests and loans to it |
 //! | caller   | connected process| read-write by it, read by the broker, by no one else: its breakers and failure counters per service |
 //!
 //! Every segment starts with a [`SegmentHeader`] (magic, layout version, kind, size, bus
