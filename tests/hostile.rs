@@ -583,13 +583,7 @@ fn a_resuming_client_handing_back_a_segment_that_is_not_its_own_is_refused() {
     let small = aegis_client::sys::memfd("not-a-client", 64).unwrap();
     aegis_client::sys::seal_size(&small).unwrap();
     for (fd, why) in [(&unsealed, "seal"), (&small, "4096")] {
-        let mut raw = Raw(
-            std::os::unix::net::UnixStream::connect(bus.path().join("control.sock")).unwrap(),
-            Vec::new(),
-        );
-        raw.0
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        let mut raw = Raw::open(bus.path()).unwrap();
         match raw
             .ask_with_fds(&hello(Some((0, 1))), &[fd.as_fd()])
             .unwrap()

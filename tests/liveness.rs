@@ -1059,3 +1059,37 @@ fn after_a_broker_restart_calls_route_on_the_previous_view_for_up_to_5_s() {
         client.call("bridged", "m", b"x", &opts).is_ok()
     });
 }
+
+/// A channel the previous broker made, which carried only small calls (so it has no
+/// request heap), gets none from the current broker: the first large request and the
+/// first loan to its instance after a restart each go through, on a channel the current
+/// broker makes. Also when sent while the broker is still away (waited for within the
+/// attempt).
+#[test]
+fn after_a_broker_restart_the_first_large_request_and_loan_go_through() {
+    let mut bus = TestBus::start();
+    let _inst = bus.serve("big", "b1", &[]);
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(10));
+    assert_eq!(
+        client.call("big", "echo", b"small", &opts).unwrap().payload,
+        b"small"
+    );
+    kill(bus.broker.id(), libc::SIGKILL);
+    wait_deadline(&mut bus.broker);
+    let large = vec![7u8; 64 << 10];
+    std::thread::scope(|s| {
+        // Sent while the broker is away: waits for it.
+        let early = s.spawn(|| client.call("big", "echo", &large, &opts));
+        std::thread::sleep(Duration::from_millis(100));
+        bus.broker = support::start_broker(bus.path(), &[]);
+        let r = early.join().unwrap().unwrap();
+        assert_eq!(r.payload, large);
+    });
+    let r = client.call("big", "echo", &large, &opts).unwrap();
+    assert_eq!(r.payload, large);
+    let mut loan = client.loan("big", 64 << 10).unwrap();
+    loan.fill(9);
+    let r = client.call_loan("big", "echo", loan, &opts).unwrap();
+    assert!(r.len() == 64 << 10 && r.iter().all(|&b| b == 9));
+}

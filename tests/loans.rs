@@ -1,5 +1,5 @@
-//! Zero-copy loans with a real broker: a request written in place in the caller's request
-//! heap ([`Bus::loan`]) is read in place by the handler, a reply written in place in the
+//! Zero-copy loans with a real broker: a request written in place in the request heap of
+//! the caller's channel to one instance ([`Bus::loan`]) is read in place by the handler, a reply written in place in the
 //! instance's reply heap ([`Request::loan_reply`]) is read in place by the caller
 //! ([`BorrowedReply`]), and every block goes back where it came from.
 

@@ -975,7 +975,7 @@ impl State {
         let mut heap_ids = std::mem::take(&mut news.heaps);
         let take = news.new.len().min(proto::OPEN_BATCH / 2);
         let ids: Vec<u64> = news.new.drain(..take).collect();
-        let more = !news.new.is_empty();
+        let mut more = !news.new.is_empty();
         let (mut channels, mut fds) = (Vec::new(), Vec::new());
         for id in ids {
             let Some(rec) = self.channels.get(&id) else {
@@ -1001,7 +1001,13 @@ impl State {
                 heap_ids.push(id);
             }
         }
-        // The heaps last, after every channel of this reply.
+        // The heaps last, after every channel of this reply; at most `OPEN_BATCH` (with
+        // the channels, within what a client accepts with one response).
+        if heap_ids.len() > proto::OPEN_BATCH {
+            let rest = heap_ids.split_off(proto::OPEN_BATCH);
+            news.heaps.extend(rest);
+            more = true;
+        }
         let mut heaps = Vec::new();
         for id in heap_ids {
             let Some(Ok(fd)) = self
@@ -1691,10 +1697,18 @@ mod tests {
             "not one of yours",
         );
         refused(st.channel_heap(3, id, None), "descriptor");
+        let held = |st: &State| {
+            let c = st.client_of(3).unwrap();
+            st.clients[c.0 as usize].as_ref().unwrap().size
+        };
+        let (before, chan_size) = (held(&st), st.channels[&id].size);
         assert!(matches!(
             st.channel_heap(3, id, Some(fd.try_clone().unwrap())),
             (Response::Done, _)
         ));
+        // Counted to the caller's quota, and given back with the channel.
+        assert_eq!(held(&st), before + total);
+        assert_eq!(st.channels[&id].size, chan_size + total);
         refused(st.channel_heap(3, id, Some(fd)), "already");
         match st.channels_request(SERVER) {
             (
@@ -1722,6 +1736,74 @@ mod tests {
             }
             (r, _) => panic!("{r:?}"),
         }
+    }
+
+    /// Channel news comes in batches of at most `OPEN_BATCH / 2` channels (two descriptors
+    /// each) and `OPEN_BATCH` heaps (one each), within what a client accepts with one
+    /// response, `more` saying there is more.
+    #[test]
+    fn channel_news_come_in_batches() {
+        let peer = Peer {
+            pid: std::process::id(),
+            uid: 0,
+            gid: 0,
+        };
+        let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", "64"]);
+        let mut st = State::new(cfg, Identities::starting_at(1, 1)).unwrap();
+        const SERVER: ConnId = 1;
+        welcome(st.hello(SERVER, peer, 1, None, 1));
+        let (index, incarnation) = st.register_small(SERVER, peer, "i");
+        let n = proto::OPEN_BATCH + 1;
+        let callers: Vec<ConnId> = (2..2 + n as ConnId).collect();
+        for &conn in &callers {
+            welcome(st.hello(conn, peer, 1, None, conn));
+            assert!(matches!(
+                st.open_instance(conn, peer, index, incarnation),
+                (Response::OpenedInstances(_), _)
+            ));
+        }
+        // Bounded: a batch of none with `more` set would ask forever.
+        let fetch = |st: &mut State| {
+            let mut batches = Vec::new();
+            let mut ids = Vec::new();
+            for _ in 0..6 {
+                match st.channels_request(SERVER) {
+                    (
+                        Response::Channels {
+                            channels,
+                            heaps,
+                            more,
+                            ..
+                        },
+                        fds,
+                    ) => {
+                        assert_eq!(fds.len(), 2 * channels.len() + heaps.len());
+                        assert!(fds.len() <= proto::MAX_RESPONSE_FDS);
+                        batches.push((channels.len(), heaps.len()));
+                        ids.extend(channels.iter().map(|c| c.id));
+                        if !more {
+                            break;
+                        }
+                    }
+                    (r, _) => panic!("{r:?}"),
+                }
+            }
+            (batches, ids)
+        };
+        let half = proto::OPEN_BATCH / 2;
+        let (batches, ids) = fetch(&mut st);
+        assert_eq!(batches, [(half, 0), (half, 0), (1, 0)]);
+        // Every caller hands over its channel's heap.
+        let size = 2 * st.cfg.max_message;
+        for (&conn, &id) in callers.iter().zip(&ids) {
+            let (fd, _) = layout::RequestHeap::create(st.epoch, size, id).unwrap();
+            assert!(matches!(
+                st.channel_heap(conn, id, Some(fd)),
+                (Response::Done, _)
+            ));
+        }
+        let (batches, _) = fetch(&mut st);
+        assert_eq!(batches, [(0, proto::OPEN_BATCH), (0, 1)]);
     }
 
     /// After a restart a fresh client can take the slot a resuming one had: the resuming

@@ -1104,7 +1104,8 @@ unsafe fn fill_buffer(
     Ok(())
 }
 
-/// A writable buffer in a connection's request heap (`Bus.loan`). Write through
+/// A writable buffer in the request heap of a connection's channel to one instance
+/// (`Bus.loan`). Write through
 /// `memoryview(loan)`; send with `Bus.call_loan`; `release()` gives it back unsent.
 #[pyclass(module = "aegis_ipc")]
 pub struct Loan {

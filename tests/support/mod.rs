@@ -571,10 +571,16 @@ pub fn start_bridge_as(
 pub struct Raw(pub UnixStream, pub Vec<std::os::fd::OwnedFd>);
 
 impl Raw {
+    /// A control connection that has said nothing yet.
+    pub fn open(dir: &Path) -> std::io::Result<Raw> {
+        let r = Raw(UnixStream::connect(dir.join("control.sock"))?, Vec::new());
+        r.0.set_read_timeout(Some(DEADLINE))?;
+        Ok(r)
+    }
+
     /// Connects: the broker's Welcome, its descriptors kept.
     pub fn connect(dir: &Path) -> std::io::Result<Raw> {
-        let mut r = Raw(UnixStream::connect(dir.join("control.sock"))?, Vec::new());
-        r.0.set_read_timeout(Some(DEADLINE))?;
+        let mut r = Raw::open(dir)?;
         let hello = Request::Hello {
             protocol: proto::PROTOCOL_VERSION,
             layout: aegis_client::layout::LAYOUT_VERSION,

@@ -285,7 +285,6 @@ impl Bus {
             .channel
             .clone()
             .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
-        inner.ensure_heap(&chan)?;
         let (off, ptr) = chan.heap_alloc(len as u64).ok_or_else(|| {
             Error::LimitExceeded(format!(
                 "request heap of {} bytes to {service}'s instance has no room for a loan of {len} more",

@@ -764,9 +764,8 @@ impl BusInner {
         out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
         let mut seg = self.open_target(target, stamp.0)?;
-        if needs_heap(&payload, method, &seg) && self.stale_without_heap(&seg) {
-            self.forget_instance_seg(&seg);
-            seg = self.map_target(target, stamp.0)?;
+        if needs_heap(&payload, method, &seg) {
+            seg = self.with_heap(seg, target, stamp.0)?;
         }
         let stall = elsewhere.map(|e| (opts.stall_bound, e));
         self.send_and_wait(sess, &seg, method, payload, opts, stamp, stall, out)?;
@@ -799,27 +798,81 @@ impl BusInner {
     /// ([`Bus::loan`]): mapped as a call's first attempt would map it.
     pub(crate) fn loan_target(&self, service: &str, target: CallInfo) -> Result<Arc<InstanceSeg>> {
         let deadline = Instant::now() + CallOptions::default().attempt_timeout;
-        let failed = |f| match f {
+        let seg = self
+            .open_target(target, deadline)
+            .and_then(|seg| self.with_heap(seg, target, deadline));
+        seg.map_err(|f| match f {
             Failed::Error(e) => e,
             Failed::NotDelivered(_) | Failed::InDoubt(_) => Error::NoAvailableInstance {
                 service: service.to_owned(),
             },
-        };
-        let seg = self.open_target(target, deadline).map_err(failed)?;
-        if !self.stale_without_heap(&seg) {
-            return Ok(seg);
-        }
-        self.forget_instance_seg(&seg);
-        self.map_target(target, deadline).map_err(failed)
+        })
     }
 
-    /// Whether `seg`'s channel has no request heap and was made by a previous broker,
-    /// which cannot be given one: a call that needs a heap replaces it (the current broker
-    /// makes a new channel).
-    fn stale_without_heap(&self, seg: &InstanceSeg) -> bool {
-        seg.channel
-            .as_ref()
-            .is_some_and(|c| c.heap.get().is_none() && c.epoch != self.session().epoch)
+    /// `seg` (instance `target`), its channel given its request heap ([`Self::ensure_heap`]):
+    /// waiting for a restarting broker until `deadline`, and replacing a channel a previous
+    /// broker made (the current one cannot take a heap for it: it makes a new channel).
+    fn with_heap(
+        &self,
+        mut seg: Arc<InstanceSeg>,
+        target: CallInfo,
+        deadline: Instant,
+    ) -> Result<Arc<InstanceSeg>, Failed> {
+        // Bounded: a channel is replaced at most once per broker restart.
+        for _ in 0..4 {
+            let chan = seg
+                .channel
+                .clone()
+                .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
+            if chan.heap.get().is_some() {
+                return Ok(seg);
+            }
+            if chan.epoch != self.session().epoch {
+                // The current broker makes a new channel once the instance has registered
+                // with it again (calls meanwhile keep using the old one).
+                self.wait_registered(target, deadline)?;
+                self.forget_instance_seg(&seg);
+                seg = self.map_target(target, deadline)?;
+                continue;
+            }
+            match self.ask_broker(deadline, || self.ensure_heap(&chan)) {
+                Ok(()) => return Ok(seg),
+                Err(Error::BrokerUnavailable { .. }) => {
+                    return Err(Failed::NotDelivered(
+                        "broker away and the channel has no request heap yet: not sent",
+                    ))
+                }
+                // The broker restarted meanwhile: the channel is replaced next pass.
+                Err(_) if chan.epoch != self.session().epoch => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Failed::NotDelivered(
+            "the channel was replaced again and again: not sent",
+        ))
+    }
+
+    /// Waits until instance `target` is in the current broker's registry (it registers
+    /// again after a broker restart), at most until `deadline`: a futex wait on the
+    /// registry's generation, no polling.
+    fn wait_registered(&self, target: CallInfo, deadline: Instant) -> Result<(), Failed> {
+        loop {
+            let sess = self.session();
+            let g = &sess.registry.control().generation;
+            // Acquire: pairs with the broker's Release bump when the registry changed.
+            let seen = g.load(Ordering::Acquire);
+            if Self::instance_alive(&sess.registry, target.instance, target.incarnation) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failed::NotDelivered(
+                    "the instance has not registered with the restarted broker yet: not sent",
+                ));
+            }
+            // Bounded: a broker restart replaces the registry (and its word) altogether.
+            let _ = crate::shm::sys::futex_wait(g, seen, Some(left.min(Duration::from_millis(10))));
+        }
     }
 
     /// Makes sure `chan` has its request heap: the first time this connection needs one

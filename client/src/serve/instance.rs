@@ -937,7 +937,8 @@ impl<'r> Request<'r> {
         self.method
     }
     /// The request's bytes: for a request larger than a ring slot, in place in the
-    /// caller's shared request heap (no copy), else a copy out of the slot.
+    /// channel's request heap, which only its caller writes (no copy), else a copy out of
+    /// the slot.
     pub fn payload(&self) -> &[u8] {
         let Some((d, (off, len))) = self
             .delivery

@@ -905,7 +905,11 @@ impl BusInner {
 
     /// Runs `ask` (one broker request); while it fails with `BrokerUnavailable`, waits for
     /// the supervisor's next reconnect, at most until `until`, and asks again.
-    fn ask_broker<T>(&self, until: Instant, mut ask: impl FnMut() -> Result<T>) -> Result<T> {
+    pub(crate) fn ask_broker<T>(
+        &self,
+        until: Instant,
+        mut ask: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
         loop {
             let seen = *self.control_gen.lock();
             match ask() {

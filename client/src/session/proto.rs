@@ -27,6 +27,8 @@ pub const OPEN_BATCH: usize = 60;
 /// its own segment and this caller's channel to it), a `Channels` reply's channel as two
 /// and a heap as one (at most `OPEN_BATCH / 2` channels and `OPEN_BATCH` heaps).
 pub const MAX_RESPONSE_FDS: usize = 3 * OPEN_BATCH;
+const _: () =
+    assert!(2 * (OPEN_BATCH / 2) + OPEN_BATCH <= MAX_RESPONSE_FDS && MAX_RESPONSE_FDS <= 253);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {

@@ -333,6 +333,13 @@ mod tests {
         let q = theirs.range(PAGE as u64, 4).unwrap();
         // SAFETY: 4 bytes inside the read-only mapping of the same file.
         assert_eq!(unsafe { std::slice::from_raw_parts(q, 4) }, b"abcd");
+        // Heap byte `off` lies `off` bytes past the header page.
+        let at = mine.range(8, 4).unwrap();
+        // SAFETY: 4 bytes inside our writable mapping.
+        unsafe { std::ptr::copy_nonoverlapping(b"wxyz".as_ptr(), at, 4) };
+        let raw = theirs.map.range(PAGE as u64 + 8, 4).unwrap();
+        // SAFETY: 4 bytes inside the read-only mapping.
+        assert_eq!(unsafe { std::slice::from_raw_parts(raw, 4) }, b"wxyz");
         // Bounds: the whole heap, not a byte past it, no overflow.
         assert!(theirs.range(0, theirs.size).is_some());
         assert!(theirs.range(1, theirs.size).is_none());
@@ -379,6 +386,40 @@ mod tests {
             3 * PAGE,
             "rounded up to pages after the header page"
         );
+        // The largest heap a bus may have (twice its largest message) opens; one page more
+        // does not, even in a segment of its size (both sparse: nothing is touched).
+        for (size, ok) in [
+            (2 * MAX_MAX_MESSAGE, true),
+            (2 * MAX_MAX_MESSAGE + 4096, false),
+        ] {
+            let total = RequestHeap::seg_size(size) as u64;
+            let fd = crate::shm::sys::memfd("aegis-heap", total).unwrap();
+            Mapping::map(&fd, true).unwrap().write_header(
+                SegmentKind::Heap,
+                total,
+                5,
+                [size, 9, 0, 0],
+            );
+            crate::shm::sys::seal_read_only(&fd).unwrap();
+            assert_eq!(RequestHeap::open(&fd, 5, 9).is_ok(), ok, "a heap of {size}");
+        }
+    }
+
+    /// A channel's ring has at most [`CHANNEL_SLOTS`] slots, fewer when the service has
+    /// fewer, and the service's slot size and heap.
+    #[test]
+    fn a_channel_s_ring_is_the_service_s_capped_at_channel_slots() {
+        let service = |slot_count| InstanceLayout {
+            slot_size: 512,
+            slot_count,
+            heap_size: 1 << 20,
+        };
+        let l = ChannelSeg::layout_for(service(64));
+        assert_eq!(
+            (l.slot_size, l.slot_count, l.heap_size),
+            (512, CHANNEL_SLOTS, 1 << 20)
+        );
+        assert_eq!(ChannelSeg::layout_for(service(4)).slot_count, 4);
     }
 
     /// A channel's caller allocates and frees blocks in its heap; its instance cannot; a
