@@ -1778,3 +1778,20 @@ fn claim_slot<'a>(
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// `CallOptions::timeout` is one budget for the call and for each attempt; the rest
+    /// stays the default.
+    #[test]
+    fn a_timeout_is_the_call_s_budget_and_each_attempt_s() {
+        let d = Duration::from_millis(1234);
+        let o = CallOptions::timeout(d);
+        assert_eq!((o.timeout, o.attempt_timeout), (d, d));
+        let dflt = CallOptions::default();
+        assert_ne!(dflt.timeout, d);
+        assert_eq!(o.max_attempts, dflt.max_attempts);
+    }
+}

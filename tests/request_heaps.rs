@@ -1,0 +1,120 @@
+//! A channel's request heap, with a real broker: made with the channel's first request
+//! larger than a ring slot (or first loan), never for small calls, and counted to the
+//! caller's shared-memory quota. Its own test binary: it counts the heaps mapped in this
+//! process, which other tests would make too.
+
+mod support;
+
+use std::time::Duration;
+
+use aegis_client::{CallOptions, Error};
+
+/// The tests count mappings of this process: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn opts() -> CallOptions {
+    CallOptions::timeout(Duration::from_secs(10))
+}
+
+/// Request heaps mapped in this process (the caller's and the instance's mappings).
+fn heaps() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .matches("memfd:aegis-heap")
+        .count()
+}
+
+/// Serves `inst` until stopped, echoing each request.
+fn echo(inst: &aegis_client::Instance) {
+    let mut rx = inst.receiver();
+    while let Some(req) = rx.recv(Some(Duration::from_secs(30))).unwrap() {
+        let p = req.payload().to_vec();
+        req.reply(&p).unwrap();
+    }
+}
+
+/// Small calls, up to the exact fit of a ring slot (4,096 bytes of method and payload),
+/// map no heap anywhere; the first larger one makes one (mapped by the caller and by the
+/// instance); so does the first loan to another instance.
+#[test]
+fn a_channel_gets_its_request_heap_with_its_first_large_request_only() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let bus = support::TestBus::start();
+    let server = bus.connect();
+    let (a, b) = (
+        server.register("hp", "h1", &[]).unwrap(),
+        server.register("hp", "h2", &[]).unwrap(),
+    );
+    let (stop_a, stop_b) = (a.stop_handle(), b.stop_handle());
+    let client = bus.connect();
+    std::thread::scope(|s| {
+        s.spawn(|| echo(&a));
+        s.spawn(|| echo(&b));
+        for len in [0usize, 1, 1000, 4096 - 4] {
+            let p = vec![1u8; len];
+            for _ in 0..2 {
+                assert_eq!(client.call("hp", "echo", &p, &opts()).unwrap().payload, p);
+            }
+        }
+        assert_eq!(heaps(), 0, "small calls made a request heap");
+        let large = vec![2u8; 4096 - 3];
+        let r = client.call("hp", "echo", &large, &opts()).unwrap();
+        assert_eq!(r.payload, large);
+        assert_eq!(
+            heaps(),
+            2,
+            "one heap, mapped by its caller and its instance"
+        );
+        // The next call goes to the other instance (round-robin): its channel's first loan.
+        let mut loan = client.loan("hp", 8).unwrap();
+        loan.copy_from_slice(b"loanloan");
+        let r = client.call_loan("hp", "echo", loan, &opts()).unwrap();
+        assert_eq!(&r[..], b"loanloan");
+        assert_eq!(heaps(), 4, "a heap per channel");
+        stop_a.stop();
+        stop_b.stop();
+    });
+}
+
+/// A request heap counts to the caller's uid: a bus whose uid quota fits the instance and
+/// the channels but not a 32 MiB heap refuses the first large request and the first loan
+/// with `LimitExceeded` naming the cap; small calls go on.
+#[test]
+fn a_request_heap_over_the_uid_s_quota_is_refused_naming_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let bus = support::TestBus::start_with(&["--max-shm-per-uid", &(40u64 << 20).to_string()]);
+    let server = bus.connect();
+    let inst = server.register("hq", "q1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let client = bus.connect();
+    std::thread::scope(|s| {
+        s.spawn(|| echo(&inst));
+        assert_eq!(
+            client
+                .call("hq", "echo", b"small", &opts())
+                .unwrap()
+                .payload,
+            b"small"
+        );
+        let refused = |e: Error| {
+            assert!(
+                matches!(e, Error::LimitExceeded(ref m) if m.contains("max-shm-per-uid")),
+                "{e:?}"
+            )
+        };
+        refused(
+            client
+                .call("hq", "echo", &[3u8; 8192], &opts())
+                .unwrap_err(),
+        );
+        refused(client.loan("hq", 8).err().expect("a loan over the quota"));
+        assert_eq!(
+            client
+                .call("hq", "echo", b"still", &opts())
+                .unwrap()
+                .payload,
+            b"still"
+        );
+        stop.stop();
+    });
+}
