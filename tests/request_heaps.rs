@@ -107,7 +107,7 @@ fn a_request_heap_over_the_uid_s_quota_is_refused_naming_it() {
                 .call("hq", "echo", &[3u8; 8192], &opts())
                 .unwrap_err(),
         );
-        refused(client.loan("hq", 8).err().expect("a loan over the quota"));
+        refused(client.loan("hq", 8).expect_err("a loan over the quota"));
         assert_eq!(
             client
                 .call("hq", "echo", b"still", &opts())
