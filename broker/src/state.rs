@@ -1622,21 +1622,30 @@ mod tests {
         }
     }
 
-    /// A serving connection is told of a caller's channel once, with the descriptors, and
-    /// of its closing; a caller that came and went before the instance asked leaves no
-    /// news at all (an instance that never asks holds news of live channels only).
-    #[test]
-    fn channel_news_tell_each_channel_once_and_forget_those_closed_unfetched() {
+    /// The serving connection of [`serving_state`].
+    const SERVER: ConnId = 1;
+
+    /// A broker state with `max_clients` client slots and one small instance registered by
+    /// connection [`SERVER`] (this process, root): the state, its peer, the instance.
+    fn serving_state(max_clients: &str) -> (State, Peer, (u32, u64)) {
         let peer = Peer {
             pid: std::process::id(),
             uid: 0,
             gid: 0,
         };
-        let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", "8"]);
+        let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", max_clients]);
         let mut st = State::new(cfg, Identities::starting_at(1, 1)).unwrap();
-        const SERVER: ConnId = 1;
         welcome(st.hello(SERVER, peer, 1, None, 1));
-        let (index, incarnation) = st.register_small(SERVER, peer, "i");
+        let inst = st.register_small(SERVER, peer, "i");
+        (st, peer, inst)
+    }
+
+    /// A serving connection is told of a caller's channel once, with the descriptors, and
+    /// of its closing; a caller that came and went before the instance asked leaves no
+    /// news at all (an instance that never asks holds news of live channels only).
+    #[test]
+    fn channel_news_tell_each_channel_once_and_forget_those_closed_unfetched() {
+        let (mut st, peer, (index, incarnation)) = serving_state("8");
         let open = |st: &mut State, conn: ConnId| {
             welcome(st.hello(conn, peer, 1, None, conn));
             match st.open_instance(conn, peer, index, incarnation) {
@@ -1743,16 +1752,7 @@ mod tests {
     /// response, `more` saying there is more.
     #[test]
     fn channel_news_come_in_batches() {
-        let peer = Peer {
-            pid: std::process::id(),
-            uid: 0,
-            gid: 0,
-        };
-        let cfg = crate::BrokerConfig::parse_from(["aegis-broker", "--max-clients", "64"]);
-        let mut st = State::new(cfg, Identities::starting_at(1, 1)).unwrap();
-        const SERVER: ConnId = 1;
-        welcome(st.hello(SERVER, peer, 1, None, 1));
-        let (index, incarnation) = st.register_small(SERVER, peer, "i");
+        let (mut st, peer, (index, incarnation)) = serving_state("64");
         let n = proto::OPEN_BATCH + 1;
         let callers: Vec<ConnId> = (2..2 + n as ConnId).collect();
         for &conn in &callers {
