@@ -26,11 +26,11 @@ fn heaps() -> usize {
 
 /// Serves `inst` until stopped, echoing each request.
 fn echo(inst: &aegis_client::Instance) {
-    let mut rx = inst.receiver();
-    while let Some(req) = rx.recv(Some(Duration::from_secs(30))).unwrap() {
-        let p = req.payload().to_vec();
-        req.reply(&p).unwrap();
-    }
+    inst.serve(|req, out| {
+        out.extend_from_slice(req.payload());
+        Ok(())
+    })
+    .unwrap();
 }
 
 /// Small calls, up to the exact fit of a ring slot (4,096 bytes of method and payload),

@@ -275,10 +275,10 @@ impl Bus {
         let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
         check_size(service, len, max)?;
-        let rr = crate::Selection::RoundRobin;
-        let target = sess
-            .pick(svc_idx, svc, &rr, |m| inner.seen_stalled(m))
-            .or_else(|| sess.pick(svc_idx, svc, &rr, |_| false))
+        let target = inner
+            .pick_target(sess, (svc_idx, svc), &crate::Selection::RoundRobin, |_| {
+                false
+            })
             .ok_or_else(no_instance)?;
         let seg = inner.loan_target(service, target)?;
         let chan = seg

@@ -292,8 +292,14 @@ fn needs_heap(body: &Body<'_>, method: &str, seg: &InstanceSeg) -> bool {
     };
     match *body {
         Body::Loaned { chan: c, .. } => !Arc::ptr_eq(c, chan),
-        Body::Bytes(p) => p.len() + method.len() > chan.ring().data_len(),
+        Body::Bytes(p) => !fits_slot(p, method, &chan.ring()),
     }
+}
+
+/// Whether `method` and `payload` fit in one ring slot (else the payload goes through the
+/// channel's request heap).
+fn fits_slot(payload: &[u8], method: &str, ring: &RingRef<'_>) -> bool {
+    payload.len() + method.len() <= ring.data_len()
 }
 
 fn check_size(service: &str, len: usize, max: u64) -> Result<()> {
@@ -392,12 +398,7 @@ impl Bus {
                         m != to || skip(m) || inner.seen_stalled(m)
                     })
                 })
-                .or_else(|| {
-                    sess.pick(svc_idx, svc, &opts.selection, |m| {
-                        skip(m) || inner.seen_stalled(m)
-                    })
-                })
-                .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip));
+                .or_else(|| inner.pick_target(sess, (svc_idx, svc), &opts.selection, skip));
             let Some(target) = target else {
                 // Instances that left before we could send are not failures of the call.
                 let all_left = attempts
@@ -666,11 +667,8 @@ impl Bus {
         )?;
         let skip =
             |m: u32| !opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m));
-        let target = sess
-            .pick(svc_idx, svc, &opts.selection, |m| {
-                skip(m) || inner.seen_stalled(m)
-            })
-            .or_else(|| sess.pick(svc_idx, svc, &opts.selection, skip))
+        let target = inner
+            .pick_target(sess, (svc_idx, svc), &opts.selection, skip)
             .ok_or_else(no_instance)?;
         let deadline = opts.call_deadline(start).min(start + opts.attempt_timeout);
         let trace = inner.trace_of(opts);
@@ -940,6 +938,20 @@ impl BusInner {
         }
     }
 
+    /// An instance of service `svc_idx` to send to (by `selection`, none that `skip`
+    /// names): one seen stalled only when no other is routable.
+    #[inline]
+    pub(crate) fn pick_target(
+        &self,
+        sess: &Session,
+        (svc_idx, svc): (u32, &ServiceEntry),
+        selection: &Selection,
+        skip: impl Fn(u32) -> bool,
+    ) -> Option<CallInfo> {
+        sess.pick(svc_idx, svc, selection, |m| skip(m) || self.seen_stalled(m))
+            .or_else(|| sess.pick(svc_idx, svc, selection, &skip))
+    }
+
     /// Whether instance `index` was seen stalled and its progress word has not moved since.
     fn seen_stalled(&self, index: u32) -> bool {
         if self
@@ -1178,7 +1190,7 @@ impl BusInner {
             Body::Loaned { chan, block, .. } if Arc::ptr_eq(chan, channel) => {
                 (false, Some(block), true)
             }
-            Body::Bytes(p) if p.len() + method.len() <= ring.data_len() => (true, None, false),
+            Body::Bytes(p) if fits_slot(p, method, &ring) => (true, None, false),
             // Too large for a slot, or a loan made in another instance's channel (its
             // instance was not routable any more): copied into this channel's heap.
             Body::Bytes(p) | Body::Loaned { bytes: p, .. } => {
