@@ -491,6 +491,13 @@ fn submitted_calls_are_collected_in_any_order_and_dropped_ones_return_their_mail
         Err(Error::LimitExceeded(m)) => assert!(m.contains("mailboxes"), "{m}"),
         other => panic!("expected LimitExceeded, got {:?}", other.map(|_| ())),
     }
+    // An event loop's try is "not now" (come back when a reply arrives), not an error.
+    let tried = client.try_submit(std::time::Instant::now(), "pipe", "m", b"try", &opts());
+    assert!(
+        matches!(tried, Ok(None)),
+        "try_submit with every mailbox in flight: {:?}",
+        tried.map(|p| p.is_some())
+    );
     // Dropped uncollected: every mailbox comes back (at once, or once its instance has
     // answered), so 32 can be in flight again.
     drop(full);
@@ -506,6 +513,19 @@ fn submitted_calls_are_collected_in_any_order_and_dropped_ones_return_their_mail
     for (i, p) in again.into_iter().enumerate() {
         p.wait(&mut out).unwrap();
         assert_eq!(out, payload(i as u32));
+    }
+    // Submitted calls honour exclusions, as calls do.
+    let away = CallOptions {
+        exclude: vec!["a".into()],
+        ..opts()
+    };
+    for i in 0..4 {
+        let info = client
+            .submit("pipe", "m", &payload(i), &away)
+            .unwrap()
+            .wait(&mut out)
+            .unwrap();
+        assert_eq!(client.instance_id(info), "b", "submitted call {i}");
     }
 }
 
@@ -724,4 +744,41 @@ fn a_backlog_in_one_channel_is_served_without_waiting_for_the_periodic_look() {
         took < Duration::from_millis(40),
         "15 queued requests took {took:?}: served one per periodic look?"
     );
+}
+
+/// A call made without a trace context starts a trace of its own: every call from every
+/// connection carries another trace id, also in the low 64 bits that logs and errors show
+/// (before, two connections of one process gave their n-th calls the same low 64 bits),
+/// and a span id of its own.
+#[test]
+fn every_call_without_a_trace_starts_its_own() {
+    let bus = TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("tr", "t1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let seen = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            inst.serve(|req, _| {
+                let t = req.trace_context();
+                seen.lock().unwrap().push((t.trace_id, t.span_id));
+                Ok(())
+            })
+            .unwrap()
+        });
+        let (c1, c2) = (bus.connect(), bus.connect());
+        for c in [&c1, &c2, &c1, &c2, &c1] {
+            c.call("tr", "m", b"", &opts()).unwrap();
+        }
+        stop.stop();
+    });
+    let ids = seen.into_inner().unwrap();
+    assert_eq!(ids.len(), 5);
+    let low: std::collections::HashSet<u64> = ids.iter().map(|&(t, _)| t as u64).collect();
+    assert_eq!(low.len(), 5, "calls shared a trace id: {ids:x?}");
+    assert!(!low.contains(&0), "a call carried trace id 0: {ids:x?}");
+    // Each call is a span of its own (W3C: a span id is never zero).
+    let spans: std::collections::HashSet<u64> = ids.iter().map(|&(_, s)| s).collect();
+    assert_eq!(spans.len(), 5, "calls shared a span id: {ids:x?}");
+    assert!(!spans.contains(&0), "a call carried span id 0: {ids:x?}");
 }

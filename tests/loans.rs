@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use aegis_client::{Bus, BusOptions, CallOptions, Error, Instance};
-use support::mapping_of;
+use support::{mapping_of, offset_in_mapping};
 
 fn opts() -> CallOptions {
     CallOptions::timeout(Duration::from_secs(10))
@@ -21,7 +21,11 @@ fn pattern(seed: u8, i: usize) -> u8 {
 
 /// Serves `n` requests (or until stopped) answering each with a loaned reply: the request's
 /// bytes reversed, written in place. Records where the request and the reply lay.
-fn serve_loaned(inst: &Instance, seen: &std::sync::Mutex<Vec<(String, String)>>) {
+/// Where a request was read: its mapping, its offset in that mapping, and the reply's
+/// mapping.
+type Seen = std::sync::Mutex<Vec<(String, usize, String)>>;
+
+fn serve_loaned(inst: &Instance, seen: &Seen) {
     let mut rx = inst.receiver();
     while let Some(req) = rx.recv(Some(Duration::from_secs(30))).unwrap() {
         if req.method() == "fail" {
@@ -33,9 +37,11 @@ fn serve_loaned(inst: &Instance, seen: &std::sync::Mutex<Vec<(String, String)>>)
         for (o, i) in loan.iter_mut().zip(req.payload().iter().rev()) {
             *o = *i;
         }
-        seen.lock()
-            .unwrap()
-            .push((mapping_of(req.payload()), mapping_of(&loan)));
+        seen.lock().unwrap().push((
+            mapping_of(req.payload()),
+            offset_in_mapping(req.payload()),
+            mapping_of(&loan),
+        ));
         req.reply_loan(loan).unwrap();
     }
 }
@@ -48,6 +54,7 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
     let stop = inst.stop_handle();
     let client = bus.connect();
     let seen = std::sync::Mutex::new(Vec::new());
+    let mut loaned_at = Vec::new();
     std::thread::scope(|s| {
         s.spawn(|| serve_loaned(&inst, &seen));
         // Sizes around the inline limits and far above them, up to the 16 MiB maximum.
@@ -65,6 +72,7 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
             for (i, b) in loan.iter_mut().enumerate() {
                 *b = pattern(k as u8, i);
             }
+            loaned_at.push(offset_in_mapping(&loan));
             let reply = client.call_loan("zc", "rev", loan, &opts()).unwrap();
             assert_eq!(reply.len(), len, "reply length for a {len}-byte request");
             assert!(
@@ -96,10 +104,15 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
     });
     let seen = seen.into_inner().unwrap();
     assert_eq!(seen.len(), 6);
-    for (req_at, reply_at) in &seen[1..] {
+    for ((req_at, off, reply_at), loaned) in seen[1..].iter().zip(&loaned_at[1..]) {
         assert!(
             req_at.contains("memfd:aegis-heap"),
             "the handler did not read the loan in place: {req_at}"
+        );
+        // ...the very bytes the caller wrote, not a copy elsewhere in the heap.
+        assert_eq!(
+            off, loaned,
+            "the loan was copied before the handler read it"
         );
         // ...through a read-only mapping: the caller's heap is sealed against other writers.
         assert!(
@@ -269,7 +282,8 @@ fn loans_refuse_what_they_cannot_carry() {
 /// A loan lies in the heap of the channel to the instance the next call would go to, and
 /// the call goes there: two loans made in turn go to the service's two instances. When
 /// the loan's instance has left by the time of the call, the call goes to the other one,
-/// with the bytes copied into that channel's heap (correct, if not zero-copy).
+/// with the bytes copied into that channel's heap (correct, if not zero-copy); so does a
+/// call that excludes it.
 #[test]
 fn a_loan_goes_to_its_instance_or_is_copied_to_another() {
     let bus = support::TestBus::start();
@@ -316,6 +330,22 @@ fn a_loan_goes_to_its_instance_or_is_copied_to_another() {
         check(&r2, 2);
         assert_ne!(r1.instance_id(), r2.instance_id());
         drop((r1, r2));
+        // A loan made for z1 but called with z1 excluded goes to z2 (copied there), as
+        // does the one made for z2.
+        let away = CallOptions {
+            exclude: vec!["z1".into()],
+            ..opts()
+        };
+        let (l5, l6) = (fill(5), fill(6));
+        for (l, seed) in [(l5, 5), (l6, 6)] {
+            let r = client.call_loan("zc", "rev", l, &away).unwrap();
+            check(&r, seed);
+            assert_eq!(
+                r.instance_id(),
+                "z2",
+                "loan {seed} went to an excluded instance"
+            );
+        }
         // Two more; then z1 leaves: both calls are answered by z2.
         let (l3, l4) = (fill(3), fill(4));
         stop_a.stop();

@@ -71,6 +71,16 @@ fn a_channel_gets_its_request_heap_with_its_first_large_request_only() {
         let r = client.call_loan("hp", "echo", loan, &opts()).unwrap();
         assert_eq!(&r[..], b"loanloan");
         assert_eq!(heaps(), 4, "a heap per channel");
+        // Each large request's block comes back once answered: 24 calls of 6 MiB, 144 MiB
+        // in all, go through the two 32 MiB heaps.
+        let big = vec![3u8; 6 << 20];
+        for i in 0..24 {
+            let r = client
+                .call("hp", "echo", &big, &opts())
+                .unwrap_or_else(|e| panic!("call {i}: {e}"));
+            assert_eq!(r.payload.len(), big.len(), "call {i}");
+        }
+        assert_eq!(heaps(), 4, "no heap more");
         stop_a.stop();
         stop_b.stop();
     });

@@ -635,3 +635,58 @@ fn journal_entries_whose_owner_does_not_come_back_in_time_are_dropped() {
         "the late owner's entry should have been dropped after 1 s"
     );
 }
+
+/// A call by resource has one attempt, on the owner. An owner that is still there but
+/// answers too late is a `Timeout` listing that attempt; an owner killed while handling
+/// the call is `OwnerUnavailable` (offline) naming it, not a timeout.
+#[test]
+fn a_slow_owner_times_out_and_one_that_dies_mid_call_is_unavailable() {
+    let bus = TestBus::start();
+    let slow = bus.serve(
+        "late",
+        "keeper",
+        &[
+            "--claim",
+            "doc",
+            "--delay-ms",
+            "60000",
+            "--heartbeat-interval-ms",
+            "10",
+            "--heartbeat-timeout-ms",
+            "60000",
+        ],
+    );
+    let client = bus.connect();
+    let short = CallOptions::timeout(Duration::from_millis(300));
+    match client.call_resource("doc", "get", b"x", &short) {
+        Err(Error::Timeout { attempts, .. }) => {
+            assert_eq!(attempts.len(), 1, "{attempts:?}");
+            assert_eq!(attempts[0].instance, "keeper");
+        }
+        other => panic!("expected Timeout from a slow owner, got {other:?}"),
+    }
+    std::thread::scope(|s| {
+        let call = s.spawn(|| {
+            client.call_resource(
+                "doc",
+                "get",
+                b"y",
+                &CallOptions::timeout(Duration::from_secs(30)),
+            )
+        });
+        // The first request still holds the only serving thread: wait until the second
+        // is queued behind it, then kill the owner.
+        support::wait_for("the second request to be queued", || {
+            client.health(Some("late")).unwrap()[0].queued >= 1
+        });
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(slow.pid() as libc::pid_t, libc::SIGKILL) };
+        match call.join().unwrap() {
+            Err(Error::OwnerUnavailable { owner, status, .. }) => {
+                assert_eq!(owner, "keeper");
+                assert_eq!(status, aegis_client::Status::Offline);
+            }
+            other => panic!("expected OwnerUnavailable from a dead owner, got {other:?}"),
+        }
+    });
+}

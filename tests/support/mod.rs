@@ -688,6 +688,13 @@ pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
 /// The `/proc/self/maps` line of the mapping that holds all of `bytes` ("" if none does):
 /// where a payload lies (a bus memfd, or private memory).
 #[allow(dead_code)]
+/// How far into its mapping `bytes` start (see [`mapping_of`]).
+pub fn offset_in_mapping(bytes: &[u8]) -> usize {
+    let line = mapping_of(bytes);
+    let start = line.split('-').next().unwrap();
+    bytes.as_ptr() as usize - usize::from_str_radix(start, 16).unwrap()
+}
+
 pub fn mapping_of(bytes: &[u8]) -> String {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let at = bytes.as_ptr() as usize;

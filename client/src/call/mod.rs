@@ -1113,12 +1113,14 @@ impl BusInner {
             .unwrap_or_else(|| self.next_trace_id())
     }
 
+    /// A fresh trace id (low 64 bits): this process's pid over a count of the traces it
+    /// started. The count is the process's, not the connection's: two connections of one
+    /// process would otherwise give their n-th calls the same id in logs and errors.
     fn next_trace_id(&self) -> u64 {
+        static TRACES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        // Relaxed: only uniqueness matters, which the RMW's single order gives.
         (self.pid as u64) << 40
-            | (self
-                .trace_seq
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                & ((1 << 40) - 1))
+            | (TRACES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & ((1 << 40) - 1))
     }
 
     /// Writes the request into the instance's ring and waits for the reply in `out`.
@@ -1805,5 +1807,149 @@ mod tests {
         let dflt = CallOptions::default();
         assert_ne!(dflt.timeout, d);
         assert_eq!(o.max_attempts, dflt.max_attempts);
+    }
+
+    fn ctx(hops: u8, deadline: Option<Instant>) -> CallContext {
+        CallContext {
+            hops,
+            trace: TraceContext {
+                trace_id: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+                span_id: 0x99,
+                flags: 1,
+            },
+            deadline,
+        }
+    }
+
+    /// A call made while handling a request takes one more hop, the request's trace and
+    /// the earlier of the two deadlines; the hop count saturates.
+    #[test]
+    fn a_nested_call_takes_a_hop_the_trace_and_the_earlier_deadline() {
+        let now = Instant::now();
+        let (early, late) = (now + Duration::from_secs(1), now + Duration::from_secs(9));
+        let o = CallOptions::default().within(&ctx(3, Some(late)));
+        assert_eq!(o.hops, 4);
+        assert_eq!(o.trace, Some(ctx(3, None).trace));
+        assert_eq!(o.trace_id, Some(0x1122_3344_5566_7788));
+        assert_eq!(o.deadline, Some(late));
+        let mine = CallOptions {
+            deadline: Some(early),
+            ..Default::default()
+        };
+        assert_eq!(
+            mine.clone().within(&ctx(0, Some(late))).deadline,
+            Some(early)
+        );
+        assert_eq!(mine.within(&ctx(0, None)).deadline, Some(early));
+        let none = CallOptions::default().within(&ctx(0, None));
+        assert_eq!(none.deadline, None);
+        let early_ctx = CallOptions {
+            deadline: Some(late),
+            ..Default::default()
+        };
+        assert_eq!(early_ctx.within(&ctx(0, Some(early))).deadline, Some(early));
+        assert_eq!(CallOptions::default().within(&ctx(255, None)).hops, 255);
+    }
+
+    /// The whole call ends at `start + timeout`, or at an earlier deadline.
+    #[test]
+    fn a_call_ends_at_its_timeout_or_an_earlier_deadline() {
+        let start = Instant::now();
+        let o = CallOptions::timeout(Duration::from_secs(2));
+        assert_eq!(o.call_deadline(start), start + Duration::from_secs(2));
+        let earlier = CallOptions {
+            deadline: Some(start + Duration::from_millis(500)),
+            ..o.clone()
+        };
+        assert_eq!(
+            earlier.call_deadline(start),
+            start + Duration::from_millis(500)
+        );
+        let later = CallOptions {
+            deadline: Some(start + Duration::from_secs(60)),
+            ..o
+        };
+        assert_eq!(later.call_deadline(start), start + Duration::from_secs(2));
+    }
+
+    /// Only attempts that may have reached a handler count against `max_attempts`.
+    #[test]
+    fn only_attempts_that_reached_an_instance_count() {
+        for why in [
+            INSTANCE_LEFT_BEFORE_SEND,
+            WITHDRAWN_STALLED,
+            FULL_AND_STALLED,
+            CHANNEL_NOT_TAKEN_UP,
+        ] {
+            assert!(!counts_as_attempt(why), "{why}");
+        }
+        for why in [
+            RING_FULL,
+            "deadline passed while the instance ran the request",
+        ] {
+            assert!(counts_as_attempt(why), "{why}");
+        }
+    }
+
+    /// Hops over the limit are `LoopDetected` naming both; at the limit the call goes;
+    /// a zero stall bound is refused naming the option.
+    #[test]
+    fn options_no_call_can_honour_are_refused() {
+        let at = CallOptions {
+            hops: 8,
+            max_hops: 8,
+            ..Default::default()
+        };
+        assert!(check_options(&at).is_ok());
+        let over = CallOptions { hops: 9, ..at };
+        match check_options(&over) {
+            Err(Error::LoopDetected { hops: 9, limit: 8 }) => {}
+            other => panic!("{other:?}"),
+        }
+        let zero = CallOptions {
+            stall_bound: Duration::ZERO,
+            ..Default::default()
+        };
+        match check_options(&zero) {
+            Err(Error::BadRequest(m)) => assert!(m.contains("stall_bound"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A payload of exactly the service's largest message goes; one byte more is
+    /// `MessageTooLarge` naming the service, the size and the limit.
+    #[test]
+    fn a_payload_over_the_largest_message_is_refused_naming_it() {
+        assert!(check_size("svc", 100, 100).is_ok());
+        match check_size("svc", 101, 100) {
+            Err(Error::MessageTooLarge {
+                service,
+                size: 101,
+                max: 100,
+            }) => {
+                assert_eq!(service, "svc")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One successful call in `ROUTE_LOG_SAMPLE` per thread is logged: the first, then
+    /// every 1,024th.
+    #[test]
+    fn one_routed_call_in_1024_per_thread_is_logged() {
+        std::thread::spawn(|| {
+            let logged: Vec<u32> = (0..3 * ROUTE_LOG_SAMPLE)
+                .filter(|_| route_log_sampled())
+                .collect();
+            assert_eq!(logged, [0, ROUTE_LOG_SAMPLE, 2 * ROUTE_LOG_SAMPLE]);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn an_interrupt_check_shows_as_such() {
+        let i = Interrupt(std::sync::Arc::new(|| false));
+        assert_eq!(format!("{i:?}"), "Interrupt(..)");
     }
 }

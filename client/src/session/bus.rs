@@ -357,7 +357,6 @@ pub(crate) struct BusInner {
     pub pid: u32,
     /// [`crate::shm::sys::fork_generation`] when connected (see [`BusInner::not_forked`]).
     pub(crate) forks: u64,
-    pub(crate) trace_seq: StdAtomicU64,
     /// The high 64 bits of the W3C trace ids of calls this connection starts (random).
     pub(crate) trace_hi: u64,
     /// Consecutive timeouts per (instance, incarnation), and how many entries (fast check).

@@ -87,7 +87,6 @@ impl Bus {
                 opts,
                 pid: std::process::id(),
                 forks: crate::shm::sys::fork_generation(),
-                trace_seq: StdAtomicU64::new(0),
                 trace_hi: crate::shm::sys::random_u64(),
                 secret,
                 nonce_key: std::hash::RandomState::new(),
