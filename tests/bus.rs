@@ -662,16 +662,24 @@ fn route_logs_sample_1_in_1024_successes_and_every_failure() {
     }
     let bus = TestBus::start();
     let _e = bus.serve("logged", "l1", &[]);
+    let server = bus.connect();
+    let refuser = server.register("refuses", "r1", &[]).unwrap();
+    let stop_refuser = refuser.stop_handle();
     let client = bus.connect();
     let buf = Buf::default();
     let writer = buf.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("aegis_ipc::route=info")
+        .with_env_filter("aegis_ipc::route=debug")
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
     // A fresh thread: its per-thread count starts at 0 (calls 0, 1024 and 2048 are logged).
     std::thread::scope(|s| {
+        s.spawn(|| {
+            refuser
+                .serve(|_, _| Err(ServiceError::new(418, "refused")))
+                .unwrap()
+        });
         s.spawn(|| {
             tracing::subscriber::with_default(subscriber, || {
                 // Another test's thread may have registered the callsites with no
@@ -691,7 +699,15 @@ fn route_logs_sample_1_in_1024_successes_and_every_failure() {
                 for _ in 0..3 {
                     assert!(client.call("nobody", "m", b"x", &opts()).is_err());
                 }
-            })
+                // A handler's error answer is the application's, not the bus's: debug.
+                for _ in 0..2 {
+                    assert!(matches!(
+                        client.call("refuses", "m", b"x", &opts()),
+                        Err(Error::Remote { .. })
+                    ));
+                }
+            });
+            stop_refuser.stop();
         });
     });
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
@@ -702,6 +718,12 @@ fn route_logs_sample_1_in_1024_successes_and_every_failure() {
         .all(|l| l.contains("trace_id=0x") && l.contains("INFO")));
     let failed = text.lines().filter(|l| l.contains("call failed")).count();
     assert_eq!(failed, 3, "{text}");
+    let answered: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("call answered with an error"))
+        .collect();
+    assert_eq!(answered.len(), 2, "{text}");
+    assert!(answered.iter().all(|l| l.contains("DEBUG")), "{text}");
 }
 
 /// A backlog in one caller's channel is served request after request: the serving thread
@@ -781,4 +803,26 @@ fn every_call_without_a_trace_starts_its_own() {
     let spans: std::collections::HashSet<u64> = ids.iter().map(|&(_, s)| s).collect();
     assert_eq!(spans.len(), 5, "calls shared a span id: {ids:x?}");
     assert!(!spans.contains(&0), "a call carried span id 0: {ids:x?}");
+}
+
+/// A submitted call polled without blocking (`try_wait`, `is_ready`, as an event loop
+/// does): nothing while its instance works on it, then its own reply.
+#[test]
+fn a_submitted_call_polled_without_blocking_gives_its_reply_when_ready() {
+    let bus = TestBus::start();
+    let _slow = bus.serve("polled", "p", &["--delay-ms", "200"]);
+    let client = bus.connect();
+    let mut out = Vec::new();
+    let mut p = client.submit("polled", "m", b"mine", &opts()).unwrap();
+    assert!(!p.is_ready(), "ready before its instance answered");
+    assert!(
+        p.try_wait(&mut out).is_none(),
+        "settled before its instance answered"
+    );
+    support::wait_for("the reply", || p.is_ready());
+    match p.try_wait(&mut out) {
+        Some(Ok(info)) => assert_eq!(client.instance_id(info), "p"),
+        other => panic!("expected the reply, got {:?}", other.map(|r| r.map(|_| ()))),
+    }
+    assert_eq!(out, b"mine");
 }
