@@ -122,6 +122,45 @@ fn an_event_loop_learns_of_armed_calls_through_the_event_fd() {
     }
 }
 
+/// Two event loops on one connection, each with its own event fd (`new_event_fd`): a
+/// call armed on one (`notify`) makes that fd readable, not the other; `clear` reads it
+/// (true), and says false when there was nothing to read.
+#[test]
+fn each_event_loop_s_own_fd_is_signalled_for_its_own_calls() {
+    use std::os::fd::AsRawFd;
+    let bus = TestBus::start();
+    let _a = bus.serve("efd2", "a", &["--delay-ms", "100"]);
+    let client = bus.connect();
+    let (mine, other) = (
+        client.new_event_fd().unwrap(),
+        client.new_event_fd().unwrap(),
+    );
+    assert!(!mine.clear(), "a new event fd was readable");
+    let readable = |fd: &aegis_client::EventFd, ms: i32| {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
+    };
+    let opts = CallOptions::timeout(Duration::from_secs(30));
+    let mut p = client.submit("efd2", "m", b"armed", &opts).unwrap();
+    p.notify(&mine);
+    assert!(
+        readable(&mine, support::DEADLINE.as_millis() as i32),
+        "the armed fd was not signalled"
+    );
+    let mut out = Vec::new();
+    support::wait_for("the reply", || p.is_ready());
+    assert!(matches!(p.try_wait(&mut out), Some(Ok(_))));
+    assert_eq!(out, b"armed");
+    assert!(mine.clear(), "the signalled fd read nothing");
+    assert!(!readable(&other, 0), "the other loop's fd was signalled");
+    assert!(!other.clear());
+}
+
 /// A full ring does not block the executor: with the only instance stopped and its
 /// 4-slot ring full, more async calls wait for room while the same current-thread runtime
 /// goes on running other tasks; once the instance continues, every call is answered.
