@@ -211,3 +211,99 @@ fn a_full_ring_does_not_block_the_runtime() {
     });
     assert_eq!(answered, 16);
 }
+
+/// An instance killed while handling calls: an awaiting future and an event loop's armed
+/// call both learn of it from the doorbell thread's liveness pass (no reply will ever
+/// ring), and end with the attempt's failure well before their 30 s deadline.
+#[test]
+fn async_callers_of_an_instance_killed_mid_call_are_told_promptly() {
+    use std::os::fd::AsRawFd;
+    use std::time::Instant;
+    let bus = TestBus::start();
+    let slow = bus.serve(
+        "dies",
+        "d",
+        &[
+            "--delay-ms",
+            "60000",
+            "--threads",
+            "2",
+            "--heartbeat-interval-ms",
+            "10",
+            "--heartbeat-timeout-ms",
+            "60000",
+        ],
+    );
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(30));
+    let fd = client.new_event_fd().unwrap();
+    let mut armed = client.submit("dies", "m", b"armed", &opts).unwrap();
+    armed.notify(&fd);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let killed_at = std::sync::OnceLock::new();
+    let (r, returned_at) = rt.block_on(async {
+        let call = client.call_async("dies", "m", b"awaited", &opts);
+        tokio::pin!(call);
+        // Both requests taken (nothing queued, no progress), then the instance dies.
+        let mut kill = std::pin::pin!(async {
+            loop {
+                let h = &client.health(Some("dies")).unwrap()[0];
+                if h.queued == 0 && h.last_progress_ms >= 100 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            killed_at.set(Instant::now()).unwrap();
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(slow.pid() as libc::pid_t, libc::SIGKILL) };
+            std::future::pending::<()>().await
+        });
+        tokio::select! {
+            r = &mut call => (r, Instant::now()),
+            _ = &mut kill => unreachable!(),
+        }
+    });
+    let killed_at = *killed_at
+        .get()
+        .expect("the future returned before the kill");
+    match r {
+        Err(aegis_client::Error::Timeout { attempts, .. }) => {
+            assert!(attempts[0].error.contains("left"), "{attempts:?}")
+        }
+        other => panic!("expected Timeout naming the departure, got {other:?}"),
+    }
+    // The liveness pass runs every 5 ms: a second is 200 of them.
+    let took = returned_at.duration_since(killed_at);
+    assert!(
+        took < Duration::from_secs(1),
+        "the future learnt of the death after {took:?}"
+    );
+    // The event loop: its fd is signalled, and the armed call settles with the failure.
+    let mut out = Vec::new();
+    let until = Instant::now() + Duration::from_secs(1);
+    let settled = loop {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let left = until.saturating_duration_since(Instant::now()).as_millis() as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, left) };
+        assert_eq!(
+            n, 1,
+            "the event fd was not signalled after the instance died"
+        );
+        fd.clear();
+        if let Some(r) = armed.try_wait(&mut out) {
+            break r;
+        }
+    };
+    assert!(
+        matches!(settled, Err(aegis_client::Error::Timeout { .. })),
+        "{settled:?}"
+    );
+}
