@@ -648,6 +648,17 @@ fn three_consecutive_timeouts_mark_an_instance_unhealthy_until_it_makes_progress
     );
     let client = bus.connect();
     let quick = CallOptions::timeout(Duration::from_millis(30));
+    // Two timeouts, then an answer: the count starts again. (Counted on, the third timeout
+    // below would be reported while nothing waits in the ring, which the broker does not
+    // confirm, and the fifth not at all: the instance would never be marked.)
+    for i in 0..2 {
+        match client.call("slowpoke", "m", b"x", &quick) {
+            Err(Error::Timeout { .. }) => {}
+            other => panic!("call {i}: expected a timeout, got {other:?}"),
+        }
+    }
+    let answered = client.call("slowpoke", "m", b"between", &CallOptions::default());
+    assert_eq!(answered.unwrap().payload, b"between");
     for i in 0..3 {
         match client.call("slowpoke", "m", b"x", &quick) {
             Err(Error::Timeout { .. }) => {}
