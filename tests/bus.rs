@@ -826,3 +826,31 @@ fn a_submitted_call_polled_without_blocking_gives_its_reply_when_ready() {
     }
     assert_eq!(out, b"mine");
 }
+
+/// A call whose only instance never took its request (busy with another) ends in a
+/// `Timeout` listing that attempt: the instance was there, so it is not
+/// `NoAvailableInstance`.
+#[test]
+fn a_call_its_only_instance_never_took_is_a_timeout_not_no_instance() {
+    let bus = TestBus::start();
+    let _slow = bus.serve("busy", "b", &["--delay-ms", "1000"]);
+    let client = bus.connect();
+    let first = client.submit("busy", "m", b"first", &opts()).unwrap();
+    support::wait_for("the first request to be taken", || {
+        client.health(Some("busy")).unwrap()[0].queued == 0
+    });
+    let short = CallOptions {
+        attempt_timeout: Duration::from_millis(200),
+        ..opts()
+    };
+    match client.call("busy", "m", b"second", &short) {
+        Err(Error::Timeout { attempts, .. }) => {
+            assert_eq!(attempts.len(), 1, "{attempts:?}");
+            assert!(attempts[0].error.contains("not taken"), "{attempts:?}");
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    let mut out = Vec::new();
+    first.wait(&mut out).unwrap();
+    assert_eq!(out, b"first");
+}

@@ -1104,3 +1104,44 @@ fn after_a_broker_restart_the_first_large_request_and_loan_go_through() {
     let r = client.call_loan("big", "echo", loan, &opts).unwrap();
     assert!(r.len() == 64 << 10 && r.iter().all(|&b| b == 9));
 }
+
+/// A call already taken by an instance that then turns `Unhealthy` (its loop shows no
+/// progress for the heartbeat timeout while the handler runs) is still waited for: the
+/// instance is there, and the reply arrives. Only a departure ends the wait.
+#[test]
+fn a_call_in_flight_on_an_instance_turned_unhealthy_still_gets_its_reply() {
+    let bus = TestBus::start();
+    let _slow = bus.serve(
+        "sluggish",
+        "s",
+        &[
+            "--delay-ms",
+            "1500",
+            "--heartbeat-interval-ms",
+            "10",
+            "--heartbeat-timeout-ms",
+            "300",
+        ],
+    );
+    let client = bus.connect();
+    std::thread::scope(|s| {
+        let call = s.spawn(|| {
+            client.call(
+                "sluggish",
+                "m",
+                b"patience",
+                &CallOptions::timeout(Duration::from_secs(20)),
+            )
+        });
+        watch_until(&client, "sluggish", |c| {
+            c.routable_instances("sluggish")
+                .iter()
+                .any(|(_, _, st)| *st == Status::Unhealthy)
+        });
+        let r = call
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the call failed: {e}"));
+        assert_eq!(r.payload, b"patience");
+    });
+}
