@@ -256,6 +256,9 @@ fn async_callers_of_an_instance_killed_mid_call_are_told_promptly() {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            // What the fd says from here on is news of the death (while the call waits,
+            // the liveness pass signals it every 5 ms).
+            fd.clear();
             killed_at.set(Instant::now()).unwrap();
             // SAFETY: kill(2) on our child.
             unsafe { libc::kill(slow.pid() as libc::pid_t, libc::SIGKILL) };
