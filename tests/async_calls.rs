@@ -223,16 +223,7 @@ fn async_callers_of_an_instance_killed_mid_call_are_told_promptly() {
     let slow = bus.serve(
         "dies",
         "d",
-        &[
-            "--delay-ms",
-            "60000",
-            "--threads",
-            "2",
-            "--heartbeat-interval-ms",
-            "10",
-            "--heartbeat-timeout-ms",
-            "60000",
-        ],
+        &[&support::STUCK_IN_HANDLER[..], &["--threads", "2"]].concat(),
     );
     let client = bus.connect();
     let opts = CallOptions::timeout(Duration::from_secs(30));

@@ -247,18 +247,7 @@ fn a_producer_parked_or_killed_between_claim_and_publish_holds_up_no_other_calle
 fn a_call_on_an_instance_that_dies_while_handling_it_returns_promptly() {
     let bus = TestBus::start();
     // Idle, the loop proves progress every 10 ms; stuck in the 60 s handler, it stops.
-    let slow = bus.serve(
-        "dies",
-        "d",
-        &[
-            "--delay-ms",
-            "60000",
-            "--heartbeat-interval-ms",
-            "10",
-            "--heartbeat-timeout-ms",
-            "60000",
-        ],
-    );
+    let slow = bus.serve("dies", "d", &support::STUCK_IN_HANDLER);
     let client = bus.connect();
     let t = std::thread::scope(|s| {
         let call = s.spawn(|| {

@@ -645,16 +645,7 @@ fn a_slow_owner_times_out_and_one_that_dies_mid_call_is_unavailable() {
     let slow = bus.serve(
         "late",
         "keeper",
-        &[
-            "--claim",
-            "doc",
-            "--delay-ms",
-            "60000",
-            "--heartbeat-interval-ms",
-            "10",
-            "--heartbeat-timeout-ms",
-            "60000",
-        ],
+        &[&support::STUCK_IN_HANDLER[..], &["--claim", "doc"]].concat(),
     );
     let client = bus.connect();
     let short = CallOptions::timeout(Duration::from_millis(300));

@@ -688,6 +688,18 @@ pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
 /// The `/proc/self/maps` line of the mapping that holds all of `bytes` ("" if none does):
 /// where a payload lies (a bus memfd, or private memory).
 #[allow(dead_code)]
+/// `aegisctl serve` flags of an instance stuck in its handler: each request takes a minute,
+/// while its loop, idle, shows progress every 10 ms (so "taken, no progress" can be seen)
+/// and silence never holds it out. For tests that kill an instance mid-call.
+pub const STUCK_IN_HANDLER: [&str; 6] = [
+    "--delay-ms",
+    "60000",
+    "--heartbeat-interval-ms",
+    "10",
+    "--heartbeat-timeout-ms",
+    "60000",
+];
+
 /// How far into its mapping `bytes` start (see [`mapping_of`]).
 pub fn offset_in_mapping(bytes: &[u8]) -> usize {
     let line = mapping_of(bytes);
