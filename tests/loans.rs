@@ -358,3 +358,36 @@ fn a_loan_goes_to_its_instance_or_is_copied_to_another() {
         stop_b.stop();
     });
 }
+
+/// A loaned call in doubt (its instance took it and did not answer in time) is not sent
+/// again, even when idempotent: the block is held by the mailbox's quarantine until the
+/// late reply lands, and one block has one owner. (Sent again, the late reply would free
+/// a block the loan frees too.)
+#[test]
+fn a_loaned_call_in_doubt_is_not_sent_again_even_when_idempotent() {
+    let bus = support::TestBus::start();
+    let _slow = bus.serve("lz", "slow", &["--delay-ms", "2000"]);
+    let client = bus.connect();
+    // Made while only the slow instance serves: the loan lies in its channel.
+    let mut loan = client.loan("lz", 64 << 10).unwrap();
+    loan.fill(7);
+    let _fast = bus.serve("lz", "fast", &[]);
+    support::wait_for("the second instance", || {
+        client.routable_instances("lz").len() == 2
+    });
+    let opts = CallOptions {
+        idempotent: true,
+        attempt_timeout: Duration::from_millis(200),
+        ..opts()
+    };
+    match client.call_loan("lz", "m", loan, &opts) {
+        Err(Error::Timeout { attempts, .. }) => {
+            assert_eq!(attempts.len(), 1, "{attempts:?}");
+            assert_eq!(attempts[0].instance, "slow");
+        }
+        other => panic!(
+            "expected a Timeout without a second attempt, got {:?}",
+            other.map(|r| r.instance_id().to_owned())
+        ),
+    }
+}
