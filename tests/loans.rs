@@ -366,7 +366,7 @@ fn a_loan_goes_to_its_instance_or_is_copied_to_another() {
 #[test]
 fn a_loaned_call_in_doubt_is_not_sent_again_even_when_idempotent() {
     let bus = support::TestBus::start();
-    let _slow = bus.serve("lz", "slow", &["--delay-ms", "2000"]);
+    let _slow = bus.serve("lz", "slow", &["--delay-ms", "3000"]);
     let client = bus.connect();
     // Made while only the slow instance serves: the loan lies in its channel.
     let mut loan = client.loan("lz", 64 << 10).unwrap();
@@ -377,7 +377,9 @@ fn a_loaned_call_in_doubt_is_not_sent_again_even_when_idempotent() {
     });
     let opts = CallOptions {
         idempotent: true,
-        attempt_timeout: Duration::from_millis(200),
+        // Long enough for the slow instance to take the request even on a loaded host
+        // (untaken, it would be withdrawn and rightly sent to the other instance).
+        attempt_timeout: Duration::from_secs(1),
         ..opts()
     };
     match client.call_loan("lz", "m", loan, &opts) {
