@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use aegis_client::fuzzing;
 use aegis_client::layout::{
-    ClientLayout, InstanceLayout, InstanceSeg, Mapping, MsgHeader, RegistryLayout, RequestHeap,
-    SegmentKind, SharedLayout, PAYLOAD_INLINE,
+    ChannelSeg, ClientLayout, InstanceLayout, Mapping, MsgHeader, Party, RegistryLayout,
+    RequestHeap, SegmentKind, SharedLayout, PAYLOAD_INLINE,
 };
 use aegis_client::proto::{self, BulkOptions, Request, ResourceSpec, ServiceConfig};
 use aegis_client::sys;
@@ -129,21 +129,35 @@ fn write_seeds() {
         heap_size: 4096,
     };
     let fd = make(SegmentKind::Instance, il.ring_size(), il.params(1, 2));
-    let (_, own) = InstanceSeg::create_own(9, il.heap_size).unwrap();
-    let seg = InstanceSeg::open(&fd, own, 9, 1, 2).unwrap();
-    let ring = seg.ring();
-    let mut c = ring.try_claim(1).unwrap();
+    write("segment_open", "instance", &image(&fd));
+    // A channel with one request published (its request side) and taken (its reply side).
+    let ml = ClientLayout {
+        mailboxes: 4,
+        mailbox_inline: 64,
+    };
+    let [req, rep] = ChannelSeg::create(9, ChannelSeg::layout_for(il), ml, 1, 2, 7).unwrap();
+    let caller = ChannelSeg::open(&req, &rep, 9, Some((1, 2)), Party::Caller).unwrap();
+    let instance = ChannelSeg::open(&req, &rep, 9, Some((1, 2)), Party::Instance).unwrap();
+    let (mb, _) = caller.mailbox(1).unwrap();
+    aegis_client::mailbox::arm(mb, 1, 1);
+    let mut c = caller.ring().try_claim().unwrap();
     c.set_header(MsgHeader {
         method_len: 4,
         payload_len: 2,
         kind: PAYLOAD_INLINE,
+        mailbox: 1,
+        mailbox_gen: 1,
         nonce: 1,
         secret: 2,
         ..Default::default()
     });
     c.data()[..6].copy_from_slice(b"echohi");
-    c.publish().unwrap();
-    write("segment_open", "instance", &image(&fd));
+    c.publish();
+    write("segment_open", "channel", &image(&req));
+    drop(instance.ring().try_pop().unwrap());
+    let (mb, _) = instance.mailbox(1).unwrap();
+    assert!(aegis_client::mailbox::take(mb, 1, 1));
+    write("segment_open", "reply", &image(&rep));
     let cl = ClientLayout {
         mailboxes: 4,
         mailbox_inline: 64,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aegis_client::layout::{
-    ChannelSeg, InstanceSeg, Mapping, MsgHeader, SegmentKind, PAYLOAD_INLINE,
+    ChannelSeg, InstanceSeg, Mapping, MsgHeader, Party, SegmentKind, PAYLOAD_INLINE,
 };
 use aegis_client::proto::{Request, Response, ServiceConfig};
 use aegis_client::ring::Doorbell;
@@ -163,16 +163,22 @@ fn hostile_peer() {
         .unwrap();
 
     // Our own channels, before we map anyone else's.
-    let own = echo_channels(&["self".to_string()]);
+    let own = echo_channels(&["self".to_string()], Party::Caller);
+    // And as their instances map them: we are root here, so we may reopen the read-only
+    // reply sides writable (an attacker of another uid cannot: tests/isolation.rs).
+    let own_replies = echo_channels(&["self".to_string()], Party::Instance);
     attack_truncate(&pids);
     let rings = echo_rings(&pids);
-    let chans = echo_channels(&pids.iter().map(u32::to_string).collect::<Vec<_>>());
+    let chans = echo_channels(
+        &pids.iter().map(u32::to_string).collect::<Vec<_>>(),
+        Party::Caller,
+    );
     attack_open_clients(dir, &chans);
     attack_forge(&rings, &chans);
     attack_reports(dir, &rings);
     // Our own channels (the well-behaved caller's we could wreck only because we run as
     // its uid here: tests/isolation.rs has an attacker of another uid).
-    attack_corrupt(&rings[0], &own);
+    attack_corrupt(&rings[0], &own, &own_replies);
     attack_huge_ring(&me);
     attack_exhaust(dir);
     let _ = std::io::stdout().flush();
@@ -330,16 +336,32 @@ fn echo_rings(pids: &[u32]) -> Vec<InstanceSeg> {
 }
 
 /// The channels processes `procs` (pids or `self`) map: for the echo instances every
-/// caller's, ours and the well-behaved caller's, opened through /proc/PID (same uid).
-fn echo_channels(procs: &[String]) -> Vec<ChannelSeg> {
-    let mut chans = Vec::new();
-    for p in procs {
-        for f in memfds_of(p, "/memfd:aegis-channel") {
-            let fd = OwnedFd::from(f);
-            let Ok((_, h)) = Mapping::open(&fd, SegmentKind::Channel, true, None) else {
-                continue;
-            };
-            if let Ok(c) = ChannelSeg::open(&fd, h.bus_epoch, None) {
+/// caller's, ours and the well-behaved caller's, their two sides opened through /proc/PID
+/// (same uid) and paired by their headers, mapped as `party` maps them (each side
+/// writable only by the party that writes it).
+fn echo_channels(procs: &[String], party: Party) -> Vec<ChannelSeg> {
+    let sides = |name: &str, kind: SegmentKind| {
+        let mut found: Vec<(OwnedFd, [u64; 4])> = Vec::new();
+        for p in procs {
+            for f in memfds_of(p, name) {
+                let fd = OwnedFd::from(f);
+                if let Ok((_, h)) = Mapping::open(&fd, kind, false, None) {
+                    found.push((fd, h.params));
+                }
+            }
+        }
+        found
+    };
+    let reqs = sides("/memfd:aegis-channel", SegmentKind::Channel);
+    let reps = sides("/memfd:aegis-reply", SegmentKind::Reply);
+    let mut chans: Vec<ChannelSeg> = Vec::new();
+    for (req, params) in &reqs {
+        let Some((rep, _)) = reps.iter().find(|(_, p)| p == params) else {
+            continue;
+        };
+        let (_, h) = Mapping::open(req, SegmentKind::Channel, false, None).unwrap();
+        if let Ok(c) = ChannelSeg::open(req, rep, h.bus_epoch, None, party) {
+            if chans.iter().all(|k| k.id != c.id) {
                 chans.push(c);
             }
         }
@@ -388,7 +410,7 @@ fn attack_forge(rings: &[InstanceSeg], chans: &[ChannelSeg]) {
                     seed ^= seed << 13;
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
-                    let Ok(mut c) = ring.try_claim(std::process::id()) else {
+                    let Ok(mut c) = ring.try_claim() else {
                         continue;
                     };
                     let body = b"echoFORGED";
@@ -405,9 +427,8 @@ fn attack_forge(rings: &[InstanceSeg], chans: &[ChannelSeg]) {
                         ..Default::default()
                     });
                     c.data()[..body.len()].copy_from_slice(body);
-                    if c.publish().is_ok() {
-                        published += 1;
-                    }
+                    c.publish();
+                    published += 1;
                     if let Some(b) = bell {
                         b.ring(Doorbell::bit(ch.id));
                     }
@@ -453,14 +474,14 @@ fn attack_reports(dir: &Path, rings: &[InstanceSeg]) {
 }
 
 /// Garbage into an instance's doorbell and into every channel's positions and sequences.
-fn attack_corrupt(bell: &InstanceSeg, chans: &[ChannelSeg]) {
+fn attack_corrupt(bell: &InstanceSeg, chans: &[ChannelSeg], replies: &[ChannelSeg]) {
     let b = bell.ring_indices();
     b.hint.store(u64::MAX, Ordering::Relaxed);
     b.sleepers.store(u32::MAX, Ordering::Relaxed);
     b.wake.fetch_add(1, Ordering::Relaxed);
     let _ = aegis_client::sys::futex_wake(&b.wake, u32::MAX);
     for seg in chans {
-        corrupt_channel(seg);
+        corrupt_channel(seg, replies.iter().find(|r| r.id == seg.id));
     }
     println!(
         "ATTACK corrupt: done (instance #{} and {} channels)",
@@ -469,11 +490,13 @@ fn attack_corrupt(bell: &InstanceSeg, chans: &[ChannelSeg]) {
     );
 }
 
-fn corrupt_channel(seg: &ChannelSeg) {
-    let idx = seg.ring_indices();
-    idx.enqueue_pos.store(0xdead_beef_0000, Ordering::Relaxed);
-    idx.dequeue_pos.store(0x0bad_f00d, Ordering::Relaxed);
-    idx.wake.fetch_add(1, Ordering::Relaxed);
+/// Garbage into both sides of a channel: `seg` mapped as its caller (the request side's
+/// position and the slots' published words) and `theirs` as its instance (the reply
+/// side's position, freed words and the taken-up word), as a peer of both would.
+fn corrupt_channel(seg: &ChannelSeg, theirs: Option<&ChannelSeg>) {
+    seg.request_indices()
+        .enqueue_pos
+        .store(0xdead_beef_0000, Ordering::Relaxed);
     // The slot words: every sequence far ahead.
     let base = seg.slots_base();
     for i in 0..seg.layout.slot_count as usize {
@@ -481,6 +504,16 @@ fn corrupt_channel(seg: &ChannelSeg) {
         // the atomic sequence, written here as a hostile peer would.
         let seq = unsafe { &*(base.add(i * seg.layout.slot_stride()) as *const AtomicU64) };
         seq.store(0x7777_0000 + i as u64, Ordering::Relaxed);
+    }
+    if let Some(t) = theirs {
+        t.reply_indices()
+            .dequeue_pos
+            .store(0x0bad_f00d, Ordering::Relaxed);
+        for i in 0..t.layout.slot_count as usize {
+            // SAFETY: freed word `i` lies inside the mapped reply side (i < slot_count).
+            let w = unsafe { &(*t.freed_base().add(i)).seq };
+            w.store(0x5555_0000 + i as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -546,10 +579,10 @@ fn a_slot_claimed_and_never_published_holds_up_no_other_caller() {
         .unwrap();
     assert!(matches!(resp, Response::OpenedInstances(_)), "{resp:?}");
     let (_, h) = Mapping::open(&fds[2], SegmentKind::Channel, true, None).unwrap();
-    let chan = ChannelSeg::open(&fds[2], h.bus_epoch, None).unwrap();
+    let chan = ChannelSeg::open(&fds[2], &fds[3], h.bus_epoch, None, Party::Caller).unwrap();
     let ring = chan.ring();
-    let pidless = ring.try_claim(0).unwrap();
-    let live = ring.try_claim(std::process::id()).unwrap();
+    let pidless = ring.try_claim().unwrap();
+    let live = ring.try_claim().unwrap();
     Doorbell(rings[0].ring_indices()).ring(Doorbell::bit(chan.id));
     // Well under the 1 s a pidless slot held the shared ring.
     let short = CallOptions::timeout(Duration::from_millis(500));

@@ -285,8 +285,8 @@ fn a_co_caller_of_another_uid_cannot_rewrite_a_queued_request() {
 }
 
 /// Row "a caller claims one slot in every instance's ring and never publishes": the
-/// attacker (who may call `bank`) claims a slot in each instance's ring segment and in
-/// each of its own channels, publishes none, and holds them while the victim calls.
+/// attacker (who may call `bank`) claims a slot in each of its own channels (the instance
+/// ring segments carry no requests any more), publishes none, and holds them while the victim calls.
 /// Its claims hold up only its own channels: every victim call succeeds at once. (Before
 /// channels, all callers shared each instance's ring: a claimed, unpublished slot of a
 /// live producer held every later request, and every call to the service timed out.)
@@ -296,7 +296,11 @@ fn a_caller_of_another_uid_holding_slots_holds_up_no_one_else() {
         return;
     };
     let (mut child, r) = attacker_holding(bus.path(), "hold", &bank_targets(&victim));
-    assert_eq!(value(&r, "held"), "4", "2 rings and 2 channels: {r:?}");
+    assert_eq!(
+        value(&r, "held"),
+        "2",
+        "a slot in each of its 2 channels: {r:?}"
+    );
     // Each call well within the 5 s a held ring used to cost it.
     let opts = CallOptions::timeout(Duration::from_secs(1));
     let mut out = Vec::new();
@@ -391,7 +395,7 @@ fn attack_selections(dir: &Path, targets: &[(u32, u64)]) {
     let mut raw = Raw::connect(dir).unwrap();
     let opened = open_as_caller(&mut raw, targets);
     for (_, chan) in &opened {
-        chan.ring_indices()
+        chan.request_indices()
             .enqueue_pos
             .store(1 << 40, std::sync::atomic::Ordering::Relaxed);
     }
@@ -571,6 +575,83 @@ fn an_instance_owner_cannot_alter_a_caller_s_large_requests_to_another_service()
     victim_calls_of(&victim, 20, "after", 64 << 10);
 }
 
+/// One writer per page in the channels, the caller's side: the attacker (who may call
+/// `bank`) opens both instances as any caller does and tries every way to write the
+/// reply side of its own channel to each (where the instance moves the ring's head, frees
+/// slots and writes its answers): a writable `mmap`, `mprotect` of a read-only one,
+/// `write(2)`, and reopening the descriptor writable through `/proc/self/fd`. All are
+/// refused; `bank` stays `Online` and every victim call succeeds. (At ac1db13 a channel was
+/// one segment the caller was handed writable, head and answers included: with the
+/// broker's read-only reopen replaced by a duplicate of the writable descriptor, this test
+/// sees "writable=8".)
+#[test]
+fn a_caller_of_another_uid_cannot_write_the_instance_s_side_of_its_channel() {
+    let Some((bus, _banks, victim)) = bank_bus() else {
+        return;
+    };
+    let (r, _) = attack_while_calling(
+        &bus,
+        &victim,
+        ("reply-side", bank_targets(&victim)),
+        5,
+        None,
+    );
+    assert_eq!(
+        value(&r, "segments"),
+        "2",
+        "a reply side per instance: {r:?}"
+    );
+    assert_eq!(
+        value(&r, "writable"),
+        "0",
+        "the attacker could write an instance's side of its channel: {r:?}"
+    );
+    assert_eq!(
+        value(&r, "refused"),
+        "8",
+        "each reply side: mmap, mprotect, write(2), reopen refused: {r:?}"
+    );
+    victim_calls(&victim, 10, "after");
+    for i in &victim.service("bank").unwrap().instances {
+        assert_eq!(i.status, Status::Online, "{i:?}");
+    }
+}
+
+/// One writer per page in the channels, the instance's side: the attacker serves `pub`,
+/// the victim calls it, and the attacker's serving process (which maps the victim's
+/// channel to `pub`) tries every way to write that channel's request side (the victim's
+/// requests, its slots' published words, its call words): its mapping made writable with
+/// `mprotect`, and a writable open of it through `/proc/self/map_files` (its descriptor was
+/// closed once mapped). Both are refused, and the victim's calls go on. (At ac1db13 the
+/// instance mapped the channel's one segment writable: with the read-only reopen replaced
+/// by a duplicate of the writable descriptor, this test sees "writable=1": the mprotect).
+#[test]
+fn an_instance_owner_of_another_uid_cannot_write_a_caller_s_side_of_its_channel() {
+    let Some((bus, _banks, victim)) = bank_bus() else {
+        return;
+    };
+    let (mut attacker, lines) = attacker_serving_pub(&bus, &victim, "request-side");
+    let rounds = victim_calls_while_running(&victim, &mut attacker, 0);
+    let r = attacker_result(&mut attacker, lines);
+    eprintln!("attacker: {r:?}, victim rounds: {rounds}");
+    assert_eq!(
+        value(&r, "segments"),
+        "1",
+        "the victim's channel to pub: {r:?}"
+    );
+    assert_eq!(
+        value(&r, "writable"),
+        "0",
+        "the attacker could write a caller's side of its channel: {r:?}"
+    );
+    assert_eq!(
+        value(&r, "refused"),
+        "2",
+        "mprotect and reopen refused: {r:?}"
+    );
+    victim_calls(&victim, 10, "after");
+}
+
 /// An instance owner rewriting the header of a caller's client segment (every instance
 /// the caller opened maps that segment writable: its async doorbell word is there) holds
 /// up none of the caller's other calls: the attacker serves `pub`, the victim calls it,
@@ -723,7 +804,9 @@ fn forge_replies(how_long: Duration) -> String {
         let maps: Vec<_> = writable_bus_mappings()
             .into_iter()
             .filter(|m| {
-                m.kind == SegmentKind::Client as u32 || m.kind == SegmentKind::Channel as u32
+                m.kind == SegmentKind::Client as u32
+                    || m.kind == SegmentKind::Channel as u32
+                    || m.kind == SegmentKind::Reply as u32
             })
             .collect();
         segments = segments.max(maps.len());
@@ -1161,6 +1244,8 @@ fn attacker() {
         "forge" => serve_pub_while(Path::new(&dir), forge_replies),
         "alter" => serve_pub_while(Path::new(&dir), alter_requests),
         "scribble" => serve_pub_while(Path::new(&dir), scribble_client_headers),
+        "reply-side" => attack_reply_side(Path::new(&dir), &targets),
+        "request-side" => serve_pub_while(Path::new(&dir), write_request_sides),
         other => panic!("unknown attack {other}"),
     }
 }
@@ -1195,7 +1280,14 @@ fn open_as_caller(
         // segment (read-only to us) completes it.
         let (_, own) = InstanceSeg::create_own(h.bus_epoch, h.params[1]).unwrap();
         let ring = InstanceSeg::open(&fds[0], own, h.bus_epoch, instance, incarnation).unwrap();
-        let chan = ChannelSeg::open(&fds[2], h.bus_epoch, Some((instance, incarnation))).unwrap();
+        let chan = ChannelSeg::open(
+            &fds[2],
+            &fds[3],
+            h.bus_epoch,
+            Some((instance, incarnation)),
+            aegis_client::layout::Party::Caller,
+        )
+        .unwrap();
         out.push((ring, chan));
     }
     out
@@ -1256,9 +1348,8 @@ fn attack_hold(dir: &Path, targets: &[(u32, u64)]) {
     let mut raw = Raw::connect(dir).unwrap();
     let opened = open_as_caller(&mut raw, targets);
     let mut claims = Vec::new();
-    for (ring, chan) in &opened {
-        claims.extend(ring.ring().try_claim(std::process::id()).ok());
-        claims.extend(chan.ring().try_claim(std::process::id()).ok());
+    for (_, chan) in &opened {
+        claims.extend(chan.ring().try_claim().ok());
     }
     println!("\nRESULT held={}", claims.len());
     std::io::stdout().flush().unwrap();
@@ -1325,6 +1416,114 @@ fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
         errors.join(",").replace(' ', "_")
     );
     drop(bus);
+}
+
+/// Every way to write a segment through a descriptor we were handed (see [`try_writes`]),
+/// and a writable reopen through `/proc/self/fd`.
+fn try_writes_and_reopen(fd: &OwnedFd) -> Writes {
+    let mut w = try_writes(fd);
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    {
+        Ok(_) => w.writable += 1,
+        Err(e) => w.errors.push(format!("reopen:{e}")),
+    }
+    w
+}
+
+/// Opens each target as a caller and tries to write the reply side of its channel to it
+/// (the segment holding the instance's ring head and answers: the `Reply` segment now; the
+/// one `Channel` segment before it was split).
+fn attack_reply_side(dir: &Path, targets: &[(u32, u64)]) {
+    let bus = Bus::connect_dir(dir).expect("the attacker may connect");
+    bus.call(
+        "bank",
+        "echo",
+        b"hello",
+        &CallOptions::timeout(Duration::from_secs(5)),
+    )
+    .expect("the attacker may call bank");
+    let mut raw = Raw::connect(dir).unwrap();
+    let (mut segments, mut writable, mut refused) = (0, 0, 0);
+    let mut errors = Vec::new();
+    for &(instance, incarnation) in targets {
+        let (resp, fds) = raw_open(&mut raw, instance, incarnation);
+        assert!(
+            matches!(resp, Response::OpenedInstances(_)),
+            "OpenInstance refused: {resp:?}"
+        );
+        let split = fds
+            .iter()
+            .any(|fd| segment_kind(fd) == Some(SegmentKind::Reply as u32));
+        let holding = if split {
+            SegmentKind::Reply
+        } else {
+            SegmentKind::Channel
+        };
+        for fd in fds
+            .iter()
+            .filter(|fd| segment_kind(fd) == Some(holding as u32))
+        {
+            segments += 1;
+            let w = try_writes_and_reopen(fd);
+            writable += w.writable;
+            refused += w.errors.len();
+            errors.extend(w.errors);
+        }
+    }
+    println!(
+        "\nRESULT segments={segments} writable={writable} refused={refused} errors={}",
+        errors.join(",").replace(' ', "_")
+    );
+    drop(bus);
+}
+
+/// Tries every way to write each channel request side this (serving) process maps: its
+/// callers' requests (the `Channel` segments among our mappings; the descriptors were
+/// closed once mapped): a mapping that is writable already, `mprotect` to make it
+/// writable, and a writable open of it through `/proc/self/map_files`.
+fn write_request_sides(_: Duration) -> String {
+    let (mut segments, mut writable, mut refused) = (0, 0, 0);
+    let mut errors = Vec::new();
+    for m in bus_mappings(&["memfd:aegis-channel"]) {
+        if m.kind != SegmentKind::Channel as u32 {
+            continue;
+        }
+        segments += 1;
+        // SAFETY: mprotect of a whole mapping of ours, which nothing relies on staying
+        // read-only if the kernel lets it become writable (the test then fails).
+        let r = unsafe {
+            libc::mprotect(
+                m.start as *mut libc::c_void,
+                m.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if m.writable || r == 0 {
+            writable += 1;
+        } else {
+            refused += 1;
+            errors.push(format!("mprotect:{}", std::io::Error::last_os_error()));
+        }
+        let path = format!("/proc/self/map_files/{:x}-{:x}", m.start, m.start + m.len);
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            Ok(_) => writable += 1,
+            Err(e) => {
+                refused += 1;
+                errors.push(format!("reopen:{e}"));
+            }
+        }
+    }
+    format!(
+        "segments={segments} writable={writable} refused={refused} errors={}",
+        errors.join(",").replace(' ', "_")
+    )
 }
 
 /// Whether the previous design's single instance segment is what the broker sends (one

@@ -329,8 +329,8 @@ pub(crate) fn queued(r: &InstanceRec) -> u64 {
 
 /// Requests routed to the instance, counted so that no caller can inflate it: the
 /// requests it answered (its own counter, which only it writes) plus those waiting in its
-/// channels, each channel's count capped at its slot count (a channel's positions are
-/// written by its caller too), never less than what was reported before (a counter does
+/// channels, each channel's count capped at its slot count (a channel's enqueue position
+/// is its caller's to write), never less than what was reported before (a counter does
 /// not go down while a taken request is being handled). A caller faking a full channel
 /// adds at most its slot count, once.
 pub(crate) fn selections(r: &InstanceRec) -> u64 {
@@ -347,7 +347,7 @@ pub(crate) fn selections(r: &InstanceRec) -> u64 {
 fn heads(r: &InstanceRec) -> u64 {
     r.channels
         .values()
-        .map(|c| c.ring_indices().dequeue_pos.load(Relaxed))
+        .map(|c| c.ring().taken())
         .fold(0, u64::wrapping_add)
 }
 

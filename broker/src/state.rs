@@ -109,7 +109,11 @@ struct ChannelRec {
     client: (u32, u32),
     /// The instance's registry index and incarnation.
     instance: (u32, u64),
-    fd: OwnedFd,
+    /// Its request side (writable: the caller's descriptor; the instance gets a read-only
+    /// reopen) and its reply side (writable: the instance's; the caller gets a read-only
+    /// reopen). The broker maps both read-only.
+    req: OwnedFd,
+    rep: OwnedFd,
     /// Its request heap, once the caller handed one over (`Request::ChannelHeap`): sealed
     /// against every writer but the caller, passed on to the instance.
     heap: Option<OwnedFd>,
@@ -829,9 +833,12 @@ impl State {
             let got = dup(&r.fd)
                 .and_then(|ring| Ok([ring, dup(&r.own_fd)?]))
                 .map_err(|e| WireError::Internal(e.to_string()))
-                .and_then(|[ring, own]| Ok([ring, own, self.channel_for(caller, (i, inc))?]));
+                .and_then(|[ring, own]| {
+                    let [req, rep] = self.channel_for(caller, (i, inc))?;
+                    Ok([ring, own, req, rep])
+                });
             match got {
-                Ok(three) => fds.extend(three),
+                Ok(four) => fds.extend(four),
                 Err(e) if i == index => return err(e),
                 Err(_) => continue,
             }
@@ -847,21 +854,29 @@ impl State {
         (Response::OpenedInstances(opened), fds)
     }
 
-    /// The channel of client `caller` to instance `inst` (a duplicate of its descriptor),
-    /// created the first time: counted to the caller's uid, mapped here to watch it, and
-    /// announced to the instance's serving connections (`Request::Channels`, woken through
-    /// the registry's [`layout::InstanceEntry::channels`] word).
-    fn channel_for(&mut self, caller: (u32, u32), inst: (u32, u64)) -> Result<OwnedFd, WireError> {
+    /// The channel of client `caller` to instance `inst` as its caller gets it (its
+    /// request side writable, its reply side read-only), created the first time: counted
+    /// to the caller's uid, mapped here read-only to watch it, and announced to the
+    /// instance's serving connections (`Request::Channels`, woken through the registry's
+    /// [`layout::InstanceEntry::channels`] word).
+    fn channel_for(
+        &mut self,
+        caller: (u32, u32),
+        inst: (u32, u64),
+    ) -> Result<[OwnedFd; 2], WireError> {
         let internal = |e: String| WireError::Internal(format!("channel: {e}"));
         let c = self.clients[caller.0 as usize]
             .as_ref()
             .ok_or_else(|| internal("caller gone".into()))?;
+        let for_caller = |rec: &ChannelRec| -> std::io::Result<[OwnedFd; 2]> {
+            Ok([dup(&rec.req)?, sys::reopen_read_only(&rec.rep)?])
+        };
         if let Some(id) = c.channels.get(&inst) {
             let rec = self
                 .channels
                 .get(id)
                 .ok_or_else(|| internal("record missing".into()))?;
-            return dup(&rec.fd).map_err(|e| internal(e.to_string()));
+            return for_caller(rec).map_err(|e| internal(e.to_string()));
         }
         let r = self.instances[inst.0 as usize]
             .as_ref()
@@ -870,11 +885,19 @@ impl State {
         let size = ChannelSeg::size(&cl, &c.mailboxes) as u64;
         self.shm_fits(c.uid, size)?;
         let id = self.next_channel;
-        let fd = ChannelSeg::create(self.epoch, cl, c.mailboxes, inst.0, inst.1, id)
+        let [req, rep] = ChannelSeg::create(self.epoch, cl, c.mailboxes, inst.0, inst.1, id)
             .map_err(|e| internal(e.to_string()))?;
-        let seg =
-            ChannelSeg::open(&fd, self.epoch, Some(inst)).map_err(|e| internal(e.to_string()))?;
-        let handed = dup(&fd).map_err(|e| internal(e.to_string()))?;
+        let seg = ChannelSeg::open(&req, &rep, self.epoch, Some(inst), layout::Party::Broker)
+            .map_err(|e| internal(e.to_string()))?;
+        let rec = ChannelRec {
+            client: caller,
+            instance: inst,
+            req,
+            rep,
+            heap: None,
+            size,
+        };
+        let handed = for_caller(&rec).map_err(|e| internal(e.to_string()))?;
         self.next_channel += 1;
         let c = self.clients[caller.0 as usize]
             .as_mut()
@@ -888,16 +911,7 @@ impl State {
         for owner in &r.owners {
             self.channel_news.entry(*owner).or_default().new.push(id);
         }
-        self.channels.insert(
-            id,
-            ChannelRec {
-                client: caller,
-                instance: inst,
-                fd,
-                heap: None,
-                size,
-            },
-        );
+        self.channels.insert(id, rec);
         self.channels_changed(inst.0);
         Ok(handed)
     }
@@ -987,10 +1001,13 @@ impl State {
             else {
                 continue;
             };
-            let (Ok(cfd), Ok(chfd)) = (dup(&c.fd), dup(&rec.fd)) else {
+            // The request side read-only, the reply side writable: the instance's.
+            let (Ok(cfd), Ok(req), Ok(rep)) =
+                (dup(&c.fd), sys::reopen_read_only(&rec.req), dup(&rec.rep))
+            else {
                 continue;
             };
-            fds.extend([cfd, chfd]);
+            fds.extend([cfd, req, rep]);
             channels.push(proto::ChannelInfo {
                 id,
                 client: rec.client,
@@ -1650,7 +1667,7 @@ mod tests {
             welcome(st.hello(conn, peer, 1, None, conn));
             match st.open_instance(conn, peer, index, incarnation) {
                 (Response::OpenedInstances(ids), fds) => {
-                    assert_eq!((ids.len(), fds.len()), (1, 3));
+                    assert_eq!((ids.len(), fds.len()), (1, 4));
                 }
                 (r, _) => panic!("{r:?}"),
             }
@@ -1673,7 +1690,7 @@ mod tests {
                 assert_eq!(channels.len(), 1, "{channels:?}");
                 assert_eq!(channels[0].instance, (index, incarnation));
                 assert!(gone.is_empty() && heaps.is_empty() && !more, "{gone:?}");
-                assert_eq!(fds.len(), 2);
+                assert_eq!(fds.len(), 3);
                 channels[0].id
             }
             (r, _) => panic!("{r:?}"),
@@ -1747,7 +1764,7 @@ mod tests {
         }
     }
 
-    /// Channel news comes in batches of at most `OPEN_BATCH / 2` channels (two descriptors
+    /// Channel news comes in batches of at most `OPEN_BATCH / 2` channels (three descriptors
     /// each) and `OPEN_BATCH` heaps (one each), within what a client accepts with one
     /// response, `more` saying there is more.
     #[test]
@@ -1777,7 +1794,7 @@ mod tests {
                         },
                         fds,
                     ) => {
-                        assert_eq!(fds.len(), 2 * channels.len() + heaps.len());
+                        assert_eq!(fds.len(), 3 * channels.len() + heaps.len());
                         assert!(fds.len() <= proto::MAX_RESPONSE_FDS);
                         batches.push((channels.len(), heaps.len()));
                         ids.extend(channels.iter().map(|c| c.id));

@@ -13,8 +13,8 @@ use std::os::fd::OwnedFd;
 use crate::serve::instance;
 use crate::session::proto;
 use crate::shm::layout::{
-    ClientSeg, InstanceSeg, Mapping, MsgHeader, RegistryView, SegmentHeader, SegmentKind,
-    SharedView,
+    ChannelSeg, ClientSeg, InstanceSeg, Mapping, MsgHeader, Party, RegistryView, SegmentHeader,
+    SegmentKind, SharedView,
 };
 use crate::shm::sys;
 
@@ -58,6 +58,7 @@ pub fn segment_open(data: &[u8]) {
         SegmentKind::Client,
         SegmentKind::Caller,
         SegmentKind::Channel,
+        SegmentKind::Reply,
     ] {
         let Ok((_, h)) = Mapping::open(&fd, kind, true, None) else {
             continue;
@@ -80,17 +81,43 @@ pub fn segment_open(data: &[u8]) {
                     if let Ok(seg) =
                         InstanceSeg::open(&fd, own, h.bus_epoch, h.params[3] as u32, h.params[2])
                     {
-                        read_ring(seg.ring());
+                        let _ = crate::channel::ring::Doorbell(seg.ring_indices()).take();
                         let _ = seg.heap_range(u64::MAX, 1);
                     }
                 }
             }
             SegmentKind::Channel => {
-                if let Ok(ch) = crate::shm::layout::ChannelSeg::open(&fd, h.bus_epoch, None) {
+                // As its instance reads it: with a fresh reply side of the same channel.
+                let Ok([_, rep]) = ChannelSeg::create_like(h.bus_epoch, h.params) else {
+                    continue;
+                };
+                if let Ok(ch) = ChannelSeg::open(&fd, &rep, h.bus_epoch, None, Party::Instance) {
                     read_ring(ch.ring());
                     for i in [0, 1, ch.mailboxes.mailboxes.saturating_sub(1), u32::MAX] {
                         if let Some((mb, _)) = ch.mailbox(i) {
+                            let _ = crate::channel::mailbox::take(mb, 1, 0);
+                            let _ = crate::channel::mailbox::still_unread(mb, 1);
+                        }
+                    }
+                }
+            }
+            SegmentKind::Reply => {
+                // As its caller reads it: with a fresh request side of the same channel.
+                let Ok([req, _]) = ChannelSeg::create_like(h.bus_epoch, h.params) else {
+                    continue;
+                };
+                if let Ok(ch) = ChannelSeg::open(&req, &fd, h.bus_epoch, None, Party::Caller) {
+                    let _ = ch.taken_up();
+                    for _ in 0..ch.ring().capacity() + 1 {
+                        // Claimed and dropped: published as aborted.
+                        let _ = ch.ring().try_claim();
+                    }
+                    for i in [0, 1, ch.mailboxes.mailboxes.saturating_sub(1), u32::MAX] {
+                        if let Some((mb, _)) = ch.mailbox(i) {
+                            crate::channel::mailbox::arm(mb, 1, 0);
                             let _ = crate::channel::mailbox::still_waiting(mb, 1);
+                            let _ = crate::channel::mailbox::cancel(mb, 1);
+                            let _ = crate::channel::mailbox::is_finished(mb, 1);
                         }
                     }
                 }
@@ -177,7 +204,6 @@ fn read_ring(ring: crate::channel::ring::RingRef<'_>) {
             }
         }
     }
-    let _ = ring.stuck_head();
 }
 
 /// A request header (the first 64 bytes, zero-padded) in a slot of `slot_data` bytes.

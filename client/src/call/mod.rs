@@ -30,8 +30,8 @@ use crate::session::breaker;
 use crate::session::bus::{Bus, BusInner, CallInfo, Selection, Session};
 use crate::session::proto::{Request, Response};
 use crate::shm::layout::{
-    ChannelSeg, InstanceSeg, MailboxHeader, MsgHeader, RegistryView, ServiceEntry, Status,
-    PAYLOAD_HEAP, PAYLOAD_INLINE,
+    ChannelSeg, InstanceSeg, Mb, MsgHeader, RegistryView, ServiceEntry, Status, PAYLOAD_HEAP,
+    PAYLOAD_INLINE,
 };
 use crate::shm::sync::Ordering;
 use crate::trace::TraceContext;
@@ -1224,7 +1224,7 @@ impl BusInner {
             nonce,
         };
         mailbox::arm(mb, gen, nonce);
-        let Some(mut claim) = claim_slot(&ring, self.pid, deadline, watch) else {
+        let Some(mut claim) = claim_slot(&ring, deadline, watch) else {
             mailbox::release(mb, gen);
             self.free_sent(&sent);
             return Err(Failed::NotDelivered(match watch {
@@ -1266,11 +1266,7 @@ impl BusInner {
         if inline {
             data[method.len()..method.len() + payload.len()].copy_from_slice(payload);
         }
-        if claim.publish().is_err() {
-            mailbox::release(mb, gen);
-            self.free_sent(&sent);
-            return Err(Error::Protocol("the instance's ring skipped our request".into()).into());
-        }
+        claim.publish();
         Doorbell(seg.ring_indices()).ring(Doorbell::bit(channel.id));
         Ok(sent)
     }
@@ -1441,7 +1437,7 @@ impl BusInner {
     /// instance's reply heap with its tag), its length and status; every length and
     /// offset is checked.
     fn locate_reply<'a>(&'a self, sent: &'a Sent, seg: &'a InstanceSeg) -> Result<ReplyAt<'a>> {
-        let (mb, inline_data) = sent.mb();
+        let (Mb { ans: mb, .. }, inline_data) = sent.mb();
         let status = mb.status.load(Ordering::Relaxed);
         let len = mb.reply_len.load(Ordering::Relaxed);
         let bad =
@@ -1705,7 +1701,7 @@ pub(crate) struct Sent {
 
 impl Sent {
     /// This call's mailbox header and inline reply area, in its channel.
-    pub(crate) fn mb(&self) -> (&MailboxHeader, *mut u8) {
+    pub(crate) fn mb(&self) -> (Mb<'_>, *mut u8) {
         self.chan
             .mailbox(self.mailbox)
             .expect("the pool hands out indices below every channel's mailbox count")
@@ -1772,13 +1768,12 @@ impl<'a> StallWatch<'a> {
 /// instance make no progress for its bound.
 fn claim_slot<'a>(
     ring: &RingRef<'a>,
-    pid: u32,
     deadline: Instant,
     stall: &mut Option<StallWatch<'_>>,
 ) -> Option<crate::channel::ring::Claim<'a>> {
     let mut tries = 0u32;
     loop {
-        if let Ok(c) = ring.try_claim(pid) {
+        if let Ok(c) = ring.try_claim() {
             return Some(c);
         }
         if Instant::now() >= deadline || stall.as_mut().is_some_and(|w| w.check()) {

@@ -1,43 +1,60 @@
 //! One-shot reply mailboxes: the state machine shared by a caller and an instance.
 //!
-//! State word ([`MailboxHeader::state`]): `generation << 8 | async << 5 | waiter << 4 |
-//! phase`. `waiter`: the caller sleeps on this word's futex; `async`: an async waiter
-//! sleeps on the connection's doorbell ([`crate::shm::layout::ClientControl`]).
+//! A mailbox has two words with one writer each, in the two sides of a channel
+//! ([`crate::shm::layout::ChannelSeg`]): the caller's **call** word ([`CallWord`], request
+//! side: `generation << 8 | async << 5 | waiter << 4 | phase`, and the call's nonce) and
+//! the instance's **answer** word ([`MailboxHeader::state`], reply side: `generation << 8 |
+//! phase`, with the reply beside it).
 //!
 //! ```text
-//!  caller: arm            instance: take           instance: complete
-//!  FREE ──────▶ PENDING ───────────────▶ TAKEN ───────────────────▶ READY ──▶ (caller copies, FREE)
-//!                  │ caller: cancel (deadline passed before the instance took it)
-//!                  └──────▶ CANCELLED  (instance's take fails: the request is never run)
+//!  call   (caller):   FREE ──arm──▶ PENDING ──cancel──▶ CANCELLED      ──release──▶ FREE
+//!  answer (instance):       (any older generation) ──take──▶ TAKEN ──complete──▶ READY
+//!                                                                └─(saw the cancel)─▶ DECLINED
 //! ```
 //!
-//! A reply is written only by the instance that moved the mailbox to `TAKEN` for *this*
-//! generation, so a reply arriving after its call timed out lands in a mailbox whose
-//! generation has moved on and is dropped, never handed to a later call. A caller whose
-//! cancel finds `TAKEN` quarantines the mailbox until the instance finishes.
+//! Take and cancel race as a Dekker pair: the instance stores `TAKEN(gen)`, a SeqCst fence,
+//! then re-reads the call word; the caller stores `CANCELLED(gen)`, a SeqCst fence, then
+//! re-reads the answer word. At least one sees the other's store: an instance that sees
+//! the cancel declines (`DECLINED`) and never runs the request; a caller that sees the take
+//! quarantines the mailbox until `READY` or `DECLINED`. A caller that saw neither `TAKEN`
+//! nor `READY` knows the request will never run. The waiter flags are the same pair the
+//! other way round: the caller sets `WAITER` (or `ASYNC`) in its call word, fence, re-reads
+//! the answer and sleeps on the answer word (a futex on a read-only mapping: `FUTEX_WAIT`
+//! needs only read access); the instance stores `READY`, fence, reads the flags, wakes.
 //!
-//! SYNC POINT: the instance's Release swap to `READY` in [`complete`] pairs with the
-//! caller's Acquire load in [`wait_ready`]; the caller's Release store of `FREE` in
-//! [`release`] pairs with the instance's Acquire load in [`still_unread`] before it reuses
-//! a heap block that carried the reply.
+//! Every word carries the generation, so a reply arriving after its call timed out lands in
+//! a mailbox whose generation has moved on and is never handed to a later call.
+//!
+//! SYNC POINT: the instance's Release CAS to `READY` in [`complete`] pairs with the
+//! caller's Acquire loads of the answer in [`wait_ready`], [`cancel`] and [`is_ready`]; the
+//! instance's Release CAS to `TAKEN` in [`take`] pairs with the same loads (the taker's
+//! pid) and with the Acquire load of the answer in the next [`take`] (a later generation's
+//! call word is then seen too); the caller's Release store of `FREE` in [`release`] pairs
+//! with the instance's Acquire load in [`still_unread`] before it reuses a heap block that
+//! carried the reply; the SeqCst fences pair as the two Dekker pairs above.
 
 use std::time::{Duration, Instant};
 
 use crate::channel::wait::{Poll, Waiter};
-use crate::shm::layout::MailboxHeader;
-use crate::shm::sync::{AtomicU32, Ordering};
+use crate::shm::layout::Mb;
+use crate::shm::sync::{fence, AtomicU32, Ordering};
 use crate::shm::sys;
 
+/// Call word phases (the caller's).
 pub const FREE: u32 = 0;
 pub const PENDING: u32 = 1;
+pub const CANCELLED: u32 = 4;
+/// Answer word phases (the instance's; 0 is "nothing for any generation yet").
 pub const TAKEN: u32 = 2;
 pub const READY: u32 = 3;
-pub const CANCELLED: u32 = 4;
+/// The instance took the request, then saw the caller's cancel: it never runs it.
+pub const DECLINED: u32 = 5;
 const PHASE: u32 = 0xf;
+/// The caller sleeps on the answer word's futex.
 pub const WAITER: u32 = 1 << 4;
 /// An async waiter (a future) waits for this mailbox: `complete` rings the doorbell.
 pub const ASYNC: u32 = 1 << 5;
-/// The waiter flags, kept across `take`.
+/// The waiter flags of the call word.
 const FLAGS: u32 = WAITER | ASYNC;
 /// Generations are 24 bits; they only need to differ between consecutive uses.
 pub const GEN_MASK: u32 = 0x00ff_ffff;
@@ -52,75 +69,95 @@ pub fn gen_of(s: u32) -> u32 {
     s >> 8
 }
 
+/// Whether answer word `a` is already about generation `gen` (taken, ready or declined).
+fn answered(a: u32, gen: u32) -> bool {
+    gen_of(a) == gen & GEN_MASK && phase(a) != FREE
+}
+
 /// Caller: arms the mailbox for generation `gen` and the call's `nonce` before publishing
 /// the request. Relaxed: the request's publication (Release on the ring slot) carries both
 /// to the instance.
-pub fn arm(mb: &MailboxHeader, gen: u32, nonce: u64) {
-    mb.nonce.store(nonce, Ordering::Relaxed);
-    mb.state.store(pack(gen, PENDING), Ordering::Relaxed);
+pub fn arm(mb: Mb<'_>, gen: u32, nonce: u64) {
+    mb.call.nonce.store(nonce, Ordering::Relaxed);
+    mb.call.state.store(pack(gen, PENDING), Ordering::Relaxed);
 }
 
 /// Instance: claims the right to reply. Fails if the caller cancelled, the mailbox has
 /// moved to another generation, or the request's `nonce` is not the armed call's (a forged
 /// or stale header): then the request must not be run.
-pub fn take(mb: &MailboxHeader, gen: u32, nonce: u64) -> bool {
-    // Relaxed: the nonce was written before the state this generation's PENDING came with;
-    // a caller re-arms only a FREE mailbox, which the CAS below then fails on.
-    if mb.nonce.load(Ordering::Relaxed) != nonce {
+pub fn take(mb: Mb<'_>, gen: u32, nonce: u64) -> bool {
+    // Relaxed: the nonce and the call word came with the request's publication.
+    if mb.call.nonce.load(Ordering::Relaxed) != nonce {
         return false;
     }
-    let mut s = mb.state.load(Ordering::Relaxed);
-    if s & !FLAGS == pack(gen, PENDING) {
-        mb.taker_pid.store(my_pid(), Ordering::Relaxed);
-    }
-    loop {
-        if s & !FLAGS != pack(gen, PENDING) {
+    // Bounded: only this instance's threads write the answer word, and at most one of
+    // them handles a generation (a second copy of a request, which only its caller can
+    // have published, finds the answer taken).
+    for _ in 0..64 {
+        // Acquire: an answer of a later generation (another thread took the mailbox's
+        // next call) makes the call word's later generation visible below, so a stale
+        // PENDING(gen) is never read after it.
+        let a = mb.ans.state.load(Ordering::Acquire);
+        if answered(a, gen) || mb.call.state.load(Ordering::Relaxed) & !FLAGS != pack(gen, PENDING)
+        {
             return false;
         }
-        // Exclusivity comes from the RMW order on this one word; the request data was
-        // already acquired through the ring slot. SYNC POINT: Release publishes
-        // `taker_pid` to a caller whose `cancel` (Acquire) then finds TAKEN.
-        match mb.state.compare_exchange_weak(
-            s,
-            pack(gen, TAKEN) | (s & FLAGS),
+        mb.ans.taker_pid.store(my_pid(), Ordering::Relaxed);
+        // SYNC POINT: Release publishes `taker_pid` to a caller whose `cancel` (Acquire)
+        // then finds TAKEN.
+        if mb
+            .ans
+            .state
+            .compare_exchange(a, pack(gen, TAKEN), Ordering::Release, Ordering::Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        // Dekker with `cancel`: TAKEN, this fence, then the re-read of the call word.
+        fence(Ordering::SeqCst);
+        if mb.call.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, PENDING) {
+            return true;
+        }
+        // The caller cancelled meanwhile and may not have seen our TAKEN: never run it.
+        let _ = mb.ans.state.compare_exchange(
+            pack(gen, TAKEN),
+            pack(gen, DECLINED),
             Ordering::Release,
             Ordering::Relaxed,
-        ) {
-            Ok(_) => return true,
-            Err(now) => s = now,
-        }
+        );
+        return false;
     }
+    false
 }
 
 /// Instance: publishes the reply (written before this call) and wakes the caller if it
-/// sleeps: on the state word, or through the connection's `doorbell` for an async waiter.
-/// Returns false if the state was not ours (a misbehaving caller changed it).
-pub fn complete(mb: &MailboxHeader, gen: u32, nonce: u64, doorbell: &AtomicU32) -> bool {
-    // A CAS from our own TAKEN, never a blind store: if the caller recycled the mailbox
-    // (its taker presumed dead), this late reply changes nothing.
-    if mb.nonce.load(Ordering::Relaxed) != nonce {
-        return false;
-    }
-    let mut s = mb.state.load(Ordering::Relaxed);
-    loop {
-        if s & !FLAGS != pack(gen, TAKEN) {
-            return false;
-        }
-        match mb.state.compare_exchange_weak(
-            s,
+/// sleeps: on the answer word, or through the connection's `doorbell` for an async waiter.
+/// Returns false if the mailbox was not TAKEN for `gen` by this instance.
+pub fn complete(mb: Mb<'_>, gen: u32, doorbell: &AtomicU32) -> bool {
+    if mb
+        .ans
+        .state
+        .compare_exchange(
+            pack(gen, TAKEN),
             pack(gen, READY),
             Ordering::Release,
             Ordering::Relaxed,
-        ) {
-            Ok(_) => break,
-            Err(now) => s = now,
-        }
+        )
+        .is_err()
+    {
+        return false;
     }
-    if s & WAITER != 0 {
-        let _ = sys::futex_wake(&mb.state, 1);
+    // Dekker with the caller's flags: READY, this fence, then the read of the flags.
+    fence(Ordering::SeqCst);
+    let c = mb.call.state.load(Ordering::Relaxed);
+    if gen_of(c) != gen & GEN_MASK {
+        return true;
+    }
+    if c & WAITER != 0 {
+        let _ = sys::futex_wake(&mb.ans.state, 1);
         crate::channel::wait::woke_a_sleeper();
     }
-    if s & ASYNC != 0 {
+    if c & ASYNC != 0 {
         // SYNC POINT: this Release increment pairs with the doorbell thread's Acquire load
         // before its scan: a scan that follows a ring sees the READY above.
         doorbell.fetch_add(1, Ordering::Release);
@@ -138,16 +175,17 @@ fn my_pid() -> u32 {
 
 /// Caller: the pid of the process that took the request (0 if unknown), read after a
 /// `cancel` that found the request taken.
-pub fn taker_pid(mb: &MailboxHeader) -> u32 {
-    mb.taker_pid.load(Ordering::Relaxed)
+pub fn taker_pid(mb: Mb<'_>) -> u32 {
+    mb.ans.taker_pid.load(Ordering::Relaxed)
 }
 
 /// Instance: whether the mailbox is still this call's and ours to answer (TAKEN by us for
-/// `gen` with `nonce`): checked before writing a reply body into it, so a reply that is
-/// late beyond the caller's patience never writes into a mailbox recycled for another call.
-pub fn still_taken(mb: &MailboxHeader, gen: u32, nonce: u64) -> bool {
-    mb.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, TAKEN)
-        && mb.nonce.load(Ordering::Relaxed) == nonce
+/// `gen`, the caller's call word still of `gen` with `nonce`): checked before writing a
+/// reply body into it.
+pub fn still_taken(mb: Mb<'_>, gen: u32, nonce: u64) -> bool {
+    mb.ans.state.load(Ordering::Relaxed) == pack(gen, TAKEN)
+        && gen_of(mb.call.state.load(Ordering::Relaxed)) == gen & GEN_MASK
+        && mb.call.nonce.load(Ordering::Relaxed) == nonce
 }
 
 /// Outcome of a caller's wait.
@@ -179,25 +217,27 @@ pub enum Target {
 pub const LIVENESS_CHECK: Duration = Duration::from_millis(5);
 
 /// Caller: waits for `READY` of generation `gen`: spins and yields as `waiter` decides
-/// ([`crate::channel::wait`]), then sleeps on the state word (setting the waiter bit so the instance
-/// knows to wake it), re-checking the instance with `check()` every [`LIVENESS_CHECK`].
+/// ([`crate::channel::wait`]), then sleeps on the answer word (with `WAITER` set in the
+/// call word so the instance knows to wake it), re-checking the instance with `check()`
+/// every [`LIVENESS_CHECK`].
 pub fn wait_ready(
-    mb: &MailboxHeader,
+    mb: Mb<'_>,
     gen: u32,
     waiter: &mut Waiter<'_>,
     deadline: Instant,
     mut check: impl FnMut() -> Target,
 ) -> Wait {
     let ready = pack(gen, READY);
+    let taken = pack(gen, TAKEN);
     let start = Instant::now();
     let poll = || {
-        let s = mb.state.load(Ordering::Acquire);
-        if s == ready {
+        let a = mb.ans.state.load(Ordering::Acquire);
+        if a == ready {
             Poll::Ready
-        } else if s & !FLAGS == pack(gen, PENDING) {
-            Poll::NotStarted
-        } else {
+        } else if a == taken {
             Poll::Working
+        } else {
+            Poll::NotStarted
         }
     };
     if waiter.spin(Some(deadline), poll) {
@@ -205,30 +245,19 @@ pub fn wait_ready(
         return Wait::Ready;
     }
     waiter.parking();
+    // Relaxed: the fence below orders it before the re-read of the answer.
+    mb.call.state.fetch_or(WAITER, Ordering::Relaxed);
     loop {
-        let s = mb.state.load(Ordering::Acquire);
-        if s == ready {
+        // Dekker with `complete`: WAITER, this fence, then the re-read of the answer.
+        fence(Ordering::SeqCst);
+        let a = mb.ans.state.load(Ordering::Acquire);
+        if a == ready {
             waiter.learn(start.elapsed(), false);
             return Wait::Ready;
         }
         let now = Instant::now();
         if now >= deadline {
             return Wait::TimedOut;
-        }
-        let p = phase(s);
-        if gen_of(s) != gen & GEN_MASK || (p != PENDING && p != TAKEN) {
-            // Someone else's value (misbehaving peer): keep polling until the deadline.
-            std::thread::yield_now();
-            continue;
-        }
-        let armed = s | WAITER;
-        if s & WAITER == 0
-            && mb
-                .state
-                .compare_exchange(s, armed, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            continue;
         }
         match check() {
             Target::Alive => {}
@@ -237,7 +266,9 @@ pub fn wait_ready(
             Target::Interrupted => return Wait::Interrupted,
         }
         let recheck = crate::channel::wait::recheck(LIVENESS_CHECK);
-        let _ = sys::futex_wait(&mb.state, armed, Some((deadline - now).min(recheck)));
+        // An answer word its instance keeps changing only ends this sleep early: the loop
+        // runs until the deadline like any other.
+        let _ = sys::futex_wait(&mb.ans.state, a, Some((deadline - now).min(recheck)));
     }
 }
 
@@ -252,83 +283,103 @@ pub enum Cancel {
     InProgress,
 }
 
-pub fn cancel(mb: &MailboxHeader, gen: u32) -> Cancel {
-    let mut s = mb.state.load(Ordering::Acquire);
-    loop {
-        if s == pack(gen, READY) {
-            return Cancel::Ready;
+pub fn cancel(mb: Mb<'_>, gen: u32) -> Cancel {
+    let verdict = |a: u32| {
+        if a == pack(gen, READY) {
+            Some(Cancel::Ready)
+        } else if a == pack(gen, TAKEN) {
+            Some(Cancel::InProgress)
+        } else if a == pack(gen, DECLINED) {
+            Some(Cancel::Cancelled)
+        } else {
+            None
         }
-        if s & !FLAGS != pack(gen, PENDING) {
-            return Cancel::InProgress;
-        }
-        match mb.state.compare_exchange(
-            s,
-            pack(gen, CANCELLED),
-            Ordering::Acquire,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => return Cancel::Cancelled,
-            Err(now) => s = now,
-        }
+    };
+    if let Some(v) = verdict(mb.ans.state.load(Ordering::Acquire)) {
+        return v;
     }
+    mb.call.state.store(pack(gen, CANCELLED), Ordering::Relaxed);
+    // Dekker with `take`: CANCELLED, this fence, then the re-read of the answer.
+    fence(Ordering::SeqCst);
+    verdict(mb.ans.state.load(Ordering::Acquire)).unwrap_or(Cancel::Cancelled)
 }
 
 /// Whether the request of `gen` is still waiting for an instance to take it.
-pub fn is_pending(mb: &MailboxHeader, gen: u32) -> bool {
-    mb.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, PENDING)
+pub fn is_pending(mb: Mb<'_>, gen: u32) -> bool {
+    !answered(mb.ans.state.load(Ordering::Relaxed), gen)
+        && mb.call.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, PENDING)
 }
 
 /// Async caller: flags the mailbox so that `complete` rings the doorbell. Returns false if
-/// the mailbox is no longer waiting for `gen`'s reply (it is ready, or cancelled).
-pub fn flag_async(mb: &MailboxHeader, gen: u32) -> bool {
-    let mut s = mb.state.load(Ordering::Relaxed);
-    loop {
-        let p = phase(s);
-        if gen_of(s) != gen & GEN_MASK || (p != PENDING && p != TAKEN) {
-            return false;
-        }
-        if s & ASYNC != 0 {
-            return true;
-        }
-        // Relaxed: the flag publishes nothing; `complete` reads it in its own RMW.
-        match mb
-            .state
-            .compare_exchange_weak(s, s | ASYNC, Ordering::Relaxed, Ordering::Relaxed)
-        {
-            Ok(_) => return true,
-            Err(now) => s = now,
-        }
+/// the mailbox is no longer waiting for `gen`'s reply (it is ready, declined, or
+/// cancelled).
+pub fn flag_async(mb: Mb<'_>, gen: u32) -> bool {
+    if mb.call.state.load(Ordering::Relaxed) & !FLAGS != pack(gen, PENDING) {
+        return false;
     }
+    // Relaxed: the fence below orders it before the re-read of the answer.
+    mb.call.state.fetch_or(ASYNC, Ordering::Relaxed);
+    // Dekker with `complete`: ASYNC, this fence, then the re-read of the answer.
+    fence(Ordering::SeqCst);
+    let a = mb.ans.state.load(Ordering::Acquire);
+    a != pack(gen, READY) && a != pack(gen, DECLINED)
 }
 
 /// Whether the mailbox still waits for the reply of `gen` (pending or being handled).
-pub fn still_waiting(mb: &MailboxHeader, gen: u32) -> bool {
-    let s = mb.state.load(Ordering::Acquire);
-    let p = phase(s);
-    gen_of(s) == gen & GEN_MASK && (p == PENDING || p == TAKEN)
+pub fn still_waiting(mb: Mb<'_>, gen: u32) -> bool {
+    let a = mb.ans.state.load(Ordering::Acquire);
+    mb.call.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, PENDING)
+        && a != pack(gen, READY)
+        && a != pack(gen, DECLINED)
 }
 
-/// Caller: whether a quarantined mailbox has finished (reply written, may be recycled).
-pub fn is_ready(mb: &MailboxHeader, gen: u32) -> bool {
-    mb.state.load(Ordering::Acquire) == pack(gen, READY)
+/// Caller: whether the reply of `gen` is there to read.
+pub fn is_ready(mb: Mb<'_>, gen: u32) -> bool {
+    mb.ans.state.load(Ordering::Acquire) == pack(gen, READY)
+}
+
+/// Caller: whether a quarantined mailbox has finished (reply written, or the request
+/// declined after the cancel): it may be recycled.
+pub fn is_finished(mb: Mb<'_>, gen: u32) -> bool {
+    let a = mb.ans.state.load(Ordering::Acquire);
+    a == pack(gen, READY) || a == pack(gen, DECLINED)
 }
 
 /// Caller: done reading the reply of `gen`; the instance may reuse the reply's heap block.
-pub fn release(mb: &MailboxHeader, gen: u32) {
-    mb.state.store(pack(gen, FREE), Ordering::Release);
+pub fn release(mb: Mb<'_>, gen: u32) {
+    mb.call.state.store(pack(gen, FREE), Ordering::Release);
 }
 
-/// Instance: whether the caller still has to read the reply of `gen`.
-pub fn still_unread(state: &AtomicU32, gen: u32) -> bool {
-    state.load(Ordering::Acquire) == pack(gen, READY)
+/// Instance: whether the caller still has to read the reply of `gen` (it is ready and the
+/// caller has neither released the mailbox nor moved it on).
+pub fn still_unread(mb: Mb<'_>, gen: u32) -> bool {
+    let c = mb.call.state.load(Ordering::Acquire) & !FLAGS;
+    mb.ans.state.load(Ordering::Relaxed) == pack(gen, READY)
+        && (c == pack(gen, PENDING) || c == pack(gen, CANCELLED))
 }
 
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::shm::layout::{CallWord, MailboxHeader};
 
-    fn mb() -> Box<MailboxHeader> {
-        // SAFETY: all-atomic struct; zero is FREE of generation 0.
+    /// A mailbox's two halves, as the two sides of a channel hold them.
+    struct Pair {
+        call: CallWord,
+        ans: MailboxHeader,
+    }
+
+    impl Pair {
+        fn mb(&self) -> Mb<'_> {
+            Mb {
+                call: &self.call,
+                ans: &self.ans,
+            }
+        }
+    }
+
+    fn mb() -> Box<Pair> {
+        // SAFETY: all-atomic structs; zero is FREE of generation 0, nothing answered.
         unsafe { Box::new(std::mem::zeroed()) }
     }
 
@@ -341,7 +392,7 @@ mod tests {
         }
         assert_ne!(WAITER, ASYNC);
         assert_eq!(FLAGS, WAITER | ASYNC);
-        for p in [FREE, PENDING, TAKEN, READY, CANCELLED] {
+        for p in [FREE, PENDING, TAKEN, READY, CANCELLED, DECLINED] {
             assert_eq!(p & !PHASE, 0);
             assert_eq!(phase(pack(GEN_MASK, p) | FLAGS), p);
             assert_eq!(gen_of(pack(GEN_MASK, p)), GEN_MASK);
@@ -351,28 +402,31 @@ mod tests {
     #[test]
     fn late_reply_after_cancel_is_refused() {
         let m = mb();
-        arm(&m, 1, 11);
-        assert_eq!(cancel(&m, 1), Cancel::Cancelled);
-        assert!(!take(&m, 1, 11), "a cancelled request must not run");
-        arm(&m, 2, 22);
+        arm(m.mb(), 1, 11);
+        assert_eq!(cancel(m.mb(), 1), Cancel::Cancelled);
+        assert!(!take(m.mb(), 1, 11), "a cancelled request must not run");
+        arm(m.mb(), 2, 22);
         assert!(
-            !take(&m, 1, 11),
+            !take(m.mb(), 1, 11),
             "a stale generation must not take the next call's mailbox"
         );
-        assert!(!take(&m, 2, 11), "a forged nonce must not take the mailbox");
-        assert!(take(&m, 2, 22));
-        assert!(still_taken(&m, 2, 22) && !still_taken(&m, 2, 11));
+        assert!(
+            !take(m.mb(), 2, 11),
+            "a forged nonce must not take the mailbox"
+        );
+        assert!(take(m.mb(), 2, 22));
+        assert!(still_taken(m.mb(), 2, 22) && !still_taken(m.mb(), 2, 11));
     }
 
     #[test]
     fn cancel_while_taken_reports_in_progress_then_ready() {
         let m = mb();
-        arm(&m, 5, 55);
-        assert!(take(&m, 5, 55));
-        assert_eq!(cancel(&m, 5), Cancel::InProgress);
-        assert!(complete(&m, 5, 55, &AtomicU32::new(0)));
-        assert!(is_ready(&m, 5));
-        assert_eq!(cancel(&m, 5), Cancel::Ready);
+        arm(m.mb(), 5, 55);
+        assert!(take(m.mb(), 5, 55));
+        assert_eq!(cancel(m.mb(), 5), Cancel::InProgress);
+        assert!(complete(m.mb(), 5, &AtomicU32::new(0)));
+        assert!(is_ready(m.mb(), 5));
+        assert_eq!(cancel(m.mb(), 5), Cancel::Ready);
     }
 
     /// The waiter flags ride along every transition and never change what the state
@@ -381,48 +435,51 @@ mod tests {
     fn the_waiter_flags_change_no_predicate_and_survive_take_and_are_rung_by_complete() {
         for flags in [0, WAITER, ASYNC, WAITER | ASYNC] {
             let m = mb();
-            arm(&m, 3, 33);
-            m.state.fetch_or(flags & WAITER, Ordering::Relaxed);
+            arm(m.mb(), 3, 33);
+            m.call.state.fetch_or(flags & WAITER, Ordering::Relaxed);
             if flags & ASYNC != 0 {
-                assert!(flag_async(&m, 3));
-                assert!(flag_async(&m, 3), "flagging twice is fine");
+                assert!(flag_async(m.mb(), 3));
+                assert!(flag_async(m.mb(), 3), "flagging twice is fine");
             }
-            assert!(!flag_async(&m, 4), "another generation");
-            assert!(is_pending(&m, 3) && !is_pending(&m, 4), "{flags:#x}");
-            assert!(still_waiting(&m, 3) && !still_waiting(&m, 4));
-            assert!(!is_ready(&m, 3));
-            assert!(take(&m, 3, 33), "flags {flags:#x} do not stop a take");
+            assert!(!flag_async(m.mb(), 4), "another generation");
+            assert!(
+                is_pending(m.mb(), 3) && !is_pending(m.mb(), 4),
+                "{flags:#x}"
+            );
+            assert!(still_waiting(m.mb(), 3) && !still_waiting(m.mb(), 4));
+            assert!(!is_ready(m.mb(), 3));
+            assert!(take(m.mb(), 3, 33), "flags {flags:#x} do not stop a take");
             assert_eq!(
-                m.state.load(Ordering::Relaxed) & FLAGS,
+                m.call.state.load(Ordering::Relaxed) & FLAGS,
                 flags,
                 "kept across take"
             );
-            assert_eq!(taker_pid(&m), std::process::id());
-            assert!(!is_pending(&m, 3) && still_waiting(&m, 3));
+            assert_eq!(taker_pid(m.mb()), std::process::id());
+            assert!(!is_pending(m.mb(), 3) && still_waiting(m.mb(), 3));
             let bell = AtomicU32::new(0);
-            assert!(complete(&m, 3, 33, &bell));
+            assert!(complete(m.mb(), 3, &bell));
             assert_eq!(bell.load(Ordering::Relaxed), u32::from(flags & ASYNC != 0));
-            assert!(!still_waiting(&m, 3));
-            assert!(!flag_async(&m, 3), "ready: nothing to flag");
-            assert!(!complete(&m, 3, 33, &bell), "completed once");
+            assert!(!still_waiting(m.mb(), 3));
+            assert!(!flag_async(m.mb(), 3), "ready: nothing to flag");
+            assert!(!complete(m.mb(), 3, &bell), "completed once");
             // The caller reads the reply, then frees it.
-            release(&m, 3);
-            assert!(!still_unread(&m.state, 3));
+            release(m.mb(), 3);
+            assert!(!still_unread(m.mb(), 3));
         }
         // A reply not yet read is unread; a freed one is not.
         let m = mb();
-        arm(&m, 7, 77);
-        assert!(take(&m, 7, 77) && complete(&m, 7, 77, &AtomicU32::new(0)));
-        assert!(still_unread(&m.state, 7) && is_ready(&m, 7));
-        assert!(!still_unread(&m.state, 8));
+        arm(m.mb(), 7, 77);
+        assert!(take(m.mb(), 7, 77) && complete(m.mb(), 7, &AtomicU32::new(0)));
+        assert!(still_unread(m.mb(), 7) && is_ready(m.mb(), 7));
+        assert!(!still_unread(m.mb(), 8));
         assert_eq!(phase(pack(7, READY)), READY);
         assert_eq!(gen_of(pack(7, READY)), 7);
     }
 
     #[test]
     fn sleeping_caller_is_woken_by_reply() {
-        let m: &'static MailboxHeader = Box::leak(mb());
-        arm(m, 9, 99);
+        let m: &'static Pair = Box::leak(mb());
+        arm(m.mb(), 9, 99);
         let t = std::thread::spawn(move || {
             let mut w = Waiter::new(
                 crate::channel::wait::Spin::Fixed(Duration::ZERO),
@@ -430,7 +487,7 @@ mod tests {
                 crate::channel::wait::Seats::none(),
             );
             wait_ready(
-                m,
+                m.mb(),
                 9,
                 &mut w,
                 Instant::now() + Duration::from_secs(10),
@@ -438,11 +495,11 @@ mod tests {
             )
         });
         // Wait until the caller has announced that it sleeps, then reply.
-        while m.state.load(Ordering::Relaxed) & WAITER == 0 {
+        while m.call.state.load(Ordering::Relaxed) & WAITER == 0 {
             std::thread::yield_now();
         }
-        assert!(take(m, 9, 99));
-        assert!(complete(m, 9, 99, &AtomicU32::new(0)));
+        assert!(take(m.mb(), 9, 99));
+        assert!(complete(m.mb(), 9, &AtomicU32::new(0)));
         assert_eq!(t.join().unwrap(), Wait::Ready);
     }
 
@@ -450,9 +507,9 @@ mod tests {
     /// re-check, must end it (a lost wake-up fails this instead of costing 5 ms).
     #[test]
     fn a_reply_wakes_its_sleeping_caller_without_a_recheck() {
-        let m: &'static MailboxHeader = Box::leak(mb());
-        arm(m, 4, 44);
-        assert!(take(m, 4, 44));
+        let m: &'static Pair = Box::leak(mb());
+        arm(m.mb(), 4, 44);
+        assert!(take(m.mb(), 4, 44));
         let t = std::thread::spawn(move || {
             crate::channel::wait::RECHECK_FOR_TESTS.set(Some(Duration::from_secs(30)));
             let mut w = Waiter::new(
@@ -461,17 +518,17 @@ mod tests {
                 crate::channel::wait::Seats::none(),
             );
             let start = Instant::now();
-            let r = wait_ready(m, 4, &mut w, start + Duration::from_secs(60), || {
+            let r = wait_ready(m.mb(), 4, &mut w, start + Duration::from_secs(60), || {
                 Target::Alive
             });
             (r, start.elapsed())
         });
         let end = Instant::now() + Duration::from_secs(10);
-        while m.state.load(Ordering::Relaxed) & WAITER == 0 {
+        while m.call.state.load(Ordering::Relaxed) & WAITER == 0 {
             assert!(Instant::now() < end, "the caller never went to sleep");
             std::thread::yield_now();
         }
-        assert!(complete(m, 4, 44, &AtomicU32::new(0)));
+        assert!(complete(m.mb(), 4, &AtomicU32::new(0)));
         let (r, waited) = t.join().unwrap();
         assert_eq!(r, Wait::Ready);
         assert!(
@@ -486,8 +543,8 @@ mod tests {
     #[test]
     fn a_caller_waiting_for_a_running_request_sleeps() {
         let m = mb();
-        arm(&m, 6, 66);
-        assert!(take(&m, 6, 66));
+        arm(m.mb(), 6, 66);
+        assert!(take(m.mb(), 6, 66));
         let mut w = Waiter::new(
             crate::channel::wait::Spin::Fixed(Duration::ZERO),
             Default::default(),
@@ -504,7 +561,7 @@ mod tests {
         };
         let before = cpu();
         let r = wait_ready(
-            &m,
+            m.mb(),
             6,
             &mut w,
             Instant::now() + Duration::from_millis(300),
@@ -524,57 +581,121 @@ mod tests {
 #[cfg(loom)]
 mod loom_tests {
     use super::*;
+    use crate::shm::layout::{CallWord, MailboxHeader};
     use crate::shm::sync::{AtomicU32, AtomicU64};
     use loom::sync::Arc;
 
-    fn mailbox() -> MailboxHeader {
-        MailboxHeader {
-            state: AtomicU32::new(0),
-            status: AtomicU32::new(0),
-            instance: AtomicU32::new(0),
-            reply_kind: AtomicU32::new(0),
-            reply_len: AtomicU64::new(0),
-            heap_off: AtomicU64::new(0),
-            incarnation: AtomicU64::new(0),
-            nonce: AtomicU64::new(0),
-            taker_pid: AtomicU32::new(0),
-            _pad: 0,
+    /// A mailbox's two halves, as the two sides of a channel hold them.
+    struct Pair {
+        call: CallWord,
+        ans: MailboxHeader,
+    }
+
+    impl Pair {
+        fn mb(&self) -> Mb<'_> {
+            Mb {
+                call: &self.call,
+                ans: &self.ans,
+            }
         }
     }
 
+    fn mailbox() -> Pair {
+        Pair {
+            call: CallWord::new(),
+            ans: MailboxHeader {
+                state: AtomicU32::new(0),
+                status: AtomicU32::new(0),
+                instance: AtomicU32::new(0),
+                reply_kind: AtomicU32::new(0),
+                reply_len: AtomicU64::new(0),
+                heap_off: AtomicU64::new(0),
+                incarnation: AtomicU64::new(0),
+                taker_pid: AtomicU32::new(0),
+                _pad: [0; 3],
+            },
+        }
+    }
+
+    /// The take/cancel Dekker pair: a caller told `Cancelled` never sees the request run;
+    /// one told `InProgress` or `Ready` sees the reply once its mailbox finishes, and a
+    /// request the instance declined after the caller saw it taken finishes as declined.
     #[test]
     fn cancel_and_take_never_both_win() {
         loom::model(|| {
             let mb = Arc::new(mailbox());
-            arm(&mb, 3, 33);
+            arm(mb.mb(), 3, 33);
             let inst = {
                 let mb = mb.clone();
                 loom::thread::spawn(move || {
-                    if take(&mb, 3, 33) {
-                        mb.reply_len.store(42, Ordering::Relaxed);
-                        assert!(complete(&mb, 3, 33, &AtomicU32::new(0)));
+                    if take(mb.mb(), 3, 33) {
+                        mb.ans.reply_len.store(42, Ordering::Relaxed);
+                        assert!(complete(mb.mb(), 3, &AtomicU32::new(0)));
                         true
                     } else {
                         false
                     }
                 })
             };
-            let c = cancel(&mb, 3);
+            let c = cancel(mb.mb(), 3);
             let took = inst.join().unwrap();
             match c {
                 Cancel::Cancelled => assert!(!took),
-                Cancel::InProgress | Cancel::Ready => {
+                Cancel::Ready => {
                     assert!(took);
-                    let s = mb.state.load(Ordering::Acquire);
-                    assert_eq!(s, pack(3, READY));
-                    assert_eq!(mb.reply_len.load(Ordering::Relaxed), 42);
+                    assert_eq!(mb.ans.reply_len.load(Ordering::Relaxed), 42);
+                }
+                Cancel::InProgress => {
+                    // Quarantined until it finishes: run to completion, or declined.
+                    assert!(is_finished(mb.mb(), 3));
+                    if took {
+                        assert!(is_ready(mb.mb(), 3));
+                        assert_eq!(mb.ans.reply_len.load(Ordering::Relaxed), 42);
+                    } else {
+                        assert_eq!(mb.ans.state.load(Ordering::Acquire), pack(3, DECLINED));
+                    }
                 }
             }
         });
     }
 
-    /// The waiter-bit handshake: a caller that goes to sleep on the state word is woken by
-    /// the reply, in every interleaving, with the futex model that never times out (see
+    /// A late take of a cancelled generation racing the take of the mailbox's next call
+    /// (the caller re-armed it at once after `Cancelled`): the next call is taken and
+    /// answered, and the stale take neither runs nor overwrites the next call's answer.
+    #[test]
+    fn a_stale_take_never_spoils_the_next_generation() {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let mb = Arc::new(mailbox());
+            arm(mb.mb(), 3, 33);
+            let stale = {
+                let mb = mb.clone();
+                loom::thread::spawn(move || take(mb.mb(), 3, 33))
+            };
+            let c = cancel(mb.mb(), 3);
+            if c != Cancel::Cancelled {
+                // Taken first: the caller would quarantine it; nothing more to model.
+                stale.join().unwrap();
+                return;
+            }
+            arm(mb.mb(), 4, 44);
+            let next = {
+                let mb = mb.clone();
+                loom::thread::spawn(move || {
+                    // Spawned after the re-arm: sees it, as a take after the slot's Acquire.
+                    take(mb.mb(), 4, 44) && complete(mb.mb(), 4, &AtomicU32::new(0))
+                })
+            };
+            assert!(!stale.join().unwrap(), "a cancelled request ran");
+            let answered = next.join().unwrap();
+            assert!(answered, "the next call was not taken and answered");
+            assert!(is_ready(mb.mb(), 4));
+        });
+    }
+
+    /// The waiter-flag handshake: a caller that goes to sleep on the answer word is woken
+    /// by the reply, in every interleaving, with the futex model that never times out (see
     /// `sys::futex_model`): a lost wake is a deadlock loom reports. The reply's bytes go
     /// through a loom cell, so reading them is checked to happen after their writing.
     #[test]
@@ -584,14 +705,14 @@ mod loom_tests {
         loom::model(|| {
             let mb = Arc::new(mailbox());
             let body = Arc::new(loom::cell::UnsafeCell::new(0u64));
-            arm(&mb, 3, 33);
+            arm(mb.mb(), 3, 33);
             let inst = {
                 let (mb, body) = (mb.clone(), body.clone());
                 loom::thread::spawn(move || {
-                    assert!(take(&mb, 3, 33));
+                    assert!(take(mb.mb(), 3, 33));
                     // SAFETY: the mailbox is TAKEN by this thread: it alone writes the body.
                     body.with_mut(|p| unsafe { *p = 42 });
-                    assert!(complete(&mb, 3, 33, &AtomicU32::new(0)));
+                    assert!(complete(mb.mb(), 3, &AtomicU32::new(0)));
                 })
             };
             let mut w = Waiter::new(
@@ -600,7 +721,7 @@ mod loom_tests {
                 Seats::none(),
             );
             let r = wait_ready(
-                &mb,
+                mb.mb(),
                 3,
                 &mut w,
                 Instant::now() + Duration::from_secs(3600),
@@ -610,6 +731,30 @@ mod loom_tests {
             // SAFETY: READY was acquired: the instance's writes are done.
             assert_eq!(body.with(|p| unsafe { *p }), 42);
             inst.join().unwrap();
+        });
+    }
+
+    /// The async flag's handshake: a future that flags its mailbox either learns at once
+    /// that the reply is there, or the instance rings the doorbell for it.
+    #[test]
+    fn an_async_waiter_either_sees_the_reply_or_is_rung() {
+        loom::model(|| {
+            let mb = Arc::new(mailbox());
+            let bell = Arc::new(AtomicU32::new(0));
+            arm(mb.mb(), 3, 33);
+            let inst = {
+                let (mb, bell) = (mb.clone(), bell.clone());
+                loom::thread::spawn(move || {
+                    assert!(take(mb.mb(), 3, 33));
+                    assert!(complete(mb.mb(), 3, &bell));
+                })
+            };
+            let waiting = flag_async(mb.mb(), 3);
+            inst.join().unwrap();
+            if waiting {
+                assert_eq!(bell.load(Ordering::Acquire), 1, "flagged, never rung");
+            }
+            assert!(is_ready(mb.mb(), 3));
         });
     }
 }

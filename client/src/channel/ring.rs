@@ -1,37 +1,47 @@
-//! The per-instance request ring: Dmitry Vyukov's bounded MPMC queue, laid out in shared
-//! memory, with two changes for processes that may die at any instruction.
+//! A channel's request ring: Dmitry Vyukov's bounded MPMC queue, laid out in shared
+//! memory, with each slot's sequence split in two words with one writer each.
 //!
-//! * Each slot records the pid of the producer that claimed it ([`SlotCtl::claimer_pid`]),
-//!   so a slot claimed by a producer that died before publishing can be recognised.
-//! * Publishing is a compare-and-swap `pos -> pos + 1` on the slot's sequence rather than a
-//!   plain store: if a consumer ever skips an abandoned slot (it moves the sequence on), a
-//!   producer that was merely slow learns that its message was dropped instead of
-//!   corrupting the next lap.
+//! Vyukov's per-slot `seq` is written by both sides: the producer moves it `pos → pos +
+//! 1` to publish, the consumer `pos + 1 → pos + count` to free the slot. In a channel the
+//! producers are the caller's threads and the consumers the instance's, and each side's
+//! words lie in a segment only that side may write. So the word splits: the producer's
+//! half, `published` ([`SlotCtl::seq`], request side: `pos + 1` once position `pos` is
+//! published), and the consumer's half, `freed` ([`FreedSlot`], reply side: `pos + count`
+//! once position `pos` was taken). A producer claims `pos` when `freed == pos` by a CAS on
+//! `enqueue_pos` (request side: only the caller's threads contend); a consumer takes `pos`
+//! when `published == pos + 1` by a CAS on `dequeue_pos` (reply side: only the instance's
+//! threads contend). Both words are stored relative to the slot's index, so zero-filled
+//! segments are an empty ring.
 //!
-//! Sleeping follows the usual futex protocol: a consumer that found the ring empty
-//! increments `sleepers`, re-checks, and waits on `wake`; a producer makes a syscall only
-//! when it sees `sleepers > 0` after publishing.
+//! A producer that claimed a slot always publishes it (a dropped [`Claim`] publishes an
+//! aborted message): within a channel every producer is a thread of the one caller
+//! process, so a producer that dies mid-claim is a caller that died, and its channel
+//! closes with it. A hostile caller can stop only its own channel's ring (the instance's
+//! sweep takes one request per channel per turn); a hostile instance only its own.
 //!
-//! SYNC POINT (slots): a producer's Release CAS of `seq` to `pos + 1` pairs with the
-//! consumer's Acquire load of `seq` in [`RingRef::try_pop`]; the consumer's Release store of
-//! `pos + count` pairs with the producer's Acquire load in [`RingRef::try_claim`].
-//! SYNC POINT (sleep): the SeqCst fence after publishing in [`RingRef::notify`] pairs with
-//! the SeqCst fence after `sleepers += 1` in [`RingRef::wait`] (Dekker: one of the two
-//! sides sees the other's write).
+//! SYNC POINT (slots): a producer's Release store of `published` pairs with the consumer's
+//! Acquire load of it in [`RingRef::try_pop`]; the consumer's Release store of `freed`
+//! pairs with the producer's Acquire load of it in [`RingRef::try_claim`].
 
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use crate::channel::wait::{Poll, Waiter};
-use crate::shm::layout::{MsgHeader, RingIndices, SlotHeader};
-use crate::shm::sync::{fence, Ordering};
+use crate::shm::layout::{FreedSlot, MsgHeader, RingIndices, SlotHeader};
+use crate::shm::sync::{fence, AtomicU64, Ordering};
 use crate::shm::sys;
 
 /// A ring seen through one process's mapping.
 #[derive(Clone, Copy)]
 pub struct RingRef<'a> {
-    idx: &'a RingIndices,
+    /// Next position a producer claims (request side).
+    enq: &'a AtomicU64,
+    /// Next position a consumer takes (reply side).
+    deq: &'a AtomicU64,
+    /// The slots (request side).
     base: *mut u8,
+    /// The freed words, one per slot (reply side).
+    freed: *const FreedSlot,
     stride: usize,
     count: u32,
     data_len: usize,
@@ -45,45 +55,19 @@ unsafe impl Send for RingRef<'_> {}
 // SAFETY: as above.
 unsafe impl Sync for RingRef<'_> {}
 
-/// Result of [`RingRef::skip_abandoned`].
-pub enum Skip<'a> {
-    Skipped,
-    /// The producer published after all: deliver it.
-    Published(Taken<'a>),
-    /// Another consumer moved first.
-    Raced,
-}
-
-/// The ring laid out per `layout` at `idx` and `base`.
-///
-/// # Safety
-/// `idx` and `base` come from a mapping whose layout was validated against `layout` when
-/// it was opened, and that mapping outlives `'a`.
-unsafe fn ring_in<'a>(
-    idx: &'a RingIndices,
-    base: *mut u8,
-    layout: &crate::shm::layout::InstanceLayout,
-) -> RingRef<'a> {
-    // SAFETY: per this function's contract.
-    unsafe { RingRef::new(idx, base, layout.slot_stride(), layout.slot_count) }
-}
-
-impl crate::shm::layout::InstanceSeg {
-    /// The ring of this instance segment (since channels, only its indices are used: the
-    /// doorbell; its slots stay untouched).
-    pub fn ring(&self) -> RingRef<'_> {
-        // SAFETY: validated when opened (`InstanceSeg::open`); the mapping lives as long
-        // as `self`.
-        unsafe { ring_in(self.ring_indices(), self.slots_base(), &self.layout) }
-    }
-}
-
 impl crate::shm::layout::ChannelSeg {
     /// The request ring of this channel.
     pub fn ring(&self) -> RingRef<'_> {
-        // SAFETY: validated when opened (`ChannelSeg::open`); the mapping lives as long as
-        // `self`.
-        unsafe { ring_in(self.ring_indices(), self.slots_base(), &self.layout) }
+        // SAFETY: validated when opened (`ChannelSeg::open`): the slots and the freed
+        // words lie inside the two mappings, which live as long as `self`.
+        unsafe {
+            RingRef::new(
+                (self.request_indices(), self.reply_indices()),
+                (self.slots_base(), self.freed_base()),
+                self.layout.slot_stride(),
+                self.layout.slot_count,
+            )
+        }
     }
 }
 
@@ -95,20 +79,24 @@ const MAX_RETRIES: u32 = 1 << 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
 
-/// A consumer moved past this slot before it was published: the message was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Skipped;
-
 impl<'a> RingRef<'a> {
     /// # Safety
     /// `base` points to `count` slots of `stride` bytes, each starting with a [`SlotHeader`]
-    /// followed by `stride - size_of::<SlotHeader>()` data bytes, valid for `'a`; `count`
-    /// is a power of two.
-    pub unsafe fn new(idx: &'a RingIndices, base: *mut u8, stride: usize, count: u32) -> Self {
+    /// followed by `stride - size_of::<SlotHeader>()` data bytes, and `freed` to `count`
+    /// [`FreedSlot`]s, valid for `'a`; `count` is a power of two. `enqueue_pos` of the
+    /// first indices and `dequeue_pos` of the second are used.
+    pub unsafe fn new(
+        (producer, consumer): (&'a RingIndices, &'a RingIndices),
+        (base, freed): (*mut u8, *const FreedSlot),
+        stride: usize,
+        count: u32,
+    ) -> Self {
         debug_assert!(count.is_power_of_two());
         RingRef {
-            idx,
+            enq: &producer.enqueue_pos,
+            deq: &consumer.dequeue_pos,
             base,
+            freed,
             stride,
             count,
             data_len: stride - std::mem::size_of::<SlotHeader>(),
@@ -126,20 +114,28 @@ impl<'a> RingRef<'a> {
     }
 
     fn slot(&self, pos: u64) -> &'a SlotHeader {
-        let i = (pos & (self.count as u64 - 1)) as usize;
+        let i = self.index_of(pos) as usize;
         // SAFETY: i < count, so the slot lies inside the region promised to `new`; slots are
         // 64-byte aligned because the stride and the base are.
         unsafe { &*(self.base.add(i * self.stride) as *const SlotHeader) }
     }
 
-    /// Slot sequences are stored relative to the slot's index (`stored = seq - index`), so
-    /// a zero-filled ring is already initialised (slot `i` free for position `i`): the
-    /// broker never touches the slot pages, and they cost memory only once used.
+    fn freed_word(&self, pos: u64) -> &'a AtomicU64 {
+        let i = self.index_of(pos) as usize;
+        // SAFETY: i < count, inside the `count` freed words promised to `new`.
+        unsafe { &(*self.freed.add(i)).seq }
+    }
+
+    /// Both halves are stored relative to the slot's index (`stored = seq - index`), so a
+    /// zero-filled ring is already initialised (slot `i` free for position `i`, nothing
+    /// published): the broker never touches the slot pages, and they cost memory only once
+    /// used.
     fn index_of(&self, pos: u64) -> u64 {
         pos & (self.count as u64 - 1)
     }
 
-    fn seq_load(&self, pos: u64, order: Ordering) -> u64 {
+    /// The producer's half: `pos + 1` once `pos` is published.
+    fn published(&self, pos: u64, order: Ordering) -> u64 {
         self.slot(pos)
             .ctl
             .seq
@@ -147,32 +143,16 @@ impl<'a> RingRef<'a> {
             .wrapping_add(self.index_of(pos))
     }
 
-    fn seq_store(&self, pos: u64, seq: u64, order: Ordering) {
-        self.slot(pos)
-            .ctl
-            .seq
-            .store(seq.wrapping_sub(self.index_of(pos)), order)
-    }
-
-    fn seq_cas(
-        &self,
-        pos: u64,
-        from: u64,
-        to: u64,
-        ok: Ordering,
-        fail: Ordering,
-    ) -> Result<u64, u64> {
-        let i = self.index_of(pos);
-        self.slot(pos)
-            .ctl
-            .seq
-            .compare_exchange(from.wrapping_sub(i), to.wrapping_sub(i), ok, fail)
-            .map(|v| v.wrapping_add(i))
-            .map_err(|v| v.wrapping_add(i))
+    /// The consumer's half: `pos` while the slot is free for the producer of position
+    /// `pos`.
+    fn freed(&self, pos: u64, order: Ordering) -> u64 {
+        self.freed_word(pos)
+            .load(order)
+            .wrapping_add(self.index_of(pos))
     }
 
     fn data_ptr(&self, pos: u64) -> *mut u8 {
-        let i = (pos & (self.count as u64 - 1)) as usize;
+        let i = self.index_of(pos) as usize;
         // SAFETY: as in `slot`; the data area follows the header inside the same stride.
         unsafe {
             self.base
@@ -183,39 +163,38 @@ impl<'a> RingRef<'a> {
     /// Claims the next free slot for writing. The claim must be published (or dropped,
     /// which publishes it as an aborted message) promptly: consumers wait for it in order.
     ///
-    /// Bounded: a ring whose words another process corrupted (a sequence ahead of the
+    /// Bounded: a ring whose words another process corrupted (a freed word ahead of the
     /// position that should be free, or positions moved under us without end) reads as
     /// full, so the caller's own deadline ends the attempt.
-    pub fn try_claim(&self, pid: u32) -> Result<Claim<'a>, Full> {
-        let mut pos = self.idx.enqueue_pos.load(Ordering::Relaxed);
+    pub fn try_claim(&self) -> Result<Claim<'a>, Full> {
+        let mut pos = self.enq.load(Ordering::Relaxed);
         for _ in 0..MAX_RETRIES {
-            let seq = self.seq_load(pos, Ordering::Acquire);
-            let diff = seq.wrapping_sub(pos) as i64;
+            let freed = self.freed(pos, Ordering::Acquire);
+            let diff = freed.wrapping_sub(pos) as i64;
             if diff == 0 {
-                match self.idx.enqueue_pos.compare_exchange_weak(
+                match self.enq.compare_exchange_weak(
                     pos,
                     pos.wrapping_add(1),
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 ) {
                     Ok(_) => {
-                        self.slot(pos).ctl.claimer_pid.store(pid, Ordering::Relaxed);
                         return Ok(Claim {
                             ring: *self,
                             pos,
                             done: false,
-                        });
+                        })
                     }
                     Err(p) => pos = p,
                 }
             } else if diff < 0 {
                 return Err(Full);
             } else {
-                // Another producer claimed `pos`: its claim (Relaxed CAS) precedes its
-                // publish, which our Acquire of `seq` saw, so the reload has moved on...
-                let now = self.idx.enqueue_pos.load(Ordering::Relaxed);
+                // The slot was freed for a later lap than `pos`: another producer claimed
+                // `pos` (and it was taken since), so `enqueue_pos` has moved on...
+                let now = self.enq.load(Ordering::Relaxed);
                 if now == pos {
-                    // ...unless the sequence was written by no producer: corruption.
+                    // ...unless the freed word was written by no consumer: corruption.
                     return Err(Full);
                 }
                 pos = now;
@@ -228,12 +207,12 @@ impl<'a> RingRef<'a> {
     ///
     /// Bounded like [`RingRef::try_claim`]: a corrupted ring reads as empty.
     pub fn try_pop(&self) -> Option<Taken<'a>> {
-        let mut pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
+        let mut pos = self.deq.load(Ordering::Relaxed);
         for _ in 0..MAX_RETRIES {
-            let seq = self.seq_load(pos, Ordering::Acquire);
-            let diff = seq.wrapping_sub(pos.wrapping_add(1)) as i64;
+            let published = self.published(pos, Ordering::Acquire);
+            let diff = published.wrapping_sub(pos.wrapping_add(1)) as i64;
             if diff == 0 {
-                match self.idx.dequeue_pos.compare_exchange_weak(
+                match self.deq.compare_exchange_weak(
                     pos,
                     pos.wrapping_add(1),
                     Ordering::Relaxed,
@@ -245,8 +224,8 @@ impl<'a> RingRef<'a> {
             } else if diff < 0 {
                 return None;
             } else {
-                // Another consumer took `pos` (or skipped it) and moved `dequeue_pos` first.
-                let now = self.idx.dequeue_pos.load(Ordering::Relaxed);
+                // Another consumer took `pos` and moved `dequeue_pos` first.
+                let now = self.deq.load(Ordering::Relaxed);
                 if now == pos {
                     return None;
                 }
@@ -256,67 +235,17 @@ impl<'a> RingRef<'a> {
         None
     }
 
-    /// The slot at the consumer position when a producer claimed it but has not published
-    /// it: `(position, claimer pid)`; the pid is 0 if the producer died before recording it.
-    pub fn stuck_head(&self) -> Option<(u64, u32)> {
-        let pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
-        if self
-            .idx
-            .enqueue_pos
-            .load(Ordering::Relaxed)
-            .wrapping_sub(pos) as i64
-            <= 0
-        {
-            return None;
-        }
-        (self.seq_load(pos, Ordering::Acquire) == pos)
-            .then(|| (pos, self.slot(pos).ctl.claimer_pid.load(Ordering::Relaxed)))
-    }
-
-    /// Moves the consumer past the unpublished slot at `pos`, whose producer is dead (see
-    /// [`RingRef::stuck_head`]); the slot goes to the next lap. If the producer publishes at
-    /// the last moment, the message is returned for delivery instead.
-    pub fn skip_abandoned(&self, pos: u64) -> Skip<'a> {
-        if self
-            .idx
-            .dequeue_pos
-            .compare_exchange(
-                pos,
-                pos.wrapping_add(1),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            )
-            .is_err()
-        {
-            return Skip::Raced;
-        }
-        // We own position `pos` now. A live producer's publish CAS (pos -> pos + 1) fails
-        // after this, so it learns its message was dropped rather than corrupting a lap.
-        // The next lap's producer must not find the dead claimer's pid (it would look
-        // abandoned before it records its own): cleared before the slot is handed on.
-        self.slot(pos).ctl.claimer_pid.store(0, Ordering::Relaxed);
-        match self.seq_cas(
-            pos,
-            pos,
-            pos.wrapping_add(self.count as u64),
-            Ordering::Release,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => Skip::Skipped,
-            Err(_) => Skip::Published(Taken { ring: *self, pos }),
-        }
-    }
-
     /// Whether the slot at the consumer position is published (cheap emptiness probe).
     pub fn has_message(&self) -> bool {
-        let pos = self.idx.dequeue_pos.load(Ordering::Relaxed);
-        self.seq_load(pos, Ordering::Acquire) == pos.wrapping_add(1)
+        let pos = self.deq.load(Ordering::Relaxed);
+        self.published(pos, Ordering::Acquire) == pos.wrapping_add(1)
     }
 
-    /// Messages claimed but not yet taken (approximate while producers/consumers run).
+    /// Messages claimed but not yet taken (approximate while producers/consumers run),
+    /// at most the slot count.
     pub fn len(&self) -> u64 {
-        let e = self.idx.enqueue_pos.load(Ordering::Relaxed);
-        let d = self.idx.dequeue_pos.load(Ordering::Relaxed);
+        let e = self.enq.load(Ordering::Relaxed);
+        let d = self.deq.load(Ordering::Relaxed);
         e.wrapping_sub(d).min(self.count as u64)
     }
 
@@ -324,39 +253,15 @@ impl<'a> RingRef<'a> {
         self.len() == 0
     }
 
-    /// Wakes one sleeping consumer if any said it sleeps. Call after publishing.
-    pub fn notify(&self) {
-        // Dekker with `wait`: our publish, then this fence, then the load of `sleepers`.
-        fence(Ordering::SeqCst);
-        if self.idx.sleepers.load(Ordering::Relaxed) > 0 {
-            self.idx.wake.fetch_add(1, Ordering::Relaxed);
-            let _ = sys::futex_wake(&self.idx.wake, 1);
-            crate::channel::wait::woke_a_sleeper();
-        }
-    }
-
-    /// Wakes every sleeping consumer (shutdown).
-    pub fn wake_all(&self) {
-        self.idx.wake.fetch_add(1, Ordering::Release);
-        let _ = sys::futex_wake(&self.idx.wake, u32::MAX);
-    }
-
-    /// Waits until a message may be available, `stop()` says so, or `timeout` passes:
-    /// spins and yields as `waiter` decides ([`crate::channel::wait`]), then sleeps on the futex.
-    /// Returns whether a message is visible.
-    pub fn wait(
-        &self,
-        waiter: &mut Waiter<'_>,
-        timeout: Option<Duration>,
-        stop: impl Fn() -> bool,
-    ) -> bool {
-        park(self.idx, waiter, timeout, || self.has_message(), stop)
+    /// The consumer's position (reply side): unchanged while the instance takes nothing.
+    pub fn taken(&self) -> u64 {
+        self.deq.load(Ordering::Relaxed)
     }
 }
 
 /// Waits on `idx`'s futex until `ready()`, `stop()`, or `timeout`: spins and yields as
 /// `waiter` decides, then sleeps. A waker makes `ready()` true, then (SeqCst fence) reads
-/// `sleepers` and wakes if non-zero ([`RingRef::notify`], [`Doorbell::ring`]).
+/// `sleepers` and wakes if non-zero ([`Doorbell::ring`]).
 fn park(
     idx: &RingIndices,
     waiter: &mut Waiter<'_>,
@@ -538,18 +443,19 @@ impl<'a> Claim<'a> {
         unsafe { std::slice::from_raw_parts_mut(self.ring.data_ptr(self.pos), self.ring.data_len) }
     }
     /// Makes the message visible to consumers.
-    pub fn publish(mut self) -> Result<(), Skipped> {
+    pub fn publish(mut self) {
         self.done = true;
+        self.store_published();
+    }
+
+    fn store_published(&self) {
+        let i = self.ring.index_of(self.pos);
+        // SYNC POINT (slots): Release, pairs with the consumer's Acquire in `try_pop`.
         self.ring
-            .seq_cas(
-                self.pos,
-                self.pos,
-                self.pos.wrapping_add(1),
-                Ordering::Release,
-                Ordering::Relaxed,
-            )
-            .map(drop)
-            .map_err(|_| Skipped)
+            .slot(self.pos)
+            .ctl
+            .seq
+            .store(self.pos.wrapping_add(1).wrapping_sub(i), Ordering::Release);
     }
 }
 
@@ -562,13 +468,7 @@ impl Drop for Claim<'_> {
                 ..MsgHeader::default()
             });
             self.done = true;
-            let _ = self.ring.seq_cas(
-                self.pos,
-                self.pos,
-                self.pos.wrapping_add(1),
-                Ordering::Release,
-                Ordering::Relaxed,
-            );
+            self.store_published();
         }
     }
 }
@@ -590,13 +490,6 @@ impl<'a> Taken<'a> {
     /// Bytes of inline data in this slot.
     pub fn data_len(&self) -> usize {
         self.ring.data_len
-    }
-    pub fn claimer_pid(&self) -> u32 {
-        self.ring
-            .slot(self.pos)
-            .ctl
-            .claimer_pid
-            .load(Ordering::Relaxed)
     }
     /// Copies `dst.len()` bytes at `off` of the slot's data into `dst`; `None` if out of range.
     pub fn read_into(&self, off: usize, dst: &mut [u8]) -> Option<()> {
@@ -639,15 +532,12 @@ impl<'a> Taken<'a> {
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
         let next = self.pos.wrapping_add(self.ring.count as u64);
-        // The next lap's claimer records its own pid right after its claim; until then
-        // the slot must not name this lap's producer, which may since have exited (and
-        // make the fresh claim look abandoned). Ordered before the Release below.
+        let i = self.ring.index_of(self.pos);
+        // SYNC POINT (slots): Release, pairs with the producer's Acquire in `try_claim`:
+        // the next lap's producer writes the slot only after our reads of it.
         self.ring
-            .slot(self.pos)
-            .ctl
-            .claimer_pid
-            .store(0, Ordering::Relaxed);
-        self.ring.seq_store(self.pos, next, Ordering::Release);
+            .freed_word(self.pos)
+            .store(next.wrapping_sub(i), Ordering::Release);
     }
 }
 
@@ -659,6 +549,7 @@ mod tests {
     #[repr(C, align(128))]
     struct Storage {
         idx: RingIndices,
+        freed: [FreedSlot; 64],
     }
 
     fn make(count: u32, data: usize) -> (Box<Storage>, Vec<u64>, usize) {
@@ -675,7 +566,7 @@ mod tests {
         let base = unsafe { p.add(p.align_offset(64)) };
         // Zeroed memory is an initialised ring.
         // SAFETY: the buffer holds count*stride bytes after alignment (sized with slack).
-        unsafe { RingRef::new(&s.idx, base, stride, count) }
+        unsafe { RingRef::new((&s.idx, &s.idx), (base, s.freed.as_ptr()), stride, count) }
     }
 
     #[test]
@@ -683,84 +574,47 @@ mod tests {
         let (s, mut w, stride) = make(4, 64);
         let r = ring(&s, &mut w, stride, 4);
         for i in 0..4u64 {
-            let mut c = r.try_claim(1).unwrap();
+            let mut c = r.try_claim().unwrap();
             c.set_header(MsgHeader {
                 trace_id: i,
                 ..Default::default()
             });
-            c.publish().unwrap();
+            c.publish();
         }
-        assert!(r.try_claim(1).is_err());
+        assert!(r.try_claim().is_err());
         assert_eq!(r.try_pop().unwrap().header().trace_id, 0);
-        assert!(r.try_claim(1).is_ok());
+        assert!(r.try_claim().is_ok());
     }
 
     #[test]
     fn dropped_claim_is_published_as_aborted_not_wedged() {
         let (s, mut w, stride) = make(4, 64);
         let r = ring(&s, &mut w, stride, 4);
-        drop(r.try_claim(7).unwrap());
+        drop(r.try_claim().unwrap());
         let t = r.try_pop().expect("aborted claim must not wedge the ring");
         assert_eq!(t.header().kind, KIND_ABORTED);
-        assert_eq!(t.claimer_pid(), 7);
-    }
-
-    #[test]
-    fn an_abandoned_claim_is_skipped_and_its_late_publish_refused() {
-        let (s, mut w, stride) = make(4, 64);
-        let r = ring(&s, &mut w, stride, 4);
-        let dead = r.try_claim(4242).unwrap();
-        let mut live = r.try_claim(1).unwrap();
-        live.set_header(MsgHeader {
-            trace_id: 7,
-            ..Default::default()
-        });
-        live.publish().unwrap();
-        assert!(
-            r.try_pop().is_none(),
-            "the unpublished head blocks the ring"
-        );
-        let (pos, pid) = r.stuck_head().unwrap();
-        assert_eq!(pid, 4242);
-        assert!(matches!(r.skip_abandoned(pos), Skip::Skipped));
-        assert_eq!(
-            r.try_pop().unwrap().header().trace_id,
-            7,
-            "the ring delivers again"
-        );
-        assert_eq!(
-            dead.publish(),
-            Err(Skipped),
-            "a late publish must fail, not corrupt"
-        );
     }
 
     #[test]
     fn corrupted_sequences_read_as_full_or_empty_never_as_a_hang() {
         let (s, mut w, stride) = make(4, 64);
         let r = ring(&s, &mut w, stride, 4);
-        // A peer writes a sequence ahead of the free position: no producer did that.
-        r.slot(0).ctl.seq.store(1 << 40, Ordering::Relaxed);
-        assert_eq!(r.try_claim(1).err(), Some(Full));
-        // And one that claims a message was published two laps ahead of the consumer.
+        // The instance writes a freed word ahead of the free position: no consumer did that.
+        s.freed[0].seq.store(1 << 40, Ordering::Relaxed);
+        assert_eq!(r.try_claim().err(), Some(Full));
+        // And one behind it: the slot reads as not yet freed.
+        s.freed[0].seq.store(u64::MAX - 3, Ordering::Relaxed);
+        assert_eq!(r.try_claim().err(), Some(Full));
+        s.freed[0].seq.store(0, Ordering::Relaxed);
+        // The caller claims a message was published two laps ahead of the consumer.
         r.slot(0).ctl.seq.store(9, Ordering::Relaxed);
         assert!(r.try_pop().is_none());
         // Positions far out of step with the slots end the same way.
         r.slot(0).ctl.seq.store(0, Ordering::Relaxed);
         s.idx.enqueue_pos.store(u64::MAX - 1, Ordering::Relaxed);
         s.idx.dequeue_pos.store(u64::MAX / 2, Ordering::Relaxed);
-        let _ = r.try_claim(1);
+        let _ = r.try_claim();
         assert!(r.try_pop().is_none());
-    }
-
-    #[test]
-    fn a_freed_slot_no_longer_names_its_last_claimer() {
-        let (s, mut w, stride) = make(2, 64);
-        let r = ring(&s, &mut w, stride, 2);
-        r.try_claim(4242).unwrap().publish().unwrap();
-        drop(r.try_pop().unwrap());
-        assert_eq!(r.slot(0).ctl.claimer_pid.load(Ordering::Relaxed), 0);
-        let _ = s;
     }
 
     #[test]
@@ -770,18 +624,18 @@ mod tests {
         assert_eq!((r.capacity(), r.data_len()), (4, 64));
         assert!(r.is_empty() && !r.has_message());
         for lap in 0..6u64 {
-            let mut c = r.try_claim(99).unwrap();
+            let mut c = r.try_claim().unwrap();
             assert_eq!(c.position(), lap);
             let data = c.data();
             assert_eq!(data.len(), 64);
             for (i, b) in data.iter_mut().enumerate() {
                 *b = (i as u64 * 3 + lap) as u8;
             }
-            c.publish().unwrap();
+            c.publish();
             assert_eq!(r.len(), 1);
             assert!(r.has_message() && !r.is_empty());
             let t = r.try_pop().unwrap();
-            assert_eq!((t.data_len(), t.claimer_pid()), (64, 99));
+            assert_eq!(t.data_len(), 64);
             let want: Vec<u8> = (0..64u64).map(|i| (i * 3 + lap) as u8).collect();
             let mut dst = [0u8; 10];
             t.read_into(54, &mut dst).unwrap();
@@ -816,7 +670,7 @@ mod tests {
             // A full lap in flight at once: every slot holds its own message.
             let claims: Vec<_> = (0..COUNT as u64)
                 .map(|k| {
-                    let mut c = r.try_claim(1).unwrap();
+                    let mut c = r.try_claim().unwrap();
                     let pos = c.position();
                     assert_eq!(pos, lap * COUNT as u64 + k);
                     c.data().fill(pos as u8 + 1);
@@ -828,7 +682,7 @@ mod tests {
                 })
                 .collect();
             for c in claims {
-                c.publish().unwrap();
+                c.publish();
             }
             for _ in 0..COUNT {
                 let t = r.try_pop().unwrap();
@@ -847,79 +701,6 @@ mod tests {
     }
 
     #[test]
-    fn notify_rings_only_for_a_sleeper_and_wakes_it() {
-        use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
-        let (s, mut w, stride) = make(4, 64);
-        let r = ring(&s, &mut w, stride, 4);
-        // No one sleeps: nothing to ring.
-        r.notify();
-        assert_eq!(s.idx.wake.load(Ordering::Relaxed), 0);
-        std::thread::scope(|sc| {
-            let sleeper = sc.spawn(|| {
-                let mut waiter = Waiter::new(
-                    Spin::Fixed(Duration::ZERO),
-                    Backoff::server(),
-                    Seats::none(),
-                );
-                let t = Instant::now();
-                let got = r.wait(&mut waiter, Some(Duration::from_secs(30)), || false);
-                (got, t.elapsed())
-            });
-            let end = Instant::now() + Duration::from_secs(10);
-            while s.idx.sleepers.load(Ordering::Relaxed) == 0 {
-                assert!(Instant::now() < end, "the consumer never went to sleep");
-                std::thread::yield_now();
-            }
-            r.try_claim(1).unwrap().publish().unwrap();
-            r.notify();
-            let (got, waited) = sleeper.join().unwrap();
-            assert!(got, "woken with a message");
-            // A deadline only so that a lost wake fails instead of sleeping out its 30 s.
-            assert!(waited < Duration::from_secs(10), "woken late: {waited:?}");
-        });
-        assert_eq!(s.idx.wake.load(Ordering::Relaxed), 1);
-        assert_eq!(s.idx.sleepers.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn wake_all_ends_every_sleep_that_is_told_to_stop() {
-        use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
-        let (s, mut w, stride) = make(4, 64);
-        let r = ring(&s, &mut w, stride, 4);
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|sc| {
-            let sleepers: Vec<_> = (0..2)
-                .map(|_| {
-                    sc.spawn(|| {
-                        let mut waiter = Waiter::new(
-                            Spin::Fixed(Duration::ZERO),
-                            Backoff::server(),
-                            Seats::none(),
-                        );
-                        let t = Instant::now();
-                        let got = r.wait(&mut waiter, Some(Duration::from_secs(30)), || {
-                            stop.load(Ordering::Relaxed)
-                        });
-                        (got, t.elapsed())
-                    })
-                })
-                .collect();
-            let end = Instant::now() + Duration::from_secs(10);
-            while s.idx.sleepers.load(Ordering::Relaxed) < 2 {
-                assert!(Instant::now() < end, "the consumers never went to sleep");
-                std::thread::yield_now();
-            }
-            stop.store(true, Ordering::Relaxed);
-            r.wake_all();
-            for t in sleepers {
-                let (got, waited) = t.join().unwrap();
-                assert!(!got, "no message");
-                assert!(waited < Duration::from_secs(10), "woken late: {waited:?}");
-            }
-        });
-    }
-
-    #[test]
     fn threads_deliver_every_message_exactly_once() {
         const PER: u64 = if cfg!(miri) { 50 } else { 20_000 };
         let (s, mut w, stride) = make(64, 64);
@@ -930,12 +711,12 @@ mod tests {
                 sc.spawn(move || {
                     for i in 0..PER {
                         loop {
-                            if let Ok(mut c) = r.try_claim(1) {
+                            if let Ok(mut c) = r.try_claim() {
                                 c.set_header(MsgHeader {
                                     trace_id: p * PER + i,
                                     ..Default::default()
                                 });
-                                c.publish().unwrap();
+                                c.publish();
                                 break;
                             }
                             std::thread::yield_now();
@@ -974,9 +755,13 @@ mod loom_tests {
         data: [u8; 64],
     }
 
+    /// A channel's ring: the producer's indices and slots (request side), the consumer's
+    /// indices and freed words (reply side).
     struct Shared {
         idx: RingIndices,
+        consumer: RingIndices,
         slots: Vec<Slot>,
+        freed: Vec<FreedSlot>,
     }
 
     struct Ptr(*mut u8);
@@ -985,7 +770,14 @@ mod loom_tests {
 
     fn ring<'a>(s: &'a Shared, p: &Ptr) -> RingRef<'a> {
         // SAFETY: `p` points at `s.slots`, 2 slots of size_of::<Slot>() bytes.
-        unsafe { RingRef::new(&s.idx, p.0, std::mem::size_of::<Slot>(), 2) }
+        unsafe {
+            RingRef::new(
+                (&s.idx, &s.consumer),
+                (p.0, s.freed.as_ptr()),
+                std::mem::size_of::<Slot>(),
+                2,
+            )
+        }
     }
 
     #[test]
@@ -1000,7 +792,9 @@ mod loom_tests {
             }
             let s = Arc::new(Shared {
                 idx: RingIndices::new(),
+                consumer: RingIndices::new(),
                 slots,
+                freed: vec![FreedSlot::new(), FreedSlot::new()],
             });
             let base = s.slots.as_ptr() as *mut u8;
             let producers: Vec<_> = (1..=2u64)
@@ -1010,7 +804,7 @@ mod loom_tests {
                     loom::thread::spawn(move || {
                         let r = ring(&s, &p);
                         let mut c = loop {
-                            if let Ok(c) = r.try_claim(id as u32) {
+                            if let Ok(c) = r.try_claim() {
                                 break c;
                             }
                             loom::thread::yield_now();
@@ -1019,7 +813,7 @@ mod loom_tests {
                             trace_id: id,
                             ..Default::default()
                         });
-                        c.publish().unwrap();
+                        c.publish();
                     })
                 })
                 .collect();
@@ -1052,12 +846,12 @@ mod loom_tests {
         let p = Ptr(s.slots.as_ptr() as *mut u8);
         loom::thread::spawn(move || {
             let r = ring(&s, &p);
-            let mut c = r.try_claim(1).unwrap();
+            let mut c = r.try_claim().unwrap();
             c.set_header(MsgHeader {
                 trace_id,
                 ..Default::default()
             });
-            c.publish().unwrap();
+            c.publish();
             Doorbell(&bell).ring(bit);
         })
     }
@@ -1072,7 +866,9 @@ mod loom_tests {
         }
         Arc::new(Shared {
             idx: RingIndices::new(),
+            consumer: RingIndices::new(),
             slots,
+            freed: vec![FreedSlot::new(), FreedSlot::new()],
         })
     }
 
@@ -1106,7 +902,7 @@ mod loom_tests {
                     let r = ring(&s, &p);
                     for id in 1..=3u64 {
                         let mut c = loop {
-                            match r.try_claim(1) {
+                            match r.try_claim() {
                                 Ok(c) => break c,
                                 Err(Full) => loom::thread::yield_now(),
                             }
@@ -1118,7 +914,7 @@ mod loom_tests {
                             trace_id: id,
                             ..Default::default()
                         });
-                        c.publish().unwrap();
+                        c.publish();
                     }
                 })
             };
@@ -1138,73 +934,6 @@ mod loom_tests {
             }
             producer.join().unwrap();
             assert_eq!(seen, vec![1, 2, 3]);
-        });
-    }
-
-    /// A consumer skipping a claimed slot races its producer's late publish: exactly one
-    /// wins: the skip (and the publish reports `Skipped`) or the publish (and the skip
-    /// hands the message over); either way the slot is free for the next lap.
-    #[test]
-    fn skip_abandoned_racing_a_late_publish_has_exactly_one_winner() {
-        loom::model(|| {
-            let s = shared();
-            let base = s.slots.as_ptr() as *mut u8;
-            let r = ring(&s, &Ptr(base));
-            let claim = r.try_claim(7).unwrap();
-            let pos = claim.position();
-            // The claim moves to the producer thread (it owns the slot's bytes).
-            // SAFETY: only the lifetime changes: the ring it borrows lives in `s`, which this
-            // model keeps alive (the producer holds a clone) until the producer is joined.
-            let claim: Claim<'static> = unsafe { std::mem::transmute(claim) };
-            let s2 = s.clone();
-            let producer = loom::thread::spawn(move || {
-                let _keep = s2;
-                claim.publish().is_ok()
-            });
-            let skipped = match r.skip_abandoned(pos) {
-                Skip::Skipped => true,
-                Skip::Published(t) => {
-                    drop(t);
-                    false
-                }
-                Skip::Raced => unreachable!("one consumer"),
-            };
-            let published = producer.join().unwrap();
-            assert_ne!(skipped, published, "both or neither won");
-            // The next lap can claim the slot.
-            let next = r.try_claim(8).unwrap();
-            assert_eq!(next.position(), pos + 1);
-            drop(next);
-        });
-    }
-
-    /// The consumer's sleep handshake (`sleepers`, the SeqCst fences, the `wake` word):
-    /// a consumer that goes to sleep on an empty ring is woken by the next publish, with
-    /// the futex model that never times out.
-    #[test]
-    fn a_sleeping_consumer_is_always_woken_by_a_publish() {
-        use crate::channel::wait::{Seats, Spin, Waiter};
-        loom::model(|| {
-            let s = shared();
-            let base = s.slots.as_ptr() as *mut u8;
-            let producer = {
-                let (s, p) = (s.clone(), Ptr(base));
-                loom::thread::spawn(move || {
-                    let r = ring(&s, &p);
-                    let c = r.try_claim(1).unwrap();
-                    c.publish().unwrap();
-                    r.notify();
-                })
-            };
-            let r = ring(&s, &Ptr(base));
-            let mut w = Waiter::new(
-                Spin::Fixed(Duration::ZERO),
-                Default::default(),
-                Seats::none(),
-            );
-            assert!(r.wait(&mut w, None, || false));
-            assert!(r.try_pop().is_some());
-            producer.join().unwrap();
         });
     }
 

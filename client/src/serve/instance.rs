@@ -25,9 +25,7 @@ use crate::session::proto::{
     BulkOptions, BulkReport, Heartbeat, Request as Ctl, ResourceSpec, Response, ServiceConfig,
 };
 use crate::shm::heap::HeapAlloc;
-use crate::shm::layout::{
-    InstanceSeg, MailboxHeader, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE,
-};
+use crate::shm::layout::{InstanceSeg, Mb, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
 use crate::shm::sync::Ordering;
 use crate::trace::TraceContext;
 use crate::CallContext;
@@ -635,14 +633,15 @@ impl InstanceInner {
 
     /// Fills in the reply's place in the caller's mailbox, counts it, wakes the caller
     /// and times the call.
-    fn publish(&self, d: &Delivery, mb: &MailboxHeader, status: u32, kind: u8, off: u64, len: u64) {
-        mb.status.store(status, Ordering::Relaxed);
+    fn publish(&self, d: &Delivery, mb: Mb<'_>, status: u32, kind: u8, off: u64, len: u64) {
+        let ans = mb.ans;
+        ans.status.store(status, Ordering::Relaxed);
         let (index, incarnation) = self.ident();
-        mb.instance.store(index, Ordering::Relaxed);
-        mb.incarnation.store(incarnation, Ordering::Relaxed);
-        mb.reply_kind.store(kind as u32, Ordering::Relaxed);
-        mb.reply_len.store(len, Ordering::Relaxed);
-        mb.heap_off.store(off, Ordering::Relaxed);
+        ans.instance.store(index, Ordering::Relaxed);
+        ans.incarnation.store(incarnation, Ordering::Relaxed);
+        ans.reply_kind.store(kind as u32, Ordering::Relaxed);
+        ans.reply_len.store(len, Ordering::Relaxed);
+        ans.heap_off.store(off, Ordering::Relaxed);
         // Counted before the reply is published (complete's Release): whoever has seen the
         // reply, and asks after it, sees the count include it.
         let counters = self.seg.counters();
@@ -650,7 +649,7 @@ impl InstanceInner {
         if status != 0 {
             counters.requests_failed.fetch_add(1, Ordering::Relaxed);
         }
-        mailbox::complete(mb, d.gen, d.nonce, d.chan.client.doorbell());
+        mailbox::complete(mb, d.gen, d.chan.client.doorbell());
         // Timed after the reply is out: the caller does not wait for our clock read. A
         // stamp from the future (a lying caller) is not observed.
         if d.sent_ns != 0 {
@@ -690,7 +689,7 @@ impl InstanceInner {
                 && p.chan
                     .seg
                     .mailbox(p.mailbox)
-                    .is_some_and(|(mb, _)| mailbox::still_unread(&mb.state, p.gen));
+                    .is_some_and(|(mb, _)| mailbox::still_unread(mb, p.gen));
             if !unread {
                 self.heap.free(p.off, p.len);
             } else if p.chan.client.uid == uid {

@@ -395,7 +395,8 @@ fn file_batch<K: Copy + PartialEq + std::fmt::Debug, S>(
     same: impl Fn(&S, K) -> bool,
     open: impl Fn(&[OwnedFd], u32, K) -> std::result::Result<S, layout::LayoutError>,
 ) -> Result<Arc<S>> {
-    let per = if request == "OpenInstance" { 3 } else { 1 };
+    // An instance comes as its ring, its own segment and the two sides of our channel.
+    let per = if request == "OpenInstance" { 4 } else { 1 };
     let fds = expect_fds(fds, per * ids.len(), request)?;
     let mut found = None;
     let mut map = map.write();
@@ -941,8 +942,8 @@ impl BusInner {
             else {
                 return Err(Error::Protocol(format!("expected Channels, got {resp:?}")));
             };
-            let fds = expect_fds(fds, 2 * channels.len() + heaps.len(), "Channels")?;
-            let (fds, heap_fds) = fds.split_at(2 * channels.len());
+            let fds = expect_fds(fds, 3 * channels.len() + heaps.len(), "Channels")?;
+            let (fds, heap_fds) = fds.split_at(3 * channels.len());
             let epoch = self.session().epoch;
             let regs: Vec<Arc<dyn Registration>> = self
                 .registered
@@ -951,7 +952,7 @@ impl BusInner {
                 .filter_map(Weak::upgrade)
                 .collect();
             let mut add: Vec<Vec<Arc<Chan>>> = regs.iter().map(|_| Vec::new()).collect();
-            for (info, fds) in channels.iter().zip(fds.chunks(2)) {
+            for (info, fds) in channels.iter().zip(fds.chunks(3)) {
                 let Some(r) = regs.iter().position(|r| r.ident() == info.instance) else {
                     continue;
                 };
@@ -965,7 +966,13 @@ impl BusInner {
                     Ok::<_, layout::LayoutError>(c)
                 });
                 let chan = opened.and_then(|client| {
-                    let seg = ChannelSeg::open(&fds[1], epoch, Some(info.instance))?;
+                    let seg = ChannelSeg::open(
+                        &fds[1],
+                        &fds[2],
+                        epoch,
+                        Some(info.instance),
+                        layout::Party::Instance,
+                    )?;
                     Ok(Chan::new(seg, client))
                 });
                 match chan {

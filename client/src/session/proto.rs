@@ -16,19 +16,20 @@ use crate::error::{code, Error, WireError};
 use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
 /// Segments the broker hands out with one `OpenInstance`/`OpenClient` reply (and so the
 /// descriptors a client accepts with one response).
 pub const OPEN_BATCH: usize = 60;
-/// Descriptors a client accepts with one response: an instance comes as three (its ring,
-/// its own segment and this caller's channel to it), a `Channels` reply's channel as two
-/// and a heap as one (at most `OPEN_BATCH / 2` channels and `OPEN_BATCH` heaps).
-pub const MAX_RESPONSE_FDS: usize = 3 * OPEN_BATCH;
+/// Descriptors a client accepts with one response: an instance comes as four (its ring,
+/// its own segment and the two sides of this caller's channel to it), a `Channels`
+/// reply's channel as three (the caller's client segment and the channel's two sides) and
+/// a heap as one (at most `OPEN_BATCH / 2` channels and `OPEN_BATCH` heaps).
+pub const MAX_RESPONSE_FDS: usize = 4 * OPEN_BATCH;
 const _: () =
-    assert!(2 * (OPEN_BATCH / 2) + OPEN_BATCH <= MAX_RESPONSE_FDS && MAX_RESPONSE_FDS <= 253);
+    assert!(3 * (OPEN_BATCH / 2) + OPEN_BATCH <= MAX_RESPONSE_FDS && MAX_RESPONSE_FDS <= 253);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {

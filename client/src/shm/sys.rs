@@ -130,6 +130,22 @@ pub fn memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
+/// A second, read-only descriptor of the memfd `fd` (through `/proc/self/fd`), after
+/// taking the file's permission bits down to owner-read (`0400`): a peer handed it can
+/// map the file only read-only (`mmap(PROT_WRITE)`, `mprotect` and `write(2)` fail with
+/// EACCES/EBADF), and cannot reopen it writable through its own `/proc/self/fd` either,
+/// unless it runs as the file's owner (the broker's uid) or root. Whoever holds `fd` keeps
+/// writing.
+pub fn reopen_read_only(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = File::from(fd.try_clone()?);
+    file.set_permissions(std::fs::Permissions::from_mode(0o400))?;
+    let ro = std::fs::OpenOptions::new()
+        .read(true)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(OwnedFd::from(ro))
+}
+
 /// Seals a memfd so nobody can resize it or map it writable from now on. Mappings made
 /// before the seal (the broker's own) stay writable: that is what makes the broker the
 /// single writer of the registry while every client maps the very same file.

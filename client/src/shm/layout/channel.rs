@@ -1,22 +1,33 @@
 //! A channel: one caller connection's request ring to one instance, and the mailboxes
 //! that instance answers that caller's calls in.
 //!
-//! Created by the broker when a caller opens an instance, handed to that caller and to
-//! the instance's serving connection only: a co-caller has no mapping of it, so it can
-//! neither read, rewrite nor hold up the requests in it; and another instance the caller
-//! opened has no mapping of it, so it cannot complete (forge) the replies to calls it was
-//! not sent. Layout: an instance ring segment's (header, [`RingIndices`], slots) with
-//! [`CHANNEL_SLOTS`] slots at most, then, from the next page, the caller connection's
-//! mailboxes ([`ClientLayout::mailboxes`] of them, each a [`MailboxHeader`] and its
-//! inline reply bytes). Its requests too large for a slot, and its loans, lie in its
-//! [`RequestHeap`], a segment of its own that only the caller writes.
+//! Two segments, each with one writer, made by the broker when a caller opens an
+//! instance and handed to that caller and that instance's serving connection only:
+//!
+//! * the **request side** (`memfd:aegis-channel`): the ring's `enqueue_pos`, its slots
+//!   (the producer's half of each slot's sequence, the message header and inline bytes)
+//!   and each mailbox's [`CallWord`] (call state, waiter flags, nonce). The caller gets
+//!   the writable descriptor; the instance a read-only one.
+//! * the **reply side** (`memfd:aegis-reply`): the ring's `dequeue_pos`, the consumer's
+//!   half of each slot's sequence ([`FreedSlot`]), the "taken up" word, and each mailbox's
+//!   [`MailboxHeader`] (answer state, reply header) and inline reply bytes. The instance
+//!   gets the writable descriptor; the caller a read-only one.
+//!
+//! The read-only descriptors are reopened by the broker through `/proc/self/fd` after it
+//! took the file's mode down to `0400` ([`crate::shm::sys::reopen_read_only`]): the
+//! kernel refuses a writable mapping of them, `mprotect(PROT_WRITE)` and `write(2)`, and a
+//! peer of another uid cannot reopen the file writable. So a caller cannot write what its
+//! instance reads back from the reply side (the ring's head, the answers), and an instance
+//! cannot alter a request after it was published or forge a call's state. A co-caller has
+//! no mapping of either; another instance the caller opened has none either.
 //!
 //! Every channel of a connection has all of its mailboxes: mailbox `i` of a connection is
 //! one index (one free list, one generation counter, in the caller's
 //! [`crate::session::pool::MailboxPool`]) whose place is in the channel of the instance
 //! the call went to. Only the places a caller uses are ever touched (a serial caller
 //! cycles through 16), so a channel costs its untouched mailboxes' address space, not
-//! their memory.
+//! their memory. Its requests too large for a slot, and its loans, lie in its
+//! [`RequestHeap`], a segment of its own that only the caller writes.
 
 use std::mem::size_of;
 use std::os::fd::OwnedFd;
@@ -31,9 +42,31 @@ use crate::shm::sync::Ordering;
 /// flight; and it bounds the memory a channel costs (16 slots of the default 4 KiB).
 pub const CHANNEL_SLOTS: u32 = 16;
 
+/// Which party maps a channel, and so which side it may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Party {
+    /// Writes the request side, reads the reply side.
+    Caller,
+    /// Writes the reply side, reads the request side.
+    Instance,
+    /// Reads both (liveness, metrics).
+    Broker,
+}
+
+/// One mailbox of a channel: the caller's half (request side) and the instance's half
+/// (reply side).
+#[derive(Clone, Copy)]
+pub struct Mb<'a> {
+    pub call: &'a CallWord,
+    pub ans: &'a MailboxHeader,
+}
+
 /// One channel as mapped by its caller, its instance or the broker.
 pub struct ChannelSeg {
-    pub map: Mapping,
+    /// The request side (writable in the caller only).
+    pub req: Mapping,
+    /// The reply side (writable in the instance only).
+    pub rep: Mapping,
     pub layout: InstanceLayout,
     /// The caller connection's mailboxes (count and inline size).
     pub mailboxes: ClientLayout,
@@ -60,17 +93,43 @@ impl ChannelSeg {
         }
     }
 
-    /// Bytes of a channel with ring `layout` for a caller with `mailboxes`.
-    pub fn size(layout: &InstanceLayout, mailboxes: &ClientLayout) -> usize {
-        layout.ring_size()
+    /// Bytes of the request side: header, `enqueue_pos` and slots (as an instance ring
+    /// segment's), then a page-aligned array of [`CallWord`]s.
+    pub fn request_size(layout: &InstanceLayout, mailboxes: &ClientLayout) -> usize {
+        layout.ring_size() + round_up(mailboxes.mailboxes as usize * size_of::<CallWord>(), PAGE)
+    }
+
+    /// Where the [`FreedSlot`]s start on the reply side (after its [`RingIndices`]).
+    const FREED: usize = InstanceLayout::RING + size_of::<RingIndices>();
+
+    /// Where the mailboxes start on the reply side: the page after the freed words.
+    fn answers_off(layout: &InstanceLayout) -> usize {
+        round_up(
+            Self::FREED + layout.slot_count as usize * size_of::<FreedSlot>(),
+            PAGE,
+        )
+    }
+
+    /// Bytes of the reply side: header, `dequeue_pos`, the freed words, then the
+    /// mailboxes (each a [`MailboxHeader`] and its inline reply bytes).
+    pub fn reply_size(layout: &InstanceLayout, mailboxes: &ClientLayout) -> usize {
+        Self::answers_off(layout)
             + round_up(
                 mailboxes.mailboxes as usize * mailboxes.mailbox_stride(),
                 PAGE,
             )
     }
 
-    /// Creates a channel segment (broker): zero-filled (an empty ring, free mailboxes),
-    /// header written, size sealed.
+    /// Bytes of both sides (what a channel counts to its caller's quota).
+    pub fn size(layout: &InstanceLayout, mailboxes: &ClientLayout) -> usize {
+        Self::request_size(layout, mailboxes) + Self::reply_size(layout, mailboxes)
+    }
+
+    /// Creates a channel's two sides (broker): zero-filled (an empty ring, free
+    /// mailboxes), headers written through their descriptors (the broker never maps them
+    /// writable), sizes sealed. Returns `[request, reply]`, both writable: hand the
+    /// request side's to the caller and the reply side's to the instance, and each party a
+    /// [`crate::shm::sys::reopen_read_only`] of the other's.
     pub fn create(
         epoch: u64,
         layout: InstanceLayout,
@@ -78,17 +137,60 @@ impl ChannelSeg {
         instance: u32,
         incarnation: u64,
         id: u64,
-    ) -> io::Result<OwnedFd> {
-        let size = Self::size(&layout, &mailboxes) as u64;
-        let fd = crate::shm::sys::memfd("aegis-channel", size)?;
-        Mapping::map(&fd, true)?.write_header(
-            SegmentKind::Channel,
-            size,
-            epoch,
-            Self::params(layout, mailboxes, instance, incarnation, id),
-        );
-        crate::shm::sys::seal_size(&fd)?;
-        Ok(fd)
+    ) -> io::Result<[OwnedFd; 2]> {
+        let params = Self::params(layout, mailboxes, instance, incarnation, id);
+        Self::create_with(epoch, params, &layout, &mailboxes)
+    }
+
+    /// Both sides of a channel with header parameters `params` (as a peer's header holds
+    /// them: decoded and checked first), zero-filled: for the fuzz targets.
+    pub fn create_like(epoch: u64, params: [u64; 4]) -> Result<[OwnedFd; 2], String> {
+        let (layout, mailboxes) = Self::decode(params)?;
+        Self::create_with(epoch, params, &layout, &mailboxes).map_err(|e| e.to_string())
+    }
+
+    fn create_with(
+        epoch: u64,
+        params: [u64; 4],
+        layout: &InstanceLayout,
+        mailboxes: &ClientLayout,
+    ) -> io::Result<[OwnedFd; 2]> {
+        let side = |name: &str, kind: SegmentKind, size: usize| -> io::Result<OwnedFd> {
+            let fd = crate::shm::sys::memfd(name, size as u64)?;
+            Mapping::write_header_to(&fd, kind, size as u64, epoch, params)?;
+            crate::shm::sys::seal_size(&fd)?;
+            Ok(fd)
+        };
+        Ok([
+            side(
+                "aegis-channel",
+                SegmentKind::Channel,
+                Self::request_size(layout, mailboxes),
+            )?,
+            side(
+                "aegis-reply",
+                SegmentKind::Reply,
+                Self::reply_size(layout, mailboxes),
+            )?,
+        ])
+    }
+
+    /// The ring layout and the mailboxes a channel's header parameters describe.
+    fn decode(p: [u64; 4]) -> Result<(InstanceLayout, ClientLayout), String> {
+        let layout = InstanceLayout {
+            slot_size: p[0] as u32,
+            slot_count: (p[0] >> 32) as u8 as u32,
+            heap_size: 0,
+        };
+        layout.validate()?;
+        if layout.slot_count > CHANNEL_SLOTS {
+            return Err(format!(
+                "{} slots, at most {CHANNEL_SLOTS}",
+                layout.slot_count
+            ));
+        }
+        let mailboxes = ClientLayout::from_params([p[0] >> 40, p[1] >> 32, 0, 0])?;
+        Ok((layout, mailboxes))
     }
 
     /// `[slot_size | slot_count << 32 | mailboxes << 40, instance | mailbox_inline << 32,
@@ -110,44 +212,53 @@ impl ChannelSeg {
         ]
     }
 
-    /// Maps a channel (read-write: the caller publishes, the instance takes and answers)
-    /// and checks it leads to instance `(instance, incarnation)` when that is given.
+    /// Maps a channel's request side `req` and reply side `rep` as `party` (each side
+    /// writable only in the party that writes it) and checks that they belong together
+    /// and lead to instance `(instance, incarnation)` when that is given.
     pub fn open(
-        fd: &OwnedFd,
+        req: &OwnedFd,
+        rep: &OwnedFd,
         epoch: u64,
         expect: Option<(u32, u64)>,
+        party: Party,
     ) -> Result<ChannelSeg, LayoutError> {
-        let (map, h) = Mapping::open(fd, SegmentKind::Channel, true, Some(epoch))?;
+        let (req, h) = Mapping::open(
+            req,
+            SegmentKind::Channel,
+            party == Party::Caller,
+            Some(epoch),
+        )?;
+        let (rep, hr) = Mapping::open(
+            rep,
+            SegmentKind::Reply,
+            party == Party::Instance,
+            Some(epoch),
+        )?;
         let p = h.params;
         let invalid = |what: String| LayoutError::Invalid {
             kind: SegmentKind::Channel,
             what,
         };
-        let layout = InstanceLayout {
-            slot_size: p[0] as u32,
-            slot_count: (p[0] >> 32) as u8 as u32,
-            heap_size: 0,
-        };
-        layout.validate().map_err(invalid)?;
-        if layout.slot_count > CHANNEL_SLOTS {
-            return Err(invalid(format!(
-                "{} slots, at most {CHANNEL_SLOTS}",
-                layout.slot_count
-            )));
+        if hr.params != p {
+            return Err(invalid(
+                "its request and reply sides belong to different channels".into(),
+            ));
         }
-        let mailboxes =
-            ClientLayout::from_params([p[0] >> 40, p[1] >> 32, 0, 0]).map_err(invalid)?;
+        let (layout, mailboxes) = Self::decode(p).map_err(invalid)?;
         let (instance, incarnation) = (p[1] as u32, p[2]);
         if expect.is_some_and(|e| e != (instance, incarnation)) {
             return Err(invalid(format!(
                 "leads to instance {instance}/{incarnation}, expected {expect:?}"
             )));
         }
-        if Self::size(&layout, &mailboxes) != map.len() {
+        if Self::request_size(&layout, &mailboxes) != req.len()
+            || Self::reply_size(&layout, &mailboxes) != rep.len()
+        {
             return Err(invalid("size does not match its parameters".into()));
         }
         Ok(ChannelSeg {
-            map,
+            req,
+            rep,
             layout,
             mailboxes,
             instance,
@@ -187,25 +298,35 @@ impl ChannelSeg {
         self.heap.get()?.range(off, len)
     }
 
-    /// Mailbox `i` and its inline reply area, or `None` when `i` is out of range.
-    pub fn mailbox(&self, i: u32) -> Option<(&MailboxHeader, *mut u8)> {
+    /// Mailbox `i` (both halves) and its inline reply area (on the reply side), or `None`
+    /// when `i` is out of range.
+    pub fn mailbox(&self, i: u32) -> Option<(Mb<'_>, *mut u8)> {
         if i >= self.mailboxes.mailboxes {
             return None;
         }
-        let off = self.layout.ring_size() + i as usize * self.mailboxes.mailbox_stride();
-        let data = self.map.range(
+        let off = Self::answers_off(&self.layout) + i as usize * self.mailboxes.mailbox_stride();
+        let data = self.rep.range(
             (off + size_of::<MailboxHeader>()) as u64,
             self.mailboxes.mailbox_inline as u64,
         )?;
-        Some((self.map.at(off), data))
+        let call = self
+            .req
+            .at(self.layout.ring_size() + i as usize * size_of::<CallWord>());
+        Some((
+            Mb {
+                call,
+                ans: self.rep.at(off),
+            },
+            data,
+        ))
     }
 
     /// The instance says it has this channel and sweeps it (after it fetched it from the
-    /// broker): it sets the channel's `hint` word, unused otherwise in a channel.
+    /// broker): it sets the reply side's `hint` word, unused otherwise in a channel.
     pub fn mark_taken_up(&self) {
         // Release: pairs with the Acquire in `taken_up` (nothing is read through it; a
         // request published after it is swept because the channel is in the list).
-        self.ring_indices().hint.store(1, Ordering::Release);
+        self.reply_indices().hint.store(1, Ordering::Release);
     }
 
     /// Whether the instance has taken this channel up. A caller publishes nothing before:
@@ -216,22 +337,34 @@ impl ChannelSeg {
         if self.seen_taken_up.load(Local::Relaxed) {
             return true;
         }
-        let up = self.ring_indices().hint.load(Ordering::Acquire) != 0;
+        let up = self.reply_indices().hint.load(Ordering::Acquire) != 0;
         if up {
             self.seen_taken_up.store(true, Local::Relaxed);
         }
         up
     }
 
-    pub fn ring_indices(&self) -> &RingIndices {
-        self.map.at(InstanceLayout::RING)
+    /// The request side's ring indices (`enqueue_pos`: the caller's).
+    pub fn request_indices(&self) -> &RingIndices {
+        self.req.at(InstanceLayout::RING)
     }
-    /// Base pointer of slot 0; slot `i` is at `i * slot_stride()`.
+    /// The reply side's ring indices (`dequeue_pos`, `hint`: the instance's).
+    pub fn reply_indices(&self) -> &RingIndices {
+        self.rep.at(InstanceLayout::RING)
+    }
+    /// Base pointer of slot 0 (request side); slot `i` is at `i * slot_stride()`.
     pub fn slots_base(&self) -> *mut u8 {
         let len = self.layout.slot_count as u64 * self.layout.slot_stride() as u64;
-        self.map
+        self.req
             .range(self.layout.slots_off() as u64, len)
             .expect("validated layout")
+    }
+    /// The freed words (reply side), one per slot.
+    pub fn freed_base(&self) -> *const FreedSlot {
+        let len = self.layout.slot_count as u64 * size_of::<FreedSlot>() as u64;
+        self.rep
+            .range(Self::FREED as u64, len)
+            .expect("validated layout") as *const FreedSlot
     }
 }
 
@@ -422,6 +555,60 @@ mod tests {
         assert_eq!(ChannelSeg::layout_for(service(4)).slot_count, 4);
     }
 
+    /// A channel is two segments with one writer each: what the broker hands the other
+    /// party is a read-only descriptor that no writable mapping can be made of; the sides
+    /// of two channels do not pair; each side carries the other's parameters.
+    #[test]
+    fn each_side_of_a_channel_is_writable_through_its_writer_s_descriptor_only() {
+        let il = InstanceLayout {
+            slot_size: 256,
+            slot_count: 4,
+            heap_size: 0,
+        };
+        let ml = ClientLayout {
+            mailboxes: 3,
+            mailbox_inline: 128,
+        };
+        let [req, rep] = ChannelSeg::create(5, il, ml, 1, 2, 9).unwrap();
+        for (fd, kind) in [(&req, SegmentKind::Channel), (&rep, SegmentKind::Reply)] {
+            let ro = crate::shm::sys::reopen_read_only(fd).unwrap();
+            let e = Mapping::map(&ro, true).err().expect("a writable mapping");
+            assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{kind:?}: {e}");
+            assert!(Mapping::open(&ro, kind, false, Some(5)).is_ok(), "{kind:?}");
+        }
+        // The caller with the reply side read-only, the instance with the request side.
+        let rep_ro = crate::shm::sys::reopen_read_only(&rep).unwrap();
+        let req_ro = crate::shm::sys::reopen_read_only(&req).unwrap();
+        assert!(ChannelSeg::open(&req, &rep_ro, 5, Some((1, 2)), Party::Caller).is_ok());
+        assert!(ChannelSeg::open(&req_ro, &rep, 5, Some((1, 2)), Party::Instance).is_ok());
+        assert!(
+            ChannelSeg::open(&req, &rep_ro, 5, None, Party::Instance).is_err(),
+            "the instance mapping a reply side it was given read-only"
+        );
+        assert!(ChannelSeg::open(&req_ro, &rep, 5, None, Party::Broker).is_ok());
+        // Sides swapped, or of another channel.
+        assert!(ChannelSeg::open(&rep, &req, 5, None, Party::Broker).is_err());
+        let [_, other] = ChannelSeg::create(5, il, ml, 1, 2, 10).unwrap();
+        let e = ChannelSeg::open(&req, &other, 5, None, Party::Broker)
+            .err()
+            .expect("sides of two channels");
+        assert!(e.to_string().contains("different channels"), "{e}");
+        // What lies where: the request side holds the call words, the reply side the
+        // answers; a mailbox index past the count has neither.
+        let c = ChannelSeg::open(&req, &rep, 5, None, Party::Caller).unwrap();
+        assert_eq!(c.req.len(), ChannelSeg::request_size(&il, &ml));
+        assert_eq!(c.rep.len(), ChannelSeg::reply_size(&il, &ml));
+        let (mb, inline) = c.mailbox(2).unwrap();
+        let inside = |m: &Mapping, p: *const u8, len: usize| {
+            let base = m.range(0, 0).unwrap() as usize;
+            (base..=base + m.len() - len).contains(&(p as usize))
+        };
+        assert!(inside(&c.req, (mb.call as *const CallWord).cast(), 64));
+        assert!(inside(&c.rep, (mb.ans as *const MailboxHeader).cast(), 64));
+        assert!(inside(&c.rep, inline, 128));
+        assert!(c.mailbox(3).is_none());
+    }
+
     /// A channel's caller allocates and frees blocks in its heap; its instance cannot; a
     /// channel without a heap has no room at all.
     #[test]
@@ -435,9 +622,9 @@ mod tests {
             mailboxes: 2,
             mailbox_inline: 64,
         };
-        let fd = ChannelSeg::create(5, il, ml, 1, 2, 9).unwrap();
-        let caller = ChannelSeg::open(&fd, 5, Some((1, 2))).unwrap();
-        let instance = ChannelSeg::open(&fd, 5, None).unwrap();
+        let [req, rep] = ChannelSeg::create(5, il, ml, 1, 2, 9).unwrap();
+        let caller = ChannelSeg::open(&req, &rep, 5, Some((1, 2)), Party::Caller).unwrap();
+        let instance = ChannelSeg::open(&req, &rep, 5, None, Party::Instance).unwrap();
         assert_eq!(caller.heap_size(), 0);
         assert!(caller.heap_range(0, 1).is_none() && caller.heap_alloc(1).is_none());
         let (hfd, heap) = RequestHeap::create(5, 4096, 9).unwrap();

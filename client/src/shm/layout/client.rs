@@ -10,9 +10,12 @@ use crate::shm::sync::{AtomicU32, AtomicU64};
 
 // Reply mailboxes (in each channel) and the client segment (doorbell).
 
-/// Mailbox state word: `generation << 8 | waiter << 4 | phase`.
+/// The instance's half of a reply mailbox, on the reply side of a channel (which only the
+/// instance writes): its answer state `generation << 8 | phase` (`TAKEN`, `READY` or
+/// `DECLINED`, see [`crate::channel::mailbox`]) and the reply, the inline bytes following.
+/// The caller's half is the mailbox's [`CallWord`] on the request side.
 ///
-/// SYNC POINT: the instance publishes a reply with a Release swap to `READY`; the caller
+/// SYNC POINT: the instance publishes a reply with a Release CAS to `READY`; the caller
 /// reads the reply after an Acquire load that sees `READY`.
 #[repr(C, align(64))]
 pub struct MailboxHeader {
@@ -26,16 +29,42 @@ pub struct MailboxHeader {
     /// Offset in the instance's heap when `reply_kind == PAYLOAD_HEAP`.
     pub heap_off: AtomicU64,
     pub incarnation: AtomicU64,
-    /// The current call's nonce ([`MsgHeader::nonce`]), written by the caller before it
-    /// arms the mailbox.
-    pub nonce: AtomicU64,
     /// Pid of the process that took the request (written before its take): a caller whose
     /// call timed out keeps the mailbox quarantined while that process lives.
     pub taker_pid: AtomicU32,
-    pub _pad: u32,
+    pub _pad: [u32; 3],
 }
 // SAFETY: repr(C), atomics only.
 unsafe impl ShmSafe for MailboxHeader {}
+
+/// The caller's half of a reply mailbox, on the request side of a channel (which only the
+/// caller writes): its call state `generation << 8 | flags | phase` (`PENDING`,
+/// `CANCELLED` or `FREE`, the `WAITER` and `ASYNC` flags; see [`crate::channel::mailbox`])
+/// and the call's nonce ([`MsgHeader::nonce`]), written before the call is armed.
+#[repr(C, align(64))]
+pub struct CallWord {
+    pub state: AtomicU32,
+    pub _pad: u32,
+    pub nonce: AtomicU64,
+}
+// SAFETY: repr(C), atomics only.
+unsafe impl ShmSafe for CallWord {}
+
+impl CallWord {
+    pub fn new() -> CallWord {
+        CallWord {
+            state: AtomicU32::new(0),
+            _pad: 0,
+            nonce: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Default for CallWord {
+    fn default() -> Self {
+        CallWord::new()
+    }
+}
 
 /// The client segment's control words, in the 64 bytes after its header.
 #[repr(C, align(64))]

@@ -138,13 +138,35 @@ impl Default for RingIndices {
 
 #[repr(C)]
 pub struct SlotCtl {
-    /// Vyukov sequence: `pos` = free for the producer of lap `pos`, `pos + 1` = published
-    /// for the consumer at `pos`, `pos + slot_count` = free for the next lap.
+    /// The producer's half of Vyukov's sequence (on the request side of a channel): `pos +
+    /// 1` once the message of position `pos` is published. The consumer's half (`pos +
+    /// slot_count` once it took it) is the slot's [`FreedSlot`] on the reply side.
     pub seq: AtomicU64,
-    /// Pid of the producer that claimed the slot, written right after the claim, so a
-    /// slot claimed by a producer that died before publishing can be recognised and skipped.
-    pub claimer_pid: AtomicU32,
-    pub _pad: u32,
+    pub _pad: u64,
+}
+
+/// The consumer's half of a ring slot's sequence, on the reply side of a channel (which
+/// only the instance writes): `pos + slot_count` once the consumer took position `pos`
+/// (the slot is free for the producer of the next lap). One cache line each.
+#[repr(C, align(64))]
+pub struct FreedSlot {
+    pub seq: AtomicU64,
+}
+// SAFETY: repr(C), one atomic.
+unsafe impl ShmSafe for FreedSlot {}
+
+impl FreedSlot {
+    pub fn new() -> FreedSlot {
+        FreedSlot {
+            seq: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Default for FreedSlot {
+    fn default() -> Self {
+        FreedSlot::new()
+    }
 }
 
 /// Request metadata written by the producer between claim and publish (plain memory,
@@ -200,7 +222,6 @@ impl SlotHeader {
         SlotHeader {
             ctl: SlotCtl {
                 seq: AtomicU64::new(0),
-                claimer_pid: AtomicU32::new(0),
                 _pad: 0,
             },
             msg: std::cell::UnsafeCell::new(MsgHeader::default()),
@@ -397,21 +418,31 @@ impl InstanceSeg {
     }
     /// Opens what a caller with `mailboxes` is handed for an instance: its ring segment
     /// (the doorbell) read-write, its own memory read-only, and the caller's channel to it
-    /// (which must hold all of the caller's mailboxes).
+    /// (request side writable, reply side read-only; it must hold all of the caller's
+    /// mailboxes).
     pub fn open_for_caller(
         fds: &[OwnedFd],
         epoch: u64,
         (index, incarnation): (u32, u64),
         mailboxes: &ClientLayout,
     ) -> Result<InstanceSeg, LayoutError> {
-        let [ring, own, channel] = fds else {
+        let [ring, own, req, rep] = fds else {
             return Err(LayoutError::Invalid {
                 kind: SegmentKind::Instance,
-                what: format!("{} descriptors, expected ring, own and channel", fds.len()),
+                what: format!(
+                    "{} descriptors, expected ring, own and the channel's two sides",
+                    fds.len()
+                ),
             });
         };
         let (own, _) = Self::open_own(own)?;
-        let channel = ChannelSeg::open(channel, epoch, Some((index, incarnation)))?;
+        let channel = ChannelSeg::open(
+            req,
+            rep,
+            epoch,
+            Some((index, incarnation)),
+            super::Party::Caller,
+        )?;
         let mut seg = Self::open(ring, own, epoch, index, incarnation)?;
         if channel.layout.slot_size != seg.layout.slot_size {
             return Err(LayoutError::Invalid {

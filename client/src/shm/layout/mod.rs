@@ -44,7 +44,7 @@ pub use registry::*;
 pub use shared::*;
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 pub const PAGE: usize = 4096;
 
 const NAME_WORDS: usize = MAX_NAME / 8;
@@ -81,10 +81,13 @@ pub enum SegmentKind {
     InstanceOwn = 5,
     /// A caller's breakers and failure counters (see [`CallerSeg`]).
     Caller = 6,
-    /// One caller's requests to one instance (see [`ChannelSeg`]).
+    /// One caller's requests to one instance: the request side of a channel (see
+    /// [`ChannelSeg`]), written by the caller only.
     Channel = 7,
     /// A channel's request heap (see [`RequestHeap`]): written by its caller only.
     Heap = 8,
+    /// The reply side of a channel (see [`ChannelSeg`]): written by its instance only.
+    Reply = 9,
 }
 
 impl SegmentKind {
@@ -98,6 +101,7 @@ impl SegmentKind {
             SegmentKind::Caller => *b"AEGISCAL",
             SegmentKind::Channel => *b"AEGISCHN",
             SegmentKind::Heap => *b"AEGISHEP",
+            SegmentKind::Reply => *b"AEGISRPY",
         })
     }
 }
@@ -251,6 +255,35 @@ impl Mapping {
             std::sync::atomic::fence(Ordering::Release);
             ptr::addr_of_mut!((*h).magic).write_volatile(kind.magic());
         }
+    }
+
+    /// Writes the header of a freshly created segment through its descriptor (`pwrite`,
+    /// no mapping): for a segment its creator never maps (the broker's channel sides).
+    pub fn write_header_to(
+        fd: &OwnedFd,
+        kind: SegmentKind,
+        total_size: u64,
+        bus_epoch: u64,
+        params: [u64; 4],
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let h = SegmentHeader {
+            magic: kind.magic(),
+            layout_version: LAYOUT_VERSION,
+            kind: kind as u32,
+            total_size,
+            bus_epoch,
+            params,
+        };
+        // SAFETY: SegmentHeader is repr(C) plain integers with no padding (8 + 4 + 4 + 8
+        // + 8 + 32 bytes), so its bytes are initialised.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&h as *const SegmentHeader).cast::<u8>(),
+                size_of::<SegmentHeader>(),
+            )
+        };
+        std::fs::File::from(fd.try_clone()?).write_all_at(bytes, 0)
     }
 
     /// Maps `fd` and validates it as a segment of `kind`. `epoch`, when given, must match.
