@@ -86,11 +86,6 @@ fn write_seeds() {
             heartbeat: Default::default(),
             resume: None,
         },
-        Request::OpenClient {
-            client: 3,
-            gen: 4,
-            secret: 5,
-        },
         Request::ClaimResources {
             instance: 1,
             incarnation: 2,

@@ -525,11 +525,6 @@ async fn connection(
                     instance,
                     incarnation,
                 } => st.open_instance(id, peer, instance, incarnation),
-                Request::OpenClient {
-                    client,
-                    gen,
-                    secret,
-                } => st.open_client(id, peer, client, gen, secret),
                 Request::Channels => st.channels_request(id),
                 Request::ChannelHeap { channel } => st.channel_heap(id, channel, fds.pop()),
                 Request::Grant { instances } => st.grant_request(id, peer, instances),

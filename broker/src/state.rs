@@ -140,9 +140,6 @@ pub(crate) struct ClientRec {
     uid: u32,
     /// Bytes of its segment.
     size: u64,
-    /// Chosen by the client (`Hello`), carried by its requests: an instance must show it
-    /// to be handed this segment.
-    secret: u64,
     /// The instances `(index, incarnation)` this client opened (or, after a broker restart,
     /// says it had opened): only their serving connections may be handed its segment, and
     /// only it may report them unhealthy.
@@ -153,9 +150,6 @@ pub(crate) struct ClientRec {
     pub(crate) stats: layout::CallerSeg,
     /// When a report of this client last counted (reports are rate-limited).
     last_report: Option<std::time::Instant>,
-    /// The `(index, gen)` this client had under the previous broker, when it could not
-    /// keep it: requests it sent back then still name it.
-    formerly: Option<(u32, u32)>,
     /// Its channel id to each instance `(index, incarnation)` it opened.
     channels: HashMap<(u32, u64), u64>,
     /// Its mailboxes, of which each of its channels has a copy.
@@ -186,9 +180,6 @@ pub struct State {
     /// Every gid (primary and supplementary) of each connection's peer, read when it
     /// connected: the policy's group rules.
     conn_groups: HashMap<ConnId, Vec<u32>>,
-    /// Callers to hand a serving connection with its next `OpenClient` reply: the clients
-    /// that opened one of its instances since (see `Response::OpenedClients`).
-    introductions: HashMap<ConnId, std::collections::HashSet<(u32, u32)>>,
     /// Every caller-to-instance channel, by id (unique per broker run, from 1).
     channels: HashMap<u64, ChannelRec>,
     next_channel: u64,
@@ -248,7 +239,6 @@ impl State {
             clients: (0..cfg.max_clients).map(|_| None).collect(),
             breakers: Vec::new(),
             ids,
-            introductions: HashMap::new(),
             channels: HashMap::new(),
             next_channel: 1,
             channel_news: HashMap::new(),
@@ -274,7 +264,9 @@ impl State {
         peer: Peer,
         mailboxes: u32,
         resume: Option<((u32, u32), OwnedFd)>,
-        secret: u64,
+        // The connection's secret: its requests carry it; the broker keeps nothing of it
+        // since channels replaced `OpenClient`, where an instance showed it.
+        _secret: u64,
     ) -> Reply {
         let cap = self.cfg.max_clients_per_uid(peer.uid);
         if self
@@ -312,7 +304,6 @@ impl State {
                 Err(e) => return err(WireError::Internal(e)),
             },
         };
-        let formerly = wanted.filter(|&w| w != (index as u32, gen));
         let cl = ClientLayout {
             mailboxes: mailboxes.clamp(1, 1 << 16),
             mailbox_inline: layout::MAILBOX_INLINE,
@@ -364,8 +355,6 @@ impl State {
             gen,
             fd,
             conn,
-            formerly,
-            secret,
             grants: Default::default(),
             peer,
             stats,
@@ -789,9 +778,9 @@ impl State {
     }
 
     /// A caller opens instance `index`: it gets that segment and those of the other
-    /// instances of the same service (one round trip per service, not per instance), and
-    /// each of their serving connections will be handed the caller's segment with its next
-    /// `OpenClient`.
+    /// instances of the same service (one round trip per service, not per instance), each
+    /// with the caller's channel to it (made here the first time, and announced to the
+    /// instance's serving connections).
     pub fn open_instance(
         &mut self,
         conn: ConnId,
@@ -843,10 +832,6 @@ impl State {
                 Err(_) => continue,
             }
             opened.push((i, inc));
-            let r = self.instances[i as usize].as_ref().expect("checked above");
-            for owner in &r.owners {
-                self.introductions.entry(*owner).or_default().insert(caller);
-            }
         }
         if let Err(e) = self.grant(caller.0, opened.iter().copied()) {
             return err(e);
@@ -1222,83 +1207,6 @@ impl State {
         Ok(())
     }
 
-    /// An instance asks for a caller's segment, to write replies into its mailboxes. Only
-    /// a connection that serves an instance may have it. The callers that have opened this
-    /// connection's instances since its last ask come along (up to a batch).
-    pub fn open_client(
-        &mut self,
-        conn: ConnId,
-        peer: Peer,
-        client: u32,
-        gen: u32,
-        secret: u64,
-    ) -> Reply {
-        // Pid 0: a peer in another pid namespace, whose pid says nothing.
-        let serves_here =
-            |r: &InstanceRec| r.owners.contains(&conn) || (peer.pid != 0 && r.peer.pid == peer.pid);
-        if !self.instances.iter().flatten().any(serves_here) {
-            return err(WireError::NotOwner(
-                "only a process serving an instance may open a caller's mailboxes".into(),
-            ));
-        }
-        let Some(c) = self.client_by_ident(client, gen) else {
-            return err(WireError::BadRequest(format!(
-                "client #{client}/{gen} is not connected"
-            )));
-        };
-        // Access follows need: the caller opened one of this connection's instances, and
-        // the asker shows the secret one of its requests carried.
-        let opened_ours = c.grants.iter().any(|&(i, inc)| {
-            self.instances
-                .get(i as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|r| r.incarnation == inc && serves_here(r))
-        });
-        if c.secret != secret || !opened_ours {
-            return err(WireError::NotOwner(format!(
-                "client #{client}/{gen} has not sent a request to an instance this connection serves"
-            )));
-        }
-        let fd = match dup(&c.fd) {
-            Ok(fd) => fd,
-            Err(e) => return err(WireError::Internal(e.to_string())),
-        };
-        let (mut opened, mut fds, mut uids) = (vec![(client, gen)], vec![fd], vec![c.uid]);
-        let mut more = Vec::new();
-        if let Some(pending) = self.introductions.get_mut(&conn) {
-            pending.remove(&(client, gen));
-            more.extend(pending.iter().copied().take(proto::OPEN_BATCH - 1));
-            for id in &more {
-                pending.remove(id);
-            }
-        }
-        for id in more {
-            // A caller that has left since is simply not introduced.
-            let Some(c) = self.client_by_ident(id.0, id.1) else {
-                continue;
-            };
-            if let Ok(fd) = dup(&c.fd) {
-                opened.push(id);
-                fds.push(fd);
-                uids.push(c.uid);
-            }
-        }
-        (Response::OpenedClients(opened, uids), fds)
-    }
-
-    /// The connected client that goes by `(index, gen)`, now or (having resumed into
-    /// another slot) under the previous broker.
-    fn client_by_ident(&self, index: u32, gen: u32) -> Option<&ClientRec> {
-        match self.clients.get(index as usize).and_then(Option::as_ref) {
-            Some(c) if c.gen == gen => Some(c),
-            _ => self
-                .clients
-                .iter()
-                .flatten()
-                .find(|c| c.formerly == Some((index, gen))),
-        }
-    }
-
     pub fn services_info(&self) -> Vec<ServiceInfo> {
         let mut v: Vec<_> = self
             .by_name
@@ -1393,7 +1301,6 @@ impl State {
             let counted = crate::metrics::counted_totals(self, c);
             self.metrics.retire_caller(counted);
         }
-        self.introductions.remove(&conn);
         self.channel_news.remove(&conn);
         self.conn_groups.remove(&conn);
         if let Some((slot, _)) = self.client_of(conn) {
@@ -1824,10 +1731,10 @@ mod tests {
     }
 
     /// After a restart a fresh client can take the slot a resuming one had: the resuming
-    /// one moves, and the identity its in-flight requests carry still finds its segment,
-    /// never the fresh client's.
+    /// one moves to another slot, and the fresh one gets a generation the previous run
+    /// never handed out.
     #[test]
-    fn a_client_that_resumes_into_another_slot_is_still_found_by_its_old_identity() {
+    fn a_client_that_resumes_finds_its_slot_taken_and_moves() {
         const ME: Peer = Peer {
             pid: 1,
             uid: 0,
@@ -1851,10 +1758,6 @@ mod tests {
         );
         let (moved, moved_gen, _) = welcome(second.hello(2, ME, 8, Some(((index, gen), seg)), 7));
         assert_ne!(moved, index);
-        assert_eq!(second.client_by_ident(moved, moved_gen).unwrap().conn, 2);
-        assert_eq!(second.client_by_ident(index, gen).unwrap().conn, 2);
-        assert_eq!(second.client_by_ident(index, fresh_gen).unwrap().conn, 1);
-        second.disconnect(2);
-        assert!(second.client_by_ident(index, gen).is_none());
+        assert_ne!(moved_gen, fresh_gen);
     }
 }

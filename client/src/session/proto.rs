@@ -20,7 +20,7 @@ pub const PROTOCOL_VERSION: u32 = 9;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
-/// Segments the broker hands out with one `OpenInstance`/`OpenClient` reply (and so the
+/// Segments the broker hands out with one `OpenInstance` reply (and so the
 /// descriptors a client accepts with one response).
 pub const OPEN_BATCH: usize = 60;
 /// Descriptors a client accepts with one response: an instance comes as four (its ring,
@@ -52,8 +52,7 @@ pub enum Request {
         mailboxes: u32,
         resume: Option<(u32, u32)>,
         /// This connection's secret, chosen by the client (random, kept across broker
-        /// restarts): requests carry it, and an instance must show it to be handed this
-        /// client's segment (`OpenClient`).
+        /// restarts): its requests carry it.
         secret: u64,
     },
     Register {
@@ -73,13 +72,6 @@ pub enum Request {
     OpenInstance {
         instance: u32,
         incarnation: u64,
-    },
-    /// An instance asks for the segment of a caller that sent it a request: `secret` is
-    /// the one that request carried.
-    OpenClient {
-        client: u32,
-        gen: u32,
-        secret: u64,
     },
     /// A serving connection asks for its instances' new and closed channels (after the
     /// registry's `InstanceEntry::channels` word of one of them moved).
@@ -162,14 +154,9 @@ pub enum Response {
     /// routable instances of its service come along, so a caller opens a service in one
     /// round trip rather than one per instance.
     OpenedInstances(Vec<(u32, u64)>),
-    /// Client segments `(index, gen)`, one descriptor each, the one asked for first: with it
-    /// come the callers that have opened this process's instances since its last
-    /// `OpenClient`, so an instance facing a thousand new callers asks a few times, not a
-    /// thousand (each ask stalls its serving thread). Then each one's uid, in the same
-    /// order: an instance's reply heap is shared out per uid.
-    OpenedClients(Vec<(u32, u32)>, Vec<u32>),
-    /// New channels to this connection's instances, two descriptors each (the caller's
-    /// client segment, then the channel), then the request heaps of channels `heaps` (of
+    /// New channels to this connection's instances, three descriptors each (the caller's
+    /// client segment, for its async doorbell word; the channel's request side, read-only;
+    /// its reply side, writable), then the request heaps of channels `heaps` (of
     /// those or of channels told before), one descriptor each; and the ids of closed ones;
     /// `more`: ask again.
     Channels {

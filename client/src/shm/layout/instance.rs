@@ -192,8 +192,9 @@ pub struct MsgHeader {
     /// instance takes and completes the mailbox only when the two match, so a forged or
     /// stale header (generation wrap-around) cannot deliver a reply to another call.
     pub nonce: u64,
-    /// The caller's per-connection secret (from the broker's `Welcome`): what an instance
-    /// shows the broker to be handed this caller's segment (`OpenClient`).
+    /// The caller's per-connection secret (chosen at `Hello`). Nothing checks it any more
+    /// (instances used to show it to be handed the caller's segment, `OpenClient`, which
+    /// channels replaced); what binds a request to its mailbox is the nonce.
     pub secret: u64,
     /// When the caller sent the request (`CLOCK_MONOTONIC` nanoseconds, from the clock
     /// read its call already made), 0 if unknown: the instance observes the time from here
