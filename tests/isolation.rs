@@ -1358,11 +1358,11 @@ fn attack_hold(dir: &Path, targets: &[(u32, u64)]) {
     std::mem::forget(claims);
 }
 
-/// Asks the broker for each target's segments (a permitted caller may), then tries every
-/// way to write the instance-written words (served, progress and failed counters at
-/// offsets 64, 72 and 80 of the segment holding them, in the previous design as now).
-fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
-    // A real caller first: the broker knows us as a client of `bank`.
+/// A real caller of `bank` (so the broker knows us as its client), and what a raw
+/// connection of ours is handed for each target (`OpenInstance`, which a permitted caller
+/// may ask): both connections (keep them while attacking: the channels live as long as
+/// the raw one) and each target's descriptors.
+fn bank_caller_opening(dir: &Path, targets: &[(u32, u64)]) -> ((Bus, Raw), Vec<Vec<OwnedFd>>) {
     let bus = Bus::connect_dir(dir).expect("the attacker may connect");
     bus.call(
         "bank",
@@ -1372,15 +1372,30 @@ fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
     )
     .expect("the attacker may call bank");
     let mut raw = Raw::connect(dir).unwrap();
+    let opened = targets
+        .iter()
+        .map(|&(instance, incarnation)| {
+            let (resp, fds) = raw_open(&mut raw, instance, incarnation);
+            assert!(
+                matches!(resp, Response::OpenedInstances(_)),
+                "OpenInstance refused: {resp:?}"
+            );
+            fds
+        })
+        .collect();
+    ((bus, raw), opened)
+}
+
+/// Asks the broker for each target's segments (a permitted caller may), then tries every
+/// way to write the instance-written words (served, progress and failed counters at
+/// offsets 64, 72 and 80 of the segment holding them, in the previous design as now).
+fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
+    let (bus, opened) = bank_caller_opening(dir, targets);
     let (mut own_segments, mut writable, mut refused) = (0, 0, 0);
     let mut errors = Vec::new();
     let mut maps = Vec::new();
-    for &(instance, incarnation) in targets {
-        let (resp, fds) = raw_open(&mut raw, instance, incarnation);
-        assert!(
-            matches!(resp, Response::OpenedInstances(_)),
-            "OpenInstance refused: {resp:?}"
-        );
+    for ((instance, _), fds) in targets.iter().zip(opened) {
+        let instance = *instance;
         for fd in fds {
             // The segment holding the counters: the instance's own segment now, the one
             // instance segment before.
@@ -1437,23 +1452,10 @@ fn try_writes_and_reopen(fd: &OwnedFd) -> Writes {
 /// (the segment holding the instance's ring head and answers: the `Reply` segment now; the
 /// one `Channel` segment before it was split).
 fn attack_reply_side(dir: &Path, targets: &[(u32, u64)]) {
-    let bus = Bus::connect_dir(dir).expect("the attacker may connect");
-    bus.call(
-        "bank",
-        "echo",
-        b"hello",
-        &CallOptions::timeout(Duration::from_secs(5)),
-    )
-    .expect("the attacker may call bank");
-    let mut raw = Raw::connect(dir).unwrap();
+    let (bus, opened) = bank_caller_opening(dir, targets);
     let (mut segments, mut writable, mut refused) = (0, 0, 0);
     let mut errors = Vec::new();
-    for &(instance, incarnation) in targets {
-        let (resp, fds) = raw_open(&mut raw, instance, incarnation);
-        assert!(
-            matches!(resp, Response::OpenedInstances(_)),
-            "OpenInstance refused: {resp:?}"
-        );
+    for fds in opened {
         let split = fds
             .iter()
             .any(|fd| segment_kind(fd) == Some(SegmentKind::Reply as u32));

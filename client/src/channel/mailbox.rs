@@ -358,25 +358,27 @@ pub fn still_unread(mb: Mb<'_>, gen: u32) -> bool {
         && (c == pack(gen, PENDING) || c == pack(gen, CANCELLED))
 }
 
+/// A mailbox's two halves, as the two sides of a channel hold them (for the tests and
+/// the loom models).
+#[cfg(test)]
+struct Pair {
+    call: crate::shm::layout::CallWord,
+    ans: crate::shm::layout::MailboxHeader,
+}
+
+#[cfg(test)]
+impl Pair {
+    fn mb(&self) -> Mb<'_> {
+        Mb {
+            call: &self.call,
+            ans: &self.ans,
+        }
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::shm::layout::{CallWord, MailboxHeader};
-
-    /// A mailbox's two halves, as the two sides of a channel hold them.
-    struct Pair {
-        call: CallWord,
-        ans: MailboxHeader,
-    }
-
-    impl Pair {
-        fn mb(&self) -> Mb<'_> {
-            Mb {
-                call: &self.call,
-                ans: &self.ans,
-            }
-        }
-    }
 
     fn mb() -> Box<Pair> {
         // SAFETY: all-atomic structs; zero is FREE of generation 0, nothing answered.
@@ -582,23 +584,9 @@ mod tests {
 mod loom_tests {
     use super::*;
     use crate::shm::layout::{CallWord, MailboxHeader};
+
     use crate::shm::sync::{AtomicU32, AtomicU64};
     use loom::sync::Arc;
-
-    /// A mailbox's two halves, as the two sides of a channel hold them.
-    struct Pair {
-        call: CallWord,
-        ans: MailboxHeader,
-    }
-
-    impl Pair {
-        fn mb(&self) -> Mb<'_> {
-            Mb {
-                call: &self.call,
-                ans: &self.ans,
-            }
-        }
-    }
 
     fn mailbox() -> Pair {
         Pair {
