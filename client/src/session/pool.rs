@@ -171,8 +171,9 @@ impl MailboxPool {
         self.quarantined.fetch_add(1, Relaxed);
     }
 
-    /// Returns quarantined mailboxes to the free list whose late reply has arrived, or
-    /// whose taker has exited (its reply can no longer land: `complete` only moves this
+    /// Returns quarantined mailboxes to the free list whose late reply has arrived, whose
+    /// request the instance declined after all (it took it, then saw the cancel), or whose
+    /// taker has exited (its reply can no longer land: `complete` only moves this
     /// generation's TAKEN, and `release` ends that generation).
     pub(crate) fn reclaim(&self) {
         let mut guard = self.quarantine.lock();
@@ -185,7 +186,7 @@ impl MailboxPool {
             let Some((mb, _)) = m.chan.mailbox(m.index) else {
                 return false;
             };
-            let done = mailbox::is_ready(mb, m.gen)
+            let done = mailbox::is_finished(mb, m.gen)
                 || match m.taker {
                     Some((pid, start)) => {
                         check_takers && sys::process_start_time(pid).ok() != Some(start)
@@ -229,6 +230,56 @@ mod tests {
                 "{channels} channels: {} places",
                 places.len()
             );
+        }
+    }
+
+    /// A quarantined mailbox comes back once its instance answers, and also once the
+    /// instance declines the request (it took it, then saw the caller's cancel: the
+    /// Dekker pair of `mailbox::take` and `mailbox::cancel` lets both sides see each
+    /// other), while its taker lives. (With only an answer ending the quarantine, a
+    /// declined call's mailbox stayed quarantined for as long as its instance lived.)
+    #[test]
+    fn a_quarantined_mailbox_comes_back_when_answered_or_declined() {
+        use crate::shm::layout::{ClientLayout, InstanceLayout, Party};
+        let il = InstanceLayout {
+            slot_size: 256,
+            slot_count: 2,
+            heap_size: 0,
+        };
+        let ml = ClientLayout {
+            mailboxes: 2,
+            mailbox_inline: 64,
+        };
+        let [req, rep] = ChannelSeg::create(5, il, ml, 1, 2, 9).unwrap();
+        let caller = Arc::new(ChannelSeg::open(&req, &rep, 5, None, Party::Caller).unwrap());
+        let instance = ChannelSeg::open(&req, &rep, 5, None, Party::Instance).unwrap();
+        let pool = MailboxPool::new(2);
+        for declined in [false, true] {
+            let (i, gen) = pool.acquire(caller.id).unwrap();
+            let (mb, _) = caller.mailbox(i).unwrap();
+            mailbox::arm(mb, gen, 77);
+            let (theirs, _) = instance.mailbox(i).unwrap();
+            assert!(mailbox::take(theirs, gen, 77));
+            assert_eq!(mailbox::cancel(mb, gen), mailbox::Cancel::InProgress);
+            // Taken by this (live) process: only the answer or the decline ends it.
+            pool.quarantine(&caller, i, gen, None, std::process::id());
+            pool.reclaim();
+            assert_eq!(pool.quarantined.load(Relaxed), 1, "declined: {declined}");
+            if declined {
+                // What `take` does when its re-read finds the cancel after its TAKEN.
+                theirs
+                    .ans
+                    .state
+                    .store(mailbox::pack(gen, mailbox::DECLINED), Relaxed);
+            } else {
+                assert!(mailbox::complete(
+                    theirs,
+                    gen,
+                    &crate::shm::sync::AtomicU32::new(0)
+                ));
+            }
+            pool.reclaim();
+            assert_eq!(pool.quarantined.load(Relaxed), 0, "declined: {declined}");
         }
     }
 
