@@ -505,6 +505,35 @@ mod tests {
         assert_eq!(t.join().unwrap(), Wait::Ready);
     }
 
+    /// Whether thread `tid` of this process is asleep (state `S` in its `stat`).
+    fn sleeping(tid: i32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"));
+        // The state follows the parenthesised command name.
+        stat.ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('S')))
+            .unwrap_or(false)
+    }
+
+    /// A mailbox serves one generation after another: the next call's take succeeds once
+    /// the last was answered and released, and a generation is taken once only (a second
+    /// copy of a request, which only its own caller could publish, is not run twice).
+    #[test]
+    fn a_mailbox_is_taken_once_per_generation_and_again_for_the_next() {
+        let m = mb();
+        for gen in 1..=3 {
+            arm(m.mb(), gen, 100 + gen as u64);
+            assert!(is_pending(m.mb(), gen));
+            assert!(take(m.mb(), gen, 100 + gen as u64), "generation {gen}");
+            assert!(
+                !take(m.mb(), gen, 100 + gen as u64),
+                "generation {gen} taken twice"
+            );
+            assert!(complete(m.mb(), gen, &AtomicU32::new(0)));
+            assert!(is_ready(m.mb(), gen) && is_finished(m.mb(), gen));
+            release(m.mb(), gen);
+        }
+    }
+
     /// The caller's sleep re-checks only every 30 s here: the reply's futex wake, not a
     /// re-check, must end it (a lost wake-up fails this instead of costing 5 ms).
     #[test]
@@ -512,21 +541,31 @@ mod tests {
         let m: &'static Pair = Box::leak(mb());
         arm(m.mb(), 4, 44);
         assert!(take(m.mb(), 4, 44));
-        let t = std::thread::spawn(move || {
-            crate::channel::wait::RECHECK_FOR_TESTS.set(Some(Duration::from_secs(30)));
-            let mut w = Waiter::new(
-                crate::channel::wait::Spin::Fixed(Duration::ZERO),
-                Default::default(),
-                crate::channel::wait::Seats::none(),
-            );
-            let start = Instant::now();
-            let r = wait_ready(m.mb(), 4, &mut w, start + Duration::from_secs(60), || {
-                Target::Alive
-            });
-            (r, start.elapsed())
+        let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let t = std::thread::spawn({
+            let tid = tid.clone();
+            move || {
+                crate::channel::wait::RECHECK_FOR_TESTS.set(Some(Duration::from_secs(30)));
+                // SAFETY: gettid has no preconditions.
+                tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+                let mut w = Waiter::new(
+                    crate::channel::wait::Spin::Fixed(Duration::ZERO),
+                    Default::default(),
+                    crate::channel::wait::Seats::none(),
+                );
+                let start = Instant::now();
+                let r = wait_ready(m.mb(), 4, &mut w, start + Duration::from_secs(60), || {
+                    Target::Alive
+                });
+                (r, start.elapsed())
+            }
         });
+        // Asleep in the kernel, not merely flagged: a reply before the futex wait would
+        // end it without a wake (the word changed), and a missing wake would pass unseen.
         let end = Instant::now() + Duration::from_secs(10);
-        while m.call.state.load(Ordering::Relaxed) & WAITER == 0 {
+        while m.call.state.load(Ordering::Relaxed) & WAITER == 0
+            || !sleeping(tid.load(Ordering::Relaxed))
+        {
             assert!(Instant::now() < end, "the caller never went to sleep");
             std::thread::yield_now();
         }

@@ -651,6 +651,7 @@ mod tests {
             assert_eq!(t.copy_data(usize::MAX, 2, &mut out), None);
             drop(t);
             assert!(r.is_empty());
+            assert_eq!(r.taken(), lap + 1);
         }
     }
 
@@ -698,6 +699,67 @@ mod tests {
             tail.iter().all(|&b| b == 0xAA),
             "a slot wrote past the ring"
         );
+    }
+
+    /// A doorbell's bits: one per channel id modulo 64, set by `ring` and `put_back`,
+    /// handed over once by `take`; `ring` and `put_back` wake a serving thread only when
+    /// one said it sleeps, and `wait` ends on a ring (true) or its timeout (false).
+    #[test]
+    fn a_doorbell_hands_over_its_bits_once_and_wakes_only_a_sleeper() {
+        use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
+        let idx = RingIndices::new();
+        let d = Doorbell(&idx);
+        assert_eq!((Doorbell::bit(3), Doorbell::bit(64 + 5)), (1 << 3, 1 << 5));
+        assert!(!d.rung());
+        assert_eq!(d.take(), 0);
+        d.ring(Doorbell::bit(3));
+        d.ring(Doorbell::bit(9));
+        assert!(d.rung());
+        assert_eq!(d.take(), 1 << 3 | 1 << 9);
+        assert!(!d.rung() && d.take() == 0, "handed over once");
+        d.put_back(1 << 7);
+        assert_eq!(d.take(), 1 << 7);
+        assert_eq!(idx.wake.load(Ordering::Relaxed), 0, "no sleeper, no wake");
+        let waiter = || {
+            Waiter::new(
+                Spin::Fixed(Duration::ZERO),
+                Backoff::server(),
+                Seats::none(),
+            )
+        };
+        // Nothing rung: the wait times out.
+        let t = Instant::now();
+        assert!(!d.wait(&mut waiter(), Duration::from_millis(20), || false, || false));
+        assert!(t.elapsed() >= Duration::from_millis(4), "{:?}", t.elapsed());
+        // A sleeper is woken by `ring`, then by `put_back`, then by `wake_all`.
+        for (k, how) in ["ring", "put_back", "wake_all"].iter().enumerate() {
+            std::thread::scope(|sc| {
+                let sleeper =
+                    sc.spawn(|| d.wait(&mut waiter(), Duration::from_secs(30), || false, || false));
+                let end = Instant::now() + Duration::from_secs(10);
+                while idx.sleepers.load(Ordering::Relaxed) == 0 {
+                    assert!(
+                        Instant::now() < end,
+                        "{how}: the waiter never went to sleep"
+                    );
+                    std::thread::yield_now();
+                }
+                match *how {
+                    "ring" => d.ring(Doorbell::bit(1)),
+                    "put_back" => d.put_back(1 << 2),
+                    _ => d.wake_all(),
+                }
+                let rung = sleeper.join().unwrap();
+                assert_eq!(rung, *how != "wake_all", "{how}");
+            });
+            assert_eq!(
+                idx.wake.load(Ordering::Relaxed),
+                k as u32 + 1,
+                "{how} woke it"
+            );
+            assert_eq!(idx.sleepers.load(Ordering::Relaxed), 0);
+            d.take();
+        }
     }
 
     #[test]
