@@ -1391,9 +1391,7 @@ fn bank_caller_opening(dir: &Path, targets: &[(u32, u64)]) -> ((Bus, Raw), Vec<V
 /// offsets 64, 72 and 80 of the segment holding them, in the previous design as now).
 fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
     let (bus, opened) = bank_caller_opening(dir, targets);
-    let (mut own_segments, mut writable, mut refused) = (0, 0, 0);
-    let mut errors = Vec::new();
-    let mut maps = Vec::new();
+    let mut tally = Tally::default();
     for ((instance, _), fds) in targets.iter().zip(opened) {
         let instance = *instance;
         for fd in fds {
@@ -1405,19 +1403,14 @@ fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
             {
                 continue;
             }
-            own_segments += 1;
-            let w = try_writes(&fd);
-            writable += w.writable;
-            refused += w.errors.len();
-            errors.extend(w.errors);
-            maps.extend(w.maps);
+            tally.add(try_writes(&fd));
         }
     }
     // What an attacker does with a writable mapping: pin the progress word and forge the
     // counters, for a second.
     let until = Instant::now() + Duration::from_secs(1);
-    while !maps.is_empty() && Instant::now() < until {
-        for &m in &maps {
+    while !tally.maps.is_empty() && Instant::now() < until {
+        for &m in &tally.maps {
             // SAFETY: writable shared mappings of at least a page (segments are larger);
             // offsets 64..88 are inside.
             unsafe {
@@ -1426,10 +1419,7 @@ fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
             }
         }
     }
-    println!(
-        "\nRESULT own_segments={own_segments} writable={writable} refused={refused} errors={}",
-        errors.join(",").replace(' ', "_")
-    );
+    println!("\nRESULT {}", tally.report("own_segments"));
     drop(bus);
 }
 
@@ -1437,14 +1427,11 @@ fn attack_instance_own(dir: &Path, targets: &[(u32, u64)]) {
 /// and a writable reopen through `/proc/self/fd`.
 fn try_writes_and_reopen(fd: &OwnedFd) -> Writes {
     let mut w = try_writes(fd);
-    match std::fs::OpenOptions::new()
+    let reopened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-    {
-        Ok(_) => w.writable += 1,
-        Err(e) => w.errors.push(format!("reopen:{e}")),
-    }
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    w.record("reopen", reopened.map(drop));
     w
 }
 
@@ -1453,8 +1440,7 @@ fn try_writes_and_reopen(fd: &OwnedFd) -> Writes {
 /// one `Channel` segment before it was split).
 fn attack_reply_side(dir: &Path, targets: &[(u32, u64)]) {
     let (bus, opened) = bank_caller_opening(dir, targets);
-    let (mut segments, mut writable, mut refused) = (0, 0, 0);
-    let mut errors = Vec::new();
+    let mut tally = Tally::default();
     for fds in opened {
         let split = fds
             .iter()
@@ -1468,17 +1454,10 @@ fn attack_reply_side(dir: &Path, targets: &[(u32, u64)]) {
             .iter()
             .filter(|fd| segment_kind(fd) == Some(holding as u32))
         {
-            segments += 1;
-            let w = try_writes_and_reopen(fd);
-            writable += w.writable;
-            refused += w.errors.len();
-            errors.extend(w.errors);
+            tally.add(try_writes_and_reopen(fd));
         }
     }
-    println!(
-        "\nRESULT segments={segments} writable={writable} refused={refused} errors={}",
-        errors.join(",").replace(' ', "_")
-    );
+    println!("\nRESULT {}", tally.report("segments"));
     drop(bus);
 }
 
@@ -1487,13 +1466,12 @@ fn attack_reply_side(dir: &Path, targets: &[(u32, u64)]) {
 /// closed once mapped): a mapping that is writable already, `mprotect` to make it
 /// writable, and a writable open of it through `/proc/self/map_files`.
 fn write_request_sides(_: Duration) -> String {
-    let (mut segments, mut writable, mut refused) = (0, 0, 0);
-    let mut errors = Vec::new();
+    let mut tally = Tally::default();
     for m in bus_mappings(&["memfd:aegis-channel"]) {
         if m.kind != SegmentKind::Channel as u32 {
             continue;
         }
-        segments += 1;
+        let mut w = Writes::default();
         // SAFETY: mprotect of a whole mapping of ours, which nothing relies on staying
         // read-only if the kernel lets it become writable (the test then fails).
         let r = unsafe {
@@ -1503,29 +1481,21 @@ fn write_request_sides(_: Duration) -> String {
                 libc::PROT_READ | libc::PROT_WRITE,
             )
         };
-        if m.writable || r == 0 {
-            writable += 1;
+        let made_writable = if m.writable || r == 0 {
+            Ok(())
         } else {
-            refused += 1;
-            errors.push(format!("mprotect:{}", std::io::Error::last_os_error()));
-        }
+            Err(std::io::Error::last_os_error())
+        };
+        w.record("mprotect", made_writable);
         let path = format!("/proc/self/map_files/{:x}-{:x}", m.start, m.start + m.len);
-        match std::fs::OpenOptions::new()
+        let reopened = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(path)
-        {
-            Ok(_) => writable += 1,
-            Err(e) => {
-                refused += 1;
-                errors.push(format!("reopen:{e}"));
-            }
-        }
+            .open(path);
+        w.record("reopen", reopened.map(drop));
+        tally.add(w);
     }
-    format!(
-        "segments={segments} writable={writable} refused={refused} errors={}",
-        errors.join(",").replace(' ', "_")
-    )
+    tally.report("segments")
 }
 
 /// Whether the previous design's single instance segment is what the broker sends (one
@@ -1836,6 +1806,7 @@ fn attack_list_resources(dir: &Path) {
 
 /// What the three ways to write a segment did: `mmap(PROT_WRITE)`, `mprotect` of a
 /// read-only mapping, `pwrite` (at offset 80).
+#[derive(Default)]
 struct Writes {
     writable: usize,
     errors: Vec<String>,
@@ -1843,13 +1814,48 @@ struct Writes {
     maps: Vec<usize>,
 }
 
+impl Writes {
+    /// One way of writing tried: let through, or refused with the error named `what`.
+    fn record(&mut self, what: &str, r: std::io::Result<()>) {
+        match r {
+            Ok(()) => self.writable += 1,
+            Err(e) => self.errors.push(format!("{what}:{e}")),
+        }
+    }
+}
+
+/// The ways of writing an attacker tried on each segment, summed for its `RESULT` line.
+#[derive(Default)]
+struct Tally {
+    segments: usize,
+    writable: usize,
+    errors: Vec<String>,
+    maps: Vec<usize>,
+}
+
+impl Tally {
+    fn add(&mut self, w: Writes) {
+        self.segments += 1;
+        self.writable += w.writable;
+        self.errors.extend(w.errors);
+        self.maps.extend(w.maps);
+    }
+
+    /// `<segments>=N writable=N refused=N errors=…`, the segment count under `segments`.
+    fn report(&self, segments: &str) -> String {
+        format!(
+            "{segments}={} writable={} refused={} errors={}",
+            self.segments,
+            self.writable,
+            self.errors.len(),
+            self.errors.join(",").replace(' ', "_")
+        )
+    }
+}
+
 fn try_writes(fd: &OwnedFd) -> Writes {
     let len = aegis_client::sys::file_size(fd).unwrap() as usize;
-    let mut w = Writes {
-        writable: 0,
-        errors: Vec::new(),
-        maps: Vec::new(),
-    };
+    let mut w = Writes::default();
     let map = |prot| {
         // SAFETY: mmap of a descriptor we hold; the result is checked by the caller.
         unsafe {
@@ -1886,12 +1892,15 @@ fn try_writes(fd: &OwnedFd) -> Writes {
     // 3. write(2).
     let forged = 999_999_999_999u64.to_le_bytes();
     // SAFETY: pwrite from a local buffer.
-    if unsafe { libc::pwrite(fd.as_raw_fd(), forged.as_ptr().cast(), 8, 80) } < 0 {
-        w.errors
-            .push(format!("pwrite:{}", std::io::Error::last_os_error()));
-    } else {
-        w.writable += 1;
-    }
+    let written = unsafe { libc::pwrite(fd.as_raw_fd(), forged.as_ptr().cast(), 8, 80) };
+    w.record(
+        "pwrite",
+        if written < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        },
+    );
     w
 }
 

@@ -74,6 +74,12 @@ fn answered(a: u32, gen: u32) -> bool {
     gen_of(a) == gen & GEN_MASK && phase(a) != FREE
 }
 
+/// Whether answer word `a` ends generation `gen`'s call: replied, or declined after the
+/// caller's cancel.
+fn finished(a: u32, gen: u32) -> bool {
+    a == pack(gen, READY) || a == pack(gen, DECLINED)
+}
+
 /// Caller: arms the mailbox for generation `gen` and the call's `nonce` before publishing
 /// the request. Relaxed: the request's publication (Release on the ring slot) carries both
 /// to the instance.
@@ -321,16 +327,13 @@ pub fn flag_async(mb: Mb<'_>, gen: u32) -> bool {
     mb.call.state.fetch_or(ASYNC, Ordering::Relaxed);
     // Dekker with `complete`: ASYNC, this fence, then the re-read of the answer.
     fence(Ordering::SeqCst);
-    let a = mb.ans.state.load(Ordering::Acquire);
-    a != pack(gen, READY) && a != pack(gen, DECLINED)
+    !finished(mb.ans.state.load(Ordering::Acquire), gen)
 }
 
 /// Whether the mailbox still waits for the reply of `gen` (pending or being handled).
 pub fn still_waiting(mb: Mb<'_>, gen: u32) -> bool {
     let a = mb.ans.state.load(Ordering::Acquire);
-    mb.call.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, PENDING)
-        && a != pack(gen, READY)
-        && a != pack(gen, DECLINED)
+    mb.call.state.load(Ordering::Relaxed) & !FLAGS == pack(gen, PENDING) && !finished(a, gen)
 }
 
 /// Caller: whether the reply of `gen` is there to read.
@@ -341,8 +344,7 @@ pub fn is_ready(mb: Mb<'_>, gen: u32) -> bool {
 /// Caller: whether a quarantined mailbox has finished (reply written, or the request
 /// declined after the cancel): it may be recycled.
 pub fn is_finished(mb: Mb<'_>, gen: u32) -> bool {
-    let a = mb.ans.state.load(Ordering::Acquire);
-    a == pack(gen, READY) || a == pack(gen, DECLINED)
+    finished(mb.ans.state.load(Ordering::Acquire), gen)
 }
 
 /// Caller: done reading the reply of `gen`; the instance may reuse the reply's heap block.
