@@ -249,6 +249,17 @@ void aegis_loan_free(aegis_request_loan *loan);
 // are copied by the bus. On an error no view is returned.
 aegis_status aegis_call_loan(const aegis_bus *bus, const char *service, const char *method, aegis_request_loan *loan, const aegis_call_options *opts, aegis_reply_view **view, const uint8_t **data, size_t *len);
 
+// `aegis_loan` for a call by resource id: the buffer lies in the request heap of the bus's
+// channel to the instance that owns `resource` now; send it with
+// `aegis_call_resource_loan` for the same id. `AEGIS_RESOURCE_NOT_FOUND` and
+// `AEGIS_OWNER_UNAVAILABLE` as `aegis_call_resource` says them.
+aegis_status aegis_loan_resource(const aegis_bus *bus, const char *resource, size_t len, aegis_request_loan **out, uint8_t **data);
+
+// `aegis_call_resource` with the request written in a loan from `aegis_loan_resource` for
+// the same id (taken, as by `aegis_call_loan`), the reply read in place (`*view`, freed
+// with `aegis_reply_view_free`).
+aegis_status aegis_call_resource_loan(const aegis_bus *bus, const char *resource, const char *method, aegis_request_loan *loan, const aegis_call_options *opts, aegis_reply_view **view, const uint8_t **data, size_t *len);
+
 // `aegis_call` with the reply read in place (`aegis_call_loan`'s view); the request is
 // copied as usual.
 aegis_status aegis_call_view(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, aegis_reply_view **view, const uint8_t **data, size_t *len);

@@ -981,6 +981,85 @@ pub unsafe extern "C" fn aegis_call_loan(
     })
 }
 
+/// `aegis_loan` for a call by resource id: the buffer lies in the request heap of the bus's
+/// channel to the instance that owns `resource` now; send it with
+/// `aegis_call_resource_loan` for the same id. `AEGIS_RESOURCE_NOT_FOUND` and
+/// `AEGIS_OWNER_UNAVAILABLE` as `aegis_call_resource` says them.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_loan_resource(
+    bus: *const aegis_bus,
+    resource: *const c_char,
+    len: usize,
+    out: *mut *mut aegis_request_loan,
+    data: *mut *mut u8,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let (out, data) = match unsafe { (out.as_mut(), data.as_mut()) } {
+            (Some(o), Some(d)) => (o, d),
+            _ => {
+                set_error("arguments `out` and `data` are required".into());
+                return AEGIS_NULL_ARGUMENT;
+            }
+        };
+        // SAFETY: forwarded caller contract.
+        let resource = match unsafe { text(resource, "resource") } {
+            Ok(s) => s,
+            Err(s) => return s,
+        };
+        match bus.bus.loan_resource(resource, len) {
+            Ok(mut loan) => {
+                *data = loan.as_mut_slice().as_mut_ptr();
+                *out = Box::into_raw(Box::new(aegis_request_loan { loan }));
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// `aegis_call_resource` with the request written in a loan from `aegis_loan_resource` for
+/// the same id (taken, as by `aegis_call_loan`), the reply read in place (`*view`, freed
+/// with `aegis_reply_view_free`).
+#[no_mangle]
+pub unsafe extern "C" fn aegis_call_resource_loan(
+    bus: *const aegis_bus,
+    resource: *const c_char,
+    method: *const c_char,
+    loan: *mut aegis_request_loan,
+    opts: *const aegis_call_options,
+    view: *mut *mut aegis_reply_view,
+    data: *mut *const u8,
+    len: *mut usize,
+) -> aegis_status {
+    guard(|| {
+        let loan = (!loan.is_null()).then(|| {
+            // SAFETY: a pointer from `aegis_loan_resource`, taken here once (the contract).
+            unsafe { Box::from_raw(loan) }.loan
+        });
+        let loan = need!(loan, "loan");
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let out = arg!(unsafe { view_out(view, data, len) });
+        // SAFETY: forwarded caller contract.
+        let (resource, method) =
+            match unsafe { (text(resource, "resource"), text(method, "method")) } {
+                (Ok(r), Ok(m)) => (r, m),
+                (Err(s), _) | (_, Err(s)) => return s,
+            };
+        let default = CallOptions::default();
+        let mut nested = None;
+        let opts = options(opts, &default, &mut nested);
+        give_view(
+            bus.bus.call_resource_loan(resource, method, loan, opts),
+            out,
+        )
+    })
+}
+
 /// `aegis_call` with the reply read in place (`aegis_call_loan`'s view); the request is
 /// copied as usual.
 #[no_mangle]

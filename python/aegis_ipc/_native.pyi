@@ -90,6 +90,17 @@ class Bus:
         idempotent: bool = False,
         exclude: list[str] = ...,
     ) -> BorrowedReply: ...
+    def loan_resource(self, resource: str, size: int) -> Loan: ...
+    def call_resource_loan(
+        self,
+        resource: str,
+        method: str,
+        loan: Loan,
+        *,
+        timeout: float | None = None,
+        attempt_timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> BorrowedReply: ...
     def call_view(
         self,
         service: str,

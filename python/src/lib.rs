@@ -405,6 +405,48 @@ impl Bus {
         })
     }
 
+    /// `loan` for a call by resource id: a buffer in the request heap of this connection's
+    /// channel to the instance that owns `resource` now; send it with `call_resource_loan`.
+    fn loan_resource(&self, resource: &str, size: usize) -> PyResult<Loan> {
+        self.with(|bus| {
+            Ok(Loan {
+                loan: Some(bus.loan_resource(resource, size).map_err(to_py)?),
+                exports: 0,
+            })
+        })
+    }
+
+    /// `call_resource` with a request written in a `Loan` from `loan_resource` for the
+    /// same id (spent by the call) and the reply read in place (a `BorrowedReply`).
+    #[pyo3(signature = (resource, method, loan, *, timeout=None, attempt_timeout=None, idempotent=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn call_resource_loan(
+        &self,
+        py: Python<'_>,
+        resource: &str,
+        method: &str,
+        loan: &Bound<'_, Loan>,
+        timeout: Option<f64>,
+        attempt_timeout: Option<f64>,
+        idempotent: bool,
+    ) -> PyResult<BorrowedReply> {
+        let opts = options(timeout, attempt_timeout, idempotent, Vec::new())?;
+        let l = {
+            let mut l = loan.borrow_mut();
+            let exports = l.exports;
+            take_unexported(&mut l.loan, exports)?
+        };
+        self.with(|bus| {
+            let r = py
+                .allow_threads(|| bus.call_resource_loan(resource, method, l, &opts))
+                .map_err(to_py)?;
+            Ok(BorrowedReply {
+                reply: Some(r),
+                exports: 0,
+            })
+        })
+    }
+
     /// `call` with the reply read in place (a `BorrowedReply`); the request is copied.
     #[pyo3(signature = (service, method, payload, *, timeout=None, attempt_timeout=None, idempotent=false, exclude=Vec::new()))]
     #[allow(clippy::too_many_arguments)]

@@ -101,3 +101,37 @@ def test_a_loaned_call_is_read_in_place_on_both_sides(testbus):
         inst.stop()
         t.join(DEADLINE)
     assert served.count("rev") == 13
+
+
+def test_a_loan_for_a_resource_goes_to_its_owner_and_is_read_in_place(testbus):
+    bus = aegis_ipc.Bus.connect(testbus.dir)
+    server = aegis_ipc.Bus.connect(testbus.dir)
+    other = server.register("zc", "py-1")
+    owner = server.register("zc", "py-2")
+    owner.claim(["acct-7"])
+    served: list[str] = []
+    threads = [_pull_server(other, served), _pull_server(owner, served)]
+    try:
+        size = 256 << 10
+        data = bytes(i % 251 for i in range(size))
+        # Round-robin would alternate between the two: each goes to the owner.
+        for _ in range(4):
+            loan = bus.loan_resource("acct-7", size)
+            with memoryview(loan) as m:
+                m[:] = data
+            with bus.call_resource_loan("acct-7", "rev", loan, timeout=DEADLINE) as r:
+                assert r.instance_id == "py-2"
+                assert memoryview(r) == data[::-1]
+        with pytest.raises(aegis_ipc.ResourceNotFound):
+            bus.loan_resource("acct-none", 8)
+        # A loan goes only the way it was made for.
+        with pytest.raises(aegis_ipc.BadRequest, match="call_resource_loan"):
+            bus.call_loan("zc", "rev", bus.loan_resource("acct-7", 8), timeout=DEADLINE)
+        with pytest.raises(aegis_ipc.BadRequest, match="loan_resource"):
+            bus.call_resource_loan("acct-7", "rev", bus.loan("zc", 8), timeout=DEADLINE)
+    finally:
+        other.stop()
+        owner.stop()
+        for t in threads:
+            t.join(DEADLINE)
+    assert served == ["rev"] * 4

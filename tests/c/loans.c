@@ -125,6 +125,29 @@ int main(void) {
         aegis_reply_view_free(NULL);
         aegis_loan_free(NULL);
     }
+    /* By resource id: a loan made for the owner of "doc-1", answered in place; refused
+     * for an id nobody owns, and for another id than the one it was made for. */
+    {
+        static const char *const ids[] = {"doc-1", "doc-2"};
+        aegis_request_loan *loan = NULL;
+        aegis_reply_view *view = NULL;
+        uint8_t *w = NULL;
+        const uint8_t *r = NULL;
+        size_t rlen = 0, len = 256 << 10;
+        CHECK(aegis_claim(inst, ids, 2) == AEGIS_OK);
+        CHECK(aegis_loan_resource(bus, "doc-1", len, &loan, &w) == AEGIS_OK && loan && w);
+        for (size_t i = 0; i < len; i++) w[i] = pattern(i, 9);
+        CHECK(aegis_call_resource_loan(bus, "doc-1", "rev", loan, NULL, &view, &r, &rlen) == AEGIS_OK);
+        CHECK(view != NULL && rlen == len);
+        for (size_t i = 0; i < len; i++) CHECK(r[i] == pattern(len - 1 - i, 9));
+        aegis_reply_view_free(view);
+        CHECK(aegis_loan_resource(bus, "doc-none", 8, &loan, &w) == AEGIS_RESOURCE_NOT_FOUND);
+        CHECK(aegis_loan_resource(bus, "doc-1", 8, NULL, &w) == AEGIS_NULL_ARGUMENT);
+        CHECK(aegis_loan_resource(bus, "doc-1", 8, &loan, &w) == AEGIS_OK);
+        CHECK(aegis_call_resource_loan(bus, "doc-2", "rev", loan, NULL, &view, &r, &rlen) == AEGIS_BAD_REQUEST);
+        CHECK(view == NULL);
+        CHECK(aegis_call_resource_loan(bus, "doc-1", "rev", NULL, NULL, &view, &r, &rlen) == AEGIS_NULL_ARGUMENT);
+    }
     aegis_stop(inst);
     pthread_join(t, NULL);
     aegis_instance_free(inst);

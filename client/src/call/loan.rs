@@ -70,7 +70,7 @@ impl<'a> Sink<'a> {
         }
     }
 
-    fn keep() -> Sink<'static> {
+    pub(crate) fn keep() -> Sink<'static> {
         Sink {
             out: None,
             kept: None,
@@ -95,6 +95,8 @@ pub struct Loan {
     bus: Arc<BusInner>,
     /// The service it was made for, and the channel (to one of its instances) it lies in.
     service: String,
+    /// The resource whose owner it was made for ([`Bus::loan_resource`]).
+    resource: Option<String>,
     chan: Arc<ChannelSeg>,
     off: u64,
     len: usize,
@@ -162,6 +164,59 @@ macro_rules! loaned_buffer {
 pub(crate) use loaned_buffer;
 
 loaned_buffer!(Loan, "Loan");
+
+impl Loan {
+    /// Its block now belongs to a quarantined mailbox (the instance took the request and
+    /// has not answered): freed when the late reply lands, not by the loan.
+    pub(crate) fn disown(&mut self) {
+        self.owned = false;
+    }
+
+    /// Checks that the loan may be sent on `bus` as a call to `service` (a loan for a
+    /// resource: to `resource`).
+    fn check_for(
+        &self,
+        bus: &Arc<BusInner>,
+        service: Option<&str>,
+        resource: Option<&str>,
+    ) -> Result<()> {
+        if !Arc::ptr_eq(&self.bus, bus) {
+            return Err(Error::BadRequest(
+                "the loan was made by another bus connection".into(),
+            ));
+        }
+        if let Some(service) = service.filter(|s| *s != self.service) {
+            return Err(Error::BadRequest(format!(
+                "the loan was made for service '{}', not '{service}'",
+                self.service
+            )));
+        }
+        if resource != self.resource.as_deref() {
+            return Err(Error::BadRequest(match (&self.resource, resource) {
+                (Some(mine), Some(r)) => {
+                    format!("the loan was made for resource '{mine}', not '{r}'")
+                }
+                (Some(mine), None) => format!(
+                    "the loan was made for resource '{mine}': send it with call_resource_loan"
+                ),
+                (None, _) => format!(
+                    "the loan was made for service '{}': make one with loan_resource",
+                    self.service
+                ),
+            }));
+        }
+        Ok(())
+    }
+
+    /// The loan as a call's request body.
+    fn body(&self) -> Body<'_> {
+        Body::Loaned {
+            bytes: self.as_slice(),
+            block: (self.off, self.len as u64),
+            chan: &self.chan,
+        }
+    }
+}
 
 impl Drop for Loan {
     fn drop(&mut self) {
@@ -249,6 +304,29 @@ impl Drop for BorrowedReply {
     }
 }
 
+/// A call's result as a [`BorrowedReply`] (its reply kept in `sink`); a reply kept by a
+/// call that failed after all goes back.
+pub(crate) fn borrowed(
+    bus: &Arc<BusInner>,
+    r: Result<CallInfo>,
+    sink: Sink<'_>,
+) -> Result<BorrowedReply> {
+    match (r, sink.kept) {
+        (Ok(info), Some(kept)) => Ok(BorrowedReply {
+            bus: Arc::clone(bus),
+            kept,
+            info,
+        }),
+        (Ok(_), None) => Err(Error::Protocol("a reply read in place was not kept".into())),
+        (Err(e), kept) => {
+            if let Some(k) = kept {
+                release(bus, &k.sent);
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Gives a kept reply's mailbox back (and with it, to the instance, its reply heap block).
 fn release(bus: &BusInner, s: &Sent) {
     mailbox::release(s.mb().0, s.gen);
@@ -280,12 +358,41 @@ impl Bus {
                 false
             })
             .ok_or_else(no_instance)?;
+        self.loan_in(service, None, target, len)
+    }
+
+    /// [`Bus::loan`] for a call by resource id: a buffer in the request heap of this
+    /// connection's channel to the instance that owns `resource` now, sent with
+    /// [`Bus::call_resource_loan`]. Should the resource move to another owner before the
+    /// call, the bytes are copied there. `ResourceNotFound` and `OwnerUnavailable` as
+    /// [`Bus::call_resource`] says them.
+    pub fn loan_resource(&self, resource: &str, len: usize) -> Result<Loan> {
+        let (target, _, service, max) = self.online_owner(resource)?;
+        check_size(&service, len, max)?;
+        self.loan_in(&service, Some(resource), target, len)
+    }
+
+    /// A loan of `len` bytes in this connection's channel to instance `target` of
+    /// `service`.
+    fn loan_in(
+        &self,
+        service: &str,
+        resource: Option<&str>,
+        target: CallInfo,
+        len: usize,
+    ) -> Result<Loan> {
+        let inner = &self.inner;
         let seg = inner.loan_target(service, target)?;
         let chan = seg
             .channel
             .clone()
             .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
-        let (off, ptr) = chan.heap_alloc(len as u64).ok_or_else(|| {
+        // Blocks of abandoned calls whose late replies have landed come back first.
+        let block = chan.heap_alloc(len as u64).or_else(|| {
+            inner.pool.reclaim();
+            chan.heap_alloc(len as u64)
+        });
+        let (off, ptr) = block.ok_or_else(|| {
             Error::LimitExceeded(format!(
                 "request heap of {} bytes to {service}'s instance has no room for a loan of {len} more",
                 chan.heap_size()
@@ -294,6 +401,7 @@ impl Bus {
         Ok(Loan {
             bus: Arc::clone(inner),
             service: service.to_owned(),
+            resource: resource.map(str::to_owned),
             chan,
             off,
             len,
@@ -316,29 +424,53 @@ impl Bus {
         mut loan: Loan,
         opts: &crate::CallOptions,
     ) -> Result<BorrowedReply> {
-        if !Arc::ptr_eq(&loan.bus, &self.inner) {
-            return Err(Error::BadRequest(
-                "the loan was made by another bus connection".into(),
-            ));
-        }
-        if loan.service != service {
-            return Err(Error::BadRequest(format!(
-                "the loan was made for service '{}', not '{service}'",
-                loan.service
-            )));
-        }
-        let body = Body::Loaned {
-            bytes: loan.as_slice(),
-            block: (loan.off, loan.len as u64),
-            chan: &loan.chan,
-        };
+        loan.check_for(&self.inner, Some(service), None)?;
         let mut sink = Sink::keep();
-        let r = self.call_with(service, method, body, opts, &mut sink);
+        let r = self.call_with(service, method, loan.body(), opts, &mut sink);
         // Dropped at the end: the instance has answered (it is done reading), or the call
         // gave up on an attempt that was never taken; a quarantine that holds the block
         // frees it when the late reply lands.
         loan.owned = !sink.block_held;
-        self.borrowed(r, sink)
+        borrowed(&self.inner, r, sink)
+    }
+
+    /// [`Bus::call_resource`] with a request written in a loan made for `resource`
+    /// ([`Bus::loan_resource`]), the reply read in place: neither is copied while the
+    /// resource stays with the owner the loan was made for. The loan is spent either way.
+    pub fn call_resource_loan(
+        &self,
+        resource: &str,
+        method: &str,
+        mut loan: Loan,
+        opts: &crate::CallOptions,
+    ) -> Result<BorrowedReply> {
+        loan.check_for(&self.inner, None, Some(resource))?;
+        let mut sink = Sink::keep();
+        let r = self.call_resource_with(resource, method, loan.body(), opts, &mut sink);
+        loan.owned = !sink.block_held;
+        borrowed(&self.inner, r, sink)
+    }
+
+    /// [`Bus::submit`] with a request written in a [`Loan`] for `service`: the call goes to
+    /// the loan's instance while it is routable (else the bytes are copied to the one
+    /// picked), and the [`Pending`](crate::Pending) keeps the loan until the call settles;
+    /// [`Pending::wait_borrowed`](crate::Pending::wait_borrowed) reads the reply in place.
+    pub fn submit_loan(
+        &self,
+        service: &str,
+        method: &str,
+        loan: Loan,
+        opts: &crate::CallOptions,
+    ) -> Result<crate::Pending<'_>> {
+        loan.check_for(&self.inner, Some(service), None)?;
+        let start = std::time::Instant::now();
+        let mut pending = self
+            .submit_from(start, service, method, loan.body(), opts, true)
+            .map_err(|e| match e {
+                super::Submit::Failed(e) | super::Submit::RingFull(e) => e,
+            })?;
+        pending.keep_loan(loan);
+        Ok(pending)
     }
 
     /// Like [`Bus::call`], but the reply is read in place ([`BorrowedReply`]) instead of
@@ -352,24 +484,7 @@ impl Bus {
     ) -> Result<BorrowedReply> {
         let mut sink = Sink::keep();
         let r = self.call_with(service, method, Body::Bytes(payload), opts, &mut sink);
-        self.borrowed(r, sink)
-    }
-
-    fn borrowed(&self, r: Result<CallInfo>, sink: Sink<'_>) -> Result<BorrowedReply> {
-        match (r, sink.kept) {
-            (Ok(info), Some(kept)) => Ok(BorrowedReply {
-                bus: Arc::clone(&self.inner),
-                kept,
-                info,
-            }),
-            (Ok(_), None) => Err(Error::Protocol("a reply read in place was not kept".into())),
-            (Err(e), kept) => {
-                if let Some(k) = kept {
-                    release(&self.inner, &k.sent);
-                }
-                Err(e)
-            }
-        }
+        borrowed(&self.inner, r, sink)
     }
 
     /// The call path shared by [`Bus::call_into`] and the zero-copy calls: validates,

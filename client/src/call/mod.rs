@@ -513,9 +513,19 @@ impl Bus {
         opts: &CallOptions,
         out: &mut Vec<u8>,
     ) -> Result<CallInfo> {
-        let start = Instant::now();
+        self.call_resource_with(
+            resource,
+            method,
+            Body::Bytes(payload),
+            opts,
+            &mut Sink::copy(out),
+        )
+    }
+
+    /// The owner of `resource`, if it is online, with its service (registry index and
+    /// name) and the service's largest message.
+    pub(crate) fn online_owner(&self, resource: &str) -> Result<(CallInfo, u32, String, u64)> {
         names::resource_id(resource)?;
-        names::method(method)?;
         let inner = &*self.inner;
         inner.not_forked()?;
         let not_found = || Error::ResourceNotFound {
@@ -548,12 +558,36 @@ impl Bus {
         let (max, (name, len)) = svc
             .seq
             .read(|| (svc.max_message.load(Ordering::Relaxed), svc.name.load()));
-        let service = std::str::from_utf8(&name[..len]).unwrap_or("?");
-        check_size(service, payload.len(), max)?;
+        let service = String::from_utf8_lossy(&name[..len]).into_owned();
+        Ok((target, svc_idx, service, max))
+    }
+
+    /// The call path shared by [`Bus::call_resource_into`] and [`Bus::call_resource_loan`]:
+    /// one attempt, on the owner, under its service's circuit breaker; the reply in `sink`.
+    pub(crate) fn call_resource_with(
+        &self,
+        resource: &str,
+        method: &str,
+        body: Body<'_>,
+        opts: &CallOptions,
+        sink: &mut Sink<'_>,
+    ) -> Result<CallInfo> {
+        let start = Instant::now();
+        names::resource_id(resource)?;
+        names::method(method)?;
+        let (target, svc_idx, service, max) = self.online_owner(resource)?;
+        check_size(&service, body.bytes().len(), max)?;
         check_options(opts)?;
+        let inner = &*self.inner;
+        let svc = inner
+            .registry()
+            .service(svc_idx)
+            .ok_or_else(|| Error::ResourceNotFound {
+                resource: resource.to_owned(),
+            })?;
         let stats = inner.session().stats.caller_stats(svc_idx);
         let cfg = &inner.opts.circuit_breaker;
-        breaker::guarded(cfg, stats, svc, service, |sent| {
+        breaker::guarded(cfg, stats, svc, &service, |sent| {
             // One attempt, on the owner.
             *sent = 1;
             let deadline = opts.call_deadline(start).min(start + opts.attempt_timeout);
@@ -562,11 +596,11 @@ impl Bus {
                 inner.session(),
                 target,
                 method,
-                Body::Bytes(payload),
+                body,
                 opts,
                 (deadline, trace, start),
                 None,
-                &mut Sink::copy(out),
+                sink,
             ) {
                 Ok(()) => Ok(target),
                 Err(Failed::NotDelivered(w) | Failed::InDoubt(w)) if w.contains("left") => {
@@ -596,10 +630,17 @@ impl Bus {
         payload: &[u8],
         opts: &CallOptions,
     ) -> Result<Pending<'_>> {
-        self.submit_from(Instant::now(), service, method, payload, opts, true)
-            .map_err(|e| match e {
-                Submit::Failed(e) | Submit::RingFull(e) => e,
-            })
+        self.submit_from(
+            Instant::now(),
+            service,
+            method,
+            Body::Bytes(payload),
+            opts,
+            true,
+        )
+        .map_err(|e| match e {
+            Submit::Failed(e) | Submit::RingFull(e) => e,
+        })
     }
 
     /// [`Bus::submit`] for an event loop: never waits for room in a full ring. `Ok(None)`
@@ -618,7 +659,7 @@ impl Bus {
         payload: &[u8],
         opts: &CallOptions,
     ) -> Result<Option<Pending<'_>>> {
-        match self.submit_from(start, service, method, payload, opts, false) {
+        match self.submit_from(start, service, method, Body::Bytes(payload), opts, false) {
             Ok(p) => Ok(Some(p)),
             Err(Submit::Failed(e)) => Err(e),
             Err(Submit::RingFull(e)) => {
@@ -635,13 +676,14 @@ impl Bus {
     /// [`Bus::submit`] for a call that started at `start`. With `wait_for_room` false, a
     /// full ring is not waited on: `Submit::RingFull` (carrying the error to give if the
     /// call's deadline passes that way) says to come back when there is room — an async
-    /// caller must not block its executor's thread.
+    /// caller must not block its executor's thread. A loan goes to the instance whose
+    /// channel it lies in while that one is routable.
     pub(crate) fn submit_from(
         &self,
         start: Instant,
         service: &str,
         method: &str,
-        payload: &[u8],
+        body: Body<'_>,
         opts: &CallOptions,
         wait_for_room: bool,
     ) -> Result<Pending<'_>, Submit> {
@@ -656,7 +698,7 @@ impl Bus {
         let sess = inner.routing_session(service);
         let (svc_idx, svc) = sess.find_service(service).ok_or_else(no_instance)?;
         let max = svc.seq.read(|| svc.max_message.load(Ordering::Relaxed));
-        check_size(service, payload.len(), max)?;
+        check_size(service, body.bytes().len(), max)?;
         // The breaker admits a submitted call; its outcome, collected later, is not
         // counted (see `breaker`).
         breaker::admit(
@@ -667,8 +709,17 @@ impl Bus {
         )?;
         let skip =
             |m: u32| !opts.exclude.is_empty() && opts.exclude.contains(&sess.instance_name(m));
-        let target = inner
-            .pick_target(sess, (svc_idx, svc), &opts.selection, skip)
+        let loaned_to = match body {
+            Body::Loaned { chan, .. } => Some(chan.instance),
+            Body::Bytes(_) => None,
+        };
+        let target = loaned_to
+            .and_then(|to| {
+                sess.pick(svc_idx, svc, &opts.selection, |m| {
+                    m != to || skip(m) || inner.seen_stalled(m)
+                })
+            })
+            .or_else(|| inner.pick_target(sess, (svc_idx, svc), &opts.selection, skip))
             .ok_or_else(no_instance)?;
         let deadline = opts.call_deadline(start).min(start + opts.attempt_timeout);
         let trace = inner.trace_of(opts);
@@ -687,7 +738,7 @@ impl Bus {
         match inner.send(
             &seg,
             method,
-            Body::Bytes(payload),
+            body,
             opts,
             (claim_until, trace, start),
             deadline,
@@ -707,6 +758,7 @@ impl Bus {
                 }))
             }
             Ok(sent) => Ok(Pending {
+                loan: None,
                 inner: &self.inner,
                 sess,
                 seg,
@@ -1011,18 +1063,21 @@ impl BusInner {
 
     /// Gives up on a sent request nobody will wait for: one not yet taken is cancelled
     /// (it never runs) and its mailbox freed; one being handled is quarantined until its
-    /// late reply lands.
-    fn abandon(&self, sent: Sent) {
+    /// late reply lands. Returns whether that quarantine took a loan's request block (the
+    /// loan must then not free it).
+    fn abandon(&self, sent: Sent) -> bool {
         let (mb, _) = sent.mb();
         match mailbox::cancel(mb, sent.gen) {
             Cancel::Cancelled | Cancel::Ready => {
                 mailbox::release(mb, sent.gen);
                 self.free_sent(&sent);
+                false
             }
             Cancel::InProgress => {
                 let pid = mailbox::taker_pid(mb);
                 self.pool
-                    .quarantine(&sent.chan, sent.mailbox, sent.gen, sent.heap, pid)
+                    .quarantine(&sent.chan, sent.mailbox, sent.gen, sent.heap, pid);
+                sent.loaned
             }
         }
     }
@@ -1577,9 +1632,27 @@ pub struct Pending<'b> {
     start: Instant,
     /// The call's trace id (its error names it).
     trace: u64,
+    /// The request's loan ([`Bus::submit_loan`]): the instance reads it in place, so it is
+    /// kept until the call settles.
+    loan: Option<Loan>,
 }
 
 impl Pending<'_> {
+    /// Keeps the request's loan until the call settles ([`Bus::submit_loan`]).
+    pub(crate) fn keep_loan(&mut self, loan: Loan) {
+        self.loan = Some(loan);
+    }
+
+    /// The call has settled: its loan (if any) is done with, and its block goes back to
+    /// the heap unless a quarantined mailbox took it (`held`).
+    fn settled(&mut self, held: bool) {
+        if let Some(mut loan) = self.loan.take() {
+            if held {
+                loan.disown();
+            }
+        }
+    }
+
     /// The instance the call went to.
     pub fn instance(&self) -> CallInfo {
         self.target
@@ -1610,14 +1683,16 @@ impl Pending<'_> {
     /// its instance gone), else `None`.
     pub(crate) fn poll_now(&mut self, out: &mut Vec<u8>) -> Option<Result<CallInfo>> {
         let inner = self.inner;
+        let mut sink = Sink::copy(out);
         let r = inner.poll_sent(
             self.sess,
             &self.seg,
             self.sent.as_ref()?,
             self.deadline,
-            &mut Sink::copy(out),
+            &mut sink,
         )?;
         self.sent = None;
+        self.settled(sink.block_held);
         Some(match r {
             Ok(()) => {
                 inner.note_success(self.target);
@@ -1650,21 +1725,40 @@ impl Pending<'_> {
 
     /// Waits for the reply (until the call's attempt deadline) and writes it into `out`.
     pub fn wait(mut self, out: &mut Vec<u8>) -> Result<CallInfo> {
+        self.wait_with(&mut Sink::copy(out))
+    }
+
+    /// Waits for the reply (until the call's attempt deadline) and returns it read in
+    /// place ([`BorrowedReply`]), not copied: with [`Bus::submit_loan`], a pipelined call
+    /// that copies neither way.
+    pub fn wait_borrowed(mut self) -> Result<BorrowedReply> {
+        let mut sink = Sink::keep();
+        let r = self.wait_with(&mut sink);
+        loan::borrowed(self.inner, r, sink)
+    }
+
+    fn wait_with(&mut self, sink: &mut Sink<'_>) -> Result<CallInfo> {
         let Some(sent) = self.sent.take() else {
             return Err(Error::BadRequest(
                 "this call's result was already collected".into(),
             ));
         };
         let inner = self.inner;
-        match inner.wait_sent(
+        let r = inner.wait_sent(
             self.sess,
             &self.seg,
             sent,
             (self.spin, self.interrupt.as_ref()),
             self.deadline,
             None,
-            &mut Sink::copy(out),
-        ) {
+            sink,
+        );
+        if let Some(k) = &mut sink.kept {
+            // A reply read in place keeps its instance's reply heap mapped.
+            k.seg = Some(self.seg.clone());
+        }
+        self.settled(sink.block_held);
+        match r {
             Ok(()) => {
                 inner.note_success(self.target);
                 Ok(self.target)
@@ -1679,7 +1773,8 @@ impl Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if let Some(s) = self.sent.take() {
-            self.inner.abandon(s);
+            let held = self.inner.abandon(s);
+            self.settled(held);
         }
     }
 }
