@@ -372,6 +372,11 @@ fn with_trusted_hosts_a_rogue_nats_client_announces_nothing_and_owns_nothing() {
     );
     let b = bus_b.connect();
     wait_routable(&b, "alpha", "alpha-1@hosta");
+    // Its id is mirrored separately from its instance (under load, later).
+    wait_for("doc-a owned on host b", || {
+        b.call_resource("doc-a", "echo", b"r", &quick())
+            .is_ok_and(|r| r.instance_id == "alpha-1@hosta")
+    });
 
     // The rogue: announces three instances of alpha and answers their inboxes.
     let rt = tokio::runtime::Builder::new_current_thread()

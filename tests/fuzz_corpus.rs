@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use aegis_client::fuzzing;
 use aegis_client::layout::{
-    ChannelSeg, ClientLayout, InstanceLayout, Mapping, MsgHeader, Party, RegistryLayout,
-    RequestHeap, SegmentKind, SharedLayout, PAYLOAD_INLINE,
+    ChannelHeap, ChannelSeg, ClientLayout, InstanceLayout, Mapping, MsgHeader, Party,
+    RegistryLayout, SegmentKind, SharedLayout, PAYLOAD_INLINE,
 };
 use aegis_client::proto::{self, BulkOptions, Request, ResourceSpec, ServiceConfig};
 use aegis_client::sys;
@@ -93,6 +93,8 @@ fn write_seeds() {
             options: BulkOptions::default(),
         },
         Request::ChannelHeap { channel: 3 },
+        Request::ReplyHeap { channel: 3 },
+        Request::OpenReplyHeap { channel: 3 },
         Request::Grant {
             instances: vec![(1, 2), (3, 4)],
         },
@@ -165,7 +167,7 @@ fn write_seeds() {
     write("segment_open", "client", &image(&fd));
     let fd = make(
         SegmentKind::Heap,
-        RequestHeap::seg_size(4096),
+        ChannelHeap::seg_size(4096),
         [4096, 7, 0, 0],
     );
     write("segment_open", "heap", &image(&fd));

@@ -1112,16 +1112,19 @@ fn identities_owned_by_another_uid_are_not_trusted() {
 }
 
 /// Row "a caller fills an instance's reply heap with replies it never reads": `bank` has
-/// one instance with a 4 MiB maximum message, so an 8 MiB reply heap. The attacker
+/// one instance with a 4 MiB maximum message, so 8 MiB reply heaps. The attacker
 /// (allowed to call `bank`) submits 1 MiB calls and never collects their replies, while
-/// it lives and after it is killed. A uid's unread replies may hold at most half of an
-/// instance's reply heap (one maximum-size message): the attacker's further calls are
-/// refused (429 naming its uid and the bytes its unread replies hold), and every 1 MiB call of the victim succeeds with
-/// its own payload; once it is killed, its unread replies are freed. (Before, the
-/// attacker's eight unread replies filled the heap and the victim's calls got 429 "reply
-/// heap is full" for 60 s.)
+/// it lives and after it is killed. Its replies go to its own channel's reply heap: once
+/// that is full its further calls are refused (429 "the replies not yet read in this
+/// caller's channel fill its reply heap"), and every 1 MiB call of the victim succeeds
+/// with its own payload — the victim's of another uid, and also another process of the
+/// attacker's own uid while the attacker hoards. Once it is killed, its channel and its
+/// replies are gone. (With one reply heap per instance: at first the attacker's eight
+/// unread replies filled it and the victim's calls got 429 "reply heap is full" for 60 s;
+/// then, with a uid's unread replies capped at half of it, another process of the
+/// attacker's uid got 429 "replies not yet read by uid 65534" while the attacker lived.)
 #[test]
-fn a_caller_that_never_reads_its_replies_holds_at_most_half_of_a_reply_heap() {
+fn a_caller_that_never_reads_its_replies_fills_only_its_own_channel_s_reply_heap() {
     let Some((bus, _)) = policed_bus() else {
         return;
     };
@@ -1155,18 +1158,24 @@ fn a_caller_that_never_reads_its_replies_holds_at_most_half_of_a_reply_heap() {
     };
     eprintln!("attacker: {r:?}");
     victim_big_calls(1, &mut out);
+    // A process of the attacker's uid, calling while the attacker hoards.
+    let same_uid = result_of(&run_attacker(bus.path(), "large-call", ""));
+    assert_eq!(
+        value(&same_uid, "call"),
+        "ok",
+        "the hoarder's unread replies held up another process of its uid: {same_uid:?}"
+    );
     // Killed, its unread replies are still not the victim's problem.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(attacker.id() as libc::pid_t, libc::SIGKILL) };
     let _ = attacker.wait();
     victim_big_calls(2, &mut out);
     assert!(
-        value(&r, "refusal").contains("not_yet_read_by_uid_65534"),
+        value(&r, "refusal").contains("not_yet_read_in_this_caller's_channel_fill"),
         "the attacker's further calls were not refused for its unread replies: {r:?}"
     );
-    // Its replies went with it: the instance freed them when the broker said its channel
-    // closed, so the next process of that uid gets the uid's share again at once (before,
-    // they were held for the 60 s unread-reply expiry and that uid's calls got 429).
+    // Its replies went with it (before the channels, they were held for the 60 s
+    // unread-reply expiry and that uid's calls got 429).
     let again = run_attacker(bus.path(), "large-call", "");
     let r = result_of(&again);
     assert_eq!(

@@ -93,8 +93,8 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
             );
             if len > 0 {
                 assert!(
-                    mapping_of(&reply).contains("memfd:aegis-own"),
-                    "the reply is not read in the instance's reply heap: {}",
+                    mapping_of(&reply).contains("memfd:aegis-reply-heap"),
+                    "the reply is not read in the channel's reply heap: {}",
                     mapping_of(&reply)
                 );
             }
@@ -123,8 +123,8 @@ fn a_loaned_request_and_a_loaned_reply_are_read_where_they_were_written() {
             "the instance maps the caller's heap writable: {req_at}"
         );
         assert!(
-            reply_at.contains("memfd:aegis-own"),
-            "the reply loan is not in the reply heap: {reply_at}"
+            reply_at.contains("memfd:aegis-reply-heap"),
+            "the reply loan is not in the channel's reply heap: {reply_at}"
         );
     }
 }
@@ -488,14 +488,15 @@ fn loaned_requests_are_pipelined_and_their_blocks_come_back() {
         s.spawn(|| serve_loaned(&inst, seen));
         let len = 3 << 20;
         for round in 0..4u8 {
-            // Four 3 MiB loans in flight per round (their replies, unread until waited
-            // for, stay within the 16 MiB a uid's unread replies may hold of the
-            // instance's reply heap); the ten loans at the end take 30 of the request
-            // heap's 32 MiB: a block not given back fails them.
+            // Eight 3 MiB loans in flight per round, their replies unread until waited for
+            // (24 MiB of the channel's 32 MiB reply heap: with one reply heap per
+            // instance, a uid's unread replies were capped at 16 MiB and this failed);
+            // the ten loans at the end take 30 of the request heap's 32 MiB: a block not
+            // given back fails them.
             let mut offsets = Vec::new();
-            let pending: Vec<_> = (0..4u8)
+            let pending: Vec<_> = (0..8u8)
                 .map(|k| {
-                    let seed = round * 4 + k;
+                    let seed = round * 8 + k;
                     let mut loan = client.loan("zc", len).unwrap();
                     for (i, x) in loan.iter_mut().enumerate() {
                         *x = pattern(seed, i);

@@ -117,7 +117,13 @@ struct ChannelRec {
     /// Its request heap, once the caller handed one over (`Request::ChannelHeap`): sealed
     /// against every writer but the caller, passed on to the instance.
     heap: Option<OwnedFd>,
-    /// Bytes of channel and heap (counted to the caller's uid).
+    /// Its reply heap, once the instance handed one over (`Request::ReplyHeap`): sealed
+    /// against every writer but the instance, passed on to the caller when it asks
+    /// (`Request::OpenReplyHeap`).
+    reply_heap: Option<OwnedFd>,
+    /// Whether the caller has been handed the reply heap.
+    reply_heap_fetched: bool,
+    /// Bytes of channel and heaps (counted to the caller's uid).
     size: u64,
 }
 
@@ -152,6 +158,10 @@ pub(crate) struct ClientRec {
     last_report: Option<std::time::Instant>,
     /// Its channel id to each instance `(index, incarnation)` it opened.
     channels: HashMap<(u32, u64), u64>,
+    /// Reply heaps of its channels that closed before it fetched them (the instance
+    /// answered, then left): kept, and counted to its quota, until it asks for them or
+    /// leaves, so a last large reply stays readable. Bytes each.
+    orphaned_reply_heaps: HashMap<u64, (OwnedFd, u64)>,
     /// Its mailboxes, of which each of its channels has a copy.
     mailboxes: ClientLayout,
 }
@@ -362,6 +372,7 @@ impl State {
             uid: peer.uid,
             size,
             channels: HashMap::new(),
+            orphaned_reply_heaps: HashMap::new(),
             mailboxes: cl,
         });
         (
@@ -880,6 +891,8 @@ impl State {
             req,
             rep,
             heap: None,
+            reply_heap: None,
+            reply_heap_fetched: false,
             size,
         };
         let handed = for_caller(&rec).map_err(|e| internal(e.to_string()))?;
@@ -924,7 +937,7 @@ impl State {
                 "seal the request heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
             ));
         }
-        let size = layout::RequestHeap::seg_size(2 * self.cfg.max_message) as u64;
+        let size = layout::ChannelHeap::seg_size(2 * self.cfg.max_message) as u64;
         if let Err(e) = sys::check_size_sealed(&fd, Some(size)) {
             return bad(format!("request heap: {e}"));
         }
@@ -955,6 +968,95 @@ impl State {
         }
         self.channels_changed(inst.0);
         (Response::Done, Vec::new())
+    }
+
+    /// The serving connection `conn` of channel `channel`'s instance hands over the
+    /// channel's reply heap: taken only once per channel, sealed against every other
+    /// writer and against resizing, twice the service's largest message, charged to the
+    /// channel's *caller's* uid (whose calls and unread replies fill it); kept for the
+    /// caller, who asks for it when it meets the first reply there (`open_reply_heap`).
+    pub fn reply_heap(&mut self, conn: ConnId, channel: u64, fd: Option<OwnedFd>) -> Reply {
+        let bad = |m: String| err(WireError::BadRequest(m));
+        let Some(fd) = fd else {
+            return bad("ReplyHeap carries the heap's descriptor".into());
+        };
+        let Some(rec) = self.channels.get(&channel) else {
+            return bad(format!("channel {channel} is not one of your instances'"));
+        };
+        let (caller, inst) = (rec.client, rec.instance);
+        let Some(r) = self.instances[inst.0 as usize]
+            .as_ref()
+            .filter(|r| r.incarnation == inst.1 && r.owners.contains(&conn))
+        else {
+            return bad(format!("channel {channel} is not one of your instances'"));
+        };
+        let heap_size = r.seg.layout.heap_size;
+        if rec.reply_heap.is_some() {
+            return bad(format!("channel {channel} has its reply heap already"));
+        }
+        if let Err(e) = sys::check_write_sealed(&fd) {
+            return bad(format!(
+                "seal the reply heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
+            ));
+        }
+        let size = layout::ChannelHeap::seg_size(heap_size) as u64;
+        if let Err(e) = sys::check_size_sealed(&fd, Some(size)) {
+            return bad(format!("reply heap: {e}"));
+        }
+        let uid = self.clients[caller.0 as usize]
+            .as_ref()
+            .filter(|c| c.gen == caller.1)
+            .map_or(u32::MAX, |c| c.uid);
+        if let Err(e) = self.shm_fits(uid, size) {
+            return err(e);
+        }
+        let rec = self.channels.get_mut(&channel).expect("checked above");
+        rec.reply_heap = Some(fd);
+        rec.size += size;
+        if let Some(c) = self.clients[caller.0 as usize]
+            .as_mut()
+            .filter(|c| c.gen == caller.1)
+        {
+            c.size += size;
+        }
+        (Response::Done, Vec::new())
+    }
+
+    /// The caller on connection `conn` asks for the reply heap of its channel `channel`.
+    pub fn open_reply_heap(&mut self, conn: ConnId, channel: u64) -> Reply {
+        let bad = |m: String| err(WireError::BadRequest(m));
+        let Some(caller) = self.client_of(conn) else {
+            return bad("OpenReplyHeap before Hello".into());
+        };
+        let Some(rec) = self
+            .channels
+            .get_mut(&channel)
+            .filter(|r| r.client == caller)
+        else {
+            // Closed since (its instance left): the heap, if kept for us, once.
+            let c = self.clients[caller.0 as usize]
+                .as_mut()
+                .expect("client_of found it");
+            return match c.orphaned_reply_heaps.remove(&channel) {
+                Some((fd, bytes)) => {
+                    c.size = c.size.saturating_sub(bytes);
+                    (Response::Opened, vec![fd])
+                }
+                None => bad(format!("channel {channel} is not one of yours")),
+            };
+        };
+        let Some(fd) = &rec.reply_heap else {
+            return bad(format!("channel {channel} has no reply heap"));
+        };
+        match fd.try_clone() {
+            Ok(fd) => {
+                rec.reply_heap_fetched = true;
+                (Response::Opened, vec![fd])
+            }
+            Err(e) => err(WireError::Internal(format!(
+                "duplicating a reply heap: {e}"
+            ))),
+        }
     }
 
     /// Tells instance `index`'s serving process that its channels changed: bumps and
@@ -1037,12 +1139,19 @@ impl State {
     /// Closes channel `id`: its serving connections are told, its memory is freed once
     /// both sides unmap it.
     fn close_channel(&mut self, id: u64) {
-        let Some(rec) = self.channels.remove(&id) else {
+        let Some(mut rec) = self.channels.remove(&id) else {
             return;
         };
         if let Some(c) = self.clients[rec.client.0 as usize].as_mut() {
             if c.gen == rec.client.1 && c.channels.remove(&rec.instance).is_some() {
                 c.size = c.size.saturating_sub(rec.size);
+                // A reply heap the caller has not fetched may hold a reply it has yet to
+                // read (its instance answered, then left): kept for it.
+                if let Some(fd) = rec.reply_heap.take().filter(|_| !rec.reply_heap_fetched) {
+                    let bytes = sys::file_size(&fd).unwrap_or(0);
+                    c.size += bytes;
+                    c.orphaned_reply_heaps.insert(id, (fd, bytes));
+                }
             }
         }
         if let Some(r) = self.instances[rec.instance.0 as usize]
@@ -1615,16 +1724,20 @@ mod tests {
             (Response::Error(WireError::BadRequest(m)), _) => assert!(m.contains(why), "{m}"),
             (r, _) => panic!("expected a refusal naming {why:?}, got {r:?}"),
         };
-        let total = layout::RequestHeap::seg_size(heap_size) as u64;
+        let total = layout::ChannelHeap::seg_size(heap_size) as u64;
         let unsealed = sys::memfd("aegis-heap", total).unwrap();
         sys::seal_size(&unsealed).unwrap();
         refused(
             st.channel_heap(3, id, Some(unsealed)),
             "F_SEAL_FUTURE_WRITE",
         );
-        let small = layout::RequestHeap::create(st.epoch, 4096, id).unwrap().0;
+        let small = layout::ChannelHeap::create(st.epoch, 4096, id, layout::HeapSide::Request)
+            .unwrap()
+            .0;
         refused(st.channel_heap(3, id, Some(small)), "bytes");
-        let (fd, _mine) = layout::RequestHeap::create(st.epoch, heap_size, id).unwrap();
+        let (fd, _mine) =
+            layout::ChannelHeap::create(st.epoch, heap_size, id, layout::HeapSide::Request)
+                .unwrap();
         refused(
             st.channel_heap(SERVER, id, Some(fd.try_clone().unwrap())),
             "not one of yours",
@@ -1652,12 +1765,69 @@ mod tests {
             ) => {
                 assert!(channels.is_empty());
                 assert_eq!((heaps, fds.len()), (vec![id], 1));
-                assert!(layout::RequestHeap::open(&fds[0], st.epoch, id).is_ok());
+                assert!(layout::ChannelHeap::open(
+                    &fds[0],
+                    st.epoch,
+                    id,
+                    layout::HeapSide::Request
+                )
+                .is_ok());
             }
             (r, _) => panic!("{r:?}"),
         }
         match st.channels_request(SERVER) {
             (Response::Channels { heaps, .. }, _) => assert!(heaps.is_empty()),
+            (r, _) => panic!("{r:?}"),
+        }
+        // Its reply heap: handed over only by a serving connection of the channel's
+        // instance, sealed, of the service's heap size, once; charged to the caller, and
+        // handed to the caller alone.
+        let reply_size = st.instances[index as usize]
+            .as_ref()
+            .unwrap()
+            .seg
+            .layout
+            .heap_size;
+        let reply_total = layout::ChannelHeap::seg_size(reply_size) as u64;
+        let open_refused = |r: Reply, why: &str| refused(r, why);
+        open_refused(st.open_reply_heap(3, id), "has no reply heap");
+        let (rfd, _theirs) =
+            layout::ChannelHeap::create(st.epoch, reply_size, id, layout::HeapSide::Reply).unwrap();
+        refused(
+            st.reply_heap(3, id, Some(rfd.try_clone().unwrap())),
+            "not one of your instances'",
+        );
+        refused(st.reply_heap(SERVER, id + 1000, None), "descriptor");
+        refused(
+            st.reply_heap(SERVER, id + 1000, Some(rfd.try_clone().unwrap())),
+            "not one of your instances'",
+        );
+        let unsealed = sys::memfd("aegis-reply-heap", reply_total).unwrap();
+        sys::seal_size(&unsealed).unwrap();
+        refused(
+            st.reply_heap(SERVER, id, Some(unsealed)),
+            "F_SEAL_FUTURE_WRITE",
+        );
+        let other =
+            layout::ChannelHeap::create(st.epoch, reply_size + 8192, id, layout::HeapSide::Reply)
+                .unwrap()
+                .0;
+        refused(st.reply_heap(SERVER, id, Some(other)), "bytes");
+        let before = held(&st);
+        assert!(matches!(
+            st.reply_heap(SERVER, id, Some(rfd.try_clone().unwrap())),
+            (Response::Done, _)
+        ));
+        assert_eq!(held(&st), before + reply_total, "charged to the caller");
+        refused(st.reply_heap(SERVER, id, Some(rfd)), "already");
+        open_refused(st.open_reply_heap(SERVER, id), "not one of yours");
+        match st.open_reply_heap(3, id) {
+            (Response::Opened, fds) => {
+                assert_eq!(fds.len(), 1);
+                let h = layout::ChannelHeap::open(&fds[0], st.epoch, id, layout::HeapSide::Reply)
+                    .unwrap();
+                assert_eq!(h.size, reply_size);
+            }
             (r, _) => panic!("{r:?}"),
         }
         // When it leaves, its closing is told.
@@ -1668,6 +1838,59 @@ mod tests {
                 assert_eq!(gone.len(), 1);
             }
             (r, _) => panic!("{r:?}"),
+        }
+    }
+
+    /// An instance that answers through a new reply heap and then leaves closes the
+    /// channel before its caller fetched the heap: the broker keeps it for the caller
+    /// (counted to its quota) and hands it over once, so the last large reply is read.
+    #[test]
+    fn a_reply_heap_outlives_its_channel_until_its_caller_fetched_it() {
+        let (mut st, peer, (index, incarnation)) = serving_state("8");
+        welcome(st.hello(3, peer, 1, None, 3));
+        let held = |st: &State| {
+            let c = st.client_of(3).unwrap();
+            st.clients[c.0 as usize].as_ref().unwrap().size
+        };
+        let base = held(&st);
+        assert!(matches!(
+            st.open_instance(3, peer, index, incarnation),
+            (Response::OpenedInstances(_), _)
+        ));
+        let id = match st.channels_request(SERVER) {
+            (Response::Channels { channels, .. }, _) => channels[0].id,
+            (r, _) => panic!("{r:?}"),
+        };
+        let size = st.instances[index as usize]
+            .as_ref()
+            .unwrap()
+            .seg
+            .layout
+            .heap_size;
+        let (fd, _mine) =
+            layout::ChannelHeap::create(st.epoch, size, id, layout::HeapSide::Reply).unwrap();
+        assert!(matches!(
+            st.reply_heap(SERVER, id, Some(fd)),
+            (Response::Done, _)
+        ));
+        // The instance answers, then leaves: its channels close.
+        st.disconnect(SERVER);
+        assert!(!st.channels.contains_key(&id));
+        let total = layout::ChannelHeap::seg_size(size) as u64;
+        assert_eq!(held(&st), base + total, "the kept heap is still counted");
+        match st.open_reply_heap(3, id) {
+            (Response::Opened, fds) => {
+                assert_eq!(fds.len(), 1);
+                layout::ChannelHeap::open(&fds[0], st.epoch, id, layout::HeapSide::Reply).unwrap();
+            }
+            (r, _) => panic!("{r:?}"),
+        }
+        assert_eq!(held(&st), base);
+        match st.open_reply_heap(3, id) {
+            (Response::Error(WireError::BadRequest(m)), _) => {
+                assert!(m.contains("not one of yours"), "{m}")
+            }
+            (r, _) => panic!("handed twice: {r:?}"),
         }
     }
 
@@ -1720,7 +1943,8 @@ mod tests {
         // Every caller hands over its channel's heap.
         let size = 2 * st.cfg.max_message;
         for (&conn, &id) in callers.iter().zip(&ids) {
-            let (fd, _) = layout::RequestHeap::create(st.epoch, size, id).unwrap();
+            let (fd, _) =
+                layout::ChannelHeap::create(st.epoch, size, id, layout::HeapSide::Request).unwrap();
             assert!(matches!(
                 st.channel_heap(conn, id, Some(fd)),
                 (Response::Done, _)

@@ -124,10 +124,16 @@ pub fn segment_open(data: &[u8]) {
             }
             SegmentKind::InstanceOwn => unreachable!("opened below, sealed read-only"),
             SegmentKind::Heap => {
-                // As an instance opens it (read-only, once sealed against writers).
+                // As its reader opens it (read-only, once sealed against writers): an
+                // instance a request heap, a caller a reply heap.
                 let _ = sys::seal_read_only(&fd);
+                let side = if h.params[2] == 1 {
+                    crate::shm::layout::HeapSide::Reply
+                } else {
+                    crate::shm::layout::HeapSide::Request
+                };
                 if let Ok(heap) =
-                    crate::shm::layout::RequestHeap::open(&fd, h.bus_epoch, h.params[1])
+                    crate::shm::layout::ChannelHeap::open(&fd, h.bus_epoch, h.params[1], side)
                 {
                     let _ = heap.range(u64::MAX - 1, 2);
                     let _ = heap.range(0, heap.size);

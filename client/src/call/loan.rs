@@ -12,10 +12,11 @@
 //!   it once the instance has answered (it is then done reading), or hands it to the
 //!   quarantined mailbox of an attempt that was taken and not answered (freed when the late
 //!   reply lands or its taker exits, as for a copied request);
-//! * a borrowed reply keeps its mailbox, and so the instance's reply heap block, until it
-//!   drops. An instance reuses an unread reply's block after its unread-reply expiry
-//!   (60 s): a guard held longer may see another call's bytes ([`BorrowedReply::is_intact`]
-//!   says so).
+//! * a borrowed reply keeps its mailbox, and so its block of the channel's reply heap,
+//!   until it drops. Only in the instance's shared reply heap (a channel made by a
+//!   previous broker, see `docs/isolation.md`) is an unread reply's block reused after the
+//!   unread-reply expiry (60 s): a guard held longer there may see another call's bytes
+//!   ([`BorrowedReply::is_intact`] says so).
 
 use std::sync::Arc;
 
@@ -244,10 +245,11 @@ unsafe impl Sync for BorrowedReply {}
 impl BorrowedReply {
     /// The reply's bytes.
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` bytes checked against the mailbox or the instance's heap when the
-        // reply was found ready, in mappings this guard keeps; the instance does not reuse
-        // them until the guard releases the mailbox (or its unread-reply expiry passes: the
-        // bytes may then change, but stay in bounds).
+        // SAFETY: `len` bytes checked against the mailbox or the reply heap (the channel's,
+        // or the instance's shared one) when the reply was found ready, in mappings this
+        // guard keeps (`kept.sent.chan`, `kept.seg`); the instance does not reuse them
+        // until the guard releases the mailbox (in the shared heap, or until its
+        // unread-reply expiry passes: the bytes may then change, but stay in bounds).
         unsafe { std::slice::from_raw_parts(self.kept.ptr, self.kept.len) }
     }
 
@@ -261,9 +263,10 @@ impl BorrowedReply {
         self.bus.instance_name(self.info.instance)
     }
 
-    /// Whether the reply's bytes are still this call's: false only once the guard has been
-    /// held past the instance's unread-reply expiry (60 s) and the instance reused its
-    /// block for another reply. Check it after reading to trust what was read.
+    /// Whether the reply's bytes are still this call's: false only for a reply in the
+    /// instance's shared reply heap (a channel made by a previous broker) whose guard was
+    /// held past the unread-reply expiry (60 s) and whose block the instance reused for
+    /// another reply. Check it after reading to trust what was read.
     pub fn is_intact(&self) -> bool {
         // An inline reply (in our own mailbox, which nobody reuses while we hold it) has no
         // tag, and passes.

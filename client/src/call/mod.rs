@@ -30,8 +30,8 @@ use crate::session::breaker;
 use crate::session::bus::{Bus, BusInner, CallInfo, Selection, Session};
 use crate::session::proto::{Request, Response};
 use crate::shm::layout::{
-    ChannelSeg, InstanceSeg, Mb, MsgHeader, RegistryView, ServiceEntry, Status, PAYLOAD_HEAP,
-    PAYLOAD_INLINE,
+    ChannelSeg, InstanceSeg, Mb, MsgHeader, RegistryView, ServiceEntry, Status,
+    PAYLOAD_CHANNEL_HEAP, PAYLOAD_HEAP, PAYLOAD_INLINE,
 };
 use crate::shm::sync::Ordering;
 use crate::trace::TraceContext;
@@ -944,9 +944,13 @@ impl BusInner {
                 "a channel made by a previous broker gets no request heap".into(),
             ));
         }
-        let (fd, heap) =
-            crate::shm::layout::RequestHeap::create(chan.epoch, 2 * sess.max_message, chan.id)
-                .map_err(|e| Error::Protocol(format!("making a request heap: {e}")))?;
+        let (fd, heap) = crate::shm::layout::ChannelHeap::create(
+            chan.epoch,
+            2 * sess.max_message,
+            chan.id,
+            crate::shm::layout::HeapSide::Request,
+        )
+        .map_err(|e| Error::Protocol(format!("making a request heap: {e}")))?;
         use std::os::fd::AsFd;
         match self
             .control
@@ -961,6 +965,33 @@ impl BusInner {
             }
         }
         let _ = chan.heap.set(heap);
+        Ok(())
+    }
+
+    /// Maps `chan`'s reply heap (the first reply there that did not fit the mailbox): the
+    /// broker hands over what the instance gave it, checked sealed against every writer but
+    /// the instance.
+    fn open_reply_heap(&self, chan: &ChannelSeg) -> Result<()> {
+        let _one_maker = self.heap_maker.lock();
+        if chan.reply_heap.get().is_some() {
+            return Ok(());
+        }
+        let (resp, mut fds) = self
+            .control
+            .lock()
+            .request(&Request::OpenReplyHeap { channel: chan.id })?;
+        let (Response::Opened, Some(fd)) = (&resp, fds.pop()) else {
+            return Err(Error::Protocol(format!(
+                "OpenReplyHeap: expected Opened and a descriptor, got {resp:?}"
+            )));
+        };
+        let heap = crate::shm::layout::ChannelHeap::open(
+            &fd,
+            chan.epoch,
+            chan.id,
+            crate::shm::layout::HeapSide::Reply,
+        )?;
+        let _ = chan.reply_heap.set(heap);
         Ok(())
     }
 
@@ -1514,15 +1545,20 @@ impl BusInner {
                     .filter(|_| off % HEAP_TAG == 0)
                     .and_then(|l| seg.heap_range(off, l))
                     .ok_or_else(|| bad(format!("heap range {off}+{len} outside the heap")))?;
-                // SAFETY: `block` is at least HEAP_TAG bytes inside the mapping, 8-aligned
-                // (the heap starts on a page and `off` is a multiple of 8); an AtomicU64 is
-                // valid for any bits; the mapping lives as long as `seg`.
-                let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
-                // SAFETY: `block + HEAP_TAG` is inside the same checked range.
-                (
-                    unsafe { block.add(HEAP_TAG as usize) } as *const u8,
-                    Some(tag),
-                )
+                tagged(block)
+            }
+            PAYLOAD_CHANNEL_HEAP => {
+                if sent.chan.reply_heap.get().is_none() {
+                    self.open_reply_heap(&sent.chan)
+                        .map_err(|e| bad(format!("its reply heap: {e}")))?;
+                }
+                let off = mb.heap_off.load(Ordering::Relaxed);
+                let block = len
+                    .checked_add(HEAP_TAG)
+                    .filter(|_| off % HEAP_TAG == 0)
+                    .and_then(|l| sent.chan.reply_heap_range(off, l))
+                    .ok_or_else(|| bad(format!("reply heap range {off}+{len} outside the heap")))?;
+                tagged(block)
             }
             k => return Err(bad(format!("unknown reply kind {k}"))),
         };
@@ -1571,6 +1607,21 @@ impl BusInner {
         }
         Ok((at.src, at.len))
     }
+}
+
+/// A heap reply's block (at least [`HEAP_TAG`] bytes, bounds-checked, 8-aligned, in a
+/// mapping that outlives the reply's use): its tag and where its bytes start.
+fn tagged<'a>(block: *mut u8) -> (*const u8, Option<&'a crate::shm::sync::AtomicU64>) {
+    // SAFETY: `block` is at least HEAP_TAG bytes inside a mapping, 8-aligned (the heap
+    // starts on a page and the offset is a multiple of 8); an AtomicU64 is valid for any
+    // bits; the mapping (the instance segment's, or the channel's reply heap) lives as long
+    // as the `Sent` or segment the caller borrows it through.
+    let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
+    // SAFETY: `block + HEAP_TAG` is inside the same checked range.
+    (
+        unsafe { block.add(HEAP_TAG as usize) } as *const u8,
+        Some(tag),
+    )
 }
 
 /// A ready reply's place, found by [`BusInner::locate_reply`].

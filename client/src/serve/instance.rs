@@ -25,7 +25,9 @@ use crate::session::proto::{
     BulkOptions, BulkReport, Heartbeat, Request as Ctl, ResourceSpec, Response, ServiceConfig,
 };
 use crate::shm::heap::HeapAlloc;
-use crate::shm::layout::{InstanceSeg, Mb, MsgHeader, MAX_METHOD, PAYLOAD_HEAP, PAYLOAD_INLINE};
+use crate::shm::layout::{
+    InstanceSeg, Mb, MsgHeader, MAX_METHOD, PAYLOAD_CHANNEL_HEAP, PAYLOAD_HEAP, PAYLOAD_INLINE,
+};
 use crate::shm::sync::Ordering;
 use crate::trace::TraceContext;
 use crate::CallContext;
@@ -70,9 +72,14 @@ pub(crate) struct InstanceInner {
     incarnation: AtomicU64,
     /// What registration carried, to register again after a broker restart.
     reg: RegisterOptions,
+    /// The shared reply heap's allocator: only for channels that could not get a reply
+    /// heap of their own (made by a previous broker, or the broker away).
     heap: HeapAlloc,
-    /// Replies sent through the heap, freed once their caller has read them.
+    /// Replies sent through a heap, freed once their caller has read them.
     pending: Mutex<Vec<PendingReply>>,
+    /// Held while making a channel's reply heap (serving threads may meet the same
+    /// channel's first large reply at once).
+    reply_heap_maker: Mutex<()>,
     max_message: u64,
     spin: Mutex<Spin>,
     heartbeat: Heartbeat,
@@ -86,9 +93,29 @@ struct PendingReply {
     chan: Arc<Chan>,
     mailbox: u32,
     gen: u32,
+    /// The block: in `chan`'s reply heap, or in the shared one.
+    block: Block,
+    sent: Instant,
+}
+
+/// A block of reply memory: `len` bytes at `off` of the channel's own reply heap
+/// (`in_channel`), or of the instance's shared one.
+#[derive(Clone, Copy)]
+struct Block {
+    in_channel: bool,
     off: u64,
     len: u64,
-    sent: Instant,
+}
+
+impl Block {
+    /// The mailbox's reply kind for a reply in this block.
+    fn kind(&self) -> u8 {
+        if self.in_channel {
+            PAYLOAD_CHANNEL_HEAP
+        } else {
+            PAYLOAD_HEAP
+        }
+    }
 }
 
 /// Instances this process holds a live handle of: (bus directory, service, instance id).
@@ -135,6 +162,7 @@ impl Instance {
             reg: opts.clone(),
             heap,
             pending: Mutex::new(Vec::new()),
+            reply_heap_maker: Mutex::new(()),
             max_message,
             spin: Mutex::new(opts.spin),
             heartbeat: opts.heartbeat,
@@ -597,11 +625,11 @@ impl InstanceInner {
             (PAYLOAD_INLINE, 0)
         } else {
             match self.reply_block(&d, data.len()) {
-                Ok((off, block_len, dst)) => {
+                Ok((block, dst)) => {
                     // SAFETY: `dst` is `data.len()` bytes of the block allocated to this reply.
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
-                    self.hold_until_read(&d, off, block_len);
-                    (PAYLOAD_HEAP, off)
+                    self.hold_until_read(&d, block);
+                    (block.kind(), block.off)
                 }
                 Err(why) => {
                     refused = why;
@@ -626,9 +654,18 @@ impl InstanceInner {
             tracing::debug!(service = %self.service, trace_id = d.trace_id, "reply dropped: mailbox no longer ours");
             return; // the loan frees its block
         }
-        let loan = std::mem::ManuallyDrop::new(loan);
-        self.hold_until_read(&d, loan.off, loan.block_len);
-        self.publish(&d, mb, 0, PAYLOAD_HEAP, loan.off, loan.len as u64);
+        let mut loan = loan;
+        // The block is the reply's now: freed once its caller has read it.
+        loan.sent = true;
+        self.hold_until_read(&d, loan.block);
+        self.publish(
+            &d,
+            mb,
+            0,
+            loan.block.kind(),
+            loan.block.off,
+            loan.len as u64,
+        );
     }
 
     /// Fills in the reply's place in the caller's mailbox, counts it, wakes the caller
@@ -659,11 +696,11 @@ impl InstanceInner {
         }
     }
 
-    /// A block of `len` bytes of the reply heap for a reply to a caller of `uid`, or why
-    /// there is none. The replies a uid has not read yet may hold one maximum-size reply's
-    /// worth (half the heap): a caller that never reads its replies takes its own uid's
-    /// share, never the heap the other uids' replies need.
-    fn alloc_reply(&self, uid: u32, len: u64) -> std::result::Result<u64, String> {
+    /// A block of `len` bytes of the shared reply heap for a reply to a caller of `uid`,
+    /// or why there is none. The replies a uid has not read yet may hold one
+    /// maximum-size reply's worth (half the heap): a caller that never reads its replies
+    /// takes its own uid's share, never the heap the other uids' replies need.
+    fn alloc_shared(&self, uid: u32, len: u64) -> std::result::Result<u64, String> {
         let round = |n: u64| n.div_ceil(64) * 64;
         let share = round(self.max_message + crate::call::HEAP_TAG);
         let held = self.sweep_pending(uid);
@@ -677,65 +714,163 @@ impl InstanceInner {
             .ok_or_else(|| "instance reply heap is full; retry".to_owned())
     }
 
-    /// Frees heap blocks whose replies their callers have read (or abandoned for a newer
+    /// A block of `len` bytes of channel `chan`'s own reply heap (made the first time it
+    /// is needed), or why there is none: `Ok(None)` if the channel cannot have one (made
+    /// by a previous broker, or the broker is away): the shared heap then serves.
+    fn alloc_in_channel(&self, chan: &Chan, len: u64) -> std::result::Result<Option<u64>, String> {
+        if !self.channel_reply_heap(chan)? {
+            return Ok(None);
+        }
+        if let Some((off, _)) = chan.seg.reply_heap_alloc(len) {
+            return Ok(Some(off));
+        }
+        // Blocks of replies read since the last look come back first.
+        self.sweep_pending(u32::MAX);
+        match chan.seg.reply_heap_alloc(len) {
+            Some((off, _)) => Ok(Some(off)),
+            None => Err(format!(
+                "the replies not yet read in this caller's channel fill its {}-byte reply heap; read them, or retry later",
+                chan.seg.reply_heap.get().map_or(0, |h| h.size)
+            )),
+        }
+    }
+
+    /// Whether `chan` has its own reply heap, making it (and handing it to the broker for
+    /// the caller) if it has none yet. `Ok(false)`: it cannot have one now (made by a
+    /// previous broker, which alone could have passed it on; or the broker is away).
+    /// `Err`: the broker refused it (the caller's uid is over its shared-memory quota).
+    fn channel_reply_heap(&self, chan: &Chan) -> std::result::Result<bool, String> {
+        if chan.seg.reply_heap.get().is_some() {
+            return Ok(true);
+        }
+        let _one_maker = self.reply_heap_maker.lock();
+        if chan.seg.reply_heap.get().is_some() {
+            return Ok(true);
+        }
+        let inner = &self.bus.inner;
+        if chan.seg.epoch != inner.session().epoch {
+            return Ok(false);
+        }
+        let made = crate::shm::layout::ChannelHeap::create(
+            chan.seg.epoch,
+            self.seg.layout.heap_size,
+            chan.seg.id,
+            crate::shm::layout::HeapSide::Reply,
+        );
+        let (fd, heap) = match made {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(service = %self.service, "making a reply heap: {e}");
+                return Ok(false);
+            }
+        };
+        use std::os::fd::AsFd;
+        let asked = inner.control.lock().request_with_fds(
+            &crate::session::proto::Request::ReplyHeap {
+                channel: chan.seg.id,
+            },
+            &[fd.as_fd()],
+        );
+        match asked {
+            Ok((crate::session::proto::Response::Done, _)) => {
+                let _ = chan.seg.reply_heap.set(heap);
+                Ok(true)
+            }
+            Ok((other, _)) => {
+                tracing::warn!(service = %self.service, "ReplyHeap: expected Done, got {other:?}");
+                Ok(false)
+            }
+            Err(Error::LimitExceeded(m)) => Err(m),
+            Err(e) => {
+                // The broker is away, or restarted meanwhile (the channel is then a
+                // previous broker's): the shared heap serves.
+                tracing::debug!(service = %self.service, "handing over a reply heap: {e}");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Frees reply blocks whose replies their callers have read (or abandoned for a newer
     /// call, or left unread in a channel that closed), and returns the bytes (in the
-    /// allocator's 64-byte units) that the replies still unread by callers of `uid` hold.
+    /// allocator's 64-byte units) that the replies still unread by callers of `uid` hold
+    /// in the shared heap. A block of a channel's own heap waits for its caller however
+    /// long it takes (it holds nobody else's memory); one of the shared heap at most
+    /// [`UNREAD_REPLY_EXPIRY`].
     fn sweep_pending(&self, uid: u32) -> u64 {
         let mut held = 0;
         self.pending.lock().retain(|p| {
             // A closed channel's caller is gone: nobody reads its replies any more.
-            let unread = p.sent.elapsed() < UNREAD_REPLY_EXPIRY
+            let unread = (p.block.in_channel || p.sent.elapsed() < UNREAD_REPLY_EXPIRY)
                 && !p.chan.is_closed()
                 && p.chan
                     .seg
                     .mailbox(p.mailbox)
                     .is_some_and(|(mb, _)| mailbox::still_unread(mb, p.gen));
             if !unread {
-                self.heap.free(p.off, p.len);
-            } else if p.chan.client.uid == uid {
-                held += p.len.div_ceil(64) * 64;
+                self.free_block(&p.chan, p.block);
+            } else if !p.block.in_channel && p.chan.client.uid == uid {
+                held += p.block.len.div_ceil(64) * 64;
             }
             unread
         });
         held
     }
 
-    /// A block of the reply heap for `len` bytes of a reply to `d`, its tag (the call's
-    /// nonce) written first: `(offset, block length, where the bytes go)`, or why there is
-    /// none. A caller copying a reply out of a block since reused for another call
-    /// notices by the tag (`call::read_reply`).
+    fn free_block(&self, chan: &Chan, b: Block) {
+        if b.in_channel {
+            chan.seg.reply_heap_free(b.off, b.len);
+        } else {
+            self.heap.free(b.off, b.len);
+        }
+    }
+
+    /// A block of reply memory for `len` bytes of a reply to `d` (in its channel's own
+    /// reply heap, or where it cannot have one the shared heap), its tag (the call's nonce)
+    /// written first: the block and where the bytes go, or why there is none. A caller
+    /// copying a reply out of a shared block since reused for another call notices by the
+    /// tag (`call::read_reply`).
     fn reply_block(
         &self,
         d: &Delivery,
         len: usize,
-    ) -> std::result::Result<(u64, u64, *mut u8), String> {
+    ) -> std::result::Result<(Block, *mut u8), String> {
         let block_len = len as u64 + crate::call::HEAP_TAG;
-        let off = self.alloc_reply(d.chan.client.uid, block_len)?;
-        let block = self
-            .seg
-            .heap_range(off, block_len)
-            .expect("allocator stays in the heap");
-        // SAFETY: `block` is `block_len` bytes of our heap, allocated to this reply,
+        let block = match self.alloc_in_channel(&d.chan, block_len)? {
+            Some(off) => Block {
+                in_channel: true,
+                off,
+                len: block_len,
+            },
+            None => Block {
+                in_channel: false,
+                off: self.alloc_shared(d.chan.client.uid, block_len)?,
+                len: block_len,
+            },
+        };
+        let at = if block.in_channel {
+            d.chan.seg.reply_heap_range(block.off, block_len)
+        } else {
+            self.seg.heap_range(block.off, block_len)
+        };
+        let at = at.expect("allocator stays in the heap");
+        // SAFETY: `at` is `block_len` bytes of a heap we write, allocated to this reply,
         // 64-aligned (the allocator's unit, on a page-aligned heap).
-        let tag = unsafe { &*(block as *const crate::shm::sync::AtomicU64) };
+        let tag = unsafe { &*(at as *const crate::shm::sync::AtomicU64) };
         tag.store(d.nonce, Ordering::Relaxed);
         // SYNC POINT: the tag before the bytes: pairs with the caller's Acquire fence after
         // its copy.
         crate::shm::sync::fence(Ordering::Release);
         // SAFETY: the bytes after the tag, inside the same allocated block.
-        Ok((off, block_len, unsafe {
-            block.add(crate::call::HEAP_TAG as usize)
-        }))
+        Ok((block, unsafe { at.add(crate::call::HEAP_TAG as usize) }))
     }
 
-    /// Keeps heap block `(off, len)` of a reply to `d` until its caller has read it.
-    fn hold_until_read(&self, d: &Delivery, off: u64, len: u64) {
+    /// Keeps reply `block` of a reply to `d` until its caller has read it.
+    fn hold_until_read(&self, d: &Delivery, block: Block) {
         self.pending.lock().push(PendingReply {
             chan: d.chan.clone(),
             mailbox: d.mailbox,
             gen: d.gen,
-            off,
-            len,
+            block,
             sent: Instant::now(),
         });
     }
@@ -1045,11 +1180,13 @@ impl<'r> Request<'r> {
             });
         }
         // Tagged before the handler writes, as a copied reply's block is.
-        let (off, block_len, ptr) = inst.reply_block(d, len).map_err(Error::LimitExceeded)?;
+        let (block, ptr) = inst.reply_block(d, len).map_err(Error::LimitExceeded)?;
         Ok(ReplyLoan {
             inst,
-            off,
-            block_len,
+            chan: d.chan.clone(),
+            block,
+            sent: false,
+            off: block.off,
             len,
             ptr,
             nonce: d.nonce,
@@ -1088,9 +1225,13 @@ impl<'r> Request<'r> {
 /// place, then send it with [`Request::reply_loan`].
 pub struct ReplyLoan<'r> {
     inst: &'r InstanceInner,
-    /// The block (tag, then bytes) in the reply heap.
+    /// The channel of the call it answers, and the block (tag, then bytes) in its reply
+    /// heap (or the shared one).
+    chan: Arc<Chan>,
+    block: Block,
+    /// Sent as the reply: the block is no longer the loan's to free.
+    sent: bool,
     off: u64,
-    block_len: u64,
     len: usize,
     ptr: *mut u8,
     /// The call it answers.
@@ -1101,7 +1242,9 @@ crate::call::loan::loaned_buffer!(ReplyLoan<'_>, "ReplyLoan");
 
 impl Drop for ReplyLoan<'_> {
     fn drop(&mut self) {
-        self.inst.heap.free(self.off, self.block_len);
+        if !self.sent {
+            self.inst.free_block(&self.chan, self.block);
+        }
     }
 }
 

@@ -996,7 +996,7 @@ impl BusInner {
                 let Some(chan) = regs.iter().find_map(|r| r.channels().find(id, epoch)) else {
                     continue;
                 };
-                match layout::RequestHeap::open(fd, epoch, id) {
+                match layout::ChannelHeap::open(fd, epoch, id, layout::HeapSide::Request) {
                     Ok(h) => drop(chan.seg.heap.set(h)),
                     Err(e) => {
                         tracing::warn!(channel = id, "a request heap could not be mapped: {e}")

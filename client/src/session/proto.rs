@@ -16,7 +16,7 @@ use crate::error::{code, Error, WireError};
 use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
@@ -80,6 +80,19 @@ pub enum Request {
     /// memfd it made, mapped and sealed `F_SEAL_FUTURE_WRITE`), the first time it needs
     /// one there; the broker checks the seals and size and passes it to the instance.
     ChannelHeap {
+        channel: u64,
+    },
+    /// An instance's serving connection hands over the reply heap of channel `channel` of
+    /// one of its instances (one descriptor: a memfd it made, mapped and sealed
+    /// `F_SEAL_FUTURE_WRITE`), the first time it answers there with more than a mailbox
+    /// holds; the broker checks the seals and size, charges it to the channel's caller's
+    /// uid, and keeps it for the caller (`OpenReplyHeap`).
+    ReplyHeap {
+        channel: u64,
+    },
+    /// A caller asks for the reply heap of its channel `channel` (it met a reply there):
+    /// `Opened` with the one descriptor.
+    OpenReplyHeap {
         channel: u64,
     },
     /// After a broker restart: the instances (index, incarnation) this client had opened,

@@ -27,7 +27,7 @@
 //! the call went to. Only the places a caller uses are ever touched (a serial caller
 //! cycles through 16), so a channel costs its untouched mailboxes' address space, not
 //! their memory. Its requests too large for a slot, and its loans, lie in its
-//! [`RequestHeap`], a segment of its own that only the caller writes.
+//! [`ChannelHeap`], a segment of its own that only the caller writes.
 
 use std::mem::size_of;
 use std::os::fd::OwnedFd;
@@ -81,7 +81,10 @@ pub struct ChannelSeg {
     seen_taken_up: std::sync::atomic::AtomicBool,
     /// Its request heap, once its caller needed one: mapped by the caller (writable, with
     /// the allocator) and the instance (read-only); the broker does not map it.
-    pub heap: std::sync::OnceLock<RequestHeap>,
+    pub heap: std::sync::OnceLock<ChannelHeap>,
+    /// Its reply heap, once its instance needed one: mapped by the instance (writable,
+    /// with the allocator) and the caller (read-only); the broker does not map it.
+    pub reply_heap: std::sync::OnceLock<ChannelHeap>,
 }
 
 impl ChannelSeg {
@@ -267,6 +270,7 @@ impl ChannelSeg {
             epoch,
             seen_taken_up: std::sync::atomic::AtomicBool::new(false),
             heap: std::sync::OnceLock::new(),
+            reply_heap: std::sync::OnceLock::new(),
         })
     }
 
@@ -296,6 +300,29 @@ impl ChannelSeg {
     /// `len` bytes at `off` of the request heap, or `None` outside it (or without one).
     pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
         self.heap.get()?.range(off, len)
+    }
+
+    /// A block of `len` bytes of the reply heap (its instance only): its offset and
+    /// where it is mapped, or `None` when the heap has no room (or there is none).
+    pub fn reply_heap_alloc(&self, len: u64) -> Option<(u64, *mut u8)> {
+        let heap = self.reply_heap.get()?;
+        let off = heap.alloc.as_ref()?.alloc(len)?;
+        let ptr = heap
+            .range(off, len)
+            .expect("the allocator stays inside the heap");
+        Some((off, ptr))
+    }
+
+    /// Gives reply heap block `(off, len)` back (its instance only).
+    pub fn reply_heap_free(&self, off: u64, len: u64) {
+        if let Some(a) = self.reply_heap.get().and_then(|h| h.alloc.as_ref()) {
+            a.free(off, len);
+        }
+    }
+
+    /// `len` bytes at `off` of the reply heap, or `None` outside it (or without one).
+    pub fn reply_heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
+        self.reply_heap.get()?.range(off, len)
     }
 
     /// Mailbox `i` (both halves) and its inline reply area (on the reply side), or `None`
@@ -368,37 +395,63 @@ impl ChannelSeg {
     }
 }
 
-/// A channel's request heap: its caller's requests too large for a ring slot, and its
-/// loans ([`crate::Bus::loan`]). A segment of its own (`memfd:aegis-heap`), made by the
-/// caller the first time it needs one in that channel: it maps it writable and seals it
-/// `F_SEAL_FUTURE_WRITE` before handing it to the broker (`Request::ChannelHeap`), which
-/// checks the seal and passes it to the channel's instance and to no one else. So what a
-/// caller sends one instance no other instance can read, and no one but the caller can
-/// write.
-pub struct RequestHeap {
+/// Which party of a channel writes a [`ChannelHeap`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeapSide {
+    /// The caller's requests and loans, read by the instance.
+    Request = 0,
+    /// The instance's replies and reply loans, read by the caller.
+    Reply = 1,
+}
+
+/// A heap of one channel, written by one of its two parties and read by the other. Its
+/// **request heap** holds the caller's requests too large for a ring slot, and its loans
+/// ([`crate::Bus::loan`]); its **reply heap** the instance's replies too large for a
+/// mailbox, and its reply loans ([`crate::Request::loan_reply`]). A segment of its own
+/// (`memfd:aegis-heap`, `memfd:aegis-reply-heap`), made by its writer the first time it
+/// needs one in that channel: it maps it writable and seals it `F_SEAL_FUTURE_WRITE`
+/// before handing it to the broker (`Request::ChannelHeap`, `Request::ReplyHeap`), which
+/// checks the seal and passes it to the channel's other party and to no one else. So what
+/// a caller sends one instance, and what that instance answers it, no other process can
+/// read, and no one but its writer can write.
+pub struct ChannelHeap {
     pub map: Mapping,
     /// Bytes of heap (after the header page).
     pub size: u64,
-    /// The caller's allocator of blocks (`None` in the instance).
+    /// The writer's allocator of blocks (`None` in the reader).
     pub alloc: Option<HeapAlloc>,
 }
 
-impl RequestHeap {
+impl ChannelHeap {
     /// Bytes of the segment of a heap of `size` bytes (a header page first).
     pub fn seg_size(size: u64) -> usize {
         PAGE + round_up(size as usize, PAGE)
     }
 
-    /// Makes channel `channel`'s request heap of `size` bytes (its caller): header written,
-    /// mapped writable here, then sealed against resizing and against any other writer.
-    pub fn create(epoch: u64, size: u64, channel: u64) -> io::Result<(OwnedFd, RequestHeap)> {
+    /// Makes channel `channel`'s heap of `size` bytes on `side` (its writer): header
+    /// written, mapped writable here, then sealed against resizing and any other writer.
+    pub fn create(
+        epoch: u64,
+        size: u64,
+        channel: u64,
+        side: HeapSide,
+    ) -> io::Result<(OwnedFd, ChannelHeap)> {
         let total = Self::seg_size(size) as u64;
-        let fd = crate::shm::sys::memfd("aegis-heap", total)?;
+        let name = match side {
+            HeapSide::Request => "aegis-heap",
+            HeapSide::Reply => "aegis-reply-heap",
+        };
+        let fd = crate::shm::sys::memfd(name, total)?;
         let map = Mapping::map(&fd, true)?;
-        map.write_header(SegmentKind::Heap, total, epoch, [size, channel, 0, 0]);
+        map.write_header(
+            SegmentKind::Heap,
+            total,
+            epoch,
+            [size, channel, side as u64, 0],
+        );
         // From here on only this mapping can write the heap, and no one can resize it.
         crate::shm::sys::seal_read_only(&fd)?;
-        let heap = RequestHeap {
+        let heap = ChannelHeap {
             map,
             size,
             alloc: Some(HeapAlloc::new(size)),
@@ -406,9 +459,14 @@ impl RequestHeap {
         Ok((fd, heap))
     }
 
-    /// Maps channel `channel`'s request heap read-only (its instance), once checked
-    /// sealed against every writer but its caller.
-    pub fn open(fd: &OwnedFd, epoch: u64, channel: u64) -> Result<RequestHeap, LayoutError> {
+    /// Maps channel `channel`'s heap on `side` read-only (the party that reads it), once
+    /// checked sealed against every writer but the one that made it.
+    pub fn open(
+        fd: &OwnedFd,
+        epoch: u64,
+        channel: u64,
+        side: HeapSide,
+    ) -> Result<ChannelHeap, LayoutError> {
         let invalid = |what: String| LayoutError::Invalid {
             kind: SegmentKind::Heap,
             what,
@@ -425,7 +483,13 @@ impl RequestHeap {
                 h.params[1]
             )));
         }
-        Ok(RequestHeap {
+        if h.params[2] != side as u64 {
+            return Err(invalid(format!(
+                "is the heap of side {}, expected the {side:?} side's",
+                h.params[2]
+            )));
+        }
+        Ok(ChannelHeap {
             map,
             size,
             alloc: None,
@@ -450,7 +514,7 @@ mod tests {
     /// it read-only and sees the caller's bytes; ranges stay inside the heap.
     #[test]
     fn a_request_heap_is_written_by_its_caller_and_read_by_its_instance_only() {
-        let (fd, mine) = RequestHeap::create(5, 3 * PAGE as u64, 9).unwrap();
+        let (fd, mine) = ChannelHeap::create(5, 3 * PAGE as u64, 9, HeapSide::Request).unwrap();
         assert_eq!(mine.size, 3 * PAGE as u64);
         assert!(mine.alloc.is_some());
         crate::shm::sys::check_write_sealed(&fd).expect("sealed by its caller");
@@ -458,7 +522,7 @@ mod tests {
             Mapping::map(&fd, true).is_err(),
             "a second writable mapping"
         );
-        let theirs = RequestHeap::open(&fd, 5, 9).unwrap();
+        let theirs = ChannelHeap::open(&fd, 5, 9, HeapSide::Request).unwrap();
         assert!(theirs.alloc.is_none());
         let p = mine.range(PAGE as u64, 4).unwrap();
         // SAFETY: 4 bytes inside our writable mapping.
@@ -484,15 +548,26 @@ mod tests {
     /// run, and of a size that matches its header.
     #[test]
     fn a_request_heap_unsealed_or_of_another_channel_or_run_is_refused() {
-        let (fd, _) = RequestHeap::create(5, PAGE as u64, 9).unwrap();
-        let e = RequestHeap::open(&fd, 5, 10)
+        let (fd, _) = ChannelHeap::create(5, PAGE as u64, 9, HeapSide::Request).unwrap();
+        let e = ChannelHeap::open(&fd, 5, 10, HeapSide::Request)
             .err()
             .expect("another channel's");
         assert!(e.to_string().contains("channel 9"), "{e}");
-        assert!(RequestHeap::open(&fd, 6, 9).is_err(), "another run's");
+        // A request heap handed on as the reply side's (or the other way round).
+        let e = ChannelHeap::open(&fd, 5, 9, HeapSide::Reply)
+            .err()
+            .expect("the other side's");
+        assert!(e.to_string().contains("Reply side"), "{e}");
+        let (rfd, _) = ChannelHeap::create(5, PAGE as u64, 9, HeapSide::Reply).unwrap();
+        assert!(ChannelHeap::open(&rfd, 5, 9, HeapSide::Request).is_err());
+        assert!(ChannelHeap::open(&rfd, 5, 9, HeapSide::Reply).is_ok());
+        assert!(
+            ChannelHeap::open(&fd, 6, 9, HeapSide::Request).is_err(),
+            "another run's"
+        );
         // Not sealed against writers: its sender (or whoever else holds it) could still
         // write what the instance reads.
-        let total = RequestHeap::seg_size(PAGE as u64) as u64;
+        let total = ChannelHeap::seg_size(PAGE as u64) as u64;
         let open = crate::shm::sys::memfd("aegis-heap", total).unwrap();
         crate::shm::sys::seal_size(&open).unwrap();
         Mapping::map(&open, true).unwrap().write_header(
@@ -501,7 +576,9 @@ mod tests {
             5,
             [PAGE as u64, 9, 0, 0],
         );
-        let e = RequestHeap::open(&open, 5, 9).err().expect("unsealed");
+        let e = ChannelHeap::open(&open, 5, 9, HeapSide::Request)
+            .err()
+            .expect("unsealed");
         assert!(e.to_string().contains("F_SEAL_FUTURE_WRITE"), "{e}");
         // A header claiming a larger heap than the segment holds.
         let big = crate::shm::sys::memfd("aegis-heap", 2 * PAGE as u64).unwrap();
@@ -512,10 +589,12 @@ mod tests {
             [2 * PAGE as u64, 9, 0, 0],
         );
         crate::shm::sys::seal_read_only(&big).unwrap();
-        let e = RequestHeap::open(&big, 5, 9).err().expect("oversized");
+        let e = ChannelHeap::open(&big, 5, 9, HeapSide::Request)
+            .err()
+            .expect("oversized");
         assert!(e.to_string().contains("for a heap of"), "{e}");
         assert_eq!(
-            RequestHeap::seg_size(PAGE as u64 + 1),
+            ChannelHeap::seg_size(PAGE as u64 + 1),
             3 * PAGE,
             "rounded up to pages after the header page"
         );
@@ -525,7 +604,7 @@ mod tests {
             (2 * MAX_MAX_MESSAGE, true),
             (2 * MAX_MAX_MESSAGE + 4096, false),
         ] {
-            let total = RequestHeap::seg_size(size) as u64;
+            let total = ChannelHeap::seg_size(size) as u64;
             let fd = crate::shm::sys::memfd("aegis-heap", total).unwrap();
             Mapping::map(&fd, true).unwrap().write_header(
                 SegmentKind::Heap,
@@ -534,7 +613,11 @@ mod tests {
                 [size, 9, 0, 0],
             );
             crate::shm::sys::seal_read_only(&fd).unwrap();
-            assert_eq!(RequestHeap::open(&fd, 5, 9).is_ok(), ok, "a heap of {size}");
+            assert_eq!(
+                ChannelHeap::open(&fd, 5, 9, HeapSide::Request).is_ok(),
+                ok,
+                "a heap of {size}"
+            );
         }
     }
 
@@ -627,11 +710,11 @@ mod tests {
         let instance = ChannelSeg::open(&req, &rep, 5, None, Party::Instance).unwrap();
         assert_eq!(caller.heap_size(), 0);
         assert!(caller.heap_range(0, 1).is_none() && caller.heap_alloc(1).is_none());
-        let (hfd, heap) = RequestHeap::create(5, 4096, 9).unwrap();
+        let (hfd, heap) = ChannelHeap::create(5, 4096, 9, HeapSide::Request).unwrap();
         assert!(caller.heap.set(heap).is_ok());
         assert!(instance
             .heap
-            .set(RequestHeap::open(&hfd, 5, 9).unwrap())
+            .set(ChannelHeap::open(&hfd, 5, 9, HeapSide::Request).unwrap())
             .is_ok());
         assert_eq!((caller.heap_size(), instance.heap_size()), (4096, 4096));
         let (a, _) = caller.heap_alloc(4000).unwrap();

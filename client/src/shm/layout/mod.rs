@@ -44,7 +44,7 @@ pub use registry::*;
 pub use shared::*;
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 pub const PAGE: usize = 4096;
 
 const NAME_WORDS: usize = MAX_NAME / 8;
@@ -68,7 +68,11 @@ pub const DEFAULT_MAILBOXES: u32 = 128;
 
 /// Payload placement, in [`MsgHeader::kind`] and [`MailboxHeader::reply_kind`].
 pub const PAYLOAD_INLINE: u8 = 0;
+/// A request in its channel's request heap; a reply in the instance's shared reply heap
+/// (a channel whose reply heap could not be made: see `docs/isolation.md`).
 pub const PAYLOAD_HEAP: u8 = 1;
+/// A reply in its channel's reply heap ([`ChannelHeap`], [`HeapSide::Reply`]).
+pub const PAYLOAD_CHANNEL_HEAP: u8 = 2;
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +88,7 @@ pub enum SegmentKind {
     /// One caller's requests to one instance: the request side of a channel (see
     /// [`ChannelSeg`]), written by the caller only.
     Channel = 7,
-    /// A channel's request heap (see [`RequestHeap`]): written by its caller only.
+    /// A channel's request or reply heap (see [`ChannelHeap`]): written by one party only.
     Heap = 8,
     /// The reply side of a channel (see [`ChannelSeg`]): written by its instance only.
     Reply = 9,
