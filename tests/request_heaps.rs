@@ -1,5 +1,6 @@
-//! A channel's request heap, with a real broker: made with the channel's first request
-//! larger than a ring slot (or first loan), never for small calls, and counted to the
+//! A channel's request heap and reply heap, with a real broker: the request heap made with
+//! the channel's first request larger than a ring slot (or first loan), the reply heap with
+//! its first reply larger than a mailbox, never for small calls, and both counted to the
 //! caller's shared-memory quota. Its own test binary: it counts the heaps mapped in this
 //! process, which other tests would make too.
 
@@ -21,6 +22,14 @@ fn heaps() -> usize {
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .matches("memfd:aegis-heap")
+        .count()
+}
+
+/// Reply heaps mapped in this process.
+fn reply_heaps() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .matches("memfd:aegis-reply-heap")
         .count()
 }
 
@@ -57,6 +66,7 @@ fn a_channel_gets_its_request_heap_with_its_first_large_request_only() {
             }
         }
         assert_eq!(heaps(), 0, "small calls made a request heap");
+        assert_eq!(reply_heaps(), 0, "small replies made a reply heap");
         let large = vec![2u8; 4096 - 3];
         let r = client.call("hp", "echo", &large, &opts()).unwrap();
         assert_eq!(r.payload, large);
@@ -65,6 +75,8 @@ fn a_channel_gets_its_request_heap_with_its_first_large_request_only() {
             2,
             "one heap, mapped by its caller and its instance"
         );
+        // The reply (4,093 bytes) fits the 4 KiB mailbox: no reply heap yet.
+        assert_eq!(reply_heaps(), 0);
         // The next call goes to the other instance (round-robin): its channel's first loan.
         let mut loan = client.loan("hp", 8).unwrap();
         loan.copy_from_slice(b"loanloan");
@@ -81,6 +93,20 @@ fn a_channel_gets_its_request_heap_with_its_first_large_request_only() {
             assert_eq!(r.payload.len(), big.len(), "call {i}");
         }
         assert_eq!(heaps(), 4, "no heap more");
+        // Their replies went through a reply heap per channel, mapped by the instance
+        // (writable) and the caller (read-only).
+        assert_eq!(reply_heaps(), 4, "a reply heap per channel");
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let modes: Vec<&str> = maps
+            .lines()
+            .filter(|l| l.contains("memfd:aegis-reply-heap"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .collect();
+        assert_eq!(
+            modes.iter().filter(|m| m.starts_with("rw")).count(),
+            2,
+            "{modes:?}"
+        );
         stop_a.stop();
         stop_b.stop();
     });
@@ -124,6 +150,51 @@ fn a_request_heap_over_the_uid_s_quota_is_refused_naming_it() {
                 .unwrap()
                 .payload,
             b"still"
+        );
+        stop.stop();
+    });
+}
+
+/// A reply heap counts to the caller's uid: with a quota that fits the instance and the
+/// channel but not a 32 MiB heap, a reply larger than a mailbox is answered
+/// 429 naming the cap (the broker refused the instance's heap; a second large reply within
+/// a second gets the refusal the instance remembered); small replies go on.
+#[test]
+fn a_reply_heap_over_the_caller_s_quota_is_refused_naming_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let bus = support::TestBus::start_with(&["--max-shm-per-uid", &(40u64 << 20).to_string()]);
+    let server = bus.connect();
+    let inst = server.register("hr", "r1", &[]).unwrap();
+    let stop = inst.stop_handle();
+    let client = bus.connect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            inst.serve(|req, out| {
+                // "big": a 64 KiB reply to a small request.
+                let n = if req.payload() == b"big" { 64 << 10 } else { 4 };
+                out.resize(n, 7);
+                Ok(())
+            })
+            .unwrap()
+        });
+        assert_eq!(
+            client.call("hr", "m", b"x", &opts()).unwrap().payload,
+            [7; 4]
+        );
+        for _ in 0..2 {
+            match client.call("hr", "m", b"big", &opts()) {
+                Err(Error::Remote {
+                    code: 429, message, ..
+                }) => {
+                    assert!(message.contains("max-shm-per-uid"), "{message}")
+                }
+                r => panic!("a reply over the caller's quota: {r:?}"),
+            }
+        }
+        assert_eq!(reply_heaps(), 0, "a refused reply heap stayed mapped");
+        assert_eq!(
+            client.call("hr", "m", b"x", &opts()).unwrap().payload,
+            [7; 4]
         );
         stop.stop();
     });

@@ -907,6 +907,20 @@ pub unsafe extern "C" fn aegis_loan(
     out: *mut *mut aegis_request_loan,
     data: *mut *mut u8,
 ) -> aegis_status {
+    // SAFETY: forwarded caller contract.
+    unsafe { make_loan(bus, (service, "service"), out, data, |b, s| b.loan(s, len)) }
+}
+
+/// The body of `aegis_loan` and `aegis_loan_resource`: checks the arguments, makes the
+/// loan with `make` (given the bus and `target`, the service or resource named by the
+/// argument of that name) and hands it out through `out` and `data`.
+unsafe fn make_loan(
+    bus: *const aegis_bus,
+    (target, what): (*const c_char, &str),
+    out: *mut *mut aegis_request_loan,
+    data: *mut *mut u8,
+    make: impl FnOnce(&Bus, &str) -> aegis_client::Result<Loan>,
+) -> aegis_status {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let bus = need!(unsafe { bus.as_ref() }, "bus");
@@ -919,11 +933,8 @@ pub unsafe extern "C" fn aegis_loan(
             }
         };
         // SAFETY: forwarded caller contract.
-        let service = match unsafe { text(service, "service") } {
-            Ok(s) => s,
-            Err(s) => return s,
-        };
-        match bus.bus.loan(service, len) {
+        let target = arg!(unsafe { text(target, what) });
+        match make(&bus.bus, target) {
             Ok(mut loan) => {
                 *data = loan.as_mut_slice().as_mut_ptr();
                 *out = Box::into_raw(Box::new(aegis_request_loan { loan }));
@@ -931,6 +942,41 @@ pub unsafe extern "C" fn aegis_loan(
             }
             Err(e) => fail(e),
         }
+    })
+}
+
+/// The body of `aegis_call_loan` and `aegis_call_resource_loan`: takes the loan (whatever
+/// the status), checks the arguments, calls with `call` (given the bus, `target`, the
+/// method, the loan and the options) and returns the reply as a view.
+unsafe fn call_with_loan(
+    bus: *const aegis_bus,
+    (target, what): (*const c_char, &str),
+    method: *const c_char,
+    loan: *mut aegis_request_loan,
+    opts: *const aegis_call_options,
+    (view, data, len): (*mut *mut aegis_reply_view, *mut *const u8, *mut usize),
+    call: impl FnOnce(&Bus, &str, &str, Loan, &CallOptions) -> aegis_client::Result<BorrowedReply>,
+) -> aegis_status {
+    guard(|| {
+        let loan = (!loan.is_null()).then(|| {
+            // SAFETY: a pointer from `aegis_loan` or `aegis_loan_resource`, taken here once
+            // (the contract).
+            unsafe { Box::from_raw(loan) }.loan
+        });
+        let loan = need!(loan, "loan");
+        // SAFETY: forwarded caller contract.
+        let bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let out = arg!(unsafe { view_out(view, data, len) });
+        // SAFETY: forwarded caller contract.
+        let (target, method) = match unsafe { (text(target, what), text(method, "method")) } {
+            (Ok(t), Ok(m)) => (t, m),
+            (Err(s), _) | (_, Err(s)) => return s,
+        };
+        let default = CallOptions::default();
+        let mut nested = None;
+        let opts = options(opts, &default, &mut nested);
+        give_view(call(&bus.bus, target, method, loan, opts), out)
     })
 }
 
@@ -958,27 +1004,18 @@ pub unsafe extern "C" fn aegis_call_loan(
     data: *mut *const u8,
     len: *mut usize,
 ) -> aegis_status {
-    guard(|| {
-        let loan = (!loan.is_null()).then(|| {
-            // SAFETY: a pointer from `aegis_loan`, taken here once (the contract).
-            unsafe { Box::from_raw(loan) }.loan
-        });
-        let loan = need!(loan, "loan");
-        // SAFETY: forwarded caller contract.
-        let bus = need!(unsafe { bus.as_ref() }, "bus");
-        // SAFETY: forwarded caller contract.
-        let out = arg!(unsafe { view_out(view, data, len) });
-        // SAFETY: forwarded caller contract.
-        let (service, method) = match unsafe { (text(service, "service"), text(method, "method")) }
-        {
-            (Ok(s), Ok(m)) => (s, m),
-            (Err(s), _) | (_, Err(s)) => return s,
-        };
-        let default = CallOptions::default();
-        let mut nested = None;
-        let opts = options(opts, &default, &mut nested);
-        give_view(bus.bus.call_loan(service, method, loan, opts), out)
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        call_with_loan(
+            bus,
+            (service, "service"),
+            method,
+            loan,
+            opts,
+            (view, data, len),
+            |b, s, m, l, o| b.call_loan(s, m, l, o),
+        )
+    }
 }
 
 /// `aegis_loan` for a call by resource id: the buffer lies in the request heap of the bus's
@@ -993,31 +1030,12 @@ pub unsafe extern "C" fn aegis_loan_resource(
     out: *mut *mut aegis_request_loan,
     data: *mut *mut u8,
 ) -> aegis_status {
-    guard(|| {
-        // SAFETY: forwarded caller contract.
-        let bus = need!(unsafe { bus.as_ref() }, "bus");
-        // SAFETY: forwarded caller contract.
-        let (out, data) = match unsafe { (out.as_mut(), data.as_mut()) } {
-            (Some(o), Some(d)) => (o, d),
-            _ => {
-                set_error("arguments `out` and `data` are required".into());
-                return AEGIS_NULL_ARGUMENT;
-            }
-        };
-        // SAFETY: forwarded caller contract.
-        let resource = match unsafe { text(resource, "resource") } {
-            Ok(s) => s,
-            Err(s) => return s,
-        };
-        match bus.bus.loan_resource(resource, len) {
-            Ok(mut loan) => {
-                *data = loan.as_mut_slice().as_mut_ptr();
-                *out = Box::into_raw(Box::new(aegis_request_loan { loan }));
-                AEGIS_OK
-            }
-            Err(e) => fail(e),
-        }
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        make_loan(bus, (resource, "resource"), out, data, |b, r| {
+            b.loan_resource(r, len)
+        })
+    }
 }
 
 /// `aegis_call_resource` with the request written in a loan from `aegis_loan_resource` for
@@ -1034,30 +1052,18 @@ pub unsafe extern "C" fn aegis_call_resource_loan(
     data: *mut *const u8,
     len: *mut usize,
 ) -> aegis_status {
-    guard(|| {
-        let loan = (!loan.is_null()).then(|| {
-            // SAFETY: a pointer from `aegis_loan_resource`, taken here once (the contract).
-            unsafe { Box::from_raw(loan) }.loan
-        });
-        let loan = need!(loan, "loan");
-        // SAFETY: forwarded caller contract.
-        let bus = need!(unsafe { bus.as_ref() }, "bus");
-        // SAFETY: forwarded caller contract.
-        let out = arg!(unsafe { view_out(view, data, len) });
-        // SAFETY: forwarded caller contract.
-        let (resource, method) =
-            match unsafe { (text(resource, "resource"), text(method, "method")) } {
-                (Ok(r), Ok(m)) => (r, m),
-                (Err(s), _) | (_, Err(s)) => return s,
-            };
-        let default = CallOptions::default();
-        let mut nested = None;
-        let opts = options(opts, &default, &mut nested);
-        give_view(
-            bus.bus.call_resource_loan(resource, method, loan, opts),
-            out,
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        call_with_loan(
+            bus,
+            (resource, "resource"),
+            method,
+            loan,
+            opts,
+            (view, data, len),
+            |b, r, m, l, o| b.call_resource_loan(r, m, l, o),
         )
-    })
+    }
 }
 
 /// `aegis_call` with the reply read in place (`aegis_call_loan`'s view); the request is

@@ -279,6 +279,28 @@ impl Bus {
         }
     }
 
+    /// Takes `loan` (refused while memoryviews of it are open) and makes the zero-copy call
+    /// `call` with it, the GIL released: its reply as a `BorrowedReply`.
+    fn with_loan(
+        &self,
+        py: Python<'_>,
+        loan: &Bound<'_, Loan>,
+        call: impl FnOnce(&RBus, RLoan) -> aegis_client::Result<RBorrowedReply> + Send,
+    ) -> PyResult<BorrowedReply> {
+        let l = {
+            let mut l = loan.borrow_mut();
+            let exports = l.exports;
+            take_unexported(&mut l.loan, exports)?
+        };
+        self.with(|bus| {
+            let r = py.allow_threads(|| call(bus, l)).map_err(to_py)?;
+            Ok(BorrowedReply {
+                reply: Some(r),
+                exports: 0,
+            })
+        })
+    }
+
     fn pending(bus: &RBus, p: Option<Pending<'_>>) -> Option<PendingCall> {
         p.map(|p| {
             let bus = Box::new(bus.clone());
@@ -389,20 +411,7 @@ impl Bus {
         exclude: Vec<String>,
     ) -> PyResult<BorrowedReply> {
         let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
-        let l = {
-            let mut l = loan.borrow_mut();
-            let exports = l.exports;
-            take_unexported(&mut l.loan, exports)?
-        };
-        self.with(|bus| {
-            let r = py
-                .allow_threads(|| bus.call_loan(service, method, l, &opts))
-                .map_err(to_py)?;
-            Ok(BorrowedReply {
-                reply: Some(r),
-                exports: 0,
-            })
-        })
+        self.with_loan(py, loan, |bus, l| bus.call_loan(service, method, l, &opts))
     }
 
     /// `loan` for a call by resource id: a buffer in the request heap of this connection's
@@ -431,19 +440,8 @@ impl Bus {
         idempotent: bool,
     ) -> PyResult<BorrowedReply> {
         let opts = options(timeout, attempt_timeout, idempotent, Vec::new())?;
-        let l = {
-            let mut l = loan.borrow_mut();
-            let exports = l.exports;
-            take_unexported(&mut l.loan, exports)?
-        };
-        self.with(|bus| {
-            let r = py
-                .allow_threads(|| bus.call_resource_loan(resource, method, l, &opts))
-                .map_err(to_py)?;
-            Ok(BorrowedReply {
-                reply: Some(r),
-                exports: 0,
-            })
+        self.with_loan(py, loan, |bus, l| {
+            bus.call_resource_loan(resource, method, l, &opts)
         })
     }
 

@@ -18,7 +18,7 @@ use crate::channel::ring::{Doorbell, Taken, KIND_ABORTED};
 use crate::channel::wait::{Backoff, Seats, Spin, Waiter};
 use crate::error::{code, Error, Result, ServiceError};
 use crate::names;
-use crate::serve::sweep::{Chan, Channels, Sweep};
+use crate::serve::sweep::{Chan, Channels, Sweep, REPLY_HEAP_RETRY};
 use crate::session::bus::{Bus, Registration};
 use crate::session::control::expect_fds;
 use crate::session::proto::{
@@ -751,6 +751,11 @@ impl InstanceInner {
         if chan.seg.epoch != inner.session().epoch {
             return Ok(false);
         }
+        if let Some((at, why)) = &*chan.reply_heap_refused.lock() {
+            if at.elapsed() < REPLY_HEAP_RETRY {
+                return Err(why.clone());
+            }
+        }
         let made = crate::shm::layout::ChannelHeap::create(
             chan.seg.epoch,
             self.seg.layout.heap_size,
@@ -764,7 +769,6 @@ impl InstanceInner {
                 return Ok(false);
             }
         };
-        use std::os::fd::AsFd;
         let asked = inner.control.lock().request_with_fds(
             &crate::session::proto::Request::ReplyHeap {
                 channel: chan.seg.id,
@@ -780,7 +784,10 @@ impl InstanceInner {
                 tracing::warn!(service = %self.service, "ReplyHeap: expected Done, got {other:?}");
                 Ok(false)
             }
-            Err(Error::LimitExceeded(m)) => Err(m),
+            Err(Error::LimitExceeded(m)) => {
+                *chan.reply_heap_refused.lock() = Some((Instant::now(), m.clone()));
+                Err(m)
+            }
             Err(e) => {
                 // The broker is away, or restarted meanwhile (the channel is then a
                 // previous broker's): the shared heap serves.

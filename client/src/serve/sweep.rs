@@ -29,7 +29,14 @@ pub(crate) struct Chan {
     /// The broker said the channel closed (its caller left, or the instance did): the
     /// replies in it nobody will read (their reply heap blocks are freed at once).
     pub closed: AtomicBool,
+    /// When and why the broker last refused this channel's reply heap (its caller's uid
+    /// was over its quota): asked again only after [`REPLY_HEAP_RETRY`], so a caller over
+    /// its quota does not cost the serving thread a broker round trip per large reply.
+    pub reply_heap_refused: parking_lot::Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// How long a refused reply heap is not asked for again.
+pub(crate) const REPLY_HEAP_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Chan {
     pub fn new(seg: ChannelSeg, client: Arc<PeerClient>) -> Chan {
@@ -38,6 +45,7 @@ impl Chan {
             seg,
             client,
             closed: AtomicBool::new(false),
+            reply_heap_refused: parking_lot::Mutex::new(None),
         }
     }
 

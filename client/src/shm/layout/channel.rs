@@ -277,18 +277,13 @@ impl ChannelSeg {
     /// A block of `len` bytes of the request heap (its caller only): its offset and
     /// where it is mapped, or `None` when the heap has no room.
     pub fn heap_alloc(&self, len: u64) -> Option<(u64, *mut u8)> {
-        let heap = self.heap.get()?;
-        let off = heap.alloc.as_ref()?.alloc(len)?;
-        let ptr = heap
-            .range(off, len)
-            .expect("the allocator stays inside the heap");
-        Some((off, ptr))
+        self.heap.get()?.alloc_block(len)
     }
 
     /// Gives request heap block `(off, len)` back (its caller only).
     pub fn heap_free(&self, off: u64, len: u64) {
-        if let Some(a) = self.heap.get().and_then(|h| h.alloc.as_ref()) {
-            a.free(off, len);
+        if let Some(h) = self.heap.get() {
+            h.free_block(off, len);
         }
     }
 
@@ -305,18 +300,13 @@ impl ChannelSeg {
     /// A block of `len` bytes of the reply heap (its instance only): its offset and
     /// where it is mapped, or `None` when the heap has no room (or there is none).
     pub fn reply_heap_alloc(&self, len: u64) -> Option<(u64, *mut u8)> {
-        let heap = self.reply_heap.get()?;
-        let off = heap.alloc.as_ref()?.alloc(len)?;
-        let ptr = heap
-            .range(off, len)
-            .expect("the allocator stays inside the heap");
-        Some((off, ptr))
+        self.reply_heap.get()?.alloc_block(len)
     }
 
     /// Gives reply heap block `(off, len)` back (its instance only).
     pub fn reply_heap_free(&self, off: u64, len: u64) {
-        if let Some(a) = self.reply_heap.get().and_then(|h| h.alloc.as_ref()) {
-            a.free(off, len);
+        if let Some(h) = self.reply_heap.get() {
+            h.free_block(off, len);
         }
     }
 
@@ -494,6 +484,23 @@ impl ChannelHeap {
             size,
             alloc: None,
         })
+    }
+
+    /// A block of `len` bytes (its writer only, which has the allocator): its offset and
+    /// where it is mapped, or `None` when the heap has no room.
+    pub fn alloc_block(&self, len: u64) -> Option<(u64, *mut u8)> {
+        let off = self.alloc.as_ref()?.alloc(len)?;
+        let ptr = self
+            .range(off, len)
+            .expect("the allocator stays inside the heap");
+        Some((off, ptr))
+    }
+
+    /// Gives block `(off, len)` back (its writer only).
+    pub fn free_block(&self, off: u64, len: u64) {
+        if let Some(a) = &self.alloc {
+            a.free(off, len);
+        }
     }
 
     /// `len` bytes at `off` of the heap, or `None` outside it.
