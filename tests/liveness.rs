@@ -1094,6 +1094,73 @@ fn after_a_broker_restart_the_first_large_request_and_loan_go_through() {
     assert!(r.len() == 64 << 10 && r.iter().all(|&b| b == 9));
 }
 
+/// A channel the previous broker made, without a reply heap, cannot be given one by the
+/// current broker (which never made the channel): after a restart, a large reply (to a
+/// small request, which needs no request heap, so the channel is not replaced) goes through
+/// the instance's shared reply heap instead, and the call succeeds. Before the restart, a
+/// channel's large replies go through its own reply heap.
+#[test]
+fn after_a_broker_restart_a_previous_broker_s_channel_replies_through_the_shared_heap() {
+    let mut bus = TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("rh", "r1", &[]).unwrap();
+    // Stops serving also when an assertion below fails (else the scope waits for ever).
+    struct StopOnDrop(aegis_client::StopHandle);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(10));
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(inst.stop_handle());
+        s.spawn(|| {
+            inst.serve(|req, out| {
+                // "big": a 64 KiB reply to a small request.
+                match req.payload() {
+                    b"big" => out.resize(64 << 10, 5),
+                    p => out.extend_from_slice(p),
+                }
+                Ok(())
+            })
+            .unwrap()
+        });
+        let heap_of = |r: &aegis_client::BorrowedReply| {
+            assert!(r.len() == 64 << 10 && r.iter().all(|&b| b == 5));
+            support::mapping_of(r)
+        };
+        // A second caller's channel gets its own reply heap.
+        let other = bus.connect();
+        let r = other.call_borrowed("rh", "m", b"big", &opts).unwrap();
+        assert!(
+            heap_of(&r).contains("memfd:aegis-reply-heap"),
+            "{}",
+            heap_of(&r)
+        );
+        drop(r);
+        // Small calls only: this channel has no reply heap when the broker goes.
+        assert_eq!(client.call("rh", "m", b"x", &opts).unwrap().payload, b"x");
+        kill(bus.broker.id(), libc::SIGKILL);
+        wait_deadline(&mut bus.broker);
+        bus.broker = support::start_broker(bus.path(), &[]);
+        support::wait_for(
+            "the caller reconnected and the instance registered again",
+            || {
+                client
+                    .service("rh")
+                    .is_ok_and(|s| s.instances.iter().any(|i| i.id == "r1"))
+            },
+        );
+        let r = client.call_borrowed("rh", "m", b"big", &opts).unwrap();
+        assert!(
+            heap_of(&r).contains("memfd:aegis-own"),
+            "a large reply through a previous broker's channel went through {}",
+            heap_of(&r)
+        );
+    });
+}
+
 /// A call already taken by an instance that then turns `Unhealthy` (its loop shows no
 /// progress for the heartbeat timeout while the handler runs) is still waited for: the
 /// instance is there, and the reply arrives. Only a departure ends the wait.
