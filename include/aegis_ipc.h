@@ -288,6 +288,12 @@ void aegis_buffer_free(aegis_buffer *b);
 // order), or free the handle to cancel it. The bus must outlive the handle.
 aegis_status aegis_submit(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, aegis_pending **out);
 
+// `aegis_submit` with the request written in `loan` (from `aegis_loan` for the same
+// service; taken, whatever the status): the call goes to the loan's instance while it is
+// routable, and the handle keeps the loan until the call settles. Collect the reply with
+// `aegis_pending_wait`, or in place with `aegis_pending_wait_view`.
+aegis_status aegis_submit_loan(const aegis_bus *bus, const char *service, const char *method, aegis_request_loan *loan, const aegis_call_options *opts, aegis_pending **out);
+
 // `aegis_submit` for an event loop: never waits for room in a full ring. `AEGIS_NOT_READY`
 // (with `*out` NULL) says the instance's ring is full: try again later (a timer, or after
 // the event fd fired), passing in `waited_us` how long ago the first try was (0 on the
@@ -298,6 +304,11 @@ aegis_status aegis_try_submit(const aegis_bus *bus, const char *service, const c
 // Waits for a submitted call's reply into a library-owned buffer. The handle is spent
 // (free it afterwards).
 aegis_status aegis_pending_wait(aegis_pending *p, aegis_buffer *reply);
+
+// Waits for a submitted call's reply and returns it in place, as `aegis_call_loan` does:
+// `*view` (free with `aegis_reply_view_free`), its bytes at `*data`, `*len` long. The
+// handle is spent (free it afterwards). On an error no view is returned.
+aegis_status aegis_pending_wait_view(aegis_pending *p, aegis_reply_view **view, const uint8_t **data, size_t *len);
 
 // Without waiting: settles a submitted call if it is done — the reply into `reply`
 // (`AEGIS_OK`), or the call's error (its deadline passed, its instance left, the handler's

@@ -1280,6 +1280,49 @@ pub unsafe extern "C" fn aegis_submit(
     }
 }
 
+/// `aegis_submit` with the request written in `loan` (from `aegis_loan` for the same
+/// service; taken, whatever the status): the call goes to the loan's instance while it is
+/// routable, and the handle keeps the loan until the call settles. Collect the reply with
+/// `aegis_pending_wait`, or in place with `aegis_pending_wait_view`.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_submit_loan(
+    bus: *const aegis_bus,
+    service: *const c_char,
+    method: *const c_char,
+    loan: *mut aegis_request_loan,
+    opts: *const aegis_call_options,
+    out: *mut *mut aegis_pending,
+) -> aegis_status {
+    guard(|| {
+        let loan = (!loan.is_null()).then(|| {
+            // SAFETY: a pointer from `aegis_loan`, taken here once (the contract).
+            unsafe { Box::from_raw(loan) }.loan
+        });
+        let loan = need!(loan, "loan");
+        // SAFETY: forwarded caller contract.
+        let bus: &'static aegis_bus = need!(unsafe { bus.as_ref() }, "bus");
+        // SAFETY: forwarded caller contract.
+        let out = need!(unsafe { out.as_mut() }, "out");
+        *out = std::ptr::null_mut();
+        // SAFETY: forwarded caller contract.
+        let (service, method) = match unsafe { (text(service, "service"), text(method, "method")) }
+        {
+            (Ok(s), Ok(m)) => (s, m),
+            (Err(s), _) | (_, Err(s)) => return s,
+        };
+        let default = CallOptions::default();
+        let mut nested = None;
+        let opts = options(opts, &default, &mut nested);
+        match bus.bus.submit_loan(service, method, loan, opts) {
+            Ok(p) => {
+                *out = Box::into_raw(Box::new(aegis_pending { pending: Some(p) }));
+                AEGIS_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
 /// `aegis_submit` for an event loop: never waits for room in a full ring. `AEGIS_NOT_READY`
 /// (with `*out` NULL) says the instance's ring is full: try again later (a timer, or after
 /// the event fd fired), passing in `waited_us` how long ago the first try was (0 on the
@@ -1375,6 +1418,29 @@ pub unsafe extern "C" fn aegis_pending_wait(
 ) -> aegis_status {
     // SAFETY: forwarded caller contract.
     unsafe { collect(p, reply, true) }
+}
+
+/// Waits for a submitted call's reply and returns it in place, as `aegis_call_loan` does:
+/// `*view` (free with `aegis_reply_view_free`), its bytes at `*data`, `*len` long. The
+/// handle is spent (free it afterwards). On an error no view is returned.
+#[no_mangle]
+pub unsafe extern "C" fn aegis_pending_wait_view(
+    p: *mut aegis_pending,
+    view: *mut *mut aegis_reply_view,
+    data: *mut *const u8,
+    len: *mut usize,
+) -> aegis_status {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let p = need!(unsafe { p.as_mut() }, "pending");
+        // SAFETY: forwarded caller contract.
+        let out = arg!(unsafe { view_out(view, data, len) });
+        let Some(pending) = p.pending.take() else {
+            set_error("this call was already collected".into());
+            return AEGIS_INVALID_ARGUMENT;
+        };
+        give_view(pending.wait_borrowed(), out)
+    })
 }
 
 /// Without waiting: settles a submitted call if it is done — the reply into `reply`

@@ -38,6 +38,7 @@ class EventFd:
 class PendingCall:
     def ready(self) -> bool: ...
     def result(self) -> Reply: ...
+    def result_view(self) -> BorrowedReply: ...
     def poll(self) -> Reply | None: ...
     def cancel(self) -> None: ...
     def notify(self) -> None: ...
@@ -127,6 +128,17 @@ class Bus:
         service: str,
         method: str,
         payload: bytes,
+        *,
+        timeout: float | None = None,
+        attempt_timeout: float | None = None,
+        idempotent: bool = False,
+        exclude: list[str] = ...,
+    ) -> PendingCall: ...
+    def submit_loan(
+        self,
+        service: str,
+        method: str,
+        loan: Loan,
         *,
         timeout: float | None = None,
         attempt_timeout: float | None = None,

@@ -518,6 +518,37 @@ impl Bus {
         })
     }
 
+    /// `submit` with a request written in a `Loan` for `service` (spent by the call; its
+    /// memoryviews must be released first): the call goes to the loan's instance while it
+    /// is routable, and the `PendingCall` keeps the loan until the call settles; read the
+    /// reply in place with `result_view()`.
+    #[pyo3(signature = (service, method, loan, *, timeout=None, attempt_timeout=None, idempotent=false, exclude=Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_loan(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        method: &str,
+        loan: &Bound<'_, Loan>,
+        timeout: Option<f64>,
+        attempt_timeout: Option<f64>,
+        idempotent: bool,
+        exclude: Vec<String>,
+    ) -> PyResult<PendingCall> {
+        let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
+        let l = {
+            let mut l = loan.borrow_mut();
+            let exports = l.exports;
+            take_unexported(&mut l.loan, exports)?
+        };
+        self.with(|bus| {
+            let p = py
+                .allow_threads(|| bus.submit_loan(service, method, l, &opts))
+                .map_err(to_py)?;
+            Ok(Self::pending(bus, Some(p)).expect("a call"))
+        })
+    }
+
     /// `submit` that never waits: `None` says the ring is full or every mailbox is in use;
     /// try again later (the call began `waited` seconds ago; past its deadline the answer
     /// is the error).
@@ -683,6 +714,20 @@ impl PendingCall {
         let mut out = Vec::new();
         let info = py.allow_threads(|| p.wait(&mut out)).map_err(to_py)?;
         Ok(reply(py, &self.bus, &out, info))
+    }
+
+    /// The reply read in place (waits if not ready): a `BorrowedReply`, whose `memoryview`
+    /// shows the bytes where the instance wrote them; raises the call's error.
+    fn result_view(&self, py: Python<'_>) -> PyResult<BorrowedReply> {
+        let p = self
+            .lock()
+            .take()
+            .ok_or_else(|| bad_request("this call's result was already taken".into()))?;
+        let r = py.allow_threads(|| p.wait_borrowed()).map_err(to_py)?;
+        Ok(BorrowedReply {
+            reply: Some(r),
+            exports: 0,
+        })
     }
 
     /// Without waiting: the reply once the call is settled (replied, past its deadline,

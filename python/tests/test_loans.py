@@ -135,3 +135,39 @@ def test_a_loan_for_a_resource_goes_to_its_owner_and_is_read_in_place(testbus):
         for t in threads:
             t.join(DEADLINE)
     assert served == ["rev"] * 4
+
+
+def test_loaned_requests_are_pipelined_and_read_in_place(testbus):
+    bus = aegis_ipc.Bus.connect(testbus.dir)
+    server = aegis_ipc.Bus.connect(testbus.dir)
+    inst = server.register("zc", "py-1")
+    served: list[str] = []
+    t = _pull_server(inst, served)
+    try:
+        size = 1 << 20
+        calls = []
+        for k in range(5):
+            data = bytes((i + k) % 251 for i in range(size))
+            loan = bus.loan("zc", size)
+            with memoryview(loan) as m:
+                m[:] = data
+            calls.append((data, bus.submit_loan("zc", "rev", loan, timeout=DEADLINE)))
+            # Spent: sent with the call.
+            with pytest.raises(aegis_ipc.BadRequest):
+                bus.submit_loan("zc", "rev", loan, timeout=DEADLINE)
+        for data, call in calls[:4]:
+            with call.result_view() as r:
+                assert memoryview(r) == data[::-1]
+            with pytest.raises(aegis_ipc.BadRequest):
+                call.result_view()
+        calls[4][1].cancel()
+        # The one serving thread answers in order: once this is answered, the cancelled
+        # call is settled and its block comes back; then 12 + 12 + 7 MiB of loans fit
+        # the channel's 32 MiB request heap (a block not given back would fail the last).
+        assert bus.call("zc", "rev", b"ab", timeout=DEADLINE).payload == b"ba"
+        held = [bus.loan("zc", 12 << 20), bus.loan("zc", 12 << 20), bus.loan("zc", 7 << 20)]
+        for h in held:
+            h.release()
+    finally:
+        inst.stop()
+        t.join(DEADLINE)

@@ -125,6 +125,46 @@ int main(void) {
         aegis_reply_view_free(NULL);
         aegis_loan_free(NULL);
     }
+    /* Pipelined: four 1 MiB loans submitted at once, each reply read in place; a fifth
+     * freed unread; then loans of 12, 12 and 7 MiB fit the 32 MiB heap again (had one
+     * 1 MiB block not come back, the third would not). */
+    {
+        aegis_pending *p[5] = {NULL};
+        aegis_reply_view *view = NULL;
+        aegis_request_loan *loan = NULL;
+        uint8_t *w = NULL;
+        const uint8_t *r = NULL;
+        size_t rlen = 0, len = 1 << 20;
+        for (unsigned k = 0; k < 5; k++) {
+            CHECK(aegis_loan(bus, "cloan", len, &loan, &w) == AEGIS_OK);
+            for (size_t i = 0; i < len; i++) w[i] = pattern(i, 20 + k);
+            CHECK(aegis_submit_loan(bus, "cloan", "rev", loan, NULL, &p[k]) == AEGIS_OK && p[k]);
+        }
+        for (unsigned k = 0; k < 4; k++) {
+            CHECK(aegis_pending_wait_view(p[k], &view, &r, &rlen) == AEGIS_OK);
+            CHECK(view != NULL && rlen == len);
+            for (size_t i = 0; i < len; i++) CHECK(r[i] == pattern(len - 1 - i, 20 + k));
+            aegis_reply_view_free(view);
+            CHECK(aegis_pending_wait_view(p[k], &view, &r, &rlen) == AEGIS_INVALID_ARGUMENT);
+            CHECK(view == NULL);
+            aegis_pending_free(p[k]);
+        }
+        aegis_pending_free(p[4]);
+        CHECK(aegis_submit_loan(bus, "cloan", "rev", NULL, NULL, &p[0]) == AEGIS_NULL_ARGUMENT);
+        /* The one serving thread answers in order: once this is answered, the freed call
+         * is settled and its block can come back. */
+        CHECK(aegis_call_view(bus, "cloan", "rev", (const uint8_t *)"x", 1, NULL, &view, &r, &rlen) == AEGIS_OK);
+        aegis_reply_view_free(view);
+        {
+            aegis_request_loan *a = NULL, *b = NULL, *c = NULL;
+            CHECK(aegis_loan(bus, "cloan", 12 << 20, &a, &w) == AEGIS_OK);
+            CHECK(aegis_loan(bus, "cloan", 12 << 20, &b, &w) == AEGIS_OK);
+            CHECK(aegis_loan(bus, "cloan", 7 << 20, &c, &w) == AEGIS_OK);
+            aegis_loan_free(a);
+            aegis_loan_free(b);
+            aegis_loan_free(c);
+        }
+    }
     /* By resource id: a loan made for the owner of "doc-1", answered in place; refused
      * for an id nobody owns, and for another id than the one it was made for. */
     {
