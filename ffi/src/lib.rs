@@ -958,12 +958,9 @@ unsafe fn call_with_loan(
     call: impl FnOnce(&Bus, &str, &str, Loan, &CallOptions) -> aegis_client::Result<BorrowedReply>,
 ) -> aegis_status {
     guard(|| {
-        let loan = (!loan.is_null()).then(|| {
-            // SAFETY: a pointer from `aegis_loan` or `aegis_loan_resource`, taken here once
-            // (the contract).
-            unsafe { Box::from_raw(loan) }.loan
-        });
-        let loan = need!(loan, "loan");
+        // SAFETY: forwarded caller contract: a loan from `aegis_loan` or
+        // `aegis_loan_resource`, or NULL.
+        let loan = need!(unsafe { take_loan(loan) }, "loan");
         // SAFETY: forwarded caller contract.
         let bus = need!(unsafe { bus.as_ref() }, "bus");
         // SAFETY: forwarded caller contract.
@@ -978,6 +975,16 @@ unsafe fn call_with_loan(
         let opts = options(opts, &default, &mut nested);
         give_view(call(&bus.bus, target, method, loan, opts), out)
     })
+}
+
+/// The loan behind `loan` (NULL: `None`), taken: the handle is spent.
+///
+/// # Safety
+/// `loan` is NULL or a pointer from `aegis_loan`/`aegis_loan_resource` not yet taken or
+/// freed.
+unsafe fn take_loan(loan: *mut aegis_request_loan) -> Option<Loan> {
+    // SAFETY: the caller's contract: a live, untaken loan handle.
+    (!loan.is_null()).then(|| unsafe { Box::from_raw(loan) }.loan)
 }
 
 /// Gives an unsent loan's memory back. NULL is ignored.
@@ -1294,11 +1301,9 @@ pub unsafe extern "C" fn aegis_submit_loan(
     out: *mut *mut aegis_pending,
 ) -> aegis_status {
     guard(|| {
-        let loan = (!loan.is_null()).then(|| {
-            // SAFETY: a pointer from `aegis_loan`, taken here once (the contract).
-            unsafe { Box::from_raw(loan) }.loan
-        });
-        let loan = need!(loan, "loan");
+        // SAFETY: forwarded caller contract: a loan from `aegis_loan` or
+        // `aegis_loan_resource`, or NULL.
+        let loan = need!(unsafe { take_loan(loan) }, "loan");
         // SAFETY: forwarded caller contract.
         let bus: &'static aegis_bus = need!(unsafe { bus.as_ref() }, "bus");
         // SAFETY: forwarded caller contract.

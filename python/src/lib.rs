@@ -287,11 +287,7 @@ impl Bus {
         loan: &Bound<'_, Loan>,
         call: impl FnOnce(&RBus, RLoan) -> aegis_client::Result<RBorrowedReply> + Send,
     ) -> PyResult<BorrowedReply> {
-        let l = {
-            let mut l = loan.borrow_mut();
-            let exports = l.exports;
-            take_unexported(&mut l.loan, exports)?
-        };
+        let l = take_loan(loan)?;
         self.with(|bus| {
             let r = py.allow_threads(|| call(bus, l)).map_err(to_py)?;
             Ok(BorrowedReply {
@@ -536,11 +532,7 @@ impl Bus {
         exclude: Vec<String>,
     ) -> PyResult<PendingCall> {
         let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
-        let l = {
-            let mut l = loan.borrow_mut();
-            let exports = l.exports;
-            take_unexported(&mut l.loan, exports)?
-        };
+        let l = take_loan(loan)?;
         self.with(|bus| {
             let p = py
                 .allow_threads(|| bus.submit_loan(service, method, l, &opts))
@@ -1148,6 +1140,14 @@ fn current_deadline() -> Option<f64> {
 
 /// A loan's memory, to send: refused while memoryviews of it are open (they would outlive
 /// the memory), or once spent.
+/// Takes the Rust loan out of `loan` to send it (refused while memoryviews of it are open,
+/// or once sent or released).
+fn take_loan(loan: &Bound<'_, Loan>) -> PyResult<RLoan> {
+    let mut l = loan.borrow_mut();
+    let exports = l.exports;
+    take_unexported(&mut l.loan, exports)
+}
+
 fn take_unexported<T>(slot: &mut Option<T>, exports: usize) -> PyResult<T> {
     if exports > 0 {
         return Err(PyBufferError::new_err(

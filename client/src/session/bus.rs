@@ -345,6 +345,11 @@ pub(crate) struct BusInner {
     /// Held while a channel's request heap is made (`ensure_heap`), so two threads never
     /// make two for one channel.
     pub(crate) heap_maker: Mutex<()>,
+    /// Held through a whole `fetch_channels` (the request and applying its answer): the
+    /// broker tells a connection's news once, so a serving thread that asks while another
+    /// is still applying what it was told must wait for that, or it would find a new
+    /// channel's request heap missing and refuse a large request as malformed.
+    pub(crate) channel_fetch: Mutex<()>,
     /// Caller side: mapped instance segments by registry index.
     pub(crate) instances: RwLock<IndexMap<Arc<InstanceSeg>>>,
     /// Serving side: mapped segments (doorbells) of the clients that called our instances.
@@ -931,6 +936,7 @@ impl BusInner {
     pub(crate) fn fetch_channels(&self) -> Result<()> {
         use crate::serve::sweep::Chan;
         use crate::shm::layout::ChannelSeg;
+        let _one_at_a_time = self.channel_fetch.lock();
         loop {
             let (resp, fds) = self.control.lock().request(&Request::Channels)?;
             let Response::Channels {

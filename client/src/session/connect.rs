@@ -80,6 +80,7 @@ impl Bus {
                 stop_fd,
                 pool,
                 heap_maker: Mutex::new(()),
+                channel_fetch: Mutex::new(()),
                 instances: RwLock::new(IndexMap::default()),
                 clients: RwLock::new(IndexMap::default()),
                 control_gen: Mutex::new(0),
