@@ -1094,13 +1094,14 @@ fn after_a_broker_restart_the_first_large_request_and_loan_go_through() {
     assert!(r.len() == 64 << 10 && r.iter().all(|&b| b == 9));
 }
 
-/// A channel the previous broker made, without a reply heap, cannot be given one by the
-/// current broker (which never made the channel): after a restart, a large reply (to a
-/// small request, which needs no request heap, so the channel is not replaced) goes through
-/// the instance's shared reply heap instead, and the call succeeds. Before the restart, a
-/// channel's large replies go through its own reply heap.
+/// A channel the previous broker made cannot be given a reply heap by the current broker
+/// (which never made it): after a restart, once the instance has registered again, the
+/// caller replaces it with a channel of the current broker, so a large reply (to a small
+/// request, which needs no request heap) goes through a reply heap of the new channel's own;
+/// and the old channel, once the caller has let go of it, is unmapped by the instance too
+/// (no broker will ever tell it that channel closed).
 #[test]
-fn after_a_broker_restart_a_previous_broker_s_channel_replies_through_the_shared_heap() {
+fn after_a_broker_restart_a_previous_broker_s_channel_is_replaced_and_let_go() {
     let mut bus = TestBus::start();
     let server = bus.connect();
     let inst = server.register("rh", "r1", &[]).unwrap();
@@ -1141,6 +1142,15 @@ fn after_a_broker_restart_a_previous_broker_s_channel_replies_through_the_shared
         drop(r);
         // Small calls only: this channel has no reply heap when the broker goes.
         assert_eq!(client.call("rh", "m", b"x", &opts).unwrap().payload, b"x");
+        // Channels mapped in this process: each caller's (writable) and the instance's
+        // (read-only) of each of the two channels.
+        let channels = || {
+            std::fs::read_to_string("/proc/self/maps")
+                .unwrap()
+                .matches("memfd:aegis-channel")
+                .count()
+        };
+        assert_eq!(channels(), 4);
         kill(bus.broker.id(), libc::SIGKILL);
         wait_deadline(&mut bus.broker);
         bus.broker = support::start_broker(bus.path(), &[]);
@@ -1154,9 +1164,16 @@ fn after_a_broker_restart_a_previous_broker_s_channel_replies_through_the_shared
         );
         let r = client.call_borrowed("rh", "m", b"big", &opts).unwrap();
         assert!(
-            heap_of(&r).contains("memfd:aegis-own"),
-            "a large reply through a previous broker's channel went through {}",
+            heap_of(&r).contains("memfd:aegis-reply-heap"),
+            "a large reply after the restart went through {}",
             heap_of(&r)
+        );
+        drop(r);
+        // The replaced channel is let go by both sides: 4 again (the new one's two, and the
+        // other caller's old one, which it has not used since).
+        support::wait_for(
+            "the old channel unmapped by its caller and instance",
+            || channels() == 4,
         );
     });
 }

@@ -390,12 +390,10 @@ impl Bus {
             .channel
             .clone()
             .ok_or_else(|| Error::Protocol("instance opened without a channel".into()))?;
-        // Blocks of abandoned calls whose late replies have landed come back first.
-        let block = chan.heap_alloc(len as u64).or_else(|| {
-            inner.pool.reclaim();
-            chan.heap_alloc(len as u64)
-        });
-        let (off, ptr) = block.ok_or_else(|| {
+        // Blocks of abandoned calls whose late replies have landed come back first, before
+        // this loan is placed (placed first, it could split the heap around them).
+        inner.pool.reclaim_if_any();
+        let (off, ptr) = chan.heap_alloc(len as u64).ok_or_else(|| {
             Error::LimitExceeded(format!(
                 "request heap of {} bytes to {service}'s instance has no room for a loan of {len} more",
                 chan.heap_size()

@@ -841,6 +841,14 @@ impl BusInner {
             self.forget_instance_seg(&seg);
             return self.map_target(target, deadline);
         }
+        if self.superseded(&seg, target) {
+            // Made by a previous broker, whose instance the current one knows again: a new
+            // channel replaces it. The old one carries the calls already in it; once this
+            // process lets go of it, it says so there and the instance drops it
+            // (`ChannelSeg::moved_on`).
+            self.forget_instance_seg(&seg);
+            return Ok(self.map_target(target, deadline).unwrap_or(seg));
+        }
         Ok(seg)
     }
 
@@ -993,6 +1001,19 @@ impl BusInner {
         )?;
         let _ = chan.reply_heap.set(heap);
         Ok(())
+    }
+
+    /// Whether `seg`'s channel was made by a previous broker and the current one has the
+    /// instance in its registry again (it re-registered): then the current broker can make
+    /// a new channel, which unlike the old one can be given heaps (a large reply through
+    /// the old one would use the instance's shared reply heap), and whose closing the
+    /// current broker will tell the instance.
+    fn superseded(&self, seg: &InstanceSeg, target: CallInfo) -> bool {
+        seg.channel.as_ref().is_some_and(|c| {
+            let sess = self.session();
+            c.epoch != sess.epoch
+                && Self::instance_alive(&sess.registry, target.instance, target.incarnation)
+        })
     }
 
     /// Whether `seg`'s channel may be unknown to its instance for good: not taken up yet,

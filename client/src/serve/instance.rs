@@ -222,6 +222,7 @@ impl Instance {
             waiter: Waiter::new(*self.inner.spin.lock(), Backoff::server(), Seats::none()),
             sweep: Sweep::default(),
             seen_word: None,
+            next_moved_on_check: Instant::now(),
         }
     }
 
@@ -931,7 +932,13 @@ pub struct Receiver<'a> {
     sweep: Sweep,
     /// The registry's channel word of this instance as last acted on (broker epoch, value).
     seen_word: Option<(u64, u32)>,
+    /// When this thread next looks for channels of a previous broker whose callers moved on.
+    next_moved_on_check: Instant,
 }
+
+/// How often an idle serving thread looks for channels of a previous broker whose callers
+/// moved on ([`crate::shm::layout::ChannelSeg::moved_on`]).
+const MOVED_ON_CHECK: Duration = Duration::from_millis(100);
 
 /// Where a request's method and payload are, as its (untrusted) header says, checked
 /// against the slot's data area and the service's maximum message.
@@ -1025,6 +1032,13 @@ impl<'a> Receiver<'a> {
             }
             if stopping() {
                 return Ok(None);
+            }
+            let now = Instant::now();
+            if now >= self.next_moved_on_check {
+                // No broker will ever say a previous broker's channel closed: its caller
+                // does, when it lets go of it.
+                self.next_moved_on_check = now + MOVED_ON_CHECK;
+                inst.channels.drop_moved_on(inst.bus.inner.session().epoch);
             }
             let mut wait = Duration::from_millis(inst.heartbeat.interval_ms.max(1));
             if let Some(d) = deadline {

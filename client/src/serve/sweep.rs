@@ -93,6 +93,24 @@ impl Channels {
         self.version.fetch_add(1, Ordering::Release);
     }
 
+    /// Drops the channels a previous broker made (of another epoch than `current`) whose
+    /// callers have moved on ([`crate::shm::layout::ChannelSeg::moved_on`]) and whose rings
+    /// are empty: no broker will ever say they closed, so without this each would stay
+    /// mapped until the instance exits. Their unread replies are freed as for any closed
+    /// channel.
+    pub fn drop_moved_on(&self, current: u64) {
+        let gone: Vec<(u64, u64)> = self
+            .list
+            .read()
+            .iter()
+            .filter(|c| c.seg.epoch != current && c.seg.moved_on() && c.seg.ring().is_empty())
+            .map(|c| (c.seg.id, c.seg.epoch))
+            .collect();
+        for (id, epoch) in gone {
+            self.update(Vec::new(), &[id], epoch);
+        }
+    }
+
     /// Requests waiting in all channels.
     pub fn queued(&self) -> u64 {
         self.list

@@ -95,9 +95,7 @@ impl MailboxPool {
 
     /// A free mailbox for a call through channel `chan`, and its next generation.
     pub(crate) fn acquire(&self, chan: u64) -> Option<(u32, u32)> {
-        if self.quarantined.load(Relaxed) > 0 {
-            self.reclaim();
-        }
+        self.reclaim_if_any();
         let mine = &self.recent[chan as usize % BUCKETS];
         // Any queue may be emptied by another thread between the check and the pop; the
         // last resort takes a recent mailbox of another channel.
@@ -169,6 +167,13 @@ impl MailboxPool {
             taker,
         });
         self.quarantined.fetch_add(1, Relaxed);
+    }
+
+    /// [`MailboxPool::reclaim`] when anything is quarantined (one relaxed load otherwise).
+    pub(crate) fn reclaim_if_any(&self) {
+        if self.quarantined.load(Relaxed) > 0 {
+            self.reclaim();
+        }
     }
 
     /// Returns quarantined mailboxes to the free list whose late reply has arrived, whose

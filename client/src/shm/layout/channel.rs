@@ -85,6 +85,19 @@ pub struct ChannelSeg {
     /// Its reply heap, once its instance needed one: mapped by the instance (writable,
     /// with the allocator) and the caller (read-only); the broker does not map it.
     pub reply_heap: std::sync::OnceLock<ChannelHeap>,
+    /// Which party mapped it (the caller says "moved on" when it drops its mapping).
+    party: Party,
+}
+
+impl Drop for ChannelSeg {
+    fn drop(&mut self) {
+        if self.party == Party::Caller {
+            // Nothing more will be published here: every thread of ours that could has
+            // dropped its hold. SYNC POINT: Release pairs with the instance's Acquire in
+            // `moved_on`, after which it sees every request we published.
+            self.request_indices().hint.store(1, Ordering::Release);
+        }
+    }
 }
 
 impl ChannelSeg {
@@ -271,6 +284,7 @@ impl ChannelSeg {
             seen_taken_up: std::sync::atomic::AtomicBool::new(false),
             heap: std::sync::OnceLock::new(),
             reply_heap: std::sync::OnceLock::new(),
+            party,
         })
     }
 
@@ -359,6 +373,15 @@ impl ChannelSeg {
             self.seen_taken_up.store(true, Local::Relaxed);
         }
         up
+    }
+
+    /// Whether its caller has dropped it (its process let go of the channel, or replaced it
+    /// with one the current broker made): no request will be published here any more. The
+    /// request side's `hint` word, unused otherwise in a channel; a hint only (the caller
+    /// writes it), so the instance drops a channel on it only once its ring is empty, and
+    /// a lying caller loses only its own channel.
+    pub fn moved_on(&self) -> bool {
+        self.request_indices().hint.load(Ordering::Acquire) != 0
     }
 
     /// The request side's ring indices (`enqueue_pos`: the caller's).
