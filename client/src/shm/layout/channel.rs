@@ -85,13 +85,15 @@ pub struct ChannelSeg {
     /// Its reply heap, once its instance needed one: mapped by the instance (writable,
     /// with the allocator) and the caller (read-only); the broker does not map it.
     pub reply_heap: std::sync::OnceLock<ChannelHeap>,
-    /// Which party mapped it (the caller says "moved on" when it drops its mapping).
+    /// Which party mapped it (the caller says "moved on" when it drops its mapping), and
+    /// the process that did (a fork child that drops its copy says nothing).
     party: Party,
+    pid: u32,
 }
 
 impl Drop for ChannelSeg {
     fn drop(&mut self) {
-        if self.party == Party::Caller {
+        if self.party == Party::Caller && self.pid == std::process::id() {
             // Nothing more will be published here: every thread of ours that could has
             // dropped its hold. SYNC POINT: Release pairs with the instance's Acquire in
             // `moved_on`, after which it sees every request we published.
@@ -285,6 +287,7 @@ impl ChannelSeg {
             heap: std::sync::OnceLock::new(),
             reply_heap: std::sync::OnceLock::new(),
             party,
+            pid: std::process::id(),
         })
     }
 
