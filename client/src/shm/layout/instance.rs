@@ -109,8 +109,9 @@ pub struct RingIndices {
     pub sleepers: AtomicU32,
     /// In an instance's ring segment, its doorbell's "may have work" bits, one per channel
     /// id modulo 64 ([`crate::channel::ring::Doorbell`]); on a channel's reply side, the
-    /// instance's "taken up" word ([`super::ChannelSeg::taken_up`]). A channel uses
-    /// `enqueue_pos` on its request side and `dequeue_pos` on its reply side only.
+    /// instance's "taken up" word ([`super::ChannelSeg::taken_up`]); on a channel's request
+    /// side, the caller's "moved on" word ([`super::ChannelSeg::moved_on`]). A channel
+    /// uses `enqueue_pos` on its request side and `dequeue_pos` on its reply side only.
     pub hint: AtomicU64,
     _p2: [u8; 112],
 }
