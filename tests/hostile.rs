@@ -394,10 +394,13 @@ fn attack_reports(dir: &Path, rings: &[InstanceSeg]) {
     println!("ATTACK reports: {done} accepted for checking, {refused} rate-limited or refused; last: {last}");
 }
 
-/// Garbage into an instance's doorbell and into every channel's positions and sequences.
+/// Garbage into an instance's doorbell (bits, `scanning` word, sleepers, futex) and into
+/// every channel's positions and sequences.
 fn attack_corrupt(bell: &InstanceSeg, chans: &[ChannelSeg], replies: &[ChannelSeg]) {
     let b = bell.ring_indices();
     b.hint.store(u64::MAX, Ordering::Relaxed);
+    // The `scanning` word, flipped: callers then set no bit (or set one needlessly).
+    b.enqueue_pos.fetch_xor(1, Ordering::Relaxed);
     b.sleepers.store(u32::MAX, Ordering::Relaxed);
     b.wake.fetch_add(1, Ordering::Relaxed);
     let _ = aegis_client::sys::futex_wake(&b.wake, u32::MAX);

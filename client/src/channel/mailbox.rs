@@ -35,7 +35,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::channel::wait::{Poll, Waiter};
+use crate::channel::wait::{Limit, Poll, Waiter};
 use crate::shm::layout::Mb;
 use crate::shm::sync::{fence, AtomicU32, Ordering};
 use crate::shm::sys;
@@ -235,7 +235,6 @@ pub fn wait_ready(
 ) -> Wait {
     let ready = pack(gen, READY);
     let taken = pack(gen, TAKEN);
-    let start = Instant::now();
     let poll = || {
         let a = mb.ans.state.load(Ordering::Acquire);
         if a == ready {
@@ -246,10 +245,11 @@ pub fn wait_ready(
             Poll::NotStarted
         }
     };
-    if waiter.spin(Some(deadline), poll) {
-        waiter.learn(start.elapsed(), true);
+    if waiter.spin(Some(Limit::At(deadline)), poll) {
+        waiter.learn(true);
         return Wait::Ready;
     }
+    waiter.started();
     waiter.parking();
     // Relaxed: the fence below orders it before the re-read of the answer.
     mb.call.state.fetch_or(WAITER, Ordering::Relaxed);
@@ -258,7 +258,7 @@ pub fn wait_ready(
         fence(Ordering::SeqCst);
         let a = mb.ans.state.load(Ordering::Acquire);
         if a == ready {
-            waiter.learn(start.elapsed(), false);
+            waiter.learn(false);
             return Wait::Ready;
         }
         let now = Instant::now();

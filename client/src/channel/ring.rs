@@ -26,7 +26,7 @@
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use crate::channel::wait::{Poll, Waiter};
+use crate::channel::wait::{Limit, Poll, Waiter};
 use crate::shm::layout::{FreedSlot, MsgHeader, RingIndices, SlotHeader};
 use crate::shm::sync::{fence, AtomicU64, Ordering};
 use crate::shm::sys;
@@ -269,8 +269,6 @@ fn park(
     ready: impl Fn() -> bool,
     stop: impl Fn() -> bool,
 ) -> bool {
-    let start = Instant::now();
-    let deadline = timeout.map(|t| start + t);
     let poll = || {
         if ready() || stop() {
             Poll::Ready
@@ -278,10 +276,11 @@ fn park(
             Poll::Working
         }
     };
-    if waiter.spin(deadline, poll) {
-        waiter.learn(start.elapsed(), true);
+    if waiter.spin(timeout.map(Limit::After), poll) {
+        waiter.learn(true);
         return ready();
     }
+    let deadline = timeout.map(|t| waiter.started() + t);
     waiter.parking();
     loop {
         let w = idx.wake.load(Ordering::Acquire);
@@ -290,7 +289,7 @@ fn park(
         fence(Ordering::SeqCst);
         if ready() || stop() {
             idx.sleepers.fetch_sub(1, Ordering::Relaxed);
-            waiter.learn(start.elapsed(), false);
+            waiter.learn(false);
             return ready();
         }
         let left = match deadline {
@@ -298,7 +297,7 @@ fn park(
                 Some(l) if !l.is_zero() => Some(l),
                 _ => {
                     idx.sleepers.fetch_sub(1, Ordering::Relaxed);
-                    waiter.learn(start.elapsed(), false);
+                    waiter.learn(false);
                     return false;
                 }
             },
@@ -307,7 +306,7 @@ fn park(
         let _ = sys::futex_wait(&idx.wake, w, left);
         idx.sleepers.fetch_sub(1, Ordering::Relaxed);
         if ready() {
-            waiter.learn(start.elapsed(), false);
+            waiter.learn(false);
             return true;
         }
         if stop() {
@@ -333,11 +332,36 @@ fn park(
 /// SYNC POINT (sleep): the caller's `fetch_or`, SeqCst fence, then load of `sleepers`
 /// pair with `sleepers += 1`, the SeqCst fence and the re-check of `hint` in
 /// [`Doorbell::wait`] (Dekker: one side sees the other's write).
+///
+/// **Scanning.** An instance with few channels (at most [`SCAN_MAX`]) has its serving
+/// threads look at every channel's ring on every look, spinning or not, and says so in
+/// the doorbell's `scanning` word ([`Doorbell::set_scanning`]). A caller that finds it
+/// set and no serving thread asleep writes nothing to the doorbell: no hint bit to set,
+/// so the doorbell's line does not travel between the caller's core and the instance's
+/// on every call (it did: the `fetch_or` and the serving thread's `swap` were a fifth of a
+/// spinning round trip's time). The word is a hint like the rest: set falsely by a
+/// hostile writer, callers skip their bits and an instance that does not scan finds their
+/// requests at its next full sweep ([`FULL_SWEEP`]), as if the bits had been cleared.
+/// SYNC POINT (scan): a caller's publish (Release), SeqCst fence, then loads of
+/// `scanning` and `sleepers` pair with a sleeping thread's `sleepers += 1`, SeqCst fence,
+/// and its look at every ring (so a caller that skipped its bit either finds the sleeper
+/// and rings as usual, or the sleeper finds the request); and with the instance's store
+/// of "not scanning", SeqCst fence, then a look at every ring ([`Doorbell::set_scanning`]
+/// and the full sweep after it): a caller that read "scanning" just before has its
+/// request seen by that look.
 #[derive(Clone, Copy)]
 pub struct Doorbell<'a>(pub &'a RingIndices);
 
 /// Every channel is looked at at least this often, whatever the hint bits say.
 pub const FULL_SWEEP: Duration = Duration::from_millis(5);
+
+/// Up to this many channels, an instance's serving threads look at every channel on every
+/// look (a ring probe each: two cache lines that stay in the serving core's cache until
+/// their caller writes) rather than wait for hint bits.
+pub const SCAN_MAX: usize = 8;
+
+/// The value of the doorbell's `scanning` word while the serving threads scan.
+const SCANNING: u64 = 1;
 
 impl Doorbell<'_> {
     /// The hint bit of channel `id`.
@@ -346,8 +370,19 @@ impl Doorbell<'_> {
     }
 
     /// Says that the channel with hint bit `bit` has a request (after publishing it) and
-    /// wakes a sleeping serving thread.
+    /// wakes a sleeping serving thread; nothing to say to serving threads that scan and
+    /// are awake.
     pub fn ring(&self, bit: u64) {
+        // The first load only filters (it may be stale); the one after the fence decides.
+        // See SYNC POINT (scan).
+        if self.0.enqueue_pos.load(Ordering::Relaxed) == SCANNING {
+            fence(Ordering::SeqCst);
+            if self.0.enqueue_pos.load(Ordering::Relaxed) == SCANNING
+                && self.0.sleepers.load(Ordering::Relaxed) == 0
+            {
+                return;
+            }
+        }
         // See SYNC POINT (hint) and (sleep).
         self.0.hint.fetch_or(bit, Ordering::Release);
         fence(Ordering::SeqCst);
@@ -375,6 +410,16 @@ impl Doorbell<'_> {
             self.0.wake.fetch_add(1, Ordering::Relaxed);
             let _ = sys::futex_wake(&self.0.wake, 1);
         }
+    }
+
+    /// Says whether this instance's serving threads scan every channel (see SYNC POINT
+    /// (scan)): before they stop, the caller looks at every channel once more.
+    pub fn set_scanning(&self, on: bool) {
+        self.0
+            .enqueue_pos
+            .store(if on { SCANNING } else { 0 }, Ordering::Relaxed);
+        // Then the look at every ring that a caller's skipped bit may rely on.
+        fence(Ordering::SeqCst);
     }
 
     /// Whether any hint bit is set.
@@ -1041,6 +1086,92 @@ mod loom_tests {
             assert_eq!(got, 77);
             caller.join().unwrap();
             hostile.join().unwrap();
+        });
+    }
+
+    /// An instance that scans (few channels): its caller sets no hint bit and wakes
+    /// nobody while the serving thread is awake, and the serving thread (spinning on a
+    /// look at the ring, then asleep on the doorbell) always takes the request, while a
+    /// hostile writer clears the `scanning` word and sets it again, sets every hint bit
+    /// and bumps the futex word. A lost wake-up is a deadlock loom reports (the futex
+    /// model never times out).
+    #[test]
+    fn a_scanning_serving_thread_takes_a_request_whose_caller_set_no_bit() {
+        use crate::channel::wait::{Seats, Spin, Waiter};
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let (s, bell) = (shared(), Arc::new(RingIndices::new()));
+            let base = s.slots.as_ptr() as *mut u8;
+            Doorbell(&bell).set_scanning(true);
+            let caller = rung_caller(&s, &bell, Doorbell::bit(3), 41);
+            let hostile = {
+                let bell = bell.clone();
+                loom::thread::spawn(move || {
+                    Doorbell(&bell).set_scanning(false);
+                    bell.hint.fetch_or(u64::MAX, Ordering::Relaxed);
+                    Doorbell(&bell).set_scanning(true);
+                    bell.wake.fetch_add(1, Ordering::Relaxed);
+                    let _ = sys::futex_wake(&bell.wake, u32::MAX);
+                })
+            };
+            let r = ring(&s, &Ptr(base));
+            let d = Doorbell(&bell);
+            let mut w = Waiter::new(
+                Spin::Fixed(Duration::ZERO),
+                Default::default(),
+                Seats::none(),
+            );
+            let got = loop {
+                d.take();
+                if let Some(t) = r.try_pop() {
+                    break t.header().trace_id;
+                }
+                d.wait(
+                    &mut w,
+                    Duration::from_secs(3600),
+                    || r.has_message(),
+                    || false,
+                );
+            };
+            assert_eq!(got, 41);
+            caller.join().unwrap();
+            hostile.join().unwrap();
+        });
+    }
+
+    /// An instance that stops scanning (its channels grew past [`SCAN_MAX`]) says so and
+    /// then looks at every channel once: a caller that read "scanning" just before and
+    /// set no bit has its request found by that look; one that read "not scanning" sets
+    /// its bit and wakes the thread, which from then on looks only where the bits say.
+    #[test]
+    fn a_thread_that_stops_scanning_looks_once_more_and_loses_no_request() {
+        use crate::channel::wait::{Seats, Spin, Waiter};
+        loom::model(|| {
+            let (s, bell) = (shared(), Arc::new(RingIndices::new()));
+            let base = s.slots.as_ptr() as *mut u8;
+            let bit = Doorbell::bit(4);
+            Doorbell(&bell).set_scanning(true);
+            let caller = rung_caller(&s, &bell, bit, 42);
+            let r = ring(&s, &Ptr(base));
+            let d = Doorbell(&bell);
+            let mut w = Waiter::new(
+                Spin::Fixed(Duration::ZERO),
+                Default::default(),
+                Seats::none(),
+            );
+            d.set_scanning(false);
+            // The look at every channel after the change.
+            let mut got = r.try_pop().map(|t| t.header().trace_id);
+            while got.is_none() {
+                if d.take() & bit != 0 {
+                    got = r.try_pop().map(|t| t.header().trace_id);
+                    continue;
+                }
+                d.wait(&mut w, Duration::from_secs(3600), || false, || false);
+            }
+            assert_eq!(got, Some(42));
+            caller.join().unwrap();
         });
     }
 

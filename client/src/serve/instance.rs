@@ -420,6 +420,9 @@ impl Registration for InstanceInner {
     fn channels(&self) -> &Channels {
         &self.channels
     }
+    fn doorbell(&self) -> Doorbell<'_> {
+        InstanceInner::doorbell(self)
+    }
 }
 
 impl InstanceInner {
@@ -691,7 +694,9 @@ impl InstanceInner {
         // Timed after the reply is out: the caller does not wait for our clock read. A
         // stamp from the future (a lying caller) is not observed.
         if d.sent_ns != 0 {
-            if let Some(ns) = crate::shm::sys::monotonic_ns().checked_sub(d.sent_ns) {
+            let now = Instant::now();
+            crate::serve::sweep::replied_at(now);
+            if let Some(ns) = crate::session::breaker::mono_ns(now).checked_sub(d.sent_ns) {
                 self.seg.durations().observe(ns);
             }
         }
@@ -1038,7 +1043,8 @@ impl<'a> Receiver<'a> {
                 // No broker will ever say a previous broker's channel closed: its caller
                 // does, when it lets go of it.
                 self.next_moved_on_check = now + MOVED_ON_CHECK;
-                inst.channels.drop_moved_on(inst.bus.inner.session().epoch);
+                inst.channels
+                    .drop_moved_on(inst.bus.inner.session().epoch, bell);
             }
             let mut wait = Duration::from_millis(inst.heartbeat.interval_ms.max(1));
             if let Some(d) = deadline {
@@ -1054,7 +1060,9 @@ impl<'a> Receiver<'a> {
             let word = sess.registry.instance(inst.ident().0).map(|e| &e.channels);
             let seen = self.seen_word.map(|(_, w)| w);
             let announced = || word.is_some_and(|w| Some(w.load(Ordering::Relaxed)) != seen);
-            bell.wait(&mut self.waiter, wait, announced, stopping);
+            let sweep = &self.sweep;
+            let ready = || announced() || sweep.worth_a_look(&inst.channels);
+            bell.wait(&mut self.waiter, wait, ready, stopping);
         }
     }
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use parking_lot::RwLock;
 
-use crate::channel::ring::{Doorbell, FULL_SWEEP};
+use crate::channel::ring::{Doorbell, FULL_SWEEP, SCAN_MAX};
 use crate::shm::layout::{ChannelSeg, PeerClient};
 
 /// One caller's channel to this instance, with the caller's segment its replies go to
@@ -72,8 +72,11 @@ impl Channels {
             .cloned()
     }
 
-    /// Adds `add` and drops the channels of broker run `epoch` whose ids are in `gone`.
-    pub fn update(&self, add: Vec<Arc<Chan>>, gone: &[u64], epoch: u64) {
+    /// Adds `add` and drops the channels of broker run `epoch` whose ids are in `gone`;
+    /// tells callers through `bell` whether the serving threads now scan every channel
+    /// (at most [`SCAN_MAX`]): "no" before the threads learn of the new list (each then
+    /// looks at every channel once), "yes" after.
+    pub fn update(&self, add: Vec<Arc<Chan>>, gone: &[u64], epoch: u64, bell: Doorbell<'_>) {
         if add.is_empty() && gone.is_empty() {
             return;
         }
@@ -87,10 +90,22 @@ impl Channels {
             }
         }
         v.extend(add);
+        let scan = v.len() <= SCAN_MAX;
+        if !scan {
+            bell.set_scanning(false);
+        }
         *l = Arc::new(v);
         // Release: pairs with the Acquire in `Sweep::refresh` (the list is behind a lock
         // anyway; this only tells a thread to look).
         self.version.fetch_add(1, Ordering::Release);
+        if scan {
+            bell.set_scanning(true);
+        }
+    }
+
+    /// Whether the list changed since version `seen`.
+    pub fn changed_since(&self, seen: u64) -> bool {
+        self.version.load(Ordering::Relaxed) != seen
     }
 
     /// Drops the channels a previous broker made (of another epoch than `current`) whose
@@ -98,7 +113,7 @@ impl Channels {
     /// are empty: no broker will ever say they closed, so without this each would stay
     /// mapped until the instance exits. Their unread replies are freed as for any closed
     /// channel.
-    pub fn drop_moved_on(&self, current: u64) {
+    pub fn drop_moved_on(&self, current: u64, bell: Doorbell<'_>) {
         let gone: Vec<(u64, u64)> = self
             .list
             .read()
@@ -107,7 +122,7 @@ impl Channels {
             .map(|c| (c.seg.id, c.seg.epoch))
             .collect();
         for (id, epoch) in gone {
-            self.update(Vec::new(), &[id], epoch);
+            self.update(Vec::new(), &[id], epoch, bell);
         }
     }
 
@@ -121,6 +136,19 @@ impl Channels {
     }
 }
 
+thread_local! {
+    /// When this thread last published a reply (its duration histogram read the clock),
+    /// taken by its next sweep for the full-sweep check in place of a clock read of its
+    /// own: that read would sit between noticing a request and taking it. Taken once, so
+    /// a sweep uses it only right after the reply; any later sweep reads the clock.
+    static LAST_REPLY_AT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Tells this thread's next sweep the time a reply was just published.
+pub(crate) fn replied_at(t: Instant) {
+    LAST_REPLY_AT.set(Some(t));
+}
+
 /// One serving thread's view of the channels and where its sweep stands.
 pub(crate) struct Sweep {
     chans: Arc<Vec<Arc<Chan>>>,
@@ -128,6 +156,9 @@ pub(crate) struct Sweep {
     /// Channels (indices into `chans`) seen with a request waiting, in turn.
     ready: VecDeque<usize>,
     next_full: Instant,
+    /// At most [`SCAN_MAX`] channels: every look is at all of them (the doorbell's bits
+    /// and the full-sweep clock are not needed).
+    scan: bool,
 }
 
 impl Default for Sweep {
@@ -137,6 +168,7 @@ impl Default for Sweep {
             version: u64::MAX,
             ready: VecDeque::new(),
             next_full: Instant::now(),
+            scan: false,
         }
     }
 }
@@ -150,9 +182,18 @@ impl Sweep {
         }
         self.version = v;
         self.chans = table.list.read().clone();
+        self.scan = self.chans.len() <= SCAN_MAX;
         self.ready.clear();
         // New channels may have been rung before we knew them: look at all of them now.
         self.next_full = Instant::now();
+    }
+
+    /// Whether a look now would find a request: with the list changed since this thread
+    /// last took it, yes (it must look at the new list); when scanning, whether any
+    /// channel has one; else nothing to go by but the doorbell.
+    pub fn worth_a_look(&self, table: &Channels) -> bool {
+        table.changed_since(self.version)
+            || (self.scan && self.chans.iter().any(|c| c.seg.ring().has_message()))
     }
 
     /// The next channel with a request waiting, in turn; `None` when no channel this
@@ -173,10 +214,15 @@ impl Sweep {
                 return Some(c.clone());
             }
             let mut bits = bell.take();
-            let now = Instant::now();
-            if now >= self.next_full {
+            if self.scan {
                 bits = u64::MAX;
-                self.next_full = now + FULL_SWEEP;
+            } else {
+                // The reply this thread just published read the clock: no second read.
+                let now = LAST_REPLY_AT.take().unwrap_or_else(Instant::now);
+                if now >= self.next_full {
+                    bits = u64::MAX;
+                    self.next_full = now + FULL_SWEEP;
+                }
             }
             if bits == 0 {
                 return None;

@@ -386,6 +386,8 @@ pub(crate) trait Registration: Send + Sync {
     fn resume(&self, owned: Vec<String>) -> Result<()>;
     /// Its callers' channels.
     fn channels(&self) -> &crate::serve::sweep::Channels;
+    /// Its doorbell (callers ring it; it says whether the serving threads scan).
+    fn doorbell(&self) -> crate::channel::ring::Doorbell<'_>;
 }
 
 /// Maps the segments of a batched open reply (`(index, identity)` pairs and one descriptor
@@ -990,7 +992,7 @@ impl BusInner {
             }
             for (r, add) in regs.iter().zip(add) {
                 let up: Vec<Arc<Chan>> = add.clone();
-                r.channels().update(add, &gone, epoch);
+                r.channels().update(add, &gone, epoch, r.doorbell());
                 // In the list now: callers may publish.
                 for c in up {
                     c.seg.mark_taken_up();

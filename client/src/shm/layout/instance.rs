@@ -97,7 +97,8 @@ impl Histogram {
 /// line prefetch makes 64 too few on x86).
 #[repr(C, align(128))]
 pub struct RingIndices {
-    /// Next position a producer will claim (Vyukov's `enqueue_pos`).
+    /// Next position a producer will claim (Vyukov's `enqueue_pos`); in an instance's
+    /// ring segment, its doorbell's `scanning` word ([`crate::channel::ring::Doorbell`]).
     pub enqueue_pos: AtomicU64,
     _p0: [u8; 120],
     /// Next position a consumer will take.
