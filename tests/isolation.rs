@@ -1185,6 +1185,119 @@ fn a_caller_that_never_reads_its_replies_fills_only_its_own_channel_s_reply_heap
     );
 }
 
+/// The reply heap handover (`Request::ReplyHeap`), attacked by the owner of another
+/// service's instance: the attacker serves `pub` and hands the broker a well-formed reply
+/// heap (sealed, of `bank`'s size, a mapping of it kept writable) for every channel id up
+/// to 256, the victim's channel to `bank` among them (made by a small call, no reply heap
+/// yet). Taken for the victim's channel, the attacker's heap would be where `bank`'s large
+/// replies to the victim are read from, and `bank`'s own heap would be refused. The broker
+/// takes a channel's reply heap only from a serving connection of that channel's instance:
+/// every handover is refused, and the victim's 1 MiB calls come back with their own bytes.
+/// (Without the owner check in `State::reply_heap`, 1 of the attacker's heaps was taken.)
+#[test]
+fn an_instance_owner_cannot_hand_over_a_reply_heap_for_another_instance_s_channel() {
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
+    let _b = bus.serve("bank", "b1", &["--max-message", "4194304"]);
+    let victim = bus.connect();
+    victim_calls(&victim, 1, "before");
+    let r = result_of(&run_attacker(bus.path(), "plant-reply-heaps", ""));
+    eprintln!("attacker: {r:?}");
+    victim_calls_of(&victim, 6, "after", 1 << 20);
+    assert_eq!(value(&r, "taken"), "0", "a reply heap was taken: {r:?}");
+    assert!(
+        value(&r, "refusal").contains("is_not_one_of_your_instances'"),
+        "{r:?}"
+    );
+}
+
+/// Registers `pub` on a raw connection, then hands a reply heap of `bank`'s size over for
+/// each channel id below 256.
+fn attack_plant_reply_heaps(dir: &Path) {
+    use aegis_client::layout::{ChannelHeap, HeapSide, InstanceSeg};
+    let mut raw = Raw::connect(dir).expect("the attacker may connect");
+    let (own, _map) = InstanceSeg::create_own(0, 2 * 4096).unwrap();
+    let r = raw
+        .ask_with_fds(
+            &Request::Register {
+                service: "pub".into(),
+                instance_id: "p1".into(),
+                metadata: Vec::new(),
+                config: aegis_client::ServiceConfig {
+                    max_message: Some(4096),
+                    ..Default::default()
+                },
+                heartbeat: Default::default(),
+                resume: None,
+            },
+            &[own.as_fd()],
+        )
+        .unwrap();
+    assert!(matches!(r, Response::Registered { .. }), "{r:?}");
+    let (mut taken, mut refusal) = (0, String::new());
+    for channel in 0..256u64 {
+        // `bank`'s heap: twice its largest message; our writable mapping is `_heap`.
+        let (fd, _heap) = ChannelHeap::create(0, 2 * 4194304, channel, HeapSide::Reply).unwrap();
+        match raw
+            .ask_with_fds(&Request::ReplyHeap { channel }, &[fd.as_fd()])
+            .unwrap()
+        {
+            Response::Done => taken += 1,
+            Response::Error(e) => refusal = aegis_client::error::Error::from(e).to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+    println!(
+        "\nRESULT taken={taken} refusal={}",
+        refusal.replace(' ', "_")
+    );
+}
+
+/// The reply heap fetch (`Request::OpenReplyHeap`), attacked by a permitted caller: after
+/// the victim's 1 MiB call of `bank` (so its channel has a reply heap, with the reply in
+/// it), the attacker asks for the reply heap of every channel id up to 256. The broker
+/// hands a channel's reply heap only to that channel's caller: none is opened. (Without
+/// the caller check in `State::open_reply_heap`, the attacker got the victim's.)
+#[test]
+fn a_caller_cannot_open_another_caller_s_reply_heap() {
+    let Some((bus, _)) = policed_bus() else {
+        return;
+    };
+    let _b = bus.serve("bank", "b1", &["--max-message", "4194304"]);
+    let victim = bus.connect();
+    victim_calls_of(&victim, 2, "before", 1 << 20);
+    let r = result_of(&run_attacker(bus.path(), "open-reply-heaps", ""));
+    eprintln!("attacker: {r:?}");
+    assert_eq!(
+        value(&r, "opened"),
+        "0",
+        "a reply heap was handed out: {r:?}"
+    );
+    assert!(
+        value(&r, "refusal").contains("is_not_one_of_yours"),
+        "{r:?}"
+    );
+    victim_calls_of(&victim, 2, "after", 1 << 20);
+}
+
+/// Asks for the reply heap of each channel id below 256 on a raw caller connection.
+fn attack_open_reply_heaps(dir: &Path) {
+    let mut raw = Raw::connect(dir).expect("the attacker may connect");
+    let (mut opened, mut refusal) = (0, String::new());
+    for channel in 0..256u64 {
+        match raw.ask_fds(&Request::OpenReplyHeap { channel }).unwrap() {
+            (Response::Opened, fds) if !fds.is_empty() => opened += 1,
+            (Response::Error(e), _) => refusal = aegis_client::error::Error::from(e).to_string(),
+            (other, _) => panic!("{other:?}"),
+        }
+    }
+    println!(
+        "\nRESULT opened={opened} refusal={}",
+        refusal.replace(' ', "_")
+    );
+}
+
 /// Makes one 1 MiB call of `bank` and says how it went.
 fn attack_large_call(dir: &Path) {
     let bus = Bus::connect_dir(dir).expect("the attacker may connect");
@@ -1247,6 +1360,8 @@ fn attacker() {
         "report" => attack_report(Path::new(&dir), &targets),
         "hoard" => attack_hoard(Path::new(&dir)),
         "large-call" => attack_large_call(Path::new(&dir)),
+        "plant-reply-heaps" => attack_plant_reply_heaps(Path::new(&dir)),
+        "open-reply-heaps" => attack_open_reply_heaps(Path::new(&dir)),
         "rewrite" => attack_rewrite(Path::new(&dir), &targets),
         "hold" => attack_hold(Path::new(&dir), &targets),
         "selections" => attack_selections(Path::new(&dir), &targets),
