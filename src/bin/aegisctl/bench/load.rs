@@ -59,6 +59,7 @@ pub struct BenchReport {
     /// the latencies above.
     pub send_lag_p50_us: f64,
     pub send_lag_p99_us: f64,
+    pub send_lag_p999_us: f64,
     /// Instances killed during the run and how long until each left routing.
     pub killed: Vec<KillReport>,
     /// `--scenario`: its name, the seed's p99 target, and whether every check passed.
@@ -319,6 +320,7 @@ impl BenchReport {
         self.max_us = hist.max() as f64 / 1000.0;
         self.send_lag_p50_us = lag.value_at_quantile(0.5) as f64 / 1000.0;
         self.send_lag_p99_us = lag.value_at_quantile(0.99) as f64 / 1000.0;
+        self.send_lag_p999_us = lag.value_at_quantile(0.999) as f64 / 1000.0;
     }
 }
 
@@ -606,8 +608,8 @@ pub fn print(r: &BenchReport) {
     );
     if r.send_lag_p50_us > 0.0 {
         println!(
-            "send lag µs p50 {:.1} · p99 {:.1} (generator wake-up, included above)",
-            r.send_lag_p50_us, r.send_lag_p99_us
+            "send lag µs p50 {:.1} · p99 {:.1} · p99.9 {:.1} (generator wake-up, included above)",
+            r.send_lag_p50_us, r.send_lag_p99_us, r.send_lag_p999_us
         );
     }
     for k in &r.killed {
