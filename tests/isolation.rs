@@ -1215,25 +1215,9 @@ fn an_instance_owner_cannot_hand_over_a_reply_heap_for_another_instance_s_channe
 /// Registers `pub` on a raw connection, then hands a reply heap of `bank`'s size over for
 /// each channel id below 256.
 fn attack_plant_reply_heaps(dir: &Path) {
-    use aegis_client::layout::{ChannelHeap, HeapSide, InstanceSeg};
+    use aegis_client::layout::{ChannelHeap, HeapSide};
     let mut raw = Raw::connect(dir).expect("the attacker may connect");
-    let (own, _map) = InstanceSeg::create_own(0, 2 * 4096).unwrap();
-    let r = raw
-        .ask_with_fds(
-            &Request::Register {
-                service: "pub".into(),
-                instance_id: "p1".into(),
-                metadata: Vec::new(),
-                config: aegis_client::ServiceConfig {
-                    max_message: Some(4096),
-                    ..Default::default()
-                },
-                heartbeat: Default::default(),
-                resume: None,
-            },
-            &[own.as_fd()],
-        )
-        .unwrap();
+    let r = raw_register_pub(&mut raw, "p1");
     assert!(matches!(r, Response::Registered { .. }), "{r:?}");
     let (mut taken, mut refusal) = (0, String::new());
     for channel in 0..256u64 {
@@ -1279,6 +1263,27 @@ fn a_caller_cannot_open_another_caller_s_reply_heap() {
         "{r:?}"
     );
     victim_calls_of(&victim, 2, "after", 1 << 20);
+}
+
+/// Registers an instance `id` of `pub` (4 KiB messages) on a raw connection, its own
+/// segment made here; the broker's answer.
+fn raw_register_pub(raw: &mut Raw, id: &str) -> Response {
+    let (own, _map) = aegis_client::layout::InstanceSeg::create_own(0, 2 * 4096).unwrap();
+    raw.ask_with_fds(
+        &Request::Register {
+            service: "pub".into(),
+            instance_id: id.into(),
+            metadata: Vec::new(),
+            config: aegis_client::ServiceConfig {
+                max_message: Some(4096),
+                ..Default::default()
+            },
+            heartbeat: Default::default(),
+            resume: None,
+        },
+        &[own.as_fd()],
+    )
+    .unwrap()
 }
 
 /// Asks for the reply heap of each channel id below 256 on a raw caller connection.
@@ -1884,24 +1889,7 @@ fn attack_slots(dir: &Path) {
     let mut instances = 0;
     if let Some(raw) = conns.first_mut() {
         for i in 0..16 {
-            let (own, _map) = aegis_client::layout::InstanceSeg::create_own(0, 2 * 4096).unwrap();
-            let r = raw
-                .ask_with_fds(
-                    &Request::Register {
-                        service: "pub".into(),
-                        instance_id: format!("p{i}"),
-                        metadata: Vec::new(),
-                        config: aegis_client::ServiceConfig {
-                            max_message: Some(4096),
-                            ..Default::default()
-                        },
-                        heartbeat: Default::default(),
-                        resume: None,
-                    },
-                    &[own.as_fd()],
-                )
-                .unwrap();
-            match r {
+            match raw_register_pub(raw, &format!("p{i}")) {
                 Response::Registered { .. } => instances += 1,
                 _ => break,
             }

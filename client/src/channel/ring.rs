@@ -963,6 +963,17 @@ mod loom_tests {
         })
     }
 
+    /// A serving thread's waiter that looks once and sleeps (the futex model never times
+    /// out, so a lost wake-up is a deadlock loom reports).
+    fn sleeping_waiter() -> crate::channel::wait::Waiter<'static> {
+        use crate::channel::wait::{Seats, Spin, Waiter};
+        Waiter::new(
+            Spin::Fixed(Duration::ZERO),
+            Default::default(),
+            Seats::none(),
+        )
+    }
+
     fn shared() -> Arc<Shared> {
         let mut slots = Vec::new();
         for _ in 0..2 {
@@ -1052,7 +1063,6 @@ mod loom_tests {
     /// full model of three threads does not finish in minutes.)
     #[test]
     fn a_request_rung_on_the_doorbell_is_always_taken_despite_spurious_hints() {
-        use crate::channel::wait::{Seats, Spin, Waiter};
         let mut model = loom::model::Builder::new();
         model.preemption_bound = Some(3);
         model.check(|| {
@@ -1070,11 +1080,7 @@ mod loom_tests {
             };
             let r = ring(&s, &Ptr(base));
             let d = Doorbell(&bell);
-            let mut w = Waiter::new(
-                Spin::Fixed(Duration::ZERO),
-                Default::default(),
-                Seats::none(),
-            );
+            let mut w = sleeping_waiter();
             let got = loop {
                 if d.take() & bit != 0 {
                     if let Some(t) = r.try_pop() {
@@ -1097,7 +1103,6 @@ mod loom_tests {
     /// model never times out).
     #[test]
     fn a_scanning_serving_thread_takes_a_request_whose_caller_set_no_bit() {
-        use crate::channel::wait::{Seats, Spin, Waiter};
         let mut model = loom::model::Builder::new();
         model.preemption_bound = Some(3);
         model.check(|| {
@@ -1117,11 +1122,7 @@ mod loom_tests {
             };
             let r = ring(&s, &Ptr(base));
             let d = Doorbell(&bell);
-            let mut w = Waiter::new(
-                Spin::Fixed(Duration::ZERO),
-                Default::default(),
-                Seats::none(),
-            );
+            let mut w = sleeping_waiter();
             let got = loop {
                 d.take();
                 if let Some(t) = r.try_pop() {
@@ -1146,7 +1147,6 @@ mod loom_tests {
     /// its bit and wakes the thread, which from then on looks only where the bits say.
     #[test]
     fn a_thread_that_stops_scanning_looks_once_more_and_loses_no_request() {
-        use crate::channel::wait::{Seats, Spin, Waiter};
         loom::model(|| {
             let (s, bell) = (shared(), Arc::new(RingIndices::new()));
             let base = s.slots.as_ptr() as *mut u8;
@@ -1155,11 +1155,7 @@ mod loom_tests {
             let caller = rung_caller(&s, &bell, bit, 42);
             let r = ring(&s, &Ptr(base));
             let d = Doorbell(&bell);
-            let mut w = Waiter::new(
-                Spin::Fixed(Duration::ZERO),
-                Default::default(),
-                Seats::none(),
-            );
+            let mut w = sleeping_waiter();
             d.set_scanning(false);
             // The look at every channel after the change.
             let mut got = r.try_pop().map(|t| t.header().trace_id);
