@@ -156,6 +156,8 @@ pub(crate) struct Sweep {
     /// Channels (indices into `chans`) seen with a request waiting, in turn.
     ready: VecDeque<usize>,
     next_full: Instant,
+    /// The next look is at every channel, whatever the time (the list changed).
+    full_due: bool,
     /// At most [`SCAN_MAX`] channels: every look is at all of them (the doorbell's bits
     /// and the full-sweep clock are not needed).
     scan: bool,
@@ -168,6 +170,7 @@ impl Default for Sweep {
             version: u64::MAX,
             ready: VecDeque::new(),
             next_full: Instant::now(),
+            full_due: true,
             scan: false,
         }
     }
@@ -184,8 +187,9 @@ impl Sweep {
         self.chans = table.list.read().clone();
         self.scan = self.chans.len() <= SCAN_MAX;
         self.ready.clear();
-        // New channels may have been rung before we knew them: look at all of them now.
-        self.next_full = Instant::now();
+        // New channels may have been rung before we knew them, and callers may have set no
+        // bit while we scanned: look at all of them now.
+        self.full_due = true;
     }
 
     /// Whether a look now would find a request: with the list changed since this thread
@@ -214,7 +218,7 @@ impl Sweep {
                 return Some(c.clone());
             }
             let mut bits = bell.take();
-            if self.scan {
+            if self.scan || std::mem::take(&mut self.full_due) {
                 bits = u64::MAX;
             } else {
                 // The reply this thread just published read the clock: no second read.
