@@ -522,9 +522,12 @@ impl Bus {
         )
     }
 
-    /// The owner of `resource`, if it is online, with its service (registry index and
-    /// name) and the service's largest message.
-    pub(crate) fn online_owner(&self, resource: &str) -> Result<(CallInfo, u32, String, u64)> {
+    /// The owner of `resource`, if it is online, with its service (registry index, entry
+    /// and name) and the service's largest message.
+    pub(crate) fn online_owner(
+        &self,
+        resource: &str,
+    ) -> Result<(CallInfo, (u32, &ServiceEntry), String, u64)> {
         names::resource_id(resource)?;
         let inner = &*self.inner;
         inner.not_forked()?;
@@ -559,7 +562,7 @@ impl Bus {
             .seq
             .read(|| (svc.max_message.load(Ordering::Relaxed), svc.name.load()));
         let service = String::from_utf8_lossy(&name[..len]).into_owned();
-        Ok((target, svc_idx, service, max))
+        Ok((target, (svc_idx, svc), service, max))
     }
 
     /// The call path shared by [`Bus::call_resource_into`] and [`Bus::call_resource_loan`]:
@@ -575,16 +578,10 @@ impl Bus {
         let start = Instant::now();
         names::resource_id(resource)?;
         names::method(method)?;
-        let (target, svc_idx, service, max) = self.online_owner(resource)?;
+        let (target, (svc_idx, svc), service, max) = self.online_owner(resource)?;
         check_size(&service, body.bytes().len(), max)?;
         check_options(opts)?;
         let inner = &*self.inner;
-        let svc = inner
-            .registry()
-            .service(svc_idx)
-            .ok_or_else(|| Error::ResourceNotFound {
-                resource: resource.to_owned(),
-            })?;
         let stats = inner.session().stats.caller_stats(svc_idx);
         let cfg = &inner.opts.circuit_breaker;
         breaker::guarded(cfg, stats, svc, &service, |sent| {
