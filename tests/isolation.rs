@@ -320,6 +320,74 @@ fn a_caller_of_another_uid_holding_slots_holds_up_no_one_else() {
     assert!(child.wait().unwrap().success());
 }
 
+/// The doorbell's `scanning` word (issue 18, property 3): a permitted caller says, falsely,
+/// that `bank`'s instances look at every channel on every look (so callers set no hint
+/// bit), and keeps clearing the hint bits, while each instance has more than `SCAN_MAX`
+/// channels and so does not scan. The victim's calls are found at the instance's next full
+/// sweep at the latest (5 ms): all 50 succeed, each within a 1 s deadline.
+#[test]
+fn a_caller_that_says_the_instances_scan_delays_others_by_at_most_a_full_sweep() {
+    let Some((bus, _banks, victim)) = bank_bus() else {
+        return;
+    };
+    // More than SCAN_MAX (8) channels at each instance: ten more connections, each
+    // calling both instances.
+    let others: Vec<Bus> = (0..10).map(|_| bus.connect()).collect();
+    for (i, b) in others.iter().enumerate() {
+        victim_calls(b, 4, &format!("other {i}"));
+    }
+    let (mut child, r) = attacker_holding(bus.path(), "false-scan", &bank_targets(&victim));
+    assert_eq!(value(&r, "opened"), "2", "{r:?}");
+    let opts = CallOptions::timeout(Duration::from_secs(1));
+    let mut out = Vec::new();
+    for i in 0..50 {
+        let p = format!("to=alice amount=0010 unhinted #{i}").into_bytes();
+        victim
+            .call_into("bank", "echo", &p, &opts, &mut out)
+            .unwrap_or_else(|e| panic!("victim call #{i} held up: {e}"));
+        assert_eq!(out, p);
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the attacker stopped early"
+    );
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+}
+
+/// Sets each target's `scanning` word and clears its hint bits every 100 µs until its
+/// stdin closes.
+fn attack_false_scan(dir: &Path, targets: &[(u32, u64)]) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut raw = Raw::connect(dir).unwrap();
+    let opened = open_as_caller(&mut raw, targets);
+    let set = |on: &[(
+        aegis_client::layout::InstanceSeg,
+        aegis_client::layout::ChannelSeg,
+    )]| {
+        for (ring, _) in on {
+            let b = ring.ring_indices();
+            b.enqueue_pos.store(1, Ordering::Relaxed);
+            b.hint.store(0, Ordering::Relaxed);
+        }
+    };
+    set(&opened);
+    println!("\nRESULT opened={}", opened.len());
+    std::io::stdout().flush().unwrap();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+            done.store(true, Ordering::Relaxed);
+        });
+        while !done.load(Ordering::Relaxed) {
+            set(&opened);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    });
+}
+
 /// Runs `attack` under the attacker's uid until it prints its `RESULT` (it then holds
 /// what it did until its stdin closes): the attacker and its result.
 fn attacker_holding(
@@ -1369,6 +1437,7 @@ fn attacker() {
         "open-reply-heaps" => attack_open_reply_heaps(Path::new(&dir)),
         "rewrite" => attack_rewrite(Path::new(&dir), &targets),
         "hold" => attack_hold(Path::new(&dir), &targets),
+        "false-scan" => attack_false_scan(Path::new(&dir), &targets),
         "selections" => attack_selections(Path::new(&dir), &targets),
         "forge" => serve_pub_while(Path::new(&dir), forge_replies),
         "alter" => serve_pub_while(Path::new(&dir), alter_requests),
