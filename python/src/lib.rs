@@ -297,6 +297,19 @@ impl Bus {
         })
     }
 
+    /// A call `submit` makes on this connection (with the GIL released: it may wait for
+    /// room in the instance's ring), as a `PendingCall`.
+    fn submitted(
+        &self,
+        py: Python<'_>,
+        submit: impl FnOnce(&RBus) -> aegis_client::Result<Pending<'_>> + Send,
+    ) -> PyResult<PendingCall> {
+        self.with(|bus| {
+            let p = py.allow_threads(|| submit(bus)).map_err(to_py)?;
+            Ok(Self::pending(bus, Some(p)).expect("a call"))
+        })
+    }
+
     fn pending(bus: &RBus, p: Option<Pending<'_>>) -> Option<PendingCall> {
         p.map(|p| {
             let bus = Box::new(bus.clone());
@@ -506,12 +519,7 @@ impl Bus {
         exclude: Vec<String>,
     ) -> PyResult<PendingCall> {
         let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
-        self.with(|bus| {
-            let p = py
-                .allow_threads(|| bus.submit(service, method, payload, &opts))
-                .map_err(to_py)?;
-            Ok(Self::pending(bus, Some(p)).expect("a call"))
-        })
+        self.submitted(py, |bus| bus.submit(service, method, payload, &opts))
     }
 
     /// `submit` with a request written in a `Loan` for `service` (spent by the call; its
@@ -533,12 +541,7 @@ impl Bus {
     ) -> PyResult<PendingCall> {
         let opts = options(timeout, attempt_timeout, idempotent, exclude)?;
         let l = take_loan(loan)?;
-        self.with(|bus| {
-            let p = py
-                .allow_threads(|| bus.submit_loan(service, method, l, &opts))
-                .map_err(to_py)?;
-            Ok(Self::pending(bus, Some(p)).expect("a call"))
-        })
+        self.submitted(py, |bus| bus.submit_loan(service, method, l, &opts))
     }
 
     /// `submit` that never waits: `None` says the ring is full or every mailbox is in use;
