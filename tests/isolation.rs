@@ -145,7 +145,12 @@ fn victim_calls(bus: &Bus, n: usize, tag: &str) {
 
 /// As [`victim_calls`], each payload padded to at least `size` bytes.
 fn victim_calls_of(bus: &Bus, n: usize, tag: &str, size: usize) {
-    let opts = CallOptions::timeout(Duration::from_secs(5));
+    victim_calls_within(bus, n, tag, size, Duration::from_secs(5))
+}
+
+/// As [`victim_calls_of`], each call within `deadline`.
+fn victim_calls_within(bus: &Bus, n: usize, tag: &str, size: usize, deadline: Duration) {
+    let opts = CallOptions::timeout(deadline);
     let mut out = Vec::new();
     for i in 0..n {
         let mut p = format!("to=alice amount=0010 {tag} #{i}").into_bytes();
@@ -295,29 +300,26 @@ fn a_caller_of_another_uid_holding_slots_holds_up_no_one_else() {
     let Some((bus, _banks, victim)) = bank_bus() else {
         return;
     };
-    let (mut child, r) = attacker_holding(bus.path(), "hold", &bank_targets(&victim));
+    let (child, r) = attacker_holding(bus.path(), "hold", &bank_targets(&victim));
     assert_eq!(
         value(&r, "held"),
         "2",
         "a slot in each of its 2 channels: {r:?}"
     );
     // Each call well within the 5 s a held ring used to cost it.
-    let opts = CallOptions::timeout(Duration::from_secs(1));
-    let mut out = Vec::new();
-    for i in 0..50 {
-        let p = format!("to=alice amount=0010 held #{i}").into_bytes();
-        victim
-            .call_into("bank", "echo", &p, &opts, &mut out)
-            .unwrap_or_else(|e| panic!("victim call #{i} held up: {e}"));
-        assert_eq!(out, p);
-    }
-    // Still held: it lets go when its stdin closes.
+    victim_calls_while_held(&victim, child, "held");
+}
+
+/// Makes 50 checked victim calls of `bank`, each within 1 s, while `attacker` (started by
+/// [`attacker_holding`]) still holds what it did; then lets it go (its stdin closes).
+fn victim_calls_while_held(victim: &Bus, mut attacker: std::process::Child, tag: &str) {
+    victim_calls_within(victim, 50, tag, 0, Duration::from_secs(1));
     assert!(
-        child.try_wait().unwrap().is_none(),
+        attacker.try_wait().unwrap().is_none(),
         "the attacker let go early"
     );
-    drop(child.stdin.take());
-    assert!(child.wait().unwrap().success());
+    drop(attacker.stdin.take());
+    assert!(attacker.wait().unwrap().success());
 }
 
 /// The doorbell's `scanning` word (issue 18, property 3): a permitted caller says, falsely,
@@ -336,23 +338,9 @@ fn a_caller_that_says_the_instances_scan_delays_others_by_at_most_a_full_sweep()
     for (i, b) in others.iter().enumerate() {
         victim_calls(b, 4, &format!("other {i}"));
     }
-    let (mut child, r) = attacker_holding(bus.path(), "false-scan", &bank_targets(&victim));
+    let (child, r) = attacker_holding(bus.path(), "false-scan", &bank_targets(&victim));
     assert_eq!(value(&r, "opened"), "2", "{r:?}");
-    let opts = CallOptions::timeout(Duration::from_secs(1));
-    let mut out = Vec::new();
-    for i in 0..50 {
-        let p = format!("to=alice amount=0010 unhinted #{i}").into_bytes();
-        victim
-            .call_into("bank", "echo", &p, &opts, &mut out)
-            .unwrap_or_else(|e| panic!("victim call #{i} held up: {e}"));
-        assert_eq!(out, p);
-    }
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the attacker stopped early"
-    );
-    drop(child.stdin.take());
-    assert!(child.wait().unwrap().success());
+    victim_calls_while_held(&victim, child, "unhinted");
 }
 
 /// Sets each target's `scanning` word and clears its hint bits every 100 µs until its
