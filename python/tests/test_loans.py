@@ -3,7 +3,9 @@ the instance wrote it, and a writable reply loan on the serving side."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -39,13 +41,24 @@ def _pull_server(inst: aegis_ipc.Instance, served: list[str]) -> threading.Threa
     return t
 
 
-def test_a_loaned_call_is_read_in_place_on_both_sides(testbus):
+@contextlib.contextmanager
+def _zc_served(testbus) -> Iterator[tuple[aegis_ipc.Bus, list[str]]]:
+    """A caller's connection, and `zc` served by `_pull_server` on another connection
+    (stopped and joined on exit): yields the caller and the methods served so far."""
     bus = aegis_ipc.Bus.connect(testbus.dir)
     server = aegis_ipc.Bus.connect(testbus.dir)
     inst = server.register("zc", "py-1")
     served: list[str] = []
     t = _pull_server(inst, served)
     try:
+        yield bus, served
+    finally:
+        inst.stop()
+        t.join(DEADLINE)
+
+
+def test_a_loaned_call_is_read_in_place_on_both_sides(testbus):
+    with _zc_served(testbus) as (bus, served):
         for size in (1, 100, 4096, 1 << 20, 12 << 20):
             loan = bus.loan("zc", size)
             assert len(loan) == size
@@ -97,9 +110,6 @@ def test_a_loaned_call_is_read_in_place_on_both_sides(testbus):
             bus.loan("zc", 12 << 20)
         for h in held:
             h.release()
-    finally:
-        inst.stop()
-        t.join(DEADLINE)
     assert served.count("rev") == 13
 
 
@@ -138,12 +148,7 @@ def test_a_loan_for_a_resource_goes_to_its_owner_and_is_read_in_place(testbus):
 
 
 def test_loaned_requests_are_pipelined_and_read_in_place(testbus):
-    bus = aegis_ipc.Bus.connect(testbus.dir)
-    server = aegis_ipc.Bus.connect(testbus.dir)
-    inst = server.register("zc", "py-1")
-    served: list[str] = []
-    t = _pull_server(inst, served)
-    try:
+    with _zc_served(testbus) as (bus, served):
         size = 1 << 20
         calls = []
         for k in range(5):
@@ -168,6 +173,3 @@ def test_loaned_requests_are_pipelined_and_read_in_place(testbus):
         held = [bus.loan("zc", 12 << 20), bus.loan("zc", 12 << 20), bus.loan("zc", 7 << 20)]
         for h in held:
             h.release()
-    finally:
-        inst.stop()
-        t.join(DEADLINE)
