@@ -118,6 +118,7 @@ pub fn segment_open(data: &[u8]) {
                             let _ = crate::channel::mailbox::still_waiting(mb, 1);
                             let _ = crate::channel::mailbox::cancel(mb, 1);
                             let _ = crate::channel::mailbox::is_finished(mb, 1);
+                            crate::channel::mailbox::release(mb, 1);
                         }
                     }
                 }

@@ -269,7 +269,7 @@ fn park(
     ready: impl Fn() -> bool,
     stop: impl Fn() -> bool,
 ) -> bool {
-    let poll = || {
+    let poll = |_deep| {
         if ready() || stop() {
             Poll::Ready
         } else {

@@ -378,7 +378,12 @@ impl<'a> Seats<'a> {
     }
 }
 
-/// What a spinning waiter sees of the thing it waits for.
+/// What a spinning waiter sees of the thing it waits for. A waiter polls with `poll(deep)`:
+/// `deep` false (most polls) asks only whether it is [`Poll::Ready`], and a poll may then
+/// answer [`Poll::Working`] for anything else without looking further; `deep` true (only
+/// when the waiter's grace for an untaken request has passed) asks it to tell
+/// [`Poll::Working`] from [`Poll::NotStarted`], which may cost a look at a line the peer
+/// writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Poll {
     Ready,
@@ -462,24 +467,25 @@ impl<'a> Waiter<'a> {
         }
     }
 
-    /// The spin and yield phases: returns true as soon as `poll()` says [`Poll::Ready`], or
+    /// The spin and yield phases: returns true as soon as `poll` says [`Poll::Ready`], or
     /// false when the policy says to sleep now (or `limit` passed). Adaptive: spins only
-    /// with a seat (giving up after [`UNTAKEN_GRACE`] of [`Poll::NotStarted`]), then yields
+    /// with a seat (giving up when the request is still [`Poll::NotStarted`]
+    /// [`UNTAKEN_GRACE`] into the spin), then yields
     /// for [`CALLER_YIELD`] or [`SERVER_YIELD`]. Fixed: spins exactly its budget. A new
     /// wait: [`Waiter::started`] and [`Waiter::learn`] are about it from here on.
-    pub fn spin(&mut self, limit: Option<Limit>, mut poll: impl FnMut() -> Poll) -> bool {
+    pub fn spin(&mut self, limit: Option<Limit>, mut poll: impl FnMut(bool) -> Poll) -> bool {
         self.started = None;
         match self.policy {
             Spin::Fixed(d) => spin_for(d, None, (&mut self.started, limit), &mut poll),
             // An answer already there costs no load sample, seat or clock read.
-            Spin::Adaptive if poll() == Poll::Ready => true,
+            Spin::Adaptive if poll(false) == Poll::Ready => true,
             Spin::Adaptive => {
                 let budget = self.backoff.next_budget();
                 if budget.is_zero() {
                     // Lately the waits outlasted both phases: sleep at once.
                     WOKE_A_SLEEPER.set(false);
                     self.seat = None;
-                    return poll() == Poll::Ready;
+                    return poll(false) == Poll::Ready;
                 }
                 self.spin_phase(budget, limit, &mut poll) || self.yield_phase(limit, &mut poll)
             }
@@ -491,7 +497,7 @@ impl<'a> Waiter<'a> {
         &mut self,
         budget: Duration,
         limit: Option<Limit>,
-        poll: &mut impl FnMut() -> Poll,
+        poll: &mut impl FnMut(bool) -> Poll,
     ) -> bool {
         // A peer this thread just woke needs a core as well: count it.
         let woke = WOKE_A_SLEEPER.replace(false);
@@ -516,7 +522,7 @@ impl<'a> Waiter<'a> {
     /// waiting for it (`sched_yield`), so waiting this way never takes a core from a thread
     /// that has work. It keeps this thread's core awake, and answers sooner than a futex
     /// wake-up, whenever the reply (or the next request) comes within the phase.
-    fn yield_phase(&mut self, limit: Option<Limit>, poll: &mut impl FnMut() -> Poll) -> bool {
+    fn yield_phase(&mut self, limit: Option<Limit>, poll: &mut impl FnMut(bool) -> Poll) -> bool {
         // A yielding thread does not hold a core: free the seat for a spinner.
         self.seat = None;
         let phase = if self.backoff.server {
@@ -528,7 +534,7 @@ impl<'a> Waiter<'a> {
         let start = *self.started.get_or_insert(now);
         let until = limit.map_or(now + phase, |l| l.from(start).min(now + phase));
         loop {
-            if poll() == Poll::Ready {
+            if poll(false) == Poll::Ready {
                 return true;
             }
             if Instant::now() >= until {
@@ -554,27 +560,26 @@ impl<'a> Waiter<'a> {
     }
 }
 
-/// Spins until `poll()` says [`Poll::Ready`] (true), or `budget` or the limit passes
-/// (false). With a `grace` (adaptive spinning), also gives up after that long of
-/// [`Poll::NotStarted`], and yields the core every [`SPIN_YIELD_EVERY`]. The clock is
-/// read every [`POLLS_BEFORE_CLOCK`] polls, first after that many (the budget counts from
-/// there; `started` is the wait's start, set then if unset).
+/// Spins until `poll` says [`Poll::Ready`] (true), or `budget` or the limit passes
+/// (false). With a `grace` (adaptive spinning), also gives up when, `grace` after the first
+/// clock read, a deep poll says [`Poll::NotStarted`], and yields the core every
+/// [`SPIN_YIELD_EVERY`]. The clock is read every [`POLLS_BEFORE_CLOCK`] polls, first after
+/// that many (the budget and the grace count from there; `started` is the wait's start,
+/// set then if unset).
 fn spin_for(
     budget: Duration,
     grace: Option<Duration>,
     (started, limit): (&mut Option<Instant>, Option<Limit>),
-    poll: &mut impl FnMut() -> Poll,
+    poll: &mut impl FnMut(bool) -> Poll,
 ) -> bool {
     if budget.is_zero() {
-        return poll() == Poll::Ready;
+        return poll(false) == Poll::Ready;
     }
-    // (until, next_yield) from the first clock read on.
-    let mut times: Option<(Instant, Instant)> = None;
-    let mut not_started_since = None;
+    // (until, next_yield, grace_ends) from the first clock read on.
+    let mut times: Option<(Instant, Instant, Option<Instant>)> = None;
     let mut i = 0u32;
     loop {
-        let p = poll();
-        if p == Poll::Ready {
+        if poll(false) == Poll::Ready {
             return true;
         }
         spin_hint();
@@ -582,21 +587,22 @@ fn spin_for(
         if i % POLLS_BEFORE_CLOCK == 0 {
             let now = Instant::now();
             let start = *started.get_or_insert(now);
-            let (until, next_yield) = times.get_or_insert_with(|| {
+            let (until, next_yield, grace_ends) = times.get_or_insert_with(|| {
                 let until = limit.map_or(now + budget, |l| l.from(start).min(now + budget));
-                (until, now + SPIN_YIELD_EVERY)
+                (until, now + SPIN_YIELD_EVERY, grace.map(|g| now + g))
             });
             if now >= *until {
                 return false;
             }
-            if let Some(grace) = grace {
-                if p == Poll::NotStarted {
-                    let since = *not_started_since.get_or_insert(now);
-                    if now - since >= grace {
-                        return false;
+            if grace.is_some() {
+                // The peer's progress is asked for only once the grace is over: most
+                // waits end before, without a look at it. Once started, it stays so.
+                if grace_ends.is_some_and(|ends| now >= ends) {
+                    match poll(true) {
+                        Poll::Ready => return true,
+                        Poll::NotStarted => return false,
+                        Poll::Working => *grace_ends = None,
                     }
-                } else {
-                    not_started_since = None;
                 }
                 if now >= *next_yield {
                     std::thread::yield_now();
@@ -701,7 +707,7 @@ mod tests {
                 let mut w = Waiter::new(Spin::Adaptive, backoff, Seats::none());
                 let mut polls = 0;
                 let start = Instant::now();
-                assert!(!w.spin(None, || {
+                assert!(!w.spin(None, |_| {
                     polls += 1;
                     Poll::Working
                 }));
@@ -724,7 +730,7 @@ mod tests {
         for _ in 0..50 {
             let mut w = Waiter::new(Spin::Adaptive, Backoff::default(), Seats::none());
             let mut polls = 0;
-            let got = w.spin(None, || {
+            let got = w.spin(None, |_| {
                 polls += 1;
                 if polls == 3 {
                     Poll::Ready
@@ -750,7 +756,7 @@ mod tests {
             Seats::none(),
         );
         let mut polls = 0;
-        assert!(!w.spin(None, || {
+        assert!(!w.spin(None, |_| {
             polls += 1;
             Poll::Working
         }));

@@ -273,7 +273,7 @@ mod tests {
             if declined {
                 // What `take` does when its re-read finds the cancel after its TAKEN.
                 theirs
-                    .ans
+                    .taken
                     .state
                     .store(mailbox::pack(gen, mailbox::DECLINED), Relaxed);
             } else {

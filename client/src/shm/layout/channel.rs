@@ -9,9 +9,10 @@
 //!   and each mailbox's [`CallWord`] (call state, waiter flags, nonce). The caller gets
 //!   the writable descriptor; the instance a read-only one.
 //! * the **reply side** (`memfd:aegis-reply`): the ring's `dequeue_pos`, the consumer's
-//!   half of each slot's sequence ([`FreedSlot`]), the "taken up" word, and each mailbox's
-//!   [`MailboxHeader`] (answer state, reply header) and inline reply bytes. The instance
-//!   gets the writable descriptor; the caller a read-only one.
+//!   half of each slot's sequence ([`FreedSlot`]), the "taken up" word, each mailbox's
+//!   [`TakenWord`] (take state, taker pid), and each mailbox's [`MailboxHeader`] (answer
+//!   state, reply header) and inline reply bytes. The instance gets the writable
+//!   descriptor; the caller a read-only one.
 //!
 //! The read-only descriptors are reopened by the broker through `/proc/self/fd` after it
 //! took the file's mode down to `0400` ([`crate::shm::sys::reopen_read_only`]): the
@@ -58,6 +59,7 @@ pub enum Party {
 #[derive(Clone, Copy)]
 pub struct Mb<'a> {
     pub call: &'a CallWord,
+    pub taken: &'a TakenWord,
     pub ans: &'a MailboxHeader,
 }
 
@@ -120,18 +122,24 @@ impl ChannelSeg {
     /// Where the [`FreedSlot`]s start on the reply side (after its [`RingIndices`]).
     const FREED: usize = InstanceLayout::RING + size_of::<RingIndices>();
 
-    /// Where the mailboxes start on the reply side: the page after the freed words.
-    fn answers_off(layout: &InstanceLayout) -> usize {
+    /// Where the [`TakenWord`]s start on the reply side: after the freed words (64-byte
+    /// aligned, as the freed words are).
+    fn taken_off(layout: &InstanceLayout) -> usize {
+        Self::FREED + layout.slot_count as usize * size_of::<FreedSlot>()
+    }
+
+    /// Where the mailboxes start on the reply side: the page after the taken words.
+    fn answers_off(layout: &InstanceLayout, mailboxes: &ClientLayout) -> usize {
         round_up(
-            Self::FREED + layout.slot_count as usize * size_of::<FreedSlot>(),
+            Self::taken_off(layout) + mailboxes.mailboxes as usize * size_of::<TakenWord>(),
             PAGE,
         )
     }
 
-    /// Bytes of the reply side: header, `dequeue_pos`, the freed words, then the
-    /// mailboxes (each a [`MailboxHeader`] and its inline reply bytes).
+    /// Bytes of the reply side: header, `dequeue_pos`, the freed words, the taken words,
+    /// then the mailboxes (each a [`MailboxHeader`] and its inline reply bytes).
     pub fn reply_size(layout: &InstanceLayout, mailboxes: &ClientLayout) -> usize {
-        Self::answers_off(layout)
+        Self::answers_off(layout, mailboxes)
             + round_up(
                 mailboxes.mailboxes as usize * mailboxes.mailbox_stride(),
                 PAGE,
@@ -338,7 +346,8 @@ impl ChannelSeg {
         if i >= self.mailboxes.mailboxes {
             return None;
         }
-        let off = Self::answers_off(&self.layout) + i as usize * self.mailboxes.mailbox_stride();
+        let off = Self::answers_off(&self.layout, &self.mailboxes)
+            + i as usize * self.mailboxes.mailbox_stride();
         let data = self.rep.range(
             (off + size_of::<MailboxHeader>()) as u64,
             self.mailboxes.mailbox_inline as u64,
@@ -349,6 +358,9 @@ impl ChannelSeg {
         Some((
             Mb {
                 call,
+                taken: self
+                    .rep
+                    .at(Self::taken_off(&self.layout) + i as usize * size_of::<TakenWord>()),
                 ans: self.rep.at(off),
             },
             data,
@@ -721,6 +733,12 @@ mod tests {
         };
         assert!(inside(&c.req, (mb.call as *const CallWord).cast(), 64));
         assert!(inside(&c.rep, (mb.ans as *const MailboxHeader).cast(), 64));
+        assert!(inside(&c.rep, (mb.taken as *const TakenWord).cast(), 8));
+        assert_ne!(
+            mb.taken as *const TakenWord as usize / 64,
+            mb.ans as *const MailboxHeader as usize / 64,
+            "the take shares no line with the answer the caller polls"
+        );
         assert!(inside(&c.rep, inline, 128));
         assert!(c.mailbox(3).is_none());
     }

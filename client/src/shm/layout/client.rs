@@ -10,12 +10,14 @@ use crate::shm::sync::{AtomicU32, AtomicU64};
 
 // Reply mailboxes (in each channel) and the client segment (doorbell).
 
-/// The instance's half of a reply mailbox, on the reply side of a channel (which only the
-/// instance writes): its answer state `generation << 8 | phase` (`TAKEN`, `READY` or
-/// `DECLINED`, see [`crate::channel::mailbox`]) and the reply, the inline bytes following.
-/// The caller's half is the mailbox's [`CallWord`] on the request side.
+/// The instance's answer in a reply mailbox, on the reply side of a channel (which only
+/// the instance writes): its answer state `generation << 8 | phase` (`READY`, see
+/// [`crate::channel::mailbox`]) and the reply, the inline bytes following. The line the
+/// caller polls: nothing but the answer is written to it during a call (the take is in the
+/// mailbox's [`TakenWord`]). The caller's half is the mailbox's [`CallWord`] on the
+/// request side.
 ///
-/// SYNC POINT: the instance publishes a reply with a Release CAS to `READY`; the caller
+/// SYNC POINT: the instance publishes a reply with a Release store of `READY`; the caller
 /// reads the reply after an Acquire load that sees `READY`.
 #[repr(C, align(64))]
 pub struct MailboxHeader {
@@ -29,10 +31,7 @@ pub struct MailboxHeader {
     /// Offset in the instance's heap when `reply_kind == PAYLOAD_HEAP`.
     pub heap_off: AtomicU64,
     pub incarnation: AtomicU64,
-    /// Pid of the process that took the request (written before its take): a caller whose
-    /// call timed out keeps the mailbox quarantined while that process lives.
-    pub taker_pid: AtomicU32,
-    pub _pad: [u32; 3],
+    pub _pad: [u32; 4],
 }
 // SAFETY: repr(C), atomics only.
 unsafe impl ShmSafe for MailboxHeader {}
@@ -63,6 +62,35 @@ impl CallWord {
 impl Default for CallWord {
     fn default() -> Self {
         CallWord::new()
+    }
+}
+
+/// The instance's take of a reply mailbox, on the reply side of a channel: `generation <<
+/// 8 | phase` (`TAKEN`, `DONE` or `DECLINED`, see [`crate::channel::mailbox`]) and the pid
+/// of the process that took the request (written before its take: a caller whose call
+/// timed out keeps the mailbox quarantined while that process lives). Eight to a cache
+/// line, apart from the answers: the caller reads them only when a call outlasts a spin's
+/// grace or is cancelled, so a take writes a line no caller core holds.
+#[repr(C)]
+pub struct TakenWord {
+    pub state: AtomicU32,
+    pub taker_pid: AtomicU32,
+}
+// SAFETY: repr(C), atomics only.
+unsafe impl ShmSafe for TakenWord {}
+
+impl TakenWord {
+    pub fn new() -> TakenWord {
+        TakenWord {
+            state: AtomicU32::new(0),
+            taker_pid: AtomicU32::new(0),
+        }
+    }
+}
+
+impl Default for TakenWord {
+    fn default() -> Self {
+        TakenWord::new()
     }
 }
 
