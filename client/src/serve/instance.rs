@@ -1048,7 +1048,7 @@ impl<'a> Receiver<'a> {
             }
             let mut wait = Duration::from_millis(inst.heartbeat.interval_ms.max(1));
             if let Some(d) = deadline {
-                match d.checked_duration_since(Instant::now()) {
+                match d.checked_duration_since(now) {
                     Some(l) if !l.is_zero() => wait = wait.min(l),
                     _ => return Ok(None),
                 }
