@@ -734,6 +734,17 @@ mod loom_tests {
         }
     }
 
+    /// A serving thread that takes the call of `gen` (armed with `nonce`) and answers it,
+    /// ringing `bell` if the caller flagged the mailbox async: true if it answered.
+    fn answering(
+        mb: &Arc<Pair>,
+        (gen, nonce): (u32, u64),
+        bell: Arc<AtomicU32>,
+    ) -> loom::thread::JoinHandle<bool> {
+        let mb = mb.clone();
+        loom::thread::spawn(move || take(mb.mb(), gen, nonce) && complete(mb.mb(), gen, &bell))
+    }
+
     /// The take/cancel Dekker pair: a caller told `Cancelled` never sees the request run;
     /// one told `InProgress` or `Ready` sees the reply once its mailbox finishes, and a
     /// request the instance declined after the caller saw it taken finishes as declined.
@@ -798,13 +809,8 @@ mod loom_tests {
                 return;
             }
             arm(mb.mb(), 4, 44);
-            let next = {
-                let mb = mb.clone();
-                loom::thread::spawn(move || {
-                    // Spawned after the re-arm: sees it, as a take after the slot's Acquire.
-                    take(mb.mb(), 4, 44) && complete(mb.mb(), 4, &AtomicU32::new(0))
-                })
-            };
+            // Spawned after the re-arm: sees it, as a take after the slot's Acquire.
+            let next = answering(&mb, (4, 44), Arc::new(AtomicU32::new(0)));
             assert!(!stale.join().unwrap(), "a cancelled request ran");
             let answered = next.join().unwrap();
             assert!(answered, "the next call was not taken and answered");
@@ -821,26 +827,15 @@ mod loom_tests {
         loom::model(|| {
             let mb = Arc::new(mailbox());
             arm(mb.mb(), 3, 33);
-            let inst = {
-                let mb = mb.clone();
-                loom::thread::spawn(move || {
-                    assert!(take(mb.mb(), 3, 33));
-                    assert!(complete(mb.mb(), 3, &AtomicU32::new(0)));
-                })
-            };
+            let inst = answering(&mb, (3, 33), Arc::new(AtomicU32::new(0)));
             while !is_ready(mb.mb(), 3) {
                 loom::thread::yield_now();
             }
             // The caller arms its next call in the mailbox; another thread takes it.
             arm(mb.mb(), 4, 44);
-            let next = {
-                let mb = mb.clone();
-                loom::thread::spawn(move || {
-                    take(mb.mb(), 4, 44) && complete(mb.mb(), 4, &AtomicU32::new(0))
-                })
-            };
+            let next = answering(&mb, (4, 44), Arc::new(AtomicU32::new(0)));
             assert!(next.join().unwrap(), "the next call was not answered");
-            inst.join().unwrap();
+            assert!(inst.join().unwrap());
             assert!(is_ready(mb.mb(), 4));
         });
     }
@@ -893,15 +888,9 @@ mod loom_tests {
             let mb = Arc::new(mailbox());
             arm(mb.mb(), 3, 33);
             let bell = Arc::new(AtomicU32::new(0));
-            let inst = {
-                let (mb, bell) = (mb.clone(), bell.clone());
-                loom::thread::spawn(move || {
-                    assert!(take(mb.mb(), 3, 33));
-                    assert!(complete(mb.mb(), 3, &bell));
-                })
-            };
+            let inst = answering(&mb, (3, 33), bell.clone());
             let waiting = flag_async(mb.mb(), 3);
-            inst.join().unwrap();
+            assert!(inst.join().unwrap());
             if waiting {
                 assert_eq!(bell.load(Ordering::Acquire), 1, "flagged, never rung");
             }
