@@ -161,15 +161,24 @@ pub fn take(mb: Mb<'_>, gen: u32, nonce: u64) -> bool {
 /// sleeps: on the answer word, or through the connection's `doorbell` for an async waiter.
 /// Returns false if the mailbox was not TAKEN for `gen` by this instance.
 pub fn complete(mb: Mb<'_>, gen: u32, doorbell: &AtomicU32) -> bool {
-    // Relaxed: our own take. No other thread writes the word while it says TAKEN(gen): a
-    // take of an older generation finds the call word armed for this one, of the same one
-    // finds it answered, and of a later one follows the caller's seeing READY below.
-    if mb.taken.state.load(Ordering::Relaxed) != pack(gen, TAKEN) {
+    // A CAS, not a store: only our own take is moved on. (A take of the mailbox's next
+    // call follows its caller's seeing READY below, so in the protocol none can come in
+    // between; a reply too late for a recycled mailbox then fails here instead of
+    // overwriting that take.) Before READY, so that take finds DONE, not our TAKEN: the
+    // Release below orders it first.
+    if mb
+        .taken
+        .state
+        .compare_exchange(
+            pack(gen, TAKEN),
+            pack(gen, DONE),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        )
+        .is_err()
+    {
         return false;
     }
-    // Before READY: a take of the mailbox's next call finds DONE, not our TAKEN (the
-    // Release below orders it first).
-    mb.taken.state.store(pack(gen, DONE), Ordering::Relaxed);
     mb.ans.state.store(pack(gen, READY), Ordering::Release);
     // Dekker with the caller's flags: READY, this fence, then the read of the flags.
     fence(Ordering::SeqCst);
