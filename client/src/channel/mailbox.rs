@@ -263,10 +263,10 @@ pub fn wait_ready(
     let ready = pack(gen, READY);
     // The taken word is read only when the waiter asks whether the instance has started
     // (a wait past its grace): a spinning caller reads no line but the answer's.
-    let poll = |started: bool| {
+    let poll = |deep: bool| {
         if mb.ans.state.load(Ordering::Acquire) == ready {
             Poll::Ready
-        } else if !started || answered(mb.taken.state.load(Ordering::Relaxed), gen) {
+        } else if !deep || answered(mb.taken.state.load(Ordering::Relaxed), gen) {
             Poll::Working
         } else {
             Poll::NotStarted
