@@ -573,17 +573,69 @@ fn pipelined(
 }
 
 /// When open-loop client `ci` of `clients` makes its first call, after the clock starts.
-/// With a ramp-up, clients join one after another over it (the offered rate climbs
-/// linearly from zero to the full rate, as users arriving), each calling at its full rate
-/// from its first call on.
-/// Each client's calls keep their own phase within the interval (`ci / clients`
-/// of it), so the clients' calls interleave evenly instead of arriving in bursts.
+/// With a ramp-up, clients join one after another over it, evenly spaced (the offered
+/// rate climbs linearly from zero to the full rate, as users arriving), each calling at its
+/// full rate from its first call on. Without one they join over the first interval.
+///
+/// Each client keeps its own phase within the interval, and the phases are spread evenly,
+/// so that the clients' calls interleave instead of arriving in bursts: client `ci` joins
+/// at `ci / clients` of the ramp, moved later by `j` steps of `interval / clients`, where
+/// `j` is the interval of the ramp it joins in. (Before, the phase was `ci / clients` of
+/// the interval and the join the whole interval it fell in, so the 20 clients joining in
+/// one 100 ms interval of the stress scenario all joined within 2 ms of each other: 20
+/// first contacts at once, every 100 ms, whose queueing at the broker was measured as
+/// their latency.)
 fn start_offset(ci: usize, clients: usize, iv: Duration, ramp: Duration) -> Duration {
-    let share = ci as f64 / clients as f64;
-    let phase = iv.mul_f64(share);
-    // Whole intervals into the ramp at which this client joins.
-    let joins = (ramp.as_secs_f64() * share / iv.as_secs_f64()).floor();
-    phase + iv.mul_f64(joins)
+    // In nanoseconds, integers: a float's floor put some clients a whole interval off.
+    let (n, ci) = (clients.max(1) as u128, ci as u128);
+    let iv = iv.as_nanos().max(1);
+    let span = ramp.as_nanos().max(iv);
+    let joins_at = span * ci / n;
+    // The phases of the clients joining in interval j are those of interval 0 (a grid of
+    // span / n) shifted by j · iv / n: together, every step of iv / n once.
+    let j = span * ci / (n * iv);
+    Duration::from_nanos((joins_at + j * iv / n) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::start_offset;
+    use std::time::Duration;
+
+    /// The stress scenario's ramp: 1,000 clients, one call each per 100 ms, joining over 5 s.
+    #[test]
+    fn a_ramp_adds_clients_evenly_and_their_phases_cover_the_interval() {
+        let (n, iv, ramp) = (1000, Duration::from_millis(100), Duration::from_secs(5));
+        let starts: Vec<f64> = (0..n)
+            .map(|ci| start_offset(ci, n, iv, ramp).as_secs_f64())
+            .collect();
+        for (ci, w) in starts.windows(2).enumerate() {
+            let gap = w[1] - w[0];
+            assert!(
+                (0.0049..0.0052).contains(&gap),
+                "client {} joins {gap} s after client {ci}",
+                ci + 1
+            );
+        }
+        assert!(starts[n - 1] < 5.01, "the last joins at {}", starts[n - 1]);
+        // Every phase on the 0.1 ms grid once.
+        let mut phases: Vec<u64> = starts
+            .iter()
+            .map(|s| (s * 1e4).round() as u64 % 1000)
+            .collect();
+        phases.sort_unstable();
+        phases.dedup();
+        assert_eq!(phases.len(), n, "distinct phases");
+    }
+
+    #[test]
+    fn without_a_ramp_clients_join_over_the_first_interval() {
+        let (n, iv) = (100, Duration::from_millis(10));
+        for ci in 0..n {
+            let s = start_offset(ci, n, iv, Duration::ZERO);
+            assert_eq!(s.as_micros(), (ci as u128) * 100, "client {ci}");
+        }
+    }
 }
 
 pub fn print(r: &BenchReport) {
