@@ -36,6 +36,8 @@ pub struct Load {
     pub inflight: usize,
     /// Zero-copy calls (`Bus::loan`, `Bus::call_loan`): see `BenchArgs::loan`.
     pub loan: bool,
+    /// Keep the schedule, make no calls: see `BenchArgs::floor`.
+    pub floor: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -292,9 +294,12 @@ pub fn run(
         mismatched,
         clients: load.clients,
         payload: load.payload,
-        mode: match load.rate {
-            Some(r) => format!("open loop, {r} calls/s"),
-            None => "closed loop".into(),
+        mode: match (load.rate, load.floor) {
+            (Some(r), true) => {
+                format!("open loop, {r} calls/s, floor: no calls made (wake-ups only)")
+            }
+            (Some(r), false) => format!("open loop, {r} calls/s"),
+            (None, _) => "closed loop".into(),
         },
         elapsed_s: elapsed,
         calls_per_s: ok as f64 / elapsed,
@@ -440,7 +445,10 @@ fn client_loop(
             Instant::now()
         };
         r.sent += 1;
-        let answered = if args.loan {
+        let answered = if args.floor {
+            // The floor: a "call" that returns at once; its latency is the wake-up lag.
+            Ok(true)
+        } else if args.loan {
             loaned_call(bus, args, opts, &payload, (client, r.sent))
         } else {
             bus.call_into(&args.service, &args.method, &payload, opts, &mut out)

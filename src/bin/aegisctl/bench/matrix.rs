@@ -95,6 +95,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                         start_at: None,
                         inflight: 1,
                         loan: false,
+                        floor: false,
                     };
                     runs[k].push(load::run(&l, Some(bus.dir().to_owned()), None)?);
                 }

@@ -94,6 +94,11 @@ pub struct BenchArgs {
     /// cost), or every byte with `--verify`.
     #[arg(long)]
     pub loan: bool,
+    /// Open loop: the clients connect and keep the schedule but make no calls. What is
+    /// measured is the generator's own wake-up lag on this host: the floor under every
+    /// open-loop figure (`--scenario stress --floor` beside `--scenario stress`).
+    #[arg(long)]
+    pub floor: bool,
     /// One of the seed's performance scenarios, with its load, targets and a verdict.
     #[arg(long, value_enum)]
     pub scenario: Option<Scenario>,
@@ -139,6 +144,11 @@ impl BenchArgs {
         }
         if ramp_up > 0.0 && self.rate.is_none() {
             return Err("--ramp-up needs --rate (it ramps an open-loop rate)".into());
+        }
+        if self.floor && self.rate.is_none() {
+            return Err(
+                "--floor needs --rate or --scenario (it measures an open-loop schedule)".into(),
+            );
         }
         if self.verify && self.payload < 16 {
             return Err("--verify needs --payload of at least 16 bytes".into());
@@ -186,6 +196,7 @@ impl BenchArgs {
                 .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
             inflight: self.inflight,
             loan: self.loan,
+            floor: self.floor,
         })
     }
 }
@@ -346,6 +357,7 @@ fn run_workers(
             ("--verify", load.verify),
             ("--idempotent", load.idempotent),
             ("--loan", load.loan),
+            ("--floor", load.floor),
         ] {
             if on {
                 cmd.arg(flag);
