@@ -294,13 +294,7 @@ pub fn run(
         mismatched,
         clients: load.clients,
         payload: load.payload,
-        mode: match (load.rate, load.floor) {
-            (Some(r), true) => {
-                format!("open loop, {r} calls/s, floor: no calls made (wake-ups only)")
-            }
-            (Some(r), false) => format!("open loop, {r} calls/s"),
-            (None, _) => "closed loop".into(),
-        },
+        mode: mode(load),
         elapsed_s: elapsed,
         calls_per_s: ok as f64 / elapsed,
         first_error,
@@ -580,6 +574,15 @@ fn pipelined(
     }
 }
 
+/// How the report names `load`'s mode.
+pub fn mode(load: &Load) -> String {
+    match (load.rate, load.floor) {
+        (Some(r), true) => format!("open loop, {r} calls/s, floor: no calls made (wake-ups only)"),
+        (Some(r), false) => format!("open loop, {r} calls/s"),
+        (None, _) => "closed loop".into(),
+    }
+}
+
 /// When open-loop client `ci` of `clients` makes its first call, after the clock starts.
 /// With a ramp-up, clients join one after another over it, evenly spaced (the offered
 /// rate climbs linearly from zero to the full rate, as users arriving), each calling at its
@@ -603,47 +606,6 @@ fn start_offset(ci: usize, clients: usize, iv: Duration, ramp: Duration) -> Dura
     // span / n) shifted by j · iv / n: together, every step of iv / n once.
     let j = span * ci / (n * iv);
     Duration::from_nanos((joins_at + j * iv / n) as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::start_offset;
-    use std::time::Duration;
-
-    /// The stress scenario's ramp: 1,000 clients, one call each per 100 ms, joining over 5 s.
-    #[test]
-    fn a_ramp_adds_clients_evenly_and_their_phases_cover_the_interval() {
-        let (n, iv, ramp) = (1000, Duration::from_millis(100), Duration::from_secs(5));
-        let starts: Vec<f64> = (0..n)
-            .map(|ci| start_offset(ci, n, iv, ramp).as_secs_f64())
-            .collect();
-        for (ci, w) in starts.windows(2).enumerate() {
-            let gap = w[1] - w[0];
-            assert!(
-                (0.0049..0.0052).contains(&gap),
-                "client {} joins {gap} s after client {ci}",
-                ci + 1
-            );
-        }
-        assert!(starts[n - 1] < 5.01, "the last joins at {}", starts[n - 1]);
-        // Every phase on the 0.1 ms grid once.
-        let mut phases: Vec<u64> = starts
-            .iter()
-            .map(|s| (s * 1e4).round() as u64 % 1000)
-            .collect();
-        phases.sort_unstable();
-        phases.dedup();
-        assert_eq!(phases.len(), n, "distinct phases");
-    }
-
-    #[test]
-    fn without_a_ramp_clients_join_over_the_first_interval() {
-        let (n, iv) = (100, Duration::from_millis(10));
-        for ci in 0..n {
-            let s = start_offset(ci, n, iv, Duration::ZERO);
-            assert_eq!(s.as_micros(), (ci as u128) * 100, "client {ci}");
-        }
-    }
 }
 
 pub fn print(r: &BenchReport) {
@@ -712,5 +674,46 @@ pub fn print(r: &BenchReport) {
             name,
             if pass { "PASSED" } else { "FAILED" }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::start_offset;
+    use std::time::Duration;
+
+    /// The stress scenario's ramp: 1,000 clients, one call each per 100 ms, joining over 5 s.
+    #[test]
+    fn a_ramp_adds_clients_evenly_and_their_phases_cover_the_interval() {
+        let (n, iv, ramp) = (1000, Duration::from_millis(100), Duration::from_secs(5));
+        let starts: Vec<f64> = (0..n)
+            .map(|ci| start_offset(ci, n, iv, ramp).as_secs_f64())
+            .collect();
+        for (ci, w) in starts.windows(2).enumerate() {
+            let gap = w[1] - w[0];
+            assert!(
+                (0.0049..0.0052).contains(&gap),
+                "client {} joins {gap} s after client {ci}",
+                ci + 1
+            );
+        }
+        assert!(starts[n - 1] < 5.01, "the last joins at {}", starts[n - 1]);
+        // Every phase on the 0.1 ms grid once.
+        let mut phases: Vec<u64> = starts
+            .iter()
+            .map(|s| (s * 1e4).round() as u64 % 1000)
+            .collect();
+        phases.sort_unstable();
+        phases.dedup();
+        assert_eq!(phases.len(), n, "distinct phases");
+    }
+
+    #[test]
+    fn without_a_ramp_clients_join_over_the_first_interval() {
+        let (n, iv) = (100, Duration::from_millis(10));
+        for ci in 0..n {
+            let s = start_offset(ci, n, iv, Duration::ZERO);
+            assert_eq!(s.as_micros(), (ci as u128) * 100, "client {ci}");
+        }
     }
 }

@@ -409,13 +409,11 @@ fn run_workers(
         merged.mismatched += r.mismatched;
         merged.clients += r.clients;
         merged.payload = r.payload;
-        merged.mode = r.mode.clone();
         merged.elapsed_s = merged.elapsed_s.max(r.elapsed_s);
         merged.first_error = merged.first_error.or(r.first_error);
     }
-    if let Some(r) = load.rate {
-        merged.mode = format!("open loop, {r} calls/s");
-    }
+    // The workers' rates are shares: name the whole load.
+    merged.mode = load::mode(load);
     merged.calls_per_s = merged.ok as f64 / merged.elapsed_s.max(1e-9);
     merged.set_latencies(&hist, &lag);
     if let Some(k) = kills {
