@@ -53,9 +53,12 @@ fn ten_thousand_concurrent_async_calls_then_ten_thousand_dropped_mid_call_leak_n
     assert_eq!(by.values().sum::<u32>(), N);
     // Round-robin over both. Not exactly N/2 each: N calls overflow the two 256-slot rings,
     // and a call that found its ring full picks again when it retries (wherever there is
-    // room then), so the split depends on which instance drains first.
+    // room then), so the split depends on which instance drains first. On two cores with
+    // both instances, the broker and this process competing, one instance drained four
+    // times faster than the other in two of five runs (1,820 and 1,865 of 10,000, also
+    // before the doorbell thread slept on the answer words): a tenth each is the bound.
     assert!(
-        by["a"] >= N / 4 && by["b"] >= N / 4,
+        by["a"] >= N / 10 && by["b"] >= N / 10,
         "round-robin over both: {by:?}"
     );
 

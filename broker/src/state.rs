@@ -138,17 +138,14 @@ struct ChannelNews {
 
 pub(crate) struct ClientRec {
     gen: u32,
-    /// Its segment (mailboxes, request heap): validated when made, handed to the serving
-    /// processes of instances it opened, never read by the broker.
-    fd: OwnedFd,
     pub(crate) conn: ConnId,
     /// The connecting process's uid (quotas are per uid).
     uid: u32,
     /// Bytes of its segment.
     size: u64,
     /// The instances `(index, incarnation)` this client opened (or, after a broker restart,
-    /// says it had opened): only their serving connections may be handed its segment, and
-    /// only it may report them unhealthy.
+    /// says it had opened): only it may report them unhealthy, and its statistics count
+    /// for their services.
     grants: std::collections::HashSet<(u32, u64)>,
     /// Who connected (its statistics count only for services the policy lets it call).
     pub(crate) peer: Peer,
@@ -357,13 +354,14 @@ impl State {
             Ok(x) => x,
             Err(e) => return err(WireError::Internal(format!("creating caller segment: {e}"))),
         };
-        let fds = match (dup(&self.registry_fd), dup(&self.shared_fd), dup(&fd)) {
-            (Ok(a), Ok(b), Ok(c)) => vec![a, b, c, stats_fd],
+        // The client segment goes to the client only (since layout 12 no instance is
+        // handed it), and the broker keeps no descriptor of it.
+        let fds = match (dup(&self.registry_fd), dup(&self.shared_fd)) {
+            (Ok(a), Ok(b)) => vec![a, b, fd, stats_fd],
             _ => return err(WireError::Internal("out of descriptors".into())),
         };
         self.clients[index] = Some(ClientRec {
             gen,
-            fd,
             conn,
             grants: Default::default(),
             peer,
@@ -1088,13 +1086,12 @@ impl State {
             else {
                 continue;
             };
-            // The request side read-only, the reply side writable: the instance's.
-            let (Ok(cfd), Ok(req), Ok(rep)) =
-                (dup(&c.fd), sys::reopen_read_only(&rec.req), dup(&rec.rep))
-            else {
+            // The request side read-only, the reply side writable: the instance's. Nothing
+            // of the caller's client segment: no instance writes or reads it (layout 12).
+            let (Ok(req), Ok(rep)) = (sys::reopen_read_only(&rec.req), dup(&rec.rep)) else {
                 continue;
             };
-            fds.extend([cfd, req, rep]);
+            fds.extend([req, rep]);
             channels.push(proto::ChannelInfo {
                 id,
                 client: rec.client,
@@ -1706,7 +1703,11 @@ mod tests {
                 assert_eq!(channels.len(), 1, "{channels:?}");
                 assert_eq!(channels[0].instance, (index, incarnation));
                 assert!(gone.is_empty() && heaps.is_empty() && !more, "{gone:?}");
-                assert_eq!(fds.len(), 3);
+                assert_eq!(
+                    fds.len(),
+                    2,
+                    "the request side and the reply side, nothing of the client's"
+                );
                 channels[0].id
             }
             (r, _) => panic!("{r:?}"),
@@ -1894,7 +1895,7 @@ mod tests {
         }
     }
 
-    /// Channel news comes in batches of at most `OPEN_BATCH / 2` channels (three descriptors
+    /// Channel news comes in batches of at most `OPEN_BATCH / 2` channels (two descriptors
     /// each) and `OPEN_BATCH` heaps (one each), within what a client accepts with one
     /// response, `more` saying there is more.
     #[test]
@@ -1924,7 +1925,7 @@ mod tests {
                         },
                         fds,
                     ) => {
-                        assert_eq!(fds.len(), 3 * channels.len() + heaps.len());
+                        assert_eq!(fds.len(), 2 * channels.len() + heaps.len());
                         assert!(fds.len() <= proto::MAX_RESPONSE_FDS);
                         batches.push((channels.len(), heaps.len()));
                         ids.extend(channels.iter().map(|c| c.id));

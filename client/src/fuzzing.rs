@@ -152,10 +152,7 @@ pub fn segment_open(data: &[u8]) {
             }
             SegmentKind::Client => {
                 if let Ok(c) = ClientSeg::open(&fd, Some(h.bus_epoch), None) {
-                    let _ = c.doorbell().load(std::sync::atomic::Ordering::Relaxed);
-                }
-                if let Ok(c) = crate::shm::layout::PeerClient::open(&fd, 0, 0) {
-                    let _ = c.doorbell().load(std::sync::atomic::Ordering::Relaxed);
+                    let _ = (c.layout.mailbox_stride(), c.index, c.gen);
                 }
             }
         }

@@ -11,6 +11,7 @@ use std::task::Waker;
 use parking_lot::Mutex;
 
 use crate::shm::layout::ChannelSeg;
+use crate::shm::sync::{AtomicU32, Ordering};
 
 /// A connection's async waiters: mailbox index -> who waits for it.
 #[derive(Default)]
@@ -20,6 +21,10 @@ pub(crate) struct AsyncWaiters {
     /// (a reply rung, or at most [`crate::channel::mailbox::LIVENESS_CHECK`] later) to try again.
     pub(crate) room: Mutex<Vec<Waker>>,
     pub(crate) thread_started: AtomicBool,
+    /// Bumped (and woken) when a mailbox is flagged for an async waiter: the doorbell
+    /// thread sleeps on it beside the waiting mailboxes' answer words, so that it adds a
+    /// new one at once. Process memory: no peer can touch it.
+    pub(crate) changed: AtomicU32,
     /// The connection's own event fd ([`crate::Bus::event_fd`], created on first use).
     pub(crate) event_fd: OnceLock<Arc<OwnedFd>>,
 }
@@ -40,6 +45,17 @@ pub(crate) enum Wake {
     /// pass while it is not (so the loop can look at deadlines and departed instances);
     /// the registration stays until the call is done or its `Pending` is settled.
     EventFd(Arc<OwnedFd>),
+}
+
+impl AsyncWaiters {
+    /// Tells the doorbell thread that the waiting set changed (after the change).
+    pub(crate) fn changed(&self) {
+        // SYNC POINT: Release pairs with the doorbell thread's Acquire load of `changed`
+        // before it looks at the waiting set: a thread that sleeps on the value from
+        // before this bump returns at once, one that read it after sees the change.
+        self.changed.fetch_add(1, Ordering::Release);
+        let _ = crate::shm::sys::futex_wake(&self.changed, 1);
+    }
 }
 
 pub(crate) fn signal(fd: &OwnedFd) {

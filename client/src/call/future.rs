@@ -2,12 +2,11 @@
 //!
 //! A future never spins and never blocks its executor's thread on a reply. When its reply
 //! is not there yet it registers its waker with the connection and flags its mailbox
-//! [`mailbox::ASYNC`]; the instance that completes such a mailbox rings the connection's
-//! *doorbell* (a futex word in the client segment, [`crate::shm::layout::ClientControl`]) —
-//! a syscall only when an async waiter sleeps. One doorbell thread per connection sleeps
-//! on that word and wakes the futures whose mailboxes are done; every
-//! [`mailbox::LIVENESS_CHECK`] without a ring it wakes them all, so each re-checks its
-//! deadline and whether its instance is still there.
+//! [`mailbox::ASYNC`]; the instance that completes such a mailbox wakes its answer word
+//! (a syscall only when the flag is set). One *doorbell thread* per connection sleeps on
+//! the answer words of all the mailboxes its async waiters wait for (`futex_waitv`) and
+//! wakes the futures whose mailboxes are done; every [`mailbox::LIVENESS_CHECK`] it wakes
+//! them all, so each re-checks its deadline and whether its instance is still there.
 //!
 //! Dropping a future cancels its call like dropping a [`Pending`]: a request not yet taken
 //! never runs, and the mailbox comes back (at once, or when the instance has answered).
@@ -24,10 +23,12 @@
 //! when an armed call is done, and every liveness period while one is not: an armed call
 //! is never forgotten, however long its handler takes.
 //!
-//! Chosen: the instance rings a futex word, and a thread of ours turns that into wakers or
-//! the event fd. An eventfd rung by the instance itself would have to travel through the
-//! broker to every instance; a futex word in memory both sides already share needs
-//! nothing new, and the thread it takes sleeps.
+//! Chosen: the instance wakes a futex word it alone writes (the answer word), and a thread
+//! of ours turns that into wakers or the event fd. An eventfd rung by the instance itself
+//! would have to travel through the broker to every instance, and a caller could make its
+//! instances' `write(2)` block on it (clear `O_NONBLOCK`, fill the counter). One doorbell
+//! word per connection in the caller's client segment (until layout 12) let every instance
+//! the caller called write it, and so wake the thread or delay it for calls to others.
 
 use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -41,7 +42,8 @@ use crate::channel::mailbox;
 use crate::error::Result;
 use crate::session::bus::{Bus, BusInner};
 use crate::shm::layout::ChannelSeg;
-use crate::shm::sync::Ordering;
+use crate::shm::sync::{AtomicU32, Ordering};
+use crate::shm::sys;
 
 impl Bus {
     /// Calls `method` of `service` and awaits the reply: [`Bus::submit`] as a future (one
@@ -249,8 +251,14 @@ fn arm(inner: &BusInner, mb_idx: u32, gen: u32, chan: Arc<ChannelSeg>, wake: Wak
         wake,
     };
     inner.async_waiters.waiting.lock().insert(mb_idx, waiting);
-    chan.mailbox(mb_idx)
-        .is_some_and(|(mb, _)| mailbox::flag_async(mb, gen))
+    let waits = chan
+        .mailbox(mb_idx)
+        .is_some_and(|(mb, _)| mailbox::flag_async(mb, gen));
+    if waits {
+        // The doorbell thread sleeps on the answer words it knew of: add this one.
+        inner.async_waiters.changed();
+    }
+    waits
 }
 
 fn start_doorbell_thread(inner: &Arc<BusInner>) {
@@ -276,52 +284,103 @@ fn start_doorbell_thread(inner: &Arc<BusInner>) {
     }
 }
 
-/// Sleeps on the doorbell; wakes the futures and signals the event fds whose mailboxes are
-/// done. When no ring came for a liveness period, it wakes every future (each re-checks its
-/// deadline and instance, and registers again) and signals every event fd with an armed
-/// call (whose registrations stay: an event loop re-checks without re-arming). Ends when
-/// the connection is gone.
+/// Sleeps on the answer words of the waiting mailboxes (and on `changed`, for new ones);
+/// wakes the futures and signals the event fds whose mailboxes are done. Every liveness
+/// period it wakes every future (each re-checks its deadline and instance, and registers
+/// again) and signals every event fd with an armed call (whose registrations stay: an
+/// event loop re-checks without re-arming), however often it was woken meanwhile. Ends
+/// when the connection is gone.
+///
+/// Each answer word is written by the one instance whose channel holds that mailbox, so
+/// an instance can wake this thread only about its own calls (a spurious wake-up: the
+/// thread looks and sleeps again) and can delay nobody's. At most
+/// [`sys::FUTEX_WAITV_MAX`] words are slept on; with more mailboxes waiting, the thread
+/// looks at them all every [`OVERFLOW_PASS`] instead.
 fn doorbell_thread(weak: Weak<BusInner>) {
-    let mut rang = true;
+    let mut last_pass = std::time::Instant::now();
+    let mut waitv_works = true;
     while let Some(inner) = weak.upgrade() {
-        let bell = inner.client.doorbell();
-        // SYNC POINT: Acquire pairs with the Release increment in `mailbox::complete`.
-        let seen = bell.load(Ordering::Acquire);
+        let w = &inner.async_waiters;
+        // SYNC POINT: Acquire pairs with the Release bump in `AsyncWaiters::changed`.
+        let changed = w.changed.load(Ordering::Acquire);
+        let period = crate::channel::wait::recheck(mailbox::LIVENESS_CHECK);
+        let pass = last_pass.elapsed() >= period;
+        if pass {
+            last_pass = std::time::Instant::now();
+        }
         let mut futures: Vec<Waker> = Vec::new();
         let mut fds: Vec<Arc<OwnedFd>> = Vec::new();
-        inner.async_waiters.waiting.lock().retain(|&mb, w| {
-            let done = w
-                .chan
-                .mailbox(mb)
-                .is_none_or(|(m, _)| !mailbox::still_waiting(m, w.gen));
-            match &w.wake {
-                Wake::Future(w) => {
-                    if done || !rang {
-                        futures.push(w.clone());
+        // (channel, mailbox, the answer word as read before the look at it)
+        let mut words: Vec<(Arc<ChannelSeg>, u32, u32)> = Vec::new();
+        let mut overflow = false;
+        w.waiting.lock().retain(|&mb, wt| {
+            let m = wt.chan.mailbox(mb);
+            // SYNC POINT: Acquire pairs with the instance's Release store of READY in
+            // `mailbox::complete`. Read before the look below: a READY stored after it
+            // changes the word, and the sleep on this value returns at once.
+            let seen = m.map(|(m, _)| m.ans.state.load(Ordering::Acquire));
+            let done = m.is_none_or(|(m, _)| !mailbox::still_waiting(m, wt.gen));
+            let keep = match &wt.wake {
+                Wake::Future(f) => {
+                    if done || pass {
+                        futures.push(f.clone());
                         return false;
                     }
                     true
                 }
                 Wake::EventFd(fd) => {
-                    if (done || !rang) && !fds.iter().any(|f| Arc::ptr_eq(f, fd)) {
+                    if (done || pass) && !fds.iter().any(|f| Arc::ptr_eq(f, fd)) {
                         fds.push(fd.clone());
                     }
                     !done
                 }
+            };
+            if let (true, Some(seen)) = (keep, seen) {
+                if words.len() < sys::FUTEX_WAITV_MAX - 1 {
+                    words.push((wt.chan.clone(), mb, seen));
+                } else {
+                    overflow = true;
+                }
             }
+            keep
         });
-        let room = std::mem::take(&mut *inner.async_waiters.room.lock());
-        for w in room.into_iter().chain(futures) {
-            w.wake();
+        let room = std::mem::take(&mut *w.room.lock());
+        for f in room.into_iter().chain(futures) {
+            f.wake();
         }
         for fd in &fds {
             crate::call::doorbell::signal(fd);
         }
         drop(fds);
-        let before = std::time::Instant::now();
-        let period = crate::channel::wait::recheck(mailbox::LIVENESS_CHECK);
-        let _ = crate::shm::sys::futex_wait(bell, seen, Some(period));
-        rang = bell.load(Ordering::Relaxed) != seen || before.elapsed() < period;
+        let until_pass = period.saturating_sub(last_pass.elapsed());
+        let sleep = if overflow || !waitv_works {
+            until_pass.min(OVERFLOW_PASS)
+        } else {
+            until_pass
+        };
+        let mut sleep_on: Vec<(&AtomicU32, u32)> = vec![(&w.changed, changed)];
+        sleep_on.extend(
+            words.iter().filter_map(|(chan, mb, seen)| {
+                chan.mailbox(*mb).map(|(m, _)| (&m.ans.state, *seen))
+            }),
+        );
+        if waitv_works {
+            if let Err(e) = sys::futex_waitv(&sleep_on, sleep) {
+                tracing::warn!(
+                    "futex_waitv: {e}; async calls are looked at every {OVERFLOW_PASS:?} instead"
+                );
+                waitv_works = false;
+            }
+        } else {
+            let _ = sys::futex_wait(&w.changed, changed, Some(sleep));
+        }
+        drop(sleep_on);
+        drop(words);
         drop(inner);
     }
 }
+
+/// How often the doorbell thread looks at every waiting mailbox when it cannot sleep on
+/// all their answer words (more than [`sys::FUTEX_WAITV_MAX`] of them, or a kernel
+/// without `futex_waitv`).
+pub const OVERFLOW_PASS: std::time::Duration = std::time::Duration::from_micros(200);

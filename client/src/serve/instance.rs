@@ -690,7 +690,7 @@ impl InstanceInner {
         if status != 0 {
             counters.requests_failed.fetch_add(1, Ordering::Relaxed);
         }
-        mailbox::complete(mb, d.gen, d.chan.client.doorbell());
+        mailbox::complete(mb, d.gen);
         // Timed after the reply is out: the caller does not wait for our clock read. A
         // stamp from the future (a lying caller) is not observed.
         if d.sent_ns != 0 {

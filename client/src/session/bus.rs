@@ -352,7 +352,8 @@ pub(crate) struct BusInner {
     pub(crate) channel_fetch: Mutex<()>,
     /// Caller side: mapped instance segments by registry index.
     pub(crate) instances: RwLock<IndexMap<Arc<InstanceSeg>>>,
-    /// Serving side: mapped segments (doorbells) of the clients that called our instances.
+    /// Serving side: the clients that called our instances (uid and generation; no memory
+    /// of theirs but their channels is mapped).
     pub(crate) clients: RwLock<IndexMap<Arc<PeerClient>>>,
     /// Bumped (and `control_changed` notified) each time a reconnect after a broker restart
     /// has completed (see `reconnected`).
@@ -950,8 +951,8 @@ impl BusInner {
             else {
                 return Err(Error::Protocol(format!("expected Channels, got {resp:?}")));
             };
-            let fds = expect_fds(fds, 3 * channels.len() + heaps.len(), "Channels")?;
-            let (fds, heap_fds) = fds.split_at(3 * channels.len());
+            let fds = expect_fds(fds, 2 * channels.len() + heaps.len(), "Channels")?;
+            let (fds, heap_fds) = fds.split_at(2 * channels.len());
             let epoch = self.session().epoch;
             let regs: Vec<Arc<dyn Registration>> = self
                 .registered
@@ -960,7 +961,7 @@ impl BusInner {
                 .filter_map(Weak::upgrade)
                 .collect();
             let mut add: Vec<Vec<Arc<Chan>>> = regs.iter().map(|_| Vec::new()).collect();
-            for (info, fds) in channels.iter().zip(fds.chunks(3)) {
+            for (info, fds) in channels.iter().zip(fds.chunks(2)) {
                 let Some(r) = regs.iter().position(|r| r.ident() == info.instance) else {
                     continue;
                 };
@@ -968,21 +969,22 @@ impl BusInner {
                 let known = self.clients.read().get(&ci).cloned();
                 // A client's index is reused by its next generation: the uid may differ.
                 let known = known.filter(|c| c.gen == cg && c.uid == info.uid);
-                let opened = known.map(Ok).unwrap_or_else(|| {
-                    let c = Arc::new(PeerClient::open(&fds[0], info.uid, cg)?);
+                let client = known.unwrap_or_else(|| {
+                    let c = Arc::new(PeerClient {
+                        uid: info.uid,
+                        gen: cg,
+                    });
                     self.clients.write().insert(ci, c.clone());
-                    Ok::<_, layout::LayoutError>(c)
+                    c
                 });
-                let chan = opened.and_then(|client| {
-                    let seg = ChannelSeg::open(
-                        &fds[1],
-                        &fds[2],
-                        epoch,
-                        Some(info.instance),
-                        layout::Party::Instance,
-                    )?;
-                    Ok(Chan::new(seg, client))
-                });
+                let chan = ChannelSeg::open(
+                    &fds[0],
+                    &fds[1],
+                    epoch,
+                    Some(info.instance),
+                    layout::Party::Instance,
+                )
+                .map(|seg| Chan::new(seg, client));
                 match chan {
                     Ok(c) => add[r].push(Arc::new(c)),
                     Err(e) => {

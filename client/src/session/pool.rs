@@ -277,11 +277,7 @@ mod tests {
                     .state
                     .store(mailbox::pack(gen, mailbox::DECLINED), Relaxed);
             } else {
-                assert!(mailbox::complete(
-                    theirs,
-                    gen,
-                    &crate::shm::sync::AtomicU32::new(0)
-                ));
+                assert!(mailbox::complete(theirs, gen));
             }
             pool.reclaim();
             assert_eq!(pool.quarantined.load(Relaxed), 0, "declined: {declined}");

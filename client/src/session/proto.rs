@@ -16,7 +16,7 @@ use crate::error::{code, Error, WireError};
 use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
@@ -25,11 +25,11 @@ pub const MAX_FDS: usize = 4;
 pub const OPEN_BATCH: usize = 60;
 /// Descriptors a client accepts with one response: an instance comes as four (its ring,
 /// its own segment and the two sides of this caller's channel to it), a `Channels`
-/// reply's channel as three (the caller's client segment and the channel's two sides) and
-/// a heap as one (at most `OPEN_BATCH / 2` channels and `OPEN_BATCH` heaps).
+/// reply's channel as two (the channel's two sides) and a heap as one (at most
+/// `OPEN_BATCH / 2` channels and `OPEN_BATCH` heaps).
 pub const MAX_RESPONSE_FDS: usize = 4 * OPEN_BATCH;
 const _: () =
-    assert!(3 * (OPEN_BATCH / 2) + OPEN_BATCH <= MAX_RESPONSE_FDS && MAX_RESPONSE_FDS <= 253);
+    assert!(2 * (OPEN_BATCH / 2) + OPEN_BATCH <= MAX_RESPONSE_FDS && MAX_RESPONSE_FDS <= 253);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
@@ -96,8 +96,8 @@ pub enum Request {
         channel: u64,
     },
     /// After a broker restart: the instances (index, incarnation) this client had opened,
-    /// so their serving processes may again be handed its segment. A client grants access
-    /// to its own segment only.
+    /// so that the new broker counts its unhealthy reports and caller statistics for
+    /// their services (if the policy lets it call them). A client grants for itself only.
     Grant {
         instances: Vec<(u32, u64)>,
     },
@@ -167,9 +167,8 @@ pub enum Response {
     /// routable instances of its service come along, so a caller opens a service in one
     /// round trip rather than one per instance.
     OpenedInstances(Vec<(u32, u64)>),
-    /// New channels to this connection's instances, three descriptors each (the caller's
-    /// client segment, for its async doorbell word; the channel's request side, read-only;
-    /// its reply side, writable), then the request heaps of channels `heaps` (of
+    /// New channels to this connection's instances, two descriptors each (the channel's
+    /// request side, read-only; its reply side, writable), then the request heaps of channels `heaps` (of
     /// those or of channels told before), one descriptor each; and the ids of closed ones;
     /// `more`: ask again.
     Channels {

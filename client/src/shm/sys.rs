@@ -76,6 +76,76 @@ pub fn futex_wake(word: &AtomicU32, n: u32) -> io::Result<usize> {
     syscall!(r).map(|n| n as usize)
 }
 
+/// How many words one [`futex_waitv`] may sleep on (the kernel's `FUTEX_WAITV_MAX`).
+pub const FUTEX_WAITV_MAX: usize = 128;
+
+/// Sleeps while every `words[i] == expected[i]` (at most [`FUTEX_WAITV_MAX`] of them), at
+/// most `timeout`, until one of them is woken. Returns `Ok(true)` on a wake-up, a value
+/// mismatch (`EAGAIN`) or a signal (`EINTR`), `Ok(false)` on the timeout: as with
+/// [`futex_wait`], the caller re-checks its conditions. Linux 5.16 or later (`ENOSYS`
+/// before: the caller falls back to polling).
+#[cfg(not(loom))]
+pub fn futex_waitv(words: &[(&AtomicU32, u32)], timeout: Duration) -> io::Result<bool> {
+    /// `struct futex_waitv` of `<linux/futex.h>`.
+    #[repr(C)]
+    struct FutexWaitv {
+        val: u64,
+        uaddr: u64,
+        flags: u32,
+        reserved: u32,
+    }
+    /// `FUTEX2_SIZE_U32`; shared (no `FUTEX2_PRIVATE`), as every futex here.
+    const SIZE_U32: u32 = 0x02;
+    if words.is_empty() || words.len() > FUTEX_WAITV_MAX {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let waiters: Vec<FutexWaitv> = words
+        .iter()
+        .map(|(w, v)| FutexWaitv {
+            val: *v as u64,
+            uaddr: w.as_ptr() as u64,
+            flags: SIZE_U32,
+            reserved: 0,
+        })
+        .collect();
+    // The timeout is absolute, on the clock named.
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a live local.
+    syscall!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) })?;
+    let nanos = now.tv_nsec as u64 + timeout.subsec_nanos() as u64;
+    let until = libc::timespec {
+        tv_sec: now
+            .tv_sec
+            .saturating_add(timeout.as_secs().min(i32::MAX as u64) as libc::time_t)
+            .saturating_add((nanos / 1_000_000_000) as libc::time_t),
+        tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `waiters` holds `words.len()` live, initialised entries whose addresses are
+    // valid, aligned u32 words borrowed for the call (FUTEX_WAIT semantics: only read);
+    // `until` is a live timespec.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            waiters.as_ptr(),
+            waiters.len() as libc::c_uint,
+            0u32,
+            &until as *const libc::timespec,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    match syscall!(r) {
+        Ok(_) => Ok(true),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(true),
+            Some(libc::ETIMEDOUT) => Ok(false),
+            _ => Err(e),
+        },
+    }
+}
+
 /// The futex as loom sees it: one wait queue for every word (so any wake may be
 /// spurious, as the kernel allows), the value check and the sleep atomic with respect to
 /// wakes (as the kernel's hash-bucket lock makes them), and *no timeout*: a waiter nobody
@@ -90,9 +160,16 @@ mod futex_model {
     }
 
     pub(super) fn wait(word: &super::AtomicU32, expected: u32) {
+        wait_all(&[(word, expected)])
+    }
+
+    pub(super) fn wait_all(words: &[(&super::AtomicU32, u32)]) {
         let (m, cv) = &*QUEUE;
         let mut wakes = m.lock().unwrap();
-        if word.load(std::sync::atomic::Ordering::SeqCst) != expected {
+        if words
+            .iter()
+            .any(|(w, v)| w.load(std::sync::atomic::Ordering::SeqCst) != *v)
+        {
             return;
         }
         let seen = *wakes;
@@ -118,6 +195,12 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, _: Option<Duration>) -> io::R
 pub fn futex_wake(_: &AtomicU32, n: u32) -> io::Result<usize> {
     futex_model::wake();
     Ok(n as usize)
+}
+
+#[cfg(loom)]
+pub fn futex_waitv(words: &[(&AtomicU32, u32)], _: Duration) -> io::Result<bool> {
+    futex_model::wait_all(words);
+    Ok(true)
 }
 
 /// Creates an anonymous, sealable shared-memory file of `size` bytes (zero-filled).

@@ -94,12 +94,12 @@ impl Default for TakenWord {
     }
 }
 
-/// The client segment's control words, in the 64 bytes after its header.
+/// The client segment's control words, in the 64 bytes after its header: none in use
+/// since layout 12 (the async doorbell word that was here, which every instance the
+/// client called could write, gave way to the mailboxes' own answer words).
 #[repr(C, align(64))]
 pub struct ClientControl {
-    /// Bumped (and futex-woken) by an instance that completes a mailbox an async waiter
-    /// sleeps on (`mailbox::ASYNC`): the connection's doorbell thread waits on it.
-    pub doorbell: AtomicU32,
+    pub _reserved: AtomicU32,
 }
 // SAFETY: repr(C), one atomic.
 unsafe impl ShmSafe for ClientControl {}
@@ -262,49 +262,18 @@ impl ClientSeg {
             gen,
         })
     }
-
-    /// The connection's doorbell (see [`ClientControl`]).
-    pub fn doorbell(&self) -> &AtomicU32 {
-        doorbell(&self.map)
-    }
 }
 
-fn doorbell(map: &Mapping) -> &AtomicU32 {
-    &map.at::<ClientControl>(ClientLayout::CONTROL).doorbell
-}
-
-/// A caller's client segment as an instance it calls maps it: for its doorbell only.
-/// Every instance the caller opened maps it writable, so its header is never read: it is
-/// taken by its sealed size alone (a hostile instance rewriting the header must not keep
-/// the others from mapping it).
+/// A caller as an instance it calls knows it: who it is (for the reply heap's shares per
+/// uid) and which generation of its client index. Since layout 12 an instance maps no
+/// memory of the caller's but its channels: an async waiter sleeps on the answer word of
+/// its mailbox (the instance's), not on a doorbell word in the caller's client segment
+/// that every instance it called could write.
 pub struct PeerClient {
-    pub map: Mapping,
     /// The uid of the caller as the broker saw it.
     pub uid: u32,
     /// The generation of the client index it has (see [`ClientSeg::gen`]).
     pub gen: u32,
-}
-
-impl PeerClient {
-    pub fn open(client: &OwnedFd, uid: u32, gen: u32) -> Result<PeerClient, LayoutError> {
-        let size = ClientLayout::client_size() as u64;
-        crate::shm::sys::check_size_sealed(client, Some(size)).map_err(|what| {
-            LayoutError::Invalid {
-                kind: SegmentKind::Client,
-                what,
-            }
-        })?;
-        Ok(PeerClient {
-            map: Mapping::map(client, true)?,
-            uid,
-            gen,
-        })
-    }
-
-    /// The caller's doorbell (see [`ClientControl`]): a hint only.
-    pub fn doorbell(&self) -> &AtomicU32 {
-        doorbell(&self.map)
-    }
 }
 
 /// A connected caller's breakers and failure counters, one [`CallerStats`] per registry
