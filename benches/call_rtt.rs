@@ -77,6 +77,35 @@ fn bench_bus(c: &mut Criterion, name: &str, spin: Option<Duration>) {
     drop(client);
 }
 
+/// An async call (`call_async`, one at a time on a current-thread tokio runtime) against
+/// the default instance: the future never spins, so a reply not there at the first poll
+/// is awaited through the connection's doorbell thread, which sleeps on the mailbox's
+/// answer word, then wakes the future (two thread wake-ups in the caller's process on top
+/// of the instance's).
+fn async_mode(c: &mut Criterion) {
+    let bus = support::TestBus::start();
+    let _inst = bus.serve("rtt", "rtt-1", &[]);
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let payload = vec![0x5au8; PAYLOAD];
+    let mut call = || {
+        let r = rt
+            .block_on(client.call_async("rtt", "echo", &payload, &opts))
+            .unwrap();
+        assert_eq!(r.payload.len(), PAYLOAD);
+    };
+    for _ in 0..1000 {
+        call();
+    }
+    let name = "call_rtt/aegis_async";
+    let h = timed(c, name, &mut call);
+    record(name, h);
+}
+
 fn spin_mode(c: &mut Criterion) {
     // A spin budget longer than any gap between calls: neither side ever sleeps.
     bench_bus(c, "call_rtt/aegis_spin", Some(Duration::from_secs(10)));
@@ -540,7 +569,7 @@ fn paced_config() -> Criterion {
         .measurement_time(Duration::from_secs(2))
 }
 
-criterion_group! { name = benches; config = config(); targets = uds_baseline, floor_spin, floor_futex, spin_mode, blocking_mode, default_mode, c_abi_default }
+criterion_group! { name = benches; config = config(); targets = uds_baseline, floor_spin, floor_futex, spin_mode, blocking_mode, default_mode, async_mode, c_abi_default }
 criterion_group! { name = paced; config = paced_config(); targets = seed_baseline }
 criterion_group! { name = large; config = paced_config(); targets = loans }
 
