@@ -821,7 +821,7 @@ impl InstanceInner {
                     .is_some_and(|(mb, _)| mailbox::still_unread(mb, p.gen));
             if !unread {
                 self.free_block(&p.chan, p.block);
-            } else if !p.block.in_channel && p.chan.client.uid == uid {
+            } else if !p.block.in_channel && p.chan.caller_uid == uid {
                 held += p.block.len.div_ceil(64) * 64;
             }
             unread
@@ -856,7 +856,7 @@ impl InstanceInner {
             },
             None => Block {
                 in_channel: false,
-                off: self.alloc_shared(d.chan.client.uid, block_len)?,
+                off: self.alloc_shared(d.chan.caller_uid, block_len)?,
                 len: block_len,
             },
         };

@@ -18,13 +18,14 @@ use std::time::Instant;
 use parking_lot::RwLock;
 
 use crate::channel::ring::{Doorbell, FULL_SWEEP, SCAN_MAX};
-use crate::shm::layout::{ChannelSeg, PeerClient};
+use crate::shm::layout::ChannelSeg;
 
-/// One caller's channel to this instance, with the caller's segment its replies go to
-/// (which caller sent a request is the channel it came through, not what it says).
+/// One caller's channel to this instance (which caller sent a request is the channel it
+/// came through, not what it says).
 pub(crate) struct Chan {
     pub seg: ChannelSeg,
-    pub client: Arc<PeerClient>,
+    /// The caller's uid as the broker saw it (the shared reply heap is shared out per uid).
+    pub caller_uid: u32,
     pub bit: u64,
     /// The broker said the channel closed (its caller left, or the instance did): the
     /// replies in it nobody will read (their reply heap blocks are freed at once).
@@ -39,11 +40,11 @@ pub(crate) struct Chan {
 pub(crate) const REPLY_HEAP_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Chan {
-    pub fn new(seg: ChannelSeg, client: Arc<PeerClient>) -> Chan {
+    pub fn new(seg: ChannelSeg, caller_uid: u32) -> Chan {
         Chan {
             bit: Doorbell::bit(seg.id),
             seg,
-            client,
+            caller_uid,
             closed: AtomicBool::new(false),
             reply_heap_refused: parking_lot::Mutex::new(None),
         }

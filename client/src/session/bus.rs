@@ -25,8 +25,8 @@ use crate::session::proto::{
     BulkOptions, BulkReport, Request, ResourcePage, ResourceQuery, Response, ServiceInfo,
 };
 use crate::shm::layout::{
-    self, CallerSeg, ClientSeg, InstanceSeg, PeerClient, RegistryView, ServiceEntry, SharedView,
-    Status, MAX_MEMBERS,
+    self, CallerSeg, ClientSeg, InstanceSeg, RegistryView, ServiceEntry, SharedView, Status,
+    MAX_MEMBERS,
 };
 use crate::shm::sync::Ordering;
 
@@ -352,9 +352,6 @@ pub(crate) struct BusInner {
     pub(crate) channel_fetch: Mutex<()>,
     /// Caller side: mapped instance segments by registry index.
     pub(crate) instances: RwLock<IndexMap<Arc<InstanceSeg>>>,
-    /// Serving side: the clients that called our instances (uid and generation; no memory
-    /// of theirs but their channels is mapped).
-    pub(crate) clients: RwLock<IndexMap<Arc<PeerClient>>>,
     /// Bumped (and `control_changed` notified) each time a reconnect after a broker restart
     /// has completed (see `reconnected`).
     pub(crate) control_gen: Mutex<u64>,
@@ -965,18 +962,6 @@ impl BusInner {
                 let Some(r) = regs.iter().position(|r| r.ident() == info.instance) else {
                     continue;
                 };
-                let (ci, cg) = info.client;
-                let known = self.clients.read().get(&ci).cloned();
-                // A client's index is reused by its next generation: the uid may differ.
-                let known = known.filter(|c| c.gen == cg && c.uid == info.uid);
-                let client = known.unwrap_or_else(|| {
-                    let c = Arc::new(PeerClient {
-                        uid: info.uid,
-                        gen: cg,
-                    });
-                    self.clients.write().insert(ci, c.clone());
-                    c
-                });
                 let chan = ChannelSeg::open(
                     &fds[0],
                     &fds[1],
@@ -984,7 +969,7 @@ impl BusInner {
                     Some(info.instance),
                     layout::Party::Instance,
                 )
-                .map(|seg| Chan::new(seg, client));
+                .map(|seg| Chan::new(seg, info.uid));
                 match chan {
                     Ok(c) => add[r].push(Arc::new(c)),
                     Err(e) => {

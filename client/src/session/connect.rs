@@ -82,7 +82,6 @@ impl Bus {
                 heap_maker: Mutex::new(()),
                 channel_fetch: Mutex::new(()),
                 instances: RwLock::new(IndexMap::default()),
-                clients: RwLock::new(IndexMap::default()),
                 control_gen: Mutex::new(0),
                 control_changed: Condvar::new(),
                 opts,

@@ -80,12 +80,12 @@ pub fn futex_wake(word: &AtomicU32, n: u32) -> io::Result<usize> {
 pub const FUTEX_WAITV_MAX: usize = 128;
 
 /// Sleeps while every `words[i] == expected[i]` (at most [`FUTEX_WAITV_MAX`] of them), at
-/// most `timeout`, until one of them is woken. Returns `Ok(true)` on a wake-up, a value
-/// mismatch (`EAGAIN`) or a signal (`EINTR`), `Ok(false)` on the timeout: as with
-/// [`futex_wait`], the caller re-checks its conditions. Linux 5.16 or later (`ENOSYS`
+/// most `timeout`, until one of them is woken. Returns `Ok(())` on a wake-up, a value
+/// mismatch (`EAGAIN`), a signal (`EINTR`) or the timeout: as with [`futex_wait`], the
+/// caller re-checks its conditions. Linux 5.16 or later (`ENOSYS`
 /// before: the caller falls back to polling).
 #[cfg(not(loom))]
-pub fn futex_waitv(words: &[(&AtomicU32, u32)], timeout: Duration) -> io::Result<bool> {
+pub fn futex_waitv(words: &[(&AtomicU32, u32)], timeout: Duration) -> io::Result<()> {
     /// `struct futex_waitv` of `<linux/futex.h>`.
     #[repr(C)]
     struct FutexWaitv {
@@ -137,10 +137,9 @@ pub fn futex_waitv(words: &[(&AtomicU32, u32)], timeout: Duration) -> io::Result
         )
     };
     match syscall!(r) {
-        Ok(_) => Ok(true),
+        Ok(_) => Ok(()),
         Err(e) => match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(true),
-            Some(libc::ETIMEDOUT) => Ok(false),
+            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ETIMEDOUT) => Ok(()),
             _ => Err(e),
         },
     }
@@ -198,9 +197,9 @@ pub fn futex_wake(_: &AtomicU32, n: u32) -> io::Result<usize> {
 }
 
 #[cfg(loom)]
-pub fn futex_waitv(words: &[(&AtomicU32, u32)], _: Duration) -> io::Result<bool> {
+pub fn futex_waitv(words: &[(&AtomicU32, u32)], _: Duration) -> io::Result<()> {
     futex_model::wait_all(words);
-    Ok(true)
+    Ok(())
 }
 
 /// Creates an anonymous, sealable shared-memory file of `size` bytes (zero-filled).

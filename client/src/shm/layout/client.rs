@@ -264,18 +264,6 @@ impl ClientSeg {
     }
 }
 
-/// A caller as an instance it calls knows it: who it is (for the reply heap's shares per
-/// uid) and which generation of its client index. Since layout 12 an instance maps no
-/// memory of the caller's but its channels: an async waiter sleeps on the answer word of
-/// its mailbox (the instance's), not on a doorbell word in the caller's client segment
-/// that every instance it called could write.
-pub struct PeerClient {
-    /// The uid of the caller as the broker saw it.
-    pub uid: u32,
-    /// The generation of the client index it has (see [`ClientSeg::gen`]).
-    pub gen: u32,
-}
-
 /// A connected caller's breakers and failure counters, one [`CallerStats`] per registry
 /// service index: created by the broker at `Hello` (one per broker run, so service indices
 /// always mean this run's services) and handed to that caller only.
