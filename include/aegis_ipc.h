@@ -120,7 +120,7 @@ typedef struct aegis_receiver aegis_receiver;
 
 // A reply read in place, where the instance wrote it (`aegis_call_loan`,
 // `aegis_call_view`): its bytes stay valid until `aegis_reply_view_free`, which gives its
-// memory back. Hold it briefly (an instance reuses an unread reply's memory after 60 s).
+// memory back (it is the calling connection's, in its channel to that instance).
 typedef struct aegis_reply_view aegis_reply_view;
 
 // A writable buffer for a request to one service (`aegis_loan`), in the request heap of
@@ -265,8 +265,9 @@ aegis_status aegis_call_resource_loan(const aegis_bus *bus, const char *resource
 aegis_status aegis_call_view(const aegis_bus *bus, const char *service, const char *method, const uint8_t *payload, size_t payload_len, const aegis_call_options *opts, aegis_reply_view **view, const uint8_t **data, size_t *len);
 
 // A reply view's bytes again (as `aegis_call_loan` returned them); `AEGIS_NOT_READY` if
-// the view was held past the instance's 60 s unread-reply expiry and its memory was reused
-// for another reply (its bytes can no longer be trusted).
+// the instance reused the view's memory for another reply while it was held (it keeps it
+// until the view is freed; one that does not broke the rule, and the bytes cannot be
+// trusted).
 aegis_status aegis_reply_view_bytes(const aegis_reply_view *view, const uint8_t **data, size_t *len);
 
 // Gives a reply view's memory back (its bytes are no longer valid). NULL is ignored.

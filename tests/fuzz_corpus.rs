@@ -93,8 +93,22 @@ fn write_seeds() {
             options: BulkOptions::default(),
         },
         Request::ChannelHeap { channel: 3 },
-        Request::ReplyHeap { channel: 3 },
-        Request::OpenReplyHeap { channel: 3 },
+        Request::ReplyHeap {
+            channel: 3,
+            previous: None,
+        },
+        Request::OpenReplyHeap {
+            channel: 3,
+            previous: Some([5, 6]),
+        },
+        Request::ClaimChannels {
+            channels: vec![aegis_client::proto::PreviousChannel {
+                instance: 0,
+                incarnation: 1,
+                channel: 3,
+                token: [5, 6],
+            }],
+        },
         Request::Grant {
             instances: vec![(1, 2), (3, 4)],
         },

@@ -55,14 +55,19 @@ fn policed_bus_with(extra: &[&str]) -> Option<(TestBus, String)> {
         .prefix("aegis-test-")
         .tempdir()
         .unwrap();
-    let policy = dir.path().join("broker.toml");
-    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::write(dir.path().join("broker.toml"), POLICY).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (broker, addr) = policed_broker(dir.path(), extra);
+    Some((TestBus { dir, broker }, addr))
+}
+
+/// Starts the broker of a policed bus in `dir` (its policy written there).
+fn policed_broker(dir: &Path, extra: &[&str]) -> (support::Reaped, String) {
     let mut c = Command::new(support::broker_bin());
     c.arg("--dir")
-        .arg(dir.path())
+        .arg(dir)
         .arg("--config")
-        .arg(&policy)
+        .arg(dir.join("broker.toml"))
         .args([
             "--log",
             "warn",
@@ -71,8 +76,7 @@ fn policed_bus_with(extra: &[&str]) -> Option<(TestBus, String)> {
             "--http-metrics-open",
         ])
         .args(extra);
-    let (broker, addr) = support::start_http_broker(c);
-    Some((TestBus { dir, broker }, addr))
+    support::start_http_broker(c)
 }
 
 /// `/metrics`, as text.
@@ -1268,6 +1272,133 @@ fn a_caller_that_never_reads_its_replies_fills_only_its_own_channel_s_reply_heap
     );
 }
 
+/// Property 6 across a broker restart. A caller's channel made by the previous broker
+/// stays in use after a restart (calls in flight through it, and new ones until its
+/// instance is back). The attacker (uid 65534) has eight 1 MiB calls of `bank` in flight
+/// through such a channel, whose replies it never reads; a second process of the same
+/// uid has one in flight too, sent a little later. `bank` answers each 1.5 s after taking
+/// it, after the broker was killed and started again. Each large reply goes through its
+/// own channel's reply heap (handed to the new broker under the channel's token, which
+/// only the channel's caller and instance can read), so the hoarder fills only its own,
+/// and the other process's call returns its own bytes. (Before, replies through a
+/// previous broker's channel went to the instance's shared reply heap, where a uid's
+/// unread replies may hold half of it: the hoarder's held its uid's share, and the other
+/// process's call failed with 429 "replies not yet read by uid 65534".)
+#[test]
+fn after_a_broker_restart_a_caller_s_unread_replies_cost_only_that_caller() {
+    let Some((mut bus, _)) = policed_bus() else {
+        return;
+    };
+    let _b = bus.serve(
+        "bank",
+        "b1",
+        &[
+            "--max-message",
+            "4194304",
+            "--threads",
+            "12",
+            "--delay-ms",
+            "1500",
+        ],
+    );
+    let read_until = |child: &mut support::Reaped, what: &str| {
+        let out = child.stdout.as_mut().unwrap();
+        let mut all = String::new();
+        let mut byte = [0u8; 1];
+        while !all.contains(what) {
+            match std::io::Read::read(out, &mut byte) {
+                Ok(1) => all.push(byte[0] as char),
+                _ => panic!("the attacker ended before saying {what}: {all}"),
+            }
+        }
+    };
+    let go = |child: &mut support::Reaped| {
+        use std::io::Write;
+        let input = child.stdin.as_mut().unwrap();
+        input.write_all(b"go\n").unwrap();
+        input.flush().unwrap();
+    };
+    let spawn = |attack: &str| {
+        let mut c = attacker_command(bus.path(), attack, "");
+        support::Reaped(c.stdin(Stdio::piped()).spawn().unwrap())
+    };
+    // Both ready to call (channel, request heap, the instance told of both), then the
+    // hoarder's calls, then the other's, then the restart.
+    let mut hoarder = spawn("hoard-across-restart");
+    let mut other = spawn("large-call-across-restart");
+    read_until(&mut hoarder, "READY");
+    read_until(&mut other, "READY");
+    go(&mut hoarder);
+    read_until(&mut hoarder, "SUBMITTED");
+    go(&mut other);
+    read_until(&mut other, "CALLING");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(bus.broker.id() as libc::pid_t, libc::SIGKILL) };
+    support::wait_deadline(&mut bus.broker);
+    bus.broker = policed_broker(bus.path(), &[]).0;
+    let r = result_of(&other.wait_with_output().unwrap());
+    eprintln!("other process of the attacker's uid: {r:?}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(hoarder.id() as libc::pid_t, libc::SIGKILL) };
+    let _ = hoarder.wait();
+    assert_eq!(
+        value(&r, "call"),
+        "ok",
+        "the hoarder's unread replies after the restart held up another caller: {r:?}"
+    );
+}
+
+/// Gets a channel to `bank` with a request heap the instance has been told of: a small
+/// call, a 1 MiB loan (its heap handed over) dropped unsent, and another small call (the
+/// instance fetches the heap's news as it serves on). Then says READY and waits for "go"
+/// on stdin.
+fn ready_for_large_calls(bus: &Bus, opts: &CallOptions) {
+    bus.call("bank", "echo", b"x", opts).unwrap();
+    drop(bus.loan("bank", 1 << 20).unwrap());
+    bus.call("bank", "echo", b"y", opts).unwrap();
+    say("READY");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+}
+
+/// Prints `what` on a line of its own, at once.
+fn say(what: &str) {
+    use std::io::Write;
+    println!("\n{what}");
+    let _ = std::io::stdout().flush();
+}
+
+/// When told to, submits eight 1 MiB calls of `bank` and never reads their replies.
+fn attack_hoard_across_restart(dir: &Path) {
+    let bus = Bus::connect_dir(dir).expect("the attacker may connect");
+    let opts = CallOptions::timeout(Duration::from_secs(20));
+    ready_for_large_calls(&bus, &opts);
+    let payload = vec![0xeeu8; 1 << 20];
+    let held: Vec<_> = (0..8)
+        .map(|_| bus.submit("bank", "echo", &payload, &opts).unwrap())
+        .collect();
+    say("SUBMITTED");
+    std::thread::sleep(Duration::from_secs(600));
+    drop(held);
+}
+
+/// When told to, makes one 1 MiB call of `bank` (a loan: the call itself needs no
+/// broker), and says how it went.
+fn attack_large_call_across_restart(dir: &Path) {
+    let bus = Bus::connect_dir(dir).expect("the attacker may connect");
+    let opts = CallOptions::timeout(Duration::from_secs(20));
+    ready_for_large_calls(&bus, &opts);
+    let mut loan = bus.loan("bank", 1 << 20).unwrap();
+    loan.fill(0xdd);
+    say("CALLING");
+    let call = match bus.call_loan("bank", "echo", loan, &opts) {
+        Ok(r) if r.len() == 1 << 20 && r.iter().all(|&b| b == 0xdd) => "ok".to_owned(),
+        Ok(_) => "other_payload".to_owned(),
+        Err(e) => e.to_string().replace(' ', "_"),
+    };
+    println!("\nRESULT call={call}");
+}
+
 /// The reply heap handover (`Request::ReplyHeap`), attacked by the owner of another
 /// service's instance: the attacker serves `pub` and hands the broker a well-formed reply
 /// heap (sealed, of `bank`'s size, a mapping of it kept writable) for every channel id up
@@ -1307,7 +1438,13 @@ fn attack_plant_reply_heaps(dir: &Path) {
         // `bank`'s heap: twice its largest message; our writable mapping is `_heap`.
         let (fd, _heap) = ChannelHeap::create(0, 2 * 4194304, channel, HeapSide::Reply).unwrap();
         match raw
-            .ask_with_fds(&Request::ReplyHeap { channel }, &[fd.as_fd()])
+            .ask_with_fds(
+                &Request::ReplyHeap {
+                    channel,
+                    previous: None,
+                },
+                &[fd.as_fd()],
+            )
             .unwrap()
         {
             Response::Done => taken += 1,
@@ -1374,7 +1511,11 @@ fn attack_open_reply_heaps(dir: &Path) {
     let mut raw = Raw::connect(dir).expect("the attacker may connect");
     let (mut opened, mut refusal) = (0, String::new());
     for channel in 0..256u64 {
-        match raw.ask_fds(&Request::OpenReplyHeap { channel }).unwrap() {
+        let open = Request::OpenReplyHeap {
+            channel,
+            previous: None,
+        };
+        match raw.ask_fds(&open).unwrap() {
             (Response::Opened, fds) if !fds.is_empty() => opened += 1,
             (Response::Error(e), _) => refusal = aegis_client::error::Error::from(e).to_string(),
             (other, _) => panic!("{other:?}"),
@@ -1448,6 +1589,8 @@ fn attacker() {
         "report" => attack_report(Path::new(&dir), &targets),
         "hoard" => attack_hoard(Path::new(&dir)),
         "large-call" => attack_large_call(Path::new(&dir)),
+        "hoard-across-restart" => attack_hoard_across_restart(Path::new(&dir)),
+        "large-call-across-restart" => attack_large_call_across_restart(Path::new(&dir)),
         "plant-reply-heaps" => attack_plant_reply_heaps(Path::new(&dir)),
         "open-reply-heaps" => attack_open_reply_heaps(Path::new(&dir)),
         "rewrite" => attack_rewrite(Path::new(&dir), &targets),

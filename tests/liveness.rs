@@ -1178,6 +1178,87 @@ fn after_a_broker_restart_a_previous_broker_s_channel_is_replaced_and_let_go() {
     });
 }
 
+/// A large reply through a channel the previous broker made goes through a reply heap of
+/// that channel's own, never the instance's memory shared by its callers: the caller
+/// claims its old channels by their tokens when it reconnects, and the instance hands the
+/// new broker a heap for the channel under the same token. Two calls are in flight
+/// through the old channel when the broker is killed; the first one's handler returns
+/// while the broker is away (the instance waits for it, within the call's deadline), the
+/// second one's after it is back. Both replies are read from `memfd:aegis-reply-heap`
+/// (before: from the instance's shared heap in `memfd:aegis-own`).
+#[test]
+fn a_large_reply_through_a_previous_broker_s_channel_goes_through_that_channel_s_heap() {
+    let mut bus = TestBus::start();
+    let server = bus.connect();
+    let inst = server.register("rh", "r1", &[]).unwrap();
+    struct StopOnDrop(aegis_client::StopHandle);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+    // Handlers of "held" wait for this to reach their turn (1, then 2).
+    let turn = AtomicU64::new(0);
+    let started = AtomicU64::new(0);
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(20));
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(inst.stop_handle());
+        for _ in 0..2 {
+            s.spawn(|| {
+                inst.serve(|req, out| {
+                    if req.method() == "held" {
+                        let me = started.fetch_add(1, Ordering::SeqCst) + 1;
+                        let deadline = Instant::now() + DEADLINE;
+                        while turn.load(Ordering::SeqCst) < me && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        out.resize(64 << 10, me as u8);
+                    } else {
+                        out.extend_from_slice(req.payload());
+                    }
+                    Ok(())
+                })
+                .unwrap()
+            });
+        }
+        // Small calls only so far: the channel has no reply heap when the broker goes.
+        assert_eq!(client.call("rh", "m", b"x", &opts).unwrap().payload, b"x");
+        // Each reply: where it was read from, and its tag.
+        let call = || {
+            client.call_borrowed("rh", "held", b"", &opts).map(|r| {
+                assert!(r.len() == 64 << 10 && r.iter().all(|&b| b == r[0]));
+                (support::mapping_of(&r), r[0])
+            })
+        };
+        let calls = [s.spawn(call), s.spawn(call)];
+        support::wait_for("both calls taken", || started.load(Ordering::SeqCst) == 2);
+        kill(bus.broker.id(), libc::SIGKILL);
+        wait_deadline(&mut bus.broker);
+        // The first reply is made while the broker is away.
+        turn.store(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        bus.broker = support::start_broker(bus.path(), &[]);
+        support::wait_for("the instance registered again", || {
+            client
+                .service("rh")
+                .is_ok_and(|s| s.instances.iter().any(|i| i.id == "r1"))
+        });
+        turn.store(2, Ordering::SeqCst);
+        let mut tags = Vec::new();
+        for c in calls {
+            let (heap, tag) = c.join().unwrap().unwrap();
+            assert!(
+                heap.contains("memfd:aegis-reply-heap"),
+                "a large reply through the previous broker's channel went through {heap}"
+            );
+            tags.push(tag);
+        }
+        tags.sort();
+        assert_eq!(tags, [1, 2]);
+    });
+}
+
 /// A call already taken by an instance that then turns `Unhealthy` (its loop shows no
 /// progress for the heartbeat timeout while the handler runs) is still waited for: the
 /// instance is there, and the reply arrives. Only a departure ends the wait.

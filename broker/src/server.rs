@@ -527,8 +527,13 @@ async fn connection(
                 } => st.open_instance(id, peer, instance, incarnation),
                 Request::Channels => st.channels_request(id),
                 Request::ChannelHeap { channel } => st.channel_heap(id, channel, fds.pop()),
-                Request::ReplyHeap { channel } => st.reply_heap(id, channel, fds.pop()),
-                Request::OpenReplyHeap { channel } => st.open_reply_heap(id, channel),
+                Request::ReplyHeap { channel, previous } => {
+                    st.reply_heap(id, channel, previous, fds.pop())
+                }
+                Request::OpenReplyHeap { channel, previous } => {
+                    st.open_reply_heap(id, channel, previous)
+                }
+                Request::ClaimChannels { channels } => st.claim_channels(id, channels),
                 Request::Grant { instances } => st.grant_request(id, peer, instances),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),

@@ -13,7 +13,8 @@ use aegis_client::layout::{
     RegistryLayout, RegistryView, SegmentKind, SharedLayout, Status, MAX_MEMBERS,
 };
 use aegis_client::proto::{
-    self, BreakerStates, Heartbeat, InstanceInfo, Response, ServiceConfig, ServiceInfo,
+    self, BreakerStates, Heartbeat, InstanceInfo, PreviousChannel, Response, ServiceConfig,
+    ServiceInfo,
 };
 use aegis_client::{names, sys};
 
@@ -127,6 +128,18 @@ struct ChannelRec {
     size: u64,
 }
 
+/// A channel a previous broker made, as its caller claimed it (`Request::ClaimChannels`).
+struct PreviousRec {
+    /// Its id under the broker that made it (the reply heap's header names it).
+    channel: u64,
+    /// The instance it leads to: only that instance's serving connection may hand over
+    /// its reply heap.
+    instance: (u32, u64),
+    /// The reply heap its instance handed over, and its bytes (counted to the claiming
+    /// client), once it did.
+    reply_heap: Option<(OwnedFd, u64)>,
+}
+
 /// What a serving connection is told with its next `Channels` reply.
 #[derive(Default)]
 struct ChannelNews {
@@ -159,6 +172,10 @@ pub(crate) struct ClientRec {
     /// answered, then left): kept, and counted to its quota, until it asks for them or
     /// leaves, so a last large reply stays readable. Bytes each.
     orphaned_reply_heaps: HashMap<u64, (OwnedFd, u64)>,
+    /// The channels a previous broker made that it claimed after this broker started
+    /// (`Request::ClaimChannels`), by token: their instances may hand a reply heap over
+    /// for them, counted to its quota while it lives.
+    previous_channels: HashMap<[u64; 2], PreviousRec>,
     /// Its mailboxes, of which each of its channels has a copy.
     mailboxes: ClientLayout,
 }
@@ -192,6 +209,8 @@ pub struct State {
     next_channel: u64,
     /// Channels to tell each serving connection about (`Request::Channels`).
     channel_news: HashMap<ConnId, ChannelNews>,
+    /// Which client claimed each previous broker's channel, by token (first claim wins).
+    previous_tokens: HashMap<[u64; 2], (u32, u32)>,
 }
 
 /// A response plus the descriptors that travel with it.
@@ -248,6 +267,7 @@ impl State {
             ids,
             channels: HashMap::new(),
             next_channel: 1,
+            previous_tokens: HashMap::new(),
             channel_news: HashMap::new(),
             conn_groups: HashMap::new(),
             journal: None,
@@ -371,6 +391,7 @@ impl State {
             size,
             channels: HashMap::new(),
             orphaned_reply_heaps: HashMap::new(),
+            previous_channels: HashMap::new(),
             mailboxes: cl,
         });
         (
@@ -973,11 +994,20 @@ impl State {
     /// writer and against resizing, twice the service's largest message, charged to the
     /// channel's *caller's* uid (whose calls and unread replies fill it); kept for the
     /// caller, who asks for it when it meets the first reply there (`open_reply_heap`).
-    pub fn reply_heap(&mut self, conn: ConnId, channel: u64, fd: Option<OwnedFd>) -> Reply {
+    pub fn reply_heap(
+        &mut self,
+        conn: ConnId,
+        channel: u64,
+        previous: Option<[u64; 2]>,
+        fd: Option<OwnedFd>,
+    ) -> Reply {
         let bad = |m: String| err(WireError::BadRequest(m));
         let Some(fd) = fd else {
             return bad("ReplyHeap carries the heap's descriptor".into());
         };
+        if let Some(token) = previous {
+            return self.previous_reply_heap(conn, channel, token, fd);
+        }
         let Some(rec) = self.channels.get(&channel) else {
             return bad(format!("channel {channel} is not one of your instances'"));
         };
@@ -992,15 +1022,10 @@ impl State {
         if rec.reply_heap.is_some() {
             return bad(format!("channel {channel} has its reply heap already"));
         }
-        if let Err(e) = sys::check_write_sealed(&fd) {
-            return bad(format!(
-                "seal the reply heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
-            ));
-        }
-        let size = layout::ChannelHeap::seg_size(heap_size) as u64;
-        if let Err(e) = sys::check_size_sealed(&fd, Some(size)) {
-            return bad(format!("reply heap: {e}"));
-        }
+        let size = match check_reply_heap(&fd, heap_size) {
+            Ok(size) => size,
+            Err(m) => return bad(m),
+        };
         let uid = self.clients[caller.0 as usize]
             .as_ref()
             .filter(|c| c.gen == caller.1)
@@ -1020,12 +1045,143 @@ impl State {
         (Response::Done, Vec::new())
     }
 
-    /// The caller on connection `conn` asks for the reply heap of its channel `channel`.
-    pub fn open_reply_heap(&mut self, conn: ConnId, channel: u64) -> Reply {
+    /// The serving connection `conn` hands over the reply heap of channel `channel` that a
+    /// previous broker made, named by its token: taken once, from a serving connection of
+    /// the instance the channel's claim names, once its caller has claimed it (until then
+    /// `NotOwner`, which the instance waits out), checked as in [`State::reply_heap`] and
+    /// charged to the claiming client's uid.
+    fn previous_reply_heap(
+        &mut self,
+        conn: ConnId,
+        channel: u64,
+        token: [u64; 2],
+        fd: OwnedFd,
+    ) -> Reply {
+        let bad = |m: String| err(WireError::BadRequest(m));
+        let not_yet = |m: String| err(WireError::NotOwner(m));
+        let claim = self
+            .previous_tokens
+            .get(&token)
+            .copied()
+            .and_then(|(slot, gen)| {
+                let c = self.clients[slot as usize]
+                    .as_ref()
+                    .filter(|c| c.gen == gen)?;
+                let p = c
+                    .previous_channels
+                    .get(&token)
+                    .filter(|p| p.channel == channel)?;
+                Some((slot, c.uid, p.instance, p.reply_heap.is_some()))
+            });
+        let Some((slot, uid, inst, has_heap)) = claim else {
+            return not_yet(format!(
+                "channel {channel} of a previous broker has not been claimed by its caller (yet)"
+            ));
+        };
+        let Some(r) = self.instances[inst.0 as usize]
+            .as_ref()
+            .filter(|r| r.incarnation == inst.1 && r.owners.contains(&conn))
+        else {
+            return not_yet(format!(
+                "channel {channel} of a previous broker leads to instance {}/{}, not (yet) registered by this connection",
+                inst.0, inst.1
+            ));
+        };
+        if has_heap {
+            return bad(format!("channel {channel} has its reply heap already"));
+        }
+        let size = match check_reply_heap(&fd, r.seg.layout.heap_size) {
+            Ok(size) => size,
+            Err(m) => return bad(m),
+        };
+        if let Err(e) = self.shm_fits(uid, size) {
+            return err(e);
+        }
+        let c = self.clients[slot as usize].as_mut().expect("found above");
+        c.size += size;
+        let p = c.previous_channels.get_mut(&token).expect("found above");
+        p.reply_heap = Some((fd, size));
+        (Response::Done, Vec::new())
+    }
+
+    /// After a broker restart, the client on `conn` claims the channels a previous broker
+    /// made that it still uses (see `Request::ClaimChannels`). A token another client
+    /// claimed first stays that client's (only the channel's two parties can know it, and
+    /// an instance that claims its own channel's token only keeps its large replies from
+    /// that channel's caller).
+    pub fn claim_channels(&mut self, conn: ConnId, channels: Vec<PreviousChannel>) -> Reply {
+        let Some((slot, gen)) = self.client_of(conn) else {
+            return err(WireError::BadRequest("ClaimChannels before Hello".into()));
+        };
+        let cap = 2 * self.cfg.max_instances as usize;
+        for ch in channels {
+            if ch.token == [0, 0] {
+                return err(WireError::BadRequest(format!(
+                    "channel {} has no token (made by a broker older than protocol 12)",
+                    ch.channel
+                )));
+            }
+            if self.previous_tokens.contains_key(&ch.token) {
+                continue;
+            }
+            let c = self.clients[slot as usize]
+                .as_mut()
+                .expect("client_of found it");
+            if c.previous_channels.len() >= cap {
+                return err(WireError::LimitExceeded(format!(
+                    "a client may claim at most {cap} channels of a previous broker (2 x broker --max-instances)"
+                )));
+            }
+            c.previous_channels.insert(
+                ch.token,
+                PreviousRec {
+                    channel: ch.channel,
+                    instance: (ch.instance, ch.incarnation),
+                    reply_heap: None,
+                },
+            );
+            self.previous_tokens.insert(ch.token, (slot, gen));
+        }
+        (Response::Done, Vec::new())
+    }
+
+    /// The caller on connection `conn` asks for the reply heap of its channel `channel`
+    /// (made by a previous broker, with `previous`: its token).
+    pub fn open_reply_heap(
+        &mut self,
+        conn: ConnId,
+        channel: u64,
+        previous: Option<[u64; 2]>,
+    ) -> Reply {
         let bad = |m: String| err(WireError::BadRequest(m));
         let Some(caller) = self.client_of(conn) else {
             return bad("OpenReplyHeap before Hello".into());
         };
+        if let Some(token) = previous {
+            let c = self.clients[caller.0 as usize]
+                .as_ref()
+                .expect("client_of found it");
+            let Some(p) = c
+                .previous_channels
+                .get(&token)
+                .filter(|p| p.channel == channel)
+            else {
+                return bad(format!(
+                    "channel {channel} of a previous broker is not one you claimed"
+                ));
+            };
+            let Some((fd, _)) = &p.reply_heap else {
+                return bad(format!(
+                    "channel {channel} of a previous broker has no reply heap here (its instance handed it to the previous broker)"
+                ));
+            };
+            return match fd.try_clone() {
+                Ok(fd) => (Response::Opened, vec![fd]),
+                Err(e) => err(WireError::Internal(format!(
+                    "duplicating a reply heap: {e}"
+                ))),
+            };
+        }
         let Some(rec) = self
             .channels
             .get_mut(&channel)
@@ -1080,12 +1236,12 @@ impl State {
             let Some(rec) = self.channels.get(&id) else {
                 continue;
             };
-            let Some(c) = self.clients[rec.client.0 as usize]
+            if self.clients[rec.client.0 as usize]
                 .as_ref()
-                .filter(|c| c.gen == rec.client.1)
-            else {
+                .is_none_or(|c| c.gen != rec.client.1)
+            {
                 continue;
-            };
+            }
             // The request side read-only, the reply side writable: the instance's. Nothing
             // of the caller's client segment: no instance writes or reads it (layout 12).
             let (Ok(req), Ok(rep)) = (sys::reopen_read_only(&rec.req), dup(&rec.rep)) else {
@@ -1095,7 +1251,6 @@ impl State {
             channels.push(proto::ChannelInfo {
                 id,
                 client: rec.client,
-                uid: c.uid,
                 instance: rec.instance,
             });
             if rec.heap.is_some() {
@@ -1431,7 +1586,10 @@ impl State {
             self.remove_instance(i, "control connection closed");
         }
         for c in self.clients.iter_mut() {
-            if c.as_ref().is_some_and(|c| c.conn == conn) {
+            if let Some(rec) = c.as_ref().filter(|c| c.conn == conn) {
+                for token in rec.previous_channels.keys() {
+                    self.previous_tokens.remove(token);
+                }
                 // Its counts stayed in the totals (retired above).
                 *c = None;
             }
@@ -1604,6 +1762,22 @@ impl State {
 
 fn random_u64() -> u64 {
     sys::random_u64()
+}
+
+/// Checks a reply heap handed over for an instance whose heaps are `heap_size` bytes:
+/// sealed against every writer but its maker and against resizing, of a heap's size. Its
+/// bytes, or why not.
+fn check_reply_heap(fd: &OwnedFd, heap_size: u64) -> Result<u64, String> {
+    if let Err(e) = sys::check_write_sealed(fd) {
+        return Err(format!(
+            "seal the reply heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
+        ));
+    }
+    let size = layout::ChannelHeap::seg_size(heap_size) as u64;
+    if let Err(e) = sys::check_size_sealed(fd, Some(size)) {
+        return Err(format!("reply heap: {e}"));
+    }
+    Ok(size)
 }
 
 #[cfg(test)]
@@ -1791,38 +1965,38 @@ mod tests {
             .heap_size;
         let reply_total = layout::ChannelHeap::seg_size(reply_size) as u64;
         let open_refused = |r: Reply, why: &str| refused(r, why);
-        open_refused(st.open_reply_heap(3, id), "has no reply heap");
+        open_refused(st.open_reply_heap(3, id, None), "has no reply heap");
         let (rfd, _theirs) =
             layout::ChannelHeap::create(st.epoch, reply_size, id, layout::HeapSide::Reply).unwrap();
         refused(
-            st.reply_heap(3, id, Some(rfd.try_clone().unwrap())),
+            st.reply_heap(3, id, None, Some(rfd.try_clone().unwrap())),
             "not one of your instances'",
         );
-        refused(st.reply_heap(SERVER, id + 1000, None), "descriptor");
+        refused(st.reply_heap(SERVER, id + 1000, None, None), "descriptor");
         refused(
-            st.reply_heap(SERVER, id + 1000, Some(rfd.try_clone().unwrap())),
+            st.reply_heap(SERVER, id + 1000, None, Some(rfd.try_clone().unwrap())),
             "not one of your instances'",
         );
         let unsealed = sys::memfd("aegis-reply-heap", reply_total).unwrap();
         sys::seal_size(&unsealed).unwrap();
         refused(
-            st.reply_heap(SERVER, id, Some(unsealed)),
+            st.reply_heap(SERVER, id, None, Some(unsealed)),
             "F_SEAL_FUTURE_WRITE",
         );
         let other =
             layout::ChannelHeap::create(st.epoch, reply_size + 8192, id, layout::HeapSide::Reply)
                 .unwrap()
                 .0;
-        refused(st.reply_heap(SERVER, id, Some(other)), "bytes");
+        refused(st.reply_heap(SERVER, id, None, Some(other)), "bytes");
         let before = held(&st);
         assert!(matches!(
-            st.reply_heap(SERVER, id, Some(rfd.try_clone().unwrap())),
+            st.reply_heap(SERVER, id, None, Some(rfd.try_clone().unwrap())),
             (Response::Done, _)
         ));
         assert_eq!(held(&st), before + reply_total, "charged to the caller");
-        refused(st.reply_heap(SERVER, id, Some(rfd)), "already");
-        open_refused(st.open_reply_heap(SERVER, id), "not one of yours");
-        match st.open_reply_heap(3, id) {
+        refused(st.reply_heap(SERVER, id, None, Some(rfd)), "already");
+        open_refused(st.open_reply_heap(SERVER, id, None), "not one of yours");
+        match st.open_reply_heap(3, id, None) {
             (Response::Opened, fds) => {
                 assert_eq!(fds.len(), 1);
                 let h = layout::ChannelHeap::open(&fds[0], st.epoch, id, layout::HeapSide::Reply)
@@ -1871,7 +2045,7 @@ mod tests {
         let (fd, _mine) =
             layout::ChannelHeap::create(st.epoch, size, id, layout::HeapSide::Reply).unwrap();
         assert!(matches!(
-            st.reply_heap(SERVER, id, Some(fd)),
+            st.reply_heap(SERVER, id, None, Some(fd)),
             (Response::Done, _)
         ));
         // The instance answers, then leaves: its channels close.
@@ -1879,7 +2053,7 @@ mod tests {
         assert!(!st.channels.contains_key(&id));
         let total = layout::ChannelHeap::seg_size(size) as u64;
         assert_eq!(held(&st), base + total, "the kept heap is still counted");
-        match st.open_reply_heap(3, id) {
+        match st.open_reply_heap(3, id, None) {
             (Response::Opened, fds) => {
                 assert_eq!(fds.len(), 1);
                 layout::ChannelHeap::open(&fds[0], st.epoch, id, layout::HeapSide::Reply).unwrap();
@@ -1887,11 +2061,161 @@ mod tests {
             (r, _) => panic!("{r:?}"),
         }
         assert_eq!(held(&st), base);
-        match st.open_reply_heap(3, id) {
+        match st.open_reply_heap(3, id, None) {
             (Response::Error(WireError::BadRequest(m)), _) => {
                 assert!(m.contains("not one of yours"), "{m}")
             }
             (r, _) => panic!("handed twice: {r:?}"),
+        }
+    }
+
+    /// After a restart, a channel a previous broker made gets a reply heap only through a
+    /// match of its token: claimed by its caller, handed over by a serving connection of
+    /// the instance the claim names, once; charged to the claiming client until it
+    /// leaves; handed to that client alone. Before the claim (or from a connection that
+    /// has not registered that instance) the handover is `NotOwner`, which the instance
+    /// waits out; a token another client claimed first stays that client's.
+    #[test]
+    fn a_previous_broker_s_channel_gets_a_reply_heap_by_its_token() {
+        let (mut st, peer, (index, incarnation)) = serving_state("8");
+        welcome(st.hello(3, peer, 1, None, 3));
+        welcome(st.hello(4, peer, 1, None, 4));
+        let held = |st: &State, conn: ConnId| {
+            let c = st.client_of(conn).unwrap();
+            st.clients[c.0 as usize].as_ref().unwrap().size
+        };
+        let (old_id, token) = (77, [0x1234, 0x5678]);
+        let claim = PreviousChannel {
+            instance: index,
+            incarnation,
+            channel: old_id,
+            token,
+        };
+        let heap_size = st.instances[index as usize]
+            .as_ref()
+            .unwrap()
+            .seg
+            .layout
+            .heap_size;
+        let total = layout::ChannelHeap::seg_size(heap_size) as u64;
+        let old_epoch = st.epoch ^ 1;
+        let heap = || {
+            layout::ChannelHeap::create(old_epoch, heap_size, old_id, layout::HeapSide::Reply)
+                .unwrap()
+        };
+        let not_yet = |r: Reply, why: &str| match r {
+            (Response::Error(WireError::NotOwner(m)), _) => assert!(m.contains(why), "{m}"),
+            (r, _) => panic!("expected NotOwner naming {why:?}, got {r:?}"),
+        };
+        let refused = |r: Reply, why: &str| match r {
+            (Response::Error(WireError::BadRequest(m)), _) => assert!(m.contains(why), "{m}"),
+            (r, _) => panic!("expected a refusal naming {why:?}, got {r:?}"),
+        };
+        let (fd, _mine) = heap();
+        not_yet(
+            st.reply_heap(SERVER, old_id, Some(token), Some(fd.try_clone().unwrap())),
+            "not been claimed",
+        );
+        refused(
+            st.claim_channels(
+                3,
+                vec![PreviousChannel {
+                    token: [0, 0],
+                    ..claim
+                }],
+            ),
+            "no token",
+        );
+        assert!(matches!(
+            st.claim_channels(3, vec![claim]),
+            (Response::Done, _)
+        ));
+        // Claimed first by client 3: client 4's claim of the same token changes nothing.
+        assert!(matches!(
+            st.claim_channels(4, vec![claim]),
+            (Response::Done, _)
+        ));
+        // Only a serving connection of the named instance; the right channel id; sealed.
+        not_yet(
+            st.reply_heap(4, old_id, Some(token), Some(fd.try_clone().unwrap())),
+            "not (yet) registered by this connection",
+        );
+        not_yet(
+            st.reply_heap(
+                SERVER,
+                old_id + 1,
+                Some(token),
+                Some(fd.try_clone().unwrap()),
+            ),
+            "not been claimed",
+        );
+        let unsealed = sys::memfd("aegis-reply-heap", total).unwrap();
+        sys::seal_size(&unsealed).unwrap();
+        refused(
+            st.reply_heap(SERVER, old_id, Some(token), Some(unsealed)),
+            "F_SEAL_FUTURE_WRITE",
+        );
+        refused(
+            st.open_reply_heap(3, old_id, Some(token)),
+            "has no reply heap here",
+        );
+        let before = held(&st, 3);
+        assert!(matches!(
+            st.reply_heap(SERVER, old_id, Some(token), Some(fd.try_clone().unwrap())),
+            (Response::Done, _)
+        ));
+        assert_eq!(
+            held(&st, 3),
+            before + total,
+            "charged to the claiming caller"
+        );
+        refused(
+            st.reply_heap(SERVER, old_id, Some(token), Some(fd)),
+            "already",
+        );
+        refused(
+            st.open_reply_heap(4, old_id, Some(token)),
+            "not one you claimed",
+        );
+        refused(
+            st.open_reply_heap(3, old_id, Some([1, 2])),
+            "not one you claimed",
+        );
+        match st.open_reply_heap(3, old_id, Some(token)) {
+            (Response::Opened, fds) => {
+                assert_eq!(fds.len(), 1);
+                let h =
+                    layout::ChannelHeap::open(&fds[0], old_epoch, old_id, layout::HeapSide::Reply)
+                        .unwrap();
+                assert_eq!(h.size, heap_size);
+            }
+            (r, _) => panic!("{r:?}"),
+        }
+        // The claim goes with its client: the token is free again.
+        st.disconnect(3);
+        assert!(st.previous_tokens.is_empty());
+        let (fd, _mine) = heap();
+        not_yet(
+            st.reply_heap(SERVER, old_id, Some(token), Some(fd)),
+            "not been claimed",
+        );
+    }
+
+    /// A channel's token: 128 bits of the request side, different for every channel.
+    #[test]
+    fn every_channel_has_its_own_token() {
+        let (mut st, peer, (index, incarnation)) = serving_state("8");
+        let mut tokens = std::collections::HashSet::new();
+        for conn in 3..6 {
+            welcome(st.hello(conn, peer, 1, None, conn));
+            let fds = match st.open_instance(conn, peer, index, incarnation) {
+                (Response::OpenedInstances(_), fds) => fds,
+                (r, _) => panic!("{r:?}"),
+            };
+            let seg =
+                ChannelSeg::open(&fds[2], &fds[3], st.epoch, None, layout::Party::Caller).unwrap();
+            assert_ne!(seg.token(), [0, 0]);
+            assert!(tokens.insert(seg.token()), "a token repeated");
         }
     }
 

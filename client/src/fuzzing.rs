@@ -82,7 +82,6 @@ pub fn segment_open(data: &[u8]) {
                         InstanceSeg::open(&fd, own, h.bus_epoch, h.params[3] as u32, h.params[2])
                     {
                         let _ = crate::channel::ring::Doorbell(seg.ring_indices()).take();
-                        let _ = seg.heap_range(u64::MAX, 1);
                     }
                 }
             }

@@ -134,7 +134,7 @@ pub struct aegis_request_loan {
 
 /// A reply read in place, where the instance wrote it (`aegis_call_loan`,
 /// `aegis_call_view`): its bytes stay valid until `aegis_reply_view_free`, which gives its
-/// memory back. Hold it briefly (an instance reuses an unread reply's memory after 60 s).
+/// memory back (it is the calling connection's, in its channel to that instance).
 pub struct aegis_reply_view {
     reply: BorrowedReply,
 }
@@ -1159,8 +1159,9 @@ fn give_view(
 }
 
 /// A reply view's bytes again (as `aegis_call_loan` returned them); `AEGIS_NOT_READY` if
-/// the view was held past the instance's 60 s unread-reply expiry and its memory was reused
-/// for another reply (its bytes can no longer be trusted).
+/// the instance reused the view's memory for another reply while it was held (it keeps it
+/// until the view is freed; one that does not broke the rule, and the bytes cannot be
+/// trusted).
 #[no_mangle]
 pub unsafe extern "C" fn aegis_reply_view_bytes(
     view: *const aegis_reply_view,

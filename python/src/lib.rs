@@ -1244,8 +1244,9 @@ impl Loan {
 
 /// A reply read in place (`Bus.call_loan`, `Bus.call_view`): `memoryview(reply)` shows
 /// its bytes where the instance wrote them (read-only); `release()` (or leaving a `with`
-/// block) gives the memory back. Hold it briefly: an instance reuses an unread reply's
-/// memory after 60 s (`intact` turns false).
+/// block) gives the memory back. `intact` is false only if the instance reused that
+/// memory while the reply was held (it keeps it until release; one that does not broke
+/// the rule).
 #[pyclass(module = "aegis_ipc")]
 pub struct BorrowedReply {
     reply: Option<RBorrowedReply>,

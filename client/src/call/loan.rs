@@ -13,10 +13,8 @@
 //!   quarantined mailbox of an attempt that was taken and not answered (freed when the late
 //!   reply lands or its taker exits, as for a copied request);
 //! * a borrowed reply keeps its mailbox, and so its block of the channel's reply heap,
-//!   until it drops. Only in the instance's shared reply heap (a channel made by a
-//!   previous broker, see `docs/isolation.md`) is an unread reply's block reused after the
-//!   unread-reply expiry (60 s): a guard held longer there may see another call's bytes
-//!   ([`BorrowedReply::is_intact`] says so).
+//!   until it drops: the instance reuses a block only once its caller has let go of the
+//!   mailbox (since layout 13 there is no shared reply heap whose unread blocks expired).
 
 use std::sync::Arc;
 
@@ -245,11 +243,10 @@ unsafe impl Sync for BorrowedReply {}
 impl BorrowedReply {
     /// The reply's bytes.
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` bytes checked against the mailbox or the reply heap (the channel's,
-        // or the instance's shared one) when the reply was found ready, in mappings this
-        // guard keeps (`kept.sent.chan`, `kept.seg`); the instance does not reuse them
-        // until the guard releases the mailbox (in the shared heap, or until its
-        // unread-reply expiry passes: the bytes may then change, but stay in bounds).
+        // SAFETY: `len` bytes checked against the mailbox or the channel's reply heap when
+        // the reply was found ready, in mappings this guard keeps (`kept.sent.chan`,
+        // `kept.seg`); the instance does not reuse them until the guard releases the
+        // mailbox (an instance that does anyway changes the bytes, which stay in bounds).
         unsafe { std::slice::from_raw_parts(self.kept.ptr, self.kept.len) }
     }
 
@@ -263,10 +260,10 @@ impl BorrowedReply {
         self.bus.instance_name(self.info.instance)
     }
 
-    /// Whether the reply's bytes are still this call's: false only for a reply in the
-    /// instance's shared reply heap (a channel made by a previous broker) whose guard was
-    /// held past the unread-reply expiry (60 s) and whose block the instance reused for
-    /// another reply. Check it after reading to trust what was read.
+    /// Whether the reply's bytes are still this call's (the block's tag still names the
+    /// call). An instance keeps a block until its caller lets go of the mailbox, so this
+    /// is false only if the instance broke that rule (a bug, or an instance that rewrites
+    /// its own replies): what it wrote there is what the guard shows.
     pub fn is_intact(&self) -> bool {
         // An inline reply (in our own mailbox, which nobody reuses while we hold it) has no
         // tag, and passes.

@@ -975,16 +975,22 @@ impl BusInner {
 
     /// Maps `chan`'s reply heap (the first reply there that did not fit the mailbox): the
     /// broker hands over what the instance gave it, checked sealed against every writer but
-    /// the instance.
+    /// the instance. A channel a previous broker made is named by its token (the instance
+    /// handed the heap to the current broker the same way). While the broker is away, waits
+    /// for it as long as calls route on a previous broker's view.
     fn open_reply_heap(&self, chan: &ChannelSeg) -> Result<()> {
         let _one_maker = self.heap_maker.lock();
         if chan.reply_heap.get().is_some() {
             return Ok(());
         }
-        let (resp, mut fds) = self
-            .control
-            .lock()
-            .request(&Request::OpenReplyHeap { channel: chan.id })?;
+        let until = Instant::now() + crate::session::bus::RESTART_BRIDGE;
+        let (resp, mut fds) = self.ask_broker(until, || {
+            let previous = (chan.epoch != self.session().epoch).then(|| chan.token());
+            self.control.lock().request(&Request::OpenReplyHeap {
+                channel: chan.id,
+                previous,
+            })
+        })?;
         let (Response::Opened, Some(fd)) = (&resp, fds.pop()) else {
             return Err(Error::Protocol(format!(
                 "OpenReplyHeap: expected Opened and a descriptor, got {resp:?}"
@@ -1002,9 +1008,9 @@ impl BusInner {
 
     /// Whether `seg`'s channel was made by a previous broker and the current one has the
     /// instance in its registry again (it re-registered): then the current broker can make
-    /// a new channel, which unlike the old one can be given heaps (a large reply through
-    /// the old one would use the instance's shared reply heap), and whose closing the
-    /// current broker will tell the instance.
+    /// a new channel, which unlike the old one can be given a request heap, and whose
+    /// closing the current broker will tell the instance. (The old one gets a reply heap
+    /// through its token, for the calls still in it: see `open_reply_heap`.)
     fn superseded(&self, seg: &InstanceSeg, target: CallInfo) -> bool {
         seg.channel.as_ref().is_some_and(|c| {
             let sess = self.session();
@@ -1552,18 +1558,6 @@ impl BusInner {
             }
             PAYLOAD_INLINE => {
                 return Err(bad(format!("inline length {len} over the mailbox size")))
-            }
-            PAYLOAD_HEAP => {
-                if mb.incarnation.load(Ordering::Relaxed) != seg.incarnation {
-                    return Err(bad("heap reply from another incarnation".into()));
-                }
-                let off = mb.heap_off.load(Ordering::Relaxed);
-                let block = len
-                    .checked_add(HEAP_TAG)
-                    .filter(|_| off % HEAP_TAG == 0)
-                    .and_then(|l| seg.heap_range(off, l))
-                    .ok_or_else(|| bad(format!("heap range {off}+{len} outside the heap")))?;
-                tagged(block)
             }
             PAYLOAD_CHANNEL_HEAP => {
                 if sent.chan.reply_heap.get().is_none() {

@@ -24,7 +24,6 @@ use crate::session::control::expect_fds;
 use crate::session::proto::{
     BulkOptions, BulkReport, Heartbeat, Request as Ctl, ResourceSpec, Response, ServiceConfig,
 };
-use crate::shm::heap::HeapAlloc;
 use crate::shm::layout::{
     InstanceSeg, Mb, MsgHeader, MAX_METHOD, PAYLOAD_CHANNEL_HEAP, PAYLOAD_HEAP, PAYLOAD_INLINE,
 };
@@ -72,10 +71,7 @@ pub(crate) struct InstanceInner {
     incarnation: AtomicU64,
     /// What registration carried, to register again after a broker restart.
     reg: RegisterOptions,
-    /// The shared reply heap's allocator: only for channels that could not get a reply
-    /// heap of their own (made by a previous broker, or the broker away).
-    heap: HeapAlloc,
-    /// Replies sent through a heap, freed once their caller has read them.
+    /// Replies sent through a channel's reply heap, freed once their caller has read them.
     pending: Mutex<Vec<PendingReply>>,
     /// Held while making a channel's reply heap (serving threads may meet the same
     /// channel's first large reply at once).
@@ -93,37 +89,23 @@ struct PendingReply {
     chan: Arc<Chan>,
     mailbox: u32,
     gen: u32,
-    /// The block: in `chan`'s reply heap, or in the shared one.
+    /// The block in `chan`'s reply heap.
     block: Block,
-    sent: Instant,
 }
 
-/// A block of reply memory: `len` bytes at `off` of the channel's own reply heap
-/// (`in_channel`), or of the instance's shared one.
+/// A block of reply memory: `len` bytes at `off` of a channel's reply heap.
 #[derive(Clone, Copy)]
 struct Block {
-    in_channel: bool,
     off: u64,
     len: u64,
-}
-
-impl Block {
-    /// The mailbox's reply kind for a reply in this block.
-    fn kind(&self) -> u8 {
-        if self.in_channel {
-            PAYLOAD_CHANNEL_HEAP
-        } else {
-            PAYLOAD_HEAP
-        }
-    }
 }
 
 /// Instances this process holds a live handle of: (bus directory, service, instance id).
 static LIVE: Mutex<Vec<(std::path::PathBuf, String, String)>> = Mutex::new(Vec::new());
 
-/// A heap reply its caller has not read after this long is freed anyway: the caller is
-/// gone (crashed) or gave up long ago (a live caller copies a reply within milliseconds).
-const UNREAD_REPLY_EXPIRY: Duration = Duration::from_secs(60);
+/// How long a large reply to a call that states no deadline waits for its channel's reply
+/// heap while the broker is away (as long as callers route on a previous broker's view).
+const REPLY_HEAP_WAIT: Duration = crate::session::bus::RESTART_BRIDGE;
 
 /// Stops `serve`/`recv` loops from another thread (or a signal-handling thread).
 #[derive(Clone)]
@@ -150,7 +132,6 @@ impl Instance {
         max_message: u64,
         opts: RegisterOptions,
     ) -> Instance {
-        let heap = HeapAlloc::new(seg.layout.heap_size);
         let inner = Arc::new(InstanceInner {
             bus: bus.clone(),
             service: service.to_owned(),
@@ -160,7 +141,6 @@ impl Instance {
             seg,
             seg_fd,
             reg: opts.clone(),
-            heap,
             pending: Mutex::new(Vec::new()),
             reply_heap_maker: Mutex::new(()),
             max_message,
@@ -633,7 +613,7 @@ impl InstanceInner {
                     // SAFETY: `dst` is `data.len()` bytes of the block allocated to this reply.
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
                     self.hold_until_read(&d, block);
-                    (block.kind(), block.off)
+                    (PAYLOAD_CHANNEL_HEAP, block.off)
                 }
                 Err(why) => {
                     refused = why;
@@ -666,7 +646,7 @@ impl InstanceInner {
             &d,
             mb,
             0,
-            loan.block.kind(),
+            PAYLOAD_CHANNEL_HEAP,
             loan.block.off,
             loan.len as u64,
         );
@@ -702,38 +682,23 @@ impl InstanceInner {
         }
     }
 
-    /// A block of `len` bytes of the shared reply heap for a reply to a caller of `uid`,
-    /// or why there is none. The replies a uid has not read yet may hold one
-    /// maximum-size reply's worth (half the heap): a caller that never reads its replies
-    /// takes its own uid's share, never the heap the other uids' replies need.
-    fn alloc_shared(&self, uid: u32, len: u64) -> std::result::Result<u64, String> {
-        let round = |n: u64| n.div_ceil(64) * 64;
-        let share = round(self.max_message + crate::call::HEAP_TAG);
-        let held = self.sweep_pending(uid);
-        if held + round(len) > share {
-            return Err(format!(
-                "replies not yet read by uid {uid} hold {held} bytes of this instance's reply heap, and one uid may hold {share}; read them, or retry later"
-            ));
-        }
-        self.heap
-            .alloc(len)
-            .ok_or_else(|| "instance reply heap is full; retry".to_owned())
-    }
-
-    /// A block of `len` bytes of channel `chan`'s own reply heap (made the first time it
-    /// is needed), or why there is none: `Ok(None)` if the channel cannot have one (made
-    /// by a previous broker, or the broker is away): the shared heap then serves.
-    fn alloc_in_channel(&self, chan: &Chan, len: u64) -> std::result::Result<Option<u64>, String> {
-        if !self.channel_reply_heap(chan)? {
-            return Ok(None);
-        }
+    /// A block of `len` bytes of channel `chan`'s reply heap (made the first time it is
+    /// needed), or why there is none. `until`: how long to wait for the broker to take the
+    /// heap (see [`InstanceInner::channel_reply_heap`]).
+    fn alloc_in_channel(
+        &self,
+        chan: &Chan,
+        len: u64,
+        until: Instant,
+    ) -> std::result::Result<u64, String> {
+        self.channel_reply_heap(chan, until)?;
         if let Some((off, _)) = chan.seg.reply_heap_alloc(len) {
-            return Ok(Some(off));
+            return Ok(off);
         }
         // Blocks of replies read since the last look come back first.
-        self.sweep_pending(u32::MAX);
+        self.sweep_pending();
         match chan.seg.reply_heap_alloc(len) {
-            Some((off, _)) => Ok(Some(off)),
+            Some((off, _)) => Ok(off),
             None => Err(format!(
                 "the replies not yet read in this caller's channel fill its {}-byte reply heap; read them, or retry later",
                 chan.seg.reply_heap.get().map_or(0, |h| h.size)
@@ -741,131 +706,115 @@ impl InstanceInner {
         }
     }
 
-    /// Whether `chan` has its own reply heap, making it (and handing it to the broker for
-    /// the caller) if it has none yet. `Ok(false)`: it cannot have one now (made by a
-    /// previous broker, which alone could have passed it on; or the broker is away).
-    /// `Err`: the broker refused it (the caller's uid is over its shared-memory quota).
-    fn channel_reply_heap(&self, chan: &Chan) -> std::result::Result<bool, String> {
+    /// Makes sure `chan` has its own reply heap: the first time, it is made here, sealed,
+    /// and handed to the broker for the caller (charged to the caller's uid). A channel a
+    /// previous broker made is named by its token, and the current broker takes its heap
+    /// once its caller has claimed it (`Request::ClaimChannels`) and this instance has
+    /// registered again: until then, and while the broker is away, this waits, at most
+    /// until `until` (the call's deadline: past it nobody reads the reply). `Err`: why
+    /// there is none (the caller's uid over its quota, the broker away past `until`).
+    fn channel_reply_heap(&self, chan: &Chan, until: Instant) -> std::result::Result<(), String> {
         if chan.seg.reply_heap.get().is_some() {
-            return Ok(true);
+            return Ok(());
         }
         let _one_maker = self.reply_heap_maker.lock();
         if chan.seg.reply_heap.get().is_some() {
-            return Ok(true);
-        }
-        let inner = &self.bus.inner;
-        if chan.seg.epoch != inner.session().epoch {
-            return Ok(false);
+            return Ok(());
         }
         if let Some((at, why)) = &*chan.reply_heap_refused.lock() {
             if at.elapsed() < REPLY_HEAP_RETRY {
                 return Err(why.clone());
             }
         }
-        let made = crate::shm::layout::ChannelHeap::create(
+        let (fd, heap) = crate::shm::layout::ChannelHeap::create(
             chan.seg.epoch,
             self.seg.layout.heap_size,
             chan.seg.id,
             crate::shm::layout::HeapSide::Reply,
-        );
-        let (fd, heap) = match made {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(service = %self.service, "making a reply heap: {e}");
-                return Ok(false);
-            }
-        };
-        let asked = inner.control.lock().request_with_fds(
-            &crate::session::proto::Request::ReplyHeap {
-                channel: chan.seg.id,
-            },
-            &[fd.as_fd()],
-        );
-        match asked {
-            Ok((crate::session::proto::Response::Done, _)) => {
-                let _ = chan.seg.reply_heap.set(heap);
-                Ok(true)
-            }
-            Ok((other, _)) => {
-                tracing::warn!(service = %self.service, "ReplyHeap: expected Done, got {other:?}");
-                Ok(false)
-            }
-            Err(Error::LimitExceeded(m)) => {
-                *chan.reply_heap_refused.lock() = Some((Instant::now(), m.clone()));
-                Err(m)
-            }
-            Err(e) => {
-                // The broker is away, or restarted meanwhile (the channel is then a
-                // previous broker's): the shared heap serves.
-                tracing::debug!(service = %self.service, "handing over a reply heap: {e}");
-                Ok(false)
-            }
+        )
+        .map_err(|e| format!("making a reply heap: {e}"))?;
+        let inner = &self.bus.inner;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let asked = inner.ask_broker(until, || {
+                let previous = (chan.seg.epoch != inner.session().epoch).then(|| chan.seg.token());
+                inner.control.lock().request_with_fds(
+                    &crate::session::proto::Request::ReplyHeap {
+                        channel: chan.seg.id,
+                        previous,
+                    },
+                    &[fd.as_fd()],
+                )
+            });
+            return match asked {
+                Ok((crate::session::proto::Response::Done, _)) => {
+                    let _ = chan.seg.reply_heap.set(heap);
+                    Ok(())
+                }
+                Ok((other, _)) => Err(format!("ReplyHeap: expected Done, got {other:?}")),
+                Err(Error::LimitExceeded(m)) => {
+                    *chan.reply_heap_refused.lock() = Some((Instant::now(), m.clone()));
+                    Err(m)
+                }
+                // A previous broker's channel whose caller has not claimed it yet, or
+                // ours not registered again yet: both come within moments of a restart.
+                Err(Error::NotOwner(m)) => {
+                    if Instant::now() + pause > until {
+                        return Err(format!("no reply heap for this channel: {m}"));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => Err(format!("no reply heap for this channel: {e}")),
+            };
         }
     }
 
     /// Frees reply blocks whose replies their callers have read (or abandoned for a newer
-    /// call, or left unread in a channel that closed), and returns the bytes (in the
-    /// allocator's 64-byte units) that the replies still unread by callers of `uid` hold
-    /// in the shared heap. A block of a channel's own heap waits for its caller however
-    /// long it takes (it holds nobody else's memory); one of the shared heap at most
-    /// [`UNREAD_REPLY_EXPIRY`].
-    fn sweep_pending(&self, uid: u32) -> u64 {
-        let mut held = 0;
+    /// call, or left unread in a channel that closed). A block waits for its caller however
+    /// long it takes: it is in that caller's channel's heap, and holds nobody else's memory.
+    fn sweep_pending(&self) {
         self.pending.lock().retain(|p| {
             // A closed channel's caller is gone: nobody reads its replies any more.
-            let unread = (p.block.in_channel || p.sent.elapsed() < UNREAD_REPLY_EXPIRY)
-                && !p.chan.is_closed()
+            let unread = !p.chan.is_closed()
                 && p.chan
                     .seg
                     .mailbox(p.mailbox)
                     .is_some_and(|(mb, _)| mailbox::still_unread(mb, p.gen));
             if !unread {
                 self.free_block(&p.chan, p.block);
-            } else if !p.block.in_channel && p.chan.caller_uid == uid {
-                held += p.block.len.div_ceil(64) * 64;
             }
             unread
         });
-        held
     }
 
     fn free_block(&self, chan: &Chan, b: Block) {
-        if b.in_channel {
-            chan.seg.reply_heap_free(b.off, b.len);
-        } else {
-            self.heap.free(b.off, b.len);
-        }
+        chan.seg.reply_heap_free(b.off, b.len);
     }
 
-    /// A block of reply memory for `len` bytes of a reply to `d` (in its channel's own
-    /// reply heap, or where it cannot have one the shared heap), its tag (the call's nonce)
-    /// written first: the block and where the bytes go, or why there is none. A caller
-    /// copying a reply out of a shared block since reused for another call notices by the
-    /// tag (`call::read_reply`).
+    /// A block of its channel's reply heap for `len` bytes of a reply to `d`, its tag (the
+    /// call's nonce) written first: the block and where the bytes go, or why there is
+    /// none. A caller copying a reply out of a block since reused for another call notices
+    /// by the tag (`call::read_reply`).
     fn reply_block(
         &self,
         d: &Delivery,
         len: usize,
     ) -> std::result::Result<(Block, *mut u8), String> {
         let block_len = len as u64 + crate::call::HEAP_TAG;
-        let block = match self.alloc_in_channel(&d.chan, block_len)? {
-            Some(off) => Block {
-                in_channel: true,
-                off,
-                len: block_len,
-            },
-            None => Block {
-                in_channel: false,
-                off: self.alloc_shared(d.chan.caller_uid, block_len)?,
-                len: block_len,
-            },
+        let until = d
+            .deadline()
+            .unwrap_or_else(|| Instant::now() + REPLY_HEAP_WAIT);
+        let block = Block {
+            off: self.alloc_in_channel(&d.chan, block_len, until)?,
+            len: block_len,
         };
-        let at = if block.in_channel {
-            d.chan.seg.reply_heap_range(block.off, block_len)
-        } else {
-            self.seg.heap_range(block.off, block_len)
-        };
-        let at = at.expect("allocator stays in the heap");
+        let at = d
+            .chan
+            .seg
+            .reply_heap_range(block.off, block_len)
+            .expect("allocator stays in the heap");
         // SAFETY: `at` is `block_len` bytes of a heap we write, allocated to this reply,
         // 64-aligned (the allocator's unit, on a page-aligned heap).
         let tag = unsafe { &*(at as *const crate::shm::sync::AtomicU64) };
@@ -884,7 +833,6 @@ impl InstanceInner {
             mailbox: d.mailbox,
             gen: d.gen,
             block,
-            sent: Instant::now(),
         });
     }
 }
@@ -924,6 +872,24 @@ struct Delivery {
     /// A payload in the caller's request heap (offset, length; checked against the heap):
     /// read there, in place.
     heap_payload: Option<(u64, u64)>,
+}
+
+impl Delivery {
+    /// [`Request::deadline`].
+    fn deadline(&self) -> Option<Instant> {
+        let ns = self.deadline_ns;
+        if ns == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let now_ns = crate::shm::sys::monotonic_ns();
+        Some(match ns.checked_sub(now_ns) {
+            Some(ahead) => now + Duration::from_nanos(ahead),
+            None => now
+                .checked_sub(Duration::from_nanos(now_ns - ns))
+                .unwrap_or(now),
+        })
+    }
 }
 
 /// One serving thread's view of the ring, with buffers reused across requests.
@@ -1144,18 +1110,7 @@ impl<'r> Request<'r> {
     /// When the caller stops waiting for the reply (its attempt's deadline), if it said:
     /// work past it is wasted. Calls made with [`crate::CallOptions::nested`] end by it.
     pub fn deadline(&self) -> Option<Instant> {
-        let ns = self.delivery.as_ref()?.deadline_ns;
-        if ns == 0 {
-            return None;
-        }
-        let now = Instant::now();
-        let now_ns = crate::shm::sys::monotonic_ns();
-        Some(match ns.checked_sub(now_ns) {
-            Some(ahead) => now + Duration::from_nanos(ahead),
-            None => now
-                .checked_sub(Duration::from_nanos(now_ns - ns))
-                .unwrap_or(now),
-        })
+        self.delivery.as_ref()?.deadline()
     }
     /// What a call made while handling this request inherits (hops, trace, deadline).
     pub fn context(&self) -> CallContext {

@@ -24,8 +24,6 @@ use crate::shm::layout::ChannelSeg;
 /// came through, not what it says).
 pub(crate) struct Chan {
     pub seg: ChannelSeg,
-    /// The caller's uid as the broker saw it (the shared reply heap is shared out per uid).
-    pub caller_uid: u32,
     pub bit: u64,
     /// The broker said the channel closed (its caller left, or the instance did): the
     /// replies in it nobody will read (their reply heap blocks are freed at once).
@@ -40,11 +38,10 @@ pub(crate) struct Chan {
 pub(crate) const REPLY_HEAP_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Chan {
-    pub fn new(seg: ChannelSeg, caller_uid: u32) -> Chan {
+    pub fn new(seg: ChannelSeg) -> Chan {
         Chan {
             bit: Doorbell::bit(seg.id),
             seg,
-            caller_uid,
             closed: AtomicBool::new(false),
             reply_heap_refused: parking_lot::Mutex::new(None),
         }

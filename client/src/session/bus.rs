@@ -969,7 +969,7 @@ impl BusInner {
                     Some(info.instance),
                     layout::Party::Instance,
                 )
-                .map(|seg| Chan::new(seg, info.uid));
+                .map(Chan::new);
                 match chan {
                     Ok(c) => add[r].push(Arc::new(c)),
                     Err(e) => {

@@ -216,6 +216,24 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
     if !opened.is_empty() {
         conn.request(&Request::Grant { instances: opened })?;
     }
+    // Our channels the previous broker made stay in use (calls in flight through them,
+    // and new ones until each instance is back): claim them by their tokens, so that their
+    // instances can hand this broker reply heaps for them, charged to us.
+    let previous: Vec<proto::PreviousChannel> = inner
+        .instances
+        .read()
+        .values()
+        .filter_map(|seg| seg.channel.as_ref())
+        .map(|c| proto::PreviousChannel {
+            instance: c.instance,
+            incarnation: c.incarnation,
+            channel: c.id,
+            token: c.token(),
+        })
+        .collect();
+    if !previous.is_empty() {
+        conn.request(&Request::ClaimChannels { channels: previous })?;
+    }
     let watch = conn.watch_handle()?;
     inner.replace_control(conn);
     inner.replace_session(session, client, gen);

@@ -16,7 +16,7 @@ use crate::error::{code, Error, WireError};
 use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
@@ -40,6 +40,18 @@ pub struct ServiceConfig {
     pub slot_count: Option<u32>,
     /// Largest request or reply, in bytes.
     pub max_message: Option<u64>,
+}
+
+/// A channel a previous broker made, as its caller names it to the current one
+/// ([`Request::ClaimChannels`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousChannel {
+    /// The instance it leads to (the same after the instance registers again).
+    pub instance: u32,
+    pub incarnation: u64,
+    /// Its id under the broker that made it.
+    pub channel: u64,
+    pub token: [u64; 2],
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,20 +98,31 @@ pub enum Request {
     /// one of its instances (one descriptor: a memfd it made, mapped and sealed
     /// `F_SEAL_FUTURE_WRITE`), the first time it answers there with more than a mailbox
     /// holds; the broker checks the seals and size, charges it to the channel's caller's
-    /// uid, and keeps it for the caller (`OpenReplyHeap`).
+    /// uid, and keeps it for the caller (`OpenReplyHeap`). `previous`: the channel was
+    /// made by a previous broker; its token ([`crate::shm::layout::ChannelSeg::token`]),
+    /// matched against its caller's [`Request::ClaimChannels`].
     ReplyHeap {
         channel: u64,
+        previous: Option<[u64; 2]>,
     },
     /// A caller asks for the reply heap of its channel `channel` (it met a reply there):
-    /// `Opened` with the one descriptor.
+    /// `Opened` with the one descriptor. `previous`: as in `ReplyHeap`.
     OpenReplyHeap {
         channel: u64,
+        previous: Option<[u64; 2]>,
     },
     /// After a broker restart: the instances (index, incarnation) this client had opened,
     /// so that the new broker counts its unhealthy reports and caller statistics for
     /// their services (if the policy lets it call them). A client grants for itself only.
     Grant {
         instances: Vec<(u32, u64)>,
+    },
+    /// After a broker restart: the channels a previous broker made that this client still
+    /// uses, each named by its token, which only the channel's caller and instance can
+    /// read. The new broker never made them; with the claim, their instance can hand it a
+    /// reply heap for them (`ReplyHeap` with `previous`), charged to this client's uid.
+    ClaimChannels {
+        channels: Vec<PreviousChannel>,
     },
     ListServices,
     DescribeService {
@@ -192,8 +215,6 @@ pub struct ChannelInfo {
     pub id: u64,
     /// The caller's client `(index, gen)`: whose mailboxes its requests' replies go to.
     pub client: (u32, u32),
-    /// The caller's uid (an instance's reply heap is shared out per uid).
-    pub uid: u32,
     /// The instance `(index, incarnation)` it leads to.
     pub instance: (u32, u64),
 }

@@ -54,6 +54,13 @@ pub enum Party {
     Broker,
 }
 
+/// A channel's token ([`ChannelSeg::token`]): written by the broker through the
+/// descriptor before the channel leaves it, read by the parties as plain values.
+#[repr(C)]
+struct ChannelToken([crate::shm::sync::AtomicU64; 2]);
+// SAFETY: repr(C), two atomics.
+unsafe impl ShmSafe for ChannelToken {}
+
 /// One mailbox of a channel: the caller's half (request side) and the instance's half
 /// (reply side).
 #[derive(Clone, Copy)]
@@ -187,18 +194,44 @@ impl ChannelSeg {
             crate::shm::sys::seal_size(&fd)?;
             Ok(fd)
         };
-        Ok([
-            side(
-                "aegis-channel",
-                SegmentKind::Channel,
-                Self::request_size(layout, mailboxes),
-            )?,
-            side(
-                "aegis-reply",
-                SegmentKind::Reply,
-                Self::reply_size(layout, mailboxes),
-            )?,
-        ])
+        let req = side(
+            "aegis-channel",
+            SegmentKind::Channel,
+            Self::request_size(layout, mailboxes),
+        )?;
+        let token = [crate::shm::sys::random_u64(), crate::shm::sys::random_u64()];
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&token[0].to_ne_bytes());
+        bytes[8..].copy_from_slice(&token[1].to_ne_bytes());
+        {
+            use std::os::unix::fs::FileExt;
+            std::fs::File::from(req.try_clone()?).write_all_at(&bytes, Self::TOKEN as u64)?;
+        }
+        let rep = side(
+            "aegis-reply",
+            SegmentKind::Reply,
+            Self::reply_size(layout, mailboxes),
+        )?;
+        Ok([req, rep])
+    }
+
+    /// Where the channel's token lies on the request side: after the header, before the
+    /// ring (bytes otherwise unused).
+    const TOKEN: usize = 64;
+
+    /// The channel's token: 128 random bits the broker that made it wrote on the request
+    /// side, which only the channel's caller and instance (and that broker) can read. After
+    /// a broker restart the new broker never saw the channel; caller and instance each
+    /// name it by its token ([`crate::session::proto::Request::ClaimChannels`],
+    /// `ReplyHeap`), and the broker matches the two. Knowing it proves holding the
+    /// channel; the caller could overwrite it, which only makes its own channel's claim
+    /// fail to match.
+    pub fn token(&self) -> [u64; 2] {
+        let t: &ChannelToken = self.req.at(Self::TOKEN);
+        [
+            t.0[0].load(Ordering::Relaxed),
+            t.0[1].load(Ordering::Relaxed),
+        ]
     }
 
     /// The ring layout and the mailboxes a channel's header parameters describe.

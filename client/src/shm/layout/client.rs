@@ -28,7 +28,7 @@ pub struct MailboxHeader {
     pub instance: AtomicU32,
     pub reply_kind: AtomicU32,
     pub reply_len: AtomicU64,
-    /// Offset in the instance's heap when `reply_kind == PAYLOAD_HEAP`.
+    /// Offset in the channel's reply heap when `reply_kind == PAYLOAD_CHANNEL_HEAP`.
     pub heap_off: AtomicU64,
     pub incarnation: AtomicU64,
     pub _pad: [u32; 4],

@@ -184,7 +184,7 @@ pub struct MsgHeader {
     pub mailbox_gen: u32,
     pub trace_id: u64,
     pub payload_len: u64,
-    /// Offset in the caller's client segment when `kind == PAYLOAD_HEAP`.
+    /// Offset in the channel's request heap when `kind == PAYLOAD_HEAP`.
     pub heap_off: u64,
     pub method_len: u16,
     pub hops: u8,
@@ -255,6 +255,8 @@ pub struct InstanceLayout {
     /// Inline bytes per slot (method name + payload).
     pub slot_size: u32,
     pub slot_count: u32,
+    /// Bytes of each reply heap of this instance's channels (twice the service's largest
+    /// message); since layout 13 no segment of the instance's own holds a heap.
     pub heap_size: u64,
 }
 
@@ -262,7 +264,8 @@ impl InstanceLayout {
     /// In the own segment.
     const COUNTERS: usize = 64;
     const DURATIONS: usize = 128;
-    const OWN_HEAP: usize = PAGE;
+    /// Bytes of the own segment: a page (header, counters, durations).
+    const OWN: usize = PAGE;
     /// In the ring segment.
     pub(super) const RING: usize = 128;
     pub(super) fn slots_off(&self) -> usize {
@@ -280,7 +283,7 @@ impl InstanceLayout {
     }
     /// Bytes of the instance's own segment.
     pub fn own_size(&self) -> usize {
-        Self::OWN_HEAP + round_up(self.heap_size as usize, PAGE)
+        Self::OWN
     }
     /// Both segments: what the instance costs its uid's shared-memory quota.
     pub fn total_size(&self) -> usize {
@@ -332,8 +335,8 @@ pub struct InstanceSeg {
 }
 
 impl InstanceSeg {
-    /// Creates an instance's own segment with a reply heap of `heap_size` bytes: mapped
-    /// writable here, then sealed so that no other mapping can ever write it
+    /// Creates an instance's own segment (counters, durations; `heap_size`: the bytes of
+    /// its channels' reply heaps, stated in the header): mapped writable here, then sealed so that no other mapping can ever write it
     /// (`F_SEAL_FUTURE_WRITE`). Returns the descriptor (for the broker) and our mapping.
     pub fn create_own(epoch: u64, heap_size: u64) -> io::Result<(OwnedFd, Mapping)> {
         let size = InstanceLayout {
@@ -350,7 +353,8 @@ impl InstanceSeg {
     }
 
     /// Maps an instance's own segment read-only (a caller or the broker) after checking
-    /// that nobody can map it writable any more, and returns its reply heap size.
+    /// that nobody can map it writable any more, and returns the size of its channels' reply
+    /// heaps.
     pub fn open_own(fd: &OwnedFd) -> Result<(Mapping, u64), LayoutError> {
         let invalid = |what: String| LayoutError::Invalid {
             kind: SegmentKind::InstanceOwn,
@@ -488,14 +492,6 @@ impl InstanceSeg {
             .range(self.layout.slots_off() as u64, len)
             .expect("validated layout")
     }
-    /// `len` bytes at `off` inside the reply heap, or `None` when out of the heap's
-    /// bounds. Writable only through the instance's own mapping.
-    pub fn heap_range(&self, off: u64, len: u64) -> Option<*mut u8> {
-        if off.checked_add(len)? > self.layout.heap_size {
-            return None;
-        }
-        self.own.range(InstanceLayout::OWN_HEAP as u64 + off, len)
-    }
 }
 
 #[cfg(not(loom))]
@@ -505,7 +501,7 @@ const _: () = {
     assert!(size_of::<SlotCtl>() == 16);
     assert!(size_of::<MsgHeader>() == 96);
     assert!(size_of::<Histogram>() == 192);
-    assert!(InstanceLayout::DURATIONS + size_of::<Histogram>() <= InstanceLayout::OWN_HEAP);
+    assert!(InstanceLayout::DURATIONS + size_of::<Histogram>() <= InstanceLayout::OWN);
     assert!(size_of::<SlotHeader>() == 128 && std::mem::align_of::<SlotHeader>() == 64);
     assert!(InstanceLayout::RING % 128 == 0);
 };

@@ -44,7 +44,7 @@ pub use registry::*;
 pub use shared::*;
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 13;
 pub const PAGE: usize = 4096;
 
 const NAME_WORDS: usize = MAX_NAME / 8;
@@ -62,14 +62,14 @@ pub const MAX_SLOT_COUNT: u32 = 1 << 16;
 /// Default largest message (request or reply), and the bus-wide ceiling.
 pub const DEFAULT_MAX_MESSAGE: u64 = 16 << 20;
 pub const MAX_MAX_MESSAGE: u64 = 1 << 30;
-/// Inline reply capacity of a mailbox; larger replies go through the instance's heap.
+/// Inline reply capacity of a mailbox; larger replies go through the channel's reply heap.
 pub const MAILBOX_INLINE: u32 = 4096;
 pub const DEFAULT_MAILBOXES: u32 = 128;
 
 /// Payload placement, in [`MsgHeader::kind`] and [`MailboxHeader::reply_kind`].
 pub const PAYLOAD_INLINE: u8 = 0;
-/// A request in its channel's request heap; a reply in the instance's shared reply heap
-/// (a channel whose reply heap could not be made: see `docs/isolation.md`).
+/// A request in its channel's request heap. (Not a reply kind since layout 13: no
+/// instance has a reply heap shared by its callers any more.)
 pub const PAYLOAD_HEAP: u8 = 1;
 /// A reply in its channel's reply heap ([`ChannelHeap`], [`HeapSide::Reply`]).
 pub const PAYLOAD_CHANNEL_HEAP: u8 = 2;
