@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 use aegis_client::{Bus, CallOptions, Error, Selection, Status};
 use support::{spawn_watched, wait_deadline, TestBus, DEADLINE};
 
+/// Stops serving when dropped, also when an assertion fails (else a scope that serves
+/// waits for ever).
+struct StopOnDrop(aegis_client::StopHandle);
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 fn kill(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a child process of this test.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
@@ -1105,13 +1114,6 @@ fn after_a_broker_restart_a_previous_broker_s_channel_is_replaced_and_let_go() {
     let mut bus = TestBus::start();
     let server = bus.connect();
     let inst = server.register("rh", "r1", &[]).unwrap();
-    // Stops serving also when an assertion below fails (else the scope waits for ever).
-    struct StopOnDrop(aegis_client::StopHandle);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.stop();
-        }
-    }
     let client = bus.connect();
     let opts = CallOptions::timeout(Duration::from_secs(10));
     std::thread::scope(|s| {
@@ -1191,12 +1193,6 @@ fn a_large_reply_through_a_previous_broker_s_channel_goes_through_that_channel_s
     let mut bus = TestBus::start();
     let server = bus.connect();
     let inst = server.register("rh", "r1", &[]).unwrap();
-    struct StopOnDrop(aegis_client::StopHandle);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.stop();
-        }
-    }
     // Handlers of "held" wait for this to reach their turn (1, then 2).
     let turn = AtomicU64::new(0);
     let started = AtomicU64::new(0);
@@ -1257,6 +1253,32 @@ fn a_large_reply_through_a_previous_broker_s_channel_goes_through_that_channel_s
         tags.sort();
         assert_eq!(tags, [1, 2]);
     });
+}
+
+/// The broker dies after an instance handed it a channel's new reply heap and before the
+/// caller fetched it (the caller had not read the first large reply there yet): the
+/// instance hands the next broker the heap again under the channel's token, and the
+/// caller, reading the reply after the restart, gets it from that broker. (Before, that
+/// call failed: "reply from instance #0: its reply heap: broker unavailable at …".)
+#[test]
+fn a_reply_heap_handed_to_a_broker_that_died_is_handed_to_the_next() {
+    let mut bus = TestBus::start();
+    let _inst = bus.serve("big", "b1", &[]);
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(10));
+    assert_eq!(
+        client.call("big", "echo", b"small", &opts).unwrap().payload,
+        b"small"
+    );
+    let large = vec![7u8; 64 << 10];
+    let pending = client.submit("big", "echo", &large, &opts).unwrap();
+    support::wait_for("the large reply published", || pending.is_ready());
+    kill(bus.broker.id(), libc::SIGKILL);
+    wait_deadline(&mut bus.broker);
+    bus.broker = support::start_broker(bus.path(), &[]);
+    let mut out = Vec::new();
+    pending.wait(&mut out).unwrap();
+    assert!(out == large, "another payload");
 }
 
 /// A call already taken by an instance that then turns `Unhealthy` (its loop shows no

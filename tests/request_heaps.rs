@@ -13,6 +13,15 @@ use aegis_client::{CallOptions, Error};
 /// The tests count mappings of this process: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Stops serving when dropped, also when an assertion fails (else the scope that serves
+/// waits for ever).
+struct StopOnDrop(aegis_client::StopHandle);
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 fn opts() -> CallOptions {
     CallOptions::timeout(Duration::from_secs(10))
 }
@@ -118,12 +127,12 @@ fn a_channel_gets_its_request_heap_with_its_first_large_request_only() {
 #[test]
 fn a_request_heap_over_the_uid_s_quota_is_refused_naming_it() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let bus = support::TestBus::start_with(&["--max-shm-per-uid", &(40u64 << 20).to_string()]);
+    let bus = support::TestBus::start_with(&["--max-shm-per-uid", &(16u64 << 20).to_string()]);
     let server = bus.connect();
     let inst = server.register("hq", "q1", &[]).unwrap();
-    let stop = inst.stop_handle();
     let client = bus.connect();
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(inst.stop_handle());
         s.spawn(|| echo(&inst));
         assert_eq!(
             client
@@ -151,7 +160,6 @@ fn a_request_heap_over_the_uid_s_quota_is_refused_naming_it() {
                 .payload,
             b"still"
         );
-        stop.stop();
     });
 }
 
@@ -162,12 +170,12 @@ fn a_request_heap_over_the_uid_s_quota_is_refused_naming_it() {
 #[test]
 fn a_reply_heap_over_the_caller_s_quota_is_refused_naming_it() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let bus = support::TestBus::start_with(&["--max-shm-per-uid", &(40u64 << 20).to_string()]);
+    let bus = support::TestBus::start_with(&["--max-shm-per-uid", &(16u64 << 20).to_string()]);
     let server = bus.connect();
     let inst = server.register("hr", "r1", &[]).unwrap();
-    let stop = inst.stop_handle();
     let client = bus.connect();
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(inst.stop_handle());
         s.spawn(|| {
             inst.serve(|req, out| {
                 // "big": a 64 KiB reply to a small request.
@@ -196,6 +204,5 @@ fn a_reply_heap_over_the_caller_s_quota_is_refused_naming_it() {
             client.call("hr", "m", b"x", &opts()).unwrap().payload,
             [7; 4]
         );
-        stop.stop();
     });
 }

@@ -1171,9 +1171,11 @@ impl State {
                 ));
             };
             let Some((fd, _)) = &p.reply_heap else {
-                return bad(format!(
-                    "channel {channel} of a previous broker has no reply heap here (its instance handed it to the previous broker)"
-                ));
+                // Its instance handed it to the previous broker, and hands it to this one
+                // when it next looks: the caller waits.
+                return err(WireError::NotOwner(format!(
+                    "channel {channel} of a previous broker has no reply heap here (yet)"
+                )));
             };
             return match fd.try_clone() {
                 Ok(fd) => (Response::Opened, vec![fd]),
@@ -2155,9 +2157,9 @@ mod tests {
             st.reply_heap(SERVER, old_id, Some(token), Some(unsealed)),
             "F_SEAL_FUTURE_WRITE",
         );
-        refused(
+        not_yet(
             st.open_reply_heap(3, old_id, Some(token)),
-            "has no reply heap here",
+            "has no reply heap here (yet)",
         );
         let before = held(&st, 3);
         assert!(matches!(

@@ -682,16 +682,11 @@ impl InstanceInner {
         }
     }
 
-    /// A block of `len` bytes of channel `chan`'s reply heap (made the first time it is
-    /// needed), or why there is none. `until`: how long to wait for the broker to take the
-    /// heap (see [`InstanceInner::channel_reply_heap`]).
-    fn alloc_in_channel(
-        &self,
-        chan: &Chan,
-        len: u64,
-        until: Instant,
-    ) -> std::result::Result<u64, String> {
-        self.channel_reply_heap(chan, until)?;
+    /// A block of `len` bytes of the reply heap of `d`'s channel (made the first time it
+    /// is needed), or why there is none.
+    fn alloc_in_channel(&self, d: &Delivery, len: u64) -> std::result::Result<u64, String> {
+        let chan = &d.chan;
+        self.channel_reply_heap(d)?;
         if let Some((off, _)) = chan.seg.reply_heap_alloc(len) {
             return Ok(off);
         }
@@ -711,9 +706,11 @@ impl InstanceInner {
     /// previous broker made is named by its token, and the current broker takes its heap
     /// once its caller has claimed it (`Request::ClaimChannels`) and this instance has
     /// registered again: until then, and while the broker is away, this waits, at most
-    /// until `until` (the call's deadline: past it nobody reads the reply). `Err`: why
-    /// there is none (the caller's uid over its quota, the broker away past `until`).
-    fn channel_reply_heap(&self, chan: &Chan, until: Instant) -> std::result::Result<(), String> {
+    /// until the call's deadline (past it nobody reads the reply; [`REPLY_HEAP_WAIT`] for a
+    /// call that states none). `Err`: why there is none (the caller's uid over its quota,
+    /// the broker away past the deadline).
+    fn channel_reply_heap(&self, d: &Delivery) -> std::result::Result<(), String> {
+        let chan = &d.chan;
         if chan.seg.reply_heap.get().is_some() {
             return Ok(());
         }
@@ -733,11 +730,16 @@ impl InstanceInner {
             crate::shm::layout::HeapSide::Reply,
         )
         .map_err(|e| format!("making a reply heap: {e}"))?;
+        let until = d
+            .deadline()
+            .unwrap_or_else(|| Instant::now() + REPLY_HEAP_WAIT);
         let inner = &self.bus.inner;
         let mut pause = Duration::from_millis(1);
+        let mut broker = 0;
         loop {
             let asked = inner.ask_broker(until, || {
-                let previous = (chan.seg.epoch != inner.session().epoch).then(|| chan.seg.token());
+                broker = inner.session().epoch;
+                let previous = (chan.seg.epoch != broker).then(|| chan.seg.token());
                 inner.control.lock().request_with_fds(
                     &crate::session::proto::Request::ReplyHeap {
                         channel: chan.seg.id,
@@ -749,6 +751,7 @@ impl InstanceInner {
             return match asked {
                 Ok((crate::session::proto::Response::Done, _)) => {
                     let _ = chan.seg.reply_heap.set(heap);
+                    *chan.reply_heap_fd.lock() = Some((fd, broker));
                     Ok(())
                 }
                 Ok((other, _)) => Err(format!("ReplyHeap: expected Done, got {other:?}")),
@@ -784,9 +787,45 @@ impl InstanceInner {
                     .is_some_and(|(mb, _)| mailbox::still_unread(mb, p.gen));
             if !unread {
                 self.free_block(&p.chan, p.block);
+                // Read (or given up), so its caller has the heap: no broker needs it again.
+                *p.chan.reply_heap_fd.lock() = None;
             }
             unread
         });
+    }
+
+    /// Hands the current broker, under each channel's token, the reply heaps that were
+    /// handed to a broker since gone and that their callers may not have fetched yet (no
+    /// reply there has been read): a caller meeting such a reply after a restart asks the
+    /// current broker for the heap, and waits for it. One try per channel and call: a
+    /// channel whose caller has not claimed it yet is tried again at the next call.
+    fn hand_reply_heaps_again(&self) {
+        let inner = &self.bus.inner;
+        let epoch = inner.session().epoch;
+        for chan in self.channels.list().iter() {
+            let mut kept = chan.reply_heap_fd.lock();
+            let Some((fd, handed)) = kept.as_mut() else {
+                continue;
+            };
+            if *handed == epoch {
+                continue;
+            }
+            let asked = inner.control.lock().request_with_fds(
+                &crate::session::proto::Request::ReplyHeap {
+                    channel: chan.seg.id,
+                    previous: Some(chan.seg.token()),
+                },
+                &[fd.as_fd()],
+            );
+            match asked {
+                Ok(_) => *handed = epoch,
+                Err(Error::NotOwner(_) | Error::BrokerUnavailable { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(service = %self.service, channel = chan.seg.id, "handing a reply heap to a new broker: {e}");
+                    *kept = None;
+                }
+            }
+        }
     }
 
     fn free_block(&self, chan: &Chan, b: Block) {
@@ -803,11 +842,8 @@ impl InstanceInner {
         len: usize,
     ) -> std::result::Result<(Block, *mut u8), String> {
         let block_len = len as u64 + crate::call::HEAP_TAG;
-        let until = d
-            .deadline()
-            .unwrap_or_else(|| Instant::now() + REPLY_HEAP_WAIT);
         let block = Block {
-            off: self.alloc_in_channel(&d.chan, block_len, until)?,
+            off: self.alloc_in_channel(d, block_len)?,
             len: block_len,
         };
         let at = d
@@ -1011,6 +1047,7 @@ impl<'a> Receiver<'a> {
                 self.next_moved_on_check = now + MOVED_ON_CHECK;
                 inst.channels
                     .drop_moved_on(inst.bus.inner.session().epoch, bell);
+                inst.hand_reply_heaps_again();
             }
             let mut wait = Duration::from_millis(inst.heartbeat.interval_ms.max(1));
             if let Some(d) = deadline {

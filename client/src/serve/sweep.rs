@@ -32,6 +32,11 @@ pub(crate) struct Chan {
     /// was over its quota): asked again only after [`REPLY_HEAP_RETRY`], so a caller over
     /// its quota does not cost the serving thread a broker round trip per large reply.
     pub reply_heap_refused: parking_lot::Mutex<Option<(std::time::Instant, String)>>,
+    /// Its reply heap's descriptor and the epoch of the broker it was handed to, kept until
+    /// the caller has surely fetched the heap (a reply there was read): should that broker
+    /// die first, the next one is handed the heap again under the channel's token
+    /// (`InstanceInner::hand_reply_heaps_again`).
+    pub reply_heap_fd: parking_lot::Mutex<Option<(std::os::fd::OwnedFd, u64)>>,
 }
 
 /// How long a refused reply heap is not asked for again.
@@ -44,6 +49,7 @@ impl Chan {
             seg,
             closed: AtomicBool::new(false),
             reply_heap_refused: parking_lot::Mutex::new(None),
+            reply_heap_fd: parking_lot::Mutex::new(None),
         }
     }
 
@@ -62,6 +68,11 @@ pub(crate) struct Channels {
 }
 
 impl Channels {
+    /// The channels now.
+    pub fn list(&self) -> Arc<Vec<Arc<Chan>>> {
+        self.list.read().clone()
+    }
+
     /// Channel `id` of broker run `epoch`, if it is in the list.
     pub fn find(&self, id: u64, epoch: u64) -> Option<Arc<Chan>> {
         let l = self.list.read();
