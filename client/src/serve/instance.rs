@@ -73,9 +73,6 @@ pub(crate) struct InstanceInner {
     reg: RegisterOptions,
     /// Replies sent through a channel's reply heap, freed once their caller has read them.
     pending: Mutex<Vec<PendingReply>>,
-    /// Held while making a channel's reply heap (serving threads may meet the same
-    /// channel's first large reply at once).
-    reply_heap_maker: Mutex<()>,
     max_message: u64,
     spin: Mutex<Spin>,
     heartbeat: Heartbeat,
@@ -103,8 +100,9 @@ struct Block {
 /// Instances this process holds a live handle of: (bus directory, service, instance id).
 static LIVE: Mutex<Vec<(std::path::PathBuf, String, String)>> = Mutex::new(Vec::new());
 
-/// How long a large reply to a call that states no deadline waits for its channel's reply
-/// heap while the broker is away (as long as callers route on a previous broker's view).
+/// How long a large reply waits at most for its channel's reply heap while the broker is
+/// away or the channel's caller has yet to claim it after a restart (as long as callers
+/// route on a previous broker's view); less when the call's deadline comes first.
 const REPLY_HEAP_WAIT: Duration = crate::session::bus::RESTART_BRIDGE;
 
 /// Stops `serve`/`recv` loops from another thread (or a signal-handling thread).
@@ -142,7 +140,6 @@ impl Instance {
             seg_fd,
             reg: opts.clone(),
             pending: Mutex::new(Vec::new()),
-            reply_heap_maker: Mutex::new(()),
             max_message,
             spin: Mutex::new(opts.spin),
             heartbeat: opts.heartbeat,
@@ -706,15 +703,17 @@ impl InstanceInner {
     /// previous broker made is named by its token, and the current broker takes its heap
     /// once its caller has claimed it (`Request::ClaimChannels`) and this instance has
     /// registered again: until then, and while the broker is away, this waits, at most
-    /// until the call's deadline (past it nobody reads the reply; [`REPLY_HEAP_WAIT`] for a
-    /// call that states none). `Err`: why there is none (the caller's uid over its quota,
-    /// the broker away past the deadline).
+    /// until the call's deadline (past it nobody reads the reply) or [`REPLY_HEAP_WAIT`],
+    /// whichever comes first. `Err`: why there is none (the caller's uid over its quota,
+    /// the broker away or the channel unclaimed past that).
     fn channel_reply_heap(&self, d: &Delivery) -> std::result::Result<(), String> {
         let chan = &d.chan;
         if chan.seg.reply_heap.get().is_some() {
             return Ok(());
         }
-        let _one_maker = self.reply_heap_maker.lock();
+        // One maker per channel (serving threads may meet its first large reply at once);
+        // a wait for the broker below holds up no other channel's.
+        let _one_maker = chan.reply_heap_maker.lock();
         if chan.seg.reply_heap.get().is_some() {
             return Ok(());
         }
@@ -730,9 +729,10 @@ impl InstanceInner {
             crate::shm::layout::HeapSide::Reply,
         )
         .map_err(|e| format!("making a reply heap: {e}"))?;
-        let until = d
-            .deadline()
-            .unwrap_or_else(|| Instant::now() + REPLY_HEAP_WAIT);
+        // The caller's deadline, but never longer than a broker restart takes to settle: a
+        // caller that states an hour and never claims its channel holds this thread 5 s.
+        let cap = Instant::now() + REPLY_HEAP_WAIT;
+        let until = d.deadline().map_or(cap, |t| t.min(cap));
         let inner = &self.bus.inner;
         let mut pause = Duration::from_millis(1);
         let mut broker = 0;

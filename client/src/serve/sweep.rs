@@ -37,6 +37,9 @@ pub(crate) struct Chan {
     /// die first, the next one is handed the heap again under the channel's token
     /// (`InstanceInner::hand_reply_heaps_again`).
     pub reply_heap_fd: parking_lot::Mutex<Option<(std::os::fd::OwnedFd, u64)>>,
+    /// Held while making its reply heap (serving threads may meet its first large reply
+    /// at once).
+    pub reply_heap_maker: parking_lot::Mutex<()>,
 }
 
 /// How long a refused reply heap is not asked for again.
@@ -50,6 +53,7 @@ impl Chan {
             closed: AtomicBool::new(false),
             reply_heap_refused: parking_lot::Mutex::new(None),
             reply_heap_fd: parking_lot::Mutex::new(None),
+            reply_heap_maker: parking_lot::Mutex::new(()),
         }
     }
 
