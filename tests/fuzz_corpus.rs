@@ -95,11 +95,13 @@ fn write_seeds() {
         Request::ChannelHeap { channel: 3 },
         Request::ReplyHeap {
             channel: 3,
-            previous: None,
+            epoch: 4,
+            token: [5, 6],
         },
         Request::OpenReplyHeap {
             channel: 3,
-            previous: Some([5, 6]),
+            epoch: 4,
+            token: [5, 6],
         },
         Request::ClaimChannels {
             channels: vec![aegis_client::proto::PreviousChannel {

@@ -1408,6 +1408,8 @@ fn attack_large_call_across_restart(dir: &Path) {
 /// takes a channel's reply heap only from a serving connection of that channel's instance:
 /// every handover is refused, and the victim's 1 MiB calls come back with their own bytes.
 /// (Without the owner check in `State::reply_heap`, 1 of the attacker's heaps was taken.)
+/// Each id is also tried as a previous broker's channel under a guessed token: refused
+/// (nobody claimed such a token).
 #[test]
 fn an_instance_owner_cannot_hand_over_a_reply_heap_for_another_instance_s_channel() {
     let Some((bus, _)) = policed_bus() else {
@@ -1434,21 +1436,32 @@ fn attack_plant_reply_heaps(dir: &Path) {
     let r = raw_register_pub(&mut raw, "p1");
     assert!(matches!(r, Response::Registered { .. }), "{r:?}");
     let (mut taken, mut refusal) = (0, String::new());
-    for channel in 0..256u64 {
+    // Each channel id as the current broker's, and as a previous broker's under a guessed
+    // token (it has no way to read the victim's).
+    let asks = (0..256u64).flat_map(|channel| {
+        [(raw.2, [0, 0]), (raw.2 ^ 1, [channel, 7])].map(|(epoch, token)| (channel, epoch, token))
+    });
+    for (channel, epoch, token) in asks.collect::<Vec<_>>() {
         // `bank`'s heap: twice its largest message; our writable mapping is `_heap`.
-        let (fd, _heap) = ChannelHeap::create(0, 2 * 4194304, channel, HeapSide::Reply).unwrap();
+        let (fd, _heap) =
+            ChannelHeap::create(epoch, 2 * 4194304, channel, HeapSide::Reply).unwrap();
         match raw
             .ask_with_fds(
                 &Request::ReplyHeap {
                     channel,
-                    previous: None,
+                    epoch,
+                    token,
                 },
                 &[fd.as_fd()],
             )
             .unwrap()
         {
             Response::Done => taken += 1,
-            Response::Error(e) => refusal = aegis_client::error::Error::from(e).to_string(),
+            // The refusal of the current broker's channels is the one the test checks.
+            Response::Error(e) if epoch == raw.2 => {
+                refusal = aegis_client::error::Error::from(e).to_string()
+            }
+            Response::Error(_) => {}
             other => panic!("{other:?}"),
         }
     }
@@ -1462,7 +1475,8 @@ fn attack_plant_reply_heaps(dir: &Path) {
 /// the victim's 1 MiB call of `bank` (so its channel has a reply heap, with the reply in
 /// it), the attacker asks for the reply heap of every channel id up to 256. The broker
 /// hands a channel's reply heap only to that channel's caller: none is opened. (Without
-/// the caller check in `State::open_reply_heap`, the attacker got the victim's.)
+/// the caller check in `State::open_reply_heap`, the attacker got the victim's.) Each id
+/// is also asked for as a previous broker's channel under a guessed token: none opened.
 #[test]
 fn a_caller_cannot_open_another_caller_s_reply_heap() {
     let Some((bus, _)) = policed_bus() else {
@@ -1510,10 +1524,21 @@ fn raw_register_pub(raw: &mut Raw, id: &str) -> Response {
 fn attack_open_reply_heaps(dir: &Path) {
     let mut raw = Raw::connect(dir).expect("the attacker may connect");
     let (mut opened, mut refusal) = (0, String::new());
+    let epoch = raw.2;
     for channel in 0..256u64 {
+        // As the current broker's channel, and as a previous broker's under a guessed token.
+        let previous = Request::OpenReplyHeap {
+            channel,
+            epoch: epoch ^ 1,
+            token: [channel, 7],
+        };
+        if let (Response::Opened, fds) = raw.ask_fds(&previous).unwrap() {
+            opened += fds.len();
+        }
         let open = Request::OpenReplyHeap {
             channel,
-            previous: None,
+            epoch,
+            token: [0, 0],
         };
         match raw.ask_fds(&open).unwrap() {
             (Response::Opened, fds) if !fds.is_empty() => opened += 1,

@@ -527,10 +527,21 @@ async fn connection(
                 } => st.open_instance(id, peer, instance, incarnation),
                 Request::Channels => st.channels_request(id),
                 Request::ChannelHeap { channel } => st.channel_heap(id, channel, fds.pop()),
-                Request::ReplyHeap { channel, previous } => {
+                // A channel of another broker run is named by its token.
+                Request::ReplyHeap {
+                    channel,
+                    epoch,
+                    token,
+                } => {
+                    let previous = (epoch != st.epoch).then_some(token);
                     st.reply_heap(id, channel, previous, fds.pop())
                 }
-                Request::OpenReplyHeap { channel, previous } => {
+                Request::OpenReplyHeap {
+                    channel,
+                    epoch,
+                    token,
+                } => {
+                    let previous = (epoch != st.epoch).then_some(token);
                     st.open_reply_heap(id, channel, previous)
                 }
                 Request::ClaimChannels { channels } => st.claim_channels(id, channels),

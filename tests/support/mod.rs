@@ -568,12 +568,21 @@ pub fn start_bridge_as(
 }
 
 /// A raw control connection (its own Hello): the attacker speaks the protocol directly.
-pub struct Raw(pub UnixStream, pub Vec<std::os::fd::OwnedFd>);
+pub struct Raw(
+    pub UnixStream,
+    pub Vec<std::os::fd::OwnedFd>,
+    /// The broker run's epoch (its Welcome's), once connected.
+    pub u64,
+);
 
 impl Raw {
     /// A control connection that has said nothing yet.
     pub fn open(dir: &Path) -> std::io::Result<Raw> {
-        let r = Raw(UnixStream::connect(dir.join("control.sock"))?, Vec::new());
+        let r = Raw(
+            UnixStream::connect(dir.join("control.sock"))?,
+            Vec::new(),
+            0,
+        );
         r.0.set_read_timeout(Some(DEADLINE))?;
         Ok(r)
     }
@@ -589,9 +598,10 @@ impl Raw {
             secret: 42,
         };
         match r.ask_fds(&hello)? {
-            (Response::Welcome { .. }, fds) => {
+            (Response::Welcome { bus_epoch, .. }, fds) => {
                 // Kept: the segments the broker handed this connection.
                 r.1 = fds;
+                r.2 = bus_epoch;
                 Ok(r)
             }
             (other, _) => Err(std::io::Error::other(format!("{other:?}"))),

@@ -987,10 +987,10 @@ impl BusInner {
         let mut pause = Duration::from_millis(1);
         let (resp, mut fds) = loop {
             let asked = self.ask_broker(until, || {
-                let previous = (chan.epoch != self.session().epoch).then(|| chan.token());
                 self.control.lock().request(&Request::OpenReplyHeap {
                     channel: chan.id,
-                    previous,
+                    epoch: chan.epoch,
+                    token: chan.token(),
                 })
             });
             match asked {

@@ -738,15 +738,13 @@ impl InstanceInner {
         let mut broker = 0;
         loop {
             let asked = inner.ask_broker(until, || {
+                // The broker this goes to, but for a restart in between (then the idle
+                // thread hands the heap again, and hears it is there already).
                 broker = inner.session().epoch;
-                let previous = (chan.seg.epoch != broker).then(|| chan.seg.token());
-                inner.control.lock().request_with_fds(
-                    &crate::session::proto::Request::ReplyHeap {
-                        channel: chan.seg.id,
-                        previous,
-                    },
-                    &[fd.as_fd()],
-                )
+                inner
+                    .control
+                    .lock()
+                    .request_with_fds(&reply_heap_request(chan), &[fd.as_fd()])
             });
             return match asked {
                 Ok((crate::session::proto::Response::Done, _)) => {
@@ -810,16 +808,14 @@ impl InstanceInner {
             if *handed == epoch {
                 continue;
             }
-            let asked = inner.control.lock().request_with_fds(
-                &crate::session::proto::Request::ReplyHeap {
-                    channel: chan.seg.id,
-                    previous: Some(chan.seg.token()),
-                },
-                &[fd.as_fd()],
-            );
+            let asked = inner
+                .control
+                .lock()
+                .request_with_fds(&reply_heap_request(chan), &[fd.as_fd()]);
             match asked {
                 Ok(_) => *handed = epoch,
                 Err(Error::NotOwner(_) | Error::BrokerUnavailable { .. }) => {}
+                Err(Error::BadRequest(m)) if m.contains("already") => *handed = epoch,
                 Err(e) => {
                     tracing::warn!(service = %self.service, channel = chan.seg.id, "handing a reply heap to a new broker: {e}");
                     *kept = None;
@@ -878,6 +874,16 @@ impl Drop for InstanceInner {
         if let Err(e) = self.unregister() {
             tracing::debug!(service = %self.service, instance = %self.id, "unregister on drop: {e}");
         }
+    }
+}
+
+/// The handover of `chan`'s reply heap (its descriptor goes with it): the broker takes a
+/// channel of another broker run by its token.
+fn reply_heap_request(chan: &Chan) -> Ctl {
+    Ctl::ReplyHeap {
+        channel: chan.seg.id,
+        epoch: chan.seg.epoch,
+        token: chan.seg.token(),
     }
 }
 

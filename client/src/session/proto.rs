@@ -98,18 +98,22 @@ pub enum Request {
     /// one of its instances (one descriptor: a memfd it made, mapped and sealed
     /// `F_SEAL_FUTURE_WRITE`), the first time it answers there with more than a mailbox
     /// holds; the broker checks the seals and size, charges it to the channel's caller's
-    /// uid, and keeps it for the caller (`OpenReplyHeap`). `previous`: the channel was
-    /// made by a previous broker; its token ([`crate::shm::layout::ChannelSeg::token`]),
-    /// matched against its caller's [`Request::ClaimChannels`].
+    /// uid, and keeps it for the caller (`OpenReplyHeap`). `epoch`: the run of the broker
+    /// that made the channel; when it is not the current broker's, the channel is named by
+    /// its `token` ([`crate::shm::layout::ChannelSeg::token`]), matched against its
+    /// caller's [`Request::ClaimChannels`]. (The broker decides which, so a restart between
+    /// the sender's look at its session and the request's arrival changes nothing.)
     ReplyHeap {
         channel: u64,
-        previous: Option<[u64; 2]>,
+        epoch: u64,
+        token: [u64; 2],
     },
     /// A caller asks for the reply heap of its channel `channel` (it met a reply there):
-    /// `Opened` with the one descriptor. `previous`: as in `ReplyHeap`.
+    /// `Opened` with the one descriptor. `epoch`, `token`: as in `ReplyHeap`.
     OpenReplyHeap {
         channel: u64,
-        previous: Option<[u64; 2]>,
+        epoch: u64,
+        token: [u64; 2],
     },
     /// After a broker restart: the instances (index, incarnation) this client had opened,
     /// so that the new broker counts its unhealthy reports and caller statistics for
