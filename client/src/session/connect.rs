@@ -232,7 +232,11 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
         })
         .collect();
     if !previous.is_empty() {
-        conn.request(&Request::ClaimChannels { channels: previous })?;
+        // Refused (over the cap), the old channels' large replies wait for their new ones;
+        // no reason not to reconnect.
+        if let Err(e) = conn.request(&Request::ClaimChannels { channels: previous }) {
+            tracing::warn!("claiming a previous broker's channels: {e}");
+        }
     }
     let watch = conn.watch_handle()?;
     inner.replace_control(conn);
