@@ -1069,6 +1069,20 @@ fn after_a_broker_restart_calls_route_on_the_previous_view_for_up_to_5_s() {
     });
 }
 
+/// A bus with an echo instance of `big` and a caller whose channel to it has carried one
+/// small call only (so it has no heap yet), with 10 s calls.
+fn big_echo_bus() -> (TestBus, support::Served, Bus, CallOptions) {
+    let bus = TestBus::start();
+    let inst = bus.serve("big", "b1", &[]);
+    let client = bus.connect();
+    let opts = CallOptions::timeout(Duration::from_secs(10));
+    assert_eq!(
+        client.call("big", "echo", b"small", &opts).unwrap().payload,
+        b"small"
+    );
+    (bus, inst, client, opts)
+}
+
 /// A channel the previous broker made, which carried only small calls (so it has no
 /// request heap), gets none from the current broker: the first large request and the
 /// first loan to its instance after a restart each go through, on a channel the current
@@ -1076,14 +1090,7 @@ fn after_a_broker_restart_calls_route_on_the_previous_view_for_up_to_5_s() {
 /// attempt).
 #[test]
 fn after_a_broker_restart_the_first_large_request_and_loan_go_through() {
-    let mut bus = TestBus::start();
-    let _inst = bus.serve("big", "b1", &[]);
-    let client = bus.connect();
-    let opts = CallOptions::timeout(Duration::from_secs(10));
-    assert_eq!(
-        client.call("big", "echo", b"small", &opts).unwrap().payload,
-        b"small"
-    );
+    let (mut bus, _inst, client, opts) = big_echo_bus();
     kill(bus.broker.id(), libc::SIGKILL);
     wait_deadline(&mut bus.broker);
     let large = vec![7u8; 64 << 10];
@@ -1262,14 +1269,7 @@ fn a_large_reply_through_a_previous_broker_s_channel_goes_through_that_channel_s
 /// call failed: "reply from instance #0: its reply heap: broker unavailable at …".)
 #[test]
 fn a_reply_heap_handed_to_a_broker_that_died_is_handed_to_the_next() {
-    let mut bus = TestBus::start();
-    let _inst = bus.serve("big", "b1", &[]);
-    let client = bus.connect();
-    let opts = CallOptions::timeout(Duration::from_secs(10));
-    assert_eq!(
-        client.call("big", "echo", b"small", &opts).unwrap().payload,
-        b"small"
-    );
+    let (mut bus, _inst, client, opts) = big_echo_bus();
     let large = vec![7u8; 64 << 10];
     let pending = client.submit("big", "echo", &large, &opts).unwrap();
     support::wait_for("the large reply published", || pending.is_ready());
