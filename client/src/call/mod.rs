@@ -979,7 +979,7 @@ impl BusInner {
     /// handed the heap to the current broker the same way). While the broker is away, waits
     /// for it as long as calls route on a previous broker's view.
     fn open_reply_heap(&self, chan: &ChannelSeg) -> Result<()> {
-        let _one_maker = self.heap_maker.lock();
+        let _one_opener = chan.reply_heap_opener.lock();
         if chan.reply_heap.get().is_some() {
             return Ok(());
         }

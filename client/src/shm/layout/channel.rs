@@ -94,6 +94,9 @@ pub struct ChannelSeg {
     /// Its reply heap, once its instance needed one: mapped by the instance (writable,
     /// with the allocator) and the caller (read-only); the broker does not map it.
     pub reply_heap: std::sync::OnceLock<ChannelHeap>,
+    /// Held by the caller while it fetches the reply heap (one fetch per channel; a wait
+    /// for the broker there holds up no other channel's).
+    pub reply_heap_opener: parking_lot::Mutex<()>,
     /// Which party mapped it (the caller says "moved on" when it drops its mapping), and
     /// the process that did (a fork child that drops its copy says nothing).
     party: Party,
@@ -327,6 +330,7 @@ impl ChannelSeg {
             seen_taken_up: std::sync::atomic::AtomicBool::new(false),
             heap: std::sync::OnceLock::new(),
             reply_heap: std::sync::OnceLock::new(),
+            reply_heap_opener: parking_lot::Mutex::new(()),
             party,
             pid: std::process::id(),
         })
