@@ -135,9 +135,9 @@ struct PreviousRec {
     /// The instance it leads to: only that instance's serving connection may hand over
     /// its reply heap.
     instance: (u32, u64),
-    /// The reply heap its instance handed over, and its bytes (counted to the claiming
-    /// client), once it did.
-    reply_heap: Option<(OwnedFd, u64)>,
+    /// The reply heap its instance handed over (its bytes counted to the claiming client
+    /// while that client lives), once it did.
+    reply_heap: Option<OwnedFd>,
 }
 
 /// What a serving connection is told with its next `Channels` reply.
@@ -1100,7 +1100,7 @@ impl State {
         let c = self.clients[slot as usize].as_mut().expect("found above");
         c.size += size;
         let p = c.previous_channels.get_mut(&token).expect("found above");
-        p.reply_heap = Some((fd, size));
+        p.reply_heap = Some(fd);
         (Response::Done, Vec::new())
     }
 
@@ -1170,7 +1170,7 @@ impl State {
                     "channel {channel} of a previous broker is not one you claimed"
                 ));
             };
-            let Some((fd, _)) = &p.reply_heap else {
+            let Some(fd) = &p.reply_heap else {
                 // Its instance handed it to the previous broker, and hands it to this one
                 // when it next looks: the caller waits.
                 return err(WireError::NotOwner(format!(

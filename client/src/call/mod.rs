@@ -983,26 +983,16 @@ impl BusInner {
         if chan.reply_heap.get().is_some() {
             return Ok(());
         }
+        // `NotOwner`: a previous broker's channel whose heap its instance has yet to hand
+        // to this broker (it had handed it to the previous one).
         let until = Instant::now() + crate::session::bus::RESTART_BRIDGE;
-        let mut pause = Duration::from_millis(1);
-        let (resp, mut fds) = loop {
-            let asked = self.ask_broker(until, || {
-                self.control.lock().request(&Request::OpenReplyHeap {
-                    channel: chan.id,
-                    epoch: chan.epoch,
-                    token: chan.token(),
-                })
-            });
-            match asked {
-                // A previous broker's channel whose heap its instance has yet to hand to
-                // this broker (it had handed it to the previous one).
-                Err(Error::NotOwner(_)) if Instant::now() + pause <= until => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(20));
-                }
-                r => break r?,
-            }
-        };
+        let (resp, mut fds) = self.ask_broker_until_owned(until, || {
+            self.control.lock().request(&Request::OpenReplyHeap {
+                channel: chan.id,
+                epoch: chan.epoch,
+                token: chan.token(),
+            })
+        })?;
         let (Response::Opened, Some(fd)) = (&resp, fds.pop()) else {
             return Err(Error::Protocol(format!(
                 "OpenReplyHeap: expected Opened and a descriptor, got {resp:?}"

@@ -734,41 +734,30 @@ impl InstanceInner {
         let cap = Instant::now() + REPLY_HEAP_WAIT;
         let until = d.deadline().map_or(cap, |t| t.min(cap));
         let inner = &self.bus.inner;
-        let mut pause = Duration::from_millis(1);
         let mut broker = 0;
-        loop {
-            let asked = inner.ask_broker(until, || {
-                // The broker this goes to, but for a restart in between (then the idle
-                // thread hands the heap again, and hears it is there already).
-                broker = inner.session().epoch;
-                inner
-                    .control
-                    .lock()
-                    .request_with_fds(&reply_heap_request(chan), &[fd.as_fd()])
-            });
-            return match asked {
-                Ok((crate::session::proto::Response::Done, _)) => {
-                    let _ = chan.seg.reply_heap.set(heap);
-                    *chan.reply_heap_fd.lock() = Some((fd, broker));
-                    Ok(())
-                }
-                Ok((other, _)) => Err(format!("ReplyHeap: expected Done, got {other:?}")),
-                Err(Error::LimitExceeded(m)) => {
-                    *chan.reply_heap_refused.lock() = Some((Instant::now(), m.clone()));
-                    Err(m)
-                }
-                // A previous broker's channel whose caller has not claimed it yet, or
-                // ours not registered again yet: both come within moments of a restart.
-                Err(Error::NotOwner(m)) => {
-                    if Instant::now() + pause > until {
-                        return Err(format!("no reply heap for this channel: {m}"));
-                    }
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(20));
-                    continue;
-                }
-                Err(e) => Err(format!("no reply heap for this channel: {e}")),
-            };
+        // `NotOwner`: a previous broker's channel whose caller has not claimed it yet, or
+        // ours not registered again yet.
+        let asked = inner.ask_broker_until_owned(until, || {
+            // The broker this goes to, but for a restart in between (then the idle thread
+            // hands the heap again, and hears it is there already).
+            broker = inner.session().epoch;
+            inner
+                .control
+                .lock()
+                .request_with_fds(&reply_heap_request(chan), &[fd.as_fd()])
+        });
+        match asked {
+            Ok((crate::session::proto::Response::Done, _)) => {
+                let _ = chan.seg.reply_heap.set(heap);
+                *chan.reply_heap_fd.lock() = Some((fd, broker));
+                Ok(())
+            }
+            Ok((other, _)) => Err(format!("ReplyHeap: expected Done, got {other:?}")),
+            Err(Error::LimitExceeded(m)) => {
+                *chan.reply_heap_refused.lock() = Some((Instant::now(), m.clone()));
+                Err(m)
+            }
+            Err(e) => Err(format!("no reply heap for this channel: {e}")),
         }
     }
 

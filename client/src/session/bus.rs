@@ -931,6 +931,27 @@ impl BusInner {
         }
     }
 
+    /// As [`BusInner::ask_broker`], and while the broker answers `NotOwner` (after a
+    /// restart: a previous broker's channel its other party has not claimed or handed
+    /// over yet, which comes within moments), asks again after a pause (1 ms, doubling
+    /// up to 20 ms), at most until `until`; then the last answer.
+    pub(crate) fn ask_broker_until_owned<T>(
+        &self,
+        until: Instant,
+        mut ask: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.ask_broker(until, &mut ask) {
+                Err(Error::NotOwner(_)) if Instant::now() + pause <= until => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Asks the broker for the new and closed channels of this connection's instances and
     /// files them with their instances (with the callers' segments, where replies go).
     pub(crate) fn fetch_channels(&self) -> Result<()> {
