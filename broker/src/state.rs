@@ -1078,8 +1078,11 @@ impl State {
                 "channel {channel} of a previous broker has not been claimed by its caller (yet)"
             ));
         };
-        let Some(r) = self.instances[inst.0 as usize]
-            .as_ref()
+        // The instance index is the claiming caller's word: looked up, not indexed.
+        let Some(r) = self
+            .instances
+            .get(inst.0 as usize)
+            .and_then(Option::as_ref)
             .filter(|r| r.incarnation == inst.1 && r.owners.contains(&conn))
         else {
             return not_yet(format!(
@@ -2137,6 +2140,24 @@ mod tests {
             st.claim_channels(4, vec![claim]),
             (Response::Done, _)
         ));
+        // A claim naming an instance index past the registry (the caller's word) is
+        // looked up, not indexed: refused like any other instance's.
+        let wild = [0x9999, 0x9999];
+        assert!(matches!(
+            st.claim_channels(
+                3,
+                vec![PreviousChannel {
+                    instance: u32::MAX,
+                    token: wild,
+                    ..claim
+                }]
+            ),
+            (Response::Done, _)
+        ));
+        not_yet(
+            st.reply_heap(SERVER, old_id, Some(wild), Some(fd.try_clone().unwrap())),
+            "not (yet) registered by this connection",
+        );
         // Only a serving connection of the named instance; the right channel id; sealed.
         not_yet(
             st.reply_heap(4, old_id, Some(token), Some(fd.try_clone().unwrap())),
