@@ -255,6 +255,13 @@ def test_the_seed_s_registration_is_answered_and_slow_heartbeats_do_not_flap(tes
             await msg.respond(msgpack.packb(resp))
 
         await nc.subscribe("ipc.instance.pricing-py-2.inbox", cb=inbox)
+        # This bridge's heartbeats: once one names users-1@hostr, the bridge has exported it.
+        beat_ids = set()
+
+        async def beat(msg):
+            beat_ids.add(msgpack.unpackb(msg.data).get("instance_id"))
+
+        await nc.subscribe("ipc.service.heartbeat", cb=beat)
         end = time.monotonic() + DEADLINE
         while True:
             try:
@@ -268,7 +275,12 @@ def test_the_seed_s_registration_is_answered_and_slow_heartbeats_do_not_flap(tes
         other = {**reg, "metadata": {"host": "hosty"}}
         msg = await nc.request("ipc.service.register", msgpack.packb(other), timeout=5)
         assert msgpack.unpackb(msg.data)["status_code"] == 409, msgpack.unpackb(msg.data)
-        # This bridge's own instance id: 409, never a stand-in.
+        # This bridge's own instance id: 409, never a stand-in. (Asked once the bridge has
+        # exported it: a bridge just started has not looked at the bus yet.)
+        end = time.monotonic() + DEADLINE
+        while "users-1@hostr" not in beat_ids:
+            assert time.monotonic() < end, "the bridge never announced users-1@hostr"
+            await asyncio.sleep(0.02)
         squat = {"service_name": "users", "instance_id": "users-1@hostr", "metadata": {"host": "evil"}}
         msg = await nc.request("ipc.service.register", msgpack.packb(squat), timeout=5)
         assert msgpack.unpackb(msg.data)["status_code"] == 409
