@@ -16,6 +16,10 @@ pub fn validate(what: &str, s: &str, max: usize) -> Result<()> {
             s.len()
         )));
     }
+    // The usual name: printable ASCII only (a byte test per character, on every call).
+    if s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(());
+    }
     if let Some((i, c)) = s
         .char_indices()
         .find(|(_, c)| c.is_control() || c.is_whitespace())

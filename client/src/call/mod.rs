@@ -1209,12 +1209,22 @@ impl BusInner {
         }
     }
 
+    /// A call's nonce: unique per connection (a bijection of a counter), and random-looking
+    /// (it doubles as the call's span id). Only this caller and the instance it calls see
+    /// it, and only this caller writes the header and the mailbox it binds together
+    /// (channels have one writer per side), so it needs no secrecy: splitmix64's mixer
+    /// over the counter plus a random key, a handful of multiplies (SipHash here cost
+    /// more than the rest of the nonce's part of the call).
     fn next_nonce(&self) -> u64 {
-        use std::hash::BuildHasher;
         let n = self
             .nonce_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.nonce_key.hash_one(n)
+        let mut z = n
+            .wrapping_add(self.nonce_key)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 
     /// The trace id (low 64 bits) a call with `opts` carries.
@@ -1327,17 +1337,19 @@ impl BusInner {
             }
         };
         let nonce = self.next_nonce();
-        let sent = Sent {
+        let mut sent = Sent {
             chan: channel.clone(),
             mailbox: mb_idx,
             gen,
             heap: heap_block,
             loaned,
             nonce,
+            pos: 0,
         };
-        mailbox::arm(mb, gen, nonce);
+        // Armed after the claim: the claim's CAS (a locked instruction) would otherwise wait
+        // for the call word's cache line, which the instance read last, to come back to
+        // this core; stored after it, the line travels with the request's.
         let Some(mut claim) = claim_slot(&ring, deadline, watch) else {
-            mailbox::release(mb, gen);
             self.free_sent(&sent);
             return Err(Failed::NotDelivered(match watch {
                 Some(w) if w.stalled() => {
@@ -1347,6 +1359,8 @@ impl BusInner {
                 _ => RING_FULL,
             }));
         };
+        sent.pos = claim.position();
+        mailbox::arm(mb, gen, nonce);
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::park_after_claim();
         claim.set_header(MsgHeader {
@@ -1494,6 +1508,7 @@ impl BusInner {
         let interrupted = || Failed::Error(Error::Interrupted);
         match outcome {
             Cancel::Ready => {
+                sent.chan.note_freed(sent.pos);
                 let r = match &mut out.out {
                     Some(buf) => self.read_reply(sent, seg, buf),
                     None => self.reply_in_place(sent, seg).map(|(ptr, len)| {
@@ -1857,6 +1872,8 @@ pub(crate) struct Sent {
     loaned: bool,
     /// The call's nonce: its mailbox's, and the tag of a heap reply to it.
     nonce: u64,
+    /// The ring position the request was published at.
+    pos: u64,
 }
 
 impl Sent {
@@ -1885,8 +1902,12 @@ enum Why {
 struct StallWatch<'a> {
     word: &'a crate::shm::sync::AtomicU64,
     bound: Duration,
+    /// The progress word at the first look, and when it last moved. Nothing is read when
+    /// the watch is made: a call answered within its spin never looks (the word is the
+    /// instance's, written on every turn of its serving loop, so reading it on every call
+    /// moved its cache line to the caller's core and back, on the round trip's path).
     progress: u64,
-    since: Instant,
+    since: Option<Instant>,
     /// Whether another instance could take the request (else a stall is waited out).
     elsewhere: &'a dyn Fn() -> bool,
     stalled: bool,
@@ -1894,26 +1915,30 @@ struct StallWatch<'a> {
 
 impl<'a> StallWatch<'a> {
     fn new(seg: &'a InstanceSeg, bound: Duration, elsewhere: &'a dyn Fn() -> bool) -> Self {
-        let word = &seg.counters().progress;
         StallWatch {
-            word,
+            word: &seg.counters().progress,
             bound,
-            // Relaxed: a hint for routing; no data is read through it.
-            progress: word.load(Ordering::Relaxed),
-            since: Instant::now(),
+            progress: 0,
+            since: None,
             elsewhere,
             stalled: false,
         }
     }
 
-    /// Looks at the word again; true once it has stood still for the bound and another
-    /// instance could take the request.
+    /// Looks at the word; true once it has stood still for the bound since the first look
+    /// (made when the request outlasts the caller's spin, or finds the ring full) and
+    /// another instance could take the request.
     fn check(&mut self) -> bool {
+        // Relaxed: a hint for routing; no data is read through it.
         let p = self.word.load(Ordering::Relaxed);
-        if p != self.progress {
-            (self.progress, self.since) = (p, Instant::now());
-        }
-        self.stalled = self.since.elapsed() >= self.bound && (self.elsewhere)();
+        let since = match self.since {
+            Some(t) if p == self.progress => t,
+            _ => {
+                (self.progress, self.since) = (p, Some(Instant::now()));
+                return false;
+            }
+        };
+        self.stalled = since.elapsed() >= self.bound && (self.elsewhere)();
         self.stalled
     }
 

@@ -42,6 +42,9 @@ pub struct RingRef<'a> {
     base: *mut u8,
     /// The freed words, one per slot (reply side).
     freed: *const FreedSlot,
+    /// The producer's own notes of positions it knows slots free for (see
+    /// [`crate::shm::layout::ChannelSeg::note_freed`]), when it keeps them.
+    known: Option<&'a [AtomicU64]>,
     stride: usize,
     count: u32,
     data_len: usize,
@@ -60,14 +63,15 @@ impl crate::shm::layout::ChannelSeg {
     pub fn ring(&self) -> RingRef<'_> {
         // SAFETY: validated when opened (`ChannelSeg::open`): the slots and the freed
         // words lie inside the two mappings, which live as long as `self`.
-        unsafe {
+        let ring = unsafe {
             RingRef::new(
                 (self.request_indices(), self.reply_indices()),
                 (self.slots_base(), self.freed_base()),
                 self.layout.slot_stride(),
                 self.layout.slot_count,
             )
-        }
+        };
+        ring.with_known_freed(self.known_freed())
     }
 }
 
@@ -97,10 +101,20 @@ impl<'a> RingRef<'a> {
             deq: &consumer.dequeue_pos,
             base,
             freed,
+            known: None,
             stride,
             count,
             data_len: stride - std::mem::size_of::<SlotHeader>(),
             _life: PhantomData,
+        }
+    }
+
+    /// The same ring, its producer consulting `known` (one word per slot index) before a
+    /// slot's freed word: a slot noted free for the position it claims is taken as free.
+    pub fn with_known_freed(self, known: &'a [AtomicU64]) -> Self {
+        RingRef {
+            known: Some(known),
+            ..self
         }
     }
 
@@ -143,6 +157,14 @@ impl<'a> RingRef<'a> {
             .wrapping_add(self.index_of(pos))
     }
 
+    /// Whether the producer noted the slot of `pos` free for `pos` itself (no shared read).
+    fn known_free(&self, pos: u64) -> bool {
+        self.known
+            .and_then(|k| k.get(self.index_of(pos) as usize))
+            // SYNC POINT: Acquire, pairs with the Release in `ChannelSeg::note_freed`.
+            .is_some_and(|k| k.load(Ordering::Acquire) == pos)
+    }
+
     /// The consumer's half: `pos` while the slot is free for the producer of position
     /// `pos`.
     fn freed(&self, pos: u64, order: Ordering) -> u64 {
@@ -169,7 +191,11 @@ impl<'a> RingRef<'a> {
     pub fn try_claim(&self) -> Result<Claim<'a>, Full> {
         let mut pos = self.enq.load(Ordering::Relaxed);
         for _ in 0..MAX_RETRIES {
-            let freed = self.freed(pos, Ordering::Acquire);
+            let freed = if self.known_free(pos) {
+                pos
+            } else {
+                self.freed(pos, Ordering::Acquire)
+            };
             let diff = freed.wrapping_sub(pos) as i64;
             if diff == 0 {
                 match self.enq.compare_exchange_weak(
@@ -239,6 +265,52 @@ impl<'a> RingRef<'a> {
     pub fn has_message(&self) -> bool {
         let pos = self.deq.load(Ordering::Relaxed);
         self.published(pos, Ordering::Acquire) == pos.wrapping_add(1)
+    }
+
+    /// The mailbox index the message at the consumer position names, after asking the
+    /// cache for the rest of its slot (the header's second line and the inline bytes it
+    /// says it uses): `None` when nothing is published there. For a consumer about to
+    /// take it: the slot's lines and the mailbox's call word then come from the
+    /// producer's core together, while the take runs, rather than one after the other
+    /// (the take's fence orders every later load after it). Only hints: what is read
+    /// here is read again, and validated, by the take.
+    pub fn prefetch_head(&self) -> Option<u32> {
+        let pos = self.deq.load(Ordering::Relaxed);
+        // Relaxed: what follows only picks lines to prefetch; the take acquires.
+        if self.published(pos, Ordering::Relaxed) != pos.wrapping_add(1) {
+            return None;
+        }
+        let msg = self.slot(pos).msg.get();
+        // SAFETY: a published slot inside the ring (see `slot`); volatile reads of plain
+        // fields a hostile producer may be rewriting: any value is only a hint.
+        let (mailbox, method_len, payload_len) = unsafe {
+            (
+                std::ptr::addr_of!((*msg).mailbox).read_volatile(),
+                std::ptr::addr_of!((*msg).method_len).read_volatile() as usize,
+                std::ptr::addr_of!((*msg).payload_len).read_volatile(),
+            )
+        };
+        let inline = (method_len as u64)
+            .saturating_add(payload_len)
+            .min(self.data_len as u64) as usize;
+        let slot = self.slot(pos) as *const SlotHeader as *const u8;
+        let end = std::mem::size_of::<SlotHeader>() + inline;
+        for off in (64..end).step_by(64) {
+            // SAFETY: `off < size_of::<SlotHeader>() + data_len`: inside this slot.
+            sys::prefetch(unsafe { slot.add(off) });
+        }
+        Some(mailbox)
+    }
+
+    /// Whether the slot after the one at the consumer position is published too: a second
+    /// message waiting. Reads slot words only, not the producers' `enqueue_pos`: the
+    /// caller writes that word on every claim, so a serving thread that read it on every
+    /// take made both sides fetch its line from the other's core on the round trip's path
+    /// (the next slot's word the caller wrote a lap ago).
+    pub fn has_message_after(&self) -> bool {
+        // Relaxed: it only decides the channel's turn; the take acquires.
+        let pos = self.deq.load(Ordering::Relaxed).wrapping_add(1);
+        self.published(pos, Ordering::Relaxed) == pos.wrapping_add(1)
     }
 
     /// Messages claimed but not yet taken (approximate while producers/consumers run),
@@ -938,6 +1010,82 @@ mod loom_tests {
             seen.sort();
             assert_eq!(seen, vec![1, 2]);
             assert!(r.try_pop().is_none());
+        });
+    }
+
+    /// The producer's note that a slot is free (`ChannelSeg::note_freed`): caller thread A
+    /// sees the reply to the request at position 0 (an answer word the consumer stores,
+    /// Release, after it is done with the slot) and notes the slot free for position 2;
+    /// caller thread B claims position 2 through that note alone (its view of the freed
+    /// words is never written), and must find the consumer done reading the slot.
+    #[test]
+    fn a_slot_noted_free_after_the_reply_is_claimed_only_after_the_consumer_left_it() {
+        loom::model(|| {
+            let s = shared();
+            let base = s.slots.as_ptr() as *mut u8;
+            let r = ring(&s, &Ptr(base));
+            for id in 1..=2 {
+                let mut c = r.try_claim().unwrap();
+                c.set_header(MsgHeader {
+                    trace_id: id,
+                    ..Default::default()
+                });
+                c.publish();
+            }
+            // 0: not yet read; 1: reading; 2: done with the slot.
+            let reading = Arc::new(AtomicU64::new(0));
+            let answer = Arc::new(AtomicU64::new(0));
+            let known: Arc<Vec<AtomicU64>> = Arc::new((0..2).map(|_| AtomicU64::new(0)).collect());
+            let consumer = {
+                let (s, reading, answer) = (s.clone(), reading.clone(), answer.clone());
+                let p = Ptr(base);
+                loom::thread::spawn(move || {
+                    let r = ring(&s, &p);
+                    let t = r.try_pop().unwrap();
+                    reading.store(1, Ordering::Relaxed);
+                    assert_eq!(t.header().trace_id, 1);
+                    reading.store(2, Ordering::Relaxed);
+                    drop(t);
+                    // READY: Release, after the slot was freed.
+                    answer.store(1, Ordering::Release);
+                })
+            };
+            let noter = {
+                let (answer, known) = (answer.clone(), known.clone());
+                loom::thread::spawn(move || {
+                    while answer.load(Ordering::Acquire) == 0 {
+                        loom::thread::yield_now();
+                    }
+                    // `note_freed(0)` with two slots.
+                    known[0].store(2, Ordering::Release);
+                })
+            };
+            let never_written = [FreedSlot::new(), FreedSlot::new()];
+            // SAFETY: as in `ring`, with freed words of its own that nobody writes.
+            let claimer = unsafe {
+                RingRef::new(
+                    (&s.idx, &s.consumer),
+                    (base, never_written.as_ptr()),
+                    std::mem::size_of::<Slot>(),
+                    2,
+                )
+            }
+            .with_known_freed(&known);
+            let c = loop {
+                if let Ok(c) = claimer.try_claim() {
+                    break c;
+                }
+                loom::thread::yield_now();
+            };
+            assert_eq!(c.position(), 2);
+            assert_eq!(
+                reading.load(Ordering::Relaxed),
+                2,
+                "claimed while the consumer read"
+            );
+            drop(c);
+            consumer.join().unwrap();
+            noter.join().unwrap();
         });
     }
 

@@ -5,6 +5,7 @@
 //! channels, see [`crate::serve::sweep`]); any number of them may serve the same instance.
 //! `serve` is the handler-style loop over a receiver; `recv`/`reply` is the pull style.
 
+use std::borrow::Cow;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Weak};
@@ -483,15 +484,15 @@ impl InstanceInner {
 
     /// Validates a slot taken from `chan` and, if it is a live request, claims its mailbox
     /// (in the segment of the caller the channel belongs to, whatever the header says) and
-    /// copies method and payload out. `None`: nothing to deliver (aborted, cancelled, or
-    /// invalid and already answered with an error).
+    /// copies method and payload out. `None`: nothing to deliver (aborted, or cancelled);
+    /// `Err`: invalid, to be answered with the error once the slot is freed.
     fn accept(
         &self,
         t: &Taken<'_>,
         chan: &Arc<Chan>,
         method: &mut String,
         payload: &mut Vec<u8>,
-    ) -> Option<Delivery> {
+    ) -> Option<std::result::Result<Delivery, Rejected>> {
         let h = t.header();
         if h.kind == KIND_ABORTED {
             return None;
@@ -522,16 +523,14 @@ impl InstanceInner {
         let shape = match request_shape(&h, t.data_len(), self.max_message) {
             Ok(s) => s,
             Err(BadShape::Method) => {
-                self.send_reply(d, code::BAD_REQUEST as u32, b"malformed method name");
-                return None;
+                return Some(Err((d, Cow::Borrowed(b"malformed method name"))));
             }
             Err(BadShape::Payload) => {
                 let msg = format!(
                     "malformed request payload (kind {}, {} bytes)",
                     h.kind, h.payload_len
                 );
-                self.send_reply(d, code::BAD_REQUEST as u32, msg.as_bytes());
-                return None;
+                return Some(Err((d, Cow::Owned(msg.into_bytes()))));
             }
         };
         let mlen = shape.method_len;
@@ -540,8 +539,7 @@ impl InstanceInner {
             .read_into(0, &mut mbuf[..mlen])
             .and_then(|()| std::str::from_utf8(&mbuf[..mlen]).ok());
         let Some(name) = name else {
-            self.send_reply(d, code::BAD_REQUEST as u32, b"malformed method name");
-            return None;
+            return Some(Err((d, Cow::Borrowed(b"malformed method name"))));
         };
         method.clear();
         method.push_str(name);
@@ -568,10 +566,9 @@ impl InstanceInner {
                 "malformed request payload (kind {}, {} bytes)",
                 h.kind, h.payload_len
             );
-            self.send_reply(d, code::BAD_REQUEST as u32, msg.as_bytes());
-            return None;
+            return Some(Err((d, Cow::Owned(msg.into_bytes()))));
         }
-        Some(d)
+        Some(Ok(d))
     }
 
     /// Writes a reply (or error message, when `status != 0`) into the caller's mailbox and
@@ -1014,14 +1011,27 @@ impl<'a> Receiver<'a> {
             inst.seg.counters().progress.fetch_add(1, Ordering::Relaxed);
             self.fetch_channels_if_announced();
             self.sweep.refresh(&inst.channels);
-            if let Some(chan) = self.sweep.next(bell) {
+            if let Some(i) = self.sweep.next(bell) {
+                let chan = self.sweep.chan(i);
+                chan.seg.prefetch_request();
                 let Some(t) = chan.seg.ring().try_pop() else {
                     // Another serving thread took it first.
                     continue;
                 };
                 self.waiter.working();
-                let d = inst.accept(&t, &chan, &mut self.method, &mut self.payload);
+                let d = inst.accept(&t, chan, &mut self.method, &mut self.payload);
+                // The slot is freed before any reply to its request is published: a caller
+                // that has seen the reply knows the slot free without reading the freed
+                // word (`ChannelSeg::note_freed`).
                 drop(t);
+                let d = match d {
+                    Some(Ok(d)) => Some(d),
+                    Some(Err((d, why))) => {
+                        inst.send_reply(d, code::BAD_REQUEST as u32, &why);
+                        None
+                    }
+                    None => None,
+                };
                 if let Some(d) = d {
                     return Ok(Some(Request {
                         inst,
@@ -1083,6 +1093,9 @@ impl<'a> Receiver<'a> {
         }
     }
 }
+
+/// A request refused by `accept` (its mailbox taken), with the error to answer it with.
+type Rejected = (Delivery, Cow<'static, [u8]>);
 
 /// A request being handled. Reply with [`Request::reply`] or [`Request::reply_error`];
 /// dropping it unanswered sends the caller an error rather than leaving it waiting.

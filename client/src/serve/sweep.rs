@@ -220,10 +220,15 @@ impl Sweep {
             || (self.scan && self.chans.iter().any(|c| c.seg.ring().has_message()))
     }
 
-    /// The next channel with a request waiting, in turn; `None` when no channel this
-    /// thread should look at has one. Its request may still be taken by another serving
-    /// thread first.
-    pub fn next(&mut self, bell: Doorbell<'_>) -> Option<Arc<Chan>> {
+    /// Channel `i` of this thread's list (an index [`Sweep::next`] returned).
+    pub fn chan(&self, i: usize) -> &Arc<Chan> {
+        &self.chans[i]
+    }
+
+    /// The next channel with a request waiting, in turn (its index in this thread's list:
+    /// no reference count to move per request); `None` when no channel this thread should
+    /// look at has one. Its request may still be taken by another serving thread first.
+    pub fn next(&mut self, bell: Doorbell<'_>) -> Option<usize> {
         loop {
             while let Some(i) = self.ready.pop_front() {
                 let c = &self.chans[i];
@@ -231,11 +236,11 @@ impl Sweep {
                 if !ring.has_message() {
                     continue;
                 }
-                if ring.len() > 1 {
+                if ring.has_message_after() {
                     // More after this one: its next turn is after the others'.
                     self.ready.push_back(i);
                 }
-                return Some(c.clone());
+                return Some(i);
             }
             let mut bits = bell.take();
             if self.scan || std::mem::take(&mut self.full_due) {

@@ -333,9 +333,9 @@ pub(crate) struct BusInner {
     pub(crate) client_ident: StdAtomicU64,
     /// This connection's secret (see `Request::Hello`), carried by every request.
     pub(crate) secret: u64,
-    /// Keys the per-call nonces (`MsgHeader::nonce`): SipHash of a counter under a random
-    /// key, so seeing some nonces tells nothing about the next.
-    pub(crate) nonce_key: std::hash::RandomState,
+    /// Keys the per-call nonces (`MsgHeader::nonce`): a counter plus this random key,
+    /// mixed (see `BusInner::next_nonce`).
+    pub(crate) nonce_key: u64,
     pub(crate) nonce_seq: StdAtomicU64,
     /// Instances registered through this connection (re-registered after a broker restart).
     pub(crate) registered: Mutex<Vec<Weak<dyn Registration>>>,

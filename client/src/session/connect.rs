@@ -89,7 +89,7 @@ impl Bus {
                 forks: crate::shm::sys::fork_generation(),
                 trace_hi: crate::shm::sys::random_u64(),
                 secret,
-                nonce_key: std::hash::RandomState::new(),
+                nonce_key: crate::shm::sys::random_u64(),
                 nonce_seq: StdAtomicU64::new(0),
                 timeouts: Mutex::new(HashMap::new()),
                 timeouts_pending: AtomicUsize::new(0),

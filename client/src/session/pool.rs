@@ -105,8 +105,12 @@ impl MailboxPool {
             self.free.pop().or_else(|| self.pop_recent(mine))
         }
         .or_else(|| self.recent.iter().find_map(|q| self.pop_recent(q)))?;
-        let g = self.gens[i as usize].fetch_add(1, Relaxed).wrapping_add(1) & mailbox::GEN_MASK;
-        Some((i, g))
+        // A load and a store, not an RMW: the index is this thread's alone until it is put
+        // back, and the queues' push and pop order the uses of it.
+        let gen = &self.gens[i as usize];
+        let g = gen.load(Relaxed).wrapping_add(1);
+        gen.store(g, Relaxed);
+        Some((i, g & mailbox::GEN_MASK))
     }
 
     fn pop_recent(&self, q: &ArrayQueue<u32>) -> Option<u32> {

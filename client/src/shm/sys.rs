@@ -303,6 +303,18 @@ pub fn monotonic_ns() -> u64 {
 
 /// 64 random bits from the kernel (`getrandom`); falls back to time and pid if the call
 /// fails (then only uniqueness, not secrecy, is what the caller gets).
+/// Asks the cache for the line at `p` (a hint: no fault, no ordering; any address).
+#[inline]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 reads nothing architecturally and never faults, whatever `p`.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most 8 bytes into our 8-byte buffer.

@@ -88,6 +88,9 @@ pub struct ChannelSeg {
     /// The caller's note that the instance has taken the channel up (see
     /// [`ChannelSeg::taken_up`]): once seen, never read from shared memory again.
     seen_taken_up: std::sync::atomic::AtomicBool,
+    /// The caller's own note, per slot, of a position it knows that slot free for
+    /// ([`ChannelSeg::note_freed`]): process memory, not shared.
+    known_freed: [crate::shm::sync::AtomicU64; CHANNEL_SLOTS as usize],
     /// Its request heap, once its caller needed one: mapped by the caller (writable, with
     /// the allocator) and the instance (read-only); the broker does not map it.
     pub heap: std::sync::OnceLock<ChannelHeap>,
@@ -328,12 +331,48 @@ impl ChannelSeg {
             id: p[3],
             epoch,
             seen_taken_up: std::sync::atomic::AtomicBool::new(false),
+            // 0 for every slot: right for slot 0 (free for position 0), and a position no
+            // other slot is ever claimed at.
+            known_freed: std::array::from_fn(|_| crate::shm::sync::AtomicU64::new(0)),
             heap: std::sync::OnceLock::new(),
             reply_heap: std::sync::OnceLock::new(),
             reply_heap_opener: parking_lot::Mutex::new(()),
             party,
             pid: std::process::id(),
         })
+    }
+
+    /// Caller: notes that the request it published at ring position `pos` has been
+    /// answered, so its slot is free for position `pos + slot_count` (an instance frees a
+    /// slot before it publishes any reply to its request). The next claim of that slot
+    /// then need not read the slot's freed word, which the instance wrote last: a cache
+    /// line fewer to fetch from the instance's core on the call's path.
+    ///
+    /// SYNC POINT: the Release store pairs with the Acquire load in
+    /// [`crate::channel::ring::RingRef::try_claim`]; the caller read the reply after an
+    /// Acquire load of its answer word, which the instance stored (Release) after it was
+    /// done with the slot, so a thread that claims the slot through this note writes it
+    /// only after the instance's last read of it. An instance that answers before it frees
+    /// the slot (it breaks the rule) only lets its caller overwrite a request of its own
+    /// channel to that instance.
+    pub fn note_freed(&self, pos: u64) {
+        let slots = self.layout.slot_count as u64;
+        if let Some(k) = self.known_freed.get((pos & (slots - 1)) as usize) {
+            k.store(pos.wrapping_add(slots), Ordering::Release);
+        }
+    }
+
+    /// Instance: asks the cache for the request at the head of the ring and the call word
+    /// of the mailbox it names (see [`crate::channel::ring::RingRef::prefetch_head`]).
+    pub fn prefetch_request(&self) {
+        if let Some((mb, _)) = self.ring().prefetch_head().and_then(|i| self.mailbox(i)) {
+            crate::shm::sys::prefetch(mb.call as *const CallWord as *const u8);
+        }
+    }
+
+    /// The notes [`ChannelSeg::note_freed`] keeps, one per slot index.
+    pub fn known_freed(&self) -> &[crate::shm::sync::AtomicU64] {
+        &self.known_freed
     }
 
     /// A block of `len` bytes of the request heap (its caller only): its offset and
