@@ -111,6 +111,11 @@ fn write_seeds() {
                 token: [5, 6],
             }],
         },
+        Request::PreviousRequestHeap { token: [5, 6] },
+        Request::OpenRequestHeap {
+            channel: 3,
+            token: [5, 6],
+        },
         Request::Grant {
             instances: vec![(1, 2), (3, 4)],
         },

@@ -1476,7 +1476,8 @@ fn attack_plant_reply_heaps(dir: &Path) {
 /// it), the attacker asks for the reply heap of every channel id up to 256. The broker
 /// hands a channel's reply heap only to that channel's caller: none is opened. (Without
 /// the caller check in `State::open_reply_heap`, the attacker got the victim's.) Each id
-/// is also asked for as a previous broker's channel under a guessed token: none opened.
+/// is also asked for as a previous broker's channel under a guessed token, and so is its
+/// request heap (`OpenRequestHeap`): none opened.
 #[test]
 fn a_caller_cannot_open_another_caller_s_reply_heap() {
     let Some((bus, _)) = policed_bus() else {
@@ -1533,6 +1534,14 @@ fn attack_open_reply_heaps(dir: &Path) {
             token: [channel, 7],
         };
         if let (Response::Opened, fds) = raw.ask_fds(&previous).unwrap() {
+            opened += fds.len();
+        }
+        // And a previous broker's channel's request heap, as if it served the instance.
+        let request_heap = Request::OpenRequestHeap {
+            channel,
+            token: [channel, 7],
+        };
+        if let (Response::Opened, fds) = raw.ask_fds(&request_heap).unwrap() {
             opened += fds.len();
         }
         let open = Request::OpenReplyHeap {

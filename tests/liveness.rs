@@ -1281,6 +1281,30 @@ fn a_reply_heap_handed_to_a_broker_that_died_is_handed_to_the_next() {
     assert!(out == large, "another payload");
 }
 
+/// The mirror image for a request: the caller hands a channel's request heap to a broker
+/// that dies before the instance fetched it (the instance is stopped meanwhile). The
+/// caller hands it to the next broker under the channel's token when it reconnects, and
+/// the instance, meeting the request in the previous broker's channel, fetches it there.
+/// (Before, the call failed: "bad request: malformed request payload (kind 1, 65536
+/// bytes)".)
+#[test]
+fn a_request_heap_handed_to_a_broker_that_died_is_handed_to_the_next() {
+    let (mut bus, inst, client, opts) = big_echo_bus();
+    kill(inst.pid(), libc::SIGSTOP);
+    let large = vec![7u8; 64 << 10];
+    // Published, its heap handed to the broker (`ChannelHeap` answered), not yet fetched.
+    let pending = client.submit("big", "echo", &large, &opts).unwrap();
+    kill(bus.broker.id(), libc::SIGKILL);
+    wait_deadline(&mut bus.broker);
+    bus.broker = support::start_broker(bus.path(), &[]);
+    kill(inst.pid(), libc::SIGCONT);
+    let mut out = Vec::new();
+    pending
+        .wait(&mut out)
+        .unwrap_or_else(|e| panic!("the large call failed: {e}"));
+    assert!(out == large, "another payload");
+}
+
 /// A call already taken by an instance that then turns `Unhealthy` (its loop shows no
 /// progress for the heartbeat timeout while the handler runs) is still waited for: the
 /// instance is there, and the reply arrives. Only a departure ends the wait.

@@ -545,6 +545,12 @@ async fn connection(
                     st.open_reply_heap(id, channel, previous)
                 }
                 Request::ClaimChannels { channels } => st.claim_channels(id, channels),
+                Request::PreviousRequestHeap { token } => {
+                    st.previous_request_heap(id, token, fds.pop())
+                }
+                Request::OpenRequestHeap { channel, token } => {
+                    st.open_request_heap(id, channel, token)
+                }
                 Request::Grant { instances } => st.grant_request(id, peer, instances),
                 Request::ListServices => (Response::Services(st.services_info()), Vec::new()),
                 Request::DescribeService { name } => st.describe(&name),

@@ -138,6 +138,9 @@ struct PreviousRec {
     /// The reply heap its instance handed over (its bytes counted to the claiming client
     /// while that client lives), once it did.
     reply_heap: Option<OwnedFd>,
+    /// The request heap its caller handed over again (`PreviousRequestHeap`; counted to
+    /// the claiming client like the reply heap), for its instance to fetch.
+    request_heap: Option<OwnedFd>,
 }
 
 /// What a serving connection is told with its next `Channels` reply.
@@ -1141,11 +1144,109 @@ impl State {
                     channel: ch.channel,
                     instance: (ch.instance, ch.incarnation),
                     reply_heap: None,
+                    request_heap: None,
                 },
             );
             self.previous_tokens.insert(ch.token, (slot, gen));
         }
         (Response::Done, Vec::new())
+    }
+
+    /// The client on `conn` hands over again the request heap of a previous broker's
+    /// channel it claimed (by `token`): checked as in [`State::channel_heap`], once per
+    /// claim, charged to its uid while it lives.
+    pub fn previous_request_heap(
+        &mut self,
+        conn: ConnId,
+        token: [u64; 2],
+        fd: Option<OwnedFd>,
+    ) -> Reply {
+        let bad = |m: String| err(WireError::BadRequest(m));
+        let Some(fd) = fd else {
+            return bad("PreviousRequestHeap carries the heap's descriptor".into());
+        };
+        let Some((slot, _)) = self.client_of(conn) else {
+            return bad("PreviousRequestHeap before Hello".into());
+        };
+        let c = self.clients[slot as usize]
+            .as_ref()
+            .expect("client_of found it");
+        let Some(p) = c.previous_channels.get(&token) else {
+            return bad("PreviousRequestHeap names no channel you claimed".into());
+        };
+        if p.request_heap.is_some() {
+            return bad(format!(
+                "channel {} of a previous broker has its request heap already",
+                p.channel
+            ));
+        }
+        if let Err(e) = sys::check_write_sealed(&fd) {
+            return bad(format!(
+                "seal the request heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
+            ));
+        }
+        let size = layout::ChannelHeap::seg_size(2 * self.cfg.max_message) as u64;
+        if let Err(e) = sys::check_size_sealed(&fd, Some(size)) {
+            return bad(format!("request heap: {e}"));
+        }
+        if let Err(e) = self.shm_fits(c.uid, size) {
+            return err(e);
+        }
+        let c = self.clients[slot as usize].as_mut().expect("found above");
+        c.size += size;
+        c.previous_channels
+            .get_mut(&token)
+            .expect("found above")
+            .request_heap = Some(fd);
+        (Response::Done, Vec::new())
+    }
+
+    /// The serving connection `conn` asks for the request heap of channel `channel` that a
+    /// previous broker made, named by its `token`: handed only to a serving connection of
+    /// the instance the channel's claim names; `NotOwner` until the caller has claimed the
+    /// channel and handed the heap over again, and the instance has registered here.
+    pub fn open_request_heap(&mut self, conn: ConnId, channel: u64, token: [u64; 2]) -> Reply {
+        let not_yet = |m: String| err(WireError::NotOwner(m));
+        let claim = self
+            .previous_tokens
+            .get(&token)
+            .copied()
+            .and_then(|(slot, gen)| {
+                let c = self.clients[slot as usize]
+                    .as_ref()
+                    .filter(|c| c.gen == gen)?;
+                c.previous_channels
+                    .get(&token)
+                    .filter(|p| p.channel == channel)
+            });
+        let Some(p) = claim else {
+            return not_yet(format!(
+                "channel {channel} of a previous broker has not been claimed by its caller (yet)"
+            ));
+        };
+        // The instance is the claiming caller's word: looked up, not indexed.
+        let served_here = self
+            .instances
+            .get(p.instance.0 as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|r| r.incarnation == p.instance.1 && r.owners.contains(&conn));
+        if !served_here {
+            return not_yet(format!(
+                "channel {channel} of a previous broker leads to instance {}/{}, not (yet) registered by this connection",
+                p.instance.0, p.instance.1
+            ));
+        }
+        let Some(fd) = &p.request_heap else {
+            return not_yet(format!(
+                "channel {channel} of a previous broker has no request heap here (yet)"
+            ));
+        };
+        match fd.try_clone() {
+            Ok(fd) => (Response::Opened, vec![fd]),
+            Err(e) => err(WireError::Internal(format!(
+                "duplicating a request heap: {e}"
+            ))),
+        }
     }
 
     /// The caller on connection `conn` asks for the reply heap of its channel `channel`
@@ -2220,6 +2321,118 @@ mod tests {
         let (fd, _mine) = heap();
         not_yet(
             st.reply_heap(SERVER, old_id, Some(token), Some(fd)),
+            "not been claimed",
+        );
+    }
+
+    /// A previous broker's channel's request heap, handed over again by its caller
+    /// (`PreviousRequestHeap`) and fetched by its instance (`OpenRequestHeap`): only by
+    /// the client that claimed the channel, sealed, of the bus's size, once, charged to
+    /// that client; only to a serving connection of the instance the claim names, with
+    /// the right id and token; `NotOwner` until then.
+    #[test]
+    fn a_previous_broker_s_channel_gets_its_request_heap_again_by_its_token() {
+        let (mut st, peer, (index, incarnation)) = serving_state("8");
+        welcome(st.hello(3, peer, 1, None, 3));
+        welcome(st.hello(4, peer, 1, None, 4));
+        let held = |st: &State, conn: ConnId| {
+            let c = st.client_of(conn).unwrap();
+            st.clients[c.0 as usize].as_ref().unwrap().size
+        };
+        let (old_id, token) = (78, [0x4321, 0x8765]);
+        let claim = PreviousChannel {
+            instance: index,
+            incarnation,
+            channel: old_id,
+            token,
+        };
+        let size = 2 * st.cfg.max_message;
+        let total = layout::ChannelHeap::seg_size(size) as u64;
+        let old_epoch = st.epoch ^ 1;
+        let (fd, _mine) =
+            layout::ChannelHeap::create(old_epoch, size, old_id, layout::HeapSide::Request)
+                .unwrap();
+        let not_yet = |r: Reply, why: &str| match r {
+            (Response::Error(WireError::NotOwner(m)), _) => assert!(m.contains(why), "{m}"),
+            (r, _) => panic!("expected NotOwner naming {why:?}, got {r:?}"),
+        };
+        let refused = |r: Reply, why: &str| match r {
+            (Response::Error(WireError::BadRequest(m)), _) => assert!(m.contains(why), "{m}"),
+            (r, _) => panic!("expected a refusal naming {why:?}, got {r:?}"),
+        };
+        not_yet(
+            st.open_request_heap(SERVER, old_id, token),
+            "not been claimed",
+        );
+        refused(
+            st.previous_request_heap(3, token, Some(fd.try_clone().unwrap())),
+            "no channel you claimed",
+        );
+        assert!(matches!(
+            st.claim_channels(3, vec![claim]),
+            (Response::Done, _)
+        ));
+        not_yet(
+            st.open_request_heap(SERVER, old_id, token),
+            "no request heap here (yet)",
+        );
+        // Another client's claim of the token was ignored: it cannot hand a heap there.
+        assert!(matches!(
+            st.claim_channels(4, vec![claim]),
+            (Response::Done, _)
+        ));
+        refused(
+            st.previous_request_heap(4, token, Some(fd.try_clone().unwrap())),
+            "no channel you claimed",
+        );
+        let unsealed = sys::memfd("aegis-heap", total).unwrap();
+        sys::seal_size(&unsealed).unwrap();
+        refused(
+            st.previous_request_heap(3, token, Some(unsealed)),
+            "F_SEAL_FUTURE_WRITE",
+        );
+        let before = held(&st, 3);
+        assert!(matches!(
+            st.previous_request_heap(3, token, Some(fd.try_clone().unwrap())),
+            (Response::Done, _)
+        ));
+        assert_eq!(
+            held(&st, 3),
+            before + total,
+            "charged to the claiming caller"
+        );
+        refused(st.previous_request_heap(3, token, Some(fd)), "already");
+        // Only the named instance's serving connection, the right id and token.
+        not_yet(
+            st.open_request_heap(4, old_id, token),
+            "not (yet) registered by this connection",
+        );
+        not_yet(
+            st.open_request_heap(SERVER, old_id + 1, token),
+            "not been claimed",
+        );
+        not_yet(
+            st.open_request_heap(SERVER, old_id, [1, 2]),
+            "not been claimed",
+        );
+        match st.open_request_heap(SERVER, old_id, token) {
+            (Response::Opened, fds) => {
+                assert_eq!(fds.len(), 1);
+                let h = layout::ChannelHeap::open(
+                    &fds[0],
+                    old_epoch,
+                    old_id,
+                    layout::HeapSide::Request,
+                )
+                .unwrap();
+                assert_eq!(h.size, size);
+            }
+            (r, _) => panic!("{r:?}"),
+        }
+        // The claim goes with its client, and the heap with it.
+        st.disconnect(3);
+        not_yet(
+            st.open_request_heap(SERVER, old_id, token),
             "not been claimed",
         );
     }

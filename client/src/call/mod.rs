@@ -970,6 +970,7 @@ impl BusInner {
             }
         }
         let _ = chan.heap.set(heap);
+        let _ = chan.heap_fd.set(fd);
         Ok(())
     }
 

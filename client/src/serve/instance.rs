@@ -550,8 +550,8 @@ impl InstanceInner {
                 if d.chan.seg.heap.get().is_none() {
                     // The channel's first large request: its heap may have been handed to
                     // the broker after our last look (a round trip, once per channel).
-                    if let Err(e) = self.bus.inner.fetch_channels() {
-                        tracing::warn!(service = %self.service, "fetching a request heap: {e}");
+                    if let Err(e) = self.fetch_request_heap(&d) {
+                        tracing::warn!(service = %self.service, trace_id = d.trace_id, "{e}");
                     }
                 }
                 let inside = d.chan.seg.heap_range(off, len).is_some();
@@ -756,6 +756,56 @@ impl InstanceInner {
             }
             Err(e) => Err(format!("no reply heap for this channel: {e}")),
         }
+    }
+
+    /// Fetches the request heap of `d`'s channel, which its first request too large for a
+    /// slot needs. The broker that made the channel hands it with `Channels` (the caller
+    /// may have handed it over after our last look). A channel a previous broker made has
+    /// its heap from the current one, handed over again by its caller under the channel's
+    /// token (the previous broker may have died before we fetched it): waited for (the
+    /// caller reconnecting, this instance registering again) at most until the call's
+    /// deadline or [`REPLY_HEAP_WAIT`], whichever comes first, as for a reply heap.
+    fn fetch_request_heap(&self, d: &Delivery) -> std::result::Result<(), String> {
+        use crate::session::proto::{Request as Ask, Response};
+        let chan = &d.chan;
+        let inner = &self.bus.inner;
+        let cap = Instant::now() + REPLY_HEAP_WAIT;
+        let until = d.deadline().map_or(cap, |t| t.min(cap));
+        let fds = inner
+            .ask_broker_until_owned(until, || {
+                if inner.session().epoch == chan.seg.epoch {
+                    // (A broker that died unnoticed fails this, and the next pass asks
+                    // its successor by the token.)
+                    inner.fetch_channels()?;
+                    return Ok(None);
+                }
+                let ask = Ask::OpenRequestHeap {
+                    channel: chan.seg.id,
+                    token: chan.seg.token(),
+                };
+                match inner.control.lock().request(&ask)? {
+                    (Response::Opened, fds) => Ok(Some(fds)),
+                    (other, _) => Err(Error::Protocol(format!(
+                        "OpenRequestHeap: expected Opened, got {other:?}"
+                    ))),
+                }
+            })
+            .map_err(|e| format!("fetching a request heap: {e}"))?;
+        let Some(mut fds) = fds else {
+            return Ok(());
+        };
+        let Some(fd) = fds.pop().filter(|_| fds.is_empty()) else {
+            return Err("OpenRequestHeap: expected one descriptor".into());
+        };
+        let heap = crate::shm::layout::ChannelHeap::open(
+            &fd,
+            chan.seg.epoch,
+            chan.seg.id,
+            crate::shm::layout::HeapSide::Request,
+        )
+        .map_err(|e| format!("a previous broker's channel's request heap: {e}"))?;
+        let _ = chan.seg.heap.set(heap);
+        Ok(())
     }
 
     /// Frees reply blocks whose replies their callers have read (or abandoned for a newer

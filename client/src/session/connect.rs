@@ -219,11 +219,14 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
     // Our channels the previous broker made stay in use (calls in flight through them,
     // and new ones until each instance is back): claim them by their tokens, so that their
     // instances can hand this broker reply heaps for them, charged to us.
-    let previous: Vec<proto::PreviousChannel> = inner
+    let chans: Vec<_> = inner
         .instances
         .read()
         .values()
-        .filter_map(|seg| seg.channel.as_ref())
+        .filter_map(|seg| seg.channel.clone())
+        .collect();
+    let previous: Vec<proto::PreviousChannel> = chans
+        .iter()
         .map(|c| proto::PreviousChannel {
             instance: c.instance,
             incarnation: c.incarnation,
@@ -234,8 +237,20 @@ fn resume(inner: &BusInner) -> Result<UnixStream> {
     if !previous.is_empty() {
         // Refused (over the cap), the old channels' large replies wait for their new ones;
         // no reason not to reconnect.
-        if let Err(e) = conn.request(&Request::ClaimChannels { channels: previous }) {
-            tracing::warn!("claiming a previous broker's channels: {e}");
+        match conn.request(&Request::ClaimChannels { channels: previous }) {
+            Err(e) => tracing::warn!("claiming a previous broker's channels: {e}"),
+            // Their request heaps again: the previous broker may have died before an
+            // instance fetched one, and the requests in it would be unreadable.
+            Ok(_) => {
+                for c in &chans {
+                    let Some(fd) = c.heap_fd.get() else { continue };
+                    use std::os::fd::AsFd;
+                    let req = Request::PreviousRequestHeap { token: c.token() };
+                    if let Err(e) = conn.request_with_fds(&req, &[fd.as_fd()]) {
+                        tracing::warn!(channel = c.id, "handing a request heap over again: {e}");
+                    }
+                }
+            }
         }
     }
     let watch = conn.watch_handle()?;

@@ -16,7 +16,7 @@ use crate::error::{code, Error, WireError};
 use crate::model::Status;
 
 /// Bumped when a message changes shape; checked in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Descriptors the broker accepts with one request.
 pub const MAX_FDS: usize = 4;
@@ -127,6 +127,22 @@ pub enum Request {
     /// reply heap for them (`ReplyHeap` with `previous`), charged to this client's uid.
     ClaimChannels {
         channels: Vec<PreviousChannel>,
+    },
+    /// After `ClaimChannels`: the request heap of a claimed channel (named by its token),
+    /// handed over again with its one descriptor. The previous broker may have died before
+    /// the channel's instance fetched it; the requests in it that need it would then be
+    /// unreadable. Checked as `ChannelHeap` is, charged to this client's uid.
+    PreviousRequestHeap {
+        token: [u64; 2],
+    },
+    /// An instance's serving connection asks for the request heap of channel `channel`
+    /// that a previous broker made, named by its `token` (it met a request there that lies
+    /// in the heap, and had none): `Opened` with the one descriptor, `NotOwner` until the
+    /// caller has handed it over again (`PreviousRequestHeap`) and the instance registered
+    /// with this broker.
+    OpenRequestHeap {
+        channel: u64,
+        token: [u64; 2],
     },
     ListServices,
     DescribeService {

@@ -94,6 +94,10 @@ pub struct ChannelSeg {
     /// Its request heap, once its caller needed one: mapped by the caller (writable, with
     /// the allocator) and the instance (read-only); the broker does not map it.
     pub heap: std::sync::OnceLock<ChannelHeap>,
+    /// The caller's descriptor of its request heap, kept to hand it to a new broker should
+    /// the one it was handed to die before the instance fetched it
+    /// (`Request::PreviousRequestHeap`).
+    pub heap_fd: std::sync::OnceLock<OwnedFd>,
     /// Its reply heap, once its instance needed one: mapped by the instance (writable,
     /// with the allocator) and the caller (read-only); the broker does not map it.
     pub reply_heap: std::sync::OnceLock<ChannelHeap>,
@@ -335,6 +339,7 @@ impl ChannelSeg {
             // other slot is ever claimed at.
             known_freed: std::array::from_fn(|_| crate::shm::sync::AtomicU64::new(0)),
             heap: std::sync::OnceLock::new(),
+            heap_fd: std::sync::OnceLock::new(),
             reply_heap: std::sync::OnceLock::new(),
             reply_heap_opener: parking_lot::Mutex::new(()),
             party,
