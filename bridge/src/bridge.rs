@@ -637,6 +637,20 @@ fn heard(sh: &Shared, alive: bool, payload: &[u8]) -> model::RegistrationReply {
         .and_then(|v| v.as_str())
         .unwrap_or("nats")
         .to_owned();
+    // Ids ending in "@" and this host's name are the ones this bridge exports: from
+    // another host, a conflict whether or not it has exported that one yet (a bridge just
+    // started has not looked at the bus yet; before, such an id got a stand-in).
+    if host != sh.cfg.name && id.ends_with(&format!("@{}", sh.cfg.name)) {
+        return model::RegistrationReply::refused(
+            409,
+            format!(
+                "instance ids ending in @{0} are host {0}'s, and {id} is not one of its instances",
+                sh.cfg.name
+            ),
+            &service,
+            &id,
+        );
+    }
     if host == sh.cfg.name {
         // Our own announcements come back to us; anyone else's naming this host is a lie.
         return if alive

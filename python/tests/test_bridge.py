@@ -275,8 +275,12 @@ def test_the_seed_s_registration_is_answered_and_slow_heartbeats_do_not_flap(tes
         other = {**reg, "metadata": {"host": "hosty"}}
         msg = await nc.request("ipc.service.register", msgpack.packb(other), timeout=5)
         assert msgpack.unpackb(msg.data)["status_code"] == 409, msgpack.unpackb(msg.data)
-        # This bridge's own instance id: 409, never a stand-in. (Asked once the bridge has
-        # exported it: a bridge just started has not looked at the bus yet.)
+        # An id in this bridge's namespace that it does not export (yet, or at all): 409,
+        # never a stand-in.
+        ghost = {"service_name": "users", "instance_id": "ghost@hostr", "metadata": {"host": "evil"}}
+        msg = await nc.request("ipc.service.register", msgpack.packb(ghost), timeout=5)
+        assert msgpack.unpackb(msg.data)["status_code"] == 409, msgpack.unpackb(msg.data)
+        # This bridge's own instance id, once exported: 409, never a stand-in.
         end = time.monotonic() + DEADLINE
         while "users-1@hostr" not in beat_ids:
             assert time.monotonic() < end, "the bridge never announced users-1@hostr"
