@@ -954,15 +954,10 @@ impl State {
         if rec.heap.is_some() {
             return bad(format!("channel {channel} has its request heap already"));
         }
-        if let Err(e) = sys::check_write_sealed(&fd) {
-            return bad(format!(
-                "seal the request heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
-            ));
-        }
-        let size = layout::ChannelHeap::seg_size(2 * self.cfg.max_message) as u64;
-        if let Err(e) = sys::check_size_sealed(&fd, Some(size)) {
-            return bad(format!("request heap: {e}"));
-        }
+        let size = match check_request_heap(&fd, self.cfg.max_message) {
+            Ok(size) => size,
+            Err(m) => return bad(m),
+        };
         let uid = self.clients[caller.0 as usize]
             .as_ref()
             .map_or(u32::MAX, |c| c.uid);
@@ -1048,6 +1043,47 @@ impl State {
         (Response::Done, Vec::new())
     }
 
+    /// The claim of channel `channel` of a previous broker under `token`, if a connection of
+    /// the instance it names (the claiming caller's word: looked up, not indexed) is `conn`:
+    /// the claiming client's slot and uid, the claim, the instance. `Err`: a `NotOwner` reply
+    /// saying what is missing (yet).
+    fn served_claim(
+        &self,
+        conn: ConnId,
+        channel: u64,
+        token: &[u64; 2],
+    ) -> std::result::Result<(u32, u32, &PreviousRec, &InstanceRec), Reply> {
+        let not_yet = |m: String| err(WireError::NotOwner(m));
+        let claim = self.previous_tokens.get(token).and_then(|&(slot, gen)| {
+            let c = self.clients[slot as usize]
+                .as_ref()
+                .filter(|c| c.gen == gen)?;
+            let p = c
+                .previous_channels
+                .get(token)
+                .filter(|p| p.channel == channel)?;
+            Some((slot, c.uid, p))
+        });
+        let Some((slot, uid, p)) = claim else {
+            return Err(not_yet(format!(
+                "channel {channel} of a previous broker has not been claimed by its caller (yet)"
+            )));
+        };
+        let inst = p.instance;
+        let Some(r) = self
+            .instances
+            .get(inst.0 as usize)
+            .and_then(Option::as_ref)
+            .filter(|r| r.incarnation == inst.1 && r.owners.contains(&conn))
+        else {
+            return Err(not_yet(format!(
+                "channel {channel} of a previous broker leads to instance {}/{}, not (yet) registered by this connection",
+                inst.0, inst.1
+            )));
+        };
+        Ok((slot, uid, p, r))
+    }
+
     /// The serving connection `conn` hands over the reply heap of channel `channel` that a
     /// previous broker made, named by its token: taken once, from a serving connection of
     /// the instance the channel's claim names, once its caller has claimed it (until then
@@ -1061,42 +1097,14 @@ impl State {
         fd: OwnedFd,
     ) -> Reply {
         let bad = |m: String| err(WireError::BadRequest(m));
-        let not_yet = |m: String| err(WireError::NotOwner(m));
-        let claim = self
-            .previous_tokens
-            .get(&token)
-            .copied()
-            .and_then(|(slot, gen)| {
-                let c = self.clients[slot as usize]
-                    .as_ref()
-                    .filter(|c| c.gen == gen)?;
-                let p = c
-                    .previous_channels
-                    .get(&token)
-                    .filter(|p| p.channel == channel)?;
-                Some((slot, c.uid, p.instance, p.reply_heap.is_some()))
-            });
-        let Some((slot, uid, inst, has_heap)) = claim else {
-            return not_yet(format!(
-                "channel {channel} of a previous broker has not been claimed by its caller (yet)"
-            ));
-        };
-        // The instance index is the claiming caller's word: looked up, not indexed.
-        let Some(r) = self
-            .instances
-            .get(inst.0 as usize)
-            .and_then(Option::as_ref)
-            .filter(|r| r.incarnation == inst.1 && r.owners.contains(&conn))
-        else {
-            return not_yet(format!(
-                "channel {channel} of a previous broker leads to instance {}/{}, not (yet) registered by this connection",
-                inst.0, inst.1
-            ));
+        let (slot, uid, has_heap, heap_size) = match self.served_claim(conn, channel, &token) {
+            Ok((slot, uid, p, r)) => (slot, uid, p.reply_heap.is_some(), r.seg.layout.heap_size),
+            Err(not_yet) => return not_yet,
         };
         if has_heap {
             return bad(format!("channel {channel} has its reply heap already"));
         }
-        let size = match check_reply_heap(&fd, r.seg.layout.heap_size) {
+        let size = match check_reply_heap(&fd, heap_size) {
             Ok(size) => size,
             Err(m) => return bad(m),
         };
@@ -1180,15 +1188,10 @@ impl State {
                 p.channel
             ));
         }
-        if let Err(e) = sys::check_write_sealed(&fd) {
-            return bad(format!(
-                "seal the request heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
-            ));
-        }
-        let size = layout::ChannelHeap::seg_size(2 * self.cfg.max_message) as u64;
-        if let Err(e) = sys::check_size_sealed(&fd, Some(size)) {
-            return bad(format!("request heap: {e}"));
-        }
+        let size = match check_request_heap(&fd, self.cfg.max_message) {
+            Ok(size) => size,
+            Err(m) => return bad(m),
+        };
         if let Err(e) = self.shm_fits(c.uid, size) {
             return err(e);
         }
@@ -1206,40 +1209,14 @@ impl State {
     /// the instance the channel's claim names; `NotOwner` until the caller has claimed the
     /// channel and handed the heap over again, and the instance has registered here.
     pub fn open_request_heap(&mut self, conn: ConnId, channel: u64, token: [u64; 2]) -> Reply {
-        let not_yet = |m: String| err(WireError::NotOwner(m));
-        let claim = self
-            .previous_tokens
-            .get(&token)
-            .copied()
-            .and_then(|(slot, gen)| {
-                let c = self.clients[slot as usize]
-                    .as_ref()
-                    .filter(|c| c.gen == gen)?;
-                c.previous_channels
-                    .get(&token)
-                    .filter(|p| p.channel == channel)
-            });
-        let Some(p) = claim else {
-            return not_yet(format!(
-                "channel {channel} of a previous broker has not been claimed by its caller (yet)"
-            ));
+        let p = match self.served_claim(conn, channel, &token) {
+            Ok((_, _, p, _)) => p,
+            Err(not_yet) => return not_yet,
         };
-        // The instance is the claiming caller's word: looked up, not indexed.
-        let served_here = self
-            .instances
-            .get(p.instance.0 as usize)
-            .and_then(Option::as_ref)
-            .is_some_and(|r| r.incarnation == p.instance.1 && r.owners.contains(&conn));
-        if !served_here {
-            return not_yet(format!(
-                "channel {channel} of a previous broker leads to instance {}/{}, not (yet) registered by this connection",
-                p.instance.0, p.instance.1
-            ));
-        }
         let Some(fd) = &p.request_heap else {
-            return not_yet(format!(
+            return err(WireError::NotOwner(format!(
                 "channel {channel} of a previous broker has no request heap here (yet)"
-            ));
+            )));
         };
         match fd.try_clone() {
             Ok(fd) => (Response::Opened, vec![fd]),
@@ -1874,14 +1851,26 @@ fn random_u64() -> u64 {
 /// sealed against every writer but its maker and against resizing, of a heap's size. Its
 /// bytes, or why not.
 fn check_reply_heap(fd: &OwnedFd, heap_size: u64) -> Result<u64, String> {
+    check_heap(fd, "reply heap", heap_size)
+}
+
+/// A request heap handed over (`ChannelHeap`, `PreviousRequestHeap`): as a reply heap, of
+/// twice the bus's largest message.
+fn check_request_heap(fd: &OwnedFd, max_message: u64) -> Result<u64, String> {
+    check_heap(fd, "request heap", 2 * max_message)
+}
+
+/// Sealed against every other writer and against resizing, `heap_size` bytes of heap: the
+/// segment's size, or why not.
+fn check_heap(fd: &OwnedFd, what: &str, heap_size: u64) -> Result<u64, String> {
     if let Err(e) = sys::check_write_sealed(fd) {
         return Err(format!(
-            "seal the reply heap against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
+            "seal the {what} against other writers (F_SEAL_FUTURE_WRITE) before handing it over: {e}"
         ));
     }
     let size = layout::ChannelHeap::seg_size(heap_size) as u64;
     if let Err(e) = sys::check_size_sealed(fd, Some(size)) {
-        return Err(format!("reply heap: {e}"));
+        return Err(format!("{what}: {e}"));
     }
     Ok(size)
 }
@@ -2175,6 +2164,45 @@ mod tests {
         }
     }
 
+    /// A serving state (one instance, served by `SERVER`), two caller clients (connections
+    /// 3 and 4), and client 3's claim, not yet sent, of channel `old_id` of a previous broker
+    /// leading to that instance under `token`.
+    fn two_callers_and_a_claim(
+        old_id: u64,
+        token: [u64; 2],
+    ) -> (State, (u32, u64), PreviousChannel) {
+        let (mut st, peer, (index, incarnation)) = serving_state("8");
+        welcome(st.hello(3, peer, 1, None, 3));
+        welcome(st.hello(4, peer, 1, None, 4));
+        let claim = PreviousChannel {
+            instance: index,
+            incarnation,
+            channel: old_id,
+            token,
+        };
+        (st, (index, incarnation), claim)
+    }
+
+    /// The shared memory counted to the client on `conn`.
+    fn held(st: &State, conn: ConnId) -> u64 {
+        let c = st.client_of(conn).unwrap();
+        st.clients[c.0 as usize].as_ref().unwrap().size
+    }
+
+    fn not_yet(r: Reply, why: &str) {
+        match r {
+            (Response::Error(WireError::NotOwner(m)), _) => assert!(m.contains(why), "{m}"),
+            (r, _) => panic!("expected NotOwner naming {why:?}, got {r:?}"),
+        }
+    }
+
+    fn refused(r: Reply, why: &str) {
+        match r {
+            (Response::Error(WireError::BadRequest(m)), _) => assert!(m.contains(why), "{m}"),
+            (r, _) => panic!("expected a refusal naming {why:?}, got {r:?}"),
+        }
+    }
+
     /// After a restart, a channel a previous broker made gets a reply heap only through a
     /// match of its token: claimed by its caller, handed over by a serving connection of
     /// the instance the claim names, once; charged to the claiming client until it
@@ -2183,20 +2211,8 @@ mod tests {
     /// waits out; a token another client claimed first stays that client's.
     #[test]
     fn a_previous_broker_s_channel_gets_a_reply_heap_by_its_token() {
-        let (mut st, peer, (index, incarnation)) = serving_state("8");
-        welcome(st.hello(3, peer, 1, None, 3));
-        welcome(st.hello(4, peer, 1, None, 4));
-        let held = |st: &State, conn: ConnId| {
-            let c = st.client_of(conn).unwrap();
-            st.clients[c.0 as usize].as_ref().unwrap().size
-        };
-        let (old_id, token) = (77, [0x1234, 0x5678]);
-        let claim = PreviousChannel {
-            instance: index,
-            incarnation,
-            channel: old_id,
-            token,
-        };
+        let (mut st, (index, _), claim) = two_callers_and_a_claim(77, [0x1234, 0x5678]);
+        let (old_id, token) = (claim.channel, claim.token);
         let heap_size = st.instances[index as usize]
             .as_ref()
             .unwrap()
@@ -2208,14 +2224,6 @@ mod tests {
         let heap = || {
             layout::ChannelHeap::create(old_epoch, heap_size, old_id, layout::HeapSide::Reply)
                 .unwrap()
-        };
-        let not_yet = |r: Reply, why: &str| match r {
-            (Response::Error(WireError::NotOwner(m)), _) => assert!(m.contains(why), "{m}"),
-            (r, _) => panic!("expected NotOwner naming {why:?}, got {r:?}"),
-        };
-        let refused = |r: Reply, why: &str| match r {
-            (Response::Error(WireError::BadRequest(m)), _) => assert!(m.contains(why), "{m}"),
-            (r, _) => panic!("expected a refusal naming {why:?}, got {r:?}"),
         };
         let (fd, _mine) = heap();
         not_yet(
@@ -2332,34 +2340,14 @@ mod tests {
     /// the right id and token; `NotOwner` until then.
     #[test]
     fn a_previous_broker_s_channel_gets_its_request_heap_again_by_its_token() {
-        let (mut st, peer, (index, incarnation)) = serving_state("8");
-        welcome(st.hello(3, peer, 1, None, 3));
-        welcome(st.hello(4, peer, 1, None, 4));
-        let held = |st: &State, conn: ConnId| {
-            let c = st.client_of(conn).unwrap();
-            st.clients[c.0 as usize].as_ref().unwrap().size
-        };
-        let (old_id, token) = (78, [0x4321, 0x8765]);
-        let claim = PreviousChannel {
-            instance: index,
-            incarnation,
-            channel: old_id,
-            token,
-        };
+        let (mut st, _, claim) = two_callers_and_a_claim(78, [0x4321, 0x8765]);
+        let (old_id, token) = (claim.channel, claim.token);
         let size = 2 * st.cfg.max_message;
         let total = layout::ChannelHeap::seg_size(size) as u64;
         let old_epoch = st.epoch ^ 1;
         let (fd, _mine) =
             layout::ChannelHeap::create(old_epoch, size, old_id, layout::HeapSide::Request)
                 .unwrap();
-        let not_yet = |r: Reply, why: &str| match r {
-            (Response::Error(WireError::NotOwner(m)), _) => assert!(m.contains(why), "{m}"),
-            (r, _) => panic!("expected NotOwner naming {why:?}, got {r:?}"),
-        };
-        let refused = |r: Reply, why: &str| match r {
-            (Response::Error(WireError::BadRequest(m)), _) => assert!(m.contains(why), "{m}"),
-            (r, _) => panic!("expected a refusal naming {why:?}, got {r:?}"),
-        };
         not_yet(
             st.open_request_heap(SERVER, old_id, token),
             "not been claimed",
