@@ -1395,6 +1395,8 @@ impl BusInner {
         }
         claim.publish();
         Doorbell(seg.ring_indices()).ring(Doorbell::bit(channel.id));
+        // While the reply is on its way: the next request's slot, for writing.
+        ring.prefetch_next_for_write(sent.pos, method.len() + payload.len());
         Ok(sent)
     }
 

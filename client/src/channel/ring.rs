@@ -267,14 +267,15 @@ impl<'a> RingRef<'a> {
         self.published(pos, Ordering::Acquire) == pos.wrapping_add(1)
     }
 
-    /// The mailbox index the message at the consumer position names, after asking the
+    /// The mailbox index and payload length the message at the consumer position names,
+    /// after asking the
     /// cache for the rest of its slot (the header's second line and the inline bytes it
     /// says it uses): `None` when nothing is published there. For a consumer about to
     /// take it: the slot's lines and the mailbox's call word then come from the
     /// producer's core together, while the take runs, rather than one after the other
     /// (the take's fence orders every later load after it). Only hints: what is read
     /// here is read again, and validated, by the take.
-    pub fn prefetch_head(&self) -> Option<u32> {
+    pub fn prefetch_head(&self) -> Option<(u32, u64)> {
         let pos = self.deq.load(Ordering::Relaxed);
         // Relaxed: what follows only picks lines to prefetch; the take acquires.
         if self.published(pos, Ordering::Relaxed) != pos.wrapping_add(1) {
@@ -299,7 +300,19 @@ impl<'a> RingRef<'a> {
             // SAFETY: `off < size_of::<SlotHeader>() + data_len`: inside this slot.
             sys::prefetch(unsafe { slot.add(off) });
         }
-        Some(mailbox)
+        Some((mailbox, payload_len))
+    }
+
+    /// Producer: brings the slot of the position after `pos` into this core's cache for
+    /// writing, past its first line (the consumer polls that line for the next message):
+    /// the header's second line and `len` bytes of inline data. The next request's writes
+    /// there then wait for no line to come back from the consumer's core, and neither does
+    /// its publication (stores become visible in order). A hint: any slot, any time.
+    pub fn prefetch_next_for_write(&self, pos: u64, len: usize) {
+        let slot = self.slot(pos.wrapping_add(1)) as *const SlotHeader as *const u8;
+        let end = std::mem::size_of::<SlotHeader>() + len.min(self.data_len);
+        // Past the first line; `end` is inside the slot (see `prefetch_head`).
+        sys::prefetch_write_range(slot.wrapping_add(64), end.saturating_sub(64));
     }
 
     /// Whether the slot after the one at the consumer position is published too: a second

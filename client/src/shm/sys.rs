@@ -315,6 +315,30 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Asks for the line at `p` to be brought into this core's cache for writing (a hint, like
+/// [`prefetch`]): a store to a line another core has read must first take it back from
+/// that core, and a store buffer full of such stores holds up the next locked instruction.
+/// PREFETCHW (on x86 processors without it, an instruction of the reserved-NOP space).
+#[inline]
+pub fn prefetch_write(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHW writes nothing architecturally, never faults whatever `p`, and
+    // touches no register but its address operand.
+    unsafe {
+        std::arch::asm!("prefetchw byte ptr [{0}]", in(reg) p, options(nostack, preserves_flags, readonly))
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// [`prefetch_write`] for every line of the `len` bytes at `p`.
+#[inline]
+pub fn prefetch_write_range(p: *const u8, len: usize) {
+    for off in (0..len).step_by(64) {
+        prefetch_write(p.wrapping_add(off));
+    }
+}
+
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most 8 bytes into our 8-byte buffer.

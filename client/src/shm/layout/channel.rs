@@ -370,8 +370,17 @@ impl ChannelSeg {
     /// Instance: asks the cache for the request at the head of the ring and the call word
     /// of the mailbox it names (see [`crate::channel::ring::RingRef::prefetch_head`]).
     pub fn prefetch_request(&self) {
-        if let Some((mb, _)) = self.ring().prefetch_head().and_then(|i| self.mailbox(i)) {
+        let Some((i, len)) = self.ring().prefetch_head() else {
+            return;
+        };
+        if let Some((mb, inline)) = self.mailbox(i) {
             crate::shm::sys::prefetch(mb.call as *const CallWord as *const u8);
+            // And, for writing, as much of the mailbox's inline reply area as the request
+            // is long (an echo's reply; a guess, as any): its lines, which the caller read
+            // with the last reply there, then need not come back while the reply is
+            // written, and publishing it does not wait for them.
+            let inline_len = (len as usize).min(self.mailboxes.mailbox_inline as usize);
+            crate::shm::sys::prefetch_write_range(inline, inline_len);
         }
     }
 
