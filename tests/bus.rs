@@ -210,6 +210,38 @@ fn eight_threads_and_four_processes_get_their_own_replies() {
     }
 }
 
+/// Six threads of one connection share its channel to an instance whose ring has two
+/// slots, served by three threads: with more calls in flight than slots, a thread often
+/// claims a slot whose previous request it did not send, through the connection's note
+/// that the slot is free (`ChannelSeg::note_freed`, made when that request's reply came)
+/// rather than the instance's freed word. Every reply must be its own request's. (With the
+/// note made when the request is sent instead, a slot is overwritten before the instance
+/// took it and this fails; `eight_threads_and_four_processes_get_their_own_replies`, with
+/// no more threads per connection than slots, does not.)
+#[test]
+fn more_threads_than_slots_in_one_channel_each_get_their_own_replies() {
+    let bus = TestBus::start();
+    let _inst = bus.serve("pair", "p1", &["--threads", "3", "--slot-count", "2"]);
+    let client = bus.connect();
+    std::thread::scope(|s| {
+        for t in 0..6u64 {
+            let client = &client;
+            s.spawn(move || {
+                let mut out = Vec::new();
+                for i in 0..400u64 {
+                    let mut p = vec![t as u8; 16 + (i as usize * 7 % 900)];
+                    p[..8].copy_from_slice(&t.to_le_bytes());
+                    p[8..16].copy_from_slice(&i.to_le_bytes());
+                    if let Err(e) = client.call_into("pair", "m", &p, &opts(), &mut out) {
+                        panic!("thread {t} call {i}: {e}");
+                    }
+                    assert!(out == p, "thread {t} call {i} got another payload");
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn a_request_cancelled_before_it_was_taken_never_runs_and_its_mailbox_serves_the_next_call() {
     let bus = TestBus::start();
