@@ -181,23 +181,7 @@ fn eight_threads_and_four_processes_get_their_own_replies() {
         })
         .collect::<Vec<_>>();
     let client = bus.connect();
-    std::thread::scope(|s| {
-        for t in 0..8u64 {
-            let client = &client;
-            s.spawn(move || {
-                let mut out = Vec::new();
-                for i in 0..400u64 {
-                    let mut p = vec![0u8; 200 + (i as usize % 300)];
-                    p[..8].copy_from_slice(&t.to_le_bytes());
-                    p[8..16].copy_from_slice(&i.to_le_bytes());
-                    client
-                        .call_into("xtalk", "m", &p, &opts(), &mut out)
-                        .unwrap();
-                    assert_eq!(out, p, "thread {t} call {i} got someone else's reply");
-                }
-            });
-        }
-    });
+    threads_check_their_replies(&client, "xtalk", 8, |i| 200 + (i as usize % 300));
     for mut p in procs {
         let st = wait_deadline(&mut p);
         let mut s = String::new();
@@ -223,19 +207,31 @@ fn more_threads_than_slots_in_one_channel_each_get_their_own_replies() {
     let bus = TestBus::start();
     let _inst = bus.serve("pair", "p1", &["--threads", "3", "--slot-count", "2"]);
     let client = bus.connect();
+    threads_check_their_replies(&client, "pair", 6, |i| 16 + (i as usize * 7 % 900));
+}
+
+/// `threads` threads of `client` each make 400 calls of `service`, call `i` carrying
+/// `len(i)` bytes tagged with its thread and number, and check that each reply is their
+/// own request's.
+fn threads_check_their_replies(
+    client: &Bus,
+    service: &str,
+    threads: u64,
+    len: impl Fn(u64) -> usize + Sync,
+) {
     std::thread::scope(|s| {
-        for t in 0..6u64 {
-            let client = &client;
+        for t in 0..threads {
+            let len = &len;
             s.spawn(move || {
                 let mut out = Vec::new();
                 for i in 0..400u64 {
-                    let mut p = vec![t as u8; 16 + (i as usize * 7 % 900)];
+                    let mut p = vec![t as u8; len(i)];
                     p[..8].copy_from_slice(&t.to_le_bytes());
                     p[8..16].copy_from_slice(&i.to_le_bytes());
-                    if let Err(e) = client.call_into("pair", "m", &p, &opts(), &mut out) {
+                    if let Err(e) = client.call_into(service, "m", &p, &opts(), &mut out) {
                         panic!("thread {t} call {i}: {e}");
                     }
-                    assert!(out == p, "thread {t} call {i} got another payload");
+                    assert!(out == p, "thread {t} call {i} got someone else's reply");
                 }
             });
         }

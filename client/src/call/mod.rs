@@ -999,14 +999,7 @@ impl BusInner {
                 "OpenReplyHeap: expected Opened and a descriptor, got {resp:?}"
             )));
         };
-        let heap = crate::shm::layout::ChannelHeap::open(
-            &fd,
-            chan.epoch,
-            chan.id,
-            crate::shm::layout::HeapSide::Reply,
-        )?;
-        let _ = chan.reply_heap.set(heap);
-        Ok(())
+        Ok(chan.adopt_heap(&fd, crate::shm::layout::HeapSide::Reply)?)
     }
 
     /// Whether `seg`'s channel was made by a previous broker and the current one has the

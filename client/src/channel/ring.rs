@@ -268,9 +268,8 @@ impl<'a> RingRef<'a> {
     }
 
     /// The mailbox index and payload length the message at the consumer position names,
-    /// after asking the
-    /// cache for the rest of its slot (the header's second line and the inline bytes it
-    /// says it uses): `None` when nothing is published there. For a consumer about to
+    /// after asking the cache for the rest of its slot (the header's second line and the
+    /// inline bytes it says it uses): `None` when nothing is published there. For a consumer about to
     /// take it: the slot's lines and the mailbox's call word then come from the
     /// producer's core together, while the take runs, rather than one after the other
     /// (the take's fence orders every later load after it). Only hints: what is read
@@ -281,25 +280,32 @@ impl<'a> RingRef<'a> {
         if self.published(pos, Ordering::Relaxed) != pos.wrapping_add(1) {
             return None;
         }
-        let msg = self.slot(pos).msg.get();
+        let slot = self.slot(pos);
+        let msg = slot.msg.get();
         // SAFETY: a published slot inside the ring (see `slot`); volatile reads of plain
         // fields a hostile producer may be rewriting: any value is only a hint.
-        let (mailbox, method_len, payload_len) = unsafe {
+        let (mailbox, kind, method_len, payload_len) = unsafe {
             (
                 std::ptr::addr_of!((*msg).mailbox).read_volatile(),
-                std::ptr::addr_of!((*msg).method_len).read_volatile() as usize,
+                std::ptr::addr_of!((*msg).kind).read_volatile(),
+                std::ptr::addr_of!((*msg).method_len).read_volatile() as u64,
                 std::ptr::addr_of!((*msg).payload_len).read_volatile(),
             )
         };
-        let inline = (method_len as u64)
-            .saturating_add(payload_len)
-            .min(self.data_len as u64) as usize;
-        let slot = self.slot(pos) as *const SlotHeader as *const u8;
-        let end = std::mem::size_of::<SlotHeader>() + inline;
-        for off in (64..end).step_by(64) {
-            // SAFETY: `off < size_of::<SlotHeader>() + data_len`: inside this slot.
-            sys::prefetch(unsafe { slot.add(off) });
-        }
+        // A payload in the channel's heap is read there, in place: only the method here.
+        let in_slot = if kind == crate::shm::layout::PAYLOAD_INLINE {
+            method_len.saturating_add(payload_len)
+        } else {
+            method_len
+        };
+        let end = std::mem::size_of::<SlotHeader>() + in_slot.min(self.data_len as u64) as usize;
+        // Past the first line (just read); `end` is inside the slot (header and data).
+        let slot = slot as *const SlotHeader as *const u8;
+        sys::prefetch_range(
+            slot.wrapping_add(64),
+            end.saturating_sub(64),
+            sys::PrefetchFor::Reading,
+        );
         Some((mailbox, payload_len))
     }
 
@@ -312,7 +318,11 @@ impl<'a> RingRef<'a> {
         let slot = self.slot(pos.wrapping_add(1)) as *const SlotHeader as *const u8;
         let end = std::mem::size_of::<SlotHeader>() + len.min(self.data_len);
         // Past the first line; `end` is inside the slot (see `prefetch_head`).
-        sys::prefetch_write_range(slot.wrapping_add(64), end.saturating_sub(64));
+        sys::prefetch_range(
+            slot.wrapping_add(64),
+            end.saturating_sub(64),
+            sys::PrefetchFor::Writing,
+        );
     }
 
     /// Whether the slot after the one at the consumer position is published too: a second

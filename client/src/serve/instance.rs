@@ -726,10 +726,7 @@ impl InstanceInner {
             crate::shm::layout::HeapSide::Reply,
         )
         .map_err(|e| format!("making a reply heap: {e}"))?;
-        // The caller's deadline, but never longer than a broker restart takes to settle: a
-        // caller that states an hour and never claims its channel holds this thread 5 s.
-        let cap = Instant::now() + REPLY_HEAP_WAIT;
-        let until = d.deadline().map_or(cap, |t| t.min(cap));
+        let until = d.heap_wait_until();
         let inner = &self.bus.inner;
         let mut broker = 0;
         // `NotOwner`: a previous broker's channel whose caller has not claimed it yet, or
@@ -769,8 +766,7 @@ impl InstanceInner {
         use crate::session::proto::{Request as Ask, Response};
         let chan = &d.chan;
         let inner = &self.bus.inner;
-        let cap = Instant::now() + REPLY_HEAP_WAIT;
-        let until = d.deadline().map_or(cap, |t| t.min(cap));
+        let until = d.heap_wait_until();
         let fds = inner
             .ask_broker_until_owned(until, || {
                 if inner.session().epoch == chan.seg.epoch {
@@ -797,15 +793,9 @@ impl InstanceInner {
         let Some(fd) = fds.pop().filter(|_| fds.is_empty()) else {
             return Err("OpenRequestHeap: expected one descriptor".into());
         };
-        let heap = crate::shm::layout::ChannelHeap::open(
-            &fd,
-            chan.seg.epoch,
-            chan.seg.id,
-            crate::shm::layout::HeapSide::Request,
-        )
-        .map_err(|e| format!("a previous broker's channel's request heap: {e}"))?;
-        let _ = chan.seg.heap.set(heap);
-        Ok(())
+        chan.seg
+            .adopt_heap(&fd, crate::shm::layout::HeapSide::Request)
+            .map_err(|e| format!("a previous broker's channel's request heap: {e}"))
     }
 
     /// Frees reply blocks whose replies their callers have read (or abandoned for a newer
@@ -953,6 +943,16 @@ struct Delivery {
 }
 
 impl Delivery {
+    /// How long a serving thread waits for this call's channel's heap (reply or request)
+    /// while the broker is away or a previous broker's channel is not claimed yet: until
+    /// the call's deadline, but never longer than a broker restart takes to settle
+    /// ([`REPLY_HEAP_WAIT`]): a caller that states an hour and never claims its channel
+    /// holds the thread 5 s.
+    fn heap_wait_until(&self) -> Instant {
+        let cap = Instant::now() + REPLY_HEAP_WAIT;
+        self.deadline().map_or(cap, |t| t.min(cap))
+    }
+
     /// [`Request::deadline`].
     fn deadline(&self) -> Option<Instant> {
         let ns = self.deadline_ns;

@@ -1012,11 +1012,8 @@ impl BusInner {
                 let Some(chan) = regs.iter().find_map(|r| r.channels().find(id, epoch)) else {
                     continue;
                 };
-                match layout::ChannelHeap::open(fd, epoch, id, layout::HeapSide::Request) {
-                    Ok(h) => drop(chan.seg.heap.set(h)),
-                    Err(e) => {
-                        tracing::warn!(channel = id, "a request heap could not be mapped: {e}")
-                    }
+                if let Err(e) = chan.seg.adopt_heap(fd, layout::HeapSide::Request) {
+                    tracing::warn!(channel = id, "a request heap could not be mapped: {e}")
                 }
             }
             if !more {

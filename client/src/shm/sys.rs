@@ -331,11 +331,22 @@ pub fn prefetch_write(p: *const u8) {
     let _ = p;
 }
 
-/// [`prefetch_write`] for every line of the `len` bytes at `p`.
+/// What a [`prefetch_range`] brings the lines in for.
+#[derive(Clone, Copy)]
+pub enum PrefetchFor {
+    Reading,
+    Writing,
+}
+
+/// [`prefetch`] or [`prefetch_write`] for every line of the `len` bytes at `p`.
 #[inline]
-pub fn prefetch_write_range(p: *const u8, len: usize) {
+pub fn prefetch_range(p: *const u8, len: usize, what: PrefetchFor) {
     for off in (0..len).step_by(64) {
-        prefetch_write(p.wrapping_add(off));
+        let line = p.wrapping_add(off);
+        match what {
+            PrefetchFor::Reading => prefetch(line),
+            PrefetchFor::Writing => prefetch_write(line),
+        }
     }
 }
 

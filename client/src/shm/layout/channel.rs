@@ -380,8 +380,21 @@ impl ChannelSeg {
             // with the last reply there, then need not come back while the reply is
             // written, and publishing it does not wait for them.
             let inline_len = (len as usize).min(self.mailboxes.mailbox_inline as usize);
-            crate::shm::sys::prefetch_write_range(inline, inline_len);
+            use crate::shm::sys::{prefetch_range, PrefetchFor};
+            prefetch_range(inline, inline_len, PrefetchFor::Writing);
         }
+    }
+
+    /// Maps the heap behind `fd` as this channel's `side` heap (the other party's: read
+    /// only, checked sealed against every other writer, its header naming this channel),
+    /// once: a second heap for the same side is dropped.
+    pub fn adopt_heap(&self, fd: &OwnedFd, side: HeapSide) -> Result<(), LayoutError> {
+        let heap = ChannelHeap::open(fd, self.epoch, self.id, side)?;
+        let _ = match side {
+            HeapSide::Request => self.heap.set(heap),
+            HeapSide::Reply => self.reply_heap.set(heap),
+        };
+        Ok(())
     }
 
     /// The notes [`ChannelSeg::note_freed`] keeps, one per slot index.
