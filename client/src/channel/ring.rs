@@ -60,6 +60,7 @@ unsafe impl Sync for RingRef<'_> {}
 
 impl crate::shm::layout::ChannelSeg {
     /// The request ring of this channel.
+    #[inline]
     pub fn ring(&self) -> RingRef<'_> {
         // SAFETY: validated when opened (`ChannelSeg::open`): the slots and the freed
         // words lie inside the two mappings, which live as long as `self`.
@@ -89,6 +90,7 @@ impl<'a> RingRef<'a> {
     /// followed by `stride - size_of::<SlotHeader>()` data bytes, and `freed` to `count`
     /// [`FreedSlot`]s, valid for `'a`; `count` is a power of two. `enqueue_pos` of the
     /// first indices and `dequeue_pos` of the second are used.
+    #[inline]
     pub unsafe fn new(
         (producer, consumer): (&'a RingIndices, &'a RingIndices),
         (base, freed): (*mut u8, *const FreedSlot),
@@ -111,6 +113,7 @@ impl<'a> RingRef<'a> {
 
     /// The same ring, its producer consulting `known` (one word per slot index) before a
     /// slot's freed word: a slot noted free for the position it claims is taken as free.
+    #[inline]
     pub fn with_known_freed(self, known: &'a [AtomicU64]) -> Self {
         RingRef {
             known: Some(known),

@@ -1057,8 +1057,16 @@ impl<'a> Receiver<'a> {
         let bell = inst.doorbell();
         let stopping = || inst.stopping.load(Ordering::Acquire);
         loop {
-            // The heartbeat: advanced by this loop itself, so a stuck loop stops it.
-            inst.seg.counters().progress.fetch_add(1, Ordering::Relaxed);
+            // The heartbeat: advanced by this loop itself, so a stuck loop stops it. A load
+            // and a store, not an RMW (a locked instruction, on the request's path right
+            // after the wait): every reader only asks whether the word moved, and two
+            // serving threads racing here still move it (at worst back to an older value,
+            // which is a move too).
+            let progress = &inst.seg.counters().progress;
+            progress.store(
+                progress.load(Ordering::Relaxed).wrapping_add(1),
+                Ordering::Relaxed,
+            );
             self.fetch_channels_if_announced();
             self.sweep.refresh(&inst.channels);
             if let Some(i) = self.sweep.next(bell) {
