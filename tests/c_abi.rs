@@ -19,14 +19,26 @@ fn root() -> &'static Path {
 }
 
 /// The library, header and pkg-config files installed once per test process.
+static PREFIX: OnceLock<tempfile::TempDir> = OnceLock::new();
+
+/// Removes [`PREFIX`] when the test process exits: a static is never dropped, and each run
+/// left its directory (and the C programs built in it) in the temporary directory.
+extern "C" fn remove_prefix() {
+    if let Some(dir) = PREFIX.get() {
+        let _ = std::fs::remove_dir_all(dir.path());
+    }
+}
+
 fn prefix() -> &'static Path {
-    static PREFIX: OnceLock<tempfile::TempDir> = OnceLock::new();
     PREFIX
         .get_or_init(|| {
             let dir = tempfile::Builder::new()
                 .prefix("aegis-c-")
                 .tempdir()
                 .unwrap();
+            // SAFETY: registers a plain function without arguments; it runs at exit, when
+            // the test threads are done with the directory.
+            unsafe { libc::atexit(remove_prefix) };
             let release = support::aegisctl_bin()
                 .parent()
                 .is_some_and(|p| p.ends_with("release"));
