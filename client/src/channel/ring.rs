@@ -301,15 +301,19 @@ impl<'a> RingRef<'a> {
         } else {
             method_len
         };
-        let end = std::mem::size_of::<SlotHeader>() + in_slot.min(self.data_len as u64) as usize;
-        // Past the first line (just read); `end` is inside the slot (header and data).
-        let slot = slot as *const SlotHeader as *const u8;
-        sys::prefetch_range(
-            slot.wrapping_add(64),
-            end.saturating_sub(64),
-            sys::PrefetchFor::Reading,
-        );
+        let in_slot = in_slot.min(self.data_len as u64) as usize;
+        self.prefetch_past_first_line(pos, in_slot, sys::PrefetchFor::Reading);
         Some((mailbox, payload_len))
+    }
+
+    /// Asks the cache, for `what`, for the slot of `pos` past its first line (the one the
+    /// consumer polls, and reads first): the header's second line and the first `len` bytes
+    /// of its inline data (at most the slot's).
+    fn prefetch_past_first_line(&self, pos: u64, len: usize, what: sys::PrefetchFor) {
+        let slot = self.slot(pos) as *const SlotHeader as *const u8;
+        let end = std::mem::size_of::<SlotHeader>() + len.min(self.data_len);
+        // `end` is inside the slot (header and data).
+        sys::prefetch_range(slot.wrapping_add(64), end.saturating_sub(64), what);
     }
 
     /// Producer: brings the slot of the position after `pos` into this core's cache for
@@ -318,14 +322,7 @@ impl<'a> RingRef<'a> {
     /// there then wait for no line to come back from the consumer's core, and neither does
     /// its publication (stores become visible in order). A hint: any slot, any time.
     pub fn prefetch_next_for_write(&self, pos: u64, len: usize) {
-        let slot = self.slot(pos.wrapping_add(1)) as *const SlotHeader as *const u8;
-        let end = std::mem::size_of::<SlotHeader>() + len.min(self.data_len);
-        // Past the first line; `end` is inside the slot (see `prefetch_head`).
-        sys::prefetch_range(
-            slot.wrapping_add(64),
-            end.saturating_sub(64),
-            sys::PrefetchFor::Writing,
-        );
+        self.prefetch_past_first_line(pos.wrapping_add(1), len, sys::PrefetchFor::Writing);
     }
 
     /// Whether the slot after the one at the consumer position is published too: a second

@@ -520,18 +520,19 @@ impl InstanceInner {
             deadline_ns: h.deadline_ns,
             heap_payload: None,
         };
+        let malformed_payload = || {
+            let msg = format!(
+                "malformed request payload (kind {}, {} bytes)",
+                h.kind, h.payload_len
+            );
+            Cow::Owned(msg.into_bytes())
+        };
         let shape = match request_shape(&h, t.data_len(), self.max_message) {
             Ok(s) => s,
             Err(BadShape::Method) => {
                 return Some(Err((d, Cow::Borrowed(b"malformed method name"))));
             }
-            Err(BadShape::Payload) => {
-                let msg = format!(
-                    "malformed request payload (kind {}, {} bytes)",
-                    h.kind, h.payload_len
-                );
-                return Some(Err((d, Cow::Owned(msg.into_bytes()))));
-            }
+            Err(BadShape::Payload) => return Some(Err((d, malformed_payload()))),
         };
         let mlen = shape.method_len;
         let mut mbuf = [0u8; MAX_METHOD];
@@ -562,11 +563,7 @@ impl InstanceInner {
             }
         };
         if !ok {
-            let msg = format!(
-                "malformed request payload (kind {}, {} bytes)",
-                h.kind, h.payload_len
-            );
-            return Some(Err((d, Cow::Owned(msg.into_bytes()))));
+            return Some(Err((d, malformed_payload())));
         }
         Some(Ok(d))
     }

@@ -301,8 +301,6 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// 64 random bits from the kernel (`getrandom`); falls back to time and pid if the call
-/// fails (then only uniqueness, not secrecy, is what the caller gets).
 /// Asks the cache for the line at `p` (a hint: no fault, no ordering; any address).
 #[inline]
 pub fn prefetch(p: *const u8) {
@@ -350,6 +348,8 @@ pub fn prefetch_range(p: *const u8, len: usize, what: PrefetchFor) {
     }
 }
 
+/// 64 random bits from the kernel (`getrandom`); falls back to time and pid if the call
+/// fails (then only uniqueness, not secrecy, is what the caller gets).
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most 8 bytes into our 8-byte buffer.
