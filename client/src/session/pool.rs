@@ -2,9 +2,10 @@
 //! privately, so a peer cannot steer them), and the mailboxes quarantined after a call
 //! timed out while its instance was running it.
 
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU32 as StdAtomicU32, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -36,6 +37,13 @@ const RECENT: usize = 16;
 /// buckets (channel id modulo `BUCKETS`).
 const BUCKETS: usize = 8;
 
+/// At most one in this many of a connection's mailboxes are kept by threads between their
+/// calls (see [`MailboxPool`]): the others stay in the queues for whoever calls.
+const KEPT_SHARE: usize = 2;
+
+/// How many free mailboxes a thread keeps (see [`MailboxPool`]).
+const KEEP: usize = 4;
+
 /// How long a mailbox whose taker is unknown waits in quarantine for a late reply before
 /// it is recycled (a taker known to be alive keeps it as long as it lives).
 const QUARANTINE_EXPIRY: Duration = Duration::from_secs(60);
@@ -56,8 +64,19 @@ const TAKER_CHECK: Duration = Duration::from_millis(5);
 /// 1.51–1.58 µs with all 128 (4: no better than 1); `aegisctl bench --spawn 5 --scenario
 /// stress --duration 60` p99.9 2.0 ms with the last one, 2.0 ms with 16, 99 ms with all
 /// 128 (their first touches), and PSS 129, 185 and 630 MB.
+///
+/// The queues cost four locked instructions per call (a pop and a push, each with its
+/// count), about 18 ns of a 0.5 µs spinning round trip here. So a thread keeps the last
+/// [`KEEP`] mailboxes it freed ([`KEPT`], thread-local cells) and cycles through them, oldest
+/// first, for its calls on that connection: no atomic instruction, and still not the mailbox
+/// just freed. A thread with fewer kept takes from the queues (and, when they are empty,
+/// from its own). At most one thread per `KEEP * KEPT_SHARE` mailboxes keeps any (a
+/// connection with 128 lets 16 threads keep 4 each), so threads that stopped calling hold
+/// few of them; a thread's go back to the free queue when it exits. A serial caller
+/// round-robining over 5 instances touches 4 × 5 places. Measured on this 2-core VM, head
+/// against the queues alone, interleaved: see the README's figures for stop 38.
 pub(crate) struct MailboxPool {
-    free: ArrayQueue<u32>,
+    shared: Arc<Shared>,
     /// The mailboxes freed last, up to [`RECENT`] in all, by the channel they were used in
     /// (a bucket per channel id modulo [`BUCKETS`]), oldest first in each: a connection
     /// making one call at a time cycles through these few rather than all of them, and a
@@ -76,6 +95,91 @@ pub(crate) struct MailboxPool {
     quarantined: AtomicUsize,
 }
 
+/// What a thread keeping some of the pool's mailboxes needs to give them back when it
+/// exits: the free queue, and the count of threads keeping some.
+struct Shared {
+    free: ArrayQueue<u32>,
+    /// Threads whose [`KEPT`] is this pool's (at most `mailboxes / (KEEP * KEPT_SHARE)`).
+    keepers: AtomicUsize,
+    /// Their limit.
+    max_keepers: usize,
+}
+
+/// A thread's kept mailboxes: the pool they are of (`pool`, held weakly: a connection
+/// closed meanwhile is not kept alive by a thread that once called through it; `at`, its
+/// address, unique while the weak reference holds its allocation) and up to [`KEEP`] free
+/// mailboxes, oldest first (`ring`, from `head`, `len` of them). Bound to one pool at a
+/// time. Cells, so that a call's take and put are a few plain loads and stores.
+struct Keep {
+    at: Cell<usize>,
+    ring: [Cell<u32>; KEEP],
+    head: Cell<usize>,
+    len: Cell<usize>,
+    pool: RefCell<Weak<Shared>>,
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        // The thread exits: its mailboxes go back to the free queue, which has room for
+        // all of them.
+        self.unbind();
+    }
+}
+
+impl Keep {
+    /// Gives the kept mailboxes back to their pool (if it lives) and stops keeping any of
+    /// it.
+    fn unbind(&self) {
+        let old = std::mem::take(&mut *self.pool.borrow_mut());
+        if let Some(pool) = old.upgrade() {
+            while let Some(i) = self.pop() {
+                let _ = pool.free.push(i);
+            }
+            pool.keepers.fetch_sub(1, Relaxed);
+        }
+        self.at.set(0);
+        self.len.set(0);
+    }
+
+    /// The oldest kept mailbox.
+    #[inline]
+    fn pop(&self) -> Option<u32> {
+        let len = self.len.get();
+        if len == 0 {
+            return None;
+        }
+        let h = self.head.get();
+        self.head.set((h + 1) % KEEP);
+        self.len.set(len - 1);
+        Some(self.ring[h].get())
+    }
+
+    /// Keeps `i` as the newest, if there is room.
+    #[inline]
+    fn push(&self, i: u32) -> bool {
+        let len = self.len.get();
+        if len == KEEP {
+            return false;
+        }
+        self.ring[(self.head.get() + len) % KEEP].set(i);
+        self.len.set(len + 1);
+        true
+    }
+}
+
+thread_local! {
+    /// This thread's kept mailboxes (see [`MailboxPool`]).
+    static KEPT: Keep = const {
+        Keep {
+            at: Cell::new(0),
+            ring: [const { Cell::new(0) }; KEEP],
+            head: Cell::new(0),
+            len: Cell::new(0),
+            pool: RefCell::new(Weak::new()),
+        }
+    };
+}
+
 impl MailboxPool {
     pub(crate) fn new(n: u32) -> MailboxPool {
         let free = ArrayQueue::new(n as usize);
@@ -83,7 +187,11 @@ impl MailboxPool {
             let _ = free.push(i);
         }
         MailboxPool {
-            free,
+            shared: Arc::new(Shared {
+                free,
+                keepers: AtomicUsize::new(0),
+                max_keepers: n as usize / (KEEP * KEPT_SHARE),
+            }),
             recent: std::array::from_fn(|_| ArrayQueue::new(RECENT)),
             recent_held: AtomicUsize::new(0),
             evict: AtomicUsize::new(0),
@@ -95,22 +203,84 @@ impl MailboxPool {
 
     /// A free mailbox for a call through channel `chan`, and its next generation.
     pub(crate) fn acquire(&self, chan: u64) -> Option<(u32, u32)> {
-        self.reclaim_if_any();
-        let mine = &self.recent[chan as usize % BUCKETS];
-        // Any queue may be emptied by another thread between the check and the pop; the
-        // last resort takes a recent mailbox of another channel.
-        let i = if self.recent_held.load(Relaxed) >= RECENT {
-            self.pop_recent(mine).or_else(|| self.free.pop())
-        } else {
-            self.free.pop().or_else(|| self.pop_recent(mine))
-        }
-        .or_else(|| self.recent.iter().find_map(|q| self.pop_recent(q)))?;
+        let i = self
+            .take_kept(false)
+            .or_else(|| self.acquire_queued(chan))
+            .or_else(|| self.take_kept(true))?;
         // A load and a store, not an RMW: the index is this thread's alone until it is put
-        // back, and the queues' push and pop order the uses of it.
+        // back, and the queues' push and pop (or the thread's own keeping) order the uses
+        // of it.
         let gen = &self.gens[i as usize];
         let g = gen.load(Relaxed).wrapping_add(1);
         gen.store(g, Relaxed);
         Some((i, g & mailbox::GEN_MASK))
+    }
+
+    /// This thread's oldest kept mailbox of this pool, if it keeps `KEEP` of them (or, with
+    /// `any`, one at all).
+    #[inline]
+    fn take_kept(&self, any: bool) -> Option<u32> {
+        let me = Arc::as_ptr(&self.shared) as usize;
+        KEPT.try_with(|k| {
+            if k.at.get() != me || !(any || k.len.get() == KEEP) {
+                return None;
+            }
+            k.pop()
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Keeps mailbox `i` for this thread's next calls, if the thread keeps fewer than
+    /// [`KEEP`] (binding the thread to this pool if it keeps another's mailboxes or none,
+    /// and the pool lets one more thread keep some). Whether it did.
+    #[inline]
+    fn keep(&self, i: u32) -> bool {
+        let me = Arc::as_ptr(&self.shared) as usize;
+        KEPT.try_with(|k| {
+            if k.at.get() == me {
+                return k.push(i);
+            }
+            self.bind(k, i)
+        })
+        .unwrap_or(false)
+    }
+
+    /// Binds this thread's [`Keep`] to this pool, keeping `i`, unless it keeps a mailbox of
+    /// another live pool (a thread alternating two connections would otherwise rebind on
+    /// every call) or this pool has all the keepers it lets have one.
+    #[cold]
+    fn bind(&self, k: &Keep, i: u32) -> bool {
+        let Ok(pool) = k.pool.try_borrow() else {
+            return false;
+        };
+        if k.len.get() > 0 && pool.strong_count() > 0 {
+            return false;
+        }
+        drop(pool);
+        let s = &self.shared;
+        if s.keepers.fetch_add(1, Relaxed) >= s.max_keepers {
+            s.keepers.fetch_sub(1, Relaxed);
+            return false;
+        }
+        k.unbind();
+        *k.pool.borrow_mut() = Arc::downgrade(s);
+        k.at.set(Arc::as_ptr(s) as usize);
+        k.push(i)
+    }
+
+    /// A mailbox from the queues (see [`MailboxPool`]).
+    fn acquire_queued(&self, chan: u64) -> Option<u32> {
+        self.reclaim_if_any();
+        let mine = &self.recent[chan as usize % BUCKETS];
+        // Any queue may be emptied by another thread between the check and the pop; the
+        // last resort takes a recent mailbox of another channel.
+        if self.recent_held.load(Relaxed) >= RECENT {
+            self.pop_recent(mine).or_else(|| self.shared.free.pop())
+        } else {
+            self.shared.free.pop().or_else(|| self.pop_recent(mine))
+        }
+        .or_else(|| self.recent.iter().find_map(|q| self.pop_recent(q)))
     }
 
     fn pop_recent(&self, q: &ArrayQueue<u32>) -> Option<u32> {
@@ -119,21 +289,29 @@ impl MailboxPool {
         Some(i)
     }
 
-    /// Whether [`MailboxPool::acquire`] may find a mailbox (a quarantined one may come back).
+    /// Whether [`MailboxPool::acquire`] may find a mailbox for this thread (one it keeps, a
+    /// free one, or a quarantined one that may come back).
     pub(crate) fn may_have_free(&self) -> bool {
-        !self.free.is_empty()
+        let me = Arc::as_ptr(&self.shared) as usize;
+        let kept = KEPT
+            .try_with(|k| k.at.get() == me && k.len.get() > 0)
+            .unwrap_or(false);
+        kept || !self.shared.free.is_empty()
             || self.recent_held.load(Relaxed) > 0
             || self.quarantined.load(Relaxed) > 0
     }
 
     /// Gives back mailbox `i`, last used for a call through channel `chan`.
     pub(crate) fn put(&self, i: u32, chan: u64) {
+        if self.keep(i) {
+            return;
+        }
         if self.recent_held.load(Relaxed) >= RECENT {
             // Room first: the oldest of the next bucket that has one goes to the free list.
             for _ in 0..BUCKETS {
                 let k = self.evict.fetch_add(1, Relaxed) % BUCKETS;
                 if let Some(old) = self.pop_recent(&self.recent[k]) {
-                    let _ = self.free.push(old);
+                    let _ = self.shared.free.push(old);
                     break;
                 }
             }
@@ -142,7 +320,7 @@ impl MailboxPool {
         if let Err(i) = self.recent[chan as usize % BUCKETS].push(i) {
             self.recent_held.fetch_sub(1, Relaxed);
             // The free list has room for every mailbox: nothing is lost.
-            let _ = self.free.push(i);
+            let _ = self.shared.free.push(i);
         }
     }
 
@@ -209,7 +387,7 @@ impl MailboxPool {
             if let Some((off, len)) = m.heap {
                 m.chan.heap_free(off, len);
             }
-            let _ = self.free.push(m.index);
+            let _ = self.shared.free.push(m.index);
             false
         });
         self.quarantined.store(q.len(), Relaxed);
@@ -220,13 +398,14 @@ impl MailboxPool {
 mod tests {
     use super::*;
 
-    /// A serial caller calling 5 instances in turn touches about [`RECENT`] mailbox places
-    /// (index, channel), not 16 per channel; one calling a single instance cycles through
-    /// [`RECENT`] mailboxes as before.
+    /// A serial caller cycles through the [`KEEP`] mailboxes it keeps: `KEEP` places per
+    /// channel it calls. A thread that keeps another connection's mailboxes calling 5
+    /// instances in turn touches
+    /// about [`RECENT`] mailbox places (index, channel), not 16 per channel; one calling a
+    /// single instance cycles through [`RECENT`] mailboxes as before.
     #[test]
-    fn a_serial_caller_touches_about_recent_places_however_many_instances_it_calls() {
-        for channels in [1u64, 5] {
-            let pool = MailboxPool::new(128);
+    fn a_serial_caller_touches_keep_places_per_channel_or_about_recent_places() {
+        let places = |pool: &MailboxPool, channels: u64| {
             let mut places = std::collections::HashSet::new();
             for call in 0..10_000u64 {
                 let chan = call % channels;
@@ -234,12 +413,74 @@ mod tests {
                 places.insert((i, chan));
                 pool.put(i, chan);
             }
+            places.len()
+        };
+        std::thread::spawn(move || {
+            for channels in [1u64, 5] {
+                assert_eq!(
+                    places(&MailboxPool::new(128), channels),
+                    KEEP * channels as usize
+                );
+            }
+            // Bound to another live pool's mailboxes: this thread keeps none of these.
+            let other = MailboxPool::new(128);
+            let (i, _) = other.acquire(0).unwrap();
+            other.put(i, 0);
+            for channels in [1u64, 5] {
+                let n = places(&MailboxPool::new(128), channels);
+                assert!(
+                    (RECENT..=RECENT + channels as usize).contains(&n),
+                    "{channels} channels: {n} places"
+                );
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// At most one thread per `KEEP * KEPT_SHARE` mailboxes keeps some; a thread's kept
+    /// mailboxes are others' again once it exits, and nobody else takes them while it lives.
+    #[test]
+    fn kept_mailboxes_are_bounded_and_come_back_when_their_thread_exits() {
+        let pool = Arc::new(MailboxPool::new((2 * KEEP * KEPT_SHARE) as u32)); // two keepers
+        let (keep_going, hold) = std::sync::mpsc::channel::<()>();
+        let hold = Arc::new(parking_lot::Mutex::new(hold));
+        let (kept_tx, kept_rx) = std::sync::mpsc::channel();
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (pool, hold, kept_tx) = (pool.clone(), hold.clone(), kept_tx.clone());
+                std::thread::spawn(move || {
+                    let (i, _) = pool.acquire(0).unwrap();
+                    pool.put(i, 0);
+                    kept_tx
+                        .send(pool.take_kept(true).inspect(|&i| pool.put(i, 0)))
+                        .unwrap();
+                    // Live until told to exit.
+                    let _ = hold.lock().recv();
+                })
+            })
+            .collect();
+        let kept: Vec<_> = (0..3).filter_map(|_| kept_rx.recv().unwrap()).collect();
+        assert_eq!(kept.len(), 2, "two of three threads keep one: {kept:?}");
+        // This thread is the pool's third would-be keeper: it gets all the others, no more.
+        let mut mine = Vec::new();
+        while let Some((i, _)) = pool.acquire(0) {
             assert!(
-                (RECENT..=RECENT + channels as usize).contains(&places.len()),
-                "{channels} channels: {} places",
-                places.len()
+                !kept.contains(&i),
+                "took mailbox {i}, kept by a live thread"
             );
+            mine.push(i);
         }
+        assert_eq!(mine.len(), 2 * KEEP * KEPT_SHARE - 2);
+        drop(keep_going);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut back: Vec<_> = std::iter::from_fn(|| pool.acquire(0).map(|(i, _)| i)).collect();
+        back.sort_unstable();
+        let mut want = kept.clone();
+        want.sort_unstable();
+        assert_eq!(back, want, "the exited threads' mailboxes are free again");
     }
 
     /// A quarantined mailbox comes back once its instance answers, and also once the
