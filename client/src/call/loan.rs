@@ -80,7 +80,7 @@ impl<'a> Sink<'a> {
 
 /// A ready reply left in place: its mailbox (not yet released) and where its bytes are.
 pub(crate) struct Kept {
-    pub(crate) sent: Sent,
+    pub(crate) sent: Sent<'static>,
     pub(crate) ptr: *const u8,
     pub(crate) len: usize,
     /// The answering instance's segment, mapped for as long as the reply is read.

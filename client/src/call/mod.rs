@@ -758,9 +758,9 @@ impl Bus {
                 loan: None,
                 inner: &self.inner,
                 sess,
-                seg,
                 target,
-                sent: Some(sent),
+                sent: Some(sent.to_static()),
+                seg,
                 spin: opts.spin,
                 interrupt: opts.interrupt.clone(),
                 deadline,
@@ -1276,16 +1276,16 @@ impl BusInner {
     /// call's last clock reading, stamped into the request for the instance's duration
     /// histogram (no clock read of its own here: the fast path has one per attempt).
     #[allow(clippy::too_many_arguments)]
-    fn send(
+    fn send<'s>(
         &self,
-        seg: &InstanceSeg,
+        seg: &'s InstanceSeg,
         method: &str,
         body: Body<'_>,
         opts: &CallOptions,
         (deadline, trace, sent_at): (Instant, u64, Instant),
         reply_by: Instant,
         watch: &mut Option<StallWatch<'_>>,
-    ) -> Result<Sent, Failed> {
+    ) -> Result<Sent<'s>, Failed> {
         let channel = seg
             .channel
             .as_ref()
@@ -1330,7 +1330,7 @@ impl BusInner {
         };
         let nonce = self.next_nonce();
         let mut sent = Sent {
-            chan: channel.clone(),
+            chan: std::borrow::Cow::Borrowed(channel),
             mailbox: mb_idx,
             gen,
             heap: heap_block,
@@ -1507,7 +1507,7 @@ impl BusInner {
                     Some(buf) => self.read_reply(sent, seg, buf),
                     None => self.reply_in_place(sent, seg).map(|(ptr, len)| {
                         out.kept = Some(Kept {
-                            sent: sent.clone(),
+                            sent: sent.to_static(),
                             ptr,
                             len,
                             seg: None,
@@ -1733,7 +1733,7 @@ pub struct Pending<'b> {
     seg: std::sync::Arc<InstanceSeg>,
     target: CallInfo,
     /// `None` once waited for.
-    sent: Option<Sent>,
+    sent: Option<Sent<'static>>,
     spin: Option<Spin>,
     interrupt: Option<Interrupt>,
     deadline: Instant,
@@ -1784,7 +1784,7 @@ impl Pending<'_> {
     pub(crate) fn mailbox(&self) -> Option<(u32, u32, Arc<ChannelSeg>)> {
         self.sent
             .as_ref()
-            .map(|s| (s.mailbox, s.gen, s.chan.clone()))
+            .map(|s| (s.mailbox, s.gen, Arc::clone(&s.chan)))
     }
 
     /// Without blocking: the call's result if it is settled (replied, past its deadline, or
@@ -1890,9 +1890,13 @@ impl Drop for Pending<'_> {
 /// A request in an instance's ring whose reply is awaited in this connection's mailbox
 /// `mailbox`, generation `gen`, whose place is in `chan`, the channel it went through;
 /// `heap` is its request heap block, if it needed one.
+///
+/// A blocking call borrows its channel from the instance's segment it holds for the call
+/// (no reference count moved per call: two locked instructions on the round trip's path);
+/// a submitted call or a reply read in place keeps its own ([`Sent::to_static`]).
 #[derive(Clone)]
-pub(crate) struct Sent {
-    pub(crate) chan: Arc<ChannelSeg>,
+pub(crate) struct Sent<'c> {
+    pub(crate) chan: std::borrow::Cow<'c, Arc<ChannelSeg>>,
     pub(crate) mailbox: u32,
     pub(crate) gen: u32,
     heap: Option<(u64, u64)>,
@@ -1904,7 +1908,15 @@ pub(crate) struct Sent {
     pos: u64,
 }
 
-impl Sent {
+impl Sent<'_> {
+    /// The same, holding its own reference to the channel.
+    pub(crate) fn to_static(&self) -> Sent<'static> {
+        Sent {
+            chan: std::borrow::Cow::Owned(Arc::clone(&self.chan)),
+            ..*self
+        }
+    }
+
     /// This call's mailbox header and inline reply area, in its channel.
     pub(crate) fn mb(&self) -> (Mb<'_>, *mut u8) {
         self.chan
