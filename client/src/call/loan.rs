@@ -495,7 +495,7 @@ impl Bus {
         opts: &crate::CallOptions,
         sink: &mut Sink<'_>,
     ) -> Result<CallInfo> {
-        let start = std::time::Instant::now();
+        let start = crate::shm::sys::fast_now();
         names::service(service)?;
         names::method(method)?;
         check_options(opts)?;

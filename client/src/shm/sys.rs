@@ -301,6 +301,131 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// `Instant::now()` for a call's start, at a third of its cost where it can be had so.
+///
+/// On x86_64 with the kernel's clocksource the TSC (`Instant::now()` is then itself the TSC
+/// scaled by the vDSO: about 23 ns a read on the 2-core VM, against 9 ns for `rdtsc`), a
+/// thread's reading less than [`FAST_CLOCK_SPAN`] TSC ticks after its last real one is that
+/// real reading moved on by the ticks since, scaled by the TSC's rate as measured by this
+/// process (its first real reading against one at least [`CALIBRATION`] later). The error
+/// is the rate's (a few parts per million) over at most the span (about 50 µs): well under
+/// a nanosecond. Anywhere else, until the rate is known, or after the span: `Instant::now()`.
+/// A call reads the clock before it publishes its request, on the round trip's path.
+#[inline]
+pub fn fast_now() -> std::time::Instant {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    {
+        fast_clock::now()
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    {
+        std::time::Instant::now()
+    }
+}
+
+/// Whether [`fast_now`] extrapolates (the TSC's rate is measured), or never will.
+pub fn fast_now_is_calibrated() -> bool {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    {
+        fast_clock::calibrated()
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    {
+        true
+    }
+}
+
+/// TSC ticks after a real clock reading that [`fast_now`] extrapolates (2^17: 50 µs at
+/// 2.6 GHz).
+pub const FAST_CLOCK_SPAN: u64 = 1 << 17;
+
+/// How far apart the two real readings are that measure the TSC's rate (see [`fast_now`]).
+pub const CALIBRATION: Duration = Duration::from_millis(10);
+
+#[cfg(all(target_arch = "x86_64", not(loom)))]
+mod fast_clock {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    /// Nanoseconds per TSC tick, times 2^32; 0 until measured (never, where the TSC is
+    /// not the kernel's clocksource).
+    static NS_PER_TICK: AtomicU64 = AtomicU64::new(0);
+    /// Whether the TSC is the kernel's clocksource (read once).
+    static TSC_SOURCE: OnceLock<bool> = OnceLock::new();
+    /// The process's first real reading and its TSC value.
+    static FIRST: OnceLock<(Instant, u64)> = OnceLock::new();
+    /// A real reading counts only if the TSC values read around it are at most this far
+    /// apart (about 1.6 µs at 2.6 GHz): a thread preempted in between would skew the rate
+    /// and the extrapolations from it.
+    const PAIR_TICKS: u64 = 1 << 12;
+
+    thread_local! {
+        /// This thread's last real reading and its TSC value.
+        static ANCHOR: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
+    }
+
+    fn tsc() -> u64 {
+        // SAFETY: `rdtsc` has no preconditions on x86_64 (reading it is not disabled for
+        // user space on Linux, which `Instant` itself relies on here via the vDSO).
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+
+    /// Whether the kernel keeps time with the TSC (so it is stable and the same on every
+    /// CPU, as far as the kernel trusts it).
+    fn tsc_is_clocksource() -> bool {
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .is_ok_and(|s| s.trim() == "tsc")
+    }
+
+    pub(super) fn calibrated() -> bool {
+        NS_PER_TICK.load(Relaxed) != 0 || TSC_SOURCE.get() == Some(&false)
+    }
+
+    #[inline]
+    pub(super) fn now() -> Instant {
+        let rate = NS_PER_TICK.load(Relaxed);
+        if rate != 0 {
+            if let Some((at, t0)) = ANCHOR.with(Cell::get) {
+                let ticks = tsc().wrapping_sub(t0);
+                if ticks < super::FAST_CLOCK_SPAN {
+                    // ticks < 2^17 and rate < 2^36 (16 ns per tick): no overflow.
+                    return at + Duration::from_nanos((ticks * rate) >> 32);
+                }
+            }
+        }
+        real()
+    }
+
+    /// A real reading, anchoring this thread's next ones, and measuring the rate once.
+    #[cold]
+    fn real() -> Instant {
+        if !*TSC_SOURCE.get_or_init(tsc_is_clocksource) {
+            return Instant::now();
+        }
+        let t1 = tsc();
+        let at = Instant::now();
+        let t2 = tsc();
+        let spread = t2.wrapping_sub(t1);
+        if spread > PAIR_TICKS {
+            // Preempted (or migrated) in between: this pair says nothing exact.
+            return at;
+        }
+        let t = t1.wrapping_add(spread / 2);
+        ANCHOR.with(|a| a.set(Some((at, t))));
+        let &(at0, t0) = FIRST.get_or_init(|| (at, t));
+        if NS_PER_TICK.load(Relaxed) == 0 {
+            let (ns, ticks) = (at.duration_since(at0).as_nanos(), t.wrapping_sub(t0));
+            if ns >= super::CALIBRATION.as_nanos() && ticks > 0 {
+                let rate = ((ns << 32) / ticks as u128).min(1 << 36) as u64;
+                NS_PER_TICK.store(rate, Relaxed);
+            }
+        }
+        at
+    }
+}
+
 /// Asks the cache for the line at `p` (a hint: no fault, no ordering; any address).
 #[inline]
 pub fn prefetch(p: *const u8) {
@@ -493,6 +618,33 @@ pub fn forks_seen() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    /// `fast_now` agrees with `Instant::now` read around it, once the TSC's rate is known
+    /// (at once where the TSC is not the clocksource: then it is `Instant::now`).
+    #[test]
+    fn fast_now_is_the_clock() {
+        use std::time::{Duration, Instant};
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut checked = 0;
+        while Instant::now() < until && checked < 100_000 {
+            let before = Instant::now();
+            let t = fast_now();
+            let after = Instant::now();
+            let slack = Duration::from_micros(1);
+            assert!(
+                t + slack >= before && t <= after + slack,
+                "fast_now {t:?} outside [{before:?}, {after:?}]"
+            );
+            // Counted once the rate is measured (or never will be).
+            if fast_now_is_calibrated() {
+                checked += 1;
+            }
+        }
+        assert_eq!(
+            checked, 100_000,
+            "the TSC's rate was not measured within 5 s"
+        );
+    }
+
     use super::*;
 
     #[test]
