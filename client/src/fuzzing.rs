@@ -68,7 +68,6 @@ pub fn segment_open(data: &[u8]) {
             SegmentKind::Shared => {
                 if let Ok(s) = SharedView::open(&fd, h.bus_epoch, h.params[0] as u32) {
                     let _ = s.spin_seats().len();
-                    let _ = s.round_robin(0);
                 }
             }
             SegmentKind::Instance => {

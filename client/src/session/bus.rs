@@ -108,6 +108,12 @@ pub(crate) struct Session {
     /// Our breakers and failure counters, by this run's service indices (only we and the
     /// broker map it).
     pub stats: CallerSeg,
+    /// This connection's round-robin counters, by service index (process memory, from a
+    /// random start). They were the bus's, in the shared segment, until stop 38: every
+    /// caller's call then moved the one cache line between the callers' cores (a locked
+    /// instruction on a line another core wrote last), and any member could steer
+    /// everyone's picks by writing it. Each caller still spreads its own calls evenly.
+    pub round_robin: Box<[std::sync::atomic::AtomicU64]>,
 }
 
 impl Session {
@@ -138,6 +144,10 @@ impl Session {
             ));
         }
         let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
+        let start = random_u64();
+        let round_robin = (0..max_services as u64)
+            .map(|i| std::sync::atomic::AtomicU64::new(start.wrapping_add(i)))
+            .collect();
         Ok((
             Session {
                 registry,
@@ -145,6 +155,7 @@ impl Session {
                 epoch: bus_epoch,
                 max_message,
                 stats,
+                round_robin,
             },
             client,
             gen,
@@ -220,10 +231,9 @@ impl Session {
             Selection::Random => random_u64(),
             // Relaxed: the counter only spreads load; no data is published through it.
             _ => self
-                .shared
-                .round_robin(svc_idx)?
-                .next
-                .fetch_add(1, Ordering::Relaxed),
+                .round_robin
+                .get(svc_idx as usize)?
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         // Local instances always win: a remote stand-in is taken only when none is
         // routable (one pass; the first candidate is the answer in the usual case).

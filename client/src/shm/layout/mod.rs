@@ -9,7 +9,7 @@
 //! | segment  | one per          | mapped                                   |
 //! |----------|------------------|------------------------------------------|
 //! | registry | bus              | read-only by everyone (sealed), written by the broker |
-//! | shared   | bus              | read-write by every member: round-robin counters |
+//! | shared   | bus              | read-write by every member: spin seats |
 //! | ring     | instance         | read-write by its callers: the doorbell (hint bits, futex word; its slots are unused) |
 //! | channel  | caller × instance | read-write by that caller and that instance only: the caller's request ring to it, and the mailboxes it answers in |
 //! | own      | instance         | written by the instance only (sealed `F_SEAL_FUTURE_WRITE` before it leaves it), read-only to the broker and callers: counters, progress, durations, reply heap |

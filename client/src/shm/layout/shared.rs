@@ -1,19 +1,13 @@
-//! The shared segment: round-robin counters and spin seats, writable by every member.
+//! The shared segment: spin seats, writable by every member. (It held the bus's
+//! round-robin counters until stop 38; each connection keeps its own now.)
 
 use std::mem::size_of;
 use std::os::fd::OwnedFd;
 
 use super::*;
-use crate::shm::sync::{AtomicU32, AtomicU64};
+use crate::shm::sync::AtomicU32;
 
 // Shared (writable by all members) segment.
-
-#[repr(C, align(64))]
-pub struct RoundRobin {
-    pub next: AtomicU64,
-}
-// SAFETY: repr(C), one atomic.
-unsafe impl ShmSafe for RoundRobin {}
 
 /// One spin seat (see [`crate::channel::wait`]): the pid of the process whose thread spins in it, or
 /// 0 when free. Each on its own cache line, so a holder's stores never disturb another's.
@@ -36,12 +30,8 @@ pub struct SharedLayout {
 impl SharedLayout {
     /// After the 64-byte segment header.
     const SEATS: usize = 64;
-    const COUNTERS: usize = Self::SEATS + SPIN_SEATS * size_of::<SpinSeat>();
     pub fn total_size(&self) -> usize {
-        round_up(
-            Self::COUNTERS + self.max_services as usize * size_of::<RoundRobin>(),
-            PAGE,
-        )
+        round_up(Self::SEATS + SPIN_SEATS * size_of::<SpinSeat>(), PAGE)
     }
     pub fn params(&self) -> [u64; 4] {
         [self.max_services as u64, 0, 0, 0]
@@ -50,7 +40,6 @@ impl SharedLayout {
 
 pub struct SharedView {
     map: Mapping,
-    layout: SharedLayout,
 }
 
 impl SharedView {
@@ -63,7 +52,7 @@ impl SharedView {
                 what: "capacities differ from the registry's".into(),
             });
         }
-        Ok(SharedView { map, layout })
+        Ok(SharedView { map })
     }
     /// The bus's spin seats.
     pub fn spin_seats(&self) -> &[SpinSeat] {
@@ -72,18 +61,9 @@ impl SharedView {
         // layout's total size covers them and `at` checked the first); SpinSeat is ShmSafe.
         unsafe { std::slice::from_raw_parts(first, SPIN_SEATS) }
     }
-    /// Round-robin counter of service `i` (`i` < max_services, else `None`).
-    pub fn round_robin(&self, i: u32) -> Option<&RoundRobin> {
-        (i < self.layout.max_services).then(|| {
-            self.map
-                .at(SharedLayout::COUNTERS + i as usize * size_of::<RoundRobin>())
-        })
-    }
 }
 
 #[cfg(not(loom))]
 const _: () = {
-    assert!(size_of::<RoundRobin>() == 64);
     assert!(size_of::<SpinSeat>() == 64);
-    assert!(SharedLayout::COUNTERS % 64 == 0);
 };
