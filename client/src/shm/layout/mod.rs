@@ -44,7 +44,7 @@ pub use registry::*;
 pub use shared::*;
 
 /// Bumped whenever any type or offset in this module changes meaning.
-pub const LAYOUT_VERSION: u32 = 13;
+pub const LAYOUT_VERSION: u32 = 14;
 pub const PAGE: usize = 4096;
 
 const NAME_WORDS: usize = MAX_NAME / 8;
