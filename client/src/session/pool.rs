@@ -483,6 +483,27 @@ mod tests {
         assert_eq!(back, want, "the exited threads' mailboxes are free again");
     }
 
+    /// A thread that kept a closed connection's mailboxes keeps the next connection's:
+    /// the dead binding is taken over (a live one is not, see above).
+    #[test]
+    fn a_thread_keeping_a_closed_connection_s_mailboxes_keeps_the_next_one_s() {
+        std::thread::spawn(|| {
+            let old = MailboxPool::new(128);
+            for _ in 0..KEEP {
+                let (i, _) = old.acquire(0).unwrap();
+                old.put(i, 0);
+            }
+            drop(old);
+            let new = MailboxPool::new(128);
+            let (i, _) = new.acquire(0).unwrap();
+            new.put(i, 0);
+            assert_eq!(new.take_kept(true), Some(i), "kept by this thread");
+            assert_eq!(new.shared.keepers.load(Relaxed), 1);
+        })
+        .join()
+        .unwrap();
+    }
+
     /// A quarantined mailbox comes back once its instance answers, and also once the
     /// instance declines the request (it took it, then saw the caller's cancel: the
     /// Dekker pair of `mailbox::take` and `mailbox::cancel` lets both sides see each
