@@ -259,6 +259,8 @@ impl MailboxPool {
         }
         drop(pool);
         let s = &self.shared;
+        // Relaxed: a count that only bounds how many threads keep mailboxes (the indices
+        // travel through this thread's own cells and the free queue).
         if s.keepers.fetch_add(1, Relaxed) >= s.max_keepers {
             s.keepers.fetch_sub(1, Relaxed);
             return false;

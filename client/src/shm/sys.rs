@@ -385,6 +385,8 @@ mod fast_clock {
 
     #[inline]
     pub(super) fn now() -> Instant {
+        // Relaxed here and at the store: the rate is a value on its own (no other memory
+        // is published through it), and any thread may measure and store it.
         let rate = NS_PER_TICK.load(Relaxed);
         if rate != 0 {
             if let Some((at, t0)) = ANCHOR.with(Cell::get) {
