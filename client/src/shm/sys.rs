@@ -620,6 +620,8 @@ pub fn forks_seen() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// `fast_now` agrees with `Instant::now` read around it, once the TSC's rate is known
     /// (at once where the TSC is not the clocksource: then it is `Instant::now`).
     #[test]
@@ -646,8 +648,6 @@ mod tests {
             "the TSC's rate was not measured within 5 s"
         );
     }
-
-    use super::*;
 
     #[test]
     fn start_time_is_field_22_counted_after_the_last_parenthesis() {
