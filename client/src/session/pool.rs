@@ -216,11 +216,18 @@ impl MailboxPool {
         Some((i, g & mailbox::GEN_MASK))
     }
 
+    /// How a thread's [`Keep`] names this pool (`Keep::at`): the address of its shared
+    /// part, unique while a weak reference holds the allocation.
+    #[inline]
+    fn key(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
     /// This thread's oldest kept mailbox of this pool, if it keeps `KEEP` of them (or, with
     /// `any`, one at all).
     #[inline]
     fn take_kept(&self, any: bool) -> Option<u32> {
-        let me = Arc::as_ptr(&self.shared) as usize;
+        let me = self.key();
         KEPT.try_with(|k| {
             if k.at.get() != me || !(any || k.len.get() == KEEP) {
                 return None;
@@ -236,7 +243,7 @@ impl MailboxPool {
     /// and the pool lets one more thread keep some). Whether it did.
     #[inline]
     fn keep(&self, i: u32) -> bool {
-        let me = Arc::as_ptr(&self.shared) as usize;
+        let me = self.key();
         KEPT.try_with(|k| {
             if k.at.get() == me {
                 return k.push(i);
@@ -267,7 +274,7 @@ impl MailboxPool {
         }
         k.unbind();
         *k.pool.borrow_mut() = Arc::downgrade(s);
-        k.at.set(Arc::as_ptr(s) as usize);
+        k.at.set(self.key());
         k.push(i)
     }
 
@@ -294,7 +301,7 @@ impl MailboxPool {
     /// Whether [`MailboxPool::acquire`] may find a mailbox for this thread (one it keeps, a
     /// free one, or a quarantined one that may come back).
     pub(crate) fn may_have_free(&self) -> bool {
-        let me = Arc::as_ptr(&self.shared) as usize;
+        let me = self.key();
         let kept = KEPT
             .try_with(|k| k.at.get() == me && k.len.get() > 0)
             .unwrap_or(false);

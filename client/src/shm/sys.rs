@@ -312,7 +312,7 @@ pub fn monotonic_ns() -> u64 {
 /// a nanosecond. Anywhere else, until the rate is known, or after the span: `Instant::now()`.
 /// A call reads the clock before it publishes its request, on the round trip's path.
 #[inline]
-pub fn fast_now() -> std::time::Instant {
+pub(crate) fn fast_now() -> std::time::Instant {
     #[cfg(all(target_arch = "x86_64", not(loom)))]
     {
         fast_clock::now()
@@ -324,7 +324,8 @@ pub fn fast_now() -> std::time::Instant {
 }
 
 /// Whether [`fast_now`] extrapolates (the TSC's rate is measured), or never will.
-pub fn fast_now_is_calibrated() -> bool {
+#[cfg(test)]
+fn fast_now_is_calibrated() -> bool {
     #[cfg(all(target_arch = "x86_64", not(loom)))]
     {
         fast_clock::calibrated()
@@ -337,10 +338,10 @@ pub fn fast_now_is_calibrated() -> bool {
 
 /// TSC ticks after a real clock reading that [`fast_now`] extrapolates (2^17: 50 µs at
 /// 2.6 GHz).
-pub const FAST_CLOCK_SPAN: u64 = 1 << 17;
+const FAST_CLOCK_SPAN: u64 = 1 << 17;
 
 /// How far apart the two real readings are that measure the TSC's rate (see [`fast_now`]).
-pub const CALIBRATION: Duration = Duration::from_millis(10);
+const CALIBRATION: Duration = Duration::from_millis(10);
 
 #[cfg(all(target_arch = "x86_64", not(loom)))]
 mod fast_clock {
@@ -379,6 +380,7 @@ mod fast_clock {
             .is_ok_and(|s| s.trim() == "tsc")
     }
 
+    #[cfg(test)]
     pub(super) fn calibrated() -> bool {
         NS_PER_TICK.load(Relaxed) != 0 || TSC_SOURCE.get() == Some(&false)
     }
