@@ -347,6 +347,182 @@ fn a_caller_that_says_the_instances_scan_delays_others_by_at_most_a_full_sweep()
     victim_calls_while_held(&victim, child, "unhinted");
 }
 
+/// The shared segment (the spin seats), the one segment every member maps writable: the
+/// attacker (who may call `bank`) maps it and overwrites every byte of it, header and
+/// seats, with 0xa5 over and over while the victim calls `bank` over its two instances.
+/// Its writes steer no caller's picks (the victim's calls still go round the two instances
+/// exactly: its round-robin counter is its own), fail no call, and keep no one from
+/// connecting (a connection made during the attack calls as usual).
+#[test]
+fn a_member_scribbling_the_shared_segment_steers_no_picks_and_locks_no_one_out() {
+    let Some((bus, _banks, victim)) = bank_bus() else {
+        return;
+    };
+    let (mut child, r) = attacker_holding(bus.path(), "shared", "");
+    assert_eq!(value(&r, "mapped"), "writable", "{r:?}");
+    // No call moves on to the other instance for a slow take (the host is busy with the
+    // attacker): where each call went is the round robin's doing alone.
+    let opts = CallOptions {
+        stall_bound: Duration::from_secs(4),
+        ..CallOptions::timeout(Duration::from_secs(5))
+    };
+    let mut out = Vec::new();
+    let mut picks = std::collections::HashMap::<u32, usize>::new();
+    for i in 0..100 {
+        let p = format!("to=alice amount=0010 shared #{i}").into_bytes();
+        let info = victim
+            .call_into("bank", "echo", &p, &opts, &mut out)
+            .unwrap_or_else(|e| panic!("victim call #{i} failed: {e}"));
+        assert_eq!(out, p, "victim call #{i} got another payload");
+        *picks.entry(info.instance).or_default() += 1;
+    }
+    let counts: Vec<usize> = picks.values().copied().collect();
+    assert_eq!(
+        counts,
+        [50, 50],
+        "the victim's 100 calls by instance, while the attacker wrote the shared segment: {picks:?}"
+    );
+    let late = Bus::connect_dir(bus.path())
+        .unwrap_or_else(|e| panic!("a connection made during the attack failed: {e}"));
+    victim_calls(&late, 10, "late");
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+}
+
+/// An instance's ring segment (its doorbell), which every caller of the instance maps
+/// writable: the attacker (who may call `bank`) overwrites its 64-byte header with 0xa5,
+/// again and again, at both of `bank`'s instances. A caller that connects during the
+/// attack opens them and calls as usual: what a caller checks a doorbell against comes from
+/// the registry (sealed) and the instance's own segment (sealed), not from that header.
+/// Then the broker is killed and restarted, the attack going on: the instances hand their
+/// rings to the new broker, which adopts them by the sizing they state and their own
+/// segments, not by the header, and both callers call both instances again. (Before: the
+/// late caller's first call failed, "Instance segment: bad magic 0xa5a5a5a5a5a5a5a5"; and
+/// a restarted broker refused to adopt a ring whose header had been rewritten.)
+#[test]
+fn a_caller_scribbling_an_instance_s_doorbell_header_locks_no_new_caller_out() {
+    let Some((mut bus, _banks, victim)) = bank_bus() else {
+        return;
+    };
+    let targets = bank_targets(&victim);
+    let (mut child, r) = attacker_holding(bus.path(), "doorbell-header", &targets);
+    assert_eq!(value(&r, "written"), "2", "{r:?}");
+    victim_calls(&victim, 10, "during");
+    let late = Bus::connect_dir(bus.path())
+        .unwrap_or_else(|e| panic!("a connection made during the attack failed: {e}"));
+    victim_calls(&late, 10, "late");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(bus.broker.id() as libc::pid_t, libc::SIGKILL) };
+    support::wait_deadline(&mut bus.broker);
+    bus.broker = policed_broker(bus.path(), &[]).0;
+    // Asked of the new broker (calls meanwhile may route by the previous one's view).
+    support::wait_for("both bank instances registered with the new broker", || {
+        victim.service("bank").is_ok_and(|s| {
+            s.instances
+                .iter()
+                .filter(|i| i.status == Status::Online)
+                .count()
+                == 2
+        })
+    });
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    for (who, bus) in [("victim", &victim), ("late", &late)] {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..6 {
+            let p = format!("after the restart {who} #{i}").into_bytes();
+            let r = bus
+                .call("bank", "echo", &p, &opts)
+                .unwrap_or_else(|e| panic!("{who}'s call #{i} after the restart failed: {e}"));
+            assert_eq!(r.payload, p);
+            seen.insert(r.instance_id);
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "{who}'s calls after the restart reached {seen:?}"
+        );
+    }
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+}
+
+/// Writes 0xa5 over the header of each target's ring segment every 20 µs until its stdin
+/// closes.
+fn attack_doorbell_header(dir: &Path, targets: &[(u32, u64)]) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut raw = Raw::connect(dir).unwrap();
+    let opened = open_as_caller(&mut raw, targets);
+    let headers: Vec<usize> = opened
+        .iter()
+        .map(|(ring, _)| ring.map.range(0, 64).unwrap() as usize)
+        .collect();
+    let scribble = || {
+        for &h in &headers {
+            // SAFETY: the first 64 bytes of our writable mapping of the ring segment.
+            unsafe { std::ptr::write_bytes(h as *mut u8, 0xa5, 64) };
+        }
+    };
+    scribble();
+    println!("\nRESULT written={}", headers.len());
+    std::io::stdout().flush().unwrap();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+            done.store(true, Ordering::Relaxed);
+        });
+        while !done.load(Ordering::Relaxed) {
+            scribble();
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    });
+}
+
+/// Maps the shared segment its connection was handed writable and writes 0xa5 over all of
+/// it, again and again, until its stdin closes.
+fn attack_shared(dir: &Path) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let raw = Raw::connect(dir).unwrap();
+    // The Welcome's descriptors: the registry, the shared segment, the client segment.
+    let fd = &raw.1[1];
+    let len = nix::sys::stat::fstat(fd).unwrap().st_size as usize;
+    // SAFETY: a fresh shared mapping of the whole descriptor, used only below as bytes.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(ptr, libc::MAP_FAILED, "mapping the shared segment writable");
+    let scribble = || {
+        // SAFETY: `len` bytes of our mapping; another process's concurrent writes to the
+        // same pages are what this attack is about (bytes, no references kept).
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xa5, len) };
+    };
+    scribble();
+    println!("\nRESULT mapped=writable len={len}");
+    std::io::stdout().flush().unwrap();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+            done.store(true, Ordering::Relaxed);
+        });
+        while !done.load(Ordering::Relaxed) {
+            scribble();
+            // Often enough to undo between any two of the victim's calls what they did
+            // there; not a core's worth.
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    });
+}
+
 /// Sets each target's `scanning` word and clears its hint bits every 100 µs until its
 /// stdin closes.
 fn attack_false_scan(dir: &Path, targets: &[(u32, u64)]) {
@@ -1630,6 +1806,8 @@ fn attacker() {
         "rewrite" => attack_rewrite(Path::new(&dir), &targets),
         "hold" => attack_hold(Path::new(&dir), &targets),
         "false-scan" => attack_false_scan(Path::new(&dir), &targets),
+        "shared" => attack_shared(Path::new(&dir)),
+        "doorbell-header" => attack_doorbell_header(Path::new(&dir), &targets),
         "selections" => attack_selections(Path::new(&dir), &targets),
         "forge" => serve_pub_while(Path::new(&dir), forge_replies),
         "alter" => serve_pub_while(Path::new(&dir), alter_requests),

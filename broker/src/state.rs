@@ -41,23 +41,29 @@ pub struct Registration<'a> {
     pub own: Option<OwnedFd>,
 }
 
-/// Reads an instance segment handed over for adoption: its layout, as the sizing the
-/// service must have.
-fn adopted_layout(fd: &OwnedFd, claimed: (u32, u64)) -> Result<InstanceLayout, String> {
-    let (_, h) = Mapping::open(fd, SegmentKind::Instance, true, None).map_err(|e| e.to_string())?;
-    let p = h.params;
+/// The layout of an instance's ring handed over for adoption (a restarted broker taking
+/// over the ring the instance had): the slot sizing the instance states in its `Register`
+/// (that of the ring it holds) and the reply heap of its own segment (sealed, read from
+/// there). The ring's header is not read: every caller of the instance maps the ring
+/// writable, and one that rewrote the header made the restarted broker refuse the instance
+/// for good (`tests/isolation.rs`, `a_caller_scribbling_an_instance_s_doorbell_header_…`).
+/// The header's instance identity was no check either, for the same reason. The ring's
+/// size, sealed, must be the one the layout gives.
+fn adopted_layout(
+    fd: &OwnedFd,
+    config: &ServiceConfig,
+    own_heap: u64,
+) -> Result<InstanceLayout, String> {
+    let (Some(slot_size), Some(slot_count)) = (config.slot_size, config.slot_count) else {
+        return Err("a resuming Register must state its ring's slot size and count".into());
+    };
     let il = InstanceLayout {
-        slot_size: p[0] as u32,
-        slot_count: (p[0] >> 32) as u32,
-        heap_size: p[1],
+        slot_size,
+        slot_count,
+        heap_size: own_heap,
     };
     il.validate()?;
-    if (p[3] as u32, p[2]) != claimed {
-        return Err(format!(
-            "segment is instance {}/{}, not {}/{}",
-            p[3], p[2], claimed.0, claimed.1
-        ));
-    }
+    sys::check_size_sealed(fd, Some(il.ring_size() as u64))?;
     Ok(il)
 }
 
@@ -439,7 +445,7 @@ impl State {
         let adopted_config;
         let config = match &adopt {
             None => config,
-            Some((claimed, fd)) => match adopted_layout(fd, *claimed) {
+            Some((_, fd)) => match adopted_layout(fd, config, own_heap) {
                 Ok(il) => {
                     adopted_config = ServiceConfig {
                         slot_size: Some(il.slot_size),
@@ -591,7 +597,8 @@ impl State {
                 il.params(index as u32, incarnation),
             );
             // A zero-filled ring is an initialised one (see `ring`): no slot page is touched.
-            let seg = InstanceSeg::open(&fd, own_map, self.epoch, index as u32, incarnation)
+            // As `il`, not as its header says (see `adopted_layout`).
+            let seg = InstanceSeg::open_ring_as(&fd, own_map, il, index as u32, incarnation)
                 .map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>((fd, seg))
         })();

@@ -66,7 +66,7 @@ pub fn segment_open(data: &[u8]) {
         match kind {
             SegmentKind::Registry => read_registry(&fd),
             SegmentKind::Shared => {
-                if let Ok(s) = SharedView::open(&fd, h.bus_epoch, h.params[0] as u32) {
+                if let Ok(s) = SharedView::open(&fd, h.params[0] as u32) {
                     let _ = s.spin_seats().len();
                 }
             }

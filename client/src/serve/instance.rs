@@ -422,7 +422,13 @@ impl InstanceInner {
             service: self.service.clone(),
             instance_id: self.id.clone(),
             metadata: self.reg.metadata.clone(),
-            config: self.reg.config.clone(),
+            // The sizing of the ring handed over for adoption: the broker takes it from here
+            // (and the own segment), not from the ring's header, which callers can write.
+            config: ServiceConfig {
+                slot_size: Some(self.seg.layout.slot_size),
+                slot_count: Some(self.seg.layout.slot_count),
+                max_message: Some(self.seg.layout.heap_size / 2),
+            },
             heartbeat: self.reg.heartbeat,
             resume: Some(self.ident()),
         };

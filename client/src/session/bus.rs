@@ -143,7 +143,7 @@ impl Session {
                 "registry does not match the broker's Welcome".into(),
             ));
         }
-        let shared = SharedView::open(&fds[1], bus_epoch, max_services)?;
+        let shared = SharedView::open(&fds[1], max_services)?;
         let start = random_u64();
         let round_robin = (0..max_services as u64)
             .map(|i| std::sync::atomic::AtomicU64::new(start.wrapping_add(i)))
@@ -251,6 +251,29 @@ impl Session {
             }
         }
         remote
+    }
+
+    /// The slot size and count of the service instance `index` (incarnation `incarnation`)
+    /// belongs to, as this registry (sealed, broker-written) states them; `None` when the
+    /// registry does not show that incarnation there.
+    pub(crate) fn sizing_of(&self, index: u32, incarnation: u64) -> Option<(u32, u32)> {
+        let e = self.registry.instance(index)?;
+        let (svc, inc) = e.seq.read(|| {
+            (
+                e.service.load(Ordering::Relaxed),
+                e.incarnation.load(Ordering::Relaxed),
+            )
+        });
+        if inc != incarnation {
+            return None;
+        }
+        let s = self.registry.service(svc)?;
+        Some(s.seq.read(|| {
+            (
+                s.slot_size.load(Ordering::Relaxed),
+                s.slot_count.load(Ordering::Relaxed),
+            )
+        }))
     }
 
     pub fn instance_name(&self, index: u32) -> String {
@@ -919,7 +942,8 @@ impl BusInner {
                 (index, incarnation),
                 |seg, inc| seg.incarnation == inc,
                 |fds, i, inc| {
-                    InstanceSeg::open_for_caller(fds, epoch, (i, inc), &self.client.layout)
+                    let sizing = self.session().sizing_of(i, inc);
+                    InstanceSeg::open_for_caller(fds, epoch, (i, inc), &self.client.layout, sizing)
                 },
             )
         })

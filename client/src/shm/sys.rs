@@ -556,7 +556,14 @@ pub fn process_gone(pid: u32) -> bool {
 }
 
 /// Whether a process with this pid exists (it may be a zombie or belong to another user).
+///
+/// Pids read from shared memory may be anything: 0 and values above `i32::MAX` are no
+/// process (to `kill` they would name this process's group, or every process, or a group,
+/// which "exists" and would keep what such a "pid" holds forever).
 pub fn process_exists(pid: u32) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return false;
+    }
     // SAFETY: kill with signal 0 performs only the permission and existence check.
     let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
     r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
@@ -626,6 +633,15 @@ mod tests {
 
     /// `fast_now` agrees with `Instant::now` read around it, once the TSC's rate is known
     /// (at once where the TSC is not the clocksource: then it is `Instant::now`).
+    #[test]
+    fn pids_that_name_no_single_process_do_not_exist() {
+        assert!(process_exists(std::process::id()));
+        // To kill(2): this process's group, every process, a process group.
+        for pid in [0, u32::MAX, 1 << 31, (1 << 31) | std::process::id()] {
+            assert!(!process_exists(pid), "{pid:#x}");
+        }
+    }
+
     #[test]
     fn fast_now_is_the_clock() {
         use std::time::{Duration, Instant};

@@ -425,15 +425,57 @@ impl InstanceSeg {
             channel: None,
         })
     }
+    /// Maps an instance's ring segment writable as a segment of `layout` (known from
+    /// elsewhere than its header, which is not read): its size, sealed, must be
+    /// `layout`'s. (A caller, with the registry's sizing; a broker, with the layout it
+    /// stamped or adopted.)
+    pub fn open_ring_as(
+        ring: &OwnedFd,
+        own: Mapping,
+        layout: InstanceLayout,
+        index: u32,
+        incarnation: u64,
+    ) -> Result<InstanceSeg, LayoutError> {
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Instance,
+            what,
+        };
+        layout.validate().map_err(invalid)?;
+        crate::shm::sys::check_size_sealed(ring, Some(layout.ring_size() as u64))
+            .map_err(invalid)?;
+        let map = Mapping::map(ring, true)?;
+        if map.len() != layout.ring_size() {
+            return Err(invalid("size does not match the registry's sizing".into()));
+        }
+        Ok(InstanceSeg {
+            map,
+            own,
+            layout,
+            index,
+            incarnation,
+            channel: None,
+        })
+    }
+
     /// Opens what a caller with `mailboxes` is handed for an instance: its ring segment
     /// (the doorbell) read-write, its own memory read-only, and the caller's channel to it
     /// (request side writable, reply side read-only; it must hold all of the caller's
     /// mailboxes).
+    ///
+    /// `sizing` is the slot size and count of the instance's service as the broker's
+    /// registry (sealed, broker-written) states them. The ring segment's own header is then
+    /// not read: every caller of the instance maps that segment writable, so any of them
+    /// can have rewritten it, and a caller that trusted it failed to open the instance
+    /// (`tests/isolation.rs`, `a_caller_scribbling_an_instance_s_doorbell_header_…`). The
+    /// layout comes from the registry and the instance's own segment (sealed); the
+    /// segment's size, sealed, must be the one they give. Without `sizing` (the registry no
+    /// longer shows that incarnation: it is leaving), the header is read as before.
     pub fn open_for_caller(
         fds: &[OwnedFd],
         epoch: u64,
         (index, incarnation): (u32, u64),
         mailboxes: &ClientLayout,
+        sizing: Option<(u32, u32)>,
     ) -> Result<InstanceSeg, LayoutError> {
         let [ring, own, req, rep] = fds else {
             return Err(LayoutError::Invalid {
@@ -444,7 +486,7 @@ impl InstanceSeg {
                 ),
             });
         };
-        let (own, _) = Self::open_own(own)?;
+        let (own, heap_size) = Self::open_own(own)?;
         let channel = ChannelSeg::open(
             req,
             rep,
@@ -452,7 +494,17 @@ impl InstanceSeg {
             Some((index, incarnation)),
             super::Party::Caller,
         )?;
-        let mut seg = Self::open(ring, own, epoch, index, incarnation)?;
+        let mut seg = match sizing {
+            Some((slot_size, slot_count)) => {
+                let layout = InstanceLayout {
+                    slot_size,
+                    slot_count,
+                    heap_size,
+                };
+                Self::open_ring_as(ring, own, layout, index, incarnation)?
+            }
+            None => Self::open(ring, own, epoch, index, incarnation)?,
+        };
         if channel.layout.slot_size != seg.layout.slot_size {
             return Err(LayoutError::Invalid {
                 kind: SegmentKind::Channel,

@@ -43,14 +43,30 @@ pub struct SharedView {
 }
 
 impl SharedView {
-    pub fn open(fd: &OwnedFd, epoch: u64, max_services: u32) -> Result<SharedView, LayoutError> {
-        let (map, h) = Mapping::open(fd, SegmentKind::Shared, true, Some(epoch))?;
+    /// Maps the shared segment a broker handed over in its `Welcome`, of the size its
+    /// registry's capacities give (`max_services`, read from the sealed registry).
+    ///
+    /// Its header is not read: every member maps this segment writable, so any of them can
+    /// have rewritten it (with a bad magic or epoch there, every later connection failed to
+    /// open it: `tests/isolation.rs`, `a_member_scribbling_the_shared_segment_…`). What
+    /// identifies it is where it came from (the broker, over the control socket, in the
+    /// reply that also names the registry) and its size, sealed against change.
+    pub fn open(fd: &OwnedFd, max_services: u32) -> Result<SharedView, LayoutError> {
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Shared,
+            what,
+        };
         let layout = SharedLayout { max_services };
-        if h.params != layout.params() || layout.total_size() != map.len() {
-            return Err(LayoutError::Invalid {
-                kind: SegmentKind::Shared,
-                what: "capacities differ from the registry's".into(),
-            });
+        // Size-sealed first, mapped after (a segment that could shrink could SIGBUS us).
+        crate::shm::sys::check_size_sealed(fd, Some(layout.total_size() as u64))
+            .map_err(invalid)?;
+        let map = Mapping::map(fd, true)?;
+        if map.len() != layout.total_size() {
+            return Err(invalid(format!(
+                "{} bytes, the registry's capacities give {}",
+                map.len(),
+                layout.total_size()
+            )));
         }
         Ok(SharedView { map })
     }
