@@ -449,8 +449,6 @@ fn a_caller_scribbling_an_instance_s_doorbell_header_locks_no_new_caller_out() {
 /// Writes 0xa5 over the header of each target's ring segment every 20 µs until its stdin
 /// closes.
 fn attack_doorbell_header(dir: &Path, targets: &[(u32, u64)]) {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let mut raw = Raw::connect(dir).unwrap();
     let opened = open_as_caller(&mut raw, targets);
     let headers: Vec<usize> = opened
@@ -464,49 +462,36 @@ fn attack_doorbell_header(dir: &Path, targets: &[(u32, u64)]) {
         }
     };
     scribble();
-    println!("\nRESULT written={}", headers.len());
-    std::io::stdout().flush().unwrap();
-    let done = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
-            done.store(true, Ordering::Relaxed);
-        });
-        while !done.load(Ordering::Relaxed) {
-            scribble();
-            std::thread::sleep(Duration::from_micros(20));
-        }
-    });
+    let written = format!("written={}", headers.len());
+    repeat_until_stdin_closes(&written, Duration::from_micros(20), scribble);
 }
 
 /// Maps the shared segment its connection was handed writable and writes 0xa5 over all of
 /// it, again and again, until its stdin closes.
 fn attack_shared(dir: &Path) {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let raw = Raw::connect(dir).unwrap();
     // The Welcome's descriptors: the registry, the shared segment, the client segment.
     let fd = &raw.1[1];
-    let len = nix::sys::stat::fstat(fd).unwrap().st_size as usize;
-    // SAFETY: a fresh shared mapping of the whole descriptor, used only below as bytes.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED, "mapping the shared segment writable");
+    let len = aegis_client::sys::file_size(fd).unwrap() as usize;
+    let (ptr, _, _) = map_writable(fd).expect("mapping the shared segment writable");
     let scribble = || {
         // SAFETY: `len` bytes of our mapping; another process's concurrent writes to the
         // same pages are what this attack is about (bytes, no references kept).
         unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xa5, len) };
     };
     scribble();
-    println!("\nRESULT mapped=writable len={len}");
+    // Often enough to undo between any two of the victim's calls what they did there; not
+    // a core's worth.
+    let mapped = format!("mapped=writable len={len}");
+    repeat_until_stdin_closes(&mapped, Duration::from_micros(20), scribble);
+}
+
+/// Says `result` (the attacker's `RESULT` line) and then does `act` every `every` until
+/// its stdin closes (the test is done with it).
+fn repeat_until_stdin_closes(result: &str, every: Duration, act: impl Fn()) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    println!("\nRESULT {result}");
     std::io::stdout().flush().unwrap();
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -515,10 +500,8 @@ fn attack_shared(dir: &Path) {
             done.store(true, Ordering::Relaxed);
         });
         while !done.load(Ordering::Relaxed) {
-            scribble();
-            // Often enough to undo between any two of the victim's calls what they did
-            // there; not a core's worth.
-            std::thread::sleep(Duration::from_micros(20));
+            act();
+            std::thread::sleep(every);
         }
     });
 }
@@ -526,8 +509,7 @@ fn attack_shared(dir: &Path) {
 /// Sets each target's `scanning` word and clears its hint bits every 100 µs until its
 /// stdin closes.
 fn attack_false_scan(dir: &Path, targets: &[(u32, u64)]) {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     let mut raw = Raw::connect(dir).unwrap();
     let opened = open_as_caller(&mut raw, targets);
     let set = |on: &[(
@@ -541,19 +523,8 @@ fn attack_false_scan(dir: &Path, targets: &[(u32, u64)]) {
         }
     };
     set(&opened);
-    println!("\nRESULT opened={}", opened.len());
-    std::io::stdout().flush().unwrap();
-    let done = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
-            done.store(true, Ordering::Relaxed);
-        });
-        while !done.load(Ordering::Relaxed) {
-            set(&opened);
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    });
+    let said = format!("opened={}", opened.len());
+    repeat_until_stdin_closes(&said, Duration::from_micros(100), || set(&opened));
 }
 
 /// Runs `attack` under the attacker's uid until it prints its `RESULT` (it then holds

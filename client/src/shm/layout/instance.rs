@@ -406,6 +406,21 @@ impl InstanceSeg {
                 p[3], p[2]
             )));
         }
+        Self::assemble(map, own, layout, (index, incarnation))
+    }
+
+    /// Instance `ident`'s segments, mapped, as a segment of `layout`: their sizes must be
+    /// its.
+    fn assemble(
+        map: Mapping,
+        own: Mapping,
+        layout: InstanceLayout,
+        (index, incarnation): (u32, u64),
+    ) -> Result<InstanceSeg, LayoutError> {
+        let invalid = |what: String| LayoutError::Invalid {
+            kind: SegmentKind::Instance,
+            what,
+        };
         if layout.ring_size() != map.len() {
             return Err(invalid("size does not match its parameters".into()));
         }
@@ -443,18 +458,7 @@ impl InstanceSeg {
         layout.validate().map_err(invalid)?;
         crate::shm::sys::check_size_sealed(ring, Some(layout.ring_size() as u64))
             .map_err(invalid)?;
-        let map = Mapping::map(ring, true)?;
-        if map.len() != layout.ring_size() {
-            return Err(invalid("size does not match the registry's sizing".into()));
-        }
-        Ok(InstanceSeg {
-            map,
-            own,
-            layout,
-            index,
-            incarnation,
-            channel: None,
-        })
+        Self::assemble(Mapping::map(ring, true)?, own, layout, (index, incarnation))
     }
 
     /// Opens what a caller with `mailboxes` is handed for an instance: its ring segment
