@@ -18,7 +18,6 @@ pub(crate) use loan::{Body, Kept, Sink};
 pub use loan::{BorrowedReply, Loan};
 #[cfg(feature = "async")]
 pub(crate) mod future;
-pub(crate) mod last_target;
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -811,12 +810,7 @@ impl BusInner {
         elsewhere: Option<&dyn Fn() -> bool>,
         out: &mut Sink<'_>,
     ) -> Result<(), Failed> {
-        // Read before anything is looked up (see `last_target`).
-        let gen = self.instances_gen.load(Ordering::Relaxed);
-        let mut seg = match last_target::take(self.id, gen, target) {
-            Some(seg) => seg,
-            None => self.open_target(target, stamp.0)?,
-        };
+        let mut seg = self.open_target(target, stamp.0)?;
         if needs_heap(&payload, method, &seg) {
             seg = self.with_heap(seg, target, stamp.0)?;
         }
@@ -825,9 +819,6 @@ impl BusInner {
         if let Some(k) = &mut out.kept {
             // A reply read in place keeps its instance's reply heap mapped.
             k.seg = Some(seg);
-        } else {
-            let now = self.instances_gen.load(Ordering::Relaxed);
-            last_target::keep(self.id, gen, now, seg);
         }
         Ok(())
     }

@@ -390,13 +390,6 @@ pub(crate) struct BusInner {
     pub(crate) channel_fetch: Mutex<()>,
     /// Caller side: mapped instance segments by registry index.
     pub(crate) instances: RwLock<IndexMap<Arc<InstanceSeg>>>,
-    /// Bumped each time a segment leaves `instances` and each time a broker restart swaps
-    /// the session: a thread's last target (`call::last_target`) is used again only while
-    /// this has not moved since it was looked up.
-    pub(crate) instances_gen: StdAtomicU64,
-    /// This connection among the process's (never reused), naming it in a thread's last
-    /// target: an address could be a dropped connection's.
-    pub(crate) id: u64,
     /// Bumped (and `control_changed` notified) each time a reconnect after a broker restart
     /// has completed (see `reconnected`).
     pub(crate) control_gen: Mutex<u64>,
@@ -828,10 +821,6 @@ impl BusInner {
         // SYNC POINT: Release pairs with the Acquire load in `session()`.
         self.session
             .store(new, std::sync::atomic::Ordering::Release);
-        // Threads' last targets were checked against the previous broker's epoch: the next
-        // call to each looks it up (and checks it) again. Relaxed: see `call::last_target`.
-        self.instances_gen
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Readers may still hold references into `old`: it is retired, freed only on drop.
         // SAFETY: `old` came from `Box::into_raw` and is freed only in `Drop for BusInner`.
         wake_registry_waiters(unsafe { &*old });
@@ -955,10 +944,6 @@ impl BusInner {
         let mut map = self.instances.write();
         if map.get(&seg.index).is_some_and(|s| Arc::ptr_eq(s, seg)) {
             map.remove(&seg.index);
-            // Under the write lock: a thread that reads the new value and then the map
-            // waits for the removal (see `call::last_target`).
-            self.instances_gen
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -1106,9 +1091,6 @@ impl Drop for BusInner {
         if self.not_forked().is_ok() {
             let _ = crate::shm::sys::eventfd_signal(&self.stop_fd);
         }
-        // This thread's last targets on this connection go with it (other threads' go at
-        // their next call or exit: see `call::last_target`).
-        crate::call::last_target::forget(self.id);
         // SAFETY: the last reference to the Bus is going away, so no reader remains; each
         // pointer came from `Box::into_raw` and is freed exactly once here.
         unsafe {

@@ -82,12 +82,6 @@ impl Bus {
                 heap_maker: Mutex::new(()),
                 channel_fetch: Mutex::new(()),
                 instances: RwLock::new(IndexMap::default()),
-                instances_gen: StdAtomicU64::new(0),
-                id: {
-                    static CONNECTIONS: StdAtomicU64 = StdAtomicU64::new(0);
-                    // Relaxed: only uniqueness matters.
-                    CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                },
                 control_gen: Mutex::new(0),
                 control_changed: Condvar::new(),
                 opts,
