@@ -631,8 +631,8 @@ pub fn forks_seen() -> u64 {
 mod tests {
     use super::*;
 
-    /// `fast_now` agrees with `Instant::now` read around it, once the TSC's rate is known
-    /// (at once where the TSC is not the clocksource: then it is `Instant::now`).
+    /// Pids read from shared memory that `kill(2)` would take for a group or for every
+    /// process are no process.
     #[test]
     fn pids_that_name_no_single_process_do_not_exist() {
         assert!(process_exists(std::process::id()));
@@ -642,6 +642,8 @@ mod tests {
         }
     }
 
+    /// `fast_now` agrees with `Instant::now` read around it, once the TSC's rate is known
+    /// (at once where the TSC is not the clocksource: then it is `Instant::now`).
     #[test]
     fn fast_now_is_the_clock() {
         use std::time::{Duration, Instant};

@@ -409,8 +409,8 @@ impl InstanceSeg {
         Self::assemble(map, own, layout, (index, incarnation))
     }
 
-    /// Instance `ident`'s segments, mapped, as a segment of `layout`: their sizes must be
-    /// its.
+    /// Instance `(index, incarnation)`'s segments, mapped, as a segment of `layout`: their
+    /// sizes must be its.
     fn assemble(
         map: Mapping,
         own: Mapping,
@@ -451,14 +451,12 @@ impl InstanceSeg {
         index: u32,
         incarnation: u64,
     ) -> Result<InstanceSeg, LayoutError> {
-        let invalid = |what: String| LayoutError::Invalid {
+        layout.validate().map_err(|what| LayoutError::Invalid {
             kind: SegmentKind::Instance,
             what,
-        };
-        layout.validate().map_err(invalid)?;
-        crate::shm::sys::check_size_sealed(ring, Some(layout.ring_size() as u64))
-            .map_err(invalid)?;
-        Self::assemble(Mapping::map(ring, true)?, own, layout, (index, incarnation))
+        })?;
+        let map = Mapping::open_sized(ring, SegmentKind::Instance, true, layout.ring_size())?;
+        Self::assemble(map, own, layout, (index, incarnation))
     }
 
     /// Opens what a caller with `mailboxes` is handed for an instance: its ring segment

@@ -290,6 +290,23 @@ impl Mapping {
         std::fs::File::from(fd.try_clone()?).write_all_at(bytes, 0)
     }
 
+    /// Maps `fd`, a segment of `kind` whose size the caller knows from elsewhere, without
+    /// reading its header: for segments that several parties map writable, whose header
+    /// any of them can have rewritten. It must be sealed against resizing, at `size`
+    /// bytes.
+    pub fn open_sized(
+        fd: &OwnedFd,
+        kind: SegmentKind,
+        writable: bool,
+        size: usize,
+    ) -> Result<Mapping, LayoutError> {
+        // Size-sealed first, mapped after (as in `open`). Sealed at `size`, the mapping is
+        // that long.
+        crate::shm::sys::check_size_sealed(fd, Some(size as u64))
+            .map_err(|what| LayoutError::Invalid { kind, what })?;
+        Ok(Mapping::map(fd, writable)?)
+    }
+
     /// Maps `fd` and validates it as a segment of `kind`. `epoch`, when given, must match.
     pub fn open(
         fd: &OwnedFd,

@@ -52,22 +52,8 @@ impl SharedView {
     /// identifies it is where it came from (the broker, over the control socket, in the
     /// reply that also names the registry) and its size, sealed against change.
     pub fn open(fd: &OwnedFd, max_services: u32) -> Result<SharedView, LayoutError> {
-        let invalid = |what: String| LayoutError::Invalid {
-            kind: SegmentKind::Shared,
-            what,
-        };
-        let layout = SharedLayout { max_services };
-        // Size-sealed first, mapped after (a segment that could shrink could SIGBUS us).
-        crate::shm::sys::check_size_sealed(fd, Some(layout.total_size() as u64))
-            .map_err(invalid)?;
-        let map = Mapping::map(fd, true)?;
-        if map.len() != layout.total_size() {
-            return Err(invalid(format!(
-                "{} bytes, the registry's capacities give {}",
-                map.len(),
-                layout.total_size()
-            )));
-        }
+        let size = SharedLayout { max_services }.total_size();
+        let map = Mapping::open_sized(fd, SegmentKind::Shared, true, size)?;
         Ok(SharedView { map })
     }
     /// The bus's spin seats.
